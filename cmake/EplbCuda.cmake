@@ -1,0 +1,22 @@
+# EPLB_NATIVE_CUDA=AUTO|ON|OFF -> EPLB_WITH_CUDA. Needs a CUDA build of torch and nvcc.
+set(EPLB_WITH_CUDA OFF)
+string(TOUPPER "${EPLB_NATIVE_CUDA}" _eplb_cuda)
+if(NOT _eplb_cuda STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(EPLB_TORCH_HAS_CUDA AND CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES "80;90")
+    endif()
+    enable_language(CUDA)
+    set(CMAKE_CUDA_STANDARD 17)
+    find_package(CUDAToolkit REQUIRED)
+    set(EPLB_WITH_CUDA ON)
+    list(APPEND EPLB_TORCH_LIBRARIES "${_eplb_torch_lib}/libc10_cuda${CMAKE_SHARED_LIBRARY_SUFFIX}"
+      "${_eplb_torch_lib}/libtorch_cuda${CMAKE_SHARED_LIBRARY_SUFFIX}" CUDA::cudart)
+  elseif(_eplb_cuda STREQUAL "ON")
+    message(FATAL_ERROR "EPLB_NATIVE_CUDA=ON needs a CUDA build of torch (torch has CUDA: "
+      "${EPLB_TORCH_HAS_CUDA}) and nvcc (found: '${CMAKE_CUDA_COMPILER}')")
+  endif()
+endif()
+message(STATUS "eplb_native: CUDA kernels: ${EPLB_WITH_CUDA}")

@@ -1,0 +1,183 @@
+// pybind11 face of the C++ planner: numpy in, numpy out, the GIL released while planning.
+// Shapes and dtypes are checked in python/eplb_native/planner.py; values in the C++ core
+// (std::invalid_argument becomes ValueError).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "planner/placement.h"
+#include "planner/worker.h"
+
+namespace py = pybind11;
+using eplb::PlanOptions;
+using eplb::PlanResult;
+using eplb::Shape;
+
+namespace {
+
+using F64 = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+py::array_t<T> ToNumpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> a(shape);
+  if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_t num_nodes,
+                int64_t num_groups) {
+  if (load.ndim() != 2) throw std::invalid_argument("load must be 2-D [layers, experts]");
+  Shape s;
+  s.num_layers = load.shape(0);
+  s.num_logical = load.shape(1);
+  s.num_physical = num_physical;
+  s.num_ranks = num_ranks;
+  s.num_nodes = num_nodes;
+  s.num_groups = num_groups;
+  return s;
+}
+
+PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min_move_target) {
+  if (policy < 0 || policy > 2) throw std::invalid_argument("policy must be 0, 1 or 2");
+  PlanOptions o;
+  o.policy = static_cast<eplb::Policy>(policy);
+  o.preserve_slots = preserve_slots;
+  o.threads = threads;
+  o.min_move_target = min_move_target;
+  return o;
+}
+
+const int64_t* OldPtr(const std::optional<I64>& old, const Shape& s) {
+  if (!old) return nullptr;
+  if (old->ndim() != 2 || old->shape(0) != s.num_layers || old->shape(1) != s.num_physical)
+    throw std::invalid_argument("old_phy2log must have shape [layers, num_replicas]");
+  return old->data();
+}
+
+py::dict ToDict(const PlanResult& r) {
+  const auto L = static_cast<py::ssize_t>(r.shape.num_layers);
+  const auto E = static_cast<py::ssize_t>(r.shape.num_logical);
+  const auto P = static_cast<py::ssize_t>(r.shape.num_physical);
+  const auto M = static_cast<py::ssize_t>(r.max_replicas);
+  py::dict d;
+  d["phy2log"] = ToNumpy(r.phy2log, {L, P});
+  d["log2phy"] = ToNumpy(r.log2phy, {L, E, M});
+  d["logcnt"] = ToNumpy(r.logcnt, {L, E});
+  d["mean_load"] = ToNumpy(r.mean_load, {L});
+  d["max_load_before"] = ToNumpy(r.max_load_before, {L});
+  d["max_load_after"] = ToNumpy(r.max_load_after, {L});
+  d["lower_bound"] = ToNumpy(r.lower_bound, {L});
+  d["moved_slots"] = ToNumpy(r.moved_slots, {L});
+  const auto T = static_cast<py::ssize_t>(r.transfers.size());
+  py::array_t<int64_t> t({T, static_cast<py::ssize_t>(8)});
+  auto tv = t.mutable_unchecked<2>();
+  for (py::ssize_t i = 0; i < T; ++i) {
+    const auto& x = r.transfers[static_cast<size_t>(i)];
+    tv(i, 0) = x.layer;
+    tv(i, 1) = x.batch;
+    tv(i, 2) = x.logical;
+    tv(i, 3) = x.src_rank;
+    tv(i, 4) = x.src_slot;
+    tv(i, 5) = x.dst_rank;
+    tv(i, 6) = x.dst_slot;
+    tv(i, 7) = x.local ? 1 : 0;
+  }
+  d["transfers"] = t;
+  return d;
+}
+
+py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_physical,
+                int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
+                bool preserve_slots, int threads, double min_move_target) {
+  const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
+  const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target);
+  const int64_t* old_ptr = OldPtr(old, s);
+  PlanResult r;
+  {
+    py::gil_scoped_release release;
+    r = eplb::Plan(load.data(), old_ptr, s, o);
+  }
+  return ToDict(r);
+}
+
+I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
+  if (phy2log.ndim() != 2) throw std::invalid_argument("phy2log must be 2-D [layers, slots]");
+  Shape s;
+  s.num_layers = phy2log.shape(0);
+  s.num_physical = phy2log.shape(1);
+  s.num_ranks = num_ranks;
+  I64 out({phy2log.shape(0), phy2log.shape(1)});
+  std::memcpy(out.mutable_data(), phy2log.data(), static_cast<size_t>(phy2log.size()) * 8);
+  eplb::PreserveSlots(out.mutable_data(), old.data(), s);
+  return out;
+}
+
+class WorkerPy {
+ public:
+  WorkerPy() : worker_(std::make_unique<eplb::Worker>()) {}
+
+  uint64_t Submit(const F64& load, const std::optional<I64>& old, int64_t num_physical,
+                  int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
+                  bool preserve_slots, int threads, double min_move_target) {
+    eplb::PlanJob job;
+    job.shape = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
+    job.options = MakeOptions(policy, preserve_slots, threads, min_move_target);
+    const int64_t* old_ptr = OldPtr(old, job.shape);
+    job.load.assign(load.data(), load.data() + load.size());
+    if (old_ptr) job.old_phy2log.assign(old_ptr, old_ptr + old->size());
+    return worker_->Submit(std::move(job));
+  }
+
+  bool Cancel(uint64_t id) { return worker_->Cancel(id); }
+
+  // Returns None once closed and drained, else (id, status, payload): status "ok" with the
+  // result dict, "cancelled" with None, "invalid" / "error" with the message.
+  py::object WaitNext() {
+    eplb::PlanDone d;
+    bool got;
+    {
+      py::gil_scoped_release release;
+      got = worker_->WaitNext(&d);
+    }
+    if (!got) return py::none();
+    if (d.ok) return py::make_tuple(d.id, "ok", ToDict(d.result));
+    if (d.cancelled) return py::make_tuple(d.id, "cancelled", py::none());
+    return py::make_tuple(d.id, d.invalid_argument ? "invalid" : "error", d.error);
+  }
+
+  void Close() { worker_->Close(); }
+  void Join() {
+    py::gil_scoped_release release;
+    worker_->Join();
+  }
+
+ private:
+  std::unique_ptr<eplb::Worker> worker_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_planner, m) {
+  m.doc() = "eplb_native C++ planner (internal; use eplb_native.plan / Planner)";
+  m.def("plan", &PlanPy, py::arg("load"), py::arg("old_phy2log"), py::arg("num_physical"),
+        py::arg("num_ranks"), py::arg("num_nodes"), py::arg("num_groups"), py::arg("policy"),
+        py::arg("preserve_slots"), py::arg("threads"), py::arg("min_move_target"));
+  m.def("preserve_slots", &PreserveSlotsPy, py::arg("phy2log"), py::arg("old_phy2log"),
+        py::arg("num_ranks"));
+  py::class_<WorkerPy>(m, "Worker")
+      .def(py::init<>())
+      .def("submit", &WorkerPy::Submit, py::arg("load"), py::arg("old_phy2log"),
+           py::arg("num_physical"), py::arg("num_ranks"), py::arg("num_nodes"),
+           py::arg("num_groups"), py::arg("policy"), py::arg("preserve_slots"),
+           py::arg("threads"), py::arg("min_move_target"))
+      .def("cancel", &WorkerPy::Cancel)
+      .def("wait_next", &WorkerPy::WaitNext)
+      .def("close", &WorkerPy::Close)
+      .def("join", &WorkerPy::Join);
+}

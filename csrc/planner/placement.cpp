@@ -1,0 +1,257 @@
+// Plan(): validation, per-layer dispatch to the policies, and what every policy shares
+// (log2phy, rank loads, slot preservation).
+#include "planner/placement.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "planner/policies.h"
+
+namespace eplb {
+namespace {
+
+[[noreturn]] void Fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+void ValidateShape(const Shape& s) {
+  std::ostringstream m;
+  if (s.num_layers < 1) m << "num_layers must be >= 1, got " << s.num_layers;
+  else if (s.num_logical < 1) m << "num_logical must be >= 1, got " << s.num_logical;
+  else if (s.num_ranks < 1) m << "num_ranks must be >= 1, got " << s.num_ranks;
+  else if (s.num_nodes < 1) m << "num_nodes must be >= 1, got " << s.num_nodes;
+  else if (s.num_groups < 1) m << "num_groups must be >= 1, got " << s.num_groups;
+  else if (s.num_physical < s.num_logical)
+    m << "num_replicas must be >= the number of logical experts (" << s.num_logical << "), got "
+      << s.num_physical;
+  else if (s.num_physical % s.num_ranks != 0)
+    m << "num_replicas (" << s.num_physical << ") must be divisible by num_ranks ("
+      << s.num_ranks << ")";
+  else if (s.num_ranks % s.num_nodes != 0)
+    m << "num_ranks (" << s.num_ranks << ") must be divisible by num_nodes (" << s.num_nodes
+      << ")";
+  else if (s.hierarchical() && s.num_logical % s.num_groups != 0)
+    m << "the number of logical experts (" << s.num_logical
+      << ") must be divisible by num_groups (" << s.num_groups
+      << ") for the hierarchical policy (num_groups % num_nodes == 0)";
+  const std::string msg = m.str();
+  if (!msg.empty()) Fail(msg);
+}
+
+void ValidateLoad(const double* load, const Shape& s) {
+  const int64_t n = s.num_layers * s.num_logical;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(load[i]) || load[i] < 0) {
+      std::ostringstream m;
+      m << "load must be finite and >= 0, got " << load[i] << " at [" << i / s.num_logical
+        << ", " << i % s.num_logical << "]";
+      Fail(m.str());
+    }
+  }
+}
+
+// Runs fn(layer) for every layer on up to `threads` threads. Exceptions are rethrown here.
+template <typename Fn>
+void ForEachLayer(int64_t num_layers, int threads, Fn fn) {
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, num_layers));
+  if (n_threads == 1) {
+    for (int64_t l = 0; l < num_layers; ++l) fn(l);
+    return;
+  }
+  std::vector<std::thread> pool;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(n_threads));
+  for (int64_t t = 0; t < n_threads; ++t) {
+    pool.emplace_back([&, t] {
+      try {
+        for (int64_t l = t; l < num_layers; l += n_threads) fn(l);
+      } catch (...) {
+        errors[static_cast<size_t>(t)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+}  // namespace
+
+void ValidatePhy2Log(const int64_t* phy2log, const Shape& s, const std::string& name) {
+  std::vector<int64_t> seen(static_cast<size_t>(s.num_logical));
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    std::fill(seen.begin(), seen.end(), 0);
+    const int64_t* row = phy2log + l * s.num_physical;
+    for (int64_t p = 0; p < s.num_physical; ++p) {
+      if (row[p] < 0 || row[p] >= s.num_logical) {
+        std::ostringstream m;
+        m << name << " must hold logical expert ids in [0, " << s.num_logical << "), got "
+          << row[p] << " at [" << l << ", " << p << "]";
+        Fail(m.str());
+      }
+      ++seen[static_cast<size_t>(row[p])];
+    }
+    for (int64_t e = 0; e < s.num_logical; ++e) {
+      if (seen[static_cast<size_t>(e)] == 0) {
+        std::ostringstream m;
+        m << name << " must give every logical expert at least one slot; layer " << l
+          << " has none for expert " << e;
+        Fail(m.str());
+      }
+    }
+  }
+}
+
+void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* log2phy,
+                  std::vector<int64_t>* logcnt, int64_t* max_replicas) {
+  const int64_t L = s.num_layers, E = s.num_logical, P = s.num_physical;
+  logcnt->assign(static_cast<size_t>(L * E), 0);
+  for (int64_t i = 0; i < L * P; ++i) {
+    const int64_t l = i / P;
+    ++(*logcnt)[static_cast<size_t>(l * E + phy2log[i])];
+  }
+  int64_t m = 1;
+  for (int64_t c : *logcnt) m = std::max(m, c);
+  *max_replicas = m;
+  log2phy->assign(static_cast<size_t>(L * E * m), -1);
+  std::vector<int64_t> fill(static_cast<size_t>(E));
+  for (int64_t l = 0; l < L; ++l) {
+    std::fill(fill.begin(), fill.end(), 0);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t e = phy2log[l * P + p];
+      (*log2phy)[static_cast<size_t>((l * E + e) * m + fill[static_cast<size_t>(e)]++)] = p;
+    }
+  }
+}
+
+double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
+  const int64_t E = s.num_logical, P = s.num_physical, S = s.slots_per_rank();
+  std::vector<int64_t> cnt(static_cast<size_t>(E), 0);
+  for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(phy2log[p])];
+  double best = 0.0;
+  for (int64_t r = 0; r < s.num_ranks; ++r) {
+    double sum = 0.0;
+    for (int64_t p = r * S; p < (r + 1) * S; ++p) {
+      const auto e = static_cast<size_t>(phy2log[p]);
+      sum += load[e] / static_cast<double>(cnt[e]);
+    }
+    best = std::max(best, sum);
+  }
+  return best;
+}
+
+void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s) {
+  const int64_t S = s.slots_per_rank();
+  std::vector<int64_t> pending;
+  std::vector<char> fixed(static_cast<size_t>(S));
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    for (int64_t r = 0; r < s.num_ranks; ++r) {
+      int64_t* row = phy2log + l * s.num_physical + r * S;
+      const int64_t* old_row = old_phy2log + l * s.num_physical + r * S;
+      // Multiset of the new experts of this rank; each old slot whose expert is still wanted
+      // keeps it, the rest are filled with what is left, in the new order.
+      pending.assign(row, row + S);
+      std::fill(fixed.begin(), fixed.end(), 0);
+      for (int64_t j = 0; j < S; ++j) {
+        auto it = std::find(pending.begin(), pending.end(), old_row[j]);
+        if (it != pending.end()) {
+          *it = -1;
+          fixed[static_cast<size_t>(j)] = 1;
+        }
+      }
+      size_t next = 0;
+      for (int64_t j = 0; j < S; ++j) {
+        if (fixed[static_cast<size_t>(j)]) {
+          row[j] = old_row[j];
+          continue;
+        }
+        while (pending[next] < 0) ++next;
+        row[j] = pending[next++];
+      }
+    }
+  }
+}
+
+PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& shape,
+                const PlanOptions& options) {
+  ValidateShape(shape);
+  if (load == nullptr) Fail("load must not be null");
+  ValidateLoad(load, shape);
+  if (old_phy2log != nullptr) ValidatePhy2Log(old_phy2log, shape, "old_phy2log");
+  if (options.policy == Policy::kMinMove && old_phy2log == nullptr)
+    Fail("policy 'min_move' needs old_phy2log (the current placement)");
+  if (options.threads < 1) Fail("threads must be >= 1, got " + std::to_string(options.threads));
+  if (!(options.min_move_target > 0.0 && options.min_move_target <= 1.0))
+    Fail("min_move_target must be in (0, 1], got " + std::to_string(options.min_move_target));
+
+  const int64_t L = shape.num_layers, E = shape.num_logical, P = shape.num_physical;
+  PlanResult out;
+  out.shape = shape;
+  out.phy2log.assign(static_cast<size_t>(L * P), -1);
+  std::vector<int64_t> phyrank(static_cast<size_t>(L * P), 0);
+  out.mean_load.assign(static_cast<size_t>(L), 0.0);
+  out.max_load_before.assign(static_cast<size_t>(L), std::numeric_limits<double>::quiet_NaN());
+  out.max_load_after.assign(static_cast<size_t>(L), 0.0);
+  out.lower_bound.assign(static_cast<size_t>(L), 0.0);
+  out.moved_slots.assign(static_cast<size_t>(L), 0);
+
+  Shape one = shape;
+  one.num_layers = 1;
+  ForEachLayer(L, options.threads, [&](int64_t l) {
+    const double* w = load + l * E;
+    int64_t* dst = out.phy2log.data() + l * P;
+    const int64_t* old = old_phy2log ? old_phy2log + l * P : nullptr;
+    switch (options.policy) {
+      case Policy::kDeepSeek:
+        DeepSeekLayer(w, one, dst, phyrank.data() + l * P);
+        break;
+      case Policy::kBalanced:
+        BalancedLayer(w, one, dst);
+        break;
+      case Policy::kMinMove: {
+        std::vector<int64_t> balanced(static_cast<size_t>(P));
+        BalancedLayer(w, one, balanced.data());
+        MinMoveLayer(w, old, balanced.data(), one, options.min_move_target, dst);
+        break;
+      }
+    }
+    if (old != nullptr && options.preserve_slots) PreserveSlots(dst, old, one);
+    double total = 0.0;
+    for (int64_t e = 0; e < E; ++e) total += w[e];
+    out.mean_load[static_cast<size_t>(l)] = total / static_cast<double>(shape.num_ranks);
+    out.max_load_after[static_cast<size_t>(l)] = MaxRankLoad(w, dst, one);
+    out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
+    if (old != nullptr) {
+      out.max_load_before[static_cast<size_t>(l)] = MaxRankLoad(w, old, one);
+      int64_t moved = 0;
+      for (int64_t p = 0; p < P; ++p) moved += dst[p] != old[p];
+      out.moved_slots[static_cast<size_t>(l)] = moved;
+    }
+  });
+  // A policy bug must never reach a rank as a placement.
+  ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
+
+  if (options.policy == Policy::kDeepSeek && old_phy2log == nullptr) {
+    // DeepSeek orders log2phy columns by replica ordinal, not by slot.
+    out.logcnt.assign(static_cast<size_t>(L * E), 0);
+    for (int64_t i = 0; i < L * P; ++i) ++out.logcnt[static_cast<size_t>(i / P * E + out.phy2log[static_cast<size_t>(i)])];
+    int64_t m = 1;
+    for (int64_t c : out.logcnt) m = std::max(m, c);
+    out.max_replicas = m;
+    out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
+    for (int64_t i = 0; i < L * P; ++i) {
+      const int64_t l = i / P, e = out.phy2log[static_cast<size_t>(i)];
+      out.log2phy[static_cast<size_t>((l * E + e) * m + phyrank[static_cast<size_t>(i)])] = i % P;
+    }
+  } else {
+    BuildLog2Phy(out.phy2log.data(), shape, &out.log2phy, &out.logcnt, &out.max_replicas);
+  }
+  if (old_phy2log != nullptr) {
+    for (int64_t l = 0; l < L; ++l)
+      PlanTransfers(l, old_phy2log + l * P, out.phy2log.data() + l * P, one, &out.transfers);
+  }
+  return out;
+}
+
+}  // namespace eplb

@@ -1,0 +1,98 @@
+// Expert placement: the planner's public C++ interface. Pure C++17: no torch, no Python.
+//
+// Glossary (../../DESIGN.md): a logical expert is an expert of the model; a physical expert
+// (slot) is one copy of a logical expert's weights on one rank. Rank r owns slots
+// r*S .. r*S+S-1, S = num_physical / num_ranks. All arrays are dense, row-major, owned by the
+// caller unless stated otherwise.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace eplb {
+
+enum class Policy : int {
+  kDeepSeek = 0,  // DeepSeek EPLB exactly (hierarchical when num_groups % num_nodes == 0)
+  kBalanced = 1,  // best balance found: greedy packing refined by local search
+  kMinMove = 2,   // near-best balance, fewest changed slots (needs an old placement)
+};
+
+// Topology of one plan.
+struct Shape {
+  int64_t num_layers = 0;    // L
+  int64_t num_logical = 0;   // E, logical experts per layer
+  int64_t num_physical = 0;  // P, slots per layer (E + redundant), P % num_ranks == 0
+  int64_t num_ranks = 0;     // R
+  int64_t num_nodes = 1;     // ranks are split evenly over nodes
+  int64_t num_groups = 1;    // expert groups (DeepSeek-V3: 8); hierarchical needs E % groups == 0
+
+  int64_t slots_per_rank() const { return num_physical / num_ranks; }
+  // DeepSeek EPLB's rule: hierarchical when groups divide evenly over nodes.
+  bool hierarchical() const { return num_groups % num_nodes == 0 && num_nodes > 1; }
+};
+
+struct PlanOptions {
+  Policy policy = Policy::kBalanced;
+  bool preserve_slots = true;  // an expert that stays on a rank keeps its old slot
+  int threads = 1;             // layers are independent: plan them on this many threads
+  // min_move: the fraction of `balanced`'s balancedness it must reach on each layer.
+  double min_move_target = 0.99;
+};
+
+// One slot's worth of expert weights to bring to (dst_rank, dst_slot).
+struct Transfer {
+  int64_t layer = 0;
+  int64_t batch = 0;     // transfers of one batch can run together: no rank talks to two peers
+  int64_t logical = 0;   // logical expert whose weights travel
+  int64_t src_rank = 0;  // rank that sends (== dst_rank for a local copy)
+  int64_t src_slot = 0;  // global slot index the weights are read from (old placement)
+  int64_t dst_rank = 0;
+  int64_t dst_slot = 0;  // global slot index written (new placement)
+  bool local = false;    // src_rank == dst_rank: a copy inside the rank, no wire
+};
+
+// Result of planning L layers. Every vector is owned by this struct.
+struct PlanResult {
+  Shape shape;
+  int64_t max_replicas = 1;               // M
+  std::vector<int64_t> phy2log;           // [L, P]
+  std::vector<int64_t> log2phy;           // [L, E, M], -1 padded
+  std::vector<int64_t> logcnt;            // [L, E], >= 1
+  std::vector<double> mean_load;          // [L], mean rank load (sum of load / R)
+  std::vector<double> max_load_before;    // [L], max rank load of the old placement (NaN if none)
+  std::vector<double> max_load_after;     // [L], max rank load of the new placement
+  std::vector<double> lower_bound;        // [L], no placement of these slots does better
+  std::vector<int64_t> moved_slots;       // [L], slots whose logical expert changed
+  std::vector<Transfer> transfers;        // sorted by (layer, batch, dst_slot)
+};
+
+// Plans every layer. load: [L, E] tokens per logical expert (finite, >= 0).
+// old_phy2log: [L, P] or nullptr (no current placement). Throws std::invalid_argument whose
+// message names the argument and the expected value on bad input; never returns half a plan.
+PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& shape,
+                const PlanOptions& options);
+
+// Checks a placement: ids in [0, E), every logical expert has >= 1 slot. Throws
+// std::invalid_argument naming `name` on failure.
+void ValidatePhy2Log(const int64_t* phy2log, const Shape& shape, const std::string& name);
+
+// Builds log2phy [L, E, M] and logcnt [L, E] from phy2log [L, P]; replicas listed by slot order.
+void BuildLog2Phy(const int64_t* phy2log, const Shape& shape, std::vector<int64_t>* log2phy,
+                  std::vector<int64_t>* logcnt, int64_t* max_replicas);
+
+// Max rank load of one layer's placement: sum over a rank's slots of load[log] / logcnt[log].
+double MaxRankLoad(const double* layer_load, const int64_t* layer_phy2log, const Shape& shape);
+
+// vLLM's preserve_intragpu_slots: permutes each rank's slots in `phy2log` [L, P] so that a
+// logical expert the rank held in `old_phy2log` stays in its old slot. Same multiset per rank.
+void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& shape);
+
+// Lower bound on the max rank load of any placement of `shape` for one layer (see bound.cpp).
+double LowerBound(const double* layer_load, const Shape& shape);
+
+// Transfer plan old -> new for one layer; appends to `out`.
+void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new_phy2log,
+                   const Shape& shape, std::vector<Transfer>* out);
+
+}  // namespace eplb

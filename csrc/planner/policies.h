@@ -1,0 +1,25 @@
+// Per-layer placement policies. Internal to the planner: Plan() in placement.cpp validates the
+// input once and calls these per layer, possibly from several threads (they share no state).
+#pragma once
+
+#include <cstdint>
+
+#include "planner/placement.h"
+
+namespace eplb {
+
+// DeepSeek EPLB for one layer: hierarchical when shape.hierarchical(), else global.
+// load: [E]; phy2log: [P] out; phyrank: [P] out, the replica ordinal of each slot (0 = first
+// copy), which orders DeepSeek's log2phy columns.
+void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank);
+
+// Best balance found for one layer under the same topology rules as DeepSeekLayer.
+void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log);
+
+// Starts from old_phy2log [P] and changes few slots while reaching `target` x the balancedness
+// of `balanced_phy2log` [P] (BalancedLayer's answer for the same load).
+void MinMoveLayer(const double* load, const int64_t* old_phy2log,
+                  const int64_t* balanced_phy2log, const Shape& shape, double target,
+                  int64_t* phy2log);
+
+}  // namespace eplb

@@ -1,0 +1,313 @@
+"""Placement planning: the Python face of the C++ planner (csrc/planner).
+
+Glossary (DESIGN.md): a *logical* expert is an expert of the model; a *physical* expert (slot)
+is one copy of its weights on one rank. Rank r owns slots ``r*S .. r*S+S-1``.
+
+- ``phy2log`` [L, P]: logical id held by each slot.
+- ``log2phy`` [L, E, M]: slots of each logical expert, -1 padded.
+- ``logcnt`` [L, E]: replicas of each logical expert (>= 1).
+- rank load: sum over the rank's slots of ``load[logical] / logcnt[logical]``;
+  balancedness = mean rank load / max rank load (1.0 is perfect).
+
+Nothing here touches torch except to accept and return torch tensors where given them; the
+planning itself runs in C++ with the GIL released.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _planner
+
+POLICIES = {"deepseek": 0, "balanced": 1, "min_move": 2}
+
+#: Columns of :attr:`Plan.transfers`.
+TRANSFER_COLUMNS = ("layer", "batch", "logical", "src_rank", "src_slot", "dst_rank", "dst_slot",
+                    "local")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement for every layer and how to get there from the old one.
+
+    Arrays are numpy and owned by the Plan. L layers, E logical experts, P slots, M max replicas.
+    """
+
+    phy2log: np.ndarray  #: [L, P] int64, logical expert held by each slot
+    log2phy: np.ndarray  #: [L, E, M] int64, slots of each logical expert, -1 padded
+    logcnt: np.ndarray  #: [L, E] int64, replicas per logical expert (>= 1)
+    mean_load: np.ndarray  #: [L] float64, mean rank load (the ideal max rank load)
+    max_load_before: np.ndarray  #: [L] float64, max rank load of the old placement (NaN if none)
+    max_load_after: np.ndarray  #: [L] float64, max rank load of the new placement
+    lower_bound: np.ndarray  #: [L] float64, no placement of these slots has a lower max rank load
+    moved_slots: np.ndarray  #: [L] int64, slots whose logical expert changed (0 with no old)
+    transfers: np.ndarray  #: [T, 8] int64, columns TRANSFER_COLUMNS, sorted by layer, batch
+    policy: str = "balanced"
+    num_ranks: int = 1
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def balancedness_before(self) -> np.ndarray:
+        """[L] mean / max rank load of the old placement on this load (NaN without one)."""
+        return _ratio(self.mean_load, self.max_load_before)
+
+    @property
+    def balancedness_after(self) -> np.ndarray:
+        """[L] mean / max rank load of the new placement on this load (1.0 is perfect)."""
+        return _ratio(self.mean_load, self.max_load_after)
+
+    @property
+    def balancedness_bound(self) -> np.ndarray:
+        """[L] the best balancedness any placement of these slots could reach."""
+        return _ratio(self.mean_load, self.lower_bound)
+
+    @property
+    def total_moved_slots(self) -> int:
+        return int(self.moved_slots.sum())
+
+
+def _ratio(mean: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
+    return np.where(np.isnan(peak), np.nan, out)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _as_numpy(x, name: str, dtype) -> np.ndarray:
+    if _is_torch(x):
+        x = x.detach().cpu().numpy()
+    elif not isinstance(x, np.ndarray | list | tuple):
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+    a = np.asarray(x)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise TypeError(f"{name} must hold numbers, got dtype {a.dtype}")
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _as_int(x, name: str, minimum: int = 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return int(x)
+
+
+def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads):
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    w = _as_numpy(load, "load", np.float64)
+    if w.ndim == 1:
+        w = w[None, :]
+    if w.ndim != 2 or w.shape[1] == 0:
+        raise ValueError(f"load must have shape [layers, experts] with experts >= 1, got {w.shape}")
+    if w.shape[0] == 0:
+        raise ValueError("load must have at least one layer")
+    num_ranks = _as_int(num_ranks, "num_ranks")
+    num_nodes = _as_int(num_nodes, "num_nodes")
+    num_groups = _as_int(num_groups, "num_groups")
+    threads = _as_int(threads, "threads")
+    old = None
+    if old_phy2log is not None:
+        old = _as_numpy(old_phy2log, "old_phy2log", np.int64)
+        if old.ndim == 1:
+            old = old[None, :]
+        if old.ndim != 2 or old.shape[0] != w.shape[0]:
+            raise ValueError(f"old_phy2log must have shape [layers={w.shape[0]}, slots], got "
+                             f"{old.shape}")
+        if num_replicas is None:
+            num_replicas = old.shape[1]
+        elif int(num_replicas) != old.shape[1]:
+            raise ValueError(f"num_replicas ({num_replicas}) must equal old_phy2log.shape[1] "
+                             f"({old.shape[1]})")
+    if num_replicas is None:
+        raise ValueError("num_replicas (total physical slots) is required without old_phy2log")
+    num_replicas = _as_int(num_replicas, "num_replicas")
+    return w, old, num_ranks, num_replicas, num_nodes, num_groups, threads
+
+
+def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
+         num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
+         preserve_slots: bool = True, threads: int = 1, min_move_target: float = 0.99) -> Plan:
+    """Plans a placement of every layer for ``load``.
+
+    Args:
+        load: [L, E] (or [E]) tokens routed to each logical expert over a window; numpy or torch;
+            finite and >= 0.
+        old_phy2log: [L, P] current placement, or None. Needed by ``min_move``; with it,
+            moved slots, balancedness before and the transfer plan are reported.
+        num_ranks: ranks (GPUs / NPUs) the P slots are spread over; P % num_ranks == 0.
+        num_replicas: P, total physical slots per layer (E + redundant). Taken from old_phy2log
+            when given.
+        num_nodes, num_groups: topology; hierarchical placement when num_groups % num_nodes == 0
+            (DeepSeek EPLB's rule), global otherwise.
+        policy: ``"deepseek"`` (DeepSeek EPLB exactly), ``"balanced"`` (best balance, default),
+            ``"min_move"`` (near-best balance, fewest changed slots).
+        preserve_slots: an expert that stays on a rank keeps its old slot.
+        threads: plan layers on this many threads.
+        min_move_target: fraction of ``balanced``'s balancedness that ``min_move`` must reach.
+    """
+    w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
+        load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)
+    out = _planner.plan(w, old, num_replicas, num_ranks, num_nodes, num_groups, POLICIES[policy],
+                        bool(preserve_slots), threads, float(min_move_target))
+    return Plan(policy=policy, num_ranks=num_ranks, **out)
+
+
+def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int,
+                      num_gpus: int):
+    """DeepSeek EPLB's ``rebalance_experts``: same signature, same meaning, same outputs.
+
+    Args:
+        weight: [L, E] load statistics of every logical expert (numpy or torch).
+        num_replicas: physical experts per layer (a multiple of num_gpus).
+        num_groups: expert groups; num_nodes: server nodes (hierarchical placement when
+            num_groups % num_nodes == 0, global otherwise); num_gpus: ranks.
+
+    Returns:
+        ``(phy2log [L, P], log2phy [L, E, M], logcnt [L, E])``, int64, torch tensors when
+        ``weight`` is a torch tensor, numpy arrays otherwise.
+    """
+    p = plan(weight, num_ranks=num_gpus, num_replicas=num_replicas, num_nodes=num_nodes,
+             num_groups=num_groups, policy="deepseek", preserve_slots=False)
+    out = (p.phy2log, p.log2phy, p.logcnt)
+    if _is_torch(weight):
+        import torch
+
+        return tuple(torch.from_numpy(a.copy()) for a in out)
+    return out
+
+
+def preserve_slots(phy2log, old_phy2log, num_ranks: int):
+    """vLLM's ``preserve_intragpu_slots``: permute each rank's slots of ``phy2log`` [L, P] so an
+    expert the rank held in ``old_phy2log`` [L, P] keeps its old slot. Returns a new array (or
+    tensor, if given one); each rank keeps the same multiset of experts."""
+    new = _as_numpy(phy2log, "phy2log", np.int64)
+    old = _as_numpy(old_phy2log, "old_phy2log", np.int64)
+    squeeze = new.ndim == 1
+    if squeeze:
+        new, old = new[None], old[None] if old.ndim == 1 else old
+    if new.ndim != 2:
+        raise ValueError(f"phy2log must have shape [layers, slots], got {new.shape}")
+    if old.shape != new.shape:
+        raise ValueError(f"old_phy2log must have the shape of phy2log {new.shape}, got {old.shape}")
+    num_ranks = _as_int(num_ranks, "num_ranks")
+    if new.shape[1] % num_ranks:
+        raise ValueError(f"slots ({new.shape[1]}) must be divisible by num_ranks ({num_ranks})")
+    out = _planner.preserve_slots(new, old, num_ranks)
+    if squeeze:
+        out = out[0]
+    if _is_torch(phy2log):
+        import torch
+
+        return torch.from_numpy(out).to(phy2log.device)
+    return out
+
+
+class Planner:
+    """A background C++ planner thread.
+
+    ``submit(load, old_phy2log=None, **plan_kwargs)`` queues a job and returns a
+    ``concurrent.futures.Future`` whose result is a :class:`Plan` (or ValueError for bad input).
+    Jobs run one at a time in submission order on a C++ thread that never takes the GIL; a
+    small Python thread waits for results with the GIL released and completes the futures.
+    ``close()`` (also on ``with`` exit and at interpreter exit) cancels queued jobs, lets the
+    running one finish, and joins both threads. A Planner belongs to the process that made it:
+    using it after ``fork()`` raises RuntimeError.
+    """
+
+    def __init__(self, threads: int = 1):
+        self._threads = _as_int(threads, "threads")
+        self._pid = os.getpid()
+        self._worker = _planner.Worker()
+        self._futures: dict[int, tuple[concurrent.futures.Future, dict]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._waiter = threading.Thread(target=self._wait_loop, name="eplb-planner-waiter",
+                                        daemon=True)
+        self._waiter.start()
+        _live_planners.add(self)
+
+    def _check_process(self):
+        if os.getpid() != self._pid:
+            raise RuntimeError("this eplb_native.Planner was created in another process (before a "
+                               "fork); create a new Planner in the child")
+
+    def submit(self, load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
+               num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
+               preserve_slots: bool = True, min_move_target: float = 0.99
+               ) -> concurrent.futures.Future:
+        """Queues a plan; arguments as :func:`plan`. Bad shapes and types raise here at once."""
+        self._check_process()
+        w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
+            load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy,
+            self._threads)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Planner is closed")
+            job = self._worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
+                                      POLICIES[policy], bool(preserve_slots), threads,
+                                      float(min_move_target))
+            self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
+        fut.add_done_callback(lambda f, job=job: f.cancelled() and self._worker.cancel(job))
+        return fut
+
+    def _wait_loop(self):
+        while True:
+            item = self._worker.wait_next()
+            if item is None:
+                return
+            job, status, payload = item
+            with self._lock:
+                fut, meta = self._futures.pop(job, (None, None))
+            if fut is None or fut.cancelled():
+                continue
+            if not fut.set_running_or_notify_cancel():
+                continue
+            if status == "ok":
+                fut.set_result(Plan(**meta, **payload))
+            elif status == "cancelled":
+                fut.set_exception(concurrent.futures.CancelledError("Planner closed"))
+            elif status == "invalid":
+                fut.set_exception(ValueError(payload))
+            else:
+                fut.set_exception(RuntimeError(payload))
+
+    def close(self) -> None:
+        """Cancels queued jobs, finishes the running one, joins the threads. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if os.getpid() != self._pid:
+            return  # the threads live in the parent; nothing of ours to join here
+        self._worker.close()
+        self._worker.join()
+        self._waiter.join()
+
+    def __enter__(self) -> Planner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_live_planners: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for p in list(_live_planners):
+        p.close()
