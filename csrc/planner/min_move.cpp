@@ -140,26 +140,26 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log,
                   int64_t* phy2log) {
   const int64_t P = shape.num_physical, E = shape.num_logical, S = shape.slots_per_rank();
   const double stop = MaxRankLoad(load, balanced_phy2log, shape) / target;
+  const bool hier = shape.hierarchical();
+  const std::vector<int64_t> node_of = hier ? OldGroupNodes(old_phy2log, shape) : std::vector<int64_t>{};
+  const bool old_usable = !hier || !node_of.empty();
   std::copy(old_phy2log, old_phy2log + P, phy2log);
-  if (MaxRankLoad(load, old_phy2log, shape) <= stop) return;
+  if (old_usable && MaxRankLoad(load, old_phy2log, shape) <= stop) return;
 
   bool reached = false;
-  if (!shape.hierarchical()) {
+  if (!hier) {
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);
     reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, E, phy2log);
-  } else {
-    const std::vector<int64_t> node_of = OldGroupNodes(old_phy2log, shape);
-    if (!node_of.empty()) {
-      const int64_t N = shape.num_nodes, group_size = E / shape.num_groups;
-      const int64_t rpn = shape.num_ranks / N;
-      reached = true;
-      for (int64_t n = 0; n < N; ++n) {
-        std::vector<int64_t> experts;
-        for (int64_t e = 0; e < E; ++e)
-          if (node_of[Z(e / group_size)] == n) experts.push_back(e);
-        reached &= SearchPack(load, old_phy2log, experts, n * rpn * S, rpn, S, stop, E, phy2log);
-      }
+  } else if (old_usable) {
+    const int64_t N = shape.num_nodes, group_size = E / shape.num_groups;
+    const int64_t rpn = shape.num_ranks / N;
+    reached = true;
+    for (int64_t n = 0; n < N; ++n) {
+      std::vector<int64_t> experts;
+      for (int64_t e = 0; e < E; ++e)
+        if (node_of[Z(e / group_size)] == n) experts.push_back(e);
+      reached &= SearchPack(load, old_phy2log, experts, n * rpn * S, rpn, S, stop, E, phy2log);
     }
   }
   if (!reached) Renumber(balanced_phy2log, old_phy2log, shape, phy2log);
