@@ -17,7 +17,6 @@ import json
 import math
 import numbers
 import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,7 +268,7 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     elif ext == ".npy":
         try:
             raw = np.load(src, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - any parse failure of the header or data
             raise ValueError(f"{src}: not a valid .npy array file ({_short(e)})") from None
         if not isinstance(raw, np.ndarray):
             raise ValueError(f"{src}: not a valid .npy array file")
@@ -293,7 +292,7 @@ def _read_npz(src: str):
         with open(src, "rb") as f:
             blob = f.read()
         archive = np.load(io.BytesIO(blob), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - any parse failure of the archive
         raise ValueError(f"{src}: not a valid .npz archive ({_short(e)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{src}: not a .npz archive (it holds a single array; name it .npy)")
@@ -303,22 +302,21 @@ def _read_npz(src: str):
         try:
             raw = archive["loads"]
             meta = _meta_from_json(archive["meta"][()], src) if "meta" in archive.files else {}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-            if isinstance(e, ValueError) and str(e).startswith(src):
+        except ValueError as e:
+            if str(e).startswith(src):
                 raise
+            raise ValueError(f"{src}: corrupt .npz member ({_short(e)})") from None
+        except Exception as e:  # noqa: BLE001 - zlib / zip / header errors of a member
             raise ValueError(f"{src}: corrupt .npz member ({_short(e)})") from None
     return raw, meta
 
 
 def _read_pt(src: str):
-    import pickle
-
     import torch
 
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError,
-            zipfile.BadZipFile, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
         raise ValueError(f"{src}: not a loadable torch file ({_short(e)})") from None
     meta: dict = {}
     if isinstance(obj, dict):
