@@ -63,10 +63,14 @@ class PackSearch {
 
   // `min_move`: steps, cheapest in changed slots per unit of max-load reduction first, until
   // the max rank load is <= stop. Returns whether it got there.
-  bool ImproveTo(double stop) {
+  // Gives up (returns false) once `budget` slots have changed: the caller has an answer with
+  // that many changes and full balance.
+  bool ImproveTo(double stop, int64_t budget) {
+    budget_ = budget;
     Search(stop, true);
-    return MaxLoad() <= stop;
+    return MaxLoad() <= stop && changed_ < budget_;
   }
+  int64_t changed() const { return changed_; }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
   double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
@@ -115,6 +119,7 @@ class PackSearch {
       const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
       const double M = load_[Z(h)];
       if (!(M > 0.0) || M <= stop || M <= trivial_bound_ * (1.0 + 1e-12)) return;
+      if (cost_aware_ && changed_ >= budget_) return;
       const double tol = 1e-12 * M;
       if (!lists_ready_) BuildLists();
       Step best;
@@ -266,6 +271,7 @@ class PackSearch {
   void Apply(const Step& st) {
     if (st.kind == 1) {
       const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
+      if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, y) + Cost(st.j, x));
       std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
       ReplaceInList(x, st.i, st.j);
       ReplaceInList(y, st.j, st.i);
@@ -274,6 +280,7 @@ class PackSearch {
       return;
     }
     const int64_t a = slot_exp_[Z(st.i)], b = st.j;
+    if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, b));
     --cnt_[Z(a)];
     ++cnt_[Z(b)];
     slot_exp_[Z(st.i)] = b;
@@ -290,6 +297,7 @@ class PackSearch {
   std::vector<double> load_;
   double trivial_bound_ = 0.0;
   bool cost_aware_ = false;
+  int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
   std::vector<std::vector<int64_t>> slots_of_;
   std::vector<double> delta_, max_on_;
