@@ -307,9 +307,9 @@ def main(argv=None) -> int:
                 notes.append(f"{c.name} / {skew}: " +
                              deepseek_agreement(c, loads[1:-1], args.seed))
             notes.extend(f"{c.name}: {m} not measured" for m in missing)
-    print()
-    for n in notes:
-        print("- " + n)
+            for n in notes:
+                print("- " + n, flush=True)
+            notes.clear()
     return 0
 
 

@@ -7,6 +7,8 @@
 //      changed slot, until the max rank load is <= balanced's / target. Under the hierarchical
 //      topology the steps stay inside a node (each node is searched on its own), which keeps
 //      groups on their nodes; an old placement that does not follow that topology is not used.
+//      Global topology: if that stalls, a second search first converts slots so that the
+//      replica counts are balanced's (heaviest missing replica first, onto the lightest rank).
 //   3. If the search stalls above the target, the answer is `balanced`'s placement with its
 //      ranks (and, hierarchical, its nodes) renumbered to overlap the old placement most: the
 //      same balance, fewer changed slots than taking it as it is.
@@ -131,7 +133,7 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
 // into phy2log and returns whether the pack reached `stop`.
 bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
                 int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t budget,
-                int64_t E, int64_t* phy2log) {
+                int64_t E, const int64_t* target_cnt, int64_t* phy2log) {
   const auto n = static_cast<int64_t>(experts.size());
   std::vector<int64_t> local(Z(E), -1);
   std::vector<double> w(Z(n));
@@ -143,9 +145,20 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
   PackSearch pack(w.data(), n, num_ranks, S);
   pack.InitFrom(slots.data());
-  const bool ok = pack.ImproveTo(stop, budget);
+  bool ok = pack.ImproveTo(stop, budget);
+  const PackSearch* result = &pack;
+  // Second try, when the counts of the target are given: take them first, then search.
+  PackSearch second(w.data(), n, num_ranks, S);
+  if (!ok && target_cnt != nullptr) {
+    std::vector<int64_t> target(Z(n));
+    for (int64_t i = 0; i < n; ++i) target[Z(i)] = target_cnt[experts[Z(i)]];
+    second.InitFrom(slots.data());
+    second.ImposeCounts(target.data());
+    ok = second.ImproveTo(stop, budget);
+    if (ok) result = &second;
+  }
   for (int64_t j = 0; j < num_ranks * S; ++j)
-    phy2log[first_slot + j] = experts[Z(pack.slot_exp()[Z(j)])];
+    phy2log[first_slot + j] = experts[Z(result->slot_exp()[Z(j)])];
   return ok;
 }
 
@@ -191,8 +204,10 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log,
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);
     const int64_t budget = RankMoves(old_phy2log, renumbered.data(), 0, P, S, &count);
+    std::vector<int64_t> balanced_cnt(Z(E), 0);
+    for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
     reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
-                         phy2log);
+                         balanced_cnt.data(), phy2log);
   } else if (old_usable) {
     const int64_t N = shape.num_nodes, group_size = E / shape.num_groups;
     const int64_t rpn = shape.num_ranks / N, node_slots = rpn * S;
@@ -204,7 +219,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log,
       const int64_t budget = RankMoves(old_phy2log, renumbered.data(), n * node_slots,
                                        (n + 1) * node_slots, S, &count);
       reached = SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, budget, E,
-                           phy2log);
+                           nullptr, phy2log);
     }
   }
   if (!reached) std::copy(renumbered.begin(), renumbered.end(), phy2log);

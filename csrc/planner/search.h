@@ -58,6 +58,35 @@ class PackSearch {
     Finish();
   }
 
+  // Converts slots until the replica counts are `target` [n] (sum R*S): each missing replica,
+  // heaviest first, takes the slot of an expert above its target on the rank that ends lightest.
+  // These count as changed slots like any step (min_move's second try: balanced's counts).
+  void ImposeCounts(const int64_t* target) {
+    if (!lists_ready_) BuildLists();
+    std::vector<int64_t> need;
+    for (int64_t e = 0; e < n_; ++e)
+      for (int64_t k = cnt_[Z(e)]; k < target[e]; ++k) need.push_back(e);
+    std::stable_sort(need.begin(), need.end(), [&](int64_t a, int64_t b) {
+      return w_[a] / static_cast<double>(target[a]) > w_[b] / static_cast<double>(target[b]);
+    });
+    for (int64_t b : need) {
+      const double wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
+      int64_t best = -1;
+      double best_load = HUGE_VAL;
+      for (int64_t s = 0; s < R_ * S_; ++s) {
+        const int64_t a = slot_exp_[Z(s)];
+        if (a == b || cnt_[Z(a)] <= target[a]) continue;
+        const double v = load_[Z(s / S_)] - Wt(a) + wb_new;
+        if (v < best_load) {
+          best_load = v;
+          best = s;
+        }
+      }
+      if (best < 0) return;  // counts cannot match (target sum differs): leave as is
+      Apply({2, best, b, 0.0});
+    }
+  }
+
   // `balanced`: steps until none lowers the max (or the trivial bound is reached).
   void Improve() {
     Search(0.0, false);
