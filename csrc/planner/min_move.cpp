@@ -7,8 +7,9 @@
 //      changed slot, until the max rank load is <= balanced's / target. Under the hierarchical
 //      topology the steps stay inside a node (each node is searched on its own), which keeps
 //      groups on their nodes; an old placement that does not follow that topology is not used.
-//      Global topology: if that stalls, a second search first converts slots so that the
-//      replica counts are balanced's (heaviest missing replica first, onto the lightest rank).
+//      If that stalls, a second search first converts slots so that the replica counts are
+//      balanced's (hierarchical: the greedy counts of the node's experts), heaviest missing
+//      replica first, onto the lightest rank.
 //   3. If the search stalls above the target, the answer is `balanced`'s placement with its
 //      ranks (and, hierarchical, its nodes) renumbered to overlap the old placement most: the
 //      same balance, fewer changed slots than taking it as it is.
@@ -218,11 +219,43 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log,
         if (node_of[Z(e / group_size)] == n) experts.push_back(e);
       const int64_t budget = RankMoves(old_phy2log, renumbered.data(), n * node_slots,
                                        (n + 1) * node_slots, S, &count);
+      // counts to impose on a second try: the greedy ones of this node's experts and slots
+      std::vector<double> node_load(experts.size());
+      for (size_t i = 0; i < experts.size(); ++i) node_load[i] = load[experts[i]];
+      std::vector<int64_t> node_cnt(experts.size()), target_cnt(Z(E), 0);
+      detail::Replicate(node_load.data(), static_cast<int64_t>(experts.size()), node_slots,
+                        node_cnt.data(), nullptr);
+      for (size_t i = 0; i < experts.size(); ++i) target_cnt[Z(experts[i])] = node_cnt[i];
       reached = SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, budget, E,
-                           nullptr, phy2log);
+                           target_cnt.data(), phy2log);
     }
   }
-  if (!reached) std::copy(renumbered.begin(), renumbered.end(), phy2log);
+  if (reached) return;
+  std::copy(renumbered.begin(), renumbered.end(), phy2log);
+  if (!hier || !old_usable) return;
+  // Hierarchical fallback, node by node: balanced's group->node partition (renumbered onto the
+  // old nodes), but a node whose groups are the same as in the old placement is searched from
+  // its old content, which usually changes far fewer slots than taking balanced's node.
+  const int64_t N = shape.num_nodes, G = shape.num_groups, group_size = E / G;
+  const int64_t rpn = shape.num_ranks / N, node_slots = rpn * S;
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<char> in_new(Z(G), 0);
+    for (int64_t p = n * node_slots; p < (n + 1) * node_slots; ++p)
+      in_new[Z(renumbered[Z(p)] / group_size)] = 1;
+    bool same = true;
+    for (int64_t g = 0; g < G; ++g) same &= (in_new[Z(g)] != 0) == (node_of[Z(g)] == n);
+    if (!same) continue;
+    std::vector<int64_t> experts;
+    for (int64_t e = 0; e < E; ++e)
+      if (node_of[Z(e / group_size)] == n) experts.push_back(e);
+    const int64_t budget = RankMoves(old_phy2log, renumbered.data(), n * node_slots,
+                                     (n + 1) * node_slots, S, &count);
+    std::vector<int64_t> node_out(Z(P));
+    if (SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, budget, E, nullptr,
+                   node_out.data()))
+      std::copy(node_out.begin() + n * node_slots, node_out.begin() + (n + 1) * node_slots,
+                phy2log + n * node_slots);
+  }
 }
 
 }  // namespace eplb

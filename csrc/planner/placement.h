@@ -12,10 +12,18 @@
 
 namespace eplb {
 
+// Every policy is deterministic: the same input gives the same plan on every rank.
 enum class Policy : int {
-  kDeepSeek = 0,  // DeepSeek EPLB exactly (hierarchical when num_groups % num_nodes == 0)
-  kBalanced = 1,  // best balance found: greedy packing refined by local search
-  kMinMove = 2,   // near-best balance, fewest changed slots (needs an old placement)
+  // DeepSeek EPLB exactly (deepseek.cpp): hierarchical when num_groups % num_nodes == 0 and
+  // num_nodes > 1, global otherwise; ties go to the lowest index.
+  kDeepSeek = 0,
+  // The best balance found under the same topology (balanced.cpp, search.h): DeepSeek's
+  // placement refined by local search (swaps, replica-count changes) until no step lowers the
+  // max rank load. Never worse than kDeepSeek on any layer.
+  kBalanced = 1,
+  // From the old placement, the fewest changed slots that reach min_move_target x kBalanced's
+  // balancedness on each layer (min_move.cpp). Needs an old placement.
+  kMinMove = 2,
 };
 
 // Topology of one plan.
@@ -104,7 +112,9 @@ double MaxRankLoad(const double* layer_load, const int64_t* layer_phy2log, const
 // logical expert the rank held in `old_phy2log` stays in its old slot. Same multiset per rank.
 void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& shape);
 
-// Lower bound on the max rank load of any placement of `shape` for one layer (see bound.cpp).
+// Lower bound on the max rank load of ANY placement of one layer with these slots and this
+// topology (hierarchical placements keep groups on nodes, as DeepSeek's): no plan does better.
+// The argument is in bound.cpp.
 double LowerBound(const double* layer_load, const Shape& shape);
 
 // Transfer plan old -> new for one layer; appends to `out`.

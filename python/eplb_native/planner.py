@@ -153,13 +153,22 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
             when given.
         num_nodes, num_groups: topology; hierarchical placement when num_groups % num_nodes == 0
             (DeepSeek EPLB's rule), global otherwise.
-        policy: ``"deepseek"`` (DeepSeek EPLB exactly), ``"balanced"`` (best balance, default),
-            ``"min_move"`` (near-best balance, fewest changed slots).
+        policy: ``"deepseek"`` (DeepSeek EPLB exactly), ``"balanced"`` (best balance, default;
+            never worse than ``deepseek`` on any layer), ``"min_move"`` (from ``old_phy2log``,
+            the fewest changed slots reaching ``min_move_target`` x ``balanced``'s balancedness).
         preserve_slots: an expert that stays on a rank keeps its old slot.
         threads: plan layers on this many threads.
         min_move_target: fraction of ``balanced``'s balancedness that ``min_move`` must reach.
         transfers: build the transfer plan (with an old placement); False leaves
             ``Plan.transfers`` empty, for callers that only want the placement.
+
+    Returns:
+        A :class:`Plan`. ``lower_bound`` [L] is a proven floor on the max rank load of any
+        placement with these slots and topology (csrc/planner/bound.cpp), so
+        ``balancedness_bound`` is the best balancedness any policy could reach. ``transfers``
+        rows (TRANSFER_COLUMNS) read the OLD placement; a row is local when the destination rank
+        already held the expert; within one (layer, batch) every rank talks to at most one peer
+        (csrc/planner/placement.h).
     """
     w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
         load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)
@@ -180,7 +189,9 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
 
     Returns:
         ``(phy2log [L, P], log2phy [L, E, M], logcnt [L, E])``, int64, torch tensors when
-        ``weight`` is a torch tensor, numpy arrays otherwise.
+        ``weight`` is a torch tensor, numpy arrays otherwise. As in DeepSeek EPLB, column j of
+        ``log2phy`` is the expert's j-th replica (replica ordinal, not slot order), -1 padded.
+        Ties in ``weight`` go to the lowest index (DeepSeek's own sorts leave them unspecified).
     """
     p = plan(weight, num_ranks=num_gpus, num_replicas=num_replicas, num_nodes=num_nodes,
              num_groups=num_groups, policy="deepseek", preserve_slots=False)
