@@ -427,10 +427,10 @@ class PackSearch {
     std::sort(runs.begin(), runs.end());
     int64_t lo = 0, hi = 0;
     double cur = PairMax(runs, &lo, &hi);
-    constexpr int64_t kCand = 8;
+    constexpr int64_t kCand = 16;
     std::vector<int64_t> givers, takers;
     bool improved = false;
-    for (int iter = 0; iter < 64; ++iter) {
+    for (int iter = 0; iter < 256; ++iter) {
       // experts losing least by giving up a replica; experts with the heaviest replicas
       givers.clear();
       takers.clear();
