@@ -36,6 +36,31 @@ namespace {
 using detail::PackSearch;
 using detail::Z;
 
+// Searches one pack from DeepSeek's start; when that ends more than 0.5% above the trivial
+// bound, also from starts whose replica counts favour the hottest experts less (w / c^beta,
+// beta = 1.25, 1.5, 2: the min-max replica counts can pack badly when one expert takes most extra
+// slots). The best wins, DeepSeek's start on ties, so the result is never worse than DeepSeek's.
+// slot_exp [R*S] out (pack-local ids); returns the max rank load.
+double BestPack(const double* w, int64_t n, int64_t R, int64_t S, int64_t* slot_exp) {
+  PackSearch pack(w, n, R, S);
+  pack.InitGreedy();
+  pack.Improve();
+  double best = pack.MaxLoad();
+  std::copy(pack.slot_exp().begin(), pack.slot_exp().end(), slot_exp);
+  // Two slots per rank already re-decide counts exactly (search.h RefinePairCounts).
+  if (S == 2 || !(best > pack.TrivialBound() * 1.005)) return best;
+  for (const double beta : {1.25, 1.5, 2.0}) {
+    PackSearch alt(w, n, R, S);
+    alt.InitGreedy(beta);
+    alt.Improve();
+    if (alt.MaxLoad() < best) {
+      best = alt.MaxLoad();
+      std::copy(alt.slot_exp().begin(), alt.slot_exp().end(), slot_exp);
+    }
+  }
+  return best;
+}
+
 // Packs every node of a group->node partition and writes phy2log; returns the max rank load.
 // group_node[g], group_rank[g]: node of group g and its position there (DeepSeek's order).
 double PackNodes(const double* load, const Shape& s, const std::vector<int64_t>& group_node,
@@ -55,12 +80,11 @@ double PackNodes(const double* load, const Shape& s, const std::vector<int64_t>&
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t i = 0; i < log_per_node; ++i)
       node_load[Z(i)] = load[local2log[Z(n * log_per_node + i)]];
-    PackSearch pack(node_load.data(), log_per_node, ranks_per_node, S);
-    pack.InitGreedy();
-    pack.Improve();
-    worst = std::max(worst, pack.MaxLoad());
+    std::vector<int64_t> slots(Z(phy_per_node));
+    worst = std::max(worst, BestPack(node_load.data(), log_per_node, ranks_per_node, S,
+                                     slots.data()));
     for (int64_t j = 0; j < phy_per_node; ++j)
-      phy2log[n * phy_per_node + j] = local2log[Z(n * log_per_node + pack.slot_exp()[Z(j)])];
+      phy2log[n * phy_per_node + j] = local2log[Z(n * log_per_node + slots[Z(j)])];
   }
   return worst;
 }
@@ -109,10 +133,7 @@ bool RefineGroups(const std::vector<double>& group_load, int64_t N,
 
 void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log) {
   if (!shape.hierarchical()) {
-    PackSearch pack(load, shape.num_logical, shape.num_ranks, shape.slots_per_rank());
-    pack.InitGreedy();
-    pack.Improve();
-    std::copy(pack.slot_exp().begin(), pack.slot_exp().end(), phy2log);
+    BestPack(load, shape.num_logical, shape.num_ranks, shape.slots_per_rank(), phy2log);
     return;
   }
   const int64_t G = shape.num_groups, N = shape.num_nodes;

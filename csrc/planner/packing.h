@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <numeric>
@@ -23,7 +24,11 @@ inline size_t Z(int64_t i) { return static_cast<size_t>(i); }
 // largest load per replica over all replica counts with sum num_phy.
 // cnt: [n] out (>= 1). added: [num_phy - n] out or nullptr, the expert of each extra slot in
 // the order they were added.
-inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt, int64_t* added) {
+// beta != 1 ranks experts by w_e / cnt_e^beta instead (beta > 1: fewer replicas for the
+// hottest experts, coarser replicas but more slots for the rest), an alternative start for the
+// balanced search; beta = 1 is DeepSeek's rule.
+inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt, int64_t* added,
+                      double beta = 1.0) {
   std::fill(cnt, cnt + n, 1);
   if (num_phy == n) return;
   // Heap of (load per replica, -index): the top is the largest, lowest index first.
@@ -36,7 +41,8 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
     const int64_t e = -heap.back().second;
     const int64_t c = ++cnt[e];
     if (added != nullptr) added[i] = e;
-    heap.back() = {w[e] / static_cast<double>(c), -e};
+    const double per = beta == 1.0 ? static_cast<double>(c) : std::pow(static_cast<double>(c), beta);
+    heap.back() = {w[e] / per, -e};
     std::push_heap(heap.begin(), heap.end());
   }
 }

@@ -32,12 +32,13 @@ class PackSearch {
       : w_(w), n_(n), R_(num_ranks), S_(S) {}
 
   // DeepSeek's greedy: replica counts by largest load per replica, then LPT onto the ranks.
-  void InitGreedy() {
+  // beta: replica-count rule (packing.h Replicate); 1 is DeepSeek's.
+  void InitGreedy(double beta = 1.0) {
     const int64_t P = R_ * S_;
     cnt_.assign(Z(n_), 1);
     std::vector<int64_t> phy(Z(P));
     std::iota(phy.begin(), phy.begin() + n_, 0);
-    Replicate(w_, n_, P, cnt_.data(), phy.data() + n_);
+    Replicate(w_, n_, P, cnt_.data(), phy.data() + n_, beta);
     std::vector<double> wt(Z(P));
     for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
     std::vector<int64_t> pack, rank_in_pack;
@@ -108,6 +109,8 @@ class PackSearch {
   int64_t changed() const { return changed_; }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
+  // max(mean rank load, smallest possible largest replica): no placement does better.
+  double TrivialBound() const { return trivial_bound_; }
   double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
 
  private:
