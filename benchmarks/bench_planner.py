@@ -271,8 +271,8 @@ def main(argv=None) -> int:
         skews, args.windows = ["zipf"], 4
     todo = [c for c in cases(args.smoke)
             if not args.shapes or any(k in c.name for k in args.shapes.split(","))]
-    print("| shape | skew | policy | time | bal in | bal out | bound | slots changed |"
-          " time vs vLLM |")
+    print("| shape | skew | policy | time | speed vs vLLM | bal in | bal out | bound |"
+          " slots changed / rebalance |")
     print("|---|---|---|---|---|---|---|---|---|")
     notes = []
     for c in todo:
@@ -282,10 +282,11 @@ def main(argv=None) -> int:
                 full=not args.smoke)
             ref_time = rows.get("vLLM default", {}).get("time")
             for name, r in rows.items():
-                ratio = f"{ref_time / r['time']:.0f}x faster" if ref_time and r["time"] else ""
-                print(f"| {c.name} | {skew} | {name} | {fmt_time(r['time'])} | "
+                speed = ref_time / r["time"] if ref_time and r["time"] else float("nan")
+                ratio = f"{speed:.1f}x" if speed >= 1 else f"{speed:.2f}x"
+                print(f"| {c.name} | {skew} | {name} | {fmt_time(r['time'])} | {ratio} | "
                       f"{r['bal_in']:.4f} | {r['bal_out']:.4f} | {bound:.4f} | "
-                      f"{r['moved']:.0f} of {c.layers * c.slots} | {ratio} |", flush=True)
+                      f"{r['moved']:.0f} of {c.layers * c.slots} |", flush=True)
             if "vLLM default" in per_layer:
                 bal = per_layer["ours balanced"]
                 peer_names = [n for n in per_layer if not n.startswith("ours") and
