@@ -114,8 +114,7 @@ void CheckRecordCounts(const at::Tensor& load, const at::Tensor& expert_tokens,
   TORCH_CHECK_VALUE(expert_tokens.dim() == 1, "expert_tokens must be 1-D [n], got ",
                     expert_tokens.dim(), " dims");
   TORCH_CHECK_VALUE(group_list_type == 0 || group_list_type == 1,
-                    "group_list_type must be 0 (cumulative) or 1 (counts), got ",
-                    group_list_type);
+                    "group_list_type must be 0 (cumulative) or 1 (counts), got ", group_list_type);
   TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
   TORCH_CHECK_VALUE(offset + expert_tokens.sym_numel() <= load.sym_numel(),
                     "offset + len(expert_tokens) (", offset + expert_tokens.sym_numel(),
@@ -126,15 +125,14 @@ namespace {
 
 // Meta kernels: the same checks, then the output's shape; they run under torch.compile.
 at::Tensor map_and_record_meta(const at::Tensor& topk_ids, const at::Tensor& log2phy,
-                               const at::Tensor& logcnt, at::Tensor& load,
-                               const at::Tensor& record,
+                               const at::Tensor& logcnt, at::Tensor& load, const at::Tensor& record,
                                const std::optional<at::Tensor>& num_valid_tokens,
                                const std::string& mode) {
   CheckMapAndRecord(topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode);
   return at::empty_like(topk_ids, at::MemoryFormat::Contiguous);
 }
-void record_counts_meta(at::Tensor& load, const at::Tensor& expert_tokens,
-                        int64_t group_list_type, int64_t offset) {
+void record_counts_meta(at::Tensor& load, const at::Tensor& expert_tokens, int64_t group_list_type,
+                        int64_t offset) {
   CheckRecordCounts(load, expert_tokens, group_list_type, offset);
 }
 void record_topk_meta(at::Tensor& load, const at::Tensor& topk_ids, const at::Tensor& record,

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -102,8 +104,8 @@ __device__ __forceinline__ int64_t MapId(int64_t e, int64_t i, const Params& p) 
       int64_t c = p.cnt[e];
       c = c < 1 ? 1 : (c > p.cols ? p.cols : c);
       // 32-bit division whenever it fits: 64-bit division is a long software sequence.
-      const int64_t t = (i | p.k) >> 31 ? i / p.k : static_cast<uint32_t>(i) /
-                                                         static_cast<uint32_t>(p.k);
+      const int64_t t =
+          (i | p.k) >> 31 ? i / p.k : static_cast<uint32_t>(i) / static_cast<uint32_t>(p.k);
       const int64_t r = (t | c) >> 31 ? t % c : static_cast<uint32_t>(t) % static_cast<uint32_t>(c);
       return p.table[e * p.cols + r];
     }
@@ -194,9 +196,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Cached per device: the launch path runs on every forward.
 int64_t MultiprocessorCount(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  static std::array<std::atomic<int>, 64> cache{};
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), "device index ", device);
+  int sms = cache[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
   return sms;
 }
 
@@ -228,8 +236,9 @@ void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Para
     const Id* in = ids.data_ptr<Id>();
     Id* o = out != nullptr ? out->data_ptr<Id>() : nullptr;
     AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "eplb_map_record_load", [&] {
-      MapRecordKernel<kKind, Id, index_t><<<static_cast<unsigned>(blocks), kThreads, smem,
-                                            stream>>>(in, o, load.data_ptr<index_t>(), p);
+      MapRecordKernel<kKind, Id, index_t>
+          <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(in, o,
+                                                                      load.data_ptr<index_t>(), p);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -247,8 +256,7 @@ Params BaseParams(const at::Tensor& ids, int64_t k, const at::Tensor& load,
 }
 
 at::Tensor map_and_record_cuda(const at::Tensor& topk_ids, const at::Tensor& log2phy,
-                               const at::Tensor& logcnt, at::Tensor& load,
-                               const at::Tensor& record,
+                               const at::Tensor& logcnt, at::Tensor& load, const at::Tensor& record,
                                const std::optional<at::Tensor>& num_valid_tokens,
                                const std::string& mode_str) {
   const MapMode mode =
@@ -294,8 +302,8 @@ __global__ void RecordCountsKernel(Load* __restrict__ load, const void* counts, 
   }
 }
 
-void record_counts_cuda(at::Tensor& load, const at::Tensor& expert_tokens,
-                        int64_t group_list_type, int64_t offset) {
+void record_counts_cuda(at::Tensor& load, const at::Tensor& expert_tokens, int64_t group_list_type,
+                        int64_t offset) {
   CheckRecordCounts(load, expert_tokens, group_list_type, offset);
   const int64_t n = expert_tokens.numel();
   if (n == 0) return;
@@ -304,9 +312,9 @@ void record_counts_cuda(at::Tensor& load, const at::Tensor& expert_tokens,
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 1024));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "eplb_record_counts", [&] {
-    RecordCountsKernel<index_t><<<blocks, 256, 0, stream>>>(
-        load.data_ptr<index_t>() + offset, counts.data_ptr(), counts.scalar_type() == at::kLong,
-        n, group_list_type == 0);
+    RecordCountsKernel<index_t>
+        <<<blocks, 256, 0, stream>>>(load.data_ptr<index_t>() + offset, counts.data_ptr(),
+                                     counts.scalar_type() == at::kLong, n, group_list_type == 0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
