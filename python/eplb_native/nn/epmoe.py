@@ -1,0 +1,172 @@
+"""``EPMoE``: a reference expert-parallel MoE layer that routes through eplb_native's ops.
+
+It is the worked example of how a fused-MoE op uses eplb_native (and what the tests, demo and
+docs run): a top-k softmax gate picks logical experts per token; ``map_and_record`` turns them
+into physical slots (spreading tokens over replicas) and counts the tokens per slot into the
+layer's load buffer; each (token, choice) pair travels with ``all_to_all_single`` to the rank
+that holds its slot, goes through that slot's SwiGLU expert, and comes back; the layer output is
+the gate-weighted sum over the k choices, summed in choice order.
+
+Inference only (no autograd through the all-to-all). Works on any backend torch.distributed
+supports for ``all_to_all_single`` (gloo on CPU, NCCL on CUDA, HCCL on NPU), and in a single
+process when ``group`` is None.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import ops, state  # noqa: F401  (ops registers torch.ops.eplb_native)
+from ..adapters.base import MoELayerAdapter
+
+
+class EPMoE(torch.nn.Module):
+    """An expert-parallel MoE layer with stacked per-slot weights.
+
+    Args:
+        hidden_size: H. intermediate_size: I. num_experts: E logical experts. top_k: k.
+        group: the expert-parallel process group (None: a single process holds every slot).
+        num_redundant_experts: extra slots, P = E + it; (E + it) % ep_size == 0.
+        phy2log: the initial placement [P] (default: vllm-ascend's default spread).
+        seed: the logical weights are drawn from ``torch.Generator().manual_seed(seed)`` on the
+            CPU, identically on every rank, so layers built with the same seed compute the same
+            function whatever their placement.
+        dtype, device: of the weights and buffers.
+
+    Parameters / buffers (all owned by the layer; the updator writes them in place):
+        gate_weight [E, H]; gate_bias [E] (added to the gate logits, e.g. to make experts hot);
+        w13 [S, 2I, H] and w2 [S, H, I], row s = the expert in local slot s;
+        phy2log [P], log2phy [E, P-E+1], logcnt [E] int64; local_expert_map [E] int32;
+        load [P] int64 (tokens this rank sent to each slot since the updator reset it);
+        record [] bool.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 *, group=None, num_redundant_experts: int = 0, phy2log=None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        for key, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                       ("num_experts", num_experts), ("top_k", top_k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {v!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
+        self.group = group
+        self.ep_size = dist.get_world_size(group) if group is not None else 1
+        self.ep_rank = dist.get_rank(group) if group is not None else 0
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        if phy2log is None:
+            phy2log = state.default_placement(num_experts, self.ep_size, num_redundant_experts)
+        p2l = state.validate_phy2log(phy2log, num_experts, self.ep_size)
+        if p2l.ndim != 1:
+            raise ValueError(f"phy2log must have shape [slots], got {p2l.shape}")
+        self.num_slots = p2l.size
+        self.num_local_slots = self.num_slots // self.ep_size
+        gen = torch.Generator().manual_seed(seed)
+        h, i, e = hidden_size, intermediate_size, num_experts
+        gate = torch.randn(e, h, generator=gen) / h ** 0.5
+        self.logical_w13 = torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5
+        self.logical_w2 = torch.randn(e, h, i, generator=gen) / i ** 0.5
+        kw = {"dtype": dtype, "device": device}
+        self.gate_weight = torch.nn.Parameter(gate.to(**kw), requires_grad=False)
+        self.register_buffer("gate_bias", torch.zeros(e, **kw))
+        s = self.num_local_slots
+        self.w13 = torch.nn.Parameter(torch.empty(s, 2 * i, h, **kw), requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.empty(s, h, i, **kw), requires_grad=False)
+        dev = {"device": device}
+        m = state.max_replicas(e, self.num_slots)
+        self.register_buffer("phy2log", torch.zeros(self.num_slots, dtype=torch.int64, **dev))
+        self.register_buffer("log2phy", torch.full((e, m), -1, dtype=torch.int64, **dev))
+        self.register_buffer("logcnt", torch.zeros(e, dtype=torch.int64, **dev))
+        self.register_buffer("local_expert_map", torch.full((e,), -1, dtype=torch.int32, **dev))
+        self.register_buffer("load", torch.zeros(self.num_slots, dtype=torch.int64, **dev))
+        self.register_buffer("record", torch.ones((), dtype=torch.bool, **dev))
+        self._adapter = self.eplb_adapter("")
+        self._adapter.set_placement(p2l)
+        self.fill_slots_from_logical()
+
+    def eplb_adapter(self, name: str) -> MoELayerAdapter:
+        """The adapter protocol (eplb_native.adapters.base): this layer's tensors, no copies."""
+        return MoELayerAdapter(name=name, module=self, weights=[self.w13.data, self.w2.data],
+                               phy2log=self.phy2log, log2phy=self.log2phy, logcnt=self.logcnt,
+                               load=self.load, record=self.record, ep_rank=self.ep_rank,
+                               ep_size=self.ep_size, local_expert_map=self.local_expert_map)
+
+    @torch.no_grad()
+    def fill_slots_from_logical(self) -> None:
+        """Copies the logical weights into this rank's slots per the current ``phy2log``."""
+        s = self.num_local_slots
+        mine = self.phy2log[self.ep_rank * s:(self.ep_rank + 1) * s].cpu()
+        self.w13.copy_(self.logical_w13[mine].to(self.w13))
+        self.w2.copy_(self.logical_w2[mine].to(self.w2))
+
+    def expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """SwiGLU expert of local ``slot`` on tokens x [n, H] -> [n, H]."""
+        gate, up = F.linear(x, self.w13[slot]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[slot])
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate: x [N, H] -> (logical top-k ids [N, k] int64, weights [N, k] of x's dtype)."""
+        logits = F.linear(x, self.gate_weight) + self.gate_bias
+        top, ids = logits.topk(self.top_k, dim=-1)
+        return ids, torch.softmax(top.float(), dim=-1).to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] (this rank's tokens) -> [N, H]."""
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must have shape [tokens, {self.hidden_size}], got "
+                             f"{list(x.shape)}")
+        n, k, s = x.shape[0], self.top_k, self.num_local_slots
+        ids, weights = self.route(x)
+        phy = torch.ops.eplb_native.map_and_record(ids, self.log2phy, self.logcnt, self.load,
+                                                   self.record)
+        flat = phy.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # grouped by rank, then by local slot
+        send_x = x[order // k]
+        send_slot = (flat[order] % s).to(torch.int64)
+        send_counts = torch.bincount(flat // s, minlength=self.ep_size)
+        if self.group is None:
+            recv_x, recv_slot, recv_counts = send_x, send_slot, send_counts
+        else:
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            splits_in, splits_out = send_counts.tolist(), recv_counts.tolist()
+            recv_x = x.new_empty(sum(splits_out), x.shape[1])
+            dist.all_to_all_single(recv_x, send_x, splits_out, splits_in, group=self.group)
+            recv_slot = send_slot.new_empty(sum(splits_out))
+            dist.all_to_all_single(recv_slot, send_slot, splits_out, splits_in,
+                                   group=self.group)
+        y = torch.empty_like(recv_x)
+        slot_order = torch.argsort(recv_slot, stable=True)
+        per_slot = torch.bincount(recv_slot, minlength=s).tolist()
+        start = 0
+        for slot, count in enumerate(per_slot):
+            if count:
+                rows = slot_order[start:start + count]
+                y[rows] = self.expert(recv_x[rows], slot)
+                start += count
+        if self.group is None:
+            back = y
+        else:
+            back = x.new_empty(n * k, x.shape[1])
+            dist.all_to_all_single(back, y, splits_in, splits_out, group=self.group)
+        out_flat = torch.empty_like(back)
+        out_flat[order] = back
+        per_choice = out_flat.view(n, k, -1) * weights.unsqueeze(-1)
+        out = per_choice[:, 0]
+        for j in range(1, k):  # fixed order: the result does not depend on the placement's order
+            out = out + per_choice[:, j]
+        return out
+
+
+def logical_weights_of_slots(layer: EPMoE) -> tuple[np.ndarray, np.ndarray]:
+    """The logical experts' original weights for this rank's slots per the current placement:
+    (w13 [S, 2I, H], w2 [S, H, I]) as numpy, for checking moves bit for bit."""
+    s = layer.num_local_slots
+    mine = layer.phy2log[layer.ep_rank * s:(layer.ep_rank + 1) * s].cpu()
+    return layer.logical_w13[mine].numpy(), layer.logical_w2[mine].numpy()

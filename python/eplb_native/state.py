@@ -1,0 +1,132 @@
+"""Placement state: the pure functions that turn a ``phy2log`` into the tensors routing reads.
+
+Glossary (DESIGN.md): a *logical* expert is an expert of the model (E per layer); a *physical*
+expert (slot) is one copy of its weights on one rank (P = E + redundant per layer). Rank r owns
+global slots ``r*S .. r*S+S-1`` (S = P / num_ranks), its *local* slots 0..S-1.
+
+Per layer (these functions work on one layer; stack them for [L, ...]):
+
+- ``phy2log`` [P] int64: logical id held by each slot, e.g. ``[0, 1, 2, 0]`` (E=3, P=4).
+- ``log2phy`` [E, M] int64: slots of each logical expert in increasing order, -1 padded;
+  M = P - E + 1 (the most replicas any expert can have), so the tensor never changes shape.
+  For the example: ``[[0, 3], [1, -1], [2, -1]]``.
+- ``logcnt`` [E] int64: replica count of each logical expert, ``[2, 1, 1]``.
+- ``local_expert_map`` [E] int32 (vLLM's / vllm-ascend's ``expert_map``): the local slot of
+  each logical expert on this rank, -1 if the rank holds none; with several local replicas, the
+  first. For rank 1 of 2 in the example (slots 2, 3): ``[1, -1, 0]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def max_replicas(num_logical: int, num_slots: int) -> int:
+    """M, the column count of ``log2phy``: the most replicas one expert can have."""
+    return num_slots - num_logical + 1
+
+
+def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy2log"
+                     ) -> np.ndarray:
+    """Checks a placement ``[P]`` or ``[L, P]``: ids in [0, E), every expert held at least once
+    per layer, P divisible by num_ranks. Returns it as an int64 numpy array (a copy)."""
+    if isinstance(phy2log, torch.Tensor):
+        phy2log = phy2log.detach().cpu().numpy()
+    a = np.array(phy2log, copy=True)
+    if a.dtype == object or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    rows = a[None] if a.ndim == 1 else a
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [slots] or [layers, slots], got {a.shape}")
+    if rows.shape[1] % num_ranks:
+        raise ValueError(f"{name}: slots ({rows.shape[1]}) must be divisible by num_ranks "
+                         f"({num_ranks})")
+    if rows.shape[1] < num_logical:
+        raise ValueError(f"{name}: slots ({rows.shape[1]}) must be >= logical experts "
+                         f"({num_logical})")
+    if rows.min() < 0 or rows.max() >= num_logical:
+        raise ValueError(f"{name}: expert ids must lie in [0, {num_logical}), got "
+                         f"[{rows.min()}, {rows.max()}]")
+    for layer, row in enumerate(rows):
+        missing = np.setdiff1d(np.arange(num_logical), row)
+        if missing.size:
+            raise ValueError(f"{name}: layer {layer} holds no copy of logical experts "
+                             f"{missing[:8].tolist()}")
+    return a
+
+
+def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``phy2log`` [P] -> (``log2phy`` [E, M] int64, ``logcnt`` [E] int64,
+    ``local_expert_map`` [E] int32) for ``rank``, as new CPU tensors (see the module docstring).
+    """
+    p2l = validate_phy2log(phy2log, num_logical, num_ranks)
+    if p2l.ndim != 1:
+        raise ValueError(f"phy2log must have shape [slots] here, got {p2l.shape}")
+    num_slots = p2l.size
+    per_rank = num_slots // num_ranks
+    m = max_replicas(num_logical, num_slots)
+    log2phy = np.full((num_logical, m), -1, dtype=np.int64)
+    logcnt = np.zeros(num_logical, dtype=np.int64)
+    for slot, e in enumerate(p2l):
+        log2phy[e, logcnt[e]] = slot
+        logcnt[e] += 1
+    local = np.full(num_logical, -1, dtype=np.int32)
+    mine = p2l[rank * per_rank:(rank + 1) * per_rank]
+    for s in range(per_rank - 1, -1, -1):  # backwards so the first local replica wins
+        local[mine[s]] = s
+    return torch.from_numpy(log2phy), torch.from_numpy(logcnt), torch.from_numpy(local)
+
+
+def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0) -> np.ndarray:
+    """vllm-ascend's default placement, ``phy2log`` [P] with P = E + num_redundant.
+
+    Experts are cut into ``num_ranks`` contiguous groups (the first ``E % num_ranks`` groups one
+    longer); redundant copy i goes to the rank ``num_ranks - 1 - (i % num_ranks)`` and holds
+    the expert after the last one that rank holds (mod E). Every rank must end with the same
+    slot count, so ``(E + num_redundant) % num_ranks == 0``.
+    """
+    for key, v, lo in (("num_logical_experts", num_logical, 1), ("num_ranks", num_ranks, 1),
+                       ("num_redundant_experts", num_redundant, 0)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
+            raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
+    if (num_logical + num_redundant) % num_ranks:
+        raise ValueError(f"num_logical_experts + num_redundant_experts ({num_logical} + "
+                         f"{num_redundant}) must be divisible by num_ranks ({num_ranks})")
+    groups = [list(g) for g in np.array_split(np.arange(num_logical), num_ranks)]
+    for i in range(num_redundant):
+        g = groups[num_ranks - 1 - (i % num_ranks)]
+        g.append((g[-1] + 1) % num_logical if g else (i % num_logical))
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"the default placement of {num_logical} experts and {num_redundant} "
+                         f"redundant ones over {num_ranks} ranks is uneven {sorted(sizes)}; "
+                         "give an expert_map_path")
+    return np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
+
+
+def logical_load(slot_load: torch.Tensor, phy2log: torch.Tensor, num_logical: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Folds per-slot load [L, P] into per-logical-expert load [L, E] (adds into ``out`` when
+    given; ``out`` is owned by the caller)."""
+    if out is None:
+        out = torch.zeros(slot_load.shape[0], num_logical, dtype=slot_load.dtype,
+                          device=slot_load.device)
+    out.scatter_add_(1, phy2log, slot_load.to(out.dtype))
+    return out
+
+
+def rank_balancedness(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Balancedness (mean / max rank load) of placements ``phy2log`` [L, P] on logical load
+    [L, E]; a replica carries ``load[e] / logcnt[e]``. 1.0 where a layer has no load."""
+    load = np.asarray(load, dtype=np.float64)
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    num_layers, num_slots = phy2log.shape
+    logcnt = np.stack([np.bincount(r, minlength=load.shape[1]) for r in phy2log])
+    per_slot = np.take_along_axis(load / np.maximum(logcnt, 1), phy2log, axis=1)
+    ranks = per_slot.reshape(num_layers, num_ranks, -1).sum(-1)
+    peak = ranks.max(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(peak > 0, ranks.mean(1) / np.where(peak > 0, peak, 1), 1.0)

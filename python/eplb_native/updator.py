@@ -1,0 +1,478 @@
+"""The updator: records load, plans, moves expert weights and swaps placements while serving.
+
+``updator = eplb_native.attach(model, config, group)`` finds the model's MoE layers through the
+adapter protocol (``eplb_native.adapters``) and runs the cycle of DESIGN.md, one *step* per
+forward of the model (forward hooks), or per ``forward_before()`` / ``forward_end()`` pair when
+the engine owns its loop (``attach(..., hooks=False)``):
+
+1. after each forward, each layer's per-slot load [P] is folded into a per-step logical load
+   (on a side stream ordered after the forward by an event on CUDA / NPU; the next forward waits
+   for the fold, so no count is lost or counted twice) and reset;
+2. every ``expert_heat_collection_interval`` steps the window (last ``window_size`` steps) is
+   all-gathered into a buffer allocated once and submitted to the C++ ``Planner`` (returns at
+   once; the plan is computed on its thread);
+3. ``algorithm_execution_interval`` steps later (waiting then only if the plan is late) the
+   changed layers move, ``layers_per_step`` per step: P2P issued before the forward on a side
+   stream into staging buffers allocated once, waited after it;
+4. a layer switches (weights copied in, then phy2log / log2phy / logcnt / local map) only if
+   every rank finished its part, agreed by one small all-reduce over a CPU group; otherwise
+   (exception, ``transfer_timeout_s``) every rank keeps the old placement for that layer, logs
+   why, and the next cycle plans from the old placement again.
+
+Every rank runs the same steps in the same order, so every decision (when to gather, the plan,
+which layers move) is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import expert_map, metrics, state
+from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
+from .config import EplbConfig
+from .planner import Planner
+from .transfer import LayerMove, layer_schedule
+
+logger = logging.getLogger("eplb_native")
+
+#: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (before
+#: this rank's P2P ops: a returned delay defers them on a thread) and "complete" (after waiting).
+FaultHook = Callable[[int, int, str], "float | None"]
+
+
+def _device_api(device: torch.device):
+    """torch.cuda / torch.npu for a device with streams, None on CPU."""
+    if device.type == "cpu":
+        return None
+    return getattr(torch, device.type, None)
+
+
+class Updator:
+    """Drives the EPLB cycle over ``layers`` (one MoELayerAdapter per MoE layer, model order).
+
+    Attributes:
+        layers: the adapters. config: the EplbConfig. stats: metrics.UpdatorStats history.
+        step: forwards seen. cycle: plans submitted.
+        fault_hook: tests' fault injection (see FaultHook), None normally.
+    """
+
+    def __init__(self, layers: list[MoELayerAdapter], config: EplbConfig, group=None):
+        if not layers:
+            raise ValueError("no MoE layers to balance")
+        first = layers[0]
+        for a in layers[1:]:
+            if (a.num_logical_experts, a.num_slots, a.ep_size, a.ep_rank) != (
+                    first.num_logical_experts, first.num_slots, first.ep_size, first.ep_rank):
+                raise AdapterError(f"MoE layer {a.name!r} has E={a.num_logical_experts}, "
+                                   f"P={a.num_slots}, ep_size={a.ep_size} unlike layer "
+                                   f"{first.name!r} (E={first.num_logical_experts}, "
+                                   f"P={first.num_slots}, ep_size={first.ep_size})")
+        self.layers, self.config = layers, config
+        self.num_layers, self.num_logical = len(layers), first.num_logical_experts
+        self.num_slots, self.num_ranks, self.rank = first.num_slots, first.ep_size, first.ep_rank
+        self.num_local = first.num_local_slots
+        self.device = first.device
+        if config.num_redundant_experts is not None and (
+                config.num_redundant_experts != self.num_slots - self.num_logical):
+            raise ValueError(f"num_redundant_experts ({config.num_redundant_experts}) must equal "
+                             f"the layers' slots - experts ({self.num_slots} - "
+                             f"{self.num_logical})")
+        if self.num_ranks > 1:
+            if group is None:
+                if not dist.is_initialized():
+                    raise ValueError("group is required: the layers span "
+                                     f"{self.num_ranks} ranks but torch.distributed is not "
+                                     "initialized")
+                group = dist.group.WORLD
+            if dist.get_world_size(group) != self.num_ranks or dist.get_rank(group) != self.rank:
+                raise ValueError(f"group has size {dist.get_world_size(group)} / rank "
+                                 f"{dist.get_rank(group)}, the layers ep_size {self.num_ranks}"
+                                 f" / ep_rank {self.rank}")
+            ranks = dist.get_process_group_ranks(group)
+            # Moves get their own communicator so their P2P never interleaves with the model's
+            # collectives; agreement runs on a CPU (gloo) group so it never syncs the device.
+            self._move_group = dist.new_group(ranks)
+            if dist.get_backend(group) == "gloo":
+                self._cpu_group = group
+            else:
+                self._cpu_group = dist.new_group(ranks, backend="gloo")
+        else:
+            self._move_group = self._cpu_group = None
+        self.group = group
+        self.stats = metrics.UpdatorStats()
+        self.fault_hook: FaultHook | None = None
+        self.step = 0
+        self.cycle = 0
+        self._api = _device_api(self.device)
+        self._side = self._api.Stream(device=self.device) if self._api else None
+        self._fold_done = None
+        self._closed = False
+        self._hooks: list = []
+        self._planner = Planner() if config.dynamic_eplb else None
+        self._future = None
+        self._submit_step = 0
+        self._submit_t = 0.0
+        self._plan_s = float("nan")
+        self._queue: list[tuple[int, np.ndarray]] = []  # (layer, new phy2log) still to move
+        self._inflight: list[tuple[int, np.ndarray, LayerMove, int]] = []
+        self._pending: list[LayerMove] = []  # timed-out moves whose ops may still run
+        self._recorded: list[np.ndarray] = []  # gathered windows' logical loads, [L, E] each
+        w = config.window_steps
+        dev = {"device": self.device}
+        # Buffers allocated once: per-step logical load ring, per-window rank tokens, gather.
+        self._ring = torch.zeros(w, self.num_layers, self.num_logical, dtype=torch.int64, **dev)
+        self._rank_tokens = torch.zeros(self.num_layers, self.num_ranks, dtype=torch.int64,
+                                        **dev)
+        width = self.num_layers * (self.num_logical + self.num_ranks)
+        self._send = torch.zeros(width, dtype=torch.int64, **dev)
+        self._gathered = torch.zeros(self.num_ranks * width, dtype=torch.int64, **dev)
+        self._steps_in_window = 0
+        self._staging: list[list[torch.Tensor]] = []
+        if config.dynamic_eplb:
+            self._staging = [[torch.empty_like(t) for t in first.weights]
+                             for _ in range(min(config.layers_per_step, self.num_layers))]
+            for a in layers[1:]:
+                if [(t.shape, t.dtype) for t in a.weights] != [(t.shape, t.dtype)
+                                                                 for t in first.weights]:
+                    raise AdapterError(f"MoE layer {a.name!r}: expert weights differ in shape or "
+                                       f"dtype from layer {first.name!r}")
+        if config.expert_map_path is not None:
+            self._apply_expert_map(config.expert_map_path)
+
+    # ----------------------------------------------------------------------------------------
+    # placement
+
+    def phy2log(self) -> np.ndarray:
+        """The current placement of every layer, [L, P] int64 (a copy)."""
+        return np.stack([a.phy2log.detach().cpu().numpy() for a in self.layers])
+
+    def _apply_expert_map(self, path) -> None:
+        target, ranks = expert_map.load(path)
+        if target.shape != (self.num_layers, self.num_slots) or ranks != self.num_ranks:
+            raise ValueError(f"expert_map_path {os.fspath(path)!r} holds {target.shape[0]} layers x "
+                             f"{target.shape[1]} slots on {ranks} ranks; the model has "
+                             f"{self.num_layers} x {self.num_slots} on {self.num_ranks}")
+        state.validate_phy2log(target, self.num_logical, self.num_ranks, "expert_map_path")
+        staging = self._staging[0] if self._staging else [torch.empty_like(t)
+                                                          for t in self.layers[0].weights]
+        for layer, a in enumerate(self.layers):
+            old = a.phy2log.cpu().numpy()
+            if np.array_equal(old, target[layer]):
+                continue
+            move = LayerMove(a.weights, staging, layer_schedule(old, target[layer],
+                                                                self.num_ranks),
+                             self.rank, self._move_group)
+            move.issue()
+            if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
+                raise RuntimeError(f"moving layer {a.name!r} to the expert map {path} timed out")
+            move.commit()
+            a.set_placement(target[layer])
+        self._sync_device()
+
+    # ----------------------------------------------------------------------------------------
+    # the step
+
+    def forward_before(self) -> None:
+        """Call before each forward of the model (the pre-hook does): makes the forward wait for
+        the last fold, and issues the next layers' moves."""
+        if self._closed:
+            return
+        if self._fold_done is not None:
+            self._api.current_stream(self.device).wait_event(self._fold_done)
+            self._fold_done = None
+        if self._queue and not self._inflight:
+            self._issue_moves()
+
+    def forward_end(self) -> None:
+        """Call after each forward (the hook does): folds the load, finishes in-flight moves,
+        gathers / plans on schedule."""
+        if self._closed:
+            return
+        self.step += 1
+        self._fold()
+        if self._inflight:
+            self._finish_moves()
+        self._steps_in_window += 1
+        if self._steps_in_window >= self.config.expert_heat_collection_interval:
+            self._steps_in_window = 0
+            self._gather_and_plan()
+        if (self._future is not None and
+                self.step - self._submit_step >= self.config.algorithm_execution_interval):
+            self._take_plan()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        ring = self._ring[(self.step - 1) % self._ring.shape[0]]
+        if self._api is not None:
+            produced = self._api.Event()
+            produced.record(self._api.current_stream(self.device))
+            self._side.wait_event(produced)
+            ctx = self._api.stream(self._side)
+        else:
+            ctx = _Null()
+        with ctx:
+            for layer, a in enumerate(self.layers):
+                row = ring[layer]
+                row.zero_()
+                row.scatter_add_(0, a.phy2log, a.load.to(torch.int64))
+                self._rank_tokens[layer] += a.load.view(self.num_ranks, -1).sum(1).to(torch.int64)
+                a.load.zero_()
+        if self._api is not None:
+            self._fold_done = self._api.Event()
+            self._fold_done.record(self._side)
+
+    def _gather_and_plan(self) -> None:
+        """All-gathers the window and submits it to the planner (every rank, same step)."""
+        e, r, n = self.num_logical, self.num_ranks, self.num_layers
+        steps = min(self.step, self._ring.shape[0])
+        ctx = self._api.stream(self._side) if self._api is not None else _Null()
+        with ctx:
+            self._send[:n * e].copy_(self._ring.sum(0).view(-1))
+            self._send[n * e:].copy_(self._rank_tokens.view(-1))
+            self._rank_tokens.zero_()
+            if self.group is not None:
+                _all_gather_into_tensor(self._gathered, self._send, group=self.group)
+                total = self._gathered.view(r, -1).sum(0)
+            else:
+                total = self._send
+            total = total.cpu().numpy()  # waits for the gather (once per window)
+        load = total[:n * e].reshape(n, e)
+        rank_tokens = total[n * e:].reshape(n, r)
+        balancedness = metrics.measured_balancedness(rank_tokens)
+        self.stats.windows.append({"step": self.step, "balancedness": balancedness,
+                                   "tokens": int(rank_tokens.sum()), "steps": steps})
+        self._recorded.append(load.copy())
+        if self.config.log_balancedness and (
+                len(self.stats.windows) % self.config.log_balancedness_interval == 0):
+            metrics.log_window(self.step, balancedness)
+        if self._planner is None or self._future is not None or self._queue or self._inflight:
+            return  # recording only, or the previous cycle is still running
+        self.cycle += 1
+        self._submit_step, self._submit_t = self.step, time.perf_counter()
+        self._future = self._planner.submit(
+            load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
+            num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
+            policy=self.config.policy)
+        self._future.add_done_callback(self._plan_done)
+        if not self.config.use_async:
+            self._future.result()
+
+    def _plan_done(self, _fut) -> None:
+        self._plan_s = time.perf_counter() - self._submit_t
+
+    def _take_plan(self) -> None:
+        fut, self._future = self._future, None
+        try:
+            plan = fut.result()  # blocks only if the plan is late
+        except Exception as e:  # noqa: BLE001  (same on every rank: the input is the same)
+            logger.warning("eplb cycle %d: planning failed, placement unchanged: %s",
+                           self.cycle, e)
+            return
+        self.stats.plans.append({
+            "step": self.step, "cycle": self.cycle,
+            "balancedness_before": plan.balancedness_before,
+            "balancedness_after": plan.balancedness_after,
+            "moved_slots": plan.moved_slots.copy(),
+            "planner_s": self._plan_s,
+        })
+        current = self.phy2log()
+        self._queue = [(layer, plan.phy2log[layer].copy()) for layer in range(self.num_layers)
+                       if not np.array_equal(plan.phy2log[layer], current[layer])]
+        if self.config.log_balancedness:
+            logger.info("eplb cycle %d: plan in sample balancedness before %s after %s; "
+                        "%d layers to move", self.cycle,
+                        metrics.summary(plan.balancedness_before),
+                        metrics.summary(plan.balancedness_after), len(self._queue))
+
+    def _issue_moves(self) -> None:
+        for move in self._pending:
+            move.drain()  # a timed-out move's ops must end before its staging is reused
+        self._pending = []
+        if self._api is not None:
+            self._side.wait_stream(self._api.current_stream(self.device))
+        batch, self._queue = (self._queue[:len(self._staging)],
+                              self._queue[len(self._staging):])
+        for i, (layer, new) in enumerate(batch):
+            a = self.layers[layer]
+            move = LayerMove(a.weights, self._staging[i],
+                             layer_schedule(a.phy2log.cpu().numpy(), new, self.num_ranks),
+                             self.rank, self._move_group, self._side)
+            delay = 0.0
+            try:
+                if self.fault_hook is not None:
+                    delay = float(self.fault_hook(self.cycle, layer, "issue") or 0.0)
+            except Exception as e:  # noqa: BLE001  (reported through the agreement)
+                move.error = e
+            move.issue(delay)
+            self._inflight.append((layer, new, move, self.step))
+
+    def _finish_moves(self) -> None:
+        deadline_base = self.config.transfer_timeout_s
+        ok = []
+        reasons = []
+        for layer, _new, move, _ in self._inflight:
+            reason = ""
+            try:
+                if not move.wait(move.t_issue + deadline_base):
+                    reason = f"transfers not done within transfer_timeout_s={deadline_base}"
+                elif move.error is not None:
+                    reason = f"{type(move.error).__name__}: {move.error}"
+                elif self.fault_hook is not None:
+                    self.fault_hook(self.cycle, layer, "complete")
+            except Exception as e:  # noqa: BLE001  (the layer keeps its placement)
+                reason = f"{type(e).__name__}: {e}"
+            ok.append(0 if reason else 1)
+            reasons.append(reason)
+        flags = torch.tensor(ok, dtype=torch.int32)
+        if self._cpu_group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._cpu_group)
+        if self._api is not None:
+            self._api.current_stream(self.device).wait_stream(self._side)
+        for (layer, new, move, step0), agreed, reason in zip(
+                self._inflight, flags.tolist(), reasons, strict=True):
+            a = self.layers[layer]
+            if agreed:
+                move.commit()
+                a.set_placement(new)
+            else:
+                if not reason:
+                    reason = "another rank failed its transfers"
+                logger.warning("eplb cycle %d: layer %d (%s) keeps its placement: %s",
+                               self.cycle, layer, a.name, reason)
+                self._pending.append(move)
+            self.stats.moves.append({"step": self.step, "cycle": self.cycle, "layer": layer,
+                                     "ok": bool(agreed), "reason": "" if agreed else reason,
+                                     "bytes": move.bytes_received,
+                                     "move_s": time.perf_counter() - move.t_issue,
+                                     "issued_step": step0})
+        self._inflight = []
+
+    def _sync_device(self) -> None:
+        if self._api is not None:
+            self._api.synchronize(self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # lifecycle
+
+    def warm_up(self) -> None:
+        """Opens the P2P connections between every pair of ranks (one small exchange), so the
+        first real move does not pay for it. Collective: every rank calls it."""
+        if self._move_group is None:
+            return
+        x = torch.zeros(1, dtype=torch.int64, device=self.device)
+        out = torch.empty(self.num_ranks, dtype=torch.int64, device=self.device)
+        ops = []
+        for peer in range(self.num_ranks):
+            if peer != self.rank:
+                g = dist.get_global_rank(self._move_group, peer)
+                ops.append(dist.P2POp(dist.isend, x, g, self._move_group))
+                ops.append(dist.P2POp(dist.irecv, out[peer:peer + 1], g, self._move_group))
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        dist.barrier(group=self._cpu_group)
+
+    def attach_hooks(self, model: torch.nn.Module) -> None:
+        """One step per ``model`` forward: forward_before / forward_end as hooks."""
+        self._hooks.append(model.register_forward_pre_hook(lambda *_: self.forward_before()))
+        self._hooks.append(model.register_forward_hook(lambda *_: self.forward_end()))
+
+    def save_trace(self, path, **meta) -> None:
+        """Writes the gathered windows' logical loads [W, L, E] with eplb_native.traces."""
+        from .traces import save_trace
+
+        loads = (np.stack(self._recorded) if self._recorded
+                 else np.zeros((0, self.num_layers, self.num_logical), dtype=np.int64))
+        meta.setdefault("num_ranks", self.num_ranks)
+        meta.setdefault("num_slots", self.num_slots)
+        save_trace(path, loads, **meta)
+
+    def shutdown(self) -> None:
+        """Finishes: drains moves, writes expert_map_record_path (rank 0), removes the hooks,
+        joins the planner. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._inflight:  # a move issued for a forward that never ended: keep the old maps
+            for _, _, move, _ in self._inflight:
+                self._pending.append(move)
+            self._inflight = []
+        for move in self._pending:
+            move.drain()
+        self._pending = []
+        self._queue = []
+        if self._future is not None:
+            self._future.cancel()
+            self._future = None
+        if self._planner is not None:
+            self._planner.close()
+        path = self.config.expert_map_record_path
+        if path is not None and self.rank == 0:
+            expert_map.save(path, self.phy2log(), self.num_ranks)
+
+    def __enter__(self) -> Updator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+# torch >= 2.12 renamed all_gather_into_tensor (same semantics) and warns on the old name.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = True) -> Updator:
+    """Finds ``model``'s MoE layers and returns the :class:`Updator` balancing them.
+
+    Args:
+        model: any torch module; its MoE layers are found through ``eplb_native.adapters``.
+        config: an :class:`EplbConfig`, a dict in vLLM's / vllm-ascend's / our vocabulary (or
+            ``{"eplb_config": {...}}``), a JSON string, or None (defaults).
+        group: the expert-parallel process group (None: the default group when distributed,
+            else a single process). Collective: every rank of the group calls attach.
+        hooks: drive the cycle from ``model``'s forward hooks (one step per forward); False for
+            engines that call ``forward_before()`` / ``forward_end()`` themselves.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    cfg = EplbConfig.parse(config)
+    if group is not None:
+        ep_rank, ep_size = dist.get_rank(group), dist.get_world_size(group)
+    elif dist.is_available() and dist.is_initialized():
+        ep_rank, ep_size = dist.get_rank(), dist.get_world_size()
+    else:
+        ep_rank, ep_size = 0, 1
+    layers = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue  # the experts of a layer already adapted
+        adapter = adapt_module(name or type(model).__name__, module, ep_rank, ep_size)
+        if adapter is not None:
+            layers.append(adapter)
+            inside.append(name)
+    if not layers:
+        raise ValueError(f"model {type(model).__name__} has no MoE layer eplb_native can adapt: "
+                         "none exposes eplb_adapter() or w13_weight / w2_weight (see "
+                         "eplb_native.adapters.base)")
+    updator = Updator(layers, cfg, group)
+    if hooks:
+        updator.attach_hooks(model)
+    return updator
