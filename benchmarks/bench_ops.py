@@ -145,6 +145,33 @@ def bench_gpu(args) -> list[str]:
         res["torch"] = (torch_eager, torch_graph)
         return res
 
+    def host_us(fn, calls=2000):
+        """Host time per call of a launch loop (what bounds eager time at small sizes)."""
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / calls * 1e6
+
+    log2phy, logcnt, table = placement(*SHAPES[0], dev, gen)
+    ids = torch.randint(0, SHAPES[0][0], (1024, K), generator=gen, dtype=torch.int32).to(dev)
+    dst = torch.empty_like(ids)
+    load = torch.zeros(SHAPES[0][1], dtype=torch.int64, device=dev)
+    record = torch.tensor(True, device=dev)
+    host = {
+        "copy_": host_us(lambda: dst.copy_(ids)),
+        "torch.ops map_and_record": host_us(
+            lambda: lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread")),
+        "eplb_native.ops.map_and_record (checked wrapper)": host_us(
+            lambda: ops.map_and_record(ids, log2phy, logcnt, load, record)),
+        "vLLM launcher": host_us(lambda: vllm_fn(ids, log2phy, logcnt, load, record, None)),
+    }
+    for name, us in host.items():
+        print(f"host time per call, 8K ids: {name}: {us:.2f} us", flush=True)
+
     rows = []
     names = ["copy", "eplb", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add"]
     for E, P in SHAPES:
@@ -161,6 +188,8 @@ def bench_gpu(args) -> list[str]:
             "vLLM µs | vLLM/eplb | SGLang µs | SGLang/eplb_rl | torch µs | record_counts µs | "
             "index_add_ µs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines[:0] = [f"Host time per call (8K ids, launch loop): {name} {us:.2f} µs"
+                 for name, us in host.items()] + [""]
     for E, P, n, mode, r in rows:
         lines.append(
             f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
