@@ -19,6 +19,12 @@
 
 namespace eplb_native {
 
+// Numbers in error messages go through std::to_string, never an ostream: the GPU host's gcc 13
+// toolchain (/opt/gcc) links parts of libstdc++ into this library statically, and streaming an
+// integer from here segfaults there (that copy of num_put's locale id is never initialised).
+std::string Num(int64_t v);
+std::string Num(const c10::SymInt& v);
+
 // Replica choice of map_and_record.
 enum class MapMode { kSpread, kRankLocal };
 MapMode ParseMapMode(const std::string& mode);

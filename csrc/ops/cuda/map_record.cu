@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "ops/ops.h"
 
@@ -148,24 +149,23 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   if (p.staged || use_shared) __syncthreads();
 
-  // Logical id e of token t -> physical slot (contract in ops/ops.h).
-  auto map_id = [&](int64_t e, uint32_t t) -> int64_t {
+  // Logical id of token t -> physical slot (contract in ops/ops.h). The range check is one
+  // unsigned compare; staged lookups use 32-bit indices (the staged table is < 48 KiB).
+  const uint32_t cols = static_cast<uint32_t>(p.cols);
+  auto map_id = [&](Id id, uint32_t t) -> int64_t {
     if constexpr (kKind == Kind::kCountOnly) {
-      return e;
+      return static_cast<int64_t>(id);
     } else {
-      if (e < 0 || e >= p.E) return -1;
+      using U = std::make_unsigned_t<Id>;
+      if (static_cast<U>(id) >= static_cast<U>(p.E)) return -1;
+      const uint32_t e = static_cast<uint32_t>(id);
       if constexpr (kKind == Kind::kRankLocal) {
         return p.staged ? s_table[e] : p.table[e];
       } else {
-        uint32_t c;
-        if (p.staged) {
-          c = static_cast<uint32_t>(s_cnt[e]);
-        } else {
-          const int64_t c64 = p.cnt[e];
-          c = static_cast<uint32_t>(c64 < 1 ? 1 : (c64 > p.cols ? p.cols : c64));
-        }
-        const int64_t j = e * p.cols + t % c;
-        return p.staged ? s_table[j] : p.table[j];
+        if (p.staged) return s_table[e * cols + t % static_cast<uint32_t>(s_cnt[e])];
+        const int64_t c64 = p.cnt[e];
+        const uint32_t c = static_cast<uint32_t>(c64 < 1 ? 1 : (c64 > p.cols ? p.cols : c64));
+        return p.table[static_cast<int64_t>(e) * p.cols + t % c];
       }
     }
   };
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       uint32_t pos = i - t * k;
 #pragma unroll
       for (int j = 0; j < W; ++j, ++i) {
-        const int64_t slot = map_id(static_cast<int64_t>(in[j]), t);
+        const int64_t slot = map_id(in[j], t);
         res[j] = static_cast<Id>(slot);
         count(slot, i);
         if (++pos == k) {
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   // Unaligned ids, and the tail of the last block's range.
   for (uint32_t i = vend * W + threadIdx.x; i < end; i += kThreads) {
-    const int64_t slot = map_id(static_cast<int64_t>(ids[i]), i / k);
+    const int64_t slot = map_id(ids[i], i / k);
     if constexpr (kKind != Kind::kCountOnly) out[i] = static_cast<Id>(slot);
     count(slot, i);
   }
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Cached per device: the launch path runs on every forward.
 int64_t MultiprocessorCount(int device) {
   static std::array<std::atomic<int>, 64> cache{};
-  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), "device index ", device);
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), "device index ", Num(device));
   int sms = cache[device].load(std::memory_order_relaxed);
   if (sms == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -252,7 +252,7 @@ template <Kind kKind>
 void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Params p) {
   if (p.n == 0) return;
   TORCH_CHECK_VALUE(p.n < (int64_t{1} << 31) - kThreads * 8 * 4,
-                    "topk_ids must hold < 2^31 ids on CUDA, got ", p.n);
+                    "topk_ids must hold < 2^31 ids on CUDA, got ", Num(p.n));
   const int width = ids.scalar_type() == at::kLong ? 2 : 4;
   p.vectorized = reinterpret_cast<uintptr_t>(ids.data_ptr()) % 16 == 0 &&
                  (out == nullptr || reinterpret_cast<uintptr_t>(out->data_ptr()) % 16 == 0);
