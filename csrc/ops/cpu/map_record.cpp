@@ -108,8 +108,8 @@ at::Tensor map_and_record_cpu(const at::Tensor& topk_ids, const at::Tensor& log2
         // Token t of id i = i / k, stepped instead of divided.
         int64_t t = b / k, j = b % k;
         for (int64_t i = b; i < e; ++i) {
-          const int64_t phy = map(static_cast<int64_t>(in[i]), t);
-          o[i] = static_cast<Id>(phy);
+          const Id phy = static_cast<Id>(map(static_cast<int64_t>(in[i]), t));
+          o[i] = phy;
           if (h != nullptr && i < counted && phy >= 0 && phy < P) ++h[phy];
           if (++j == k) {
             j = 0;

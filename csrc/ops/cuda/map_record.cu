@@ -188,39 +188,47 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (v < vend) x[u] = vin[v];
       }
     }
+    // Map the whole batch first, then count it: the table lookups of all kUnroll * W ids are
+    // independent and overlap, where interleaving them with the histogram atomics (which may
+    // alias shared memory, as far as the compiler knows) would serialise every id.
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const uint32_t v = v0 + u * kThreads;
       if (v >= vend) break;
-      Id in[W];
-      Id res[W];
-      memcpy(in, &x[u], sizeof(VT));
+      Id id[W];
+      memcpy(id, &x[u], sizeof(VT));
       // Token of each id stepped from the vector's first: one division per vector.
-      uint32_t i = v * W;
+      const uint32_t i = v * W;
       uint32_t t = i / k;
       uint32_t pos = i - t * k;
 #pragma unroll
-      for (int j = 0; j < W; ++j, ++i) {
-        const int64_t slot = map_id(in[j], t);
-        res[j] = static_cast<Id>(slot);
-        count(slot, i);
+      for (int j = 0; j < W; ++j) {
+        id[j] = static_cast<Id>(map_id(id[j], t));
         if (++pos == k) {
           pos = 0;
           ++t;
         }
       }
-      if constexpr (kKind != Kind::kCountOnly) {
-        VT y;
-        memcpy(&y, res, sizeof(VT));
-        vout[v] = y;
+      memcpy(&x[u], id, sizeof(VT));
+      if constexpr (kKind != Kind::kCountOnly) vout[v] = x[u];
+    }
+    if (record) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const uint32_t v = v0 + u * kThreads;
+        if (v >= vend) break;
+        Id slot[W];
+        memcpy(slot, &x[u], sizeof(VT));
+#pragma unroll
+        for (int j = 0; j < W; ++j) count(static_cast<int64_t>(slot[j]), v * W + j);
       }
     }
   }
   // Unaligned ids, and the tail of the last block's range.
   for (uint32_t i = vend * W + threadIdx.x; i < end; i += kThreads) {
-    const int64_t slot = map_id(ids[i], i / k);
-    if constexpr (kKind != Kind::kCountOnly) out[i] = static_cast<Id>(slot);
-    count(slot, i);
+    const Id slot = static_cast<Id>(map_id(ids[i], i / k));
+    if constexpr (kKind != Kind::kCountOnly) out[i] = slot;
+    count(static_cast<int64_t>(slot), i);
   }
 
   if (use_shared) {
