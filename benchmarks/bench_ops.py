@@ -9,7 +9,8 @@ measures, in one process, for T*k in {8K, 64K, 256K, 1M} ids (k = 8, int32 ids, 
 and load, uniformly random logical ids, recording on) and (E, P) in {(256, 288), (384, 512)}:
 
 * ``eplb``: torch.ops.eplb_native.map_and_record, mode "spread";
-* ``eplb_rl``: the same op in mode "rank_local" (1-D table);
+* ``eplb_off``: the same with recording switched off (the record flag tensor holds False);
+* ``eplb_rl``: the same op in mode "rank_local" (1-D table), int32 load like SGLang's;
 * ``vllm``: vLLM's fused Triton map+record kernel (anchors.vllm_map_and_record());
 * ``sglang``: SGLang's fused Triton kernel, rank-local table (anchors.sglang_map_and_record());
 * ``torch``: plain torch: gather through log2phy + bincount (eager; bincount reads its
@@ -104,6 +105,7 @@ def bench_gpu(args) -> list[str]:
         dst = torch.empty_like(ids)
         load = torch.zeros(P, dtype=torch.int64, device=dev)
         record = torch.tensor(True, device=dev)
+        record_off = torch.tensor(False, device=dev)
         counts = torch.randint(1, 1000, (P,), generator=gen).to(dev)
         ones = torch.ones(n, dtype=torch.int64, device=dev)
         flat = ids.reshape(-1)
@@ -124,6 +126,8 @@ def bench_gpu(args) -> list[str]:
         fns = {
             "copy": lambda: dst.copy_(ids),
             "eplb": lambda: lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread"),
+            "eplb_off": lambda: lib.map_and_record(ids, log2phy, logcnt, load, record_off, None,
+                                                   "spread"),
             "eplb_rl": lambda: lib.map_and_record(ids, table, table, load32, record, None,
                                                   "rank_local"),
             "vllm": lambda: vllm_fn(ids, log2phy, logcnt, load, record, None),
@@ -173,7 +177,7 @@ def bench_gpu(args) -> list[str]:
         print(f"host time per call, 8K ids: {name}: {us:.2f} us", flush=True)
 
     rows = []
-    names = ["copy", "eplb", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add"]
+    names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add"]
     for E, P in SHAPES:
         log2phy, logcnt, table = placement(E, P, dev, gen)
         for n in SIZES:
@@ -184,7 +188,8 @@ def bench_gpu(args) -> list[str]:
                 print(f"E={E} P={P} n={n:>8} {mode:5} " +
                       " ".join(f"{name}={r[name]:7.2f}" for name in names), flush=True)
 
-    head = ("| E, P | T·k | mode | copy_ µs | eplb µs | eplb/copy | eplb rank_local µs | "
+    head = ("| E, P | T·k | mode | copy_ µs | eplb µs | eplb/copy | eplb, record off µs | "
+            "eplb rank_local µs | "
             "vLLM µs | vLLM/eplb | SGLang µs | SGLang/eplb_rl | torch µs | record_counts µs | "
             "index_add_ µs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -193,7 +198,7 @@ def bench_gpu(args) -> list[str]:
     for E, P, n, mode, r in rows:
         lines.append(
             f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
-            f"{r['eplb'] / r['copy']:.2f}x | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
+            f"{r['eplb'] / r['copy']:.2f}x | {r['eplb_off']:.2f} | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
             f"{r['vllm'] / r['eplb']:.1f}x | {r['sglang']:.2f} | {r['sglang'] / r['eplb_rl']:.1f}x | "
             f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} |")
     return lines
