@@ -92,6 +92,7 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     """The whole test on one rank: rebalancing with equal outputs, then a fault, then the
     expert-map round trip. ``fault``: "raise" or "timeout"."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # ranks share the CI machine's few cores
     device = _setup(rank, world, port, backend)
     group = dist.group.WORLD
     redundant = world  # one extra slot per rank
