@@ -148,8 +148,9 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     before = windows[0]["balancedness"].mean()
     after = np.mean([w["balancedness"].mean() for w in windows[-2:]])
     assert after >= 1.5 * before, (before, after)
-    assert all(p["balancedness_after"].mean() >= p["balancedness_before"].mean() - 1e-9
-               for p in updator.stats.plans[1:])
+    for p in updator.stats.plans:  # only layers the plan balances better move
+        assert all(p["balancedness_after"][i] > p["balancedness_before"][i]
+                   for i in p["layers_to_move"])
     final = updator.phy2log()
     updator.shutdown()
     updator.shutdown()  # idempotent

@@ -283,13 +283,33 @@ class Updator:
             "planner_s": self._plan_s,
         })
         current = self.phy2log()
+        before, after = plan.balancedness_before, plan.balancedness_after
+        # A layer moves only if the plan balances its window better than the current placement
+        # does: moving costs bandwidth and gains nothing otherwise.
         self._queue = [(layer, plan.phy2log[layer].copy()) for layer in range(self.num_layers)
-                       if not np.array_equal(plan.phy2log[layer], current[layer])]
+                       if not np.array_equal(plan.phy2log[layer], current[layer])
+                       and not after[layer] <= before[layer] + 1e-9]
+        self.stats.plans[-1]["layers_to_move"] = [layer for layer, _ in self._queue]
         if self.config.log_balancedness:
             logger.info("eplb cycle %d: plan in sample balancedness before %s after %s; "
                         "%d layers to move", self.cycle,
                         metrics.summary(plan.balancedness_before),
                         metrics.summary(plan.balancedness_after), len(self._queue))
+
+    def move_to(self, phy2log) -> int:
+        """Queues a move of every layer to ``phy2log`` [L, P] (e.g. a placement planned
+        elsewhere); the layers move at the next steps exactly like a plan's. Collective in effect:
+        every rank must queue the same placement at the same step. Returns the layers queued."""
+        target = state.validate_phy2log(phy2log, self.num_logical, self.num_ranks)
+        if target.shape != (self.num_layers, self.num_slots):
+            raise ValueError(f"phy2log must have shape [{self.num_layers}, {self.num_slots}], "
+                             f"got {list(target.shape)}")
+        if self._queue or self._inflight or self._future is not None:
+            raise RuntimeError("a move or plan is in progress; call move_to between cycles")
+        current = self.phy2log()
+        self._queue = [(layer, target[layer].copy()) for layer in range(self.num_layers)
+                       if not np.array_equal(target[layer], current[layer])]
+        return len(self._queue)
 
     def _issue_moves(self) -> None:
         for move in self._pending:
