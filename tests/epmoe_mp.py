@@ -7,8 +7,9 @@ import datetime
 
 import torch
 import torch.distributed as dist
-from eplb_native.nn import EPMoE
 from reference.updator import dense_moe
+
+from eplb_native.nn import EPMoE
 
 
 def check_ep(rank, world, port, placements):

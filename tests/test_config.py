@@ -6,9 +6,10 @@ import dataclasses
 import json
 
 import pytest
-from eplb_native import EplbConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from eplb_native import EplbConfig
 
 
 def test_vllm_ascend_vocabulary_and_wrapper(tmp_path):

@@ -7,8 +7,9 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from eplb_native.nn import EPMoE
 from reference.updator import dense_moe
+
+from eplb_native.nn import EPMoE
 
 
 @pytest.mark.parametrize("phy2log", [None, [5, 4, 3, 2, 1, 0, 0, 5], [0, 0, 0, 1, 2, 3, 4, 5]])

@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime
 import os
 
-import eplb_native
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import eplb_native
 from eplb_native import expert_map
 from eplb_native.nn import EPMoE, logical_weights_of_slots
 
