@@ -171,7 +171,8 @@ class Updator:
                 continue
             move = LayerMove(a.weights, staging, layer_schedule(old, target[layer],
                                                                 self.num_ranks),
-                             self.rank, self._move_group)
+                             self.rank, self._move_group,
+                             self._api.current_stream(self.device) if self._api else None)
             move.issue()
             if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
                 raise RuntimeError(f"moving layer {a.name!r} to the expert map {path} timed out")
