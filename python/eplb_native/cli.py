@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -497,6 +498,10 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
     from eplb_native.nn import EPMoE
 
     torch.set_num_threads(1)  # ranks share the host's cores
+    # torch 2.13 deprecates all_gather_into_tensor (used by the updator) with a FutureWarning per
+    # rank; it says nothing about the demo
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated",
+                            category=FutureWarning)
     backend = _demo_backend(args.device)
     if args.device == "cuda":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -521,8 +526,9 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
             for i in range(args.layers)])
 
     def forward(layers, x):
+        # pre-norm residual blocks, so activations stay O(1) over many layers
         for layer in layers:
-            x = x + layer(x)
+            x = x + layer(torch.nn.functional.rms_norm(x, (x.shape[-1],)))
         return x
 
     model, reference = stack(), stack()
@@ -563,7 +569,7 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
         updator.forward_end()
         if not torch.equal(y, y_ref):
             bitwise = False
-            max_diff = max(max_diff, float((y - y_ref).abs().max()))
+            max_diff = max(max_diff, float(((y - y_ref).abs() / (1 + y_ref.abs())).max()))
             close = close and bool(torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5))
         if show and (tty or (step + 1) % args.interval == 0 or step + 1 == args.steps):
             done = (step + 1) / args.steps
@@ -631,7 +637,7 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
             "balancedness_per_step_eplb_off": per_step["off"].tolist(),
             "rebalances": rebalances, "failed_layer_moves": int(failed),
             "outputs_bitwise_identical": not bool(flags[0]),
-            "outputs_close": not bool(flags[1]), "max_abs_diff": float(diff),
+            "outputs_close": not bool(flags[1]), "max_rel_diff": float(diff),
         }
         with open(result_path, "w") as f:
             json.dump(result, f)
@@ -730,8 +736,9 @@ def cmd_demo(args) -> int:
         print(f"layer moves that failed and kept the old placement: "
               f"{result['failed_layer_moves']}")
     verdict = ("yes (bitwise)" if identical else
-               f"yes within float rounding (max |diff| {result['max_abs_diff']:.2e})"
-               if result["outputs_close"] else f"NO (max |diff| {result['max_abs_diff']:.2e})")
+               f"yes within float rounding (max |diff| / (1 + |y|) = {result['max_rel_diff']:.1e})"
+               if result["outputs_close"] else
+               f"NO (max |diff| / (1 + |y|) = {result['max_rel_diff']:.1e})")
     print(f"outputs identical to EPLB-off: {verdict}")
     print(f"time: {result['elapsed_s']:.1f} s of steps, {wall:.1f} s with start-up")
     if args.png:
@@ -852,8 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int_arg, default=60, help="forward steps (default 60)")
     p.add_argument("--interval", type=_int_arg, default=10,
                    help="steps per load window / between plans (default 10)")
-    p.add_argument("--layers-per-step", type=_int_arg, default=2,
-                   help="layers moved per step (default 2)")
+    p.add_argument("--layers-per-step", type=_int_arg, default=1,
+                   help="layers moved per step (default 1)")
     p.add_argument("--tokens", type=_int_arg, default=64, help="tokens per rank per step")
     p.add_argument("--hidden", type=_int_arg, default=64, help="hidden = expert width")
     p.add_argument("--skew", type=_float_arg, default=2.0,
