@@ -7,9 +7,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from eplb_native.traces import MODEL_SHAPES, ModelShape, load_trace, save_trace, synth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from eplb_native.traces import MODEL_SHAPES, ModelShape, load_trace, save_trace, synth
 
 
 def test_model_shapes_are_public_facts():
