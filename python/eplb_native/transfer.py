@@ -94,7 +94,7 @@ class LayerMove:
         self.error: BaseException | None = None
         self.bytes_received = 0
         self._timer: threading.Thread | None = None
-        self._issued = threading.Event()
+        self._done = threading.Event()  # CPU: ops issued and waited; device: ops issued
         self.t_issue = 0.0
 
     def _ops(self):
@@ -122,13 +122,19 @@ class LayerMove:
                         self.works = dist.batch_isend_irecv(ops)
                 else:
                     self.works = dist.batch_isend_irecv(ops)
+            if self.stream is None:
+                # gloo's P2P works only learn they completed inside wait(): wait on a thread so
+                # the caller can wait with a deadline (device works answer is_completed()).
+                for w in self.works:
+                    w.wait()
         except BaseException as e:  # noqa: BLE001  (reported through the agreement)
             self.error = e
         finally:
-            self._issued.set()
+            self._done.set()
 
     def issue(self, delay_s: float = 0.0) -> None:
-        """Local copies now; P2P ops now, or ``delay_s`` later on a thread (fault injection)."""
+        """Local copies now; P2P ops now (device) or on a thread (CPU), ``delay_s`` later
+        (fault injection)."""
         self.t_issue = time.perf_counter()
         ctx = _stream_ctx(self.stream)
         with ctx:
@@ -137,9 +143,12 @@ class LayerMove:
                     for w, t in zip(self.weights, self.staging, strict=True):
                         t[f.dst_slot].copy_(w[f.src_slot], non_blocking=True)
         ops = self._ops()
-        if delay_s > 0:
-            self._timer = threading.Thread(target=lambda: (time.sleep(delay_s),
-                                                           self._issue_now(ops)), daemon=True)
+        if delay_s > 0 or (self.stream is None and ops):
+            def run():
+                time.sleep(delay_s)
+                self._issue_now(ops)
+
+            self._timer = threading.Thread(target=run, daemon=True, name="eplb-move")
             self._timer.start()
         else:
             self._issue_now(ops)
@@ -149,14 +158,18 @@ class LayerMove:
         completed, False on timeout (the ops stay pending: :meth:`drain` before reusing the
         staging buffers)."""
         remaining = max(0.0, deadline - time.perf_counter())
-        if not self._issued.wait(remaining):
+        if not self._done.wait(remaining):
             return False
-        while not all(w.is_completed() for w in self.works):
-            if time.perf_counter() >= deadline:
-                return False
-            time.sleep(0.0002)
-        for w in self.works:
-            w.wait()  # raises if the op failed; orders the device stream after it
+        if self.error is not None:
+            raise self.error
+        if self.stream is not None:
+            while not all(w.is_completed() for w in self.works):
+                if time.perf_counter() >= deadline:
+                    return False
+                time.sleep(0.0002)
+            for w in self.works:
+                w.wait()  # raises if the op failed; orders the device stream after it
+        self.works = []  # finished: nothing left to drain
         with _stream_ctx(self.stream):
             for f in self.fills:
                 if f.kind == "dup" and f.dst_rank == self.rank:
@@ -168,6 +181,8 @@ class LayerMove:
         """Blocks until every op this move issued finished (after a timeout or failure)."""
         if self._timer is not None:
             self._timer.join()
+            if self.stream is None:
+                self.works = []  # on CPU the thread waited for the ops itself
         for w in self.works:
             try:
                 w.wait()

@@ -238,7 +238,7 @@ class Updator:
             self._send[n * e:].copy_(self._rank_tokens.view(-1))
             self._rank_tokens.zero_()
             if self.group is not None:
-                dist.all_gather_into_tensor(self._gathered, self._send, group=self.group)
+                _all_gather_into_tensor(self._gathered, self._send, group=self.group)
                 total = self._gathered.view(r, -1).sum(0)
             else:
                 total = self._send
@@ -335,8 +335,8 @@ class Updator:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._cpu_group)
         if self._api is not None:
             self._api.current_stream(self.device).wait_stream(self._side)
-        for (layer, new, move, step0), mine, agreed, reason in zip(
-                self._inflight, ok, flags.tolist(), reasons, strict=True):
+        for (layer, new, move, step0), agreed, reason in zip(
+                self._inflight, flags.tolist(), reasons, strict=True):
             a = self.layers[layer]
             if agreed:
                 move.commit()
@@ -346,8 +346,7 @@ class Updator:
                     reason = "another rank failed its transfers"
                 logger.warning("eplb cycle %d: layer %d (%s) keeps its placement: %s",
                                self.cycle, layer, a.name, reason)
-                if not mine or move.works:
-                    self._pending.append(move)
+                self._pending.append(move)
             self.stats.moves.append({"step": self.step, "cycle": self.cycle, "layer": layer,
                                      "ok": bool(agreed), "reason": "" if agreed else reason,
                                      "bytes": move.bytes_received,
@@ -425,6 +424,10 @@ class Updator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+# torch >= 2.12 renamed all_gather_into_tensor (same semantics) and warns on the old name.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _Null:

@@ -1,0 +1,176 @@
+"""The updator end to end: multi-process (gloo on CPU; NCCL on GPUs with EPLB_TEST_BACKEND=nccl)
+and single-process checks. Scenarios live in tests/updator_mp.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import eplb_native
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from eplb_native import expert_map, state
+from eplb_native.adapters import AdapterError
+from eplb_native.nn import EPMoE, logical_weights_of_slots
+from eplb_native.transfer import layer_schedule
+
+BACKEND = os.environ.get("EPLB_TEST_BACKEND", "gloo")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world,fault", [(2, "raise"), (4, "timeout")])
+def test_multiprocess_rebalance(world, fault, tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.scenario, args=(world, _free_port(), BACKEND, str(tmp_path), fault),
+             nprocs=world, join=True)
+
+
+def test_schedule_properties():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        ranks, e = int(rng.integers(1, 5)), int(rng.integers(2, 10))
+        p = ranks * int(rng.integers(-(-e // ranks), -(-e // ranks) + 3))
+        old = np.concatenate([rng.permutation(e), rng.integers(0, e, p - e)])
+        new = np.concatenate([rng.permutation(e), rng.integers(0, e, p - e)])
+        fills = layer_schedule(old, new, ranks)
+        s = p // ranks
+        got = old.copy()
+        staged = {}
+        for f in fills:
+            if f.kind == "local":
+                assert old[f.dst_rank * s + f.src_slot] == f.logical
+            elif f.kind == "p2p":
+                assert old[f.src_rank * s + f.src_slot] == f.logical
+                assert f.logical not in old[f.dst_rank * s:(f.dst_rank + 1) * s]
+            else:
+                assert staged[(f.dst_rank, f.src_slot)] == f.logical
+            staged[(f.dst_rank, f.dst_slot)] = f.logical
+            got[f.dst_rank * s + f.dst_slot] = f.logical
+        assert np.array_equal(got, new)
+        p2p = [(f.dst_rank, f.logical) for f in fills if f.kind == "p2p"]
+        assert len(p2p) == len(set(p2p)), "an expert sent twice to one rank"
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, n, **kw):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([EPMoE(8, 6, 8, 2, seed=i, **kw) for i in range(n)])
+        for layer in self.layers:
+            layer.gate_bias[:2] = 3.0
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_single_process_equal_outputs_and_explicit_steps(tmp_path):
+    model, reference = Stack(3, num_redundant_experts=4), Stack(3, num_redundant_experts=4)
+    up = eplb_native.attach(model, {"step_interval": 2, "algorithm_execution_interval": 0,
+                                    "layers_per_step": 2, "policy": "default"}, hooks=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        x = torch.randn(10, 8, generator=g)
+        up.forward_before()
+        y = model(x)
+        up.forward_end()
+        torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+        for layer in model.layers:
+            w13, w2 = logical_weights_of_slots(layer)
+            assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
+    assert up.step == 12 and up.cycle >= 3 and up.stats.moves
+    assert all(m["ok"] for m in up.stats.moves)
+    # the hot experts got replicas
+    assert (up.phy2log() == 0).sum(1).min() >= 2
+    up.shutdown()
+    up.shutdown()
+
+
+def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
+    # a map written by hand in vllm-ascend's format (1 rank, 2 layers, 10 slots)
+    layers = [[7, 6, 5, 4, 3, 2, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 2, 2]]
+    doc = {"moe_layer_count": 2, "layer_list": [
+        {"layer_id": i, "device_count": 1,
+         "device_list": [{"device_id": 0, "device_expert": row}]} for i, row in enumerate(layers)]}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(doc))
+    record = tmp_path / "record.json"
+    model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"expert_map_path": str(path), "dynamic_eplb": False,
+                                    "expert_map_record_path": str(record)})
+    assert np.array_equal(up.phy2log(), np.array(layers))
+    for layer in model.layers:
+        w13, _ = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.numpy())
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    up.shutdown()
+    assert json.loads(record.read_text()) == doc
+    assert np.array_equal(expert_map.load(record)[0], np.array(layers))
+
+
+def test_attach_errors():
+    with pytest.raises(ValueError, match="no MoE layer"):
+        eplb_native.attach(torch.nn.Linear(3, 3))
+
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w13_weight = torch.nn.Parameter(torch.zeros(4, 6, 3))
+            self.w2_weight = torch.nn.Parameter(torch.zeros(3, 3, 3))
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Bad())
+    with pytest.raises(AdapterError, match="'1'"):
+        eplb_native.attach(model)
+    with pytest.raises(ValueError, match="num_redundant_experts"):
+        eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_redundant_experts": 3})
+    with pytest.raises(TypeError, match="model"):
+        eplb_native.attach("model")
+
+
+def test_fused_layout_adapter():
+    class Fused(torch.nn.Module):
+        """vLLM FusedMoE-like: stacked w13/w2, a scale, an expert map (rank 0 of 1)."""
+
+        def __init__(self):
+            super().__init__()
+            self.w13_weight = torch.nn.Parameter(torch.randn(6, 4, 3))
+            self.w2_weight = torch.nn.Parameter(torch.randn(6, 3, 2))
+            self.w13_weight_scale = torch.nn.Parameter(torch.randn(6, 4))
+            self.register_buffer("expert_map", torch.arange(6, dtype=torch.int32))
+            self.global_num_experts = 6
+
+    model = torch.nn.Sequential(Fused(), Fused())
+    up = eplb_native.attach(model, {"dynamic_eplb": True})
+    assert [a.name for a in up.layers] == ["0", "1"]
+    a = up.layers[0]
+    assert len(a.weights) == 3 and a.local_expert_map is model[0].expert_map
+    before = [t.clone() for t in a.weights]
+    new = np.array([5, 4, 3, 2, 1, 0])
+    a.set_placement(new)
+    assert torch.equal(model[0].expert_map, torch.tensor([5, 4, 3, 2, 1, 0], dtype=torch.int32))
+    assert torch.equal(model[0].eplb_logcnt, torch.ones(6, dtype=torch.int64))
+    assert all(torch.equal(x, y) for x, y in zip(before, a.weights, strict=True))
+    up.shutdown()
+
+
+def test_placement_tensors_and_default_spread():
+    log2phy, logcnt, local = state.placement_tensors([0, 1, 2, 0], 3, 2, 1)
+    assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]
+    assert logcnt.tolist() == [2, 1, 1] and local.tolist() == [1, -1, 0]
+    assert state.default_placement(8, 2, 2).tolist() == [0, 1, 2, 3, 4, 4, 5, 6, 7, 0]
+    with pytest.raises(ValueError, match="num_ranks"):
+        state.default_placement(7, 2, 0)
+    with pytest.raises(ValueError, match="holds no copy"):
+        state.validate_phy2log([0, 0, 1, 1], 3, 2)

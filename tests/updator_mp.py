@@ -1,0 +1,169 @@
+"""Multi-process scenarios of the updator (spawned by tests/test_updator.py, one process per rank;
+also run on GPUs with ``backend="nccl"``). Every check is an assert inside the rank; a failing
+rank fails the spawn with its traceback.
+
+The model: ``NUM_LAYERS`` EPMoE layers in a residual stack, gate biased so experts 0 and 1 are
+hot. The same model with EPLB off runs beside it on the same inputs; outputs must match at
+every step, every slot's weights must equal its logical expert's original weights bit for bit,
+and every rank must hold the same maps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import eplb_native
+import numpy as np
+import torch
+import torch.distributed as dist
+from eplb_native import expert_map
+from eplb_native.nn import EPMoE, logical_weights_of_slots
+
+NUM_LAYERS = 3
+HIDDEN, INTER, EXPERTS, TOP_K = 16, 8, 8, 2
+TOKENS = 24
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, group, redundant, device):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([
+            EPMoE(HIDDEN, INTER, EXPERTS, TOP_K, group=group, num_redundant_experts=redundant,
+                  seed=100 + i, device=device) for i in range(NUM_LAYERS)])
+        for layer in self.layers:
+            layer.gate_bias[1:3] = 2.5  # experts 1 and 2 hot (both on rank 0 at first)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _inputs(step, rank, device):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(TOKENS, HIDDEN, generator=g).to(device)
+
+
+def _check_slots(model):
+    for layer in model.layers:
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.cpu().numpy()), "w13 differs from the logical expert"
+        assert np.array_equal(w2, layer.w2.cpu().numpy()), "w2 differs from the logical expert"
+
+
+def _check_same_maps(updator, group):
+    mine = torch.from_numpy(updator.phy2log())
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    for other in everyone:
+        assert torch.equal(other, mine), "ranks disagree on the placement"
+    for layer in updator.layers:
+        # the derived tensors follow phy2log
+        log2phy, logcnt, local = eplb_native.state.placement_tensors(
+            layer.phy2log.cpu(), layer.num_logical_experts, layer.ep_size, layer.ep_rank)
+        assert torch.equal(layer.log2phy.cpu(), log2phy)
+        assert torch.equal(layer.logcnt.cpu(), logcnt)
+        assert torch.equal(layer.local_expert_map.cpu(), local)
+
+
+def _run(model, reference, updator, steps, rank, device, first_step=0, on_step=None):
+    for step in range(first_step, first_step + steps):
+        x = _inputs(step, rank, device)
+        y = model(x)
+        y_ref = reference(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        _check_slots(model)
+        if on_step is not None:
+            on_step(step)
+
+
+def _setup(rank, world, port, backend):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def scenario(rank, world, port, backend, tmpdir, fault):
+    """The whole test on one rank: rebalancing with equal outputs, then a fault, then the
+    expert-map round trip. ``fault``: "raise" or "timeout"."""
+    torch.manual_seed(0)
+    device = _setup(rank, world, port, backend)
+    group = dist.group.WORLD
+    redundant = world  # one extra slot per rank
+    model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
+    record = os.path.join(tmpdir, "record.json")
+    config = {"eplb_config": {
+        "dynamic_eplb": True, "expert_heat_collection_interval": 4,
+        "algorithm_execution_interval": 1, "num_redundant_experts": redundant,
+        "expert_map_record_path": record, "policy": "balanced", "transfer_timeout_s": 0.5}}
+    updator = eplb_native.attach(model, config, group)
+    updator.warm_up()
+
+    # the first move of layer 1 fails; the next cycle must move it
+    fault_cycle, fault_layer, fault_rank = 1, 1, world - 1
+    default = eplb_native.state.default_placement(EXPERTS, world, redundant)
+    injected = []
+
+    def hook(cycle, layer, phase):
+        if (cycle, layer, rank) != (fault_cycle, fault_layer, fault_rank):
+            return None
+        if fault == "raise" and phase == "complete":
+            injected.append(phase)
+            raise RuntimeError("injected transfer failure")
+        if fault == "timeout" and phase == "issue":
+            injected.append(phase)
+            return 1.5  # seconds; transfer_timeout_s is 0.5
+        return None
+
+    updator.fault_hook = hook
+    def on_step(step):
+        _check_same_maps(updator, group)
+        moves = updator.stats.moves
+        if moves and not moves[-1]["ok"] and moves[-1]["step"] == updator.step:
+            # the failed layer kept its old placement on every rank
+            assert np.array_equal(updator.phy2log()[fault_layer], default)
+
+    _run(model, reference, updator, 24, rank, device, on_step=on_step)
+
+    moves = updator.stats.moves
+    assert updator.cycle >= 4, f"expected several cycles, got {updator.cycle}"
+    failed = [m for m in moves if not m["ok"]]
+    assert [(m["cycle"], m["layer"]) for m in failed] == [(fault_cycle, fault_layer)], failed
+    if rank == fault_rank:
+        assert injected, "the fault was never injected"
+        expect = "injected transfer failure" if fault == "raise" else "transfer_timeout_s"
+        assert expect in failed[0]["reason"], failed[0]["reason"]
+    else:
+        assert failed[0]["reason"], "a kept layer must say why"
+    # the layer that failed moved in a later cycle
+    assert any(m["ok"] and m["layer"] == fault_layer and m["cycle"] > fault_cycle
+               for m in moves), moves
+    windows = updator.stats.windows
+    before = windows[0]["balancedness"].mean()
+    after = np.mean([w["balancedness"].mean() for w in windows[-2:]])
+    assert after >= 1.5 * before, (before, after)
+    assert all(p["balancedness_after"].mean() >= p["balancedness_before"].mean() - 1e-9
+               for p in updator.stats.plans[1:])
+    final = updator.phy2log()
+    updator.shutdown()
+    updator.shutdown()  # idempotent
+    dist.barrier()
+
+    # expert_map_record_path was written by rank 0, in vllm-ascend's format
+    recorded, ranks = expert_map.load(record)
+    assert ranks == world and np.array_equal(recorded, final)
+
+    # a fresh model started from that map: weights are moved into place at attach
+    fresh, reference2 = Stack(group, redundant, device), Stack(group, redundant, device)
+    up2 = eplb_native.attach(fresh, {"expert_map_path": record, "dynamic_eplb": False}, group)
+    assert np.array_equal(up2.phy2log(), final)
+    _check_same_maps(up2, group)
+    _run(fresh, reference2, up2, 3, rank, device, first_step=100)
+    up2.shutdown()
+    dist.barrier()
+    dist.destroy_process_group()
