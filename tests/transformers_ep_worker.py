@@ -24,8 +24,12 @@ import torch.distributed as dist
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 NUM_RANKS = 2
 EXPERTS, REDUNDANT, TOP_K, HIDDEN, LAYERS = 8, 2, 2, 64, 2
-HOT = (0, 1, 2)  # all on rank 0 in the loaded layout (rank 0 holds experts 0..3)
-STEPS, INTERVAL = 9, 2
+# Two phases of traffic, each with its own hot experts, so the updator rebalances more than once:
+# tokens < VOCAB / 2 carry direction u_a (hot: experts 0, 1, 2, loaded on rank 0), tokens
+# >= VOCAB / 2 carry u_b (hot: experts 5, 6, 7, loaded on rank 1).
+HOT = ((0, 1, 2), (5, 6, 7))
+BIAS = (0.08, 0.05, 0.03)  # router-row bias of the hottest .. least hot expert of a phase
+STEPS, INTERVAL = 12, 2  # steps 0..5 phase a, 6..11 phase b
 BATCH, SEQ, VOCAB = 2, 12, 128
 
 
@@ -70,33 +74,49 @@ def build_checkpoint(family: str, path: str) -> None:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float32)
-    u = torch.nn.functional.normalize(torch.randn(HIDDEN), dim=0)
-    model.get_input_embeddings().weight.add_(0.5 * u)
-    for name, module in model.named_modules():
-        if hasattr(module, "experts"):
-            w = router_of(module).weight
-            for rank, e in enumerate(HOT):
-                w[e].add_((0.5 - 0.1 * rank) * u)
+    embed = model.get_input_embeddings().weight
+    for phase, hot in enumerate(HOT):
+        u = torch.nn.functional.normalize(torch.randn(HIDDEN), dim=0)
+        half = VOCAB // 2
+        embed[phase * half:(phase + 1) * half].add_(0.3 * u)
+        for module in model.modules():
+            if hasattr(module, "experts"):
+                for e, bias in zip(hot, BIAS, strict=True):
+                    router_of(module).weight[e].add_(bias * u)
     model.save_pretrained(path)
 
 
 def _inputs(step: int) -> torch.Tensor:
     # the same tokens on every rank: with tp_size == ep_size the ranks share the batch
     g = torch.Generator().manual_seed(7 + step)
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    phase = 0 if step < STEPS // 2 else 1
+    half = VOCAB // 2
+    return torch.randint(phase * half, (phase + 1) * half, (BATCH, SEQ), generator=g)
 
 
-def _global_shape_params(experts):
-    return [(n, p) for n, p in experts.named_parameters(recurse=False) if p.dim() >= 1]
+def mismatched_slots(layers, ref, rank: int) -> list[tuple[str, str, int, int]]:
+    """(layer, parameter, local slot, logical expert) of every local slot whose rows differ
+    (bit for bit) from the reference model's logical expert."""
+    ref_blocks = [m for m in ref.modules() if hasattr(m, "experts")]
+    out = []
+    for layer, ref_block in zip(layers, ref_blocks, strict=True):
+        phy2log = layer.experts.eplb_phy2log
+        slots = layer.experts.num_experts
+        for pname, p in layer.experts.named_parameters(recurse=False):
+            full, local = getattr(ref_block.experts, pname), p.to_local()
+            for slot in range(slots):
+                e = int(phy2log[rank * slots + slot])
+                if not torch.equal(local[slot], full[e]):
+                    out.append((layer.name, pname, slot, e))
+    return out
 
 
 @torch.no_grad()
 def run_family(family: str, path: str, rank: int) -> dict:
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
     import eplb_native
     from eplb_native.integrations import transformers as eplb_tf
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
@@ -118,10 +138,11 @@ def run_family(family: str, path: str, rank: int) -> dict:
 
     config = eplb_native.EplbConfig(num_redundant_experts=REDUNDANT,
                                     expert_heat_collection_interval=INTERVAL,
-                                    algorithm_execution_interval=1, layers_per_step=LAYERS,
+                                    algorithm_execution_interval=0, layers_per_step=1,
                                     use_async=False, policy="balanced")
     updator = eplb_tf.attach(model, config)
     out = {"slots_before": before_slots, "slots_after": layers[0].experts.num_experts,
+           "mismatched_initial": mismatched_slots(layers, ref, rank),
            "logits": [], "ref_logits": [], "load": [], "router_count": [], "phy2log": []}
     try:
         for step in range(STEPS):
@@ -137,20 +158,7 @@ def run_family(family: str, path: str, rank: int) -> dict:
             out["router_count"].append(torch.stack(
                 [torch.bincount(ids_.reshape(-1), minlength=EXPERTS) for ids_ in routed[-1]]))
             out["phy2log"].append(torch.from_numpy(updator.phy2log()))
-        # every slot against the reference's logical expert, every stacked parameter
-        mismatched = []
-        ref_experts = [m for n, m in ref.named_modules() if hasattr(m, "experts")]
-        for lay, ref_block in zip(layers, ref_experts, strict=True):
-            phy2log = lay.experts.eplb_phy2log
-            s = lay.experts.num_experts
-            for pname, p in _global_shape_params(lay.experts):
-                full = getattr(ref_block.experts, pname)
-                local = p.to_local()
-                for slot in range(s):
-                    e = int(phy2log[rank * s + slot])
-                    if not torch.equal(local[slot], full[e]):
-                        mismatched.append((lay.name, pname, slot, e))
-        out["mismatched_slots"] = mismatched
+        out["mismatched_slots"] = mismatched_slots(layers, ref, rank)
         out["maps"] = [(lay.experts.eplb_phy2log.clone(), lay.experts.eplb_log2phy.clone(),
                         lay.experts.eplb_logcnt.clone()) for lay in layers]
         out["windows"] = [w["balancedness"].copy() for w in updator.stats.windows]
@@ -159,6 +167,60 @@ def run_family(family: str, path: str, rank: int) -> dict:
         out["moves_ok"] = [m["ok"] for m in updator.stats.moves]
     finally:
         updator.shutdown()
+    return out
+
+
+#: A vllm-ascend expert map for the qwen3_moe checkpoint: 6 slots per rank, ranks holding
+#: experts the loaded layout put on the other rank, and replicas.
+EXPERT_MAP_SLOTS = (((7, 6, 5, 4, 0, 1), (3, 2, 1, 0, 5, 4)),   # layer 0: rank 0, rank 1
+                    ((6, 5, 4, 0, 1, 7), (4, 5, 0, 1, 2, 3)))   # layer 1
+EXPERT_MAP = {"moe_layer_count": LAYERS, "layer_list": [
+    {"layer_id": layer, "device_count": NUM_RANKS,
+     "device_list": [{"device_id": r, "device_expert": list(EXPERT_MAP_SLOTS[layer][r])}
+                     for r in range(NUM_RANKS)]}
+    for layer in range(LAYERS)]}
+
+
+@torch.no_grad()
+def run_prepare_checks(path: str, rank: int) -> dict:
+    """prepare() alone (no updator) on the qwen3_moe checkpoint: refused inputs leave the model
+    untouched; an expert map places every slot; outputs stay those of the reference."""
+    from eplb_native.integrations import transformers as eplb_tf
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32,
+        distributed_config=DistributedConfig(tp_size=NUM_RANKS, ep_size=NUM_RANKS,
+                                             tp_plan="auto"))
+    out = {"errors": {}}
+    bad = {"uneven_slots": dict(num_redundant_experts=1),
+           "negative_redundant": dict(num_redundant_experts=-1),
+           "map_layers": dict(expert_map=[[0, 1, 2, 3, 4, 5, 6, 7]]),
+           "map_missing_expert": dict(expert_map=[[0, 1, 2, 3, 4, 5, 6, 6]] * LAYERS),
+           "ep_implementation": dict(ep_implementation="eplb")}
+    for key, kwargs in bad.items():
+        try:
+            eplb_tf.prepare(model, **kwargs)
+            out["errors"][key] = None
+        except ValueError as e:
+            out["errors"][key] = str(e)
+    experts = eplb_tf.find_moe_layers(model)[0].experts
+    out["untouched"] = (experts.num_experts == EXPERTS // NUM_RANKS
+                        and experts.gate_up_proj.to_local().shape[0] == EXPERTS // NUM_RANKS
+                        and not hasattr(experts, "eplb_phy2log"))
+    layers = eplb_tf.prepare(model, expert_map=EXPERT_MAP)
+    out["slots"] = layers[0].experts.num_experts
+    out["phy2log"] = torch.stack([lay.experts.eplb_phy2log for lay in layers])
+    out["mismatched"] = mismatched_slots(layers, ref, rank)
+    ids = _inputs(0)
+    out["logits"], out["ref_logits"] = model(ids).logits, ref(ids).logits
+    try:
+        eplb_tf.prepare(model)
+        out["errors"]["twice"] = None
+    except ValueError as e:
+        out["errors"]["twice"] = str(e)
     return out
 
 
@@ -171,11 +233,15 @@ def worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
     results = {}
     try:
         for family, path in paths.items():
-            try:
-                results[family] = run_family(family, path, rank)
-            except Exception:  # noqa: BLE001  (reported to the test, which fails the family)
-                results[family] = {"error": traceback.format_exc()}
-            dist.barrier()
+            scenarios = [(family, run_family)]
+            if family == "qwen3_moe":
+                scenarios.append(("prepare", run_prepare_checks))
+            for key, scenario in scenarios:
+                try:
+                    results[key] = scenario(*((family,) if key == family else ()), path, rank)
+                except Exception:  # noqa: BLE001  (reported to the test, which fails it)
+                    results[key] = {"error": traceback.format_exc()}
+                dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
