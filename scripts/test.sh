@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 PY=${PYTHON:-python3}
-"$PY" -m ruff check python tests benchmarks examples
+"$PY" -m ruff check .
 "$PY" -m pytest -q "$@"

@@ -1,6 +1,10 @@
-// Every eplb_native op schema, declared once. CPU and Meta implementations are registered
-// here; CUDA (csrc/ops/cuda) and Ascend (csrc/ops/ascendc) register theirs beside their kernels.
+// Every eplb_native op schema, declared once, and the argument checks every backend shares.
+// CPU and Meta implementations are registered here; CUDA (csrc/ops/cuda) and Ascend
+// (csrc/ops/ascendc) register theirs beside their kernels. The composite fallback for devices
+// without a native kernel is registered from python/eplb_native/ops.py.
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "ops/ops.h"
 
@@ -14,22 +18,140 @@ MapMode ParseMapMode(const std::string& mode) {
 
 namespace {
 
-at::Tensor map_and_record_meta(const at::Tensor& topk_ids, const at::Tensor&, const at::Tensor&,
-                               at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                               const std::string&) {
-  return at::empty_like(topk_ids);
+bool IsIndexType(const at::Tensor& t) {
+  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
 }
-void record_counts_meta(at::Tensor&, const at::Tensor&, int64_t, int64_t) {}
-void record_topk_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const std::optional<at::Tensor>&) {}
+
+void CheckIndexType(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(IsIndexType(t), name, " must be int32 or int64, got ", t.scalar_type());
+}
+
+void CheckSameDevice(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device(),
+                    " (the device of topk_ids), got ", t.device());
+}
+
+void CheckLoad(const at::Tensor& load) {
+  CheckIndexType(load, "load");
+  TORCH_CHECK_VALUE(load.dim() == 1, "load must be 1-D [P], got ", load.dim(), " dims");
+  TORCH_CHECK_VALUE(load.is_contiguous(), "load must be contiguous (it is updated in place)");
+}
+
+// record: one bool or integer element, read on the device (no host sync).
+void CheckRecordFlag(const at::Tensor& record, const at::Tensor& ids) {
+  TORCH_CHECK_TYPE(record.scalar_type() == at::kBool || at::isIntegralType(record.scalar_type(),
+                                                                           /*includeBool=*/true),
+                   "record must be a bool or integer tensor, got ", record.scalar_type());
+  TORCH_CHECK_VALUE(record.sym_numel() == 1, "record must hold one element (a 0-dim tensor), got ",
+                    record.sym_numel());
+  CheckSameDevice(record, ids, "record");
+}
+
+void CheckNumValid(const std::optional<at::Tensor>& num_valid_tokens, const at::Tensor& ids) {
+  if (!num_valid_tokens.has_value()) return;
+  CheckIndexType(*num_valid_tokens, "num_valid_tokens");
+  TORCH_CHECK_VALUE(num_valid_tokens->sym_numel() == 1,
+                    "num_valid_tokens must hold one element (a 0-dim tensor), got ",
+                    num_valid_tokens->sym_numel());
+  CheckSameDevice(*num_valid_tokens, ids, "num_valid_tokens");
+}
+
+}  // namespace
+
+MapMode CheckMapAndRecord(const at::Tensor& topk_ids, const at::Tensor& log2phy,
+                          const at::Tensor& logcnt, const at::Tensor& load,
+                          const at::Tensor& record,
+                          const std::optional<at::Tensor>& num_valid_tokens,
+                          const std::string& mode_str) {
+  const MapMode mode = ParseMapMode(mode_str);
+  CheckIndexType(topk_ids, "topk_ids");
+  CheckIndexType(log2phy, "log2phy");
+  CheckLoad(load);
+  CheckSameDevice(log2phy, topk_ids, "log2phy");
+  CheckSameDevice(load, topk_ids, "load");
+  CheckRecordFlag(record, topk_ids);
+  CheckNumValid(num_valid_tokens, topk_ids);
+  if (mode == MapMode::kSpread) {
+    TORCH_CHECK_VALUE(log2phy.dim() == 2, "log2phy must be 2-D [E, M] in mode 'spread', got ",
+                      log2phy.dim(), " dims");
+    TORCH_CHECK_VALUE(log2phy.sym_size(1) >= 1, "log2phy must have >= 1 replica column");
+    CheckIndexType(logcnt, "logcnt");
+    CheckSameDevice(logcnt, topk_ids, "logcnt");
+    TORCH_CHECK_VALUE(logcnt.dim() == 1 && logcnt.sym_size(0) == log2phy.sym_size(0),
+                      "logcnt must be 1-D [E] with E = log2phy.size(0) = ", log2phy.sym_size(0),
+                      ", got shape ", logcnt.sym_sizes());
+  } else {
+    TORCH_CHECK_VALUE(log2phy.dim() == 1, "log2phy must be 1-D [E] in mode 'rank_local', got ",
+                      log2phy.dim(), " dims");
+  }
+  return mode;
+}
+
+MapShape MapShapeOf(const at::Tensor& topk_ids, const at::Tensor& log2phy, MapMode mode) {
+  return MapShape{mode, IdsPerToken(topk_ids), log2phy.size(0),
+                  mode == MapMode::kSpread ? log2phy.size(1) : 1};
+}
+
+int64_t IdsPerToken(const at::Tensor& topk_ids) {
+  // [T, 0] ids hold no element; k = 1 keeps the token index well defined.
+  return topk_ids.dim() >= 2 ? std::max<int64_t>(topk_ids.size(-1), 1) : 1;
+}
+
+void CheckRecordTopk(const at::Tensor& load, const at::Tensor& topk_ids, const at::Tensor& record,
+                     const std::optional<at::Tensor>& num_valid_tokens) {
+  CheckIndexType(topk_ids, "topk_ids");
+  CheckLoad(load);
+  CheckSameDevice(load, topk_ids, "load");
+  CheckRecordFlag(record, topk_ids);
+  CheckNumValid(num_valid_tokens, topk_ids);
+}
+
+void CheckRecordCounts(const at::Tensor& load, const at::Tensor& expert_tokens,
+                       int64_t group_list_type, int64_t offset) {
+  CheckLoad(load);
+  CheckIndexType(expert_tokens, "expert_tokens");
+  CheckSameDevice(expert_tokens, load, "expert_tokens");
+  TORCH_CHECK_VALUE(expert_tokens.dim() == 1, "expert_tokens must be 1-D [n], got ",
+                    expert_tokens.dim(), " dims");
+  TORCH_CHECK_VALUE(group_list_type == 0 || group_list_type == 1,
+                    "group_list_type must be 0 (cumulative) or 1 (counts), got ",
+                    group_list_type);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
+  TORCH_CHECK_VALUE(offset + expert_tokens.sym_numel() <= load.sym_numel(),
+                    "offset + len(expert_tokens) (", offset + expert_tokens.sym_numel(),
+                    ") must be <= len(load) (", load.sym_numel(), ")");
+}
+
+namespace {
+
+// Meta kernels: the same checks, then the output's shape; they run under torch.compile.
+at::Tensor map_and_record_meta(const at::Tensor& topk_ids, const at::Tensor& log2phy,
+                               const at::Tensor& logcnt, at::Tensor& load,
+                               const at::Tensor& record,
+                               const std::optional<at::Tensor>& num_valid_tokens,
+                               const std::string& mode) {
+  CheckMapAndRecord(topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode);
+  return at::empty_like(topk_ids, at::MemoryFormat::Contiguous);
+}
+void record_counts_meta(at::Tensor& load, const at::Tensor& expert_tokens,
+                        int64_t group_list_type, int64_t offset) {
+  CheckRecordCounts(load, expert_tokens, group_list_type, offset);
+}
+void record_topk_meta(at::Tensor& load, const at::Tensor& topk_ids, const at::Tensor& record,
+                      const std::optional<at::Tensor>& num_valid_tokens) {
+  CheckRecordTopk(load, topk_ids, record, num_valid_tokens);
+}
 
 }  // namespace
 }  // namespace eplb_native
 
 TORCH_LIBRARY(eplb_native, m) {
+  // The last argument is `map_mode`, not `mode`: torch.compile's auto_functionalize passes a
+  // keyword named `mode` of its own, which collides (TypeError: multiple values for 'mode').
+  // The Python wrapper eplb_native.ops.map_and_record still calls it `mode`.
   m.def(
       "map_and_record(Tensor topk_ids, Tensor log2phy, Tensor logcnt, Tensor(a!) load, "
-      "Tensor record, Tensor? num_valid_tokens=None, str mode=\"spread\") -> Tensor");
+      "Tensor record, Tensor? num_valid_tokens=None, str map_mode=\"spread\") -> Tensor");
   m.def(
       "record_counts(Tensor(a!) load, Tensor expert_tokens, int group_list_type=1, "
       "int offset=0) -> ()");

@@ -1,13 +1,137 @@
-// PLACEHOLDER until the balanced policy lands: same as DeepSeek.
+// The `balanced` policy: DeepSeek's greedy placement, then a local search that lowers the max
+// rank load until no step does.
+//
+// Per pack of ranks (the whole EP group for the global policy, one node for the hierarchical):
+//   1. replica counts: each extra slot copies the expert with the highest load per replica;
+//   2. LPT: replicas heaviest first, each to the lightest rank with a free slot;
+//      (1 + 2 are DeepSeek EPLB's steps with the same tie-breaking, so the search starts from
+//      DeepSeek's placement and can only improve on it);
+//   3. local search on the heaviest rank h (load M), best step first:
+//      - swap a replica of h with a lighter replica of another rank o, when the two new loads
+//        are both below M;
+//      - when no swap helps, re-decide one replica count: turn a slot holding expert a
+//        (a has >= 2 replicas) into a replica of expert b, where either the slot is on h or b
+//        is on h. That changes the load per replica of a and b on every rank holding them; the
+//        step is taken only if every rank it touches ends below M and h is among them.
+//      Each step lowers M or the number of ranks at M, so the sorted rank loads decrease
+//      lexicographically and the search ends; it also stops early at the trivial bound
+//      max(mean rank load, smallest possible largest replica).
+// Hierarchical (DeepSeek's rule: num_groups % num_nodes == 0, num_nodes > 1): whole expert
+// groups go to nodes, num_groups / num_nodes per node, and every replica of an expert stays on
+// its group's node (as DeepSeek does). Two group->node partitions are tried: DeepSeek's greedy
+// one and the same refined by group swaps between the heaviest node and the others; each node is
+// then packed as above, and the partition with the lower max rank load wins (DeepSeek's on ties).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <vector>
 
+#include "planner/packing.h"
 #include "planner/policies.h"
+#include "planner/search.h"
 
 namespace eplb {
+namespace {
+
+using detail::PackSearch;
+using detail::Z;
+
+// Packs every node of a group->node partition and writes phy2log; returns the max rank load.
+// group_node[g], group_rank[g]: node of group g and its position there (DeepSeek's order).
+double PackNodes(const double* load, const Shape& s, const std::vector<int64_t>& group_node,
+                 const std::vector<int64_t>& group_rank, int64_t* phy2log) {
+  const int64_t E = s.num_logical, G = s.num_groups, N = s.num_nodes;
+  const int64_t group_size = E / G, per_node = G / N;
+  const int64_t log_per_node = E / N, phy_per_node = s.num_physical / N;
+  const int64_t ranks_per_node = s.num_ranks / N, S = s.slots_per_rank();
+  // Node-local expert order as DeepSeek's: groups by their position, experts by id.
+  std::vector<int64_t> local2log(Z(E));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t k = 0; k < group_size; ++k)
+      local2log[Z((group_node[Z(g)] * per_node + group_rank[Z(g)]) * group_size + k)] =
+          g * group_size + k;
+  std::vector<double> node_load(Z(log_per_node));
+  double worst = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < log_per_node; ++i)
+      node_load[Z(i)] = load[local2log[Z(n * log_per_node + i)]];
+    PackSearch pack(node_load.data(), log_per_node, ranks_per_node, S);
+    pack.InitGreedy();
+    pack.Improve();
+    worst = std::max(worst, pack.MaxLoad());
+    for (int64_t j = 0; j < phy_per_node; ++j)
+      phy2log[n * phy_per_node + j] = local2log[Z(n * log_per_node + pack.slot_exp()[Z(j)])];
+  }
+  return worst;
+}
+
+// Swaps groups between the heaviest node and the others while that lowers the max node load.
+// Returns true if the partition changed.
+bool RefineGroups(const std::vector<double>& group_load, int64_t N,
+                  std::vector<int64_t>* group_node) {
+  const auto G = static_cast<int64_t>(group_load.size());
+  std::vector<double> node(Z(N), 0.0);
+  for (int64_t g = 0; g < G; ++g) node[Z((*group_node)[Z(g)])] += group_load[Z(g)];
+  bool changed = false;
+  for (int64_t step = 0; step < 4 * G * G; ++step) {
+    const int64_t h = std::max_element(node.begin(), node.end()) - node.begin();
+    const double M = node[Z(h)], tol = 1e-12 * M;
+    double best = M - tol;
+    int64_t bx = -1, by = -1;
+    for (int64_t x = 0; x < G; ++x) {
+      if ((*group_node)[Z(x)] != h) continue;
+      for (int64_t y = 0; y < G; ++y) {
+        const int64_t o = (*group_node)[Z(y)];
+        if (o == h) continue;
+        const double d = group_load[Z(x)] - group_load[Z(y)];
+        if (d <= tol || node[Z(o)] + d >= M - tol) continue;
+        const double cand = std::max(M - d, node[Z(o)] + d);
+        if (cand < best) {
+          best = cand;
+          bx = x;
+          by = y;
+        }
+      }
+    }
+    if (bx < 0) break;
+    const int64_t o = (*group_node)[Z(by)];
+    const double d = group_load[Z(bx)] - group_load[Z(by)];
+    node[Z(h)] -= d;
+    node[Z(o)] += d;
+    (*group_node)[Z(bx)] = o;
+    (*group_node)[Z(by)] = h;
+    changed = true;
+  }
+  return changed;
+}
+
+}  // namespace
 
 void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log) {
-  std::vector<int64_t> phyrank(static_cast<size_t>(shape.num_physical));
-  DeepSeekLayer(load, shape, phy2log, phyrank.data());
+  if (!shape.hierarchical()) {
+    PackSearch pack(load, shape.num_logical, shape.num_ranks, shape.slots_per_rank());
+    pack.InitGreedy();
+    pack.Improve();
+    std::copy(pack.slot_exp().begin(), pack.slot_exp().end(), phy2log);
+    return;
+  }
+  const int64_t G = shape.num_groups, N = shape.num_nodes;
+  const int64_t group_size = shape.num_logical / G;
+  std::vector<double> group_load(Z(G), 0.0);
+  for (int64_t e = 0; e < shape.num_logical; ++e) group_load[Z(e / group_size)] += load[e];
+  std::vector<int64_t> group_node, group_rank;
+  detail::BalancedPacking(group_load, N, &group_node, &group_rank);
+  const double first = PackNodes(load, shape, group_node, group_rank, phy2log);
+
+  std::vector<int64_t> refined = group_node;
+  if (!RefineGroups(group_load, N, &refined)) return;
+  // Positions inside a node: by group id (any order is a valid node-local order).
+  std::vector<int64_t> refined_rank(Z(G));
+  std::vector<int64_t> fill(Z(N), 0);
+  for (int64_t g = 0; g < G; ++g) refined_rank[Z(g)] = fill[Z(refined[Z(g)])]++;
+  std::vector<int64_t> other(Z(shape.num_physical));
+  const double second = PackNodes(load, shape, refined, refined_rank, other.data());
+  if (second < first) std::copy(other.begin(), other.end(), phy2log);
 }
 
 }  // namespace eplb

@@ -1,12 +1,119 @@
-// PLACEHOLDER until the bound lands: the mean rank load, which no placement beats.
+// Lower bound on the max rank load of ANY placement of one layer with the given slots and
+// topology, so a plan can say how far from optimal it is.
+//
+// The argument, for a pack of R ranks with S slots each (P = R * S slots) holding n experts with
+// loads w_e (the whole EP group; or one node, see below). A placement chooses replica counts
+// c_e >= 1 with sum c_e = P; each replica of e carries w_e / c_e; a rank's load is the sum over
+// its S slots. Let OPT be the smallest max rank load over all placements.
+//   (a) OPT >= sum(w) / R: the rank loads add up to sum(w).
+//   (b) OPT >= m* = min over counts of max_e w_e / c_e: the rank holding the largest replica
+//       carries at least that replica (loads are >= 0). Giving each extra slot to the expert
+//       with the largest load per replica reaches m* (the classic greedy for min-max
+//       apportionment), so m* is computed exactly.
+//   (c) OPT > T when T is proven infeasible: a placement with max rank load <= T needs
+//       c_e >= a_e = max(1, ceil(w_e / T)) (no replica above T), and at most one replica above
+//       T/2 per rank (two would already exceed T), i.e. at most R such "big" replicas. An expert
+//       whose a_e replicas are big either stays big (counts a_e towards R) or is split into
+//       b_e = ceil(2 w_e / T) replicas (costs b_e - a_e more slots). Fewest slots needed >=
+//       sum a_e + the fractional-knapsack (LP) minimum of the extra slots that bring the big
+//       count down to R; if that exceeds P, no placement reaches T. A bisection between (a,b)
+//       and 2x that finds the largest T it can prove infeasible; every T it keeps is proven,
+//       so the result is a valid bound whatever the bisection does.
+// Hierarchical topology (DeepSeek's: each node holds whole groups, num_groups / num_nodes of
+// them, and every replica of an expert stays on its group's node, with P / N slots on R / N
+// ranks): such a placement is also a placement, so the global bound holds, and besides
+//   (d) the node holding the heaviest group also holds G/N - 1 other groups, so its load is at
+//       least that group + the G/N - 1 lightest others, spread over at most R/N ranks;
+//   (e) an expert has at most P/N - E/N + 1 replicas (its node's other experts need one slot
+//       each), so OPT >= max_e w_e / (P/N - E/N + 1).
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "planner/packing.h"
 #include "planner/placement.h"
 
 namespace eplb {
+namespace {
 
-double LowerBound(const double* load, const Shape& shape) {
+using detail::Z;
+
+// Floating-point safety margin: ceil() of a ratio that should be an exact integer must not round
+// up, or the bound could claim more than it proved.
+constexpr double kEps = 1e-9;
+
+// (c): true if no placement of w [n] into P slots on R ranks has max rank load <= T.
+bool ProvenInfeasible(const double* w, int64_t n, int64_t P, int64_t R, double T,
+                      std::vector<std::pair<double, double>>* scratch) {
+  double need = 0.0, big = 0.0;
+  scratch->clear();
+  for (int64_t e = 0; e < n; ++e) {
+    const double a = std::max(1.0, std::ceil(w[e] / T - kEps));
+    need += a;
+    if (w[e] / a > 0.5 * T * (1.0 + kEps)) {
+      big += a;
+      const double b = std::ceil(2.0 * w[e] / T - kEps);
+      scratch->push_back({(b - a) / a, a});
+    }
+  }
+  if (need > static_cast<double>(P)) return true;
+  double excess = big - static_cast<double>(R);
+  if (excess <= 0.0) return false;
+  std::sort(scratch->begin(), scratch->end());
+  double extra = 0.0;
+  for (const auto& [ratio, a] : *scratch) {
+    const double take = std::min(a, excess);
+    extra += ratio * take;
+    excess -= take;
+    if (excess <= 0.0) break;
+  }
+  return need + extra > static_cast<double>(P) * (1.0 + kEps);
+}
+
+// (a), (b), (c) for n experts in P slots on R ranks.
+double PackBound(const double* w, int64_t n, int64_t P, int64_t R) {
   double total = 0.0;
-  for (int64_t e = 0; e < shape.num_logical; ++e) total += load[e];
-  return total / static_cast<double>(shape.num_ranks);
+  for (int64_t e = 0; e < n; ++e) total += w[e];
+  if (!(total > 0.0)) return 0.0;
+  std::vector<int64_t> cnt(Z(n));
+  detail::Replicate(w, n, P, cnt.data(), nullptr);
+  double m_star = 0.0;
+  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[Z(e)]));
+  double lo = std::max(total / static_cast<double>(R), m_star);
+  double hi = 2.0 * lo;
+  std::vector<std::pair<double, double>> scratch;
+  if (!ProvenInfeasible(w, n, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
+  for (int it = 0; it < 30 && hi - lo > 1e-7 * lo; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    if (ProvenInfeasible(w, n, P, R, mid, &scratch)) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+}  // namespace
+
+double LowerBound(const double* load, const Shape& s) {
+  const int64_t E = s.num_logical, P = s.num_physical, R = s.num_ranks;
+  double bound = PackBound(load, E, P, R);
+  if (!s.hierarchical()) return bound;
+  const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
+  // (d)
+  std::vector<double> group(Z(G), 0.0);
+  for (int64_t e = 0; e < E; ++e) group[Z(e / group_size)] += load[e];
+  std::sort(group.begin(), group.end(), std::greater<double>());
+  double node = group[0];
+  for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];
+  bound = std::max(bound, node / static_cast<double>(R / N));
+  // (e)
+  const double most = static_cast<double>(P / N - E / N + 1);
+  for (int64_t e = 0; e < E; ++e) bound = std::max(bound, load[e] / most);
+  return bound;
 }
 
 }  // namespace eplb

@@ -10,64 +10,29 @@
 #include <numeric>
 #include <vector>
 
+#include "planner/packing.h"
 #include "planner/policies.h"
 
 namespace eplb {
 namespace {
 
-// Balanced packing of n items into num_packs packs of n / num_packs items each.
-// pack[i], rank_in_pack[i] out.
-void BalancedPacking(const std::vector<double>& weight, int64_t num_packs,
-                     std::vector<int64_t>* pack, std::vector<int64_t>* rank_in_pack) {
-  const auto n = static_cast<int64_t>(weight.size());
-  const int64_t per_pack = n / num_packs;
-  pack->assign(static_cast<size_t>(n), 0);
-  rank_in_pack->assign(static_cast<size_t>(n), 0);
-  if (per_pack == 1) {
-    std::iota(pack->begin(), pack->end(), 0);
-    return;
-  }
-  std::vector<int64_t> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return weight[static_cast<size_t>(a)] > weight[static_cast<size_t>(b)];
-  });
-  std::vector<double> pack_weight(static_cast<size_t>(num_packs), 0.0);
-  std::vector<int64_t> pack_items(static_cast<size_t>(num_packs), 0);
-  for (int64_t i : order) {
-    int64_t best = -1;
-    for (int64_t p = 0; p < num_packs; ++p) {
-      if (pack_items[static_cast<size_t>(p)] == per_pack) continue;
-      if (best < 0 || pack_weight[static_cast<size_t>(p)] < pack_weight[static_cast<size_t>(best)])
-        best = p;
-    }
-    (*pack)[static_cast<size_t>(i)] = best;
-    (*rank_in_pack)[static_cast<size_t>(i)] = pack_items[static_cast<size_t>(best)]++;
-    pack_weight[static_cast<size_t>(best)] += weight[static_cast<size_t>(i)];
-  }
-}
+using detail::Z;
 
-// Replicates num_log experts into num_phy slots: the first num_log slots hold each expert once,
-// each further slot copies the expert with the highest load per replica.
+// ReplicateExperts as DeepSeek states it: phy2log [num_phy] lists each expert once, then the
+// extra replicas in the order they were added; phyrank [num_phy] is each slot's replica ordinal.
 void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy,
                       std::vector<int64_t>* phy2log, std::vector<int64_t>* phyrank,
                       std::vector<int64_t>* logcnt) {
-  phy2log->resize(static_cast<size_t>(num_phy));
-  phyrank->assign(static_cast<size_t>(num_phy), 0);
-  logcnt->assign(static_cast<size_t>(num_log), 1);
+  phy2log->resize(Z(num_phy));
+  phyrank->assign(Z(num_phy), 0);
+  logcnt->assign(Z(num_log), 1);
   std::iota(phy2log->begin(), phy2log->begin() + num_log, 0);
+  detail::Replicate(weight, num_log, num_phy, logcnt->data(), phy2log->data() + num_log);
+  // Replica ordinals: the k-th added copy of an expert is its replica k.
+  std::vector<int64_t> seen(Z(num_log), 0);
   for (int64_t i = num_log; i < num_phy; ++i) {
-    int64_t best = 0;
-    double best_w = weight[0] / static_cast<double>((*logcnt)[0]);
-    for (int64_t e = 1; e < num_log; ++e) {
-      const double w = weight[e] / static_cast<double>((*logcnt)[static_cast<size_t>(e)]);
-      if (w > best_w) {
-        best = e;
-        best_w = w;
-      }
-    }
-    (*phy2log)[static_cast<size_t>(i)] = best;
-    (*phyrank)[static_cast<size_t>(i)] = (*logcnt)[static_cast<size_t>(best)]++;
+    const int64_t e = (*phy2log)[Z(i)];
+    (*phyrank)[Z(i)] = ++seen[Z(e)];
   }
 }
 
@@ -86,7 +51,7 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   std::vector<double> group_load(static_cast<size_t>(G), 0.0);
   for (int64_t e = 0; e < E; ++e) group_load[static_cast<size_t>(e / group_size)] += load[e];
   std::vector<int64_t> group_pack, group_rank;
-  BalancedPacking(group_load, N, &group_pack, &group_rank);
+  detail::BalancedPacking(group_load, N, &group_pack, &group_rank);
   std::vector<int64_t> mlog2log(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) {
     const auto g = static_cast<size_t>(e / group_size);
@@ -110,7 +75,7 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
       const auto m = static_cast<size_t>(phy2mlog[static_cast<size_t>(j)]);
       phy_load[static_cast<size_t>(j)] = node_load[m] / static_cast<double>(mlogcnt[m]);
     }
-    BalancedPacking(phy_load, ranks_per_node, &pack, &rank_in_pack);
+    detail::BalancedPacking(phy_load, ranks_per_node, &pack, &rank_in_pack);
     for (int64_t j = 0; j < phy_per_node; ++j) {
       const int64_t slot = n * phy_per_node + pack[static_cast<size_t>(j)] * slots_per_rank +
                            rank_in_pack[static_cast<size_t>(j)];

@@ -1,14 +1,168 @@
-// PLACEHOLDER until the min_move policy lands: takes the balanced placement.
+// The `min_move` policy: keep the current placement and change as few slots as it takes to come
+// within `target` of the balance `balanced` reaches on the same load.
+//
+//   1. Done already if the old placement's max rank load is <= balanced's / target.
+//   2. Otherwise a local search starts from the old placement (search.h, cost-aware): each step
+//      takes the swap or replica conversion with the largest max-load reduction per newly
+//      changed slot, until the max rank load is <= balanced's / target. Under the hierarchical
+//      topology the steps stay inside a node (each node is searched on its own), which keeps
+//      groups on their nodes; an old placement that does not follow that topology is not used.
+//   3. If the search stalls above the target, the answer is `balanced`'s placement with its
+//      ranks (and, hierarchical, its nodes) renumbered to overlap the old placement most: the
+//      same balance, fewer changed slots than taking it as it is.
 #include <algorithm>
+#include <numeric>
+#include <tuple>
+#include <vector>
 
+#include "planner/packing.h"
 #include "planner/policies.h"
+#include "planner/search.h"
 
 namespace eplb {
+namespace {
 
-void MinMoveLayer(const double* /*load*/, const int64_t* /*old_phy2log*/,
-                  const int64_t* balanced_phy2log, const Shape& shape, double /*target*/,
+using detail::PackSearch;
+using detail::Z;
+
+// Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
+// `old` by the number of logical experts they share; returns target[b] = the old block that
+// fresh block b is placed at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
+std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
+                                 const std::vector<int64_t>& fresh_ids,
+                                 const std::vector<int64_t>& old_ids, int64_t num_logical) {
+  const auto n = static_cast<int64_t>(fresh_ids.size());
+  std::vector<int64_t> count(Z(num_logical), 0);
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, fresh idx, old idx)
+  std::vector<int64_t> taken_ids;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t* ob = old + old_ids[Z(j)] * block;
+    for (int64_t k = 0; k < block; ++k) ++count[Z(ob[k])];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
+      taken_ids.clear();
+      for (int64_t k = 0; k < block; ++k)
+        if (count[Z(fb[k])] > 0) {
+          --count[Z(fb[k])];
+          taken_ids.push_back(fb[k]);
+        }
+      for (int64_t e : taken_ids) ++count[Z(e)];
+      if (!taken_ids.empty())
+        pairs.emplace_back(-static_cast<int64_t>(taken_ids.size()), i, j);
+    }
+    for (int64_t k = 0; k < block; ++k) count[Z(ob[k])] = 0;
+  }
+  std::sort(pairs.begin(), pairs.end());
+  std::vector<int64_t> target(Z(n), -1);
+  std::vector<char> taken(Z(n), 0);
+  for (const auto& [neg, i, j] : pairs) {
+    if (target[Z(i)] >= 0 || taken[Z(j)]) continue;
+    target[Z(i)] = old_ids[Z(j)];
+    taken[Z(j)] = 1;
+  }
+  int64_t next = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (target[Z(i)] >= 0) continue;
+    while (taken[Z(next)]) ++next;
+    target[Z(i)] = old_ids[Z(next)];
+    taken[Z(next)] = 1;
+  }
+  return target;
+}
+
+// `fresh` [P] renumbered (nodes, then ranks inside nodes) to overlap `old` [P] most -> out [P].
+void Renumber(const int64_t* fresh, const int64_t* old, const Shape& s, int64_t* out) {
+  const int64_t N = s.hierarchical() ? s.num_nodes : 1;
+  const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / N, node_slots = rpn * S;
+  std::vector<int64_t> ids(Z(N));
+  std::iota(ids.begin(), ids.end(), 0);
+  const std::vector<int64_t> node_at = MatchBlocks(fresh, old, node_slots, ids, ids, s.num_logical);
+  std::vector<int64_t> moved(Z(s.num_physical));
+  for (int64_t n = 0; n < N; ++n)
+    std::copy(fresh + n * node_slots, fresh + (n + 1) * node_slots,
+              moved.begin() + node_at[Z(n)] * node_slots);
+  std::vector<int64_t> ranks(Z(rpn));
+  for (int64_t n = 0; n < N; ++n) {
+    std::iota(ranks.begin(), ranks.end(), n * rpn);
+    const std::vector<int64_t> rank_at = MatchBlocks(moved.data(), old, S, ranks, ranks, s.num_logical);
+    for (int64_t i = 0; i < rpn; ++i)
+      std::copy(moved.begin() + ranks[Z(i)] * S, moved.begin() + (ranks[Z(i)] + 1) * S,
+                out + rank_at[Z(i)] * S);
+  }
+}
+
+// Searches one pack (all slots, or one node's) from the old placement; writes the global ids
+// into phy2log and returns whether the pack reached `stop`.
+bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
+                int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t E,
+                int64_t* phy2log) {
+  const auto n = static_cast<int64_t>(experts.size());
+  std::vector<int64_t> local(Z(E), -1);
+  std::vector<double> w(Z(n));
+  for (int64_t i = 0; i < n; ++i) {
+    local[Z(experts[Z(i)])] = i;
+    w[Z(i)] = load[experts[Z(i)]];
+  }
+  std::vector<int64_t> slots(Z(num_ranks * S));
+  for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
+  PackSearch pack(w.data(), n, num_ranks, S);
+  pack.InitFrom(slots.data());
+  const bool ok = pack.ImproveTo(stop);
+  for (int64_t j = 0; j < num_ranks * S; ++j)
+    phy2log[first_slot + j] = experts[Z(pack.slot_exp()[Z(j)])];
+  return ok;
+}
+
+// Nodes of the old placement's groups when it follows the hierarchical topology (every group on
+// one node, num_groups / num_nodes groups per node); empty otherwise.
+std::vector<int64_t> OldGroupNodes(const int64_t* old, const Shape& s) {
+  const int64_t G = s.num_groups, N = s.num_nodes, group_size = s.num_logical / G;
+  const int64_t node_slots = s.num_physical / N;
+  std::vector<int64_t> node_of(Z(G), -1), per_node(Z(N), 0);
+  for (int64_t p = 0; p < s.num_physical; ++p) {
+    const int64_t g = old[p] / group_size, n = p / node_slots;
+    if (node_of[Z(g)] < 0) {
+      node_of[Z(g)] = n;
+      ++per_node[Z(n)];
+    } else if (node_of[Z(g)] != n) {
+      return {};
+    }
+  }
+  for (int64_t n = 0; n < N; ++n)
+    if (per_node[Z(n)] != G / N) return {};
+  return node_of;
+}
+
+}  // namespace
+
+void MinMoveLayer(const double* load, const int64_t* old_phy2log,
+                  const int64_t* balanced_phy2log, const Shape& shape, double target,
                   int64_t* phy2log) {
-  std::copy(balanced_phy2log, balanced_phy2log + shape.num_physical, phy2log);
+  const int64_t P = shape.num_physical, E = shape.num_logical, S = shape.slots_per_rank();
+  const double stop = MaxRankLoad(load, balanced_phy2log, shape) / target;
+  std::copy(old_phy2log, old_phy2log + P, phy2log);
+  if (MaxRankLoad(load, old_phy2log, shape) <= stop) return;
+
+  bool reached = false;
+  if (!shape.hierarchical()) {
+    std::vector<int64_t> experts(Z(E));
+    std::iota(experts.begin(), experts.end(), 0);
+    reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, E, phy2log);
+  } else {
+    const std::vector<int64_t> node_of = OldGroupNodes(old_phy2log, shape);
+    if (!node_of.empty()) {
+      const int64_t N = shape.num_nodes, group_size = E / shape.num_groups;
+      const int64_t rpn = shape.num_ranks / N;
+      reached = true;
+      for (int64_t n = 0; n < N; ++n) {
+        std::vector<int64_t> experts;
+        for (int64_t e = 0; e < E; ++e)
+          if (node_of[Z(e / group_size)] == n) experts.push_back(e);
+        reached &= SearchPack(load, old_phy2log, experts, n * rpn * S, rpn, S, stop, E, phy2log);
+      }
+    }
+  }
+  if (!reached) Renumber(balanced_phy2log, old_phy2log, shape, phy2log);
 }
 
 }  // namespace eplb

@@ -41,6 +41,20 @@ struct PlanOptions {
 };
 
 // One slot's worth of expert weights to bring to (dst_rank, dst_slot).
+//
+// The transfer plan of a layer (PlanTransfers, transfer.cpp) has exactly one Transfer per slot
+// whose logical expert changes between old and new phy2log, and none for the others:
+//   - reads see the OLD placement: src_slot holds `logical` in old_phy2log. An executor that
+//     overwrites slots in place must stage what it reads first (a slot may be both read and
+//     written in one layer);
+//   - local (src_rank == dst_rank) when the destination rank already held the expert in the old
+//     placement: a copy inside the rank, no wire;
+//   - otherwise one source per destination, picked among the old holders with the fewest sends
+//     so far (ties: same node as the destination, then the lowest rank);
+//   - batch: remote transfers of one batch form a matching of ranks: every rank exchanges
+//     weights with at most one peer per batch (possibly several experts, both directions).
+//     Local copies are in batch 0. Batches are numbered from 0 without gaps per layer.
+// Applying every transfer of a layer to old_phy2log gives new_phy2log.
 struct Transfer {
   int64_t layer = 0;
   int64_t batch = 0;     // transfers of one batch can run together: no rank talks to two peers

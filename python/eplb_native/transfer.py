@@ -170,11 +170,12 @@ class LayerMove:
             for w in self.works:
                 w.wait()  # raises if the op failed; orders the device stream after it
         self.works = []  # finished: nothing left to drain
-        with _stream_ctx(self.stream):
-            for f in self.fills:
-                if f.kind == "dup" and f.dst_rank == self.rank:
-                    for t in self.staging:
-                        t[f.dst_slot].copy_(t[f.src_slot], non_blocking=True)
+        # On the caller's stream: w.wait() ordered that stream (not the side stream) after the
+        # receives.
+        for f in self.fills:
+            if f.kind == "dup" and f.dst_rank == self.rank:
+                for t in self.staging:
+                    t[f.dst_slot].copy_(t[f.src_slot], non_blocking=True)
         return True
 
     def drain(self) -> None:

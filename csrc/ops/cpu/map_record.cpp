@@ -1,29 +1,83 @@
-// CPU kernels of map_and_record / record_topk / record_counts. Correct first: one pass over the
-// ids. (Per-thread histograms for large inputs are the ops issue's work.)
+// CPU kernels of map_and_record / record_topk / record_counts (contract in ops/ops.h).
+//
+// One pass over the ids. Large inputs run in parallel over contiguous ranges of ids
+// (at::parallel_for); each worker thread counts into its own histogram row and the rows are
+// summed into `load` after the parallel region, so no two threads ever write the same counter.
+// record / num_valid_tokens are CPU tensors here, so reading them is no device sync.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
 
 #include "ops/ops.h"
 
 namespace eplb_native {
 namespace {
 
-template <typename Id, typename Load>
-void MapRecord(const Id* ids, int64_t n, int64_t k, const int64_t* table, int64_t table_cols,
-               const int64_t* cnt, MapMode mode, int64_t E, Id* out, Load* load, int64_t P,
-               bool record, int64_t valid) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = static_cast<int64_t>(ids[i]);
-    int64_t phy = -1;
-    if (e >= 0 && e < E) {
-      if (mode == MapMode::kRankLocal) {
-        phy = table[e];
-      } else {
-        const int64_t c = cnt[e];
-        phy = table[e * table_cols + ((i / k) % c)];
-      }
-    }
-    if (out) out[i] = static_cast<Id>(phy);
-    if (record && phy >= 0 && phy < P && i / k < valid) load[phy] += 1;
+// Below this many ids one thread is faster than waking the pool.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+// Reads a table entry of either index dtype as int64 (tables are tiny; one branch is cheaper
+// than four template instantiations per kernel).
+struct Table {
+  const void* ptr = nullptr;
+  bool is64 = false;
+  int64_t operator[](int64_t i) const {
+    return is64 ? static_cast<const int64_t*>(ptr)[i]
+                : static_cast<const int32_t*>(ptr)[i];
+  }
+};
+
+Table TableOf(const at::Tensor& t) { return Table{t.data_ptr(), t.scalar_type() == at::kLong}; }
+
+// Logical -> physical id of flat index i (token i / k). Matches the CUDA kernel and the
+// composite fallback exactly.
+struct Mapper {
+  MapMode mode;
+  int64_t k, E, cols;
+  Table table, cnt;
+  int64_t operator()(int64_t e, int64_t i) const {
+    if (e < 0 || e >= E) return -1;
+    if (mode == MapMode::kRankLocal) return table[e];
+    const int64_t c = std::clamp<int64_t>(cnt[e], 1, cols);
+    return table[e * cols + (i / k) % c];
+  }
+};
+
+// Number of flat ids whose token is below num_valid_tokens (all n when absent).
+int64_t CountedPrefix(const std::optional<at::Tensor>& num_valid_tokens, int64_t n, int64_t k) {
+  if (!num_valid_tokens.has_value()) return n;
+  const int64_t valid = num_valid_tokens->item<int64_t>();
+  if (valid <= 0) return 0;
+  if (valid >= (n + k - 1) / k) return n;
+  return valid * k;
+}
+
+bool RecordOn(const at::Tensor& record) { return record.reshape({}).item<bool>(); }
+
+// Runs body(begin, end, hist) over [0, n); hist points to a private zeroed row of P counters
+// (or nullptr when not counting). Adds the rows into load afterwards.
+template <typename Load, typename Body>
+void ForEachRange(int64_t n, int64_t P, bool count, Load* load, const Body& body) {
+  if (n == 0) return;
+  const int64_t rows = n >= 2 * kParallelGrain ? at::get_num_threads() : 1;
+  std::vector<int64_t> hist(count ? rows * P : 0, 0);
+  auto run = [&](int64_t begin, int64_t end) {
+    const int64_t row = rows > 1 ? at::get_thread_num() : 0;
+    body(begin, end, count ? hist.data() + row * P : nullptr);
+  };
+  if (rows > 1) {
+    at::parallel_for(0, n, kParallelGrain, run);
+  } else {
+    run(0, n);
+  }
+  if (!count) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t* h = hist.data() + r * P;
+    for (int64_t p = 0; p < P; ++p) load[p] += static_cast<Load>(h[p]);
   }
 }
 
@@ -34,23 +88,30 @@ at::Tensor map_and_record_cpu(const at::Tensor& topk_ids, const at::Tensor& log2
                               const at::Tensor& record,
                               const std::optional<at::Tensor>& num_valid_tokens,
                               const std::string& mode_str) {
-  const MapMode mode = ParseMapMode(mode_str);
-  auto ids = topk_ids.contiguous();
-  auto table = log2phy.to(at::kLong).contiguous();
-  auto cnt = logcnt.to(at::kLong).contiguous();
-  auto out = at::empty_like(ids);
-  const int64_t k = ids.dim() >= 2 ? ids.size(-1) : 1;
-  const int64_t E = table.size(0);
-  const int64_t cols = table.dim() == 2 ? table.size(1) : 1;
-  const bool rec = record.item<bool>();
-  const int64_t valid =
-      num_valid_tokens.has_value() ? num_valid_tokens->item<int64_t>() : INT64_MAX;
+  const MapMode mode =
+      CheckMapAndRecord(topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode_str);
+  const MapShape s = MapShapeOf(topk_ids, log2phy, mode);
+  const auto ids = topk_ids.contiguous();
+  const auto table = log2phy.contiguous();
+  const auto cnt = mode == MapMode::kSpread ? logcnt.contiguous() : table;
+  auto out = at::empty_like(ids, at::MemoryFormat::Contiguous);
+  const int64_t n = ids.numel();
+  const int64_t P = load.numel();
+  const bool count = RecordOn(record);
+  const int64_t counted = CountedPrefix(num_valid_tokens, n, s.k);
+  const Mapper map{mode, s.k, s.E, s.cols, TableOf(table), TableOf(cnt)};
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "map_and_record_ids", [&] {
     using Id = index_t;
+    const Id* in = ids.data_ptr<Id>();
+    Id* o = out.data_ptr<Id>();
     AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "map_and_record_load", [&] {
-      MapRecord<Id, index_t>(ids.data_ptr<Id>(), ids.numel(), k, table.data_ptr<int64_t>(), cols,
-                             cnt.data_ptr<int64_t>(), mode, E, out.data_ptr<Id>(),
-                             load.data_ptr<index_t>(), load.numel(), rec, valid);
+      ForEachRange(n, P, count, load.data_ptr<index_t>(), [&](int64_t b, int64_t e, int64_t* h) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t phy = map(static_cast<int64_t>(in[i]), i);
+          o[i] = static_cast<Id>(phy);
+          if (h != nullptr && i < counted && phy >= 0 && phy < P) ++h[phy];
+        }
+      });
     });
   });
   return out;
@@ -58,39 +119,37 @@ at::Tensor map_and_record_cpu(const at::Tensor& topk_ids, const at::Tensor& log2
 
 void record_topk_cpu(at::Tensor& load, const at::Tensor& topk_ids, const at::Tensor& record,
                      const std::optional<at::Tensor>& num_valid_tokens) {
-  auto ids = topk_ids.contiguous();
-  const int64_t k = ids.dim() >= 2 ? ids.size(-1) : 1;
-  const bool rec = record.item<bool>();
-  if (!rec) return;
-  const int64_t valid =
-      num_valid_tokens.has_value() ? num_valid_tokens->item<int64_t>() : INT64_MAX;
+  CheckRecordTopk(load, topk_ids, record, num_valid_tokens);
+  if (!RecordOn(record)) return;
+  const auto ids = topk_ids.contiguous();
+  const int64_t n = ids.numel();
+  const int64_t P = load.numel();
+  const int64_t counted = CountedPrefix(num_valid_tokens, n, IdsPerToken(ids));
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "record_topk_ids", [&] {
     using Id = index_t;
-    const Id* p = ids.data_ptr<Id>();
+    const Id* in = ids.data_ptr<Id>();
     AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "record_topk_load", [&] {
-      index_t* l = load.data_ptr<index_t>();
-      const int64_t P = load.numel();
-      for (int64_t i = 0; i < ids.numel(); ++i) {
-        const auto e = static_cast<int64_t>(p[i]);
-        if (e >= 0 && e < P && i / k < valid) l[e] += 1;
-      }
+      ForEachRange(counted, P, true, load.data_ptr<index_t>(),
+                   [&](int64_t b, int64_t e, int64_t* h) {
+                     for (int64_t i = b; i < e; ++i) {
+                       const auto phy = static_cast<int64_t>(in[i]);
+                       if (phy >= 0 && phy < P) ++h[phy];
+                     }
+                   });
     });
   });
 }
 
 void record_counts_cpu(at::Tensor& load, const at::Tensor& expert_tokens, int64_t group_list_type,
                        int64_t offset) {
-  TORCH_CHECK_VALUE(group_list_type == 0 || group_list_type == 1,
-                    "group_list_type must be 0 (cumulative) or 1 (counts), got ", group_list_type);
-  auto counts = expert_tokens.to(at::kLong).contiguous();
-  const int64_t n = counts.numel();
-  TORCH_CHECK_VALUE(offset >= 0 && offset + n <= load.numel(), "offset + len(expert_tokens) (",
-                    offset + n, ") must be <= len(load) (", load.numel(), ")");
-  const int64_t* c = counts.data_ptr<int64_t>();
+  CheckRecordCounts(load, expert_tokens, group_list_type, offset);
+  const auto tokens = expert_tokens.contiguous();
+  const Table c = TableOf(tokens);
+  const int64_t n = tokens.numel();
   AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "record_counts", [&] {
     index_t* l = load.data_ptr<index_t>() + offset;
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = group_list_type == 1 ? c[i] : c[i] - (i ? c[i - 1] : 0);
+      const int64_t v = group_list_type == 1 ? c[i] : c[i] - (i > 0 ? c[i - 1] : 0);
       l[i] += static_cast<index_t>(v);
     }
   });

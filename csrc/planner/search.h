@@ -1,0 +1,300 @@
+// Local search over the placement of one pack of ranks (the whole EP group, or one node of the
+// hierarchical topology); shared by `balanced` and `min_move`. Internal to csrc/planner.
+//
+// State: slot_exp [R*S] (pack-local expert id of each slot; rank r owns r*S .. r*S+S-1),
+// cnt [n] replica counts, load [R] rank loads (sum of w_e / cnt_e over the rank's slots).
+// Steps, all aimed at the heaviest rank h (load M):
+//   - swap: a replica on h trades places with a lighter replica on another rank o; taken only
+//     if both new loads are below M;
+//   - convert: a slot holding expert a (a has >= 2 replicas) becomes a replica of expert b,
+//     where the slot is on h or b is on h. This re-decides replica counts: every rank holding a
+//     or b sees its load per replica change. Taken only if h is touched and every touched rank
+//     ends below M.
+// Each step lowers M or the number of ranks at M: the sorted rank loads decrease
+// lexicographically, so the search ends (a step cap guards against float noise).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "planner/packing.h"
+
+namespace eplb {
+namespace detail {
+
+class PackSearch {
+ public:
+  // w: [n] loads of the pack's experts (borrowed, must outlive this); num_ranks ranks of S slots.
+  PackSearch(const double* w, int64_t n, int64_t num_ranks, int64_t S)
+      : w_(w), n_(n), R_(num_ranks), S_(S) {}
+
+  // DeepSeek's greedy: replica counts by largest load per replica, then LPT onto the ranks.
+  void InitGreedy() {
+    const int64_t P = R_ * S_;
+    cnt_.assign(Z(n_), 1);
+    std::vector<int64_t> phy(Z(P));
+    std::iota(phy.begin(), phy.begin() + n_, 0);
+    Replicate(w_, n_, P, cnt_.data(), phy.data() + n_);
+    std::vector<double> wt(Z(P));
+    for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
+    std::vector<int64_t> pack, rank_in_pack;
+    BalancedPacking(wt, R_, &pack, &rank_in_pack);
+    slot_exp_.assign(Z(P), 0);
+    for (int64_t i = 0; i < P; ++i) slot_exp_[Z(pack[Z(i)] * S_ + rank_in_pack[Z(i)])] = phy[Z(i)];
+    Finish();
+  }
+
+  // Starts from an existing placement slot_exp [R*S] (pack-local ids, every id present). Steps
+  // then count changed slots against it.
+  void InitFrom(const int64_t* slot_exp) {
+    const int64_t P = R_ * S_;
+    slot_exp_.assign(slot_exp, slot_exp + P);
+    orig_ = slot_exp_;
+    cnt_.assign(Z(n_), 0);
+    for (int64_t e : slot_exp_) ++cnt_[Z(e)];
+    Finish();
+  }
+
+  // `balanced`: steps until none lowers the max (or the trivial bound is reached).
+  void Improve() { Search(0.0, false); }
+
+  // `min_move`: steps, cheapest in changed slots per unit of max-load reduction first, until
+  // the max rank load is <= stop. Returns whether it got there.
+  bool ImproveTo(double stop) {
+    Search(stop, true);
+    return MaxLoad() <= stop;
+  }
+
+  const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
+  double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
+
+ private:
+  double Wt(int64_t e) const { return w_[e] / static_cast<double>(cnt_[Z(e)]); }
+
+  void Finish() {
+    // No placement beats the mean rank load nor the largest replica of the greedy counts.
+    double total = 0.0;
+    for (int64_t e = 0; e < n_; ++e) total += w_[e];
+    std::vector<int64_t> best(Z(n_));
+    Replicate(w_, n_, R_ * S_, best.data(), nullptr);
+    double largest = 0.0;
+    for (int64_t e = 0; e < n_; ++e)
+      largest = std::max(largest, w_[e] / static_cast<double>(best[Z(e)]));
+    trivial_bound_ = std::max(total / static_cast<double>(R_), largest);
+    load_.assign(Z(R_), 0.0);
+    for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
+  }
+
+  double RankLoad(int64_t r) const {
+    double sum = 0.0;
+    for (int64_t j = r * S_; j < (r + 1) * S_; ++j) sum += Wt(slot_exp_[Z(j)]);
+    return sum;
+  }
+
+  // Slots newly changed (vs. the start) minus slots restored when slot s takes expert e.
+  double Cost(int64_t s, int64_t e) const {
+    if (orig_.empty()) return 1.0;
+    return static_cast<double>((e != orig_[Z(s)]) - (slot_exp_[Z(s)] != orig_[Z(s)]));
+  }
+
+  // Score of a step that leaves the touched ranks at max `worst`: plain max reduction for
+  // `balanced`; reduction per changed slot for `min_move` (steps that change nothing net are
+  // counted as half a slot).
+  double Score(double M, double worst, double cost) const {
+    return cost_aware_ ? (M - worst) / std::max(cost, 0.5) : M - worst;
+  }
+
+  void Search(double stop, bool cost_aware) {
+    cost_aware_ = cost_aware;
+    if (S_ == 0 || R_ < 1) return;
+    const int64_t max_steps = 16 * R_ * S_ + 64;
+    for (int64_t step = 0; step < max_steps; ++step) {
+      const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
+      const double M = load_[Z(h)];
+      if (!(M > 0.0) || M <= stop || M <= trivial_bound_ * (1.0 + 1e-12)) return;
+      const double tol = 1e-12 * M;
+      if (!lists_ready_) BuildLists();
+      Step best;
+      BestSwap(h, M, tol, &best);
+      // `balanced` re-decides counts only once swaps are exhausted (they are cheaper to find);
+      // `min_move` weighs both every step, since a conversion moves one slot and a swap two.
+      if (best.kind == 0 || cost_aware_) BestConvert(h, M, tol, &best);
+      if (best.kind == 0) return;
+      Apply(best);
+    }
+  }
+
+  struct Step {
+    int kind = 0;  // 0 none, 1 swap (i, j), 2 convert slot i to expert j
+    int64_t i = -1, j = -1;
+    double score = 0.0;
+  };
+
+  void BestSwap(int64_t h, double M, double tol, Step* best) {
+    for (int64_t o = 0; o < R_; ++o) {
+      const double gap = M - load_[Z(o)];
+      if (o == h || gap <= 2 * tol) continue;
+      for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+        const int64_t x = slot_exp_[Z(i)];
+        const double wx = Wt(x);
+        for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
+          const int64_t y = slot_exp_[Z(j)];
+          const double d = wx - Wt(y);
+          if (d <= tol || d >= gap - tol) continue;
+          const double worst = std::max(M - d, load_[Z(o)] + d);
+          const double cost = cost_aware_ ? Cost(i, y) + Cost(j, x) : 2.0;
+          const double score = Score(M, worst, cost);
+          if (score > best->score) *best = {1, i, j, score};
+        }
+      }
+    }
+  }
+
+  void BuildLists() {
+    slots_of_.assign(Z(n_), {});
+    for (int64_t s = 0; s < R_ * S_; ++s) slots_of_[Z(slot_exp_[Z(s)])].push_back(s);
+    delta_.assign(Z(R_), 0.0);
+    lists_ready_ = true;
+  }
+
+  // Max new load over the ranks touched by turning slot s (expert a, cnt >= 2) into expert b,
+  // or +inf when h is not touched or a touched rank would not end below M - tol.
+  double EvalConvert(int64_t s, int64_t b, int64_t h, double M, double tol) {
+    const int64_t a = slot_exp_[Z(s)];
+    const double wa = Wt(a), wa_new = w_[a] / static_cast<double>(cnt_[Z(a)] - 1);
+    const double wb = Wt(b), wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
+    touched_.clear();
+    auto add = [&](int64_t r, double d) {
+      if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
+      delta_[Z(r)] += d;
+    };
+    for (int64_t q : slots_of_[Z(a)]) add(q / S_, q == s ? wb_new - wa : wa_new - wa);
+    for (int64_t q : slots_of_[Z(b)]) add(q / S_, wb_new - wb);
+    double worst = 0.0;
+    bool has_h = false;
+    for (int64_t r : touched_) {
+      worst = std::max(worst, load_[Z(r)] + delta_[Z(r)]);
+      delta_[Z(r)] = 0.0;
+      has_h |= r == h;
+    }
+    if (!has_h || worst >= M - tol) return HUGE_VAL;
+    return worst;
+  }
+
+  // Conversions worth an exact look (EvalConvert), found with O(1) estimates per slot:
+  //   - a slot on h whose expert x can spare a replica becomes the expert with the smallest
+  //     load per replica after gaining one (best for h), or, for min_move, its old expert;
+  //   - an expert x on h gains a replica in a slot s whose expert a can spare one: estimated by
+  //     s's rank and the heaviest rank holding a (exact unless they overlap x's ranks); the
+  //     few best estimates per x are evaluated exactly.
+  void BestConvert(int64_t h, double M, double tol, Step* best) {
+    auto consider = [&](int64_t s, int64_t b) {
+      const double worst = EvalConvert(s, b, h, M, tol);
+      if (worst == HUGE_VAL) return;
+      const double score = Score(M, worst, Cost(s, b));
+      if (score > best->score) *best = {2, s, b, score};
+    };
+    max_on_.assign(Z(n_), 0.0);
+    for (int64_t s = 0; s < R_ * S_; ++s) {
+      const int64_t e = slot_exp_[Z(s)];
+      max_on_[Z(e)] = std::max(max_on_[Z(e)], load_[Z(s / S_)]);
+    }
+    // The two experts with the smallest load per replica after gaining one.
+    int64_t b0 = -1, b1 = -1;
+    auto gained = [&](int64_t e) { return w_[e] / static_cast<double>(cnt_[Z(e)] + 1); };
+    for (int64_t e = 0; e < n_; ++e) {
+      if (b0 < 0 || gained(e) < gained(b0)) {
+        b1 = b0;
+        b0 = e;
+      } else if (b1 < 0 || gained(e) < gained(b1)) {
+        b1 = e;
+      }
+    }
+    constexpr int kTop = 3;
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+      const int64_t x = slot_exp_[Z(i)];
+      if (cnt_[Z(x)] >= 2) {
+        const int64_t b = b0 != x ? b0 : b1;
+        if (b >= 0) consider(i, b);
+        if (!orig_.empty() && orig_[Z(i)] != x) consider(i, orig_[Z(i)]);
+      }
+      if (i > h * S_ && std::find(slot_exp_.begin() + h * S_, slot_exp_.begin() + i, x) !=
+                            slot_exp_.begin() + i)
+        continue;  // x already handled
+      const double wx = Wt(x), wx_new = w_[x] / static_cast<double>(cnt_[Z(x)] + 1);
+      double top_score[kTop];
+      int64_t top_slot[kTop];
+      for (int k = 0; k < kTop; ++k) {
+        top_score[k] = 0.0;
+        top_slot[k] = -1;
+      }
+      const double h_new = M - wx + wx_new;
+      for (int64_t s = 0; s < R_ * S_; ++s) {
+        const int64_t a = slot_exp_[Z(s)];
+        if (a == x || cnt_[Z(a)] < 2) continue;
+        const double wa = Wt(a), inc = w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa;
+        const double worst =
+            std::max({h_new, load_[Z(s / S_)] - wa + wx_new, max_on_[Z(a)] + inc});
+        if (worst >= M - tol) continue;
+        const double score = Score(M, worst, Cost(s, x));
+        if (score <= top_score[kTop - 1]) continue;
+        int k = kTop - 1;
+        while (k > 0 && top_score[k - 1] < score) {
+          top_score[k] = top_score[k - 1];
+          top_slot[k] = top_slot[k - 1];
+          --k;
+        }
+        top_score[k] = score;
+        top_slot[k] = s;
+      }
+      for (int k = 0; k < kTop; ++k)
+        if (top_slot[k] >= 0) consider(top_slot[k], x);
+    }
+  }
+
+  void ReplaceInList(int64_t e, int64_t from, int64_t to) {
+    for (auto& s : slots_of_[Z(e)])
+      if (s == from) {
+        s = to;
+        return;
+      }
+  }
+
+  void Apply(const Step& st) {
+    if (st.kind == 1) {
+      const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
+      std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
+      ReplaceInList(x, st.i, st.j);
+      ReplaceInList(y, st.j, st.i);
+      load_[Z(st.i / S_)] = RankLoad(st.i / S_);
+      load_[Z(st.j / S_)] = RankLoad(st.j / S_);
+      return;
+    }
+    const int64_t a = slot_exp_[Z(st.i)], b = st.j;
+    --cnt_[Z(a)];
+    ++cnt_[Z(b)];
+    slot_exp_[Z(st.i)] = b;
+    auto& la = slots_of_[Z(a)];
+    la.erase(std::find(la.begin(), la.end(), st.i));
+    slots_of_[Z(b)].push_back(st.i);
+    for (int64_t q : la) load_[Z(q / S_)] = RankLoad(q / S_);
+    for (int64_t q : slots_of_[Z(b)]) load_[Z(q / S_)] = RankLoad(q / S_);
+  }
+
+  const double* w_;
+  int64_t n_, R_, S_;
+  std::vector<int64_t> cnt_, slot_exp_, orig_;
+  std::vector<double> load_;
+  double trivial_bound_ = 0.0;
+  bool cost_aware_ = false;
+  bool lists_ready_ = false;
+  std::vector<std::vector<int64_t>> slots_of_;
+  std::vector<double> delta_, max_on_;
+  std::vector<int64_t> touched_;
+};
+
+}  // namespace detail
+}  // namespace eplb

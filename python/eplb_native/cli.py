@@ -1,0 +1,531 @@
+"""The ``eplb-native`` command line: plan, synth, simulate, demo.
+
+- ``plan``: a load file -> a placement, written as vllm-ascend's expert-map JSON.
+- ``synth``: a synthetic drifting load trace of a real model shape (``traces.synth``).
+- ``simulate``: replays a trace, rebalancing every K windows with several policies side by side,
+  and judges each placement on the windows that come after it (out of sample).
+- ``demo``: starts ranks, serves an EP MoE model with a drifting skewed gate and the updator
+  attached, and shows the balancing happen.
+
+Errors in what the user gave (bad files, shapes, counts) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import expert_map, traces
+from .planner import POLICIES, plan
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for; reported as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
+                             num_redundant: int) -> np.ndarray:
+    """vllm-ascend's default placement (no expert map given), ``phy2log`` [L, P], the same for
+    every layer: logical experts in order in contiguous blocks per rank, redundant copies dealt
+    round-robin from the last rank backwards, each holding the expert after the rank's last one
+    (see ``state.default_placement``). This is what a server runs before EPLB has planned."""
+    from .state import default_placement
+
+    row = default_placement(num_experts, num_ranks, num_redundant)
+    return np.tile(row, (num_layers, 1))
+
+
+def balancedness(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Per-layer balancedness [L] of placement ``phy2log`` [L, P] on logical ``load`` [L, E]."""
+    from .state import rank_balancedness
+
+    return rank_balancedness(load, phy2log, num_ranks)
+
+
+def _topology_label(num_nodes: int, num_groups: int) -> str:
+    # DeepSeek EPLB's rule: hierarchical when groups divide evenly over nodes; with one node the
+    # hierarchical path packs everything into that node, i.e. it is the global policy.
+    return "hierarchical" if num_groups % num_nodes == 0 and num_nodes > 1 else "global"
+
+
+class Topology:
+    """Ranks, nodes, groups and slots of a placement problem, resolved from flags and trace meta.
+
+    Defaults when a flag is absent: the trace's meta (``synth`` records the model's deployment:
+    num_groups, and num_nodes / num_redundant when the ranks match the deployment's), else
+    nodes = groups = 1 and redundant = the smallest K >= ranks that makes experts + K divisible
+    by ranks (about one redundant slot per rank, DeepSeek-V3's convention)."""
+
+    def __init__(self, args, num_experts: int, meta: dict, num_slots: int | None = None):
+        ranks = args.ranks
+        if ranks is None or ranks < 1:
+            raise UsageError(f"--ranks must be >= 1, got {ranks}")
+        same_deployment = meta.get("num_ranks") == ranks
+        groups = args.groups if args.groups is not None else meta.get("num_groups", 1)
+        nodes = args.nodes if args.nodes is not None else (
+            meta.get("num_nodes", 1) if same_deployment else 1)
+        if num_slots is not None:
+            redundant = num_slots - num_experts
+            if args.redundant is not None and args.redundant != redundant:
+                raise UsageError(f"--redundant {args.redundant} disagrees with the old placement "
+                                 f"({num_slots} slots = {num_experts} experts + {redundant})")
+        elif args.redundant is not None:
+            redundant = args.redundant
+        elif same_deployment and "num_redundant" in meta:
+            redundant = meta["num_redundant"]
+        else:
+            redundant = ranks + (-(num_experts + ranks)) % ranks
+        for flag, v, lo in (("--nodes", nodes, 1), ("--groups", groups, 1),
+                            ("--redundant", redundant, 0)):
+            if not isinstance(v, int) or v < lo:
+                raise UsageError(f"{flag} must be an int >= {lo}, got {v!r}")
+        if (num_experts + redundant) % ranks:
+            raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
+                             f"divisible by --ranks ({ranks}); pick --redundant accordingly")
+        self.num_ranks, self.num_nodes, self.num_groups = ranks, nodes, groups
+        self.num_experts, self.num_redundant = num_experts, redundant
+        self.num_slots = num_experts + redundant
+
+    @property
+    def label(self) -> str:
+        return _topology_label(self.num_nodes, self.num_groups)
+
+    def describe(self) -> str:
+        return (f"{self.num_slots} slots ({self.num_experts} experts + {self.num_redundant} "
+                f"redundant) on {self.num_ranks} ranks, {self.num_nodes} node(s), "
+                f"{self.num_groups} group(s) -> {self.label}")
+
+    def as_dict(self) -> dict:
+        return {"num_ranks": self.num_ranks, "num_nodes": self.num_nodes,
+                "num_groups": self.num_groups, "num_redundant": self.num_redundant,
+                "num_slots": self.num_slots, "topology": self.label}
+
+
+def _stats(x: np.ndarray) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": float(x.mean()), "min": float(x.min()), "max": float(x.max())}
+
+
+def _fmt(v, width: int = 7, digits: int = 3) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check_output_dir(path: str, flag: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag}: directory {parent} does not exist")
+
+
+def _write_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=1, allow_nan=False)
+    sys.stdout.write("\n")
+
+
+def _clean(x):
+    """NaN -> None so the JSON output is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def cmd_plan(args) -> int:
+    loads, meta = traces.load_trace(args.load)
+    num_windows, num_layers, num_experts = loads.shape
+    # A trace's windows are summed: EPLB plans from the loads accumulated over its window
+    # (vLLM window_size, vllm-ascend heat interval), and the sum weighs every window by its
+    # traffic. --window last plans from the most recent window only.
+    load = loads.sum(axis=0) if args.window == "sum" else loads[-1]
+    old = None
+    if args.old:
+        old, old_ranks = expert_map.load(args.old)
+        if args.ranks is not None and old_ranks != args.ranks:
+            raise UsageError(f"--old {args.old} has {old_ranks} ranks, but --ranks is {args.ranks}")
+        args.ranks = old_ranks
+        if old.shape[0] != num_layers:
+            raise UsageError(f"--old {args.old} has {old.shape[0]} layers, the load has "
+                             f"{num_layers}")
+    if args.ranks is None:
+        raise UsageError("--ranks is required (or give --old)")
+    topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
+    if old is not None:
+        from .state import validate_phy2log
+
+        old = validate_phy2log(old, num_experts, topo.num_ranks, name=f"--old {args.old}")
+    _check_output_dir(args.output, "-o")
+    default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
+                                       topo.num_redundant) if old is None else None
+    before_placement = old if old is not None else default
+    # min_move changes as little as it can of a current placement; without --old that is the
+    # default placement a server starts from.
+    start = old if old is not None else (default if args.policy == "min_move" else None)
+    t0 = time.perf_counter()
+    p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
+             num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
+             threads=args.threads)
+    plan_ms = (time.perf_counter() - t0) * 1e3
+    before = balancedness(load, before_placement, topo.num_ranks)
+    after, bound = p.balancedness_after, p.balancedness_bound
+    expert_map.save(args.output, p.phy2log, topo.num_ranks)
+
+    before_label = "--old placement" if old is not None else "vllm-ascend default placement"
+    result = {
+        "load": os.fspath(args.load), "windows": num_windows, "planned_from": args.window,
+        "num_layers": num_layers, "num_experts": num_experts, **topo.as_dict(),
+        "policy": args.policy, "before_placement": before_label,
+        "balancedness_before": _stats(before), "balancedness_after": _stats(after),
+        "balancedness_bound": _stats(bound),
+        "moved_slots": int(p.total_moved_slots) if start is not None else None,
+        "plan_ms": plan_ms, "output": os.fspath(args.output),
+        "per_layer": {"before": before.tolist(), "after": after.tolist(),
+                      "bound": bound.tolist(), "moved_slots": p.moved_slots.tolist()},
+    }
+    if args.json:
+        _write_json(_clean(result))
+        return 0
+    what = (f"{num_windows} windows summed" if args.window == "sum" and num_windows > 1
+            else "last window" if num_windows > 1 else "1 window")
+    print(f"load: {args.load} ({what}), {num_layers} layers x {num_experts} experts")
+    print(f"placement: {topo.describe()}; policy {args.policy}")
+    print(f"balancedness over {num_layers} layers (mean / max rank load; 1.0 is perfect):")
+    print(f"  {'':<8}{'mean':>7} {'min':>7} {'max':>7}")
+    for name, vals, note in (("before", before, f"({before_label})"), ("after", after, ""),
+                             ("bound", bound, "(no placement of these slots does better)")):
+        s = _stats(vals)
+        print(f"  {name:<8}{_fmt(s['mean'])} {_fmt(s['min'])} {_fmt(s['max'])}  {note}".rstrip())
+    if args.per_layer:
+        print(f"  {'layer':>5} {'before':>7} {'after':>7} {'bound':>7} {'moved':>6}")
+        for layer in range(num_layers):
+            print(f"  {layer:>5} {before[layer]:>7.3f} {after[layer]:>7.3f} {bound[layer]:>7.3f} "
+                  f"{int(p.moved_slots[layer]):>6}")
+    if start is not None:
+        print(f"moved slots: {p.total_moved_slots} of {num_layers * topo.num_slots}")
+    print(f"plan time: {plan_ms:.1f} ms")
+    print(f"wrote {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def cmd_synth(args) -> int:
+    shape = traces.MODEL_SHAPES.get(args.shape)
+    if shape is None and (args.layers is None or args.experts is None):
+        raise UsageError("--shape custom needs --layers and --experts")
+    layers = args.layers if args.layers is not None else shape.num_layers
+    experts = args.experts if args.experts is not None else shape.num_experts
+    top_k = args.top_k if args.top_k is not None else (shape.top_k if shape else 8)
+    if not args.output.endswith(".npz"):
+        raise UsageError(f"-o {args.output}: synth writes an .npz trace; name it *.npz")
+    _check_output_dir(args.output, "-o")
+    loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
+                         zipf_a=args.zipf_a, drift=args.drift,
+                         tokens_per_window=args.tokens, top_k=top_k, seed=args.seed)
+    meta = {"shape": args.shape, "skew": args.skew, "sigma": args.sigma, "zipf_a": args.zipf_a,
+            "drift": args.drift, "tokens_per_window": args.tokens, "top_k": top_k,
+            "seed": args.seed, "generator": "eplb_native.traces.synth"}
+    if shape is not None and experts == shape.num_experts:
+        # the deployment, so plan / simulate default to it (model facts + a typical EP setup)
+        meta.update(num_groups=shape.num_groups, num_ranks=shape.num_ranks,
+                    num_nodes=shape.num_nodes, num_redundant=shape.num_redundant,
+                    expert_bytes=shape.expert_bytes)
+    traces.save_trace(args.output, loads, **meta)
+    print(f"wrote {args.output}: {args.windows} windows x {layers} layers x {experts} experts "
+          f"({args.shape}, {args.skew}, drift {args.drift}, seed {args.seed}, "
+          f"{os.path.getsize(args.output)} bytes)")
+    return 0
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
+             threads: int = 1) -> dict:
+    """Replays ``loads`` [W, L, E]: every ``every`` windows, each policy plans from the sum of
+    the ``every`` windows just served, starting from its own current placement, and the new
+    placement serves the next windows. Windows 0 .. every-1 run on vllm-ascend's default
+    placement (the same for every policy) and are not counted.
+
+    Returns per policy: ``out_of_sample`` [W] per-window balancedness (mean over layers) of the
+    placement in use, planned before that window (NaN for the first ``every`` windows);
+    ``in_sample`` [rebalances] mean balancedness on the windows each plan was made from;
+    ``moved_slots`` per rebalance; ``plan_ms`` per rebalance. Key ``"static"``: the default
+    placement kept for the whole trace (no EPLB)."""
+    num_windows, num_layers, num_experts = loads.shape
+    if num_windows <= every:
+        raise UsageError(f"the trace has {num_windows} window(s); --every {every} needs more than "
+                         f"{every} to judge any plan out of sample")
+    default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
+                                       topo.num_redundant)
+    static = np.array([balancedness(loads[w], default, topo.num_ranks).mean()
+                       for w in range(num_windows)])
+    out = {"static": {"out_of_sample": static, "in_sample": np.array([]),
+                      "moved_slots": np.array([], dtype=np.int64), "plan_ms": np.array([])}}
+    for policy in policies:
+        placement = default
+        per_window = np.full(num_windows, np.nan)
+        in_sample, moved, plan_ms = [], [], []
+        for w in range(num_windows):
+            if w >= every and w % every == 0:
+                window = loads[w - every:w].sum(axis=0)
+                t0 = time.perf_counter()
+                p = plan(window, placement, num_ranks=topo.num_ranks,
+                         num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=policy,
+                         threads=threads)
+                plan_ms.append((time.perf_counter() - t0) * 1e3)
+                in_sample.append(float(p.balancedness_after.mean()))
+                moved.append(p.total_moved_slots)
+                placement = p.phy2log
+            if w >= every:
+                per_window[w] = balancedness(loads[w], placement, topo.num_ranks).mean()
+        out[policy] = {"out_of_sample": per_window, "in_sample": np.array(in_sample),
+                       "moved_slots": np.array(moved, dtype=np.int64),
+                       "plan_ms": np.array(plan_ms)}
+    return out
+
+
+def _plot_simulation(path: str, runs: dict, every: int, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for name, run in runs.items():
+        series = run["out_of_sample"]
+        style = {"color": "0.5", "linestyle": "--"} if name == "static" else {}
+        label = "no EPLB (default placement)" if name == "static" else name
+        ax.plot(np.arange(series.size), series, marker=".", label=label, **style)
+    ax.axvline(every - 0.5, color="0.8", linewidth=1)
+    ax.set_xlabel("window")
+    ax.set_ylabel("balancedness (mean over layers; out of sample)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("writing the PNG needs matplotlib: pip install 'eplb_native[cli]' "
+                         "(or pass --no-png)") from None
+    matplotlib.use("Agg")  # headless: no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cmd_simulate(args) -> int:
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    if not policies or any(p not in POLICIES for p in policies):
+        raise UsageError(f"--policy must be a comma-separated list of {sorted(POLICIES)}, got "
+                         f"{args.policy!r}")
+    if len(set(policies)) != len(policies):
+        raise UsageError(f"--policy lists a policy twice: {args.policy!r}")
+    if args.every < 1:
+        raise UsageError(f"--every must be >= 1, got {args.every}")
+    if args.expert_bytes is not None and args.expert_bytes < 0:
+        raise UsageError(f"--expert-bytes must be >= 0, got {args.expert_bytes}")
+    loads, meta = traces.load_trace(args.trace)
+    num_windows, num_layers, num_experts = loads.shape
+    topo = Topology(args, num_experts, meta)
+    png = None if args.no_png else args.png
+    if png:
+        _check_output_dir(png, "--png")
+    expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
+        "expert_bytes")
+    runs = simulate(loads, topo, policies, args.every, threads=args.threads)
+
+    summary = {}
+    for name, run in runs.items():
+        oos = run["out_of_sample"][args.every:]
+        moved = int(run["moved_slots"].sum())
+        summary[name] = {
+            "out_of_sample": {"mean": float(oos.mean()), "min": float(oos.min()),
+                              "per_window": run["out_of_sample"].tolist()},
+            "in_sample": ({"mean": float(run["in_sample"].mean()),
+                           "min": float(run["in_sample"].min())}
+                          if run["in_sample"].size else None),
+            "rebalances": int(run["moved_slots"].size),
+            "moved_slots": moved,
+            "moved_slots_per_rebalance": run["moved_slots"].tolist(),
+            "moved_bytes": None if expert_bytes is None else moved * int(expert_bytes),
+            "plan_ms_mean": float(run["plan_ms"].mean()) if run["plan_ms"].size else None,
+        }
+    if png:
+        _plot_simulation(png, runs, args.every,
+                         f"{os.path.basename(args.trace)}: {num_layers} x {num_experts}, "
+                         f"{topo.num_slots} slots on {topo.num_ranks} ranks, every {args.every}")
+    result = {"trace": os.fspath(args.trace), "windows": num_windows, "num_layers": num_layers,
+              "num_experts": num_experts, **topo.as_dict(), "every": args.every,
+              "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
+              "policies": summary, "png": png}
+    if args.json:
+        _write_json(_clean(result))
+        return 0
+    print(f"trace: {args.trace}, {num_windows} windows x {num_layers} layers x {num_experts} "
+          f"experts")
+    print(f"placement: {topo.describe()}; rebalance every {args.every} window(s) from the "
+          f"windows just served")
+    print(f"balancedness = mean over layers of mean / max rank load; out of sample = on the "
+          f"{num_windows - args.every} windows after each plan")
+    head = (f"{'policy':<10} {'out mean':>8} {'out min':>8} {'in mean':>8} {'moved slots':>12} "
+            f"{'moved bytes':>12} {'plan ms':>8}")
+    print(head)
+    print("-" * len(head))
+    for name, s in summary.items():
+        label = "no EPLB" if name == "static" else name
+        ins = s["in_sample"]["mean"] if s["in_sample"] else None
+        print(f"{label:<10} {_fmt(s['out_of_sample']['mean'], 8)} "
+              f"{_fmt(s['out_of_sample']['min'], 8)} {_fmt(ins, 8)} {s['moved_slots']:>12} "
+              f"{_fmt_bytes(s['moved_bytes']):>12} {_fmt(s['plan_ms_mean'], 8, 1)}")
+    if expert_bytes is None:
+        print("moved bytes unknown: pass --expert-bytes (bytes of one expert's weights)")
+    if png:
+        print(f"wrote {png}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> None:
+    p.add_argument("--ranks", type=_int_arg, required=ranks_required,
+                   help="EP ranks (GPUs/NPUs) the slots are spread over")
+    p.add_argument("--nodes", type=_int_arg, default=None,
+                   help="nodes (default: the trace's deployment if its ranks match, else 1)")
+    p.add_argument("--groups", type=_int_arg, default=None,
+                   help="expert groups, e.g. DeepSeek-V3's 8 (default: from the trace, else 1); "
+                        "hierarchical placement when groups %% nodes == 0")
+    p.add_argument("--redundant", type=_int_arg, default=None,
+                   help="redundant slots per layer (default: the trace's deployment if its ranks "
+                        "match, else the smallest K >= ranks with experts + K divisible by ranks)")
+    p.add_argument("--threads", type=_int_arg, default=1, help="planner threads (layers in "
+                   "parallel)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eplb-native",
+        description="Native dynamic expert-parallel load balancing for MoE inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="plan a placement for a load file -> vllm-ascend expert map",
+                       description="Plans expert placement for a load file (.npz/.npy/.pt/.json, "
+                       "[windows, layers, experts] or [layers, experts]) and writes it as "
+                       "vllm-ascend's expert-map JSON. A multi-window trace is planned from the "
+                       "sum of its windows (--window last: the last one).")
+    p.add_argument("--load", required=True, help="load file")
+    _add_topology(p, ranks_required=False)
+    p.add_argument("--policy", choices=sorted(POLICIES), default="balanced")
+    p.add_argument("--old", help="current expert map (JSON): 'before' is judged on it and "
+                   "min_move starts from it (default: vllm-ascend's default placement)")
+    p.add_argument("--window", choices=("sum", "last"), default="sum",
+                   help="plan from the sum of the trace's windows (default) or the last one")
+    p.add_argument("-o", "--output", required=True, help="expert-map JSON to write")
+    p.add_argument("--per-layer", action="store_true", help="print every layer")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("synth", help="write a synthetic drifting load trace of a model shape",
+                       description="Writes a synthetic load trace (.npz) whose hot experts drift "
+                       "over windows; shapes: " + "; ".join(
+                           f"{k}: {v.num_layers} layers x {v.num_experts} experts, top-{v.top_k}"
+                           for k, v in traces.MODEL_SHAPES.items()))
+    p.add_argument("--shape", required=True, choices=[*traces.MODEL_SHAPES, "custom"])
+    p.add_argument("--layers", type=_int_arg, help="MoE layers (override the shape's)")
+    p.add_argument("--experts", type=_int_arg, help="logical experts per layer (override)")
+    p.add_argument("--windows", type=_int_arg, default=16, help="load windows (default 16)")
+    p.add_argument("--skew", choices=traces.SKEWS, default="zipf")
+    p.add_argument("--sigma", type=_float_arg, default=1.0, help="lognormal sigma")
+    p.add_argument("--zipf-a", type=_float_arg, default=1.1, help="Zipf exponent")
+    p.add_argument("--drift", type=_float_arg, default=0.05,
+                   help="fraction of the expert popularity renewed per window (0..1)")
+    p.add_argument("--tokens", type=_int_arg, default=4096, help="tokens per window")
+    p.add_argument("--top-k", type=_int_arg, default=None, help="experts per token")
+    p.add_argument("--seed", type=_int_arg, default=0)
+    p.add_argument("-o", "--output", required=True, help="trace file to write (.npz)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("simulate", help="replay a trace with several policies side by side",
+                       description="Replays a load trace, rebalancing every K windows with each "
+                       "policy from the windows just served, and judges every placement on the "
+                       "windows after it (out of sample). The first placement is vllm-ascend's "
+                       "default (experts in order, redundant copies round-robin).")
+    p.add_argument("--trace", required=True, help="trace file (.npz/.npy/.pt/.json)")
+    _add_topology(p)
+    p.add_argument("--policy", default="deepseek,balanced,min_move",
+                   help="comma-separated policies (default: all three)")
+    p.add_argument("--every", type=_int_arg, default=1, help="rebalance every K windows")
+    p.add_argument("--expert-bytes", type=_int_arg, default=None,
+                   help="bytes of one expert's weights (default: from the trace's model shape)")
+    p.add_argument("--png", default="simulate.png", help="balancedness plot (default "
+                   "simulate.png)")
+    p.add_argument("--no-png", action="store_true", help="do not write the plot")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as e:
+        # what the user gave is wrong (file, shape, count): one line, no traceback
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"eplb-native {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

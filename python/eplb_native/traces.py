@@ -1,0 +1,369 @@
+"""Load traces: per-window expert loads, real model shapes, and a synthetic drifting generator.
+
+A *trace* is a sequence of load windows, ``loads`` [W, L, E]: tokens routed to each logical
+expert of each MoE layer during each window (DESIGN.md: "load", "window"). One file format is
+written (``save_trace``: an ``.npz`` holding ``loads`` and a ``meta`` JSON string) and several
+are read (``load_trace``: ``.npz``, ``.npy``, ``.pt``, ``.json``, with a [W, L, E] array or a
+single [L, E] window). ``eplb-native plan`` / ``simulate`` and the updator's ``save_trace`` all
+go through this module, so a trace recorded while serving replays offline unchanged.
+
+Nothing here needs torch except reading ``.pt`` files (imported lazily).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "synth"]
+
+SKEWS = ("zipf", "lognormal")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The expert-parallel shape of a public MoE model and a typical deployment of it.
+
+    ``num_layers`` .. ``num_groups`` are what the planner needs (slots = experts + redundant);
+    ``hidden_size`` / ``moe_intermediate_size`` / ``bytes_per_param`` size one expert's weights,
+    so moved slots can be priced in bytes. ``source`` names the public config fields used.
+    """
+
+    num_layers: int  #: MoE layers (dense layers excluded)
+    num_experts: int  #: routed (logical) experts per MoE layer; shared experts excluded
+    top_k: int  #: routed experts per token (num_experts_per_tok)
+    num_redundant: int  #: redundant slots per layer in the default deployment
+    num_ranks: int  #: EP ranks in the default deployment
+    num_nodes: int  #: nodes in the default deployment (8 ranks per node)
+    num_groups: int  #: expert groups of group-limited routing (n_group); 1 = none
+    hidden_size: int = 0  #: model width (hidden_size)
+    moe_intermediate_size: int = 0  #: expert FFN width (moe_intermediate_size)
+    bytes_per_param: float = 2.0  #: storage of the released weights (FP8 = 1, BF16 = 2)
+    source: str = ""
+
+    @property
+    def num_slots(self) -> int:
+        """Physical slots per layer (logical + redundant)."""
+        return self.num_experts + self.num_redundant
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights: gate, up and down projections (3 * hidden * inter),
+        block-quantization scales ignored (< 0.1% for 128x128 FP8 blocks)."""
+        return int(3 * self.hidden_size * self.moe_intermediate_size * self.bytes_per_param)
+
+
+#: Public model shapes. The deployments (ranks, nodes, redundant slots) are the ones the planner
+#: issue benchmarks: 8 ranks per node; DeepSeek-V3 and Qwen3 288 / 160 slots on 32 ranks,
+#: Kimi-K2 384 + 128 = 512 slots on 256 ranks (2 per rank).
+MODEL_SHAPES: dict[str, ModelShape] = {
+    # deepseek-ai/DeepSeek-V3 config.json: num_hidden_layers 61, first_k_dense_replace 3
+    # (-> 58 MoE layers), n_routed_experts 256, num_experts_per_tok 8, n_group 8,
+    # hidden_size 7168, moe_intermediate_size 2048; weights released in FP8 (1 byte).
+    # 32 redundant experts on 32 ranks / 4 nodes: the DeepSeek-V3 report's prefill deployment.
+    "deepseek-v3": ModelShape(
+        num_layers=58, num_experts=256, top_k=8, num_redundant=32, num_ranks=32, num_nodes=4,
+        num_groups=8, hidden_size=7168, moe_intermediate_size=2048, bytes_per_param=1.0,
+        source="deepseek-ai/DeepSeek-V3 config.json: num_hidden_layers=61 - "
+               "first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8, n_group=8, "
+               "hidden_size=7168, moe_intermediate_size=2048, FP8"),
+    # Qwen/Qwen3-235B-A22B config.json: num_hidden_layers 94, decoder_sparse_step 1,
+    # mlp_only_layers [] (-> 94 MoE layers), num_experts 128, num_experts_per_tok 8, no expert
+    # groups, hidden_size 4096, moe_intermediate_size 1536; weights released in BF16.
+    "qwen3-235b": ModelShape(
+        num_layers=94, num_experts=128, top_k=8, num_redundant=32, num_ranks=32, num_nodes=4,
+        num_groups=1, hidden_size=4096, moe_intermediate_size=1536, bytes_per_param=2.0,
+        source="Qwen/Qwen3-235B-A22B config.json: num_hidden_layers=94, decoder_sparse_step=1, "
+               "num_experts=128, num_experts_per_tok=8, hidden_size=4096, "
+               "moe_intermediate_size=1536, BF16"),
+    # moonshotai/Kimi-K2-Instruct config.json: num_hidden_layers 61, first_k_dense_replace 1
+    # (-> 60 MoE layers), n_routed_experts 384, num_experts_per_tok 8, n_group 1,
+    # hidden_size 7168, moe_intermediate_size 2048; weights released in FP8 (block-quantized).
+    # We keep the model's 60 MoE layers; the planner issue's "Kimi-K2-like" 61 x 384 counts every
+    # decoder layer. Per-layer numbers (balancedness, time per layer) do not depend on it; pass
+    # --layers 61 to `eplb-native synth --shape kimi-k2` to reproduce that shape exactly.
+    "kimi-k2": ModelShape(
+        num_layers=60, num_experts=384, top_k=8, num_redundant=128, num_ranks=256,
+        num_nodes=32, num_groups=1, hidden_size=7168, moe_intermediate_size=2048,
+        bytes_per_param=1.0,
+        source="moonshotai/Kimi-K2-Instruct config.json: num_hidden_layers=61 - "
+               "first_k_dense_replace=1, n_routed_experts=384, num_experts_per_tok=8, n_group=1, "
+               "hidden_size=7168, moe_intermediate_size=2048, FP8"),
+}
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value, low: float, high: float = math.inf, *,
+                 low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
+    return v
+
+
+def synth(num_windows: int, num_layers: int, num_experts: int, *, skew: str = "zipf",
+          sigma: float = 1.0, zipf_a: float = 1.1, drift: float = 0.05,
+          tokens_per_window: int = 4096, top_k: int = 8, seed: int = 0) -> np.ndarray:
+    """A synthetic drifting load trace -> ``loads`` [W, L, E] int64 (a new array, caller owns).
+
+    Each layer has a latent score per expert, ``z`` ~ N(0, 1) i.i.d. at window 0 (so the hot
+    experts are a random permutation, different per layer). Each window the scores take an
+    AR(1) step, ``z <- sqrt(1 - drift) * z + sqrt(drift) * noise``: the marginal stays N(0, 1),
+    so the skew is stationary, while the identity of the hot experts changes gradually
+    (correlation sqrt(1 - drift) between consecutive windows; drift=0: static, 1: fresh every
+    window). Popularity from the scores:
+
+    - ``zipf``: the expert with the r-th highest score (r = 1, 2, ...) gets weight r**-zipf_a;
+    - ``lognormal``: weight exp(sigma * z).
+
+    Counts: ``tokens_per_window * top_k`` multinomial draws per layer and window over the
+    normalized weights (routing choices treated as independent draws; each row sums exactly to
+    tokens_per_window * top_k). Deterministic for a given seed and arguments.
+    """
+    num_windows = _check_int("num_windows", num_windows, 1)
+    num_layers = _check_int("num_layers", num_layers, 1)
+    num_experts = _check_int("num_experts", num_experts, 1)
+    tokens_per_window = _check_int("tokens_per_window", tokens_per_window, 1)
+    top_k = _check_int("top_k", top_k, 1)
+    seed = _check_int("seed", seed, 0)
+    if skew not in SKEWS:
+        raise ValueError(f"skew must be one of {SKEWS}, got {skew!r}")
+    sigma = _check_float("sigma", sigma, 0.0, 20.0)
+    zipf_a = _check_float("zipf_a", zipf_a, 0.0, 20.0, low_open=True)
+    drift = _check_float("drift", drift, 0.0, 1.0)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+
+    rng = np.random.default_rng(seed)
+    keep, fresh = math.sqrt(1.0 - drift), math.sqrt(drift)
+    zipf_weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -zipf_a
+    draws = tokens_per_window * top_k
+    out = np.empty((num_windows, num_layers, num_experts), dtype=np.int64)
+    z = rng.standard_normal((num_layers, num_experts))
+    for w in range(num_windows):
+        if w:
+            z = keep * z + fresh * rng.standard_normal(z.shape)
+        if skew == "zipf":
+            # rank of each expert's score, 0 = hottest
+            order = np.argsort(-z, axis=1, kind="stable")
+            ranks = np.empty_like(order)
+            np.put_along_axis(ranks, order, np.arange(num_experts)[None, :], axis=1)
+            weights = zipf_weights[ranks]
+        else:
+            # subtract the row max before exp: same distribution, no overflow for large sigma
+            weights = np.exp(sigma * (z - z.max(axis=1, keepdims=True)))
+        probs = weights / weights.sum(axis=1, keepdims=True)
+        out[w] = rng.multinomial(draws, probs)
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _as_numpy(loads, what: str) -> np.ndarray:
+    if type(loads).__module__.startswith("torch"):
+        loads = loads.detach().cpu().numpy()
+    try:
+        a = np.asarray(loads)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise ValueError(f"{what}: loads is not a rectangular numeric array ({e})") from None
+    return a
+
+
+def _validate(a: np.ndarray, what: str) -> np.ndarray:
+    """[W, L, E] or [L, E] numeric, finite, >= 0 -> [W, L, E] int64 or float64 (a copy)."""
+    if a.dtype == object or a.dtype.kind not in "iuf":
+        raise ValueError(f"{what}: loads must be a numeric (int or float) array, got dtype "
+                         f"{a.dtype}")
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"{what}: loads must have shape [windows, layers, experts] or "
+                         f"[layers, experts], got ndim {a.ndim} (shape {tuple(a.shape)})")
+    if 0 in a.shape:
+        raise ValueError(f"{what}: loads must not be empty, got shape {tuple(a.shape)}")
+    if a.dtype.kind == "f":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{what}: loads contain NaN or inf")
+    else:
+        if a.dtype == np.uint64 and (a > np.iinfo(np.int64).max).any():
+            raise ValueError(f"{what}: loads exceed the int64 range")
+        a = a.astype(np.int64)
+    if (a < 0).any():
+        raise ValueError(f"{what}: loads contain negative values (min {a.min()})")
+    return a
+
+
+def _meta_from_json(text, what: str) -> dict:
+    try:
+        meta = json.loads(str(text))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: 'meta' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}: 'meta' must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def save_trace(path: str | os.PathLike, loads, **meta) -> None:
+    """Writes a trace as ``.npz``: ``loads`` [W, L, E] (a [L, E] window is stored as W = 1;
+    numpy or torch; int kept as int64, float as float64) and ``meta``, the keyword arguments as
+    a JSON object string (e.g. shape="deepseek-v3", seed=0). The file is written atomically at
+    exactly ``path`` (no ``.npz`` appended). ValueError on bad loads or non-JSON meta."""
+    target = os.fspath(path)
+    a = _validate(_as_numpy(loads, "save_trace"), "save_trace")
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_trace: meta must be JSON-serializable ({e})") from None
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, loads=a, meta=np.array(meta_json))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Reads a trace -> (``loads`` [W, L, E] int64 or float64, ``meta`` dict); caller owns both.
+
+    Accepted files (by extension):
+
+    - ``.npz``: key ``loads`` (required) and optionally ``meta`` (a JSON object string), as
+      written by :func:`save_trace`;
+    - ``.npy``: one array;
+    - ``.pt``: a tensor, or a dict with ``loads`` (tensor) and optionally ``meta`` (dict),
+      read with ``torch.load(weights_only=True)``;
+    - ``.json``: a nested list, or an object with ``loads`` and optionally ``meta``.
+
+    The array is [W, L, E], or [L, E] (read as one window). Loads must be non-negative and
+    finite. Anything else raises ValueError naming the file and what is wrong;
+    a missing file raises FileNotFoundError.
+    """
+    src = os.fspath(path)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: no such file")
+    if os.path.isdir(src):
+        raise ValueError(f"{src}: is a directory, not a trace file")
+    ext = os.path.splitext(src)[1].lower()
+    meta: dict = {}
+    if ext == ".npz":
+        raw, meta = _read_npz(src)
+    elif ext == ".npy":
+        try:
+            raw = np.load(src, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any parse failure of the header or data
+            raise ValueError(f"{src}: not a valid .npy array file ({_short(e)})") from None
+        if not isinstance(raw, np.ndarray):
+            raise ValueError(f"{src}: not a valid .npy array file")
+    elif ext == ".pt":
+        raw, meta = _read_pt(src)
+    elif ext == ".json":
+        raw, meta = _read_json(src)
+    else:
+        raise ValueError(f"{src}: unsupported trace file extension {ext!r}; expected .npz, "
+                         f".npy, .pt or .json")
+    return _validate(_as_numpy(raw, src), src), meta
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _read_npz(src: str):
+    try:
+        with open(src, "rb") as f:
+            blob = f.read()
+        archive = np.load(io.BytesIO(blob), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure of the archive
+        raise ValueError(f"{src}: not a valid .npz archive ({_short(e)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{src}: not a .npz archive (it holds a single array; name it .npy)")
+    with archive:
+        if "loads" not in archive.files:
+            raise ValueError(f"{src}: missing key 'loads' (keys: {sorted(archive.files)})")
+        try:
+            raw = archive["loads"]
+            meta = _meta_from_json(archive["meta"][()], src) if "meta" in archive.files else {}
+        except ValueError as e:
+            if str(e).startswith(src):
+                raise
+            raise ValueError(f"{src}: corrupt .npz member ({_short(e)})") from None
+        except Exception as e:  # noqa: BLE001 - zlib / zip / header errors of a member
+            raise ValueError(f"{src}: corrupt .npz member ({_short(e)})") from None
+    return raw, meta
+
+
+def _read_pt(src: str):
+    import torch
+
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
+        raise ValueError(f"{src}: not a loadable torch file ({_short(e)})") from None
+    meta: dict = {}
+    if isinstance(obj, dict):
+        if "loads" not in obj:
+            raise ValueError(f"{src}: missing key 'loads' (keys: {sorted(map(str, obj))})")
+        meta = obj.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{src}: 'meta' must be a dict, got {type(meta).__name__}")
+        obj = obj["loads"]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{src}: expected a tensor or a dict with 'loads', got "
+                         f"{type(obj).__name__}")
+    if obj.is_complex() or obj.dtype == torch.bool:
+        raise ValueError(f"{src}: loads must be a numeric (int or float) tensor, got {obj.dtype}")
+    if obj.dtype in (torch.bfloat16, torch.float16):
+        obj = obj.float()
+    return obj, meta
+
+
+def _read_json(src: str):
+    try:
+        with open(src, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{src}: not valid JSON ({_short(e)})") from None
+    meta: dict = {}
+    if isinstance(doc, dict):
+        if "loads" not in doc:
+            raise ValueError(f"{src}: missing key 'loads' (keys: {sorted(doc)})")
+        meta = doc.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{src}: 'meta' must be an object, got {type(meta).__name__}")
+        doc = doc["loads"]
+    if not isinstance(doc, list):
+        raise ValueError(f"{src}: expected a nested list of loads or an object with 'loads', got "
+                         f"{type(doc).__name__}")
+    if not _all_numbers(doc):
+        raise ValueError(f"{src}: loads must contain only numbers (no strings, booleans, null)")
+    return doc, meta
+
+
+def _all_numbers(doc) -> bool:
+    stack = [doc]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, bool) or not isinstance(x, (int, float)):
+            return False
+    return True

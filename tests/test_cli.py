@@ -1,0 +1,296 @@
+"""The ``eplb-native`` command line, driven as a user would: subprocesses, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import eplb_native
+import numpy as np
+import pytest
+import torch
+from eplb_native import expert_map
+from eplb_native.cli import balancedness, default_placement_layers
+from eplb_native.traces import load_trace, save_trace, synth
+from reference.cli import balancedness as ref_balancedness
+from reference.cli import simulate as ref_simulate
+
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(eplb_native.__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args, cwd, expect=0):
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def assert_one_line_error(proc, command, *fragments):
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"eplb-native {command}: error: "), lines[0]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def assert_valid_png(path):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.01  # something was drawn, not a blank canvas
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory):
+    """A small drifting trace with a recorded deployment (synth's meta), via the CLI."""
+    d = tmp_path_factory.mktemp("trace")
+    run_cli("synth", "--shape", "custom", "--layers", 3, "--experts", 16, "--windows", 7,
+            "--tokens", 512, "--top-k", 2, "--seed", 5, "-o", "t.npz", cwd=d)
+    return d / "t.npz"
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def test_synth_writes_a_trace_of_the_model_shape(tmp_path):
+    proc = run_cli("synth", "--shape", "qwen3-235b", "--windows", 2, "--layers", 4, "--seed", 3,
+                   "-o", "q.npz", cwd=tmp_path)
+    assert "wrote q.npz" in proc.stdout
+    loads, meta = load_trace(tmp_path / "q.npz")
+    assert loads.shape == (2, 4, 128) and loads.dtype == np.int64
+    assert (loads.sum(axis=2) == 4096 * 8).all()  # default tokens x Qwen3's top-8
+    assert meta["shape"] == "qwen3-235b" and meta["seed"] == 3 and meta["top_k"] == 8
+    assert meta["num_ranks"] == 32 and meta["num_redundant"] == 32
+    assert meta["expert_bytes"] == 3 * 4096 * 1536 * 2
+    # same arguments, same trace
+    run_cli("synth", "--shape", "qwen3-235b", "--windows", 2, "--layers", 4, "--seed", 3,
+            "-o", "q2.npz", cwd=tmp_path)
+    assert np.array_equal(load_trace(tmp_path / "q2.npz")[0], loads)
+    assert np.array_equal(loads, synth(2, 4, 128, seed=3))
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--shape", "custom", "--layers", "2"], ["--layers and --experts"]),
+    (["--shape", "custom", "--layers", "2", "--experts", "4", "--top-k", "8"], ["top_k"]),
+    (["--shape", "deepseek-v3", "--drift", "2"], ["drift"]),
+    (["--shape", "deepseek-v3", "--windows", "0"], ["num_windows"]),
+])
+def test_synth_bad_arguments(tmp_path, args, fragments):
+    proc = run_cli("synth", *args, "-o", "x.npz", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "synth", *fragments)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_synth_needs_npz_and_existing_directory(tmp_path):
+    proc = run_cli("synth", "--shape", "kimi-k2", "-o", "x.npy", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "synth", "*.npz")
+    proc = run_cli("synth", "--shape", "kimi-k2", "-o", "nodir/x.npz", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "synth", "does not exist")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_bundled_example_writes_an_expert_map(tmp_path):
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "loads",
+                           "deepseek_v3_like.npz")
+    assert os.path.getsize(example) < 1 << 20
+    proc = run_cli("plan", "--load", example, "--ranks", 32, "--nodes", 4, "--groups", 8,
+                   "--redundant", 32, "-o", "map.json", cwd=tmp_path)
+    for word in ("before", "after", "bound", "hierarchical", "wrote map.json"):
+        assert word in proc.stdout
+    phy2log, ranks = expert_map.load(tmp_path / "map.json")
+    assert ranks == 32 and phy2log.shape == (58, 288)
+    for row in phy2log:
+        assert set(row.tolist()) == set(range(256))
+
+
+def test_plan_json_numbers_match_the_reference(tmp_path):
+    loads = synth(3, 4, 16, top_k=2, tokens_per_window=300, seed=11)
+    np.save(tmp_path / "w.npy", loads)
+    proc = run_cli("plan", "--load", "w.npy", "--ranks", 4, "--redundant", 4, "--policy",
+                   "deepseek", "-o", "m.json", "--json", cwd=tmp_path)
+    out = json.loads(proc.stdout)
+    phy2log, _ = expert_map.load(tmp_path / "m.json")
+    total = loads.sum(axis=0)  # a multi-window trace is planned from the sum
+    # deepseek without --old is DeepSeek EPLB's rebalance_experts on the summed load
+    want, _, _ = eplb_native.rebalance_experts(total, 20, 1, 1, 4)
+    assert np.array_equal(phy2log, want)
+    assert out["windows"] == 3 and out["planned_from"] == "sum" and out["num_slots"] == 20
+    default = default_placement_layers(4, 16, 4, 4)
+    assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, default, 4))
+    assert np.allclose(out["per_layer"]["after"], ref_balancedness(total, phy2log, 4))
+    assert np.all(np.array(out["per_layer"]["bound"]) >= np.array(out["per_layer"]["after"])
+                  - 1e-9)
+    assert out["balancedness_after"]["mean"] == pytest.approx(np.mean(out["per_layer"]["after"]))
+    assert out["moved_slots"] is None  # nothing to move from without --old
+
+
+def test_plan_last_window_and_other_formats(tmp_path):
+    loads = synth(2, 3, 8, top_k=2, tokens_per_window=200, seed=2)
+    torch.save({"loads": torch.from_numpy(loads)}, tmp_path / "l.pt")
+    (tmp_path / "l.json").write_text(json.dumps(loads[-1].tolist()))
+    a = json.loads(run_cli("plan", "--load", "l.pt", "--ranks", 2, "--window", "last",
+                           "-o", "a.json", "--json", cwd=tmp_path).stdout)
+    b = json.loads(run_cli("plan", "--load", "l.json", "--ranks", 2, "-o", "b.json", "--json",
+                           cwd=tmp_path).stdout)
+    assert a["planned_from"] == "last" and b["windows"] == 1
+    # redundant default: smallest K >= ranks making experts + K divisible by ranks
+    assert a["num_redundant"] == 2 and a["num_slots"] == 10
+    assert a["per_layer"] == b["per_layer"]
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+def test_plan_from_old_map_min_move(tmp_path, small_trace):
+    first = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--redundant", 4,
+                               "-o", "old.json", "--json", cwd=tmp_path).stdout)
+    loads, _ = load_trace(small_trace)
+    shifted = loads[::-1].copy()
+    shifted[0, :, 0] += 5000  # a newly hot expert
+    np.save(tmp_path / "new.npy", shifted)
+    out = json.loads(run_cli("plan", "--load", "new.npy", "--old", "old.json", "--policy",
+                             "min_move", "-o", "new.json", "--json", cwd=tmp_path).stdout)
+    old, _ = expert_map.load(tmp_path / "old.json")
+    new, ranks = expert_map.load(tmp_path / "new.json")
+    assert ranks == 4 and out["num_ranks"] == 4  # taken from the old map
+    assert out["before_placement"] == "--old placement"
+    total = shifted.sum(axis=0)
+    assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, old, 4))
+    assert np.allclose(out["per_layer"]["after"], ref_balancedness(total, new, 4))
+    assert out["moved_slots"] == int((new != old).sum())
+    assert first["num_redundant"] == out["num_redundant"] == 4
+
+
+@pytest.mark.parametrize("setup, args, fragments", [
+    (None, ["--load", "missing.npz", "--ranks", "4"], ["missing.npz", "no such file"]),
+    (lambda d: np.savez(d / "k.npz", weights=np.ones((2, 8))), ["--load", "k.npz", "--ranks", "4"],
+     ["k.npz", "missing key 'loads'"]),
+    (lambda d: np.save(d / "v.npy", np.ones(8)), ["--load", "v.npy", "--ranks", "4"],
+     ["v.npy", "ndim 1"]),
+    (lambda d: (d / "n.json").write_text('{"not": "a trace"}'), ["--load", "n.json", "--ranks", "4"],
+     ["n.json", "missing key 'loads'"]),
+    (lambda d: (d / "x.txt").write_text("1 2 3"), ["--load", "x.txt", "--ranks", "4"],
+     ["unsupported trace file extension"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4",
+                                                       "--redundant", "3"], ["divisible"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "0"],
+     ["--ranks"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy"], ["--ranks is required"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4",
+                                                       "--old", "nope.json"], ["nope.json"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), expert_map.save(
+        d / "o.json", np.tile(np.arange(8), (2, 1)), 2)),
+     ["--load", "g.npy", "--ranks", "4", "--old", "o.json"], ["2 ranks", "--ranks is 4"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((3, 8))), expert_map.save(
+        d / "o.json", np.tile(np.arange(8), (2, 1)), 2)),
+     ["--load", "g.npy", "--old", "o.json"], ["2 layers", "3"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), expert_map.save(
+        d / "o.json", np.tile(np.arange(8) % 7, (2, 1)), 2)),
+     ["--load", "g.npy", "--old", "o.json"], ["no copy of logical experts [7]"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_text("{}")),
+     ["--load", "g.npy", "--old", "o.json"], ["o.json", "moe_layer_count"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
+                                                       "no/dir/m.json"], ["does not exist"]),
+])
+def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
+    if setup:
+        setup(tmp_path)
+    if "-o" not in args:
+        args = [*args, "-o", "m.json"]
+    proc = run_cli("plan", *args, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", *fragments)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_argparse_errors_exit_2(tmp_path):
+    proc = run_cli("plan", "--ranks", "four", "--load", "x.npz", "-o", "m.json", cwd=tmp_path,
+                   expect=2)
+    assert "expected an integer" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("nonsense", cwd=tmp_path, expect=2)
+    assert "invalid choice" in proc.stderr
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def test_balancedness_helper_matches_reference():
+    rng = np.random.default_rng(4)
+    load = rng.lognormal(0, 1, (5, 12))
+    phy2log = np.stack([rng.permutation(np.r_[np.arange(12), rng.integers(0, 12, 4)])
+                        for _ in range(5)])
+    assert np.allclose(balancedness(load, phy2log, 4), ref_balancedness(load, phy2log, 4))
+
+
+def test_simulate_json_matches_the_reference_loop(tmp_path, small_trace):
+    proc = run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--redundant", 4,
+                   "--every", 2, "--policy", "deepseek,balanced", "--expert-bytes", 1000,
+                   "--png", "sim.png", "--json", cwd=tmp_path)
+    out = json.loads(proc.stdout)
+    loads, _ = load_trace(small_trace)
+    assert out["windows"] == 7 and out["judged_windows"] == 5 and out["every"] == 2
+    assert set(out["policies"]) == {"static", "deepseek", "balanced"}
+    default = default_placement_layers(3, 16, 4, 4)
+
+    def deepseek(window, placement):
+        p = eplb_native.plan(window, placement, num_ranks=4, policy="deepseek")
+        return p.phy2log
+
+    want, moved = ref_simulate(loads, default, 4, 2, deepseek)
+    got = out["policies"]["deepseek"]
+    per_window = np.array([np.nan if v is None else v for v in
+                           got["out_of_sample"]["per_window"]])
+    assert np.isnan(per_window[:2]).all()
+    assert np.allclose(per_window[2:], want[2:])
+    assert got["out_of_sample"]["mean"] == pytest.approx(want[2:].mean())
+    assert got["out_of_sample"]["min"] == pytest.approx(want[2:].min())
+    assert got["moved_slots_per_rebalance"] == moved and got["rebalances"] == 3
+    assert got["moved_bytes"] == sum(moved) * 1000
+    assert got["in_sample"]["mean"] is not None
+    static = out["policies"]["static"]
+    assert static["moved_slots"] == 0 and static["in_sample"] is None
+    assert np.allclose(static["out_of_sample"]["per_window"],
+                       [ref_balancedness(w, default, 4).mean() for w in loads])
+    assert out["png"] == "sim.png"
+    assert_valid_png(tmp_path / "sim.png")
+
+
+def test_simulate_text_table_and_shape_defaults(tmp_path):
+    # a synth trace of a known shape records its deployment: groups, nodes, redundant, bytes
+    run_cli("synth", "--shape", "deepseek-v3", "--layers", 2, "--windows", 3, "--tokens", 256,
+            "-o", "ds.npz", cwd=tmp_path)
+    proc = run_cli("simulate", "--trace", "ds.npz", "--ranks", 32, cwd=tmp_path)
+    text = proc.stdout
+    assert "288 slots (256 experts + 32 redundant) on 32 ranks, 4 node(s), 8 group(s)" in text
+    for name in ("no EPLB", "deepseek", "balanced", "min_move", "GiB", "wrote simulate.png"):
+        assert name in text
+    assert_valid_png(tmp_path / "simulate.png")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--every", "7"], ["7 window(s)", "--every 7"]),
+    (["--policy", "deepseek,fastest"], ["--policy"]),
+    (["--policy", "deepseek,deepseek"], ["twice"]),
+    (["--every", "0"], ["--every"]),
+    (["--redundant", "3"], ["divisible"]),
+    (["--png", "no/dir/x.png"], ["does not exist"]),
+])
+def test_simulate_bad_arguments(tmp_path, small_trace, args, fragments):
+    proc = run_cli("simulate", "--trace", small_trace, "--ranks", 4, *args, cwd=tmp_path,
+                   expect=2)
+    assert_one_line_error(proc, "simulate", *fragments)
+    assert not (tmp_path / "simulate.png").exists()
+
+
+def test_simulate_bad_trace_file(tmp_path):
+    save_trace(tmp_path / "ok.npz", np.ones((2, 2, 4)))
+    (tmp_path / "bad.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:40])
+    proc = run_cli("simulate", "--trace", "bad.npz", "--ranks", 2, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "simulate", "bad.npz")

@@ -1,0 +1,87 @@
+"""vllm-ascend expert-map JSON: round trip, the format itself, and malformed files."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb_native import expert_map
+
+
+def test_round_trip_keeps_every_slot(tmp_path):
+    rng = np.random.default_rng(3)
+    phy2log = np.stack([rng.permutation(np.r_[np.arange(12), rng.integers(0, 12, 4)])
+                        for _ in range(3)])
+    path = tmp_path / "map.json"
+    expert_map.save(path, phy2log, num_ranks=4)
+    got, ranks = expert_map.load(path)
+    assert ranks == 4
+    np.testing.assert_array_equal(got, phy2log)
+
+
+def test_format_is_vllm_ascend():
+    doc = expert_map.to_json_dict(np.array([[3, 1, 0, 2]]), num_ranks=2)
+    assert doc == {
+        "moe_layer_count": 1,
+        "layer_list": [{"layer_id": 0, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [3, 1]},
+            {"device_id": 1, "device_expert": [0, 2]}]}],
+    }
+    # json-serialisable as is (plain ints)
+    json.dumps(doc)
+
+
+def test_devices_and_layers_in_any_order():
+    doc = expert_map.to_json_dict(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_ranks=2)
+    doc["layer_list"].reverse()
+    doc["layer_list"][0]["device_list"].reverse()
+    np.testing.assert_array_equal(expert_map.from_json_dict(doc), [[0, 1, 2, 3], [3, 2, 1, 0]])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("layer_list"), "missing key 'layer_list'"),
+    (lambda d: d.update(moe_layer_count=3), "moe_layer_count"),
+    (lambda d: d["layer_list"][0].pop("device_list"), "device_list"),
+    (lambda d: d["layer_list"][0]["device_list"][1].update(device_expert=[0]), "same number"),
+    (lambda d: d["layer_list"][0]["device_list"][1].update(device_expert=[0, -1]), ">= 0"),
+    (lambda d: d["layer_list"][0]["device_list"][1].update(device_expert=[0, "x"]), "expert ids"),
+    (lambda d: d["layer_list"][0].update(device_count=5), "device_count"),
+    (lambda d: d["layer_list"][1].update(layer_id=7), "layer_id"),
+])
+def test_malformed_maps_name_the_problem(mutate, message):
+    doc = expert_map.to_json_dict(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_ranks=2)
+    mutate(doc)
+    with pytest.raises(ValueError, match=message):
+        expert_map.from_json_dict(doc)
+
+
+def test_not_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        expert_map.load(path)
+
+
+def test_bad_num_ranks():
+    with pytest.raises(ValueError, match="num_ranks"):
+        expert_map.to_json_dict(np.zeros((1, 6), dtype=np.int64), num_ranks=4)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 20) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["moe_layer_count", "layer_list", "layer_id", "device_count",
+                         "device_list", "device_id", "device_expert"]), inner, max_size=4),
+    max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_fuzz_parser_raises_only_value_error(doc):
+    try:
+        phy2log = expert_map.from_json_dict(doc)
+    except ValueError:
+        return
+    assert phy2log.ndim == 2 and phy2log.dtype == np.int64 and (phy2log >= 0).all()

@@ -1,0 +1,421 @@
+"""Hot-path ops: native kernels (CPU, and CUDA on a GPU host) and the composite fallback against
+the NumPy reference in tests/reference/ops.py, plus argument checks, opcheck and CUDA graphs."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import ops as ref
+
+from eplb_native import ops
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CPU-only host)")
+INDEX = [torch.int32, torch.int64]
+POISON = 0x5A5A5A5A
+
+
+# ------------------------------------------------------------------ helpers
+
+
+# (map_and_record, record_topk, record_counts) of each path: the op as dispatched (the device's
+# native kernel) and the composite fallback called directly (forced, on any device).
+_FNS = {
+    "native": (ops.map_and_record, ops.record_topk, ops.record_counts),
+    "composite": (ops.composite_map_and_record, ops.composite_record_topk,
+                  ops.composite_record_counts),
+}
+PATHS = list(_FNS)
+
+
+def _fns(path):
+    return _FNS[path]
+
+
+def _poison_allocator(numel, dtype, device):
+    """Fills and frees a block the size of the next output, so an element the op forgets to
+    write holds POISON (the caching allocator / malloc hands the block back)."""
+    t = torch.full((max(numel, 1),), POISON, dtype=dtype, device=device)
+    del t
+
+
+def _placement(E, P, max_rep, dtype, device, gen):
+    """A random valid placement: every logical expert gets 1..max_rep slots of P, the rest
+    spread by draw; log2phy [E, M] -1 padded, logcnt [E]."""
+    extra = P - E
+    counts = np.ones(E, dtype=np.int64)
+    for _ in range(extra):
+        e = gen.integers(E)
+        while counts[e] >= max_rep:
+            e = gen.integers(E)
+        counts[e] += 1
+    phy2log = np.repeat(np.arange(E), counts)
+    gen.shuffle(phy2log)
+    M = int(counts.max())
+    log2phy = np.full((E, M), -1, dtype=np.int64)
+    fill = np.zeros(E, dtype=np.int64)
+    for slot, e in enumerate(phy2log):
+        log2phy[e, fill[e]] = slot
+        fill[e] += 1
+    return (torch.tensor(log2phy, dtype=dtype, device=device),
+            torch.tensor(counts, dtype=dtype, device=device))
+
+
+def _ids(T, k, E, dtype, device, gen, bad=True):
+    """Random logical ids, skewed towards a few hot experts, with some out-of-range ids."""
+    hot = gen.zipf(1.3, size=(T, k)) - 1
+    ids = np.where(gen.random((T, k)) < 0.5, hot % max(E, 1), gen.integers(0, max(E, 1), (T, k)))
+    if bad and ids.size:
+        n_bad = max(1, ids.size // 50)
+        pos = gen.integers(0, ids.size, n_bad)
+        ids.reshape(-1)[pos] = gen.choice([-1, -7, E, E + 3], n_bad)
+    return torch.tensor(ids, dtype=dtype, device=device)
+
+
+def _load(P, dtype, device, gen):
+    return torch.tensor(gen.integers(1, 1000, P), dtype=dtype, device=device)
+
+
+def _flag(value, device, dtype=torch.bool):
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _check_map(fn, ids, log2phy, logcnt, load, record, valid, mode):
+    ref_load = load.cpu().numpy().copy()
+    _poison_allocator(ids.numel(), ids.dtype, ids.device)
+    out = fn(ids, log2phy, logcnt, load, record, valid, mode)
+    exp_out, exp_load = ref.map_and_record(
+        ids.cpu().numpy(), log2phy.cpu().numpy(),
+        None if logcnt is None else logcnt.cpu().numpy(), ref_load, bool(record.item()),
+        None if valid is None else int(valid.item()), mode)
+    assert out.dtype == ids.dtype and out.shape == ids.shape and out.device == ids.device
+    np.testing.assert_array_equal(out.cpu().numpy(), exp_out)
+    np.testing.assert_array_equal(load.cpu().numpy(), exp_load)
+    return out
+
+
+# ------------------------------------------------------------------ map_and_record
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("id_dtype,load_dtype,table_dtype",
+                         list(itertools.product(INDEX, INDEX, INDEX)))
+def test_map_and_record_dtypes(device, path, id_dtype, load_dtype, table_dtype):
+    gen = np.random.default_rng(hash((id_dtype, load_dtype, table_dtype)) % 2**32)
+    map_fn = _fns(path)[0]
+    log2phy, logcnt = _placement(256, 288, 16, table_dtype, device, gen)
+    load = _load(288, load_dtype, device, gen)
+    for T, k in [(0, 8), (1, 8), (1, 1), (3, 1), (37, 8), (513, 8)]:
+        ids = _ids(T, k, 256, id_dtype, device, gen)
+        _check_map(map_fn, ids, log2phy, logcnt, load, _flag(True, device), None, "spread")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("id_dtype", INDEX)
+def test_map_and_record_large(device, path, id_dtype):
+    """T*k = 1M ids, E = 512 with up to 16 replicas, padding and out-of-range ids."""
+    gen = np.random.default_rng(7)
+    map_fn = _fns(path)[0]
+    log2phy, logcnt = _placement(512, 1024, 16, torch.int64, device, gen)
+    load = _load(1024, torch.int64, device, gen)
+    ids = _ids(131072, 8, 512, id_dtype, device, gen)
+    valid = torch.tensor(100000, device=device)
+    _check_map(map_fn, ids, log2phy, logcnt, load, _flag(True, device), valid, "spread")
+    _check_map(map_fn, ids, log2phy, logcnt, load, _flag(False, device), valid, "spread")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_map_and_record_record_flag_and_valid(device, path):
+    gen = np.random.default_rng(11)
+    map_fn = _fns(path)[0]
+    log2phy, logcnt = _placement(64, 80, 4, torch.int32, device, gen)
+    load = _load(80, torch.int32, device, gen)
+    ids = _ids(300, 6, 64, torch.int32, device, gen)
+    for rec_dtype, rec in itertools.product([torch.bool, torch.uint8, torch.int32, torch.int64],
+                                            [0, 1]):
+        for valid in [None, 0, 1, 150, 299, 300, 10_000, -4]:
+            v = None if valid is None else torch.tensor(valid, device=device,
+                                                        dtype=torch.int32 if valid % 2 else
+                                                        torch.int64)
+            before = load.clone()
+            _check_map(map_fn, ids, log2phy, logcnt, load, _flag(rec, device, rec_dtype), v,
+                       "spread")
+            if not rec:
+                assert torch.equal(load, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("id_dtype,table_dtype", list(itertools.product(INDEX, INDEX)))
+def test_map_and_record_rank_local(device, path, id_dtype, table_dtype):
+    gen = np.random.default_rng(13)
+    map_fn = _fns(path)[0]
+    P = 384
+    table = torch.tensor(gen.integers(0, P, 256), dtype=table_dtype, device=device)
+    table[5] = -1  # a logical expert with no reachable replica maps to -1, not counted
+    load = _load(P, torch.int64, device, gen)
+    for T, k in [(0, 8), (1, 8), (777, 8)]:
+        ids = _ids(T, k, 256, id_dtype, device, gen)
+        _check_map(map_fn, ids, table, None, load, _flag(True, device),
+                   torch.tensor(max(T - 3, 0), device=device), "rank_local")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_map_and_record_odd_layouts(device, path):
+    """Non-contiguous and misaligned ids, logcnt beyond M or < 1, table slots beyond P."""
+    gen = np.random.default_rng(17)
+    map_fn = _fns(path)[0]
+    log2phy, logcnt = _placement(32, 48, 3, torch.int64, device, gen)
+    logcnt[0] = 99  # clamped to M
+    logcnt[1] = 0  # clamped to 1
+    log2phy[2, 0] = 48  # slot outside load: returned, not counted
+    load = _load(48, torch.int64, device, gen)
+    base = _ids(1001, 8, 32, torch.int32, device, gen)
+    for ids in [base.t(), base.reshape(-1)[1:], base.reshape(-1)[3:4003].reshape(500, 8),
+                base[:, 2:7]]:
+        _check_map(map_fn, ids, log2phy, logcnt, load, _flag(True, device), None, "spread")
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(0, 70), k=st.integers(1, 9), E=st.integers(1, 40),
+       extra=st.integers(0, 40), max_rep=st.integers(1, 5), seed=st.integers(0, 2**31),
+       valid=st.one_of(st.none(), st.integers(-2, 80)))
+def test_map_and_record_fuzz_shapes(T, k, E, extra, max_rep, seed, valid):
+    gen = np.random.default_rng(seed)
+    extra = min(extra, E * (max_rep - 1))
+    log2phy, logcnt = _placement(E, E + extra, max_rep, torch.int64, "cpu", gen)
+    ids = _ids(T, k, E, torch.int32, "cpu", gen)
+    v = None if valid is None else torch.tensor(valid)
+    for path in PATHS:
+        load = _load(E + extra, torch.int64, "cpu", gen)
+        _check_map(_fns(path)[0], ids, log2phy, logcnt, load, _flag(True, "cpu"), v, "spread")
+
+
+# ------------------------------------------------------------------ record_topk / record_counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("id_dtype,load_dtype", list(itertools.product(INDEX, INDEX)))
+def test_record_topk(device, path, id_dtype, load_dtype):
+    gen = np.random.default_rng(19)
+    topk_fn = _fns(path)[1]
+    P = 300
+    for T, k, rec, valid in [(0, 8, 1, None), (1, 8, 1, None), (517, 8, 1, 400), (517, 8, 0, None),
+                             (131072, 8, 1, 120000)]:
+        ids = _ids(T, k, P, id_dtype, device, gen)
+        load = _load(P, load_dtype, device, gen)
+        exp = ref.record_topk(load.cpu().numpy(), ids.cpu().numpy(), rec, valid)
+        topk_fn(load, ids, _flag(rec, device),
+                None if valid is None else torch.tensor(valid, device=device))
+        np.testing.assert_array_equal(load.cpu().numpy(), exp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("group_list_type", [0, 1])
+@pytest.mark.parametrize("tok_dtype,load_dtype", list(itertools.product(INDEX, INDEX)))
+def test_record_counts(device, path, group_list_type, tok_dtype, load_dtype):
+    gen = np.random.default_rng(23)
+    counts_fn = _fns(path)[2]
+    for n, offset in [(0, 0), (1, 287), (9, 0), (9, 279), (288, 0)]:
+        counts = gen.integers(1, 500, n)
+        tokens = np.cumsum(counts) if group_list_type == 0 else counts
+        load = _load(288, load_dtype, device, gen)
+        exp = ref.record_counts(load.cpu().numpy(), tokens, group_list_type, offset)
+        counts_fn(load, torch.tensor(tokens, dtype=tok_dtype, device=device), group_list_type,
+                  offset)
+        np.testing.assert_array_equal(load.cpu().numpy(), exp)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_record_counts_bad_arguments(path):
+    counts_fn = _fns(path)[2]
+    load = torch.ones(16, dtype=torch.int64)
+    tokens = torch.ones(4, dtype=torch.int32)
+    for offset in [13, 16, -1]:
+        with pytest.raises(ValueError, match="offset"):
+            counts_fn(load, tokens, 1, offset)
+    with pytest.raises(ValueError, match="group_list_type"):
+        counts_fn(load, tokens, 2, 0)
+    with pytest.raises(TypeError, match="expert_tokens"):
+        counts_fn(load, tokens.float(), 1, 0)
+    with pytest.raises(ValueError, match="expert_tokens"):
+        counts_fn(load, tokens.reshape(2, 2), 1, 0)
+    assert torch.equal(load, torch.ones(16, dtype=torch.int64))  # nothing half-applied
+
+
+# ------------------------------------------------------------------ argument checks
+
+
+def _good_args(device="cpu"):
+    log2phy = torch.tensor([[0, 3], [1, -1], [2, -1]], device=device)
+    return dict(topk_ids=torch.tensor([[0, 1], [2, 1]], device=device), log2phy=log2phy,
+                logcnt=torch.tensor([2, 1, 1], device=device),
+                load=torch.zeros(4, dtype=torch.int64, device=device),
+                record=torch.tensor(True, device=device))
+
+
+BAD = [
+    ("topk_ids", lambda a: a["topk_ids"].float(), TypeError),
+    ("log2phy", lambda a: a["log2phy"].to(torch.int16), TypeError),
+    ("log2phy", lambda a: a["log2phy"].reshape(-1), ValueError),
+    ("logcnt", lambda a: a["logcnt"][:2], ValueError),
+    ("logcnt", lambda a: a["logcnt"].double(), TypeError),
+    ("load", lambda a: a["load"].reshape(2, 2), ValueError),
+    ("load", lambda a: torch.zeros(8, dtype=torch.int64)[::2], ValueError),
+    ("load", lambda a: a["load"].float(), TypeError),
+    ("record", lambda a: torch.tensor([True, False]), ValueError),
+    ("record", lambda a: torch.tensor(1.0), TypeError),
+    ("load", lambda a: a["load"].to("meta"), ValueError),
+    ("record", lambda a: a["record"].to("meta"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,make,exc", BAD)
+@pytest.mark.parametrize("entry", ["wrapper", "torch.ops", "composite"])
+def test_map_and_record_bad_arguments(name, make, exc, entry):
+    args = _good_args()
+    args[name] = make(args)
+    fn = {"wrapper": ops.map_and_record, "torch.ops": torch.ops.eplb_native.map_and_record,
+          "composite": ops.composite_map_and_record}[entry]
+    with pytest.raises(exc, match=name):
+        fn(*args.values())
+
+
+@pytest.mark.parametrize("entry", ["wrapper", "torch.ops"])
+def test_bad_mode_and_num_valid(entry):
+    fn = {"wrapper": ops.map_and_record, "torch.ops": torch.ops.eplb_native.map_and_record}[entry]
+    args = list(_good_args().values())
+    with pytest.raises(ValueError, match="mode"):
+        fn(*args, None, "hash")
+    with pytest.raises(TypeError, match="num_valid_tokens"):
+        fn(*args, torch.tensor(1.5), "spread")
+    with pytest.raises(ValueError, match="num_valid_tokens"):
+        fn(*args, torch.tensor([1, 2]), "spread")
+    with pytest.raises(ValueError, match="log2phy"):
+        fn(*args, None, "rank_local")  # rank_local wants a 1-D table
+
+
+def test_record_topk_bad_arguments():
+    load = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="topk_ids"):
+        ops.record_topk(load, torch.zeros(3), torch.tensor(True))
+    with pytest.raises(ValueError, match="record"):
+        ops.record_topk(load, torch.zeros(3, dtype=torch.int32), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="load"):
+        torch.ops.eplb_native.record_topk(load.reshape(2, 2), torch.zeros(3, dtype=torch.int32),
+                                          torch.tensor(True))
+
+
+# ------------------------------------------------------------------ registration, tracing
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    gen = np.random.default_rng(29)
+    log2phy, logcnt = _placement(16, 24, 4, torch.int64, device, gen)
+    ids = _ids(40, 4, 16, torch.int32, device, gen)
+    load = _load(24, torch.int64, device, gen)
+    rec = _flag(True, device)
+    valid = torch.tensor(30, device=device)
+    table = torch.tensor(gen.integers(0, 24, 16), device=device)
+    lib = torch.ops.eplb_native
+    torch.library.opcheck(lib.map_and_record, (ids, log2phy, logcnt, load, rec, valid, "spread"))
+    torch.library.opcheck(lib.map_and_record, (ids, table, table, load, rec, None, "rank_local"))
+    torch.library.opcheck(lib.record_topk, (load, ids, rec, valid))
+    torch.library.opcheck(lib.record_counts, (load, torch.tensor([3, 1, 4], device=device), 1, 2))
+
+
+def test_compiles_without_graph_break():
+    gen = np.random.default_rng(31)
+    log2phy, logcnt = _placement(8, 12, 3, torch.int64, "cpu", gen)
+    load = torch.zeros(12, dtype=torch.int64)
+
+    def step(ids, rec):
+        return ops.map_and_record(ids, log2phy, logcnt, load, rec) + 0
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    ids = _ids(20, 4, 8, torch.int64, "cpu", gen, bad=False)
+    got = compiled(ids, torch.tensor(True))
+    exp_out, exp_load = ref.map_and_record(ids.numpy(), log2phy.numpy(), logcnt.numpy(),
+                                           np.zeros(12), True)
+    np.testing.assert_array_equal(got.numpy(), exp_out)
+    np.testing.assert_array_equal(load.numpy(), exp_load)
+
+
+def test_backend_info():
+    assert "cpu" in ops.built_backends()
+    info = ops.backend_info(["cpu", "cuda", "npu"])
+    assert info["cpu"] == {op: "cpu" for op in ("map_and_record", "record_counts", "record_topk")}
+    expect_cuda = "cuda" if "cuda" in ops.built_backends() else "composite"
+    assert set(info["cuda"].values()) == {expect_cuda}
+    assert set(info["npu"].values()) <= {"ascendc", "composite"}
+    with pytest.raises(ValueError, match="devices"):
+        ops.backend_info(["tpu"])
+
+
+# ------------------------------------------------------------------ CUDA only
+
+
+@needs_cuda
+def test_cuda_path_is_native():
+    assert "cuda" in ops.built_backends(), "this GPU host's build has no CUDA kernels"
+    assert set(ops.backend_info(["cuda"])["cuda"].values()) == {"cuda"}
+
+
+@needs_cuda
+@pytest.mark.parametrize("id_dtype", INDEX)
+def test_cuda_large_load_uses_global_atomics(id_dtype):
+    """P beyond the shared-memory histogram limit (12288 slots)."""
+    gen = np.random.default_rng(37)
+    P = 20000
+    table = torch.tensor(gen.integers(0, P, 4096), device="cuda")
+    load = _load(P, torch.int64, "cuda", gen)
+    ids = _ids(4096, 8, 4096, id_dtype, "cuda", gen)
+    _check_map(ops.map_and_record, ids, table, None, load, _flag(True, "cuda"), None,
+               "rank_local")
+
+
+@needs_cuda
+@pytest.mark.parametrize("id_dtype", INDEX)
+def test_cuda_graph_replay_record_on_off(id_dtype):
+    gen = np.random.default_rng(41)
+    log2phy, logcnt = _placement(256, 288, 8, torch.int64, "cuda", gen)
+    load = torch.zeros(288, dtype=torch.int64, device="cuda")
+    ids = _ids(4096, 8, 256, id_dtype, "cuda", gen)
+    record = torch.tensor(True, device="cuda")
+    valid = torch.tensor(4096, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        ops.map_and_record(ids, log2phy, logcnt, load, record, valid)
+    torch.cuda.current_stream().wait_stream(stream)
+    load.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.map_and_record(ids, log2phy, logcnt, load, record, valid)
+    torch.cuda.synchronize()
+    assert int(load.sum()) == 0  # capture itself ran nothing
+
+    expected = np.zeros(288, dtype=np.int64)
+    for rec, n_valid in [(True, 4096), (False, 4096), (True, 1000), (False, 0), (True, 4096)]:
+        new_ids = _ids(4096, 8, 256, id_dtype, "cuda", gen)
+        ids.copy_(new_ids)
+        record.fill_(rec)
+        valid.fill_(n_valid)
+        graph.replay()
+        exp_out, expected = ref.map_and_record(new_ids.cpu().numpy(), log2phy.cpu().numpy(),
+                                               logcnt.cpu().numpy(), expected, rec, n_valid)
+        np.testing.assert_array_equal(out.cpu().numpy(), exp_out)
+        np.testing.assert_array_equal(load.cpu().numpy(), expected)

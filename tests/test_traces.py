@@ -1,0 +1,219 @@
+"""eplb_native.traces: model shapes, the synthetic drifting generator, trace files."""
+
+import json
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from eplb_native.traces import MODEL_SHAPES, ModelShape, load_trace, save_trace, synth
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def test_model_shapes_are_public_facts():
+    ds = MODEL_SHAPES["deepseek-v3"]
+    assert (ds.num_layers, ds.num_experts, ds.top_k, ds.num_groups) == (58, 256, 8, 8)
+    assert (ds.num_redundant, ds.num_ranks, ds.num_nodes, ds.num_slots) == (32, 32, 4, 288)
+    qw = MODEL_SHAPES["qwen3-235b"]
+    assert (qw.num_layers, qw.num_experts, qw.top_k, qw.num_groups) == (94, 128, 8, 1)
+    kimi = MODEL_SHAPES["kimi-k2"]
+    assert (kimi.num_layers, kimi.num_experts, kimi.top_k, kimi.num_slots) == (60, 384, 8, 512)
+    for shape in MODEL_SHAPES.values():
+        assert isinstance(shape, ModelShape) and shape.source
+        assert shape.num_slots % shape.num_ranks == 0
+        # 3 projections of hidden x moe_intermediate, FP8 or BF16
+        assert shape.expert_bytes == int(3 * shape.hidden_size * shape.moe_intermediate_size
+                                         * shape.bytes_per_param)
+    assert ds.expert_bytes == 3 * 7168 * 2048
+    with pytest.raises(AttributeError):
+        ds.num_layers = 3  # frozen
+
+
+def test_synth_shape_counts_and_determinism():
+    a = synth(6, 3, 32, tokens_per_window=100, top_k=4, seed=7)
+    assert a.shape == (6, 3, 32) and a.dtype == np.int64
+    assert (a.sum(axis=2) == 400).all()  # every window and layer: tokens * top_k draws
+    assert (a >= 0).all()
+    assert np.array_equal(a, synth(6, 3, 32, tokens_per_window=100, top_k=4, seed=7))
+    assert not np.array_equal(a, synth(6, 3, 32, tokens_per_window=100, top_k=4, seed=8))
+
+
+@pytest.mark.parametrize("skew", ["zipf", "lognormal"])
+def test_synth_is_skewed_permuted_per_layer_and_drifts(skew):
+    a = synth(40, 4, 64, skew=skew, drift=0.05, tokens_per_window=20000, seed=1)
+    first = a[0].astype(np.float64)
+    # skewed: the hottest expert gets far more than the mean
+    assert (first.max(axis=1) > 4 * first.mean(axis=1)).all()
+    # a different hot expert per layer (random permutation per layer)
+    assert len(set(first.argmax(axis=1).tolist())) > 1
+    # gradual drift: consecutive windows are close, distant windows less so
+    near = np.mean([np.corrcoef(a[t, 0], a[t + 1, 0])[0, 1] for t in range(39)])
+    far = np.corrcoef(a[0, 0], a[39, 0])[0, 1]
+    assert near > 0.8 and far < near
+
+
+def test_synth_drift_zero_is_stationary_and_one_is_fresh():
+    static = synth(2, 2, 64, drift=0.0, tokens_per_window=50000, seed=3)
+    assert (static[0].argmax(axis=1) == static[1].argmax(axis=1)).all()
+    assert np.corrcoef(static[0, 0], static[1, 0])[0, 1] > 0.95
+    fresh = synth(30, 1, 64, drift=1.0, tokens_per_window=50000, seed=3)
+    corr = np.mean([np.corrcoef(fresh[t, 0], fresh[t + 1, 0])[0, 1] for t in range(29)])
+    assert corr < 0.5
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"num_windows": 0}, "num_windows"), ({"num_layers": -1}, "num_layers"),
+    ({"num_experts": 2.5}, "num_experts"), ({"skew": "pareto"}, "skew"),
+    ({"drift": 1.5}, "drift"), ({"sigma": float("nan")}, "sigma"), ({"zipf_a": 0}, "zipf_a"),
+    ({"top_k": 9, "num_experts": 8}, "top_k"), ({"seed": True}, "seed"),
+])
+def test_synth_bad_arguments(kwargs, name):
+    args = {"num_windows": 2, "num_layers": 2, "num_experts": 16, **kwargs}
+    n, layers, experts = args.pop("num_windows"), args.pop("num_layers"), args.pop("num_experts")
+    with pytest.raises(ValueError, match=name):
+        synth(n, layers, experts, **args)
+
+
+def test_save_load_roundtrip_npz(tmp_path):
+    a = synth(3, 2, 16, seed=0)
+    path = tmp_path / "trace.npz"
+    save_trace(path, a, shape="deepseek-v3", seed=0)
+    loads, meta = load_trace(path)
+    assert np.array_equal(loads, a) and loads.dtype == np.int64
+    assert meta == {"shape": "deepseek-v3", "seed": 0}
+    # exactly the given path, no extension appended, no temp file left over
+    other = tmp_path / "trace.bin"
+    save_trace(other, torch.tensor(a[0], dtype=torch.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.bin", "trace.npz"]
+    with zipfile.ZipFile(other) as z:
+        assert set(z.namelist()) == {"loads.npy", "meta.npy"}
+
+
+def test_load_other_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 100, size=(2, 3, 8))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "one.npy", a[0].astype(np.float32))
+    torch.save(torch.from_numpy(a), tmp_path / "t.pt")
+    torch.save({"loads": torch.from_numpy(a).to(torch.bfloat16), "meta": {"k": 1}},
+               tmp_path / "d.pt")
+    (tmp_path / "l.json").write_text(json.dumps(a.tolist()))
+    (tmp_path / "o.json").write_text(json.dumps({"loads": a[0].tolist(), "meta": {"x": "y"}}))
+    for name, want, meta in [("a.npy", a, {}), ("one.npy", a[:1], {}), ("t.pt", a, {}),
+                             ("d.pt", a, {"k": 1}), ("l.json", a, {}), ("o.json", a[:1],
+                                                                        {"x": "y"})]:
+        loads, got_meta = load_trace(tmp_path / name)
+        assert loads.shape == want.shape, name
+        assert np.allclose(loads, want), name  # bf16 holds integers < 256 exactly
+        assert got_meta == meta
+    assert load_trace(tmp_path / "one.npy")[0].dtype == np.float64
+    assert load_trace(tmp_path / "a.npy")[0].dtype == np.int64
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros(4)), "ndim 1"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((1, 2, 3, 4))), "ndim 4"),
+    (lambda p: np.save(p.with_suffix(".npy"), -np.ones((2, 3))), "negative"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.full((2, 3), np.nan)), "NaN"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((0, 3))), "empty"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.array([["a", "b"]])), "numeric"),
+    (lambda p: np.savez(p.with_suffix(".npz"), other=np.ones((2, 3))), "missing key 'loads'"),
+    (lambda p: np.savez(p.with_suffix(".npz"), loads=np.ones((2, 3)), meta=np.array("[1]")),
+     "'meta' must be a JSON object"),
+    (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip"), "not a valid .npz"),
+    (lambda p: p.with_suffix(".npy").write_bytes(b"\x93NUMPY garbage"), "not a valid .npy"),
+    (lambda p: p.with_suffix(".json").write_text("{"), "not valid JSON"),
+    (lambda p: p.with_suffix(".json").write_text('{"meta": {}}'), "missing key 'loads'"),
+    (lambda p: p.with_suffix(".json").write_text('[[1, 2], [3]]'), "rectangular"),
+    (lambda p: p.with_suffix(".json").write_text('[[1, "2"]]'), "only numbers"),
+    (lambda p: p.with_suffix(".json").write_text('"hello"'), "nested list"),
+    (lambda p: p.with_suffix(".pt").write_bytes(b"garbage"), "not a loadable torch file"),
+    (lambda p: torch.save({"x": torch.ones(2, 2)}, p.with_suffix(".pt")), "missing key 'loads'"),
+    (lambda p: torch.save([1, 2], p.with_suffix(".pt")), "expected a tensor"),
+    (lambda p: p.with_suffix(".csv").write_text("1,2"), "unsupported trace file extension"),
+])
+def test_load_trace_errors_name_file_and_problem(tmp_path, make, message):
+    base = tmp_path / "bad"
+    make(base)
+    (path,) = list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=message) as err:
+        load_trace(path)
+    assert str(path) in str(err.value)
+
+
+def test_load_trace_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_trace(tmp_path / "nope.npz")
+
+
+def test_save_trace_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="negative"):
+        save_trace(tmp_path / "x.npz", -np.ones((1, 2, 3)))
+    with pytest.raises(ValueError, match="JSON-serializable"):
+        save_trace(tmp_path / "x.npz", np.ones((1, 2, 3)), when=object())
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(max_size=600), ext=st.sampled_from([".npz", ".npy", ".pt", ".json"]))
+def test_fuzz_loader_random_bytes(tmp_path, blob, ext):
+    path = tmp_path / f"fuzz{ext}"
+    path.write_bytes(blob)
+    try:
+        loads, meta = load_trace(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+    else:  # the rare valid file must satisfy every promise
+        assert loads.ndim == 3 and (loads >= 0).all() and isinstance(meta, dict)
+
+
+def _json_values():
+    scalars = (st.integers(-5, 10**20) | st.floats(allow_nan=True, allow_infinity=True)
+               | st.booleans() | st.none() | st.text(max_size=3))
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4)
+                        | st.dictionaries(st.sampled_from(["loads", "meta", "x"]), c, max_size=3),
+                        max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_json_values())
+def test_fuzz_loader_json_structures(tmp_path, doc):
+    path = tmp_path / "fuzz.json"
+    path.write_text(json.dumps(doc))
+    try:
+        loads, meta = load_trace(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+    else:
+        assert loads.ndim == 3 and 0 not in loads.shape
+        assert np.isfinite(loads).all() and (loads >= 0).all()
+        assert loads.dtype in (np.int64, np.float64) and isinstance(meta, dict)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(0, 3), min_size=0, max_size=5),
+       dtype=st.sampled_from(["int8", "uint16", "int64", "uint64", "float16", "float64", "bool",
+                              "complex64"]),
+       fill=st.sampled_from([0, 1, -1, np.nan, np.inf, 2**63]))
+def test_fuzz_loader_npz_arrays(tmp_path, shape, dtype, fill):
+    path = tmp_path / "fuzz.npz"
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # casting inf / huge values warns; the cast is the test
+        try:
+            a = np.full(shape, fill).astype(dtype)
+        except (OverflowError, ValueError):
+            a = np.zeros(shape, dtype=dtype)
+    np.savez(path, loads=a)
+    try:
+        loads, _ = load_trace(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+        assert a.ndim not in (2, 3) or 0 in a.shape or dtype in ("bool", "complex64") or (
+            dtype.startswith("float") and not np.isfinite(a).all()) or (a < 0).any() or (
+            dtype == "uint64" and (a > np.iinfo(np.int64).max).any())
+    else:
+        assert a.ndim in (2, 3) and loads.shape[-2:] == a.shape[-2:]
+        assert np.array_equal(loads.reshape(a.shape), a.astype(loads.dtype))
+
