@@ -49,10 +49,11 @@ def run(rank: int, path: str, steps: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(NUM_RANKS), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=NUM_RANKS)
-    import eplb_native
-    from eplb_native.integrations import transformers as eplb_tf
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
+
+    import eplb_native
+    from eplb_native.integrations import transformers as eplb_tf
 
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32,

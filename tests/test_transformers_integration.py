@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import transformers_ep_worker as worker  # noqa: E402  (tests/ is on sys.path, see conftest)
+
 from eplb_native import state  # noqa: E402
 from eplb_native.adapters import AdapterError  # noqa: E402
 from eplb_native.integrations import transformers as eplb_tf  # noqa: E402
@@ -74,6 +75,8 @@ def test_slots_grow_and_hold_their_logical_expert(ranks, family):
     for res in _family(ranks, family):
         assert res["slots_before"] == worker.EXPERTS // worker.NUM_RANKS
         assert res["slots_after"] == slots
+        want = {"all_to_all": "AllToAllEP"}.get(worker.EP_IMPLEMENTATION.get(family), "AutoEP")
+        assert res["inner"] == want
         assert res["mismatched_initial"] == []
         assert res["mismatched_slots"] == []
 

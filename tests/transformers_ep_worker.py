@@ -29,6 +29,9 @@ EXPERTS, REDUNDANT, TOP_K, HIDDEN, LAYERS = 8, 2, 2, 64, 2
 # >= VOCAB / 2 carry u_b (hot: experts 5, 6, 7, loaded on rank 1).
 HOT = ((0, 1, 2), (5, 6, 7))
 BIAS = (0.08, 0.05, 0.03)  # router-row bias of the hottest .. least hot expert of a phase
+#: transformers EP implementation each family is loaded with (attach wraps it): "auto" picks
+#: all_reduce here (the ranks share the batch); mixtral covers the token-exchanging one.
+EP_IMPLEMENTATION = {"mixtral": "all_to_all"}
 STEPS, INTERVAL = 12, 2  # steps 0..5 phase a, 6..11 phase b
 BATCH, SEQ, VOCAB = 2, 12, 128
 
@@ -113,16 +116,18 @@ def mismatched_slots(layers, ref, rank: int) -> list[tuple[str, str, int, int]]:
 
 @torch.no_grad()
 def run_family(family: str, path: str, rank: int) -> dict:
-    import eplb_native
-    from eplb_native.integrations import transformers as eplb_tf
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
+
+    import eplb_native
+    from eplb_native.integrations import transformers as eplb_tf
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32,
-        distributed_config=DistributedConfig(tp_size=NUM_RANKS, ep_size=NUM_RANKS,
-                                             tp_plan="auto"))
+        distributed_config=DistributedConfig(
+            tp_size=NUM_RANKS, ep_size=NUM_RANKS, tp_plan="auto",
+            ep_implementation=EP_IMPLEMENTATION.get(family, "auto")))
     layers = eplb_tf.find_moe_layers(model)
     before_slots = layers[0].experts.num_experts
 
@@ -142,6 +147,7 @@ def run_family(family: str, path: str, rank: int) -> dict:
                                     use_async=False, policy="balanced")
     updator = eplb_tf.attach(model, config)
     out = {"slots_before": before_slots, "slots_after": layers[0].experts.num_experts,
+           "inner": type(layers[0].experts.eplb_ep_implementation.inner).__name__,
            "mismatched_initial": mismatched_slots(layers, ref, rank),
            "logits": [], "ref_logits": [], "load": [], "router_count": [], "phy2log": []}
     try:
@@ -185,9 +191,10 @@ EXPERT_MAP = {"moe_layer_count": LAYERS, "layer_list": [
 def run_prepare_checks(path: str, rank: int) -> dict:
     """prepare() alone (no updator) on the qwen3_moe checkpoint: refused inputs leave the model
     untouched; an expert map places every slot; outputs stay those of the reference."""
-    from eplb_native.integrations import transformers as eplb_tf
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
+
+    from eplb_native.integrations import transformers as eplb_tf
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(

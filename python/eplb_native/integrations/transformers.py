@@ -274,6 +274,7 @@ class EplbEPImplementation(EPImplementation):
         # Ranks of one TP group hold the same tokens: only the first records them.
         self.records_here = tp_mesh.get_local_rank() == 0
         self._never = torch.zeros((), dtype=torch.bool, device=experts.eplb_record.device)
+        experts.eplb_ep_implementation = self  # the module's dispatch, for inspection
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         ex = self.experts
