@@ -117,6 +117,8 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert "one row per MoE layer" in errors["map_layers"]
         assert "holds no copy of logical experts [7]" in errors["map_missing_expert"]
         assert "ep_implementation" in errors["ep_implementation"]
+        assert "num_redundant_experts (2) contradicts the expert map" in errors[
+            "map_vs_redundant"]
         assert "already attached" in errors["twice"]
         assert res["untouched"]
         assert res["slots"] == 6

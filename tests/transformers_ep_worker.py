@@ -206,7 +206,8 @@ def run_prepare_checks(path: str, rank: int) -> dict:
            "negative_redundant": dict(num_redundant_experts=-1),
            "map_layers": dict(expert_map=[[0, 1, 2, 3, 4, 5, 6, 7]]),
            "map_missing_expert": dict(expert_map=[[0, 1, 2, 3, 4, 5, 6, 6]] * LAYERS),
-           "ep_implementation": dict(ep_implementation="eplb")}
+           "ep_implementation": dict(ep_implementation="eplb"),
+           "map_vs_redundant": dict(expert_map=EXPERT_MAP, num_redundant_experts=2)}
     for key, kwargs in bad.items():
         try:
             eplb_tf.prepare(model, **kwargs)

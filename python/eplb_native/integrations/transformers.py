@@ -344,6 +344,10 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
                          f"{ep_implementation!r}")
     phy2log = _initial_placement(layers, ep_size, num_redundant_experts, expert_map)
     num_slots = phy2log.shape[1]
+    if num_redundant_experts is not None and (
+            num_slots - layers[0].num_logical_experts != num_redundant_experts):
+        raise ValueError(f"num_redundant_experts ({num_redundant_experts}) contradicts the expert "
+                         f"map ({num_slots} slots for {layers[0].num_logical_experts} experts)")
     dispatch = ALL_PARALLEL_STYLES["ep_dispatch_experts"]
     for layer, row in zip(layers, phy2log, strict=True):
         experts = layer.experts
@@ -389,7 +393,8 @@ def transformers_experts_adapter(name: str, module: torch.nn.Module, ep_rank: in
     if (module.eplb_ep_rank, module.eplb_ep_size) != (ep_rank, ep_size):
         raise AdapterError(f"{where}: prepared for EP rank {module.eplb_ep_rank} of "
                            f"{module.eplb_ep_size}, attach's group gives {ep_rank} of {ep_size}")
-    weights = [p.to_local() for _, p in _stacked_params(module)]
+    # detached views of the parameters' local shards: the updator writes rows in place
+    weights = [p.to_local().detach() for _, p in _stacked_params(module)]
     return MoELayerAdapter(name=name, module=module, weights=weights,
                            phy2log=module.eplb_phy2log, log2phy=module.eplb_log2phy,
                            logcnt=module.eplb_logcnt, load=module.eplb_load,
