@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,3 +169,23 @@ def test_family_without_stacked_experts_is_refused():
 def test_model_without_moe_layer_is_refused():
     with pytest.raises(ValueError, match="has no MoE layer"):
         eplb_tf.find_moe_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(-2, 9), max_size=14), max_size=3),
+       num_ranks=st.integers(1, 4), redundant=st.one_of(st.none(), st.integers(-2, 12)))
+def test_initial_placement_parses_or_refuses(rows, num_ranks, redundant):
+    layers = [SimpleNamespace(num_logical_experts=8)] * 2
+    for expert_map in (rows, None):
+        try:
+            phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, expert_map)
+        except (ValueError, TypeError):
+            continue
+        assert phy2log.dtype == np.int64 and phy2log.shape[0] == 2
+        assert phy2log.shape[1] % num_ranks == 0
+        for row in phy2log:
+            assert set(row.tolist()) == set(range(8))
+        if expert_map is not None:
+            assert phy2log.tolist() == rows
+        else:
+            assert phy2log.shape[1] == 8 + (redundant or 0)
