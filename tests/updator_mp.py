@@ -54,7 +54,7 @@ def _check_slots(model):
 
 
 def _check_same_maps(updator, group):
-    mine = torch.from_numpy(updator.phy2log())
+    mine = torch.from_numpy(updator.phy2log()).to(updator.device)  # NCCL needs device tensors
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     for other in everyone:

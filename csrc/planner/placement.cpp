@@ -216,6 +216,12 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         break;
       }
     }
+    // balanced and min_move never hand back a placement that serves this window worse than
+    // the current one: moving weights to lose balance is pure cost.
+    if (old != nullptr && options.policy != Policy::kDeepSeek &&
+        MaxRankLoad(w, dst, one) > MaxRankLoad(w, old, one)) {
+      std::copy(old, old + P, dst);
+    }
     if (old != nullptr && options.preserve_slots) PreserveSlots(dst, old, one);
     double total = 0.0;
     for (int64_t e = 0; e < E; ++e) total += w[e];
