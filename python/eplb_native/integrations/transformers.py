@@ -47,6 +47,7 @@ gathered over the EP group counts every token once.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 try:
+    import transformers
     from transformers.distributed.expert_parallel import (
         ALL_PARALLEL_STYLES,
         EPImplementation,
@@ -74,6 +76,7 @@ from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
 
 __all__ = [
     "EP_IMPLEMENTATION",
+    "TESTED_VERSIONS",
     "EplbEPImplementation",
     "TransformersMoELayer",
     "attach",
@@ -81,6 +84,12 @@ __all__ = [
     "prepare",
     "transformers_experts_adapter",
 ]
+
+#: transformers versions the tests run against (the ``transformers`` extra pins them).
+TESTED_VERSIONS = ">=5.23,<5.24"
+if not transformers.__version__.startswith("5.23."):
+    warnings.warn(f"eplb_native.integrations.transformers is tested with transformers "
+                  f"{TESTED_VERSIONS}, found {transformers.__version__}", stacklevel=2)
 
 #: Name of the EP implementation this module registers in transformers'
 #: ``EPImplementationInterface``.
