@@ -135,9 +135,11 @@ def _check_experts(name: str, experts: torch.nn.Module) -> None:
     where = _where(name, experts)
     if not all(hasattr(experts, a) for a in ("has_gate", "is_transposed", "config")):
         raise AdapterError(
-            f"{where}: not a transformers stacked-experts module (@use_experts_implementation); "
-            "its MoE block does not call experts(hidden, top_k_index, top_k_weights) with the "
-            "router's top-k ids, so there is no point where logical ids can be mapped to slots")
+            f"{where}: not a transformers stacked-experts module (@use_experts_implementation):"
+            " attach needs the expert weights as [E, ...] parameters of this module, sharded by "
+            "transformers' expert parallelism, and the module called as experts(hidden, "
+            "top_k_index, top_k_weights) with the router's top-k ids, where logical ids are "
+            "mapped to slots")
     params = _stacked_params(experts)
     if not params:
         raise AdapterError(f"{where}: has no parameters stacked per expert")
