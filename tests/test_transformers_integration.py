@@ -64,6 +64,12 @@ def test_outputs_unchanged_at_every_step(ranks, family):
 
 
 @pytest.mark.parametrize("family", worker.FAMILIES)
+def test_generate_unchanged(ranks, family):
+    for res in _family(ranks, family):
+        assert torch.equal(res["generated"], res["ref_generated"])
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
 def test_recorded_load_is_router_bincount(ranks, family):
     for res in _family(ranks, family):
         for step, (load, count) in enumerate(zip(res["load"], res["router_count"],
@@ -129,6 +135,8 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert torch.equal(res["phy2log"], want)
         assert res["mismatched"] == [], f"rank {rank}"
         torch.testing.assert_close(res["logits"], res["ref_logits"], rtol=1e-5, atol=1e-5)
+        num_layers, phy2log = res["generic_attach"]
+        assert num_layers == worker.LAYERS and np.array_equal(phy2log, want.numpy())
 
 
 def _tiny(family):

@@ -164,6 +164,10 @@ def run_family(family: str, path: str, rank: int) -> dict:
             out["router_count"].append(torch.stack(
                 [torch.bincount(ids_.reshape(-1), minlength=EXPERTS) for ids_ in routed[-1]]))
             out["phy2log"].append(torch.from_numpy(updator.phy2log()))
+        # greedy decoding with the KV cache: every decode forward is an updator step too
+        prompt = _inputs(STEPS)[:1]
+        out["generated"] = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        out["ref_generated"] = ref.generate(prompt, max_new_tokens=6, do_sample=False)
         out["mismatched_slots"] = mismatched_slots(layers, ref, rank)
         out["maps"] = [(lay.experts.eplb_phy2log.clone(), lay.experts.eplb_log2phy.clone(),
                         lay.experts.eplb_logcnt.clone()) for lay in layers]
@@ -194,6 +198,7 @@ def run_prepare_checks(path: str, rank: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
+    import eplb_native
     from eplb_native.integrations import transformers as eplb_tf
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -229,6 +234,12 @@ def run_prepare_checks(path: str, rank: int) -> dict:
         out["errors"]["twice"] = None
     except ValueError as e:
         out["errors"]["twice"] = str(e)
+    # an engine driving the cycle itself: the generic attach finds the prepared layers
+    updator = eplb_native.attach(model, {"num_redundant_experts": 4},
+                                 eplb_tf.find_moe_layers(model)[0].experts.gate_up_proj
+                                 .device_mesh.get_group(), hooks=False)
+    out["generic_attach"] = (len(updator.layers), updator.phy2log())
+    updator.shutdown()
     return out
 
 
