@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import transformers_ep_worker as worker  # noqa: E402  (tests/ is on sys.path, see conftest)
 
-from eplb_native import state  # noqa: E402
+from eplb_native import expert_map, state  # noqa: E402
 from eplb_native.adapters import AdapterError  # noqa: E402
 from eplb_native.integrations import transformers as eplb_tf  # noqa: E402
 
@@ -184,16 +184,27 @@ def test_model_without_moe_layer_is_refused():
        num_ranks=st.integers(1, 4), redundant=st.one_of(st.none(), st.integers(-2, 12)))
 def test_initial_placement_parses_or_refuses(rows, num_ranks, redundant):
     layers = [SimpleNamespace(num_logical_experts=8)] * 2
-    for expert_map in (rows, None):
+    for given_map in (rows, None):
         try:
-            phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, expert_map)
+            phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, given_map)
         except (ValueError, TypeError):
             continue
         assert phy2log.dtype == np.int64 and phy2log.shape[0] == 2
         assert phy2log.shape[1] % num_ranks == 0
         for row in phy2log:
             assert set(row.tolist()) == set(range(8))
-        if expert_map is not None:
+        if given_map is not None:
             assert phy2log.tolist() == rows
         else:
             assert phy2log.shape[1] == 8 + (redundant or 0)
+
+
+def test_initial_placement_from_expert_map_file(tmp_path):
+    layers = [SimpleNamespace(num_logical_experts=worker.EXPERTS)] * worker.LAYERS
+    want = np.array([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
+    path = tmp_path / "expert_map.json"
+    expert_map.save(path, want, worker.NUM_RANKS)
+    got = eplb_tf._initial_placement(layers, worker.NUM_RANKS, None, str(path))
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="is for 2 ranks, the EP group has 4"):
+        eplb_tf._initial_placement(layers, 4, None, str(path))
