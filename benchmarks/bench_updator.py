@@ -76,8 +76,6 @@ def worker(rank, ranks, port, args, out_path):
                 EPMoE(args.hidden, args.inter, args.experts, args.top_k, group=group,
                       num_redundant_experts=red, seed=i, dtype=dtype, device=device)
                 for i in range(args.layers)])
-            for layer in self.layers:
-                del layer.logical_w13, layer.logical_w2  # host copies are not needed here
 
         def forward(self, x):
             for layer in self.layers:
@@ -191,7 +189,7 @@ def main():
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--backend", default="nccl" if torch.cuda.is_available() else "gloo")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=1024)
