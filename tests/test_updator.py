@@ -194,3 +194,24 @@ def test_sliding_window_and_trace(tmp_path):
     got, meta = traces.load_trace(tmp_path / "t.npz")
     assert np.array_equal(got, loads) and meta["shape"] == "test" and meta["num_ranks"] == 1
     up.shutdown()
+
+
+def test_adapter_validation_names_the_layer():
+    from eplb_native.adapters import MoELayerAdapter
+
+    layer = EPMoE(8, 6, 8, 2, num_redundant_experts=2)
+    good = layer.eplb_adapter("model.layers.3.mlp")
+    fields = {k: getattr(good, k) for k in ("name", "module", "weights", "phy2log", "log2phy",
+                                              "logcnt", "load", "record", "ep_rank", "ep_size",
+                                              "local_expert_map")}
+    for key, bad in (("log2phy", torch.zeros(8, 2, dtype=torch.int64)),
+                     ("load", torch.zeros(10)),
+                     ("weights", [torch.zeros(9, 3)]),
+                     ("ep_rank", 1),
+                     ("record", torch.ones(1, dtype=torch.bool))):
+        with pytest.raises(AdapterError, match=r"model\.layers\.3\.mlp") as info:
+            MoELayerAdapter(**{**fields, key: bad})
+        assert key.rstrip("s") in str(info.value) or key == "ep_rank"
+    with pytest.raises(ValueError, match="expert ids"):
+        good.set_placement([0, 1, 2, 3, 4, 5, 6, 7, 8, 0])
+    assert good.phy2log.tolist() == state.default_placement(8, 1, 2).tolist()  # untouched

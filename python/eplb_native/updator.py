@@ -25,6 +25,7 @@ which layers move) is identical on every rank.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -41,6 +42,9 @@ from .planner import Planner
 from .transfer import LayerMove, layer_schedule
 
 logger = logging.getLogger("eplb_native")
+
+#: windows of recorded load kept for save_trace (58 layers x 256 experts: 119 KB each)
+MAX_RECORDED_WINDOWS = 4096
 
 #: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (before
 #: this rank's P2P ops: a returned delay defers them on a thread) and "complete" (after waiting).
@@ -125,7 +129,8 @@ class Updator:
         self._queue: list[tuple[int, np.ndarray]] = []  # (layer, new phy2log) still to move
         self._inflight: list[tuple[int, np.ndarray, LayerMove, int]] = []
         self._pending: list[LayerMove] = []  # timed-out moves whose ops may still run
-        self._recorded: list[np.ndarray] = []  # gathered windows' logical loads, [L, E] each
+        # gathered windows' logical loads, [L, E] each (the newest MAX_RECORDED_WINDOWS)
+        self._recorded: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
         # A sliding window needs one row per step; the default window (= the heat interval)
         # needs one running sum, reset at each gather.
         self._sliding = config.window_size is not None
