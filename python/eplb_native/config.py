@@ -138,7 +138,15 @@ class EplbConfig:
                                  f"({out[canon]!r})")
             out[canon] = value
             source[canon] = key
-        return cls(**out)
+        try:
+            return cls(**out)
+        except ValueError as e:
+            # name the key as the user spelled it (an alias) as well as ours
+            msg = str(e)
+            for canon, key in source.items():
+                if key != canon and msg.startswith(canon):
+                    raise ValueError(f"{key} (= {msg})") from None
+            raise
 
     @classmethod
     def parse(cls, config) -> EplbConfig:
