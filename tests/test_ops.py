@@ -355,6 +355,9 @@ def test_compiles_without_graph_break():
 
 
 def test_backend_info():
+    import eplb_native
+
+    assert eplb_native.backend_info is ops.backend_info
     assert "cpu" in ops.built_backends()
     info = ops.backend_info(["cpu", "cuda", "npu"])
     assert info["cpu"] == {op: "cpu" for op in ("map_and_record", "record_counts", "record_topk")}

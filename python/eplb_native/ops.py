@@ -263,6 +263,7 @@ def composite_record_topk(load, topk_ids, record, num_valid_tokens=None):
     """``record_topk`` from plain torch ops (the fallback)."""
     _check_index(topk_ids, "topk_ids")
     _check_load(load)
+    _check_device(load, topk_ids, "load")
     _check_flags(record, num_valid_tokens, topk_ids)
     k = max(topk_ids.shape[-1], 1) if topk_ids.dim() >= 2 else 1
     slots = topk_ids.reshape(-1).to(torch.int64)
