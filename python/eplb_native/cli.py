@@ -89,7 +89,7 @@ class Topology:
             redundant = ranks + (-(num_experts + ranks)) % ranks
         for flag, v, lo in (("--nodes", nodes, 1), ("--groups", groups, 1),
                             ("--redundant", redundant, 0)):
-            if not isinstance(v, int) or v < lo:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise UsageError(f"{flag} must be an int >= {lo}, got {v!r}")
         if (num_experts + redundant) % ranks:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
@@ -366,6 +366,10 @@ def cmd_simulate(args) -> int:
         _check_output_dir(png, "--png")
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
         "expert_bytes")
+    if expert_bytes is not None and (isinstance(expert_bytes, bool) or
+                                     not isinstance(expert_bytes, int) or expert_bytes < 0):
+        raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
+                         f"{expert_bytes!r} (or pass --expert-bytes)")
     runs = simulate(loads, topo, policies, args.every, threads=args.threads)
 
     summary = {}
