@@ -607,15 +607,23 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
     dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=cpu_group)
     dist.all_reduce(failed, group=cpu_group)
     if rank == 0:
-        rebalances = []
+        recorded = np.zeros((0, args.layers, args.experts))
+        if updator.stats.windows:
+            # the gathered windows through the updator's public save_trace (what simulate reads)
+            trace_path = args.save_trace or os.path.join(os.path.dirname(result_path),
+                                                         "trace.npz")
+            updator.save_trace(trace_path, generator="eplb-native demo", num_groups=1,
+                               num_nodes=1, num_redundant=args.redundant,
+                               expert_bytes=3 * args.hidden * args.hidden * 4)
+            recorded, _ = traces.load_trace(trace_path)
         windows = {w["step"]: i for i, w in enumerate(updator.stats.windows)}
-        recorded = updator._recorded  # the gathered windows, as save_trace writes them
+        rebalances = []
         for i, p in enumerate(updator.stats.plans):
             # the plan taken at step s was submitted one step earlier (execution interval 1)
-            # from the window gathered then; the bound is a property of that load
+            # from the window gathered then; the bound is a property of that load alone
             src = windows.get(p["step"] - 1)
             bound = None
-            if src is not None:
+            if src is not None and src < len(recorded):
                 bound = float(eplb_native.plan(
                     recorded[src], num_ranks=args.ranks, num_replicas=num_slots,
                     policy="balanced").balancedness_bound.mean())
@@ -627,10 +635,6 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
                 "moved_slots": int(np.sum(p["moved_slots"])),
                 "moved_bytes": int(moved_bytes[i]), "plan_ms": p["planner_s"] * 1e3,
                 "move_ms": float(move_s[i]) * 1e3})
-        if args.save_trace:
-            updator.save_trace(args.save_trace, generator="eplb-native demo", num_groups=1,
-                               num_nodes=1, num_redundant=args.redundant,
-                               expert_bytes=3 * args.hidden * args.hidden * 4)
         result = {
             "ranks": args.ranks, "device": args.device, "backend": backend,
             "layers": args.layers, "experts": args.experts, "redundant": args.redundant,
@@ -709,7 +713,8 @@ def cmd_demo(args) -> int:
     if args.png:
         _plot_demo(args.png, result)
     result["png"] = args.png or None
-    result["trace"] = args.save_trace or None
+    result["trace"] = args.save_trace if args.save_trace and os.path.exists(args.save_trace) \
+        else None
     identical = result["outputs_bitwise_identical"]
     if args.json:
         _write_json(_clean(result))
@@ -747,7 +752,7 @@ def cmd_demo(args) -> int:
     print(f"time: {result['elapsed_s']:.1f} s of steps, {wall:.1f} s with start-up")
     if args.png:
         print(f"wrote {args.png}")
-    if args.save_trace:
+    if result["trace"]:
         print(f"wrote {args.save_trace} (eplb-native simulate --trace {args.save_trace} "
               f"--ranks {args.ranks})")
     return 0 if result["outputs_close"] else 1
