@@ -54,7 +54,7 @@ def _check_slots(model):
 
 
 def _check_same_maps(updator, group):
-    mine = torch.from_numpy(updator.phy2log())
+    mine = torch.from_numpy(updator.phy2log()).to(updator.device)  # NCCL needs device tensors
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     for other in everyone:
@@ -102,7 +102,8 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     config = {"eplb_config": {
         "dynamic_eplb": True, "expert_heat_collection_interval": 4,
         "algorithm_execution_interval": 1, "num_redundant_experts": redundant,
-        "expert_map_record_path": record, "policy": "balanced", "transfer_timeout_s": 0.5}}
+        "expert_map_record_path": record, "policy": "balanced",
+        "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0}}
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
 

@@ -253,7 +253,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   } else {
     BuildLog2Phy(out.phy2log.data(), shape, &out.log2phy, &out.logcnt, &out.max_replicas);
   }
-  if (old_phy2log != nullptr) {
+  if (old_phy2log != nullptr && options.transfers) {
     for (int64_t l = 0; l < L; ++l)
       PlanTransfers(l, old_phy2log + l * P, out.phy2log.data() + l * P, one, &out.transfers);
   }

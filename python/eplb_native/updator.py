@@ -25,6 +25,7 @@ which layers move) is identical on every rank.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -41,6 +42,9 @@ from .planner import Planner
 from .transfer import LayerMove, layer_schedule
 
 logger = logging.getLogger("eplb_native")
+
+#: windows of recorded load kept for save_trace (58 layers x 256 experts: 119 KB each)
+MAX_RECORDED_WINDOWS = 4096
 
 #: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (before
 #: this rank's P2P ops: a returned delay defers them on a thread) and "complete" (after waiting).
@@ -107,6 +111,8 @@ class Updator:
             self._move_group = self._cpu_group = None
         self.group = group
         self.stats = metrics.UpdatorStats()
+        # host mirror of every layer's phy2log [L, P]: the updator is the only writer
+        self._placement = np.stack([a.phy2log.detach().cpu().numpy() for a in layers])
         self.fault_hook: FaultHook | None = None
         self.step = 0
         self.cycle = 0
@@ -123,7 +129,8 @@ class Updator:
         self._queue: list[tuple[int, np.ndarray]] = []  # (layer, new phy2log) still to move
         self._inflight: list[tuple[int, np.ndarray, LayerMove, int]] = []
         self._pending: list[LayerMove] = []  # timed-out moves whose ops may still run
-        self._recorded: list[np.ndarray] = []  # gathered windows' logical loads, [L, E] each
+        # gathered windows' logical loads, [L, E] each (the newest MAX_RECORDED_WINDOWS)
+        self._recorded: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
         # A sliding window needs one row per step; the default window (= the heat interval)
         # needs one running sum, reset at each gather.
         self._sliding = config.window_size is not None
@@ -153,8 +160,13 @@ class Updator:
     # placement
 
     def phy2log(self) -> np.ndarray:
-        """The current placement of every layer, [L, P] int64 (a copy)."""
-        return np.stack([a.phy2log.detach().cpu().numpy() for a in self.layers])
+        """The current placement of every layer, [L, P] int64 (a copy; read from the host
+        mirror, so it never waits for the device)."""
+        return self._placement.copy()
+
+    def _set_placement(self, layer: int, phy2log: np.ndarray) -> None:
+        self.layers[layer].set_placement(phy2log)
+        self._placement[layer] = phy2log
 
     def _apply_expert_map(self, path) -> None:
         target, ranks = expert_map.load(path)
@@ -166,17 +178,18 @@ class Updator:
         staging = self._staging[0] if self._staging else [torch.empty_like(t)
                                                           for t in self.layers[0].weights]
         for layer, a in enumerate(self.layers):
-            old = a.phy2log.cpu().numpy()
+            old = self._placement[layer]
             if np.array_equal(old, target[layer]):
                 continue
             move = LayerMove(a.weights, staging, layer_schedule(old, target[layer],
                                                                 self.num_ranks),
-                             self.rank, self._move_group)
+                             self.rank, self._move_group,
+                             self._api.current_stream(self.device) if self._api else None)
             move.issue()
             if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
                 raise RuntimeError(f"moving layer {a.name!r} to the expert map {path} timed out")
             move.commit()
-            a.set_placement(target[layer])
+            self._set_placement(layer, target[layer])
         self._sync_device()
 
     # ----------------------------------------------------------------------------------------
@@ -329,7 +342,7 @@ class Updator:
         for i, (layer, new) in enumerate(batch):
             a = self.layers[layer]
             move = LayerMove(a.weights, self._staging[i],
-                             layer_schedule(a.phy2log.cpu().numpy(), new, self.num_ranks),
+                             layer_schedule(self._placement[layer], new, self.num_ranks),
                              self.rank, self._move_group, self._side)
             delay = 0.0
             try:
@@ -367,7 +380,7 @@ class Updator:
             a = self.layers[layer]
             if agreed:
                 move.commit()
-                a.set_placement(new)
+                self._set_placement(layer, new)
             else:
                 if not reason:
                     reason = "another rank failed its transfers"
