@@ -702,9 +702,9 @@ def cmd_demo(args) -> int:
         try:
             mp.spawn(worker, args=(args, _free_port(), result_path), nprocs=args.ranks,
                      join=True)
-        except Exception as e:  # noqa: BLE001 - a rank failed: its traceback was printed
-            print(f"eplb-native demo: a rank failed: {' '.join(str(e).split())[-300:]}",
-                  file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - a rank failed; its traceback is in e
+            # not a usage error but a bug or a broken environment: show the rank's traceback
+            print(f"eplb-native demo: a rank failed:\n{e}", file=sys.stderr)
             return 1
         wall = time.perf_counter() - t0
         with open(result_path) as f:
