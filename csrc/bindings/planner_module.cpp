@@ -43,13 +43,15 @@ Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_
   return s;
 }
 
-PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min_move_target) {
+PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min_move_target,
+                        bool transfers) {
   if (policy < 0 || policy > 2) throw std::invalid_argument("policy must be 0, 1 or 2");
   PlanOptions o;
   o.policy = static_cast<eplb::Policy>(policy);
   o.preserve_slots = preserve_slots;
   o.threads = threads;
   o.min_move_target = min_move_target;
+  o.transfers = transfers;
   return o;
 }
 
@@ -94,9 +96,9 @@ py::dict ToDict(const PlanResult& r) {
 
 py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                 int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
-                bool preserve_slots, int threads, double min_move_target) {
+                bool preserve_slots, int threads, double min_move_target, bool transfers) {
   const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
-  const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target);
+  const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers);
   const int64_t* old_ptr = OldPtr(old, s);
   PlanResult r;
   {
@@ -124,10 +126,10 @@ class WorkerPy {
 
   uint64_t Submit(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                   int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
-                  bool preserve_slots, int threads, double min_move_target) {
+                  bool preserve_slots, int threads, double min_move_target, bool transfers) {
     eplb::PlanJob job;
     job.shape = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
-    job.options = MakeOptions(policy, preserve_slots, threads, min_move_target);
+    job.options = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers);
     const int64_t* old_ptr = OldPtr(old, job.shape);
     job.load.assign(load.data(), load.data() + load.size());
     if (old_ptr) job.old_phy2log.assign(old_ptr, old_ptr + old->size());
@@ -167,7 +169,8 @@ PYBIND11_MODULE(_planner, m) {
   m.doc() = "eplb_native C++ planner (internal; use eplb_native.plan / Planner)";
   m.def("plan", &PlanPy, py::arg("load"), py::arg("old_phy2log"), py::arg("num_physical"),
         py::arg("num_ranks"), py::arg("num_nodes"), py::arg("num_groups"), py::arg("policy"),
-        py::arg("preserve_slots"), py::arg("threads"), py::arg("min_move_target"));
+        py::arg("preserve_slots"), py::arg("threads"), py::arg("min_move_target"),
+        py::arg("transfers") = true);
   m.def("preserve_slots", &PreserveSlotsPy, py::arg("phy2log"), py::arg("old_phy2log"),
         py::arg("num_ranks"));
   py::class_<WorkerPy>(m, "Worker")
@@ -175,7 +178,7 @@ PYBIND11_MODULE(_planner, m) {
       .def("submit", &WorkerPy::Submit, py::arg("load"), py::arg("old_phy2log"),
            py::arg("num_physical"), py::arg("num_ranks"), py::arg("num_nodes"),
            py::arg("num_groups"), py::arg("policy"), py::arg("preserve_slots"),
-           py::arg("threads"), py::arg("min_move_target"))
+           py::arg("threads"), py::arg("min_move_target"), py::arg("transfers") = true)
       .def("cancel", &WorkerPy::Cancel)
       .def("wait_next", &WorkerPy::WaitNext)
       .def("close", &WorkerPy::Close)

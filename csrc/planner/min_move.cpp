@@ -28,29 +28,46 @@ using detail::Z;
 // Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
 // `old` by the number of logical experts they share; returns target[b] = the old block that
 // fresh block b is placed at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
+// Overlaps are computed only for pairs that share an expert (found through the old holders),
+// so a layer costs O(P * replicas * block) rather than O(blocks^2 * block).
 std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
                                  const std::vector<int64_t>& fresh_ids,
                                  const std::vector<int64_t>& old_ids, int64_t num_logical) {
   const auto n = static_cast<int64_t>(fresh_ids.size());
-  std::vector<int64_t> count(Z(num_logical), 0);
+  // holders: old block indices (into old_ids) holding each expert, CSR.
+  std::vector<int64_t> start(Z(num_logical + 1), 0);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t k = 0; k < block; ++k) ++start[Z(old[old_ids[Z(j)] * block + k] + 1)];
+  for (int64_t e = 0; e < num_logical; ++e) start[Z(e + 1)] += start[Z(e)];
+  std::vector<int64_t> holder(Z(start[Z(num_logical)])), fill(start.begin(), start.end() - 1);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old[old_ids[Z(j)] * block + k])]++)] = j;
+  std::vector<int64_t> count(Z(num_logical), 0), seen(Z(n), -1), cands;
   std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, fresh idx, old idx)
-  std::vector<int64_t> taken_ids;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t* ob = old + old_ids[Z(j)] * block;
-    for (int64_t k = 0; k < block; ++k) ++count[Z(ob[k])];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
-      taken_ids.clear();
-      for (int64_t k = 0; k < block; ++k)
-        if (count[Z(fb[k])] > 0) {
-          --count[Z(fb[k])];
-          taken_ids.push_back(fb[k]);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
+    cands.clear();
+    for (int64_t k = 0; k < block; ++k)
+      for (int64_t h = start[Z(fb[k])]; h < start[Z(fb[k] + 1)]; ++h)
+        if (seen[Z(holder[Z(h)])] != i) {
+          seen[Z(holder[Z(h)])] = i;
+          cands.push_back(holder[Z(h)]);
         }
-      for (int64_t e : taken_ids) ++count[Z(e)];
-      if (!taken_ids.empty())
-        pairs.emplace_back(-static_cast<int64_t>(taken_ids.size()), i, j);
+    for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
+    for (int64_t j : cands) {
+      const int64_t* ob = old + old_ids[Z(j)] * block;
+      int64_t overlap = 0;
+      for (int64_t k = 0; k < block; ++k)
+        if (count[Z(ob[k])] > 0) {
+          --count[Z(ob[k])];
+          ++overlap;
+        }
+      // only fb's experts were counted: recount them
+      for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
+      for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
+      pairs.emplace_back(-overlap, i, j);
     }
-    for (int64_t k = 0; k < block; ++k) count[Z(ob[k])] = 0;
+    for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
   }
   std::sort(pairs.begin(), pairs.end());
   std::vector<int64_t> target(Z(n), -1);
@@ -91,11 +108,30 @@ void Renumber(const int64_t* fresh, const int64_t* old, const Shape& s, int64_t*
   }
 }
 
+// Slots of [first, last) that change between a and b once every rank keeps what it can
+// (PreserveSlots): per rank, S minus the size of the multiset intersection.
+int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t last, int64_t S,
+                  std::vector<int64_t>* count) {
+  int64_t moves = 0;
+  for (int64_t r = first; r < last; r += S) {
+    for (int64_t k = r; k < r + S; ++k) ++(*count)[Z(a[k])];
+    for (int64_t k = r; k < r + S; ++k) {
+      if ((*count)[Z(b[k])] > 0) {
+        --(*count)[Z(b[k])];
+      } else {
+        ++moves;
+      }
+    }
+    for (int64_t k = r; k < r + S; ++k) (*count)[Z(a[k])] = 0;
+  }
+  return moves;
+}
+
 // Searches one pack (all slots, or one node's) from the old placement; writes the global ids
 // into phy2log and returns whether the pack reached `stop`.
 bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
-                int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t E,
-                int64_t* phy2log) {
+                int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t budget,
+                int64_t E, int64_t* phy2log) {
   const auto n = static_cast<int64_t>(experts.size());
   std::vector<int64_t> local(Z(E), -1);
   std::vector<double> w(Z(n));
@@ -107,7 +143,7 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
   PackSearch pack(w.data(), n, num_ranks, S);
   pack.InitFrom(slots.data());
-  const bool ok = pack.ImproveTo(stop);
+  const bool ok = pack.ImproveTo(stop, budget);
   for (int64_t j = 0; j < num_ranks * S; ++j)
     phy2log[first_slot + j] = experts[Z(pack.slot_exp()[Z(j)])];
   return ok;
@@ -140,29 +176,38 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log,
                   int64_t* phy2log) {
   const int64_t P = shape.num_physical, E = shape.num_logical, S = shape.slots_per_rank();
   const double stop = MaxRankLoad(load, balanced_phy2log, shape) / target;
+  const bool hier = shape.hierarchical();
+  const std::vector<int64_t> node_of = hier ? OldGroupNodes(old_phy2log, shape) : std::vector<int64_t>{};
+  const bool old_usable = !hier || !node_of.empty();
   std::copy(old_phy2log, old_phy2log + P, phy2log);
-  if (MaxRankLoad(load, old_phy2log, shape) <= stop) return;
+  if (old_usable && MaxRankLoad(load, old_phy2log, shape) <= stop) return;
 
+  // The fallback, and the budget of the search: balanced's placement renumbered onto the old.
+  std::vector<int64_t> renumbered(Z(P));
+  Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
+  std::vector<int64_t> count(Z(E), 0);
   bool reached = false;
-  if (!shape.hierarchical()) {
+  if (!hier) {
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);
-    reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, E, phy2log);
-  } else {
-    const std::vector<int64_t> node_of = OldGroupNodes(old_phy2log, shape);
-    if (!node_of.empty()) {
-      const int64_t N = shape.num_nodes, group_size = E / shape.num_groups;
-      const int64_t rpn = shape.num_ranks / N;
-      reached = true;
-      for (int64_t n = 0; n < N; ++n) {
-        std::vector<int64_t> experts;
-        for (int64_t e = 0; e < E; ++e)
-          if (node_of[Z(e / group_size)] == n) experts.push_back(e);
-        reached &= SearchPack(load, old_phy2log, experts, n * rpn * S, rpn, S, stop, E, phy2log);
-      }
+    const int64_t budget = RankMoves(old_phy2log, renumbered.data(), 0, P, S, &count);
+    reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
+                         phy2log);
+  } else if (old_usable) {
+    const int64_t N = shape.num_nodes, group_size = E / shape.num_groups;
+    const int64_t rpn = shape.num_ranks / N, node_slots = rpn * S;
+    reached = true;
+    for (int64_t n = 0; n < N && reached; ++n) {
+      std::vector<int64_t> experts;
+      for (int64_t e = 0; e < E; ++e)
+        if (node_of[Z(e / group_size)] == n) experts.push_back(e);
+      const int64_t budget = RankMoves(old_phy2log, renumbered.data(), n * node_slots,
+                                       (n + 1) * node_slots, S, &count);
+      reached = SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, budget, E,
+                           phy2log);
     }
   }
-  if (!reached) Renumber(balanced_phy2log, old_phy2log, shape, phy2log);
+  if (!reached) std::copy(renumbered.begin(), renumbered.end(), phy2log);
 }
 
 }  // namespace eplb

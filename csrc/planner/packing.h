@@ -54,17 +54,17 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     std::iota(pack->begin(), pack->end(), 0);
     return;
   }
-  std::vector<int64_t> order(Z(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return weight[Z(a)] > weight[Z(b)]; });
+  // Heaviest first, lower index first on ties: sorting (-weight, index) keys is that order.
+  std::vector<std::pair<double, int64_t>> keyed(Z(n));
+  for (int64_t i = 0; i < n; ++i) keyed[Z(i)] = {-weight[Z(i)], i};
+  std::sort(keyed.begin(), keyed.end());
   using Key = std::pair<double, int64_t>;  // (pack weight, pack index), min-heap
   std::vector<Key> heap(Z(num_packs));
   for (int64_t p = 0; p < num_packs; ++p) heap[Z(p)] = {0.0, p};
   // Already a valid min-heap: equal weights, increasing index.
   std::vector<int64_t> items(Z(num_packs), 0);
   const std::greater<Key> cmp;
-  for (int64_t i : order) {
+  for (const auto& [neg_weight, i] : keyed) {
     std::pop_heap(heap.begin(), heap.end(), cmp);
     Key& top = heap.back();
     const int64_t p = top.second;

@@ -38,6 +38,8 @@ struct PlanOptions {
   int threads = 1;             // layers are independent: plan them on this many threads
   // min_move: the fraction of `balanced`'s balancedness it must reach on each layer.
   double min_move_target = 0.99;
+  // Build the transfer plan (needs an old placement). Off when only the placement is wanted.
+  bool transfers = true;
 };
 
 // One slot's worth of expert weights to bring to (dst_rank, dst_slot).

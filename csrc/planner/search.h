@@ -59,14 +59,24 @@ class PackSearch {
   }
 
   // `balanced`: steps until none lowers the max (or the trivial bound is reached).
-  void Improve() { Search(0.0, false); }
+  void Improve() {
+    Search(0.0, false);
+    if (S_ == 2 && R_ >= 2 && RefinePairCounts()) {
+      lists_ready_ = false;
+      Search(0.0, false);
+    }
+  }
 
   // `min_move`: steps, cheapest in changed slots per unit of max-load reduction first, until
   // the max rank load is <= stop. Returns whether it got there.
-  bool ImproveTo(double stop) {
+  // Gives up (returns false) once `budget` slots have changed: the caller has an answer with
+  // that many changes and full balance.
+  bool ImproveTo(double stop, int64_t budget) {
+    budget_ = budget;
     Search(stop, true);
-    return MaxLoad() <= stop;
+    return MaxLoad() <= stop && changed_ < budget_;
   }
+  int64_t changed() const { return changed_; }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
   double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
@@ -115,6 +125,7 @@ class PackSearch {
       const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
       const double M = load_[Z(h)];
       if (!(M > 0.0) || M <= stop || M <= trivial_bound_ * (1.0 + 1e-12)) return;
+      if (cost_aware_ && changed_ >= budget_) return;
       const double tol = 1e-12 * M;
       if (!lists_ready_) BuildLists();
       Step best;
@@ -133,10 +144,29 @@ class PackSearch {
     double score = 0.0;
   };
 
+  // Best swap between h and the lightest few ranks (where the room is); only when none helps,
+  // every rank: the search stops at the same kind of local optimum, much sooner.
   void BestSwap(int64_t h, double M, double tol, Step* best) {
-    for (int64_t o = 0; o < R_; ++o) {
+    constexpr int64_t kLight = 4;
+    if (R_ > 2 * kLight) {
+      light_.resize(Z(R_));
+      std::iota(light_.begin(), light_.end(), 0);
+      std::nth_element(light_.begin(), light_.begin() + kLight, light_.end(),
+                       [&](int64_t a, int64_t b) {
+                         return load_[Z(a)] < load_[Z(b)] || (load_[Z(a)] == load_[Z(b)] && a < b);
+                       });
+      light_.resize(Z(kLight));
+      std::sort(light_.begin(), light_.end());
+      for (int64_t o : light_) SwapWith(h, o, M, tol, best);
+      if (best->kind != 0) return;
+    }
+    for (int64_t o = 0; o < R_; ++o) SwapWith(h, o, M, tol, best);
+  }
+
+  void SwapWith(int64_t h, int64_t o, double M, double tol, Step* best) {
+    {
       const double gap = M - load_[Z(o)];
-      if (o == h || gap <= 2 * tol) continue;
+      if (o == h || gap <= 2 * tol) return;
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
         const int64_t x = slot_exp_[Z(i)];
         const double wx = Wt(x);
@@ -266,6 +296,7 @@ class PackSearch {
   void Apply(const Step& st) {
     if (st.kind == 1) {
       const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
+      if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, y) + Cost(st.j, x));
       std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
       ReplaceInList(x, st.i, st.j);
       ReplaceInList(y, st.j, st.i);
@@ -274,6 +305,7 @@ class PackSearch {
       return;
     }
     const int64_t a = slot_exp_[Z(st.i)], b = st.j;
+    if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, b));
     --cnt_[Z(a)];
     ++cnt_[Z(b)];
     slot_exp_[Z(st.i)] = b;
@@ -284,16 +316,163 @@ class PackSearch {
     for (int64_t q : slots_of_[Z(b)]) load_[Z(q / S_)] = RankLoad(q / S_);
   }
 
+  // Two slots per rank (e.g. Kimi-K2 on 256 ranks): for given replica counts the best packing
+  // is known (sorted replicas, the i-th lightest with the i-th heaviest), so replica counts can
+  // be searched with the packing re-done exactly: move one replica from one expert to another
+  // when that lowers the paired max. Candidates: the two experts of the binding pair gain a
+  // replica from the kCand experts that lose least by giving one up, or give one to the kCand
+  // experts with the heaviest replicas. Greedy, best move first, until none helps. Returns true
+  // (and rewrites slot_exp_ as the pairing) if the max went down.
+  struct Run {
+    double w;   // load per replica
+    int64_t c;  // replicas
+    int64_t e;  // expert
+    bool operator<(const Run& o) const { return w < o.w || (w == o.w && e < o.e); }
+  };
+
+  // Paired max over runs sorted ascending; binding experts out (lo, hi).
+  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi) {
+    auto i = static_cast<int64_t>(0), j = static_cast<int64_t>(runs.size()) - 1;
+    int64_t ci = runs[Z(i)].c, cj = runs[Z(j)].c;
+    double m = -1.0;
+    auto take = [&](double v, int64_t a, int64_t b) {
+      if (v > m) {
+        m = v;
+        *lo = a;
+        *hi = b;
+      }
+    };
+    while (i <= j) {
+      if (i == j) {  // one run left: its replicas pair among themselves
+        if (ci >= 2) take(2.0 * runs[Z(i)].w, runs[Z(i)].e, runs[Z(i)].e);
+        break;
+      }
+      take(runs[Z(i)].w + runs[Z(j)].w, runs[Z(i)].e, runs[Z(j)].e);
+      const int64_t k = std::min(ci, cj);
+      ci -= k;
+      cj -= k;
+      if (ci == 0 && cj == 0) {
+        ++i;
+        --j;
+        if (i > j) break;
+        ci = runs[Z(i)].c;
+        cj = i == j ? ci : runs[Z(j)].c;
+      } else if (ci == 0) {
+        ++i;
+        ci = i == j ? cj : runs[Z(i)].c;
+      } else {
+        --j;
+        cj = j == i ? ci : runs[Z(j)].c;
+      }
+    }
+    return m;
+  }
+
+  // runs with expert a losing one replica and b gaining one, still sorted -> out.
+  void Moved(const std::vector<Run>& runs, int64_t a, int64_t b, std::vector<Run>* out) const {
+    const Run ra{w_[a] / static_cast<double>(cnt_[Z(a)] - 1), cnt_[Z(a)] - 1, a};
+    const Run rb{w_[b] / static_cast<double>(cnt_[Z(b)] + 1), cnt_[Z(b)] + 1, b};
+    const Run& first = rb < ra ? rb : ra;
+    const Run& second = rb < ra ? ra : rb;
+    out->clear();
+    int stage = 0;
+    for (const Run& r : runs) {
+      if (r.e == a || r.e == b) continue;
+      if (stage == 0 && first < r) {
+        out->push_back(first);
+        stage = 1;
+      }
+      if (stage == 1 && second < r) {
+        out->push_back(second);
+        stage = 2;
+      }
+      out->push_back(r);
+    }
+    if (stage == 0) out->push_back(first);
+    if (stage <= 1) out->push_back(second);
+  }
+
+  bool RefinePairCounts() {
+    std::vector<Run> runs, trial, best_runs;
+    for (int64_t e = 0; e < n_; ++e) runs.push_back({Wt(e), cnt_[Z(e)], e});
+    std::sort(runs.begin(), runs.end());
+    int64_t lo = 0, hi = 0;
+    double cur = PairMax(runs, &lo, &hi);
+    constexpr int64_t kCand = 8;
+    std::vector<int64_t> givers, takers;
+    bool improved = false;
+    for (int iter = 0; iter < 64; ++iter) {
+      // experts losing least by giving up a replica; experts with the heaviest replicas
+      givers.clear();
+      takers.clear();
+      for (int64_t e = 0; e < n_; ++e)
+        if (cnt_[Z(e)] >= 2) givers.push_back(e);
+      auto lose = [&](int64_t e) { return w_[e] / static_cast<double>(cnt_[Z(e)] - 1); };
+      if (static_cast<int64_t>(givers.size()) > kCand) {
+        std::nth_element(givers.begin(), givers.begin() + kCand, givers.end(),
+                         [&](int64_t x, int64_t y) {
+                           return lose(x) < lose(y) || (lose(x) == lose(y) && x < y);
+                         });
+        givers.resize(Z(kCand));
+      }
+      for (auto it = runs.rbegin();
+           it != runs.rend() && static_cast<int64_t>(takers.size()) < kCand; ++it)
+        takers.push_back(it->e);
+      double best = cur * (1.0 - 1e-12);
+      int64_t ba = -1, bb = -1;
+      auto try_move = [&](int64_t a, int64_t b) {
+        if (a == b || cnt_[Z(a)] < 2) return;
+        Moved(runs, a, b, &trial);
+        int64_t l2 = 0, h2 = 0;
+        const double v = PairMax(trial, &l2, &h2);
+        if (v < best) {
+          best = v;
+          ba = a;
+          bb = b;
+          best_runs.swap(trial);
+        }
+      };
+      for (int64_t b : {lo, hi}) {
+        for (int64_t a : givers) try_move(a, b);
+        for (int64_t a : takers) try_move(b, a);
+      }
+      if (ba < 0) break;
+      --cnt_[Z(ba)];
+      ++cnt_[Z(bb)];
+      runs.swap(best_runs);
+      cur = PairMax(runs, &lo, &hi);
+      improved = true;
+    }
+    if (!improved || !(cur < MaxLoad())) {
+      if (improved) {  // counts changed but the pairing is no better than what we had: undo
+        cnt_.assign(Z(n_), 0);
+        for (int64_t e : slot_exp_) ++cnt_[Z(e)];
+      }
+      return false;
+    }
+    // The pairing: the i-th lightest replica with the i-th heaviest, rank i.
+    std::vector<int64_t> items;
+    for (const Run& r : runs)
+      for (int64_t k = 0; k < r.c; ++k) items.push_back(r.e);
+    for (int64_t r = 0; r < R_; ++r) {
+      slot_exp_[Z(2 * r)] = items[Z(r)];
+      slot_exp_[Z(2 * r + 1)] = items[Z(2 * R_ - 1 - r)];
+    }
+    for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
+    return true;
+  }
+
   const double* w_;
   int64_t n_, R_, S_;
   std::vector<int64_t> cnt_, slot_exp_, orig_;
   std::vector<double> load_;
   double trivial_bound_ = 0.0;
   bool cost_aware_ = false;
+  int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
   std::vector<std::vector<int64_t>> slots_of_;
   std::vector<double> delta_, max_on_;
-  std::vector<int64_t> touched_;
+  std::vector<int64_t> touched_, light_;
 };
 
 }  // namespace detail

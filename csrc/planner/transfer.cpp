@@ -10,6 +10,7 @@
 // where neither rank is busy), so within a batch every rank talks to at most one peer.
 // Local copies go in batch 0; they involve no peer.
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -69,42 +70,40 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
     }
     layer_out.push_back(t);
   }
-  // Batches: colour the rank-pair multigraph, pairs with the most transfers first.
-  std::vector<std::pair<int64_t, int64_t>> keys;  // (min rank, max rank) of each remote transfer
-  for (const auto& t : layer_out)
-    if (!t.local) keys.emplace_back(std::minmax(t.src_rank, t.dst_rank));
-  std::sort(keys.begin(), keys.end());
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-count, lo, hi)
-  for (size_t i = 0; i < keys.size();) {
-    size_t j = i;
-    while (j < keys.size() && keys[j] == keys[i]) ++j;
-    pairs.emplace_back(-static_cast<int64_t>(j - i), keys[i].first, keys[i].second);
-    i = j;
-  }
-  std::sort(pairs.begin(), pairs.end());
-  std::vector<std::vector<char>> busy;  // busy[batch][rank]
-  std::vector<std::pair<std::pair<int64_t, int64_t>, int64_t>> pair_batch;
-  for (const auto& [neg, lo, hi] : pairs) {
-    int64_t b = 0;
-    for (;; ++b) {
-      if (b == static_cast<int64_t>(busy.size())) busy.emplace_back(Z(R), 0);
-      if (!busy[Z(b)][Z(lo)] && !busy[Z(b)][Z(hi)]) break;
-    }
-    busy[Z(b)][Z(lo)] = busy[Z(b)][Z(hi)] = 1;
-    pair_batch.push_back({{lo, hi}, b});
-  }
-  std::sort(pair_batch.begin(), pair_batch.end());
+  // Batches: colour the rank-pair multigraph greedily, pairs in order of their first transfer
+  // (at most 2 * max degree - 1 batches). pair_batch is a dense [R, R] table kept across calls
+  // and reset entry by entry, so a layer costs O(transfers * batches), no sorting.
+  thread_local std::vector<int32_t> pair_batch;
+  thread_local std::vector<char> busy;  // [batch, R]
+  if (pair_batch.size() < Z(R * R)) pair_batch.assign(Z(R * R), -1);
+  busy.clear();
+  int64_t num_batches = 1;
   for (auto& t : layer_out) {
     if (t.local) continue;
-    const std::pair<int64_t, int64_t> k = std::minmax(t.src_rank, t.dst_rank);
-    t.batch = std::lower_bound(pair_batch.begin(), pair_batch.end(),
-                               std::make_pair(k, int64_t{-1}))
-                  ->second;
+    const int64_t key = std::min(t.src_rank, t.dst_rank) * R + std::max(t.src_rank, t.dst_rank);
+    int32_t& pb = pair_batch[Z(key)];
+    if (pb < 0) {
+      int64_t b = 0;
+      for (;; ++b) {
+        if (Z((b + 1) * R) > busy.size()) busy.resize(Z((b + 1) * R), 0);
+        if (!busy[Z(b * R + t.src_rank)] && !busy[Z(b * R + t.dst_rank)]) break;
+      }
+      busy[Z(b * R + t.src_rank)] = busy[Z(b * R + t.dst_rank)] = 1;
+      pb = static_cast<int32_t>(b);
+      num_batches = std::max(num_batches, b + 1);
+    }
+    t.batch = pb;
   }
-  std::stable_sort(layer_out.begin(), layer_out.end(), [](const Transfer& a, const Transfer& b) {
-    return std::make_pair(a.batch, a.dst_slot) < std::make_pair(b.batch, b.dst_slot);
-  });
-  out->insert(out->end(), layer_out.begin(), layer_out.end());
+  for (const auto& t : layer_out)
+    if (!t.local)
+      pair_batch[Z(std::min(t.src_rank, t.dst_rank) * R + std::max(t.src_rank, t.dst_rank))] = -1;
+  // Order by (batch, dst_slot): a counting sort, since layer_out is in dst_slot order.
+  std::vector<int64_t> first(Z(num_batches + 1), 0);
+  for (const auto& t : layer_out) ++first[Z(t.batch + 1)];
+  for (int64_t b = 0; b < num_batches; ++b) first[Z(b + 1)] += first[Z(b)];
+  const size_t base = out->size();
+  out->resize(base + layer_out.size());
+  for (const auto& t : layer_out) (*out)[base + Z(first[Z(t.batch)]++)] = t;
 }
 
 }  // namespace eplb

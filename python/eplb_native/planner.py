@@ -139,7 +139,8 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
 
 def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
          num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
-         preserve_slots: bool = True, threads: int = 1, min_move_target: float = 0.99) -> Plan:
+         preserve_slots: bool = True, threads: int = 1, min_move_target: float = 0.99,
+         transfers: bool = True) -> Plan:
     """Plans a placement of every layer for ``load``.
 
     Args:
@@ -157,11 +158,13 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         preserve_slots: an expert that stays on a rank keeps its old slot.
         threads: plan layers on this many threads.
         min_move_target: fraction of ``balanced``'s balancedness that ``min_move`` must reach.
+        transfers: build the transfer plan (with an old placement); False leaves
+            ``Plan.transfers`` empty, for callers that only want the placement.
     """
     w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
         load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)
     out = _planner.plan(w, old, num_replicas, num_ranks, num_nodes, num_groups, POLICIES[policy],
-                        bool(preserve_slots), threads, float(min_move_target))
+                        bool(preserve_slots), threads, float(min_move_target), bool(transfers))
     return Plan(policy=policy, num_ranks=num_ranks, **out)
 
 
@@ -246,8 +249,8 @@ class Planner:
 
     def submit(self, load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
                num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
-               preserve_slots: bool = True, min_move_target: float = 0.99
-               ) -> concurrent.futures.Future:
+               preserve_slots: bool = True, min_move_target: float = 0.99,
+               transfers: bool = True) -> concurrent.futures.Future:
         """Queues a plan; arguments as :func:`plan`. Bad shapes and types raise here at once."""
         self._check_process()
         w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
@@ -259,7 +262,7 @@ class Planner:
                 raise RuntimeError("Planner is closed")
             job = self._worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
                                       POLICIES[policy], bool(preserve_slots), threads,
-                                      float(min_move_target))
+                                      float(min_move_target), bool(transfers))
             self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
         fut.add_done_callback(lambda f, job=job: f.cancelled() and self._worker.cancel(job))
         return fut

@@ -1,5 +1,6 @@
 // C++ unit tests of the planner core, runnable without Python (ctest, or under sanitizers with
 // -DEPLB_NATIVE_SANITIZE=ON). Prints "N passed, N failed".
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -60,6 +61,68 @@ void CheckPlacement(const eplb::PlanResult& r) {
   }
 }
 
+// Transfers rebuild the new placement from the old, one per changed slot, batches are matchings.
+void CheckTransfers(const eplb::PlanResult& r, const std::vector<int64_t>& old) {
+  const auto& s = r.shape;
+  const int64_t P = s.num_physical, S = s.slots_per_rank();
+  std::vector<int64_t> rebuilt = old;
+  std::vector<int64_t> writes(static_cast<size_t>(s.num_layers * P), 0);
+  for (const auto& t : r.transfers) {
+    const auto base = static_cast<size_t>(t.layer * P);
+    CHECK(old[base + static_cast<size_t>(t.src_slot)] == t.logical);
+    CHECK(t.src_slot / S == t.src_rank && t.dst_slot / S == t.dst_rank);
+    CHECK(t.local == (t.src_rank == t.dst_rank));
+    bool held = false;
+    for (int64_t q = t.dst_rank * S; q < (t.dst_rank + 1) * S; ++q)
+      held |= old[base + static_cast<size_t>(q)] == t.logical;
+    CHECK(held == t.local);
+    rebuilt[base + static_cast<size_t>(t.dst_slot)] = t.logical;
+    ++writes[base + static_cast<size_t>(t.dst_slot)];
+  }
+  CHECK(rebuilt == r.phy2log);
+  for (size_t i = 0; i < writes.size(); ++i) CHECK(writes[i] == (r.phy2log[i] != old[i] ? 1 : 0));
+  // batch matching: (layer, batch, rank) -> the one peer
+  for (size_t i = 0; i < r.transfers.size(); ++i)
+    for (size_t j = i + 1; j < r.transfers.size(); ++j) {
+      const auto& a = r.transfers[i];
+      const auto& b = r.transfers[j];
+      if (a.local || b.local || a.layer != b.layer || a.batch != b.batch) continue;
+      for (int64_t x : {a.src_rank, a.dst_rank})
+        for (int64_t y : {b.src_rank, b.dst_rank})
+          if (x == y) {
+            const int64_t pa = x == a.src_rank ? a.dst_rank : a.src_rank;
+            const int64_t pb = y == b.src_rank ? b.dst_rank : b.src_rank;
+            CHECK(pa == pb);
+          }
+    }
+}
+
+eplb::Shape RandomShape(std::mt19937_64& rng) {
+  eplb::Shape s;
+  s.num_layers = 1 + static_cast<int64_t>(rng() % 3);
+  s.num_nodes = 1 + static_cast<int64_t>(rng() % 2);
+  s.num_ranks = s.num_nodes * (1 + static_cast<int64_t>(rng() % 4));
+  s.num_groups = s.num_nodes * (1 + static_cast<int64_t>(rng() % 2));
+  s.num_logical = s.num_groups * (1 + static_cast<int64_t>(rng() % 6));
+  const int64_t spr =
+      (s.num_logical + s.num_ranks - 1) / s.num_ranks + static_cast<int64_t>(rng() % 3);
+  s.num_physical = spr * s.num_ranks;
+  return s;
+}
+
+std::vector<int64_t> RandomPlacement(std::mt19937_64& rng, const eplb::Shape& s) {
+  std::vector<int64_t> out;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    std::vector<int64_t> row(static_cast<size_t>(s.num_physical));
+    for (int64_t p = 0; p < s.num_physical; ++p)
+      row[static_cast<size_t>(p)] =
+          p < s.num_logical ? p : static_cast<int64_t>(rng() % static_cast<uint64_t>(s.num_logical));
+    std::shuffle(row.begin(), row.end(), rng);
+    out.insert(out.end(), row.begin(), row.end());
+  }
+  return out;
+}
+
 }  // namespace
 
 int main() {
@@ -98,6 +161,99 @@ int main() {
       threw = true;
     }
     CHECK(threw);
+  });
+  Run("old placement: every policy, transfers and moved slots", [] {
+    std::mt19937_64 rng(11);
+    std::lognormal_distribution<double> d(0.0, 1.0);
+    for (int it = 0; it < 200; ++it) {
+      const eplb::Shape s = RandomShape(rng);
+      std::vector<double> load(static_cast<size_t>(s.num_layers * s.num_logical));
+      for (auto& x : load) x = std::floor(100.0 * d(rng));
+      const std::vector<int64_t> old = RandomPlacement(rng, s);
+      for (int pol = 0; pol < 3; ++pol) {
+        eplb::PlanOptions o;
+        o.policy = static_cast<eplb::Policy>(pol);
+        const auto r = eplb::Plan(load.data(), old.data(), s, o);
+        CheckPlacement(r);
+        CheckTransfers(r, old);
+        int64_t moved = 0;
+        for (size_t i = 0; i < old.size(); ++i) moved += old[i] != r.phy2log[i];
+        int64_t reported = 0;
+        for (int64_t m : r.moved_slots) reported += m;
+        CHECK(moved == reported);
+      }
+    }
+  });
+  Run("threads give identical plans", [] {
+    std::mt19937_64 rng(12);
+    eplb::Shape s;
+    s.num_layers = 9;
+    s.num_logical = 32;
+    s.num_physical = 40;
+    s.num_ranks = 8;
+    s.num_nodes = 2;
+    s.num_groups = 4;
+    std::vector<double> load(static_cast<size_t>(s.num_layers * s.num_logical));
+    std::lognormal_distribution<double> d(0.0, 1.5);
+    for (auto& x : load) x = d(rng);
+    const std::vector<int64_t> old = RandomPlacement(rng, s);
+    for (int pol = 0; pol < 3; ++pol) {
+      eplb::PlanOptions o;
+      o.policy = static_cast<eplb::Policy>(pol);
+      const auto a = eplb::Plan(load.data(), old.data(), s, o);
+      o.threads = 4;
+      const auto b = eplb::Plan(load.data(), old.data(), s, o);
+      CHECK(a.phy2log == b.phy2log && a.log2phy == b.log2phy);
+      CHECK(a.lower_bound == b.lower_bound && a.transfers.size() == b.transfers.size());
+    }
+  });
+  Run("balanced never worse than deepseek; min_move reaches its target", [] {
+    std::mt19937_64 rng(13);
+    std::lognormal_distribution<double> d(0.0, 1.2);
+    for (int it = 0; it < 100; ++it) {
+      const eplb::Shape s = RandomShape(rng);
+      std::vector<double> load(static_cast<size_t>(s.num_layers * s.num_logical));
+      for (auto& x : load) x = d(rng);
+      eplb::PlanOptions o;
+      o.policy = eplb::Policy::kDeepSeek;
+      const auto ds = eplb::Plan(load.data(), nullptr, s, o);
+      o.policy = eplb::Policy::kBalanced;
+      const auto bal = eplb::Plan(load.data(), nullptr, s, o);
+      std::vector<int64_t> old = ds.phy2log;
+      const auto bal_old = eplb::Plan(load.data(), old.data(), s, o);
+      o.policy = eplb::Policy::kMinMove;
+      const auto mm = eplb::Plan(load.data(), old.data(), s, o);
+      for (size_t l = 0; l < static_cast<size_t>(s.num_layers); ++l) {
+        CHECK(bal.max_load_after[l] <= ds.max_load_after[l] * (1 + 1e-12));
+        CHECK(mm.max_load_after[l] * 0.99 <= bal_old.max_load_after[l] * (1 + 1e-12));
+      }
+    }
+  });
+  Run("bad old placement and options throw invalid_argument", [] {
+    eplb::Shape s;
+    s.num_layers = 1;
+    s.num_logical = 4;
+    s.num_physical = 4;
+    s.num_ranks = 2;
+    std::vector<double> load(4, 1.0);
+    std::vector<int64_t> old = {0, 1, 2, 2};  // expert 3 has no slot
+    auto throws = [&](const int64_t* o, eplb::PlanOptions opt) {
+      try {
+        eplb::Plan(load.data(), o, s, opt);
+      } catch (const std::invalid_argument&) {
+        return true;
+      }
+      return false;
+    };
+    CHECK(throws(old.data(), eplb::PlanOptions{}));
+    old = {0, 1, 2, 4};  // out of range
+    CHECK(throws(old.data(), eplb::PlanOptions{}));
+    eplb::PlanOptions mm;
+    mm.policy = eplb::Policy::kMinMove;
+    CHECK(throws(nullptr, mm));
+    eplb::PlanOptions th;
+    th.threads = 0;
+    CHECK(throws(nullptr, th));
   });
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -1,0 +1,191 @@
+"""Reference placement code for the planner tests: plain numpy, written for clarity, not speed.
+
+- :func:`deepseek` — DeepSeek EPLB's algorithm from its description (groups -> nodes, replicate
+  inside each node, pack replicas onto ranks), lowest index first on every tie.
+- :func:`rank_loads`, :func:`check_placement`, :func:`check_hierarchical` — what every placement
+  must satisfy.
+- :func:`preserve_slots`, :func:`apply_transfers`, :func:`optimum` (brute force, tiny shapes).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def _pack(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items heaviest first (lower index first on ties), each into the lightest pack (lowest
+    index on ties) that has fewer than len(weight) / num_packs items; with one item per pack,
+    item i goes to pack i.
+    Returns (pack [n], position in pack [n])."""
+    n = len(weight)
+    per_pack = n // num_packs
+    pack = np.zeros(n, np.int64)
+    pos = np.zeros(n, np.int64)
+    if per_pack == 1:  # DeepSeek keeps the item order when every pack takes one item
+        return np.arange(n, dtype=np.int64), pos
+    totals = [0.0] * num_packs
+    sizes = [0] * num_packs
+    order = sorted(range(n), key=lambda i: (-weight[i], i))
+    for i in order:
+        open_packs = [p for p in range(num_packs) if sizes[p] < per_pack]
+        p = min(open_packs, key=lambda q: (totals[q], q))
+        pack[i] = p
+        pos[i] = sizes[p]
+        sizes[p] += 1
+        totals[p] += weight[i]
+    return pack, pos
+
+
+def _replicate(weight: np.ndarray, num_phy: int) -> tuple[list[int], list[int], np.ndarray]:
+    """Each expert once, then every extra slot to the expert with the largest load per replica
+    (lowest index on ties). Returns (phy2log, replica ordinal of each slot, logcnt)."""
+    n = len(weight)
+    phy2log = list(range(n))
+    ordinal = [0] * n
+    cnt = np.ones(n, np.int64)
+    for _ in range(num_phy - n):
+        per_replica = [weight[e] / cnt[e] for e in range(n)]
+        best = max(range(n), key=lambda e: (per_replica[e], -e))
+        phy2log.append(best)
+        ordinal.append(int(cnt[best]))
+        cnt[best] += 1
+    return phy2log, ordinal, cnt
+
+
+def deepseek(weight, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
+    """DeepSeek EPLB: hierarchical when num_groups % num_nodes == 0 (and num_nodes > 1), else
+    global (one group, one node). weight [L, E] -> (phy2log [L, P], log2phy [L, E, M], logcnt
+    [L, E]); log2phy columns are replica ordinals, -1 padded."""
+    weight = np.asarray(weight, np.float64)
+    num_layers, num_experts = weight.shape
+    if num_groups % num_nodes != 0 or num_nodes == 1:
+        num_groups, num_nodes = 1, 1
+    group_size = num_experts // num_groups
+    per_node_groups = num_groups // num_nodes
+    log_per_node = num_experts // num_nodes
+    phy_per_node = num_replicas // num_nodes
+    ranks_per_node = num_ranks // num_nodes
+    slots = num_replicas // num_ranks
+    phy2log = np.full((num_layers, num_replicas), -1, np.int64)
+    ordinal = np.zeros((num_layers, num_replicas), np.int64)
+    for layer in range(num_layers):
+        w = weight[layer]
+        group_load = w.reshape(num_groups, group_size).sum(1)
+        gpack, gpos = _pack(group_load, num_nodes)
+        # node-local order: groups by their position in the node, experts by id
+        local2log = np.zeros(num_experts, np.int64)
+        for g in range(num_groups):
+            base = (gpack[g] * per_node_groups + gpos[g]) * group_size
+            local2log[base:base + group_size] = np.arange(g * group_size, (g + 1) * group_size)
+        for node in range(num_nodes):
+            experts = local2log[node * log_per_node:(node + 1) * log_per_node]
+            node_phy, node_ord, cnt = _replicate(w[experts], phy_per_node)
+            per_replica = np.array([w[experts[m]] / cnt[m] for m in node_phy])
+            rpack, rpos = _pack(per_replica, ranks_per_node)
+            for j in range(phy_per_node):
+                slot = node * phy_per_node + rpack[j] * slots + rpos[j]
+                phy2log[layer, slot] = experts[node_phy[j]]
+                ordinal[layer, slot] = node_ord[j]
+    logcnt = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
+    log2phy = np.full((num_layers, num_experts, int(logcnt.max())), -1, np.int64)
+    for layer in range(num_layers):
+        for p in range(num_replicas):
+            log2phy[layer, phy2log[layer, p], ordinal[layer, p]] = p
+    return phy2log, log2phy, logcnt
+
+
+def rank_loads(load, phy2log, num_ranks: int) -> np.ndarray:
+    """[L, R]: sum over each rank's slots of load[logical] / logcnt[logical]."""
+    load = np.asarray(load, np.float64)
+    num_layers, num_slots = phy2log.shape
+    out = np.zeros((num_layers, num_ranks))
+    slots = num_slots // num_ranks
+    for layer in range(num_layers):
+        cnt = np.bincount(phy2log[layer], minlength=load.shape[1])
+        per_slot = load[layer, phy2log[layer]] / cnt[phy2log[layer]]
+        out[layer] = per_slot.reshape(num_ranks, slots).sum(1)
+    return out
+
+
+def check_placement(phy2log, log2phy, logcnt, num_experts: int, num_ranks: int) -> None:
+    """Asserts the invariants of a placement (slot i of rank r is r * S + i)."""
+    num_layers, num_slots = phy2log.shape
+    assert num_slots % num_ranks == 0
+    assert phy2log.min() >= 0 and phy2log.max() < num_experts
+    for layer in range(num_layers):
+        cnt = np.bincount(phy2log[layer], minlength=num_experts)
+        assert (cnt >= 1).all(), "every logical expert needs a slot"
+        np.testing.assert_array_equal(logcnt[layer], cnt)
+        for e in range(num_experts):
+            row = log2phy[layer, e]
+            assert (row[cnt[e]:] == -1).all()
+            slots = row[:cnt[e]]
+            assert len(set(slots.tolist())) == cnt[e]
+            assert (phy2log[layer, slots] == e).all()
+
+
+def check_hierarchical(phy2log, num_experts: int, num_groups: int, num_nodes: int) -> None:
+    """Asserts DeepSeek's node constraint: each group (and all replicas of its experts) sits on
+    one node, num_groups / num_nodes groups per node."""
+    num_layers, num_slots = phy2log.shape
+    per_node = num_slots // num_nodes
+    group_size = num_experts // num_groups
+    for layer in range(num_layers):
+        nodes_of_group: dict[int, set[int]] = {}
+        for p, e in enumerate(phy2log[layer]):
+            nodes_of_group.setdefault(int(e) // group_size, set()).add(p // per_node)
+        assert all(len(v) == 1 for v in nodes_of_group.values())
+        groups_per_node = np.bincount([next(iter(v)) for v in nodes_of_group.values()],
+                                      minlength=num_nodes)
+        assert (groups_per_node == num_groups // num_nodes).all()
+
+
+def preserve_slots(phy2log, old_phy2log, num_ranks: int) -> np.ndarray:
+    """vLLM's preserve_intragpu_slots semantics: per rank, each old slot whose expert is still
+    wanted on the rank keeps it (first match); the other new experts fill the remaining slots in
+    their new order."""
+    new = np.array(phy2log, np.int64)
+    out = new.copy()
+    slots = new.shape[1] // num_ranks
+    for layer in range(new.shape[0]):
+        for r in range(num_ranks):
+            sl = slice(r * slots, (r + 1) * slots)
+            pending = list(new[layer, sl])
+            old = list(old_phy2log[layer, sl])
+            kept = [None] * slots
+            for j, e in enumerate(old):
+                if e in pending:
+                    pending[pending.index(e)] = None
+                    kept[j] = e
+            rest = iter(e for e in pending if e is not None)
+            out[layer, sl] = [k if k is not None else next(rest) for k in kept]
+    return out
+
+
+def apply_transfers(old_phy2log, transfers) -> np.ndarray:
+    """Applies a transfer plan (rows as TRANSFER_COLUMNS) to old_phy2log; reads see the old
+    placement. Asserts every source slot holds the expert it sends."""
+    old = np.asarray(old_phy2log)
+    new = old.copy()
+    for layer, _batch, logical, _src_rank, src_slot, _dst_rank, dst_slot, _local in transfers:
+        assert old[layer, src_slot] == logical
+        new[layer, dst_slot] = logical
+    return new
+
+
+def optimum(load, num_replicas: int, num_ranks: int) -> float:
+    """Smallest max rank load over every placement (global topology), by brute force. Only for
+    tiny shapes (E ** P placements)."""
+    load = np.asarray(load, np.float64)
+    num_experts = len(load)
+    slots = num_replicas // num_ranks
+    best = np.inf
+    for phy in itertools.product(range(num_experts), repeat=num_replicas):
+        cnt = np.bincount(phy, minlength=num_experts)
+        if (cnt == 0).any():
+            continue
+        per_slot = load[list(phy)] / cnt[list(phy)]
+        best = min(best, per_slot.reshape(num_ranks, slots).sum(1).max())
+    return float(best)
