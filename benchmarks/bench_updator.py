@@ -189,10 +189,10 @@ def main():
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--backend", default="nccl" if torch.cuda.is_available() else "gloo")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=7168)  # DeepSeek-V3 expert shape
+    ap.add_argument("--inter", type=int, default=2048)
     ap.add_argument("--top-k", dest="top_k", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--redundant-per-rank", dest="redundant_per_rank", type=int, default=2)

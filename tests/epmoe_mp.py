@@ -18,6 +18,7 @@ def check_ep(rank, world, port, placements):
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     for phy2log in placements:
         _check(rank, phy2log)
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 

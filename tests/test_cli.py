@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference.cli import balancedness as ref_balancedness
 from reference.cli import simulate as ref_simulate
 
@@ -358,3 +360,45 @@ def test_demo_text_summary(tmp_path):
 def test_demo_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("demo", *args, cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "demo", *fragments)
+
+
+# --------------------------------------------------------------------------- fuzz (in process)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       kind=st.sampled_from(["uniform", "zeros", "negative", "nan", "skewed"]),
+       ranks=st.integers(-1, 5), nodes=st.integers(0, 3), groups=st.integers(0, 4),
+       redundant=st.integers(-1, 6), policy=st.sampled_from(["deepseek", "balanced",
+                                                             "min_move"]))
+def test_fuzz_plan_never_crashes(tmp_path, capsys, shape, kind, ranks, nodes, groups, redundant,
+                                 policy):
+    from eplb_native.cli import main
+
+    rng = np.random.default_rng(len(shape) * 7 + ranks)
+    loads = {"uniform": np.ones(shape), "zeros": np.zeros(shape),
+             "negative": -np.ones(shape), "nan": np.full(shape, np.nan),
+             "skewed": rng.lognormal(0, 2, shape)}[kind]
+    np.save(tmp_path / "f.npy", loads)
+    out = tmp_path / "m.json"
+    if out.exists():
+        out.unlink()
+    rc = main(["plan", "--load", str(tmp_path / "f.npy"), "--ranks", str(ranks), "--nodes",
+               str(nodes), "--groups", str(groups), "--redundant", str(redundant), "--policy",
+               policy, "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert rc in (0, 2)
+    if rc == 2:
+        assert captured.err.startswith("eplb-native plan: error: ")
+        assert len(captured.err.strip().splitlines()) == 1
+        assert not out.exists()
+    else:
+        result = json.loads(captured.out)
+        phy2log, got_ranks = expert_map.load(out)
+        experts = shape[-1]
+        assert got_ranks == ranks and phy2log.shape[1] == experts + redundant
+        assert all(set(row.tolist()) == set(range(experts)) for row in phy2log)
+        assert len(shape) in (2, 3)  # a 1-D file is not a trace
+        total = loads.sum(axis=0) if len(shape) == 3 else loads  # windows are summed
+        assert np.allclose(result["per_layer"]["after"], ref_balancedness(total, phy2log, ranks))

@@ -37,6 +37,8 @@ def test_vllm_vocabulary():
         log_balancedness_interval: int = 1
         use_async: bool = False
         policy: str = "default"
+        communicator: str | None = None
+        enable_migration_batching: bool = False
 
     c = EplbConfig.parse(VllmEPLBConfig())
     assert c.window_steps == 1000 and c.expert_heat_collection_interval == 3000

@@ -215,3 +215,23 @@ def test_adapter_validation_names_the_layer():
     with pytest.raises(ValueError, match="expert ids"):
         good.set_placement([0, 1, 2, 3, 4, 5, 6, 7, 8, 0])
     assert good.phy2log.tolist() == state.default_placement(8, 1, 2).tolist()  # untouched
+
+
+def test_move_to_keeps_outputs_and_weights():
+    model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "layers_per_step": 1})
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    assert up.move_to(target) == 2
+    with pytest.raises(RuntimeError, match="in progress"):
+        up.move_to(target)
+    for step in range(3):
+        x = torch.randn(9, 8)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert len(up.stats.moves) == min(step + 1, 2)
+    assert np.array_equal(up.phy2log(), target)
+    for layer in model.layers:
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
+    with pytest.raises(ValueError, match="shape"):
+        up.move_to(target[:1])
+    up.shutdown()

@@ -102,7 +102,8 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     config = {"eplb_config": {
         "dynamic_eplb": True, "expert_heat_collection_interval": 4,
         "algorithm_execution_interval": 1, "num_redundant_experts": redundant,
-        "expert_map_record_path": record, "policy": "balanced", "transfer_timeout_s": 0.5}}
+        "expert_map_record_path": record, "policy": "balanced",
+        "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0}}
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
 

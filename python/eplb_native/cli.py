@@ -89,7 +89,7 @@ class Topology:
             redundant = ranks + (-(num_experts + ranks)) % ranks
         for flag, v, lo in (("--nodes", nodes, 1), ("--groups", groups, 1),
                             ("--redundant", redundant, 0)):
-            if not isinstance(v, int) or v < lo:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise UsageError(f"{flag} must be an int >= {lo}, got {v!r}")
         if (num_experts + redundant) % ranks:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
@@ -366,6 +366,10 @@ def cmd_simulate(args) -> int:
         _check_output_dir(png, "--png")
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
         "expert_bytes")
+    if expert_bytes is not None and (isinstance(expert_bytes, bool) or
+                                     not isinstance(expert_bytes, int) or expert_bytes < 0):
+        raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
+                         f"{expert_bytes!r} (or pass --expert-bytes)")
     runs = simulate(loads, topo, policies, args.every, threads=args.threads)
 
     summary = {}
@@ -603,15 +607,23 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
     dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=cpu_group)
     dist.all_reduce(failed, group=cpu_group)
     if rank == 0:
-        rebalances = []
+        recorded = np.zeros((0, args.layers, args.experts))
+        if updator.stats.windows:
+            # the gathered windows through the updator's public save_trace (what simulate reads)
+            trace_path = args.save_trace or os.path.join(os.path.dirname(result_path),
+                                                         "trace.npz")
+            updator.save_trace(trace_path, generator="eplb-native demo", num_groups=1,
+                               num_nodes=1, num_redundant=args.redundant,
+                               expert_bytes=3 * args.hidden * args.hidden * 4)
+            recorded, _ = traces.load_trace(trace_path)
         windows = {w["step"]: i for i, w in enumerate(updator.stats.windows)}
-        recorded = updator._recorded  # the gathered windows, as save_trace writes them
+        rebalances = []
         for i, p in enumerate(updator.stats.plans):
             # the plan taken at step s was submitted one step earlier (execution interval 1)
-            # from the window gathered then; the bound is a property of that load
+            # from the window gathered then; the bound is a property of that load alone
             src = windows.get(p["step"] - 1)
             bound = None
-            if src is not None:
+            if src is not None and src < len(recorded):
                 bound = float(eplb_native.plan(
                     recorded[src], num_ranks=args.ranks, num_replicas=num_slots,
                     policy="balanced").balancedness_bound.mean())
@@ -623,10 +635,6 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
                 "moved_slots": int(np.sum(p["moved_slots"])),
                 "moved_bytes": int(moved_bytes[i]), "plan_ms": p["planner_s"] * 1e3,
                 "move_ms": float(move_s[i]) * 1e3})
-        if args.save_trace:
-            updator.save_trace(args.save_trace, generator="eplb-native demo", num_groups=1,
-                               num_nodes=1, num_redundant=args.redundant,
-                               expert_bytes=3 * args.hidden * args.hidden * 4)
         result = {
             "ranks": args.ranks, "device": args.device, "backend": backend,
             "layers": args.layers, "experts": args.experts, "redundant": args.redundant,
@@ -694,9 +702,9 @@ def cmd_demo(args) -> int:
         try:
             mp.spawn(worker, args=(args, _free_port(), result_path), nprocs=args.ranks,
                      join=True)
-        except Exception as e:  # noqa: BLE001 - a rank failed: its traceback was printed
-            print(f"eplb-native demo: a rank failed: {' '.join(str(e).split())[-300:]}",
-                  file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - a rank failed; its traceback is in e
+            # not a usage error but a bug or a broken environment: show the rank's traceback
+            print(f"eplb-native demo: a rank failed:\n{e}", file=sys.stderr)
             return 1
         wall = time.perf_counter() - t0
         with open(result_path) as f:
@@ -705,7 +713,8 @@ def cmd_demo(args) -> int:
     if args.png:
         _plot_demo(args.png, result)
     result["png"] = args.png or None
-    result["trace"] = args.save_trace or None
+    result["trace"] = args.save_trace if args.save_trace and os.path.exists(args.save_trace) \
+        else None
     identical = result["outputs_bitwise_identical"]
     if args.json:
         _write_json(_clean(result))
@@ -743,7 +752,7 @@ def cmd_demo(args) -> int:
     print(f"time: {result['elapsed_s']:.1f} s of steps, {wall:.1f} s with start-up")
     if args.png:
         print(f"wrote {args.png}")
-    if args.save_trace:
+    if result["trace"]:
         print(f"wrote {args.save_trace} (eplb-native simulate --trace {args.save_trace} "
               f"--ranks {args.ranks})")
     return 0 if result["outputs_close"] else 1
