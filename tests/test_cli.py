@@ -5,15 +5,18 @@ import os
 import subprocess
 import sys
 
-import eplb_native
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference.cli import balancedness as ref_balancedness
+from reference.cli import simulate as ref_simulate
+
+import eplb_native
 from eplb_native import expert_map
 from eplb_native.cli import balancedness, default_placement_layers
 from eplb_native.traces import load_trace, save_trace, synth
-from reference.cli import balancedness as ref_balancedness
-from reference.cli import simulate as ref_simulate
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(eplb_native.__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,8 +178,8 @@ def test_plan_from_old_map_min_move(tmp_path, small_trace):
      ["k.npz", "missing key 'loads'"]),
     (lambda d: np.save(d / "v.npy", np.ones(8)), ["--load", "v.npy", "--ranks", "4"],
      ["v.npy", "ndim 1"]),
-    (lambda d: (d / "n.json").write_text('{"not": "a trace"}'), ["--load", "n.json", "--ranks", "4"],
-     ["n.json", "missing key 'loads'"]),
+    (lambda d: (d / "n.json").write_text('{"not": "a trace"}'),
+     ["--load", "n.json", "--ranks", "4"], ["n.json", "missing key 'loads'"]),
     (lambda d: (d / "x.txt").write_text("1 2 3"), ["--load", "x.txt", "--ranks", "4"],
      ["unsupported trace file extension"]),
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4",
@@ -294,3 +297,108 @@ def test_simulate_bad_trace_file(tmp_path):
     (tmp_path / "bad.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:40])
     proc = run_cli("simulate", "--trace", "bad.npz", "--ranks", 2, cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "simulate", "bad.npz")
+
+
+# --------------------------------------------------------------------------- demo
+
+TINY_DEMO = ["--ranks", 2, "--layers", 2, "--experts", 8, "--redundant", 2, "--top-k", 2,
+             "--steps", 12, "--interval", 4, "--tokens", 16, "--hidden", 16]
+
+
+def test_demo_json_rebalances_and_keeps_outputs(tmp_path):
+    proc = run_cli("demo", *TINY_DEMO, "--png", "demo.png", "--save-trace", "rec.npz", "--json",
+                   cwd=tmp_path)
+    out = json.loads(proc.stdout)
+    assert out["backend"] == "gloo" and out["ranks"] == 2
+    assert out["outputs_close"] is True  # same function with EPLB on and off
+    on = np.array(out["balancedness_per_step"])
+    off = np.array(out["balancedness_per_step_eplb_off"])
+    assert on.shape == off.shape == (12, 2)
+    assert ((on > 0) & (on <= 1)).all() and ((off > 0) & (off <= 1)).all()
+    # both stacks start on the same (default) placement and see the same tokens
+    assert np.array_equal(on[:4], off[:4])
+    rebalances = out["rebalances"]
+    assert len(rebalances) == 2 and [r["step"] for r in rebalances] == [5, 9]
+    expert_bytes = out["expert_bytes"]
+    assert expert_bytes == 3 * 16 * 16 * 4
+    for r in rebalances:
+        assert 0 < r["balancedness_before"] <= 1 and 0 < r["balancedness_after"] <= 1
+        assert r["balancedness_bound"] >= r["balancedness_after"] - 1e-9
+        assert 0 <= r["moved_bytes"] <= r["moved_slots"] * expert_bytes
+        assert r["plan_ms"] > 0 and r["move_ms"] >= 0
+    assert rebalances[0]["moved_slots"] > 0 and rebalances[0]["moved_bytes"] > 0
+    assert out["failed_layer_moves"] == 0
+    # what serving sees after the first move: better balance than the EPLB-off twin
+    assert on[6:].mean() > off[6:].mean()
+    assert_valid_png(tmp_path / "demo.png")
+    loads, meta = load_trace(tmp_path / "rec.npz")
+    # 3 gathered windows of 4 steps x 16 tokens x 2 ranks x top-2
+    assert loads.shape == (3, 2, 8) and (loads.sum(axis=2) == 4 * 16 * 2 * 2).all()
+    assert meta["num_ranks"] == 2 and meta["num_redundant"] == 2
+    assert "[" not in proc.stderr  # no progress bar in --json mode
+
+
+def test_demo_text_summary(tmp_path):
+    proc = run_cli("demo", *TINY_DEMO, "--policy", "min_move", "--png", "d.png", cwd=tmp_path)
+    text = proc.stdout
+    for fragment in ("bal before", "bal after", "bound", "slots moved", "bytes moved",
+                     "plan ms", "move ms", "outputs identical to EPLB-off: yes", "wrote d.png",
+                     "policy min_move"):
+        assert fragment in text, fragment
+    assert "step 12/12" in proc.stderr and "balancedness" in proc.stderr
+    assert_valid_png(tmp_path / "d.png")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--ranks", "2", "--experts", "8", "--redundant", "3"], ["divisible by --ranks (2)"]),
+    (["--experts", "4", "--top-k", "5", "--redundant", "0"], ["--top-k (5)"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--drift", "1.5"], ["--drift"]),
+    (["--device", "cuda", "--ranks", "80"], ["GPUs"]),
+    (["--png", "no/dir/d.png"], ["does not exist"]),
+])
+def test_demo_bad_arguments(tmp_path, args, fragments):
+    proc = run_cli("demo", *args, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "demo", *fragments)
+
+
+# --------------------------------------------------------------------------- fuzz (in process)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       kind=st.sampled_from(["uniform", "zeros", "negative", "nan", "skewed"]),
+       ranks=st.integers(-1, 5), nodes=st.integers(0, 3), groups=st.integers(0, 4),
+       redundant=st.integers(-1, 6), policy=st.sampled_from(["deepseek", "balanced",
+                                                             "min_move"]))
+def test_fuzz_plan_never_crashes(tmp_path, capsys, shape, kind, ranks, nodes, groups, redundant,
+                                 policy):
+    from eplb_native.cli import main
+
+    rng = np.random.default_rng(len(shape) * 7 + ranks)
+    loads = {"uniform": np.ones(shape), "zeros": np.zeros(shape),
+             "negative": -np.ones(shape), "nan": np.full(shape, np.nan),
+             "skewed": rng.lognormal(0, 2, shape)}[kind]
+    np.save(tmp_path / "f.npy", loads)
+    out = tmp_path / "m.json"
+    if out.exists():
+        out.unlink()
+    rc = main(["plan", "--load", str(tmp_path / "f.npy"), "--ranks", str(ranks), "--nodes",
+               str(nodes), "--groups", str(groups), "--redundant", str(redundant), "--policy",
+               policy, "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert rc in (0, 2)
+    if rc == 2:
+        assert captured.err.startswith("eplb-native plan: error: ")
+        assert len(captured.err.strip().splitlines()) == 1
+        assert not out.exists()
+    else:
+        result = json.loads(captured.out)
+        phy2log, got_ranks = expert_map.load(out)
+        experts = shape[-1]
+        assert got_ranks == ranks and phy2log.shape[1] == experts + redundant
+        assert all(set(row.tolist()) == set(range(experts)) for row in phy2log)
+        assert len(shape) in (2, 3)  # a 1-D file is not a trace
+        total = loads.sum(axis=0) if len(shape) == 3 else loads  # windows are summed
+        assert np.allclose(result["per_layer"]["after"], ref_balancedness(total, phy2log, ranks))

@@ -7,9 +7,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from eplb_native.traces import MODEL_SHAPES, ModelShape, load_trace, save_trace, synth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from eplb_native.traces import MODEL_SHAPES, ModelShape, load_trace, save_trace, synth
+
+# tmp_path is reused across examples on purpose: each example overwrites its one file
+FIXTURE = HealthCheck.function_scoped_fixture
 
 
 def test_model_shapes_are_public_facts():
@@ -156,7 +160,7 @@ def test_save_trace_rejects_bad_input(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[FIXTURE])
 @given(blob=st.binary(max_size=600), ext=st.sampled_from([".npz", ".npy", ".pt", ".json"]))
 def test_fuzz_loader_random_bytes(tmp_path, blob, ext):
     path = tmp_path / f"fuzz{ext}"
@@ -177,7 +181,7 @@ def _json_values():
                         max_leaves=30)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[FIXTURE])
 @given(doc=_json_values())
 def test_fuzz_loader_json_structures(tmp_path, doc):
     path = tmp_path / "fuzz.json"
@@ -192,7 +196,7 @@ def test_fuzz_loader_json_structures(tmp_path, doc):
         assert loads.dtype in (np.int64, np.float64) and isinstance(meta, dict)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[FIXTURE])
 @given(shape=st.lists(st.integers(0, 3), min_size=0, max_size=5),
        dtype=st.sampled_from(["int8", "uint16", "int64", "uint64", "float16", "float64", "bool",
                               "complex64"]),

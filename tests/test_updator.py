@@ -7,11 +7,12 @@ import json
 import os
 import socket
 
-import eplb_native
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+import eplb_native
 from eplb_native import expert_map, state
 from eplb_native.adapters import AdapterError
 from eplb_native.nn import EPMoE, logical_weights_of_slots
@@ -89,10 +90,11 @@ def test_single_process_equal_outputs_and_explicit_steps(tmp_path):
         for layer in model.layers:
             w13, w2 = logical_weights_of_slots(layer)
             assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
-    assert up.step == 12 and up.cycle >= 3 and up.stats.moves
-    assert all(m["ok"] for m in up.stats.moves)
-    # the hot experts got replicas
-    assert (up.phy2log() == 0).sum(1).min() >= 2
+    assert up.step == 12 and up.cycle >= 3 and len(up.stats.windows) == 6
+    # one rank is always balanced: plans are made, nothing is worth moving
+    assert all(p["layers_to_move"] == [] for p in up.stats.plans) and not up.stats.moves
+    assert np.array_equal(up.phy2log(), np.stack([state.default_placement(8, 1, 4)] * 3))
+    assert sum(w["tokens"] for w in up.stats.windows) == 12 * 10 * 2 * 3
     up.shutdown()
     up.shutdown()
 
@@ -174,3 +176,62 @@ def test_placement_tensors_and_default_spread():
         state.default_placement(7, 2, 0)
     with pytest.raises(ValueError, match="holds no copy"):
         state.validate_phy2log([0, 0, 1, 1], 3, 2)
+
+
+def test_sliding_window_and_trace(tmp_path):
+    model = Stack(2, num_redundant_experts=0)
+    up = eplb_native.attach(model, {"step_interval": 4, "window_size": 2, "dynamic_eplb": False})
+    for tokens in (3, 5, 7, 11, 13, 17, 19, 23):
+        model(torch.randn(tokens, 8))
+    # each window sees the last 2 steps only: (7 + 11) and (19 + 23) tokens x 2 choices
+    assert [w["steps"] for w in up.stats.windows] == [2, 2]
+    loads = np.stack(up._recorded)
+    assert loads.shape == (2, 2, 8)
+    assert loads.sum(axis=(1, 2)).tolist() == [(7 + 11) * 2 * 2, (19 + 23) * 2 * 2]
+    from eplb_native import traces
+
+    up.save_trace(tmp_path / "t.npz", shape="test")
+    got, meta = traces.load_trace(tmp_path / "t.npz")
+    assert np.array_equal(got, loads) and meta["shape"] == "test" and meta["num_ranks"] == 1
+    up.shutdown()
+
+
+def test_adapter_validation_names_the_layer():
+    from eplb_native.adapters import MoELayerAdapter
+
+    layer = EPMoE(8, 6, 8, 2, num_redundant_experts=2)
+    good = layer.eplb_adapter("model.layers.3.mlp")
+    fields = {k: getattr(good, k) for k in ("name", "module", "weights", "phy2log", "log2phy",
+                                              "logcnt", "load", "record", "ep_rank", "ep_size",
+                                              "local_expert_map")}
+    for key, bad in (("log2phy", torch.zeros(8, 2, dtype=torch.int64)),
+                     ("load", torch.zeros(10)),
+                     ("weights", [torch.zeros(9, 3)]),
+                     ("ep_rank", 1),
+                     ("record", torch.ones(1, dtype=torch.bool))):
+        with pytest.raises(AdapterError, match=r"model\.layers\.3\.mlp") as info:
+            MoELayerAdapter(**{**fields, key: bad})
+        assert key.rstrip("s") in str(info.value) or key == "ep_rank"
+    with pytest.raises(ValueError, match="expert ids"):
+        good.set_placement([0, 1, 2, 3, 4, 5, 6, 7, 8, 0])
+    assert good.phy2log.tolist() == state.default_placement(8, 1, 2).tolist()  # untouched
+
+
+def test_move_to_keeps_outputs_and_weights():
+    model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "layers_per_step": 1})
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    assert up.move_to(target) == 2
+    with pytest.raises(RuntimeError, match="in progress"):
+        up.move_to(target)
+    for step in range(3):
+        x = torch.randn(9, 8)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert len(up.stats.moves) == min(step + 1, 2)
+    assert np.array_equal(up.phy2log(), target)
+    for layer in model.layers:
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
+    with pytest.raises(ValueError, match="shape"):
+        up.move_to(target[:1])
+    up.shutdown()

@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime
 import os
 
-import eplb_native
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import eplb_native
 from eplb_native import expert_map
 from eplb_native.nn import EPMoE, logical_weights_of_slots
 
@@ -53,7 +54,7 @@ def _check_slots(model):
 
 
 def _check_same_maps(updator, group):
-    mine = torch.from_numpy(updator.phy2log())
+    mine = torch.from_numpy(updator.phy2log()).to(updator.device)  # NCCL needs device tensors
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     for other in everyone:
@@ -92,6 +93,7 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     """The whole test on one rank: rebalancing with equal outputs, then a fault, then the
     expert-map round trip. ``fault``: "raise" or "timeout"."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # ranks share the CI machine's few cores
     device = _setup(rank, world, port, backend)
     group = dist.group.WORLD
     redundant = world  # one extra slot per rank
@@ -100,7 +102,8 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     config = {"eplb_config": {
         "dynamic_eplb": True, "expert_heat_collection_interval": 4,
         "algorithm_execution_interval": 1, "num_redundant_experts": redundant,
-        "expert_map_record_path": record, "policy": "balanced", "transfer_timeout_s": 0.5}}
+        "expert_map_record_path": record, "policy": "balanced",
+        "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0}}
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
 
@@ -147,8 +150,9 @@ def scenario(rank, world, port, backend, tmpdir, fault):
     before = windows[0]["balancedness"].mean()
     after = np.mean([w["balancedness"].mean() for w in windows[-2:]])
     assert after >= 1.5 * before, (before, after)
-    assert all(p["balancedness_after"].mean() >= p["balancedness_before"].mean() - 1e-9
-               for p in updator.stats.plans[1:])
+    for p in updator.stats.plans:  # only layers the plan balances better move
+        assert all(p["balancedness_after"][i] > p["balancedness_before"][i]
+                   for i in p["layers_to_move"])
     final = updator.phy2log()
     updator.shutdown()
     updator.shutdown()  # idempotent

@@ -19,6 +19,12 @@
 
 namespace eplb_native {
 
+// Numbers in error messages go through std::to_string, never an ostream: the GPU host's gcc 13
+// toolchain (/opt/gcc) links parts of libstdc++ into this library statically, and streaming an
+// integer from here segfaults there (that copy of num_put's locale id is never initialised).
+std::string Num(int64_t v);
+std::string Num(const c10::SymInt& v);
+
 // Replica choice of map_and_record.
 enum class MapMode { kSpread, kRankLocal };
 MapMode ParseMapMode(const std::string& mode);
@@ -47,12 +53,11 @@ MapShape MapShapeOf(const at::Tensor& topk_ids, const at::Tensor& log2phy, MapMo
 int64_t IdsPerToken(const at::Tensor& topk_ids);  // k = topk_ids.size(-1), 1 for 1-D ids
 
 at::Tensor map_and_record_cpu(const at::Tensor& topk_ids, const at::Tensor& log2phy,
-                              const at::Tensor& logcnt, at::Tensor& load,
-                              const at::Tensor& record,
+                              const at::Tensor& logcnt, at::Tensor& load, const at::Tensor& record,
                               const std::optional<at::Tensor>& num_valid_tokens,
                               const std::string& mode);
-void record_counts_cpu(at::Tensor& load, const at::Tensor& expert_tokens,
-                       int64_t group_list_type, int64_t offset);
+void record_counts_cpu(at::Tensor& load, const at::Tensor& expert_tokens, int64_t group_list_type,
+                       int64_t offset);
 void record_topk_cpu(at::Tensor& load, const at::Tensor& topk_ids, const at::Tensor& record,
                      const std::optional<at::Tensor>& num_valid_tokens);
 

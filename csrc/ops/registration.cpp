@@ -10,6 +10,12 @@
 
 namespace eplb_native {
 
+std::string Num(int64_t v) { return std::to_string(v); }
+std::string Num(const c10::SymInt& v) {
+  const auto concrete = v.maybe_as_int();
+  return concrete.has_value() ? std::to_string(*concrete) : std::string("a symbolic size");
+}
+
 MapMode ParseMapMode(const std::string& mode) {
   if (mode == "spread") return MapMode::kSpread;
   if (mode == "rank_local") return MapMode::kRankLocal;
@@ -27,13 +33,13 @@ void CheckIndexType(const at::Tensor& t, const char* name) {
 }
 
 void CheckSameDevice(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device(),
-                    " (the device of topk_ids), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device().str(),
+                    " (the device of topk_ids), got ", t.device().str());
 }
 
 void CheckLoad(const at::Tensor& load) {
   CheckIndexType(load, "load");
-  TORCH_CHECK_VALUE(load.dim() == 1, "load must be 1-D [P], got ", load.dim(), " dims");
+  TORCH_CHECK_VALUE(load.dim() == 1, "load must be 1-D [P], got ", Num(load.dim()), " dims");
   TORCH_CHECK_VALUE(load.is_contiguous(), "load must be contiguous (it is updated in place)");
 }
 
@@ -43,7 +49,7 @@ void CheckRecordFlag(const at::Tensor& record, const at::Tensor& ids) {
                                                                            /*includeBool=*/true),
                    "record must be a bool or integer tensor, got ", record.scalar_type());
   TORCH_CHECK_VALUE(record.sym_numel() == 1, "record must hold one element (a 0-dim tensor), got ",
-                    record.sym_numel());
+                    Num(record.sym_numel()));
   CheckSameDevice(record, ids, "record");
 }
 
@@ -52,7 +58,7 @@ void CheckNumValid(const std::optional<at::Tensor>& num_valid_tokens, const at::
   CheckIndexType(*num_valid_tokens, "num_valid_tokens");
   TORCH_CHECK_VALUE(num_valid_tokens->sym_numel() == 1,
                     "num_valid_tokens must hold one element (a 0-dim tensor), got ",
-                    num_valid_tokens->sym_numel());
+                    Num(num_valid_tokens->sym_numel()));
   CheckSameDevice(*num_valid_tokens, ids, "num_valid_tokens");
 }
 
@@ -73,16 +79,17 @@ MapMode CheckMapAndRecord(const at::Tensor& topk_ids, const at::Tensor& log2phy,
   CheckNumValid(num_valid_tokens, topk_ids);
   if (mode == MapMode::kSpread) {
     TORCH_CHECK_VALUE(log2phy.dim() == 2, "log2phy must be 2-D [E, M] in mode 'spread', got ",
-                      log2phy.dim(), " dims");
+                      Num(log2phy.dim()), " dims");
     TORCH_CHECK_VALUE(log2phy.sym_size(1) >= 1, "log2phy must have >= 1 replica column");
     CheckIndexType(logcnt, "logcnt");
     CheckSameDevice(logcnt, topk_ids, "logcnt");
-    TORCH_CHECK_VALUE(logcnt.dim() == 1 && logcnt.sym_size(0) == log2phy.sym_size(0),
-                      "logcnt must be 1-D [E] with E = log2phy.size(0) = ", log2phy.sym_size(0),
-                      ", got shape ", logcnt.sym_sizes());
+    TORCH_CHECK_VALUE(
+        logcnt.dim() == 1 && logcnt.sym_size(0) == log2phy.sym_size(0),
+        "logcnt must be 1-D [E] with E = log2phy.size(0) = ", Num(log2phy.sym_size(0)), ", got ",
+        Num(logcnt.dim()), " dims of ", Num(logcnt.sym_numel()), " elements");
   } else {
     TORCH_CHECK_VALUE(log2phy.dim() == 1, "log2phy must be 1-D [E] in mode 'rank_local', got ",
-                      log2phy.dim(), " dims");
+                      Num(log2phy.dim()), " dims");
   }
   return mode;
 }
@@ -112,29 +119,28 @@ void CheckRecordCounts(const at::Tensor& load, const at::Tensor& expert_tokens,
   CheckIndexType(expert_tokens, "expert_tokens");
   CheckSameDevice(expert_tokens, load, "expert_tokens");
   TORCH_CHECK_VALUE(expert_tokens.dim() == 1, "expert_tokens must be 1-D [n], got ",
-                    expert_tokens.dim(), " dims");
+                    Num(expert_tokens.dim()), " dims");
   TORCH_CHECK_VALUE(group_list_type == 0 || group_list_type == 1,
                     "group_list_type must be 0 (cumulative) or 1 (counts), got ",
-                    group_list_type);
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
+                    Num(group_list_type));
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", Num(offset));
   TORCH_CHECK_VALUE(offset + expert_tokens.sym_numel() <= load.sym_numel(),
-                    "offset + len(expert_tokens) (", offset + expert_tokens.sym_numel(),
-                    ") must be <= len(load) (", load.sym_numel(), ")");
+                    "offset + len(expert_tokens) (", Num(offset + expert_tokens.sym_numel()),
+                    ") must be <= len(load) (", Num(load.sym_numel()), ")");
 }
 
 namespace {
 
 // Meta kernels: the same checks, then the output's shape; they run under torch.compile.
 at::Tensor map_and_record_meta(const at::Tensor& topk_ids, const at::Tensor& log2phy,
-                               const at::Tensor& logcnt, at::Tensor& load,
-                               const at::Tensor& record,
+                               const at::Tensor& logcnt, at::Tensor& load, const at::Tensor& record,
                                const std::optional<at::Tensor>& num_valid_tokens,
                                const std::string& mode) {
   CheckMapAndRecord(topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode);
   return at::empty_like(topk_ids, at::MemoryFormat::Contiguous);
 }
-void record_counts_meta(at::Tensor& load, const at::Tensor& expert_tokens,
-                        int64_t group_list_type, int64_t offset) {
+void record_counts_meta(at::Tensor& load, const at::Tensor& expert_tokens, int64_t group_list_type,
+                        int64_t offset) {
   CheckRecordCounts(load, expert_tokens, group_list_type, offset);
 }
 void record_topk_meta(at::Tensor& load, const at::Tensor& topk_ids, const at::Tensor& record,
@@ -164,6 +170,14 @@ TORCH_LIBRARY_IMPL(eplb_native, CPU, m) {
   m.impl("map_and_record", &eplb_native::map_and_record_cpu);
   m.impl("record_counts", &eplb_native::record_counts_cpu);
   m.impl("record_topk", &eplb_native::record_topk_cpu);
+}
+
+// The ops take integer tensors only, so autograd has nothing to do: a fallthrough skips the
+// autograd-not-implemented fallback on every call (about a microsecond of host time).
+TORCH_LIBRARY_IMPL(eplb_native, Autograd, m) {
+  m.impl("map_and_record", torch::CppFunction::makeFallthrough());
+  m.impl("record_counts", torch::CppFunction::makeFallthrough());
+  m.impl("record_topk", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(eplb_native, Meta, m) {

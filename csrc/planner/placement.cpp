@@ -198,6 +198,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
 
   Shape one = shape;
   one.num_layers = 1;
+  const bool admissible_old = shape.num_nodes == 1 || !shape.hierarchical();
   ForEachLayer(L, options.threads, [&](int64_t l) {
     const double* w = load + l * E;
     int64_t* dst = out.phy2log.data() + l * P;
@@ -215,6 +216,13 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         MinMoveLayer(w, old, balanced.data(), one, options.min_move_target, dst);
         break;
       }
+    }
+    // balanced and min_move never hand back a placement that serves this window worse than
+    // the current one: moving weights to lose balance is pure cost. (Across several nodes the
+    // old placement may break the hierarchy the plan must keep, so there it is not a candidate.)
+    if (old != nullptr && options.policy != Policy::kDeepSeek && admissible_old &&
+        MaxRankLoad(w, dst, one) > MaxRankLoad(w, old, one)) {
+      std::copy(old, old + P, dst);
     }
     if (old != nullptr && options.preserve_slots) PreserveSlots(dst, old, one);
     double total = 0.0;

@@ -2,15 +2,16 @@
 
 Public API (see README.md and DESIGN.md):
     plan, Plan, Planner, rebalance_experts, preserve_slots      -- placement planning (C++)
-    ops (torch.ops.eplb_native.*)                               -- device ops
+    ops (torch.ops.eplb_native.*), backend_info                 -- device ops, which kernel
+                                                                   each device runs
     attach, EplbConfig, nn.EPMoE                                -- the updator, its config, and
                                                                    a reference EP MoE layer
 """
 
 from .planner import Plan, Planner, plan, preserve_slots, rebalance_experts
 
-__all__ = ["EplbConfig", "Plan", "Planner", "attach", "nn", "plan", "preserve_slots",
-           "rebalance_experts"]
+__all__ = ["EplbConfig", "Plan", "Planner", "attach", "backend_info", "nn", "plan",
+           "preserve_slots", "rebalance_experts"]
 
 
 def __getattr__(name):
@@ -24,6 +25,10 @@ def __getattr__(name):
         from .config import EplbConfig
 
         return EplbConfig
+    if name == "backend_info":
+        from .ops import backend_info
+
+        return backend_info
     if name == "nn":
         import importlib
 

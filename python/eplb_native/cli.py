@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class Topology:
             redundant = ranks + (-(num_experts + ranks)) % ranks
         for flag, v, lo in (("--nodes", nodes, 1), ("--groups", groups, 1),
                             ("--redundant", redundant, 0)):
-            if not isinstance(v, int) or v < lo:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise UsageError(f"{flag} must be an int >= {lo}, got {v!r}")
         if (num_experts + redundant) % ranks:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
@@ -365,6 +366,10 @@ def cmd_simulate(args) -> int:
         _check_output_dir(png, "--png")
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
         "expert_bytes")
+    if expert_bytes is not None and (isinstance(expert_bytes, bool) or
+                                     not isinstance(expert_bytes, int) or expert_bytes < 0):
+        raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
+                         f"{expert_bytes!r} (or pass --expert-bytes)")
     runs = simulate(loads, topo, policies, args.every, threads=args.threads)
 
     summary = {}
@@ -415,6 +420,342 @@ def cmd_simulate(args) -> int:
     if png:
         print(f"wrote {png}")
     return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _demo_backend(device: str) -> str:
+    return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device]
+
+
+def _check_demo_args(args) -> None:
+    for flag, v, lo in (("--ranks", args.ranks, 1), ("--layers", args.layers, 1),
+                        ("--experts", args.experts, 1), ("--redundant", args.redundant, 0),
+                        ("--top-k", args.top_k, 1), ("--steps", args.steps, 1),
+                        ("--interval", args.interval, 1), ("--tokens", args.tokens, 1),
+                        ("--hidden", args.hidden, 1), ("--layers-per-step",
+                                                       args.layers_per_step, 1)):
+        if v < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if args.top_k > args.experts:
+        raise UsageError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
+    if (args.experts + args.redundant) % args.ranks:
+        raise UsageError(f"--experts + --redundant ({args.experts} + {args.redundant}) must be "
+                         f"divisible by --ranks ({args.ranks})")
+    if not 0.0 <= args.drift <= 1.0:
+        raise UsageError(f"--drift must lie in [0, 1], got {args.drift}")
+    if args.skew < 0:
+        raise UsageError(f"--skew must be >= 0, got {args.skew}")
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.ranks:
+            raise UsageError(f"--device cuda needs {args.ranks} GPUs (one per rank), found "
+                             f"{torch.cuda.device_count()}")
+    if args.device == "npu":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError:
+            raise UsageError("--device npu needs torch_npu (Ascend)") from None
+        import torch
+
+        if torch.npu.device_count() < args.ranks:
+            raise UsageError(f"--device npu needs {args.ranks} NPUs (one per rank), found "
+                             f"{torch.npu.device_count()}")
+
+
+def _gate_biases(args) -> np.ndarray:
+    """The skewed gate's drifting bias, [steps, L, E] float32, identical on every rank: per
+    layer a latent score z per expert takes an AR(1) step each forward (``traces.synth``'s
+    drift, per step), and the bias is ``skew * z``, so a few experts are hot and which ones
+    changes gradually."""
+    rng = np.random.default_rng(args.seed)
+    keep, fresh = math.sqrt(1.0 - args.drift), math.sqrt(args.drift)
+    z = rng.standard_normal((args.layers, args.experts))
+    out = np.empty((args.steps, args.layers, args.experts), dtype=np.float32)
+    for step in range(args.steps):
+        if step:
+            z = keep * z + fresh * rng.standard_normal(z.shape)
+        out[step] = args.skew * z
+    return out
+
+
+def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
+    """One rank of ``eplb-native demo`` (spawned): two identical EPMoE stacks, one with the
+    updator attached (EPLB on), one without (EPLB off), on the same inputs every step."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    import eplb_native
+    from eplb_native import metrics
+    from eplb_native.nn import EPMoE
+
+    torch.set_num_threads(1)  # ranks share the host's cores
+    # torch 2.13 deprecates all_gather_into_tensor (used by the updator) with a FutureWarning per
+    # rank; it says nothing about the demo
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated",
+                            category=FutureWarning)
+    backend = _demo_backend(args.device)
+    if args.device == "cuda":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    elif args.device == "npu":
+        import torch_npu  # noqa: F401
+
+        torch.npu.set_device(rank)
+        device = torch.device("npu", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.ranks, timeout=datetime.timedelta(seconds=300))
+    group = dist.group.WORLD
+    cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo")
+
+    def stack():
+        return torch.nn.ModuleList([
+            EPMoE(args.hidden, args.hidden, args.experts, args.top_k, group=group,
+                  num_redundant_experts=args.redundant, seed=1000 + i, device=device)
+            for i in range(args.layers)])
+
+    def forward(layers, x):
+        # pre-norm residual blocks, so activations stay O(1) over many layers
+        for layer in layers:
+            x = x + layer(torch.nn.functional.rms_norm(x, (x.shape[-1],)))
+        return x
+
+    model, reference = stack(), stack()
+    config = {"dynamic_eplb": True, "num_redundant_experts": args.redundant,
+              "expert_heat_collection_interval": args.interval,
+              "algorithm_execution_interval": 1, "layers_per_step": args.layers_per_step,
+              "policy": args.policy, "transfer_timeout_s": 60.0}
+    # hooks=False: this loop drives the steps, so it can read each step's load before the
+    # updator folds it (for the live, per-step balancedness)
+    updator = eplb_native.attach(model, config, group, hooks=False)
+    updator.warm_up()
+    biases = torch.from_numpy(_gate_biases(args))
+    num_slots = args.experts + args.redundant
+    per_step = {"on": np.zeros((args.steps, args.layers)), "off": np.zeros((args.steps,
+                                                                            args.layers))}
+    bitwise, max_diff, close = True, 0.0, True
+    show = rank == 0 and not args.json
+    tty = sys.stderr.isatty()
+    t_start = time.perf_counter()
+    for step in range(args.steps):
+        for layers in (model, reference):
+            for layer, bias in zip(layers, biases[step], strict=True):
+                layer.gate_bias.copy_(bias.to(device))
+        gen = torch.Generator().manual_seed(args.seed * 100003 + step * 1009 + rank)
+        x = torch.randn(args.tokens, args.hidden, generator=gen).to(device)
+        updator.forward_before()
+        y = forward(model, x)
+        y_ref = forward(reference, x)
+        # tokens each rank's slots received this step, summed over senders: [L, P] -> [L, R]
+        loads = torch.stack([torch.stack([layer.load for layer in layers]).to(torch.int64)
+                             for layers in (model, reference)]).cpu()
+        for layer in reference:
+            layer.load.zero_()  # nobody folds the EPLB-off stack's counts
+        dist.all_reduce(loads, group=cpu_group)
+        rank_tokens = loads.view(2, args.layers, args.ranks, -1).sum(-1).numpy()
+        per_step["on"][step] = metrics.measured_balancedness(rank_tokens[0])
+        per_step["off"][step] = metrics.measured_balancedness(rank_tokens[1])
+        updator.forward_end()
+        if not torch.equal(y, y_ref):
+            bitwise = False
+            max_diff = max(max_diff, float(((y - y_ref).abs() / (1 + y_ref.abs())).max()))
+            close = close and bool(torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5))
+        if show and (tty or (step + 1) % args.interval == 0 or step + 1 == args.steps):
+            done = (step + 1) / args.steps
+            bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+            moved = sum(int(p["moved_slots"].sum()) for p in updator.stats.plans)
+            line = (f"[{bar}] step {step + 1}/{args.steps}  balancedness "
+                    f"{per_step['on'][step].mean():.3f} (EPLB off "
+                    f"{per_step['off'][step].mean():.3f})  rebalances "
+                    f"{len(updator.stats.plans)}  slots moved {moved}")
+            sys.stderr.write(("\r" + line + "\033[K") if tty else line + "\n")
+            sys.stderr.flush()
+    if show and tty:
+        sys.stderr.write("\n")
+    elapsed = time.perf_counter() - t_start
+
+    # per rebalance: bytes received summed over ranks, move time the slowest rank's
+    cycles = sorted({p["cycle"] for p in updator.stats.plans})
+    moved_bytes = torch.zeros(len(cycles) + 1, dtype=torch.float64)
+    move_s = torch.zeros(len(cycles) + 1, dtype=torch.float64)
+    failed = torch.zeros(1, dtype=torch.int64)
+    for m in updator.stats.moves:
+        i = cycles.index(m["cycle"]) if m["cycle"] in cycles else len(cycles)
+        moved_bytes[i] += m["bytes"]
+        move_s[i] += m["move_s"]
+        failed += 0 if m["ok"] else 1
+    flags = torch.tensor([0 if bitwise else 1, 0 if close else 1], dtype=torch.int64)
+    diff = torch.tensor([max_diff], dtype=torch.float64)
+    dist.all_reduce(moved_bytes, group=cpu_group)
+    dist.all_reduce(move_s, op=dist.ReduceOp.MAX, group=cpu_group)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=cpu_group)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=cpu_group)
+    dist.all_reduce(failed, group=cpu_group)
+    if rank == 0:
+        recorded = np.zeros((0, args.layers, args.experts))
+        if updator.stats.windows:
+            # the gathered windows through the updator's public save_trace (what simulate reads)
+            trace_path = args.save_trace or os.path.join(os.path.dirname(result_path),
+                                                         "trace.npz")
+            updator.save_trace(trace_path, generator="eplb-native demo", num_groups=1,
+                               num_nodes=1, num_redundant=args.redundant,
+                               expert_bytes=3 * args.hidden * args.hidden * 4)
+            recorded, _ = traces.load_trace(trace_path)
+        windows = {w["step"]: i for i, w in enumerate(updator.stats.windows)}
+        rebalances = []
+        for i, p in enumerate(updator.stats.plans):
+            # the plan taken at step s was submitted one step earlier (execution interval 1)
+            # from the window gathered then; the bound is a property of that load alone
+            src = windows.get(p["step"] - 1)
+            bound = None
+            if src is not None and src < len(recorded):
+                bound = float(eplb_native.plan(
+                    recorded[src], num_ranks=args.ranks, num_replicas=num_slots,
+                    policy="balanced").balancedness_bound.mean())
+            rebalances.append({
+                "cycle": p["cycle"], "step": p["step"],
+                "balancedness_before": float(np.mean(p["balancedness_before"])),
+                "balancedness_after": float(np.mean(p["balancedness_after"])),
+                "balancedness_bound": bound,
+                "moved_slots": int(np.sum(p["moved_slots"])),
+                "moved_bytes": int(moved_bytes[i]), "plan_ms": p["planner_s"] * 1e3,
+                "move_ms": float(move_s[i]) * 1e3})
+        result = {
+            "ranks": args.ranks, "device": args.device, "backend": backend,
+            "layers": args.layers, "experts": args.experts, "redundant": args.redundant,
+            "top_k": args.top_k, "steps": args.steps, "tokens_per_rank": args.tokens,
+            "policy": args.policy, "interval": args.interval, "elapsed_s": elapsed,
+            "expert_bytes": 3 * args.hidden * args.hidden * 4,
+            "balancedness_per_step": per_step["on"].tolist(),
+            "balancedness_per_step_eplb_off": per_step["off"].tolist(),
+            "rebalances": rebalances, "failed_layer_moves": int(failed),
+            "outputs_bitwise_identical": not bool(flags[0]),
+            "outputs_close": not bool(flags[1]), "max_rel_diff": float(diff),
+        }
+        with open(result_path, "w") as f:
+            json.dump(result, f)
+    updator.shutdown()
+    dist.barrier(group=cpu_group)
+    dist.destroy_process_group()
+
+
+def _plot_demo(path: str, result: dict) -> None:
+    plt = _pyplot()
+    on = np.asarray(result["balancedness_per_step"])
+    off = np.asarray(result["balancedness_per_step_eplb_off"])
+    steps = np.arange(1, on.shape[0] + 1)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    for layer in range(on.shape[1]):
+        ax.plot(steps, on[:, layer], color=cmap(layer / max(1, on.shape[1] - 1)), linewidth=0.8,
+                alpha=0.7, label=f"layer {layer}" if on.shape[1] <= 8 else None)
+    ax.plot(steps, on.mean(axis=1), color="black", linewidth=2.2, label="EPLB on, mean")
+    ax.plot(steps, off.mean(axis=1), color="0.45", linestyle="--", linewidth=1.8,
+            label="EPLB off, mean")
+    for r in result["rebalances"]:
+        ax.axvline(r["step"], color="tab:red", alpha=0.25, linewidth=1)
+    ax.set_xlabel("step (red: a plan was taken, its layers move over the next steps)")
+    ax.set_ylabel("balancedness (mean / max rank tokens)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"eplb-native demo: {result['ranks']} ranks, {result['layers']} layers x "
+                 f"{result['experts']} experts + {result['redundant']} redundant, top-"
+                 f"{result['top_k']}, policy {result['policy']}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7, ncol=2, framealpha=0.8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def cmd_demo(args) -> int:
+    import importlib
+    import tempfile
+
+    _check_demo_args(args)
+    if args.png:
+        _check_output_dir(args.png, "--png")
+        _pyplot()  # fail before starting the ranks if matplotlib is missing
+    if args.save_trace:
+        _check_output_dir(args.save_trace, "--save-trace")
+    import torch.multiprocessing as mp
+
+    # the worker by its importable name (this file may be running as __main__)
+    worker = importlib.import_module("eplb_native.cli")._demo_rank
+    with tempfile.TemporaryDirectory(prefix="eplb-demo-") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        t0 = time.perf_counter()
+        try:
+            mp.spawn(worker, args=(args, _free_port(), result_path), nprocs=args.ranks,
+                     join=True)
+        except Exception as e:  # noqa: BLE001 - a rank failed; its traceback is in e
+            # not a usage error but a bug or a broken environment: show the rank's traceback
+            print(f"eplb-native demo: a rank failed:\n{e}", file=sys.stderr)
+            return 1
+        wall = time.perf_counter() - t0
+        with open(result_path) as f:
+            result = json.load(f)
+    result["wall_s"] = wall
+    if args.png:
+        _plot_demo(args.png, result)
+    result["png"] = args.png or None
+    result["trace"] = args.save_trace if args.save_trace and os.path.exists(args.save_trace) \
+        else None
+    identical = result["outputs_bitwise_identical"]
+    if args.json:
+        _write_json(_clean(result))
+        return 0 if result["outputs_close"] else 1
+    on = np.asarray(result["balancedness_per_step"]).mean(axis=1)
+    off = np.asarray(result["balancedness_per_step_eplb_off"]).mean(axis=1)
+    tail = max(1, args.interval)
+    print(f"eplb-native demo: {args.ranks} ranks ({result['backend']}, {args.device}), "
+          f"{args.layers} layers x {args.experts} experts + {args.redundant} redundant, top-"
+          f"{args.top_k}, {args.steps} steps of {args.tokens} tokens per rank, policy "
+          f"{args.policy}, plan every {args.interval} steps")
+    head = (f"{'#':>3} {'step':>5} {'bal before':>10} {'bal after':>9} {'bound':>6} "
+            f"{'slots moved':>11} {'bytes moved':>11} {'plan ms':>8} {'move ms':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in result["rebalances"]:
+        print(f"{r['cycle']:>3} {r['step']:>5} {_fmt(r['balancedness_before'], 10)} "
+              f"{_fmt(r['balancedness_after'], 9)} {_fmt(r['balancedness_bound'], 6)} "
+              f"{r['moved_slots']:>11} {_fmt_bytes(r['moved_bytes']):>11} "
+              f"{_fmt(r['plan_ms'], 8, 2)} {_fmt(r['move_ms'], 8, 1)}")
+    if not result["rebalances"]:
+        print("(no rebalance: run more --steps than --interval)")
+    print("bal before / after: in sample (the window each plan was made from), mean over layers")
+    print(f"measured balancedness, mean over layers and the last {tail} steps: EPLB on "
+          f"{on[-tail:].mean():.3f}, EPLB off {off[-tail:].mean():.3f} (first step "
+          f"{on[0]:.3f})")
+    if result["failed_layer_moves"]:
+        print(f"layer moves that failed and kept the old placement: "
+              f"{result['failed_layer_moves']}")
+    verdict = ("yes (bitwise)" if identical else
+               f"yes within float rounding (max |diff| / (1 + |y|) = {result['max_rel_diff']:.1e})"
+               if result["outputs_close"] else
+               f"NO (max |diff| / (1 + |y|) = {result['max_rel_diff']:.1e})")
+    print(f"outputs identical to EPLB-off: {verdict}")
+    print(f"time: {result['elapsed_s']:.1f} s of steps, {wall:.1f} s with start-up")
+    if args.png:
+        print(f"wrote {args.png}")
+    if result["trace"]:
+        print(f"wrote {args.save_trace} (eplb-native simulate --trace {args.save_trace} "
+              f"--ranks {args.ranks})")
+    return 0 if result["outputs_close"] else 1
 
 
 # --------------------------------------------------------------------------- parser
@@ -512,6 +853,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-png", action="store_true", help="do not write the plot")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="serve a drifting skewed MoE on several ranks with EPLB",
+                       description="Starts --ranks processes (gloo on CPU, NCCL on CUDA, HCCL on "
+                       "NPU), runs a stack of EPMoE layers whose gate is skewed towards a few "
+                       "experts that drift over time, with the updator attached, next to the same "
+                       "stack with EPLB off; shows balancedness live, then a table per rebalance, "
+                       "and whether the outputs equal EPLB-off's.")
+    p.add_argument("--ranks", type=_int_arg, default=4)
+    p.add_argument("--layers", type=_int_arg, default=8)
+    p.add_argument("--experts", type=_int_arg, default=64)
+    p.add_argument("--redundant", type=_int_arg, default=16)
+    p.add_argument("--top-k", type=_int_arg, default=4)
+    p.add_argument("--steps", type=_int_arg, default=60, help="forward steps (default 60)")
+    p.add_argument("--interval", type=_int_arg, default=10,
+                   help="steps per load window / between plans (default 10)")
+    p.add_argument("--layers-per-step", type=_int_arg, default=1,
+                   help="layers moved per step (default 1)")
+    p.add_argument("--tokens", type=_int_arg, default=64, help="tokens per rank per step")
+    p.add_argument("--hidden", type=_int_arg, default=64, help="hidden = expert width")
+    p.add_argument("--skew", type=_float_arg, default=2.0,
+                   help="gate bias scale: larger = hotter hot experts (default 2)")
+    p.add_argument("--drift", type=_float_arg, default=0.02,
+                   help="fraction of the gate bias renewed per step (default 0.02)")
+    p.add_argument("--seed", type=_int_arg, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="deepseek")
+    p.add_argument("--png", default="demo.png", help="balancedness plot (default demo.png; "
+                   "'' for none)")
+    p.add_argument("--save-trace", default=None,
+                   help="write the recorded load windows here (.npz, for simulate / plan)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

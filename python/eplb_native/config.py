@@ -29,8 +29,9 @@ key (aliases)                      meaning                             default
 ``use_async``                      plan on the background thread       True
                                    (False: wait for the plan at once)
 ``num_nodes``, ``num_groups``      topology for hierarchical policies  1, 1
-``communicator``                   accepted for vLLM compatibility;    None
-                                   moves always use torch.distributed
+``communicator``,                  accepted for vLLM compatibility;    None, False
+``enable_migration_batching``      moves always use torch.distributed
+                                   P2P, one grouped batch per layer
 =================================  ==================================  =========================
 
 Unknown keys, wrong types and impossible values raise ValueError naming the key.
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 POLICIES = ("deepseek", "balanced", "min_move")
 _POLICY_ALIASES = {"default": "deepseek"}
 _ASCEND_POLICY_TYPES = {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}
-_COMMUNICATORS = (None, "torch_nccl", "torch_gloo", "pynccl", "nixl", "torch")
+_COMMUNICATORS = (None, "torch_nccl", "torch_gloo", "torch_xccl", "pynccl", "nixl", "torch")
 
 #: alias -> canonical key
 _ALIASES = {
@@ -78,9 +79,10 @@ class EplbConfig:
     num_nodes: int = 1
     num_groups: int = 1
     communicator: str | None = None
+    enable_migration_batching: bool = False
 
     def __post_init__(self):
-        for key in ("dynamic_eplb", "log_balancedness", "use_async"):
+        for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching"):
             _check_bool(key, getattr(self, key))
         for key, lo in (("expert_heat_collection_interval", 1), ("algorithm_execution_interval", 0),
                         ("layers_per_step", 1), ("log_balancedness_interval", 1),
@@ -138,7 +140,15 @@ class EplbConfig:
                                  f"({out[canon]!r})")
             out[canon] = value
             source[canon] = key
-        return cls(**out)
+        try:
+            return cls(**out)
+        except ValueError as e:
+            # name the key as the user spelled it (an alias) as well as ours
+            msg = str(e)
+            for canon, key in source.items():
+                if key != canon and msg.startswith(canon):
+                    raise ValueError(f"{key} (= {msg})") from None
+            raise
 
     @classmethod
     def parse(cls, config) -> EplbConfig:

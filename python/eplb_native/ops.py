@@ -252,15 +252,18 @@ def composite_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_
         slots = table.reshape(-1).index_select(0, e * M + token % c)
     else:
         slots = table.index_select(0, e)
-    slots = torch.where(in_range, slots, torch.full_like(slots, -1))
-    _add_counts(load, slots, _counted_mask(n, k, ids.device, record, num_valid_tokens))
-    return slots.to(topk_ids.dtype).reshape(topk_ids.shape)
+    # the returned ids (in topk_ids' dtype) are what is counted, as in the native kernels
+    out = torch.where(in_range, slots, torch.full_like(slots, -1)).to(topk_ids.dtype)
+    _add_counts(load, out.to(torch.int64), _counted_mask(n, k, ids.device, record,
+                                                         num_valid_tokens))
+    return out.reshape(topk_ids.shape)
 
 
 def composite_record_topk(load, topk_ids, record, num_valid_tokens=None):
     """``record_topk`` from plain torch ops (the fallback)."""
     _check_index(topk_ids, "topk_ids")
     _check_load(load)
+    _check_device(load, topk_ids, "load")
     _check_flags(record, num_valid_tokens, topk_ids)
     k = max(topk_ids.shape[-1], 1) if topk_ids.dim() >= 2 else 1
     slots = topk_ids.reshape(-1).to(torch.int64)

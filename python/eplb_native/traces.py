@@ -111,7 +111,8 @@ def _check_float(name: str, value, low: float, high: float = math.inf, *,
     v = float(value)
     if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
+        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], "
+                         f"got {value!r}")
     return v
 
 

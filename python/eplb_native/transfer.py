@@ -84,12 +84,17 @@ class LayerMove:
             reused across moves once this one is finished or drained).
         fills: ``layer_schedule(...)`` for the layer.
         rank: this rank in ``group``; group: the process group for P2P (None: one process).
-        stream: a device stream to issue on (None on CPU).
+        stream: a device stream to issue on (None: the current one; always None on CPU).
     """
 
     def __init__(self, weights, staging, fills, rank: int, group, stream=None):
         self.weights, self.staging, self.fills = weights, staging, fills
         self.rank, self.group, self.stream = rank, group, stream
+        self.device = weights[0].device
+        # gloo's P2P works only learn they completed inside wait(), so on CPU a thread waits
+        # for them and the caller waits on the thread with a deadline; device works answer
+        # is_completed() without blocking.
+        self.on_cpu = self.device.type == "cpu"
         self.works: list = []
         self.error: BaseException | None = None
         self.bytes_received = 0
@@ -122,9 +127,7 @@ class LayerMove:
                         self.works = dist.batch_isend_irecv(ops)
                 else:
                     self.works = dist.batch_isend_irecv(ops)
-            if self.stream is None:
-                # gloo's P2P works only learn they completed inside wait(): wait on a thread so
-                # the caller can wait with a deadline (device works answer is_completed()).
+            if self.on_cpu:
                 for w in self.works:
                     w.wait()
         except BaseException as e:  # noqa: BLE001  (reported through the agreement)
@@ -143,9 +146,11 @@ class LayerMove:
                     for w, t in zip(self.weights, self.staging, strict=True):
                         t[f.dst_slot].copy_(w[f.src_slot], non_blocking=True)
         ops = self._ops()
-        if delay_s > 0 or (self.stream is None and ops):
+        if delay_s > 0 or (self.on_cpu and ops):
             def run():
                 time.sleep(delay_s)
+                if not self.on_cpu:  # a new thread starts on device 0
+                    getattr(torch, self.device.type).set_device(self.device)
                 self._issue_now(ops)
 
             self._timer = threading.Thread(target=run, daemon=True, name="eplb-move")
@@ -162,7 +167,7 @@ class LayerMove:
             return False
         if self.error is not None:
             raise self.error
-        if self.stream is not None:
+        if not self.on_cpu:
             while not all(w.is_completed() for w in self.works):
                 if time.perf_counter() >= deadline:
                     return False
@@ -170,19 +175,20 @@ class LayerMove:
             for w in self.works:
                 w.wait()  # raises if the op failed; orders the device stream after it
         self.works = []  # finished: nothing left to drain
-        with _stream_ctx(self.stream):
-            for f in self.fills:
-                if f.kind == "dup" and f.dst_rank == self.rank:
-                    for t in self.staging:
-                        t[f.dst_slot].copy_(t[f.src_slot], non_blocking=True)
+        # On the caller's stream: w.wait() ordered that stream (not the side stream) after the
+        # receives.
+        for f in self.fills:
+            if f.kind == "dup" and f.dst_rank == self.rank:
+                for t in self.staging:
+                    t[f.dst_slot].copy_(t[f.src_slot], non_blocking=True)
         return True
 
     def drain(self) -> None:
         """Blocks until every op this move issued finished (after a timeout or failure)."""
         if self._timer is not None:
             self._timer.join()
-            if self.stream is None:
-                self.works = []  # on CPU the thread waited for the ops itself
+            if self.on_cpu:
+                self.works = []  # the thread waited for the ops itself
         for w in self.works:
             try:
                 w.wait()

@@ -25,6 +25,7 @@ which layers move) is identical on every rank.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -41,6 +42,9 @@ from .planner import Planner
 from .transfer import LayerMove, layer_schedule
 
 logger = logging.getLogger("eplb_native")
+
+#: windows of recorded load kept for save_trace (58 layers x 256 experts: 119 KB each)
+MAX_RECORDED_WINDOWS = 4096
 
 #: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (before
 #: this rank's P2P ops: a returned delay defers them on a thread) and "complete" (after waiting).
@@ -107,6 +111,8 @@ class Updator:
             self._move_group = self._cpu_group = None
         self.group = group
         self.stats = metrics.UpdatorStats()
+        # host mirror of every layer's phy2log [L, P]: the updator is the only writer
+        self._placement = np.stack([a.phy2log.detach().cpu().numpy() for a in layers])
         self.fault_hook: FaultHook | None = None
         self.step = 0
         self.cycle = 0
@@ -123,8 +129,12 @@ class Updator:
         self._queue: list[tuple[int, np.ndarray]] = []  # (layer, new phy2log) still to move
         self._inflight: list[tuple[int, np.ndarray, LayerMove, int]] = []
         self._pending: list[LayerMove] = []  # timed-out moves whose ops may still run
-        self._recorded: list[np.ndarray] = []  # gathered windows' logical loads, [L, E] each
-        w = config.window_steps
+        # gathered windows' logical loads, [L, E] each (the newest MAX_RECORDED_WINDOWS)
+        self._recorded: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
+        # A sliding window needs one row per step; the default window (= the heat interval)
+        # needs one running sum, reset at each gather.
+        self._sliding = config.window_size is not None
+        w = config.window_size if self._sliding else 1
         dev = {"device": self.device}
         # Buffers allocated once: per-step logical load ring, per-window rank tokens, gather.
         self._ring = torch.zeros(w, self.num_layers, self.num_logical, dtype=torch.int64, **dev)
@@ -150,8 +160,13 @@ class Updator:
     # placement
 
     def phy2log(self) -> np.ndarray:
-        """The current placement of every layer, [L, P] int64 (a copy)."""
-        return np.stack([a.phy2log.detach().cpu().numpy() for a in self.layers])
+        """The current placement of every layer, [L, P] int64 (a copy; read from the host
+        mirror, so it never waits for the device)."""
+        return self._placement.copy()
+
+    def _set_placement(self, layer: int, phy2log: np.ndarray) -> None:
+        self.layers[layer].set_placement(phy2log)
+        self._placement[layer] = phy2log
 
     def _apply_expert_map(self, path) -> None:
         target, ranks = expert_map.load(path)
@@ -163,17 +178,18 @@ class Updator:
         staging = self._staging[0] if self._staging else [torch.empty_like(t)
                                                           for t in self.layers[0].weights]
         for layer, a in enumerate(self.layers):
-            old = a.phy2log.cpu().numpy()
+            old = self._placement[layer]
             if np.array_equal(old, target[layer]):
                 continue
             move = LayerMove(a.weights, staging, layer_schedule(old, target[layer],
                                                                 self.num_ranks),
-                             self.rank, self._move_group)
+                             self.rank, self._move_group,
+                             self._api.current_stream(self.device) if self._api else None)
             move.issue()
             if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
                 raise RuntimeError(f"moving layer {a.name!r} to the expert map {path} timed out")
             move.commit()
-            a.set_placement(target[layer])
+            self._set_placement(layer, target[layer])
         self._sync_device()
 
     # ----------------------------------------------------------------------------------------
@@ -210,6 +226,7 @@ class Updator:
     @torch.no_grad()
     def _fold(self) -> None:
         ring = self._ring[(self.step - 1) % self._ring.shape[0]]
+        sliding = self._sliding
         if self._api is not None:
             produced = self._api.Event()
             produced.record(self._api.current_stream(self.device))
@@ -220,7 +237,8 @@ class Updator:
         with ctx:
             for layer, a in enumerate(self.layers):
                 row = ring[layer]
-                row.zero_()
+                if sliding:
+                    row.zero_()
                 row.scatter_add_(0, a.phy2log, a.load.to(torch.int64))
                 self._rank_tokens[layer] += a.load.view(self.num_ranks, -1).sum(1).to(torch.int64)
                 a.load.zero_()
@@ -231,12 +249,14 @@ class Updator:
     def _gather_and_plan(self) -> None:
         """All-gathers the window and submits it to the planner (every rank, same step)."""
         e, r, n = self.num_logical, self.num_ranks, self.num_layers
-        steps = min(self.step, self._ring.shape[0])
+        steps = min(self.step, self.config.window_steps)
         ctx = self._api.stream(self._side) if self._api is not None else _Null()
         with ctx:
             self._send[:n * e].copy_(self._ring.sum(0).view(-1))
             self._send[n * e:].copy_(self._rank_tokens.view(-1))
             self._rank_tokens.zero_()
+            if not self._sliding:
+                self._ring.zero_()
             if self.group is not None:
                 _all_gather_into_tensor(self._gathered, self._send, group=self.group)
                 total = self._gathered.view(r, -1).sum(0)
@@ -283,13 +303,33 @@ class Updator:
             "planner_s": self._plan_s,
         })
         current = self.phy2log()
+        before, after = plan.balancedness_before, plan.balancedness_after
+        # A layer moves only if the plan balances its window better than the current placement
+        # does: moving costs bandwidth and gains nothing otherwise.
         self._queue = [(layer, plan.phy2log[layer].copy()) for layer in range(self.num_layers)
-                       if not np.array_equal(plan.phy2log[layer], current[layer])]
+                       if not np.array_equal(plan.phy2log[layer], current[layer])
+                       and not after[layer] <= before[layer] + 1e-9]
+        self.stats.plans[-1]["layers_to_move"] = [layer for layer, _ in self._queue]
         if self.config.log_balancedness:
             logger.info("eplb cycle %d: plan in sample balancedness before %s after %s; "
                         "%d layers to move", self.cycle,
                         metrics.summary(plan.balancedness_before),
                         metrics.summary(plan.balancedness_after), len(self._queue))
+
+    def move_to(self, phy2log) -> int:
+        """Queues a move of every layer to ``phy2log`` [L, P] (e.g. a placement planned
+        elsewhere); the layers move at the next steps exactly like a plan's. Collective in effect:
+        every rank must queue the same placement at the same step. Returns the layers queued."""
+        target = state.validate_phy2log(phy2log, self.num_logical, self.num_ranks)
+        if target.shape != (self.num_layers, self.num_slots):
+            raise ValueError(f"phy2log must have shape [{self.num_layers}, {self.num_slots}], "
+                             f"got {list(target.shape)}")
+        if self._queue or self._inflight or self._future is not None:
+            raise RuntimeError("a move or plan is in progress; call move_to between cycles")
+        current = self.phy2log()
+        self._queue = [(layer, target[layer].copy()) for layer in range(self.num_layers)
+                       if not np.array_equal(target[layer], current[layer])]
+        return len(self._queue)
 
     def _issue_moves(self) -> None:
         for move in self._pending:
@@ -302,7 +342,7 @@ class Updator:
         for i, (layer, new) in enumerate(batch):
             a = self.layers[layer]
             move = LayerMove(a.weights, self._staging[i],
-                             layer_schedule(a.phy2log.cpu().numpy(), new, self.num_ranks),
+                             layer_schedule(self._placement[layer], new, self.num_ranks),
                              self.rank, self._move_group, self._side)
             delay = 0.0
             try:
@@ -340,7 +380,7 @@ class Updator:
             a = self.layers[layer]
             if agreed:
                 move.commit()
-                a.set_placement(new)
+                self._set_placement(layer, new)
             else:
                 if not reason:
                     reason = "another rank failed its transfers"

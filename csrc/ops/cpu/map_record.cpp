@@ -26,24 +26,23 @@ struct Table {
   const void* ptr = nullptr;
   bool is64 = false;
   int64_t operator[](int64_t i) const {
-    return is64 ? static_cast<const int64_t*>(ptr)[i]
-                : static_cast<const int32_t*>(ptr)[i];
+    return is64 ? static_cast<const int64_t*>(ptr)[i] : static_cast<const int32_t*>(ptr)[i];
   }
 };
 
 Table TableOf(const at::Tensor& t) { return Table{t.data_ptr(), t.scalar_type() == at::kLong}; }
 
-// Logical -> physical id of flat index i (token i / k). Matches the CUDA kernel and the
-// composite fallback exactly.
+// Logical -> physical id of an id of token t. Matches the CUDA kernel and the composite
+// fallback exactly.
 struct Mapper {
   MapMode mode;
-  int64_t k, E, cols;
+  int64_t E, cols;
   Table table, cnt;
-  int64_t operator()(int64_t e, int64_t i) const {
+  int64_t operator()(int64_t e, int64_t t) const {
     if (e < 0 || e >= E) return -1;
     if (mode == MapMode::kRankLocal) return table[e];
     const int64_t c = std::clamp<int64_t>(cnt[e], 1, cols);
-    return table[e * cols + (i / k) % c];
+    return table[e * cols + t % c];
   }
 };
 
@@ -84,8 +83,7 @@ void ForEachRange(int64_t n, int64_t P, bool count, Load* load, const Body& body
 }  // namespace
 
 at::Tensor map_and_record_cpu(const at::Tensor& topk_ids, const at::Tensor& log2phy,
-                              const at::Tensor& logcnt, at::Tensor& load,
-                              const at::Tensor& record,
+                              const at::Tensor& logcnt, at::Tensor& load, const at::Tensor& record,
                               const std::optional<at::Tensor>& num_valid_tokens,
                               const std::string& mode_str) {
   const MapMode mode =
@@ -99,17 +97,24 @@ at::Tensor map_and_record_cpu(const at::Tensor& topk_ids, const at::Tensor& log2
   const int64_t P = load.numel();
   const bool count = RecordOn(record);
   const int64_t counted = CountedPrefix(num_valid_tokens, n, s.k);
-  const Mapper map{mode, s.k, s.E, s.cols, TableOf(table), TableOf(cnt)};
+  const Mapper map{mode, s.E, s.cols, TableOf(table), TableOf(cnt)};
+  const int64_t k = s.k;
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "map_and_record_ids", [&] {
     using Id = index_t;
     const Id* in = ids.data_ptr<Id>();
     Id* o = out.data_ptr<Id>();
     AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "map_and_record_load", [&] {
       ForEachRange(n, P, count, load.data_ptr<index_t>(), [&](int64_t b, int64_t e, int64_t* h) {
+        // Token t of id i = i / k, stepped instead of divided.
+        int64_t t = b / k, j = b % k;
         for (int64_t i = b; i < e; ++i) {
-          const int64_t phy = map(static_cast<int64_t>(in[i]), i);
-          o[i] = static_cast<Id>(phy);
+          const Id phy = static_cast<Id>(map(static_cast<int64_t>(in[i]), t));
+          o[i] = phy;
           if (h != nullptr && i < counted && phy >= 0 && phy < P) ++h[phy];
+          if (++j == k) {
+            j = 0;
+            ++t;
+          }
         }
       });
     });

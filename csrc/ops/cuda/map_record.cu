@@ -3,10 +3,12 @@
 // One launch per call on the current stream, no host sync: the record flag and
 // num_valid_tokens are read by the kernel, so a captured CUDA graph replays with recording on
 // or off. Each block owns a contiguous range of ids, loads them 16 bytes at a time (int4 /
-// longlong2; scalar loop for the unaligned head-less case and the tail), writes the mapped ids
-// with the same width, and counts into a block-private shared-memory histogram. At the end each
-// block adds every bin it touched to `load` with one global atomic: a hot expert costs one
-// global atomic per block instead of one per token (vLLM's Triton kernel).
+// longlong2; a scalar loop for unaligned ids and the tail), writes the mapped ids with the same
+// width, and counts into a block-private shared-memory histogram; log2phy and the clamped
+// logcnt are copied into shared memory once per block when they fit, so the per-id lookups
+// never wait on global memory. At the end each block adds every bin it touched to `load` with
+// one global atomic: a hot expert costs one global atomic per block instead of one per id
+// (vLLM's Triton kernel).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,8 +17,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "ops/ops.h"
 
@@ -24,9 +29,6 @@ namespace eplb_native {
 namespace {
 
 constexpr int kThreads = 512;
-// Shared-memory histograms up to this many slots (48 KiB of int32); larger loads count with
-// global atomics directly.
-constexpr int64_t kMaxSharedBins = 12288;
 // At most this many vectors per thread; more blocks beyond that.
 constexpr int64_t kMaxVectorsPerThread = 8;
 
@@ -73,7 +75,7 @@ struct Scalar {
 };
 
 struct Params {
-  int64_t n;          // ids in this launch
+  int64_t n;          // ids in this launch (< 2^31: index math is 32-bit)
   int64_t k;          // ids per token
   int64_t E, cols;    // logical experts, replica columns
   int64_t P;          // load slots
@@ -81,8 +83,9 @@ struct Params {
   Table table, cnt;
   Scalar record;
   Scalar num_valid;  // ptr == nullptr: every token counts
-  bool vectorized;
-  bool shared_hist;
+  bool vectorized;   // ids and out are 16-byte aligned
+  bool shared_hist;  // block histogram in shared memory (else global atomics per id)
+  bool staged;       // log2phy / clamped logcnt copied into shared memory per block
 };
 
 __device__ __forceinline__ void AddGlobal(int32_t* p, int32_t v) { atomicAdd(p, v); }
@@ -90,31 +93,39 @@ __device__ __forceinline__ void AddGlobal(int64_t* p, int32_t v) {
   atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 }
 
-template <Kind kKind>
-__device__ __forceinline__ int64_t MapId(int64_t e, int64_t i, const Params& p) {
-  if constexpr (kKind == Kind::kCountOnly) {
-    return e;
-  } else {
-    if (e < 0 || e >= p.E) return -1;
-    if constexpr (kKind == Kind::kRankLocal) {
-      return p.table[e];
-    } else {
-      int64_t c = p.cnt[e];
-      c = c < 1 ? 1 : (c > p.cols ? p.cols : c);
-      // 32-bit division whenever it fits: 64-bit division is a long software sequence.
-      const int64_t t = (i | p.k) >> 31 ? i / p.k : static_cast<uint32_t>(i) /
-                                                         static_cast<uint32_t>(p.k);
-      const int64_t r = (t | c) >> 31 ? t % c : static_cast<uint32_t>(t) % static_cast<uint32_t>(c);
-      return p.table[e * p.cols + r];
-    }
-  }
-}
+// kUnroll independent 16-byte loads in flight per thread before any is used.
+constexpr int kUnroll = 4;
 
 template <Kind kKind, typename Id, typename Load>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     MapRecordKernel(const Id* __restrict__ ids, Id* __restrict__ out, Load* __restrict__ load,
                     Params p) {
-  extern __shared__ int32_t hist[];
+  using V = Vec<Id>;
+  constexpr int W = V::kWidth;
+  using VT = typename V::Type;
+  const int64_t table_len = kKind == Kind::kSpread ? p.E * p.cols : p.E;
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* s_table = reinterpret_cast<int64_t*>(smem);
+  int32_t* s_cnt = reinterpret_cast<int32_t*>(s_table + (p.staged ? table_len : 0));
+  int32_t* hist = s_cnt + (p.staged && kKind == Kind::kSpread ? p.E : 0);
+
+  const uint32_t begin = blockIdx.x * static_cast<uint32_t>(p.per_block);
+  const uint32_t end = static_cast<uint32_t>(min(begin + p.per_block, p.n));
+  const uint32_t vbegin = begin / W;  // begin is a multiple of W
+  const uint32_t vend = p.vectorized ? end / W : vbegin;
+  const auto* vin = reinterpret_cast<const VT*>(ids);
+  auto* vout = reinterpret_cast<VT*>(out);
+
+  // The first batch of ids is requested before the block's setup, so its latency overlaps
+  // reading the flags, staging the tables and zeroing the histogram.
+  VT x[kUnroll];
+  const uint32_t v_first = vbegin + threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const uint32_t v = v_first + u * kThreads;
+    if (v < vend) x[u] = vin[v];
+  }
+
   const bool record = p.record.Read() != 0;
   if (kKind == Kind::kCountOnly && !record) return;
   // Ids with flat index < counted belong to tokens below num_valid_tokens.
@@ -124,11 +135,41 @@ __global__ void __launch_bounds__(kThreads)
     counted = valid <= 0 ? 0 : (valid >= (p.n + p.k - 1) / p.k ? p.n : valid * p.k);
   }
   const bool use_shared = record && p.shared_hist;
-  if (use_shared) {
-    for (int64_t b = threadIdx.x; b < p.P; b += blockDim.x) hist[b] = 0;
-    __syncthreads();
+  if (p.staged) {
+    for (int64_t j = threadIdx.x; j < table_len; j += kThreads) s_table[j] = p.table[j];
+    if constexpr (kKind == Kind::kSpread) {
+      for (int64_t e = threadIdx.x; e < p.E; e += kThreads) {
+        const int64_t c = p.cnt[e];
+        s_cnt[e] = static_cast<int32_t>(c < 1 ? 1 : (c > p.cols ? p.cols : c));
+      }
+    }
   }
-  auto count = [&](int64_t slot, int64_t i) {
+  if (use_shared) {
+    for (int64_t b = threadIdx.x; b < p.P; b += kThreads) hist[b] = 0;
+  }
+  if (p.staged || use_shared) __syncthreads();
+
+  // Logical id of token t -> physical slot (contract in ops/ops.h). The range check is one
+  // unsigned compare; staged lookups use 32-bit indices (the staged table is < 48 KiB).
+  const uint32_t cols = static_cast<uint32_t>(p.cols);
+  auto map_id = [&](Id id, uint32_t t) -> int64_t {
+    if constexpr (kKind == Kind::kCountOnly) {
+      return static_cast<int64_t>(id);
+    } else {
+      using U = std::make_unsigned_t<Id>;
+      if (static_cast<U>(id) >= static_cast<U>(p.E)) return -1;
+      const uint32_t e = static_cast<uint32_t>(id);
+      if constexpr (kKind == Kind::kRankLocal) {
+        return p.staged ? s_table[e] : p.table[e];
+      } else {
+        if (p.staged) return s_table[e * cols + t % static_cast<uint32_t>(s_cnt[e])];
+        const int64_t c64 = p.cnt[e];
+        const uint32_t c = static_cast<uint32_t>(c64 < 1 ? 1 : (c64 > p.cols ? p.cols : c64));
+        return p.table[static_cast<int64_t>(e) * p.cols + t % c];
+      }
+    }
+  };
+  auto count = [&](int64_t slot, uint32_t i) {
     if (record && i < counted && slot >= 0 && slot < p.P) {
       if (use_shared) {
         atomicAdd(&hist[slot], 1);
@@ -138,65 +179,76 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.per_block;
-  const int64_t end = min(begin + p.per_block, p.n);
-  int64_t scalar_from = begin;
-  if (p.vectorized) {
-    using V = Vec<Id>;
-    constexpr int W = V::kWidth;
-    const int64_t vbegin = begin / W, vend = end / W;  // begin is a multiple of W
-    const auto* vin = reinterpret_cast<const typename V::Type*>(ids);
-    auto* vout = reinterpret_cast<typename V::Type*>(out);
-    // kUnroll independent 16-byte loads in flight per thread before any is used.
-    constexpr int kUnroll = 4;
-    for (int64_t v0 = vbegin + threadIdx.x; v0 < vend; v0 += kUnroll * blockDim.x) {
-      typename V::Type x[kUnroll];
+  const uint32_t k = static_cast<uint32_t>(p.k);
+  for (uint32_t v0 = v_first; v0 < vend; v0 += kUnroll * kThreads) {
+    if (v0 != v_first) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + u * static_cast<int64_t>(blockDim.x);
+        const uint32_t v = v0 + u * kThreads;
         if (v < vend) x[u] = vin[v];
       }
+    }
+    // Map the whole batch first, then count it: the table lookups of all kUnroll * W ids are
+    // independent and overlap, where interleaving them with the histogram atomics (which may
+    // alias shared memory, as far as the compiler knows) would serialise every id.
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + u * static_cast<int64_t>(blockDim.x);
-        if (v >= vend) break;
-        Id in[W];
-        Id res[W];
-        memcpy(in, &x[u], sizeof(x[u]));
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t v = v0 + u * kThreads;
+      if (v >= vend) break;
+      Id id[W];
+      memcpy(id, &x[u], sizeof(VT));
+      // Token of each id stepped from the vector's first: one division per vector.
+      const uint32_t i = v * W;
+      uint32_t t = i / k;
+      uint32_t pos = i - t * k;
 #pragma unroll
-        for (int j = 0; j < W; ++j) {
-          const int64_t i = v * W + j;
-          const int64_t slot = MapId<kKind>(static_cast<int64_t>(in[j]), i, p);
-          res[j] = static_cast<Id>(slot);
-          count(slot, i);
-        }
-        if constexpr (kKind != Kind::kCountOnly) {
-          typename V::Type y;
-          memcpy(&y, res, sizeof(y));
-          vout[v] = y;
+      for (int j = 0; j < W; ++j) {
+        id[j] = static_cast<Id>(map_id(id[j], t));
+        if (++pos == k) {
+          pos = 0;
+          ++t;
         }
       }
+      memcpy(&x[u], id, sizeof(VT));
+      if constexpr (kKind != Kind::kCountOnly) vout[v] = x[u];
     }
-    scalar_from = vend * W;
+    if (record) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const uint32_t v = v0 + u * kThreads;
+        if (v >= vend) break;
+        Id slot[W];
+        memcpy(slot, &x[u], sizeof(VT));
+#pragma unroll
+        for (int j = 0; j < W; ++j) count(static_cast<int64_t>(slot[j]), v * W + j);
+      }
+    }
   }
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) {
-    const int64_t slot = MapId<kKind>(static_cast<int64_t>(ids[i]), i, p);
-    if constexpr (kKind != Kind::kCountOnly) out[i] = static_cast<Id>(slot);
-    count(slot, i);
+  // Unaligned ids, and the tail of the last block's range.
+  for (uint32_t i = vend * W + threadIdx.x; i < end; i += kThreads) {
+    const Id slot = static_cast<Id>(map_id(ids[i], i / k));
+    if constexpr (kKind != Kind::kCountOnly) out[i] = slot;
+    count(static_cast<int64_t>(slot), i);
   }
 
   if (use_shared) {
     __syncthreads();
-    for (int64_t b = threadIdx.x; b < p.P; b += blockDim.x) {
+    for (int64_t b = threadIdx.x; b < p.P; b += kThreads) {
       const int32_t c = hist[b];
       if (c != 0) AddGlobal(load + b, c);
     }
   }
 }
 
+// Cached per device: the launch path runs on every forward.
 int64_t MultiprocessorCount(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  static std::array<std::atomic<int>, 64> cache{};
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), "device index ", Num(device));
+  int sms = cache[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
   return sms;
 }
 
@@ -207,29 +259,37 @@ Scalar ScalarOf(const at::Tensor& t) {
 template <Kind kKind>
 void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Params p) {
   if (p.n == 0) return;
+  TORCH_CHECK_VALUE(p.n < (int64_t{1} << 31) - kThreads * 8 * 4,
+                    "topk_ids must hold < 2^31 ids on CUDA, got ", Num(p.n));
   const int width = ids.scalar_type() == at::kLong ? 2 : 4;
   p.vectorized = reinterpret_cast<uintptr_t>(ids.data_ptr()) % 16 == 0 &&
                  (out == nullptr || reinterpret_cast<uintptr_t>(out->data_ptr()) % 16 == 0);
-  p.shared_hist = p.P <= kMaxSharedBins;
-  // Enough blocks to cover every SM once, each thread then taking up to
-  // kMaxVectorsPerThread vectors; beyond that, more blocks. Fewer, fuller blocks mean fewer
-  // global atomics when the block histograms are flushed.
-  const int64_t sms = MultiprocessorCount(ids.get_device());
+  // Shared memory: the block histogram first, then the staged tables if they still fit.
+  constexpr int64_t kSharedBytes = 48 * 1024;
+  p.shared_hist = p.P * 4 <= kSharedBytes;
+  int64_t smem = p.shared_hist ? p.P * 4 : 0;
+  if constexpr (kKind != Kind::kCountOnly) {
+    const int64_t table_bytes = kKind == Kind::kSpread ? p.E * p.cols * 8 + p.E * 4 : p.E * 8;
+    p.staged = smem + table_bytes <= kSharedBytes;
+    if (p.staged) smem += table_bytes;
+  }
+  // Two blocks per SM, each thread taking up to kMaxVectorsPerThread vectors; beyond that,
+  // more blocks. Fewer, fuller blocks mean fewer global atomics when histograms are flushed.
+  const int64_t slots = 2 * MultiprocessorCount(ids.get_device()) * kThreads;
   const int64_t vectors = (p.n + width - 1) / width;
-  int64_t per_thread = (vectors + sms * kThreads - 1) / (sms * kThreads);
-  per_thread = std::clamp<int64_t>(per_thread, 1, kMaxVectorsPerThread);
+  const int64_t per_thread =
+      std::clamp<int64_t>((vectors + slots - 1) / slots, 1, kMaxVectorsPerThread);
   p.per_block = per_thread * kThreads * width;
   const int64_t blocks = (p.n + p.per_block - 1) / p.per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many ids: ", p.n);
-  const size_t smem = p.shared_hist ? static_cast<size_t>(p.P) * sizeof(int32_t) : 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "eplb_map_record_ids", [&] {
     using Id = index_t;
     const Id* in = ids.data_ptr<Id>();
     Id* o = out != nullptr ? out->data_ptr<Id>() : nullptr;
     AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "eplb_map_record_load", [&] {
-      MapRecordKernel<kKind, Id, index_t><<<static_cast<unsigned>(blocks), kThreads, smem,
-                                            stream>>>(in, o, load.data_ptr<index_t>(), p);
+      MapRecordKernel<kKind, Id, index_t>
+          <<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(smem), stream>>>(
+              in, o, load.data_ptr<index_t>(), p);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -247,8 +307,7 @@ Params BaseParams(const at::Tensor& ids, int64_t k, const at::Tensor& load,
 }
 
 at::Tensor map_and_record_cuda(const at::Tensor& topk_ids, const at::Tensor& log2phy,
-                               const at::Tensor& logcnt, at::Tensor& load,
-                               const at::Tensor& record,
+                               const at::Tensor& logcnt, at::Tensor& load, const at::Tensor& record,
                                const std::optional<at::Tensor>& num_valid_tokens,
                                const std::string& mode_str) {
   const MapMode mode =
@@ -294,8 +353,8 @@ __global__ void RecordCountsKernel(Load* __restrict__ load, const void* counts, 
   }
 }
 
-void record_counts_cuda(at::Tensor& load, const at::Tensor& expert_tokens,
-                        int64_t group_list_type, int64_t offset) {
+void record_counts_cuda(at::Tensor& load, const at::Tensor& expert_tokens, int64_t group_list_type,
+                        int64_t offset) {
   CheckRecordCounts(load, expert_tokens, group_list_type, offset);
   const int64_t n = expert_tokens.numel();
   if (n == 0) return;
@@ -304,9 +363,9 @@ void record_counts_cuda(at::Tensor& load, const at::Tensor& expert_tokens,
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 1024));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "eplb_record_counts", [&] {
-    RecordCountsKernel<index_t><<<blocks, 256, 0, stream>>>(
-        load.data_ptr<index_t>() + offset, counts.data_ptr(), counts.scalar_type() == at::kLong,
-        n, group_list_type == 0);
+    RecordCountsKernel<index_t>
+        <<<blocks, 256, 0, stream>>>(load.data_ptr<index_t>() + offset, counts.data_ptr(),
+                                     counts.scalar_type() == at::kLong, n, group_list_type == 0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -31,9 +31,10 @@ class EPMoE(torch.nn.Module):
         group: the expert-parallel process group (None: a single process holds every slot).
         num_redundant_experts: extra slots, P = E + it; (E + it) % ep_size == 0.
         phy2log: the initial placement [P] (default: vllm-ascend's default spread).
-        seed: the logical weights are drawn from ``torch.Generator().manual_seed(seed)`` on the
-            CPU, identically on every rank, so layers built with the same seed compute the same
-            function whatever their placement.
+        seed: logical expert e's weights are drawn from a generator seeded with (seed, e) on the
+            weights' device, identically on every rank and for every slot holding e, so layers
+            built with the same seed on the same device type compute the same function whatever
+            their placement. A rank draws only the experts its slots hold.
         dtype, device: of the weights and buffers.
 
     Parameters / buffers (all owned by the layer; the updator writes them in place):
@@ -66,11 +67,9 @@ class EPMoE(torch.nn.Module):
             raise ValueError(f"phy2log must have shape [slots], got {p2l.shape}")
         self.num_slots = p2l.size
         self.num_local_slots = self.num_slots // self.ep_size
-        gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
         h, i, e = hidden_size, intermediate_size, num_experts
-        gate = torch.randn(e, h, generator=gen) / h ** 0.5
-        self.logical_w13 = torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5
-        self.logical_w2 = torch.randn(e, h, i, generator=gen) / i ** 0.5
+        gate = torch.randn(e, h, generator=torch.Generator().manual_seed(seed)) / h ** 0.5
         kw = {"dtype": dtype, "device": device}
         self.gate_weight = torch.nn.Parameter(gate.to(**kw), requires_grad=False)
         self.register_buffer("gate_bias", torch.zeros(e, **kw))
@@ -96,13 +95,38 @@ class EPMoE(torch.nn.Module):
                                load=self.load, record=self.record, ep_rank=self.ep_rank,
                                ep_size=self.ep_size, local_expert_map=self.local_expert_map)
 
+    def logical_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original weights of logical expert ``e``: (w13 [2I, H], w2 [H, I]), new tensors
+        of the layer's dtype on its device."""
+        dev = self.w13.device
+        g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + 1 + int(e))
+        h, i = self.hidden_size, self.intermediate_size
+        w13 = torch.randn(2 * i, h, generator=g, device=dev) / h ** 0.5
+        w2 = torch.randn(h, i, generator=g, device=dev) / i ** 0.5
+        return w13.to(self.w13.dtype), w2.to(self.w2.dtype)
+
+    @property
+    def logical_w13(self) -> torch.Tensor:
+        """[E, 2I, H] every logical expert's original w13, on the CPU (drawn on each call)."""
+        return torch.stack([self.logical_expert(e)[0] for e in range(self.num_experts)]).cpu()
+
+    @property
+    def logical_w2(self) -> torch.Tensor:
+        """[E, H, I] every logical expert's original w2, on the CPU (drawn on each call)."""
+        return torch.stack([self.logical_expert(e)[1] for e in range(self.num_experts)]).cpu()
+
     @torch.no_grad()
     def fill_slots_from_logical(self) -> None:
-        """Copies the logical weights into this rank's slots per the current ``phy2log``."""
+        """Writes the original weights of each slot's logical expert into this rank's slots,
+        per the current ``phy2log``."""
         s = self.num_local_slots
-        mine = self.phy2log[self.ep_rank * s:(self.ep_rank + 1) * s].cpu()
-        self.w13.copy_(self.logical_w13[mine].to(self.w13))
-        self.w2.copy_(self.logical_w2[mine].to(self.w2))
+        mine = self.phy2log[self.ep_rank * s:(self.ep_rank + 1) * s].tolist()
+        drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for slot, e in enumerate(mine):
+            if e not in drawn:
+                drawn[e] = self.logical_expert(e)
+            self.w13[slot].copy_(drawn[e][0])
+            self.w2[slot].copy_(drawn[e][1])
 
     def expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """SwiGLU expert of local ``slot`` on tokens x [n, H] -> [n, H]."""
@@ -168,5 +192,7 @@ def logical_weights_of_slots(layer: EPMoE) -> tuple[np.ndarray, np.ndarray]:
     """The logical experts' original weights for this rank's slots per the current placement:
     (w13 [S, 2I, H], w2 [S, H, I]) as numpy, for checking moves bit for bit."""
     s = layer.num_local_slots
-    mine = layer.phy2log[layer.ep_rank * s:(layer.ep_rank + 1) * s].cpu()
-    return layer.logical_w13[mine].numpy(), layer.logical_w2[mine].numpy()
+    mine = layer.phy2log[layer.ep_rank * s:(layer.ep_rank + 1) * s].tolist()
+    drawn = {e: layer.logical_expert(e) for e in set(mine)}
+    return (torch.stack([drawn[e][0] for e in mine]).cpu().numpy(),
+            torch.stack([drawn[e][1] for e in mine]).cpu().numpy())

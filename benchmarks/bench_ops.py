@@ -1,0 +1,265 @@
+"""Hot-path ops benchmark: eplb_native map_and_record / record_counts against their peers.
+
+GPU run (H100/H200, results in docs/BENCHMARKS.md, "Hot-path ops"):
+
+    EPLB_ANCHOR_CACHE=<cache> PYTHONPATH=python python benchmarks/bench_ops.py \
+        --anchors ../shared/tools --out bench_ops.md
+
+measures, in one process, for T*k in {8K, 64K, 256K, 1M} ids (k = 8, int32 ids, int64 tables
+and load, uniformly random logical ids, recording on) and (E, P) in {(256, 288), (384, 512)}:
+
+* ``eplb``: torch.ops.eplb_native.map_and_record, mode "spread";
+* ``eplb_off``: the same with recording switched off (the record flag tensor holds False);
+* ``eplb_rl``: the same op in mode "rank_local" (1-D table), int32 load like SGLang's;
+* ``vllm``: vLLM's fused Triton map+record kernel (anchors.vllm_map_and_record());
+* ``sglang``: SGLang's fused Triton kernel, rank-local table (anchors.sglang_map_and_record());
+* ``torch``: plain torch: gather through log2phy + bincount (eager; bincount reads its
+  maximum on the host, so inside a graph it is gather + index_add_ instead);
+* ``copy``: ``dst.copy_(ids)`` of the same ids, the floor;
+* ``rc`` / ``index_add``: record_counts of P per-slot counts vs ``load.index_add_`` of ones
+  over the ids (the scatter that record_counts replaces).
+
+Medians of triton.testing.do_bench, eager (one launch per call) and inside a replayed CUDA
+graph of 20 calls (per-call time = replay / 20). Every implementation is run on the same
+tensors; results are cross-checked (eplb vs its composite fallback, eplb_rl vs sglang) before
+timing.
+
+``--smoke`` runs a CPU-sized check (no GPU, no Triton, no peers): eplb vs plain torch on the
+CPU, a few sizes, median of time.perf_counter over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from eplb_native import ops
+
+SIZES = [8 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024]
+SHAPES = [(256, 288), (384, 512)]
+K = 8
+GRAPH_CALLS = 20
+
+
+def placement(E: int, P: int, device, gen: torch.Generator):
+    """Round-robin redundant slots over the first P - E experts, shuffled slot order:
+    log2phy [E, M] (-1 padded), logcnt [E], and a rank-local 1-D table (first replica)."""
+    phy2log = torch.cat([torch.arange(E), torch.arange(P - E) % E])
+    phy2log = phy2log[torch.randperm(P, generator=gen)]
+    logcnt = torch.bincount(phy2log, minlength=E)
+    M = int(logcnt.max())
+    log2phy = torch.full((E, M), -1, dtype=torch.int64)
+    fill = [0] * E
+    for slot, e in enumerate(phy2log.tolist()):
+        log2phy[e, fill[e]] = slot
+        fill[e] += 1
+    return log2phy.to(device), logcnt.to(device), log2phy[:, 0].contiguous().to(device)
+
+
+def torch_map_record(ids, log2phy, logcnt, load, graph_safe=False):
+    """Plain torch: what a framework writes without a fused kernel."""
+    flat = ids.reshape(-1).long()
+    token = torch.arange(flat.numel(), device=ids.device) // ids.shape[-1]
+    slots = log2phy[flat, token % logcnt[flat]]
+    if graph_safe:
+        load.index_add_(0, slots, torch.ones_like(slots))
+    else:
+        load.add_(torch.bincount(slots, minlength=load.numel()))
+    return slots.view(ids.shape).to(ids.dtype)
+
+
+def bench_gpu(args) -> list[str]:
+    import triton.testing
+
+    sys.path.insert(0, args.anchors)
+    import anchors
+
+    vllm_fn = anchors.vllm_map_and_record()
+    sglang_fn = anchors.sglang_map_and_record()
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    lib = torch.ops.eplb_native
+
+    def timed(fn):
+        eager = triton.testing.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        in_graph = triton.testing.do_bench(graph.replay, warmup=25, rep=args.rep_ms,
+                                           return_mode="median") / GRAPH_CALLS
+        return eager * 1e3, in_graph * 1e3  # microseconds
+
+    def case(E, P, n, log2phy, logcnt, table):
+        ids = torch.randint(0, E, (n // K, K), generator=gen, dtype=torch.int32).to(dev)
+        dst = torch.empty_like(ids)
+        load = torch.zeros(P, dtype=torch.int64, device=dev)
+        record = torch.tensor(True, device=dev)
+        record_off = torch.tensor(False, device=dev)
+        counts = torch.randint(1, 1000, (P,), generator=gen).to(dev)
+        ones = torch.ones(n, dtype=torch.int64, device=dev)
+        flat = ids.reshape(-1)
+
+        # cross-checks before timing
+        ref_load = torch.zeros_like(load)
+        a = lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread")
+        b = ops.composite_map_and_record(ids, log2phy, logcnt, ref_load, record)
+        assert torch.equal(a, b) and torch.equal(load, ref_load), "eplb != composite"
+        # SGLang's histogram adds int32 counts: give it (and eplb_rl beside it) an int32 load
+        load32 = torch.zeros(P, dtype=torch.int32, device=dev)
+        ref32 = torch.zeros_like(load32)
+        a = lib.map_and_record(ids, table, table, load32, record, None, "rank_local")
+        b = sglang_fn(ids, table, ref32)
+        assert torch.equal(a, b) and torch.equal(load32, ref32), "eplb_rl != sglang"
+        assert int(load32.sum()) == n
+
+        fns = {
+            "copy": lambda: dst.copy_(ids),
+            "eplb": lambda: lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread"),
+            "eplb_off": lambda: lib.map_and_record(ids, log2phy, logcnt, load, record_off, None,
+                                                   "spread"),
+            "eplb_rl": lambda: lib.map_and_record(ids, table, table, load32, record, None,
+                                                  "rank_local"),
+            "vllm": lambda: vllm_fn(ids, log2phy, logcnt, load, record, None),
+            "sglang": lambda: sglang_fn(ids, table, load32),
+            "rc": lambda: lib.record_counts(load, counts, 1, 0),
+            "index_add": lambda: load.index_add_(0, flat, ones),
+        }
+        res = {}
+        for name, fn in fns.items():
+            try:
+                res[name] = timed(fn)
+            except Exception as exc:  # a peer that fails here is reported, not fatal
+                print(f"{name} failed at E={E} P={P} n={n}: {exc!r}", flush=True)
+                res[name] = (float("nan"), float("nan"))
+        torch_eager = triton.testing.do_bench(
+            lambda: torch_map_record(ids, log2phy, logcnt, load), warmup=25, rep=args.rep_ms,
+            return_mode="median") * 1e3
+        torch_graph = timed(lambda: torch_map_record(ids, log2phy, logcnt, load, True))[1]
+        res["torch"] = (torch_eager, torch_graph)
+        return res
+
+    def host_us(fn, calls=2000):
+        """Host time per call of a launch loop (what bounds eager time at small sizes)."""
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / calls * 1e6
+
+    log2phy, logcnt, table = placement(*SHAPES[0], dev, gen)
+    ids = torch.randint(0, SHAPES[0][0], (1024, K), generator=gen, dtype=torch.int32).to(dev)
+    dst = torch.empty_like(ids)
+    load = torch.zeros(SHAPES[0][1], dtype=torch.int64, device=dev)
+    record = torch.tensor(True, device=dev)
+    host = {
+        "copy_": host_us(lambda: dst.copy_(ids)),
+        "torch.ops map_and_record": host_us(
+            lambda: lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread")),
+        "eplb_native.ops.map_and_record (checked wrapper)": host_us(
+            lambda: ops.map_and_record(ids, log2phy, logcnt, load, record)),
+        "vLLM launcher": host_us(lambda: vllm_fn(ids, log2phy, logcnt, load, record, None)),
+    }
+    for name, us in host.items():
+        print(f"host time per call, 8K ids: {name}: {us:.2f} us", flush=True)
+
+    rows = []
+    names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add"]
+    for E, P in SHAPES:
+        log2phy, logcnt, table = placement(E, P, dev, gen)
+        for n in SIZES:
+            res = case(E, P, n, log2phy, logcnt, table)
+            for mode, col in (("eager", 0), ("graph", 1)):
+                r = {name: res[name][col] for name in names}
+                rows.append((E, P, n, mode, r))
+                print(f"E={E} P={P} n={n:>8} {mode:5} " +
+                      " ".join(f"{name}={r[name]:7.2f}" for name in names), flush=True)
+
+    head = ("| E, P | T·k | mode | copy_ µs | eplb µs | eplb/copy | eplb, record off µs | "
+            "eplb rank_local µs | "
+            "vLLM µs | vLLM/eplb | SGLang µs | SGLang/eplb_rl | torch µs | record_counts µs | "
+            "index_add_ µs |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines[:0] = [f"Host time per call (8K ids, launch loop): {name} {us:.2f} µs"
+                 for name, us in host.items()] + [""]
+    for E, P, n, mode, r in rows:
+        lines.append(
+            f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
+            f"{r['eplb'] / r['copy']:.2f}x | {r['eplb_off']:.2f} | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
+            f"{r['vllm'] / r['eplb']:.1f}x | {r['sglang']:.2f} | {r['sglang'] / r['eplb_rl']:.1f}x | "
+            f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} |")
+    return lines
+
+
+def bench_smoke(args) -> list[str]:
+    def med(fn):
+        times = []
+        for _ in range(args.smoke_reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+
+    gen = torch.Generator().manual_seed(0)
+    lines = ["| E, P | T·k | eplb µs | torch µs | torch/eplb |", "|---|---|---|---|---|"]
+    for E, P in SHAPES[:1]:
+        log2phy, logcnt, _ = placement(E, P, "cpu", gen)
+        for n in (8 * 1024, 64 * 1024):
+            ids = torch.randint(0, E, (n // K, K), generator=gen, dtype=torch.int32)
+            load = torch.zeros(P, dtype=torch.int64)
+            ref_load = torch.zeros_like(load)
+            record = torch.tensor(True)
+            out = ops.map_and_record(ids, log2phy, logcnt, load, record)
+            assert torch.equal(out, ops.composite_map_and_record(ids, log2phy, logcnt, ref_load,
+                                                                 record))
+            assert torch.equal(load, ref_load)
+
+            args_ = (ids, log2phy, logcnt, load)
+            ours = med(lambda a=args_, r=record: ops.map_and_record(*a, r))
+            theirs = med(lambda a=args_: torch_map_record(*a))
+            lines.append(f"| {E}, {P} | {n // 1024}K | {ours:.1f} | {theirs:.1f} | "
+                         f"{theirs / ours:.1f}x |")
+    return lines
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU-sized run, no GPU or peers")
+    p.add_argument("--anchors", default=os.path.join(here, "..", "..", "shared", "tools"),
+                   help="folder holding anchors.py (peers' kernels, benchmarks only)")
+    p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time (ms)")
+    p.add_argument("--smoke-reps", type=int, default=20)
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args()
+    if args.smoke:
+        lines = bench_smoke(args)
+        machine = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_ops.py: no CUDA GPU; use --smoke for the CPU check")
+        lines = bench_gpu(args)
+        machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                   f"built backends {ops.built_backends()}")
+    text = "\n".join([f"Machine: {machine}", ""] + lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""EPLB for Hugging Face transformers MoE models, under transformers' own expert parallelism.
+
+Checked against transformers 5.23 (the ``transformers`` extra pins the range that is tested).
+
+What transformers gives
+-----------------------
+A model loaded with ``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N,
+ep_size=N, tp_plan="auto"))`` has, in every MoE layer, an *experts module* (the class is
+decorated with ``@use_experts_implementation``) whose stacked parameters (``gate_up_proj``
+[E, 2I, H], ``down_proj`` [E, H, I]; GPT-OSS: [E, H, 2I], [E, I, H] plus ``*_bias`` [E, ...])
+are DTensors sharded ``Shard(0)`` over the EP mesh: rank r holds the contiguous rows
+``r*E/R .. (r+1)*E/R - 1`` and ``module.num_experts`` is that local count. The MoE block calls
+``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` with the router's logical
+ids; the ``ep_dispatch_experts`` style routes id ``p`` to rank ``p // num_experts``, local row
+``p % num_experts``, through an ``EPImplementation`` registered in
+``EPImplementationInterface`` (``auto``, ``all_to_all``, ``all_reduce``).
+
+What :func:`attach` changes (per experts module, nothing in transformers' code)
+--------------------------------------------------------------------------------
+1. **Slots.** Every stacked parameter grows from E/R to S = P/R rows per rank (P = E +
+   redundant, or the slot count of a JSON expert map). Row s of rank r holds the logical expert
+   ``phy2log[r*S + s]``; rows this rank did not load are fetched once from the rank that did
+   (P2P). ``num_experts`` becomes S; the parameters stay ``Shard(0)`` DTensors of P rows.
+2. **Routing.** The forward is reinstalled through transformers' own ``ep_dispatch_experts``
+   style with the EP implementation ``"eplb"`` (:class:`EplbEPImplementation`, registered in
+   ``EPImplementationInterface``). It maps the logical top-k ids to physical slots with
+   ``torch.ops.eplb_native.map_and_record`` (the load is recorded in the same op) and hands them
+   to the implementation the model was loaded with. Slot p lives on rank p // S at row p % S,
+   which is transformers' own layout rule with S local experts, so the dispatch and the
+   experts functions (``grouped_mm``, ``batched_mm``, ...) run unchanged.
+3. **State** for the updator: non-persistent buffers on the experts module, read by routing at
+   every forward and rewritten in place by the updator: ``eplb_phy2log`` [P], ``eplb_log2phy``
+   [E, M], ``eplb_logcnt`` [E], ``eplb_load`` [P] int64, ``eplb_record`` (0-dim bool). The
+   adapter registered here (:func:`transformers_experts_adapter`) hands them, with the local
+   rows of every stacked parameter, to ``eplb_native.attach`` (protocol in adapters/base.py).
+
+Why the EP implementation and not the other hooks: an experts function runs after the
+dispatch, on local ids, too late to choose a replica; a forward hook on the router depends on
+each family's router module and output tuple. The EP implementation sees every token's logical
+ids once per layer, for every family whose plan uses ``ep_dispatch_experts``.
+
+Load recording: the ranks of one TP group hold the same batch (with ``tp_size == ep_size``
+every rank runs the whole batch), so only the first rank of each TP group records; the load
+gathered over the EP group counts every token once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+try:
+    import transformers
+    from transformers.distributed.expert_parallel import (
+        ALL_PARALLEL_STYLES,
+        EPImplementation,
+        EPImplementationInterface,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "eplb_native.integrations.transformers needs transformers >= 5.23: "
+        "pip install 'eplb_native[transformers]'"
+    ) from exc
+
+from torch.distributed.tensor import DTensor, Shard
+
+from .. import expert_map as _expert_map
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.eplb_native)
+from .. import state
+from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
+
+__all__ = [
+    "EP_IMPLEMENTATION",
+    "TESTED_VERSIONS",
+    "EplbEPImplementation",
+    "TransformersMoELayer",
+    "attach",
+    "find_moe_layers",
+    "prepare",
+    "transformers_experts_adapter",
+]
+
+#: transformers versions the tests run against (the ``transformers`` extra pins them).
+TESTED_VERSIONS = ">=5.23,<5.24"
+if not transformers.__version__.startswith("5.23."):
+    warnings.warn(f"eplb_native.integrations.transformers is tested with transformers "
+                  f"{TESTED_VERSIONS}, found {transformers.__version__}", stacklevel=2)
+
+#: Name of the EP implementation this module registers in transformers'
+#: ``EPImplementationInterface``.
+EP_IMPLEMENTATION = "eplb"
+
+# Names of the buffers attach registers on an experts module (the layer's EPLB state).
+_BUFFERS = ("eplb_phy2log", "eplb_log2phy", "eplb_logcnt", "eplb_load", "eplb_record")
+
+
+@dataclass(frozen=True)
+class TransformersMoELayer:
+    """One MoE layer of a transformers model, as :func:`find_moe_layers` finds it.
+
+    Attributes:
+        name: qualified name of the experts module (``model.layers.3.mlp.experts``).
+        experts: the experts module (owns the stacked parameters).
+        block: the MoE block holding it (``...mlp``), whose router picks the top-k ids.
+        num_logical_experts: E, the layer's logical experts.
+    """
+
+    name: str
+    experts: torch.nn.Module
+    block: torch.nn.Module
+    num_logical_experts: int
+
+
+def _where(name: str, module: torch.nn.Module) -> str:
+    return f"MoE experts module {name!r} ({type(module).__name__})"
+
+
+def _stacked_params(experts: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The experts module's own parameters stacked per expert (first dim = experts), in
+    registration order: every one moves with its expert."""
+    params = list(experts.named_parameters(recurse=False))
+    first = {p.shape[0] for _, p in params if p.dim() >= 1}
+    if len(first) != 1:
+        return []
+    return [(n, p) for n, p in params if p.dim() >= 1]
+
+
+def _check_experts(name: str, experts: torch.nn.Module) -> None:
+    """Raises AdapterError naming ``experts`` and why attach cannot serve it."""
+    where = _where(name, experts)
+    if not all(hasattr(experts, a) for a in ("has_gate", "is_transposed", "config")):
+        raise AdapterError(
+            f"{where}: not a transformers stacked-experts module (@use_experts_implementation):"
+            " attach needs the expert weights as [E, ...] parameters of this module, sharded by "
+            "transformers' expert parallelism, and the module called as experts(hidden, "
+            "top_k_index, top_k_weights) with the router's top-k ids, where logical ids are "
+            "mapped to slots")
+    params = _stacked_params(experts)
+    if not params:
+        raise AdapterError(f"{where}: has no parameters stacked per expert")
+    impl = getattr(experts.config, "_experts_implementation", None)
+    if impl == "deepgemm_megamoe":
+        raise AdapterError(
+            f"{where}: experts_implementation='deepgemm_megamoe' exchanges tokens inside its "
+            "kernel by logical expert id; load with 'grouped_mm' or 'batched_mm'")
+    if not all(isinstance(p, DTensor) for _, p in params) or "forward" not in vars(experts):
+        raise AdapterError(
+            f"{where}: not sharded by transformers' expert parallelism; load the model with "
+            "distributed_config=DistributedConfig(ep_size=N, ...) and an ep_plan with the "
+            "'ep_dispatch_experts' (module) and 'grouped_gemm' (parameters) rules")
+    for pname, p in params:
+        if tuple(p.placements) != (Shard(0),):
+            raise AdapterError(f"{where}: parameter {pname!r} must be sharded Shard(0) over the "
+                               f"EP mesh, got {p.placements}")
+
+
+def find_moe_layers(model: torch.nn.Module) -> list[TransformersMoELayer]:
+    """Every MoE layer of ``model``, in module order: each module with an ``experts`` child.
+
+    Raises AdapterError naming the first experts module that attach cannot serve, and
+    ValueError if the model has no MoE layer at all.
+    """
+    layers = []
+    for block_name, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, torch.nn.Module):
+            continue
+        name = f"{block_name}.experts" if block_name else "experts"
+        _check_experts(name, experts)
+        num_logical = getattr(experts, "eplb_num_logical_experts", None)
+        if num_logical is None:
+            num_logical = _stacked_params(experts)[0][1].shape[0]
+        layers.append(TransformersMoELayer(name, experts, block, int(num_logical)))
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no MoE layer: no module has an "
+                         "'experts' child")
+    return layers
+
+
+def _meshes(model: torch.nn.Module):
+    """(ep_mesh, tp_mesh) of a model transformers loaded with expert parallelism."""
+    dcfg = getattr(getattr(model, "config", None), "distributed_config", None)
+    manager = getattr(model, "_mesh_manager", None)
+    if dcfg is None or manager is None or getattr(dcfg, "ep_size", 1) <= 1:
+        raise ValueError(
+            f"model ({type(model).__name__}) was not loaded with transformers' expert "
+            "parallelism: pass distributed_config=DistributedConfig(tp_size=N, ep_size=N, "
+            "tp_plan='auto') to from_pretrained on every rank (ep_size > 1)")
+    return manager.get_mesh("ep"), manager.get_mesh("tp")
+
+
+def _initial_placement(layers, num_ranks: int, num_redundant_experts, expert_map
+                       ) -> np.ndarray:
+    """``phy2log`` [L, P] to start from: the expert map when given, else vllm-ascend's default
+    placement with ``num_redundant_experts`` redundant slots per layer."""
+    num_logical = {layer.num_logical_experts for layer in layers}
+    if len(num_logical) != 1:
+        raise ValueError(f"MoE layers have different expert counts {sorted(num_logical)}; "
+                         "one placement shape is needed for all layers")
+    (e,) = num_logical
+    if expert_map is not None:
+        if isinstance(expert_map, str | os.PathLike):
+            phy2log, ranks = _expert_map.load(expert_map)
+            if ranks != num_ranks:
+                raise ValueError(f"expert_map {os.fspath(expert_map)!r} is for {ranks} ranks, "
+                                 f"the EP group has {num_ranks}")
+        elif isinstance(expert_map, dict):
+            phy2log = _expert_map.from_json_dict(expert_map)
+        else:
+            phy2log = expert_map
+        phy2log = state.validate_phy2log(phy2log, e, num_ranks, name="expert_map")
+        if phy2log.ndim != 2 or phy2log.shape[0] != len(layers):
+            raise ValueError(f"expert_map must have one row per MoE layer ([{len(layers)}, P]), "
+                             f"got shape {list(phy2log.shape)}")
+        return phy2log
+    redundant = 0 if num_redundant_experts is None else num_redundant_experts
+    row = state.default_placement(e, num_ranks, redundant)
+    return np.tile(row, (len(layers), 1))
+
+
+def _fill_slots(local_rows: list[torch.Tensor], phy2log: np.ndarray, num_logical: int,
+                ep_rank: int, ep_size: int, group) -> list[torch.Tensor]:
+    """New per-slot tensors ``[S, ...]`` for this rank's slots of ``phy2log`` [P], from the rows
+    transformers loaded (rank q holds logical experts q*E/R .. (q+1)*E/R - 1). Rows of other
+    ranks travel by P2P, one message per (peer, parameter). Collective over ``group``."""
+    loaded = num_logical // ep_size
+    slots = phy2log.size // ep_size
+    owner, row = phy2log // loaded, phy2log % loaded
+    mine = range(ep_rank * slots, (ep_rank + 1) * slots)
+    out = [t.new_empty((slots,) + tuple(t.shape[1:])) for t in local_rows]
+    for s, p in enumerate(mine):
+        if owner[p] == ep_rank:
+            for dst, src in zip(out, local_rows, strict=True):
+                dst[s].copy_(src[row[p]])
+    ops, pending = [], []
+    for q in range(ep_size):
+        if q == ep_rank:
+            continue
+        peer = dist.get_global_rank(group, q)
+        theirs = np.arange(q * slots, (q + 1) * slots)
+        send_rows = row[theirs][owner[theirs] == ep_rank]
+        if send_rows.size:
+            index = torch.from_numpy(send_rows).to(local_rows[0].device)
+            for src in local_rows:
+                ops.append(dist.P2POp(dist.isend, src.index_select(0, index).contiguous(), peer))
+        recv_slots = [s for s, p in enumerate(mine) if owner[p] == q]
+        if recv_slots:
+            for dst in out:
+                buf = dst.new_empty((len(recv_slots),) + tuple(dst.shape[1:]))
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                pending.append((dst, recv_slots, buf))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    for dst, recv_slots, buf in pending:
+        dst[torch.tensor(recv_slots, device=dst.device)] = buf
+    return out
+
+
+class EplbEPImplementation(EPImplementation):
+    """transformers EP implementation ``"eplb"``: logical top-k ids -> physical slots (recording
+    the load), then the implementation the model was loaded with.
+
+    Built by transformers' ``ep_dispatch_experts`` style for one experts module that
+    :func:`prepare` has grown to S slots per rank; it reads the module's ``eplb_log2phy``,
+    ``eplb_logcnt``, ``eplb_load`` and ``eplb_record`` buffers at every call, so a placement
+    switch (in place) takes effect at the next forward.
+    """
+
+    def __init__(self, experts: torch.nn.Module, ep_mesh, tp_mesh):
+        inner_name = getattr(experts, "eplb_inner_ep_implementation", None)
+        if inner_name is None:
+            raise ValueError(
+                f"ep_implementation={EP_IMPLEMENTATION!r} is installed by "
+                "eplb_native.integrations.transformers.attach(); load the model with 'auto', "
+                "'all_to_all' or 'all_reduce' and call attach() afterwards")
+        super().__init__(experts, ep_mesh, tp_mesh)
+        self.experts = experts
+        self.inner = EPImplementationInterface()[inner_name](experts, ep_mesh, tp_mesh)
+        # Ranks of one TP group hold the same tokens: only the first records them.
+        self.records_here = tp_mesh.get_local_rank() == 0
+        self._never = torch.zeros((), dtype=torch.bool, device=experts.eplb_record.device)
+        experts.eplb_ep_implementation = self  # the module's dispatch, for inspection
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        ex = self.experts
+        record = ex.eplb_record if self.records_here else self._never
+        slots = torch.ops.eplb_native.map_and_record(top_k_index, ex.eplb_log2phy,
+                                                     ex.eplb_logcnt, ex.eplb_load, record)
+        return self.inner(hidden_states, slots, top_k_weights)
+
+
+EPImplementationInterface.register(EP_IMPLEMENTATION, EplbEPImplementation)
+
+
+def _register_state(experts, phy2log: np.ndarray, num_logical: int, ep_rank: int, ep_size: int,
+                    device) -> None:
+    log2phy, logcnt, _ = state.placement_tensors(phy2log, num_logical, ep_size, ep_rank)
+    values = (torch.from_numpy(phy2log.copy()), log2phy, logcnt,
+              torch.zeros(phy2log.size, dtype=torch.int64), torch.ones((), dtype=torch.bool))
+    for name, value in zip(_BUFFERS, values, strict=True):
+        experts.register_buffer(name, value.to(device), persistent=False)
+
+
+@torch.no_grad()
+def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | None = None,
+            expert_map=None, ep_implementation: str | None = None
+            ) -> list[TransformersMoELayer]:
+    """Grows every MoE layer of ``model`` to its physical slots and installs the remapping
+    routing (module docstring, steps 1-3). Collective over the EP group: call on every rank.
+
+    Args:
+        model: a transformers MoE model loaded with ``DistributedConfig(ep_size > 1)``.
+        group: the EP process group (default: the model's EP mesh group); must hold exactly the
+            ranks of the model's EP mesh.
+        num_redundant_experts: redundant slots per layer for vllm-ascend's default placement
+            (default 0); E + redundant must divide by the EP size.
+        expert_map: the initial placement instead: a vllm-ascend expert-map JSON path or dict,
+            or ``phy2log`` [L, P] (one row per MoE layer, in module order).
+        ep_implementation: how tokens reach the slots (a name registered in transformers'
+            ``EPImplementationInterface``); default: the one the model was loaded with.
+
+    Returns the layers, each with its EPLB buffers registered. Raises ValueError / AdapterError
+    before changing anything when the model, the group or the placement does not fit.
+    """
+    ep_mesh, tp_mesh = _meshes(model)
+    ep_group = ep_mesh.get_group()
+    if group is None:
+        group = ep_group
+    elif dist.get_process_group_ranks(group) != dist.get_process_group_ranks(ep_group):
+        raise ValueError(f"group must hold the ranks of the model's EP mesh "
+                         f"{dist.get_process_group_ranks(ep_group)}, got "
+                         f"{dist.get_process_group_ranks(group)}")
+    ep_rank, ep_size = ep_mesh.get_local_rank(), ep_mesh.size()
+    layers = find_moe_layers(model)
+    for layer in layers:
+        if hasattr(layer.experts, "eplb_phy2log"):
+            raise ValueError(f"{_where(layer.name, layer.experts)}: EPLB is already attached")
+    if num_redundant_experts is not None and (
+            isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int)
+            or num_redundant_experts < 0):
+        raise ValueError(f"num_redundant_experts must be an int >= 0, got "
+                         f"{num_redundant_experts!r}")
+    if ep_implementation is None:
+        ep_implementation = model.config.distributed_config.ep_implementation
+    if ep_implementation == EP_IMPLEMENTATION or ep_implementation not in (
+            EPImplementationInterface()):
+        raise ValueError(f"ep_implementation must name a registered transformers EP "
+                         f"implementation other than {EP_IMPLEMENTATION!r}, got "
+                         f"{ep_implementation!r}")
+    phy2log = _initial_placement(layers, ep_size, num_redundant_experts, expert_map)
+    num_slots = phy2log.shape[1]
+    if num_redundant_experts is not None and (
+            num_slots - layers[0].num_logical_experts != num_redundant_experts):
+        raise ValueError(f"num_redundant_experts ({num_redundant_experts}) contradicts the expert "
+                         f"map ({num_slots} slots for {layers[0].num_logical_experts} experts)")
+    dispatch = ALL_PARALLEL_STYLES["ep_dispatch_experts"]
+    for layer, row in zip(layers, phy2log, strict=True):
+        experts = layer.experts
+        params = _stacked_params(experts)
+        for pname, p in params:
+            if p.shape[0] != layer.num_logical_experts or p.device_mesh != ep_mesh:
+                raise AdapterError(f"{_where(layer.name, experts)}: parameter {pname!r} must "
+                                   f"hold {layer.num_logical_experts} experts on the EP mesh")
+        local = [p.to_local() for _, p in params]
+        grown = _fill_slots(local, row, layer.num_logical_experts, ep_rank, ep_size, group)
+        for (pname, p), rows in zip(params, grown, strict=True):
+            global_shape = (num_slots,) + tuple(rows.shape[1:])
+            dt = DTensor.from_local(rows, ep_mesh, [Shard(0)], run_check=False,
+                                    shape=global_shape,
+                                    stride=torch.empty(global_shape, device="meta").stride())
+            experts._parameters[pname] = torch.nn.Parameter(dt, requires_grad=p.requires_grad)
+        experts.num_experts = num_slots // ep_size
+        experts.eplb_num_logical_experts = layer.num_logical_experts
+        experts.eplb_inner_ep_implementation = ep_implementation
+        experts.eplb_ep_rank, experts.eplb_ep_size = ep_rank, ep_size
+        _register_state(experts, row, layer.num_logical_experts, ep_rank, ep_size,
+                        local[0].device)
+        # Drop transformers' ep_forward (an instance attribute) so the style reinstalls the
+        # dispatch around the class forward, now with S local experts.
+        del experts.forward
+        dispatch.install_forward(experts, ep_mesh=ep_mesh, tp_mesh=tp_mesh,
+                                 ep_implementation=EP_IMPLEMENTATION)
+    return layers
+
+
+@register_adapter
+def transformers_experts_adapter(name: str, module: torch.nn.Module, ep_rank: int,
+                                 ep_size: int) -> MoELayerAdapter | None:
+    """Adapter for ``eplb_native.attach``: a transformers experts module prepared by
+    :func:`prepare` -> its MoELayerAdapter; None for any other module. An experts module that
+    was not prepared raises AdapterError (it has no slots or routing yet)."""
+    if not hasattr(module, "is_transposed") or not _stacked_params(module):
+        return None
+    where = _where(name, module)
+    if not hasattr(module, "eplb_phy2log"):
+        raise AdapterError(f"{where}: call eplb_native.integrations.transformers.attach(model, "
+                           "config, group): it grows the slots and installs the routing")
+    if (module.eplb_ep_rank, module.eplb_ep_size) != (ep_rank, ep_size):
+        raise AdapterError(f"{where}: prepared for EP rank {module.eplb_ep_rank} of "
+                           f"{module.eplb_ep_size}, attach's group gives {ep_rank} of {ep_size}")
+    # detached views of the parameters' local shards: the updator writes rows in place
+    weights = [p.to_local().detach() for _, p in _stacked_params(module)]
+    return MoELayerAdapter(name=name, module=module, weights=weights,
+                           phy2log=module.eplb_phy2log, log2phy=module.eplb_log2phy,
+                           logcnt=module.eplb_logcnt, load=module.eplb_load,
+                           record=module.eplb_record, ep_rank=ep_rank, ep_size=ep_size)
+
+
+def attach(model: torch.nn.Module, config=None, group=None, *,
+           num_redundant_experts: int | None = None, expert_map=None,
+           ep_implementation: str | None = None, hooks: bool = True):
+    """``eplb_native.attach`` for a transformers MoE model under transformers' expert
+    parallelism: :func:`prepare` (slots + routing), then the updator on the prepared layers.
+
+    Args:
+        model: loaded on every rank with ``DistributedConfig(tp_size=N, ep_size=N,
+            tp_plan="auto")`` (or any layout with ``ep_size > 1``).
+        config: anything ``eplb_native.EplbConfig.parse`` takes; its ``num_redundant_experts``
+            and ``expert_map_path`` give the initial slots unless the keywords do.
+        group: the EP process group (default: the model's EP mesh group).
+        num_redundant_experts, expert_map, ep_implementation: see :func:`prepare`.
+        hooks: one updator step per forward of ``model`` (False: call
+            ``updator.forward_before()`` / ``forward_end()`` yourself).
+
+    Collective: call on every rank of the EP group. Returns the ``eplb_native`` updator.
+    """
+    from ..config import EplbConfig
+    from ..updator import attach as _attach
+
+    cfg = EplbConfig.parse(config)
+    if num_redundant_experts is None:
+        num_redundant_experts = cfg.num_redundant_experts
+    if expert_map is None:
+        expert_map = cfg.expert_map_path
+    prepare(model, group, num_redundant_experts=num_redundant_experts, expert_map=expert_map,
+            ep_implementation=ep_implementation)
+    if group is None:
+        group = _meshes(model)[0].get_group()
+    return _attach(model, cfg, group, hooks=hooks)

@@ -1,0 +1,50 @@
+"""eplb_native.nn.EPMoE against the dense reference (tests/reference/updator.py)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from reference.updator import dense_moe
+
+from eplb_native.nn import EPMoE
+
+
+@pytest.mark.parametrize("phy2log", [None, [5, 4, 3, 2, 1, 0, 0, 5], [0, 0, 0, 1, 2, 3, 4, 5]])
+def test_single_process_matches_dense(phy2log):
+    layer = EPMoE(12, 10, 6, 2, phy2log=phy2log, num_redundant_experts=2, seed=3)
+    layer.gate_bias.copy_(torch.randn(6))
+    x = torch.randn(17, 12)
+    ref = dense_moe(x, layer.gate_weight, layer.gate_bias, layer.logical_w13, layer.logical_w2, 2)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert int(layer.load.sum()) == 17 * 2
+    layer.record.fill_(False)
+    layer.load.zero_()
+    layer(x)
+    assert int(layer.load.sum()) == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        EPMoE(4, 4, 2, 3)
+    with pytest.raises(ValueError, match="hidden_size"):
+        EPMoE(0, 4, 2, 1)
+    with pytest.raises(ValueError, match="holds no copy"):
+        EPMoE(4, 4, 3, 1, phy2log=[0, 0, 1])
+    with pytest.raises(ValueError, match="x must have shape"):
+        EPMoE(4, 4, 2, 1)(torch.zeros(3, 5))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_dense():
+    import epmoe_mp
+
+    placements = [None, [5, 4, 3, 0, 0, 0, 1, 2]]
+    mp.spawn(epmoe_mp.check_ep, args=(2, _free_port(), placements), nprocs=2, join=True)

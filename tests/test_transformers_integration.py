@@ -1,0 +1,210 @@
+"""eplb_native.integrations.transformers on tiny transformers MoE models (CPU, gloo, 2 ranks).
+
+One spawn of 2 processes runs every family (tests/transformers_ep_worker.py); the tests below
+assert on what each rank returned. Single-process tests cover the refusals that need no ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+import transformers_ep_worker as worker  # noqa: E402  (tests/ is on sys.path, see conftest)
+
+from eplb_native import expert_map, state  # noqa: E402
+from eplb_native.adapters import AdapterError  # noqa: E402
+from eplb_native.integrations import transformers as eplb_tf  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the 2 ranks returned, per family (and "prepare"): [rank0, rank1]."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("transformers_ep")
+    paths = {}
+    for family in worker.FAMILIES:
+        paths[family] = str(root / family)
+        worker.build_checkpoint(family, paths[family])
+    mp.spawn(worker.worker, args=(_free_port(), paths, str(root)), nprocs=worker.NUM_RANKS)
+    return [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False)
+            for r in range(worker.NUM_RANKS)]
+
+
+def _family(ranks, family):
+    out = [r[family] for r in ranks]
+    for rank, res in enumerate(out):
+        assert "error" not in res, f"{family} failed on rank {rank}:\n{res['error']}"
+    return out
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_outputs_unchanged_at_every_step(ranks, family):
+    for res in _family(ranks, family):
+        assert len(res["logits"]) == worker.STEPS
+        for step, (got, want) in enumerate(zip(res["logits"], res["ref_logits"], strict=True)):
+            # fp32: TP attention and the changed summation order of replicas round differently
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_generate_unchanged(ranks, family):
+    for res in _family(ranks, family):
+        assert torch.equal(res["generated"], res["ref_generated"])
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_recorded_load_is_router_bincount(ranks, family):
+    for res in _family(ranks, family):
+        for step, (load, count) in enumerate(zip(res["load"], res["router_count"],
+                                                 strict=True)):
+            assert (count.sum(1) == worker.BATCH * worker.SEQ * worker.TOP_K).all()
+            assert torch.equal(load, count), f"step {step}: recorded {load} router {count}"
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_slots_grow_and_hold_their_logical_expert(ranks, family):
+    slots = (worker.EXPERTS + worker.REDUNDANT) // worker.NUM_RANKS
+    for res in _family(ranks, family):
+        assert res["slots_before"] == worker.EXPERTS // worker.NUM_RANKS
+        assert res["slots_after"] == slots
+        want = {"all_to_all": "AllToAllEP"}.get(worker.EP_IMPLEMENTATION.get(family), "AutoEP")
+        assert res["inner"] == want
+        assert res["mismatched_initial"] == []
+        assert res["mismatched_slots"] == []
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_rebalances_keep_ranks_identical(ranks, family):
+    r0, r1 = _family(ranks, family)
+    for a, b in zip(r0["phy2log"], r1["phy2log"], strict=True):
+        assert torch.equal(a, b)
+    for (p0, l0, c0), (p1, l1, c1) in zip(r0["maps"], r1["maps"], strict=True):
+        assert torch.equal(p0, p1) and torch.equal(l0, l1) and torch.equal(c0, c1)
+        log2phy, logcnt, _ = state.placement_tensors(p0, worker.EXPERTS, worker.NUM_RANKS, 0)
+        assert torch.equal(l0, log2phy) and torch.equal(c0, logcnt)
+    # several rebalances: the placement changed at least twice, every move agreed
+    placements = {tuple(p.reshape(-1).tolist()) for p in r0["phy2log"]}
+    assert len(placements) >= 3
+    assert r0["moves_ok"] and all(r0["moves_ok"]) and r0["moves_ok"] == r1["moves_ok"]
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_balancedness_improves(ranks, family):
+    res = _family(ranks, family)[0]
+    # in sample (the planner's numbers on the window it planned from), mean over layers
+    before, after = (np.array([p[i].mean() for p in res["plans"]]) for i in (0, 1))
+    assert after[0] > before[0] and after.mean() > before.mean(), (before, after)
+    windows = [w.mean() for w in res["windows"]]  # out of sample, mean over layers
+    per_phase = worker.STEPS // 2 // worker.INTERVAL
+    for phase in range(2):
+        first, last = windows[phase * per_phase], windows[(phase + 1) * per_phase - 1]
+        assert last > first, f"phase {phase}: balancedness {windows}"
+
+
+def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
+    for rank, res in enumerate(_family(ranks, "prepare")):
+        errors = res["errors"]
+        assert "(8 + 1) must be divisible by num_ranks (2)" in errors["uneven_slots"]
+        assert "num_redundant_experts must be an int >= 0" in errors["negative_redundant"]
+        assert "one row per MoE layer" in errors["map_layers"]
+        assert "holds no copy of logical experts [7]" in errors["map_missing_expert"]
+        assert "ep_implementation" in errors["ep_implementation"]
+        assert "num_redundant_experts (2) contradicts the expert map" in errors[
+            "map_vs_redundant"]
+        assert "already attached" in errors["twice"]
+        assert res["untouched"]
+        assert res["slots"] == 6
+        want = torch.tensor([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
+        assert torch.equal(res["phy2log"], want)
+        assert res["mismatched"] == [], f"rank {rank}"
+        torch.testing.assert_close(res["logits"], res["ref_logits"], rtol=1e-5, atol=1e-5)
+        num_layers, phy2log = res["generic_attach"]
+        assert num_layers == worker.LAYERS and np.array_equal(phy2log, want.numpy())
+
+
+def _tiny(family):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(worker.family_config(family))
+
+
+def test_model_without_expert_parallelism_is_refused():
+    model = _tiny("qwen3_moe")
+    with pytest.raises(ValueError, match="not loaded with transformers' expert parallelism"):
+        eplb_tf.attach(model)
+    with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.experts' \(Qwen3MoeExperts\): "
+                                           "not sharded by transformers' expert parallelism"):
+        eplb_tf.find_moe_layers(model)
+
+
+def test_unprepared_experts_module_names_attach():
+    experts = _tiny("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(AdapterError, match="integrations.transformers.attach"):
+        eplb_tf.transformers_experts_adapter("layers.0.mlp.experts", experts, 0, 1)
+    assert eplb_tf.transformers_experts_adapter("norm", torch.nn.LayerNorm(4), 0, 1) is None
+
+
+def test_family_without_stacked_experts_is_refused():
+    # DBRX keeps its experts flattened in a child module and has no expert-parallel plan
+    config = transformers.DbrxConfig(d_model=64, n_heads=4, n_layers=1, max_seq_len=32,
+                                     vocab_size=128,
+                                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+                                     ffn_config={"ffn_hidden_size": 32,
+                                                                 "moe_num_experts": 4,
+                                                                 "moe_top_k": 2})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(AdapterError, match=r"'transformer.blocks.0.ffn.experts' \(DbrxExperts\)"
+                                           ": not a transformers stacked-experts module"):
+        eplb_tf.find_moe_layers(model)
+
+
+def test_model_without_moe_layer_is_refused():
+    with pytest.raises(ValueError, match="has no MoE layer"):
+        eplb_tf.find_moe_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(-2, 9), max_size=14), max_size=3),
+       num_ranks=st.integers(1, 4), redundant=st.one_of(st.none(), st.integers(-2, 12)))
+def test_initial_placement_parses_or_refuses(rows, num_ranks, redundant):
+    layers = [SimpleNamespace(num_logical_experts=8)] * 2
+    for given_map in (rows, None):
+        try:
+            phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, given_map)
+        except (ValueError, TypeError):
+            continue
+        assert phy2log.dtype == np.int64 and phy2log.shape[0] == 2
+        assert phy2log.shape[1] % num_ranks == 0
+        for row in phy2log:
+            assert set(row.tolist()) == set(range(8))
+        if given_map is not None:
+            assert phy2log.tolist() == rows
+        else:
+            assert phy2log.shape[1] == 8 + (redundant or 0)
+
+
+def test_initial_placement_from_expert_map_file(tmp_path):
+    layers = [SimpleNamespace(num_logical_experts=worker.EXPERTS)] * worker.LAYERS
+    want = np.array([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
+    path = tmp_path / "expert_map.json"
+    expert_map.save(path, want, worker.NUM_RANKS)
+    got = eplb_tf._initial_placement(layers, worker.NUM_RANKS, None, str(path))
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="is for 2 ranks, the EP group has 4"):
+        eplb_tf._initial_placement(layers, 4, None, str(path))
