@@ -23,11 +23,35 @@ namespace {
 using F64 = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
+// Hands a vector's buffer to numpy without copying: the array owns it through a capsule. Only
+// O(1) work happens with the GIL held (a large log2phy would otherwise be copied under it).
 template <typename T>
-py::array_t<T> ToNumpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
-  py::array_t<T> a(shape);
-  if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
-  return a;
+py::array_t<T> Own(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  if (v.empty()) return py::array_t<T>(shape);
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, heap->data(), owner);
+}
+
+// A plan ready for numpy: the transfers flattened to [T, 8] rows (TRANSFER_COLUMNS). Built
+// without the GIL.
+struct FlatPlan {
+  PlanResult result;
+  std::vector<int64_t> transfers;
+};
+
+FlatPlan Flatten(PlanResult&& r) {
+  FlatPlan f;
+  f.transfers.reserve(r.transfers.size() * 8);
+  for (const auto& x : r.transfers) {
+    const int64_t row[8] = {x.layer,    x.batch,   x.logical,  x.src_rank,
+                            x.src_slot, x.dst_rank, x.dst_slot, x.local ? 1 : 0};
+    f.transfers.insert(f.transfers.end(), row, row + 8);
+  }
+  r.transfers.clear();
+  r.transfers.shrink_to_fit();
+  f.result = std::move(r);
+  return f;
 }
 
 Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_t num_nodes,
@@ -62,35 +86,23 @@ const int64_t* OldPtr(const std::optional<I64>& old, const Shape& s) {
   return old->data();
 }
 
-py::dict ToDict(const PlanResult& r) {
+py::dict ToDict(FlatPlan&& f) {
+  PlanResult& r = f.result;
   const auto L = static_cast<py::ssize_t>(r.shape.num_layers);
   const auto E = static_cast<py::ssize_t>(r.shape.num_logical);
   const auto P = static_cast<py::ssize_t>(r.shape.num_physical);
   const auto M = static_cast<py::ssize_t>(r.max_replicas);
+  const auto T = static_cast<py::ssize_t>(f.transfers.size() / 8);
   py::dict d;
-  d["phy2log"] = ToNumpy(r.phy2log, {L, P});
-  d["log2phy"] = ToNumpy(r.log2phy, {L, E, M});
-  d["logcnt"] = ToNumpy(r.logcnt, {L, E});
-  d["mean_load"] = ToNumpy(r.mean_load, {L});
-  d["max_load_before"] = ToNumpy(r.max_load_before, {L});
-  d["max_load_after"] = ToNumpy(r.max_load_after, {L});
-  d["lower_bound"] = ToNumpy(r.lower_bound, {L});
-  d["moved_slots"] = ToNumpy(r.moved_slots, {L});
-  const auto T = static_cast<py::ssize_t>(r.transfers.size());
-  py::array_t<int64_t> t({T, static_cast<py::ssize_t>(8)});
-  auto tv = t.mutable_unchecked<2>();
-  for (py::ssize_t i = 0; i < T; ++i) {
-    const auto& x = r.transfers[static_cast<size_t>(i)];
-    tv(i, 0) = x.layer;
-    tv(i, 1) = x.batch;
-    tv(i, 2) = x.logical;
-    tv(i, 3) = x.src_rank;
-    tv(i, 4) = x.src_slot;
-    tv(i, 5) = x.dst_rank;
-    tv(i, 6) = x.dst_slot;
-    tv(i, 7) = x.local ? 1 : 0;
-  }
-  d["transfers"] = t;
+  d["phy2log"] = Own(std::move(r.phy2log), {L, P});
+  d["log2phy"] = Own(std::move(r.log2phy), {L, E, M});
+  d["logcnt"] = Own(std::move(r.logcnt), {L, E});
+  d["mean_load"] = Own(std::move(r.mean_load), {L});
+  d["max_load_before"] = Own(std::move(r.max_load_before), {L});
+  d["max_load_after"] = Own(std::move(r.max_load_after), {L});
+  d["lower_bound"] = Own(std::move(r.lower_bound), {L});
+  d["moved_slots"] = Own(std::move(r.moved_slots), {L});
+  d["transfers"] = Own(std::move(f.transfers), {T, static_cast<py::ssize_t>(8)});
   return d;
 }
 
@@ -100,12 +112,12 @@ py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_phys
   const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
   const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers);
   const int64_t* old_ptr = OldPtr(old, s);
-  PlanResult r;
+  FlatPlan f;
   {
     py::gil_scoped_release release;
-    r = eplb::Plan(load.data(), old_ptr, s, o);
+    f = Flatten(eplb::Plan(load.data(), old_ptr, s, o));
   }
-  return ToDict(r);
+  return ToDict(std::move(f));
 }
 
 I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
@@ -143,12 +155,14 @@ class WorkerPy {
   py::object WaitNext() {
     eplb::PlanDone d;
     bool got;
+    FlatPlan f;
     {
       py::gil_scoped_release release;
       got = worker_->WaitNext(&d);
+      if (got && d.ok) f = Flatten(std::move(d.result));
     }
     if (!got) return py::none();
-    if (d.ok) return py::make_tuple(d.id, "ok", ToDict(d.result));
+    if (d.ok) return py::make_tuple(d.id, "ok", ToDict(std::move(f)));
     if (d.cancelled) return py::make_tuple(d.id, "cancelled", py::none());
     return py::make_tuple(d.id, d.invalid_argument ? "invalid" : "error", d.error);
   }
