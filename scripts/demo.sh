@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh cli
 mkdir -p out
-eplb-native demo --png out/demo.png --save-trace out/demo_trace.npz "$@"
-eplb-native plan --load examples/loads/deepseek_v3_like.npz --ranks 32 --nodes 4 --groups 8 \
+"${PYTHON:-python3}" -m eplb_native.cli demo --png out/demo.png --save-trace out/demo_trace.npz "$@"
+"${PYTHON:-python3}" -m eplb_native.cli plan --load examples/loads/deepseek_v3_like.npz --ranks 32 --nodes 4 --groups 8 \
   --redundant 32 -o out/expert_map.json
