@@ -16,6 +16,10 @@
 //      Each step lowers M or the number of ranks at M, so the sorted rank loads decrease
 //      lexicographically and the search ends; it also stops early at the trivial bound
 //      max(mean rank load, smallest possible largest replica).
+//   4. two slots per rank: replica counts are searched again with the packing done exactly
+//      (sorted pairing), see search.h RefinePairCounts;
+//   5. when the result is still > 0.5% above the trivial bound, steps 1-4 are repeated from
+//      replica counts that favour the hottest experts less, and the best placement is kept.
 // Hierarchical (DeepSeek's rule: num_groups % num_nodes == 0, num_nodes > 1): whole expert
 // groups go to nodes, num_groups / num_nodes per node, and every replica of an expert stays on
 // its group's node (as DeepSeek does). Two group->node partitions are tried: DeepSeek's greedy

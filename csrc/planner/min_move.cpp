@@ -10,9 +10,11 @@
 //      If that stalls, a second search first converts slots so that the replica counts are
 //      balanced's (hierarchical: the greedy counts of the node's experts), heaviest missing
 //      replica first, onto the lightest rank.
-//   3. If the search stalls above the target, the answer is `balanced`'s placement with its
-//      ranks (and, hierarchical, its nodes) renumbered to overlap the old placement most: the
-//      same balance, fewer changed slots than taking it as it is.
+//   3. If the search stalls above the target (or needs more changed slots than this), the
+//      answer is `balanced`'s placement with its ranks (and, hierarchical, its nodes)
+//      renumbered to overlap the old placement most: the same balance, fewer changed slots than
+//      taking it as it is. Hierarchical: a node whose groups are the same in both is searched
+//      from its old content instead, and keeps that when it reaches the target.
 #include <algorithm>
 #include <numeric>
 #include <tuple>
