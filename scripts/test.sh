@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 PY=${PYTHON:-python3}
 "$PY" -m ruff check .
+# C++ / CUDA / Ascend C sources keep the repo's .clang-format (pinned clang-format from the extras)
+git ls-files -z 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'tests/cpp/*.cpp' 'tests/npu/*.cpp' |
+  xargs -0 clang-format --dry-run -Werror
 "$PY" -m pytest -q "$@"

@@ -44,7 +44,7 @@ FlatPlan Flatten(PlanResult&& r) {
   FlatPlan f;
   f.transfers.reserve(r.transfers.size() * 8);
   for (const auto& x : r.transfers) {
-    const int64_t row[8] = {x.layer,    x.batch,   x.logical,  x.src_rank,
+    const int64_t row[8] = {x.layer,    x.batch,    x.logical,  x.src_rank,
                             x.src_slot, x.dst_rank, x.dst_slot, x.local ? 1 : 0};
     f.transfers.insert(f.transfers.end(), row, row + 8);
   }
@@ -191,8 +191,8 @@ PYBIND11_MODULE(_planner, m) {
       .def(py::init<>())
       .def("submit", &WorkerPy::Submit, py::arg("load"), py::arg("old_phy2log"),
            py::arg("num_physical"), py::arg("num_ranks"), py::arg("num_nodes"),
-           py::arg("num_groups"), py::arg("policy"), py::arg("preserve_slots"),
-           py::arg("threads"), py::arg("min_move_target"), py::arg("transfers") = true)
+           py::arg("num_groups"), py::arg("policy"), py::arg("preserve_slots"), py::arg("threads"),
+           py::arg("min_move_target"), py::arg("transfers") = true)
       .def("cancel", &WorkerPy::Cancel)
       .def("wait_next", &WorkerPy::WaitNext)
       .def("close", &WorkerPy::Close)

@@ -85,8 +85,8 @@ double PackNodes(const double* load, const Shape& s, const std::vector<int64_t>&
     for (int64_t i = 0; i < log_per_node; ++i)
       node_load[Z(i)] = load[local2log[Z(n * log_per_node + i)]];
     std::vector<int64_t> slots(Z(phy_per_node));
-    worst = std::max(worst, BestPack(node_load.data(), log_per_node, ranks_per_node, S,
-                                     slots.data()));
+    worst =
+        std::max(worst, BestPack(node_load.data(), log_per_node, ranks_per_node, S, slots.data()));
     for (int64_t j = 0; j < phy_per_node; ++j)
       phy2log[n * phy_per_node + j] = local2log[Z(n * log_per_node + slots[Z(j)])];
   }

@@ -106,7 +106,8 @@ void Renumber(const int64_t* fresh, const int64_t* old, const Shape& s, int64_t*
   std::vector<int64_t> ranks(Z(rpn));
   for (int64_t n = 0; n < N; ++n) {
     std::iota(ranks.begin(), ranks.end(), n * rpn);
-    const std::vector<int64_t> rank_at = MatchBlocks(moved.data(), old, S, ranks, ranks, s.num_logical);
+    const std::vector<int64_t> rank_at =
+        MatchBlocks(moved.data(), old, S, ranks, ranks, s.num_logical);
     for (int64_t i = 0; i < rpn; ++i)
       std::copy(moved.begin() + ranks[Z(i)] * S, moved.begin() + (ranks[Z(i)] + 1) * S,
                 out + rank_at[Z(i)] * S);
@@ -187,13 +188,13 @@ std::vector<int64_t> OldGroupNodes(const int64_t* old, const Shape& s) {
 
 }  // namespace
 
-void MinMoveLayer(const double* load, const int64_t* old_phy2log,
-                  const int64_t* balanced_phy2log, const Shape& shape, double target,
-                  int64_t* phy2log) {
+void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t* balanced_phy2log,
+                  const Shape& shape, double target, int64_t* phy2log) {
   const int64_t P = shape.num_physical, E = shape.num_logical, S = shape.slots_per_rank();
   const double stop = MaxRankLoad(load, balanced_phy2log, shape) / target;
   const bool hier = shape.hierarchical();
-  const std::vector<int64_t> node_of = hier ? OldGroupNodes(old_phy2log, shape) : std::vector<int64_t>{};
+  const std::vector<int64_t> node_of =
+      hier ? OldGroupNodes(old_phy2log, shape) : std::vector<int64_t>{};
   const bool old_usable = !hier || !node_of.empty();
   std::copy(old_phy2log, old_phy2log + P, phy2log);
   if (old_usable && MaxRankLoad(load, old_phy2log, shape) <= stop) return;
@@ -250,8 +251,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log,
     std::vector<int64_t> experts;
     for (int64_t e = 0; e < E; ++e)
       if (node_of[Z(e / group_size)] == n) experts.push_back(e);
-    const int64_t budget = RankMoves(old_phy2log, renumbered.data(), n * node_slots,
-                                     (n + 1) * node_slots, S, &count);
+    const int64_t budget =
+        RankMoves(old_phy2log, renumbered.data(), n * node_slots, (n + 1) * node_slots, S, &count);
     std::vector<int64_t> node_out(Z(P));
     if (SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, budget, E, nullptr,
                    node_out.data()))

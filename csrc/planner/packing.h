@@ -41,7 +41,8 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
     const int64_t e = -heap.back().second;
     const int64_t c = ++cnt[e];
     if (added != nullptr) added[i] = e;
-    const double per = beta == 1.0 ? static_cast<double>(c) : std::pow(static_cast<double>(c), beta);
+    const double per =
+        beta == 1.0 ? static_cast<double>(c) : std::pow(static_cast<double>(c), beta);
     heap.back() = {w[e] / per, -e};
     std::push_heap(heap.begin(), heap.end());
   }

@@ -18,24 +18,27 @@ namespace {
 
 void ValidateShape(const Shape& s) {
   std::ostringstream m;
-  if (s.num_layers < 1) m << "num_layers must be >= 1, got " << s.num_layers;
-  else if (s.num_logical < 1) m << "num_logical must be >= 1, got " << s.num_logical;
-  else if (s.num_ranks < 1) m << "num_ranks must be >= 1, got " << s.num_ranks;
-  else if (s.num_nodes < 1) m << "num_nodes must be >= 1, got " << s.num_nodes;
-  else if (s.num_groups < 1) m << "num_groups must be >= 1, got " << s.num_groups;
+  if (s.num_layers < 1)
+    m << "num_layers must be >= 1, got " << s.num_layers;
+  else if (s.num_logical < 1)
+    m << "num_logical must be >= 1, got " << s.num_logical;
+  else if (s.num_ranks < 1)
+    m << "num_ranks must be >= 1, got " << s.num_ranks;
+  else if (s.num_nodes < 1)
+    m << "num_nodes must be >= 1, got " << s.num_nodes;
+  else if (s.num_groups < 1)
+    m << "num_groups must be >= 1, got " << s.num_groups;
   else if (s.num_physical < s.num_logical)
     m << "num_replicas must be >= the number of logical experts (" << s.num_logical << "), got "
       << s.num_physical;
   else if (s.num_physical % s.num_ranks != 0)
-    m << "num_replicas (" << s.num_physical << ") must be divisible by num_ranks ("
-      << s.num_ranks << ")";
-  else if (s.num_ranks % s.num_nodes != 0)
-    m << "num_ranks (" << s.num_ranks << ") must be divisible by num_nodes (" << s.num_nodes
+    m << "num_replicas (" << s.num_physical << ") must be divisible by num_ranks (" << s.num_ranks
       << ")";
+  else if (s.num_ranks % s.num_nodes != 0)
+    m << "num_ranks (" << s.num_ranks << ") must be divisible by num_nodes (" << s.num_nodes << ")";
   else if (s.hierarchical() && s.num_logical % s.num_groups != 0)
-    m << "the number of logical experts (" << s.num_logical
-      << ") must be divisible by num_groups (" << s.num_groups
-      << ") for the hierarchical policy (num_groups % num_nodes == 0)";
+    m << "the number of logical experts (" << s.num_logical << ") must be divisible by num_groups ("
+      << s.num_groups << ") for the hierarchical policy (num_groups % num_nodes == 0)";
   const std::string msg = m.str();
   if (!msg.empty()) Fail(msg);
 }
@@ -45,8 +48,8 @@ void ValidateLoad(const double* load, const Shape& s) {
   for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(load[i]) || load[i] < 0) {
       std::ostringstream m;
-      m << "load must be finite and >= 0, got " << load[i] << " at [" << i / s.num_logical
-        << ", " << i % s.num_logical << "]";
+      m << "load must be finite and >= 0, got " << load[i] << " at [" << i / s.num_logical << ", "
+        << i % s.num_logical << "]";
       Fail(m.str());
     }
   }
@@ -86,8 +89,8 @@ void ValidatePhy2Log(const int64_t* phy2log, const Shape& s, const std::string& 
     for (int64_t p = 0; p < s.num_physical; ++p) {
       if (row[p] < 0 || row[p] >= s.num_logical) {
         std::ostringstream m;
-        m << name << " must hold logical expert ids in [0, " << s.num_logical << "), got "
-          << row[p] << " at [" << l << ", " << p << "]";
+        m << name << " must hold logical expert ids in [0, " << s.num_logical << "), got " << row[p]
+          << " at [" << l << ", " << p << "]";
         Fail(m.str());
       }
       ++seen[static_cast<size_t>(row[p])];
@@ -243,7 +246,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   if (options.policy == Policy::kDeepSeek && old_phy2log == nullptr) {
     // DeepSeek orders log2phy columns by replica ordinal, not by slot.
     out.logcnt.assign(static_cast<size_t>(L * E), 0);
-    for (int64_t i = 0; i < L * P; ++i) ++out.logcnt[static_cast<size_t>(i / P * E + out.phy2log[static_cast<size_t>(i)])];
+    for (int64_t i = 0; i < L * P; ++i)
+      ++out.logcnt[static_cast<size_t>(i / P * E + out.phy2log[static_cast<size_t>(i)])];
     int64_t m = 1;
     for (int64_t c : out.logcnt) m = std::max(m, c);
     out.max_replicas = m;

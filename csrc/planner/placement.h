@@ -79,16 +79,16 @@ struct Transfer {
 // Result of planning L layers. Every vector is owned by this struct.
 struct PlanResult {
   Shape shape;
-  int64_t max_replicas = 1;               // M
-  std::vector<int64_t> phy2log;           // [L, P]
-  std::vector<int64_t> log2phy;           // [L, E, M], -1 padded
-  std::vector<int64_t> logcnt;            // [L, E], >= 1
-  std::vector<double> mean_load;          // [L], mean rank load (sum of load / R)
-  std::vector<double> max_load_before;    // [L], max rank load of the old placement (NaN if none)
-  std::vector<double> max_load_after;     // [L], max rank load of the new placement
-  std::vector<double> lower_bound;        // [L], no placement of these slots does better
-  std::vector<int64_t> moved_slots;       // [L], slots whose logical expert changed
-  std::vector<Transfer> transfers;        // sorted by (layer, batch, dst_slot)
+  int64_t max_replicas = 1;             // M
+  std::vector<int64_t> phy2log;         // [L, P]
+  std::vector<int64_t> log2phy;         // [L, E, M], -1 padded
+  std::vector<int64_t> logcnt;          // [L, E], >= 1
+  std::vector<double> mean_load;        // [L], mean rank load (sum of load / R)
+  std::vector<double> max_load_before;  // [L], max rank load of the old placement (NaN if none)
+  std::vector<double> max_load_after;   // [L], max rank load of the new placement
+  std::vector<double> lower_bound;      // [L], no placement of these slots does better
+  std::vector<int64_t> moved_slots;     // [L], slots whose logical expert changed
+  std::vector<Transfer> transfers;      // sorted by (layer, batch, dst_slot)
 };
 
 // Plans every layer. load: [L, E] tokens per logical expert (finite, >= 0).

@@ -18,8 +18,7 @@ void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log);
 
 // Starts from old_phy2log [P] and changes few slots while reaching `target` x the balancedness
 // of `balanced_phy2log` [P] (BalancedLayer's answer for the same load).
-void MinMoveLayer(const double* load, const int64_t* old_phy2log,
-                  const int64_t* balanced_phy2log, const Shape& shape, double target,
-                  int64_t* phy2log);
+void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t* balanced_phy2log,
+                  const Shape& shape, double target, int64_t* phy2log);
 
 }  // namespace eplb

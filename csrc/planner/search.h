@@ -283,8 +283,8 @@ class PackSearch {
         if (b >= 0) consider(i, b);
         if (!orig_.empty() && orig_[Z(i)] != x) consider(i, orig_[Z(i)]);
       }
-      if (i > h * S_ && std::find(slot_exp_.begin() + h * S_, slot_exp_.begin() + i, x) !=
-                            slot_exp_.begin() + i)
+      if (i > h * S_ &&
+          std::find(slot_exp_.begin() + h * S_, slot_exp_.begin() + i, x) != slot_exp_.begin() + i)
         continue;  // x already handled
       const double wx = Wt(x), wx_new = w_[x] / static_cast<double>(cnt_[Z(x)] + 1);
       double top_score[kTop];
@@ -298,8 +298,7 @@ class PackSearch {
         const int64_t a = slot_exp_[Z(s)];
         if (a == x || cnt_[Z(a)] < 2) continue;
         const double wa = Wt(a), inc = w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa;
-        const double worst =
-            std::max({h_new, load_[Z(s / S_)] - wa + wx_new, max_on_[Z(a)] + inc});
+        const double worst = std::max({h_new, load_[Z(s / S_)] - wa + wx_new, max_on_[Z(a)] + inc});
         if (worst >= M - tol) continue;
         const double score = Score(M, worst, Cost(s, x));
         if (score <= top_score[kTop - 1]) continue;

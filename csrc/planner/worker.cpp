@@ -40,7 +40,8 @@ bool Worker::Cancel(uint64_t id) {
 
 bool Worker::WaitNext(PlanDone* out) {
   std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [this] { return !done_.empty() || (closed_ && queue_.empty() && !running_); });
+  cv_done_.wait(lock,
+                [this] { return !done_.empty() || (closed_ && queue_.empty() && !running_); });
   if (done_.empty()) return false;
   *out = std::move(done_.front());
   done_.pop_front();

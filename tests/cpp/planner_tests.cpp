@@ -15,12 +15,12 @@ namespace {
 
 int g_passed = 0, g_failed = 0;
 
-#define CHECK(cond)                                                  \
-  do {                                                               \
-    if (!(cond)) {                                                   \
+#define CHECK(cond)                                                          \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
       std::fprintf(stderr, "%s:%d: CHECK(%s)\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                      \
-    }                                                                \
+      throw std::runtime_error("check failed");                              \
+    }                                                                        \
   } while (0)
 
 void Run(const char* name, const std::function<void()>& fn) {
@@ -48,7 +48,8 @@ void CheckPlacement(const eplb::PlanResult& r) {
       CHECK(cnt[static_cast<size_t>(e)] >= 1);
       CHECK(r.logcnt[i] == cnt[static_cast<size_t>(e)]);
       for (int64_t j = 0; j < r.max_replicas; ++j) {
-        const int64_t p = r.log2phy[i * static_cast<size_t>(r.max_replicas) + static_cast<size_t>(j)];
+        const int64_t p =
+            r.log2phy[i * static_cast<size_t>(r.max_replicas) + static_cast<size_t>(j)];
         if (j < r.logcnt[i]) {
           CHECK(p >= 0 && p < s.num_physical);
           CHECK(r.phy2log[static_cast<size_t>(l * s.num_physical + p)] == e);
@@ -116,7 +117,8 @@ std::vector<int64_t> RandomPlacement(std::mt19937_64& rng, const eplb::Shape& s)
     std::vector<int64_t> row(static_cast<size_t>(s.num_physical));
     for (int64_t p = 0; p < s.num_physical; ++p)
       row[static_cast<size_t>(p)] =
-          p < s.num_logical ? p : static_cast<int64_t>(rng() % static_cast<uint64_t>(s.num_logical));
+          p < s.num_logical ? p
+                            : static_cast<int64_t>(rng() % static_cast<uint64_t>(s.num_logical));
     std::shuffle(row.begin(), row.end(), rng);
     out.insert(out.end(), row.begin(), row.end());
   }
@@ -135,7 +137,8 @@ int main() {
       s.num_ranks = s.num_nodes * (1 + static_cast<int64_t>(rng() % 4));
       s.num_groups = s.num_nodes * (1 + static_cast<int64_t>(rng() % 2));
       s.num_logical = s.num_groups * (1 + static_cast<int64_t>(rng() % 6));
-      const int64_t spr = (s.num_logical + s.num_ranks - 1) / s.num_ranks + static_cast<int64_t>(rng() % 3);
+      const int64_t spr =
+          (s.num_logical + s.num_ranks - 1) / s.num_ranks + static_cast<int64_t>(rng() % 3);
       s.num_physical = spr * s.num_ranks;
       std::vector<double> load(static_cast<size_t>(s.num_layers * s.num_logical));
       std::lognormal_distribution<double> d(0.0, 1.0);
