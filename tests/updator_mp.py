@@ -103,7 +103,9 @@ def scenario(rank, world, port, backend, tmpdir, fault):
         "dynamic_eplb": True, "expert_heat_collection_interval": 4,
         "algorithm_execution_interval": 1, "num_redundant_experts": redundant,
         "expert_map_record_path": record, "policy": "balanced",
-        "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0}}
+        "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0,
+        # 4 ranks move every layer at once: concurrent moves must not cross their messages
+        "layers_per_step": NUM_LAYERS if world == 4 else 1}}
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
 

@@ -85,11 +85,14 @@ class LayerMove:
         fills: ``layer_schedule(...)`` for the layer.
         rank: this rank in ``group``; group: the process group for P2P (None: one process).
         stream: a device stream to issue on (None: the current one; always None on CPU).
+        tag: P2P tag of this move's messages. Moves in flight together must use different
+            tags (the layer index does): on gloo each move posts from its own thread, and
+            messages of one tag between two ranks match in posting order, whatever the move.
     """
 
-    def __init__(self, weights, staging, fills, rank: int, group, stream=None):
+    def __init__(self, weights, staging, fills, rank: int, group, stream=None, tag: int = 0):
         self.weights, self.staging, self.fills = weights, staging, fills
-        self.rank, self.group, self.stream = rank, group, stream
+        self.rank, self.group, self.stream, self.tag = rank, group, stream, tag
         self.device = weights[0].device
         # gloo's P2P works only learn they completed inside wait(), so on CPU a thread waits
         # for them and the caller waits on the thread with a deadline; device works answer
@@ -109,11 +112,11 @@ class LayerMove:
                 continue
             if f.src_rank == self.rank:
                 peer = dist.get_global_rank(self.group, f.dst_rank)
-                ops += [dist.P2POp(dist.isend, w[f.src_slot], peer, self.group)
+                ops += [dist.P2POp(dist.isend, w[f.src_slot], peer, self.group, self.tag)
                         for w in self.weights]
             elif f.dst_rank == self.rank:
                 peer = dist.get_global_rank(self.group, f.src_rank)
-                ops += [dist.P2POp(dist.irecv, t[f.dst_slot], peer, self.group)
+                ops += [dist.P2POp(dist.irecv, t[f.dst_slot], peer, self.group, self.tag)
                         for t in self.staging]
                 self.bytes_received += sum(t[0].numel() * t.element_size()
                                            for t in self.staging)

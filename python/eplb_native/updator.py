@@ -343,7 +343,7 @@ class Updator:
             a = self.layers[layer]
             move = LayerMove(a.weights, self._staging[i],
                              layer_schedule(self._placement[layer], new, self.num_ranks),
-                             self.rank, self._move_group, self._side)
+                             self.rank, self._move_group, self._side, tag=layer)
             delay = 0.0
             try:
                 if self.fault_hook is not None:
