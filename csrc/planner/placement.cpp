@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -16,41 +16,49 @@ namespace {
 
 [[noreturn]] void Fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
+// Messages are built without iostreams: on the GPU host's toolchain (gcc 13) formatting a number
+// through std::ostream crashed inside the extension (basic_ostream::_M_insert<long>).
+std::string Num(int64_t v) { return std::to_string(v); }
+std::string Num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 void ValidateShape(const Shape& s) {
-  std::ostringstream m;
+  std::string m;
   if (s.num_layers < 1)
-    m << "num_layers must be >= 1, got " << s.num_layers;
+    m = "num_layers must be >= 1, got " + Num(s.num_layers);
   else if (s.num_logical < 1)
-    m << "num_logical must be >= 1, got " << s.num_logical;
+    m = "num_logical must be >= 1, got " + Num(s.num_logical);
   else if (s.num_ranks < 1)
-    m << "num_ranks must be >= 1, got " << s.num_ranks;
+    m = "num_ranks must be >= 1, got " + Num(s.num_ranks);
   else if (s.num_nodes < 1)
-    m << "num_nodes must be >= 1, got " << s.num_nodes;
+    m = "num_nodes must be >= 1, got " + Num(s.num_nodes);
   else if (s.num_groups < 1)
-    m << "num_groups must be >= 1, got " << s.num_groups;
+    m = "num_groups must be >= 1, got " + Num(s.num_groups);
   else if (s.num_physical < s.num_logical)
-    m << "num_replicas must be >= the number of logical experts (" << s.num_logical << "), got "
-      << s.num_physical;
+    m = "num_replicas must be >= the number of logical experts (" + Num(s.num_logical) + "), got " +
+        Num(s.num_physical);
   else if (s.num_physical % s.num_ranks != 0)
-    m << "num_replicas (" << s.num_physical << ") must be divisible by num_ranks (" << s.num_ranks
-      << ")";
+    m = "num_replicas (" + Num(s.num_physical) + ") must be divisible by num_ranks (" +
+        Num(s.num_ranks) + ")";
   else if (s.num_ranks % s.num_nodes != 0)
-    m << "num_ranks (" << s.num_ranks << ") must be divisible by num_nodes (" << s.num_nodes << ")";
+    m = "num_ranks (" + Num(s.num_ranks) + ") must be divisible by num_nodes (" + Num(s.num_nodes) +
+        ")";
   else if (s.hierarchical() && s.num_logical % s.num_groups != 0)
-    m << "the number of logical experts (" << s.num_logical << ") must be divisible by num_groups ("
-      << s.num_groups << ") for the hierarchical policy (num_groups % num_nodes == 0)";
-  const std::string msg = m.str();
-  if (!msg.empty()) Fail(msg);
+    m = "the number of logical experts (" + Num(s.num_logical) +
+        ") must be divisible by num_groups (" + Num(s.num_groups) +
+        ") for the hierarchical policy (num_groups % num_nodes == 0)";
+  if (!m.empty()) Fail(m);
 }
 
 void ValidateLoad(const double* load, const Shape& s) {
   const int64_t n = s.num_layers * s.num_logical;
   for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(load[i]) || load[i] < 0) {
-      std::ostringstream m;
-      m << "load must be finite and >= 0, got " << load[i] << " at [" << i / s.num_logical << ", "
-        << i % s.num_logical << "]";
-      Fail(m.str());
+      Fail("load must be finite and >= 0, got " + Num(load[i]) + " at [" + Num(i / s.num_logical) +
+           ", " + Num(i % s.num_logical) + "]");
     }
   }
 }
@@ -88,19 +96,15 @@ void ValidatePhy2Log(const int64_t* phy2log, const Shape& s, const std::string& 
     const int64_t* row = phy2log + l * s.num_physical;
     for (int64_t p = 0; p < s.num_physical; ++p) {
       if (row[p] < 0 || row[p] >= s.num_logical) {
-        std::ostringstream m;
-        m << name << " must hold logical expert ids in [0, " << s.num_logical << "), got " << row[p]
-          << " at [" << l << ", " << p << "]";
-        Fail(m.str());
+        Fail(name + " must hold logical expert ids in [0, " + Num(s.num_logical) + "), got " +
+             Num(row[p]) + " at [" + Num(l) + ", " + Num(p) + "]");
       }
       ++seen[static_cast<size_t>(row[p])];
     }
     for (int64_t e = 0; e < s.num_logical; ++e) {
       if (seen[static_cast<size_t>(e)] == 0) {
-        std::ostringstream m;
-        m << name << " must give every logical expert at least one slot; layer " << l
-          << " has none for expert " << e;
-        Fail(m.str());
+        Fail(name + " must give every logical expert at least one slot; layer " + Num(l) +
+             " has none for expert " + Num(e));
       }
     }
   }
