@@ -85,3 +85,67 @@ def test_fuzz_parser_raises_only_value_error(doc):
     except ValueError:
         return
     assert phy2log.ndim == 2 and phy2log.dtype == np.int64 and (phy2log >= 0).all()
+
+
+def _doc():
+    return expert_map.to_json_dict(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_ranks=2)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["layer_list"][0]["device_list"][0].update(device_expert=[0, 2**62]), "2\\*\\*62"),
+    (lambda d: d["layer_list"][0]["device_list"][0].update(device_expert=[0, 10**30]),
+     "2\\*\\*62"),
+    (lambda d: d["layer_list"][0]["device_list"][0].update(device_expert=[0, 1.0]), "expert ids"),
+    (lambda d: d["layer_list"][1].update(layer_id="1"), "layer_id must run 0..1, got '1'"),
+    (lambda d: d["layer_list"][0]["device_list"][1].update(device_id="1"),
+     "device_id must run 0..1, got '1'"),
+    (lambda d: d["layer_list"][1].update(
+        device_count=4, device_list=[{"device_id": r, "device_expert": [r]} for r in range(4)]),
+     "same devices; layer 0 has 2, layer 1 has 4"),
+    (lambda d: d["layer_list"][0].update(device_count="2"), "device_count"),
+])
+def test_malformed_ids_and_device_counts_name_the_problem(mutate, message):
+    doc = _doc()
+    mutate(doc)
+    with pytest.raises(ValueError, match=message):
+        expert_map.from_json_dict(doc, source="m.json")
+    with pytest.raises(ValueError, match="^m.json"):
+        expert_map.from_json_dict(doc, source="m.json")
+
+
+def test_bad_files_name_the_file(tmp_path):
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"moe_layer_count": 1, "x": "\xe9"}')
+    with pytest.raises(ValueError, match=f"{latin}: not UTF-8"):
+        expert_map.load(latin)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"{deep}: JSON nested too deeply"):
+        expert_map.load(deep)
+    huge = tmp_path / "huge.json"
+    doc = _doc()
+    doc["layer_list"][0]["device_list"][0]["device_expert"] = [0, 10**30]
+    huge.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"{huge}: layer_list"):
+        expert_map.load(huge)
+
+
+def test_numpy_int_num_ranks_accepted():
+    doc = expert_map.to_json_dict(np.array([[3, 1, 0, 2]]), num_ranks=np.int64(2))
+    assert doc["layer_list"][0]["device_count"] == 2
+    json.dumps(doc)
+
+
+def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "map.json"
+    expert_map.save(path, np.array([[0, 1]]), 1)
+    before = path.read_text()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(expert_map.json, "dump", fail)
+    with pytest.raises(OSError, match="disk full"):
+        expert_map.save(path, np.array([[1, 0]]), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json"]
+    assert path.read_text() == before

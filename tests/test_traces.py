@@ -221,3 +221,20 @@ def test_fuzz_loader_npz_arrays(tmp_path, shape, dtype, fill):
         assert a.ndim in (2, 3) and loads.shape[-2:] == a.shape[-2:]
         assert np.array_equal(loads.reshape(a.shape), a.astype(loads.dtype))
 
+
+
+def test_failed_save_trace_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import eplb_native.traces as traces_mod
+
+    path = tmp_path / "t.npz"
+    save_trace(path, np.ones((1, 2, 3), dtype=np.int64))
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(traces_mod.np, "savez_compressed", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_trace(path, np.zeros((1, 2, 3), dtype=np.int64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+    assert path.read_bytes() == before

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._util import atomic_write
+
 __all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "synth"]
 
 SKEWS = ("zipf", "lognormal")
@@ -231,14 +233,8 @@ def save_trace(path: str | os.PathLike, loads, **meta) -> None:
         meta_json = json.dumps(meta, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"save_trace: meta must be JSON-serializable ({e})") from None
-    tmp = f"{target}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, loads=a, meta=np.array(meta_json))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(target, "wb") as f:
+        np.savez_compressed(f, loads=a, meta=np.array(meta_json))
 
 
 def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
