@@ -172,6 +172,15 @@ def test_plan_from_old_map_min_move(tmp_path, small_trace):
     assert first["num_redundant"] == out["num_redundant"] == 4
 
 
+def _map_with(layer, device, experts, **layer_keys):
+    """An 8-expert, 2-rank, 2-layer expert map with one device's ids or one layer's keys set."""
+    doc = expert_map.to_json_dict(np.tile(np.arange(8), (2, 1)), 2)
+    if device is not None:
+        doc["layer_list"][layer]["device_list"][device]["device_expert"] = experts
+    doc["layer_list"][layer].update(layer_keys)
+    return doc
+
+
 @pytest.mark.parametrize("setup, args, fragments", [
     (None, ["--load", "missing.npz", "--ranks", "4"], ["missing.npz", "no such file"]),
     (lambda d: np.savez(d / "k.npz", weights=np.ones((2, 8))), ["--load", "k.npz", "--ranks", "4"],
@@ -202,6 +211,14 @@ def test_plan_from_old_map_min_move(tmp_path, small_trace):
      ["--load", "g.npy", "--old", "o.json"], ["o.json", "moe_layer_count"]),
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
                                                        "no/dir/m.json"], ["does not exist"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_text(json.dumps(
+        _map_with(0, 0, [0, 2**70])))),
+     ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "2**62"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_text(json.dumps(
+        _map_with(1, None, None, layer_id="1")))),
+     ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "layer_id", "'1'"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_bytes(b"{\xff}")),
+     ["--load", "g.npy", "--old", "o.json"], ["o.json", "not UTF-8"]),
 ])
 def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
     if setup:

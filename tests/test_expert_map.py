@@ -149,3 +149,38 @@ def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
         expert_map.save(path, np.array([[1, 0]]), 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json"]
     assert path.read_text() == before
+
+
+def test_load_takes_a_path_a_dict_or_an_array_and_checks_them(tmp_path):
+    phy2log = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 2, 2]])
+    path = tmp_path / "m.json"
+    expert_map.save(path, phy2log, num_ranks=2)
+    doc = expert_map.to_json_dict(phy2log, num_ranks=2)
+    for source in (path, str(path), doc, phy2log):
+        got, ranks = expert_map.load(source, num_ranks=2, num_logical=4, num_layers=2,
+                                     num_slots=6, name="expert_map")
+        assert ranks == 2 and got.dtype == np.int64
+        np.testing.assert_array_equal(got, phy2log)
+    for source in (path, doc):
+        with pytest.raises(ValueError, match="expert_map.* is for 2 ranks, expected 3"):
+            expert_map.load(source, num_ranks=3, name="expert_map")
+    with pytest.raises(ValueError, match=r"expert_map: slots \(6\) must be divisible by the 4"):
+        expert_map.load(phy2log, num_ranks=4, name="expert_map")
+    for source in (path, doc, phy2log):
+        with pytest.raises(ValueError, match="expert_map.* has 2 layers, expected 3"):
+            expert_map.load(source, num_ranks=2, num_layers=3, name="expert_map")
+        with pytest.raises(ValueError, match=r"expert_map.*: expert ids must lie in \[0, 3\)"):
+            expert_map.load(source, num_ranks=2, num_logical=3, name="expert_map")
+        with pytest.raises(ValueError, match=r"expert_map.*: layer 0 holds no copy of logical "
+                                             r"experts \[4\]"):
+            expert_map.load(source, num_ranks=2, num_logical=5, name="expert_map")
+        with pytest.raises(ValueError, match="expert_map.* has 6 slots per layer, expected 8"):
+            expert_map.load(source, num_ranks=2, num_slots=8, name="expert_map")
+    with pytest.raises(ValueError, match=f"expert_map {path}: .*layer_id"):
+        doc["layer_list"][1]["layer_id"] = 5
+        path.write_text(json.dumps(doc))
+        expert_map.load(path, name="expert_map")
+    with pytest.raises(ValueError, match="needs num_ranks"):
+        expert_map.load(phy2log)
+    with pytest.raises(ValueError, match="integer expert ids"):
+        expert_map.load(phy2log.astype(float), num_ranks=2)

@@ -206,5 +206,14 @@ def test_initial_placement_from_expert_map_file(tmp_path):
     expert_map.save(path, want, worker.NUM_RANKS)
     got = eplb_tf._initial_placement(layers, worker.NUM_RANKS, None, str(path))
     assert np.array_equal(got, want)
-    with pytest.raises(ValueError, match="is for 2 ranks, the EP group has 4"):
+    with pytest.raises(ValueError, match="expert_map .*expert_map.json is for 2 ranks, expected 4"):
         eplb_tf._initial_placement(layers, 4, None, str(path))
+
+
+def test_initial_placement_checks_a_dict_map_against_the_ep_size():
+    layers = [SimpleNamespace(num_logical_experts=worker.EXPERTS)] * worker.LAYERS
+    want = np.array([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
+    doc = expert_map.to_json_dict(want, worker.NUM_RANKS)
+    assert np.array_equal(eplb_tf._initial_placement(layers, worker.NUM_RANKS, None, doc), want)
+    with pytest.raises(ValueError, match="expert_map is for 2 ranks, expected 4"):
+        eplb_tf._initial_placement(layers, 4, None, doc)

@@ -169,20 +169,15 @@ def cmd_plan(args) -> int:
     load = loads.sum(axis=0) if args.window == "sum" else loads[-1]
     old = None
     if args.old:
-        old, old_ranks = expert_map.load(args.old)
+        # ids, layers and experts checked by the one loader; ranks here, to name --ranks
+        old, old_ranks = expert_map.load(args.old, num_logical=num_experts, num_layers=num_layers,
+                                         name="--old")
         if args.ranks is not None and old_ranks != args.ranks:
             raise UsageError(f"--old {args.old} has {old_ranks} ranks, but --ranks is {args.ranks}")
         args.ranks = old_ranks
-        if old.shape[0] != num_layers:
-            raise UsageError(f"--old {args.old} has {old.shape[0]} layers, the load has "
-                             f"{num_layers}")
     if args.ranks is None:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
-    if old is not None:
-        from .state import validate_phy2log
-
-        old = validate_phy2log(old, num_experts, topo.num_ranks, name=f"--old {args.old}")
     _check_output_dir(args.output, "-o")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant) if old is None else None

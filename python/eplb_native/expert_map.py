@@ -143,7 +143,8 @@ def _read(path) -> dict:
 
 
 def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
-         num_layers: int | None = None, name: str | None = None) -> tuple[np.ndarray, int]:
+         num_layers: int | None = None, num_slots: int | None = None,
+         name: str | None = None) -> tuple[np.ndarray, int]:
     """The one expert-map loader -> (``phy2log`` [L, P] int64, a new array; num_ranks).
 
     Args:
@@ -153,6 +154,7 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         num_logical: when given, every id must lie in [0, num_logical) and every logical
             expert must have a slot in every layer.
         num_layers: when given, the map must have exactly this many layers.
+        num_slots: when given, every layer must have exactly this many slots (P).
         name: what to call the map in errors (e.g. ``"--old"``, ``"expert_map"``); a path is
             always named too.
 
@@ -164,6 +166,8 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         num_logical = check_int(num_logical, "num_logical", 1)
     if num_layers is not None:
         num_layers = check_int(num_layers, "num_layers", 1)
+    if num_slots is not None:
+        num_slots = check_int(num_slots, "num_slots", 1)
     if isinstance(path_or_map, str | os.PathLike):
         src = os.fspath(path_or_map)
         label = f"{name} {src}" if name else src
@@ -191,6 +195,8 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
     if num_layers is not None and phy2log.shape[0] != num_layers:
         raise ValueError(f"{label} has {phy2log.shape[0]} layers, expected {num_layers} "
                          f"(one row per MoE layer)")
+    if num_slots is not None and phy2log.shape[1] != num_slots:
+        raise ValueError(f"{label} has {phy2log.shape[1]} slots per layer, expected {num_slots}")
     if num_logical is not None:
         if phy2log.min() < 0 or phy2log.max() >= num_logical:
             raise ValueError(f"{label}: expert ids must lie in [0, {num_logical}), got "

@@ -46,7 +46,6 @@ gathered over the EP group counts every token once.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -204,19 +203,8 @@ def _initial_placement(layers, num_ranks: int, num_redundant_experts, expert_map
                          "one placement shape is needed for all layers")
     (e,) = num_logical
     if expert_map is not None:
-        if isinstance(expert_map, str | os.PathLike):
-            phy2log, ranks = _expert_map.load(expert_map)
-            if ranks != num_ranks:
-                raise ValueError(f"expert_map {os.fspath(expert_map)!r} is for {ranks} ranks, "
-                                 f"the EP group has {num_ranks}")
-        elif isinstance(expert_map, dict):
-            phy2log = _expert_map.from_json_dict(expert_map)
-        else:
-            phy2log = expert_map
-        phy2log = state.validate_phy2log(phy2log, e, num_ranks, name="expert_map")
-        if phy2log.ndim != 2 or phy2log.shape[0] != len(layers):
-            raise ValueError(f"expert_map must have one row per MoE layer ([{len(layers)}, P]), "
-                             f"got shape {list(phy2log.shape)}")
+        phy2log, _ = _expert_map.load(expert_map, num_ranks=num_ranks, num_logical=e,
+                                      num_layers=len(layers), name="expert_map")
         return phy2log
     redundant = 0 if num_redundant_experts is None else num_redundant_experts
     row = state.default_placement(e, num_ranks, redundant)
