@@ -219,6 +219,8 @@ def _map_with(layer, device, experts, **layer_keys):
      ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "layer_id", "'1'"]),
     (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_bytes(b"{\xff}")),
      ["--load", "g.npy", "--old", "o.json"], ["o.json", "not UTF-8"]),
+    (lambda d: (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000),
+     ["--load", "deep.json", "--ranks", "4"], ["deep.json", "nested too deeply"]),
 ])
 def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
     if setup:
@@ -419,3 +421,15 @@ def test_fuzz_plan_never_crashes(tmp_path, capsys, shape, kind, ranks, nodes, gr
         assert len(shape) in (2, 3)  # a 1-D file is not a trace
         total = loads.sum(axis=0) if len(shape) == 3 else loads  # windows are summed
         assert np.allclose(result["per_layer"]["after"], ref_balancedness(total, phy2log, ranks))
+
+
+def test_plan_sums_huge_counts_without_wrapping(tmp_path):
+    # 3 windows of ~2**62: the int64 sum would wrap negative; the planner gets the float64 sum
+    rng = np.random.default_rng(11)
+    loads = rng.integers(2**61, 2**62, (3, 2, 8), dtype=np.int64)
+    np.save(tmp_path / "huge.npy", loads)
+    out = json.loads(run_cli("plan", "--load", "huge.npy", "--ranks", 4, "-o", "m.json", "--json",
+                             cwd=tmp_path).stdout)
+    total = loads.astype(np.float64).sum(axis=0)
+    before = ref_balancedness(total, default_placement_layers(2, 8, 4, 4), 4)
+    assert np.allclose(out["per_layer"]["before"], before)

@@ -238,3 +238,26 @@ def test_failed_save_trace_leaves_no_temporary_file(tmp_path, monkeypatch):
         save_trace(path, np.zeros((1, 2, 3), dtype=np.int64))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
     assert path.read_bytes() == before
+
+
+def test_sum_windows_is_exact_in_int64_and_never_wraps():
+    from eplb_native.traces import sum_windows
+
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 1000, (5, 3, 4))
+    got = sum_windows(small)
+    assert got.dtype == np.int64 and np.array_equal(got, small.sum(axis=0))
+    huge = rng.integers(2**61, 2**62, (4, 3, 4), dtype=np.int64)
+    got = sum_windows(huge)
+    want = huge.astype(np.float64).sum(axis=0)
+    assert got.dtype == np.float64 and (got > 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+    floats = rng.random((3, 2, 2)).astype(np.float32)
+    assert sum_windows(floats).dtype == np.float64
+
+
+def test_deeply_nested_json_trace_names_the_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"{path}: JSON nested too deeply"):
+        load_trace(path)

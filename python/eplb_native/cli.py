@@ -166,7 +166,7 @@ def cmd_plan(args) -> int:
     # A trace's windows are summed: EPLB plans from the loads accumulated over its window
     # (vLLM window_size, vllm-ascend heat interval), and the sum weighs every window by its
     # traffic. --window last plans from the most recent window only.
-    load = loads.sum(axis=0) if args.window == "sum" else loads[-1]
+    load = traces.sum_windows(loads) if args.window == "sum" else loads[-1]
     old = None
     if args.old:
         # ids, layers and experts checked by the one loader; ranks here, to name --ranks
@@ -293,7 +293,7 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
         in_sample, moved, plan_ms = [], [], []
         for w in range(num_windows):
             if w >= every and w % every == 0:
-                window = loads[w - every:w].sum(axis=0)
+                window = traces.sum_windows(loads[w - every:w])
                 t0 = time.perf_counter()
                 p = plan(window, placement, num_ranks=topo.num_ranks,
                          num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=policy,

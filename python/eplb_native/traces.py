@@ -23,7 +23,7 @@ import numpy as np
 
 from ._util import atomic_write
 
-__all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "synth"]
+__all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "sum_windows", "synth"]
 
 SKEWS = ("zipf", "lognormal")
 
@@ -172,6 +172,22 @@ def synth(num_windows: int, num_layers: int, num_experts: int, *, skew: str = "z
         probs = weights / weights.sum(axis=1, keepdims=True)
         out[w] = rng.multinomial(draws, probs)
     return out
+
+
+def sum_windows(loads: np.ndarray) -> np.ndarray:
+    """``loads`` [W, L, E] -> their sum over windows [L, E] (a new array).
+
+    int64 when the sum is exact in int64; float64 when it would overflow int64 (counts near
+    2**63 / W), so a sum never wraps negative; float loads are summed in float64.
+    """
+    a = np.asarray(loads)
+    if a.dtype.kind == "f":
+        return a.sum(axis=0, dtype=np.float64)
+    total = a.sum(axis=0, dtype=np.float64)
+    # below 2**62 the float64 sum is far from the int64 limit despite its rounding
+    if total.size == 0 or total.max() < 2.0**62:
+        return a.sum(axis=0, dtype=np.int64)
+    return total
 
 
 # --------------------------------------------------------------------------- files
@@ -339,6 +355,9 @@ def _read_json(src: str):
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{src}: not valid JSON ({_short(e)})") from None
+    except RecursionError:
+        raise ValueError(f"{src}: JSON nested too deeply for a trace (loads are [W, L, E] or "
+                         f"[L, E])") from None
     meta: dict = {}
     if isinstance(doc, dict):
         if "loads" not in doc:
