@@ -82,13 +82,21 @@ def test_synth_writes_a_trace_of_the_model_shape(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--shape", "custom", "--layers", "2"], ["--layers and --experts"]),
-    (["--shape", "custom", "--layers", "2", "--experts", "4", "--top-k", "8"], ["top_k"]),
-    (["--shape", "deepseek-v3", "--drift", "2"], ["drift"]),
-    (["--shape", "deepseek-v3", "--windows", "0"], ["num_windows"]),
+    (["--shape", "custom", "--layers", "2", "--experts", "4", "--top-k", "8"],
+     ["--top-k must be <= --experts (4), got 8"]),
+    (["--shape", "deepseek-v3", "--drift", "2"], ["--drift must be", "got 2.0"]),
+    (["--shape", "deepseek-v3", "--windows", "0"], ["--windows must be an int >= 1, got 0"]),
+    (["--shape", "deepseek-v3", "--layers", "0"], ["--layers must be an int >= 1, got 0"]),
+    (["--shape", "deepseek-v3", "--tokens", "0"], ["--tokens must be an int >= 1, got 0"]),
+    (["--shape", "deepseek-v3", "--zipf-a", "0"], ["--zipf-a must be", "got 0.0"]),
+    (["--shape", "deepseek-v3", "--seed", "-1"], ["--seed must be an int >= 0, got -1"]),
 ])
 def test_synth_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("synth", *args, "-o", "x.npz", cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "synth", *fragments)
+    for param in ("num_windows", "num_layers", "num_experts", "tokens_per_window", "top_k",
+                  "zipf_a"):
+        assert param not in proc.stderr, proc.stderr
     assert not (tmp_path / "x.npz").exists()
 
 
@@ -433,3 +441,21 @@ def test_plan_sums_huge_counts_without_wrapping(tmp_path):
     total = loads.astype(np.float64).sum(axis=0)
     before = ref_balancedness(total, default_placement_layers(2, 8, 4, 4), 4)
     assert np.allclose(out["per_layer"]["before"], before)
+
+
+@pytest.mark.parametrize("command, args, fragments", [
+    ("plan", ["--load", "g.npy", "--ranks", "4", "--groups", "6", "--nodes", "2", "-o", "m.json"],
+     ["divisible by --groups (6)", "--groups % --nodes"]),
+    ("plan", ["--load", "g.npy", "--ranks", "4", "--nodes", "3", "-o", "m.json"],
+     ["--ranks (4) must be divisible by --nodes (3)"]),
+    ("plan", ["--load", "g.npy", "--ranks", "4", "--threads", "0", "-o", "m.json"],
+     ["--threads must be >= 1, got 0"]),
+    ("simulate", ["--trace", "g.npy", "--ranks", "4", "--threads", "0", "--no-png"],
+     ["--threads must be >= 1, got 0"]),
+])
+def test_planner_errors_name_the_flags(tmp_path, command, args, fragments):
+    np.save(tmp_path / "g.npy", np.ones((3, 2, 16)))
+    proc = run_cli(command, *args, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, command, *fragments)
+    for param in ("num_ranks", "num_nodes", "num_groups", "threads must"):
+        assert param not in proc.stderr.replace("--threads must", ""), proc.stderr

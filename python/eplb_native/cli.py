@@ -13,9 +13,11 @@ Errors in what the user gave (bad files, shapes, counts) print one line on stder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -33,6 +35,28 @@ class UsageError(ValueError):
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+#: Library parameter -> the flag that sets it, per command: errors raised by traces.synth and
+#: planner.plan name their parameters; the user typed flags (``synth --tokens 0`` must say
+#: ``--tokens``, not ``tokens_per_window``).
+_SYNTH_FLAGS = {"num_windows": "--windows", "num_layers": "--layers",
+                "num_experts": "--experts", "tokens_per_window": "--tokens", "top_k": "--top-k",
+                "seed": "--seed", "sigma": "--sigma", "zipf_a": "--zipf-a", "drift": "--drift",
+                "skew": "--skew"}
+_PLAN_FLAGS = {"num_ranks": "--ranks", "num_nodes": "--nodes", "num_groups": "--groups",
+               "threads": "--threads",
+               "num_replicas": "slots (experts + --redundant)"}
+
+
+@contextlib.contextmanager
+def _flag_names(flags: dict[str, str]):
+    """Re-raises a ValueError / TypeError of the library call inside as a UsageError whose
+    message names the command-line flags instead of the Python parameters in ``flags``."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, flags)) + r")(?![\w-])"
+        raise UsageError(re.sub(pattern, lambda m: flags[m.group(1)], str(e))) from None
 
 
 def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
@@ -186,9 +210,10 @@ def cmd_plan(args) -> int:
     # default placement a server starts from.
     start = old if old is not None else (default if args.policy == "min_move" else None)
     t0 = time.perf_counter()
-    p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
-             num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
-             threads=args.threads)
+    with _flag_names(_PLAN_FLAGS):
+        p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
+                 num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
+                 threads=args.threads)
     plan_ms = (time.perf_counter() - t0) * 1e3
     before = balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
@@ -244,9 +269,10 @@ def cmd_synth(args) -> int:
     if not args.output.endswith(".npz"):
         raise UsageError(f"-o {args.output}: synth writes an .npz trace; name it *.npz")
     _check_output_dir(args.output, "-o")
-    loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
-                         zipf_a=args.zipf_a, drift=args.drift,
-                         tokens_per_window=args.tokens, top_k=top_k, seed=args.seed)
+    with _flag_names(_SYNTH_FLAGS):
+        loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
+                             zipf_a=args.zipf_a, drift=args.drift,
+                             tokens_per_window=args.tokens, top_k=top_k, seed=args.seed)
     meta = {"shape": args.shape, "skew": args.skew, "sigma": args.sigma, "zipf_a": args.zipf_a,
             "drift": args.drift, "tokens_per_window": args.tokens, "top_k": top_k,
             "seed": args.seed, "generator": "eplb_native.traces.synth"}
@@ -295,9 +321,10 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
             if w >= every and w % every == 0:
                 window = traces.sum_windows(loads[w - every:w])
                 t0 = time.perf_counter()
-                p = plan(window, placement, num_ranks=topo.num_ranks,
-                         num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=policy,
-                         threads=threads)
+                with _flag_names(_PLAN_FLAGS):
+                    p = plan(window, placement, num_ranks=topo.num_ranks,
+                             num_nodes=topo.num_nodes, num_groups=topo.num_groups,
+                             policy=policy, threads=threads)
                 plan_ms.append((time.perf_counter() - t0) * 1e3)
                 in_sample.append(float(p.balancedness_after.mean()))
                 moved.append(p.total_moved_slots)
