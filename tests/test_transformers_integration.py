@@ -7,6 +7,7 @@ assert on what each rank returned. Single-process tests cover the refusals that 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from types import SimpleNamespace
 
@@ -129,6 +130,9 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert "num_redundant_experts (2) contradicts the expert map" in errors[
             "map_vs_redundant"]
         assert "already attached" in errors["twice"]
+        assert errors["last_layer_params"] is not None and re.search(
+            r"'model\.layers\.1\.mlp\.experts' .*parameter 'gate_up_proj' must hold 8 "
+            r"experts on the EP mesh, got 10", errors["last_layer_params"])
         assert res["untouched"]
         assert res["slots"] == 6
         want = torch.tensor([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])

@@ -347,14 +347,18 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
             num_slots - layers[0].num_logical_experts != num_redundant_experts):
         raise ValueError(f"num_redundant_experts ({num_redundant_experts}) contradicts the expert "
                          f"map ({num_slots} slots for {layers[0].num_logical_experts} experts)")
+    # Every layer is checked before any is grown: growing is collective (_fill_slots) and
+    # cannot be undone, so a refusal must come before the first layer changes.
+    for layer in layers:
+        for pname, p in _stacked_params(layer.experts):
+            if p.shape[0] != layer.num_logical_experts or p.device_mesh != ep_mesh:
+                raise AdapterError(f"{_where(layer.name, layer.experts)}: parameter {pname!r} "
+                                   f"must hold {layer.num_logical_experts} experts on the EP "
+                                   f"mesh, got {p.shape[0]}")
     dispatch = ALL_PARALLEL_STYLES["ep_dispatch_experts"]
     for layer, row in zip(layers, phy2log, strict=True):
         experts = layer.experts
         params = _stacked_params(experts)
-        for pname, p in params:
-            if p.shape[0] != layer.num_logical_experts or p.device_mesh != ep_mesh:
-                raise AdapterError(f"{_where(layer.name, experts)}: parameter {pname!r} must "
-                                   f"hold {layer.num_logical_experts} experts on the EP mesh")
         local = [p.to_local() for _, p in params]
         grown = _fill_slots(local, row, layer.num_logical_experts, ep_rank, ep_size, group)
         for (pname, p), rows in zip(params, grown, strict=True):
