@@ -261,3 +261,18 @@ def test_deeply_nested_json_trace_names_the_file(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=f"{path}: JSON nested too deeply"):
         load_trace(path)
+
+
+def test_save_trace_takes_half_precision_tensors_and_numpy_ints(tmp_path):
+    rng = np.random.default_rng(5)
+    want = rng.integers(0, 100, (2, 3, 4)).astype(np.float32)  # exact in bf16 and fp16
+    for dtype in (torch.bfloat16, torch.float16):
+        path = tmp_path / f"{dtype}.npz".replace("torch.", "")
+        save_trace(path, torch.from_numpy(want).to(dtype))
+        loads, _ = load_trace(path)
+        assert loads.dtype == np.float64 and np.array_equal(loads, want)
+    got = synth(np.int64(2), np.int32(3), np.int64(4), top_k=np.int64(2),
+                tokens_per_window=np.int64(16), seed=np.int64(1))
+    assert np.array_equal(got, synth(2, 3, 4, top_k=2, tokens_per_window=16, seed=1))
+    with pytest.raises(ValueError, match="num_windows must be an int >= 1, got True"):
+        synth(True, 3, 4)

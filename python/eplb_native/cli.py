@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from . import expert_map, traces
+from ._util import check_int
 from .planner import POLICIES, plan
 
 EXIT_USAGE = 2
@@ -111,10 +112,11 @@ class Topology:
             redundant = meta["num_redundant"]
         else:
             redundant = ranks + (-(num_experts + ranks)) % ranks
-        for flag, v, lo in (("--nodes", nodes, 1), ("--groups", groups, 1),
-                            ("--redundant", redundant, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise UsageError(f"{flag} must be an int >= {lo}, got {v!r}")
+        try:
+            nodes, groups = check_int(nodes, "--nodes", 1), check_int(groups, "--groups", 1)
+            redundant = check_int(redundant, "--redundant", 0)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if (num_experts + redundant) % ranks:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
                              f"divisible by --ranks ({ranks}); pick --redundant accordingly")

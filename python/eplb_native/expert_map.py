@@ -41,11 +41,10 @@ def to_json_dict(phy2log, num_ranks: int) -> dict:
     a = to_numpy(phy2log, "phy2log")
     if a.ndim != 2:
         raise ValueError(f"phy2log must have shape [layers, slots], got {a.shape}")
-    if (isinstance(num_ranks, bool | np.bool_) or not isinstance(num_ranks, numbers.Integral)
-            or num_ranks < 1 or a.shape[1] % num_ranks):
+    num_ranks = check_int(num_ranks, "num_ranks", 1)
+    if a.shape[1] % num_ranks:
         raise ValueError(f"num_ranks must be a positive divisor of the slot count {a.shape[1]}, "
                          f"got {num_ranks!r}")
-    num_ranks = int(num_ranks)
     per_rank = a.reshape(a.shape[0], num_ranks, -1)
     return {
         "moe_layer_count": int(a.shape[0]),

@@ -71,6 +71,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import expert_map as _expert_map
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.eplb_native)
 from .. import state
+from .._util import check_int
 from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
 
 __all__ = [
@@ -329,11 +330,8 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
     for layer in layers:
         if hasattr(layer.experts, "eplb_phy2log"):
             raise ValueError(f"{_where(layer.name, layer.experts)}: EPLB is already attached")
-    if num_redundant_experts is not None and (
-            isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int)
-            or num_redundant_experts < 0):
-        raise ValueError(f"num_redundant_experts must be an int >= 0, got "
-                         f"{num_redundant_experts!r}")
+    if num_redundant_experts is not None:
+        num_redundant_experts = check_int(num_redundant_experts, "num_redundant_experts", 0)
     if ep_implementation is None:
         ep_implementation = model.config.distributed_config.ep_implementation
     if ep_implementation == EP_IMPLEMENTATION or ep_implementation not in (
