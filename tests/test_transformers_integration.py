@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,12 +25,6 @@ from eplb_native.adapters import AdapterError  # noqa: E402
 from eplb_native.integrations import transformers as eplb_tf  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks returned, per family (and "prepare"): [rank0, rank1]."""
@@ -42,7 +35,8 @@ def ranks(tmp_path_factory):
     for family in worker.FAMILIES:
         paths[family] = str(root / family)
         worker.build_checkpoint(family, paths[family])
-    mp.spawn(worker.worker, args=(_free_port(), paths, str(root)), nprocs=worker.NUM_RANKS)
+    init_method = f"file://{root / 'rdzv'}"  # fresh per run: no port to race for
+    mp.spawn(worker.worker, args=(init_method, paths, str(root)), nprocs=worker.NUM_RANKS)
     return [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False)
             for r in range(worker.NUM_RANKS)]
 

@@ -270,11 +270,13 @@ def run_prepare_checks(path: str, rank: int) -> dict:
     return out
 
 
-def worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+def worker(rank: int, init_method: str, paths: dict, out_dir: str) -> None:
+    """One rank: init_method is a fresh ``file://`` rendezvous of this run (no port to race
+    for); transformers reads RANK / WORLD_SIZE / LOCAL_RANK from the environment."""
+    os.environ.update(RANK=str(rank),
                       WORLD_SIZE=str(NUM_RANKS), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=NUM_RANKS,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=NUM_RANKS,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     try:

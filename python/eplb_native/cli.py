@@ -449,14 +449,6 @@ def cmd_simulate(args) -> int:
 # --------------------------------------------------------------------------- demo
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _demo_backend(device: str) -> str:
     return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device]
 
@@ -513,7 +505,7 @@ def _gate_biases(args) -> np.ndarray:
     return out
 
 
-def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
+def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
     """One rank of ``eplb-native demo`` (spawned): two identical EPMoE stacks, one with the
     updator attached (EPLB on), one without (EPLB off), on the same inputs every step."""
     import datetime
@@ -542,7 +534,7 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
         device = torch.device("npu", rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=init_method, rank=rank,
                             world_size=args.ranks, timeout=datetime.timedelta(seconds=300))
     group = dist.group.WORLD
     cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo")
@@ -724,7 +716,9 @@ def cmd_demo(args) -> int:
         result_path = os.path.join(tmp, "result.json")
         t0 = time.perf_counter()
         try:
-            mp.spawn(worker, args=(args, _free_port(), result_path), nprocs=args.ranks,
+            # a rendezvous file fresh to this run: no port to pick, nothing to race for
+            init_method = f"file://{os.path.join(tmp, 'rdzv')}"
+            mp.spawn(worker, args=(args, init_method, result_path), nprocs=args.ranks,
                      join=True)
         except Exception as e:  # noqa: BLE001 - a rank failed; its traceback is in e
             # not a usage error but a bug or a broken environment: show the rank's traceback
