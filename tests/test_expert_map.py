@@ -70,7 +70,8 @@ def test_bad_num_ranks():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 20) | st.text(max_size=3),
+    st.none() | st.booleans() | st.integers(-3, 20) | st.integers(-2**70, 2**70)
+    | st.floats(allow_nan=False) | st.text(max_size=3),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["moe_layer_count", "layer_list", "layer_id", "device_count",
                          "device_list", "device_id", "device_expert"]), inner, max_size=4),
@@ -184,3 +185,16 @@ def test_load_takes_a_path_a_dict_or_an_array_and_checks_them(tmp_path):
         expert_map.load(phy2log)
     with pytest.raises(ValueError, match="integer expert ids"):
         expert_map.load(phy2log.astype(float), num_ranks=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | json_values.map(lambda d: json.dumps(d).encode()))
+def test_fuzz_load_file_raises_only_value_error(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("fuzz") / "m.json"
+    path.write_bytes(blob)
+    try:
+        phy2log, ranks = expert_map.load(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+        return
+    assert phy2log.ndim == 2 and phy2log.shape[1] % ranks == 0 and (phy2log >= 0).all()
