@@ -45,10 +45,9 @@ def build(path: str) -> None:
 
 
 @torch.no_grad()
-def run(rank: int, path: str, steps: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(NUM_RANKS), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=NUM_RANKS)
+def run(rank: int, path: str, steps: int, init_method: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(NUM_RANKS), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=NUM_RANKS)
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
@@ -86,11 +85,12 @@ def run(rank: int, path: str, steps: int, port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--port", type=int, default=29517)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as path:
         build(path)
-        mp.spawn(run, args=(path, args.steps, args.port), nprocs=NUM_RANKS)
+        # a rendezvous file fresh to this run: no fixed port that another job may hold
+        init_method = f"file://{os.path.join(path, 'rdzv')}"
+        mp.spawn(run, args=(path, args.steps, init_method), nprocs=NUM_RANKS)
 
 
 if __name__ == "__main__":

@@ -82,13 +82,21 @@ def test_synth_writes_a_trace_of_the_model_shape(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--shape", "custom", "--layers", "2"], ["--layers and --experts"]),
-    (["--shape", "custom", "--layers", "2", "--experts", "4", "--top-k", "8"], ["top_k"]),
-    (["--shape", "deepseek-v3", "--drift", "2"], ["drift"]),
-    (["--shape", "deepseek-v3", "--windows", "0"], ["num_windows"]),
+    (["--shape", "custom", "--layers", "2", "--experts", "4", "--top-k", "8"],
+     ["--top-k must be <= --experts (4), got 8"]),
+    (["--shape", "deepseek-v3", "--drift", "2"], ["--drift must be", "got 2.0"]),
+    (["--shape", "deepseek-v3", "--windows", "0"], ["--windows must be an int >= 1, got 0"]),
+    (["--shape", "deepseek-v3", "--layers", "0"], ["--layers must be an int >= 1, got 0"]),
+    (["--shape", "deepseek-v3", "--tokens", "0"], ["--tokens must be an int >= 1, got 0"]),
+    (["--shape", "deepseek-v3", "--zipf-a", "0"], ["--zipf-a must be", "got 0.0"]),
+    (["--shape", "deepseek-v3", "--seed", "-1"], ["--seed must be an int >= 0, got -1"]),
 ])
 def test_synth_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("synth", *args, "-o", "x.npz", cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "synth", *fragments)
+    for param in ("num_windows", "num_layers", "num_experts", "tokens_per_window", "top_k",
+                  "zipf_a"):
+        assert param not in proc.stderr, proc.stderr
     assert not (tmp_path / "x.npz").exists()
 
 
@@ -172,6 +180,15 @@ def test_plan_from_old_map_min_move(tmp_path, small_trace):
     assert first["num_redundant"] == out["num_redundant"] == 4
 
 
+def _map_with(layer, device, experts, **layer_keys):
+    """An 8-expert, 2-rank, 2-layer expert map with one device's ids or one layer's keys set."""
+    doc = expert_map.to_json_dict(np.tile(np.arange(8), (2, 1)), 2)
+    if device is not None:
+        doc["layer_list"][layer]["device_list"][device]["device_expert"] = experts
+    doc["layer_list"][layer].update(layer_keys)
+    return doc
+
+
 @pytest.mark.parametrize("setup, args, fragments", [
     (None, ["--load", "missing.npz", "--ranks", "4"], ["missing.npz", "no such file"]),
     (lambda d: np.savez(d / "k.npz", weights=np.ones((2, 8))), ["--load", "k.npz", "--ranks", "4"],
@@ -202,6 +219,16 @@ def test_plan_from_old_map_min_move(tmp_path, small_trace):
      ["--load", "g.npy", "--old", "o.json"], ["o.json", "moe_layer_count"]),
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
                                                        "no/dir/m.json"], ["does not exist"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_text(json.dumps(
+        _map_with(0, 0, [0, 2**70])))),
+     ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "2**62"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_text(json.dumps(
+        _map_with(1, None, None, layer_id="1")))),
+     ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "layer_id", "'1'"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_bytes(b"{\xff}")),
+     ["--load", "g.npy", "--old", "o.json"], ["o.json", "not UTF-8"]),
+    (lambda d: (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000),
+     ["--load", "deep.json", "--ranks", "4"], ["deep.json", "nested too deeply"]),
 ])
 def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
     if setup:
@@ -402,3 +429,33 @@ def test_fuzz_plan_never_crashes(tmp_path, capsys, shape, kind, ranks, nodes, gr
         assert len(shape) in (2, 3)  # a 1-D file is not a trace
         total = loads.sum(axis=0) if len(shape) == 3 else loads  # windows are summed
         assert np.allclose(result["per_layer"]["after"], ref_balancedness(total, phy2log, ranks))
+
+
+def test_plan_sums_huge_counts_without_wrapping(tmp_path):
+    # 3 windows of ~2**62: the int64 sum would wrap negative; the planner gets the float64 sum
+    rng = np.random.default_rng(11)
+    loads = rng.integers(2**61, 2**62, (3, 2, 8), dtype=np.int64)
+    np.save(tmp_path / "huge.npy", loads)
+    out = json.loads(run_cli("plan", "--load", "huge.npy", "--ranks", 4, "-o", "m.json", "--json",
+                             cwd=tmp_path).stdout)
+    total = loads.astype(np.float64).sum(axis=0)
+    before = ref_balancedness(total, default_placement_layers(2, 8, 4, 4), 4)
+    assert np.allclose(out["per_layer"]["before"], before)
+
+
+@pytest.mark.parametrize("command, args, fragments", [
+    ("plan", ["--load", "g.npy", "--ranks", "4", "--groups", "6", "--nodes", "2", "-o", "m.json"],
+     ["divisible by --groups (6)", "--groups % --nodes"]),
+    ("plan", ["--load", "g.npy", "--ranks", "4", "--nodes", "3", "-o", "m.json"],
+     ["--ranks (4) must be divisible by --nodes (3)"]),
+    ("plan", ["--load", "g.npy", "--ranks", "4", "--threads", "0", "-o", "m.json"],
+     ["--threads must be >= 1, got 0"]),
+    ("simulate", ["--trace", "g.npy", "--ranks", "4", "--threads", "0", "--no-png"],
+     ["--threads must be >= 1, got 0"]),
+])
+def test_planner_errors_name_the_flags(tmp_path, command, args, fragments):
+    np.save(tmp_path / "g.npy", np.ones((3, 2, 16)))
+    proc = run_cli(command, *args, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, command, *fragments)
+    for param in ("num_ranks", "num_nodes", "num_groups", "threads must"):
+        assert param not in proc.stderr.replace("--threads must", ""), proc.stderr

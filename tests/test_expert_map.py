@@ -70,7 +70,8 @@ def test_bad_num_ranks():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 20) | st.text(max_size=3),
+    st.none() | st.booleans() | st.integers(-3, 20) | st.integers(-2**70, 2**70)
+    | st.floats(allow_nan=False) | st.text(max_size=3),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["moe_layer_count", "layer_list", "layer_id", "device_count",
                          "device_list", "device_id", "device_expert"]), inner, max_size=4),
@@ -85,3 +86,115 @@ def test_fuzz_parser_raises_only_value_error(doc):
     except ValueError:
         return
     assert phy2log.ndim == 2 and phy2log.dtype == np.int64 and (phy2log >= 0).all()
+
+
+def _doc():
+    return expert_map.to_json_dict(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_ranks=2)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["layer_list"][0]["device_list"][0].update(device_expert=[0, 2**62]), "2\\*\\*62"),
+    (lambda d: d["layer_list"][0]["device_list"][0].update(device_expert=[0, 10**30]),
+     "2\\*\\*62"),
+    (lambda d: d["layer_list"][0]["device_list"][0].update(device_expert=[0, 1.0]), "expert ids"),
+    (lambda d: d["layer_list"][1].update(layer_id="1"), "layer_id must run 0..1, got '1'"),
+    (lambda d: d["layer_list"][0]["device_list"][1].update(device_id="1"),
+     "device_id must run 0..1, got '1'"),
+    (lambda d: d["layer_list"][1].update(
+        device_count=4, device_list=[{"device_id": r, "device_expert": [r]} for r in range(4)]),
+     "same devices; layer 0 has 2, layer 1 has 4"),
+    (lambda d: d["layer_list"][0].update(device_count="2"), "device_count"),
+])
+def test_malformed_ids_and_device_counts_name_the_problem(mutate, message):
+    doc = _doc()
+    mutate(doc)
+    with pytest.raises(ValueError, match=message):
+        expert_map.from_json_dict(doc, source="m.json")
+    with pytest.raises(ValueError, match="^m.json"):
+        expert_map.from_json_dict(doc, source="m.json")
+
+
+def test_bad_files_name_the_file(tmp_path):
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"moe_layer_count": 1, "x": "\xe9"}')
+    with pytest.raises(ValueError, match=f"{latin}: not UTF-8"):
+        expert_map.load(latin)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"{deep}: JSON nested too deeply"):
+        expert_map.load(deep)
+    huge = tmp_path / "huge.json"
+    doc = _doc()
+    doc["layer_list"][0]["device_list"][0]["device_expert"] = [0, 10**30]
+    huge.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"{huge}: layer_list"):
+        expert_map.load(huge)
+
+
+def test_numpy_int_num_ranks_accepted():
+    doc = expert_map.to_json_dict(np.array([[3, 1, 0, 2]]), num_ranks=np.int64(2))
+    assert doc["layer_list"][0]["device_count"] == 2
+    json.dumps(doc)
+
+
+def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "map.json"
+    expert_map.save(path, np.array([[0, 1]]), 1)
+    before = path.read_text()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(expert_map.json, "dump", fail)
+    with pytest.raises(OSError, match="disk full"):
+        expert_map.save(path, np.array([[1, 0]]), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json"]
+    assert path.read_text() == before
+
+
+def test_load_takes_a_path_a_dict_or_an_array_and_checks_them(tmp_path):
+    phy2log = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 2, 2]])
+    path = tmp_path / "m.json"
+    expert_map.save(path, phy2log, num_ranks=2)
+    doc = expert_map.to_json_dict(phy2log, num_ranks=2)
+    for source in (path, str(path), doc, phy2log):
+        got, ranks = expert_map.load(source, num_ranks=2, num_logical=4, num_layers=2,
+                                     num_slots=6, name="expert_map")
+        assert ranks == 2 and got.dtype == np.int64
+        np.testing.assert_array_equal(got, phy2log)
+    for source in (path, doc):
+        with pytest.raises(ValueError, match="expert_map.* is for 2 ranks, expected 3"):
+            expert_map.load(source, num_ranks=3, name="expert_map")
+    with pytest.raises(ValueError, match=r"expert_map: slots \(6\) must be divisible by the 4"):
+        expert_map.load(phy2log, num_ranks=4, name="expert_map")
+    for source in (path, doc, phy2log):
+        with pytest.raises(ValueError, match="expert_map.* has 2 layers, expected 3"):
+            expert_map.load(source, num_ranks=2, num_layers=3, name="expert_map")
+        with pytest.raises(ValueError, match=r"expert_map.*: expert ids must lie in \[0, 3\)"):
+            expert_map.load(source, num_ranks=2, num_logical=3, name="expert_map")
+        with pytest.raises(ValueError, match=r"expert_map.*: layer 0 holds no copy of logical "
+                                             r"experts \[4\]"):
+            expert_map.load(source, num_ranks=2, num_logical=5, name="expert_map")
+        with pytest.raises(ValueError, match="expert_map.* has 6 slots per layer, expected 8"):
+            expert_map.load(source, num_ranks=2, num_slots=8, name="expert_map")
+    with pytest.raises(ValueError, match=f"expert_map {path}: .*layer_id"):
+        doc["layer_list"][1]["layer_id"] = 5
+        path.write_text(json.dumps(doc))
+        expert_map.load(path, name="expert_map")
+    with pytest.raises(ValueError, match="needs num_ranks"):
+        expert_map.load(phy2log)
+    with pytest.raises(ValueError, match="integer expert ids"):
+        expert_map.load(phy2log.astype(float), num_ranks=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | json_values.map(lambda d: json.dumps(d).encode()))
+def test_fuzz_load_file_raises_only_value_error(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("fuzz") / "m.json"
+    path.write_bytes(blob)
+    try:
+        phy2log, ranks = expert_map.load(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+        return
+    assert phy2log.ndim == 2 and phy2log.shape[1] % ranks == 0 and (phy2log >= 0).all()

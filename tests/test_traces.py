@@ -221,3 +221,58 @@ def test_fuzz_loader_npz_arrays(tmp_path, shape, dtype, fill):
         assert a.ndim in (2, 3) and loads.shape[-2:] == a.shape[-2:]
         assert np.array_equal(loads.reshape(a.shape), a.astype(loads.dtype))
 
+
+
+def test_failed_save_trace_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import eplb_native.traces as traces_mod
+
+    path = tmp_path / "t.npz"
+    save_trace(path, np.ones((1, 2, 3), dtype=np.int64))
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(traces_mod.np, "savez_compressed", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_trace(path, np.zeros((1, 2, 3), dtype=np.int64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+    assert path.read_bytes() == before
+
+
+def test_sum_windows_is_exact_in_int64_and_never_wraps():
+    from eplb_native.traces import sum_windows
+
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 1000, (5, 3, 4))
+    got = sum_windows(small)
+    assert got.dtype == np.int64 and np.array_equal(got, small.sum(axis=0))
+    huge = rng.integers(2**61, 2**62, (4, 3, 4), dtype=np.int64)
+    got = sum_windows(huge)
+    want = huge.astype(np.float64).sum(axis=0)
+    assert got.dtype == np.float64 and (got > 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+    floats = rng.random((3, 2, 2)).astype(np.float32)
+    assert sum_windows(floats).dtype == np.float64
+
+
+def test_deeply_nested_json_trace_names_the_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"{path}: JSON nested too deeply"):
+        load_trace(path)
+
+
+def test_save_trace_takes_half_precision_tensors_and_numpy_ints(tmp_path):
+    rng = np.random.default_rng(5)
+    want = rng.integers(0, 100, (2, 3, 4)).astype(np.float32)  # exact in bf16 and fp16
+    for dtype in (torch.bfloat16, torch.float16):
+        path = tmp_path / f"{dtype}.npz".replace("torch.", "")
+        save_trace(path, torch.from_numpy(want).to(dtype))
+        loads, _ = load_trace(path)
+        assert loads.dtype == np.float64 and np.array_equal(loads, want)
+    got = synth(np.int64(2), np.int32(3), np.int64(4), top_k=np.int64(2),
+                tokens_per_window=np.int64(16), seed=np.int64(1))
+    assert np.array_equal(got, synth(2, 3, 4, top_k=2, tokens_per_window=16, seed=1))
+    with pytest.raises(ValueError, match="num_windows must be an int >= 1, got True"):
+        synth(True, 3, 4)

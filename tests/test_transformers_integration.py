@@ -7,13 +7,13 @@ assert on what each rank returned. Single-process tests cover the refusals that 
 from __future__ import annotations
 
 import os
-import socket
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
@@ -23,12 +23,6 @@ import transformers_ep_worker as worker  # noqa: E402  (tests/ is on sys.path, s
 from eplb_native import expert_map, state  # noqa: E402
 from eplb_native.adapters import AdapterError  # noqa: E402
 from eplb_native.integrations import transformers as eplb_tf  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,8 @@ def ranks(tmp_path_factory):
     for family in worker.FAMILIES:
         paths[family] = str(root / family)
         worker.build_checkpoint(family, paths[family])
-    mp.spawn(worker.worker, args=(_free_port(), paths, str(root)), nprocs=worker.NUM_RANKS)
+    init_method = f"file://{root / 'rdzv'}"  # fresh per run: no port to race for
+    mp.spawn(worker.worker, args=(init_method, paths, str(root)), nprocs=worker.NUM_RANKS)
     return [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False)
             for r in range(worker.NUM_RANKS)]
 
@@ -129,6 +124,9 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert "num_redundant_experts (2) contradicts the expert map" in errors[
             "map_vs_redundant"]
         assert "already attached" in errors["twice"]
+        assert errors["last_layer_params"] is not None and re.search(
+            r"'model\.layers\.1\.mlp\.experts' .*parameter 'gate_up_proj' must hold 8 "
+            r"experts on the EP mesh, got 10", errors["last_layer_params"])
         assert res["untouched"]
         assert res["slots"] == 6
         want = torch.tensor([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
@@ -179,24 +177,82 @@ def test_model_without_moe_layer_is_refused():
         eplb_tf.find_moe_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+MUTATIONS = ("none", "out_of_range", "negative", "drop_expert", "one_layer", "extra_slot",
+             "ragged")
+
+
+@st.composite
+def expert_maps(draw):
+    """(rows, num_ranks, mutation): a valid 2-layer map of 8 experts (each layer a permutation
+    of the experts plus replicas, S slots on each of num_ranks ranks), then maybe one mutation
+    that makes it invalid."""
+    num_ranks = draw(st.integers(1, 4))
+    per_rank = draw(st.integers(-(-8 // num_ranks), -(-8 // num_ranks) + 2))
+    rows = []
+    for _ in range(2):
+        extra = draw(st.lists(st.integers(0, 7), min_size=per_rank * num_ranks - 8,
+                              max_size=per_rank * num_ranks - 8))
+        rows.append(draw(st.permutations(list(range(8)) + extra)))
+    mutation = draw(st.sampled_from(MUTATIONS))
+    layer, slot = draw(st.integers(0, 1)), draw(st.integers(0, len(rows[0]) - 1))
+    if mutation == "out_of_range":
+        rows[layer][slot] = draw(st.integers(8, 2**40))
+    elif mutation == "negative":
+        rows[layer][slot] = draw(st.integers(-2**40, -1))
+    elif mutation == "drop_expert":
+        gone = rows[layer][slot]
+        keep = [e for e in range(8) if e != gone]
+        rows[layer] = [e if e != gone else draw(st.sampled_from(keep)) for e in rows[layer]]
+    elif mutation == "one_layer":
+        rows = rows[:1]
+    elif mutation == "extra_slot":
+        for row in rows:
+            row.append(draw(st.integers(0, 7)))
+    elif mutation == "ragged":
+        rows[layer].append(draw(st.integers(0, 7)))
+    return rows, num_ranks, mutation
+
+
+def _is_valid_map(rows, num_ranks) -> bool:
+    """The rule, stated plainly: one row per layer (2), equal rows, slots divisible by the ranks,
+    every row holding exactly the experts 0..7 (each at least once, nothing else)."""
+    return (len(rows) == 2 and len({len(r) for r in rows}) == 1
+            and len(rows[0]) % num_ranks == 0
+            and all(set(r) == set(range(8)) for r in rows))
+
+
 @settings(max_examples=200, deadline=None)
-@given(rows=st.lists(st.lists(st.integers(-2, 9), max_size=14), max_size=3),
-       num_ranks=st.integers(1, 4), redundant=st.one_of(st.none(), st.integers(-2, 12)))
-def test_initial_placement_parses_or_refuses(rows, num_ranks, redundant):
+@given(case=expert_maps(), redundant=st.one_of(st.none(), st.integers(-2, 12)))
+@example(case=([list(range(8)) + [0, 1], list(range(7, -1, -1)) + [2, 3]], 2, "none"),
+         redundant=None)
+def test_initial_placement_accepts_valid_maps_and_refuses_the_rest(case, redundant):
+    rows, num_ranks, mutation = case
     layers = [SimpleNamespace(num_logical_experts=8)] * 2
-    for given_map in (rows, None):
-        try:
-            phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, given_map)
-        except (ValueError, TypeError):
-            continue
-        assert phy2log.dtype == np.int64 and phy2log.shape[0] == 2
-        assert phy2log.shape[1] % num_ranks == 0
-        for row in phy2log:
-            assert set(row.tolist()) == set(range(8))
-        if given_map is not None:
-            assert phy2log.tolist() == rows
-        else:
-            assert phy2log.shape[1] == 8 + (redundant or 0)
+    valid = _is_valid_map(rows, num_ranks)
+    assert valid == (mutation == "none" or (mutation == "extra_slot" and num_ranks == 1))
+    try:
+        phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, rows)
+    except (ValueError, TypeError) as e:
+        assert not valid, f"valid map refused: {e}"
+        assert "expert_map" in str(e), str(e)
+    else:
+        assert valid, f"invalid map ({mutation}) accepted"
+        assert phy2log.dtype == np.int64 and phy2log.tolist() == rows
+
+
+@settings(max_examples=100, deadline=None)
+@given(num_ranks=st.integers(1, 4), redundant=st.one_of(st.none(), st.integers(-2, 12)))
+def test_default_initial_placement_parses_or_refuses(num_ranks, redundant):
+    layers = [SimpleNamespace(num_logical_experts=8)] * 2
+    try:
+        phy2log = eplb_tf._initial_placement(layers, num_ranks, redundant, None)
+    except (ValueError, TypeError):
+        assert (redundant or 0) < 0 or (8 + (redundant or 0)) % num_ranks
+        return
+    assert phy2log.dtype == np.int64 and phy2log.shape == (2, 8 + (redundant or 0))
+    for row in phy2log:
+        assert set(row.tolist()) == set(range(8))
+    assert phy2log.shape[1] % num_ranks == 0
 
 
 def test_initial_placement_from_expert_map_file(tmp_path):
@@ -206,5 +262,14 @@ def test_initial_placement_from_expert_map_file(tmp_path):
     expert_map.save(path, want, worker.NUM_RANKS)
     got = eplb_tf._initial_placement(layers, worker.NUM_RANKS, None, str(path))
     assert np.array_equal(got, want)
-    with pytest.raises(ValueError, match="is for 2 ranks, the EP group has 4"):
+    with pytest.raises(ValueError, match="expert_map .*expert_map.json is for 2 ranks, expected 4"):
         eplb_tf._initial_placement(layers, 4, None, str(path))
+
+
+def test_initial_placement_checks_a_dict_map_against_the_ep_size():
+    layers = [SimpleNamespace(num_logical_experts=worker.EXPERTS)] * worker.LAYERS
+    want = np.array([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
+    doc = expert_map.to_json_dict(want, worker.NUM_RANKS)
+    assert np.array_equal(eplb_tf._initial_placement(layers, worker.NUM_RANKS, None, doc), want)
+    with pytest.raises(ValueError, match="expert_map is for 2 ranks, expected 4"):
+        eplb_tf._initial_placement(layers, 4, None, doc)

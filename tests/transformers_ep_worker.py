@@ -191,6 +191,32 @@ EXPERT_MAP = {"moe_layer_count": LAYERS, "layer_list": [
     for layer in range(LAYERS)]}
 
 
+def _prepare_with_bad_last_layer(model, eplb_tf) -> str | None:
+    """prepare() on ``model`` whose last MoE layer has one expert row too many per rank (and
+    claims EXPERTS logical experts): it must refuse before growing the earlier layers. The
+    last layer is restored afterwards. Returns the error message (None if not refused)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    experts = eplb_tf.find_moe_layers(model)[-1].experts
+    saved = dict(experts._parameters)
+    for name, p in saved.items():
+        if p is None or p.dim() == 0:
+            continue
+        local = p.to_local()
+        grown = DTensor.from_local(torch.cat([local, local[:1]]), p.device_mesh, [Shard(0)],
+                                   run_check=False)
+        experts._parameters[name] = torch.nn.Parameter(grown, requires_grad=p.requires_grad)
+    experts.eplb_num_logical_experts = EXPERTS
+    try:
+        eplb_tf.prepare(model)
+        return None
+    except ValueError as e:
+        return str(e)
+    finally:
+        experts._parameters.update(saved)
+        del experts.eplb_num_logical_experts
+
+
 @torch.no_grad()
 def run_prepare_checks(path: str, rank: int) -> dict:
     """prepare() alone (no updator) on the qwen3_moe checkpoint: refused inputs leave the model
@@ -219,10 +245,11 @@ def run_prepare_checks(path: str, rank: int) -> dict:
             out["errors"][key] = None
         except ValueError as e:
             out["errors"][key] = str(e)
-    experts = eplb_tf.find_moe_layers(model)[0].experts
-    out["untouched"] = (experts.num_experts == EXPERTS // NUM_RANKS
-                        and experts.gate_up_proj.to_local().shape[0] == EXPERTS // NUM_RANKS
-                        and not hasattr(experts, "eplb_phy2log"))
+    out["errors"]["last_layer_params"] = _prepare_with_bad_last_layer(model, eplb_tf)
+    out["untouched"] = all(
+        lay.experts.num_experts == EXPERTS // NUM_RANKS
+        and lay.experts.gate_up_proj.to_local().shape[0] == EXPERTS // NUM_RANKS
+        and not hasattr(lay.experts, "eplb_phy2log") for lay in eplb_tf.find_moe_layers(model))
     layers = eplb_tf.prepare(model, expert_map=EXPERT_MAP)
     out["slots"] = layers[0].experts.num_experts
     out["phy2log"] = torch.stack([lay.experts.eplb_phy2log for lay in layers])
@@ -243,11 +270,13 @@ def run_prepare_checks(path: str, rank: int) -> dict:
     return out
 
 
-def worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+def worker(rank: int, init_method: str, paths: dict, out_dir: str) -> None:
+    """One rank: init_method is a fresh ``file://`` rendezvous of this run (no port to race
+    for); transformers reads RANK / WORLD_SIZE / LOCAL_RANK from the environment."""
+    os.environ.update(RANK=str(rank),
                       WORLD_SIZE=str(NUM_RANKS), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=NUM_RANKS,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=NUM_RANKS,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     try:

@@ -13,9 +13,11 @@ Errors in what the user gave (bad files, shapes, counts) print one line on stder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -23,6 +25,7 @@ import warnings
 import numpy as np
 
 from . import expert_map, traces
+from ._util import check_int
 from .planner import POLICIES, plan
 
 EXIT_USAGE = 2
@@ -33,6 +36,28 @@ class UsageError(ValueError):
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+#: Library parameter -> the flag that sets it, per command: errors raised by traces.synth and
+#: planner.plan name their parameters; the user typed flags (``synth --tokens 0`` must say
+#: ``--tokens``, not ``tokens_per_window``).
+_SYNTH_FLAGS = {"num_windows": "--windows", "num_layers": "--layers",
+                "num_experts": "--experts", "tokens_per_window": "--tokens", "top_k": "--top-k",
+                "seed": "--seed", "sigma": "--sigma", "zipf_a": "--zipf-a", "drift": "--drift",
+                "skew": "--skew"}
+_PLAN_FLAGS = {"num_ranks": "--ranks", "num_nodes": "--nodes", "num_groups": "--groups",
+               "threads": "--threads",
+               "num_replicas": "slots (experts + --redundant)"}
+
+
+@contextlib.contextmanager
+def _flag_names(flags: dict[str, str]):
+    """Re-raises a ValueError / TypeError of the library call inside as a UsageError whose
+    message names the command-line flags instead of the Python parameters in ``flags``."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, flags)) + r")(?![\w-])"
+        raise UsageError(re.sub(pattern, lambda m: flags[m.group(1)], str(e))) from None
 
 
 def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
@@ -87,10 +112,11 @@ class Topology:
             redundant = meta["num_redundant"]
         else:
             redundant = ranks + (-(num_experts + ranks)) % ranks
-        for flag, v, lo in (("--nodes", nodes, 1), ("--groups", groups, 1),
-                            ("--redundant", redundant, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise UsageError(f"{flag} must be an int >= {lo}, got {v!r}")
+        try:
+            nodes, groups = check_int(nodes, "--nodes", 1), check_int(groups, "--groups", 1)
+            redundant = check_int(redundant, "--redundant", 0)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if (num_experts + redundant) % ranks:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
                              f"divisible by --ranks ({ranks}); pick --redundant accordingly")
@@ -166,23 +192,18 @@ def cmd_plan(args) -> int:
     # A trace's windows are summed: EPLB plans from the loads accumulated over its window
     # (vLLM window_size, vllm-ascend heat interval), and the sum weighs every window by its
     # traffic. --window last plans from the most recent window only.
-    load = loads.sum(axis=0) if args.window == "sum" else loads[-1]
+    load = traces.sum_windows(loads) if args.window == "sum" else loads[-1]
     old = None
     if args.old:
-        old, old_ranks = expert_map.load(args.old)
+        # ids, layers and experts checked by the one loader; ranks here, to name --ranks
+        old, old_ranks = expert_map.load(args.old, num_logical=num_experts, num_layers=num_layers,
+                                         name="--old")
         if args.ranks is not None and old_ranks != args.ranks:
             raise UsageError(f"--old {args.old} has {old_ranks} ranks, but --ranks is {args.ranks}")
         args.ranks = old_ranks
-        if old.shape[0] != num_layers:
-            raise UsageError(f"--old {args.old} has {old.shape[0]} layers, the load has "
-                             f"{num_layers}")
     if args.ranks is None:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
-    if old is not None:
-        from .state import validate_phy2log
-
-        old = validate_phy2log(old, num_experts, topo.num_ranks, name=f"--old {args.old}")
     _check_output_dir(args.output, "-o")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant) if old is None else None
@@ -191,9 +212,10 @@ def cmd_plan(args) -> int:
     # default placement a server starts from.
     start = old if old is not None else (default if args.policy == "min_move" else None)
     t0 = time.perf_counter()
-    p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
-             num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
-             threads=args.threads)
+    with _flag_names(_PLAN_FLAGS):
+        p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
+                 num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
+                 threads=args.threads)
     plan_ms = (time.perf_counter() - t0) * 1e3
     before = balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
@@ -249,9 +271,10 @@ def cmd_synth(args) -> int:
     if not args.output.endswith(".npz"):
         raise UsageError(f"-o {args.output}: synth writes an .npz trace; name it *.npz")
     _check_output_dir(args.output, "-o")
-    loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
-                         zipf_a=args.zipf_a, drift=args.drift,
-                         tokens_per_window=args.tokens, top_k=top_k, seed=args.seed)
+    with _flag_names(_SYNTH_FLAGS):
+        loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
+                             zipf_a=args.zipf_a, drift=args.drift,
+                             tokens_per_window=args.tokens, top_k=top_k, seed=args.seed)
     meta = {"shape": args.shape, "skew": args.skew, "sigma": args.sigma, "zipf_a": args.zipf_a,
             "drift": args.drift, "tokens_per_window": args.tokens, "top_k": top_k,
             "seed": args.seed, "generator": "eplb_native.traces.synth"}
@@ -298,11 +321,12 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
         in_sample, moved, plan_ms = [], [], []
         for w in range(num_windows):
             if w >= every and w % every == 0:
-                window = loads[w - every:w].sum(axis=0)
+                window = traces.sum_windows(loads[w - every:w])
                 t0 = time.perf_counter()
-                p = plan(window, placement, num_ranks=topo.num_ranks,
-                         num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=policy,
-                         threads=threads)
+                with _flag_names(_PLAN_FLAGS):
+                    p = plan(window, placement, num_ranks=topo.num_ranks,
+                             num_nodes=topo.num_nodes, num_groups=topo.num_groups,
+                             policy=policy, threads=threads)
                 plan_ms.append((time.perf_counter() - t0) * 1e3)
                 in_sample.append(float(p.balancedness_after.mean()))
                 moved.append(p.total_moved_slots)
@@ -425,14 +449,6 @@ def cmd_simulate(args) -> int:
 # --------------------------------------------------------------------------- demo
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _demo_backend(device: str) -> str:
     return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device]
 
@@ -489,7 +505,7 @@ def _gate_biases(args) -> np.ndarray:
     return out
 
 
-def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
+def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
     """One rank of ``eplb-native demo`` (spawned): two identical EPMoE stacks, one with the
     updator attached (EPLB on), one without (EPLB off), on the same inputs every step."""
     import datetime
@@ -518,7 +534,7 @@ def _demo_rank(rank: int, args, port: int, result_path: str) -> None:
         device = torch.device("npu", rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=init_method, rank=rank,
                             world_size=args.ranks, timeout=datetime.timedelta(seconds=300))
     group = dist.group.WORLD
     cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo")
@@ -700,7 +716,9 @@ def cmd_demo(args) -> int:
         result_path = os.path.join(tmp, "result.json")
         t0 = time.perf_counter()
         try:
-            mp.spawn(worker, args=(args, _free_port(), result_path), nprocs=args.ranks,
+            # a rendezvous file fresh to this run: no port to pick, nothing to race for
+            init_method = f"file://{os.path.join(tmp, 'rdzv')}"
+            mp.spawn(worker, args=(args, init_method, result_path), nprocs=args.ranks,
                      join=True)
         except Exception as e:  # noqa: BLE001 - a rank failed; its traceback is in e
             # not a usage error but a bug or a broken environment: show the rank's traceback

@@ -11,19 +11,38 @@ a map is exactly a ``phy2log`` [L, P] with P = R * S.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 
 import numpy as np
 
+from ._util import atomic_write, check_int, to_numpy
+
+#: Largest expert id a map may hold (exclusive): far above any real model, and small enough
+#: that ids, counts and offsets computed from them never overflow int64.
+MAX_EXPERT_ID = 2**62
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
+
+
+def _id_key(key: str):
+    """Sort key for layers / devices by ``key`` that never compares an int with a str: entries
+    whose id is not an int sort first and are then reported by the checks that follow."""
+    def sort_key(entry):
+        v = entry.get(key) if isinstance(entry, dict) else None
+        return (1, int(v)) if _is_id(v) else (0, 0)
+    return sort_key
+
 
 def to_json_dict(phy2log, num_ranks: int) -> dict:
     """``phy2log`` [L, P] (numpy or torch) -> the JSON-ready dict for ``num_ranks`` ranks."""
-    if type(phy2log).__module__.startswith("torch"):
-        phy2log = phy2log.detach().cpu().numpy()
-    a = np.asarray(phy2log)
+    a = to_numpy(phy2log, "phy2log")
     if a.ndim != 2:
         raise ValueError(f"phy2log must have shape [layers, slots], got {a.shape}")
-    if not isinstance(num_ranks, int) or num_ranks < 1 or a.shape[1] % num_ranks:
+    num_ranks = check_int(num_ranks, "num_ranks", 1)
+    if a.shape[1] % num_ranks:
         raise ValueError(f"num_ranks must be a positive divisor of the slot count {a.shape[1]}, "
                          f"got {num_ranks!r}")
     per_rank = a.reshape(a.shape[0], num_ranks, -1)
@@ -39,8 +58,14 @@ def to_json_dict(phy2log, num_ranks: int) -> dict:
 
 
 def from_json_dict(doc: dict, source: str = "expert map") -> np.ndarray:
-    """Parses a vllm-ascend expert map into ``phy2log`` [L, P] int64. Every rank must hold the
-    same number of slots and every layer the same ranks; ValueError names what is wrong."""
+    """Parses a vllm-ascend expert map into ``phy2log`` [L, P] int64. Every layer must have the
+    same ranks and every rank the same number of slots; expert ids are ints in
+    [0, MAX_EXPERT_ID). ValueError names ``source`` and what is wrong."""
+    return _parse(doc, source)[0]
+
+
+def _parse(doc, source: str) -> tuple[np.ndarray, int]:
+    """from_json_dict -> (``phy2log`` [L, P] int64, num_ranks)."""
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     for key in ("moe_layer_count", "layer_list"):
@@ -48,61 +73,142 @@ def from_json_dict(doc: dict, source: str = "expert map") -> np.ndarray:
             raise ValueError(f"{source}: missing key {key!r}")
     layers = doc["layer_list"]
     count = doc["moe_layer_count"]
-    if not isinstance(layers, list) or not isinstance(count, int) or isinstance(count, bool):
+    if not isinstance(layers, list) or not _is_id(count):
         raise ValueError(f"{source}: 'moe_layer_count' must be an int and 'layer_list' a list")
     if count != len(layers) or count < 1:
         raise ValueError(f"{source}: moe_layer_count ({count}) must equal len(layer_list) "
                          f"({len(layers)}) and be >= 1")
     rows = []
-    for i, layer in enumerate(sorted(layers, key=lambda x: x.get("layer_id", -1)
-                                     if isinstance(x, dict) else -1)):
+    num_devices = None
+    for i, layer in enumerate(sorted(layers, key=_id_key("layer_id"))):
         where = f"{source}: layer_list[{i}]"
         if not isinstance(layer, dict) or "device_list" not in layer:
             raise ValueError(f"{where}: missing key 'device_list'")
-        if layer.get("layer_id") != i:
-            raise ValueError(f"{where}: layer_id must run 0..{count - 1}, got "
-                             f"{layer.get('layer_id')!r}")
+        layer_id = layer.get("layer_id")
+        if not _is_id(layer_id) or layer_id != i:
+            raise ValueError(f"{where}: layer_id must run 0..{count - 1}, got {layer_id!r}")
         devices = layer["device_list"]
         if not isinstance(devices, list) or not devices:
             raise ValueError(f"{where}: 'device_list' must be a non-empty list")
-        if layer.get("device_count", len(devices)) != len(devices):
-            raise ValueError(f"{where}: device_count ({layer.get('device_count')}) must equal "
+        device_count = layer.get("device_count", len(devices))
+        if not _is_id(device_count) or device_count != len(devices):
+            raise ValueError(f"{where}: device_count ({device_count!r}) must equal "
                              f"len(device_list) ({len(devices)})")
+        if num_devices is None:
+            num_devices = len(devices)
+        elif len(devices) != num_devices:
+            raise ValueError(f"{where}: every layer must have the same devices; layer 0 has "
+                             f"{num_devices}, layer {i} has {len(devices)}")
         row = []
-        for j, dev in enumerate(sorted(devices, key=lambda d: d.get("device_id", -1)
-                                       if isinstance(d, dict) else -1)):
-            if not isinstance(dev, dict) or dev.get("device_id") != j:
-                raise ValueError(f"{where}: device_id must run 0..{len(devices) - 1}")
+        for j, dev in enumerate(sorted(devices, key=_id_key("device_id"))):
+            device_id = dev.get("device_id") if isinstance(dev, dict) else None
+            if not _is_id(device_id) or device_id != j:
+                raise ValueError(f"{where}: device_id must run 0..{len(devices) - 1}, got "
+                                 f"{device_id!r}")
             experts = dev.get("device_expert")
             if not isinstance(experts, list) or not experts or not all(
-                    isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts):
+                    _is_id(e) and 0 <= e < MAX_EXPERT_ID for e in experts):
                 raise ValueError(f"{where}.device_list[{j}]: 'device_expert' must be a non-empty "
-                                 f"list of expert ids >= 0")
+                                 f"list of expert ids >= 0 and < 2**62")
             if row and len(experts) != len(row[0]):
                 raise ValueError(f"{where}: every device must hold the same number of experts "
                                  f"({len(row[0])}), device {j} holds {len(experts)}")
-            row.append(experts)
+            row.append([int(e) for e in experts])
         rows.append(np.asarray(row, dtype=np.int64).reshape(-1))
     if len({r.size for r in rows}) != 1:
         raise ValueError(f"{source}: every layer must have the same number of slots")
-    return np.stack(rows)
+    return np.stack(rows), num_devices
 
 
 def save(path: str | os.PathLike, phy2log, num_ranks: int) -> None:
-    """Writes ``phy2log`` [L, P] as a vllm-ascend expert-map JSON file (atomically)."""
+    """Writes ``phy2log`` [L, P] as a vllm-ascend expert-map JSON file (atomically: ``path`` is
+    either the old file or the complete new one, and no temporary file is left behind)."""
     doc = to_json_dict(phy2log, num_ranks)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
 
 
-def load(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Reads an expert-map JSON file -> (``phy2log`` [L, P] int64, num_ranks)."""
+def _read(path) -> dict:
+    src = os.fspath(path)
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        with open(src, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    phy2log = from_json_dict(doc, source=os.fspath(path))
-    return phy2log, len(doc["layer_list"][0]["device_list"])
+        raise ValueError(f"{src}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{src}: JSON nested too deeply for an expert map") from None
+
+
+def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
+         num_layers: int | None = None, num_slots: int | None = None,
+         name: str | None = None) -> tuple[np.ndarray, int]:
+    """The one expert-map loader -> (``phy2log`` [L, P] int64, a new array; num_ranks).
+
+    Args:
+        path_or_map: an expert-map JSON file (str / PathLike), the dict parsed from one, or a
+            ``phy2log`` [L, P] array (numpy / torch / nested list; needs ``num_ranks``).
+        num_ranks: when given, the map must be for exactly this many ranks.
+        num_logical: when given, every id must lie in [0, num_logical) and every logical
+            expert must have a slot in every layer.
+        num_layers: when given, the map must have exactly this many layers.
+        num_slots: when given, every layer must have exactly this many slots (P).
+        name: what to call the map in errors (e.g. ``"--old"``, ``"expert_map"``); a path is
+            always named too.
+
+    Raises ValueError naming the map and the problem (FileNotFoundError for a missing file).
+    """
+    if num_ranks is not None:
+        num_ranks = check_int(num_ranks, "num_ranks", 1)
+    if num_logical is not None:
+        num_logical = check_int(num_logical, "num_logical", 1)
+    if num_layers is not None:
+        num_layers = check_int(num_layers, "num_layers", 1)
+    if num_slots is not None:
+        num_slots = check_int(num_slots, "num_slots", 1)
+    if isinstance(path_or_map, str | os.PathLike):
+        src = os.fspath(path_or_map)
+        label = f"{name} {src}" if name else src
+        phy2log, ranks = _parse(_read(src), label)
+    elif isinstance(path_or_map, dict):
+        label = name or "expert map"
+        phy2log, ranks = _parse(path_or_map, label)
+    else:
+        label = name or "phy2log"
+        if num_ranks is None:
+            raise ValueError(f"{label}: a phy2log array needs num_ranks")
+        a = to_numpy(path_or_map, label)
+        if a.dtype == object or a.dtype.kind not in "iu":
+            raise ValueError(f"{label} must hold integer expert ids, got dtype {a.dtype}")
+        if a.ndim != 2 or 0 in a.shape:
+            raise ValueError(f"{label} must have shape [layers, slots], got {list(a.shape)}")
+        if a.shape[1] % num_ranks:
+            raise ValueError(f"{label}: slots ({a.shape[1]}) must be divisible by the "
+                             f"{num_ranks} ranks")
+        if a.dtype == np.uint64 and (a >= MAX_EXPERT_ID).any():
+            raise ValueError(f"{label}: expert ids must be < 2**62")
+        phy2log, ranks = a.astype(np.int64), num_ranks
+    if num_ranks is not None and ranks != num_ranks:
+        raise ValueError(f"{label} is for {ranks} ranks, expected {num_ranks}")
+    if num_layers is not None and phy2log.shape[0] != num_layers:
+        raise ValueError(f"{label} has {phy2log.shape[0]} layers, expected {num_layers} "
+                         f"(one row per MoE layer)")
+    if num_slots is not None and phy2log.shape[1] != num_slots:
+        raise ValueError(f"{label} has {phy2log.shape[1]} slots per layer, expected {num_slots}")
+    if num_logical is not None:
+        if phy2log.min() < 0 or phy2log.max() >= num_logical:
+            raise ValueError(f"{label}: expert ids must lie in [0, {num_logical}), got "
+                             f"[{phy2log.min()}, {phy2log.max()}]")
+        if phy2log.shape[1] < num_logical:
+            raise ValueError(f"{label}: slots ({phy2log.shape[1]}) must be >= logical experts "
+                             f"({num_logical})")
+        for layer, row in enumerate(phy2log):
+            missing = np.setdiff1d(np.arange(num_logical), row)
+            if missing.size:
+                raise ValueError(f"{label}: layer {layer} holds no copy of logical experts "
+                                 f"{missing[:8].tolist()}")
+    elif (phy2log < 0).any():
+        raise ValueError(f"{label}: expert ids must be >= 0, got {phy2log.min()}")
+    return phy2log, ranks
+

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "synth"]
+from ._util import atomic_write, check_int, to_numpy
+
+__all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "sum_windows", "synth"]
 
 SKEWS = ("zipf", "lognormal")
 
@@ -98,12 +100,6 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 }
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_float(name: str, value, low: float, high: float = math.inf, *,
                  low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -135,12 +131,12 @@ def synth(num_windows: int, num_layers: int, num_experts: int, *, skew: str = "z
     normalized weights (routing choices treated as independent draws; each row sums exactly to
     tokens_per_window * top_k). Deterministic for a given seed and arguments.
     """
-    num_windows = _check_int("num_windows", num_windows, 1)
-    num_layers = _check_int("num_layers", num_layers, 1)
-    num_experts = _check_int("num_experts", num_experts, 1)
-    tokens_per_window = _check_int("tokens_per_window", tokens_per_window, 1)
-    top_k = _check_int("top_k", top_k, 1)
-    seed = _check_int("seed", seed, 0)
+    num_windows = check_int(num_windows, "num_windows", 1)
+    num_layers = check_int(num_layers, "num_layers", 1)
+    num_experts = check_int(num_experts, "num_experts", 1)
+    tokens_per_window = check_int(tokens_per_window, "tokens_per_window", 1)
+    top_k = check_int(top_k, "top_k", 1)
+    seed = check_int(seed, "seed", 0)
     if skew not in SKEWS:
         raise ValueError(f"skew must be one of {SKEWS}, got {skew!r}")
     sigma = _check_float("sigma", sigma, 0.0, 20.0)
@@ -172,17 +168,23 @@ def synth(num_windows: int, num_layers: int, num_experts: int, *, skew: str = "z
     return out
 
 
+def sum_windows(loads: np.ndarray) -> np.ndarray:
+    """``loads`` [W, L, E] -> their sum over windows [L, E] (a new array).
+
+    int64 when the sum is exact in int64; float64 when it would overflow int64 (counts near
+    2**63 / W), so a sum never wraps negative; float loads are summed in float64.
+    """
+    a = np.asarray(loads)
+    if a.dtype.kind == "f":
+        return a.sum(axis=0, dtype=np.float64)
+    total = a.sum(axis=0, dtype=np.float64)
+    # below 2**62 the float64 sum is far from the int64 limit despite its rounding
+    if total.size == 0 or total.max() < 2.0**62:
+        return a.sum(axis=0, dtype=np.int64)
+    return total
+
+
 # --------------------------------------------------------------------------- files
-
-
-def _as_numpy(loads, what: str) -> np.ndarray:
-    if type(loads).__module__.startswith("torch"):
-        loads = loads.detach().cpu().numpy()
-    try:
-        a = np.asarray(loads)
-    except (ValueError, TypeError) as e:  # ragged nested lists
-        raise ValueError(f"{what}: loads is not a rectangular numeric array ({e})") from None
-    return a
 
 
 def _validate(a: np.ndarray, what: str) -> np.ndarray:
@@ -226,19 +228,13 @@ def save_trace(path: str | os.PathLike, loads, **meta) -> None:
     a JSON object string (e.g. shape="deepseek-v3", seed=0). The file is written atomically at
     exactly ``path`` (no ``.npz`` appended). ValueError on bad loads or non-JSON meta."""
     target = os.fspath(path)
-    a = _validate(_as_numpy(loads, "save_trace"), "save_trace")
+    a = _validate(to_numpy(loads, "save_trace: loads"), "save_trace")
     try:
         meta_json = json.dumps(meta, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"save_trace: meta must be JSON-serializable ({e})") from None
-    tmp = f"{target}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, loads=a, meta=np.array(meta_json))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(target, "wb") as f:
+        np.savez_compressed(f, loads=a, meta=np.array(meta_json))
 
 
 def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
@@ -280,7 +276,7 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     else:
         raise ValueError(f"{src}: unsupported trace file extension {ext!r}; expected .npz, "
                          f".npy, .pt or .json")
-    return _validate(_as_numpy(raw, src), src), meta
+    return _validate(to_numpy(raw, f"{src}: loads"), src), meta
 
 
 def _short(e: BaseException) -> str:
@@ -332,8 +328,6 @@ def _read_pt(src: str):
                          f"{type(obj).__name__}")
     if obj.is_complex() or obj.dtype == torch.bool:
         raise ValueError(f"{src}: loads must be a numeric (int or float) tensor, got {obj.dtype}")
-    if obj.dtype in (torch.bfloat16, torch.float16):
-        obj = obj.float()
     return obj, meta
 
 
@@ -343,6 +337,9 @@ def _read_json(src: str):
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{src}: not valid JSON ({_short(e)})") from None
+    except RecursionError:
+        raise ValueError(f"{src}: JSON nested too deeply for a trace (loads are [W, L, E] or "
+                         f"[L, E])") from None
     meta: dict = {}
     if isinstance(doc, dict):
         if "loads" not in doc:

@@ -46,7 +46,6 @@ gathered over the EP group counts every token once.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -72,6 +71,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import expert_map as _expert_map
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.eplb_native)
 from .. import state
+from .._util import check_int
 from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
 
 __all__ = [
@@ -204,19 +204,8 @@ def _initial_placement(layers, num_ranks: int, num_redundant_experts, expert_map
                          "one placement shape is needed for all layers")
     (e,) = num_logical
     if expert_map is not None:
-        if isinstance(expert_map, str | os.PathLike):
-            phy2log, ranks = _expert_map.load(expert_map)
-            if ranks != num_ranks:
-                raise ValueError(f"expert_map {os.fspath(expert_map)!r} is for {ranks} ranks, "
-                                 f"the EP group has {num_ranks}")
-        elif isinstance(expert_map, dict):
-            phy2log = _expert_map.from_json_dict(expert_map)
-        else:
-            phy2log = expert_map
-        phy2log = state.validate_phy2log(phy2log, e, num_ranks, name="expert_map")
-        if phy2log.ndim != 2 or phy2log.shape[0] != len(layers):
-            raise ValueError(f"expert_map must have one row per MoE layer ([{len(layers)}, P]), "
-                             f"got shape {list(phy2log.shape)}")
+        phy2log, _ = _expert_map.load(expert_map, num_ranks=num_ranks, num_logical=e,
+                                      num_layers=len(layers), name="expert_map")
         return phy2log
     redundant = 0 if num_redundant_experts is None else num_redundant_experts
     row = state.default_placement(e, num_ranks, redundant)
@@ -341,11 +330,8 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
     for layer in layers:
         if hasattr(layer.experts, "eplb_phy2log"):
             raise ValueError(f"{_where(layer.name, layer.experts)}: EPLB is already attached")
-    if num_redundant_experts is not None and (
-            isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int)
-            or num_redundant_experts < 0):
-        raise ValueError(f"num_redundant_experts must be an int >= 0, got "
-                         f"{num_redundant_experts!r}")
+    if num_redundant_experts is not None:
+        num_redundant_experts = check_int(num_redundant_experts, "num_redundant_experts", 0)
     if ep_implementation is None:
         ep_implementation = model.config.distributed_config.ep_implementation
     if ep_implementation == EP_IMPLEMENTATION or ep_implementation not in (
@@ -359,14 +345,18 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
             num_slots - layers[0].num_logical_experts != num_redundant_experts):
         raise ValueError(f"num_redundant_experts ({num_redundant_experts}) contradicts the expert "
                          f"map ({num_slots} slots for {layers[0].num_logical_experts} experts)")
+    # Every layer is checked before any is grown: growing is collective (_fill_slots) and
+    # cannot be undone, so a refusal must come before the first layer changes.
+    for layer in layers:
+        for pname, p in _stacked_params(layer.experts):
+            if p.shape[0] != layer.num_logical_experts or p.device_mesh != ep_mesh:
+                raise AdapterError(f"{_where(layer.name, layer.experts)}: parameter {pname!r} "
+                                   f"must hold {layer.num_logical_experts} experts on the EP "
+                                   f"mesh, got {p.shape[0]}")
     dispatch = ALL_PARALLEL_STYLES["ep_dispatch_experts"]
     for layer, row in zip(layers, phy2log, strict=True):
         experts = layer.experts
         params = _stacked_params(experts)
-        for pname, p in params:
-            if p.shape[0] != layer.num_logical_experts or p.device_mesh != ep_mesh:
-                raise AdapterError(f"{_where(layer.name, experts)}: parameter {pname!r} must "
-                                   f"hold {layer.num_logical_experts} experts on the EP mesh")
         local = [p.to_local() for _, p in params]
         grown = _fill_slots(local, row, layer.num_logical_experts, ep_rank, ep_size, group)
         for (pname, p), rows in zip(params, grown, strict=True):
