@@ -522,3 +522,18 @@ def test_planning_releases_the_gil():
         stop.set()
         spinner.join()
     assert max(ratios) >= 0.95, ratios
+
+
+def test_torch_half_precision_loads_and_argument_names():
+    torch = pytest.importorskip("torch")
+    w = torch.rand(2, 8, dtype=torch.bfloat16) * 100
+    phy2log, log2phy, logcnt = eplb_native.rebalance_experts(w, 12, 1, 1, 4)
+    assert isinstance(phy2log, torch.Tensor) and phy2log.shape == (2, 12)
+    ref = eplb_native.rebalance_experts(w.float(), 12, 1, 1, 4)
+    assert torch.equal(phy2log, ref[0]) and torch.equal(logcnt, ref[2])
+    with pytest.raises(TypeError, match="num_gpus"):
+        eplb_native.rebalance_experts(w, 12, 1, 1, 4.0)
+    with pytest.raises(TypeError, match="num_replicas"):
+        eplb_native.plan(w, num_ranks=4, num_replicas="abc")
+    with pytest.raises(ValueError, match="load"):
+        eplb_native.plan([[1.0, 2.0], [3.0]], num_ranks=1, num_replicas=2)

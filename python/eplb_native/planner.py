@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _planner
+from ._util import is_torch, to_numpy
 
 POLICIES = {"deepseek": 0, "balanced": 1, "min_move": 2}
 
@@ -79,16 +80,10 @@ def _ratio(mean: np.ndarray, peak: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(peak), np.nan, out)
 
 
-def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch")
-
-
 def _as_numpy(x, name: str, dtype) -> np.ndarray:
-    if _is_torch(x):
-        x = x.detach().cpu().numpy()
-    elif not isinstance(x, np.ndarray | list | tuple):
+    if not (is_torch(x) or isinstance(x, np.ndarray | list | tuple)):
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    a = np.asarray(x)
+    a = to_numpy(x, name)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise TypeError(f"{name} must hold numbers, got dtype {a.dtype}")
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(a.dtype, np.integer):
@@ -118,6 +113,8 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
     num_nodes = _as_int(num_nodes, "num_nodes")
     num_groups = _as_int(num_groups, "num_groups")
     threads = _as_int(threads, "threads")
+    if num_replicas is not None:
+        num_replicas = _as_int(num_replicas, "num_replicas")
     old = None
     if old_phy2log is not None:
         old = _as_numpy(old_phy2log, "old_phy2log", np.int64)
@@ -128,12 +125,11 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
                              f"{old.shape}")
         if num_replicas is None:
             num_replicas = old.shape[1]
-        elif int(num_replicas) != old.shape[1]:
+        elif num_replicas != old.shape[1]:
             raise ValueError(f"num_replicas ({num_replicas}) must equal old_phy2log.shape[1] "
                              f"({old.shape[1]})")
     if num_replicas is None:
         raise ValueError("num_replicas (total physical slots) is required without old_phy2log")
-    num_replicas = _as_int(num_replicas, "num_replicas")
     return w, old, num_ranks, num_replicas, num_nodes, num_groups, threads
 
 
@@ -193,10 +189,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         ``log2phy`` is the expert's j-th replica (replica ordinal, not slot order), -1 padded.
         Ties in ``weight`` go to the lowest index (DeepSeek's own sorts leave them unspecified).
     """
+    num_gpus = _as_int(num_gpus, "num_gpus")  # named as the caller knows it
     p = plan(weight, num_ranks=num_gpus, num_replicas=num_replicas, num_nodes=num_nodes,
              num_groups=num_groups, policy="deepseek", preserve_slots=False)
     out = (p.phy2log, p.log2phy, p.logcnt)
-    if _is_torch(weight):
+    if is_torch(weight):
         import torch
 
         return tuple(torch.from_numpy(a.copy()) for a in out)
@@ -222,7 +219,7 @@ def preserve_slots(phy2log, old_phy2log, num_ranks: int):
     out = _planner.preserve_slots(new, old, num_ranks)
     if squeeze:
         out = out[0]
-    if _is_torch(phy2log):
+    if is_torch(phy2log):
         import torch
 
         return torch.from_numpy(out).to(phy2log.device)
