@@ -13,7 +13,7 @@ import secrets
 
 import numpy as np
 
-__all__ = ["atomic_write", "check_int", "is_torch", "to_numpy"]
+__all__ = ["atomic_write", "check_int", "is_torch", "to_numpy", "validate_phy2log"]
 
 
 def is_torch(x) -> bool:
@@ -68,3 +68,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy2log"
+                     ) -> np.ndarray:
+    """Checks a placement ``[P]`` or ``[L, P]``: ids in [0, E), every expert held at least once
+    per layer, P divisible by num_ranks. Returns it as an int64 numpy array (a copy)."""
+    a = np.array(to_numpy(phy2log, name), copy=True)
+    if a.dtype == object or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    rows = a[None] if a.ndim == 1 else a
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [slots] or [layers, slots], got {a.shape}")
+    if rows.shape[1] % num_ranks:
+        raise ValueError(f"{name}: slots ({rows.shape[1]}) must be divisible by num_ranks "
+                         f"({num_ranks})")
+    if rows.shape[1] < num_logical:
+        raise ValueError(f"{name}: slots ({rows.shape[1]}) must be >= logical experts "
+                         f"({num_logical})")
+    if rows.min() < 0 or rows.max() >= num_logical:
+        raise ValueError(f"{name}: expert ids must lie in [0, {num_logical}), got "
+                         f"[{rows.min()}, {rows.max()}]")
+    for layer, row in enumerate(rows):
+        missing = np.setdiff1d(np.arange(num_logical), row)
+        if missing.size:
+            raise ValueError(f"{name}: layer {layer} holds no copy of logical experts "
+                             f"{missing[:8].tolist()}")
+    return a

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ._util import atomic_write, check_int, to_numpy
+from ._util import atomic_write, check_int, to_numpy, validate_phy2log
 
 #: Largest expert id a map may hold (exclusive): far above any real model, and small enough
 #: that ids, counts and offsets computed from them never overflow int64.
@@ -197,17 +197,7 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
     if num_slots is not None and phy2log.shape[1] != num_slots:
         raise ValueError(f"{label} has {phy2log.shape[1]} slots per layer, expected {num_slots}")
     if num_logical is not None:
-        if phy2log.min() < 0 or phy2log.max() >= num_logical:
-            raise ValueError(f"{label}: expert ids must lie in [0, {num_logical}), got "
-                             f"[{phy2log.min()}, {phy2log.max()}]")
-        if phy2log.shape[1] < num_logical:
-            raise ValueError(f"{label}: slots ({phy2log.shape[1]}) must be >= logical experts "
-                             f"({num_logical})")
-        for layer, row in enumerate(phy2log):
-            missing = np.setdiff1d(np.arange(num_logical), row)
-            if missing.size:
-                raise ValueError(f"{label}: layer {layer} holds no copy of logical experts "
-                                 f"{missing[:8].tolist()}")
+        validate_phy2log(phy2log, num_logical, ranks, label)
     elif (phy2log < 0).any():
         raise ValueError(f"{label}: expert ids must be >= 0, got {phy2log.min()}")
     return phy2log, ranks

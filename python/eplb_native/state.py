@@ -21,40 +21,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._util import validate_phy2log  # noqa: F401  (part of this module's API)
+
 
 def max_replicas(num_logical: int, num_slots: int) -> int:
     """M, the column count of ``log2phy``: the most replicas one expert can have."""
     return num_slots - num_logical + 1
-
-
-def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy2log"
-                     ) -> np.ndarray:
-    """Checks a placement ``[P]`` or ``[L, P]``: ids in [0, E), every expert held at least once
-    per layer, P divisible by num_ranks. Returns it as an int64 numpy array (a copy)."""
-    if isinstance(phy2log, torch.Tensor):
-        phy2log = phy2log.detach().cpu().numpy()
-    a = np.array(phy2log, copy=True)
-    if a.dtype == object or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")
-    a = a.astype(np.int64)
-    rows = a[None] if a.ndim == 1 else a
-    if rows.ndim != 2 or rows.shape[1] == 0:
-        raise ValueError(f"{name} must have shape [slots] or [layers, slots], got {a.shape}")
-    if rows.shape[1] % num_ranks:
-        raise ValueError(f"{name}: slots ({rows.shape[1]}) must be divisible by num_ranks "
-                         f"({num_ranks})")
-    if rows.shape[1] < num_logical:
-        raise ValueError(f"{name}: slots ({rows.shape[1]}) must be >= logical experts "
-                         f"({num_logical})")
-    if rows.min() < 0 or rows.max() >= num_logical:
-        raise ValueError(f"{name}: expert ids must lie in [0, {num_logical}), got "
-                         f"[{rows.min()}, {rows.max()}]")
-    for layer, row in enumerate(rows):
-        missing = np.setdiff1d(np.arange(num_logical), row)
-        if missing.size:
-            raise ValueError(f"{name}: layer {layer} holds no copy of logical experts "
-                             f"{missing[:8].tolist()}")
-    return a
 
 
 def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -169,12 +168,9 @@ class Updator:
         self._placement[layer] = phy2log
 
     def _apply_expert_map(self, path) -> None:
-        target, ranks = expert_map.load(path)
-        if target.shape != (self.num_layers, self.num_slots) or ranks != self.num_ranks:
-            raise ValueError(f"expert_map_path {os.fspath(path)!r} holds {target.shape[0]} layers x "
-                             f"{target.shape[1]} slots on {ranks} ranks; the model has "
-                             f"{self.num_layers} x {self.num_slots} on {self.num_ranks}")
-        state.validate_phy2log(target, self.num_logical, self.num_ranks, "expert_map_path")
+        target, _ = expert_map.load(path, num_ranks=self.num_ranks, num_logical=self.num_logical,
+                                    num_layers=self.num_layers, num_slots=self.num_slots,
+                                    name="expert_map_path")
         staging = self._staging[0] if self._staging else [torch.empty_like(t)
                                                           for t in self.layers[0].weights]
         for layer, a in enumerate(self.layers):
