@@ -12,9 +12,9 @@ from reference.updator import dense_moe
 from eplb_native.nn import EPMoE
 
 
-def check_ep(rank, world, port, placements):
+def check_ep(rank, world, init_method, placements):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     for phy2log in placements:
         _check(rank, phy2log)

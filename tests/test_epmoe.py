@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -37,14 +35,8 @@ def test_bad_arguments():
         EPMoE(4, 4, 2, 1)(torch.zeros(3, 5))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_match_dense():
+def test_two_ranks_match_dense(tmp_path):
     import epmoe_mp
 
     placements = [None, [5, 4, 3, 0, 0, 0, 1, 2]]
-    mp.spawn(epmoe_mp.check_ep, args=(2, _free_port(), placements), nprocs=2, join=True)
+    mp.spawn(epmoe_mp.check_ep, args=(2, f"file://{tmp_path}/rdzv", placements), nprocs=2, join=True)

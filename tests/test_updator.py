@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,19 +20,15 @@ from eplb_native.transfer import layer_schedule
 BACKEND = os.environ.get("EPLB_TEST_BACKEND", "gloo")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world,fault", [(2, "raise"), (4, "timeout")])
 def test_multiprocess_rebalance(world, fault, tmp_path):
     if BACKEND == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     import updator_mp
 
-    mp.spawn(updator_mp.scenario, args=(world, _free_port(), BACKEND, str(tmp_path), fault),
+    # a rendezvous file of this test's own: no port to race other processes for
+    init = f"file://{tmp_path}/rdzv"
+    mp.spawn(updator_mp.scenario, args=(world, init, BACKEND, str(tmp_path), fault),
              nprocs=world, join=True)
 
 

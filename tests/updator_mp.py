@@ -79,9 +79,9 @@ def _run(model, reference, updator, steps, rank, device, first_step=0, on_step=N
             on_step(step)
 
 
-def _setup(rank, world, port, backend):
+def _setup(rank, world, init_method, backend):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=init_method, rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -89,12 +89,12 @@ def _setup(rank, world, port, backend):
     return torch.device("cpu")
 
 
-def scenario(rank, world, port, backend, tmpdir, fault):
+def scenario(rank, world, init_method, backend, tmpdir, fault):
     """The whole test on one rank: rebalancing with equal outputs, then a fault, then the
     expert-map round trip. ``fault``: "raise" or "timeout"."""
     torch.manual_seed(0)
     torch.set_num_threads(1)  # ranks share the CI machine's few cores
-    device = _setup(rank, world, port, backend)
+    device = _setup(rank, world, init_method, backend)
     group = dist.group.WORLD
     redundant = world  # one extra slot per rank
     model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
