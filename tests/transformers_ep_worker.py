@@ -145,7 +145,7 @@ def run_family(family: str, path: str, rank: int) -> dict:
                                     expert_heat_collection_interval=INTERVAL,
                                     algorithm_execution_interval=0, layers_per_step=1,
                                     use_async=False, policy="balanced")
-    updator = eplb_tf.attach(model, config)
+    updator = eplb_native.attach(model, config)  # delegates to the transformers integration
     out = {"slots_before": before_slots, "slots_after": layers[0].experts.num_experts,
            "inner": type(layers[0].experts.eplb_ep_implementation.inner).__name__,
            "mismatched_initial": mismatched_slots(layers, ref, rank),

@@ -488,6 +488,12 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if _unprepared_transformers_model(model):
+        # A Hugging Face model under transformers' own expert parallelism: the integration grows
+        # its slots and routes through our ops first, then comes back here with its layers.
+        from .integrations import transformers as hf
+
+        return hf.attach(model, config, group, hooks=hooks)
     cfg = EplbConfig.parse(config)
     if group is not None:
         ep_rank, ep_size = dist.get_rank(group), dist.get_world_size(group)
@@ -512,3 +518,10 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     if hooks:
         updator.attach_hooks(model)
     return updator
+
+
+def _unprepared_transformers_model(model: torch.nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` whose experts the integration has not prepared yet."""
+    if not type(model).__module__.startswith("transformers.") or not hasattr(model, "config"):
+        return False
+    return not any(hasattr(m, "eplb_phy2log") for m in model.modules())
