@@ -6,7 +6,7 @@ hot), saved, and loaded on 2 CPU ranks (gloo) with transformers' own expert para
 updator rebalances every few forwards. Each rank also runs the same weights in one process
 without EPLB and compares the logits at every step.
 
-    pip install 'eplb_native[transformers]'
+    pip install --no-build-isolation '.[transformers]'   # in the checkout, torch installed first
     python examples/transformers_moe.py            # spawns 2 processes
 
 On GPUs the same code runs with ``backend="nccl"`` and the model on ``cuda:{rank}``.
