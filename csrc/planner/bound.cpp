@@ -45,9 +45,12 @@ using detail::Z;
 constexpr double kEps = 1e-9;
 
 // (c): true if no placement of w [n] into P slots on R ranks has max rank load <= T.
-bool ProvenInfeasible(const double* w, int64_t n, int64_t P, int64_t R, double T,
+// w lists only the experts that may need more than one replica or be big at T; `small` more
+// experts have a_e = 1 and are not big (the caller checks w_e <= T/2 for them). Slot counts are
+// integers far below 2^53, so summing them in any order gives the same doubles.
+bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int64_t R, double T,
                       std::vector<std::pair<double, double>>* scratch) {
-  double need = 0.0, big = 0.0;
+  double need = static_cast<double>(small), big = 0.0;
   scratch->clear();
   for (int64_t e = 0; e < n; ++e) {
     const double a = std::max(1.0, std::ceil(w[e] / T - kEps));
@@ -77,17 +80,27 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R) {
   double total = 0.0;
   for (int64_t e = 0; e < n; ++e) total += w[e];
   if (!(total > 0.0)) return 0.0;
-  std::vector<int64_t> cnt(Z(n));
+  thread_local std::vector<int64_t> cnt;
+  cnt.resize(Z(n));
   detail::Replicate(w, n, P, cnt.data(), nullptr);
   double m_star = 0.0;
   for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[Z(e)]));
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
-  std::vector<std::pair<double, double>> scratch;
-  if (!ProvenInfeasible(w, n, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
+  // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
+  // ProvenInfeasible's test) has a_e = 1 and is never big: only the others are visited.
+  const double small_max = 0.5 * lo * (1.0 + kEps);
+  thread_local std::vector<double> heavy;
+  heavy.clear();
+  for (int64_t e = 0; e < n; ++e)
+    if (w[e] > small_max) heavy.push_back(w[e]);
+  const auto nh = static_cast<int64_t>(heavy.size());
+  const double* hw = heavy.data();
+  thread_local std::vector<std::pair<double, double>> scratch;
+  if (!ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
   for (int it = 0; it < 30 && hi - lo > 1e-7 * lo; ++it) {
     const double mid = 0.5 * (lo + hi);
-    if (ProvenInfeasible(w, n, P, R, mid, &scratch)) {
+    if (ProvenInfeasible(hw, nh, n - nh, P, R, mid, &scratch)) {
       lo = mid;
     } else {
       hi = mid;

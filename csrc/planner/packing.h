@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <queue>
 #include <utility>
@@ -33,7 +35,8 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   if (num_phy == n) return;
   // Heap of (load per replica, -index): the top is the largest, lowest index first.
   using Key = std::pair<double, int64_t>;
-  std::vector<Key> heap(Z(n));
+  thread_local std::vector<Key> heap;
+  heap.resize(Z(n));
   for (int64_t e = 0; e < n; ++e) heap[Z(e)] = {w[e], -e};
   std::make_heap(heap.begin(), heap.end());
   for (int64_t i = 0; i < num_phy - n; ++i) {
@@ -61,27 +64,81 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     std::iota(pack->begin(), pack->end(), 0);
     return;
   }
-  // Heaviest first, lower index first on ties: sorting (-weight, index) keys is that order.
-  std::vector<std::pair<double, int64_t>> keyed(Z(n));
-  for (int64_t i = 0; i < n; ++i) keyed[Z(i)] = {-weight[Z(i)], i};
-  std::sort(keyed.begin(), keyed.end());
-  using Key = std::pair<double, int64_t>;  // (pack weight, pack index), min-heap
-  std::vector<Key> heap(Z(num_packs));
-  for (int64_t p = 0; p < num_packs; ++p) heap[Z(p)] = {0.0, p};
-  // Already a valid min-heap: equal weights, increasing index.
-  std::vector<int64_t> items(Z(num_packs), 0);
-  const std::greater<Key> cmp;
-  for (const auto& [neg_weight, i] : keyed) {
-    std::pop_heap(heap.begin(), heap.end(), cmp);
-    Key& top = heap.back();
-    const int64_t p = top.second;
+  // Heaviest first, lower index first on ties: a strict total order, so any correct sort gives
+  // the same sequence. Sorting plain 64-bit keys is much cheaper than an indirect comparator:
+  // the key is the weight's bit pattern (monotone for weights >= 0; + 0.0 turns -0.0 into +0.0)
+  // reversed, its low bits replaced by the index. Weights that agree in all but those low bits
+  // may come out in the wrong order; the insertion pass with the exact comparator fixes them
+  // (it costs O(n) when nothing is out of place).
+  const double* w = weight.data();
+  int shift = 0;
+  while ((int64_t{1} << shift) < n) ++shift;
+  const uint64_t low = (uint64_t{1} << shift) - 1;
+  thread_local std::vector<uint64_t> keys;
+  keys.resize(Z(n));
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t bits;
+    const double v = w[i] + 0.0;
+    std::memcpy(&bits, &v, sizeof bits);
+    keys[Z(i)] = ((~bits) & ~low) | static_cast<uint64_t>(i);
+  }
+  std::sort(keys.begin(), keys.end());
+  thread_local std::vector<int64_t> order;
+  order.resize(Z(n));
+  for (int64_t i = 0; i < n; ++i) order[Z(i)] = static_cast<int64_t>(keys[Z(i)] & low);
+  const auto before = [w](int64_t a, int64_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); };
+  for (int64_t i = 1; i < n; ++i) {
+    const int64_t x = order[Z(i)];
+    int64_t j = i;
+    for (; j > 0 && before(x, order[Z(j - 1)]); --j) order[Z(j)] = order[Z(j - 1)];
+    order[Z(j)] = x;
+  }
+
+  thread_local std::vector<double> pack_weight;
+  thread_local std::vector<int64_t> items;
+  pack_weight.assign(Z(num_packs), 0.0);
+  items.assign(Z(num_packs), 0);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += w[i];
+  if (!(total < 1e300)) {
+    // Pack weights might overflow to +inf and tie with the markers of full packs below: the
+    // plain scan for the lightest pack with room (lowest index on ties) is exact for any weight.
+    for (const int64_t i : order) {
+      int64_t p = -1;
+      for (int64_t q = 0; q < num_packs; ++q)
+        if (items[Z(q)] < per_pack && (p < 0 || pack_weight[Z(q)] < pack_weight[Z(p)])) p = q;
+      (*pack)[Z(i)] = p;
+      (*rank_in_pack)[Z(i)] = items[Z(p)]++;
+      pack_weight[Z(p)] += w[i];
+    }
+    return;
+  }
+  // Tournament tree over the packs: leaf q's key is its weight, or +inf once full (or padding);
+  // a node keeps its left child's winner on ties, and left leaves have lower indices, so the
+  // root is the lightest pack with room, lowest index on ties. Pack weights stay finite (total
+  // is), so a pack with room always beats the +inf leaves.
+  constexpr double kFull = std::numeric_limits<double>::infinity();
+  int64_t leaves = 1;
+  while (leaves < num_packs) leaves *= 2;
+  thread_local std::vector<double> key;
+  thread_local std::vector<int64_t> win;
+  key.assign(Z(leaves), kFull);
+  std::fill(key.begin(), key.begin() + num_packs, 0.0);
+  win.resize(Z(2 * leaves));
+  for (int64_t q = 0; q < leaves; ++q) win[Z(leaves + q)] = q;
+  for (int64_t v = leaves - 1; v >= 1; --v) {
+    const int64_t l = win[Z(2 * v)], r = win[Z(2 * v + 1)];
+    win[Z(v)] = key[Z(r)] < key[Z(l)] ? r : l;
+  }
+  for (const int64_t i : order) {
+    const int64_t p = win[1];
     (*pack)[Z(i)] = p;
     (*rank_in_pack)[Z(i)] = items[Z(p)]++;
-    top.first += weight[Z(i)];
-    if (items[Z(p)] == per_pack) {
-      heap.pop_back();
-    } else {
-      std::push_heap(heap.begin(), heap.end(), cmp);
+    pack_weight[Z(p)] += w[i];
+    key[Z(p)] = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
+    for (int64_t v = (leaves + p) / 2; v >= 1; v /= 2) {
+      const int64_t l = win[Z(2 * v)], r = win[Z(2 * v + 1)];
+      win[Z(v)] = key[Z(r)] < key[Z(l)] ? r : l;
     }
   }
 }

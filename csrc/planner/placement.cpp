@@ -134,7 +134,8 @@ void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* 
 
 double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
   const int64_t E = s.num_logical, P = s.num_physical, S = s.slots_per_rank();
-  std::vector<int64_t> cnt(static_cast<size_t>(E), 0);
+  thread_local std::vector<int64_t> cnt;
+  cnt.assign(static_cast<size_t>(E), 0);
   for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(phy2log[p])];
   double best = 0.0;
   for (int64_t r = 0; r < s.num_ranks; ++r) {
