@@ -21,6 +21,9 @@ namespace detail {
 
 inline size_t Z(int64_t i) { return static_cast<size_t>(i); }
 
+// BalancedPacking scans up to this many packs for the lightest, uses a tournament tree above.
+constexpr int64_t kScanPacks = 32;
+
 // Replicates n experts into num_phy slots: every expert gets one, and each further slot copies
 // the expert with the highest load per replica (lowest index on ties). This minimises the
 // largest load per replica over all replica counts with sum num_phy.
@@ -38,6 +41,15 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   thread_local std::vector<Key> heap;
   heap.resize(Z(n));
   for (int64_t e = 0; e < n; ++e) heap[Z(e)] = {w[e], -e};
+  // Only the top num_phy - n experts (by load, lower index first) can ever be picked: an expert
+  // is picked only once every expert above it has been (an unpicked expert keeps its full load,
+  // a picked one's load per replica only drops for beta >= 0). Heaping just those is the same
+  // greedy on fewer candidates.
+  const int64_t picks = num_phy - n;
+  if (picks < n && beta >= 0.0) {
+    std::nth_element(heap.begin(), heap.begin() + picks, heap.end(), std::greater<Key>());
+    heap.resize(Z(picks));
+  }
   std::make_heap(heap.begin(), heap.end());
   for (int64_t i = 0; i < num_phy - n; ++i) {
     std::pop_heap(heap.begin(), heap.end());
@@ -113,14 +125,39 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     }
     return;
   }
-  // Tournament tree over the packs: leaf q's key is its weight, or +inf once full (or padding);
-  // a node keeps its left child's winner on ties, and left leaves have lower indices, so the
-  // root is the lightest pack with room, lowest index on ties. Pack weights stay finite (total
-  // is), so a pack with room always beats the +inf leaves.
+  // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
+  // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
+  // with room always beats the +inf of the full ones.
   constexpr double kFull = std::numeric_limits<double>::infinity();
+  thread_local std::vector<double> key;
+  if (num_packs <= kScanPacks) {
+    // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
+    key.assign(Z(kScanPacks), kFull);
+    std::fill(key.begin(), key.begin() + num_packs, 0.0);
+    const double* k = key.data();
+    const int64_t len = (num_packs + 3) / 4 * 4;
+    for (const int64_t i : order) {
+      double m0 = k[0], m1 = k[1], m2 = k[2], m3 = k[3];
+      for (int64_t q = 4; q < len; q += 4) {
+        m0 = std::min(m0, k[q]);
+        m1 = std::min(m1, k[q + 1]);
+        m2 = std::min(m2, k[q + 2]);
+        m3 = std::min(m3, k[q + 3]);
+      }
+      const double m = std::min(std::min(m0, m1), std::min(m2, m3));
+      int64_t p = 0;
+      while (k[p] != m) ++p;
+      (*pack)[Z(i)] = p;
+      (*rank_in_pack)[Z(i)] = items[Z(p)]++;
+      pack_weight[Z(p)] += w[i];
+      key[Z(p)] = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
+    }
+    return;
+  }
+  // More packs: a tournament tree. A node keeps its left child's winner on ties, and left
+  // leaves have lower indices, so the root is the first pack with the minimum key.
   int64_t leaves = 1;
   while (leaves < num_packs) leaves *= 2;
-  thread_local std::vector<double> key;
   thread_local std::vector<int64_t> win;
   key.assign(Z(leaves), kFull);
   std::fill(key.begin(), key.begin() + num_packs, 0.0);
@@ -137,8 +174,10 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     pack_weight[Z(p)] += w[i];
     key[Z(p)] = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
     for (int64_t v = (leaves + p) / 2; v >= 1; v /= 2) {
+      // Branch-free select: which child wins is data-dependent and mispredicts half the time.
       const int64_t l = win[Z(2 * v)], r = win[Z(2 * v + 1)];
-      win[Z(v)] = key[Z(r)] < key[Z(l)] ? r : l;
+      const int64_t right_wins = -static_cast<int64_t>(key[Z(r)] < key[Z(l)]);
+      win[Z(v)] = l ^ ((l ^ r) & right_wins);
     }
   }
 }

@@ -114,9 +114,9 @@ void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* 
                   std::vector<int64_t>* logcnt, int64_t* max_replicas) {
   const int64_t L = s.num_layers, E = s.num_logical, P = s.num_physical;
   logcnt->assign(static_cast<size_t>(L * E), 0);
-  for (int64_t i = 0; i < L * P; ++i) {
-    const int64_t l = i / P;
-    ++(*logcnt)[static_cast<size_t>(l * E + phy2log[i])];
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t* cnt = logcnt->data() + l * E;
+    for (int64_t p = 0; p < P; ++p) ++cnt[phy2log[l * P + p]];
   }
   int64_t m = 1;
   for (int64_t c : *logcnt) m = std::max(m, c);
@@ -250,16 +250,22 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
 
   if (options.policy == Policy::kDeepSeek && old_phy2log == nullptr) {
     // DeepSeek orders log2phy columns by replica ordinal, not by slot.
+    // Nested loops: no division per slot.
     out.logcnt.assign(static_cast<size_t>(L * E), 0);
-    for (int64_t i = 0; i < L * P; ++i)
-      ++out.logcnt[static_cast<size_t>(i / P * E + out.phy2log[static_cast<size_t>(i)])];
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t* cnt = out.logcnt.data() + l * E;
+      const int64_t* row = out.phy2log.data() + l * P;
+      for (int64_t p = 0; p < P; ++p) ++cnt[row[p]];
+    }
     int64_t m = 1;
     for (int64_t c : out.logcnt) m = std::max(m, c);
     out.max_replicas = m;
     out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
-    for (int64_t i = 0; i < L * P; ++i) {
-      const int64_t l = i / P, e = out.phy2log[static_cast<size_t>(i)];
-      out.log2phy[static_cast<size_t>((l * E + e) * m + phyrank[static_cast<size_t>(i)])] = i % P;
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t* dst = out.log2phy.data() + l * E * m;
+      const int64_t* row = out.phy2log.data() + l * P;
+      const int64_t* rank = phyrank.data() + l * P;
+      for (int64_t p = 0; p < P; ++p) dst[row[p] * m + rank[p]] = p;
     }
   } else {
     BuildLog2Phy(out.phy2log.data(), shape, &out.log2phy, &out.logcnt, &out.max_replicas);
