@@ -154,30 +154,45 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     }
     return;
   }
-  // More packs: a tournament tree. A node keeps its left child's winner on ties, and left
-  // leaves have lower indices, so the root is the first pack with the minimum key.
+  // More packs: a tournament tree. Each node stores its winner's (key, index); a node keeps its
+  // left child's winner on ties, and left leaves have lower indices, so the root is the first
+  // pack with the minimum key. An update climbs from the leaf with the winner in registers: each
+  // level reads only the sibling, whose address does not depend on the comparisons.
   int64_t leaves = 1;
   while (leaves < num_packs) leaves *= 2;
-  thread_local std::vector<int64_t> win;
-  key.assign(Z(leaves), kFull);
-  std::fill(key.begin(), key.begin() + num_packs, 0.0);
-  win.resize(Z(2 * leaves));
-  for (int64_t q = 0; q < leaves; ++q) win[Z(leaves + q)] = q;
-  for (int64_t v = leaves - 1; v >= 1; --v) {
-    const int64_t l = win[Z(2 * v)], r = win[Z(2 * v + 1)];
-    win[Z(v)] = key[Z(r)] < key[Z(l)] ? r : l;
+  thread_local std::vector<int64_t> tree_index;
+  key.assign(Z(2 * leaves), kFull);
+  tree_index.resize(Z(2 * leaves));
+  for (int64_t q = 0; q < leaves; ++q) {
+    key[Z(leaves + q)] = q < num_packs ? 0.0 : kFull;
+    tree_index[Z(leaves + q)] = q;
   }
+  for (int64_t v = leaves - 1; v >= 1; --v) {
+    const bool right = key[Z(2 * v + 1)] < key[Z(2 * v)];
+    key[Z(v)] = key[Z(2 * v + right)];
+    tree_index[Z(v)] = tree_index[Z(2 * v + right)];
+  }
+  double* tk = key.data();
+  int64_t* ti = tree_index.data();
   for (const int64_t i : order) {
-    const int64_t p = win[1];
+    const int64_t p = ti[1];
     (*pack)[Z(i)] = p;
     (*rank_in_pack)[Z(i)] = items[Z(p)]++;
     pack_weight[Z(p)] += w[i];
-    key[Z(p)] = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
-    for (int64_t v = (leaves + p) / 2; v >= 1; v /= 2) {
-      // Branch-free select: which child wins is data-dependent and mispredicts half the time.
-      const int64_t l = win[Z(2 * v)], r = win[Z(2 * v + 1)];
-      const int64_t right_wins = -static_cast<int64_t>(key[Z(r)] < key[Z(l)]);
-      win[Z(v)] = l ^ ((l ^ r) & right_wins);
+    double ck = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
+    int64_t ci = p;
+    int64_t v = leaves + p;
+    tk[v] = ck;
+    while (v > 1) {
+      const double sk = tk[v ^ 1];
+      const int64_t si = ti[v ^ 1];
+      // v is a right child when odd: the sibling (left) wins ties; else v wins ties.
+      const bool take_sibling = (v & 1) ? !(ck < sk) : (sk < ck);
+      ck = take_sibling ? sk : ck;
+      ci = take_sibling ? si : ci;
+      v /= 2;
+      tk[v] = ck;
+      ti[v] = ci;
     }
   }
 }
