@@ -34,6 +34,7 @@
 
 #include "planner/packing.h"
 #include "planner/placement.h"
+#include "planner/policies.h"
 
 namespace eplb {
 namespace {
@@ -52,12 +53,16 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
                       std::vector<std::pair<double, double>>* scratch) {
   double need = static_cast<double>(small), big = 0.0;
   scratch->clear();
+  const double half = 0.5 * T * (1.0 + kEps);
   for (int64_t e = 0; e < n; ++e) {
-    const double a = std::max(1.0, std::ceil(w[e] / T - kEps));
+    // One division where the formulas have up to three, with the same results: w / 1 is w, and
+    // (2 w) / T is exactly 2 (w / T) unless 2 w overflows.
+    const double q = w[e] / T;
+    const double a = std::max(1.0, std::ceil(q - kEps));
     need += a;
-    if (w[e] / a > 0.5 * T * (1.0 + kEps)) {
+    if ((a == 1.0 ? w[e] : w[e] / a) > half) {
       big += a;
-      const double b = std::ceil(2.0 * w[e] / T - kEps);
+      const double b = std::ceil((w[e] < 1e300 ? 2.0 * q : 2.0 * w[e] / T) - kEps);
       scratch->push_back({(b - a) / a, a});
     }
   }
@@ -76,15 +81,20 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
 }
 
 // (a), (b), (c) for n experts in P slots on R ranks.
-double PackBound(const double* w, int64_t n, int64_t P, int64_t R) {
+// greedy_cnt: [n] the replica counts of Replicate(w, n, P) when the caller has them, or nullptr.
+double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t* greedy_cnt) {
   double total = 0.0;
   for (int64_t e = 0; e < n; ++e) total += w[e];
   if (!(total > 0.0)) return 0.0;
-  thread_local std::vector<int64_t> cnt;
-  cnt.resize(Z(n));
-  detail::Replicate(w, n, P, cnt.data(), nullptr);
+  thread_local std::vector<int64_t> own_cnt;
+  const int64_t* cnt = greedy_cnt;
+  if (cnt == nullptr) {
+    own_cnt.resize(Z(n));
+    detail::Replicate(w, n, P, own_cnt.data(), nullptr);
+    cnt = own_cnt.data();
+  }
   double m_star = 0.0;
-  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[Z(e)]));
+  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[e]));
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
   // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
@@ -111,9 +121,11 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R) {
 
 }  // namespace
 
-double LowerBound(const double* load, const Shape& s) {
+double LowerBound(const double* load, const Shape& s) { return LowerBound(load, s, nullptr); }
+
+double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt) {
   const int64_t E = s.num_logical, P = s.num_physical, R = s.num_ranks;
-  double bound = PackBound(load, E, P, R);
+  double bound = PackBound(load, E, P, R, s.hierarchical() ? nullptr : greedy_cnt);
   if (!s.hierarchical()) return bound;
   const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
   // (d)

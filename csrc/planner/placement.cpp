@@ -237,7 +237,16 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     for (int64_t e = 0; e < E; ++e) total += w[e];
     out.mean_load[static_cast<size_t>(l)] = total / static_cast<double>(shape.num_ranks);
     out.max_load_after[static_cast<size_t>(l)] = MaxRankLoad(w, dst, one);
-    out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
+    if (options.policy == Policy::kDeepSeek && !shape.hierarchical()) {
+      // Global DeepSeek replicated exactly as the bound's greedy does (PreserveSlots only
+      // permutes slots inside ranks): its counts save the bound a second replication.
+      thread_local std::vector<int64_t> cnt;
+      cnt.assign(static_cast<size_t>(E), 0);
+      for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(dst[p])];
+      out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, cnt.data());
+    } else {
+      out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
+    }
     if (old != nullptr) {
       out.max_load_before[static_cast<size_t>(l)] = MaxRankLoad(w, old, one);
       int64_t moved = 0;
