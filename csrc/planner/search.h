@@ -214,6 +214,8 @@ class PackSearch {
         const int64_t x = slot_exp_[Z(i)];
         const double wx = Wt(x);
         if (wx - lightest <= tol) continue;  // every d <= tol: no swap with this x
+        // For `balanced` a swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
+        if (!cost_aware_ && wx - lightest + tol <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_exp_[Z(j)];
           const double d = wx - wt_o_[Z(j - o * S_)];
