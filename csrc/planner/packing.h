@@ -100,10 +100,14 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   order.resize(Z(n));
   for (int64_t i = 0; i < n; ++i) order[Z(i)] = static_cast<int64_t>(keys[Z(i)] & low);
   const auto before = [w](int64_t a, int64_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); };
+  // Keys with different high bits are already in the exact order: only runs of equal high bits
+  // need the exact comparator.
   for (int64_t i = 1; i < n; ++i) {
+    if (((keys[Z(i)] ^ keys[Z(i - 1)]) & ~low) != 0) continue;
     const int64_t x = order[Z(i)];
     int64_t j = i;
-    for (; j > 0 && before(x, order[Z(j - 1)]); --j) order[Z(j)] = order[Z(j - 1)];
+    for (; j > 0 && ((keys[Z(j - 1)] ^ keys[Z(i)]) & ~low) == 0 && before(x, order[Z(j - 1)]); --j)
+      order[Z(j)] = order[Z(j - 1)];
     order[Z(j)] = x;
   }
 
