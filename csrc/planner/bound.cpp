@@ -34,6 +34,7 @@
 
 #include "planner/packing.h"
 #include "planner/placement.h"
+#include "planner/policies.h"
 
 namespace eplb {
 namespace {
@@ -45,16 +46,23 @@ using detail::Z;
 constexpr double kEps = 1e-9;
 
 // (c): true if no placement of w [n] into P slots on R ranks has max rank load <= T.
-bool ProvenInfeasible(const double* w, int64_t n, int64_t P, int64_t R, double T,
+// w lists only the experts that may need more than one replica or be big at T; `small` more
+// experts have a_e = 1 and are not big (the caller checks w_e <= T/2 for them). Slot counts are
+// integers far below 2^53, so summing them in any order gives the same doubles.
+bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int64_t R, double T,
                       std::vector<std::pair<double, double>>* scratch) {
-  double need = 0.0, big = 0.0;
+  double need = static_cast<double>(small), big = 0.0;
   scratch->clear();
+  const double half = 0.5 * T * (1.0 + kEps);
   for (int64_t e = 0; e < n; ++e) {
-    const double a = std::max(1.0, std::ceil(w[e] / T - kEps));
+    // One division where the formulas have up to three, with the same results: w / 1 is w, and
+    // (2 w) / T is exactly 2 (w / T) unless 2 w overflows.
+    const double q = w[e] / T;
+    const double a = std::max(1.0, std::ceil(q - kEps));
     need += a;
-    if (w[e] / a > 0.5 * T * (1.0 + kEps)) {
+    if ((a == 1.0 ? w[e] : w[e] / a) > half) {
       big += a;
-      const double b = std::ceil(2.0 * w[e] / T - kEps);
+      const double b = std::ceil((w[e] < 1e300 ? 2.0 * q : 2.0 * w[e] / T) - kEps);
       scratch->push_back({(b - a) / a, a});
     }
   }
@@ -73,21 +81,36 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t P, int64_t R, double T
 }
 
 // (a), (b), (c) for n experts in P slots on R ranks.
-double PackBound(const double* w, int64_t n, int64_t P, int64_t R) {
+// greedy_cnt: [n] the replica counts of Replicate(w, n, P) when the caller has them, or nullptr.
+double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t* greedy_cnt) {
   double total = 0.0;
   for (int64_t e = 0; e < n; ++e) total += w[e];
   if (!(total > 0.0)) return 0.0;
-  std::vector<int64_t> cnt(Z(n));
-  detail::Replicate(w, n, P, cnt.data(), nullptr);
+  thread_local std::vector<int64_t> own_cnt;
+  const int64_t* cnt = greedy_cnt;
+  if (cnt == nullptr) {
+    own_cnt.resize(Z(n));
+    detail::Replicate(w, n, P, own_cnt.data(), nullptr);
+    cnt = own_cnt.data();
+  }
   double m_star = 0.0;
-  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[Z(e)]));
+  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[e]));
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
-  std::vector<std::pair<double, double>> scratch;
-  if (!ProvenInfeasible(w, n, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
+  // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
+  // ProvenInfeasible's test) has a_e = 1 and is never big: only the others are visited.
+  const double small_max = 0.5 * lo * (1.0 + kEps);
+  thread_local std::vector<double> heavy;
+  heavy.clear();
+  for (int64_t e = 0; e < n; ++e)
+    if (w[e] > small_max) heavy.push_back(w[e]);
+  const auto nh = static_cast<int64_t>(heavy.size());
+  const double* hw = heavy.data();
+  thread_local std::vector<std::pair<double, double>> scratch;
+  if (!ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
   for (int it = 0; it < 30 && hi - lo > 1e-7 * lo; ++it) {
     const double mid = 0.5 * (lo + hi);
-    if (ProvenInfeasible(w, n, P, R, mid, &scratch)) {
+    if (ProvenInfeasible(hw, nh, n - nh, P, R, mid, &scratch)) {
       lo = mid;
     } else {
       hi = mid;
@@ -98,9 +121,11 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R) {
 
 }  // namespace
 
-double LowerBound(const double* load, const Shape& s) {
+double LowerBound(const double* load, const Shape& s) { return LowerBound(load, s, nullptr); }
+
+double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt) {
   const int64_t E = s.num_logical, P = s.num_physical, R = s.num_ranks;
-  double bound = PackBound(load, E, P, R);
+  double bound = PackBound(load, E, P, R, s.hierarchical() ? nullptr : greedy_cnt);
   if (!s.hierarchical()) return bound;
   const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
   // (d)

@@ -29,7 +29,8 @@ void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy,
   std::iota(phy2log->begin(), phy2log->begin() + num_log, 0);
   detail::Replicate(weight, num_log, num_phy, logcnt->data(), phy2log->data() + num_log);
   // Replica ordinals: the k-th added copy of an expert is its replica k.
-  std::vector<int64_t> seen(Z(num_log), 0);
+  thread_local std::vector<int64_t> seen;
+  seen.assign(Z(num_log), 0);
   for (int64_t i = num_log; i < num_phy; ++i) {
     const int64_t e = (*phy2log)[Z(i)];
     (*phyrank)[Z(i)] = ++seen[Z(e)];
@@ -48,11 +49,14 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   const int64_t log_per_node = E / N, phy_per_node = P / N, ranks_per_node = R / N;
 
   // 1. groups -> nodes. mlog ("meta-logical") numbers experts node by node.
-  std::vector<double> group_load(static_cast<size_t>(G), 0.0);
+  // Scratch is per thread and kept between layers: no heap allocation per layer once warm.
+  thread_local std::vector<double> group_load, node_load, phy_load;
+  thread_local std::vector<int64_t> group_pack, group_rank, mlog2log, phy2mlog, node_phyrank,
+      mlogcnt, pack, rank_in_pack;
+  group_load.assign(static_cast<size_t>(G), 0.0);
   for (int64_t e = 0; e < E; ++e) group_load[static_cast<size_t>(e / group_size)] += load[e];
-  std::vector<int64_t> group_pack, group_rank;
   detail::BalancedPacking(group_load, N, &group_pack, &group_rank);
-  std::vector<int64_t> mlog2log(static_cast<size_t>(E));
+  mlog2log.resize(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) {
     const auto g = static_cast<size_t>(e / group_size);
     const int64_t mlog =
@@ -60,10 +64,8 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
     mlog2log[static_cast<size_t>(mlog)] = e;
   }
 
-  std::vector<double> node_load(static_cast<size_t>(log_per_node));
-  std::vector<int64_t> phy2mlog, node_phyrank, mlogcnt;
-  std::vector<double> phy_load(static_cast<size_t>(phy_per_node));
-  std::vector<int64_t> pack, rank_in_pack;
+  node_load.resize(static_cast<size_t>(log_per_node));
+  phy_load.resize(static_cast<size_t>(phy_per_node));
   for (int64_t n = 0; n < N; ++n) {
     // 2. replicate inside the node.
     for (int64_t i = 0; i < log_per_node; ++i)

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <queue>
 #include <utility>
@@ -18,6 +20,10 @@ namespace eplb {
 namespace detail {
 
 inline size_t Z(int64_t i) { return static_cast<size_t>(i); }
+
+// BalancedPacking scans up to this many packs for the lightest (a node's ranks in DeepSeek-V3),
+// uses a tournament tree above (faster from 32 packs on, measured).
+constexpr int64_t kScanPacks = 8;
 
 // Replicates n experts into num_phy slots: every expert gets one, and each further slot copies
 // the expert with the highest load per replica (lowest index on ties). This minimises the
@@ -33,8 +39,18 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   if (num_phy == n) return;
   // Heap of (load per replica, -index): the top is the largest, lowest index first.
   using Key = std::pair<double, int64_t>;
-  std::vector<Key> heap(Z(n));
+  thread_local std::vector<Key> heap;
+  heap.resize(Z(n));
   for (int64_t e = 0; e < n; ++e) heap[Z(e)] = {w[e], -e};
+  // Only the top num_phy - n experts (by load, lower index first) can ever be picked: an expert
+  // is picked only once every expert above it has been (an unpicked expert keeps its full load,
+  // a picked one's load per replica only drops for beta >= 0). Heaping just those is the same
+  // greedy on fewer candidates.
+  const int64_t picks = num_phy - n;
+  if (4 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
+    std::nth_element(heap.begin(), heap.begin() + picks, heap.end(), std::greater<Key>());
+    heap.resize(Z(picks));
+  }
   std::make_heap(heap.begin(), heap.end());
   for (int64_t i = 0; i < num_phy - n; ++i) {
     std::pop_heap(heap.begin(), heap.end());
@@ -61,27 +77,127 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     std::iota(pack->begin(), pack->end(), 0);
     return;
   }
-  // Heaviest first, lower index first on ties: sorting (-weight, index) keys is that order.
-  std::vector<std::pair<double, int64_t>> keyed(Z(n));
-  for (int64_t i = 0; i < n; ++i) keyed[Z(i)] = {-weight[Z(i)], i};
-  std::sort(keyed.begin(), keyed.end());
-  using Key = std::pair<double, int64_t>;  // (pack weight, pack index), min-heap
-  std::vector<Key> heap(Z(num_packs));
-  for (int64_t p = 0; p < num_packs; ++p) heap[Z(p)] = {0.0, p};
-  // Already a valid min-heap: equal weights, increasing index.
-  std::vector<int64_t> items(Z(num_packs), 0);
-  const std::greater<Key> cmp;
-  for (const auto& [neg_weight, i] : keyed) {
-    std::pop_heap(heap.begin(), heap.end(), cmp);
-    Key& top = heap.back();
-    const int64_t p = top.second;
+  // Heaviest first, lower index first on ties: a strict total order, so any correct sort gives
+  // the same sequence. Sorting plain 64-bit keys is much cheaper than an indirect comparator:
+  // the key is the weight's bit pattern (monotone for weights >= 0; + 0.0 turns -0.0 into +0.0)
+  // reversed, its low bits replaced by the index. Weights that agree in all but those low bits
+  // may come out in the wrong order; the insertion pass with the exact comparator fixes them
+  // (it costs O(n) when nothing is out of place).
+  const double* w = weight.data();
+  int shift = 0;
+  while ((int64_t{1} << shift) < n) ++shift;
+  const uint64_t low = (uint64_t{1} << shift) - 1;
+  thread_local std::vector<uint64_t> keys;
+  keys.resize(Z(n));
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t bits;
+    const double v = w[i] + 0.0;
+    std::memcpy(&bits, &v, sizeof bits);
+    keys[Z(i)] = ((~bits) & ~low) | static_cast<uint64_t>(i);
+  }
+  std::sort(keys.begin(), keys.end());
+  thread_local std::vector<int64_t> order;
+  order.resize(Z(n));
+  for (int64_t i = 0; i < n; ++i) order[Z(i)] = static_cast<int64_t>(keys[Z(i)] & low);
+  const auto before = [w](int64_t a, int64_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); };
+  // Keys with different high bits are already in the exact order: only runs of equal high bits
+  // need the exact comparator.
+  for (int64_t i = 1; i < n; ++i) {
+    if (((keys[Z(i)] ^ keys[Z(i - 1)]) & ~low) != 0) continue;
+    const int64_t x = order[Z(i)];
+    int64_t j = i;
+    for (; j > 0 && ((keys[Z(j - 1)] ^ keys[Z(i)]) & ~low) == 0 && before(x, order[Z(j - 1)]); --j)
+      order[Z(j)] = order[Z(j - 1)];
+    order[Z(j)] = x;
+  }
+
+  thread_local std::vector<double> pack_weight;
+  thread_local std::vector<int64_t> items;
+  pack_weight.assign(Z(num_packs), 0.0);
+  items.assign(Z(num_packs), 0);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += w[i];
+  if (!(total < 1e300)) {
+    // Pack weights might overflow to +inf and tie with the markers of full packs below: the
+    // plain scan for the lightest pack with room (lowest index on ties) is exact for any weight.
+    for (const int64_t i : order) {
+      int64_t p = -1;
+      for (int64_t q = 0; q < num_packs; ++q)
+        if (items[Z(q)] < per_pack && (p < 0 || pack_weight[Z(q)] < pack_weight[Z(p)])) p = q;
+      (*pack)[Z(i)] = p;
+      (*rank_in_pack)[Z(i)] = items[Z(p)]++;
+      pack_weight[Z(p)] += w[i];
+    }
+    return;
+  }
+  // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
+  // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
+  // with room always beats the +inf of the full ones.
+  constexpr double kFull = std::numeric_limits<double>::infinity();
+  thread_local std::vector<double> key;
+  if (num_packs <= kScanPacks) {
+    // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
+    key.assign(Z(kScanPacks), kFull);
+    std::fill(key.begin(), key.begin() + num_packs, 0.0);
+    const double* k = key.data();
+    const int64_t len = (num_packs + 3) / 4 * 4;
+    for (const int64_t i : order) {
+      double m0 = k[0], m1 = k[1], m2 = k[2], m3 = k[3];
+      for (int64_t q = 4; q < len; q += 4) {
+        m0 = std::min(m0, k[q]);
+        m1 = std::min(m1, k[q + 1]);
+        m2 = std::min(m2, k[q + 2]);
+        m3 = std::min(m3, k[q + 3]);
+      }
+      const double m = std::min(std::min(m0, m1), std::min(m2, m3));
+      int64_t p = 0;
+      while (k[p] != m) ++p;
+      (*pack)[Z(i)] = p;
+      (*rank_in_pack)[Z(i)] = items[Z(p)]++;
+      pack_weight[Z(p)] += w[i];
+      key[Z(p)] = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
+    }
+    return;
+  }
+  // More packs: a tournament tree. Each node stores its winner's (key, index); a node keeps its
+  // left child's winner on ties, and left leaves have lower indices, so the root is the first
+  // pack with the minimum key. An update climbs from the leaf with the winner in registers: each
+  // level reads only the sibling, whose address does not depend on the comparisons.
+  int64_t leaves = 1;
+  while (leaves < num_packs) leaves *= 2;
+  thread_local std::vector<int64_t> tree_index;
+  key.assign(Z(2 * leaves), kFull);
+  tree_index.resize(Z(2 * leaves));
+  for (int64_t q = 0; q < leaves; ++q) {
+    key[Z(leaves + q)] = q < num_packs ? 0.0 : kFull;
+    tree_index[Z(leaves + q)] = q;
+  }
+  for (int64_t v = leaves - 1; v >= 1; --v) {
+    const bool right = key[Z(2 * v + 1)] < key[Z(2 * v)];
+    key[Z(v)] = key[Z(2 * v + right)];
+    tree_index[Z(v)] = tree_index[Z(2 * v + right)];
+  }
+  double* tk = key.data();
+  int64_t* ti = tree_index.data();
+  for (const int64_t i : order) {
+    const int64_t p = ti[1];
     (*pack)[Z(i)] = p;
     (*rank_in_pack)[Z(i)] = items[Z(p)]++;
-    top.first += weight[Z(i)];
-    if (items[Z(p)] == per_pack) {
-      heap.pop_back();
-    } else {
-      std::push_heap(heap.begin(), heap.end(), cmp);
+    pack_weight[Z(p)] += w[i];
+    double ck = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
+    int64_t ci = p;
+    int64_t v = leaves + p;
+    tk[v] = ck;
+    while (v > 1) {
+      const double sk = tk[v ^ 1];
+      const int64_t si = ti[v ^ 1];
+      // v is a right child when odd: the sibling (left) wins ties; else v wins ties.
+      const bool take_sibling = (v & 1) ? !(ck < sk) : (sk < ck);
+      ck = take_sibling ? sk : ck;
+      ci = take_sibling ? si : ci;
+      v /= 2;
+      tk[v] = ck;
+      ti[v] = ci;
     }
   }
 }

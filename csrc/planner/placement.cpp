@@ -114,9 +114,9 @@ void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* 
                   std::vector<int64_t>* logcnt, int64_t* max_replicas) {
   const int64_t L = s.num_layers, E = s.num_logical, P = s.num_physical;
   logcnt->assign(static_cast<size_t>(L * E), 0);
-  for (int64_t i = 0; i < L * P; ++i) {
-    const int64_t l = i / P;
-    ++(*logcnt)[static_cast<size_t>(l * E + phy2log[i])];
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t* cnt = logcnt->data() + l * E;
+    for (int64_t p = 0; p < P; ++p) ++cnt[phy2log[l * P + p]];
   }
   int64_t m = 1;
   for (int64_t c : *logcnt) m = std::max(m, c);
@@ -134,7 +134,8 @@ void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* 
 
 double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
   const int64_t E = s.num_logical, P = s.num_physical, S = s.slots_per_rank();
-  std::vector<int64_t> cnt(static_cast<size_t>(E), 0);
+  thread_local std::vector<int64_t> cnt;
+  cnt.assign(static_cast<size_t>(E), 0);
   for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(phy2log[p])];
   double best = 0.0;
   for (int64_t r = 0; r < s.num_ranks; ++r) {
@@ -236,7 +237,16 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     for (int64_t e = 0; e < E; ++e) total += w[e];
     out.mean_load[static_cast<size_t>(l)] = total / static_cast<double>(shape.num_ranks);
     out.max_load_after[static_cast<size_t>(l)] = MaxRankLoad(w, dst, one);
-    out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
+    if (options.policy == Policy::kDeepSeek && !shape.hierarchical()) {
+      // Global DeepSeek replicated exactly as the bound's greedy does (PreserveSlots only
+      // permutes slots inside ranks): its counts save the bound a second replication.
+      thread_local std::vector<int64_t> cnt;
+      cnt.assign(static_cast<size_t>(E), 0);
+      for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(dst[p])];
+      out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, cnt.data());
+    } else {
+      out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
+    }
     if (old != nullptr) {
       out.max_load_before[static_cast<size_t>(l)] = MaxRankLoad(w, old, one);
       int64_t moved = 0;
@@ -249,16 +259,22 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
 
   if (options.policy == Policy::kDeepSeek && old_phy2log == nullptr) {
     // DeepSeek orders log2phy columns by replica ordinal, not by slot.
+    // Nested loops: no division per slot.
     out.logcnt.assign(static_cast<size_t>(L * E), 0);
-    for (int64_t i = 0; i < L * P; ++i)
-      ++out.logcnt[static_cast<size_t>(i / P * E + out.phy2log[static_cast<size_t>(i)])];
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t* cnt = out.logcnt.data() + l * E;
+      const int64_t* row = out.phy2log.data() + l * P;
+      for (int64_t p = 0; p < P; ++p) ++cnt[row[p]];
+    }
     int64_t m = 1;
     for (int64_t c : out.logcnt) m = std::max(m, c);
     out.max_replicas = m;
     out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
-    for (int64_t i = 0; i < L * P; ++i) {
-      const int64_t l = i / P, e = out.phy2log[static_cast<size_t>(i)];
-      out.log2phy[static_cast<size_t>((l * E + e) * m + phyrank[static_cast<size_t>(i)])] = i % P;
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t* dst = out.log2phy.data() + l * E * m;
+      const int64_t* row = out.phy2log.data() + l * P;
+      const int64_t* rank = phyrank.data() + l * P;
+      for (int64_t p = 0; p < P; ++p) dst[row[p] * m + rank[p]] = p;
     }
   } else {
     BuildLog2Phy(out.phy2log.data(), shape, &out.log2phy, &out.logcnt, &out.max_replicas);

@@ -21,4 +21,9 @@ void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log);
 void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t* balanced_phy2log,
                   const Shape& shape, double target, int64_t* phy2log);
 
+// LowerBound (placement.h) given greedy_cnt [E], the replica counts of DeepSeek's global
+// replication (packing.h Replicate of the whole layer into P slots), which it would otherwise
+// compute itself; ignored for hierarchical shapes. Same result as LowerBound(load, shape).
+double LowerBound(const double* load, const Shape& shape, const int64_t* greedy_cnt);
+
 }  // namespace eplb

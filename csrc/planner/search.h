@@ -199,12 +199,26 @@ class PackSearch {
     {
       const double gap = M - load_[Z(o)];
       if (o == h || gap <= 2 * tol) return;
+      // A swap with o leaves max(M - d, load_o + d) >= M - gap / 2, so for `balanced` it scores
+      // at most gap / 2 (plus rounding, far below the margin): nothing to find once the best so
+      // far is above that.
+      if (!cost_aware_ && 0.5 * gap + tol <= best->score) return;
+      // o's replica loads once per call, not once per (i, j): the same divisions, S times fewer.
+      wt_o_.resize(Z(S_));
+      double lightest = HUGE_VAL;
+      for (int64_t j = 0; j < S_; ++j) {
+        wt_o_[Z(j)] = Wt(slot_exp_[Z(o * S_ + j)]);
+        lightest = std::min(lightest, wt_o_[Z(j)]);
+      }
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
         const int64_t x = slot_exp_[Z(i)];
         const double wx = Wt(x);
+        if (wx - lightest <= tol) continue;  // every d <= tol: no swap with this x
+        // For `balanced` a swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
+        if (!cost_aware_ && wx - lightest + tol <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_exp_[Z(j)];
-          const double d = wx - Wt(y);
+          const double d = wx - wt_o_[Z(j - o * S_)];
           if (d <= tol || d >= gap - tol) continue;
           const double worst = std::max(M - d, load_[Z(o)] + d);
           const double cost = cost_aware_ ? Cost(i, y) + Cost(j, x) : 2.0;
@@ -504,6 +518,7 @@ class PackSearch {
   std::vector<std::vector<int64_t>> slots_of_;
   std::vector<double> delta_, max_on_;
   std::vector<int64_t> touched_, light_;
+  std::vector<double> wt_o_;  // SwapWith scratch: the other rank's replica loads
 };
 
 }  // namespace detail
