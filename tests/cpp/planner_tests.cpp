@@ -131,15 +131,7 @@ int main() {
   Run("random shapes keep the invariants", [] {
     std::mt19937_64 rng(7);
     for (int it = 0; it < 300; ++it) {
-      eplb::Shape s;
-      s.num_layers = 1 + static_cast<int64_t>(rng() % 3);
-      s.num_nodes = 1 + static_cast<int64_t>(rng() % 2);
-      s.num_ranks = s.num_nodes * (1 + static_cast<int64_t>(rng() % 4));
-      s.num_groups = s.num_nodes * (1 + static_cast<int64_t>(rng() % 2));
-      s.num_logical = s.num_groups * (1 + static_cast<int64_t>(rng() % 6));
-      const int64_t spr =
-          (s.num_logical + s.num_ranks - 1) / s.num_ranks + static_cast<int64_t>(rng() % 3);
-      s.num_physical = spr * s.num_ranks;
+      const eplb::Shape s = RandomShape(rng);
       std::vector<double> load(static_cast<size_t>(s.num_layers * s.num_logical));
       std::lognormal_distribution<double> d(0.0, 1.0);
       for (auto& x : load) x = std::floor(100.0 * d(rng));
