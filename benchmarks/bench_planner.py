@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import eplb_native  # noqa: E402
 from eplb_native import traces  # noqa: E402
+from eplb_native.metrics import balancedness, rank_loads  # noqa: E402
 
 
 @dataclass
@@ -91,18 +92,6 @@ SKEWS = {"lognormal 0.5": dict(skew="lognormal", sigma=0.5),
 # ----------------------------------------------------------------------------- metrics
 
 
-def rank_loads(load: np.ndarray, phy2log: np.ndarray, ranks: int) -> np.ndarray:
-    """[L, R] rank loads: each replica carries load / logcnt."""
-    num_layers, slots = phy2log.shape
-    cnt = np.zeros_like(load)
-    np.add.at(cnt, (np.repeat(np.arange(num_layers), slots), phy2log.ravel()), 1)
-    per_slot = np.take_along_axis(load / np.maximum(cnt, 1), phy2log, 1)
-    return per_slot.reshape(num_layers, ranks, -1).sum(-1)
-
-
-def balancedness(load, phy2log, ranks) -> np.ndarray:
-    r = rank_loads(np.asarray(load, np.float64), phy2log, ranks)
-    return r.mean(1) / r.max(1)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -226,20 +215,20 @@ def deepseek_agreement(c: Case, loads: np.ndarray, seed: int) -> str:
     rng = np.random.default_rng(seed)
     smooth = rng.lognormal(0.0, 1.0, loads.shape).astype(np.float32).astype(np.float64) * 1e3
     same_v = same_s = worse_v = worse_s = total = ident_v = ident_s = 0
-    for w in smooth:
+    def placements(w):  # phy2log [L, P] of ours, vLLM's and SGLang's DeepSeek EPLB
         ours_p = eplb_native.rebalance_experts(w, c.slots, c.groups, c.nodes, c.ranks)[0]
         v = vllm.rebalance_experts(torch.from_numpy(w), c.slots, c.groups, c.nodes,
                                    c.ranks).numpy()
         s = sgl.rebalance_experts(torch.from_numpy(w), c.slots, c.groups, c.nodes, c.ranks,
                                   c.hierarchical)[0].numpy()
+        return ours_p, v, s
+
+    for w in smooth:
+        ours_p, v, s = placements(w)
         ident_v += int((ours_p == v).all(1).sum())
         ident_s += int((ours_p == s).all(1).sum())
     for w in loads:
-        ours_p = eplb_native.rebalance_experts(w, c.slots, c.groups, c.nodes, c.ranks)[0]
-        v = vllm.rebalance_experts(torch.from_numpy(w), c.slots, c.groups, c.nodes,
-                                   c.ranks).numpy()
-        s = sgl.rebalance_experts(torch.from_numpy(w), c.slots, c.groups, c.nodes, c.ranks,
-                                  c.hierarchical)[0].numpy()
+        ours_p, v, s = placements(w)
         m_o, m_v, m_s = (rank_loads(w, p, c.ranks).max(1) for p in (ours_p, v, s))
         same_v += int(np.isclose(m_o, m_v, rtol=1e-9, atol=0).sum())
         same_s += int(np.isclose(m_o, m_s, rtol=1e-9, atol=0).sum())

@@ -15,7 +15,8 @@ from reference.cli import simulate as ref_simulate
 
 import eplb_native
 from eplb_native import expert_map
-from eplb_native.cli import balancedness, default_placement_layers
+from eplb_native.cli import default_placement_layers
+from eplb_native.metrics import balancedness
 from eplb_native.traces import load_trace, save_trace, synth
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(eplb_native.__file__)))

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from . import expert_map, traces
+from . import expert_map, metrics, traces
 from ._util import check_int
 from .planner import POLICIES, plan
 
@@ -70,13 +70,6 @@ def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
 
     row = default_placement(num_experts, num_ranks, num_redundant)
     return np.tile(row, (num_layers, 1))
-
-
-def balancedness(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
-    """Per-layer balancedness [L] of placement ``phy2log`` [L, P] on logical ``load`` [L, E]."""
-    from .state import rank_balancedness
-
-    return rank_balancedness(load, phy2log, num_ranks)
 
 
 def _topology_label(num_nodes: int, num_groups: int) -> str:
@@ -217,7 +210,7 @@ def cmd_plan(args) -> int:
                  num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
                  threads=args.threads)
     plan_ms = (time.perf_counter() - t0) * 1e3
-    before = balancedness(load, before_placement, topo.num_ranks)
+    before = metrics.balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
     expert_map.save(args.output, p.phy2log, topo.num_ranks)
 
@@ -311,7 +304,7 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
                          f"{every} to judge any plan out of sample")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant)
-    static = np.array([balancedness(loads[w], default, topo.num_ranks).mean()
+    static = np.array([metrics.balancedness(loads[w], default, topo.num_ranks).mean()
                        for w in range(num_windows)])
     out = {"static": {"out_of_sample": static, "in_sample": np.array([]),
                       "moved_slots": np.array([], dtype=np.int64), "plan_ms": np.array([])}}
@@ -332,7 +325,7 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
                 moved.append(p.total_moved_slots)
                 placement = p.phy2log
             if w >= every:
-                per_window[w] = balancedness(loads[w], placement, topo.num_ranks).mean()
+                per_window[w] = metrics.balancedness(loads[w], placement, topo.num_ranks).mean()
         out[policy] = {"out_of_sample": per_window, "in_sample": np.array(in_sample),
                        "moved_slots": np.array(moved, dtype=np.int64),
                        "plan_ms": np.array(plan_ms)}
@@ -514,7 +507,6 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
     import torch.distributed as dist
 
     import eplb_native
-    from eplb_native import metrics
     from eplb_native.nn import EPMoE
 
     torch.set_num_threads(1)  # ranks share the host's cores

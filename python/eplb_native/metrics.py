@@ -44,6 +44,23 @@ def measured_balancedness(rank_tokens: np.ndarray) -> np.ndarray:
         return np.where(peak > 0, rank_tokens.mean(axis=1) / np.where(peak > 0, peak, 1), 1.0)
 
 
+def rank_loads(load, phy2log, num_ranks: int) -> np.ndarray:
+    """[L, R] load of each rank under placement ``phy2log`` [L, P] for logical ``load`` [L, E]:
+    the sum over the rank's slots of ``load[e] / logcnt[e]`` (each replica carries its share)."""
+    load = np.asarray(load, dtype=np.float64)
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    num_layers = phy2log.shape[0]
+    logcnt = np.stack([np.bincount(r, minlength=load.shape[1]) for r in phy2log])
+    per_slot = np.take_along_axis(load / np.maximum(logcnt, 1), phy2log, axis=1)
+    return per_slot.reshape(num_layers, num_ranks, -1).sum(-1)
+
+
+def balancedness(load, phy2log, num_ranks: int) -> np.ndarray:
+    """[L] balancedness (mean / max rank load) of placement ``phy2log`` [L, P] on logical
+    ``load`` [L, E]; 1.0 where a layer has no load."""
+    return measured_balancedness(rank_loads(load, phy2log, num_ranks))
+
+
 def summary(values: np.ndarray) -> str:
     """``mean=… max=… min=…`` over layers (NaN-aware)."""
     v = np.asarray(values, dtype=np.float64)

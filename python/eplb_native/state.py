@@ -88,17 +88,3 @@ def logical_load(slot_load: torch.Tensor, phy2log: torch.Tensor, num_logical: in
                           device=slot_load.device)
     out.scatter_add_(1, phy2log, slot_load.to(out.dtype))
     return out
-
-
-def rank_balancedness(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
-    """Balancedness (mean / max rank load) of placements ``phy2log`` [L, P] on logical load
-    [L, E]; a replica carries ``load[e] / logcnt[e]``. 1.0 where a layer has no load."""
-    load = np.asarray(load, dtype=np.float64)
-    phy2log = np.asarray(phy2log, dtype=np.int64)
-    num_layers, num_slots = phy2log.shape
-    logcnt = np.stack([np.bincount(r, minlength=load.shape[1]) for r in phy2log])
-    per_slot = np.take_along_axis(load / np.maximum(logcnt, 1), phy2log, axis=1)
-    ranks = per_slot.reshape(num_layers, num_ranks, -1).sum(-1)
-    peak = ranks.max(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(peak > 0, ranks.mean(1) / np.where(peak > 0, peak, 1), 1.0)

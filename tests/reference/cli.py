@@ -3,24 +3,15 @@ loop of ``eplb-native simulate``, written as plain loops."""
 
 import numpy as np
 
+from reference.placement import rank_loads
+
 
 def balancedness(load, phy2log, num_ranks):
-    """[L] mean / max rank load of ``phy2log`` [L, P] on ``load`` [L, E]; each replica of an
-    expert carries load / replicas. 1.0 for a layer without load."""
-    load = np.asarray(load, dtype=np.float64)
-    out = []
-    for layer_load, row in zip(load, np.asarray(phy2log), strict=True):
-        replicas = {}
-        for e in row:
-            replicas[int(e)] = replicas.get(int(e), 0) + 1
-        per_rank = len(row) // num_ranks
-        rank_loads = []
-        for r in range(num_ranks):
-            rank_loads.append(sum(layer_load[int(e)] / replicas[int(e)]
-                                  for e in row[r * per_rank:(r + 1) * per_rank]))
-        peak = max(rank_loads)
-        out.append(1.0 if peak == 0 else (sum(rank_loads) / num_ranks) / peak)
-    return np.array(out)
+    """[L] mean / max rank load of ``phy2log`` [L, P] on ``load`` [L, E] (rank loads from the
+    one reference, ``reference.placement.rank_loads``). 1.0 for a layer without load."""
+    loads = rank_loads(load, np.asarray(phy2log), num_ranks)
+    peak = loads.max(1)
+    return np.array([1.0 if p == 0 else m / p for m, p in zip(loads.mean(1), peak, strict=True)])
 
 
 def simulate(loads, first_phy2log, num_ranks, every, plan_fn):
