@@ -325,10 +325,11 @@ class LayerMove:
               before_post: Callable[[], float | None] | None = None,
               after: threading.Event | None = None) -> None:
         """Issues this move's next step: its share of ``budget`` (all that is left without
-        one). Local copies (first step) and gathers are queued on ``stream``, then the P2P ops
-        are posted, now (device) or on a thread (CPU, or when delayed).
+        one). Gathers are queued on ``stream``, the P2P ops posted, now (device) or on a thread
+        (CPU, or when delayed), then the local copies (first step) queued on ``stream``: they
+        overlap the transfers instead of delaying them.
 
-        ``before_post()`` runs after the copies, just before posting (fault injection): it may
+        ``before_post()`` runs after the gathers, just before posting (fault injection): it may
         return a delay in seconds (posting then moves to a thread) or raise. Any exception here
         is this move's failure (:meth:`wait` raises it); the ops are posted all the same, so no
         peer waits for a message that never comes. ``after``: an Event to wait for before
@@ -353,14 +354,7 @@ class LayerMove:
             return
         delay = 0.0
         try:
-            with torch.no_grad(), _stream_ctx(self.stream):
-                if self.steps == 1:
-                    for slot, row, n in _runs(self.layout.local[self.rank]):
-                        for w, t in zip(self.weights, self.staging, strict=True):
-                            t[row:row + n].copy_(w[slot:slot + n], non_blocking=True)
-                for slot, row, n in gathers:
-                    for w, t in zip(self.weights, self.staging, strict=True):
-                        t[row:row + n].copy_(w[slot:slot + n], non_blocking=True)
+            self._copy(gathers)
             if before_post is not None:
                 delay = float(before_post() or 0.0)
         except BaseException as e:  # noqa: BLE001  (reported through the agreement)
@@ -375,6 +369,19 @@ class LayerMove:
             self._thread.start()
         else:
             self._post(ops, 0.0, None, False)
+        if self.steps == 1:
+            try:  # staging rows no receive writes, from weights no one writes before commit
+                self._copy(_runs(self.layout.local[self.rank]))
+            except BaseException as e:  # noqa: BLE001  (reported through the agreement)
+                self._fail(e)
+
+    @torch.no_grad()
+    def _copy(self, runs) -> None:
+        """staging[row:row+n] = weights[slot:slot+n] for each (slot, row, n), on ``stream``."""
+        with _stream_ctx(self.stream):
+            for slot, row, n in runs:
+                for w, t in zip(self.weights, self.staging, strict=True):
+                    t[row:row + n].copy_(w[slot:slot + n], non_blocking=True)
 
     def _post(self, ops, delay_s: float, after, on_thread: bool) -> None:
         try:

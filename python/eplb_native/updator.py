@@ -50,8 +50,8 @@ logger = logging.getLogger("eplb_native")
 MAX_RECORDED_WINDOWS = 4096
 
 #: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (inside
-#: each step's issue, after the local copies, just before posting this rank's P2P ops: a returned
-#: delay defers posting on a thread, an exception fails the move) and "complete" (after waiting).
+#: each step's issue, just before posting this rank's P2P ops: a returned delay defers posting
+#: on a thread, an exception fails the move) and "complete" (after waiting).
 FaultHook = Callable[[int, int, str], "float | None"]
 
 
