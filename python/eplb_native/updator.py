@@ -165,7 +165,8 @@ class Updator:
         # Rows (one slot's weights) each rank may receive / send per step; None: no limit.
         self._rows_per_step = None
         if config.max_move_bytes_per_step is not None:
-            self._rows_per_step = max(1, config.max_move_bytes_per_step // first.slot_bytes())
+            self._rows_per_step = max(1, config.max_move_bytes_per_step
+                                      // max(1, first.slot_bytes()))
         if config.dynamic_eplb:
             self._allocate_staging()
         self._free = list(range(len(self._staging)))  # staging sets no move holds
