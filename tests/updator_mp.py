@@ -122,8 +122,7 @@ def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None)
     fault_cycle, fault_layer, fault_rank = 1, 1, world - 1
     default = eplb_native.state.default_placement(EXPERTS, world, redundant)
     injected = []
-
-    issues = []
+    issues = []  # steps at which the faulty layer's move issued on the faulty rank
 
     def hook(cycle, layer, phase):
         if (cycle, layer, rank) != (fault_cycle, fault_layer, fault_rank):
