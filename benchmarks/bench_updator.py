@@ -10,21 +10,27 @@ reports; medians of several repeats):
   and step, a layer's move spanning several steps); ratio = moving / idle (target <= 1.02),
   on the median moving step and on the mean one (which counts the commits);
 - move bandwidth: the bytes of one whole layer's move (``LayerMove`` issue -> wait,
-  synchronised, the largest count any rank receives) / its time (the slowest rank's), against
-  raw NCCL P2P measured in the same run, alternating with it: one ``batch_isend_irecv`` of that
-  byte count per rank, each rank sending to the next and receiving from the previous (target
-  >= 80%); with a budget, the same for one step's share of the layer;
+  synchronised, the largest count any rank receives; the move built ahead, as the updator
+  builds it while the previous forward runs) / its time (the slowest rank's), against raw NCCL
+  P2P measured in the same run, alternating with it: one ``batch_isend_irecv`` of that byte
+  count per rank, each rank sending to the next and receiving from the previous (target
+  >= 80%); with a budget, the same for one step's share of the layer. Where the difference
+  goes: the move's own P2P messages posted alone (``same_ops_s``), its local copies alone,
+  host time of its phases, the host time to build it; ``--profile`` records one of each with
+  torch.profiler (tables in ``<out stem>.profile.txt``);
 - planner time: ``Planner.submit(...).result()`` for a DeepSeek-V3-shaped load (58 layers, 256
   experts, 288 slots, 32 ranks) per policy.
 
     python benchmarks/bench_updator.py --ranks 2 --backend nccl --out result.json
     python benchmarks/bench_updator.py --ranks 2 --backend nccl --max-move-bytes-per-step 512M
     python benchmarks/bench_updator.py --smoke      # CPU / gloo, tiny shapes, seconds
+    python benchmarks/bench_updator.py --ranks 2 --backend nccl --profile --out r.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -68,12 +74,45 @@ def _max_over_ranks(x: float, device) -> float:
     return float(t.item())
 
 
+def _profile_path(out_path: str) -> str:
+    """bench.json -> bench.profile.txt (next to --out)."""
+    root, _ = os.path.splitext(out_path)
+    return root + ".profile.txt"
+
+
+class _Labels:
+    """``label(name)``: a torch.profiler.record_function range when profiling, else nothing
+    (so unprofiled timings carry no profiler calls)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __call__(self, name: str):
+        if self.on:
+            return torch.profiler.record_function(name)
+        return contextlib.nullcontext()
+
+
+def _write_profiles(profiles, path: str, device) -> None:
+    """key_averages tables of each recorded profile: by self CPU time, and by device time
+    (CUDA) or total CPU time (CPU), top 25 rows each."""
+    second = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        for title, prof in profiles:
+            ka = prof.key_averages()
+            for key in ("self_cpu_time_total", second):
+                f.write(f"=== {title} -- sorted by {key} ===\n")
+                f.write(ka.table(sort_by=key, row_limit=25, max_name_column_width=70))
+                f.write("\n\n")
+    print(f"profile tables written to {path}")
+
+
 def worker(rank, ranks, init_method, args, out_path):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import eplb_native
     from eplb_native import state
     from eplb_native.nn import EPMoE
-    from eplb_native.transfer import LayerMove, StepBudget, layer_schedule
+    from eplb_native.transfer import LayerMove, StepBudget, _runs, prepare_layout
 
     backend = args.backend
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=ranks,
@@ -140,23 +179,70 @@ def worker(rank, ranks, init_method, args, out_path):
     # one layer's move alone, and raw P2P of the same bytes, alternating
     a = updator.layers[0]
     staging = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in a.weights]
-    fills = layer_schedule(a.phy2log.cpu().numpy(), _swapped(a.phy2log.cpu().numpy(), ranks),
-                           ranks)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     rows_per_step = (None if args.max_move_bytes_per_step is None else
                      max(1, args.max_move_bytes_per_step // a.slot_bytes()))
 
+    layout = prepare_layout(a.phy2log.cpu().numpy(), _swapped(a.phy2log.cpu().numpy(), ranks),
+                            ranks)
+    label = _Labels(args.profile and rank == 0)
+
+    def new_move():
+        return LayerMove(a.weights, staging, None, rank, updator._move_group, stream,
+                         layout=layout)
+
     def timed_move(rows):
-        """(bytes this rank received, seconds, ops posted) of one layer's move, or of its first
-        step under a budget of ``rows``."""
+        """One layer's move, or its first step under a budget of ``rows``, built ahead (as the
+        updator builds it while the previous forward runs): (bytes this rank received, seconds
+        issue -> done, ops posted, phases: host seconds of issue up to posting / of the whole
+        issue (posting plus the local copies queued after it) / of waiting)."""
+        move = new_move()
+        budget = StepBudget(ranks, rows) if rows is not None else None
         dist.barrier()
         _sync(device)
         t = time.perf_counter()
-        move = LayerMove(a.weights, staging, fills, rank, updator._move_group, stream)
-        move.issue(StepBudget(ranks, rows) if rows is not None else None)
-        assert move.wait(time.perf_counter() + 120)
+        with label("move.issue"):
+            move.issue(budget)
+        t_issued = time.perf_counter()
+        with label("move.wait"):
+            assert move.wait(time.perf_counter() + 120)
+        t_waited = time.perf_counter()
+        with label("move.sync"):
+            _sync(device)
+        end = time.perf_counter()
+        return move.bytes_received, end - t, move.ops_posted, {
+            "post_host_s": move.t_posted - t, "issue_host_s": t_issued - t,
+            "wait_host_s": t_waited - t_issued}
+
+    def timed_same_ops(rows):
+        """The P2P messages that move posts (same tensors, views, count and order), alone:
+        no LayerMove, no local copies."""
+        move = new_move()
+        pieces = move.layout.take(move.cursor, StepBudget(ranks, rows) if rows else None)
+        ops, gathers = move._ops(pieces)
+        move._copy(gathers)
+        dist.barrier()
         _sync(device)
-        return move.bytes_received, time.perf_counter() - t, move.ops_posted
+        t = time.perf_counter()
+        with label("same_ops.post"):
+            works = dist.batch_isend_irecv(ops) if ops else []
+        with label("same_ops.wait"):
+            for w in works:
+                w.wait()
+        with label("same_ops.sync"):
+            _sync(device)
+        return time.perf_counter() - t
+
+    def timed_local():
+        """The move's local copies (slots this rank already holds) alone."""
+        move = new_move()
+        dist.barrier()
+        _sync(device)
+        t = time.perf_counter()
+        with label("local.copy"):
+            move._copy(_runs(move.layout.local[rank]))
+            _sync(device)
+        return time.perf_counter() - t
 
     def timed_raw(nbytes):
         buf_out = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
@@ -164,29 +250,76 @@ def worker(rank, ranks, init_method, args, out_path):
         dist.barrier()
         _sync(device)
         t = time.perf_counter()
-        works = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, buf_out, (rank + 1) % ranks, updator._move_group),
-            dist.P2POp(dist.irecv, buf_in, (rank - 1) % ranks, updator._move_group)])
-        for w in works:
-            w.wait()
-        _sync(device)
+        with label("raw.post"):
+            works = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, buf_out, (rank + 1) % ranks, updator._move_group),
+                dist.P2POp(dist.irecv, buf_in, (rank - 1) % ranks, updator._move_group)])
+        with label("raw.wait"):
+            for w in works:
+                w.wait()
+        with label("raw.sync"):
+            _sync(device)
         return time.perf_counter() - t
 
-    def versus_raw(rows):
-        nbytes, _, ops = timed_move(rows)  # opens the connections
+    def prepare_s():
+        """Host seconds to build one layer's move (schedule, layout, LayerMove): what the
+        updator now does ahead, off the issue path."""
+        t = time.perf_counter()
+        lay = prepare_layout(a.phy2log.cpu().numpy(), _swapped(a.phy2log.cpu().numpy(), ranks),
+                             ranks)
+        LayerMove(a.weights, staging, None, rank, updator._move_group, stream, layout=lay)
+        return time.perf_counter() - t
+
+    def versus_raw(rows, name):
+        nbytes, _, ops, _ = timed_move(rows)  # opens the connections
         nbytes = int(_max_over_ranks(nbytes, device))
         timed_raw(nbytes)
-        move_s, raw_s = [], []
+        timed_same_ops(rows)
+        timed_local()
+        move_s, raw_s, same_s, local_s, prep_s = [], [], [], [], []
+        phases: dict[str, list[float]] = {}
         for _ in range(args.repeats):
-            move_s.append(_max_over_ranks(timed_move(rows)[1], device))
+            _, m, _, ph = timed_move(rows)
+            move_s.append(_max_over_ranks(m, device))
+            for k, v in ph.items():
+                phases.setdefault(k, []).append(_max_over_ranks(v, device))
             raw_s.append(_max_over_ranks(timed_raw(nbytes), device))
+            same_s.append(_max_over_ranks(timed_same_ops(rows), device))
+            local_s.append(_max_over_ranks(timed_local(), device))
+            prep_s.append(_max_over_ranks(prepare_s(), device))
+        if args.profile:
+            # one more of each, recorded on rank 0 (every rank takes part in the transfers)
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                             if device.type == "cuda" else [])
+            for what, fn in (("move", lambda: timed_move(rows)),
+                             ("same_ops", lambda: timed_same_ops(rows)),
+                             ("raw", lambda: timed_raw(nbytes))):
+                if rank == 0:
+                    with profile(activities=acts) as prof:
+                        fn()
+                    profiles.append((f"{name}: {what}", prof))
+                else:
+                    fn()
         m, r = statistics.median(move_s), statistics.median(raw_s)
+        same, local = statistics.median(same_s), statistics.median(local_s)
         return {"bytes": nbytes, "ops_this_rank": ops, "move_s": m, "raw_p2p_s": r,
                 "move_GBps": nbytes / m / 1e9, "raw_p2p_GBps": nbytes / r / 1e9,
-                "move_vs_raw": r / m}
+                "move_vs_raw": r / m,
+                # where a move's time goes (medians, slowest rank): the same P2P messages
+                # alone, the local copies alone, host time of its phases, and building it
+                "same_ops_s": same, "same_ops_vs_raw": r / same, "local_copy_s": local,
+                "local_copy_bytes": len(layout.local[rank]) * a.slot_bytes(),
+                "phases_s": {k: statistics.median(v) for k, v in phases.items()},
+                "prepare_host_s": statistics.median(prep_s)}
 
-    layer_move = versus_raw(None)
-    step_move = versus_raw(rows_per_step) if rows_per_step is not None else None
+    profiles: list = []  # (title, torch.profiler.profile) recorded on rank 0
+    layer_move = versus_raw(None, "whole layer")
+    step_move = (versus_raw(rows_per_step, f"budget step ({rows_per_step} rows)")
+                 if rows_per_step is not None else None)
+    if profiles:
+        _write_profiles(profiles, _profile_path(out_path), device)
 
     planner = {}
     if rank == 0:
@@ -256,6 +389,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="CPU / gloo, tiny shapes, 2 repeats: checks the benchmark runs (seconds)")
     ap.add_argument("--out", default="bench_updator.json")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record one layer move (and one budget step), the same P2P "
+                         "messages alone and raw P2P with torch.profiler on rank 0; tables "
+                         "(by self CPU and by device time) go to <out stem>.profile.txt")
     args = ap.parse_args(argv)
     if args.smoke:
         args.backend = "gloo"

@@ -60,16 +60,22 @@ def layer_schedule(old_phy2log, new_phy2log, num_ranks: int) -> list[SlotFill]:
         raise ValueError(f"old/new phy2log must be [P] of equal size divisible by num_ranks, got "
                          f"{old.shape} / {new.shape}")
     s = old.size // num_ranks
+    # plain lists: the loops below index element by element, numpy scalars would cost more
+    # than the work (this runs once per layer move, on the host)
+    old_l, new_l = old.tolist(), new.tolist()
     holders: dict[int, list[tuple[int, int]]] = {}
-    for slot, e in enumerate(old):
-        holders.setdefault(int(e), []).append((slot // s, slot % s))
+    for slot, e in enumerate(old_l):
+        holders.setdefault(e, []).append((slot // s, slot % s))
     fills = []
     for d in range(num_ranks):
-        mine = {int(e): i for i, e in reversed(list(enumerate(old[d * s:(d + 1) * s])))}
+        base = d * s
+        mine: dict[int, int] = {}
+        for i in range(s - 1, -1, -1):  # the first slot holding an expert wins
+            mine[old_l[base + i]] = i
         received: dict[int, int] = {}
         for i in range(s):
-            e = int(new[d * s + i])
-            if e == old[d * s + i]:
+            e = new_l[base + i]
+            if e == old_l[base + i]:
                 continue
             if e in mine:
                 fills.append(SlotFill(e, "local", d, mine[e], d, i))
@@ -230,6 +236,15 @@ class MoveLayout:
         return pieces
 
 
+def prepare_layout(old_phy2log, new_phy2log, num_ranks: int) -> MoveLayout:
+    """``MoveLayout`` of the move from ``old_phy2log`` [P] to ``new_phy2log`` [P]: the
+    per-plan host work of a layer's move (schedule and message layout), done once so a
+    :class:`LayerMove` built from it posts without planning. Raises ValueError like
+    :func:`layer_schedule`."""
+    fills = layer_schedule(old_phy2log, new_phy2log, num_ranks)
+    return MoveLayout(fills, num_ranks, len(old_phy2log) // num_ranks)
+
+
 class LayerMove:
     """One layer's move on one rank, issued one step at a time (all of it in one step unless a
     :class:`StepBudget` limits it).
@@ -239,18 +254,24 @@ class LayerMove:
             here, written only by :meth:`commit`).
         staging: this move's staging tensors, each [S, ...] contiguous of the matching weight's
             dtype (owned by the caller, reused once this move is committed or drained).
-        fills: ``layer_schedule(...)`` for the layer.
+        fills: ``layer_schedule(...)`` for the layer (None when ``layout`` is given).
         rank: this rank in ``group``; group: the process group for P2P (None: one process).
         stream: a device stream to issue on (None: the current one; always None on CPU).
         tag: P2P tag of this move's messages. Moves in flight together must use different
             tags (the layer index does): on gloo each move posts from its own thread, and
             messages of one tag between two ranks match in posting order, whatever the move.
+        layout: ``MoveLayout(fills, num_ranks, S)`` built ahead (e.g. while the previous step's
+            forward runs, see :func:`prepare_layout`), so constructing the move costs no
+            planning on the step's host path.
 
     Attributes: bytes_received / ops_posted / steps (this rank, so far), error (the first
-    exception, None if none), t_first (perf_counter of the first issue).
+    exception, None if none), t_first (perf_counter of the first issue), t_issue / t_posted
+    (perf_counter when the latest :meth:`issue` began / its ops were posted: host time of
+    the issue path).
     """
 
-    def __init__(self, weights, staging, fills, rank: int, group, stream=None, tag: int = 0):
+    def __init__(self, weights, staging, fills, rank: int, group, stream=None, tag: int = 0,
+                 *, layout: MoveLayout | None = None):
         if len(staging) != len(weights) or any(
                 t.shape != w.shape or t.dtype != w.dtype or not t.is_contiguous()
                 or not w.is_contiguous() for w, t in zip(weights, staging, strict=False)):
@@ -259,7 +280,18 @@ class LayerMove:
         self.weights, self.staging, self.fills = weights, staging, fills
         self.rank, self.group, self.stream, self.tag = rank, group, stream, tag
         num_ranks = 1 if group is None else dist.get_world_size(group)
-        self.layout = MoveLayout(fills, num_ranks, weights[0].shape[0])
+        if layout is None:
+            if fills is None:
+                raise ValueError("LayerMove needs fills or a layout")
+            layout = MoveLayout(fills, num_ranks, weights[0].shape[0])
+        elif (layout.num_ranks, layout.slots_per_rank) != (num_ranks, weights[0].shape[0]):
+            raise ValueError(f"layout is for {layout.num_ranks} ranks x "
+                             f"{layout.slots_per_rank} slots, the move for {num_ranks} x "
+                             f"{weights[0].shape[0]}")
+        self.layout = layout
+        # global ranks of the group's members, looked up once rather than per message
+        self._peer = (list(range(num_ranks)) if group is None else
+                      [dist.get_global_rank(group, r) for r in range(num_ranks)])
         self.cursor = {pair: 0 for pair in self.layout.pairs}
         self.row_bytes = sum(w[0].numel() * w.element_size() for w in weights)
         self.device = weights[0].device
@@ -273,6 +305,7 @@ class LayerMove:
         self.steps = 0
         self.t_first = 0.0
         self.t_issue = 0.0
+        self.t_posted = 0.0
         self._works: list = []
         self._thread: threading.Thread | None = None
         self._done = threading.Event()  # CPU: this step posted and waited; device: posted
@@ -299,7 +332,7 @@ class LayerMove:
         for p in pieces:
             rows = lay.pairs[(p.src_rank, p.dst_rank)]
             if p.src_rank == self.rank:
-                peer = dist.get_global_rank(self.group, p.dst_rank)
+                peer = self._peer[p.dst_rank]
                 if p.gather_row >= 0:
                     gathers += [(slot, p.gather_row + i, n)
                                 for slot, i, n in _runs((rows[j][0], j - p.start)
@@ -312,7 +345,7 @@ class LayerMove:
                             view = w[rows[a][0]:rows[a][0] + b - a]
                         ops.append(dist.P2POp(dist.isend, view, peer, self.group, self.tag))
             elif p.dst_rank == self.rank:
-                peer = dist.get_global_rank(self.group, p.src_rank)
+                peer = self._peer[p.src_rank]
                 base = lay.recv_row[(p.src_rank, p.dst_rank)]
                 for t in self.staging:
                     for a, b in p.runs:
@@ -349,6 +382,7 @@ class LayerMove:
             ops, gathers = self._ops(pieces)
         except BaseException as e:  # noqa: BLE001  (a bug: reported through the agreement)
             self._fail(e)
+            self.t_posted = time.perf_counter()
             self.posted.set()
             self._done.set()
             return
@@ -361,6 +395,7 @@ class LayerMove:
             self._fail(e)
         self.ops_posted += len(ops)
         if self.on_cpu and not ops and not delay:
+            self.t_posted = time.perf_counter()
             self.posted.set()
             self._done.set()
         elif self.on_cpu or delay > 0 or (after is not None and not after.is_set()):
@@ -378,6 +413,8 @@ class LayerMove:
     @torch.no_grad()
     def _copy(self, runs) -> None:
         """staging[row:row+n] = weights[slot:slot+n] for each (slot, row, n), on ``stream``."""
+        if not runs:
+            return
         with _stream_ctx(self.stream):
             for slot, row, n in runs:
                 for w, t in zip(self.weights, self.staging, strict=True):
@@ -397,6 +434,7 @@ class LayerMove:
         except BaseException as e:  # noqa: BLE001  (reported through the agreement)
             self._fail(e)
         finally:
+            self.t_posted = time.perf_counter()
             self.posted.set()
         try:
             if self.on_cpu:

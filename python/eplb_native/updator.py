@@ -42,7 +42,7 @@ from . import expert_map, metrics, state
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
 from .planner import Planner
-from .transfer import LayerMove, StepBudget, layer_schedule
+from .transfer import LayerMove, MoveLayout, StepBudget, layer_schedule, prepare_layout
 
 logger = logging.getLogger("eplb_native")
 
@@ -142,6 +142,9 @@ class Updator:
         self._submit_t = 0.0
         self._plan_s = float("nan")
         self._queue: list[tuple[int, np.ndarray]] = []  # (layer, new phy2log) still to move
+        # layer -> (its queued new phy2log, the move's layout or the error building it raised),
+        # built ahead for the layers the next issue may start (see _prepare_layouts)
+        self._layouts: dict[int, tuple[np.ndarray, MoveLayout | Exception]] = {}
         self._inflight: list[_Moving] = []
         # dropped moves whose ops may still run, with their staging set: drained before reuse
         self._pending: list[tuple[LayerMove, int]] = []
@@ -334,6 +337,7 @@ class Updator:
         self._queue = [(layer, plan.phy2log[layer].copy()) for layer in range(self.num_layers)
                        if not np.array_equal(plan.phy2log[layer], current[layer])
                        and not after[layer] <= before[layer] + 1e-9]
+        self._prepare_layouts()
         self.stats.plans[-1]["layers_to_move"] = [layer for layer, _ in self._queue]
         if self.config.log_balancedness:
             logger.info("eplb cycle %d: plan in sample balancedness before %s after %s; "
@@ -361,7 +365,32 @@ class Updator:
                 self._queue = []
                 raise
             self._free = list(range(len(self._staging)))
+        self._prepare_layouts()
         return len(self._queue)
+
+    def _prepare_layouts(self) -> None:
+        """Builds the layouts (schedule + messages, host work) of the queued layers the next
+        issue may start, so the step that issues them only posts. Called after a forward was
+        queued (before waiting for its transfers) or between steps, where the host is ahead
+        of the device; a failure is kept and reported when the layer is issued."""
+        for layer, new in self._queue[:len(self._staging)]:
+            if layer in self._layouts:
+                continue
+            try:
+                lay: MoveLayout | Exception = prepare_layout(self._placement[layer], new,
+                                                             self.num_ranks)
+            except Exception as e:  # noqa: BLE001  (the same on every rank: a pure function)
+                lay = e
+            self._layouts[layer] = (new, lay)
+
+    def _layout(self, layer: int, new: np.ndarray) -> MoveLayout:
+        """The layout prepared for ``layer``'s move to ``new`` (built now if it was not)."""
+        ready = self._layouts.pop(layer, None)
+        if ready is None or ready[0] is not new:
+            return prepare_layout(self._placement[layer], new, self.num_ranks)
+        if isinstance(ready[1], Exception):
+            raise ready[1]
+        return ready[1]
 
     @property
     def moving(self) -> bool:
@@ -387,9 +416,9 @@ class Updator:
             layer, new = self._queue.pop(0)
             m = _Moving(layer, new, self._free.pop(0), self.step)
             try:
-                m.move = LayerMove(self.layers[layer].weights, self._staging[m.staging],
-                                   layer_schedule(self._placement[layer], new, self.num_ranks),
-                                   self.rank, self._move_group, self._side, tag=layer)
+                m.move = LayerMove(self.layers[layer].weights, self._staging[m.staging], None,
+                                   self.rank, self._move_group, self._side, tag=layer,
+                                   layout=self._layout(layer, new))
             except Exception as e:  # noqa: BLE001  (the same on every rank: a pure function)
                 m.error = e
             self._inflight.append(m)
@@ -414,6 +443,8 @@ class Updator:
         """After the forward: waits for this step's transfers, agrees with every rank, then
         commits the layers whose every step is done, drops the failed ones."""
         self._awaiting = False
+        # the device still runs the forward: the host builds the next layers' layouts meanwhile
+        self._prepare_layouts()
         timeout = self.config.transfer_timeout_s
         ok = []
         reasons = []
@@ -522,6 +553,7 @@ class Updator:
             move.drain()
         self._pending = []
         self._queue = []
+        self._layouts = {}
         if self._future is not None:
             self._future.cancel()
             self._future = None
