@@ -195,7 +195,8 @@ def worker(rank, ranks, init_method, args, out_path):
         """One layer's move, or its first step under a budget of ``rows``, built ahead (as the
         updator builds it while the previous forward runs): (bytes this rank received, seconds
         issue -> done, ops posted, phases: host seconds of issue up to posting / of the whole
-        issue (posting plus the local copies queued after it) / of waiting)."""
+        issue (posting plus the local copies queued after it) / of waiting, bytes this rank
+        copied locally)."""
         move = new_move()
         budget = StepBudget(ranks, rows) if rows is not None else None
         dist.barrier()
@@ -212,7 +213,7 @@ def worker(rank, ranks, init_method, args, out_path):
         end = time.perf_counter()
         return move.bytes_received, end - t, move.ops_posted, {
             "post_host_s": move.t_posted - t, "issue_host_s": t_issued - t,
-            "wait_host_s": t_waited - t_issued}
+            "wait_host_s": t_waited - t_issued}, move.bytes_copied
 
     def timed_same_ops(rows):
         """The P2P messages that move posts (same tensors, views, count and order), alone:
@@ -271,7 +272,7 @@ def worker(rank, ranks, init_method, args, out_path):
         return time.perf_counter() - t
 
     def versus_raw(rows, name):
-        nbytes, _, ops, _ = timed_move(rows)  # opens the connections
+        nbytes, _, ops, _, copied = timed_move(rows)  # opens the connections
         nbytes = int(_max_over_ranks(nbytes, device))
         timed_raw(nbytes)
         timed_same_ops(rows)
@@ -279,7 +280,7 @@ def worker(rank, ranks, init_method, args, out_path):
         move_s, raw_s, same_s, local_s, prep_s = [], [], [], [], []
         phases: dict[str, list[float]] = {}
         for _ in range(args.repeats):
-            _, m, _, ph = timed_move(rows)
+            _, m, _, ph, _ = timed_move(rows)
             move_s.append(_max_over_ranks(m, device))
             for k, v in ph.items():
                 phases.setdefault(k, []).append(_max_over_ranks(v, device))
@@ -311,6 +312,9 @@ def worker(rank, ranks, init_method, args, out_path):
                 # alone, the local copies alone, host time of its phases, and building it
                 "same_ops_s": same, "same_ops_vs_raw": r / same, "local_copy_s": local,
                 "local_copy_bytes": len(layout.local[rank]) * a.slot_bytes(),
+                # local copies the timed move (or budget step) made on this rank: a budget
+                # gives them only the rows its receives leave
+                "move_copied_bytes_this_rank": copied,
                 "phases_s": {k: statistics.median(v) for k, v in phases.items()},
                 "prepare_host_s": statistics.median(prep_s)}
 

@@ -76,8 +76,9 @@ def _random_placement(rng, ranks, e, p):
 
 def test_move_layout_messages_and_budget():
     """Plays the layout's messages on integer "weights" (each row = its logical id), every rank
-    at once: the committed rows equal the new placement; each step's pieces keep to the budget
-    (shared by the moves of one step) and never send a row twice; one message per (pair, step)
+    at once: the committed rows equal the new placement; each step's pieces and local copies
+    keep to the budget (shared by the moves of one step; a local copy counts as a row its rank
+    writes) and never send or copy a row twice; one message per (pair, step)
     unless the sender lacks free staging rows to gather into; gather rows never overlap the
     rows the sender receives into."""
     rng = np.random.default_rng(7)
@@ -93,18 +94,26 @@ def test_move_layout_messages_and_budget():
             lay = MoveLayout(layer_schedule(old, new, ranks), ranks, s)
             weights = old.reshape(ranks, s).copy()
             staging = np.full((ranks, s), -1)
-            for r in range(ranks):
-                for slot, row in lay.local[r]:
-                    staging[r, row] = weights[r, slot]
-            moves.append((lay, weights, staging, {pair: 0 for pair in lay.pairs}, new))
-        for _step in range(sum(m[0].rows_total() for m in moves) + 1):
-            if all(c[k] == len(m[0].pairs[k]) for m in moves for c in [m[3]] for k in c):
+            moves.append((lay, weights, staging, {pair: 0 for pair in lay.pairs}, new,
+                          [0] * ranks))
+        total = sum(m[0].rows_total() + sum(map(len, m[0].local)) for m in moves)
+        for _step in range(total + 1):
+            if all(all(c[k] == len(m[0].pairs[k]) for k in c) and
+                   m[5] == [len(v) for v in m[0].local] for m in moves for c in [m[3]]):
                 break
             budget = StepBudget(ranks, budget_rows)
             got_recv, got_send = np.zeros(ranks, int), np.zeros(ranks, int)
-            for lay, weights, staging, cursor, _ in moves:
+            for lay, weights, staging, cursor, _, local_cursor in moves:
                 before = dict(cursor)
+                before_local = list(local_cursor)
                 pieces = lay.take(cursor, budget)
+                local = lay.take_local(local_cursor, budget)
+                for r, (a, b) in enumerate(local):
+                    assert a == before_local[r] <= b <= len(lay.local[r])
+                    got_recv[r] += b - a
+                    for slot, row in lay.local[r][a:b]:
+                        assert staging[r, row] == -1  # no receive or copy wrote it yet
+                        staging[r, row] = weights[r, slot]
                 for pc in pieces:
                     rows = lay.pairs[(pc.src_rank, pc.dst_rank)]
                     assert pc.start == before[(pc.src_rank, pc.dst_rank)] < pc.stop <= len(rows)
@@ -147,8 +156,9 @@ def test_move_layout_messages_and_budget():
                 assert got_recv.max(initial=0) <= budget_rows
                 assert got_send.max(initial=0) <= budget_rows
             assert got_recv.sum() > 0, "a step made no progress"
-        for lay, weights, staging, cursor, new in moves:
+        for lay, weights, staging, cursor, new, local_cursor in moves:
             assert all(cursor[k] == len(v) for k, v in lay.pairs.items())
+            assert local_cursor == [len(v) for v in lay.local]
             for r in range(ranks):
                 for row, slot, n in lay.commit_runs[r]:
                     weights[r, slot:slot + n] = staging[r, row:row + n]

@@ -14,7 +14,9 @@ one contiguous region of ``d``'s staging buffer (regions laid out by source rank
 sends straight from its weights when the rows are consecutive slots, else it first gathers them
 into free rows of its own staging buffer (rows no receive of this layer uses); only when those
 are too few does it fall back to one message per run of consecutive slots. A per-step row
-budget (``StepBudget``) may split a layer's messages over several steps.
+budget (``StepBudget``) may split a layer's messages over several steps; it bounds the rows a
+rank writes into its staging per step, so local copies count too (they take what the step's
+receives leave: the link is never held back for a copy).
 
 ``LayerMove`` executes one layer's move on one rank, step by step: receives land in a staging
 buffer (allocated once by the caller), the layer's live weights are only read until
@@ -110,6 +112,15 @@ class StepBudget:
         if not self.unlimited:
             self.recv[dst] -= rows
             self.send[src] -= rows
+
+    def take_local(self, rank: int, rows: int) -> int:
+        """Charges up to ``rows`` local copies (rows ``rank`` writes into its own staging, like
+        a receive, without the link) to ``rank``'s receive budget; returns how many fit."""
+        if self.unlimited:
+            return rows
+        n = max(0, min(rows, self.recv[rank]))
+        self.recv[rank] -= n
+        return n
 
     @property
     def exhausted(self) -> bool:
@@ -235,6 +246,22 @@ class MoveLayout:
             cursor[(s, d)] = stop
         return pieces
 
+    def take_local(self, local_cursor: list[int],
+                   budget: StepBudget | None = None) -> list[tuple[int, int]]:
+        """Each rank's local copies for the step: entries ``(start, stop)`` of ``local[r]``,
+        as many as ``budget`` still lets rank r write after this step's :meth:`take` (all of
+        them without one); advances ``local_cursor`` ([R] entries already copied). Pure, like
+        :meth:`take`: every rank gets the same answer for every rank."""
+        out = []
+        for r, rows in enumerate(self.local):
+            start = local_cursor[r]
+            n = len(rows) - start
+            if n > 0 and budget is not None:
+                n = budget.take_local(r, n)
+            local_cursor[r] = start + max(n, 0)
+            out.append((start, local_cursor[r]))
+        return out
+
 
 def prepare_layout(old_phy2log, new_phy2log, num_ranks: int) -> MoveLayout:
     """``MoveLayout`` of the move from ``old_phy2log`` [P] to ``new_phy2log`` [P]: the
@@ -264,7 +291,8 @@ class LayerMove:
             forward runs, see :func:`prepare_layout`), so constructing the move costs no
             planning on the step's host path.
 
-    Attributes: bytes_received / ops_posted / steps (this rank, so far), error (the first
+    Attributes: bytes_received / bytes_copied (local copies) / ops_posted / steps (this rank,
+    so far), error (the first
     exception, None if none), t_first (perf_counter of the first issue), t_issue / t_posted
     (perf_counter when the latest :meth:`issue` began / its ops were posted: host time of
     the issue path).
@@ -293,6 +321,7 @@ class LayerMove:
         self._peer = (list(range(num_ranks)) if group is None else
                       [dist.get_global_rank(group, r) for r in range(num_ranks)])
         self.cursor = {pair: 0 for pair in self.layout.pairs}
+        self.local_cursor = [0] * num_ranks
         self.row_bytes = sum(w[0].numel() * w.element_size() for w in weights)
         self.device = weights[0].device
         # gloo's P2P works only learn they completed inside wait(), so on CPU a thread waits
@@ -301,6 +330,7 @@ class LayerMove:
         self.on_cpu = self.device.type == "cpu"
         self.error: BaseException | None = None
         self.bytes_received = 0
+        self.bytes_copied = 0
         self.ops_posted = 0
         self.steps = 0
         self.t_first = 0.0
@@ -318,7 +348,9 @@ class LayerMove:
     @property
     def all_issued(self) -> bool:
         """Every row of the layer has been issued (by some step so far)."""
-        return all(self.cursor[p] == len(rows) for p, rows in self.layout.pairs.items())
+        return (all(self.cursor[p] == len(rows) for p, rows in self.layout.pairs.items())
+                and all(c == len(rows) for c, rows in zip(self.local_cursor, self.layout.local,
+                                                           strict=True)))
 
     def _fail(self, e: BaseException) -> None:
         if self.error is None:
@@ -359,8 +391,8 @@ class LayerMove:
               after: threading.Event | None = None) -> None:
         """Issues this move's next step: its share of ``budget`` (all that is left without
         one). Gathers are queued on ``stream``, the P2P ops posted, now (device) or on a thread
-        (CPU, or when delayed), then the local copies (first step) queued on ``stream``: they
-        overlap the transfers instead of delaying them.
+        (CPU, or when delayed), then the step's local copies (all in the first step without a
+        budget) queued on ``stream``: they overlap the transfers instead of delaying them.
 
         ``before_post()`` runs after the gathers, just before posting (fault injection): it may
         return a delay in seconds (posting then moves to a thread) or raise. Any exception here
@@ -379,6 +411,7 @@ class LayerMove:
         ops: list = []
         try:
             pieces = self.layout.take(self.cursor, budget)
+            local = self.layout.take_local(self.local_cursor, budget)[self.rank]
             ops, gathers = self._ops(pieces)
         except BaseException as e:  # noqa: BLE001  (a bug: reported through the agreement)
             self._fail(e)
@@ -404,9 +437,10 @@ class LayerMove:
             self._thread.start()
         else:
             self._post(ops, 0.0, None, False)
-        if self.steps == 1:
+        if local[1] > local[0]:
             try:  # staging rows no receive writes, from weights no one writes before commit
-                self._copy(_runs(self.layout.local[self.rank]))
+                self._copy(_runs(self.layout.local[self.rank][local[0]:local[1]]))
+                self.bytes_copied += (local[1] - local[0]) * self.row_bytes
             except BaseException as e:  # noqa: BLE001  (reported through the agreement)
                 self._fail(e)
 

@@ -168,14 +168,25 @@ class MoELayerAdapter:
                              f"{list(self.phy2log.shape)}, got {list(p2l.shape)}")
         log2phy, logcnt, local = state.placement_tensors(p2l, self.num_logical_experts,
                                                          self.ep_size, self.ep_rank)
-        dev = self.phy2log.device
-        self.phy2log.copy_(p2l.to(dev), non_blocking=False)
-        self.log2phy.copy_(log2phy.to(self.log2phy.device))
-        self.logcnt.copy_(logcnt.to(self.logcnt.device))
+        _copy_from_host(self.phy2log, p2l)
+        _copy_from_host(self.log2phy, log2phy)
+        _copy_from_host(self.logcnt, logcnt)
         if self.local_expert_map is not None:
-            self.local_expert_map.copy_(local.to(self.local_expert_map.device))
+            _copy_from_host(self.local_expert_map, local)
         if self.on_placement is not None:
             self.on_placement(self)
+
+
+def _copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a host tensor ``src``. To a device it goes through pinned memory
+    with ``non_blocking``: queued on the current stream like a kernel (after what that stream
+    already holds, before the next forward), without a host sync, which a copy from pageable
+    memory would cost at every layer's switch; the caching host allocator keeps the pinned
+    block until the copy completed."""
+    if dst.device.type == "cpu":
+        dst.copy_(src)
+    else:
+        dst.copy_(src.pin_memory(), non_blocking=True)
 
 
 #: An adapter function: ``fn(name, module, ep_rank, ep_size)`` -> MoELayerAdapter, or None when
