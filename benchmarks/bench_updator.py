@@ -95,10 +95,15 @@ class _Labels:
 
 def _write_profiles(profiles, path: str, device) -> None:
     """key_averages tables of each recorded profile: by self CPU time, and by device time
-    (CUDA) or total CPU time (CPU), top 25 rows each."""
+    (CUDA) or total CPU time (CPU), top 25 rows each; and each profile's timeline as a Chrome
+    trace (``<path stem>.<i>.json``, open in chrome://tracing or Perfetto)."""
     second = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    root = path.removesuffix(".txt")
     with open(path, "w") as f:
-        for title, prof in profiles:
+        for i, (title, prof) in enumerate(profiles):
+            trace = f"{root}.{i}.json"
+            prof.export_chrome_trace(trace)
+            f.write(f"### {title}: timeline in {os.path.basename(trace)}\n")
             ka = prof.key_averages()
             for key in ("self_cpu_time_total", second):
                 f.write(f"=== {title} -- sorted by {key} ===\n")

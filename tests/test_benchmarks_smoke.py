@@ -44,12 +44,28 @@ def test_bench_updator_smoke(tmp_path):
     out_json = tmp_path / "bench_updator.json"
     # a budget below one expert: one expert per rank and step, so each layer's move spans steps
     out = _run("benchmarks/bench_updator.py", "--smoke", "--max-move-bytes-per-step", "1",
-               "--out", str(out_json))
+               "--profile", "--out", str(out_json))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert result["backend"] == "gloo" and result["rows_per_step"] == 1
     assert max(result["steps_per_layer_move"]) > 1
     # the rotation sends each peer consecutive slots: one message per weight tensor each way
-    assert result["layer_move"]["ops_this_rank"] == 2 * 2 and result["layer_move"]["bytes"] > 0
-    assert result["budget_step_move"]["bytes"] == result["slot_bytes"]
+    layer, step = result["layer_move"], result["budget_step_move"]
+    assert layer["ops_this_rank"] == 2 * 2 and layer["bytes"] > 0
+    assert step["bytes"] == result["slot_bytes"]
+    # the whole layer copies every slot the rank already holds; a one-row budget step spends
+    # its row on the receive, so its local copies wait for later steps
+    assert layer["move_copied_bytes_this_rank"] == layer["local_copy_bytes"] > 0
+    assert step["move_copied_bytes_this_rank"] == 0
+    for part in (layer, step):
+        assert part["same_ops_s"] > 0 and part["local_copy_s"] > 0 and part["prepare_host_s"] > 0
+        assert set(part["phases_s"]) == {"post_host_s", "issue_host_s", "wait_host_s"}
+    # --profile: tables for the move, its messages alone and raw P2P, whole layer and step
+    text = (tmp_path / "bench_updator.profile.txt").read_text()
+    for title in ("whole layer", "budget step (1 rows)"):
+        for what in ("move", "same_ops", "raw"):
+            for key in ("self_cpu_time_total", "cpu_time_total"):
+                assert f"=== {title}: {what} -- sorted by {key} ===" in text
+    assert "move.issue" in text and "raw.post" in text
+    assert len(list(tmp_path.glob("bench_updator.profile.*.json"))) == 6
     assert set(result["planner_s"]) == {"deepseek", "balanced", "min_move"}
