@@ -292,10 +292,9 @@ class LayerMove:
             planning on the step's host path.
 
     Attributes: bytes_received / bytes_copied (local copies) / ops_posted / steps (this rank,
-    so far), error (the first
-    exception, None if none), t_first (perf_counter of the first issue), t_issue / t_posted
-    (perf_counter when the latest :meth:`issue` began / its ops were posted: host time of
-    the issue path).
+    so far), error (the first exception, None if none), t_first (perf_counter of the first
+    issue), t_issue / t_posted (perf_counter when the latest :meth:`issue` began / its ops were
+    posted: host time of the issue path).
     """
 
     def __init__(self, weights, staging, fills, rank: int, group, stream=None, tag: int = 0,

@@ -186,7 +186,9 @@ def _copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.device.type == "cpu":
         dst.copy_(src)
     else:
-        dst.copy_(src.pin_memory(), non_blocking=True)
+        # converted on the host first: a conversion inside copy_ would stage through pageable
+        # memory again
+        dst.copy_(src.to(dst.dtype).pin_memory(), non_blocking=True)
 
 
 #: An adapter function: ``fn(name, module, ep_rank, ep_size)`` -> MoELayerAdapter, or None when
