@@ -15,7 +15,7 @@ import eplb_native
 from eplb_native import expert_map, state
 from eplb_native.adapters import AdapterError
 from eplb_native.nn import EPMoE, logical_weights_of_slots
-from eplb_native.transfer import MoveLayout, StepBudget, layer_schedule
+from eplb_native.transfer import LayerMove, MoveLayout, StepBudget, layer_schedule, prepare_layout
 
 BACKEND = os.environ.get("EPLB_TEST_BACKEND", "gloo")
 
@@ -42,6 +42,46 @@ def test_multiprocess_move_to_random_placements(world, budget_rows, tmp_path):
     mp.spawn(updator_mp.scenario_move_to,
              args=(world, f"file://{tmp_path}/rdzv", BACKEND, str(tmp_path), budget_rows),
              nprocs=world, join=True)
+
+
+def test_layer_move_from_prepared_layout():
+    """One process: a move built from a layout prepared ahead stages the same rows as one built
+    from the fills (local copies only here), and commits the new placement; a layout of
+    another shape or neither fills nor layout is a ValueError."""
+    rng = np.random.default_rng(3)
+    old = rng.permutation(6)
+    new = rng.permutation(6)
+    # slot i holds logical old[i]: rows of w are the logical experts' weights in slot order
+    weights = [torch.stack([t[e] for e in old]) for t in
+               (torch.randn(6, 4), torch.randn(6, 2))]
+    logical = [torch.empty_like(t) for t in weights]
+    for t, lt in zip(weights, logical, strict=True):
+        lt[torch.from_numpy(old)] = t
+    for how in ("fills", "layout"):
+        live = [t.clone() for t in weights]
+        staging = [torch.empty_like(t) for t in live]
+        if how == "fills":
+            move = LayerMove(live, staging, layer_schedule(old, new, 1), 0, None)
+        else:
+            move = LayerMove(live, staging, None, 0, None, layout=prepare_layout(old, new, 1))
+        move.issue(StepBudget(1, 2))  # 2 rows a step: local copies spread over steps
+        steps = 1
+        while not move.all_issued:
+            assert move.wait(1e18)
+            move.issue(StepBudget(1, 2))
+            steps += 1
+        assert move.wait(1e18)
+        changed = int((old != new).sum())
+        assert changed > 2  # the seed makes the budget split the copies
+        assert steps == max(1, -(-changed // 2)) and move.bytes_copied == changed * 4 * 6
+        move.commit()
+        for t, lt in zip(live, logical, strict=True):
+            assert torch.equal(t, lt[torch.from_numpy(new)])
+    with pytest.raises(ValueError, match="fills or a layout"):
+        LayerMove(weights, [torch.empty_like(t) for t in weights], None, 0, None)
+    with pytest.raises(ValueError, match="layout is for 2 ranks"):
+        LayerMove(weights, [torch.empty_like(t) for t in weights], None, 0, None,
+                  layout=prepare_layout(np.arange(6), np.arange(6)[::-1], 2))
 
 
 def test_schedule_properties():
