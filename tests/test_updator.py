@@ -317,6 +317,11 @@ def test_placement_tensors_and_default_spread():
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]
     assert logcnt.tolist() == [2, 1, 1] and local.tolist() == [1, -1, 0]
     assert state.default_placement(8, 2, 2).tolist() == [0, 1, 2, 3, 4, 4, 5, 6, 7, 0]
+    layers = state.default_placement(8, 2, 2, num_layers=3)
+    assert layers.shape == (3, 10) and (layers == state.default_placement(8, 2, 2)).all()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_layers"):
+            state.default_placement(8, 2, 2, num_layers=bad)
     with pytest.raises(ValueError, match="num_ranks"):
         state.default_placement(7, 2, 0)
     with pytest.raises(ValueError, match="holds no copy"):
