@@ -378,6 +378,25 @@ def worker(rank, ranks, init_method, args, out_path):
     dist.destroy_process_group()
 
 
+def summarize(paths) -> None:
+    """Prints the figures of result files (``--out`` of earlier runs), a few lines each."""
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        print(f"{path}: {r['device']}, slot {r['slot_bytes'] / 1e6:.1f} MB, step ratio "
+              f"{r['step_ratio']:.4f} (mean {r['step_ratio_mean']:.4f}), planner {r['planner_s']}")
+        for k in ("layer_move", "budget_step_move"):
+            m = r.get(k)
+            if not m:
+                continue
+            ms = {a: round(b * 1e3, 3) for a, b in m["phases_s"].items()}
+            print(f"  {k}: {m['bytes'] / 1e6:.1f} MB; ms: move {m['move_s'] * 1e3:.3f}, raw "
+                  f"{m['raw_p2p_s'] * 1e3:.3f}, same ops {m['same_ops_s'] * 1e3:.3f}, local "
+                  f"copies {m['local_copy_s'] * 1e3:.3f}, build {m['prepare_host_s'] * 1e3:.3f};"
+                  f" move/raw {m['move_vs_raw']:.2f}, same ops/raw {m['same_ops_vs_raw']:.2f};"
+                  f" copied {m['move_copied_bytes_this_rank'] / 1e6:.1f} MB; host ms {ms}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
@@ -402,7 +421,12 @@ def main(argv=None):
                     help="also record one layer move (and one budget step), the same P2P "
                          "messages alone and raw P2P with torch.profiler on rank 0; tables "
                          "(by self CPU and by device time) go to <out stem>.profile.txt")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON",
+                    help="only print the figures of these result files (no run)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return
     if args.smoke:
         args.backend = "gloo"
         args.dtype = "float32"

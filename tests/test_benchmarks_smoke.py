@@ -68,4 +68,7 @@ def test_bench_updator_smoke(tmp_path):
                 assert f"=== {title}: {what} -- sorted by {key} ===" in text
     assert "move.issue" in text and "raw.post" in text
     assert len(list(tmp_path.glob("bench_updator.profile.*.json"))) == 6
+    summary = _run("benchmarks/bench_updator.py", "--summarize", str(out_json))
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert "layer_move:" in summary.stdout and "budget_step_move:" in summary.stdout
     assert set(result["planner_s"]) == {"deepseek", "balanced", "min_move"}
