@@ -315,7 +315,7 @@ class WalkBack {
 };
 
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).
-constexpr size_t kGroupSwapsTried = 3;
+constexpr size_t kGroupSwapsTried = 2;
 
 // Node n of a new group->node partition holding `experts`: packed afresh as `balanced` packs a
 // pack (greedy, then local search), its ranks renumbered to overlap the old node's most, each

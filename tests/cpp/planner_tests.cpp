@@ -135,9 +135,63 @@ int64_t Duplicates(const int64_t* phy2log, const eplb::Shape& s) {
   return dups;
 }
 
+// Every replica of a group's experts on the group's one node, num_groups / num_nodes groups per
+// node (DeepSeek's hierarchical topology).
+bool KeepsTopology(const int64_t* phy2log, const eplb::Shape& s) {
+  const int64_t group_size = s.num_logical / s.num_groups,
+                node_slots = s.num_physical / s.num_nodes;
+  std::vector<int64_t> node_of(static_cast<size_t>(s.num_groups), -1);
+  std::vector<int64_t> per_node(static_cast<size_t>(s.num_nodes), 0);
+  for (int64_t p = 0; p < s.num_physical; ++p) {
+    auto& n = node_of[static_cast<size_t>(phy2log[p] / group_size)];
+    if (n < 0) {
+      n = p / node_slots;
+      ++per_node[static_cast<size_t>(n)];
+    } else if (n != p / node_slots) {
+      return false;
+    }
+  }
+  for (int64_t c : per_node)
+    if (c != s.num_groups / s.num_nodes) return false;
+  return true;
+}
+
 }  // namespace
 
 int main() {
+  Run("min_move hierarchical from a placement that keeps the topology", [] {
+    // The old placement is DeepSeek's for other loads, so min_move searches inside nodes, swaps
+    // groups between nodes or walks balanced's placement back; all must keep the topology.
+    std::mt19937_64 rng(31);
+    std::lognormal_distribution<double> d(0.0, 1.0);
+    for (int it = 0; it < 300; ++it) {
+      eplb::Shape s;
+      s.num_layers = 2;
+      s.num_nodes = 2 + static_cast<int64_t>(rng() % 3);
+      s.num_ranks = s.num_nodes * (1 + static_cast<int64_t>(rng() % 4));
+      s.num_groups = s.num_nodes * (1 + static_cast<int64_t>(rng() % 3));
+      s.num_logical = s.num_groups * (1 + static_cast<int64_t>(rng() % 5));
+      const int64_t per_rank = (s.num_logical + s.num_ranks - 1) / s.num_ranks;
+      s.num_physical = (per_rank + static_cast<int64_t>(rng() % 3)) * s.num_ranks;
+      std::vector<double> before(static_cast<size_t>(s.num_layers * s.num_logical)), load = before;
+      for (auto& x : before) x = std::floor(100.0 * d(rng));
+      for (auto& x : load) x = std::floor(100.0 * d(rng));
+      eplb::PlanOptions o;
+      o.policy = eplb::Policy::kDeepSeek;
+      const std::vector<int64_t> old = eplb::Plan(before.data(), nullptr, s, o).phy2log;
+      o.policy = eplb::Policy::kBalanced;
+      const auto bal = eplb::Plan(load.data(), old.data(), s, o);
+      o.policy = eplb::Policy::kMinMove;
+      const auto mm = eplb::Plan(load.data(), old.data(), s, o);
+      CheckPlacement(mm);
+      CheckTransfers(mm, old);
+      for (int64_t l = 0; l < s.num_layers; ++l) {
+        CHECK(KeepsTopology(mm.phy2log.data() + l * s.num_physical, s));
+        const auto i = static_cast<size_t>(l);
+        CHECK(mm.max_load_after[i] * 0.99 <= bal.max_load_after[i] * (1 + 1e-12));
+      }
+    }
+  });
   Run("refine: same slots per pack, max not raised, duplicates never added", [] {
     std::mt19937_64 rng(21);
     std::lognormal_distribution<double> d(0.0, 1.0);
