@@ -5,18 +5,23 @@
 // distinct expert could use) and doubles that rank's exposure to the expert's drift in the
 // windows the plan serves. Per pack of ranks (the whole EP group for the global policy, one node
 // for the hierarchical, so every replica stays on its group's node), each such second replica
-// trades places with a replica of another expert on a rank that holds neither, such that both
-// ranks end at or below M, the layer's max rank load (the swap whose heavier rank ends lightest).
-// Where no single replica fits (the rank is at M, so only lighter replicas may come in, and
-// those sit on ranks with no room), the second replica and one more slot of the rank trade
-// places with two slots of another rank. Replica counts never change, so no other rank's load
-// does; where neither swap exists (a rank at M whose every trade would raise the max) the pair
-// stays. Cost per layer: O(P) plus O(P S) per duplicate (O(P S^2) when the pair trade is needed).
+// trades places with a replica of another expert on a rank that holds neither, both ranks ending
+// strictly below M, the layer's max rank load (the swap whose heavier rank ends lightest).
+// Where no single replica fits (typically the rank is at M: only lighter replicas may come in,
+// and those sit on ranks without room), the second replica and one more slot of the rank trade
+// places with two slots of another rank, lightest ranks first. Replica counts never change, so
+// no other rank's load does; where neither trade exists the pair stays.
+// Cost per layer: O(P S) to find duplicates, O(P S) per duplicate for the single swap, and for
+// the pair trade O(S^3) per rank scanned (stopping at the first rank too heavy to beat the best
+// trade found). Measured (one core, balanced's 58 layers): 0.04-0.17 ms on lognormal loads,
+// 0.2-0.74 ms on Zipf (DeepSeek-V3 global, where most duplicates sit on a rank at M).
 //
-// Measured (docs/BENCHMARKS.md protocol, 8 layers of DeepSeek-V3): duplicates of `balanced`
-// 0-1 global / 0 hierarchical on lognormal 0.5 (1 / 18 before), 5 / 4 on Zipf (11 / 24); the
-// rest sit on a rank at the max. Not applied to `deepseek`, which stays DeepSeek's algorithm.
+// Measured (docs/BENCHMARKS.md protocol, 8 layers of DeepSeek-V3, window 1): duplicates of
+// `balanced` 0 global / 0 hierarchical on lognormal 0.5 (1 / 18 without this step; DeepSeek's
+// placement has 1 / 12), 5 / 4 on Zipf (11 / 24). Not applied to `deepseek`, which stays
+// DeepSeek's algorithm.
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -27,9 +32,6 @@ namespace eplb {
 namespace {
 
 using detail::Z;
-
-// Ranks tried for the pair trade of MoveDuplicate.
-constexpr int64_t kLight = 8;
 
 class PackRefiner {
  public:
@@ -98,34 +100,44 @@ class PackRefiner {
     }
     // No single replica fits: trade i and another slot k of r (giving a + wt_k) for two slots
     // j < m of a rank o (taking wt_j + wt_m); d = give - take must lie in (lr - M, M - load_o).
-    // Only the lightest few ranks are tried: they have the room, and a full scan costs S^3 per
-    // rank.
     int64_t bk = -1, bj = -1, bm = -1;
     light_.clear();
     for (int64_t o = 0; o < R_; ++o)
       if (o != r && best_worst - load_[Z(o)] > std::max(0.0, lr - best_worst) && !Holds(o, e))
         light_.push_back(o);
-    if (static_cast<int64_t>(light_.size()) > kLight) {
-      std::nth_element(light_.begin(), light_.begin() + kLight, light_.end(),
-                       [&](int64_t x, int64_t y) {
-                         return load_[Z(x)] < load_[Z(y)] || (load_[Z(x)] == load_[Z(y)] && x < y);
-                       });
-      light_.resize(Z(kLight));
-    }
+    // lightest first: a trade with o leaves max(lr - d, load_o + d) >= (lr + load_o) / 2, so
+    // the scan stops at the first rank that cannot beat the best trade found
+    auto lighter = [&](int64_t x, int64_t y) {
+      return load_[Z(x)] < load_[Z(y)] || (load_[Z(x)] == load_[Z(y)] && x < y);
+    };
+    std::sort(light_.begin(), light_.end(), lighter);
     for (const int64_t o : light_) {
+      const double lo = load_[Z(o)];
+      if (0.5 * (lr + lo) >= best_worst) break;
+      const int64_t* so = slot_ + o * S_;
+      const double* wo = wt_ + o * S_;
+      // the two lightest and two heaviest replicas of o bound what o can give back
+      double min_take = HUGE_VAL, max_take = -HUGE_VAL;
+      for (int64_t j = 0; j < S_; ++j)
+        for (int64_t m = j + 1; m < S_; ++m) {
+          min_take = std::min(min_take, wo[j] + wo[m]);
+          max_take = std::max(max_take, wo[j] + wo[m]);
+        }
       for (int64_t k = r * S_; k < (r + 1) * S_; ++k) {
         if (k == i || slot_[k] == e || Holds(o, slot_[k])) continue;
         const double give = a + wt_[k];
-        for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
-          if (OnMarked(slot_[j])) continue;
-          for (int64_t m = j + 1; m < (o + 1) * S_; ++m) {
-            const double d = give - wt_[j] - wt_[m];
-            const double worst = std::max(lr - d, load_[Z(o)] + d);
-            if (worst < best_worst && !OnMarked(slot_[m]) && slot_[m] != slot_[j]) {
+        // d = give - take must leave both ranks below best_worst
+        if (give - max_take >= best_worst - lo || give - min_take <= lr - best_worst) continue;
+        for (int64_t j = 0; j < S_; ++j) {
+          if (OnMarked(so[j])) continue;
+          for (int64_t m = j + 1; m < S_; ++m) {
+            const double d = give - wo[j] - wo[m];
+            const double worst = std::max(lr - d, lo + d);
+            if (worst < best_worst && !OnMarked(so[m]) && so[m] != so[j]) {
               best_worst = worst;
               bk = k;
-              bj = j;
-              bm = m;
+              bj = o * S_ + j;
+              bm = o * S_ + m;
             }
           }
         }
