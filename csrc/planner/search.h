@@ -146,7 +146,7 @@ class PackSearch {
   // `balanced`; for `min_move`, reduction per changed slot (steps that change nothing net are
   // counted as half a slot) counted only down to the stop: going further below it buys nothing
   // and uses up room other ranks need (on ties, the step leaving the higher max wins). Measured:
-  // 3-11% fewer changed slots than the plain reduction on the benchmark's traces.
+  // 1-10% fewer changed slots than the plain reduction on the benchmark's traces.
   double Score(double M, double worst, double cost) const {
     if (!cost_aware_) return M - worst;
     return (M - std::max(worst, stop_)) / std::max(cost, 0.5) + 1e-9 * worst / M;
