@@ -384,7 +384,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   std::copy(old_phy2log, old_phy2log + P, phy2log);
   if (old_usable && MaxRankLoad(load, old_phy2log, shape) <= stop) return;
 
-  // balanced's placement renumbered onto the old: the fallback, and the search's budget.
+  // balanced's placement renumbered onto the old: the fallback's start (and, hierarchical, the
+  // node searches' budget).
   std::vector<int64_t> renumbered(Z(P));
   Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
   std::vector<int64_t> count(Z(E), 0);
@@ -471,7 +472,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   // Usually one group trading nodes is enough (balanced's partition differs from the old one by
   // 2-4 groups): try the swaps of two groups on different nodes that leave the heaviest node
   // lightest, the two nodes packed afresh and walked back toward their old content, the others
-  // as searched; keep the first that reaches the stop with fewer changed slots.
+  // as searched; keep the one that reaches the stop with the fewest changed slots, if fewer
+  // than the fallback's.
   std::vector<double> group_load(Z(G), 0.0), node_load(Z(N), 0.0);
   for (int64_t e = 0; e < E; ++e) group_load[Z(e / group_size)] += load[e];
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
