@@ -234,6 +234,24 @@ def test_bound_beats_mean_when_replicas_are_coarse():
     assert p.lower_bound[0] > max(p.mean_load[0], 150.0)
 
 
+@pytest.mark.parametrize("groups, nodes", [(1, 1), (8, 4)])
+def test_balanced_spreads_replicas_over_ranks(groups, nodes):
+    # DeepSeek-V3's shape (256 experts + 32 redundant on 32 ranks), 8 layers of a drifting trace:
+    # DeepSeek's greedy puts two replicas of an expert on one rank; balanced's post-pass swaps
+    # them apart (measured: 1 -> 0 global, 12 -> 0 hierarchical) without raising the max.
+    from eplb_native import traces
+
+    load = traces.synth(2, 8, 256, skew="lognormal", sigma=0.5, drift=0.05,
+                        tokens_per_window=16384, seed=0)[1].astype(np.float64)
+    kw = dict(num_ranks=32, num_replicas=288, num_groups=groups, num_nodes=nodes)
+    ds = eplb_native.plan(load, policy="deepseek", **kw)
+    bal = eplb_native.plan(load, policy="balanced", **kw)
+    check_plan(bal, load, 256, 32, groups, nodes)
+    assert ref.duplicates(ds.phy2log, 32).sum() > 0
+    assert ref.duplicates(bal.phy2log, 32).sum() == 0
+    assert (bal.max_load_after <= ds.max_load_after * (1 + 1e-12)).all()
+
+
 def test_min_move_reaches_target_and_moves_less():
     rng = np.random.default_rng(40)
     layers, experts, ranks, slots = 6, 64, 8, 80
@@ -250,6 +268,36 @@ def test_min_move_reaches_target_and_moves_less():
         moved_bal += bal.total_moved_slots
         old_mm, old_bal = mm.phy2log, bal.phy2log
     assert moved_mm < 0.5 * moved_bal
+
+
+@pytest.mark.parametrize("experts, slots, ranks, groups, nodes, share", [
+    (64, 80, 8, 1, 1, 0.25),   # global (measured 0.124 of balanced's moved slots)
+    (64, 80, 8, 4, 2, 0.25),   # hierarchical (0.156)
+    (48, 64, 32, 1, 1, 0.6),   # two slots per rank: walk-back path, no search (0.444)
+])
+def test_min_move_on_a_drifting_sequence(experts, slots, ranks, groups, nodes, share):
+    # Each min_move plan starts from min_move's previous one, as the updator runs it: every
+    # layer reaches 0.99 of balanced's balancedness from the same start, keeps the topology and
+    # its transfers rebuild it, and over the sequence it changes far fewer slots than balanced.
+    from eplb_native import traces
+
+    loads = traces.synth(6, 4, experts, skew="lognormal", sigma=1.0, drift=0.05,
+                         tokens_per_window=4096, seed=3).astype(np.float64)
+    kw = dict(num_ranks=ranks, num_groups=groups, num_nodes=nodes)
+    old_mm = old_bal = eplb_native.plan(loads[0], num_replicas=slots, policy="deepseek",
+                                        **kw).phy2log
+    moved_mm = moved_bal = 0
+    for load in loads[1:]:
+        mm = eplb_native.plan(load, old_mm, policy="min_move", **kw)
+        same = eplb_native.plan(load, old_mm, policy="balanced", **kw)
+        bal = eplb_native.plan(load, old_bal, policy="balanced", **kw)
+        check_plan(mm, load, experts, ranks, groups, nodes, old_mm)
+        assert (mm.balancedness_after >= 0.99 * same.balancedness_after - 1e-12).all()
+        assert (mm.moved_slots <= same.moved_slots).all()
+        moved_mm += mm.total_moved_slots
+        moved_bal += bal.total_moved_slots
+        old_mm, old_bal = mm.phy2log, bal.phy2log
+    assert moved_mm < share * moved_bal
 
 
 def test_min_move_keeps_a_good_placement():

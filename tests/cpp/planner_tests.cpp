@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "planner/placement.h"
+#include "planner/policies.h"
 
 namespace {
 
@@ -125,9 +126,122 @@ std::vector<int64_t> RandomPlacement(std::mt19937_64& rng, const eplb::Shape& s)
   return out;
 }
 
+// Second (and further) replicas of an expert on one rank, over a layer's placement.
+int64_t Duplicates(const int64_t* phy2log, const eplb::Shape& s) {
+  const int64_t S = s.slots_per_rank();
+  int64_t dups = 0;
+  for (int64_t p = 0; p < s.num_physical; ++p)
+    dups += std::find(phy2log + p / S * S, phy2log + p, phy2log[p]) != phy2log + p;
+  return dups;
+}
+
+// Every replica of a group's experts on the group's one node, num_groups / num_nodes groups per
+// node (DeepSeek's hierarchical topology).
+bool KeepsTopology(const int64_t* phy2log, const eplb::Shape& s) {
+  const int64_t group_size = s.num_logical / s.num_groups,
+                node_slots = s.num_physical / s.num_nodes;
+  std::vector<int64_t> node_of(static_cast<size_t>(s.num_groups), -1);
+  std::vector<int64_t> per_node(static_cast<size_t>(s.num_nodes), 0);
+  for (int64_t p = 0; p < s.num_physical; ++p) {
+    auto& n = node_of[static_cast<size_t>(phy2log[p] / group_size)];
+    if (n < 0) {
+      n = p / node_slots;
+      ++per_node[static_cast<size_t>(n)];
+    } else if (n != p / node_slots) {
+      return false;
+    }
+  }
+  for (int64_t c : per_node)
+    if (c != s.num_groups / s.num_nodes) return false;
+  return true;
+}
+
 }  // namespace
 
 int main() {
+  Run("min_move hierarchical from a placement that keeps the topology", [] {
+    // The old placement is DeepSeek's for other loads, so min_move searches inside nodes, swaps
+    // groups between nodes or walks balanced's placement back; all must keep the topology.
+    std::mt19937_64 rng(31);
+    std::lognormal_distribution<double> d(0.0, 1.0);
+    for (int it = 0; it < 300; ++it) {
+      eplb::Shape s;
+      s.num_layers = 2;
+      s.num_nodes = 2 + static_cast<int64_t>(rng() % 3);
+      s.num_ranks = s.num_nodes * (1 + static_cast<int64_t>(rng() % 4));
+      s.num_groups = s.num_nodes * (1 + static_cast<int64_t>(rng() % 3));
+      s.num_logical = s.num_groups * (1 + static_cast<int64_t>(rng() % 5));
+      const int64_t per_rank = (s.num_logical + s.num_ranks - 1) / s.num_ranks;
+      s.num_physical = (per_rank + static_cast<int64_t>(rng() % 3)) * s.num_ranks;
+      std::vector<double> before(static_cast<size_t>(s.num_layers * s.num_logical)), load = before;
+      for (auto& x : before) x = std::floor(100.0 * d(rng));
+      for (auto& x : load) x = std::floor(100.0 * d(rng));
+      eplb::PlanOptions o;
+      o.policy = eplb::Policy::kDeepSeek;
+      const std::vector<int64_t> old = eplb::Plan(before.data(), nullptr, s, o).phy2log;
+      o.policy = eplb::Policy::kBalanced;
+      const auto bal = eplb::Plan(load.data(), old.data(), s, o);
+      o.policy = eplb::Policy::kMinMove;
+      const auto mm = eplb::Plan(load.data(), old.data(), s, o);
+      CheckPlacement(mm);
+      CheckTransfers(mm, old);
+      for (int64_t l = 0; l < s.num_layers; ++l) {
+        CHECK(KeepsTopology(mm.phy2log.data() + l * s.num_physical, s));
+        const auto i = static_cast<size_t>(l);
+        CHECK(mm.max_load_after[i] * 0.99 <= bal.max_load_after[i] * (1 + 1e-12));
+      }
+    }
+  });
+  Run("refine: same slots per pack, max not raised, duplicates never added", [] {
+    std::mt19937_64 rng(21);
+    std::lognormal_distribution<double> d(0.0, 1.0);
+    int64_t removed = 0;
+    for (int it = 0; it < 2000; ++it) {
+      eplb::Shape s = RandomShape(rng);
+      s.num_layers = 1;
+      std::vector<double> load(static_cast<size_t>(s.num_logical));
+      for (auto& x : load) x = std::floor(100.0 * d(rng));
+      // a placement that keeps groups on nodes when hierarchical: DeepSeek's, ranks shuffled
+      // inside nodes' slots so that duplicates appear
+      std::vector<int64_t> phy(static_cast<size_t>(s.num_physical)), phyrank(phy.size());
+      eplb::DeepSeekLayer(load.data(), s, phy.data(), phyrank.data());
+      const int64_t packs = s.hierarchical() ? s.num_nodes : 1;
+      const auto pack_slots = static_cast<size_t>(s.num_physical / packs);
+      for (int64_t n = 0; n < packs; ++n)
+        std::shuffle(phy.begin() + static_cast<std::ptrdiff_t>(n * pack_slots),
+                     phy.begin() + static_cast<std::ptrdiff_t>((n + 1) * pack_slots), rng);
+      const std::vector<int64_t> before = phy;
+      eplb::RefineLayer(load.data(), s, phy.data());
+      CHECK(eplb::MaxRankLoad(load.data(), phy.data(), s) <=
+            eplb::MaxRankLoad(load.data(), before.data(), s));
+      for (int64_t n = 0; n < packs; ++n) {
+        std::vector<int64_t> a(before.begin() + static_cast<std::ptrdiff_t>(n * pack_slots),
+                               before.begin() + static_cast<std::ptrdiff_t>((n + 1) * pack_slots));
+        std::vector<int64_t> b(phy.begin() + static_cast<std::ptrdiff_t>(n * pack_slots),
+                               phy.begin() + static_cast<std::ptrdiff_t>((n + 1) * pack_slots));
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        CHECK(a == b);
+      }
+      const int64_t dups = Duplicates(phy.data(), s);
+      CHECK(dups <= Duplicates(before.data(), s));
+      removed += Duplicates(before.data(), s) - dups;
+    }
+    CHECK(removed > 0);
+  });
+  Run("refine: a duplicate off the max rank is swapped out", [] {
+    eplb::Shape s;
+    s.num_layers = 1;
+    s.num_logical = 4;
+    s.num_physical = 6;
+    s.num_ranks = 3;
+    // expert 0 (load 4, 2 replicas of 2) twice on rank 0; rank 1 holds {1: 5, 2: 1}.
+    const std::vector<double> load = {4.0, 5.0, 1.0, 2.0, 0.0, 0.0};
+    std::vector<int64_t> phy = {0, 0, 1, 2, 3, 3};  // rank loads 4, 6, 2
+    eplb::RefineLayer(load.data(), s, phy.data());
+    CHECK(Duplicates(phy.data(), s) == 0);
+    CHECK(eplb::MaxRankLoad(load.data(), phy.data(), s) <= 6.0);
+  });
   Run("random shapes keep the invariants", [] {
     std::mt19937_64 rng(7);
     for (int it = 0; it < 300; ++it) {

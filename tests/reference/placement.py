@@ -109,6 +109,14 @@ def rank_loads(load, phy2log, num_ranks: int) -> np.ndarray:
     return out
 
 
+def duplicates(phy2log, num_ranks: int) -> np.ndarray:
+    """[L]: replicas beyond the first of an expert on one rank (slots holding the same weights
+    as another slot of their rank), summed over ranks."""
+    phy2log = np.asarray(phy2log)
+    per_rank = np.sort(phy2log.reshape(phy2log.shape[0], num_ranks, -1), axis=-1)
+    return (per_rank[..., 1:] == per_rank[..., :-1]).sum((1, 2))
+
+
 def check_placement(phy2log, log2phy, logcnt, num_experts: int, num_ranks: int) -> None:
     """Asserts the invariants of a placement (slot i of rank r is r * S + i)."""
     num_layers, num_slots = phy2log.shape
