@@ -130,7 +130,8 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
   const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
   // (d)
   std::vector<double> group(Z(G), 0.0);
-  for (int64_t e = 0; e < E; ++e) group[Z(e / group_size)] += load[e];
+  for (int64_t g = 0; g < G; ++g)  // no integer division per expert
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group[Z(g)] += load[e];
   std::sort(group.begin(), group.end(), std::greater<double>());
   double node = group[0];
   for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];

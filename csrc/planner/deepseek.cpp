@@ -53,15 +53,22 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   thread_local std::vector<double> group_load, node_load, phy_load;
   thread_local std::vector<int64_t> group_pack, group_rank, mlog2log, phy2mlog, node_phyrank,
       mlogcnt, pack, rank_in_pack;
+  // Nested loops over (group, expert): no integer division per expert (one costs as much as the
+  // rest of the loop body many times over).
   group_load.assign(static_cast<size_t>(G), 0.0);
-  for (int64_t e = 0; e < E; ++e) group_load[static_cast<size_t>(e / group_size)] += load[e];
+  for (int64_t g = 0; g < G; ++g) {
+    double sum = 0.0;
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) sum += load[e];
+    group_load[static_cast<size_t>(g)] = sum;
+  }
   detail::BalancedPacking(group_load, N, &group_pack, &group_rank);
   mlog2log.resize(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) {
-    const auto g = static_cast<size_t>(e / group_size);
-    const int64_t mlog =
-        (group_pack[g] * groups_per_node + group_rank[g]) * group_size + e % group_size;
-    mlog2log[static_cast<size_t>(mlog)] = e;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t base = (group_pack[static_cast<size_t>(g)] * groups_per_node +
+                          group_rank[static_cast<size_t>(g)]) *
+                         group_size;
+    for (int64_t k = 0; k < group_size; ++k)
+      mlog2log[static_cast<size_t>(base + k)] = g * group_size + k;
   }
 
   node_load.resize(static_cast<size_t>(log_per_node));
