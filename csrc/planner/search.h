@@ -39,6 +39,7 @@ class PackSearch {
     std::vector<int64_t> phy(Z(P));
     std::iota(phy.begin(), phy.begin() + n_, 0);
     Replicate(w_, n_, P, cnt_.data(), phy.data() + n_, beta);
+    RecomputePer();
     std::vector<double> wt(Z(P));
     for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
     std::vector<int64_t> pack, rank_in_pack;
@@ -56,6 +57,7 @@ class PackSearch {
     orig_ = slot_exp_;
     cnt_.assign(Z(n_), 0);
     for (int64_t e : slot_exp_) ++cnt_[Z(e)];
+    RecomputePer();
     Finish();
   }
 
@@ -77,7 +79,7 @@ class PackSearch {
       for (int64_t s = 0; s < R_ * S_; ++s) {
         const int64_t a = slot_exp_[Z(s)];
         if (a == b || cnt_[Z(a)] <= target[a]) continue;
-        const double v = load_[Z(s / S_)] - Wt(a) + wb_new;
+        const double v = load_[Z(rank_[Z(s)])] - Wt(a) + wb_new;
         if (v < best_load) {
           best_load = v;
           best = s;
@@ -114,7 +116,20 @@ class PackSearch {
   double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
 
  private:
-  double Wt(int64_t e) const { return w_[e] / static_cast<double>(cnt_[Z(e)]); }
+  // Load per replica of e: w_e / cnt_e, kept in per_ (divisions are slow; the hot loops read it
+  // for every slot they look at). Every change of cnt_ goes through SetCount or RecomputePer.
+  double Wt(int64_t e) const { return per_[Z(e)]; }
+  void SetCount(int64_t e, int64_t c) {
+    cnt_[Z(e)] = c;
+    per_[Z(e)] = w_[e] / static_cast<double>(c);
+  }
+  void RecomputePer() {
+    per_.resize(Z(n_));
+    for (int64_t e = 0; e < n_; ++e) per_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)]);
+    rank_.resize(Z(R_ * S_));
+    for (int64_t r = 0; r < R_; ++r)
+      for (int64_t j = r * S_; j < (r + 1) * S_; ++j) rank_[Z(j)] = r;
+  }
 
   void Finish() {
     // No placement beats the mean rank load nor the largest replica of the greedy counts.
@@ -181,15 +196,31 @@ class PackSearch {
   void BestSwap(int64_t h, double M, double tol, Step* best) {
     constexpr int64_t kLight = 4;
     if (R_ > 2 * kLight) {
-      light_.resize(Z(R_));
-      std::iota(light_.begin(), light_.end(), 0);
-      std::nth_element(light_.begin(), light_.begin() + kLight, light_.end(),
-                       [&](int64_t a, int64_t b) {
-                         return load_[Z(a)] < load_[Z(b)] || (load_[Z(a)] == load_[Z(b)] && a < b);
-                       });
-      light_.resize(Z(kLight));
-      std::sort(light_.begin(), light_.end());
-      for (int64_t o : light_) SwapWith(h, o, M, tol, best);
+      // The kLight lightest ranks (load, then index), visited by index: one pass keeping them
+      // sorted by load (std::nth_element over all ranks cost more than the swaps it feeds).
+      int64_t lr[kLight];
+      double ll[kLight];
+      for (int64_t k = 0; k < kLight; ++k) {
+        lr[k] = k;
+        ll[k] = load_[Z(k)];
+      }
+      std::sort(lr, lr + kLight, [&](int64_t a, int64_t b) {
+        return load_[Z(a)] < load_[Z(b)] || (load_[Z(a)] == load_[Z(b)] && a < b);
+      });
+      for (int64_t k = 0; k < kLight; ++k) ll[k] = load_[Z(lr[k])];
+      for (int64_t o = kLight; o < R_; ++o) {
+        const double v = load_[Z(o)];
+        if (!(v < ll[kLight - 1])) continue;  // ties go to the lower index, already in
+        int64_t k = kLight - 1;
+        for (; k > 0 && v < ll[k - 1]; --k) {
+          ll[k] = ll[k - 1];
+          lr[k] = lr[k - 1];
+        }
+        ll[k] = v;
+        lr[k] = o;
+      }
+      std::sort(lr, lr + kLight);
+      for (int64_t o : lr) SwapWith(h, o, M, tol, best);
       if (best->kind != 0) return;
     }
     for (int64_t o = 0; o < R_; ++o) SwapWith(h, o, M, tol, best);
@@ -229,11 +260,57 @@ class PackSearch {
     }
   }
 
+  // The slots of each expert as doubly linked lists over slot ids (head_/tail_ per expert,
+  // next_/prev_ per slot, -1 ends), in the order a vector per expert would have: built by
+  // ascending slot, a swapped slot takes the place of the one it replaces, a converted slot is
+  // unlinked and appended. No allocation per search.
   void BuildLists() {
-    slots_of_.assign(Z(n_), {});
-    for (int64_t s = 0; s < R_ * S_; ++s) slots_of_[Z(slot_exp_[Z(s)])].push_back(s);
+    const int64_t P = R_ * S_;
+    head_.assign(Z(n_), -1);
+    tail_.assign(Z(n_), -1);
+    next_.assign(Z(P), -1);
+    prev_.assign(Z(P), -1);
+    for (int64_t s = 0; s < P; ++s) Append(slot_exp_[Z(s)], s);
     delta_.assign(Z(R_), 0.0);
     lists_ready_ = true;
+  }
+  void Append(int64_t e, int64_t s) {
+    prev_[Z(s)] = tail_[Z(e)];
+    next_[Z(s)] = -1;
+    if (tail_[Z(e)] >= 0) {
+      next_[Z(tail_[Z(e)])] = s;
+    } else {
+      head_[Z(e)] = s;
+    }
+    tail_[Z(e)] = s;
+  }
+  void Unlink(int64_t e, int64_t s) {
+    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
+    if (p >= 0) {
+      next_[Z(p)] = q;
+    } else {
+      head_[Z(e)] = q;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = p;
+    } else {
+      tail_[Z(e)] = p;
+    }
+  }
+  // Slot `to` takes the place in e's list of the slot whose links were (p, q).
+  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
+    prev_[Z(to)] = p;
+    next_[Z(to)] = q;
+    if (p >= 0) {
+      next_[Z(p)] = to;
+    } else {
+      head_[Z(e)] = to;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = to;
+    } else {
+      tail_[Z(e)] = to;
+    }
   }
 
   // Max new load over the ranks touched by turning slot s (expert a, cnt >= 2) into expert b,
@@ -247,8 +324,9 @@ class PackSearch {
       if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
       delta_[Z(r)] += d;
     };
-    for (int64_t q : slots_of_[Z(a)]) add(q / S_, q == s ? wb_new - wa : wa_new - wa);
-    for (int64_t q : slots_of_[Z(b)]) add(q / S_, wb_new - wb);
+    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+      add(rank_[Z(q)], q == s ? wb_new - wa : wa_new - wa);
+    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)]) add(rank_[Z(q)], wb_new - wb);
     double worst = 0.0;
     bool has_h = false;
     for (int64_t r : touched_) {
@@ -276,7 +354,7 @@ class PackSearch {
     max_on_.assign(Z(n_), 0.0);
     for (int64_t s = 0; s < R_ * S_; ++s) {
       const int64_t e = slot_exp_[Z(s)];
-      max_on_[Z(e)] = std::max(max_on_[Z(e)], load_[Z(s / S_)]);
+      max_on_[Z(e)] = std::max(max_on_[Z(e)], load_[Z(rank_[Z(s)])]);
     }
     // The two experts with the smallest load per replica after gaining one.
     int64_t b0 = -1, b1 = -1;
@@ -312,7 +390,8 @@ class PackSearch {
         const int64_t a = slot_exp_[Z(s)];
         if (a == x || cnt_[Z(a)] < 2) continue;
         const double wa = Wt(a), inc = w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa;
-        const double worst = std::max({h_new, load_[Z(s / S_)] - wa + wx_new, max_on_[Z(a)] + inc});
+        const double worst =
+            std::max({h_new, load_[Z(rank_[Z(s)])] - wa + wx_new, max_on_[Z(a)] + inc});
         if (worst >= M - tol) continue;
         const double score = Score(M, worst, Cost(s, x));
         if (score <= top_score[kTop - 1]) continue;
@@ -330,35 +409,32 @@ class PackSearch {
     }
   }
 
-  void ReplaceInList(int64_t e, int64_t from, int64_t to) {
-    for (auto& s : slots_of_[Z(e)])
-      if (s == from) {
-        s = to;
-        return;
-      }
-  }
-
   void Apply(const Step& st) {
     if (st.kind == 1) {
       const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
       if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, y) + Cost(st.j, x));
       std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
-      ReplaceInList(x, st.i, st.j);
-      ReplaceInList(y, st.j, st.i);
-      load_[Z(st.i / S_)] = RankLoad(st.i / S_);
-      load_[Z(st.j / S_)] = RankLoad(st.j / S_);
+      if (x != y) {  // (swaps always trade different experts: equal ones gain nothing)
+        const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
+        const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
+        Relink(x, st.j, pi, ni);
+        Relink(y, st.i, pj, nj);
+      }
+      load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
+      load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
       return;
     }
     const int64_t a = slot_exp_[Z(st.i)], b = st.j;
     if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, b));
-    --cnt_[Z(a)];
-    ++cnt_[Z(b)];
+    SetCount(a, cnt_[Z(a)] - 1);
+    SetCount(b, cnt_[Z(b)] + 1);
     slot_exp_[Z(st.i)] = b;
-    auto& la = slots_of_[Z(a)];
-    la.erase(std::find(la.begin(), la.end(), st.i));
-    slots_of_[Z(b)].push_back(st.i);
-    for (int64_t q : la) load_[Z(q / S_)] = RankLoad(q / S_);
-    for (int64_t q : slots_of_[Z(b)]) load_[Z(q / S_)] = RankLoad(q / S_);
+    Unlink(a, st.i);
+    Append(b, st.i);
+    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+      load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
+    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)])
+      load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
   }
 
   // Two slots per rank (e.g. Kimi-K2 on 256 ranks): for given replica counts the best packing
@@ -482,8 +558,8 @@ class PackSearch {
         for (int64_t a : takers) try_move(b, a);
       }
       if (ba < 0) break;
-      --cnt_[Z(ba)];
-      ++cnt_[Z(bb)];
+      SetCount(ba, cnt_[Z(ba)] - 1);
+      SetCount(bb, cnt_[Z(bb)] + 1);
       runs.swap(best_runs);
       cur = PairMax(runs, &lo, &hi);
       improved = true;
@@ -492,6 +568,7 @@ class PackSearch {
       if (improved) {  // counts changed but the pairing is no better than what we had: undo
         cnt_.assign(Z(n_), 0);
         for (int64_t e : slot_exp_) ++cnt_[Z(e)];
+        RecomputePer();
       }
       return false;
     }
@@ -515,10 +592,12 @@ class PackSearch {
   bool cost_aware_ = false;
   int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
-  std::vector<std::vector<int64_t>> slots_of_;
+  std::vector<int64_t> head_, tail_, next_, prev_;  // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
-  std::vector<int64_t> touched_, light_;
-  std::vector<double> wt_o_;  // SwapWith scratch: the other rank's replica loads
+  std::vector<int64_t> touched_;
+  std::vector<double> per_;    // [n] w_e / cnt_e
+  std::vector<int64_t> rank_;  // [R*S] rank of each slot (no integer division in hot loops)
+  std::vector<double> wt_o_;   // SwapWith scratch: the other rank's replica loads
 };
 
 }  // namespace detail
