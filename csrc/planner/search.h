@@ -196,8 +196,11 @@ class PackSearch {
   void BestSwap(int64_t h, double M, double tol, Step* best) {
     constexpr int64_t kLight = 4;
     if (R_ > 2 * kLight) {
-      // The kLight lightest ranks (load, then index), visited by index: one pass keeping them
-      // sorted by load (std::nth_element over all ranks cost more than the swaps it feeds).
+      // The kLight lightest ranks (load, then index): one pass keeping them sorted by load
+      // (std::nth_element over all ranks cost more than the swaps it feeds). Visited lightest
+      // first: the widest gap usually holds the best swap, and the bound in SwapWith then skips
+      // most of the others. Ties in score go to the lowest (rank, slot on h, slot on o), as if
+      // visited by index.
       int64_t lr[kLight];
       double ll[kLight];
       for (int64_t k = 0; k < kLight; ++k) {
@@ -219,11 +222,17 @@ class PackSearch {
         ll[k] = v;
         lr[k] = o;
       }
-      std::sort(lr, lr + kLight);
       for (int64_t o : lr) SwapWith(h, o, M, tol, best);
       if (best->kind != 0) return;
     }
     for (int64_t o = 0; o < R_; ++o) SwapWith(h, o, M, tol, best);
+  }
+
+  // Swap (i, j) comes before swap `b` in the order (rank of j, i, j): the order of a scan of the
+  // ranks by index, whose first best step wins.
+  bool SwapFirst(int64_t i, int64_t j, const Step& b) const {
+    const int64_t o = rank_[Z(j)], bo = rank_[Z(b.j)];
+    return o < bo || (o == bo && (i < b.i || (i == b.i && j < b.j)));
   }
 
   void SwapWith(int64_t h, int64_t o, double M, double tol, Step* best) {
@@ -254,7 +263,9 @@ class PackSearch {
           const double worst = std::max(M - d, load_[Z(o)] + d);
           const double cost = cost_aware_ ? Cost(i, y) + Cost(j, x) : 2.0;
           const double score = Score(M, worst, cost);
-          if (score > best->score) *best = {1, i, j, score};
+          if (score > best->score ||
+              (score == best->score && best->kind == 1 && SwapFirst(i, j, *best)))
+            *best = {1, i, j, score};
         }
       }
     }
