@@ -225,6 +225,16 @@ class PackSearch {
       for (int64_t o : lr) SwapWith(h, o, M, tol, best);
       if (best->kind != 0) return;
     }
+    if (R_ <= 2 * kLight) {  // few ranks (a node): all of them, lightest first as above
+      int64_t order[2 * kLight];
+      for (int64_t o = 0; o < R_; ++o) {
+        int64_t k = o;
+        for (; k > 0 && load_[Z(o)] < load_[Z(order[k - 1])]; --k) order[k] = order[k - 1];
+        order[k] = o;
+      }
+      for (int64_t k = 0; k < R_; ++k) SwapWith(h, order[k], M, tol, best);
+      return;
+    }
     for (int64_t o = 0; o < R_; ++o) SwapWith(h, o, M, tol, best);
   }
 
