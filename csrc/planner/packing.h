@@ -199,6 +199,35 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     }
     return;
   }
+  // When every weight is > 0, the first num_packs items (heaviest first) go to packs 0, 1, ...
+  // in turn: item k finds packs 0..k-1 loaded (> 0) and pack k the first empty one.
+  int64_t first = 0;
+  if (w[order[Z(n - 1)]] > 0.0) {
+    for (int64_t k = 0; k < num_packs; ++k) {
+      const int64_t i = order[Z(k)];
+      (*pack)[Z(i)] = k;
+      items[Z(k)] = 1;
+      pack_weight[Z(k)] = w[i];
+    }
+    first = num_packs;
+    if (per_pack == 2) {
+      // Each further item fills the lightest pack (lowest index on ties) for good, so they go
+      // to the packs in (weight, index) order: pack weights do not increase with the index,
+      // so that is runs of equal weight from the last run to the first, each by index.
+      int64_t k = num_packs;
+      for (int64_t end = num_packs; end > 0;) {
+        int64_t start = end - 1;
+        while (start > 0 && pack_weight[Z(start - 1)] == pack_weight[Z(end - 1)]) --start;
+        for (int64_t q = start; q < end; ++q) {
+          const int64_t i = order[Z(k++)];
+          (*pack)[Z(i)] = q;
+          (*rank_in_pack)[Z(i)] = 1;
+        }
+        end = start;
+      }
+      return;
+    }
+  }
   // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
   // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
   // with room always beats the +inf of the full ones.
@@ -207,10 +236,11 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   if (num_packs <= kScanPacks) {
     // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
     key.assign(Z(kScanPacks), kFull);
-    std::fill(key.begin(), key.begin() + num_packs, 0.0);
+    std::copy(pack_weight.begin(), pack_weight.end(), key.begin());  // no pack is full yet
     const double* k = key.data();
     const int64_t len = (num_packs + 3) / 4 * 4;
-    for (const int64_t i : order) {
+    for (int64_t t = first; t < n; ++t) {
+      const int64_t i = order[Z(t)];
       double m0 = k[0], m1 = k[1], m2 = k[2], m3 = k[3];
       for (int64_t q = 4; q < len; q += 4) {
         m0 = std::min(m0, k[q]);
@@ -238,7 +268,7 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   key.assign(Z(2 * leaves), kFull);
   tree_index.resize(Z(2 * leaves));
   for (int64_t q = 0; q < leaves; ++q) {
-    key[Z(leaves + q)] = q < num_packs ? 0.0 : kFull;
+    key[Z(leaves + q)] = q < num_packs ? pack_weight[Z(q)] : kFull;  // none full yet
     tree_index[Z(leaves + q)] = q;
   }
   for (int64_t v = leaves - 1; v >= 1; --v) {
@@ -248,7 +278,8 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   }
   double* tk = key.data();
   int64_t* ti = tree_index.data();
-  for (const int64_t i : order) {
+  for (int64_t t = first; t < n; ++t) {
+    const int64_t i = order[Z(t)];
     const int64_t p = ti[1];
     (*pack)[Z(i)] = p;
     (*rank_in_pack)[Z(i)] = items[Z(p)]++;
