@@ -472,8 +472,11 @@ class PackSearch {
     bool operator<(const Run& o) const { return w < o.w || (w == o.w && e < o.e); }
   };
 
-  // Paired max over runs sorted ascending; binding experts out (lo, hi).
-  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi) {
+  // Paired max over runs sorted ascending; binding experts out (lo, hi). Stops as soon as the
+  // max reaches `limit` (then returns a value >= limit, all a caller asking "below limit?"
+  // needs).
+  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi,
+                        double limit = HUGE_VAL) {
     auto i = static_cast<int64_t>(0), j = static_cast<int64_t>(runs.size()) - 1;
     int64_t ci = runs[Z(i)].c, cj = runs[Z(j)].c;
     double m = -1.0;
@@ -490,6 +493,7 @@ class PackSearch {
         break;
       }
       take(runs[Z(i)].w + runs[Z(j)].w, runs[Z(i)].e, runs[Z(j)].e);
+      if (m >= limit) break;
       const int64_t k = std::min(ci, cj);
       ci -= k;
       cj -= k;
@@ -510,34 +514,52 @@ class PackSearch {
     return m;
   }
 
-  // runs with expert a losing one replica and b gaining one, still sorted -> out.
-  void Moved(const std::vector<Run>& runs, int64_t a, int64_t b, std::vector<Run>* out) const {
+  // runs with expert a losing one replica and b gaining one, still sorted -> out. pos [n]: the
+  // index of each expert's run in `runs`. The unchanged runs are copied in at most five blocks.
+  void Moved(const std::vector<Run>& runs, const std::vector<int64_t>& pos, int64_t a, int64_t b,
+             std::vector<Run>* out) const {
     const Run ra{w_[a] / static_cast<double>(cnt_[Z(a)] - 1), cnt_[Z(a)] - 1, a};
     const Run rb{w_[b] / static_cast<double>(cnt_[Z(b)] + 1), cnt_[Z(b)] + 1, b};
-    const Run& first = rb < ra ? rb : ra;
-    const Run& second = rb < ra ? ra : rb;
-    out->clear();
-    int stage = 0;
-    for (const Run& r : runs) {
-      if (r.e == a || r.e == b) continue;
-      if (stage == 0 && first < r) {
-        out->push_back(first);
-        stage = 1;
+    // Events on the old sequence: drop the old runs of a and b, insert the new ones before the
+    // first old run above them (at one index: inserts before the drop, the lighter run first).
+    struct Event {
+      int64_t at;
+      int order;  // 0, 1: inserts (lighter first); 2: drop
+      const Run* run;
+    };
+    const bool a_first = ra < rb;
+    Event ev[4] = {
+        {std::lower_bound(runs.begin(), runs.end(), ra) - runs.begin(), a_first ? 0 : 1, &ra},
+        {std::lower_bound(runs.begin(), runs.end(), rb) - runs.begin(), a_first ? 1 : 0, &rb},
+        {pos[Z(a)], 2, nullptr},
+        {pos[Z(b)], 2, nullptr}};
+    std::sort(ev, ev + 4, [](const Event& x, const Event& y) {
+      return x.at < y.at || (x.at == y.at && x.order < y.order);
+    });
+    out->resize(runs.size());
+    Run* o = out->data();
+    int64_t from = 0;
+    for (const Event& e : ev) {
+      o = std::copy(runs.begin() + from, runs.begin() + e.at, o);
+      from = e.at;
+      if (e.run != nullptr) {
+        *o++ = *e.run;
+      } else {
+        from = e.at + 1;
       }
-      if (stage == 1 && second < r) {
-        out->push_back(second);
-        stage = 2;
-      }
-      out->push_back(r);
     }
-    if (stage == 0) out->push_back(first);
-    if (stage <= 1) out->push_back(second);
+    std::copy(runs.begin() + from, runs.end(), o);
   }
 
   bool RefinePairCounts() {
     std::vector<Run> runs, trial, best_runs;
     for (int64_t e = 0; e < n_; ++e) runs.push_back({Wt(e), cnt_[Z(e)], e});
     std::sort(runs.begin(), runs.end());
+    std::vector<int64_t> pos(Z(n_));
+    auto index_runs = [&] {
+      for (size_t k = 0; k < runs.size(); ++k) pos[Z(runs[k].e)] = static_cast<int64_t>(k);
+    };
+    index_runs();
     int64_t lo = 0, hi = 0;
     double cur = PairMax(runs, &lo, &hi);
     constexpr int64_t kCand = 16;
@@ -564,9 +586,9 @@ class PackSearch {
       int64_t ba = -1, bb = -1;
       auto try_move = [&](int64_t a, int64_t b) {
         if (a == b || cnt_[Z(a)] < 2) return;
-        Moved(runs, a, b, &trial);
+        Moved(runs, pos, a, b, &trial);
         int64_t l2 = 0, h2 = 0;
-        const double v = PairMax(trial, &l2, &h2);
+        const double v = PairMax(trial, &l2, &h2, best);
         if (v < best) {
           best = v;
           ba = a;
@@ -582,6 +604,7 @@ class PackSearch {
       SetCount(ba, cnt_[Z(ba)] - 1);
       SetCount(bb, cnt_[Z(bb)] + 1);
       runs.swap(best_runs);
+      index_runs();
       cur = PairMax(runs, &lo, &hi);
       improved = true;
     }
