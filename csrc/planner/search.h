@@ -472,13 +472,56 @@ class PackSearch {
     bool operator<(const Run& o) const { return w < o.w || (w == o.w && e < o.e); }
   };
 
-  // Paired max over runs sorted ascending; binding experts out (lo, hi). Stops as soon as the
-  // max reaches `limit` (then returns a value >= limit, all a caller asking "below limit?"
-  // needs).
-  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi,
-                        double limit = HUGE_VAL) {
-    auto i = static_cast<int64_t>(0), j = static_cast<int64_t>(runs.size()) - 1;
-    int64_t ci = runs[Z(i)].c, cj = runs[Z(j)].c;
+  // A sorted run sequence as a few spans: the runs after a trial move without copying them
+  // (the unchanged runs stay where they are, the two changed ones are held here). Not copyable:
+  // spans may point into it.
+  struct RunSeq {
+    struct Span {
+      const Run* p;
+      int64_t len;
+    };
+    Span span[7];
+    int count = 0;
+    int64_t size = 0;
+    Run ra{}, rb{};
+    RunSeq() = default;
+    RunSeq(const RunSeq&) = delete;
+    RunSeq& operator=(const RunSeq&) = delete;
+    void Add(const Run* p, int64_t len) {
+      if (len <= 0) return;
+      span[count++] = {p, len};
+      size += len;
+    }
+    void CopyTo(std::vector<Run>* out) const {
+      out->resize(Z(size));
+      Run* o = out->data();
+      for (int k = 0; k < count; ++k) o = std::copy(span[k].p, span[k].p + span[k].len, o);
+    }
+  };
+
+  // Paired max over a run sequence sorted ascending; binding experts out (lo, hi). Stops as
+  // soon as the max reaches `limit` (then returns a value >= limit, all a caller asking "below
+  // limit?" needs).
+  static double PairMax(const RunSeq& q, int64_t* lo, int64_t* hi, double limit = HUGE_VAL) {
+    // Cursors: run i from the front (span fi, offset fo), run j from the back (bi, bo).
+    int fi = 0, bi = q.count - 1;
+    int64_t fo = 0, bo = q.span[bi].len - 1;
+    auto front = [&]() -> const Run& { return q.span[fi].p[fo]; };
+    auto back = [&]() -> const Run& { return q.span[bi].p[bo]; };
+    auto next = [&] {
+      if (++fo == q.span[fi].len) {
+        ++fi;
+        fo = 0;
+      }
+    };
+    auto prev = [&] {
+      if (bo-- == 0) {
+        --bi;
+        bo = bi >= 0 ? q.span[bi].len - 1 : 0;
+      }
+    };
+    int64_t i = 0, j = q.size - 1;
+    int64_t ci = front().c, cj = back().c;
     double m = -1.0;
     auto take = [&](double v, int64_t a, int64_t b) {
       if (v > m) {
@@ -489,37 +532,43 @@ class PackSearch {
     };
     while (i <= j) {
       if (i == j) {  // one run left: its replicas pair among themselves
-        if (ci >= 2) take(2.0 * runs[Z(i)].w, runs[Z(i)].e, runs[Z(i)].e);
+        if (ci >= 2) take(2.0 * front().w, front().e, front().e);
         break;
       }
-      take(runs[Z(i)].w + runs[Z(j)].w, runs[Z(i)].e, runs[Z(j)].e);
+      take(front().w + back().w, front().e, back().e);
       if (m >= limit) break;
       const int64_t k = std::min(ci, cj);
       ci -= k;
       cj -= k;
       if (ci == 0 && cj == 0) {
         ++i;
+        next();
         --j;
+        prev();
         if (i > j) break;
-        ci = runs[Z(i)].c;
-        cj = i == j ? ci : runs[Z(j)].c;
+        ci = front().c;
+        cj = i == j ? ci : back().c;
       } else if (ci == 0) {
         ++i;
-        ci = i == j ? cj : runs[Z(i)].c;
+        next();
+        ci = i == j ? cj : front().c;
       } else {
         --j;
-        cj = j == i ? ci : runs[Z(j)].c;
+        prev();
+        cj = j == i ? ci : back().c;
       }
     }
     return m;
   }
 
   // runs with expert a losing one replica and b gaining one, still sorted -> out. pos [n]: the
-  // index of each expert's run in `runs`. The unchanged runs are copied in at most five blocks.
+  // index of each expert's run in `runs`.
   void Moved(const std::vector<Run>& runs, const std::vector<int64_t>& pos, int64_t a, int64_t b,
-             std::vector<Run>* out) const {
-    const Run ra{w_[a] / static_cast<double>(cnt_[Z(a)] - 1), cnt_[Z(a)] - 1, a};
-    const Run rb{w_[b] / static_cast<double>(cnt_[Z(b)] + 1), cnt_[Z(b)] + 1, b};
+             RunSeq* out) const {
+    out->ra = {w_[a] / static_cast<double>(cnt_[Z(a)] - 1), cnt_[Z(a)] - 1, a};
+    out->rb = {w_[b] / static_cast<double>(cnt_[Z(b)] + 1), cnt_[Z(b)] + 1, b};
+    const Run& ra = out->ra;
+    const Run& rb = out->rb;
     // Events on the old sequence: drop the old runs of a and b, insert the new ones before the
     // first old run above them (at one index: inserts before the drop, the lighter run first).
     struct Event {
@@ -536,23 +585,30 @@ class PackSearch {
     std::sort(ev, ev + 4, [](const Event& x, const Event& y) {
       return x.at < y.at || (x.at == y.at && x.order < y.order);
     });
-    out->resize(runs.size());
-    Run* o = out->data();
+    out->count = 0;
+    out->size = 0;
     int64_t from = 0;
     for (const Event& e : ev) {
-      o = std::copy(runs.begin() + from, runs.begin() + e.at, o);
+      out->Add(runs.data() + from, e.at - from);
       from = e.at;
       if (e.run != nullptr) {
-        *o++ = *e.run;
+        out->Add(e.run, 1);
       } else {
         from = e.at + 1;
       }
     }
-    std::copy(runs.begin() + from, runs.end(), o);
+    out->Add(runs.data() + from, static_cast<int64_t>(runs.size()) - from);
+  }
+
+  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi) {
+    RunSeq q;
+    q.Add(runs.data(), static_cast<int64_t>(runs.size()));
+    return PairMax(q, lo, hi);
   }
 
   bool RefinePairCounts() {
-    std::vector<Run> runs, trial, best_runs;
+    std::vector<Run> runs, best_runs;
+    RunSeq trial;
     for (int64_t e = 0; e < n_; ++e) runs.push_back({Wt(e), cnt_[Z(e)], e});
     std::sort(runs.begin(), runs.end());
     std::vector<int64_t> pos(Z(n_));
@@ -593,7 +649,6 @@ class PackSearch {
           best = v;
           ba = a;
           bb = b;
-          best_runs.swap(trial);
         }
       };
       for (int64_t b : {lo, hi}) {
@@ -601,6 +656,8 @@ class PackSearch {
         for (int64_t a : takers) try_move(b, a);
       }
       if (ba < 0) break;
+      Moved(runs, pos, ba, bb, &trial);  // counts still the old ones, as in the trials
+      trial.CopyTo(&best_runs);
       SetCount(ba, cnt_[Z(ba)] - 1);
       SetCount(bb, cnt_[Z(bb)] + 1);
       runs.swap(best_runs);
