@@ -228,6 +228,61 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
       return;
     }
   }
+  int64_t leaves = 1;
+  int index_bits = 0;
+  while (leaves < num_packs) {
+    leaves *= 2;
+    ++index_bits;
+  }
+  // Integer keys when they fit, (pack weight, pack index) as one uint64: then a tournament node
+  // is just the min of its children (one compare, no index to carry, no tie rule) and the winner
+  // is the key's low bits. A pack weight is 0 or >= the lightest positive item (sums of weights
+  // >= 0 never round below a term) and < 2 * total; the bit pattern of a double >= 0 is monotone
+  // in its value, so bits - bits(lightest) + 1 (0 for an empty pack) keeps the order. Used when
+  // that range leaves index_bits free (weights spanning fewer than about 2^(10 - index_bits)
+  // binades: always for real loads); otherwise the double-keyed code below.
+  double lightest = 0.0;
+  for (int64_t t = n - 1; t >= 0 && !(lightest > 0.0); --t) lightest = w[order[Z(t)]];
+  if (lightest > 0.0) {
+    const auto bits_of = [](double v) {
+      uint64_t b;
+      std::memcpy(&b, &v, sizeof b);
+      return b;
+    };
+    const uint64_t base = bits_of(lightest);
+    const uint64_t span = bits_of(2.0 * total) - base + 2;
+    if (index_bits <= 16 && span < (uint64_t{1} << (63 - index_bits))) {
+      const auto make_key = [&](double v, int64_t q) {
+        const uint64_t rank = v > 0.0 ? bits_of(v) - base + 1 : 0;
+        return (rank << index_bits) | static_cast<uint64_t>(q);
+      };
+      constexpr uint64_t kFullKey = ~uint64_t{0};
+      const uint64_t mask = (uint64_t{1} << index_bits) - 1;
+      thread_local std::vector<uint64_t> tree;
+      tree.assign(Z(2 * leaves), kFullKey);
+      for (int64_t q = 0; q < num_packs; ++q)
+        tree[Z(leaves + q)] = make_key(pack_weight[Z(q)], q);  // none full yet
+      for (int64_t v = leaves - 1; v >= 1; --v)
+        tree[Z(v)] = std::min(tree[Z(2 * v)], tree[Z(2 * v + 1)]);
+      uint64_t* tk = tree.data();
+      for (int64_t t = first; t < n; ++t) {
+        const int64_t i = order[Z(t)];
+        const auto p = static_cast<int64_t>(tk[1] & mask);
+        (*pack)[Z(i)] = p;
+        (*rank_in_pack)[Z(i)] = items[Z(p)]++;
+        pack_weight[Z(p)] += w[i];
+        uint64_t ck = items[Z(p)] == per_pack ? kFullKey : make_key(pack_weight[Z(p)], p);
+        int64_t v = leaves + p;
+        tk[v] = ck;
+        while (v > 1) {
+          ck = std::min(ck, tk[v ^ 1]);
+          v /= 2;
+          tk[v] = ck;
+        }
+      }
+      return;
+    }
+  }
   // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
   // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
   // with room always beats the +inf of the full ones.
@@ -262,8 +317,6 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   // left child's winner on ties, and left leaves have lower indices, so the root is the first
   // pack with the minimum key. An update climbs from the leaf with the winner in registers: each
   // level reads only the sibling, whose address does not depend on the comparisons.
-  int64_t leaves = 1;
-  while (leaves < num_packs) leaves *= 2;
   thread_local std::vector<int64_t> tree_index;
   key.assign(Z(2 * leaves), kFull);
   tree_index.resize(Z(2 * leaves));

@@ -180,10 +180,11 @@ std::vector<int64_t> RefReplicate(const std::vector<double>& w, int64_t num_phy,
 }
 
 // Weights with many ties and zeros (small integers), or spread over decades, or all equal, or
-// so large that pack sums overflow.
+// so large that pack sums overflow, or spread over hundreds of decades (BalancedPacking's
+// double-keyed fallback).
 std::vector<double> RandomWeights(std::mt19937_64& rng, int64_t n) {
   std::vector<double> w(static_cast<size_t>(n));
-  const auto kind = rng() % 5;
+  const auto kind = rng() % 6;
   std::lognormal_distribution<double> d(0.0, 2.0);
   for (auto& x : w) {
     if (kind == 0) x = static_cast<double>(rng() % 4);
@@ -191,6 +192,7 @@ std::vector<double> RandomWeights(std::mt19937_64& rng, int64_t n) {
     if (kind == 2) x = d(rng);
     if (kind == 3) x = 5.0;
     if (kind == 4) x = 1e307 * static_cast<double>(1 + rng() % 5);
+    if (kind == 5) x = std::pow(10.0, static_cast<double>(rng() % 500) - 300.0);
   }
   return w;
 }
