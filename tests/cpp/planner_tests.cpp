@@ -200,6 +200,19 @@ std::vector<double> RandomWeights(std::mt19937_64& rng, int64_t n) {
 }  // namespace
 
 int main() {
+  Run("PreserveSlots: the counter path (ids known in range) equals the search path", [] {
+    std::mt19937_64 rng(6);
+    for (int it = 0; it < 500; ++it) {
+      eplb::Shape s = RandomShape(rng);
+      const std::vector<int64_t> old = RandomPlacement(rng, s);
+      std::vector<int64_t> fast = RandomPlacement(rng, s);
+      std::vector<int64_t> slow = fast;
+      eplb::PreserveSlots(fast.data(), old.data(), s);
+      s.num_logical = 0;  // unknown id range (the Python entry point): the search per old slot
+      eplb::PreserveSlots(slow.data(), old.data(), s);
+      CHECK(fast == slow);
+    }
+  });
   Run("packing building blocks match their plain references", [] {
     std::mt19937_64 rng(5);
     for (int it = 0; it < 3000; ++it) {
