@@ -94,7 +94,8 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
     cnt = own_cnt.data();
   }
   double m_star = 0.0;
-  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[e]));
+  for (int64_t e = 0; e < n; ++e)  // (x / 1 is x: divide only for replicated experts)
+    m_star = std::max(m_star, cnt[e] == 1 ? w[e] : w[e] / static_cast<double>(cnt[e]));
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
   // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as

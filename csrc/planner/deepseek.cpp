@@ -81,8 +81,11 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
                      &mlogcnt);
     // 3. physical experts -> ranks of the node.
     for (int64_t j = 0; j < phy_per_node; ++j) {
+      // x / 1 is x: divide only for replicated experts (divisions are slow).
       const auto m = static_cast<size_t>(phy2mlog[static_cast<size_t>(j)]);
-      phy_load[static_cast<size_t>(j)] = node_load[m] / static_cast<double>(mlogcnt[m]);
+      const int64_t c = mlogcnt[m];
+      phy_load[static_cast<size_t>(j)] =
+          c == 1 ? node_load[m] : node_load[m] / static_cast<double>(c);
     }
     detail::BalancedPacking(phy_load, ranks_per_node, &pack, &rank_in_pack);
     for (int64_t j = 0; j < phy_per_node; ++j) {
