@@ -86,7 +86,12 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
   double total = 0.0;
   for (int64_t e = 0; e < n; ++e) total += w[e];
   if (!(total > 0.0)) return 0.0;
-  thread_local std::vector<int64_t> own_cnt;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> own_cnt;
+    std::vector<double> heavy;
+    std::vector<std::pair<double, double>> scratch;
+  } tls;
+  auto& own_cnt = tls.own_cnt;
   const int64_t* cnt = greedy_cnt;
   if (cnt == nullptr) {
     own_cnt.resize(Z(n));
@@ -101,13 +106,13 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
   // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
   // ProvenInfeasible's test) has a_e = 1 and is never big: only the others are visited.
   const double small_max = 0.5 * lo * (1.0 + kEps);
-  thread_local std::vector<double> heavy;
+  auto& heavy = tls.heavy;
   heavy.clear();
   for (int64_t e = 0; e < n; ++e)
     if (w[e] > small_max) heavy.push_back(w[e]);
   const auto nh = static_cast<int64_t>(heavy.size());
   const double* hw = heavy.data();
-  thread_local std::vector<std::pair<double, double>> scratch;
+  auto& scratch = tls.scratch;
   if (!ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
   for (int it = 0; it < 30 && hi - lo > 1e-7 * lo; ++it) {
     const double mid = 0.5 * (lo + hi);

@@ -29,7 +29,8 @@ void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy,
   std::iota(phy2log->begin(), phy2log->begin() + num_log, 0);
   detail::Replicate(weight, num_log, num_phy, logcnt->data(), phy2log->data() + num_log);
   // Replica ordinals: the k-th added copy of an expert is its replica k.
-  thread_local std::vector<int64_t> seen;
+  thread_local std::vector<int64_t> seen_tls;
+  auto& seen = seen_tls;  // bound once: each use of a thread_local costs a TLS lookup
   seen.assign(Z(num_log), 0);
   for (int64_t i = num_log; i < num_phy; ++i) {
     const int64_t e = (*phy2log)[Z(i)];
@@ -50,9 +51,30 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
 
   // 1. groups -> nodes. mlog ("meta-logical") numbers experts node by node.
   // Scratch is per thread and kept between layers: no heap allocation per layer once warm.
-  thread_local std::vector<double> group_load, node_load, phy_load;
-  thread_local std::vector<int64_t> group_pack, group_rank, mlog2log, phy2mlog, node_phyrank,
-      mlogcnt, pack, rank_in_pack;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<double> group_load;
+    std::vector<double> node_load;
+    std::vector<double> phy_load;
+    std::vector<int64_t> group_pack;
+    std::vector<int64_t> group_rank;
+    std::vector<int64_t> mlog2log;
+    std::vector<int64_t> phy2mlog;
+    std::vector<int64_t> node_phyrank;
+    std::vector<int64_t> mlogcnt;
+    std::vector<int64_t> pack;
+    std::vector<int64_t> rank_in_pack;
+  } tls;
+  auto& group_load = tls.group_load;
+  auto& node_load = tls.node_load;
+  auto& phy_load = tls.phy_load;
+  auto& group_pack = tls.group_pack;
+  auto& group_rank = tls.group_rank;
+  auto& mlog2log = tls.mlog2log;
+  auto& phy2mlog = tls.phy2mlog;
+  auto& node_phyrank = tls.node_phyrank;
+  auto& mlogcnt = tls.mlogcnt;
+  auto& pack = tls.pack;
+  auto& rank_in_pack = tls.rank_in_pack;
   // Nested loops over (group, expert): no integer division per expert (one costs as much as the
   // rest of the loop body many times over).
   group_load.assign(static_cast<size_t>(G), 0.0);

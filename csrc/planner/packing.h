@@ -65,7 +65,12 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   if (num_phy == n) return;
   // Heap of (load per replica, -index): the top is the largest, lowest index first.
   using Key = std::pair<double, int64_t>;
-  thread_local std::vector<Key> heap;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<Key> heap;
+    std::vector<uint64_t> bits;
+    std::vector<uint32_t> hist;
+  } tls;
+  auto& heap = tls.heap;
   // Only the top num_phy - n experts (by load, lower index first) can ever be picked: an expert
   // is picked only once every expert above it has been (an unpicked expert keeps its full load,
   // a picked one's load per replica only drops for beta >= 0). Heaping just those (or a
@@ -75,8 +80,8 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   if (4 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
     // The experts of the buckets holding the top `picks`: a superset (the last bucket may hold
     // lighter ones too), and a superset gives the same greedy.
-    thread_local std::vector<uint64_t> bits;
-    thread_local std::vector<uint32_t> hist;
+    auto& bits = tls.bits;
+    auto& hist = tls.hist;
     bits.resize(Z(n));
     const BitBuckets bucket(w, n, bits.data());
     hist.assign(Z(bucket.count), 0);
@@ -129,14 +134,19 @@ inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
     if (n == 1) order[0] = 0;
     return;
   }
-  thread_local std::vector<uint64_t> bits;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<uint64_t> bits;
+    std::vector<uint32_t> start;
+    std::vector<std::pair<uint64_t, int64_t>> items;  // (bits, index)
+  } tls;
+  auto& bits = tls.bits;
   bits.resize(Z(n));
   const BitBuckets bucket(w, n, bits.data());
-  thread_local std::vector<uint32_t> start;
+  auto& start = tls.start;
   start.assign(Z(bucket.count) + 1, 0);
   for (int64_t i = 0; i < n; ++i) ++start[bucket(bits[Z(i)]) + 1];
   for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
-  thread_local std::vector<std::pair<uint64_t, int64_t>> items;  // (bits, index)
+  auto& items = tls.items;
   items.resize(Z(n));
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t b = bits[Z(i)];
@@ -176,12 +186,20 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   }
   // Heaviest first, lower index first on ties (SortHeaviestFirst).
   const double* w = weight.data();
-  thread_local std::vector<int64_t> order;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> order;
+    std::vector<double> pack_weight;
+    std::vector<int64_t> items;
+    std::vector<uint64_t> tree;
+    std::vector<double> key;
+    std::vector<int64_t> tree_index;
+  } tls;
+  auto& order = tls.order;
   order.resize(Z(n));
   SortHeaviestFirst(w, n, order.data());
 
-  thread_local std::vector<double> pack_weight;
-  thread_local std::vector<int64_t> items;
+  auto& pack_weight = tls.pack_weight;
+  auto& items = tls.items;
   pack_weight.assign(Z(num_packs), 0.0);
   items.assign(Z(num_packs), 0);
   double total = 0.0;
@@ -258,7 +276,7 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
       };
       constexpr uint64_t kFullKey = ~uint64_t{0};
       const uint64_t mask = (uint64_t{1} << index_bits) - 1;
-      thread_local std::vector<uint64_t> tree;
+      auto& tree = tls.tree;
       tree.assign(Z(2 * leaves), kFullKey);
       for (int64_t q = 0; q < num_packs; ++q)
         tree[Z(leaves + q)] = make_key(pack_weight[Z(q)], q);  // none full yet
@@ -287,7 +305,7 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
   // with room always beats the +inf of the full ones.
   constexpr double kFull = std::numeric_limits<double>::infinity();
-  thread_local std::vector<double> key;
+  auto& key = tls.key;
   if (num_packs <= kScanPacks) {
     // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
     key.assign(Z(kScanPacks), kFull);
@@ -317,7 +335,7 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   // left child's winner on ties, and left leaves have lower indices, so the root is the first
   // pack with the minimum key. An update climbs from the leaf with the winner in registers: each
   // level reads only the sibling, whose address does not depend on the comparisons.
-  thread_local std::vector<int64_t> tree_index;
+  auto& tree_index = tls.tree_index;
   key.assign(Z(2 * leaves), kFull);
   tree_index.resize(Z(2 * leaves));
   for (int64_t q = 0; q < leaves; ++q) {

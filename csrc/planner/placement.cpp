@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <thread>
@@ -138,8 +137,14 @@ double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
   // Loads per replica once per expert, dividing only for the experts with several replicas
   // (load / 1 is load; divisions are slow), then the same sums in the same order as dividing
   // per slot.
-  thread_local std::vector<int64_t> cnt, multi;
-  thread_local std::vector<double> per;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> cnt;
+    std::vector<int64_t> multi;
+    std::vector<double> per;
+  } tls;
+  auto& cnt = tls.cnt;
+  auto& multi = tls.multi;
+  auto& per = tls.per;
   cnt.assign(static_cast<size_t>(E), 0);
   multi.clear();
   for (int64_t p = 0; p < P; ++p)
@@ -164,7 +169,11 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
   // (O(S) per rank, not O(S^2)), the same result. need[v]: copies of v still wanted on the
   // rank; skip[v]: copies of v kept in their old slots, which the fill below passes over (the
   // first ones in the new order, as the search would have taken them).
-  thread_local std::vector<int64_t> need, skip;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> need, skip;
+  } tls;
+  auto& need = tls.need;
+  auto& skip = tls.skip;
   if (E > 0) {
     need.assign(static_cast<size_t>(E), 0);
     skip.assign(static_cast<size_t>(E), 0);
@@ -289,7 +298,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     if (options.policy == Policy::kDeepSeek && !shape.hierarchical()) {
       // Global DeepSeek replicated exactly as the bound's greedy does (PreserveSlots only
       // permutes slots inside ranks): its counts save the bound a second replication.
-      thread_local std::vector<int64_t> cnt;
+      thread_local std::vector<int64_t> cnt_tls;
+      auto& cnt = cnt_tls;  // bound once: each use of a thread_local costs a TLS lookup
       cnt.assign(static_cast<size_t>(E), 0);
       for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(dst[p])];
       out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, cnt.data());
@@ -322,10 +332,9 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   }
   if (!valid) ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
   out.max_replicas = m;
-  // -1 everywhere (all bytes 0xff; memset beats a fill loop on the largest output), then the
+  // -1 everywhere (one pass: resize + memset would write this largest output twice), then the
   // slots: DeepSeek orders log2phy columns by replica ordinal, the others by slot.
-  out.log2phy.resize(static_cast<size_t>(L * E * m));
-  std::memset(out.log2phy.data(), 0xff, out.log2phy.size() * sizeof(int64_t));
+  out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
   const bool by_ordinal = options.policy == Policy::kDeepSeek && old_phy2log == nullptr;
   std::vector<int64_t> fill(by_ordinal ? 0 : static_cast<size_t>(E));
   for (int64_t l = 0; l < L; ++l) {
