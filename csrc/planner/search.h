@@ -40,6 +40,7 @@ class PackSearch {
     std::iota(phy.begin(), phy.begin() + n_, 0);
     Replicate(w_, n_, P, cnt_.data(), phy.data() + n_, beta);
     RecomputePer();
+    greedy_counts_ = beta == 1.0;
     std::vector<double> wt(Z(P));
     for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
     std::vector<int64_t> pack, rank_in_pack;
@@ -58,6 +59,7 @@ class PackSearch {
     cnt_.assign(Z(n_), 0);
     for (int64_t e : slot_exp_) ++cnt_[Z(e)];
     RecomputePer();
+    greedy_counts_ = false;
     Finish();
   }
 
@@ -135,8 +137,14 @@ class PackSearch {
     // No placement beats the mean rank load nor the largest replica of the greedy counts.
     double total = 0.0;
     for (int64_t e = 0; e < n_; ++e) total += w_[e];
-    std::vector<int64_t> best(Z(n_));
-    Replicate(w_, n_, R_ * S_, best.data(), nullptr);
+    // (cnt_ holds them already right after InitGreedy with DeepSeek's rule.)
+    std::vector<int64_t> best;
+    if (greedy_counts_) {
+      best = cnt_;
+    } else {
+      best.resize(Z(n_));
+      Replicate(w_, n_, R_ * S_, best.data(), nullptr);
+    }
     double largest = 0.0;
     for (int64_t e = 0; e < n_; ++e)
       largest = std::max(largest, w_[e] / static_cast<double>(best[Z(e)]));
@@ -379,14 +387,32 @@ class PackSearch {
     }
     // The two experts with the smallest load per replica after gaining one.
     int64_t b0 = -1, b1 = -1;
-    auto gained = [&](int64_t e) { return w_[e] / static_cast<double>(cnt_[Z(e)] + 1); };
+    double g0 = 0.0, g1 = 0.0;
     for (int64_t e = 0; e < n_; ++e) {
-      if (b0 < 0 || gained(e) < gained(b0)) {
+      const double g = w_[e] / static_cast<double>(cnt_[Z(e)] + 1);
+      if (b0 < 0 || g < g0) {
         b1 = b0;
+        g1 = g0;
         b0 = e;
-      } else if (b1 < 0 || gained(e) < gained(b1)) {
+        g0 = g;
+      } else if (b1 < 0 || g < g1) {
         b1 = e;
+        g1 = g;
       }
+    }
+    // Per slot s (expert a), the same for every x below: its rank's load without it, and the
+    // max load over a's ranks once a gives up a replica (+inf when a has only one: it cannot).
+    // Computed once here instead of once per (x, s), with the same expressions.
+    const int64_t P = R_ * S_;
+    conv_base_.resize(Z(P));
+    conv_after_.resize(Z(P));
+    for (int64_t q = 0; q < P; ++q) {
+      const int64_t a = slot_exp_[Z(q)];
+      const double wa = Wt(a);
+      conv_base_[Z(q)] = load_[Z(rank_[Z(q)])] - wa;
+      conv_after_[Z(q)] = cnt_[Z(a)] < 2
+                              ? HUGE_VAL
+                              : max_on_[Z(a)] + (w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa);
     }
     constexpr int kTop = 3;
     for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
@@ -407,13 +433,10 @@ class PackSearch {
         top_slot[k] = -1;
       }
       const double h_new = M - wx + wx_new;
-      for (int64_t s = 0; s < R_ * S_; ++s) {
-        const int64_t a = slot_exp_[Z(s)];
-        if (a == x || cnt_[Z(a)] < 2) continue;
-        const double wa = Wt(a), inc = w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa;
-        const double worst =
-            std::max({h_new, load_[Z(rank_[Z(s)])] - wa + wx_new, max_on_[Z(a)] + inc});
-        if (worst >= M - tol) continue;
+      for (int64_t s = 0; s < P; ++s) {
+        if (slot_exp_[Z(s)] == x) continue;
+        const double worst = std::max({h_new, conv_base_[Z(s)] + wx_new, conv_after_[Z(s)]});
+        if (worst >= M - tol) continue;  // (also every a with one replica: +inf)
         const double score = Score(M, worst, Cost(s, x));
         if (score <= top_score[kTop - 1]) continue;
         int k = kTop - 1;
@@ -693,8 +716,10 @@ class PackSearch {
   bool cost_aware_ = false;
   int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
+  bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
   std::vector<int64_t> head_, tail_, next_, prev_;  // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
+  std::vector<double> conv_base_, conv_after_;  // BestConvert scratch, per slot
   std::vector<int64_t> touched_;
   std::vector<double> per_;    // [n] w_e / cnt_e
   std::vector<int64_t> rank_;  // [R*S] rank of each slot (no integer division in hot loops)
