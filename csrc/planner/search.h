@@ -31,19 +31,38 @@ class PackSearch {
   PackSearch(const double* w, int64_t n, int64_t num_ranks, int64_t S)
       : w_(w), n_(n), R_(num_ranks), S_(S) {}
 
+  // The same object for another pack (call Init* next): as newly constructed, but the vectors
+  // keep their capacity, so a search reused per thread allocates nothing once warm.
+  void Reset(const double* w, int64_t n, int64_t num_ranks, int64_t S) {
+    w_ = w;
+    n_ = n;
+    R_ = num_ranks;
+    S_ = S;
+    orig_.clear();
+    trivial_bound_ = 0.0;
+    cost_aware_ = false;
+    changed_ = 0;
+    budget_ = 0;
+    lists_ready_ = false;
+    greedy_counts_ = false;
+  }
+
   // DeepSeek's greedy: replica counts by largest load per replica, then LPT onto the ranks.
   // beta: replica-count rule (packing.h Replicate); 1 is DeepSeek's.
   void InitGreedy(double beta = 1.0) {
     const int64_t P = R_ * S_;
     cnt_.assign(Z(n_), 1);
-    std::vector<int64_t> phy(Z(P));
+    std::vector<int64_t>& phy = init_phy_;  // (scratch members: no allocation once warm)
+    phy.resize(Z(P));
     std::iota(phy.begin(), phy.begin() + n_, 0);
     Replicate(w_, n_, P, cnt_.data(), phy.data() + n_, beta);
     RecomputePer();
     greedy_counts_ = beta == 1.0;
-    std::vector<double> wt(Z(P));
+    std::vector<double>& wt = init_wt_;
+    wt.resize(Z(P));
     for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
-    std::vector<int64_t> pack, rank_in_pack;
+    std::vector<int64_t>& pack = init_pack_;
+    std::vector<int64_t>& rank_in_pack = init_rank_;
     BalancedPacking(wt, R_, &pack, &rank_in_pack);
     slot_exp_.assign(Z(P), 0);
     for (int64_t i = 0; i < P; ++i) slot_exp_[Z(pack[Z(i)] * S_ + rank_in_pack[Z(i)])] = phy[Z(i)];
@@ -138,7 +157,7 @@ class PackSearch {
     double total = 0.0;
     for (int64_t e = 0; e < n_; ++e) total += w_[e];
     // (cnt_ holds them already right after InitGreedy with DeepSeek's rule.)
-    std::vector<int64_t> best;
+    std::vector<int64_t>& best = init_pack_;  // scratch
     if (greedy_counts_) {
       best = cnt_;
     } else {
@@ -719,7 +738,9 @@ class PackSearch {
   bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
   std::vector<int64_t> head_, tail_, next_, prev_;  // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
-  std::vector<double> conv_base_, conv_after_;  // BestConvert scratch, per slot
+  std::vector<double> conv_base_, conv_after_;             // BestConvert scratch, per slot
+  std::vector<int64_t> init_phy_, init_pack_, init_rank_;  // InitGreedy / Finish scratch
+  std::vector<double> init_wt_;
   std::vector<int64_t> touched_;
   std::vector<double> per_;    // [n] w_e / cnt_e
   std::vector<int64_t> rank_;  // [R*S] rank of each slot (no integer division in hot loops)
