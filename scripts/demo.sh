@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh cli
+. scripts/python_env.sh
 mkdir -p out
-"${PYTHON:-python3}" -m eplb_native.cli demo --png out/demo.png --save-trace out/demo_trace.npz "$@"
-"${PYTHON:-python3}" -m eplb_native.cli plan --load examples/loads/deepseek_v3_like.npz --ranks 32 --nodes 4 --groups 8 \
+"$PY" -m eplb_native.cli demo --png out/demo.png --save-trace out/demo_trace.npz "$@"
+"$PY" -m eplb_native.cli plan --load examples/loads/deepseek_v3_like.npz --ranks 32 --nodes 4 --groups 8 \
   --redundant 32 -o out/expert_map.json

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-PY=${PYTHON:-python3}
+. scripts/python_env.sh
 "$PY" -m ruff check .
 # C++ / CUDA / Ascend C sources keep the repo's .clang-format (pinned clang-format from the extras)
 git ls-files -z 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'tests/cpp/*.cpp' 'tests/npu/*.cpp' |

@@ -1,9 +1,11 @@
 """Benchmarks stay runnable: their smoke modes, as CI's only benchmark run (no timings asserted).
 
-bench_ops --smoke needs no GPU and no peer; bench_planner --smoke needs the peers' policy code
-(../shared/tools/anchors.py with a filled EPLB_ANCHOR_CACHE) and skips without it.
+bench_ops --smoke and bench_updator --smoke need no GPU and no peer; bench_planner --smoke needs
+the peers' policy code (../shared/tools/anchors.py with a filled EPLB_ANCHOR_CACHE) and skips
+without it.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -36,3 +38,18 @@ def test_bench_planner_smoke():
     out = _run("benchmarks/bench_planner.py", "--smoke")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ours balanced" in out.stdout and "vLLM default" in out.stdout
+
+
+def test_bench_updator_smoke(tmp_path):
+    out_json = tmp_path / "bench_updator.json"
+    # a budget below one expert: one expert per rank and step, so each layer's move spans steps
+    out = _run("benchmarks/bench_updator.py", "--smoke", "--max-move-bytes-per-step", "1",
+               "--out", str(out_json))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["backend"] == "gloo" and result["rows_per_step"] == 1
+    assert max(result["steps_per_layer_move"]) > 1
+    # the rotation sends each peer consecutive slots: one message per weight tensor each way
+    assert result["layer_move"]["ops_this_rank"] == 2 * 2 and result["layer_move"]["bytes"] > 0
+    assert result["budget_step_move"]["bytes"] == result["slot_bytes"]
+    assert set(result["planner_s"]) == {"deepseek", "balanced", "min_move"}

@@ -49,6 +49,8 @@ def test_ours_and_defaults():
     assert EplbConfig.parse(None) == EplbConfig()
     c = EplbConfig.parse({"policy": "min_move", "layers_per_step": 2, "transfer_timeout_s": 5})
     assert (c.policy, c.layers_per_step, c.transfer_timeout_s) == ("min_move", 2, 5)
+    assert c.max_move_bytes_per_step is None
+    assert EplbConfig.parse({"max_move_bytes_per_step": 1 << 30}).max_move_bytes_per_step == 1 << 30
     assert EplbConfig.parse(c) is c
 
 
@@ -60,6 +62,9 @@ def test_ours_and_defaults():
     ({"policy": "best"}, "policy"),
     ({"eplb_policy_type": 9}, "eplb_policy_type"),
     ({"transfer_timeout_s": float("nan")}, "transfer_timeout_s"),
+    ({"max_move_bytes_per_step": 0}, "max_move_bytes_per_step"),
+    ({"max_move_bytes_per_step": 2.5e9}, "max_move_bytes_per_step"),
+    ({"max_move_bytes_per_step": True}, "max_move_bytes_per_step"),
     ({"dynamic_eplb": "yes"}, "dynamic_eplb"),
     ({"expert_map_path": "/no/such/file.json"}, "expert_map_path"),
     ({"step_interval": 3, "expert_heat_collection_interval": 4}, "step_interval"),
@@ -92,3 +97,5 @@ def test_fuzz_valid_or_valueerror_naming_a_key(doc):
             assert c.dynamic_eplb is v
         elif k == "window_size":
             assert c.window_size == v
+        elif k == "max_move_bytes_per_step":
+            assert c.max_move_bytes_per_step == v and (v is None or v >= 1)

@@ -392,6 +392,52 @@ def test_cuda_large_load_uses_global_atomics(id_dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("id_dtype", INDEX)
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 8])
+def test_cuda_spread_many_blocks(id_dtype, k):
+    """Inputs large enough that every SM's block loops over several batches of vectors; k both
+    a multiple of the vector width (one token per vector) and not (the token stepped per id);
+    an odd offset so the ids are not 16-byte aligned (scalar path)."""
+    gen = np.random.default_rng(100 + k)
+    log2phy, logcnt = _placement(384, 512, 5, torch.int64, "cuda", gen)
+    load = _load(512, torch.int64, "cuda", gen)
+    ids = _ids(300_000 // k, k, 384, id_dtype, "cuda", gen)
+    _check_map(ops.map_and_record, ids, log2phy, logcnt, load, _flag(True, "cuda"),
+               _flag(250_000 // k, "cuda", torch.int64), "spread")
+    unaligned = _ids(100_001, 1, 384, id_dtype, "cuda", gen).reshape(-1)[1:]
+    _check_map(ops.map_and_record, unaligned, log2phy, logcnt, load, _flag(True, "cuda"), None,
+               "spread")
+
+
+@needs_cuda
+def test_cuda_spread_table_not_staged():
+    """log2phy too big for shared memory: lookups from global memory."""
+    gen = np.random.default_rng(41)
+    log2phy, logcnt = _placement(4096, 4096 + 2048, 16, torch.int64, "cuda", gen)
+    load = _load(4096 + 2048, torch.int64, "cuda", gen)
+    ids = _ids(20_000, 8, 4096, torch.int32, "cuda", gen)
+    _check_map(ops.map_and_record, ids, log2phy, logcnt, load, _flag(True, "cuda"), None,
+               "spread")
+
+
+@needs_cuda
+def test_cuda_spread_division_fallback():
+    """Around tokens * replica columns = 2^32: below, the table is staged and t % c taken by
+    multiply-high (exact only there); above, it is read from global memory with a division.
+    Both equal the reference."""
+    gen = np.random.default_rng(43)
+    E, cols = 2, 2500
+    P = E * cols
+    log2phy = torch.arange(P, device="cuda").reshape(E, cols)
+    logcnt = torch.tensor([cols, cols - 7], device="cuda")
+    load = _load(P, torch.int64, "cuda", gen)
+    for tokens in [(1 << 32) // cols - 2, (1 << 32) // cols + 50_000]:
+        ids = torch.tensor(gen.integers(0, E, tokens), dtype=torch.int32, device="cuda")
+        _check_map(ops.map_and_record, ids, log2phy, logcnt, load, _flag(True, "cuda"), None,
+                   "spread")
+
+
+@needs_cuda
+@pytest.mark.parametrize("id_dtype", INDEX)
 def test_cuda_graph_replay_record_on_off(id_dtype):
     gen = np.random.default_rng(41)
     log2phy, logcnt = _placement(256, 288, 8, torch.int64, "cuda", gen)

@@ -15,20 +15,32 @@ import eplb_native
 from eplb_native import expert_map, state
 from eplb_native.adapters import AdapterError
 from eplb_native.nn import EPMoE, logical_weights_of_slots
-from eplb_native.transfer import layer_schedule
+from eplb_native.transfer import MoveLayout, StepBudget, layer_schedule
 
 BACKEND = os.environ.get("EPLB_TEST_BACKEND", "gloo")
 
 
-@pytest.mark.parametrize("world,fault", [(2, "raise"), (4, "timeout")])
-def test_multiprocess_rebalance(world, fault, tmp_path):
+@pytest.mark.parametrize("world,fault,budget_rows", [(2, "raise", None), (4, "timeout", None),
+                                                     (2, "issue", 1), (4, "issue", 2)])
+def test_multiprocess_rebalance(world, fault, budget_rows, tmp_path):
     if BACKEND == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     import updator_mp
 
     # a rendezvous file of this test's own: no port to race other processes for
     init = f"file://{tmp_path}/rdzv"
-    mp.spawn(updator_mp.scenario, args=(world, init, BACKEND, str(tmp_path), fault),
+    mp.spawn(updator_mp.scenario, args=(world, init, BACKEND, str(tmp_path), fault, budget_rows),
+             nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world,budget_rows", [(2, None), (4, 1)])
+def test_multiprocess_move_to_random_placements(world, budget_rows, tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.scenario_move_to,
+             args=(world, f"file://{tmp_path}/rdzv", BACKEND, str(tmp_path), budget_rows),
              nprocs=world, join=True)
 
 
@@ -56,6 +68,94 @@ def test_schedule_properties():
         assert np.array_equal(got, new)
         p2p = [(f.dst_rank, f.logical) for f in fills if f.kind == "p2p"]
         assert len(p2p) == len(set(p2p)), "an expert sent twice to one rank"
+
+
+def _random_placement(rng, ranks, e, p):
+    return np.concatenate([rng.permutation(e), rng.integers(0, e, p - e)])
+
+
+def test_move_layout_messages_and_budget():
+    """Plays the layout's messages on integer "weights" (each row = its logical id), every rank
+    at once: the committed rows equal the new placement; each step's pieces keep to the budget
+    (shared by the moves of one step) and never send a row twice; one message per (pair, step)
+    unless the sender lacks free staging rows to gather into; gather rows never overlap the
+    rows the sender receives into."""
+    rng = np.random.default_rng(7)
+    kinds = {"direct": 0, "gather": 0, "runs": 0, "split": 0}
+    for _ in range(300):
+        ranks, e = int(rng.integers(1, 6)), int(rng.integers(2, 12))
+        s = int(rng.integers(-(-e // ranks), -(-e // ranks) + 3))
+        p = ranks * s
+        budget_rows = None if rng.random() < 0.3 else int(rng.integers(1, 4))
+        moves = []
+        for _ in range(int(rng.integers(1, 3))):  # moves sharing each step's budget
+            old, new = _random_placement(rng, ranks, e, p), _random_placement(rng, ranks, e, p)
+            lay = MoveLayout(layer_schedule(old, new, ranks), ranks, s)
+            weights = old.reshape(ranks, s).copy()
+            staging = np.full((ranks, s), -1)
+            for r in range(ranks):
+                for slot, row in lay.local[r]:
+                    staging[r, row] = weights[r, slot]
+            moves.append((lay, weights, staging, {pair: 0 for pair in lay.pairs}, new))
+        for _step in range(sum(m[0].rows_total() for m in moves) + 1):
+            if all(c[k] == len(m[0].pairs[k]) for m in moves for c in [m[3]] for k in c):
+                break
+            budget = StepBudget(ranks, budget_rows)
+            got_recv, got_send = np.zeros(ranks, int), np.zeros(ranks, int)
+            for lay, weights, staging, cursor, _ in moves:
+                before = dict(cursor)
+                pieces = lay.take(cursor, budget)
+                for pc in pieces:
+                    rows = lay.pairs[(pc.src_rank, pc.dst_rank)]
+                    assert pc.start == before[(pc.src_rank, pc.dst_rank)] < pc.stop <= len(rows)
+                    n = pc.stop - pc.start
+                    got_recv[pc.dst_rank] += n
+                    got_send[pc.src_rank] += n
+                    src = [slot for slot, _ in rows[pc.start:pc.stop]]
+                    assert [a for a, _ in pc.runs] == [pc.start] + [b for _, b in pc.runs[:-1]]
+                    assert pc.runs[-1][1] == pc.stop
+                    base = lay.recv_row[(pc.src_rank, pc.dst_rank)]
+                    if pc.gather_row >= 0:
+                        kinds["gather"] += 1
+                        g = pc.gather_row
+                        assert lay.changed[pc.src_rank] <= g and g + n <= s
+                        staging[pc.src_rank, g:g + n] = weights[pc.src_rank, src]
+                        staging[pc.dst_rank, base + pc.start:base + pc.stop] = (
+                            staging[pc.src_rank, g:g + n])
+                    else:
+                        kinds["direct" if len(pc.runs) == 1 else "runs"] += 1
+                        for a, b in pc.runs:
+                            first = rows[a][0]
+                            assert src[a - pc.start:b - pc.start] == list(range(first,
+                                                                                first + b - a))
+                            staging[pc.dst_rank, base + a:base + b] = (
+                                weights[pc.src_rank, first:first + b - a])
+                    if n < len(rows):
+                        kinds["split"] += 1
+                gathered = {}
+                for pc in pieces:
+                    if pc.gather_row >= 0:
+                        gathered.setdefault(pc.src_rank, []).append(
+                            (pc.gather_row, pc.gather_row + pc.stop - pc.start))
+                    elif len(pc.runs) > 1:  # fell back: the sender had no room left to gather
+                        used = sum(b - a for a, b in gathered.get(pc.src_rank, []))
+                        assert pc.stop - pc.start > s - lay.changed[pc.src_rank] - used
+                for spans in gathered.values():  # a step's gathers never overlap
+                    spans.sort()
+                    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+            if budget_rows is not None:
+                assert got_recv.max(initial=0) <= budget_rows
+                assert got_send.max(initial=0) <= budget_rows
+            assert got_recv.sum() > 0, "a step made no progress"
+        for lay, weights, staging, cursor, new in moves:
+            assert all(cursor[k] == len(v) for k, v in lay.pairs.items())
+            for r in range(ranks):
+                for row, slot, n in lay.commit_runs[r]:
+                    weights[r, slot:slot + n] = staging[r, row:row + n]
+            assert np.array_equal(weights.reshape(-1), new)
+    assert all(kinds.values()), kinds  # every kind of message was exercised
+    with pytest.raises(ValueError, match="rows"):
+        StepBudget(2, 0)
 
 
 class Stack(torch.nn.Module):
@@ -167,6 +267,11 @@ def test_placement_tensors_and_default_spread():
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]
     assert logcnt.tolist() == [2, 1, 1] and local.tolist() == [1, -1, 0]
     assert state.default_placement(8, 2, 2).tolist() == [0, 1, 2, 3, 4, 4, 5, 6, 7, 0]
+    layers = state.default_placement(8, 2, 2, num_layers=3)
+    assert layers.shape == (3, 10) and (layers == state.default_placement(8, 2, 2)).all()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_layers"):
+            state.default_placement(8, 2, 2, num_layers=bad)
     with pytest.raises(ValueError, match="num_ranks"):
         state.default_placement(7, 2, 0)
     with pytest.raises(ValueError, match="holds no copy"):

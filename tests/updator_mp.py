@@ -89,9 +89,16 @@ def _setup(rank, world, init_method, backend):
     return torch.device("cpu")
 
 
-def scenario(rank, world, init_method, backend, tmpdir, fault):
+#: bytes of one slot's weights (w13 [2I, H] + w2 [H, I], fp32): the unit of the move budget
+SLOT_BYTES = (2 * INTER * HIDDEN + HIDDEN * INTER) * 4
+
+
+def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None):
     """The whole test on one rank: rebalancing with equal outputs, then a fault, then the
-    expert-map round trip. ``fault``: "raise" or "timeout"."""
+    expert-map round trip. ``fault``: "raise" (after waiting), "timeout" (posting delayed past
+    transfer_timeout_s) or "issue" (raised while issuing, in the second step of the layer's move
+    when a budget splits it). ``budget_rows``: max_move_bytes_per_step in slots' weights (a
+    little more, which must round down), None for whole layers."""
     torch.manual_seed(0)
     torch.set_num_threads(1)  # ranks share the CI machine's few cores
     device = _setup(rank, world, init_method, backend)
@@ -106,6 +113,8 @@ def scenario(rank, world, init_method, backend, tmpdir, fault):
         "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0,
         # 4 ranks move every layer at once: concurrent moves must not cross their messages
         "layers_per_step": NUM_LAYERS if world == 4 else 1}}
+    if budget_rows is not None:
+        config["eplb_config"]["max_move_bytes_per_step"] = budget_rows * SLOT_BYTES + 100
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
 
@@ -113,10 +122,17 @@ def scenario(rank, world, init_method, backend, tmpdir, fault):
     fault_cycle, fault_layer, fault_rank = 1, 1, world - 1
     default = eplb_native.state.default_placement(EXPERTS, world, redundant)
     injected = []
+    issues = []  # steps at which the faulty layer's move issued on the faulty rank
 
     def hook(cycle, layer, phase):
         if (cycle, layer, rank) != (fault_cycle, fault_layer, fault_rank):
             return None
+        if phase == "issue":
+            issues.append(updator.step)
+        if fault == "issue" and phase == "issue" and len(issues) == (
+                1 if budget_rows is None else 2):
+            injected.append(phase)
+            raise RuntimeError("injected failure while issuing")
         if fault == "raise" and phase == "complete":
             injected.append(phase)
             raise RuntimeError("injected transfer failure")
@@ -133,15 +149,22 @@ def scenario(rank, world, init_method, backend, tmpdir, fault):
             # the failed layer kept its old placement on every rank
             assert np.array_equal(updator.phy2log()[fault_layer], default)
 
-    _run(model, reference, updator, 24, rank, device, on_step=on_step)
+    _run(model, reference, updator, 24 if budget_rows is None else 40, rank, device,
+         on_step=on_step)
 
     moves = updator.stats.moves
     assert updator.cycle >= 4, f"expected several cycles, got {updator.cycle}"
     failed = [m for m in moves if not m["ok"]]
     assert [(m["cycle"], m["layer"]) for m in failed] == [(fault_cycle, fault_layer)], failed
+    if budget_rows is not None:
+        # the budget split moves over steps; the failed one was dropped after its second step
+        assert any(m["steps"] > 1 for m in moves if m["ok"]), moves
+        if fault == "issue":
+            assert failed[0]["steps"] == 2, failed
     if rank == fault_rank:
         assert injected, "the fault was never injected"
-        expect = "injected transfer failure" if fault == "raise" else "transfer_timeout_s"
+        expect = {"raise": "injected transfer failure", "timeout": "transfer_timeout_s",
+                  "issue": "injected failure while issuing"}[fault]
         assert expect in failed[0]["reason"], failed[0]["reason"]
     else:
         assert failed[0]["reason"], "a kept layer must say why"
@@ -171,5 +194,43 @@ def scenario(rank, world, init_method, backend, tmpdir, fault):
     _check_same_maps(up2, group)
     _run(fresh, reference2, up2, 3, rank, device, first_step=100)
     up2.shutdown()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
+    """Random placements forced with ``Updator.move_to`` (whole reshuffles: direct, gathered and
+    per-run messages), with or without a byte budget: outputs equal and weights bit-exact at
+    every step, identical maps, every move lands."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    device = _setup(rank, world, init_method, backend)
+    group = dist.group.WORLD
+    redundant = world
+    model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
+    config = {"expert_heat_collection_interval": 10 ** 6, "layers_per_step": 2,
+              "transfer_timeout_s": 20.0}
+    if budget_rows is not None:
+        config["max_move_bytes_per_step"] = budget_rows * SLOT_BYTES
+    updator = eplb_native.attach(model, config, group)
+    updator.warm_up()
+    rng = np.random.default_rng(5)  # the same draws on every rank
+    p = EXPERTS + redundant
+    step = 0
+    for _ in range(4):
+        target = np.stack([np.concatenate([rng.permutation(EXPERTS),
+                                           rng.integers(0, EXPERTS, p - EXPERTS)])
+                           for _ in range(NUM_LAYERS)])
+        assert updator.move_to(target) > 0
+        while updator.moving:
+            _run(model, reference, updator, 1, rank, device, first_step=step)
+            step += 1
+        _check_same_maps(updator, group)
+        assert np.array_equal(updator.phy2log(), target)
+    moves = updator.stats.moves
+    assert all(m["ok"] for m in moves), moves
+    if budget_rows is not None:
+        assert any(m["steps"] > 1 for m in moves), moves
+    updator.shutdown()
     dist.barrier()
     dist.destroy_process_group()

@@ -68,8 +68,7 @@ def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
     (see ``state.default_placement``). This is what a server runs before EPLB has planned."""
     from .state import default_placement
 
-    row = default_placement(num_experts, num_ranks, num_redundant)
-    return np.tile(row, (num_layers, 1))
+    return default_placement(num_experts, num_ranks, num_redundant, num_layers)
 
 
 def _topology_label(num_nodes: int, num_groups: int) -> str:

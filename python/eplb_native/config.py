@@ -14,13 +14,21 @@ key (aliases)                      meaning                             default
 ``window_size``                    recent steps of load a plan sees    = heat interval
 ``algorithm_execution_interval``   steps from submitting a plan to     1
                                    moving its first layer
-``layers_per_step``                layers moved per step               1
+``layers_per_step``                layers moved per step (with a byte  1
+                                   budget: layers in flight at once)
+``max_move_bytes_per_step``        per-step budget of moves: bytes     None (whole layers)
+                                   each rank may receive and send in
+                                   one step (at least one expert); a
+                                   layer's move then spans steps, its
+                                   placement switches when all of it
+                                   arrived on every rank
 ``policy`` (``eplb_policy_type``)  ``deepseek`` | ``balanced`` |       ``balanced``
                                    ``min_move`` (vLLM ``default`` =
                                    deepseek; vllm-ascend types 0, 1 =
                                    deepseek, 2, 3 = balanced)
 ``transfer_timeout_s``             a layer whose transfers take longer 30.0
-                                   keeps its old placement
+                                   (in one step) keeps its old
+                                   placement
 ``expert_map_path``                initial placement (vllm-ascend      None (default spread)
                                    expert-map JSON)
 ``expert_map_record_path``         final placement written here        None
@@ -69,6 +77,7 @@ class EplbConfig:
     window_size: int | None = None
     algorithm_execution_interval: int = 1
     layers_per_step: int = 1
+    max_move_bytes_per_step: int | None = None
     policy: str = "balanced"
     transfer_timeout_s: float = 30.0
     expert_map_path: str | None = None
@@ -92,6 +101,8 @@ class EplbConfig:
             _check_int("num_redundant_experts", self.num_redundant_experts, 0)
         if self.window_size is not None:
             _check_int("window_size", self.window_size, 1)
+        if self.max_move_bytes_per_step is not None:
+            _check_int("max_move_bytes_per_step", self.max_move_bytes_per_step, 1)
         t = self.transfer_timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"transfer_timeout_s must be a finite number > 0, got {t!r}")

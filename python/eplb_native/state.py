@@ -52,16 +52,21 @@ def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int
     return torch.from_numpy(log2phy), torch.from_numpy(logcnt), torch.from_numpy(local)
 
 
-def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0) -> np.ndarray:
-    """vllm-ascend's default placement, ``phy2log`` [P] with P = E + num_redundant.
+def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
+                      num_layers: int | None = None) -> np.ndarray:
+    """vllm-ascend's default placement, ``phy2log`` [P] with P = E + num_redundant, or [L, P]
+    (the same row for every layer) when ``num_layers`` = L is given.
 
     Experts are cut into ``num_ranks`` contiguous groups (the first ``E % num_ranks`` groups one
     longer); redundant copy i goes to the rank ``num_ranks - 1 - (i % num_ranks)`` and holds
     the expert after the last one that rank holds (mod E). Every rank must end with the same
     slot count, so ``(E + num_redundant) % num_ranks == 0``.
     """
-    for key, v, lo in (("num_logical_experts", num_logical, 1), ("num_ranks", num_ranks, 1),
-                       ("num_redundant_experts", num_redundant, 0)):
+    checks = [("num_logical_experts", num_logical, 1), ("num_ranks", num_ranks, 1),
+              ("num_redundant_experts", num_redundant, 0)]
+    if num_layers is not None:
+        checks.append(("num_layers", num_layers, 1))
+    for key, v, lo in checks:
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
             raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
     if (num_logical + num_redundant) % num_ranks:
@@ -76,7 +81,8 @@ def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0) 
         raise ValueError(f"the default placement of {num_logical} experts and {num_redundant} "
                          f"redundant ones over {num_ranks} ranks is uneven {sorted(sizes)}; "
                          "give an expert_map_path")
-    return np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
+    row = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
+    return row if num_layers is None else np.tile(row, (num_layers, 1))
 
 
 def logical_load(slot_load: torch.Tensor, phy2log: torch.Tensor, num_logical: int,

@@ -8,15 +8,25 @@ slot whose logical expert changes it says where the new expert's weights come fr
   slot of the same expert on that rank copies from the first after it arrived);
 - the sender is one of the old holders, spread over them by destination rank.
 
-``LayerMove`` executes one layer's schedule on one rank: receives land in a staging buffer
-(allocated once by the caller), the layer's live weights are only read until :meth:`commit`
-copies the staged rows in, so a move that fails leaves the layer untouched.
+``MoveLayout`` (also pure, also identical on every rank) turns the schedule into messages: the
+rows rank ``s`` sends rank ``d`` travel together, one message per weight tensor, received into
+one contiguous region of ``d``'s staging buffer (regions laid out by source rank). The sender
+sends straight from its weights when the rows are consecutive slots, else it first gathers them
+into free rows of its own staging buffer (rows no receive of this layer uses); only when those
+are too few does it fall back to one message per run of consecutive slots. A per-step row
+budget (``StepBudget``) may split a layer's messages over several steps.
+
+``LayerMove`` executes one layer's move on one rank, step by step: receives land in a staging
+buffer (allocated once by the caller), the layer's live weights are only read until
+:meth:`LayerMove.commit` copies the staged rows in, so a move that fails leaves the layer
+untouched.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,138 +85,372 @@ def layer_schedule(old_phy2log, new_phy2log, num_ranks: int) -> list[SlotFill]:
     return fills
 
 
+class StepBudget:
+    """Rows (one slot's weights over all tensors each) every rank may still receive and send in
+    the current step; shared by the moves issued in that step. ``rows`` None: no limit."""
+
+    def __init__(self, num_ranks: int, rows: int | None):
+        if rows is not None and rows < 1:
+            raise ValueError(f"rows must be >= 1 or None, got {rows}")
+        self.unlimited = rows is None
+        self.recv = [rows or 0] * num_ranks
+        self.send = [rows or 0] * num_ranks
+
+    def room(self, src: int, dst: int) -> int | None:
+        """Rows ``src`` may still send ``dst`` in this step (None: any number)."""
+        return None if self.unlimited else min(self.recv[dst], self.send[src])
+
+    def take(self, src: int, dst: int, rows: int) -> None:
+        if not self.unlimited:
+            self.recv[dst] -= rows
+            self.send[src] -= rows
+
+    @property
+    def exhausted(self) -> bool:
+        """No rank can receive, or no rank can send, another row in this step."""
+        return not self.unlimited and (max(self.recv) <= 0 or max(self.send) <= 0)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One step's share of what ``src_rank`` sends ``dst_rank``: entries ``start`` ..
+    ``stop - 1`` of ``MoveLayout.pairs[(src_rank, dst_rank)]``, as ``len(runs)`` messages per
+    weight tensor; run ``(a, b)`` covers entries a .. b - 1. ``gather_row``: the sender first
+    copies the entries into its staging rows ``gather_row`` .. (one run then); -1: it sends
+    straight from its weights (each run is consecutive slots there)."""
+
+    src_rank: int
+    dst_rank: int
+    start: int
+    stop: int
+    runs: tuple[tuple[int, int], ...]
+    gather_row: int
+
+
+def _runs(pairs) -> list[tuple[int, int, int]]:
+    """(a0, b0, n) for each maximal run of (a, b) pairs where both go up by one."""
+    out: list[list[int]] = []
+    for a, b in pairs:
+        if out and a == out[-1][0] + out[-1][2] and b == out[-1][1] + out[-1][2]:
+            out[-1][2] += 1
+        else:
+            out.append([a, b, 1])
+    return [(a, b, n) for a, b, n in out]
+
+
+def _entry_runs(rows, start: int, stop: int) -> list[tuple[int, int]]:
+    """Entry ranges [a, b) of ``rows[start:stop]`` whose first members (slots) are consecutive."""
+    runs: list[list[int]] = []
+    for i in range(start, stop):
+        if runs and rows[i][0] == rows[i - 1][0] + 1:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+class MoveLayout:
+    """Where each row of one layer's move travels; a pure function of the schedule, so every
+    rank computes the same layout and the same pieces.
+
+    Attributes:
+        pairs: ``(s, d)`` -> [(old local slot on s, new local slot on d)] for every row s sends
+            d, sorted by the slot on s (so consecutive slots there form one message); sorted by
+            (s, d).
+        recv_row: ``(s, d)`` -> d's staging row of the first of those rows (the others follow).
+        changed: [R] staging rows in use on each rank = slots whose expert changes there. Rows
+            ``changed[r]`` .. S - 1 of r's staging are free and hold the rows r gathers to send.
+        local: [R] lists of (old slot, staging row): local copies.
+        commit_runs: [R] lists of (staging row, new slot, n): staged rows copied into the live
+            weights at commit (duplicates of a received expert copy its staging row again).
+    """
+
+    def __init__(self, fills: list[SlotFill], num_ranks: int, slots_per_rank: int):
+        r_, s_ = num_ranks, slots_per_rank
+        pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for f in fills:
+            if f.kind == "p2p":
+                pairs.setdefault((f.src_rank, f.dst_rank), []).append((f.src_slot, f.dst_slot))
+        self.num_ranks, self.slots_per_rank = r_, s_
+        self.pairs = {k: sorted(v) for k, v in sorted(pairs.items())}
+        self.recv_row: dict[tuple[int, int], int] = {}
+        self.changed = [0] * r_
+        staged: list[dict[int, int]] = [{} for _ in range(r_)]  # new slot -> staging row
+        for (s, d), rows in self.pairs.items():  # sources ascending for each destination
+            self.recv_row[(s, d)] = self.changed[d]
+            for _, slot in rows:
+                staged[d][slot] = self.changed[d]
+                self.changed[d] += 1
+        self.local: list[list[tuple[int, int]]] = [[] for _ in range(r_)]
+        for f in fills:
+            if f.kind == "local":
+                staged[f.dst_rank][f.dst_slot] = self.changed[f.dst_rank]
+                self.local[f.dst_rank].append((f.src_slot, self.changed[f.dst_rank]))
+                self.changed[f.dst_rank] += 1
+        self.commit_runs: list[list[tuple[int, int, int]]] = []
+        for r in range(r_):
+            rows = sorted((row, slot) for slot, row in staged[r].items())
+            dups = [(staged[r][f.src_slot], f.dst_slot) for f in fills
+                    if f.kind == "dup" and f.dst_rank == r]
+            self.commit_runs.append(_runs(rows) + _runs(dups))
+        if max(self.changed, default=0) > s_:
+            raise ValueError(f"more changed slots than slots per rank ({s_})")
+
+    def rows_total(self) -> int:
+        """Rows the whole move sends over all pairs."""
+        return sum(len(v) for v in self.pairs.values())
+
+    def take(self, cursor: dict[tuple[int, int], int],
+             budget: StepBudget | None = None) -> list[Piece]:
+        """The next step's pieces (every pair's next rows, as many as ``budget`` lets through;
+        all of them without one); advances ``cursor`` (pair -> entries already sent) and charges
+        ``budget``. Every rank calls it with the same arguments and gets the same pieces."""
+        s_ = self.slots_per_rank
+        free = [s_ - c for c in self.changed]  # gather rows each sender has left this step
+        pieces = []
+        for (s, d), rows in self.pairs.items():
+            start = cursor[(s, d)]
+            n = len(rows) - start
+            room = budget.room(s, d) if budget is not None else None
+            if room is not None:
+                n = min(n, room)
+            if n <= 0:
+                continue
+            if budget is not None:
+                budget.take(s, d, n)
+            stop = start + n
+            runs = _entry_runs(rows, start, stop)
+            gather_row = -1
+            if len(runs) > 1 and n <= free[s]:
+                gather_row = s_ - free[s]
+                free[s] -= n
+                runs = [(start, stop)]
+            pieces.append(Piece(s, d, start, stop, tuple(runs), gather_row))
+            cursor[(s, d)] = stop
+        return pieces
+
+
 class LayerMove:
-    """One layer's move on one rank.
+    """One layer's move on one rank, issued one step at a time (all of it in one step unless a
+    :class:`StepBudget` limits it).
 
     Args:
-        weights: the layer's live expert weight tensors, each [S, ...] (read only here).
-        staging: this move's staging tensors, same shapes as ``weights`` (owned by the caller,
-            reused across moves once this one is finished or drained).
+        weights: the layer's live expert weight tensors, each [S, ...] contiguous (read only
+            here, written only by :meth:`commit`).
+        staging: this move's staging tensors, each [S, ...] contiguous of the matching weight's
+            dtype (owned by the caller, reused once this move is committed or drained).
         fills: ``layer_schedule(...)`` for the layer.
         rank: this rank in ``group``; group: the process group for P2P (None: one process).
         stream: a device stream to issue on (None: the current one; always None on CPU).
         tag: P2P tag of this move's messages. Moves in flight together must use different
             tags (the layer index does): on gloo each move posts from its own thread, and
             messages of one tag between two ranks match in posting order, whatever the move.
+
+    Attributes: bytes_received / ops_posted / steps (this rank, so far), error (the first
+    exception, None if none), t_first (perf_counter of the first issue).
     """
 
     def __init__(self, weights, staging, fills, rank: int, group, stream=None, tag: int = 0):
+        if len(staging) != len(weights) or any(
+                t.shape != w.shape or t.dtype != w.dtype or not t.is_contiguous()
+                or not w.is_contiguous() for w, t in zip(weights, staging, strict=False)):
+            raise ValueError("staging must match weights tensor by tensor (shape, dtype), all "
+                             "contiguous")
         self.weights, self.staging, self.fills = weights, staging, fills
         self.rank, self.group, self.stream, self.tag = rank, group, stream, tag
+        num_ranks = 1 if group is None else dist.get_world_size(group)
+        self.layout = MoveLayout(fills, num_ranks, weights[0].shape[0])
+        self.cursor = {pair: 0 for pair in self.layout.pairs}
+        self.row_bytes = sum(w[0].numel() * w.element_size() for w in weights)
         self.device = weights[0].device
         # gloo's P2P works only learn they completed inside wait(), so on CPU a thread waits
         # for them and the caller waits on the thread with a deadline; device works answer
         # is_completed() without blocking.
         self.on_cpu = self.device.type == "cpu"
-        self.works: list = []
         self.error: BaseException | None = None
         self.bytes_received = 0
-        self._timer: threading.Thread | None = None
-        self._done = threading.Event()  # CPU: ops issued and waited; device: ops issued
+        self.ops_posted = 0
+        self.steps = 0
+        self.t_first = 0.0
         self.t_issue = 0.0
+        self._works: list = []
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()  # CPU: this step posted and waited; device: posted
+        self._done.set()
+        #: set once this step's ops were posted (or failed to be): a device move posting later
+        #: on a thread holds back the moves issued after it, whose messages must follow its own
+        self.posted = threading.Event()
+        self.posted.set()
 
-    def _ops(self):
-        ops = []
-        for f in self.fills:
-            if f.kind != "p2p":
-                continue
-            if f.src_rank == self.rank:
-                peer = dist.get_global_rank(self.group, f.dst_rank)
-                ops += [dist.P2POp(dist.isend, w[f.src_slot], peer, self.group, self.tag)
-                        for w in self.weights]
-            elif f.dst_rank == self.rank:
-                peer = dist.get_global_rank(self.group, f.src_rank)
-                ops += [dist.P2POp(dist.irecv, t[f.dst_slot], peer, self.group, self.tag)
-                        for t in self.staging]
-                self.bytes_received += sum(t[0].numel() * t.element_size()
-                                           for t in self.staging)
-        return ops
+    @property
+    def all_issued(self) -> bool:
+        """Every row of the layer has been issued (by some step so far)."""
+        return all(self.cursor[p] == len(rows) for p, rows in self.layout.pairs.items())
 
-    def _issue_now(self, ops):
-        try:
-            if ops:
-                if self.stream is not None:
-                    with _stream_ctx(self.stream):
-                        self.works = dist.batch_isend_irecv(ops)
-                else:
-                    self.works = dist.batch_isend_irecv(ops)
-            if self.on_cpu:
-                for w in self.works:
-                    w.wait()
-        except BaseException as e:  # noqa: BLE001  (reported through the agreement)
+    def _fail(self, e: BaseException) -> None:
+        if self.error is None:
             self.error = e
+
+    def _ops(self, pieces: list[Piece]) -> tuple[list, list[tuple[int, int, int]]]:
+        """This rank's P2P ops for ``pieces`` (views of weights / staging) and the gathers
+        (src slot, staging row, n) they need first."""
+        ops, gathers = [], []
+        lay = self.layout
+        for p in pieces:
+            rows = lay.pairs[(p.src_rank, p.dst_rank)]
+            if p.src_rank == self.rank:
+                peer = dist.get_global_rank(self.group, p.dst_rank)
+                if p.gather_row >= 0:
+                    gathers += [(slot, p.gather_row + i, n)
+                                for slot, i, n in _runs((rows[j][0], j - p.start)
+                                                        for j in range(p.start, p.stop))]
+                for w, t in zip(self.weights, self.staging, strict=True):
+                    for a, b in p.runs:
+                        if p.gather_row >= 0:
+                            view = t[p.gather_row:p.gather_row + p.stop - p.start]
+                        else:
+                            view = w[rows[a][0]:rows[a][0] + b - a]
+                        ops.append(dist.P2POp(dist.isend, view, peer, self.group, self.tag))
+            elif p.dst_rank == self.rank:
+                peer = dist.get_global_rank(self.group, p.src_rank)
+                base = lay.recv_row[(p.src_rank, p.dst_rank)]
+                for t in self.staging:
+                    for a, b in p.runs:
+                        ops.append(dist.P2POp(dist.irecv, t[base + a:base + b], peer,
+                                              self.group, self.tag))
+                self.bytes_received += (p.stop - p.start) * self.row_bytes
+        return ops, gathers
+
+    def issue(self, budget: StepBudget | None = None,
+              before_post: Callable[[], float | None] | None = None,
+              after: threading.Event | None = None) -> None:
+        """Issues this move's next step: its share of ``budget`` (all that is left without
+        one). Gathers are queued on ``stream``, the P2P ops posted, now (device) or on a thread
+        (CPU, or when delayed), then the local copies (first step) queued on ``stream``: they
+        overlap the transfers instead of delaying them.
+
+        ``before_post()`` runs after the gathers, just before posting (fault injection): it may
+        return a delay in seconds (posting then moves to a thread) or raise. Any exception here
+        is this move's failure (:meth:`wait` raises it); the ops are posted all the same, so no
+        peer waits for a message that never comes. ``after``: an Event to wait for before
+        posting on a device (the previous move's :attr:`posted`, so messages keep their order).
+        Never raises.
+        """
+        self.t_issue = time.perf_counter()
+        if not self.steps:
+            self.t_first = self.t_issue
+        self.steps += 1
+        self._works, self._thread = [], None
+        self._done.clear()
+        self.posted.clear()
+        ops: list = []
+        try:
+            pieces = self.layout.take(self.cursor, budget)
+            ops, gathers = self._ops(pieces)
+        except BaseException as e:  # noqa: BLE001  (a bug: reported through the agreement)
+            self._fail(e)
+            self.posted.set()
+            self._done.set()
+            return
+        delay = 0.0
+        try:
+            self._copy(gathers)
+            if before_post is not None:
+                delay = float(before_post() or 0.0)
+        except BaseException as e:  # noqa: BLE001  (reported through the agreement)
+            self._fail(e)
+        self.ops_posted += len(ops)
+        if self.on_cpu and not ops and not delay:
+            self.posted.set()
+            self._done.set()
+        elif self.on_cpu or delay > 0 or (after is not None and not after.is_set()):
+            self._thread = threading.Thread(target=self._post, args=(ops, delay, after, True),
+                                            daemon=True, name="eplb-move")
+            self._thread.start()
+        else:
+            self._post(ops, 0.0, None, False)
+        if self.steps == 1:
+            try:  # staging rows no receive writes, from weights no one writes before commit
+                self._copy(_runs(self.layout.local[self.rank]))
+            except BaseException as e:  # noqa: BLE001  (reported through the agreement)
+                self._fail(e)
+
+    @torch.no_grad()
+    def _copy(self, runs) -> None:
+        """staging[row:row+n] = weights[slot:slot+n] for each (slot, row, n), on ``stream``."""
+        with _stream_ctx(self.stream):
+            for slot, row, n in runs:
+                for w, t in zip(self.weights, self.staging, strict=True):
+                    t[row:row + n].copy_(w[slot:slot + n], non_blocking=True)
+
+    def _post(self, ops, delay_s: float, after, on_thread: bool) -> None:
+        try:
+            if after is not None and not self.on_cpu:
+                after.wait()
+            if delay_s > 0:
+                time.sleep(delay_s)
+            if ops:
+                if on_thread and not self.on_cpu:  # a new thread starts on device 0
+                    getattr(torch, self.device.type).set_device(self.device)
+                with _stream_ctx(self.stream):
+                    self._works = dist.batch_isend_irecv(ops)
+        except BaseException as e:  # noqa: BLE001  (reported through the agreement)
+            self._fail(e)
+        finally:
+            self.posted.set()
+        try:
+            if self.on_cpu:
+                for w in self._works:
+                    w.wait()
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
         finally:
             self._done.set()
 
-    def issue(self, delay_s: float = 0.0) -> None:
-        """Local copies now; P2P ops now (device) or on a thread (CPU), ``delay_s`` later
-        (fault injection)."""
-        self.t_issue = time.perf_counter()
-        ctx = _stream_ctx(self.stream)
-        with ctx:
-            for f in self.fills:
-                if f.kind == "local" and f.dst_rank == self.rank:
-                    for w, t in zip(self.weights, self.staging, strict=True):
-                        t[f.dst_slot].copy_(w[f.src_slot], non_blocking=True)
-        ops = self._ops()
-        if delay_s > 0 or (self.on_cpu and ops):
-            def run():
-                time.sleep(delay_s)
-                if not self.on_cpu:  # a new thread starts on device 0
-                    getattr(torch, self.device.type).set_device(self.device)
-                self._issue_now(ops)
-
-            self._timer = threading.Thread(target=run, daemon=True, name="eplb-move")
-            self._timer.start()
-        else:
-            self._issue_now(ops)
-
     def wait(self, deadline: float) -> bool:
-        """Waits for this rank's P2P ops until ``deadline`` (time.perf_counter()); True when all
+        """Waits for this step's P2P ops until ``deadline`` (time.perf_counter()); True when all
         completed, False on timeout (the ops stay pending: :meth:`drain` before reusing the
-        staging buffers)."""
+        staging buffers). Raises the move's error, if any."""
         remaining = max(0.0, deadline - time.perf_counter())
         if not self._done.wait(remaining):
             return False
         if self.error is not None:
             raise self.error
         if not self.on_cpu:
-            while not all(w.is_completed() for w in self.works):
-                if time.perf_counter() >= deadline:
+            # Spin (yielding the GIL) for the first moments: a sleep's granularity would add
+            # up to its length to every step that waits for a transfer about to finish.
+            spin_until = time.perf_counter() + 0.002
+            while not all(w.is_completed() for w in self._works):
+                now = time.perf_counter()
+                if now >= deadline:
                     return False
-                time.sleep(0.0002)
-            for w in self.works:
-                w.wait()  # raises if the op failed; orders the device stream after it
-        self.works = []  # finished: nothing left to drain
-        # On the caller's stream: w.wait() ordered that stream (not the side stream) after the
-        # receives.
-        for f in self.fills:
-            if f.kind == "dup" and f.dst_rank == self.rank:
-                for t in self.staging:
-                    t[f.dst_slot].copy_(t[f.src_slot], non_blocking=True)
+                time.sleep(0 if now < spin_until else 0.0001)
+            for w in self._works:
+                w.wait()  # raises if the op failed; orders the caller's stream after it
+        self._works = []  # finished: nothing left to drain
         return True
 
     def drain(self) -> None:
         """Blocks until every op this move issued finished (after a timeout or failure)."""
-        if self._timer is not None:
-            self._timer.join()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
             if self.on_cpu:
-                self.works = []  # the thread waited for the ops itself
-        for w in self.works:
+                self._works = []  # the thread waited for the ops itself
+        for w in self._works:
             try:
                 w.wait()
             except Exception:  # noqa: BLE001  (already reported; only the buffers matter now)
                 pass
-        self.works = []
+        self._works = []
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Copies the staged rows into the layer's live weights (call only once every rank
-        agreed, on the stream the forwards run on)."""
-        for f in self.fills:
-            if f.dst_rank == self.rank:
-                for w, t in zip(self.weights, self.staging, strict=True):
-                    w[f.dst_slot].copy_(t[f.dst_slot], non_blocking=True)
+        """Copies the staged rows into the layer's live weights (call only once every step
+        completed on every rank, agreed, on the stream the forwards run on)."""
+        for row, slot, n in self.layout.commit_runs[self.rank]:
+            for w, t in zip(self.weights, self.staging, strict=True):
+                w[slot:slot + n].copy_(t[row:row + n], non_blocking=True)
 
 
 def _stream_ctx(stream):

@@ -12,12 +12,16 @@ the engine owns its loop (``attach(..., hooks=False)``):
    all-gathered into a buffer allocated once and submitted to the C++ ``Planner`` (returns at
    once; the plan is computed on its thread);
 3. ``algorithm_execution_interval`` steps later (waiting then only if the plan is late) the
-   changed layers move, ``layers_per_step`` per step: P2P issued before the forward on a side
-   stream into staging buffers allocated once, waited after it;
-4. a layer switches (weights copied in, then phy2log / log2phy / logcnt / local map) only if
-   every rank finished its part, agreed by one small all-reduce over a CPU group; otherwise
-   (exception, ``transfer_timeout_s``) every rank keeps the old placement for that layer, logs
-   why, and the next cycle plans from the old placement again.
+   changed layers move, ``layers_per_step`` per step: P2P (one message per peer and weight
+   tensor, see eplb_native.transfer) issued before the forward on a side stream into staging
+   buffers allocated once, waited after it. With ``max_move_bytes_per_step`` a layer's
+   messages may be split over several steps (at most that many bytes received and sent per
+   rank and step, at least one expert), ``layers_per_step`` layers in flight at a time;
+4. a layer switches (weights copied in, then phy2log / log2phy / logcnt / local map) only once
+   every step of its move finished on every rank, agreed after each step by one small
+   all-reduce over a CPU group; otherwise (an exception while issuing or waiting,
+   ``transfer_timeout_s`` for one step) every rank drops that layer's move, keeps its old
+   placement, logs why, and the next cycle plans from the old placement again.
 
 Every rank runs the same steps in the same order, so every decision (when to gather, the plan,
 which layers move) is identical on every rank.
@@ -38,16 +42,28 @@ from . import expert_map, metrics, state
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
 from .planner import Planner
-from .transfer import LayerMove, layer_schedule
+from .transfer import LayerMove, StepBudget, layer_schedule
 
 logger = logging.getLogger("eplb_native")
 
 #: windows of recorded load kept for save_trace (58 layers x 256 experts: 119 KB each)
 MAX_RECORDED_WINDOWS = 4096
 
-#: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (before
-#: this rank's P2P ops: a returned delay defers them on a thread) and "complete" (after waiting).
+#: fault_hook(cycle, layer, phase) -> delay seconds or None; may raise. Phases: "issue" (inside
+#: each step's issue, just before posting this rank's P2P ops: a returned delay defers posting
+#: on a thread, an exception fails the move) and "complete" (after waiting).
 FaultHook = Callable[[int, int, str], "float | None"]
+
+
+class _Moving:
+    """A layer whose move started and has not been committed or dropped."""
+
+    __slots__ = ("layer", "new", "move", "staging", "issued_step", "error")
+
+    def __init__(self, layer: int, new: np.ndarray, staging: int, issued_step: int):
+        self.layer, self.new, self.staging, self.issued_step = layer, new, staging, issued_step
+        self.move: LayerMove | None = None
+        self.error: BaseException | None = None  # building the move failed (move is None)
 
 
 def _device_api(device: torch.device):
@@ -126,8 +142,10 @@ class Updator:
         self._submit_t = 0.0
         self._plan_s = float("nan")
         self._queue: list[tuple[int, np.ndarray]] = []  # (layer, new phy2log) still to move
-        self._inflight: list[tuple[int, np.ndarray, LayerMove, int]] = []
-        self._pending: list[LayerMove] = []  # timed-out moves whose ops may still run
+        self._inflight: list[_Moving] = []
+        # dropped moves whose ops may still run, with their staging set: drained before reuse
+        self._pending: list[tuple[LayerMove, int]] = []
+        self._awaiting = False  # moves issued before this step's forward, not yet finished
         # gathered windows' logical loads, [L, E] each (the newest MAX_RECORDED_WINDOWS)
         self._recorded: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
         # A sliding window needs one row per step; the default window (= the heat interval)
@@ -144,16 +162,28 @@ class Updator:
         self._gathered = torch.zeros(self.num_ranks * width, dtype=torch.int64, **dev)
         self._steps_in_window = 0
         self._staging: list[list[torch.Tensor]] = []
+        # Rows (one slot's weights) each rank may receive / send per step; None: no limit.
+        self._rows_per_step = None
+        if config.max_move_bytes_per_step is not None:
+            self._rows_per_step = max(1, config.max_move_bytes_per_step
+                                      // max(1, first.slot_bytes()))
         if config.dynamic_eplb:
-            self._staging = [[torch.empty_like(t) for t in first.weights]
-                             for _ in range(min(config.layers_per_step, self.num_layers))]
-            for a in layers[1:]:
-                if [(t.shape, t.dtype) for t in a.weights] != [(t.shape, t.dtype)
-                                                                 for t in first.weights]:
-                    raise AdapterError(f"MoE layer {a.name!r}: expert weights differ in shape or "
-                                       f"dtype from layer {first.name!r}")
+            self._allocate_staging()
+        self._free = list(range(len(self._staging)))  # staging sets no move holds
         if config.expert_map_path is not None:
             self._apply_expert_map(config.expert_map_path)
+
+    def _allocate_staging(self) -> None:
+        """``layers_per_step`` staging sets (a move's receive buffers, one layer's weights
+        each), allocated once; every layer's weights must match in shape and dtype."""
+        first = self.layers[0]
+        for a in self.layers[1:]:
+            if [(t.shape, t.dtype) for t in a.weights] != [(t.shape, t.dtype)
+                                                             for t in first.weights]:
+                raise AdapterError(f"MoE layer {a.name!r}: expert weights differ in shape or "
+                                   f"dtype from layer {first.name!r}")
+        self._staging = [_staging_like(first.weights)
+                         for _ in range(min(self.config.layers_per_step, self.num_layers))]
 
     # ----------------------------------------------------------------------------------------
     # placement
@@ -171,8 +201,7 @@ class Updator:
         target, _ = expert_map.load(path, num_ranks=self.num_ranks, num_logical=self.num_logical,
                                     num_layers=self.num_layers, num_slots=self.num_slots,
                                     name="expert_map_path")
-        staging = self._staging[0] if self._staging else [torch.empty_like(t)
-                                                          for t in self.layers[0].weights]
+        staging = self._staging[0] if self._staging else _staging_like(self.layers[0].weights)
         for layer, a in enumerate(self.layers):
             old = self._placement[layer]
             if np.array_equal(old, target[layer]):
@@ -199,7 +228,7 @@ class Updator:
         if self._fold_done is not None:
             self._api.current_stream(self.device).wait_event(self._fold_done)
             self._fold_done = None
-        if self._queue and not self._inflight:
+        if (self._queue or self._inflight) and not self._awaiting:
             self._issue_moves()
 
     def forward_end(self) -> None:
@@ -209,7 +238,7 @@ class Updator:
             return
         self.step += 1
         self._fold()
-        if self._inflight:
+        if self._awaiting:
             self._finish_moves()
         self._steps_in_window += 1
         if self._steps_in_window >= self.config.expert_heat_collection_interval:
@@ -325,70 +354,116 @@ class Updator:
         current = self.phy2log()
         self._queue = [(layer, target[layer].copy()) for layer in range(self.num_layers)
                        if not np.array_equal(target[layer], current[layer])]
+        if self._queue and not self._staging:  # dynamic_eplb off: no staging allocated yet
+            try:
+                self._allocate_staging()
+            except AdapterError:
+                self._queue = []
+                raise
+            self._free = list(range(len(self._staging)))
         return len(self._queue)
 
+    @property
+    def moving(self) -> bool:
+        """A move is queued or in flight (layers still to switch)."""
+        return bool(self._queue or self._inflight)
+
     def _issue_moves(self) -> None:
-        for move in self._pending:
-            move.drain()  # a timed-out move's ops must end before its staging is reused
+        """Before a forward: the in-flight layers' next steps, then new layers from the queue
+        while staging sets are free and the step's budget has room. Never raises: a failure
+        is the layer's, reported through the agreement in :meth:`_finish_moves`."""
+        for move, k in self._pending:
+            move.drain()  # a dropped move's ops must end before its staging is reused
+            self._free.append(k)
         self._pending = []
         if self._api is not None:
             self._side.wait_stream(self._api.current_stream(self.device))
-        batch, self._queue = (self._queue[:len(self._staging)],
-                              self._queue[len(self._staging):])
-        for i, (layer, new) in enumerate(batch):
-            a = self.layers[layer]
-            move = LayerMove(a.weights, self._staging[i],
-                             layer_schedule(self._placement[layer], new, self.num_ranks),
-                             self.rank, self._move_group, self._side, tag=layer)
-            delay = 0.0
+        budget = (StepBudget(self.num_ranks, self._rows_per_step)
+                  if self._rows_per_step is not None else None)
+        after = None
+        for m in self._inflight:
+            after = self._issue_step(m, budget, after)
+        while self._queue and self._free and (budget is None or not budget.exhausted):
+            layer, new = self._queue.pop(0)
+            m = _Moving(layer, new, self._free.pop(0), self.step)
             try:
-                if self.fault_hook is not None:
-                    delay = float(self.fault_hook(self.cycle, layer, "issue") or 0.0)
-            except Exception as e:  # noqa: BLE001  (reported through the agreement)
-                move.error = e
-            move.issue(delay)
-            self._inflight.append((layer, new, move, self.step))
+                m.move = LayerMove(self.layers[layer].weights, self._staging[m.staging],
+                                   layer_schedule(self._placement[layer], new, self.num_ranks),
+                                   self.rank, self._move_group, self._side, tag=layer)
+            except Exception as e:  # noqa: BLE001  (the same on every rank: a pure function)
+                m.error = e
+            self._inflight.append(m)
+            after = self._issue_step(m, budget, after)
+        self._awaiting = True
+
+    def _issue_step(self, m: _Moving, budget, after):
+        if m.move is None:
+            return after
+        hook = self.fault_hook
+        before_post = None
+        if hook is not None:
+            cycle, layer = self.cycle, m.layer
+
+            def before_post():
+                return hook(cycle, layer, "issue")
+
+        m.move.issue(budget, before_post, after)
+        return m.move.posted
 
     def _finish_moves(self) -> None:
-        deadline_base = self.config.transfer_timeout_s
+        """After the forward: waits for this step's transfers, agrees with every rank, then
+        commits the layers whose every step is done, drops the failed ones."""
+        self._awaiting = False
+        timeout = self.config.transfer_timeout_s
         ok = []
         reasons = []
-        for layer, _new, move, _ in self._inflight:
+        for m in self._inflight:
             reason = ""
             try:
-                if not move.wait(move.t_issue + deadline_base):
-                    reason = f"transfers not done within transfer_timeout_s={deadline_base}"
-                elif move.error is not None:
-                    reason = f"{type(move.error).__name__}: {move.error}"
+                if m.move is None:
+                    reason = f"{type(m.error).__name__}: {m.error}"
+                elif not m.move.wait(m.move.t_issue + timeout):
+                    reason = f"transfers not done within transfer_timeout_s={timeout}"
                 elif self.fault_hook is not None:
-                    self.fault_hook(self.cycle, layer, "complete")
+                    self.fault_hook(self.cycle, m.layer, "complete")
             except Exception as e:  # noqa: BLE001  (the layer keeps its placement)
                 reason = f"{type(e).__name__}: {e}"
             ok.append(0 if reason else 1)
             reasons.append(reason)
         flags = torch.tensor(ok, dtype=torch.int32)
-        if self._cpu_group is not None:
+        if self._cpu_group is not None and ok:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._cpu_group)
         if self._api is not None:
             self._api.current_stream(self.device).wait_stream(self._side)
-        for (layer, new, move, step0), agreed, reason in zip(
-                self._inflight, flags.tolist(), reasons, strict=True):
-            a = self.layers[layer]
+        still = []
+        for m, agreed, reason in zip(self._inflight, flags.tolist(), reasons, strict=True):
+            move = m.move
+            if agreed and not move.all_issued:
+                still.append(m)  # more steps to come
+                continue
+            a = self.layers[m.layer]
             if agreed:
                 move.commit()
-                self._set_placement(layer, new)
+                self._set_placement(m.layer, m.new)
+                self._free.append(m.staging)
             else:
                 if not reason:
                     reason = "another rank failed its transfers"
                 logger.warning("eplb cycle %d: layer %d (%s) keeps its placement: %s",
-                               self.cycle, layer, a.name, reason)
-                self._pending.append(move)
-            self.stats.moves.append({"step": self.step, "cycle": self.cycle, "layer": layer,
-                                     "ok": bool(agreed), "reason": "" if agreed else reason,
-                                     "bytes": move.bytes_received,
-                                     "move_s": time.perf_counter() - move.t_issue,
-                                     "issued_step": step0})
-        self._inflight = []
+                               self.cycle, m.layer, a.name, reason)
+                if move is None:
+                    self._free.append(m.staging)
+                else:
+                    self._pending.append((move, m.staging))
+            self.stats.moves.append({
+                "step": self.step, "cycle": self.cycle, "layer": m.layer, "ok": bool(agreed),
+                "reason": "" if agreed else reason,
+                "bytes": move.bytes_received if move is not None else 0,
+                "ops": move.ops_posted if move is not None else 0,
+                "steps": move.steps if move is not None else 0,
+                "move_s": time.perf_counter() - move.t_first if move is not None else 0.0,
+                "issued_step": m.issued_step})
+        self._inflight = still
 
     def _sync_device(self) -> None:
         if self._api is not None:
@@ -438,11 +513,12 @@ class Updator:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self._inflight:  # a move issued for a forward that never ended: keep the old maps
-            for _, _, move, _ in self._inflight:
-                self._pending.append(move)
-            self._inflight = []
-        for move in self._pending:
+        for m in self._inflight:  # moves not finished: keep the old maps
+            if m.move is not None:
+                self._pending.append((m.move, m.staging))
+        self._inflight = []
+        self._awaiting = False
+        for move, _ in self._pending:
             move.drain()
         self._pending = []
         self._queue = []
@@ -464,6 +540,11 @@ class Updator:
 
 # torch >= 2.12 renamed all_gather_into_tensor (same semantics) and warns on the old name.
 _all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _staging_like(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One staging set: a contiguous tensor per weight tensor, same shape and dtype."""
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in weights]
 
 
 class _Null:

@@ -2,13 +2,16 @@
 //
 // One launch per call on the current stream, no host sync: the record flag and
 // num_valid_tokens are read by the kernel, so a captured CUDA graph replays with recording on
-// or off. Each block owns a contiguous range of ids, loads them 16 bytes at a time (int4 /
-// longlong2; a scalar loop for unaligned ids and the tail), writes the mapped ids with the same
-// width, and counts into a block-private shared-memory histogram; log2phy and the clamped
-// logcnt are copied into shared memory once per block when they fit, so the per-id lookups
-// never wait on global memory. At the end each block adds every bin it touched to `load` with
-// one global atomic: a hot expert costs one global atomic per block instead of one per id
-// (vLLM's Triton kernel).
+// or off. At most one block per SM; each block owns a contiguous range of ids, loads them 16
+// bytes at a time (int4 / longlong2; a scalar loop for unaligned ids and the tail), writes the
+// mapped ids with the same width, and counts into a block-private shared-memory histogram.
+// log2phy (as the ids' type) and, per expert, the clamped replica count with its
+// multiply-high reciprocal are copied into shared memory once per block when they fit; every
+// load that setup needs is issued before any is used, so it costs one memory round trip, and
+// the per-id work is two shared-memory reads and a multiply-high (no division). At the end
+// each block adds every bin it touched to `load` with one global atomic: a hot expert costs one
+// global atomic per block instead of one per id (vLLM's Triton kernel). The flush of those
+// atomics is what bounds the block count (see Launch).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,8 +32,6 @@ namespace eplb_native {
 namespace {
 
 constexpr int kThreads = 512;
-// At most this many vectors per thread; more blocks beyond that.
-constexpr int64_t kMaxVectorsPerThread = 8;
 
 enum class Kind { kSpread, kRankLocal, kCountOnly };
 
@@ -85,7 +86,7 @@ struct Params {
   Scalar num_valid;  // ptr == nullptr: every token counts
   bool vectorized;   // ids and out are 16-byte aligned
   bool shared_hist;  // block histogram in shared memory (else global atomics per id)
-  bool staged;       // log2phy / clamped logcnt copied into shared memory per block
+  bool staged;       // log2phy (as Id) and per-expert (magic, count) copied into shared memory
 };
 
 __device__ __forceinline__ void AddGlobal(int32_t* p, int32_t v) { atomicAdd(p, v); }
@@ -95,19 +96,41 @@ __device__ __forceinline__ void AddGlobal(int64_t* p, int32_t v) {
 
 // kUnroll independent 16-byte loads in flight per thread before any is used.
 constexpr int kUnroll = 4;
+// Table entries each thread loads into registers before storing any to shared memory, so the
+// block's staging costs one memory round trip (further entries, for big tables, loop).
+constexpr int kStageRegs = 2;
 
-template <Kind kKind, typename Id, typename Load>
+// Replica count c = clamp(logcnt[e], 1, cols) with m = ceil(2^32 / c) (0 for c = 1): for
+// t < 2^32 / c, floor(t / c) = umulhi(t, m) (m = 2^32 / c + d, 0 <= d < 1, so the error term
+// t * d / 2^32 < 1 / c never carries past the next multiple of c).
+__device__ __forceinline__ uint2 ReplicaInfo(int64_t count, int64_t cols) {
+  const uint32_t c = static_cast<uint32_t>(count < 1 ? 1 : (count > cols ? cols : count));
+  return make_uint2(c == 1 ? 0u : static_cast<uint32_t>(0xFFFFFFFFull / c + 1), c);
+}
+
+// t % c from ReplicaInfo, for t < 2^32 / c (Launch stages the table only where every token
+// qualifies); branch-free.
+__device__ __forceinline__ uint32_t Column(uint32_t t, uint2 info) {
+  const uint32_t r = t - __umulhi(t, info.x) * info.y;
+  return info.x == 0 ? 0 : r;
+}
+
+// kStaged: log2phy and the replica counts are read from shared memory (p.staged).
+template <Kind kKind, bool kStaged, typename Id, typename Load>
 __global__ void __launch_bounds__(kThreads, 2)
     MapRecordKernel(const Id* __restrict__ ids, Id* __restrict__ out, Load* __restrict__ load,
                     Params p) {
   using V = Vec<Id>;
   constexpr int W = V::kWidth;
   using VT = typename V::Type;
-  const int64_t table_len = kKind == Kind::kSpread ? p.E * p.cols : p.E;
+  constexpr bool kSpread = kKind == Kind::kSpread;
+  const uint32_t table_len = static_cast<uint32_t>(kSpread ? p.E * p.cols : p.E);
+  const uint32_t E = static_cast<uint32_t>(p.E);
+  // Shared memory: [(magic, count) per expert, spread only] [log2phy as Id] [histogram].
   extern __shared__ __align__(16) unsigned char smem[];
-  int64_t* s_table = reinterpret_cast<int64_t*>(smem);
-  int32_t* s_cnt = reinterpret_cast<int32_t*>(s_table + (p.staged ? table_len : 0));
-  int32_t* hist = s_cnt + (p.staged && kKind == Kind::kSpread ? p.E : 0);
+  uint2* s_info = reinterpret_cast<uint2*>(smem);
+  Id* s_table = reinterpret_cast<Id*>(s_info + (kStaged && kSpread ? E : 0));
+  int32_t* hist = reinterpret_cast<int32_t*>(s_table + (kStaged ? table_len : 0));
 
   const uint32_t begin = blockIdx.x * static_cast<uint32_t>(p.per_block);
   const uint32_t end = static_cast<uint32_t>(min(begin + p.per_block, p.n));
@@ -116,8 +139,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const auto* vin = reinterpret_cast<const VT*>(ids);
   auto* vout = reinterpret_cast<VT*>(out);
 
-  // The first batch of ids is requested before the block's setup, so its latency overlaps
-  // reading the flags, staging the tables and zeroing the histogram.
+  // Every load the block's setup needs is issued before any is used: the first batch of ids,
+  // the first table entries and counts, the flags. Their latencies overlap into one round trip.
   VT x[kUnroll];
   const uint32_t v_first = vbegin + threadIdx.x;
 #pragma unroll
@@ -125,54 +148,76 @@ __global__ void __launch_bounds__(kThreads, 2)
     const uint32_t v = v_first + u * kThreads;
     if (v < vend) x[u] = vin[v];
   }
-
+  [[maybe_unused]] int64_t stage_table[kStageRegs];
+  [[maybe_unused]] int64_t stage_cnt[kStageRegs];
+  if constexpr (kStaged) {
+    {
+#pragma unroll
+      for (int r = 0; r < kStageRegs; ++r) {
+        const uint32_t j = threadIdx.x + r * kThreads;
+        if (j < table_len) stage_table[r] = p.table[j];
+        if (kSpread && j < E) stage_cnt[r] = p.cnt[j];
+      }
+    }
+  }
   const bool record = p.record.Read() != 0;
   if (kKind == Kind::kCountOnly && !record) return;
   // Ids with flat index < counted belong to tokens below num_valid_tokens.
-  int64_t counted = p.n;
+  uint32_t counted = static_cast<uint32_t>(p.n);
   if (p.num_valid.ptr != nullptr) {
     const int64_t valid = p.num_valid.Read();
-    counted = valid <= 0 ? 0 : (valid >= (p.n + p.k - 1) / p.k ? p.n : valid * p.k);
+    counted =
+        valid <= 0 ? 0 : static_cast<uint32_t>(valid >= (p.n + p.k - 1) / p.k ? p.n : valid * p.k);
   }
-  const bool use_shared = record && p.shared_hist;
-  if (p.staged) {
-    for (int64_t j = threadIdx.x; j < table_len; j += kThreads) s_table[j] = p.table[j];
-    if constexpr (kKind == Kind::kSpread) {
-      for (int64_t e = threadIdx.x; e < p.E; e += kThreads) {
-        const int64_t c = p.cnt[e];
-        s_cnt[e] = static_cast<int32_t>(c < 1 ? 1 : (c > p.cols ? p.cols : c));
+  if (p.shared_hist) {
+    for (uint32_t b = threadIdx.x; b < p.P; b += kThreads) hist[b] = 0;
+  }
+  if constexpr (kStaged) {
+    {
+#pragma unroll
+      for (int r = 0; r < kStageRegs; ++r) {
+        const uint32_t j = threadIdx.x + r * kThreads;
+        if (j < table_len) s_table[j] = static_cast<Id>(stage_table[r]);
+        if (kSpread && j < E) s_info[j] = ReplicaInfo(stage_cnt[r], p.cols);
+      }
+      for (uint32_t j = threadIdx.x + kStageRegs * kThreads; j < table_len; j += kThreads) {
+        s_table[j] = static_cast<Id>(p.table[j]);
+      }
+      if constexpr (kSpread) {
+        for (uint32_t j = threadIdx.x + kStageRegs * kThreads; j < E; j += kThreads) {
+          s_info[j] = ReplicaInfo(p.cnt[j], p.cols);
+        }
       }
     }
   }
-  if (use_shared) {
-    for (int64_t b = threadIdx.x; b < p.P; b += kThreads) hist[b] = 0;
-  }
-  if (p.staged || use_shared) __syncthreads();
+  if (kStaged || p.shared_hist) __syncthreads();
+  const bool use_shared = record && p.shared_hist;
 
-  // Logical id of token t -> physical slot (contract in ops/ops.h). The range check is one
-  // unsigned compare; staged lookups use 32-bit indices (the staged table is < 48 KiB).
+  // Logical id of token t -> physical slot (contract in ops/ops.h), already cast to Id. The
+  // range check is one unsigned compare.
   const uint32_t cols = static_cast<uint32_t>(p.cols);
-  auto map_id = [&](Id id, uint32_t t) -> int64_t {
+  auto map_id = [&](Id id, uint32_t t) -> Id {
     if constexpr (kKind == Kind::kCountOnly) {
-      return static_cast<int64_t>(id);
+      return id;
     } else {
       using U = std::make_unsigned_t<Id>;
-      if (static_cast<U>(id) >= static_cast<U>(p.E)) return -1;
+      if (static_cast<U>(id) >= static_cast<U>(p.E)) return static_cast<Id>(-1);
       const uint32_t e = static_cast<uint32_t>(id);
       if constexpr (kKind == Kind::kRankLocal) {
-        return p.staged ? s_table[e] : p.table[e];
+        return kStaged ? s_table[e] : static_cast<Id>(p.table[e]);
+      } else if constexpr (kStaged) {
+        return s_table[e * cols + Column(t, s_info[e])];
       } else {
-        if (p.staged) return s_table[e * cols + t % static_cast<uint32_t>(s_cnt[e])];
-        const int64_t c64 = p.cnt[e];
-        const uint32_t c = static_cast<uint32_t>(c64 < 1 ? 1 : (c64 > p.cols ? p.cols : c64));
-        return p.table[static_cast<int64_t>(e) * p.cols + t % c];
+        const uint2 info = ReplicaInfo(p.cnt[e], p.cols);
+        return static_cast<Id>(p.table[static_cast<int64_t>(e) * p.cols + t % info.y]);
       }
     }
   };
-  auto count = [&](int64_t slot, uint32_t i) {
-    if (record && i < counted && slot >= 0 && slot < p.P) {
+  auto count = [&](Id slot, uint32_t i) {
+    using U = std::make_unsigned_t<Id>;
+    if (record && i < counted && static_cast<U>(slot) < static_cast<U>(p.P)) {
       if (use_shared) {
-        atomicAdd(&hist[slot], 1);
+        atomicAdd(&hist[static_cast<uint32_t>(slot)], 1);
       } else {
         AddGlobal(load + slot, 1);
       }
@@ -180,6 +225,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
 
   const uint32_t k = static_cast<uint32_t>(p.k);
+  // With k a multiple of the vector width, all ids of one vector belong to one token.
+  const bool token_per_vector = k % W == 0;
+  const uint32_t vectors_per_token = k / W;
   for (uint32_t v0 = v_first; v0 < vend; v0 += kUnroll * kThreads) {
     if (v0 != v_first) {
 #pragma unroll
@@ -195,22 +243,30 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int u = 0; u < kUnroll; ++u) {
       const uint32_t v = v0 + u * kThreads;
       if (v >= vend) break;
-      Id id[W];
-      memcpy(id, &x[u], sizeof(VT));
-      // Token of each id stepped from the vector's first: one division per vector.
-      const uint32_t i = v * W;
-      uint32_t t = i / k;
-      uint32_t pos = i - t * k;
+      if constexpr (kKind != Kind::kCountOnly) {
+        Id id[W];
+        memcpy(id, &x[u], sizeof(VT));
+        if (token_per_vector) {
+          const uint32_t t = v / vectors_per_token;
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        id[j] = static_cast<Id>(map_id(id[j], t));
-        if (++pos == k) {
-          pos = 0;
-          ++t;
+          for (int j = 0; j < W; ++j) id[j] = map_id(id[j], t);
+        } else {
+          // Token of each id stepped from the vector's first: one division per vector.
+          const uint32_t i = v * W;
+          uint32_t t = i / k;
+          uint32_t pos = i - t * k;
+#pragma unroll
+          for (int j = 0; j < W; ++j) {
+            id[j] = map_id(id[j], t);
+            if (++pos == k) {
+              pos = 0;
+              ++t;
+            }
+          }
         }
+        memcpy(&x[u], id, sizeof(VT));
+        vout[v] = x[u];
       }
-      memcpy(&x[u], id, sizeof(VT));
-      if constexpr (kKind != Kind::kCountOnly) vout[v] = x[u];
     }
     if (record) {
 #pragma unroll
@@ -220,20 +276,20 @@ __global__ void __launch_bounds__(kThreads, 2)
         Id slot[W];
         memcpy(slot, &x[u], sizeof(VT));
 #pragma unroll
-        for (int j = 0; j < W; ++j) count(static_cast<int64_t>(slot[j]), v * W + j);
+        for (int j = 0; j < W; ++j) count(slot[j], v * W + j);
       }
     }
   }
   // Unaligned ids, and the tail of the last block's range.
   for (uint32_t i = vend * W + threadIdx.x; i < end; i += kThreads) {
-    const Id slot = static_cast<Id>(map_id(ids[i], i / k));
+    const Id slot = map_id(ids[i], i / k);
     if constexpr (kKind != Kind::kCountOnly) out[i] = slot;
-    count(static_cast<int64_t>(slot), i);
+    count(slot, i);
   }
 
   if (use_shared) {
     __syncthreads();
-    for (int64_t b = threadIdx.x; b < p.P; b += kThreads) {
+    for (uint32_t b = threadIdx.x; b < p.P; b += kThreads) {
       const int32_t c = hist[b];
       if (c != 0) AddGlobal(load + b, c);
     }
@@ -259,7 +315,7 @@ Scalar ScalarOf(const at::Tensor& t) {
 template <Kind kKind>
 void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Params p) {
   if (p.n == 0) return;
-  TORCH_CHECK_VALUE(p.n < (int64_t{1} << 31) - kThreads * 8 * 4,
+  TORCH_CHECK_VALUE(p.n < (int64_t{1} << 31) - kThreads * kUnroll * 4,
                     "topk_ids must hold < 2^31 ids on CUDA, got ", Num(p.n));
   const int width = ids.scalar_type() == at::kLong ? 2 : 4;
   p.vectorized = reinterpret_cast<uintptr_t>(ids.data_ptr()) % 16 == 0 &&
@@ -269,16 +325,24 @@ void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Para
   p.shared_hist = p.P * 4 <= kSharedBytes;
   int64_t smem = p.shared_hist ? p.P * 4 : 0;
   if constexpr (kKind != Kind::kCountOnly) {
-    const int64_t table_bytes = kKind == Kind::kSpread ? p.E * p.cols * 8 + p.E * 4 : p.E * 8;
-    p.staged = smem + table_bytes <= kSharedBytes;
+    const int64_t id_bytes = ids.element_size();
+    const int64_t table_bytes =
+        kKind == Kind::kSpread ? p.E * 8 + p.E * p.cols * id_bytes : p.E * id_bytes;
+    // The staged spread path takes t % c by multiply-high, exact for t < 2^32 / c: beyond
+    // that (over 2^32 / cols tokens in one call) the table is read from global memory.
+    const int64_t tokens = (p.n + p.k - 1) / p.k;
+    const bool fast_mod =
+        kKind != Kind::kSpread || tokens <= (int64_t{1} << 32) / std::max<int64_t>(p.cols, 1) - 1;
+    p.staged = fast_mod && smem + table_bytes <= kSharedBytes;
     if (p.staged) smem += table_bytes;
   }
-  // Two blocks per SM, each thread taking up to kMaxVectorsPerThread vectors; beyond that,
-  // more blocks. Fewer, fuller blocks mean fewer global atomics when histograms are flushed.
-  const int64_t slots = 2 * MultiprocessorCount(ids.get_device()) * kThreads;
+  // At most one block per SM (at two blocks per SM the flush of twice as many block
+  // histograms, a global atomic per touched bin per block, cost more than the occupancy
+  // gained, measured on an H100 at 1M ids), each thread looping over as many vectors as that
+  // takes; small inputs get fewer blocks of one vector per thread.
+  const int64_t slots = MultiprocessorCount(ids.get_device()) * kThreads;
   const int64_t vectors = (p.n + width - 1) / width;
-  const int64_t per_thread =
-      std::clamp<int64_t>((vectors + slots - 1) / slots, 1, kMaxVectorsPerThread);
+  const int64_t per_thread = std::max<int64_t>((vectors + slots - 1) / slots, 1);
   p.per_block = per_thread * kThreads * width;
   const int64_t blocks = (p.n + p.per_block - 1) / p.per_block;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -287,9 +351,16 @@ void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Para
     const Id* in = ids.data_ptr<Id>();
     Id* o = out != nullptr ? out->data_ptr<Id>() : nullptr;
     AT_DISPATCH_INDEX_TYPES(load.scalar_type(), "eplb_map_record_load", [&] {
-      MapRecordKernel<kKind, Id, index_t>
-          <<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(smem), stream>>>(
-              in, o, load.data_ptr<index_t>(), p);
+      const auto grid = static_cast<unsigned>(blocks);
+      const auto bytes = static_cast<size_t>(smem);
+      if (kKind != Kind::kCountOnly && p.staged) {
+        constexpr Kind kStagedKind = kKind == Kind::kCountOnly ? Kind::kSpread : kKind;
+        MapRecordKernel<kStagedKind, true, Id, index_t>
+            <<<grid, kThreads, bytes, stream>>>(in, o, load.data_ptr<index_t>(), p);
+      } else {
+        MapRecordKernel<kKind, false, Id, index_t>
+            <<<grid, kThreads, bytes, stream>>>(in, o, load.data_ptr<index_t>(), p);
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -208,8 +208,7 @@ def _initial_placement(layers, num_ranks: int, num_redundant_experts, expert_map
                                       num_layers=len(layers), name="expert_map")
         return phy2log
     redundant = 0 if num_redundant_experts is None else num_redundant_experts
-    row = state.default_placement(e, num_ranks, redundant)
-    return np.tile(row, (len(layers), 1))
+    return state.default_placement(e, num_ranks, redundant, len(layers))
 
 
 def _fill_slots(local_rows: list[torch.Tensor], phy2log: np.ndarray, num_logical: int,
