@@ -77,7 +77,7 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   // superset: a few lighter ones) is the same greedy on fewer candidates.
   const int64_t picks = num_phy - n;
   heap.clear();
-  if (4 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
+  if (2 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
     // The experts of the buckets holding the top `picks`: a superset (the last bucket may hold
     // lighter ones too), and a superset gives the same greedy.
     auto& bits = tls.bits;
