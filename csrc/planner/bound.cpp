@@ -69,15 +69,24 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
   if (need > static_cast<double>(P)) return true;
   double excess = big - static_cast<double>(R);
   if (excess <= 0.0) return false;
-  std::sort(scratch->begin(), scratch->end());
+  // Cheapest extra slots first: ascending (ratio, a), popped from a min-heap instead of
+  // sorting all of them (the same sequence: pairs are totally ordered), stopping as soon as the
+  // answer is known: the excess is covered, or `extra` (a sum of terms >= 0, so it only grows)
+  // already proves infeasibility.
+  const double limit = static_cast<double>(P) * (1.0 + kEps);
+  auto first = scratch->begin(), last = scratch->end();
+  std::make_heap(first, last, std::greater<>());
   double extra = 0.0;
-  for (const auto& [ratio, a] : *scratch) {
+  while (first != last) {
+    std::pop_heap(first, last, std::greater<>());
+    --last;
+    const double ratio = last->first, a = last->second;
     const double take = std::min(a, excess);
     extra += ratio * take;
     excess -= take;
-    if (excess <= 0.0) break;
+    if (excess <= 0.0 || need + extra > limit) break;
   }
-  return need + extra > static_cast<double>(P) * (1.0 + kEps);
+  return need + extra > limit;
 }
 
 // (a), (b), (c) for n experts in P slots on R ranks.
