@@ -221,48 +221,35 @@ class PackSearch {
   // Best swap between h and the lightest few ranks (where the room is); only when none helps,
   // every rank: the search stops at the same kind of local optimum, much sooner.
   void BestSwap(int64_t h, double M, double tol, Step* best) {
+    // Ranks lightest first, (load, index): the widest gap usually holds the best swap, and the
+    // gap bound in SwapWith then skips most of the others. Ties in score go to the lowest (rank,
+    // slot on h, slot on o), so the result is that of a scan by index. order_ persists between
+    // steps (a step changes few loads): one insertion pass re-sorts it.
+    if (static_cast<int64_t>(order_.size()) != R_) {
+      order_.resize(Z(R_));
+      std::iota(order_.begin(), order_.end(), 0);
+    }
+    int64_t* ord = order_.data();
+    for (int64_t k = 1; k < R_; ++k) {
+      const int64_t r = ord[k];
+      const double v = load_[Z(r)];
+      int64_t j = k;
+      for (; j > 0 && (v < load_[Z(ord[j - 1])] || (v == load_[Z(ord[j - 1])] && r < ord[j - 1]));
+           --j)
+        ord[j] = ord[j - 1];
+      ord[j] = r;
+    }
+    // The kLight lightest first; only when none of them helps, every rank: the search stops at
+    // the same kind of local optimum, much sooner. (With few ranks, a node: all at once.)
     constexpr int64_t kLight = 4;
     if (R_ > 2 * kLight) {
-      // The kLight lightest ranks (load, then index): one pass keeping them sorted by load
-      // (std::nth_element over all ranks cost more than the swaps it feeds). Visited lightest
-      // first: the widest gap usually holds the best swap, and the bound in SwapWith then skips
-      // most of the others. Ties in score go to the lowest (rank, slot on h, slot on o), as if
-      // visited by index.
-      int64_t lr[kLight];
-      double ll[kLight];
-      for (int64_t k = 0; k < kLight; ++k) {
-        lr[k] = k;
-        ll[k] = load_[Z(k)];
-      }
-      std::sort(lr, lr + kLight, [&](int64_t a, int64_t b) {
-        return load_[Z(a)] < load_[Z(b)] || (load_[Z(a)] == load_[Z(b)] && a < b);
-      });
-      for (int64_t k = 0; k < kLight; ++k) ll[k] = load_[Z(lr[k])];
-      for (int64_t o = kLight; o < R_; ++o) {
-        const double v = load_[Z(o)];
-        if (!(v < ll[kLight - 1])) continue;  // ties go to the lower index, already in
-        int64_t k = kLight - 1;
-        for (; k > 0 && v < ll[k - 1]; --k) {
-          ll[k] = ll[k - 1];
-          lr[k] = lr[k - 1];
-        }
-        ll[k] = v;
-        lr[k] = o;
-      }
-      for (int64_t o : lr) SwapWith(h, o, M, tol, best);
+      for (int64_t k = 0; k < kLight; ++k) SwapWith(h, ord[k], M, tol, best);
       if (best->kind != 0) return;
-    }
-    if (R_ <= 2 * kLight) {  // few ranks (a node): all of them, lightest first as above
-      int64_t order[2 * kLight];
-      for (int64_t o = 0; o < R_; ++o) {
-        int64_t k = o;
-        for (; k > 0 && load_[Z(o)] < load_[Z(order[k - 1])]; --k) order[k] = order[k - 1];
-        order[k] = o;
-      }
-      for (int64_t k = 0; k < R_; ++k) SwapWith(h, order[k], M, tol, best);
+      // (the kLight searched above found nothing with the same empty best: not again)
+      for (int64_t k = kLight; k < R_; ++k) SwapWith(h, ord[k], M, tol, best);
       return;
     }
-    for (int64_t o = 0; o < R_; ++o) SwapWith(h, o, M, tol, best);
+    for (int64_t k = 0; k < R_; ++k) SwapWith(h, ord[k], M, tol, best);
   }
 
   // Swap (i, j) comes before swap `b` in the order (rank of j, i, j): the order of a scan of the
@@ -742,9 +729,10 @@ class PackSearch {
   std::vector<int64_t> init_phy_, init_pack_, init_rank_;  // InitGreedy / Finish scratch
   std::vector<double> init_wt_;
   std::vector<int64_t> touched_;
-  std::vector<double> per_;    // [n] w_e / cnt_e
-  std::vector<int64_t> rank_;  // [R*S] rank of each slot (no integer division in hot loops)
-  std::vector<double> wt_o_;   // SwapWith scratch: the other rank's replica loads
+  std::vector<double> per_;     // [n] w_e / cnt_e
+  std::vector<int64_t> rank_;   // [R*S] rank of each slot (no integer division in hot loops)
+  std::vector<int64_t> order_;  // BestSwap: ranks by (load, index), kept between steps
+  std::vector<double> wt_o_;    // SwapWith scratch: the other rank's replica loads
 };
 
 }  // namespace detail
