@@ -269,15 +269,18 @@ class PackSearch {
       if (!cost_aware_ && 0.5 * gap + tol <= best->score) return;
       // o's replica loads once per call, not once per (i, j): the same divisions, S times fewer.
       wt_o_.resize(Z(S_));
-      double lightest = HUGE_VAL;
+      double lightest = HUGE_VAL, heaviest = -HUGE_VAL;
       for (int64_t j = 0; j < S_; ++j) {
         wt_o_[Z(j)] = Wt(slot_exp_[Z(o * S_ + j)]);
         lightest = std::min(lightest, wt_o_[Z(j)]);
+        heaviest = std::max(heaviest, wt_o_[Z(j)]);
       }
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
         const int64_t x = slot_exp_[Z(i)];
         const double wx = Wt(x);
         if (wx - lightest <= tol) continue;  // every d <= tol: no swap with this x
+        // every d >= wx - heaviest (rounding is monotone): all at or above gap - tol, none fits
+        if (wx - heaviest >= gap - tol) continue;
         // For `balanced` a swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
         if (!cost_aware_ && wx - lightest + tol <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
