@@ -46,7 +46,13 @@ using detail::Z;
 // slots). The best wins, DeepSeek's start on ties, so the result is never worse than DeepSeek's.
 // slot_exp [R*S] out (pack-local ids); returns the max rank load.
 double BestPack(const double* w, int64_t n, int64_t R, int64_t S, int64_t* slot_exp) {
-  PackSearch pack(w, n, R, S);
+  // Two searches per thread, reused across packs and layers (Reset keeps their vectors'
+  // capacity: about 20 allocations per search otherwise).
+  thread_local struct {
+    PackSearch pack{nullptr, 0, 0, 0}, alt{nullptr, 0, 0, 0};
+  } tls;
+  PackSearch& pack = tls.pack;
+  pack.Reset(w, n, R, S);
   pack.InitGreedy();
   pack.Improve();
   double best = pack.MaxLoad();
@@ -54,7 +60,8 @@ double BestPack(const double* w, int64_t n, int64_t R, int64_t S, int64_t* slot_
   // Two slots per rank already re-decide counts exactly (search.h RefinePairCounts).
   if (S == 2 || !(best > pack.TrivialBound() * 1.005)) return best;
   for (const double beta : {1.25, 1.5, 2.0}) {
-    PackSearch alt(w, n, R, S);
+    PackSearch& alt = tls.alt;
+    alt.Reset(w, n, R, S);
     alt.InitGreedy(beta);
     alt.Improve();
     if (alt.MaxLoad() < best) {

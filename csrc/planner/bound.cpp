@@ -69,15 +69,24 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
   if (need > static_cast<double>(P)) return true;
   double excess = big - static_cast<double>(R);
   if (excess <= 0.0) return false;
-  std::sort(scratch->begin(), scratch->end());
+  // Cheapest extra slots first: ascending (ratio, a), popped from a min-heap instead of
+  // sorting all of them (the same sequence: pairs are totally ordered), stopping as soon as the
+  // answer is known: the excess is covered, or `extra` (a sum of terms >= 0, so it only grows)
+  // already proves infeasibility.
+  const double limit = static_cast<double>(P) * (1.0 + kEps);
+  auto first = scratch->begin(), last = scratch->end();
+  std::make_heap(first, last, std::greater<>());
   double extra = 0.0;
-  for (const auto& [ratio, a] : *scratch) {
+  while (first != last) {
+    std::pop_heap(first, last, std::greater<>());
+    --last;
+    const double ratio = last->first, a = last->second;
     const double take = std::min(a, excess);
     extra += ratio * take;
     excess -= take;
-    if (excess <= 0.0) break;
+    if (excess <= 0.0 || need + extra > limit) break;
   }
-  return need + extra > static_cast<double>(P) * (1.0 + kEps);
+  return need + extra > limit;
 }
 
 // (a), (b), (c) for n experts in P slots on R ranks.
@@ -86,7 +95,12 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
   double total = 0.0;
   for (int64_t e = 0; e < n; ++e) total += w[e];
   if (!(total > 0.0)) return 0.0;
-  thread_local std::vector<int64_t> own_cnt;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> own_cnt;
+    std::vector<double> heavy;
+    std::vector<std::pair<double, double>> scratch;
+  } tls;
+  auto& own_cnt = tls.own_cnt;
   const int64_t* cnt = greedy_cnt;
   if (cnt == nullptr) {
     own_cnt.resize(Z(n));
@@ -94,19 +108,20 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
     cnt = own_cnt.data();
   }
   double m_star = 0.0;
-  for (int64_t e = 0; e < n; ++e) m_star = std::max(m_star, w[e] / static_cast<double>(cnt[e]));
+  for (int64_t e = 0; e < n; ++e)  // (x / 1 is x: divide only for replicated experts)
+    m_star = std::max(m_star, cnt[e] == 1 ? w[e] : w[e] / static_cast<double>(cnt[e]));
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
   // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
   // ProvenInfeasible's test) has a_e = 1 and is never big: only the others are visited.
   const double small_max = 0.5 * lo * (1.0 + kEps);
-  thread_local std::vector<double> heavy;
+  auto& heavy = tls.heavy;
   heavy.clear();
   for (int64_t e = 0; e < n; ++e)
     if (w[e] > small_max) heavy.push_back(w[e]);
   const auto nh = static_cast<int64_t>(heavy.size());
   const double* hw = heavy.data();
-  thread_local std::vector<std::pair<double, double>> scratch;
+  auto& scratch = tls.scratch;
   if (!ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
   for (int it = 0; it < 30 && hi - lo > 1e-7 * lo; ++it) {
     const double mid = 0.5 * (lo + hi);
@@ -130,7 +145,8 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
   const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
   // (d)
   std::vector<double> group(Z(G), 0.0);
-  for (int64_t e = 0; e < E; ++e) group[Z(e / group_size)] += load[e];
+  for (int64_t g = 0; g < G; ++g)  // no integer division per expert
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group[Z(g)] += load[e];
   std::sort(group.begin(), group.end(), std::greater<double>());
   double node = group[0];
   for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];

@@ -25,6 +25,32 @@ inline size_t Z(int64_t i) { return static_cast<size_t>(i); }
 // uses a tournament tree above (faster from 32 packs on, measured).
 constexpr int64_t kScanPacks = 8;
 
+// Buckets of weights on a logarithmic scale, in weight order: bucket(i) = (hi - bits_i) >> shift
+// where bits_i is the bit pattern of w[i] (monotone in the value for doubles >= 0; + 0.0 turns
+// -0.0 into +0.0) and hi the largest; bucket 0 holds the heaviest, a heavier weight never has a
+// larger bucket, and there are fewer than 2n + 1 buckets. Sorting or selecting by bucket first
+// leaves only weights that share a bucket to compare exactly, and needs no data-dependent
+// branches (std::sort / std::nth_element mispredict about every other comparison).
+struct BitBuckets {
+  uint64_t hi = 0;
+  int shift = 0;
+  int64_t count = 0;  // number of buckets
+
+  // bits: [n] out. w: [n], finite and >= 0, n >= 1.
+  BitBuckets(const double* w, int64_t n, uint64_t* bits) {
+    uint64_t lo = ~uint64_t{0};
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = w[i] + 0.0;
+      std::memcpy(&bits[i], &v, sizeof v);
+      lo = std::min(lo, bits[i]);
+      hi = std::max(hi, bits[i]);
+    }
+    while (((hi - lo) >> shift) >= static_cast<uint64_t>(2 * n)) ++shift;
+    count = static_cast<int64_t>((hi - lo) >> shift) + 1;
+  }
+  size_t operator()(uint64_t b) const { return static_cast<size_t>((hi - b) >> shift); }
+};
+
 // Replicates n experts into num_phy slots: every expert gets one, and each further slot copies
 // the expert with the highest load per replica (lowest index on ties). This minimises the
 // largest load per replica over all replica counts with sum num_phy.
@@ -39,29 +65,110 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
   if (num_phy == n) return;
   // Heap of (load per replica, -index): the top is the largest, lowest index first.
   using Key = std::pair<double, int64_t>;
-  thread_local std::vector<Key> heap;
-  heap.resize(Z(n));
-  for (int64_t e = 0; e < n; ++e) heap[Z(e)] = {w[e], -e};
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<Key> heap;
+    std::vector<uint64_t> bits;
+    std::vector<uint32_t> hist;
+  } tls;
+  auto& heap = tls.heap;
   // Only the top num_phy - n experts (by load, lower index first) can ever be picked: an expert
   // is picked only once every expert above it has been (an unpicked expert keeps its full load,
-  // a picked one's load per replica only drops for beta >= 0). Heaping just those is the same
-  // greedy on fewer candidates.
+  // a picked one's load per replica only drops for beta >= 0). Heaping just those (or a
+  // superset: a few lighter ones) is the same greedy on fewer candidates.
   const int64_t picks = num_phy - n;
-  if (4 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
-    std::nth_element(heap.begin(), heap.begin() + picks, heap.end(), std::greater<Key>());
-    heap.resize(Z(picks));
+  heap.clear();
+  if (2 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
+    // The experts of the buckets holding the top `picks`: a superset (the last bucket may hold
+    // lighter ones too), and a superset gives the same greedy.
+    auto& bits = tls.bits;
+    auto& hist = tls.hist;
+    bits.resize(Z(n));
+    const BitBuckets bucket(w, n, bits.data());
+    hist.assign(Z(bucket.count), 0);
+    for (int64_t e = 0; e < n; ++e) ++hist[bucket(bits[Z(e)])];
+    size_t cut = 0;
+    for (int64_t acc = 0;; ++cut) {
+      acc += hist[cut];
+      if (acc >= picks) break;
+    }
+    for (int64_t e = 0; e < n; ++e)
+      if (bucket(bits[Z(e)]) <= cut) heap.push_back({w[e], -e});
+  } else {
+    heap.resize(Z(n));
+    for (int64_t e = 0; e < n; ++e) heap[Z(e)] = {w[e], -e};
   }
   std::make_heap(heap.begin(), heap.end());
-  for (int64_t i = 0; i < num_phy - n; ++i) {
-    std::pop_heap(heap.begin(), heap.end());
-    const int64_t e = -heap.back().second;
+  Key* h = heap.data();
+  const auto size = static_cast<int64_t>(heap.size());
+  for (int64_t i = 0; i < picks; ++i) {
+    const int64_t e = -h[0].second;
     const int64_t c = ++cnt[e];
     if (added != nullptr) added[i] = e;
     const double per =
         beta == 1.0 ? static_cast<double>(c) : std::pow(static_cast<double>(c), beta);
-    heap.back() = {w[e] / per, -e};
-    std::push_heap(heap.begin(), heap.end());
+    // The top's key only drops: sift it down in place (one pass where pop + push take two).
+    const Key x{w[e] / per, -e};
+    int64_t v = 0;
+    for (;;) {
+      int64_t child = 2 * v + 1;
+      if (child >= size) break;
+      if (child + 1 < size && h[child] < h[child + 1]) ++child;
+      if (!(x < h[child])) break;
+      h[v] = h[child];
+      v = child;
+    }
+    h[v] = x;
   }
+}
+
+// order [n] out: 0 .. n-1 sorted by w descending, lower index first on equal weight (a strict
+// total order, so the result is that of any correct sort). w: [n], finite and >= 0.
+// A bucket pass then an insertion pass, O(n) for spread-out weights (std::sort on n = 288 took
+// about 4 us of a 20 us DeepSeek layer): the bit pattern of a double >= 0 is monotone in its
+// value (+ 0.0 turns -0.0 into +0.0), so its high bits (exponent, leading mantissa bits: a
+// logarithmic scale) give each weight a bucket whose order agrees with the weights'. A stable
+// counting sort by bucket leaves only weights sharing a bucket out of order, which the insertion
+// pass with the exact comparison fixes; it falls back to std::sort if that gets long.
+inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
+  if (n <= 1) {
+    if (n == 1) order[0] = 0;
+    return;
+  }
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<uint64_t> bits;
+    std::vector<uint32_t> start;
+    std::vector<std::pair<uint64_t, int64_t>> items;  // (bits, index)
+  } tls;
+  auto& bits = tls.bits;
+  bits.resize(Z(n));
+  const BitBuckets bucket(w, n, bits.data());
+  auto& start = tls.start;
+  start.assign(Z(bucket.count) + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++start[bucket(bits[Z(i)]) + 1];
+  for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+  auto& items = tls.items;
+  items.resize(Z(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t b = bits[Z(i)];
+    items[start[bucket(b)]++] = {b, i};
+  }
+  // Within a bucket the items are in index order (stable scatter): only heavier items further
+  // on move forward. Strict comparison keeps equal weights in index order.
+  int64_t moves = 0;
+  const int64_t max_moves = 8 * n + 64;
+  for (int64_t i = 1; i < n && moves <= max_moves; ++i) {
+    const auto x = items[Z(i)];
+    int64_t j = i;
+    for (; j > 0 && items[Z(j - 1)].first < x.first; --j) items[Z(j)] = items[Z(j - 1)];
+    items[Z(j)] = x;
+    moves += i - j;
+  }
+  if (moves > max_moves) {
+    std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+  }
+  for (int64_t i = 0; i < n; ++i) order[i] = items[Z(i)].second;
 }
 
 // Packs items (weight[i]) into num_packs packs of exactly weight.size() / num_packs items:
@@ -77,42 +184,22 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     std::iota(pack->begin(), pack->end(), 0);
     return;
   }
-  // Heaviest first, lower index first on ties: a strict total order, so any correct sort gives
-  // the same sequence. Sorting plain 64-bit keys is much cheaper than an indirect comparator:
-  // the key is the weight's bit pattern (monotone for weights >= 0; + 0.0 turns -0.0 into +0.0)
-  // reversed, its low bits replaced by the index. Weights that agree in all but those low bits
-  // may come out in the wrong order; the insertion pass with the exact comparator fixes them
-  // (it costs O(n) when nothing is out of place).
+  // Heaviest first, lower index first on ties (SortHeaviestFirst).
   const double* w = weight.data();
-  int shift = 0;
-  while ((int64_t{1} << shift) < n) ++shift;
-  const uint64_t low = (uint64_t{1} << shift) - 1;
-  thread_local std::vector<uint64_t> keys;
-  keys.resize(Z(n));
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t bits;
-    const double v = w[i] + 0.0;
-    std::memcpy(&bits, &v, sizeof bits);
-    keys[Z(i)] = ((~bits) & ~low) | static_cast<uint64_t>(i);
-  }
-  std::sort(keys.begin(), keys.end());
-  thread_local std::vector<int64_t> order;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> order;
+    std::vector<double> pack_weight;
+    std::vector<int64_t> items;
+    std::vector<uint64_t> tree;
+    std::vector<double> key;
+    std::vector<int64_t> tree_index;
+  } tls;
+  auto& order = tls.order;
   order.resize(Z(n));
-  for (int64_t i = 0; i < n; ++i) order[Z(i)] = static_cast<int64_t>(keys[Z(i)] & low);
-  const auto before = [w](int64_t a, int64_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); };
-  // Keys with different high bits are already in the exact order: only runs of equal high bits
-  // need the exact comparator.
-  for (int64_t i = 1; i < n; ++i) {
-    if (((keys[Z(i)] ^ keys[Z(i - 1)]) & ~low) != 0) continue;
-    const int64_t x = order[Z(i)];
-    int64_t j = i;
-    for (; j > 0 && ((keys[Z(j - 1)] ^ keys[Z(i)]) & ~low) == 0 && before(x, order[Z(j - 1)]); --j)
-      order[Z(j)] = order[Z(j - 1)];
-    order[Z(j)] = x;
-  }
+  SortHeaviestFirst(w, n, order.data());
 
-  thread_local std::vector<double> pack_weight;
-  thread_local std::vector<int64_t> items;
+  auto& pack_weight = tls.pack_weight;
+  auto& items = tls.items;
   pack_weight.assign(Z(num_packs), 0.0);
   items.assign(Z(num_packs), 0);
   double total = 0.0;
@@ -130,18 +217,103 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     }
     return;
   }
+  // When every weight is > 0, the first num_packs items (heaviest first) go to packs 0, 1, ...
+  // in turn: item k finds packs 0..k-1 loaded (> 0) and pack k the first empty one.
+  int64_t first = 0;
+  if (w[order[Z(n - 1)]] > 0.0) {
+    for (int64_t k = 0; k < num_packs; ++k) {
+      const int64_t i = order[Z(k)];
+      (*pack)[Z(i)] = k;
+      items[Z(k)] = 1;
+      pack_weight[Z(k)] = w[i];
+    }
+    first = num_packs;
+    if (per_pack == 2) {
+      // Each further item fills the lightest pack (lowest index on ties) for good, so they go
+      // to the packs in (weight, index) order: pack weights do not increase with the index,
+      // so that is runs of equal weight from the last run to the first, each by index.
+      int64_t k = num_packs;
+      for (int64_t end = num_packs; end > 0;) {
+        int64_t start = end - 1;
+        while (start > 0 && pack_weight[Z(start - 1)] == pack_weight[Z(end - 1)]) --start;
+        for (int64_t q = start; q < end; ++q) {
+          const int64_t i = order[Z(k++)];
+          (*pack)[Z(i)] = q;
+          (*rank_in_pack)[Z(i)] = 1;
+        }
+        end = start;
+      }
+      return;
+    }
+  }
+  int64_t leaves = 1;
+  int index_bits = 0;
+  while (leaves < num_packs) {
+    leaves *= 2;
+    ++index_bits;
+  }
+  // Integer keys when they fit, (pack weight, pack index) as one uint64: then a tournament node
+  // is just the min of its children (one compare, no index to carry, no tie rule) and the winner
+  // is the key's low bits. A pack weight is 0 or >= the lightest positive item (sums of weights
+  // >= 0 never round below a term) and < 2 * total; the bit pattern of a double >= 0 is monotone
+  // in its value, so bits - bits(lightest) + 1 (0 for an empty pack) keeps the order. Used when
+  // that range leaves index_bits free (weights spanning fewer than about 2^(10 - index_bits)
+  // binades: always for real loads); otherwise the double-keyed code below.
+  double lightest = 0.0;
+  for (int64_t t = n - 1; t >= 0 && !(lightest > 0.0); --t) lightest = w[order[Z(t)]];
+  if (lightest > 0.0) {
+    const auto bits_of = [](double v) {
+      uint64_t b;
+      std::memcpy(&b, &v, sizeof b);
+      return b;
+    };
+    const uint64_t base = bits_of(lightest);
+    const uint64_t span = bits_of(2.0 * total) - base + 2;
+    if (index_bits <= 16 && span < (uint64_t{1} << (63 - index_bits))) {
+      const auto make_key = [&](double v, int64_t q) {
+        const uint64_t rank = v > 0.0 ? bits_of(v) - base + 1 : 0;
+        return (rank << index_bits) | static_cast<uint64_t>(q);
+      };
+      constexpr uint64_t kFullKey = ~uint64_t{0};
+      const uint64_t mask = (uint64_t{1} << index_bits) - 1;
+      auto& tree = tls.tree;
+      tree.assign(Z(2 * leaves), kFullKey);
+      for (int64_t q = 0; q < num_packs; ++q)
+        tree[Z(leaves + q)] = make_key(pack_weight[Z(q)], q);  // none full yet
+      for (int64_t v = leaves - 1; v >= 1; --v)
+        tree[Z(v)] = std::min(tree[Z(2 * v)], tree[Z(2 * v + 1)]);
+      uint64_t* tk = tree.data();
+      for (int64_t t = first; t < n; ++t) {
+        const int64_t i = order[Z(t)];
+        const auto p = static_cast<int64_t>(tk[1] & mask);
+        (*pack)[Z(i)] = p;
+        (*rank_in_pack)[Z(i)] = items[Z(p)]++;
+        pack_weight[Z(p)] += w[i];
+        uint64_t ck = items[Z(p)] == per_pack ? kFullKey : make_key(pack_weight[Z(p)], p);
+        int64_t v = leaves + p;
+        tk[v] = ck;
+        while (v > 1) {
+          ck = std::min(ck, tk[v ^ 1]);
+          v /= 2;
+          tk[v] = ck;
+        }
+      }
+      return;
+    }
+  }
   // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
   // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
   // with room always beats the +inf of the full ones.
   constexpr double kFull = std::numeric_limits<double>::infinity();
-  thread_local std::vector<double> key;
+  auto& key = tls.key;
   if (num_packs <= kScanPacks) {
     // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
     key.assign(Z(kScanPacks), kFull);
-    std::fill(key.begin(), key.begin() + num_packs, 0.0);
+    std::copy(pack_weight.begin(), pack_weight.end(), key.begin());  // no pack is full yet
     const double* k = key.data();
     const int64_t len = (num_packs + 3) / 4 * 4;
-    for (const int64_t i : order) {
+    for (int64_t t = first; t < n; ++t) {
+      const int64_t i = order[Z(t)];
       double m0 = k[0], m1 = k[1], m2 = k[2], m3 = k[3];
       for (int64_t q = 4; q < len; q += 4) {
         m0 = std::min(m0, k[q]);
@@ -163,13 +335,11 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   // left child's winner on ties, and left leaves have lower indices, so the root is the first
   // pack with the minimum key. An update climbs from the leaf with the winner in registers: each
   // level reads only the sibling, whose address does not depend on the comparisons.
-  int64_t leaves = 1;
-  while (leaves < num_packs) leaves *= 2;
-  thread_local std::vector<int64_t> tree_index;
+  auto& tree_index = tls.tree_index;
   key.assign(Z(2 * leaves), kFull);
   tree_index.resize(Z(2 * leaves));
   for (int64_t q = 0; q < leaves; ++q) {
-    key[Z(leaves + q)] = q < num_packs ? 0.0 : kFull;
+    key[Z(leaves + q)] = q < num_packs ? pack_weight[Z(q)] : kFull;  // none full yet
     tree_index[Z(leaves + q)] = q;
   }
   for (int64_t v = leaves - 1; v >= 1; --v) {
@@ -179,7 +349,8 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
   }
   double* tk = key.data();
   int64_t* ti = tree_index.data();
-  for (const int64_t i : order) {
+  for (int64_t t = first; t < n; ++t) {
+    const int64_t i = order[Z(t)];
     const int64_t p = ti[1];
     (*pack)[Z(i)] = p;
     (*rank_in_pack)[Z(i)] = items[Z(p)]++;

@@ -134,29 +134,86 @@ void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* 
 
 double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
   const int64_t E = s.num_logical, P = s.num_physical, S = s.slots_per_rank();
-  thread_local std::vector<int64_t> cnt;
+  // Loads per replica once per expert, dividing only for the experts with several replicas
+  // (load / 1 is load; divisions are slow), then the same sums in the same order as dividing
+  // per slot.
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> cnt;
+    std::vector<int64_t> multi;
+    std::vector<double> per;
+  } tls;
+  auto& cnt = tls.cnt;
+  auto& multi = tls.multi;
+  auto& per = tls.per;
   cnt.assign(static_cast<size_t>(E), 0);
-  for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(phy2log[p])];
+  multi.clear();
+  for (int64_t p = 0; p < P; ++p)
+    if (++cnt[static_cast<size_t>(phy2log[p])] == 2) multi.push_back(phy2log[p]);
+  per.assign(load, load + E);
+  for (const int64_t e : multi)
+    per[static_cast<size_t>(e)] = load[e] / static_cast<double>(cnt[static_cast<size_t>(e)]);
   double best = 0.0;
   for (int64_t r = 0; r < s.num_ranks; ++r) {
     double sum = 0.0;
-    for (int64_t p = r * S; p < (r + 1) * S; ++p) {
-      const auto e = static_cast<size_t>(phy2log[p]);
-      sum += load[e] / static_cast<double>(cnt[e]);
-    }
+    for (int64_t p = r * S; p < (r + 1) * S; ++p) sum += per[static_cast<size_t>(phy2log[p])];
     best = std::max(best, sum);
   }
   return best;
 }
 
 void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s) {
-  const int64_t S = s.slots_per_rank();
+  const int64_t S = s.slots_per_rank(), E = s.num_logical;
   std::vector<int64_t> pending;
   std::vector<char> fixed(static_cast<size_t>(S));
+  // With ids known to lie in [0, E): per-expert counters instead of a search per old slot
+  // (O(S) per rank, not O(S^2)), the same result. need[v]: copies of v still wanted on the
+  // rank; skip[v]: copies of v kept in their old slots, which the fill below passes over (the
+  // first ones in the new order, as the search would have taken them).
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> need, skip;
+  } tls;
+  auto& need = tls.need;
+  auto& skip = tls.skip;
+  if (E > 0) {
+    need.assign(static_cast<size_t>(E), 0);
+    skip.assign(static_cast<size_t>(E), 0);
+  }
   for (int64_t l = 0; l < s.num_layers; ++l) {
     for (int64_t r = 0; r < s.num_ranks; ++r) {
       int64_t* row = phy2log + l * s.num_physical + r * S;
       const int64_t* old_row = old_phy2log + l * s.num_physical + r * S;
+      bool in_range = E > 0;
+      for (int64_t j = 0; j < S && in_range; ++j)
+        in_range = static_cast<uint64_t>(row[j]) < static_cast<uint64_t>(E);
+      if (in_range) {
+        pending.assign(row, row + S);
+        for (int64_t j = 0; j < S; ++j) ++need[static_cast<size_t>(row[j])];
+        for (int64_t j = 0; j < S; ++j) {
+          const int64_t v = old_row[j];
+          const bool keep = static_cast<uint64_t>(v) < static_cast<uint64_t>(E) &&
+                            need[static_cast<size_t>(v)] > 0;
+          fixed[static_cast<size_t>(j)] = keep;
+          if (keep) {
+            --need[static_cast<size_t>(v)];
+            ++skip[static_cast<size_t>(v)];
+          }
+        }
+        size_t next = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          if (fixed[static_cast<size_t>(j)]) {
+            row[j] = old_row[j];
+            continue;
+          }
+          while (skip[static_cast<size_t>(pending[next])] > 0)
+            --skip[static_cast<size_t>(pending[next++])];
+          row[j] = pending[next++];
+        }
+        for (const int64_t v : pending) {
+          need[static_cast<size_t>(v)] = 0;
+          skip[static_cast<size_t>(v)] = 0;
+        }
+        continue;
+      }
       // Multiset of the new experts of this rank; each old slot whose expert is still wanted
       // keeps it, the rest are filled with what is left, in the new order.
       pending.assign(row, row + S);
@@ -228,8 +285,9 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     // balanced and min_move never hand back a placement that serves this window worse than
     // the current one: moving weights to lose balance is pure cost. (Across several nodes the
     // old placement may break the hierarchy the plan must keep, so there it is not a candidate.)
+    const double before = old != nullptr ? MaxRankLoad(w, old, one) : 0.0;
     if (old != nullptr && options.policy != Policy::kDeepSeek && admissible_old &&
-        MaxRankLoad(w, dst, one) > MaxRankLoad(w, old, one)) {
+        MaxRankLoad(w, dst, one) > before) {
       std::copy(old, old + P, dst);
     }
     if (old != nullptr && options.preserve_slots) PreserveSlots(dst, old, one);
@@ -240,7 +298,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     if (options.policy == Policy::kDeepSeek && !shape.hierarchical()) {
       // Global DeepSeek replicated exactly as the bound's greedy does (PreserveSlots only
       // permutes slots inside ranks): its counts save the bound a second replication.
-      thread_local std::vector<int64_t> cnt;
+      thread_local std::vector<int64_t> cnt_tls;
+      auto& cnt = cnt_tls;  // bound once: each use of a thread_local costs a TLS lookup
       cnt.assign(static_cast<size_t>(E), 0);
       for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(dst[p])];
       out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, cnt.data());
@@ -248,36 +307,46 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
     }
     if (old != nullptr) {
-      out.max_load_before[static_cast<size_t>(l)] = MaxRankLoad(w, old, one);
+      out.max_load_before[static_cast<size_t>(l)] = before;
       int64_t moved = 0;
       for (int64_t p = 0; p < P; ++p) moved += dst[p] != old[p];
       out.moved_slots[static_cast<size_t>(l)] = moved;
     }
   });
-  // A policy bug must never reach a rank as a placement.
-  ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
-
-  if (options.policy == Policy::kDeepSeek && old_phy2log == nullptr) {
-    // DeepSeek orders log2phy columns by replica ordinal, not by slot.
-    // Nested loops: no division per slot.
-    out.logcnt.assign(static_cast<size_t>(L * E), 0);
-    for (int64_t l = 0; l < L; ++l) {
-      int64_t* cnt = out.logcnt.data() + l * E;
-      const int64_t* row = out.phy2log.data() + l * P;
-      for (int64_t p = 0; p < P; ++p) ++cnt[row[p]];
+  // logcnt, checking on the way what ValidatePhy2Log checks: a policy bug must never reach a
+  // rank as a placement (on failure ValidatePhy2Log throws its message).
+  out.logcnt.assign(static_cast<size_t>(L * E), 0);
+  bool valid = true;
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t* cnt = out.logcnt.data() + l * E;
+    const int64_t* row = out.phy2log.data() + l * P;
+    for (int64_t p = 0; p < P && valid; ++p) {
+      valid = static_cast<uint64_t>(row[p]) < static_cast<uint64_t>(E);
+      if (valid) ++cnt[row[p]];
     }
-    int64_t m = 1;
-    for (int64_t c : out.logcnt) m = std::max(m, c);
-    out.max_replicas = m;
-    out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
-    for (int64_t l = 0; l < L; ++l) {
-      int64_t* dst = out.log2phy.data() + l * E * m;
-      const int64_t* row = out.phy2log.data() + l * P;
+  }
+  int64_t m = 1;
+  for (int64_t c : out.logcnt) {
+    valid &= c >= 1;
+    m = std::max(m, c);
+  }
+  if (!valid) ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
+  out.max_replicas = m;
+  // -1 everywhere (one pass: resize + memset would write this largest output twice), then the
+  // slots: DeepSeek orders log2phy columns by replica ordinal, the others by slot.
+  out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
+  const bool by_ordinal = options.policy == Policy::kDeepSeek && old_phy2log == nullptr;
+  std::vector<int64_t> fill(by_ordinal ? 0 : static_cast<size_t>(E));
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t* dst = out.log2phy.data() + l * E * m;
+    const int64_t* row = out.phy2log.data() + l * P;
+    if (by_ordinal) {
       const int64_t* rank = phyrank.data() + l * P;
       for (int64_t p = 0; p < P; ++p) dst[row[p] * m + rank[p]] = p;
+    } else {
+      std::fill(fill.begin(), fill.end(), 0);
+      for (int64_t p = 0; p < P; ++p) dst[row[p] * m + fill[static_cast<size_t>(row[p])]++] = p;
     }
-  } else {
-    BuildLog2Phy(out.phy2log.data(), shape, &out.log2phy, &out.logcnt, &out.max_replicas);
   }
   if (old_phy2log != nullptr && options.transfers) {
     for (int64_t l = 0; l < L; ++l)

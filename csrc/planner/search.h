@@ -31,17 +31,38 @@ class PackSearch {
   PackSearch(const double* w, int64_t n, int64_t num_ranks, int64_t S)
       : w_(w), n_(n), R_(num_ranks), S_(S) {}
 
+  // The same object for another pack (call Init* next): as newly constructed, but the vectors
+  // keep their capacity, so a search reused per thread allocates nothing once warm.
+  void Reset(const double* w, int64_t n, int64_t num_ranks, int64_t S) {
+    w_ = w;
+    n_ = n;
+    R_ = num_ranks;
+    S_ = S;
+    orig_.clear();
+    trivial_bound_ = 0.0;
+    cost_aware_ = false;
+    changed_ = 0;
+    budget_ = 0;
+    lists_ready_ = false;
+    greedy_counts_ = false;
+  }
+
   // DeepSeek's greedy: replica counts by largest load per replica, then LPT onto the ranks.
   // beta: replica-count rule (packing.h Replicate); 1 is DeepSeek's.
   void InitGreedy(double beta = 1.0) {
     const int64_t P = R_ * S_;
     cnt_.assign(Z(n_), 1);
-    std::vector<int64_t> phy(Z(P));
+    std::vector<int64_t>& phy = init_phy_;  // (scratch members: no allocation once warm)
+    phy.resize(Z(P));
     std::iota(phy.begin(), phy.begin() + n_, 0);
     Replicate(w_, n_, P, cnt_.data(), phy.data() + n_, beta);
-    std::vector<double> wt(Z(P));
+    RecomputePer();
+    greedy_counts_ = beta == 1.0;
+    std::vector<double>& wt = init_wt_;
+    wt.resize(Z(P));
     for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
-    std::vector<int64_t> pack, rank_in_pack;
+    std::vector<int64_t>& pack = init_pack_;
+    std::vector<int64_t>& rank_in_pack = init_rank_;
     BalancedPacking(wt, R_, &pack, &rank_in_pack);
     slot_exp_.assign(Z(P), 0);
     for (int64_t i = 0; i < P; ++i) slot_exp_[Z(pack[Z(i)] * S_ + rank_in_pack[Z(i)])] = phy[Z(i)];
@@ -56,6 +77,8 @@ class PackSearch {
     orig_ = slot_exp_;
     cnt_.assign(Z(n_), 0);
     for (int64_t e : slot_exp_) ++cnt_[Z(e)];
+    RecomputePer();
+    greedy_counts_ = false;
     Finish();
   }
 
@@ -77,7 +100,7 @@ class PackSearch {
       for (int64_t s = 0; s < R_ * S_; ++s) {
         const int64_t a = slot_exp_[Z(s)];
         if (a == b || cnt_[Z(a)] <= target[a]) continue;
-        const double v = load_[Z(s / S_)] - Wt(a) + wb_new;
+        const double v = load_[Z(rank_[Z(s)])] - Wt(a) + wb_new;
         if (v < best_load) {
           best_load = v;
           best = s;
@@ -114,14 +137,33 @@ class PackSearch {
   double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
 
  private:
-  double Wt(int64_t e) const { return w_[e] / static_cast<double>(cnt_[Z(e)]); }
+  // Load per replica of e: w_e / cnt_e, kept in per_ (divisions are slow; the hot loops read it
+  // for every slot they look at). Every change of cnt_ goes through SetCount or RecomputePer.
+  double Wt(int64_t e) const { return per_[Z(e)]; }
+  void SetCount(int64_t e, int64_t c) {
+    cnt_[Z(e)] = c;
+    per_[Z(e)] = w_[e] / static_cast<double>(c);
+  }
+  void RecomputePer() {
+    per_.resize(Z(n_));
+    for (int64_t e = 0; e < n_; ++e) per_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)]);
+    rank_.resize(Z(R_ * S_));
+    for (int64_t r = 0; r < R_; ++r)
+      for (int64_t j = r * S_; j < (r + 1) * S_; ++j) rank_[Z(j)] = r;
+  }
 
   void Finish() {
     // No placement beats the mean rank load nor the largest replica of the greedy counts.
     double total = 0.0;
     for (int64_t e = 0; e < n_; ++e) total += w_[e];
-    std::vector<int64_t> best(Z(n_));
-    Replicate(w_, n_, R_ * S_, best.data(), nullptr);
+    // (cnt_ holds them already right after InitGreedy with DeepSeek's rule.)
+    std::vector<int64_t>& best = init_pack_;  // scratch
+    if (greedy_counts_) {
+      best = cnt_;
+    } else {
+      best.resize(Z(n_));
+      Replicate(w_, n_, R_ * S_, best.data(), nullptr);
+    }
     double largest = 0.0;
     for (int64_t e = 0; e < n_; ++e)
       largest = std::max(largest, w_[e] / static_cast<double>(best[Z(e)]));
@@ -183,20 +225,42 @@ class PackSearch {
   // Best swap between h and the lightest few ranks (where the room is); only when none helps,
   // every rank: the search stops at the same kind of local optimum, much sooner.
   void BestSwap(int64_t h, double M, double tol, Step* best) {
+    // Ranks lightest first, (load, index): the widest gap usually holds the best swap, and the
+    // gap bound in SwapWith then skips most of the others. Ties in score go to the lowest (rank,
+    // slot on h, slot on o), so the result is that of a scan by index. order_ persists between
+    // steps (a step changes few loads): one insertion pass re-sorts it.
+    if (static_cast<int64_t>(order_.size()) != R_) {
+      order_.resize(Z(R_));
+      std::iota(order_.begin(), order_.end(), 0);
+    }
+    int64_t* ord = order_.data();
+    for (int64_t k = 1; k < R_; ++k) {
+      const int64_t r = ord[k];
+      const double v = load_[Z(r)];
+      int64_t j = k;
+      for (; j > 0 && (v < load_[Z(ord[j - 1])] || (v == load_[Z(ord[j - 1])] && r < ord[j - 1]));
+           --j)
+        ord[j] = ord[j - 1];
+      ord[j] = r;
+    }
+    // The kLight lightest first; only when none of them helps, every rank: the search stops at
+    // the same kind of local optimum, much sooner. (With few ranks, a node: all at once.)
     constexpr int64_t kLight = 4;
     if (R_ > 2 * kLight) {
-      light_.resize(Z(R_));
-      std::iota(light_.begin(), light_.end(), 0);
-      std::nth_element(light_.begin(), light_.begin() + kLight, light_.end(),
-                       [&](int64_t a, int64_t b) {
-                         return load_[Z(a)] < load_[Z(b)] || (load_[Z(a)] == load_[Z(b)] && a < b);
-                       });
-      light_.resize(Z(kLight));
-      std::sort(light_.begin(), light_.end());
-      for (int64_t o : light_) SwapWith(h, o, M, tol, best);
+      for (int64_t k = 0; k < kLight; ++k) SwapWith(h, ord[k], M, tol, best);
       if (best->kind != 0) return;
+      // (the kLight searched above found nothing with the same empty best: not again)
+      for (int64_t k = kLight; k < R_; ++k) SwapWith(h, ord[k], M, tol, best);
+      return;
     }
-    for (int64_t o = 0; o < R_; ++o) SwapWith(h, o, M, tol, best);
+    for (int64_t k = 0; k < R_; ++k) SwapWith(h, ord[k], M, tol, best);
+  }
+
+  // Swap (i, j) comes before swap `b` in the order (rank of j, i, j): the order of a scan of the
+  // ranks by index, whose first best step wins.
+  bool SwapFirst(int64_t i, int64_t j, const Step& b) const {
+    const int64_t o = rank_[Z(j)], bo = rank_[Z(b.j)];
+    return o < bo || (o == bo && (i < b.i || (i == b.i && j < b.j)));
   }
 
   void SwapWith(int64_t h, int64_t o, double M, double tol, Step* best) {
@@ -209,15 +273,18 @@ class PackSearch {
       if (!cost_aware_ && 0.5 * gap + tol <= best->score) return;
       // o's replica loads once per call, not once per (i, j): the same divisions, S times fewer.
       wt_o_.resize(Z(S_));
-      double lightest = HUGE_VAL;
+      double lightest = HUGE_VAL, heaviest = -HUGE_VAL;
       for (int64_t j = 0; j < S_; ++j) {
         wt_o_[Z(j)] = Wt(slot_exp_[Z(o * S_ + j)]);
         lightest = std::min(lightest, wt_o_[Z(j)]);
+        heaviest = std::max(heaviest, wt_o_[Z(j)]);
       }
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
         const int64_t x = slot_exp_[Z(i)];
         const double wx = Wt(x);
         if (wx - lightest <= tol) continue;  // every d <= tol: no swap with this x
+        // every d >= wx - heaviest (rounding is monotone): all at or above gap - tol, none fits
+        if (wx - heaviest >= gap - tol) continue;
         // For `balanced` a swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
         if (!cost_aware_ && wx - lightest + tol <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
@@ -227,17 +294,65 @@ class PackSearch {
           const double worst = std::max(M - d, load_[Z(o)] + d);
           const double cost = cost_aware_ ? Cost(i, y) + Cost(j, x) : 2.0;
           const double score = Score(M, worst, cost);
-          if (score > best->score) *best = {1, i, j, score};
+          if (score > best->score ||
+              (score == best->score && best->kind == 1 && SwapFirst(i, j, *best)))
+            *best = {1, i, j, score};
         }
       }
     }
   }
 
+  // The slots of each expert as doubly linked lists over slot ids (head_/tail_ per expert,
+  // next_/prev_ per slot, -1 ends), in the order a vector per expert would have: built by
+  // ascending slot, a swapped slot takes the place of the one it replaces, a converted slot is
+  // unlinked and appended. No allocation per search.
   void BuildLists() {
-    slots_of_.assign(Z(n_), {});
-    for (int64_t s = 0; s < R_ * S_; ++s) slots_of_[Z(slot_exp_[Z(s)])].push_back(s);
+    const int64_t P = R_ * S_;
+    head_.assign(Z(n_), -1);
+    tail_.assign(Z(n_), -1);
+    next_.assign(Z(P), -1);
+    prev_.assign(Z(P), -1);
+    for (int64_t s = 0; s < P; ++s) Append(slot_exp_[Z(s)], s);
     delta_.assign(Z(R_), 0.0);
     lists_ready_ = true;
+  }
+  void Append(int64_t e, int64_t s) {
+    prev_[Z(s)] = tail_[Z(e)];
+    next_[Z(s)] = -1;
+    if (tail_[Z(e)] >= 0) {
+      next_[Z(tail_[Z(e)])] = s;
+    } else {
+      head_[Z(e)] = s;
+    }
+    tail_[Z(e)] = s;
+  }
+  void Unlink(int64_t e, int64_t s) {
+    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
+    if (p >= 0) {
+      next_[Z(p)] = q;
+    } else {
+      head_[Z(e)] = q;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = p;
+    } else {
+      tail_[Z(e)] = p;
+    }
+  }
+  // Slot `to` takes the place in e's list of the slot whose links were (p, q).
+  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
+    prev_[Z(to)] = p;
+    next_[Z(to)] = q;
+    if (p >= 0) {
+      next_[Z(p)] = to;
+    } else {
+      head_[Z(e)] = to;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = to;
+    } else {
+      tail_[Z(e)] = to;
+    }
   }
 
   // Max new load over the ranks touched by turning slot s (expert a, cnt >= 2) into expert b,
@@ -251,8 +366,9 @@ class PackSearch {
       if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
       delta_[Z(r)] += d;
     };
-    for (int64_t q : slots_of_[Z(a)]) add(q / S_, q == s ? wb_new - wa : wa_new - wa);
-    for (int64_t q : slots_of_[Z(b)]) add(q / S_, wb_new - wb);
+    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+      add(rank_[Z(q)], q == s ? wb_new - wa : wa_new - wa);
+    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)]) add(rank_[Z(q)], wb_new - wb);
     double worst = 0.0;
     bool has_h = false;
     for (int64_t r : touched_) {
@@ -280,18 +396,36 @@ class PackSearch {
     max_on_.assign(Z(n_), 0.0);
     for (int64_t s = 0; s < R_ * S_; ++s) {
       const int64_t e = slot_exp_[Z(s)];
-      max_on_[Z(e)] = std::max(max_on_[Z(e)], load_[Z(s / S_)]);
+      max_on_[Z(e)] = std::max(max_on_[Z(e)], load_[Z(rank_[Z(s)])]);
     }
     // The two experts with the smallest load per replica after gaining one.
     int64_t b0 = -1, b1 = -1;
-    auto gained = [&](int64_t e) { return w_[e] / static_cast<double>(cnt_[Z(e)] + 1); };
+    double g0 = 0.0, g1 = 0.0;
     for (int64_t e = 0; e < n_; ++e) {
-      if (b0 < 0 || gained(e) < gained(b0)) {
+      const double g = w_[e] / static_cast<double>(cnt_[Z(e)] + 1);
+      if (b0 < 0 || g < g0) {
         b1 = b0;
+        g1 = g0;
         b0 = e;
-      } else if (b1 < 0 || gained(e) < gained(b1)) {
+        g0 = g;
+      } else if (b1 < 0 || g < g1) {
         b1 = e;
+        g1 = g;
       }
+    }
+    // Per slot s (expert a), the same for every x below: its rank's load without it, and the
+    // max load over a's ranks once a gives up a replica (+inf when a has only one: it cannot).
+    // Computed once here instead of once per (x, s), with the same expressions.
+    const int64_t P = R_ * S_;
+    conv_base_.resize(Z(P));
+    conv_after_.resize(Z(P));
+    for (int64_t q = 0; q < P; ++q) {
+      const int64_t a = slot_exp_[Z(q)];
+      const double wa = Wt(a);
+      conv_base_[Z(q)] = load_[Z(rank_[Z(q)])] - wa;
+      conv_after_[Z(q)] = cnt_[Z(a)] < 2
+                              ? HUGE_VAL
+                              : max_on_[Z(a)] + (w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa);
     }
     constexpr int kTop = 3;
     for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
@@ -312,12 +446,10 @@ class PackSearch {
         top_slot[k] = -1;
       }
       const double h_new = M - wx + wx_new;
-      for (int64_t s = 0; s < R_ * S_; ++s) {
-        const int64_t a = slot_exp_[Z(s)];
-        if (a == x || cnt_[Z(a)] < 2) continue;
-        const double wa = Wt(a), inc = w_[a] / static_cast<double>(cnt_[Z(a)] - 1) - wa;
-        const double worst = std::max({h_new, load_[Z(s / S_)] - wa + wx_new, max_on_[Z(a)] + inc});
-        if (worst >= M - tol) continue;
+      for (int64_t s = 0; s < P; ++s) {
+        if (slot_exp_[Z(s)] == x) continue;
+        const double worst = std::max({h_new, conv_base_[Z(s)] + wx_new, conv_after_[Z(s)]});
+        if (worst >= M - tol) continue;  // (also every a with one replica: +inf)
         const double score = Score(M, worst, Cost(s, x));
         if (score <= top_score[kTop - 1]) continue;
         int k = kTop - 1;
@@ -334,35 +466,32 @@ class PackSearch {
     }
   }
 
-  void ReplaceInList(int64_t e, int64_t from, int64_t to) {
-    for (auto& s : slots_of_[Z(e)])
-      if (s == from) {
-        s = to;
-        return;
-      }
-  }
-
   void Apply(const Step& st) {
     if (st.kind == 1) {
       const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
       if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, y) + Cost(st.j, x));
       std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
-      ReplaceInList(x, st.i, st.j);
-      ReplaceInList(y, st.j, st.i);
-      load_[Z(st.i / S_)] = RankLoad(st.i / S_);
-      load_[Z(st.j / S_)] = RankLoad(st.j / S_);
+      if (x != y) {  // (swaps always trade different experts: equal ones gain nothing)
+        const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
+        const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
+        Relink(x, st.j, pi, ni);
+        Relink(y, st.i, pj, nj);
+      }
+      load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
+      load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
       return;
     }
     const int64_t a = slot_exp_[Z(st.i)], b = st.j;
     if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, b));
-    --cnt_[Z(a)];
-    ++cnt_[Z(b)];
+    SetCount(a, cnt_[Z(a)] - 1);
+    SetCount(b, cnt_[Z(b)] + 1);
     slot_exp_[Z(st.i)] = b;
-    auto& la = slots_of_[Z(a)];
-    la.erase(std::find(la.begin(), la.end(), st.i));
-    slots_of_[Z(b)].push_back(st.i);
-    for (int64_t q : la) load_[Z(q / S_)] = RankLoad(q / S_);
-    for (int64_t q : slots_of_[Z(b)]) load_[Z(q / S_)] = RankLoad(q / S_);
+    Unlink(a, st.i);
+    Append(b, st.i);
+    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+      load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
+    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)])
+      load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
   }
 
   // Two slots per rank (e.g. Kimi-K2 on 256 ranks): for given replica counts the best packing
@@ -379,10 +508,56 @@ class PackSearch {
     bool operator<(const Run& o) const { return w < o.w || (w == o.w && e < o.e); }
   };
 
-  // Paired max over runs sorted ascending; binding experts out (lo, hi).
-  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi) {
-    auto i = static_cast<int64_t>(0), j = static_cast<int64_t>(runs.size()) - 1;
-    int64_t ci = runs[Z(i)].c, cj = runs[Z(j)].c;
+  // A sorted run sequence as a few spans: the runs after a trial move without copying them
+  // (the unchanged runs stay where they are, the two changed ones are held here). Not copyable:
+  // spans may point into it.
+  struct RunSeq {
+    struct Span {
+      const Run* p;
+      int64_t len;
+    };
+    Span span[7];
+    int count = 0;
+    int64_t size = 0;
+    Run ra{}, rb{};
+    RunSeq() = default;
+    RunSeq(const RunSeq&) = delete;
+    RunSeq& operator=(const RunSeq&) = delete;
+    void Add(const Run* p, int64_t len) {
+      if (len <= 0) return;
+      span[count++] = {p, len};
+      size += len;
+    }
+    void CopyTo(std::vector<Run>* out) const {
+      out->resize(Z(size));
+      Run* o = out->data();
+      for (int k = 0; k < count; ++k) o = std::copy(span[k].p, span[k].p + span[k].len, o);
+    }
+  };
+
+  // Paired max over a run sequence sorted ascending; binding experts out (lo, hi). Stops as
+  // soon as the max reaches `limit` (then returns a value >= limit, all a caller asking "below
+  // limit?" needs).
+  static double PairMax(const RunSeq& q, int64_t* lo, int64_t* hi, double limit = HUGE_VAL) {
+    // Cursors: run i from the front (span fi, offset fo), run j from the back (bi, bo).
+    int fi = 0, bi = q.count - 1;
+    int64_t fo = 0, bo = q.span[bi].len - 1;
+    auto front = [&]() -> const Run& { return q.span[fi].p[fo]; };
+    auto back = [&]() -> const Run& { return q.span[bi].p[bo]; };
+    auto next = [&] {
+      if (++fo == q.span[fi].len) {
+        ++fi;
+        fo = 0;
+      }
+    };
+    auto prev = [&] {
+      if (bo-- == 0) {
+        --bi;
+        bo = bi >= 0 ? q.span[bi].len - 1 : 0;
+      }
+    };
+    int64_t i = 0, j = q.size - 1;
+    int64_t ci = front().c, cj = back().c;
     double m = -1.0;
     auto take = [&](double v, int64_t a, int64_t b) {
       if (v > m) {
@@ -393,58 +568,90 @@ class PackSearch {
     };
     while (i <= j) {
       if (i == j) {  // one run left: its replicas pair among themselves
-        if (ci >= 2) take(2.0 * runs[Z(i)].w, runs[Z(i)].e, runs[Z(i)].e);
+        if (ci >= 2) take(2.0 * front().w, front().e, front().e);
         break;
       }
-      take(runs[Z(i)].w + runs[Z(j)].w, runs[Z(i)].e, runs[Z(j)].e);
+      take(front().w + back().w, front().e, back().e);
+      if (m >= limit) break;
       const int64_t k = std::min(ci, cj);
       ci -= k;
       cj -= k;
       if (ci == 0 && cj == 0) {
         ++i;
+        next();
         --j;
+        prev();
         if (i > j) break;
-        ci = runs[Z(i)].c;
-        cj = i == j ? ci : runs[Z(j)].c;
+        ci = front().c;
+        cj = i == j ? ci : back().c;
       } else if (ci == 0) {
         ++i;
-        ci = i == j ? cj : runs[Z(i)].c;
+        next();
+        ci = i == j ? cj : front().c;
       } else {
         --j;
-        cj = j == i ? ci : runs[Z(j)].c;
+        prev();
+        cj = j == i ? ci : back().c;
       }
     }
     return m;
   }
 
-  // runs with expert a losing one replica and b gaining one, still sorted -> out.
-  void Moved(const std::vector<Run>& runs, int64_t a, int64_t b, std::vector<Run>* out) const {
-    const Run ra{w_[a] / static_cast<double>(cnt_[Z(a)] - 1), cnt_[Z(a)] - 1, a};
-    const Run rb{w_[b] / static_cast<double>(cnt_[Z(b)] + 1), cnt_[Z(b)] + 1, b};
-    const Run& first = rb < ra ? rb : ra;
-    const Run& second = rb < ra ? ra : rb;
-    out->clear();
-    int stage = 0;
-    for (const Run& r : runs) {
-      if (r.e == a || r.e == b) continue;
-      if (stage == 0 && first < r) {
-        out->push_back(first);
-        stage = 1;
+  // runs with expert a losing one replica and b gaining one, still sorted -> out. pos [n]: the
+  // index of each expert's run in `runs`.
+  void Moved(const std::vector<Run>& runs, const std::vector<int64_t>& pos, int64_t a, int64_t b,
+             RunSeq* out) const {
+    out->ra = {w_[a] / static_cast<double>(cnt_[Z(a)] - 1), cnt_[Z(a)] - 1, a};
+    out->rb = {w_[b] / static_cast<double>(cnt_[Z(b)] + 1), cnt_[Z(b)] + 1, b};
+    const Run& ra = out->ra;
+    const Run& rb = out->rb;
+    // Events on the old sequence: drop the old runs of a and b, insert the new ones before the
+    // first old run above them (at one index: inserts before the drop, the lighter run first).
+    struct Event {
+      int64_t at;
+      int order;  // 0, 1: inserts (lighter first); 2: drop
+      const Run* run;
+    };
+    const bool a_first = ra < rb;
+    Event ev[4] = {
+        {std::lower_bound(runs.begin(), runs.end(), ra) - runs.begin(), a_first ? 0 : 1, &ra},
+        {std::lower_bound(runs.begin(), runs.end(), rb) - runs.begin(), a_first ? 1 : 0, &rb},
+        {pos[Z(a)], 2, nullptr},
+        {pos[Z(b)], 2, nullptr}};
+    std::sort(ev, ev + 4, [](const Event& x, const Event& y) {
+      return x.at < y.at || (x.at == y.at && x.order < y.order);
+    });
+    out->count = 0;
+    out->size = 0;
+    int64_t from = 0;
+    for (const Event& e : ev) {
+      out->Add(runs.data() + from, e.at - from);
+      from = e.at;
+      if (e.run != nullptr) {
+        out->Add(e.run, 1);
+      } else {
+        from = e.at + 1;
       }
-      if (stage == 1 && second < r) {
-        out->push_back(second);
-        stage = 2;
-      }
-      out->push_back(r);
     }
-    if (stage == 0) out->push_back(first);
-    if (stage <= 1) out->push_back(second);
+    out->Add(runs.data() + from, static_cast<int64_t>(runs.size()) - from);
+  }
+
+  static double PairMax(const std::vector<Run>& runs, int64_t* lo, int64_t* hi) {
+    RunSeq q;
+    q.Add(runs.data(), static_cast<int64_t>(runs.size()));
+    return PairMax(q, lo, hi);
   }
 
   bool RefinePairCounts() {
-    std::vector<Run> runs, trial, best_runs;
+    std::vector<Run> runs, best_runs;
+    RunSeq trial;
     for (int64_t e = 0; e < n_; ++e) runs.push_back({Wt(e), cnt_[Z(e)], e});
     std::sort(runs.begin(), runs.end());
+    std::vector<int64_t> pos(Z(n_));
+    auto index_runs = [&] {
+      for (size_t k = 0; k < runs.size(); ++k) pos[Z(runs[k].e)] = static_cast<int64_t>(k);
+    };
+    index_runs();
     int64_t lo = 0, hi = 0;
     double cur = PairMax(runs, &lo, &hi);
     constexpr int64_t kCand = 16;
@@ -471,14 +678,13 @@ class PackSearch {
       int64_t ba = -1, bb = -1;
       auto try_move = [&](int64_t a, int64_t b) {
         if (a == b || cnt_[Z(a)] < 2) return;
-        Moved(runs, a, b, &trial);
+        Moved(runs, pos, a, b, &trial);
         int64_t l2 = 0, h2 = 0;
-        const double v = PairMax(trial, &l2, &h2);
+        const double v = PairMax(trial, &l2, &h2, best);
         if (v < best) {
           best = v;
           ba = a;
           bb = b;
-          best_runs.swap(trial);
         }
       };
       for (int64_t b : {lo, hi}) {
@@ -486,9 +692,12 @@ class PackSearch {
         for (int64_t a : takers) try_move(b, a);
       }
       if (ba < 0) break;
-      --cnt_[Z(ba)];
-      ++cnt_[Z(bb)];
+      Moved(runs, pos, ba, bb, &trial);  // counts still the old ones, as in the trials
+      trial.CopyTo(&best_runs);
+      SetCount(ba, cnt_[Z(ba)] - 1);
+      SetCount(bb, cnt_[Z(bb)] + 1);
       runs.swap(best_runs);
+      index_runs();
       cur = PairMax(runs, &lo, &hi);
       improved = true;
     }
@@ -496,6 +705,7 @@ class PackSearch {
       if (improved) {  // counts changed but the pairing is no better than what we had: undo
         cnt_.assign(Z(n_), 0);
         for (int64_t e : slot_exp_) ++cnt_[Z(e)];
+        RecomputePer();
       }
       return false;
     }
@@ -520,10 +730,17 @@ class PackSearch {
   double stop_ = 0.0;
   int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
-  std::vector<std::vector<int64_t>> slots_of_;
+  bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
+  std::vector<int64_t> head_, tail_, next_, prev_;  // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
-  std::vector<int64_t> touched_, light_;
-  std::vector<double> wt_o_;  // SwapWith scratch: the other rank's replica loads
+  std::vector<double> conv_base_, conv_after_;             // BestConvert scratch, per slot
+  std::vector<int64_t> init_phy_, init_pack_, init_rank_;  // InitGreedy / Finish scratch
+  std::vector<double> init_wt_;
+  std::vector<int64_t> touched_;
+  std::vector<double> per_;     // [n] w_e / cnt_e
+  std::vector<int64_t> rank_;   // [R*S] rank of each slot (no integer division in hot loops)
+  std::vector<int64_t> order_;  // BestSwap: ranks by (load, index), kept between steps
+  std::vector<double> wt_o_;    // SwapWith scratch: the other rank's replica loads
 };
 
 }  // namespace detail

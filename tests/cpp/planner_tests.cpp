@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "planner/packing.h"
 #include "planner/placement.h"
 #include "planner/policies.h"
 
@@ -156,6 +157,77 @@ bool KeepsTopology(const int64_t* phy2log, const eplb::Shape& s) {
   return true;
 }
 
+// Plain references of packing.h's building blocks (DeepSeek EPLB's steps as written: linear
+// scans, lowest index on ties), which the fast versions must match exactly.
+std::vector<int64_t> RefOrder(const std::vector<double>& w) {
+  std::vector<int64_t> order(w.size());
+  for (size_t i = 0; i < w.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return w[static_cast<size_t>(a)] > w[static_cast<size_t>(b)];
+  });
+  return order;
+}
+
+void RefPacking(const std::vector<double>& w, int64_t num_packs, std::vector<int64_t>* pack,
+                std::vector<int64_t>* rank) {
+  const auto n = static_cast<int64_t>(w.size());
+  const int64_t per_pack = n / num_packs;
+  std::vector<double> load(static_cast<size_t>(num_packs), 0.0);
+  std::vector<int64_t> items(static_cast<size_t>(num_packs), 0);
+  pack->assign(w.size(), -1);
+  rank->assign(w.size(), 0);
+  if (per_pack == 1) {  // DeepSeek keeps the item order when every pack takes one item
+    for (int64_t i = 0; i < n; ++i) (*pack)[static_cast<size_t>(i)] = i;
+    return;
+  }
+  for (const int64_t i : RefOrder(w)) {
+    int64_t p = -1;
+    for (int64_t q = 0; q < num_packs; ++q) {
+      const auto z = static_cast<size_t>(q);
+      if (items[z] < per_pack && (p < 0 || load[z] < load[static_cast<size_t>(p)])) p = q;
+    }
+    (*pack)[static_cast<size_t>(i)] = p;
+    (*rank)[static_cast<size_t>(i)] = items[static_cast<size_t>(p)]++;
+    load[static_cast<size_t>(p)] += w[static_cast<size_t>(i)];
+  }
+}
+
+// Each extra slot to the expert with the highest load per replica, lowest index on ties.
+std::vector<int64_t> RefReplicate(const std::vector<double>& w, int64_t num_phy,
+                                  std::vector<int64_t>* cnt) {
+  const auto n = static_cast<int64_t>(w.size());
+  cnt->assign(w.size(), 1);
+  std::vector<int64_t> added;
+  for (int64_t k = n; k < num_phy; ++k) {
+    int64_t best = 0;
+    for (int64_t e = 1; e < n; ++e) {
+      const auto z = static_cast<size_t>(e), b = static_cast<size_t>(best);
+      if (w[z] / static_cast<double>((*cnt)[z]) > w[b] / static_cast<double>((*cnt)[b])) best = e;
+    }
+    ++(*cnt)[static_cast<size_t>(best)];
+    added.push_back(best);
+  }
+  return added;
+}
+
+// Weights with many ties and zeros (small integers), or spread over decades, or all equal, or
+// so large that pack sums overflow, or spread over hundreds of decades (BalancedPacking's
+// double-keyed fallback).
+std::vector<double> RandomWeights(std::mt19937_64& rng, int64_t n) {
+  std::vector<double> w(static_cast<size_t>(n));
+  const auto kind = rng() % 6;
+  std::lognormal_distribution<double> d(0.0, 2.0);
+  for (auto& x : w) {
+    if (kind == 0) x = static_cast<double>(rng() % 4);
+    if (kind == 1) x = 1.0 + static_cast<double>(rng() % 3);
+    if (kind == 2) x = d(rng);
+    if (kind == 3) x = 5.0;
+    if (kind == 4) x = 1e307 * static_cast<double>(1 + rng() % 5);
+    if (kind == 5) x = std::pow(10.0, static_cast<double>(rng() % 500) - 300.0);
+  }
+  return w;
+}
+
 }  // namespace
 
 int main() {
@@ -241,6 +313,39 @@ int main() {
     eplb::RefineLayer(load.data(), s, phy.data());
     CHECK(Duplicates(phy.data(), s) == 0);
     CHECK(eplb::MaxRankLoad(load.data(), phy.data(), s) <= 6.0);
+  });
+  Run("PreserveSlots: the counter path (ids known in range) equals the search path", [] {
+    std::mt19937_64 rng(6);
+    for (int it = 0; it < 500; ++it) {
+      eplb::Shape s = RandomShape(rng);
+      const std::vector<int64_t> old = RandomPlacement(rng, s);
+      std::vector<int64_t> fast = RandomPlacement(rng, s);
+      std::vector<int64_t> slow = fast;
+      eplb::PreserveSlots(fast.data(), old.data(), s);
+      s.num_logical = 0;  // unknown id range (the Python entry point): the search per old slot
+      eplb::PreserveSlots(slow.data(), old.data(), s);
+      CHECK(fast == slow);
+    }
+  });
+  Run("packing building blocks match their plain references", [] {
+    std::mt19937_64 rng(5);
+    for (int it = 0; it < 3000; ++it) {
+      const int64_t packs = 1 + static_cast<int64_t>(rng() % 40);
+      const int64_t per_pack = 1 + static_cast<int64_t>(rng() % 10);
+      const std::vector<double> w = RandomWeights(rng, packs * per_pack);
+      const auto n = static_cast<int64_t>(w.size());
+      std::vector<int64_t> order(w.size());
+      eplb::detail::SortHeaviestFirst(w.data(), n, order.data());
+      CHECK(order == RefOrder(w));
+      std::vector<int64_t> pack, rank, ref_pack, ref_rank;
+      eplb::detail::BalancedPacking(w, packs, &pack, &rank);
+      RefPacking(w, packs, &ref_pack, &ref_rank);
+      CHECK(pack == ref_pack && rank == ref_rank);
+      const int64_t num_phy = n + static_cast<int64_t>(rng() % static_cast<uint64_t>(2 * n + 1));
+      std::vector<int64_t> cnt(w.size()), added(static_cast<size_t>(num_phy - n)), ref_cnt;
+      eplb::detail::Replicate(w.data(), n, num_phy, cnt.data(), added.data());
+      CHECK(added == RefReplicate(w, num_phy, &ref_cnt) && cnt == ref_cnt);
+    }
   });
   Run("random shapes keep the invariants", [] {
     std::mt19937_64 rng(7);
