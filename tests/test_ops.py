@@ -307,6 +307,22 @@ def test_bad_mode_and_num_valid(entry):
         fn(*args, None, "rank_local")  # rank_local wants a 1-D table
 
 
+def test_wrapper_names_arguments_the_schema_rejects():
+    """The wrappers check nothing before the op (it checks itself); what its schema rejects
+    before any kernel runs (not a tensor, a mode that is not a string) still comes back as a
+    TypeError / ValueError naming the argument, with nothing counted."""
+    args = _good_args()
+    with pytest.raises(TypeError, match="topk_ids"):
+        ops.map_and_record([[0, 1]], *list(args.values())[1:])
+    with pytest.raises(TypeError, match="record"):
+        ops.map_and_record(*list(args.values())[:4], True)
+    with pytest.raises(ValueError, match="mode"):
+        ops.map_and_record(*args.values(), None, 123)
+    with pytest.raises(TypeError, match="topk_ids"):
+        ops.record_topk(args["load"], [0, 1], args["record"])
+    assert not args["load"].any()
+
+
 def test_record_topk_bad_arguments():
     load = torch.zeros(4, dtype=torch.int64)
     with pytest.raises(TypeError, match="topk_ids"):

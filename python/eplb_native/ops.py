@@ -159,13 +159,20 @@ def map_and_record(
 
     All tensors must be on the device of ``topk_ids``. Raises TypeError / ValueError naming the
     argument on a wrong dtype, shape or device; the checks read metadata only (no host sync).
+    Every implementation behind the op (native kernels, Meta, the composite fallback) runs the
+    same checks, so this wrapper checks nothing on the hot path; an argument the op's schema
+    rejects (not a tensor, a mode that is not a string) is re-checked here for a TypeError /
+    ValueError naming it.
     """
     if logcnt is None and mode == "rank_local":
         logcnt = log2phy  # unused placeholder: the schema takes a Tensor
-    _check_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode)
-    return torch.ops.eplb_native.map_and_record(
-        topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode
-    )
+    try:
+        return torch.ops.eplb_native.map_and_record(
+            topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode
+        )
+    except RuntimeError:
+        _check_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_tokens, mode)
+        raise
 
 
 def record_topk(
@@ -183,11 +190,14 @@ def record_topk(
         record: 0-dim bool/integer device tensor; nonzero = count.
         num_valid_tokens: optional 0-dim int32/int64 device tensor; tokens past it are skipped.
     """
-    _check_index(topk_ids, "topk_ids")
-    _check_load(load)
-    _check_device(load, topk_ids, "load")
-    _check_flags(record, num_valid_tokens, topk_ids)
-    torch.ops.eplb_native.record_topk(load, topk_ids, record, num_valid_tokens)
+    try:
+        torch.ops.eplb_native.record_topk(load, topk_ids, record, num_valid_tokens)
+    except RuntimeError:  # the schema rejected an argument: name it (see map_and_record)
+        _check_index(topk_ids, "topk_ids")
+        _check_load(load)
+        _check_device(load, topk_ids, "load")
+        _check_flags(record, num_valid_tokens, topk_ids)
+        raise
 
 
 def record_counts(
