@@ -13,11 +13,16 @@ from eplb_native.nn import EPMoE
 @pytest.mark.parametrize("phy2log", [None, [5, 4, 3, 2, 1, 0, 0, 5], [0, 0, 0, 1, 2, 3, 4, 5]])
 def test_single_process_matches_dense(phy2log):
     layer = EPMoE(12, 10, 6, 2, phy2log=phy2log, num_redundant_experts=2, seed=3)
-    layer.gate_bias.copy_(torch.randn(6))
-    x = torch.randn(17, 12)
+    g = torch.Generator().manual_seed(11)
+    layer.gate_bias.copy_(torch.randn(6, generator=g))
+    x = torch.randn(17, 12, generator=g)
     ref = dense_moe(x, layer.gate_weight, layer.gate_bias, layer.logical_w13, layer.logical_w2, 2)
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    # every (token, choice) counted once, on a slot holding the chosen logical expert
     assert int(layer.load.sum()) == 17 * 2
+    ids, _ = layer.route(x)
+    got = torch.zeros(6, dtype=torch.int64).scatter_add_(0, layer.phy2log, layer.load)
+    assert torch.equal(got, torch.bincount(ids.reshape(-1), minlength=6))
     layer.record.fill_(False)
     layer.load.zero_()
     layer(x)
