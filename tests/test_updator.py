@@ -51,9 +51,10 @@ def test_layer_move_from_prepared_layout():
     rng = np.random.default_rng(3)
     old = rng.permutation(6)
     new = rng.permutation(6)
+    g = torch.Generator().manual_seed(3)
     # slot i holds logical old[i]: rows of w are the logical experts' weights in slot order
     weights = [torch.stack([t[e] for e in old]) for t in
-               (torch.randn(6, 4), torch.randn(6, 2))]
+               (torch.randn(6, 4, generator=g), torch.randn(6, 2, generator=g))]
     logical = [torch.empty_like(t) for t in weights]
     for t, lt in zip(weights, logical, strict=True):
         lt[torch.from_numpy(old)] = t
@@ -260,7 +261,7 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
     for layer in model.layers:
         w13, _ = logical_weights_of_slots(layer)
         assert np.array_equal(w13, layer.w13.numpy())
-    x = torch.randn(6, 8)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     up.shutdown()
     assert json.loads(record.read_text()) == doc
@@ -292,9 +293,10 @@ def test_fused_layout_adapter():
 
         def __init__(self):
             super().__init__()
-            self.w13_weight = torch.nn.Parameter(torch.randn(6, 4, 3))
-            self.w2_weight = torch.nn.Parameter(torch.randn(6, 3, 2))
-            self.w13_weight_scale = torch.nn.Parameter(torch.randn(6, 4))
+            g = torch.Generator().manual_seed(5)
+            self.w13_weight = torch.nn.Parameter(torch.randn(6, 4, 3, generator=g))
+            self.w2_weight = torch.nn.Parameter(torch.randn(6, 3, 2, generator=g))
+            self.w13_weight_scale = torch.nn.Parameter(torch.randn(6, 4, generator=g))
             self.register_buffer("expert_map", torch.arange(6, dtype=torch.int32))
             self.global_num_experts = 6
 
@@ -331,8 +333,9 @@ def test_placement_tensors_and_default_spread():
 def test_sliding_window_and_trace(tmp_path):
     model = Stack(2, num_redundant_experts=0)
     up = eplb_native.attach(model, {"step_interval": 4, "window_size": 2, "dynamic_eplb": False})
+    g = torch.Generator().manual_seed(6)
     for tokens in (3, 5, 7, 11, 13, 17, 19, 23):
-        model(torch.randn(tokens, 8))
+        model(torch.randn(tokens, 8, generator=g))
     # each window sees the last 2 steps only: (7 + 11) and (19 + 23) tokens x 2 choices
     assert [w["steps"] for w in up.stats.windows] == [2, 2]
     loads = np.stack(up._recorded)
@@ -374,8 +377,9 @@ def test_move_to_keeps_outputs_and_weights():
     assert up.move_to(target) == 2
     with pytest.raises(RuntimeError, match="in progress"):
         up.move_to(target)
+    g = torch.Generator().manual_seed(8)
     for step in range(3):
-        x = torch.randn(9, 8)
+        x = torch.randn(9, 8, generator=g)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
         assert len(up.stats.moves) == min(step + 1, 2)
     assert np.array_equal(up.phy2log(), target)
