@@ -384,10 +384,13 @@ def test_demo_text_summary(tmp_path):
     (["--drift", "1.5"], ["--drift"]),
     (["--device", "cuda", "--ranks", "80"], ["GPUs"]),
     (["--png", "no/dir/d.png"], ["does not exist"]),
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
+    (["--save-trace", "rec.npy"], ["--save-trace rec.npy", "*.npz"]),
 ])
 def test_demo_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("demo", *args, cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "demo", *fragments)
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 # --------------------------------------------------------------------------- fuzz (in process)

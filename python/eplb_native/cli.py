@@ -451,7 +451,8 @@ def _check_demo_args(args) -> None:
                         ("--top-k", args.top_k, 1), ("--steps", args.steps, 1),
                         ("--interval", args.interval, 1), ("--tokens", args.tokens, 1),
                         ("--hidden", args.hidden, 1), ("--layers-per-step",
-                                                       args.layers_per_step, 1)):
+                                                       args.layers_per_step, 1),
+                        ("--seed", args.seed, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
     if args.top_k > args.experts:
@@ -698,6 +699,11 @@ def cmd_demo(args) -> int:
         _check_output_dir(args.png, "--png")
         _pyplot()  # fail before starting the ranks if matplotlib is missing
     if args.save_trace:
+        if not args.save_trace.endswith(".npz"):
+            # save_trace writes an .npz archive at exactly this path: any other name would not
+            # read back as a trace (a ".npy" name is parsed as a single array)
+            raise UsageError(f"--save-trace {args.save_trace}: demo writes an .npz trace; name "
+                             f"it *.npz")
         _check_output_dir(args.save_trace, "--save-trace")
     import torch.multiprocessing as mp
 
