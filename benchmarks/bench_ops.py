@@ -169,7 +169,7 @@ def bench_gpu(args) -> list[str]:
         "copy_": host_us(lambda: dst.copy_(ids)),
         "torch.ops map_and_record": host_us(
             lambda: lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread")),
-        "eplb_native.ops.map_and_record (checked wrapper)": host_us(
+        "eplb_native.ops.map_and_record (Python wrapper)": host_us(
             lambda: ops.map_and_record(ids, log2phy, logcnt, load, record)),
         "vLLM launcher": host_us(lambda: vllm_fn(ids, log2phy, logcnt, load, record, None)),
     }
