@@ -63,9 +63,22 @@ def _byte_count(text: str) -> int:
         n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
-    if not n >= 1:
-        raise argparse.ArgumentTypeError(f"byte count must be >= 1, got {text!r}")
+    if not 1 <= n < float("inf"):
+        raise argparse.ArgumentTypeError(f"byte count must be finite and >= 1, got {text!r}")
     return int(n)
+
+
+def _int_at_least(low: int):
+    """argparse type: an int >= ``low`` (a clear usage error, not a traceback in a worker)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+    return parse
 
 
 def _max_over_ranks(x: float, device) -> float:
@@ -399,21 +412,24 @@ def summarize(paths) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=_int_at_least(2), default=2,
+                    help="processes (a move needs a peer)")
     ap.add_argument("--backend", default=None, help="nccl (default with CUDA) or gloo")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=7168)  # DeepSeek-V3 expert shape
-    ap.add_argument("--inter", type=int, default=2048)
-    ap.add_argument("--top-k", dest="top_k", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--redundant-per-rank", dest="redundant_per_rank", type=int, default=2)
-    ap.add_argument("--layers-per-step", dest="layers_per_step", type=int, default=1)
+    ap.add_argument("--layers", type=_int_at_least(1), default=12)
+    ap.add_argument("--experts", type=_int_at_least(1), default=32)
+    ap.add_argument("--hidden", type=_int_at_least(1), default=7168)  # DeepSeek-V3 expert shape
+    ap.add_argument("--inter", type=_int_at_least(1), default=2048)
+    ap.add_argument("--top-k", dest="top_k", type=_int_at_least(1), default=8)
+    ap.add_argument("--tokens", type=_int_at_least(1), default=4096)
+    ap.add_argument("--redundant-per-rank", dest="redundant_per_rank", type=_int_at_least(0),
+                    default=2)
+    ap.add_argument("--layers-per-step", dest="layers_per_step", type=_int_at_least(1),
+                    default=1)
     ap.add_argument("--max-move-bytes-per-step", dest="max_move_bytes_per_step",
                     type=_byte_count, default=None,
                     help="EplbConfig.max_move_bytes_per_step, e.g. 512M (default: whole layers)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=_int_at_least(1), default=5)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU / gloo, tiny shapes, 2 repeats: checks the benchmark runs (seconds)")
     ap.add_argument("--out", default="bench_updator.json")
