@@ -38,6 +38,22 @@ def test_bad_arguments():
         EPMoE(4, 4, 3, 1, phy2log=[0, 0, 1])
     with pytest.raises(ValueError, match="x must have shape"):
         EPMoE(4, 4, 2, 1)(torch.zeros(3, 5))
+    with pytest.raises(TypeError, match="x must have the layer's dtype"):
+        EPMoE(4, 4, 2, 1)(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        EPMoE(4, 4, 2, 1)([[0.0] * 4])
+    with pytest.raises(TypeError, match="seed"):
+        EPMoE(4, 4, 2, 1, seed=1.5)
+    with pytest.raises(TypeError, match="dtype"):
+        EPMoE(4, 4, 2, 1, dtype=torch.int64)
+
+
+def test_no_tokens():
+    """A rank may serve a step with no tokens: an empty output, nothing counted."""
+    layer = EPMoE(12, 10, 6, 2, num_redundant_experts=2, seed=3)
+    y = layer(torch.zeros(0, 12))
+    assert y.shape == (0, 12) and y.dtype == torch.float32
+    assert int(layer.load.sum()) == 0
 
 
 def test_two_ranks_match_dense(tmp_path):

@@ -55,6 +55,10 @@ class EPMoE(torch.nn.Module):
                 raise ValueError(f"{key} must be an int >= 1, got {v!r}")
         if top_k > num_experts:
             raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.group = group
         self.ep_size = dist.get_world_size(group) if group is not None else 1
         self.ep_rank = dist.get_rank(group) if group is not None else 0
@@ -142,9 +146,13 @@ class EPMoE(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] (this rank's tokens) -> [N, H]."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"x must have shape [tokens, {self.hidden_size}], got "
                              f"{list(x.shape)}")
+        if x.dtype != self.w13.dtype:
+            raise TypeError(f"x must have the layer's dtype {self.w13.dtype}, got {x.dtype}")
         n, k, s = x.shape[0], self.top_k, self.num_local_slots
         ids, weights = self.route(x)
         phy = torch.ops.eplb_native.map_and_record(ids, self.log2phy, self.logcnt, self.load,
@@ -181,7 +189,8 @@ class EPMoE(torch.nn.Module):
             dist.all_to_all_single(back, y, splits_in, splits_out, group=self.group)
         out_flat = torch.empty_like(back)
         out_flat[order] = back
-        per_choice = out_flat.view(n, k, -1) * weights.unsqueeze(-1)
+        # the hidden size spelled out: with no tokens (n = 0) a -1 would be ambiguous
+        per_choice = out_flat.view(n, k, x.shape[1]) * weights.unsqueeze(-1)
         out = per_choice[:, 0]
         for j in range(1, k):  # fixed order: the result does not depend on the placement's order
             out = out + per_choice[:, j]
