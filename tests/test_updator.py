@@ -328,6 +328,14 @@ def test_placement_tensors_and_default_spread():
         state.default_placement(7, 2, 0)
     with pytest.raises(ValueError, match="holds no copy"):
         state.validate_phy2log([0, 0, 1, 1], 3, 2)
+    for bad_rank in (2, -1, 1.0, True):
+        with pytest.raises(ValueError, match="rank must be an int in"):
+            state.placement_tensors([0, 1, 2, 0], 3, 2, bad_rank)
+    for num_ranks in (0, -2, 2.0):
+        with pytest.raises(ValueError, match="num_ranks"):
+            state.placement_tensors([0, 1, 2, 0], 3, num_ranks, 0)
+    with pytest.raises(ValueError, match="num_logical"):
+        state.validate_phy2log([0, 1, 2, 0], 0, 2)
 
 
 def test_sliding_window_and_trace(tmp_path):

@@ -74,6 +74,8 @@ def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy
                      ) -> np.ndarray:
     """Checks a placement ``[P]`` or ``[L, P]``: ids in [0, E), every expert held at least once
     per layer, P divisible by num_ranks. Returns it as an int64 numpy array (a copy)."""
+    num_logical = check_int(num_logical, "num_logical", 1)
+    num_ranks = check_int(num_ranks, "num_ranks", 1)
     a = np.array(to_numpy(phy2log, name), copy=True)
     if a.dtype == object or not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")

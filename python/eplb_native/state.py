@@ -37,6 +37,9 @@ def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int
     p2l = validate_phy2log(phy2log, num_logical, num_ranks)
     if p2l.ndim != 1:
         raise ValueError(f"phy2log must have shape [slots] here, got {p2l.shape}")
+    if isinstance(rank, bool | np.bool_) or not isinstance(rank, int | np.integer) or not (
+            0 <= rank < num_ranks):
+        raise ValueError(f"rank must be an int in [0, {num_ranks}), got {rank!r}")
     num_slots = p2l.size
     per_rank = num_slots // num_ranks
     m = max_replicas(num_logical, num_slots)
