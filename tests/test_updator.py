@@ -285,6 +285,19 @@ def test_attach_errors():
         eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_redundant_experts": 3})
     with pytest.raises(TypeError, match="model"):
         eplb_native.attach("model")
+    # topologies the planner rejects fail at attach, not at every planning cycle
+    with pytest.raises(ValueError, match=r"num_nodes \(2\) must divide the layers' ep_size"):
+        eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_nodes": 2})
+    from eplb_native.adapters import MoELayerAdapter
+    from eplb_native.updator import Updator
+
+    one = EPMoE(8, 6, 8, 2).eplb_adapter("m")
+    fields = {k: getattr(one, k) for k in ("name", "module", "phy2log", "log2phy", "logcnt",
+                                            "load", "record", "ep_rank", "local_expert_map")}
+    # rank 0 of 2 (checked before any process group is needed)
+    two = MoELayerAdapter(**fields, ep_size=2, weights=[w[:4] for w in one.weights])
+    with pytest.raises(ValueError, match=r"num_groups \(6\) must divide the layers' logical"):
+        Updator([two], eplb_native.EplbConfig(num_nodes=2, num_groups=6))
 
 
 def test_fused_layout_adapter():

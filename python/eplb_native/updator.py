@@ -103,6 +103,16 @@ class Updator:
             raise ValueError(f"num_redundant_experts ({config.num_redundant_experts}) must equal "
                              f"the layers' slots - experts ({self.num_slots} - "
                              f"{self.num_logical})")
+        # the planner's topology rules, checked here so a bad config fails at attach instead
+        # of failing (and being logged) at every planning cycle
+        nodes, groups = config.num_nodes, config.num_groups
+        if self.num_ranks % nodes:
+            raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size "
+                             f"({self.num_ranks})")
+        if nodes > 1 and groups % nodes == 0 and self.num_logical % groups:
+            raise ValueError(f"num_groups ({groups}) must divide the layers' logical experts "
+                             f"({self.num_logical}) for the hierarchical policy (num_groups % "
+                             f"num_nodes == 0)")
         if self.num_ranks > 1:
             if group is None:
                 if not dist.is_initialized():
