@@ -89,13 +89,17 @@ def test_fuzz_valid_or_valueerror_naming_a_key(doc):
     except ValueError as e:
         assert any(k in str(e) for k in doc) or "expert_heat_collection_interval" in str(e), e
         return
-    # accepted: every given value landed where it belongs
+    # accepted: every given value landed, unchanged, in the field it names
+    ascend_types = {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}
     for k, v in doc.items():
-        if k in ("step_interval", "expert_heat_collection_interval"):
-            assert c.expert_heat_collection_interval == v
-        elif k in ("enabled", "dynamic_eplb"):
-            assert c.dynamic_eplb is v
-        elif k == "window_size":
-            assert c.window_size == v
-        elif k == "max_move_bytes_per_step":
-            assert c.max_move_bytes_per_step == v and (v is None or v >= 1)
+        assert k != "bogus"
+        if k == "eplb_policy_type":
+            assert c.policy == ascend_types[v]
+        elif k == "policy":
+            assert c.policy == {"default": "deepseek"}.get(v, v)
+        else:
+            canon = {"step_interval": "expert_heat_collection_interval",
+                     "enabled": "dynamic_eplb"}.get(k, k)
+            got = getattr(c, canon)
+            assert got == v and type(got) is type(v), (k, v, got)
+    assert c.max_move_bytes_per_step is None or c.max_move_bytes_per_step >= 1
