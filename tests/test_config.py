@@ -61,6 +61,8 @@ def test_ours_and_defaults():
     ({"num_redundant_experts": 1.5}, "num_redundant_experts"),
     ({"policy": "best"}, "policy"),
     ({"eplb_policy_type": 9}, "eplb_policy_type"),
+    ({"eplb_policy_type": 2.0}, "eplb_policy_type"),
+    ({"eplb_policy_type": "2"}, "eplb_policy_type"),
     ({"transfer_timeout_s": float("nan")}, "transfer_timeout_s"),
     ({"max_move_bytes_per_step": 0}, "max_move_bytes_per_step"),
     ({"max_move_bytes_per_step": 2.5e9}, "max_move_bytes_per_step"),

@@ -199,7 +199,8 @@ def _check_int(key, v, lo):
 
 def _policy(key, value) -> str:
     if key == "eplb_policy_type":
-        if isinstance(value, bool) or value not in _ASCEND_POLICY_TYPES:
+        if isinstance(value, bool) or not isinstance(value, int) or (
+                value not in _ASCEND_POLICY_TYPES):
             raise ValueError(f"eplb_policy_type must be one of {sorted(_ASCEND_POLICY_TYPES)}, "
                              f"got {value!r}")
         return _ASCEND_POLICY_TYPES[value]
