@@ -327,6 +327,25 @@ def test_fused_layout_adapter():
     up.shutdown()
 
 
+def test_refused_fused_layer_is_left_as_it_was():
+    """A fused layer the adapter refuses (8 slots in its eplb_phy2log, 6 rows of weights) gets
+    none of the eplb_* buffers the adapter would have added."""
+
+    class Fused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(9)
+            self.w13_weight = torch.nn.Parameter(torch.randn(6, 4, 3, generator=g))
+            self.w2_weight = torch.nn.Parameter(torch.randn(6, 3, 2, generator=g))
+            self.register_buffer("eplb_phy2log", torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]))
+            self.global_num_experts = 6
+
+    model = torch.nn.Sequential(Fused())
+    with pytest.raises(AdapterError, match=r"S=8"):
+        eplb_native.attach(model)
+    assert [n for n, _ in model[0].named_buffers()] == ["eplb_phy2log"]
+
+
 def test_placement_tensors_and_default_spread():
     log2phy, logcnt, local = state.placement_tensors([0, 1, 2, 0], 3, 2, 1)
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]

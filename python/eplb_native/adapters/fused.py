@@ -27,12 +27,12 @@ def _tensor(module, name):
     return t if isinstance(t, torch.Tensor) else None
 
 
-def _buffer(module, name, value: torch.Tensor) -> torch.Tensor:
-    """The module's buffer ``name``, registered from ``value`` if missing."""
+def _buffer(module, name, value: torch.Tensor, missing: dict) -> torch.Tensor:
+    """The module's buffer ``name``, else ``value``, noted in ``missing`` to be registered once
+    the adapter is known to be valid (a refused layer is left as it was)."""
     t = _tensor(module, name)
     if t is None:
-        module.register_buffer(name, value, persistent=False)
-        t = getattr(module, name)
+        missing[name] = t = value
     return t
 
 
@@ -63,6 +63,7 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
         raise AdapterError(f"{where}: cannot tell the number of logical experts (no "
                            "global_num_experts and no expert_map)")
     dev = w13.device
+    missing: dict[str, torch.Tensor] = {}  # buffers to register once the adapter is valid
     p2l = _tensor(module, "eplb_phy2log")
     if p2l is None:
         if s * ep_size != num_logical:
@@ -76,7 +77,7 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
             if not torch.equal(expert_map.detach().cpu().to(torch.int64), want):
                 raise AdapterError(f"{where}: expert_map is not vLLM's linear placement for rank "
                                    f"{ep_rank}; give the layer an eplb_phy2log [P] buffer")
-        p2l = _buffer(module, "eplb_phy2log", p2l)
+        p2l = _buffer(module, "eplb_phy2log", p2l, missing)
     num_slots = p2l.numel()
     log2phy, logcnt, local = state.placement_tensors(p2l.cpu(), num_logical, ep_size, ep_rank)
 
@@ -85,18 +86,22 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
 
     l2p = _tensor(module, "logical_to_physical_map")
     if not fits(l2p, log2phy):
-        l2p = _buffer(module, "eplb_log2phy", log2phy.to(dev))
+        l2p = _buffer(module, "eplb_log2phy", log2phy.to(dev), missing)
     cnt = _tensor(module, "logical_replica_count")
     if not fits(cnt, logcnt):
-        cnt = _buffer(module, "eplb_logcnt", logcnt.to(dev))
+        cnt = _buffer(module, "eplb_logcnt", logcnt.to(dev), missing)
     load = _tensor(module, "expert_load_view")
     if load is None or load.shape != (num_slots,) or load.dtype not in (torch.int32, torch.int64):
-        load = _buffer(module, "eplb_load", torch.zeros(num_slots, dtype=torch.int64, device=dev))
-    record = _buffer(module, "eplb_record", torch.ones((), dtype=torch.bool, device=dev))
+        load = _buffer(module, "eplb_load", torch.zeros(num_slots, dtype=torch.int64, device=dev),
+                       missing)
+    record = _buffer(module, "eplb_record", torch.ones((), dtype=torch.bool, device=dev),
+                     missing)
     if expert_map is not None and not fits(expert_map, local):
         expert_map = None
     adapter = MoELayerAdapter(name=name, module=module, weights=weights, phy2log=p2l,
                               log2phy=l2p, logcnt=cnt, load=load, record=record, ep_rank=ep_rank,
                               ep_size=ep_size, local_expert_map=expert_map)
+    for key, t in missing.items():  # the same tensor objects the adapter holds
+        module.register_buffer(key, t, persistent=False)
     adapter.set_placement(p2l.cpu())
     return adapter
