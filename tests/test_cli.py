@@ -230,6 +230,19 @@ def _map_with(layer, device, experts, **layer_keys):
      ["--load", "g.npy", "--old", "o.json"], ["o.json", "not UTF-8"]),
     (lambda d: (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000),
      ["--load", "deep.json", "--ranks", "4"], ["deep.json", "nested too deeply"]),
+    # counts too large: an error at once, not an OverflowError or a default placement built
+    # for hours
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", 10**23],
+     ["--ranks must be <= 1048576"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4",
+                                                       "--redundant", 4_000_000_000],
+     ["(8 + 4000000000) must be <= 1048576 slots per layer"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4",
+                                                       "--threads", 10**20],
+     ["--threads must be <= 1048576"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4",
+                                                       "--nodes", 10**23],
+     ["--nodes must be <= 1048576"]),
 ])
 def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
     if setup:

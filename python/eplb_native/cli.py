@@ -30,6 +30,11 @@ from .planner import POLICIES, plan
 
 EXIT_USAGE = 2
 
+#: Largest count (--ranks, --nodes, --groups, --threads, slots per layer) plan / simulate take:
+#: 2048 x Kimi-K2's 512 slots, and small enough that a mistyped count is a one-line error rather
+#: than a default placement built for hours or an integer overflow in the planner's binding.
+MAX_COUNT = 1 << 20
+
 
 class UsageError(ValueError):
     """A problem with what the user asked for; reported as one line, exit code 2."""
@@ -89,6 +94,10 @@ class Topology:
         ranks = args.ranks
         if ranks is None or ranks < 1:
             raise UsageError(f"--ranks must be >= 1, got {ranks}")
+        for flag in ("--ranks", "--nodes", "--groups", "--threads"):
+            v = getattr(args, flag[2:], None)
+            if v is not None and v > MAX_COUNT:
+                raise UsageError(f"{flag} must be <= {MAX_COUNT}, got {v}")
         same_deployment = meta.get("num_ranks") == ranks
         groups = args.groups if args.groups is not None else meta.get("num_groups", 1)
         nodes = args.nodes if args.nodes is not None else (
@@ -109,6 +118,10 @@ class Topology:
             redundant = check_int(redundant, "--redundant", 0)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if num_experts + redundant > MAX_COUNT:
+            raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be <= "
+                             f"{MAX_COUNT} slots per layer; pick --ranks / --redundant "
+                             f"accordingly")
         if (num_experts + redundant) % ranks:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
                              f"divisible by --ranks ({ranks}); pick --redundant accordingly")
@@ -908,8 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
-        # what the user gave is wrong (file, shape, count): one line, no traceback
+    except (ValueError, TypeError, OSError, MemoryError) as e:
+        # what the user gave is wrong (file, shape, count, a size too big to allocate): one
+        # line, no traceback
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"eplb-native {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
