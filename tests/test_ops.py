@@ -291,6 +291,8 @@ def test_map_and_record_bad_arguments(name, make, exc, entry):
           "composite": ops.composite_map_and_record}[entry]
     with pytest.raises(exc, match=name):
         fn(*args.values())
+    if name != "load":
+        assert not args["load"].any()  # nothing counted before the error
 
 
 @pytest.mark.parametrize("entry", ["wrapper", "torch.ops"])
@@ -305,6 +307,7 @@ def test_bad_mode_and_num_valid(entry):
         fn(*args, torch.tensor([1, 2]), "spread")
     with pytest.raises(ValueError, match="log2phy"):
         fn(*args, None, "rank_local")  # rank_local wants a 1-D table
+    assert not args[3].any()  # load: nothing counted before any of the errors
 
 
 def test_wrapper_names_arguments_the_schema_rejects():
@@ -332,6 +335,7 @@ def test_record_topk_bad_arguments():
     with pytest.raises(ValueError, match="load"):
         torch.ops.eplb_native.record_topk(load.reshape(2, 2), torch.zeros(3, dtype=torch.int32),
                                           torch.tensor(True))
+    assert not load.any()  # nothing counted before any of the errors
 
 
 # ------------------------------------------------------------------ registration, tracing
