@@ -72,6 +72,7 @@ def test_synth_drift_zero_is_stationary_and_one_is_fresh():
     ({"num_experts": 2.5}, "num_experts"), ({"skew": "pareto"}, "skew"),
     ({"drift": 1.5}, "drift"), ({"sigma": float("nan")}, "sigma"), ({"zipf_a": 0}, "zipf_a"),
     ({"top_k": 9, "num_experts": 8}, "top_k"), ({"seed": True}, "seed"),
+    ({"tokens_per_window": 2**62, "top_k": 2}, "tokens_per_window \\* top_k"),
 ])
 def test_synth_bad_arguments(kwargs, name):
     args = {"num_windows": 2, "num_layers": 2, "num_experts": 16, **kwargs}

@@ -144,6 +144,10 @@ def synth(num_windows: int, num_layers: int, num_experts: int, *, skew: str = "z
     drift = _check_float("drift", drift, 0.0, 1.0)
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+    if tokens_per_window * top_k > np.iinfo(np.int64).max:
+        # the multinomial draws per window and layer, and every row's sum, are int64
+        raise ValueError(f"tokens_per_window * top_k must be < 2**63, got {tokens_per_window} "
+                         f"* {top_k}")
 
     rng = np.random.default_rng(seed)
     keep, fresh = math.sqrt(1.0 - drift), math.sqrt(drift)
