@@ -69,6 +69,19 @@ def test_bad_num_ranks():
         expert_map.to_json_dict(np.zeros((1, 6), dtype=np.int64), num_ranks=4)
 
 
+@pytest.mark.parametrize("phy2log, exc, message", [
+    (np.array([[0.5, 1.7]]), TypeError, "integer expert ids"),  # was truncated to [0, 1]
+    (np.array([[True, False]]), TypeError, "integer expert ids"),
+    (np.array([[-1, 3]]), ValueError, ">= 0"),
+    (np.array([[2**62, 0]], dtype=np.int64), ValueError, "2\\*\\*62"),
+    (np.zeros((1, 0), dtype=np.int64), ValueError, "shape"),
+])
+def test_save_refuses_what_load_refuses(tmp_path, phy2log, exc, message):
+    with pytest.raises(exc, match=message):
+        expert_map.save(tmp_path / "m.json", phy2log, num_ranks=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 20) | st.integers(-2**70, 2**70)
     | st.floats(allow_nan=False) | st.text(max_size=3),

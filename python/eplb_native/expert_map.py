@@ -39,8 +39,14 @@ def _id_key(key: str):
 def to_json_dict(phy2log, num_ranks: int) -> dict:
     """``phy2log`` [L, P] (numpy or torch) -> the JSON-ready dict for ``num_ranks`` ranks."""
     a = to_numpy(phy2log, "phy2log")
-    if a.ndim != 2:
+    if a.dtype == object or a.dtype.kind not in "iu":
+        # a float would be truncated by int(); what load() refuses is never written
+        raise TypeError(f"phy2log must hold integer expert ids, got dtype {a.dtype}")
+    if a.ndim != 2 or 0 in a.shape:
         raise ValueError(f"phy2log must have shape [layers, slots], got {a.shape}")
+    if (a < 0).any() or (a >= MAX_EXPERT_ID).any():
+        raise ValueError(f"phy2log: expert ids must be >= 0 and < 2**62, got [{a.min()}, "
+                         f"{a.max()}]")
     num_ranks = check_int(num_ranks, "num_ranks", 1)
     if a.shape[1] % num_ranks:
         raise ValueError(f"num_ranks must be a positive divisor of the slot count {a.shape[1]}, "
