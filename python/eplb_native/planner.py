@@ -84,8 +84,9 @@ def _as_numpy(x, name: str, dtype) -> np.ndarray:
     if not (is_torch(x) or isinstance(x, np.ndarray | list | tuple)):
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
     a = to_numpy(x, name)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        raise TypeError(f"{name} must hold numbers, got dtype {a.dtype}")
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or (
+            a.dtype.kind == "c"):  # complex: the cast below would drop the imaginary part
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
     return np.ascontiguousarray(a, dtype=dtype)
