@@ -237,7 +237,8 @@ def test_single_process_equal_outputs_and_explicit_steps(tmp_path):
             w13, w2 = logical_weights_of_slots(layer)
             assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
     assert up.step == 12 and up.cycle >= 3 and len(up.stats.windows) == 6
-    # one rank is always balanced: plans are made, nothing is worth moving
+    # one rank is always balanced: plans are made (one per window), nothing is worth moving
+    assert len(up.stats.plans) == len(up.stats.windows) == 6
     assert all(p["layers_to_move"] == [] for p in up.stats.plans) and not up.stats.moves
     assert np.array_equal(up.phy2log(), np.stack([state.default_placement(8, 1, 4)] * 3))
     assert sum(w["tokens"] for w in up.stats.windows) == 12 * 10 * 2 * 3
