@@ -446,6 +446,9 @@ def cmd_simulate(args) -> int:
               f"{_fmt_bytes(s['moved_bytes']):>12} {_fmt(s['plan_ms_mean'], 8, 1)}")
     if expert_bytes is None:
         print("moved bytes unknown: pass --expert-bytes (bytes of one expert's weights)")
+    else:
+        print("moved bytes = moved slots x expert bytes, an upper bound on the bytes sent: a "
+              "slot refilled from a copy its rank already holds is a local copy")
     if png:
         print(f"wrote {png}")
     return 0
