@@ -374,6 +374,9 @@ def test_placement_tensors_and_default_spread():
 def test_sliding_window_and_trace(tmp_path):
     model = Stack(2, num_redundant_experts=0)
     up = eplb_native.attach(model, {"step_interval": 4, "window_size": 2, "dynamic_eplb": False})
+    with pytest.raises(ValueError, match="no load window gathered yet"):
+        up.save_trace(tmp_path / "early.npz")
+    assert list(tmp_path.iterdir()) == []
     g = torch.Generator().manual_seed(6)
     for tokens in (3, 5, 7, 11, 13, 17, 19, 23):
         model(torch.randn(tokens, 8, generator=g))

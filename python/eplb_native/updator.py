@@ -539,8 +539,11 @@ class Updator:
         """Writes the gathered windows' logical loads [W, L, E] with eplb_native.traces."""
         from .traces import save_trace
 
-        loads = (np.stack(self._recorded) if self._recorded
-                 else np.zeros((0, self.num_layers, self.num_logical), dtype=np.int64))
+        if not self._recorded:
+            raise ValueError(f"save_trace: no load window gathered yet (one is gathered every "
+                             f"expert_heat_collection_interval = "
+                             f"{self.config.expert_heat_collection_interval} steps)")
+        loads = np.stack(self._recorded)
         meta.setdefault("num_ranks", self.num_ranks)
         meta.setdefault("num_slots", self.num_slots)
         save_trace(path, loads, **meta)
