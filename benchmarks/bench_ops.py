@@ -15,7 +15,10 @@ and load, uniformly random logical ids, recording on) and (E, P) in {(256, 288),
 * ``sglang``: SGLang's fused Triton kernel, rank-local table (anchors.sglang_map_and_record());
 * ``torch``: plain torch: gather through log2phy + bincount (eager; bincount reads its
   maximum on the host, so inside a graph it is gather + index_add_ instead);
-* ``copy``: ``dst.copy_(ids)`` of the same ids, the floor;
+* ``copy``: ``dst.copy_(ids)`` of the same ids, the floor (a memcpy: in a graph, a memcpy node);
+* ``neg``: ``torch.neg(ids, out=dst)``, the simplest kernel moving the same bytes, and ``fill1``:
+  a one-element ``fill_`` (a kernel that moves nothing): what any kernel node costs in a graph,
+  next to the memcpy node of ``copy``;
 * ``rc`` / ``index_add``: record_counts of P per-slot counts vs ``load.index_add_`` of ones
   over the ids (the scatter that record_counts replaces).
 
@@ -103,6 +106,7 @@ def bench_gpu(args) -> list[str]:
     def case(E, P, n, log2phy, logcnt, table):
         ids = torch.randint(0, E, (n // K, K), generator=gen, dtype=torch.int32).to(dev)
         dst = torch.empty_like(ids)
+        one = torch.zeros(1, dtype=torch.int32, device=dev)
         load = torch.zeros(P, dtype=torch.int64, device=dev)
         record = torch.tensor(True, device=dev)
         record_off = torch.tensor(False, device=dev)
@@ -125,6 +129,8 @@ def bench_gpu(args) -> list[str]:
 
         fns = {
             "copy": lambda: dst.copy_(ids),
+            "neg": lambda: torch.neg(ids, out=dst),
+            "fill1": lambda: one.fill_(1),
             "eplb": lambda: lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread"),
             "eplb_off": lambda: lib.map_and_record(ids, log2phy, logcnt, load, record_off, None,
                                                    "spread"),
@@ -177,7 +183,8 @@ def bench_gpu(args) -> list[str]:
         print(f"host time per call, 8K ids: {name}: {us:.2f} us", flush=True)
 
     rows = []
-    names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add"]
+    names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add",
+             "neg", "fill1"]
     for E, P in SHAPES:
         log2phy, logcnt, table = placement(E, P, dev, gen)
         for n in SIZES:
@@ -191,7 +198,7 @@ def bench_gpu(args) -> list[str]:
     head = ("| E, P | T·k | mode | copy_ µs | eplb µs | eplb/copy | eplb, record off µs | "
             "eplb rank_local µs | "
             "vLLM µs | vLLM/eplb | SGLang µs | SGLang/eplb_rl | torch µs | record_counts µs | "
-            "index_add_ µs |")
+            "index_add_ µs | neg µs | fill1 µs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     lines[:0] = [f"Host time per call (8K ids, launch loop): {name} {us:.2f} µs"
                  for name, us in host.items()] + [""]
@@ -200,7 +207,8 @@ def bench_gpu(args) -> list[str]:
             f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
             f"{r['eplb'] / r['copy']:.2f}x | {r['eplb_off']:.2f} | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
             f"{r['vllm'] / r['eplb']:.1f}x | {r['sglang']:.2f} | {r['sglang'] / r['eplb_rl']:.1f}x | "
-            f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} |")
+            f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} | {r['neg']:.2f} | "
+            f"{r['fill1']:.2f} |")
     return lines
 
 

@@ -5,6 +5,8 @@
 - :func:`rank_loads`, :func:`check_placement`, :func:`check_hierarchical` — what every placement
   must satisfy.
 - :func:`preserve_slots`, :func:`apply_transfers`, :func:`optimum` (brute force, tiny shapes).
+- :func:`paired_max`, :func:`paired_optimum` — two slots per rank, where the best packing of given
+  replica counts is known (the i-th lightest replica with the i-th heaviest).
 """
 
 from __future__ import annotations
@@ -196,4 +198,36 @@ def optimum(load, num_replicas: int, num_ranks: int) -> float:
             continue
         per_slot = load[list(phy)] / cnt[list(phy)]
         best = min(best, per_slot.reshape(num_ranks, slots).sum(1).max())
+    return float(best)
+
+
+def paired_max(load, logcnt, num_ranks: int) -> tuple[float, int, set[int]]:
+    """Two slots per rank: the max rank load of the best packing of these replica counts (the
+    replicas sorted, the i-th lightest on one rank with the i-th heaviest), the number of ranks
+    at it (within a relative 1e-12) and the logical experts on those ranks."""
+    load = np.asarray(load, np.float64)
+    logcnt = np.asarray(logcnt, np.int64)
+    assert logcnt.sum() == 2 * num_ranks and (logcnt >= 1).all()
+    per = np.repeat(load / logcnt, logcnt)
+    expert = np.repeat(np.arange(len(load)), logcnt)
+    order = np.argsort(per, kind="stable")
+    per, expert = per[order], expert[order]
+    sums = per[:num_ranks] + per[::-1][:num_ranks]
+    top = float(sums.max())
+    at = sums >= top * (1 - 1e-12)
+    return top, int(at.sum()), {int(e) for e in expert[:num_ranks][at]} | {
+        int(e) for e in expert[::-1][:num_ranks][at]}
+
+
+def paired_optimum(load, num_ranks: int) -> float:
+    """Two slots per rank: the smallest max rank load over every placement, by enumerating the
+    replica counts (each packed by :func:`paired_max`). Small shapes only (C(2R - 1, E - 1)
+    count vectors)."""
+    load = np.asarray(load, np.float64)
+    num_experts, num_slots = len(load), 2 * num_ranks
+    best = np.inf
+    for cuts in itertools.combinations(range(1, num_slots), num_experts - 1):
+        bounds = (0, *cuts, num_slots)
+        cnt = np.diff(bounds)
+        best = min(best, paired_max(load, cnt, num_ranks)[0])
     return float(best)
