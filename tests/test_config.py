@@ -54,6 +54,13 @@ def test_ours_and_defaults():
     assert EplbConfig.parse(c) is c
 
 
+@pytest.mark.parametrize("config", [len, EplbConfig, pytest, lambda: None, 3, [1, 2], "[1, 2]"])
+def test_not_a_config_is_refused(config):
+    # a function, class or module has a __dict__ but holds no settings: refused, not defaults
+    with pytest.raises(ValueError, match="config must be"):
+        EplbConfig.parse(config)
+
+
 @pytest.mark.parametrize("doc,key", [
     ({"expert_heat_colection_interval": 3}, "expert_heat_colection_interval"),
     ({"step_interval": 0}, "expert_heat_collection_interval"),

@@ -48,6 +48,7 @@ Unknown keys, wrong types and impossible values raise ValueError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -175,10 +176,12 @@ class EplbConfig:
                 raise ValueError(f"config string is not valid JSON ({e})") from None
         if isinstance(config, dict):
             return cls.from_dict(config)
-        if dataclasses.is_dataclass(config):
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
             return cls.from_dict({f.name: getattr(config, f.name)
                                   for f in dataclasses.fields(config)})
-        if hasattr(config, "__dict__"):
+        # an attribute object (e.g. an engine's config instance); a function, class or module
+        # has a __dict__ too, but its attributes are no settings
+        if hasattr(config, "__dict__") and not (callable(config) or inspect.ismodule(config)):
             return cls.from_dict({k: v for k, v in vars(config).items() if not k.startswith("_")})
         raise ValueError(f"config must be None, an EplbConfig, a dict or a JSON string, got "
                          f"{type(config).__name__}")
