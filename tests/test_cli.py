@@ -398,6 +398,9 @@ def test_demo_text_summary(tmp_path):
     (["--device", "cuda", "--ranks", "80"], ["GPUs"]),
     (["--png", "no/dir/d.png"], ["does not exist"]),
     (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
+    (["--skew", "1e308"], ["--skew must lie in [0, 1e+06], got 1e+308"]),
+    (["--ranks", "80"], ["--ranks on --device cpu must be <= 64", "80"]),
+    (["--tokens", "1000000000000"], ["--tokens must be <= 1048576"]),
     (["--save-trace", "rec.npy"], ["--save-trace rec.npy", "*.npz"]),
 ])
 def test_demo_bad_arguments(tmp_path, args, fragments):
