@@ -347,6 +347,29 @@ def test_refused_fused_layer_is_left_as_it_was():
     assert [n for n, _ in model[0].named_buffers()] == ["eplb_phy2log"]
 
 
+def test_refused_attach_removes_the_buffers_it_added():
+    """Both fused layers adapt (each gets eplb_* buffers), then the Updator refuses the config:
+    attach leaves the model with the buffers it had, and a corrected attach works."""
+
+    class Fused(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.w13_weight = torch.nn.Parameter(torch.randn(6, 4, 3, generator=g))
+            self.w2_weight = torch.nn.Parameter(torch.randn(6, 3, 2, generator=g))
+            self.register_buffer("expert_map", torch.arange(6, dtype=torch.int32))
+            self.global_num_experts = 6
+
+    model = torch.nn.Sequential(Fused(1), Fused(2))
+    before = [sorted(n for n, _ in m.named_buffers()) for m in model]
+    with pytest.raises(ValueError, match="num_redundant_experts"):
+        eplb_native.attach(model, {"num_redundant_experts": 3})
+    assert [sorted(n for n, _ in m.named_buffers()) for m in model] == before
+    up = eplb_native.attach(model, {"num_redundant_experts": 0})
+    assert "eplb_phy2log" in dict(model[1].named_buffers())
+    up.shutdown()
+
+
 def test_placement_tensors_and_default_spread():
     log2phy, logcnt, local = state.placement_tensors([0, 1, 2, 0], 3, 2, 1)
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]

@@ -146,7 +146,7 @@ class Updator:
         self._fold_done = None
         self._closed = False
         self._hooks: list = []
-        self._planner = Planner() if config.dynamic_eplb else None
+        self._planner = None  # started last, once nothing below can refuse
         self._future = None
         self._submit_step = 0
         self._submit_t = 0.0
@@ -185,6 +185,8 @@ class Updator:
         self._free = list(range(len(self._staging)))  # staging sets no move holds
         if config.expert_map_path is not None:
             self._apply_expert_map(config.expert_map_path)
+        if config.dynamic_eplb:
+            self._planner = Planner()
 
     def _allocate_staging(self) -> None:
         """``layers_per_step`` staging sets (a move's receive buffers, one layer's weights
@@ -627,20 +629,29 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
         ep_rank, ep_size = dist.get_rank(), dist.get_world_size()
     else:
         ep_rank, ep_size = 0, 1
-    layers = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue  # the experts of a layer already adapted
-        adapter = adapt_module(name or type(model).__name__, module, ep_rank, ep_size)
-        if adapter is not None:
-            layers.append(adapter)
-            inside.append(name)
-    if not layers:
-        raise ValueError(f"model {type(model).__name__} has no MoE layer eplb_native can adapt: "
-                         "none exposes eplb_adapter() or w13_weight / w2_weight (see "
-                         "eplb_native.adapters.base)")
-    updator = Updator(layers, cfg, group)
+    # Adapters register buffers on the layers they adapt (the fused one: eplb_phy2log, ...); if
+    # any later layer or the Updator refuses, the ones already adapted are left as they were.
+    buffers_before = {id(m): set(m._buffers) for m in model.modules()}
+    try:
+        layers = []
+        inside: list[str] = []
+        for name, module in model.named_modules():
+            if any(name.startswith(p + ".") for p in inside):
+                continue  # the experts of a layer already adapted
+            adapter = adapt_module(name or type(model).__name__, module, ep_rank, ep_size)
+            if adapter is not None:
+                layers.append(adapter)
+                inside.append(name)
+        if not layers:
+            raise ValueError(f"model {type(model).__name__} has no MoE layer eplb_native can "
+                             "adapt: none exposes eplb_adapter() or w13_weight / w2_weight (see "
+                             "eplb_native.adapters.base)")
+        updator = Updator(layers, cfg, group)
+    except BaseException:
+        for m in model.modules():
+            for key in set(m._buffers) - buffers_before.get(id(m), set()):
+                del m._buffers[key]
+        raise
     if hooks:
         updator.attach_hooks(model)
     return updator
