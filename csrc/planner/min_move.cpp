@@ -6,12 +6,13 @@
 //      renumbered to overlap the old placement most, each rank's kept experts in their old
 //      slots, then walked back toward the old placement (WalkBack: swap or convert changed slots
 //      back to their old expert while every rank stays <= the stop).
-//   3. A local search from the old placement (search.h, cost-aware): each step takes the swap or
-//      replica conversion with the largest reduction of the max rank load down to the stop per
-//      newly changed slot, until the max is <= the stop. Global: it is kept only if it changes
-//      fewer slots than the fallback (which is its budget); skipped with two slots per rank,
-//      where it almost never gets there. If it stalls, a second search first converts slots so
-//      that the replica counts are balanced's, heaviest missing replica first.
+//   3. A local search from the old placement (MoveSearch below): each step takes the swap or
+//      replica conversion aimed at the heaviest rank with the largest reduction of the excess
+//      (sum over ranks of the load above the stop) per newly changed slot, until no rank is
+//      above the stop. Global: it is kept only if it changes fewer slots than the fallback
+//      (which is its budget), then walked back like the fallback; skipped with two slots per
+//      rank, where it almost never gets there. If it stalls, a second search first converts
+//      slots so that the replica counts are balanced's, heaviest missing replica first.
 //      Hierarchical: the steps stay inside a node (each node is searched on its own), which
 //      keeps groups on their nodes; an old placement that does not follow that topology is not
 //      used; the budget is the renumbered placement's changes.
@@ -23,6 +24,8 @@
 //      heaviest node they leave). Measured on the benchmark's DeepSeek-V3 trace, the node
 //      partition changes on ~1/3 of the layers and those carried ~85% of the changed slots.
 #include <algorithm>
+#include <cmath>
+#include <memory>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -140,6 +143,364 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
   return moves;
 }
 
+// Local search from the old placement of one pack (all ranks, or one node's), toward every rank
+// <= stop with few changed slots. Objective: the excess, sum over ranks of max(0, load - stop);
+// each step takes the swap or conversion (search.h's steps, aimed at the heaviest rank h) with
+// the largest excess reduction per newly changed slot (a step that changes nothing net counts
+// half a slot); on ties, the one that flattens the touched ranks most (sum of squared loads).
+// Counting every rank's excess, not just h's, favours a replica for an expert that overloads
+// several ranks at once.
+class MoveSearch {
+ public:
+  // w: [n] loads of the pack's experts; start, orig: [R*S] pack-local ids of the start and of the
+  // old placement (changed slots are counted against orig; -1: an expert not in this pack).
+  MoveSearch(const double* w, int64_t n, int64_t R, int64_t S, const int64_t* start,
+             const int64_t* orig, double stop)
+      : w_(w), n_(n), R_(R), S_(S), P_(R * S), stop_(stop) {
+    slot_.assign(start, start + P_);
+    orig_.assign(orig, orig + P_);
+    rank_.resize(Z(P_));
+    for (int64_t s = 0; s < P_; ++s) rank_[Z(s)] = s / S_;
+    cnt_.assign(Z(n_), 0);
+    for (const int64_t e : slot_) ++cnt_[Z(e)];
+    per_.resize(Z(n_));
+    for (int64_t e = 0; e < n_; ++e) per_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)]);
+    head_.assign(Z(n_), -1);
+    tail_.assign(Z(n_), -1);
+    next_.assign(Z(P_), -1);
+    prev_.assign(Z(P_), -1);
+    for (int64_t s = 0; s < P_; ++s) Append(slot_[Z(s)], s);
+    load_.assign(Z(R_), 0.0);
+    for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
+    delta_.assign(Z(R_), 0.0);
+    for (int64_t s = 0; s < P_; ++s) changed_ += slot_[Z(s)] != orig_[Z(s)];
+  }
+
+  // Steps until every rank is <= stop (true) or none helps or `budget` slots have changed.
+  bool Run(int64_t budget) {
+    const int64_t max_steps = 4 * P_ + 64;
+    for (int64_t step = 0; step < max_steps; ++step) {
+      const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
+      if (load_[Z(h)] <= stop_) return Changed() < budget;
+      if (Changed() >= budget) return false;
+      Step best;
+      BestStep(h, &best);
+      if (best.kind == 0) return false;
+      Apply(best);
+    }
+    return false;
+  }
+
+  // Converts slots until the replica counts are `target` [n] (sum R*S): each missing replica,
+  // heaviest first, takes the slot of an expert above its target on the rank that ends lightest.
+  void ImposeCounts(const int64_t* target) {
+    std::vector<int64_t> need;
+    for (int64_t e = 0; e < n_; ++e)
+      for (int64_t k = cnt_[Z(e)]; k < target[e]; ++k) need.push_back(e);
+    std::stable_sort(need.begin(), need.end(), [&](int64_t a, int64_t b) {
+      return w_[a] / static_cast<double>(target[a]) > w_[b] / static_cast<double>(target[b]);
+    });
+    for (const int64_t b : need) {
+      const double wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
+      int64_t best = -1;
+      double best_load = HUGE_VAL;
+      for (int64_t s = 0; s < P_; ++s) {
+        const int64_t a = slot_[Z(s)];
+        if (a == b || cnt_[Z(a)] <= target[a]) continue;
+        const double v = load_[Z(rank_[Z(s)])] - per_[Z(a)] + wb_new;
+        if (v < best_load) {
+          best_load = v;
+          best = s;
+        }
+      }
+      if (best < 0) return;
+      Apply({2, best, b, 0.0, 0.0});
+    }
+  }
+
+  const std::vector<int64_t>& slots() const { return slot_; }
+  int64_t Changed() const { return changed_; }
+
+ private:
+  struct Step {
+    int kind = 0;  // 0 none, 1 swap slots (i, j), 2 convert slot i to expert j
+    int64_t i = -1, j = -1;
+    double score = 0.0, flat = 0.0;  // excess reduction per slot; change of sum of squares
+  };
+
+  double Ex(double v) const { return v > stop_ ? v - stop_ : 0.0; }
+  double RankLoad(int64_t r) const {
+    double sum = 0.0;
+    for (int64_t j = r * S_; j < (r + 1) * S_; ++j) sum += per_[Z(slot_[Z(j)])];
+    return sum;
+  }
+  // Slots newly changed minus slots restored when slot s takes expert e.
+  int Cost(int64_t s, int64_t e) const {
+    return static_cast<int>(e != orig_[Z(s)]) - static_cast<int>(slot_[Z(s)] != orig_[Z(s)]);
+  }
+  // 1 / max(cost, 0.5): the weight of an excess reduction by that step.
+  double Per(int64_t s, int64_t e) const { return Cost(s, e) >= 1 ? 1.0 : 2.0; }
+  // A swap's: 1 / max(cost of both slots, 0.5).
+  double Per(int64_t i, int64_t x, int64_t j, int64_t y) const {
+    const int c = Cost(i, y) + Cost(j, x);
+    return c >= 2 ? 0.5 : c == 1 ? 1.0 : 2.0;
+  }
+  static bool Better(double score, double flat, const Step& b) {
+    return score > b.score || (score == b.score && b.kind != 0 && flat < b.flat);
+  }
+  void Consider(int kind, int64_t i, int64_t j, double reduction, double flat, Step* best) const {
+    if (!(reduction > 1e-12 * stop_)) return;
+    const double score = reduction * (kind == 1 ? Per(i, slot_[Z(i)], j, slot_[Z(j)]) : Per(i, j));
+    if (Better(score, flat, *best)) *best = {kind, i, j, score, flat};
+  }
+
+  void BestStep(int64_t h, Step* best) {
+    const double M = load_[Z(h)];
+    // Per expert e: its load per replica with one more (more_), how much one replica grows
+    // with one fewer (up_, +inf with one replica), and the excess change on its ranks when it
+    // gains (gain_) or gives up (lose_) a replica, each rank counted alone. hot_: the experts on
+    // a rank above the stop (gain_ < 0); m0, m1: the two smallest more_.
+    more_.resize(Z(n_));
+    up_.resize(Z(n_));
+    gain_.resize(Z(n_));
+    lose_.resize(Z(n_));
+    hot_.clear();
+    int64_t m0 = -1, m1 = -1;
+    for (int64_t e = 0; e < n_; ++e) {
+      more_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)] + 1);
+      up_[Z(e)] =
+          cnt_[Z(e)] >= 2 ? w_[e] / static_cast<double>(cnt_[Z(e)] - 1) - per_[Z(e)] : HUGE_VAL;
+      const double down = more_[Z(e)] - per_[Z(e)];
+      double g = 0.0, l = 0.0;
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+        const double v = load_[Z(rank_[Z(q)])];
+        g += Ex(v + down) - Ex(v);
+        l += Ex(v + up_[Z(e)]) - Ex(v);
+      }
+      gain_[Z(e)] = g;
+      lose_[Z(e)] = cnt_[Z(e)] >= 2 ? l : HUGE_VAL;
+      if (g < 0.0) hot_.push_back(e);
+      if (m0 < 0 || more_[Z(e)] < more_[Z(m0)]) {
+        m1 = m0;
+        m0 = e;
+      } else if (m1 < 0 || more_[Z(e)] < more_[Z(m1)]) {
+        m1 = e;
+      }
+    }
+    // Per slot s (expert a, rank o): o's load without it, and the excess a's other ranks gain
+    // when a gives it up; donors_, reused_: the slots off h whose expert can give one up,
+    // unchanged and changed ones.
+    base_.resize(Z(P_));
+    pen_.resize(Z(P_));
+    donors_.clear();
+    reused_.clear();
+    for (int64_t s = 0; s < P_; ++s) {
+      const int64_t a = slot_[Z(s)];
+      const double lo = load_[Z(rank_[Z(s)])];
+      base_[Z(s)] = lo - per_[Z(a)];
+      pen_[Z(s)] = cnt_[Z(a)] < 2 ? HUGE_VAL : lose_[Z(a)] - (Ex(lo + up_[Z(a)]) - Ex(lo));
+      if (cnt_[Z(a)] >= 2 && rank_[Z(s)] != h) (a == orig_[Z(s)] ? donors_ : reused_).push_back(s);
+    }
+    Top top;
+    // A slot on h gives up its expert x for b: b among the hot experts (their other replicas
+    // shrink), the two lightest with one more replica (the rest of the experts only differ in
+    // that) and the slot's old expert (cheaper).
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+      const int64_t x = slot_[Z(i)];
+      if (cnt_[Z(x)] < 2) continue;
+      auto add = [&](int64_t b) {
+        if (b < 0 || b == x) return;
+        const double after = base_[Z(i)] + more_[Z(b)];
+        const double est = Ex(M) - Ex(after) - pen_[Z(i)] - gain_[Z(b)];
+        top.Add(est * Per(i, b), after * after - M * M, i, b);
+      };
+      for (const int64_t b : hot_) add(b);
+      add(m0);
+      add(m1);
+      add(orig_[Z(i)]);
+    }
+    // An expert x on h gains a replica in a donor slot: lowers the excess by at most -gain_x
+    // plus the excess of the donor's rank (at most `other`), per slot when the donor slot is
+    // unchanged, per half a slot when it changed already (reused_). Experts with the most to
+    // gain first, so that the bound skips the others once top is full.
+    double other = 0.0;
+    for (int64_t r = 0; r < R_; ++r)
+      if (r != h) other = std::max(other, Ex(load_[Z(r)]));
+    on_h_.clear();
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i)
+      if (std::find(on_h_.begin(), on_h_.end(), slot_[Z(i)]) == on_h_.end())
+        on_h_.push_back(slot_[Z(i)]);
+    std::sort(on_h_.begin(), on_h_.end(), [&](int64_t a, int64_t b) {
+      return gain_[Z(a)] < gain_[Z(b)] || (gain_[Z(a)] == gain_[Z(b)] && a < b);
+    });
+    for (const std::vector<int64_t>* slots : {&reused_, &donors_}) {
+      const double per = slots == &reused_ ? 2.0 : 1.0;
+      for (const int64_t x : on_h_) {
+        if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
+        const double nx = more_[Z(x)];
+        for (const int64_t s : *slots) {
+          if (slot_[Z(s)] == x) continue;
+          const double lo = load_[Z(rank_[Z(s)])];
+          const double after = base_[Z(s)] + nx;
+          const double est = -gain_[Z(x)] - (Ex(after) - Ex(lo)) - pen_[Z(s)];
+          top.Add(est * Per(s, x), after * after - lo * lo, s, x);
+        }
+      }
+    }
+    for (int k = 0; k < top.size; ++k) {
+      double flat = 0.0;
+      const double reduction = EvalConvert(top.slot[k], top.expert[k], &flat);
+      Consider(2, top.slot[k], top.expert[k], reduction, flat, best);
+    }
+    // Swaps of a replica on h with a lighter one on a rank o below the stop (a rank at or above
+    // it gains as much excess as h loses). A swap lowers the excess by at most
+    // min(M - stop, stop - load_o), per at least half a slot.
+    for (int64_t o = 0; o < R_; ++o) {
+      const double lo = load_[Z(o)];
+      if (o == h || lo >= stop_ || 2.0 * std::min(M - stop_, stop_ - lo) < best->score) continue;
+      for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+        const int64_t x = slot_[Z(i)];
+        for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
+          const int64_t y = slot_[Z(j)];
+          const double d = per_[Z(x)] - per_[Z(y)];
+          if (d <= 0.0) continue;
+          const double reduction = Ex(M) - Ex(M - d) - Ex(lo + d);
+          const double flat = (M - d) * (M - d) - M * M + (lo + d) * (lo + d) - lo * lo;
+          Consider(1, i, j, reduction, flat, best);
+        }
+      }
+    }
+  }
+
+  // The kTop best conversion estimates.
+  struct Top {
+    static constexpr int kMax = 4;
+    double score[kMax], flat[kMax];
+    int64_t slot[kMax], expert[kMax];
+    int size = 0;
+    void Add(double sc, double fl, int64_t s, int64_t e) {
+      if (!(sc > 0.0)) return;
+      int k = size < kMax ? size++ : kMax;
+      if (k == kMax) {
+        if (!(sc > score[kMax - 1] || (sc == score[kMax - 1] && fl < flat[kMax - 1]))) return;
+        k = kMax - 1;
+      }
+      while (k > 0 && (score[k - 1] < sc || (score[k - 1] == sc && flat[k - 1] > fl))) {
+        score[k] = score[k - 1];
+        flat[k] = flat[k - 1];
+        slot[k] = slot[k - 1];
+        expert[k] = expert[k - 1];
+        --k;
+      }
+      score[k] = sc;
+      flat[k] = fl;
+      slot[k] = s;
+      expert[k] = e;
+    }
+  };
+
+  // Excess reduction of turning slot s (expert a, >= 2 replicas) into expert b; flat: the change
+  // of the sum of squared loads of the touched ranks.
+  double EvalConvert(int64_t s, int64_t b, double* flat) {
+    const int64_t a = slot_[Z(s)];
+    const double wa = per_[Z(a)], wa_new = w_[a] / static_cast<double>(cnt_[Z(a)] - 1);
+    const double wb = per_[Z(b)], wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
+    touched_.clear();
+    auto add = [&](int64_t r, double d) {
+      if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
+      delta_[Z(r)] += d;
+    };
+    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+      add(rank_[Z(q)], q == s ? wb_new - wa : wa_new - wa);
+    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)]) add(rank_[Z(q)], wb_new - wb);
+    double reduction = 0.0;
+    *flat = 0.0;
+    for (const int64_t r : touched_) {
+      const double v = load_[Z(r)], nv = v + delta_[Z(r)];
+      reduction += Ex(v) - Ex(nv);
+      *flat += nv * nv - v * v;
+      delta_[Z(r)] = 0.0;
+    }
+    return reduction;
+  }
+
+  void Apply(const Step& st) {
+    if (st.kind == 1) {
+      const int64_t x = slot_[Z(st.i)], y = slot_[Z(st.j)];
+      changed_ += Cost(st.i, y) + Cost(st.j, x);
+      std::swap(slot_[Z(st.i)], slot_[Z(st.j)]);
+      const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
+      const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
+      Relink(x, st.j, pi, ni);
+      Relink(y, st.i, pj, nj);
+      load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
+      load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
+      return;
+    }
+    const int64_t a = slot_[Z(st.i)], b = st.j;
+    changed_ += Cost(st.i, b);
+    --cnt_[Z(a)];
+    ++cnt_[Z(b)];
+    per_[Z(a)] = w_[a] / static_cast<double>(cnt_[Z(a)]);
+    per_[Z(b)] = w_[b] / static_cast<double>(cnt_[Z(b)]);
+    const int64_t r0 = rank_[Z(st.i)];
+    slot_[Z(st.i)] = b;
+    Unlink(a, st.i);
+    Append(b, st.i);
+    load_[Z(r0)] = RankLoad(r0);
+    for (const int64_t e : {a, b})
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)])
+        load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
+  }
+
+  void Append(int64_t e, int64_t s) {
+    prev_[Z(s)] = tail_[Z(e)];
+    next_[Z(s)] = -1;
+    if (tail_[Z(e)] >= 0) {
+      next_[Z(tail_[Z(e)])] = s;
+    } else {
+      head_[Z(e)] = s;
+    }
+    tail_[Z(e)] = s;
+  }
+  void Unlink(int64_t e, int64_t s) {
+    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
+    if (p >= 0) {
+      next_[Z(p)] = q;
+    } else {
+      head_[Z(e)] = q;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = p;
+    } else {
+      tail_[Z(e)] = p;
+    }
+  }
+  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
+    prev_[Z(to)] = p;
+    next_[Z(to)] = q;
+    if (p >= 0) {
+      next_[Z(p)] = to;
+    } else {
+      head_[Z(e)] = to;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = to;
+    } else {
+      tail_[Z(e)] = to;
+    }
+  }
+
+  const double* w_;
+  int64_t n_, R_, S_, P_;
+  double stop_;
+  int64_t changed_ = 0;
+  std::vector<int64_t> hot_, donors_, reused_, on_h_;  // BestStep scratch
+  std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
+  std::vector<double> per_, load_, delta_;
+  std::vector<double> more_, up_, gain_, lose_, base_, pen_;  // BestStep scratch
+};
+
 // Searches one pack (all slots, or one node's) from the old placement; writes the global ids
 // into phy2log and returns whether the pack reached `stop`.
 bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
@@ -154,22 +515,22 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   }
   std::vector<int64_t> slots(Z(num_ranks * S));
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
-  PackSearch pack(w.data(), n, num_ranks, S);
-  pack.InitFrom(slots.data());
-  bool ok = pack.ImproveTo(stop, budget);
-  const PackSearch* result = &pack;
+  MoveSearch search(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
+  bool ok = search.Run(budget);
+  const MoveSearch* result = &search;
   // Second try, when the counts of the target are given: take them first, then search.
-  PackSearch second(w.data(), n, num_ranks, S);
+  std::unique_ptr<MoveSearch> second;
   if (!ok && target_cnt != nullptr) {
     std::vector<int64_t> target(Z(n));
     for (int64_t i = 0; i < n; ++i) target[Z(i)] = target_cnt[experts[Z(i)]];
-    second.InitFrom(slots.data());
-    second.ImposeCounts(target.data());
-    ok = second.ImproveTo(stop, budget);
-    if (ok) result = &second;
+    second =
+        std::make_unique<MoveSearch>(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
+    second->ImposeCounts(target.data());
+    ok = second->Run(budget);
+    if (ok) result = second.get();
   }
   for (int64_t j = 0; j < num_ranks * S; ++j)
-    phy2log[first_slot + j] = experts[Z(result->slot_exp()[Z(j)])];
+    phy2log[first_slot + j] = experts[Z(result->slots()[Z(j)])];
   return ok;
 }
 
@@ -411,7 +772,12 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
                            balanced_cnt.data(), phy2log);
     }
-    if (!reached) std::copy(renumbered.begin(), renumbered.end(), phy2log);
+    if (!reached) {
+      std::copy(renumbered.begin(), renumbered.end(), phy2log);
+      return;
+    }
+    PreserveSlots(phy2log, old_phy2log, one);
+    WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
     return;
   }
   if (!old_usable) {
