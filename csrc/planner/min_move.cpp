@@ -354,19 +354,32 @@ class MoveSearch {
     }
     // Swaps of a replica on h with a lighter one on a rank o below the stop (a rank at or above
     // it gains as much excess as h loses). A swap lowers the excess by at most
-    // min(M - stop, stop - load_o), per at least half a slot.
+    // min(M - stop, stop - load_o), per two slots when no slot of h or o changed yet, else per at
+    // least half a slot.
+    changed_on_.assign(Z(R_), 0);
+    for (int64_t s = 0; s < P_; ++s) changed_on_[Z(rank_[Z(s)])] += slot_[Z(s)] != orig_[Z(s)];
     for (int64_t o = 0; o < R_; ++o) {
       const double lo = load_[Z(o)];
-      if (o == h || lo >= stop_ || 2.0 * std::min(M - stop_, stop_ - lo) < best->score) continue;
+      if (o == h || lo >= stop_) continue;
+      const double per = changed_on_[Z(h)] + changed_on_[Z(o)] == 0 ? 0.5 : 2.0;
+      if (per * std::min(M - stop_, stop_ - lo) < best->score) continue;
+      // moving d from h to o lowers the excess by min(d, M - stop) - max(0, d - (stop - lo))
+      const double excess = M - stop_, room = stop_ - lo;
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
-        const int64_t x = slot_[Z(i)];
+        const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
+        const double wx = per_[Z(x)];
+        const int kept_i = x == xi;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
-          const int64_t y = slot_[Z(j)];
-          const double d = per_[Z(x)] - per_[Z(y)];
+          const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
+          const double d = wx - per_[Z(y)];
           if (d <= 0.0) continue;
-          const double reduction = Ex(M) - Ex(M - d) - Ex(lo + d);
+          const double reduction = std::min(d, excess) - std::max(0.0, d - room);
+          if (!(reduction > 1e-12 * stop_)) continue;
+          const int cost = (y != xi) - 1 + kept_i + (x != yj) - (y != yj);
+          const double score = reduction * (cost >= 2 ? 0.5 : cost == 1 ? 1.0 : 2.0);
+          if (score < best->score) continue;
           const double flat = (M - d) * (M - d) - M * M + (lo + d) * (lo + d) - lo * lo;
-          Consider(1, i, j, reduction, flat, best);
+          if (Better(score, flat, *best)) *best = {1, i, j, score, flat};
         }
       }
     }
@@ -495,7 +508,7 @@ class MoveSearch {
   int64_t n_, R_, S_, P_;
   double stop_;
   int64_t changed_ = 0;
-  std::vector<int64_t> hot_, donors_, reused_, on_h_;  // BestStep scratch
+  std::vector<int64_t> hot_, donors_, reused_, on_h_, changed_on_;  // BestStep scratch
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_, gain_, lose_, base_, pen_;  // BestStep scratch
