@@ -18,11 +18,14 @@
 //      used; the budget is the renumbered placement's changes.
 //   4. Hierarchical, when a node cannot reach the stop with its old groups: the fallback node
 //      by node (a node with the same groups as before keeps its searched content when that
-//      reached the stop, the others are balanced's node walked back), or, when it changes fewer
-//      slots, the old partition with one pair of groups trading nodes: the two nodes packed
-//      afresh and walked back, the others as searched (the first few swaps by the load of the
-//      heaviest node they leave). Measured on the benchmark's DeepSeek-V3 trace, the node
-//      partition changes on ~1/3 of the layers and those carried ~85% of the changed slots.
+//      reached the stop; any other takes the fewer changes of balanced's node walked back and
+//      SubstituteNode), or, when it changes fewer slots, the old partition with one pair of
+//      groups trading nodes: the two nodes by SubstituteNode, the others as searched (the first
+//      few swaps by the load of the heaviest node they leave). SubstituteNode keeps the node's
+//      old content, puts the arriving experts in the slots of the departed ones and searches
+//      from there (changes counted against the old content), then walks back. Measured on the
+//      benchmark's DeepSeek-V3 trace, the node partition changes on ~1/3 of the layers and those
+//      carried ~85% of the changed slots.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -691,29 +694,70 @@ class WalkBack {
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).
 constexpr size_t kGroupSwapsTried = 2;
 
-// Node n of a new group->node partition holding `experts`: packed afresh as `balanced` packs a
-// pack (greedy, then local search), its ranks renumbered to overlap the old node's most, each
-// rank's kept experts in their old slots, then walked back toward the old content. Writes the
-// node's slots of out [P]; returns whether its max rank load is <= stop.
-bool PackNodeAfresh(const double* load, const int64_t* old, const Shape& s, int64_t n,
+// Node n of a new group->node partition holding `experts`, from its old content: the slots of
+// the experts that left take the experts that came (each once, then extra replicas by the
+// largest load per replica; heaviest replica first, each on the rank that is lightest so far),
+// then searched (MoveSearch, changes counted against the old content) and walked back. Writes
+// the node's slots of out [P]; returns whether its max rank load is <= stop.
+bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int64_t n,
                     const std::vector<int64_t>& experts, double stop, int64_t* out) {
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / s.num_nodes, node_slots = rpn * S;
   const int64_t first = n * node_slots;
   const auto m = static_cast<int64_t>(experts.size());
+  std::vector<int64_t> local(Z(s.num_logical), -1), orig(Z(node_slots)), start(Z(node_slots));
   std::vector<double> w(Z(m));
-  for (int64_t i = 0; i < m; ++i) w[Z(i)] = load[experts[Z(i)]];
-  detail::PackSearch pack(w.data(), m, rpn, S);
-  pack.InitGreedy();
-  pack.Improve();
-  if (pack.MaxLoad() > stop) return false;
-  std::vector<int64_t> fresh(Z(node_slots));
-  for (int64_t j = 0; j < node_slots; ++j) fresh[Z(j)] = experts[Z(pack.slot_exp()[Z(j)])];
-  std::vector<int64_t> ranks(Z(rpn));
-  std::iota(ranks.begin(), ranks.end(), 0);
-  const std::vector<int64_t> rank_at =
-      MatchBlocks(fresh.data(), old + first, S, ranks, ranks, s.num_logical);
-  for (int64_t i = 0; i < rpn; ++i)
-    std::copy(fresh.begin() + i * S, fresh.begin() + (i + 1) * S, out + first + rank_at[Z(i)] * S);
+  for (int64_t i = 0; i < m; ++i) {
+    local[Z(experts[Z(i)])] = i;
+    w[Z(i)] = load[experts[Z(i)]];
+  }
+  std::vector<int64_t> cnt(Z(m), 0), free_slots;
+  for (int64_t j = 0; j < node_slots; ++j) {
+    orig[Z(j)] = local[Z(old[first + j])];
+    start[Z(j)] = orig[Z(j)];
+    if (orig[Z(j)] >= 0) {
+      ++cnt[Z(orig[Z(j)])];
+    } else {
+      free_slots.push_back(j);
+    }
+  }
+  std::vector<int64_t> incoming;  // one entry per replica
+  for (int64_t i = 0; i < m; ++i)
+    if (cnt[Z(i)] == 0) {
+      cnt[Z(i)] = 1;
+      incoming.push_back(i);
+    }
+  const auto arrivals = static_cast<int64_t>(incoming.size());
+  if (arrivals > static_cast<int64_t>(free_slots.size())) return false;
+  while (incoming.size() < free_slots.size()) {
+    int64_t best = incoming[0];
+    for (int64_t k = 1; k < arrivals; ++k) {
+      const int64_t e = incoming[Z(k)];
+      if (w[Z(e)] * static_cast<double>(cnt[Z(best)]) > w[Z(best)] * static_cast<double>(cnt[Z(e)]))
+        best = e;
+    }
+    ++cnt[Z(best)];
+    incoming.push_back(best);
+  }
+  auto per = [&](int64_t e) { return w[Z(e)] / static_cast<double>(cnt[Z(e)]); };
+  std::stable_sort(incoming.begin(), incoming.end(),
+                   [&](int64_t a, int64_t b) { return per(a) > per(b); });
+  std::vector<double> rank_load(Z(rpn), 0.0);
+  for (int64_t j = 0; j < node_slots; ++j)
+    if (start[Z(j)] >= 0) rank_load[Z(j / S)] += per(start[Z(j)]);
+  std::vector<char> used(free_slots.size(), 0);
+  for (const int64_t e : incoming) {
+    size_t pick = free_slots.size();
+    for (size_t k = 0; k < free_slots.size(); ++k)
+      if (!used[k] && (pick == free_slots.size() ||
+                       rank_load[Z(free_slots[k] / S)] < rank_load[Z(free_slots[pick] / S)]))
+        pick = k;
+    used[pick] = 1;
+    start[Z(free_slots[pick])] = e;
+    rank_load[Z(free_slots[pick] / S)] += per(e);
+  }
+  MoveSearch search(w.data(), m, rpn, S, start.data(), orig.data(), stop);
+  if (!search.Run(node_slots + 1)) return false;
+  for (int64_t j = 0; j < node_slots; ++j) out[first + j] = experts[Z(search.slots()[Z(j)])];
   Shape rank_shape = s;  // PreserveSlots over this node's ranks only
   rank_shape.num_layers = 1;
   rank_shape.num_ranks = rpn;
@@ -825,6 +869,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     return;
   }
 
+  std::vector<int64_t> alt(Z(P));  // SubstituteNode's output
   // Fallback: balanced's group->node partition (renumbered onto the old nodes); a node whose
   // groups are the same as in the old placement keeps its searched content when that reached
   // the stop, every other node is balanced's walked back toward the old content.
@@ -842,17 +887,25 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       continue;
     }
     std::vector<char> allowed(Z(E), 0);
-    for (int64_t e = 0; e < E; ++e) allowed[Z(e)] = in_new[Z(e / group_size)];
+    std::vector<int64_t> experts;
+    for (int64_t e = 0; e < E; ++e) {
+      allowed[Z(e)] = in_new[Z(e / group_size)];
+      if (allowed[Z(e)]) experts.push_back(e);
+    }
     WalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log).Run();
+    const int64_t first = n * node_slots, last = first + node_slots;
+    if (SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data()) &&
+        RankMoves(old_phy2log, alt.data(), first, last, S, &count) <
+            RankMoves(old_phy2log, phy2log, first, last, S, &count))
+      std::copy(alt.begin() + first, alt.begin() + last, phy2log + first);
   }
   int64_t fallback_moves = 0;
   for (int64_t p = 0; p < P; ++p) fallback_moves += phy2log[p] != old_phy2log[p];
 
   // Usually one group trading nodes is enough (balanced's partition differs from the old one by
   // 2-4 groups): try the swaps of two groups on different nodes that leave the heaviest node
-  // lightest, the two nodes packed afresh and walked back toward their old content, the others
-  // as searched; keep the one that reaches the stop with the fewest changed slots, if fewer
-  // than the fallback's.
+  // lightest, the two nodes by SubstituteNode, the others as searched; keep the one that reaches
+  // the stop with the fewest changed slots, if fewer than the fallback's.
   std::vector<double> group_load(Z(G), 0.0), node_load(Z(N), 0.0);
   for (int64_t e = 0; e < E; ++e) group_load[Z(e / group_size)] += load[e];
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
@@ -883,8 +936,10 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
                   trial.begin() + first);
         continue;
       }
-      ok = PackNodeAfresh(load, old_phy2log, shape, n, experts_of(group_node, n), stop,
-                          trial.data());
+      const std::vector<int64_t> experts = experts_of(group_node, n);
+      std::copy(old_phy2log + first, old_phy2log + first + node_slots, alt.begin() + first);
+      ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data());
+      std::copy(alt.begin() + first, alt.begin() + first + node_slots, trial.begin() + first);
     }
     if (!ok) continue;
     int64_t moves = 0;
