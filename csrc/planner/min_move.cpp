@@ -2,20 +2,20 @@
 // within `target` of the balance `balanced` reaches on the same load.
 //
 //   1. Done already if the old placement's max rank load is <= balanced's / target (the stop).
-//   2. The fallback: `balanced`'s placement with its ranks (and, hierarchical, its nodes)
-//      renumbered to overlap the old placement most, each rank's kept experts in their old
-//      slots, then walked back toward the old placement (WalkBack: swap or convert changed slots
-//      back to their old expert while every rank stays <= the stop).
-//   3. A local search from the old placement (MoveSearch below): each step takes the swap or
+//   2. A local search from the old placement (MoveSearch below): each step takes the swap or
 //      replica conversion aimed at the heaviest rank with the largest reduction of the excess
 //      (sum over ranks of the load above the stop) per newly changed slot, until no rank is
-//      above the stop. Global: it is kept only if it changes fewer slots than the fallback
-//      (which is its budget), then walked back like the fallback; skipped with two slots per
-//      rank, where it almost never gets there. If it stalls, a second search first converts
-//      slots so that the replica counts are balanced's, heaviest missing replica first.
-//      Hierarchical: the steps stay inside a node (each node is searched on its own), which
-//      keeps groups on their nodes; an old placement that does not follow that topology is not
-//      used; the budget is the renumbered placement's changes.
+//      above the stop. Global: first within balanced's own changed slots; when it gets there,
+//      walked back (step 3), done. Skipped with two slots per rank, where it almost never gets
+//      there. Hierarchical: the steps stay inside a node (each node is searched on its own),
+//      which keeps groups on their nodes; an old placement that does not follow that topology
+//      is not used; the budget is the renumbered placement's changes (step 3).
+//   3. The fallback: `balanced`'s placement with its ranks (and, hierarchical, its nodes)
+//      renumbered to overlap the old placement most, each rank's kept experts in their old
+//      slots, then walked back toward the old placement (WalkBack: swap or convert changed slots
+//      back to their old expert while every rank stays <= the stop). Global: a second search
+//      that first converts slots so that the replica counts are balanced's (heaviest missing
+//      replica first) is kept instead when it changes fewer slots.
 //   4. Hierarchical, when a node cannot reach the stop with its old groups: the fallback node
 //      by node (a node with the same groups as before keeps its searched content when that
 //      reached the stop; any other takes the fewer changes of balanced's node walked back and
@@ -28,7 +28,6 @@
 //      carried ~85% of the changed slots.
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -291,18 +290,19 @@ class MoveSearch {
       }
     }
     // Per slot s (expert a, rank o): o's load without it, and the excess a's other ranks gain
-    // when a gives it up; donors_, reused_: the slots off h whose expert can give one up,
+    // when a gives it up; donors_[0], donors_[1]: the slots off h whose expert can give one up,
     // unchanged and changed ones.
     base_.resize(Z(P_));
     pen_.resize(Z(P_));
-    donors_.clear();
-    reused_.clear();
+    donors_[0].clear();
+    donors_[1].clear();
     for (int64_t s = 0; s < P_; ++s) {
       const int64_t a = slot_[Z(s)];
       const double lo = load_[Z(rank_[Z(s)])];
       base_[Z(s)] = lo - per_[Z(a)];
       pen_[Z(s)] = cnt_[Z(a)] < 2 ? HUGE_VAL : lose_[Z(a)] - (Ex(lo + up_[Z(a)]) - Ex(lo));
-      if (cnt_[Z(a)] >= 2 && rank_[Z(s)] != h) (a == orig_[Z(s)] ? donors_ : reused_).push_back(s);
+      if (cnt_[Z(a)] >= 2 && rank_[Z(s)] != h)
+        donors_[a == orig_[Z(s)] ? 0 : 1].Add(s, a, base_[Z(s)] - stop_, pen_[Z(s)] - Ex(lo), lo);
     }
     Top top;
     // A slot on h gives up its expert x for b: b among the hot experts (their other replicas
@@ -336,17 +336,18 @@ class MoveSearch {
     std::sort(on_h_.begin(), on_h_.end(), [&](int64_t a, int64_t b) {
       return gain_[Z(a)] < gain_[Z(b)] || (gain_[Z(a)] == gain_[Z(b)] && a < b);
     });
-    for (const std::vector<int64_t>* slots : {&reused_, &donors_}) {
-      const double per = slots == &reused_ ? 2.0 : 1.0;
+    // (A donor's cost is 1 for an unchanged slot, <= 0 for a changed one.)
+    for (const int list : {1, 0}) {
+      const Donors& d = donors_[list];
+      const double per = list == 1 ? 2.0 : 1.0;
       for (const int64_t x : on_h_) {
         if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
-        const double nx = more_[Z(x)];
-        for (const int64_t s : *slots) {
-          if (slot_[Z(s)] == x) continue;
-          const double lo = load_[Z(rank_[Z(s)])];
-          const double after = base_[Z(s)] + nx;
-          const double est = -gain_[Z(x)] - (Ex(after) - Ex(lo)) - pen_[Z(s)];
-          top.Add(est * Per(s, x), after * after - lo * lo, s, x);
+        const double nx = more_[Z(x)], gx = -gain_[Z(x)];
+        for (size_t k = 0; k < d.slot.size(); ++k) {
+          const double score = (gx - std::max(0.0, d.base[k] + nx) - d.pen[k]) * per;
+          if (score < top.Floor() || d.expert[k] == x) continue;
+          const double after = d.base[k] + stop_ + nx;
+          top.Add(score, after * after - d.lo2[k], d.slot[k], x);
         }
       }
     }
@@ -388,8 +389,31 @@ class MoveSearch {
     }
   }
 
+  // Donor slots, structure of arrays for the scan: expert, load of the rank without it minus the
+  // stop, the excess its expert's other ranks gain minus that of its rank, squared rank load.
+  struct Donors {
+    std::vector<int64_t> slot, expert;
+    std::vector<double> base, pen, lo2;
+    void clear() {
+      slot.clear();
+      expert.clear();
+      base.clear();
+      pen.clear();
+      lo2.clear();
+    }
+    void Add(int64_t s, int64_t e, double b, double p, double lo) {
+      slot.push_back(s);
+      expert.push_back(e);
+      base.push_back(b);
+      pen.push_back(p);
+      lo2.push_back(lo * lo);
+    }
+  };
+
   // The kTop best conversion estimates.
   struct Top {
+    // No estimate below this gets in.
+    double Floor() const { return size < kMax ? 0.0 : score[kMax - 1]; }
     static constexpr int kMax = 4;
     double score[kMax], flat[kMax];
     int64_t slot[kMax], expert[kMax];
@@ -511,14 +535,16 @@ class MoveSearch {
   int64_t n_, R_, S_, P_;
   double stop_;
   int64_t changed_ = 0;
-  std::vector<int64_t> hot_, donors_, reused_, on_h_, changed_on_;  // BestStep scratch
+  std::vector<int64_t> hot_, on_h_, changed_on_;  // BestStep scratch
+  Donors donors_[2];
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_, gain_, lose_, base_, pen_;  // BestStep scratch
 };
 
-// Searches one pack (all slots, or one node's) from the old placement; writes the global ids
-// into phy2log and returns whether the pack reached `stop`.
+// Searches one pack (all slots, or one node's) from the old placement, first taking the replica
+// counts target_cnt [E] when given (ImposeCounts); writes the global ids into phy2log and returns
+// whether the pack reached `stop` with fewer than `budget` changed slots.
 bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
                 int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t budget,
                 int64_t E, const int64_t* target_cnt, int64_t* phy2log) {
@@ -532,21 +558,14 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   std::vector<int64_t> slots(Z(num_ranks * S));
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
   MoveSearch search(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
-  bool ok = search.Run(budget);
-  const MoveSearch* result = &search;
-  // Second try, when the counts of the target are given: take them first, then search.
-  std::unique_ptr<MoveSearch> second;
-  if (!ok && target_cnt != nullptr) {
+  if (target_cnt != nullptr) {
     std::vector<int64_t> target(Z(n));
     for (int64_t i = 0; i < n; ++i) target[Z(i)] = target_cnt[experts[Z(i)]];
-    second =
-        std::make_unique<MoveSearch>(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
-    second->ImposeCounts(target.data());
-    ok = second->Run(budget);
-    if (ok) result = second.get();
+    search.ImposeCounts(target.data());
   }
+  const bool ok = search.Run(budget);
   for (int64_t j = 0; j < num_ranks * S; ++j)
-    phy2log[first_slot + j] = experts[Z(result->slots()[Z(j)])];
+    phy2log[first_slot + j] = experts[Z(search.slots()[Z(j)])];
   return ok;
 }
 
@@ -805,38 +824,43 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   // balanced's placement renumbered onto the old: the fallback's start (and, hierarchical, the
   // node searches' budget).
   std::vector<int64_t> renumbered(Z(P));
-  Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
   std::vector<int64_t> count(Z(E), 0);
   Shape one = shape;
   one.num_layers = 1;
   if (!hier) {
-    // The fallback first: balanced's placement renumbered onto the old one and walked back
-    // toward it. Its changed slots are the search's budget: the search is kept only if it
-    // reaches the target with fewer.
+    // The search first, within balanced's own changed slots; when it reaches the stop, walked
+    // back, done. (Two slots per rank: no search. balanced's pairing is exact, search.h
+    // RefinePairCounts, and a local search from the old placement almost never comes within 1%
+    // of it: 1 of 183 layers of Kimi-K2 on the benchmark's trace.)
+    std::vector<int64_t> experts(Z(E));
+    std::iota(experts.begin(), experts.end(), 0);
+    const int64_t own = RankMoves(old_phy2log, balanced_phy2log, 0, P, S, &count);
+    if (S > 2 && SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, own, E,
+                            nullptr, phy2log)) {
+      PreserveSlots(phy2log, old_phy2log, one);
+      WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+      return;
+    }
+    // The fallback: balanced's placement renumbered onto the old one and walked back toward it;
+    // or, when it reaches the stop with fewer changed slots, a second search that first takes
+    // balanced's replica counts.
+    Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
     PreserveSlots(renumbered.data(), old_phy2log, one);
     WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, renumbered.data()).Run();
     int64_t budget = 0;
     for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
-    // Two slots per rank: balanced's pairing is exact (search.h RefinePairCounts) and a local
-    // search from the old placement almost never comes within 1% of it (1 of 183 layers of
-    // Kimi-K2 on the benchmark's trace): not worth its time.
-    bool reached = false;
-    if (S > 2) {
-      std::vector<int64_t> experts(Z(E));
-      std::iota(experts.begin(), experts.end(), 0);
-      std::vector<int64_t> balanced_cnt(Z(E), 0);
-      for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
-      reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
-                           balanced_cnt.data(), phy2log);
-    }
-    if (!reached) {
-      std::copy(renumbered.begin(), renumbered.end(), phy2log);
+    std::vector<int64_t> balanced_cnt(Z(E), 0);
+    for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
+    if (S > 2 && SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
+                            balanced_cnt.data(), phy2log)) {
+      PreserveSlots(phy2log, old_phy2log, one);
+      WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
       return;
     }
-    PreserveSlots(phy2log, old_phy2log, one);
-    WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+    std::copy(renumbered.begin(), renumbered.end(), phy2log);
     return;
   }
+  Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
   if (!old_usable) {
     std::copy(renumbered.begin(), renumbered.end(), phy2log);
     PreserveSlots(phy2log, old_phy2log, one);
