@@ -358,8 +358,8 @@ class MoveSearch {
     }
     // Swaps of a replica on h with a lighter one on a rank o below the stop (a rank at or above
     // it gains as much excess as h loses). A swap lowers the excess by at most
-    // min(M - stop, stop - load_o), per two slots when no slot of h or o changed yet, else per at
-    // least half a slot.
+    // min(d, M - stop, stop - load_o) (d: the load it moves), per two slots when the slot on h
+    // and every slot of o are unchanged, else per at least half a slot.
     changed_on_.assign(Z(R_), 0);
     for (int64_t s = 0; s < P_; ++s) changed_on_[Z(rank_[Z(s)])] += slot_[Z(s)] != orig_[Z(s)];
     for (int64_t o = 0; o < R_; ++o) {
@@ -369,10 +369,15 @@ class MoveSearch {
       if (per * std::min(M - stop_, stop_ - lo) < best->score) continue;
       // moving d from h to o lowers the excess by min(d, M - stop) - max(0, d - (stop - lo))
       const double excess = M - stop_, room = stop_ - lo;
+      double lightest = HUGE_VAL;
+      for (int64_t j = o * S_; j < (o + 1) * S_; ++j)
+        lightest = std::min(lightest, per_[Z(slot_[Z(j)])]);
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
         const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
         const double wx = per_[Z(x)];
         const int kept_i = x == xi;
+        const double bound = kept_i && changed_on_[Z(o)] == 0 ? 0.5 : 2.0;
+        if (bound * std::min({wx - lightest, excess, room}) < best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
           const double d = wx - per_[Z(y)];
