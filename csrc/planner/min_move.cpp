@@ -166,7 +166,9 @@ class MoveSearch {
     cnt_.assign(Z(n_), 0);
     for (const int64_t e : slot_) ++cnt_[Z(e)];
     per_.resize(Z(n_));
-    for (int64_t e = 0; e < n_; ++e) per_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)]);
+    more_.resize(Z(n_));
+    up_.resize(Z(n_));
+    for (int64_t e = 0; e < n_; ++e) SetCount(e, cnt_[Z(e)]);
     head_.assign(Z(n_), -1);
     tail_.assign(Z(n_), -1);
     next_.assign(Z(P_), -1);
@@ -231,6 +233,14 @@ class MoveSearch {
   };
 
   double Ex(double v) const { return v > stop_ ? v - stop_ : 0.0; }
+  // Every change of cnt_ comes here: per_, more_ and up_ follow it (divisions are slow; the
+  // scans read them for every expert).
+  void SetCount(int64_t e, int64_t c) {
+    cnt_[Z(e)] = c;
+    per_[Z(e)] = w_[e] / static_cast<double>(c);
+    more_[Z(e)] = w_[e] / static_cast<double>(c + 1);
+    up_[Z(e)] = c >= 2 ? w_[e] / static_cast<double>(c - 1) - per_[Z(e)] : HUGE_VAL;
+  }
   double RankLoad(int64_t r) const {
     double sum = 0.0;
     for (int64_t j = r * S_; j < (r + 1) * S_; ++j) sum += per_[Z(slot_[Z(j)])];
@@ -258,30 +268,22 @@ class MoveSearch {
 
   void BestStep(int64_t h, Step* best) {
     const double M = load_[Z(h)];
-    // Per expert e: its load per replica with one more (more_), how much one replica grows
-    // with one fewer (up_, +inf with one replica), and the excess change on its ranks when it
-    // gains (gain_) or gives up (lose_) a replica, each rank counted alone. hot_: the experts on
-    // a rank above the stop (gain_ < 0); m0, m1: the two smallest more_.
-    more_.resize(Z(n_));
-    up_.resize(Z(n_));
-    gain_.resize(Z(n_));
-    lose_.resize(Z(n_));
+    // Per expert e: the excess change on its ranks when it gains (gain_) or gives up (lose_) a
+    // replica, each rank counted alone (summed in slot order: no list walks). hot_: the experts
+    // on a rank above the stop (gain_ < 0); m0, m1: the two smallest more_.
+    gain_.assign(Z(n_), 0.0);
+    lose_.assign(Z(n_), 0.0);
+    for (int64_t s = 0; s < P_; ++s) {
+      const int64_t e = slot_[Z(s)];
+      const double v = load_[Z(rank_[Z(s)])], ex = Ex(v);
+      gain_[Z(e)] += Ex(v + more_[Z(e)] - per_[Z(e)]) - ex;
+      lose_[Z(e)] += Ex(v + up_[Z(e)]) - ex;
+    }
     hot_.clear();
     int64_t m0 = -1, m1 = -1;
     for (int64_t e = 0; e < n_; ++e) {
-      more_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)] + 1);
-      up_[Z(e)] =
-          cnt_[Z(e)] >= 2 ? w_[e] / static_cast<double>(cnt_[Z(e)] - 1) - per_[Z(e)] : HUGE_VAL;
-      const double down = more_[Z(e)] - per_[Z(e)];
-      double g = 0.0, l = 0.0;
-      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
-        const double v = load_[Z(rank_[Z(q)])];
-        g += Ex(v + down) - Ex(v);
-        l += Ex(v + up_[Z(e)]) - Ex(v);
-      }
-      gain_[Z(e)] = g;
-      lose_[Z(e)] = cnt_[Z(e)] >= 2 ? l : HUGE_VAL;
-      if (g < 0.0) hot_.push_back(e);
+      if (cnt_[Z(e)] < 2) lose_[Z(e)] = HUGE_VAL;
+      if (gain_[Z(e)] < 0.0) hot_.push_back(e);
       if (m0 < 0 || more_[Z(e)] < more_[Z(m0)]) {
         m1 = m0;
         m0 = e;
@@ -484,10 +486,8 @@ class MoveSearch {
     }
     const int64_t a = slot_[Z(st.i)], b = st.j;
     changed_ += Cost(st.i, b);
-    --cnt_[Z(a)];
-    ++cnt_[Z(b)];
-    per_[Z(a)] = w_[a] / static_cast<double>(cnt_[Z(a)]);
-    per_[Z(b)] = w_[b] / static_cast<double>(cnt_[Z(b)]);
+    SetCount(a, cnt_[Z(a)] - 1);
+    SetCount(b, cnt_[Z(b)] + 1);
     const int64_t r0 = rank_[Z(st.i)];
     slot_[Z(st.i)] = b;
     Unlink(a, st.i);
@@ -544,7 +544,8 @@ class MoveSearch {
   Donors donors_[2];
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
-  std::vector<double> more_, up_, gain_, lose_, base_, pen_;  // BestStep scratch
+  std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
+  std::vector<double> gain_, lose_, base_, pen_;  // BestStep scratch
 };
 
 // Searches one pack (all slots, or one node's) from the old placement, first taking the replica
