@@ -34,12 +34,10 @@
 
 #include "planner/packing.h"
 #include "planner/policies.h"
-#include "planner/search.h"
 
 namespace eplb {
 namespace {
 
-using detail::PackSearch;
 using detail::Z;
 
 // Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
