@@ -175,7 +175,19 @@ class MoveSearch {
     load_.assign(Z(R_), 0.0);
     for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
     delta_.assign(Z(R_), 0.0);
-    for (int64_t s = 0; s < P_; ++s) changed_ += slot_[Z(s)] != orig_[Z(s)];
+    changed_on_.assign(Z(R_), 0);
+    for (int64_t s = 0; s < P_; ++s)
+      if (slot_[Z(s)] != orig_[Z(s)]) {
+        ++changed_;
+        ++changed_on_[Z(rank_[Z(s)])];
+      }
+    gain_.resize(Z(n_));
+    lose_.resize(Z(n_));
+    base_.resize(Z(P_));
+    pen_.resize(Z(P_));
+    pex_.resize(Z(P_));
+    dirty_.assign(Z(n_), 0);
+    for (int64_t e = 0; e < n_; ++e) Mark(e);
   }
 
   // Steps until every rank is <= stop (true) or none helps or `budget` slots have changed.
@@ -266,21 +278,16 @@ class MoveSearch {
 
   void BestStep(int64_t h, Step* best) {
     const double M = load_[Z(h)];
-    // Per expert e: the excess change on its ranks when it gains (gain_) or gives up (lose_) a
-    // replica, each rank counted alone (summed in slot order: no list walks). hot_: the experts
-    // on a rank above the stop (gain_ < 0); m0, m1: the two smallest more_.
-    gain_.assign(Z(n_), 0.0);
-    lose_.assign(Z(n_), 0.0);
-    for (int64_t s = 0; s < P_; ++s) {
-      const int64_t e = slot_[Z(s)];
-      const double v = load_[Z(rank_[Z(s)])], ex = Ex(v);
-      gain_[Z(e)] += Ex(v + more_[Z(e)] - per_[Z(e)]) - ex;
-      lose_[Z(e)] += Ex(v + up_[Z(e)]) - ex;
+    // gain_, lose_, base_, pen_, pex_ of the experts whose ranks changed since the last step
+    for (const int64_t e : dirty_list_) {
+      Refresh(e);
+      dirty_[Z(e)] = 0;
     }
+    dirty_list_.clear();
+    // hot_: the experts on a rank above the stop (gain_ < 0); m0, m1: the two smallest more_.
     hot_.clear();
     int64_t m0 = -1, m1 = -1;
     for (int64_t e = 0; e < n_; ++e) {
-      if (cnt_[Z(e)] < 2) lose_[Z(e)] = HUGE_VAL;
       if (gain_[Z(e)] < 0.0) hot_.push_back(e);
       if (m0 < 0 || more_[Z(e)] < more_[Z(m0)]) {
         m1 = m0;
@@ -288,21 +295,6 @@ class MoveSearch {
       } else if (m1 < 0 || more_[Z(e)] < more_[Z(m1)]) {
         m1 = e;
       }
-    }
-    // Per slot s (expert a, rank o): o's load without it, and the excess a's other ranks gain
-    // when a gives it up; donors_[0], donors_[1]: the slots off h whose expert can give one up,
-    // unchanged and changed ones.
-    base_.resize(Z(P_));
-    pen_.resize(Z(P_));
-    donors_[0].clear();
-    donors_[1].clear();
-    for (int64_t s = 0; s < P_; ++s) {
-      const int64_t a = slot_[Z(s)];
-      const double lo = load_[Z(rank_[Z(s)])];
-      base_[Z(s)] = lo - per_[Z(a)];
-      pen_[Z(s)] = cnt_[Z(a)] < 2 ? HUGE_VAL : lose_[Z(a)] - (Ex(lo + up_[Z(a)]) - Ex(lo));
-      if (cnt_[Z(a)] >= 2 && rank_[Z(s)] != h)
-        donors_[a == orig_[Z(s)] ? 0 : 1].Add(s, a, base_[Z(s)] - stop_, pen_[Z(s)] - Ex(lo), lo);
     }
     Top top;
     // A slot on h gives up its expert x for b: b among the hot experts (their other replicas
@@ -336,18 +328,23 @@ class MoveSearch {
     std::sort(on_h_.begin(), on_h_.end(), [&](int64_t a, int64_t b) {
       return gain_[Z(a)] < gain_[Z(b)] || (gain_[Z(a)] == gain_[Z(b)] && a < b);
     });
-    // (A donor's cost is 1 for an unchanged slot, <= 0 for a changed one.)
+    // Donors: slots off h whose expert can give up a replica (pen_ finite), in two lists of
+    // (slot, load of the rank without it minus the stop, pex_): the changed ones (cost <= 0:
+    // per half a slot), the unchanged ones (cost 1).
+    for (auto& d : donors_) d.clear();
+    for (int64_t q = 0; q < P_; ++q)
+      if (pen_[Z(q)] != HUGE_VAL && rank_[Z(q)] != h)
+        donors_[slot_[Z(q)] != orig_[Z(q)] ? 1 : 0].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
     for (const int list : {1, 0}) {
-      const Donors& d = donors_[list];
       const double per = list == 1 ? 2.0 : 1.0;
       for (const int64_t x : on_h_) {
         if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
         const double nx = more_[Z(x)], gx = -gain_[Z(x)];
-        for (size_t k = 0; k < d.slot.size(); ++k) {
-          const double score = (gx - std::max(0.0, d.base[k] + nx) - d.pen[k]) * per;
-          if (score < top.Floor() || d.expert[k] == x) continue;
-          const double after = d.base[k] + stop_ + nx;
-          top.Add(score, after * after - d.lo2[k], d.slot[k], x);
+        for (const Donor& d : donors_[list]) {
+          const double score = (gx - std::max(0.0, d.base + nx) - d.pex) * per;
+          if (score < top.Floor() || slot_[Z(d.slot)] == x) continue;
+          const double lo = load_[Z(rank_[Z(d.slot)])], after = d.base + stop_ + nx;
+          top.Add(score, after * after - lo * lo, d.slot, x);
         }
       }
     }
@@ -360,8 +357,6 @@ class MoveSearch {
     // it gains as much excess as h loses). A swap lowers the excess by at most
     // min(d, M - stop, stop - load_o) (d: the load it moves), per two slots when the slot on h
     // and every slot of o are unchanged, else per at least half a slot.
-    changed_on_.assign(Z(R_), 0);
-    for (int64_t s = 0; s < P_; ++s) changed_on_[Z(rank_[Z(s)])] += slot_[Z(s)] != orig_[Z(s)];
     for (int64_t o = 0; o < R_; ++o) {
       const double lo = load_[Z(o)];
       if (o == h || lo >= stop_) continue;
@@ -393,27 +388,6 @@ class MoveSearch {
       }
     }
   }
-
-  // Donor slots, structure of arrays for the scan: expert, load of the rank without it minus the
-  // stop, the excess its expert's other ranks gain minus that of its rank, squared rank load.
-  struct Donors {
-    std::vector<int64_t> slot, expert;
-    std::vector<double> base, pen, lo2;
-    void clear() {
-      slot.clear();
-      expert.clear();
-      base.clear();
-      pen.clear();
-      lo2.clear();
-    }
-    void Add(int64_t s, int64_t e, double b, double p, double lo) {
-      slot.push_back(s);
-      expert.push_back(e);
-      base.push_back(b);
-      pen.push_back(p);
-      lo2.push_back(lo * lo);
-    }
-  };
 
   // The kTop best conversion estimates.
   struct Top {
@@ -473,13 +447,18 @@ class MoveSearch {
     if (st.kind == 1) {
       const int64_t x = slot_[Z(st.i)], y = slot_[Z(st.j)];
       changed_ += Cost(st.i, y) + Cost(st.j, x);
+      const bool was_i = x != orig_[Z(st.i)], was_j = y != orig_[Z(st.j)];
       std::swap(slot_[Z(st.i)], slot_[Z(st.j)]);
+      CountChange(st.i, was_i);
+      CountChange(st.j, was_j);
       const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
       const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
       Relink(x, st.j, pi, ni);
       Relink(y, st.i, pj, nj);
       load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
       load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
+      MarkRank(rank_[Z(st.i)]);
+      MarkRank(rank_[Z(st.j)]);
       return;
     }
     const int64_t a = slot_[Z(st.i)], b = st.j;
@@ -487,13 +466,56 @@ class MoveSearch {
     SetCount(a, cnt_[Z(a)] - 1);
     SetCount(b, cnt_[Z(b)] + 1);
     const int64_t r0 = rank_[Z(st.i)];
+    const bool was = a != orig_[Z(st.i)];
     slot_[Z(st.i)] = b;
+    CountChange(st.i, was);
     Unlink(a, st.i);
     Append(b, st.i);
     load_[Z(r0)] = RankLoad(r0);
     for (const int64_t e : {a, b})
       for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)])
         load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
+    MarkRank(r0);
+    for (const int64_t e : {a, b})
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) MarkRank(rank_[Z(q)]);
+  }
+
+  // Slot s's expert changed (it differed from the old one before: was): changed_on_.
+  void CountChange(int64_t s, bool was) {
+    changed_on_[Z(rank_[Z(s)])] +=
+        static_cast<int>(slot_[Z(s)] != orig_[Z(s)]) - static_cast<int>(was);
+  }
+
+  // Expert e's terms are out of date: its ranks' loads or its count changed.
+  void Mark(int64_t e) {
+    if (dirty_[Z(e)]) return;
+    dirty_[Z(e)] = 1;
+    dirty_list_.push_back(e);
+  }
+  void MarkRank(int64_t r) {
+    for (int64_t q = r * S_; q < (r + 1) * S_; ++q) Mark(slot_[Z(q)]);
+  }
+
+  // Expert e's excess change on its ranks when it gains (gain_) or gives up (lose_, +inf: it
+  // cannot) a replica, each rank counted alone; per slot q of e (rank o): o's load without it
+  // (base_), the excess e's other ranks gain when it gives q up (pen_), that minus o's excess
+  // (pex_).
+  void Refresh(int64_t e) {
+    const double down = more_[Z(e)] - per_[Z(e)], up = up_[Z(e)];
+    double g = 0.0, l = 0.0;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+      const double v = load_[Z(rank_[Z(q)])], ex = Ex(v);
+      g += Ex(v + down) - ex;
+      l += Ex(v + up) - ex;
+    }
+    gain_[Z(e)] = g;
+    lose_[Z(e)] = cnt_[Z(e)] >= 2 ? l : HUGE_VAL;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+      const double lo = load_[Z(rank_[Z(q)])];
+      base_[Z(q)] = lo - per_[Z(e)];
+      pen_[Z(q)] = cnt_[Z(e)] < 2 ? HUGE_VAL : lose_[Z(e)] - (Ex(lo + up) - Ex(lo));
+      pex_[Z(q)] = pen_[Z(q)] - Ex(lo);
+    }
   }
 
   void Append(int64_t e, int64_t s) {
@@ -538,12 +560,19 @@ class MoveSearch {
   int64_t n_, R_, S_, P_;
   double stop_;
   int64_t changed_ = 0;
-  std::vector<int64_t> hot_, on_h_, changed_on_;  // BestStep scratch
-  Donors donors_[2];
+  std::vector<int64_t> hot_, on_h_;  // BestStep scratch
+  std::vector<int64_t> changed_on_;  // [R] changed slots per rank
+  struct Donor {
+    int64_t slot;
+    double base, pex;
+  };
+  std::vector<Donor> donors_[2];  // BestStep scratch
+  std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
+  std::vector<int64_t> dirty_list_;
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
-  std::vector<double> gain_, lose_, base_, pen_;  // BestStep scratch
+  std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
 };
 
 // Searches one pack (all slots, or one node's) from the old placement, first taking the replica
