@@ -796,16 +796,22 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
   std::vector<double> rank_load(Z(rpn), 0.0);
   for (int64_t j = 0; j < node_slots; ++j)
     if (start[Z(j)] >= 0) rank_load[Z(j / S)] += per(start[Z(j)]);
-  std::vector<char> used(free_slots.size(), 0);
+  // free slots per rank, in slot order (next_free: the first unused one of each rank)
+  std::vector<int64_t> free_count(Z(rpn), 0), next_free(Z(rpn), 0);
+  for (const int64_t j : free_slots) ++free_count[Z(j / S)];
+  for (size_t k = free_slots.size(); k-- > 0;) next_free[Z(free_slots[k] / S)] = free_slots[k];
   for (const int64_t e : incoming) {
-    size_t pick = free_slots.size();
-    for (size_t k = 0; k < free_slots.size(); ++k)
-      if (!used[k] && (pick == free_slots.size() ||
-                       rank_load[Z(free_slots[k] / S)] < rank_load[Z(free_slots[pick] / S)]))
-        pick = k;
-    used[pick] = 1;
-    start[Z(free_slots[pick])] = e;
-    rank_load[Z(free_slots[pick] / S)] += per(e);
+    int64_t r = -1;
+    for (int64_t q = 0; q < rpn; ++q)
+      if (free_count[Z(q)] > 0 && (r < 0 || rank_load[Z(q)] < rank_load[Z(r)])) r = q;
+    int64_t j = next_free[Z(r)];
+    start[Z(j)] = e;
+    rank_load[Z(r)] += per(e);
+    if (--free_count[Z(r)] > 0) {
+      do ++j;
+      while (start[Z(j)] >= 0);  // free slots still hold -1
+      next_free[Z(r)] = j;
+    }
   }
   MoveSearch search(w.data(), m, rpn, S, start.data(), orig.data(), stop);
   if (!search.Run(node_slots + 1)) return false;
