@@ -247,6 +247,7 @@ class MoveSearch {
   // Every change of cnt_ comes here: per_, more_ and up_ follow it (divisions are slow; the
   // scans read them for every expert).
   void SetCount(int64_t e, int64_t c) {
+    counts_changed_ = true;
     cnt_[Z(e)] = c;
     per_[Z(e)] = w_[e] / static_cast<double>(c);
     more_[Z(e)] = w_[e] / static_cast<double>(c + 1);
@@ -287,16 +288,21 @@ class MoveSearch {
       dirty_[Z(e)] = 0;
     }
     dirty_list_.clear();
-    // hot_: the experts on a rank above the stop (gain_ < 0); m0, m1: the two smallest more_.
+    // hot_: the experts on a rank above the stop (gain_ < 0); m0_, m1_: the two smallest more_
+    // (only counts change them).
     hot_.clear();
-    int64_t m0 = -1, m1 = -1;
-    for (int64_t e = 0; e < n_; ++e) {
+    for (int64_t e = 0; e < n_; ++e)
       if (gain_[Z(e)] < 0.0) hot_.push_back(e);
-      if (m0 < 0 || more_[Z(e)] < more_[Z(m0)]) {
-        m1 = m0;
-        m0 = e;
-      } else if (m1 < 0 || more_[Z(e)] < more_[Z(m1)]) {
-        m1 = e;
+    if (counts_changed_) {
+      counts_changed_ = false;
+      m0_ = m1_ = -1;
+      for (int64_t e = 0; e < n_; ++e) {
+        if (m0_ < 0 || more_[Z(e)] < more_[Z(m0_)]) {
+          m1_ = m0_;
+          m0_ = e;
+        } else if (m1_ < 0 || more_[Z(e)] < more_[Z(m1_)]) {
+          m1_ = e;
+        }
       }
     }
     Top top;
@@ -313,8 +319,8 @@ class MoveSearch {
         top.Add(est * Per(i, b), after * after - M * M, i, b);
       };
       for (const int64_t b : hot_) add(b);
-      add(m0);
-      add(m1);
+      add(m0_);
+      add(m1_);
       add(orig_[Z(i)]);
     }
     // An expert x on h gains a replica in a donor slot: lowers the excess by at most -gain_x
@@ -590,7 +596,9 @@ class MoveSearch {
   double stop_;
   int64_t changed_ = 0;
   std::vector<int64_t> hot_, on_h_, light_;  // BestStep scratch
-  std::vector<int64_t> changed_on_;          // [R] changed slots per rank
+  bool counts_changed_ = true;               // m0_, m1_ are out of date
+  int64_t m0_ = -1, m1_ = -1;
+  std::vector<int64_t> changed_on_;  // [R] changed slots per rank
   struct Donor {
     int64_t slot;
     double base, pex;
