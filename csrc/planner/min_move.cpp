@@ -306,23 +306,6 @@ class MoveSearch {
       }
     }
     Top top;
-    // A slot on h gives up its expert x for b: b among the hot experts (their other replicas
-    // shrink), the two lightest with one more replica (the rest of the experts only differ in
-    // that) and the slot's old expert (cheaper).
-    for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
-      const int64_t x = slot_[Z(i)];
-      if (cnt_[Z(x)] < 2) continue;
-      auto add = [&](int64_t b) {
-        if (b < 0 || b == x) return;
-        const double after = base_[Z(i)] + more_[Z(b)];
-        const double est = Ex(M) - Ex(after) - pen_[Z(i)] - gain_[Z(b)];
-        top.Add(est * Per(i, b), after * after - M * M, i, b);
-      };
-      for (const int64_t b : hot_) add(b);
-      add(m0_);
-      add(m1_);
-      add(orig_[Z(i)]);
-    }
     // An expert x on h gains a replica in a donor slot: lowers the excess by at most -gain_x
     // plus the excess of the donor's rank (at most `other`), per slot when the donor slot is
     // unchanged, per half a slot when it changed already (reused_). Experts with the most to
@@ -356,6 +339,28 @@ class MoveSearch {
           top.Add(score, after * after - lo * lo, d.slot, x);
         }
       }
+    }
+    // A slot on h gives up its expert x for b: b among the hot experts (their other replicas
+    // shrink), the two lightest with one more replica (the rest of the experts only differ in
+    // that) and the slot's old expert (cheaper).
+    // (The hot ones lower the excess by at most -gain_b each: skipped as a whole when even the
+    // most of them cannot beat the best four at half a slot.)
+    double hottest = 0.0;
+    for (const int64_t b : hot_) hottest = std::max(hottest, -gain_[Z(b)]);
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+      const int64_t x = slot_[Z(i)];
+      if (cnt_[Z(x)] < 2) continue;
+      auto add = [&](int64_t b) {
+        if (b < 0 || b == x) return;
+        const double after = base_[Z(i)] + more_[Z(b)];
+        const double est = Ex(M) - Ex(after) - pen_[Z(i)] - gain_[Z(b)];
+        top.Add(est * Per(i, b), after * after - M * M, i, b);
+      };
+      if (2.0 * (Ex(M) - pen_[Z(i)] + hottest) >= top.Floor())
+        for (const int64_t b : hot_) add(b);
+      add(m0_);
+      add(m1_);
+      add(orig_[Z(i)]);
     }
     for (int k = 0; k < top.size; ++k) {
       double flat = 0.0;
