@@ -2,39 +2,43 @@
 // within `target` of the balance `balanced` reaches on the same load.
 //
 //   1. Done already if the old placement's max rank load is <= balanced's / target (the stop).
-//   2. The fallback: `balanced`'s placement with its ranks (and, hierarchical, its nodes)
+//   2. A local search from the old placement (MoveSearch below): each step takes the swap or
+//      replica conversion aimed at the heaviest rank with the largest reduction of the excess
+//      (sum over ranks of the load above the stop) per newly changed slot, until no rank is
+//      above the stop. Global: first within balanced's own changed slots; when it gets there,
+//      walked back (step 3), done. Skipped with two slots per rank, where it almost never gets
+//      there. Hierarchical: the steps stay inside a node (each node is searched on its own),
+//      which keeps groups on their nodes (a node whose mean rank load is above the stop cannot
+//      get there and is not searched); an old placement that does not follow that topology is
+//      not used; the budget is the renumbered placement's changes (step 3).
+//   3. The fallback: `balanced`'s placement with its ranks (and, hierarchical, its nodes)
 //      renumbered to overlap the old placement most, each rank's kept experts in their old
 //      slots, then walked back toward the old placement (WalkBack: swap or convert changed slots
-//      back to their old expert while every rank stays <= the stop).
-//   3. A local search from the old placement (search.h, cost-aware): each step takes the swap or
-//      replica conversion with the largest reduction of the max rank load down to the stop per
-//      newly changed slot, until the max is <= the stop. Global: it is kept only if it changes
-//      fewer slots than the fallback (which is its budget); skipped with two slots per rank,
-//      where it almost never gets there. If it stalls, a second search first converts slots so
-//      that the replica counts are balanced's, heaviest missing replica first.
-//      Hierarchical: the steps stay inside a node (each node is searched on its own), which
-//      keeps groups on their nodes; an old placement that does not follow that topology is not
-//      used; the budget is the renumbered placement's changes.
+//      back to their old expert while every rank stays <= the stop). Global: a second search
+//      that first converts slots so that the replica counts are balanced's (heaviest missing
+//      replica first) is kept instead when it changes fewer slots.
 //   4. Hierarchical, when a node cannot reach the stop with its old groups: the fallback node
 //      by node (a node with the same groups as before keeps its searched content when that
-//      reached the stop, the others are balanced's node walked back), or, when it changes fewer
-//      slots, the old partition with one pair of groups trading nodes: the two nodes packed
-//      afresh and walked back, the others as searched (the first few swaps by the load of the
-//      heaviest node they leave). Measured on the benchmark's DeepSeek-V3 trace, the node
-//      partition changes on ~1/3 of the layers and those carried ~85% of the changed slots.
+//      reached the stop; any other takes the fewer changes of balanced's node walked back and
+//      SubstituteNode), or, when it changes fewer slots, the old partition with one pair of
+//      groups trading nodes: the two nodes by SubstituteNode, the others as searched (the first
+//      few swaps by the load of the heaviest node they leave). SubstituteNode keeps the node's
+//      old content, puts the arriving experts in the slots of the departed ones and searches
+//      from there (changes counted against the old content), then walks back. Measured on the
+//      benchmark's DeepSeek-V3 trace (5 windows, 4 skews), the node partition changes on 44% of
+//      the layers and those carry 83% of the changed slots.
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <tuple>
 #include <vector>
 
 #include "planner/packing.h"
 #include "planner/policies.h"
-#include "planner/search.h"
 
 namespace eplb {
 namespace {
 
-using detail::PackSearch;
 using detail::Z;
 
 // Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
@@ -140,8 +144,483 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
   return moves;
 }
 
-// Searches one pack (all slots, or one node's) from the old placement; writes the global ids
-// into phy2log and returns whether the pack reached `stop`.
+// Local search from the old placement of one pack (all ranks, or one node's), toward every rank
+// <= stop with few changed slots. Objective: the excess, sum over ranks of max(0, load - stop);
+// each step takes the swap or conversion (search.h's steps, aimed at the heaviest rank h) with
+// the largest excess reduction per newly changed slot (a step that changes nothing net counts
+// half a slot); on ties, the one that flattens the touched ranks most (sum of squared loads;
+// swaps with different partner ranks: the lighter partner).
+// Counting every rank's excess, not just h's, favours a replica for an expert that overloads
+// several ranks at once.
+class MoveSearch {
+ public:
+  // w: [n] loads of the pack's experts; start, orig: [R*S] pack-local ids of the start and of the
+  // old placement (changed slots are counted against orig; -1: an expert not in this pack).
+  MoveSearch(const double* w, int64_t n, int64_t R, int64_t S, const int64_t* start,
+             const int64_t* orig, double stop)
+      : w_(w), n_(n), R_(R), S_(S), P_(R * S), stop_(stop) {
+    slot_.assign(start, start + P_);
+    orig_.assign(orig, orig + P_);
+    rank_.resize(Z(P_));
+    for (int64_t s = 0; s < P_; ++s) rank_[Z(s)] = s / S_;
+    cnt_.assign(Z(n_), 0);
+    for (const int64_t e : slot_) ++cnt_[Z(e)];
+    per_.resize(Z(n_));
+    more_.resize(Z(n_));
+    up_.resize(Z(n_));
+    for (int64_t e = 0; e < n_; ++e) SetCount(e, cnt_[Z(e)]);
+    head_.assign(Z(n_), -1);
+    tail_.assign(Z(n_), -1);
+    next_.assign(Z(P_), -1);
+    prev_.assign(Z(P_), -1);
+    for (int64_t s = 0; s < P_; ++s) Append(slot_[Z(s)], s);
+    load_.assign(Z(R_), 0.0);
+    for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
+    delta_.assign(Z(R_), 0.0);
+    changed_on_.assign(Z(R_), 0);
+    for (int64_t s = 0; s < P_; ++s)
+      if (slot_[Z(s)] != orig_[Z(s)]) {
+        ++changed_;
+        ++changed_on_[Z(rank_[Z(s)])];
+      }
+    gain_.resize(Z(n_));
+    lose_.resize(Z(n_));
+    base_.resize(Z(P_));
+    pen_.resize(Z(P_));
+    pex_.resize(Z(P_));
+    dirty_.assign(Z(n_), 0);
+    for (int64_t e = 0; e < n_; ++e) Mark(e);
+  }
+
+  // Steps until every rank is <= stop (true) or none helps or `budget` slots have changed.
+  bool Run(int64_t budget) {
+    const int64_t max_steps = 4 * P_ + 64;
+    for (int64_t step = 0; step < max_steps; ++step) {
+      const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
+      if (load_[Z(h)] <= stop_) return Changed() < budget;
+      if (Changed() >= budget) return false;
+      Step best;
+      BestStep(h, &best);
+      if (best.kind == 0) return false;
+      Apply(best);
+    }
+    return false;
+  }
+
+  // Converts slots until the replica counts are `target` [n] (sum R*S): each missing replica,
+  // heaviest first, takes the slot of an expert above its target on the rank that ends lightest.
+  void ImposeCounts(const int64_t* target) {
+    std::vector<int64_t> need;
+    for (int64_t e = 0; e < n_; ++e)
+      for (int64_t k = cnt_[Z(e)]; k < target[e]; ++k) need.push_back(e);
+    std::stable_sort(need.begin(), need.end(), [&](int64_t a, int64_t b) {
+      return w_[a] / static_cast<double>(target[a]) > w_[b] / static_cast<double>(target[b]);
+    });
+    for (const int64_t b : need) {
+      const double wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
+      int64_t best = -1;
+      double best_load = HUGE_VAL;
+      for (int64_t s = 0; s < P_; ++s) {
+        const int64_t a = slot_[Z(s)];
+        if (a == b || cnt_[Z(a)] <= target[a]) continue;
+        const double v = load_[Z(rank_[Z(s)])] - per_[Z(a)] + wb_new;
+        if (v < best_load) {
+          best_load = v;
+          best = s;
+        }
+      }
+      if (best < 0) return;
+      Apply({2, best, b, 0.0, 0.0});
+    }
+  }
+
+  const std::vector<int64_t>& slots() const { return slot_; }
+  int64_t Changed() const { return changed_; }
+
+ private:
+  struct Step {
+    int kind = 0;  // 0 none, 1 swap slots (i, j), 2 convert slot i to expert j
+    int64_t i = -1, j = -1;
+    double score = 0.0, flat = 0.0;  // excess reduction per slot; change of sum of squares
+  };
+
+  double Ex(double v) const { return v > stop_ ? v - stop_ : 0.0; }
+  // Every change of cnt_ comes here: per_, more_ and up_ follow it (divisions are slow; the
+  // scans read them for every expert).
+  void SetCount(int64_t e, int64_t c) {
+    counts_changed_ = true;
+    cnt_[Z(e)] = c;
+    per_[Z(e)] = w_[e] / static_cast<double>(c);
+    more_[Z(e)] = w_[e] / static_cast<double>(c + 1);
+    up_[Z(e)] = c >= 2 ? w_[e] / static_cast<double>(c - 1) - per_[Z(e)] : HUGE_VAL;
+  }
+  double RankLoad(int64_t r) const {
+    double sum = 0.0;
+    for (int64_t j = r * S_; j < (r + 1) * S_; ++j) sum += per_[Z(slot_[Z(j)])];
+    return sum;
+  }
+  // Slots newly changed minus slots restored when slot s takes expert e.
+  int Cost(int64_t s, int64_t e) const {
+    return static_cast<int>(e != orig_[Z(s)]) - static_cast<int>(slot_[Z(s)] != orig_[Z(s)]);
+  }
+  // 1 / max(cost, 0.5): the weight of an excess reduction by that step.
+  double Per(int64_t s, int64_t e) const { return Cost(s, e) >= 1 ? 1.0 : 2.0; }
+  // 1 / max(cost, 0.5) of a swap by its cost + 2 (cost -2 .. 2).
+  static constexpr double kSwapPer[5] = {2.0, 2.0, 2.0, 1.0, 0.5};
+  // A swap's: 1 / max(cost of both slots, 0.5).
+  double Per(int64_t i, int64_t x, int64_t j, int64_t y) const {
+    const int c = Cost(i, y) + Cost(j, x);
+    return c >= 2 ? 0.5 : c == 1 ? 1.0 : 2.0;
+  }
+  static bool Better(double score, double flat, const Step& b) {
+    return score > b.score || (score == b.score && b.kind != 0 && flat < b.flat);
+  }
+  void Consider(int kind, int64_t i, int64_t j, double reduction, double flat, Step* best) const {
+    if (!(reduction > 1e-12 * stop_)) return;
+    const double score = reduction * (kind == 1 ? Per(i, slot_[Z(i)], j, slot_[Z(j)]) : Per(i, j));
+    if (Better(score, flat, *best)) *best = {kind, i, j, score, flat};
+  }
+
+  void BestStep(int64_t h, Step* best) {
+    const double M = load_[Z(h)];
+    // gain_, lose_, base_, pen_, pex_ of the experts whose ranks changed since the last step
+    for (const int64_t e : dirty_list_) {
+      Refresh(e);
+      dirty_[Z(e)] = 0;
+    }
+    dirty_list_.clear();
+    // hot_: the experts on a rank above the stop (gain_ < 0); m0_, m1_: the two smallest more_
+    // (only counts change them).
+    hot_.clear();
+    for (int64_t e = 0; e < n_; ++e)
+      if (gain_[Z(e)] < 0.0) hot_.push_back(e);
+    if (counts_changed_) {
+      counts_changed_ = false;
+      m0_ = m1_ = -1;
+      for (int64_t e = 0; e < n_; ++e) {
+        if (m0_ < 0 || more_[Z(e)] < more_[Z(m0_)]) {
+          m1_ = m0_;
+          m0_ = e;
+        } else if (m1_ < 0 || more_[Z(e)] < more_[Z(m1_)]) {
+          m1_ = e;
+        }
+      }
+    }
+    Top top;
+    // An expert x on h gains a replica in a donor slot: lowers the excess by at most -gain_x
+    // plus the excess of the donor's rank (at most `other`), per slot when the donor slot is
+    // unchanged, per half a slot when it changed already (reused_). Experts with the most to
+    // gain first, so that the bound skips the others once top is full.
+    double other = 0.0;
+    for (int64_t r = 0; r < R_; ++r)
+      if (r != h) other = std::max(other, Ex(load_[Z(r)]));
+    on_h_.clear();
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i)
+      if (std::find(on_h_.begin(), on_h_.end(), slot_[Z(i)]) == on_h_.end())
+        on_h_.push_back(slot_[Z(i)]);
+    std::sort(on_h_.begin(), on_h_.end(), [&](int64_t a, int64_t b) {
+      return gain_[Z(a)] < gain_[Z(b)] || (gain_[Z(a)] == gain_[Z(b)] && a < b);
+    });
+    // Donors: slots off h whose expert can give up a replica (pen_ finite), in two lists of
+    // (slot, load of the rank without it minus the stop, pex_): the changed ones (cost <= 0:
+    // per half a slot), the unchanged ones (cost 1).
+    for (auto& d : donors_) d.clear();
+    for (int64_t q = 0; q < P_; ++q)
+      if (pen_[Z(q)] != HUGE_VAL && rank_[Z(q)] != h)
+        donors_[slot_[Z(q)] != orig_[Z(q)] ? 1 : 0].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+    for (const int list : {1, 0}) {
+      const double per = list == 1 ? 2.0 : 1.0;
+      for (const int64_t x : on_h_) {
+        if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
+        const double nx = more_[Z(x)], gx = -gain_[Z(x)];
+        for (const Donor& d : donors_[list]) {
+          const double score = (gx - std::max(0.0, d.base + nx) - d.pex) * per;
+          if (score < top.Floor() || slot_[Z(d.slot)] == x) continue;
+          const double lo = load_[Z(rank_[Z(d.slot)])], after = d.base + stop_ + nx;
+          top.Add(score, after * after - lo * lo, d.slot, x);
+        }
+      }
+    }
+    // A slot on h gives up its expert x for b: b among the hot experts (their other replicas
+    // shrink), the two lightest with one more replica (the rest of the experts only differ in
+    // that) and the slot's old expert (cheaper).
+    // (The hot ones lower the excess by at most -gain_b each: skipped as a whole when even the
+    // most of them cannot beat the best four at half a slot.)
+    double hottest = 0.0;
+    for (const int64_t b : hot_) hottest = std::max(hottest, -gain_[Z(b)]);
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+      const int64_t x = slot_[Z(i)];
+      if (cnt_[Z(x)] < 2) continue;
+      auto add = [&](int64_t b) {
+        if (b < 0 || b == x) return;
+        const double after = base_[Z(i)] + more_[Z(b)];
+        const double est = Ex(M) - Ex(after) - pen_[Z(i)] - gain_[Z(b)];
+        top.Add(est * Per(i, b), after * after - M * M, i, b);
+      };
+      if (2.0 * (Ex(M) - pen_[Z(i)] + hottest) >= top.Floor())
+        for (const int64_t b : hot_) add(b);
+      add(m0_);
+      add(m1_);
+      add(orig_[Z(i)]);
+    }
+    for (int k = 0; k < top.size; ++k) {
+      double flat = 0.0;
+      const double reduction = EvalConvert(top.slot[k], top.expert[k], &flat);
+      Consider(2, top.slot[k], top.expert[k], reduction, flat, best);
+    }
+    // Swaps of a replica on h with a lighter one on a rank o below the stop (a rank at or above
+    // it gains as much excess as h loses). A swap lowers the excess by at most
+    // min(d, M - stop, stop - load_o) (d: the load it moves), per two slots when neither rank
+    // has a changed slot, else per at least half a slot (per slot of h: its cheapest swap with
+    // o, counted in integers). Ranks lightest first (the order is kept between steps: one
+    // insertion pass re-sorts it); a rank or slot whose bound is not above the best so far is
+    // skipped, so on a tie the lighter rank wins, and the scan stops once the bound at two per
+    // slot is not above it (the bound falls along the order). Measured: 10-20% less time than a
+    // full scan with ties to the flattest, the same changed slots within noise.
+    if (static_cast<int64_t>(light_.size()) != R_) {
+      light_.resize(Z(R_));
+      std::iota(light_.begin(), light_.end(), 0);
+    }
+    for (int64_t k = 1; k < R_; ++k) {
+      const int64_t r = light_[Z(k)];
+      int64_t j = k;
+      for (; j > 0 && (load_[Z(r)] < load_[Z(light_[Z(j - 1)])] ||
+                       (load_[Z(r)] == load_[Z(light_[Z(j - 1)])] && r < light_[Z(j - 1)]));
+           --j)
+        light_[Z(j)] = light_[Z(j - 1)];
+      light_[Z(j)] = r;
+    }
+    for (const int64_t o : light_) {
+      const double lo = load_[Z(o)];
+      if (lo >= stop_ || 2.0 * std::min(M - stop_, stop_ - lo) <= best->score) break;
+      if (o == h) continue;
+      const double per = changed_on_[Z(h)] + changed_on_[Z(o)] == 0 ? 0.5 : 2.0;
+      if (per * std::min(M - stop_, stop_ - lo) <= best->score) continue;
+      // moving d from h to o lowers the excess by min(d, M - stop) - max(0, d - (stop - lo))
+      const double excess = M - stop_, room = stop_ - lo;
+      double lightest = HUGE_VAL;
+      for (int64_t j = o * S_; j < (o + 1) * S_; ++j)
+        lightest = std::min(lightest, per_[Z(slot_[Z(j)])]);
+      for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+        const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
+        const double wx = per_[Z(x)];
+        const int kept_i = x == xi;
+        // the cheapest swap of slot i with o, in integers (cost 2 unless a slot changed)
+        int cheapest = 2;
+        if (!kept_i || changed_on_[Z(o)] > 0)
+          for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
+            const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
+            cheapest = std::min(cheapest, (y != xi) - 1 + kept_i + (x != yj) - (y != yj));
+          }
+        if (kSwapPer[cheapest + 2] * std::min({wx - lightest, excess, room}) <= best->score)
+          continue;
+        for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
+          const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
+          const double d = wx - per_[Z(y)];
+          if (d <= 0.0) continue;
+          const double reduction = std::min(d, excess) - std::max(0.0, d - room);
+          if (!(reduction > 1e-12 * stop_)) continue;
+          const int cost = (y != xi) - 1 + kept_i + (x != yj) - (y != yj);
+          const double score = reduction * (cost >= 2 ? 0.5 : cost == 1 ? 1.0 : 2.0);
+          if (score < best->score) continue;
+          const double flat = (M - d) * (M - d) - M * M + (lo + d) * (lo + d) - lo * lo;
+          if (Better(score, flat, *best)) *best = {1, i, j, score, flat};
+        }
+      }
+    }
+  }
+
+  // The kTop best conversion estimates.
+  struct Top {
+    // No estimate below this gets in.
+    double Floor() const { return size < kMax ? 0.0 : score[kMax - 1]; }
+    static constexpr int kMax = 4;
+    double score[kMax], flat[kMax];
+    int64_t slot[kMax], expert[kMax];
+    int size = 0;
+    void Add(double sc, double fl, int64_t s, int64_t e) {
+      if (!(sc > 0.0)) return;
+      int k = size < kMax ? size++ : kMax;
+      if (k == kMax) {
+        if (!(sc > score[kMax - 1] || (sc == score[kMax - 1] && fl < flat[kMax - 1]))) return;
+        k = kMax - 1;
+      }
+      while (k > 0 && (score[k - 1] < sc || (score[k - 1] == sc && flat[k - 1] > fl))) {
+        score[k] = score[k - 1];
+        flat[k] = flat[k - 1];
+        slot[k] = slot[k - 1];
+        expert[k] = expert[k - 1];
+        --k;
+      }
+      score[k] = sc;
+      flat[k] = fl;
+      slot[k] = s;
+      expert[k] = e;
+    }
+  };
+
+  // Excess reduction of turning slot s (expert a, >= 2 replicas) into expert b; flat: the change
+  // of the sum of squared loads of the touched ranks.
+  double EvalConvert(int64_t s, int64_t b, double* flat) {
+    const int64_t a = slot_[Z(s)];
+    const double wa = per_[Z(a)], wa_new = w_[a] / static_cast<double>(cnt_[Z(a)] - 1);
+    const double wb = per_[Z(b)], wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
+    touched_.clear();
+    auto add = [&](int64_t r, double d) {
+      if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
+      delta_[Z(r)] += d;
+    };
+    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+      add(rank_[Z(q)], q == s ? wb_new - wa : wa_new - wa);
+    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)]) add(rank_[Z(q)], wb_new - wb);
+    double reduction = 0.0;
+    *flat = 0.0;
+    for (const int64_t r : touched_) {
+      const double v = load_[Z(r)], nv = v + delta_[Z(r)];
+      reduction += Ex(v) - Ex(nv);
+      *flat += nv * nv - v * v;
+      delta_[Z(r)] = 0.0;
+    }
+    return reduction;
+  }
+
+  void Apply(const Step& st) {
+    if (st.kind == 1) {
+      const int64_t x = slot_[Z(st.i)], y = slot_[Z(st.j)];
+      changed_ += Cost(st.i, y) + Cost(st.j, x);
+      const bool was_i = x != orig_[Z(st.i)], was_j = y != orig_[Z(st.j)];
+      std::swap(slot_[Z(st.i)], slot_[Z(st.j)]);
+      CountChange(st.i, was_i);
+      CountChange(st.j, was_j);
+      const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
+      const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
+      Relink(x, st.j, pi, ni);
+      Relink(y, st.i, pj, nj);
+      load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
+      load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
+      MarkRank(rank_[Z(st.i)]);
+      MarkRank(rank_[Z(st.j)]);
+      return;
+    }
+    const int64_t a = slot_[Z(st.i)], b = st.j;
+    changed_ += Cost(st.i, b);
+    SetCount(a, cnt_[Z(a)] - 1);
+    SetCount(b, cnt_[Z(b)] + 1);
+    const int64_t r0 = rank_[Z(st.i)];
+    const bool was = a != orig_[Z(st.i)];
+    slot_[Z(st.i)] = b;
+    CountChange(st.i, was);
+    Unlink(a, st.i);
+    Append(b, st.i);
+    load_[Z(r0)] = RankLoad(r0);
+    for (const int64_t e : {a, b})
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)])
+        load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
+    MarkRank(r0);
+    for (const int64_t e : {a, b})
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) MarkRank(rank_[Z(q)]);
+  }
+
+  // Slot s's expert changed (it differed from the old one before: was): changed_on_.
+  void CountChange(int64_t s, bool was) {
+    changed_on_[Z(rank_[Z(s)])] +=
+        static_cast<int>(slot_[Z(s)] != orig_[Z(s)]) - static_cast<int>(was);
+  }
+
+  // Expert e's terms are out of date: its ranks' loads or its count changed.
+  void Mark(int64_t e) {
+    if (dirty_[Z(e)]) return;
+    dirty_[Z(e)] = 1;
+    dirty_list_.push_back(e);
+  }
+  void MarkRank(int64_t r) {
+    for (int64_t q = r * S_; q < (r + 1) * S_; ++q) Mark(slot_[Z(q)]);
+  }
+
+  // Expert e's excess change on its ranks when it gains (gain_) or gives up (lose_, +inf: it
+  // cannot) a replica, each rank counted alone; per slot q of e (rank o): o's load without it
+  // (base_), the excess e's other ranks gain when it gives q up (pen_), that minus o's excess
+  // (pex_).
+  void Refresh(int64_t e) {
+    const double down = more_[Z(e)] - per_[Z(e)], up = up_[Z(e)];
+    double g = 0.0, l = 0.0;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+      const double v = load_[Z(rank_[Z(q)])], ex = Ex(v);
+      g += Ex(v + down) - ex;
+      l += Ex(v + up) - ex;
+    }
+    gain_[Z(e)] = g;
+    lose_[Z(e)] = cnt_[Z(e)] >= 2 ? l : HUGE_VAL;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+      const double lo = load_[Z(rank_[Z(q)])];
+      base_[Z(q)] = lo - per_[Z(e)];
+      pen_[Z(q)] = cnt_[Z(e)] < 2 ? HUGE_VAL : lose_[Z(e)] - (Ex(lo + up) - Ex(lo));
+      pex_[Z(q)] = pen_[Z(q)] - Ex(lo);
+    }
+  }
+
+  void Append(int64_t e, int64_t s) {
+    prev_[Z(s)] = tail_[Z(e)];
+    next_[Z(s)] = -1;
+    if (tail_[Z(e)] >= 0) {
+      next_[Z(tail_[Z(e)])] = s;
+    } else {
+      head_[Z(e)] = s;
+    }
+    tail_[Z(e)] = s;
+  }
+  void Unlink(int64_t e, int64_t s) {
+    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
+    if (p >= 0) {
+      next_[Z(p)] = q;
+    } else {
+      head_[Z(e)] = q;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = p;
+    } else {
+      tail_[Z(e)] = p;
+    }
+  }
+  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
+    prev_[Z(to)] = p;
+    next_[Z(to)] = q;
+    if (p >= 0) {
+      next_[Z(p)] = to;
+    } else {
+      head_[Z(e)] = to;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = to;
+    } else {
+      tail_[Z(e)] = to;
+    }
+  }
+
+  const double* w_;
+  int64_t n_, R_, S_, P_;
+  double stop_;
+  int64_t changed_ = 0;
+  std::vector<int64_t> hot_, on_h_, light_;  // BestStep scratch
+  bool counts_changed_ = true;               // m0_, m1_ are out of date
+  int64_t m0_ = -1, m1_ = -1;
+  std::vector<int64_t> changed_on_;  // [R] changed slots per rank
+  struct Donor {
+    int64_t slot;
+    double base, pex;
+  };
+  std::vector<Donor> donors_[2];  // BestStep scratch
+  std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
+  std::vector<int64_t> dirty_list_;
+  std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
+  std::vector<double> per_, load_, delta_;
+  std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
+  std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
+};
+
+// Searches one pack (all slots, or one node's) from the old placement, first taking the replica
+// counts target_cnt [E] when given (ImposeCounts); writes the global ids into phy2log and returns
+// whether the pack reached `stop` with fewer than `budget` changed slots.
 bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
                 int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t budget,
                 int64_t E, const int64_t* target_cnt, int64_t* phy2log) {
@@ -154,22 +633,15 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   }
   std::vector<int64_t> slots(Z(num_ranks * S));
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
-  PackSearch pack(w.data(), n, num_ranks, S);
-  pack.InitFrom(slots.data());
-  bool ok = pack.ImproveTo(stop, budget);
-  const PackSearch* result = &pack;
-  // Second try, when the counts of the target are given: take them first, then search.
-  PackSearch second(w.data(), n, num_ranks, S);
-  if (!ok && target_cnt != nullptr) {
+  MoveSearch search(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
+  if (target_cnt != nullptr) {
     std::vector<int64_t> target(Z(n));
     for (int64_t i = 0; i < n; ++i) target[Z(i)] = target_cnt[experts[Z(i)]];
-    second.InitFrom(slots.data());
-    second.ImposeCounts(target.data());
-    ok = second.ImproveTo(stop, budget);
-    if (ok) result = &second;
+    search.ImposeCounts(target.data());
   }
+  const bool ok = search.Run(budget);
   for (int64_t j = 0; j < num_ranks * S; ++j)
-    phy2log[first_slot + j] = experts[Z(result->slot_exp()[Z(j)])];
+    phy2log[first_slot + j] = experts[Z(search.slots()[Z(j)])];
   return ok;
 }
 
@@ -317,29 +789,76 @@ class WalkBack {
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).
 constexpr size_t kGroupSwapsTried = 2;
 
-// Node n of a new group->node partition holding `experts`: packed afresh as `balanced` packs a
-// pack (greedy, then local search), its ranks renumbered to overlap the old node's most, each
-// rank's kept experts in their old slots, then walked back toward the old content. Writes the
-// node's slots of out [P]; returns whether its max rank load is <= stop.
-bool PackNodeAfresh(const double* load, const int64_t* old, const Shape& s, int64_t n,
+// Node n of a new group->node partition holding `experts`, from its old content: the slots of
+// the experts that left take the experts that came (each once, then extra replicas by the
+// largest load per replica; heaviest replica first, each on the rank that is lightest so far),
+// then searched (MoveSearch, changes counted against the old content) and walked back. Writes
+// the node's slots of out [P]; returns whether its max rank load is <= stop.
+bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int64_t n,
                     const std::vector<int64_t>& experts, double stop, int64_t* out) {
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / s.num_nodes, node_slots = rpn * S;
   const int64_t first = n * node_slots;
   const auto m = static_cast<int64_t>(experts.size());
+  std::vector<int64_t> local(Z(s.num_logical), -1), orig(Z(node_slots)), start(Z(node_slots));
   std::vector<double> w(Z(m));
-  for (int64_t i = 0; i < m; ++i) w[Z(i)] = load[experts[Z(i)]];
-  detail::PackSearch pack(w.data(), m, rpn, S);
-  pack.InitGreedy();
-  pack.Improve();
-  if (pack.MaxLoad() > stop) return false;
-  std::vector<int64_t> fresh(Z(node_slots));
-  for (int64_t j = 0; j < node_slots; ++j) fresh[Z(j)] = experts[Z(pack.slot_exp()[Z(j)])];
-  std::vector<int64_t> ranks(Z(rpn));
-  std::iota(ranks.begin(), ranks.end(), 0);
-  const std::vector<int64_t> rank_at =
-      MatchBlocks(fresh.data(), old + first, S, ranks, ranks, s.num_logical);
-  for (int64_t i = 0; i < rpn; ++i)
-    std::copy(fresh.begin() + i * S, fresh.begin() + (i + 1) * S, out + first + rank_at[Z(i)] * S);
+  for (int64_t i = 0; i < m; ++i) {
+    local[Z(experts[Z(i)])] = i;
+    w[Z(i)] = load[experts[Z(i)]];
+  }
+  std::vector<int64_t> cnt(Z(m), 0), free_slots;
+  for (int64_t j = 0; j < node_slots; ++j) {
+    orig[Z(j)] = local[Z(old[first + j])];
+    start[Z(j)] = orig[Z(j)];
+    if (orig[Z(j)] >= 0) {
+      ++cnt[Z(orig[Z(j)])];
+    } else {
+      free_slots.push_back(j);
+    }
+  }
+  std::vector<int64_t> incoming;  // one entry per replica
+  for (int64_t i = 0; i < m; ++i)
+    if (cnt[Z(i)] == 0) {
+      cnt[Z(i)] = 1;
+      incoming.push_back(i);
+    }
+  const auto arrivals = static_cast<int64_t>(incoming.size());
+  if (arrivals > static_cast<int64_t>(free_slots.size())) return false;
+  while (incoming.size() < free_slots.size()) {
+    int64_t best = incoming[0];
+    for (int64_t k = 1; k < arrivals; ++k) {
+      const int64_t e = incoming[Z(k)];
+      if (w[Z(e)] * static_cast<double>(cnt[Z(best)]) > w[Z(best)] * static_cast<double>(cnt[Z(e)]))
+        best = e;
+    }
+    ++cnt[Z(best)];
+    incoming.push_back(best);
+  }
+  auto per = [&](int64_t e) { return w[Z(e)] / static_cast<double>(cnt[Z(e)]); };
+  std::stable_sort(incoming.begin(), incoming.end(),
+                   [&](int64_t a, int64_t b) { return per(a) > per(b); });
+  std::vector<double> rank_load(Z(rpn), 0.0);
+  for (int64_t j = 0; j < node_slots; ++j)
+    if (start[Z(j)] >= 0) rank_load[Z(j / S)] += per(start[Z(j)]);
+  // free slots per rank, in slot order (next_free: the first unused one of each rank)
+  std::vector<int64_t> free_count(Z(rpn), 0), next_free(Z(rpn), 0);
+  for (const int64_t j : free_slots) ++free_count[Z(j / S)];
+  for (size_t k = free_slots.size(); k-- > 0;) next_free[Z(free_slots[k] / S)] = free_slots[k];
+  for (const int64_t e : incoming) {
+    int64_t r = -1;
+    for (int64_t q = 0; q < rpn; ++q)
+      if (free_count[Z(q)] > 0 && (r < 0 || rank_load[Z(q)] < rank_load[Z(r)])) r = q;
+    int64_t j = next_free[Z(r)];
+    start[Z(j)] = e;
+    rank_load[Z(r)] += per(e);
+    if (--free_count[Z(r)] > 0) {
+      do ++j;
+      while (start[Z(j)] >= 0);  // free slots still hold -1
+      next_free[Z(r)] = j;
+    }
+  }
+  MoveSearch search(w.data(), m, rpn, S, start.data(), orig.data(), stop);
+  if (!search.Run(node_slots + 1)) return false;
+  for (int64_t j = 0; j < node_slots; ++j) out[first + j] = experts[Z(search.slots()[Z(j)])];
   Shape rank_shape = s;  // PreserveSlots over this node's ranks only
   rank_shape.num_layers = 1;
   rank_shape.num_ranks = rpn;
@@ -387,33 +906,43 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   // balanced's placement renumbered onto the old: the fallback's start (and, hierarchical, the
   // node searches' budget).
   std::vector<int64_t> renumbered(Z(P));
-  Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
   std::vector<int64_t> count(Z(E), 0);
   Shape one = shape;
   one.num_layers = 1;
   if (!hier) {
-    // The fallback first: balanced's placement renumbered onto the old one and walked back
-    // toward it. Its changed slots are the search's budget: the search is kept only if it
-    // reaches the target with fewer.
+    // The search first, within balanced's own changed slots; when it reaches the stop, walked
+    // back, done. (Two slots per rank: no search. balanced's pairing is exact, search.h
+    // RefinePairCounts, and a local search from the old placement almost never comes within 1%
+    // of it: 1 of 183 layers of Kimi-K2 on the benchmark's trace.)
+    std::vector<int64_t> experts(Z(E));
+    std::iota(experts.begin(), experts.end(), 0);
+    const int64_t own = RankMoves(old_phy2log, balanced_phy2log, 0, P, S, &count);
+    if (S > 2 && SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, own, E,
+                            nullptr, phy2log)) {
+      PreserveSlots(phy2log, old_phy2log, one);
+      WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+      return;
+    }
+    // The fallback: balanced's placement renumbered onto the old one and walked back toward it;
+    // or, when it reaches the stop with fewer changed slots, a second search that first takes
+    // balanced's replica counts.
+    Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
     PreserveSlots(renumbered.data(), old_phy2log, one);
     WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, renumbered.data()).Run();
     int64_t budget = 0;
     for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
-    // Two slots per rank: balanced's pairing is exact (search.h RefinePairCounts) and a local
-    // search from the old placement almost never comes within 1% of it (1 of 183 layers of
-    // Kimi-K2 on the benchmark's trace): not worth its time.
-    bool reached = false;
-    if (S > 2) {
-      std::vector<int64_t> experts(Z(E));
-      std::iota(experts.begin(), experts.end(), 0);
-      std::vector<int64_t> balanced_cnt(Z(E), 0);
-      for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
-      reached = SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
-                           balanced_cnt.data(), phy2log);
+    std::vector<int64_t> balanced_cnt(Z(E), 0);
+    for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
+    if (S > 2 && SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
+                            balanced_cnt.data(), phy2log)) {
+      PreserveSlots(phy2log, old_phy2log, one);
+      WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+      return;
     }
-    if (!reached) std::copy(renumbered.begin(), renumbered.end(), phy2log);
+    std::copy(renumbered.begin(), renumbered.end(), phy2log);
     return;
   }
+  Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
   if (!old_usable) {
     std::copy(renumbered.begin(), renumbered.end(), phy2log);
     PreserveSlots(phy2log, old_phy2log, one);
@@ -433,6 +962,14 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   bool reached = true;
   for (int64_t n = 0; n < N; ++n) {
     const std::vector<int64_t> experts = experts_of(node_of, n);
+    // A node whose mean rank load is above the stop cannot get there: no search (most failing
+    // nodes on the benchmark's DeepSeek-V3 trace).
+    double node_total = 0.0;
+    for (const int64_t e : experts) node_total += load[e];
+    if (node_total > stop * static_cast<double>(rpn)) {
+      reached = false;
+      continue;
+    }
     const int64_t budget =
         RankMoves(old_phy2log, renumbered.data(), n * node_slots, (n + 1) * node_slots, S, &count);
     // No second try with imposed counts here: it reached the stop on 1-9 of 68-112 failing
@@ -446,6 +983,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     return;
   }
 
+  std::vector<int64_t> alt(Z(P));  // SubstituteNode's output
   // Fallback: balanced's group->node partition (renumbered onto the old nodes); a node whose
   // groups are the same as in the old placement keeps its searched content when that reached
   // the stop, every other node is balanced's walked back toward the old content.
@@ -463,17 +1001,25 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       continue;
     }
     std::vector<char> allowed(Z(E), 0);
-    for (int64_t e = 0; e < E; ++e) allowed[Z(e)] = in_new[Z(e / group_size)];
+    std::vector<int64_t> experts;
+    for (int64_t e = 0; e < E; ++e) {
+      allowed[Z(e)] = in_new[Z(e / group_size)];
+      if (allowed[Z(e)]) experts.push_back(e);
+    }
     WalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log).Run();
+    const int64_t first = n * node_slots, last = first + node_slots;
+    if (SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data()) &&
+        RankMoves(old_phy2log, alt.data(), first, last, S, &count) <
+            RankMoves(old_phy2log, phy2log, first, last, S, &count))
+      std::copy(alt.begin() + first, alt.begin() + last, phy2log + first);
   }
   int64_t fallback_moves = 0;
   for (int64_t p = 0; p < P; ++p) fallback_moves += phy2log[p] != old_phy2log[p];
 
   // Usually one group trading nodes is enough (balanced's partition differs from the old one by
   // 2-4 groups): try the swaps of two groups on different nodes that leave the heaviest node
-  // lightest, the two nodes packed afresh and walked back toward their old content, the others
-  // as searched; keep the one that reaches the stop with the fewest changed slots, if fewer
-  // than the fallback's.
+  // lightest, the two nodes by SubstituteNode, the others as searched; keep the one that reaches
+  // the stop with the fewest changed slots, if fewer than the fallback's.
   std::vector<double> group_load(Z(G), 0.0), node_load(Z(N), 0.0);
   for (int64_t e = 0; e < E; ++e) group_load[Z(e / group_size)] += load[e];
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
@@ -504,8 +1050,10 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
                   trial.begin() + first);
         continue;
       }
-      ok = PackNodeAfresh(load, old_phy2log, shape, n, experts_of(group_node, n), stop,
-                          trial.data());
+      const std::vector<int64_t> experts = experts_of(group_node, n);
+      std::copy(old_phy2log + first, old_phy2log + first + node_slots, alt.begin() + first);
+      ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data());
+      std::copy(alt.begin() + first, alt.begin() + first + node_slots, trial.begin() + first);
     }
     if (!ok) continue;
     int64_t moves = 0;

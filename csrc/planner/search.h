@@ -1,5 +1,5 @@
 // Local search over the placement of one pack of ranks (the whole EP group, or one node of the
-// hierarchical topology); shared by `balanced` and `min_move`. Internal to csrc/planner.
+// hierarchical topology) for `balanced`. Internal to csrc/planner.
 //
 // State: slot_exp [R*S] (pack-local expert id of each slot; rank r owns r*S .. r*S+S-1),
 // cnt [n] replica counts, load [R] rank loads (sum of w_e / cnt_e over the rank's slots).
@@ -38,11 +38,7 @@ class PackSearch {
     n_ = n;
     R_ = num_ranks;
     S_ = S;
-    orig_.clear();
     trivial_bound_ = 0.0;
-    cost_aware_ = false;
-    changed_ = 0;
-    budget_ = 0;
     lists_ready_ = false;
     greedy_counts_ = false;
   }
@@ -69,67 +65,14 @@ class PackSearch {
     Finish();
   }
 
-  // Starts from an existing placement slot_exp [R*S] (pack-local ids, every id present). Steps
-  // then count changed slots against it.
-  void InitFrom(const int64_t* slot_exp) {
-    const int64_t P = R_ * S_;
-    slot_exp_.assign(slot_exp, slot_exp + P);
-    orig_ = slot_exp_;
-    cnt_.assign(Z(n_), 0);
-    for (int64_t e : slot_exp_) ++cnt_[Z(e)];
-    RecomputePer();
-    greedy_counts_ = false;
-    Finish();
-  }
-
-  // Converts slots until the replica counts are `target` [n] (sum R*S): each missing replica,
-  // heaviest first, takes the slot of an expert above its target on the rank that ends lightest.
-  // These count as changed slots like any step (min_move's second try: balanced's counts).
-  void ImposeCounts(const int64_t* target) {
-    if (!lists_ready_) BuildLists();
-    std::vector<int64_t> need;
-    for (int64_t e = 0; e < n_; ++e)
-      for (int64_t k = cnt_[Z(e)]; k < target[e]; ++k) need.push_back(e);
-    std::stable_sort(need.begin(), need.end(), [&](int64_t a, int64_t b) {
-      return w_[a] / static_cast<double>(target[a]) > w_[b] / static_cast<double>(target[b]);
-    });
-    for (int64_t b : need) {
-      const double wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
-      int64_t best = -1;
-      double best_load = HUGE_VAL;
-      for (int64_t s = 0; s < R_ * S_; ++s) {
-        const int64_t a = slot_exp_[Z(s)];
-        if (a == b || cnt_[Z(a)] <= target[a]) continue;
-        const double v = load_[Z(rank_[Z(s)])] - Wt(a) + wb_new;
-        if (v < best_load) {
-          best_load = v;
-          best = s;
-        }
-      }
-      if (best < 0) return;  // counts cannot match (target sum differs): leave as is
-      Apply({2, best, b, 0.0});
-    }
-  }
-
   // `balanced`: steps until none lowers the max (or the trivial bound is reached).
   void Improve() {
-    Search(0.0, false);
+    Search();
     if (S_ == 2 && R_ >= 2 && RefinePairCounts()) {
       lists_ready_ = false;
-      Search(0.0, false);
+      Search();
     }
   }
-
-  // `min_move`: steps, cheapest in changed slots per unit of max-load reduction first, until
-  // the max rank load is <= stop. Returns whether it got there.
-  // Gives up (returns false) once `budget` slots have changed: the caller has an answer with
-  // that many changes and full balance.
-  bool ImproveTo(double stop, int64_t budget) {
-    budget_ = budget;
-    Search(stop, true);
-    return MaxLoad() <= stop && changed_ < budget_;
-  }
-  int64_t changed() const { return changed_; }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
   // max(mean rank load, smallest possible largest replica): no placement does better.
@@ -178,39 +121,19 @@ class PackSearch {
     return sum;
   }
 
-  // Slots newly changed (vs. the start) minus slots restored when slot s takes expert e.
-  double Cost(int64_t s, int64_t e) const {
-    if (orig_.empty()) return 1.0;
-    return static_cast<double>((e != orig_[Z(s)]) - (slot_exp_[Z(s)] != orig_[Z(s)]));
-  }
-
-  // Score of a step that leaves the touched ranks at max `worst`: plain max reduction for
-  // `balanced`; for `min_move`, reduction per changed slot (steps that change nothing net are
-  // counted as half a slot) counted only down to the stop: going further below it buys nothing
-  // and uses up room other ranks need (on ties, the step leaving the higher max wins). Measured:
-  // 1-10% fewer changed slots than the plain reduction on the benchmark's traces.
-  double Score(double M, double worst, double cost) const {
-    if (!cost_aware_) return M - worst;
-    return (M - std::max(worst, stop_)) / std::max(cost, 0.5) + 1e-9 * worst / M;
-  }
-
-  void Search(double stop, bool cost_aware) {
-    cost_aware_ = cost_aware;
-    stop_ = stop;
+  void Search() {
     if (S_ == 0 || R_ < 1) return;
     const int64_t max_steps = 16 * R_ * S_ + 64;
     for (int64_t step = 0; step < max_steps; ++step) {
       const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
       const double M = load_[Z(h)];
-      if (!(M > 0.0) || M <= stop || M <= trivial_bound_ * (1.0 + 1e-12)) return;
-      if (cost_aware_ && changed_ >= budget_) return;
+      if (!(M > 0.0) || M <= trivial_bound_ * (1.0 + 1e-12)) return;
       const double tol = 1e-12 * M;
       if (!lists_ready_) BuildLists();
       Step best;
       BestSwap(h, M, tol, &best);
-      // `balanced` re-decides counts only once swaps are exhausted (they are cheaper to find);
-      // `min_move` weighs both every step, since a conversion moves one slot and a swap two.
-      if (best.kind == 0 || cost_aware_) BestConvert(h, M, tol, &best);
+      // counts are re-decided only once swaps are exhausted (they are cheaper to find)
+      if (best.kind == 0) BestConvert(h, M, tol, &best);
       if (best.kind == 0) return;
       Apply(best);
     }
@@ -270,7 +193,7 @@ class PackSearch {
       // A swap with o leaves max(M - d, load_o + d) >= M - gap / 2, so for `balanced` it scores
       // at most gap / 2 (plus rounding, far below the margin): nothing to find once the best so
       // far is above that.
-      if (!cost_aware_ && 0.5 * gap + tol <= best->score) return;
+      if (0.5 * gap + tol <= best->score) return;
       // o's replica loads once per call, not once per (i, j): the same divisions, S times fewer.
       wt_o_.resize(Z(S_));
       double lightest = HUGE_VAL, heaviest = -HUGE_VAL;
@@ -285,15 +208,13 @@ class PackSearch {
         if (wx - lightest <= tol) continue;  // every d <= tol: no swap with this x
         // every d >= wx - heaviest (rounding is monotone): all at or above gap - tol, none fits
         if (wx - heaviest >= gap - tol) continue;
-        // For `balanced` a swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
-        if (!cost_aware_ && wx - lightest + tol <= best->score) continue;
+        // A swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
+        if (wx - lightest + tol <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
-          const int64_t y = slot_exp_[Z(j)];
           const double d = wx - wt_o_[Z(j - o * S_)];
           if (d <= tol || d >= gap - tol) continue;
           const double worst = std::max(M - d, load_[Z(o)] + d);
-          const double cost = cost_aware_ ? Cost(i, y) + Cost(j, x) : 2.0;
-          const double score = Score(M, worst, cost);
+          const double score = M - worst;
           if (score > best->score ||
               (score == best->score && best->kind == 1 && SwapFirst(i, j, *best)))
             *best = {1, i, j, score};
@@ -382,7 +303,7 @@ class PackSearch {
 
   // Conversions worth an exact look (EvalConvert), found with O(1) estimates per slot:
   //   - a slot on h whose expert x can spare a replica becomes the expert with the smallest
-  //     load per replica after gaining one (best for h), or, for min_move, its old expert;
+  //     load per replica after gaining one (best for h);
   //   - an expert x on h gains a replica in a slot s whose expert a can spare one: estimated by
   //     s's rank and the heaviest rank holding a (exact unless they overlap x's ranks); the
   //     few best estimates per x are evaluated exactly.
@@ -390,7 +311,7 @@ class PackSearch {
     auto consider = [&](int64_t s, int64_t b) {
       const double worst = EvalConvert(s, b, h, M, tol);
       if (worst == HUGE_VAL) return;
-      const double score = Score(M, worst, Cost(s, b));
+      const double score = M - worst;
       if (score > best->score) *best = {2, s, b, score};
     };
     max_on_.assign(Z(n_), 0.0);
@@ -433,7 +354,6 @@ class PackSearch {
       if (cnt_[Z(x)] >= 2) {
         const int64_t b = b0 != x ? b0 : b1;
         if (b >= 0) consider(i, b);
-        if (!orig_.empty() && orig_[Z(i)] != x) consider(i, orig_[Z(i)]);
       }
       if (i > h * S_ &&
           std::find(slot_exp_.begin() + h * S_, slot_exp_.begin() + i, x) != slot_exp_.begin() + i)
@@ -450,7 +370,7 @@ class PackSearch {
         if (slot_exp_[Z(s)] == x) continue;
         const double worst = std::max({h_new, conv_base_[Z(s)] + wx_new, conv_after_[Z(s)]});
         if (worst >= M - tol) continue;  // (also every a with one replica: +inf)
-        const double score = Score(M, worst, Cost(s, x));
+        const double score = M - worst;
         if (score <= top_score[kTop - 1]) continue;
         int k = kTop - 1;
         while (k > 0 && top_score[k - 1] < score) {
@@ -469,7 +389,6 @@ class PackSearch {
   void Apply(const Step& st) {
     if (st.kind == 1) {
       const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
-      if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, y) + Cost(st.j, x));
       std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
       if (x != y) {  // (swaps always trade different experts: equal ones gain nothing)
         const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
@@ -482,7 +401,6 @@ class PackSearch {
       return;
     }
     const int64_t a = slot_exp_[Z(st.i)], b = st.j;
-    if (!orig_.empty()) changed_ += static_cast<int64_t>(Cost(st.i, b));
     SetCount(a, cnt_[Z(a)] - 1);
     SetCount(b, cnt_[Z(b)] + 1);
     slot_exp_[Z(st.i)] = b;
@@ -850,12 +768,9 @@ class PackSearch {
 
   const double* w_;
   int64_t n_, R_, S_;
-  std::vector<int64_t> cnt_, slot_exp_, orig_;
+  std::vector<int64_t> cnt_, slot_exp_;
   std::vector<double> load_;
   double trivial_bound_ = 0.0;
-  bool cost_aware_ = false;
-  double stop_ = 0.0;
-  int64_t changed_ = 0, budget_ = 0;
   bool lists_ready_ = false;
   bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
   std::vector<int64_t> head_, tail_, next_, prev_;  // slot lists per expert (BuildLists)
