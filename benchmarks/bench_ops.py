@@ -6,7 +6,9 @@ GPU run (H100/H200, results in docs/BENCHMARKS.md, "Hot-path ops"):
         --anchors ../shared/tools --out bench_ops.md
 
 measures, in one process, for T*k in {8K, 64K, 256K, 1M} ids (k = 8, int32 ids, int64 tables
-and load, uniformly random logical ids, recording on) and (E, P) in {(256, 288), (384, 512)}:
+and load, uniformly random logical ids, recording on) and (E, P) in {(256, 288), (384, 512)},
+with log2phy [E, P - E + 1] as attach() and vLLM allocate it (``--table narrow``: [E, largest
+replica count]):
 
 * ``eplb``: torch.ops.eplb_native.map_and_record, mode "spread";
 * ``eplb_off``: the same with recording switched off (the record flag tensor holds False);
@@ -49,13 +51,15 @@ K = 8
 GRAPH_CALLS = 20
 
 
-def placement(E: int, P: int, device, gen: torch.Generator):
+def placement(E: int, P: int, device, gen: torch.Generator, table: str = "attach"):
     """Round-robin redundant slots over the first P - E experts, shuffled slot order:
-    log2phy [E, M] (-1 padded), logcnt [E], and a rank-local 1-D table (first replica)."""
+    log2phy [E, M] (-1 padded), logcnt [E], and a rank-local 1-D table (first replica).
+    M = P - E + 1 for ``table="attach"`` (the width attach() and vLLM allocate, so that the
+    tensor never changes shape), the largest replica count for ``"narrow"``."""
     phy2log = torch.cat([torch.arange(E), torch.arange(P - E) % E])
     phy2log = phy2log[torch.randperm(P, generator=gen)]
     logcnt = torch.bincount(phy2log, minlength=E)
-    M = int(logcnt.max())
+    M = P - E + 1 if table == "attach" else int(logcnt.max())
     log2phy = torch.full((E, M), -1, dtype=torch.int64)
     fill = [0] * E
     for slot, e in enumerate(phy2log.tolist()):
@@ -166,7 +170,7 @@ def bench_gpu(args) -> list[str]:
         torch.cuda.synchronize()
         return (t1 - t0) / calls * 1e6
 
-    log2phy, logcnt, table = placement(*SHAPES[0], dev, gen)
+    log2phy, logcnt, table = placement(*SHAPES[0], dev, gen, args.table)
     ids = torch.randint(0, SHAPES[0][0], (1024, K), generator=gen, dtype=torch.int32).to(dev)
     dst = torch.empty_like(ids)
     load = torch.zeros(SHAPES[0][1], dtype=torch.int64, device=dev)
@@ -186,7 +190,7 @@ def bench_gpu(args) -> list[str]:
     names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add",
              "neg", "fill1"]
     for E, P in SHAPES:
-        log2phy, logcnt, table = placement(E, P, dev, gen)
+        log2phy, logcnt, table = placement(E, P, dev, gen, args.table)
         for n in SIZES:
             res = case(E, P, n, log2phy, logcnt, table)
             for mode, col in (("eager", 0), ("graph", 1)):
@@ -251,6 +255,8 @@ def main() -> None:
                    help="folder holding anchors.py (peers' kernels, benchmarks only)")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time (ms)")
     p.add_argument("--smoke-reps", type=int, default=20)
+    p.add_argument("--table", choices=["attach", "narrow"], default="attach",
+                   help="log2phy width: P - E + 1 (attach's and vLLM's) or the largest count")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args()
     if args.smoke:
@@ -261,7 +267,7 @@ def main() -> None:
             sys.exit("bench_ops.py: no CUDA GPU; use --smoke for the CPU check")
         lines = bench_gpu(args)
         machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                   f"built backends {ops.built_backends()}")
+                   f"built backends {ops.built_backends()}, log2phy table {args.table}")
     text = "\n".join([f"Machine: {machine}", ""] + lines)
     print(text)
     if args.out:

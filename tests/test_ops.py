@@ -456,6 +456,61 @@ def test_cuda_spread_division_fallback():
                    "spread")
 
 
+def _widen(log2phy, width):
+    """log2phy padded with -1 to `width` columns, as attach() and vLLM allocate it ([E, P-E+1])."""
+    wide = torch.full((log2phy.shape[0], width), -1, dtype=log2phy.dtype, device=log2phy.device)
+    wide[:, :log2phy.shape[1]] = log2phy
+    return wide
+
+
+@needs_cuda
+@pytest.mark.parametrize("E,P,max_rep", [(256, 288, 8), (384, 512, 16), (1500, 1600, 5),
+                                         (2048, 2100, 4), (2049, 2100, 4)])
+@pytest.mark.parametrize("id_dtype,table_dtype", [(torch.int32, torch.int64),
+                                                  (torch.int64, torch.int32)])
+def test_cuda_spread_wide_tables(E, P, max_rep, id_dtype, table_dtype):
+    """[E, P-E+1] tables: only the used entries of each row are staged (packed by a block scan
+    of the counts); E = 2048 is the largest E staged, 2049 reads global memory."""
+    gen = np.random.default_rng(E + P)
+    log2phy, logcnt = _placement(E, P, max_rep, table_dtype, "cuda", gen)
+    wide = _widen(log2phy, P - E + 1)
+    for T in [1, 333, 40_000]:
+        load = _load(P, torch.int64, "cuda", gen)
+        ids = _ids(T, 8, E, id_dtype, "cuda", gen)
+        _check_map(ops.map_and_record, ids, wide, logcnt, load, _flag(True, "cuda"),
+                   _flag(max(T - 5, 0), "cuda", torch.int64), "spread")
+
+
+@needs_cuda
+@pytest.mark.parametrize("E,P", [(64, 72), (256, 288), (384, 512)])
+@pytest.mark.parametrize("excess", [-8, -1, 0, 1, 5000])
+def test_cuda_spread_logcnt_not_matching_slots(E, P, excess):
+    """A logcnt whose clamped sum is not P (by `excess`, or as far as the columns allow): below
+    P the packed table is staged as usual; above what it holds every block reads global memory.
+    (64, 72) is small enough to be staged whole. Either way the reference holds (the table
+    here holds a valid slot in every column, so every column the counts reach is counted)."""
+    gen = np.random.default_rng(E + 7 * excess)
+    cols = P - E + 1
+    log2phy = torch.tensor(gen.integers(0, P, (E, cols)), device="cuda")
+    counts = np.ones(E, dtype=np.int64) + np.bincount(gen.integers(0, E, P - E), minlength=E)
+    counts = np.minimum(counts, cols)
+    step = 1 if excess > 0 else -1
+    excess = min(excess, E * cols - int(counts.sum()))
+    e = 0
+    for _ in range(abs(excess)):  # move the clamped sum by `excess`, keeping 1 <= c <= cols
+        while not (1 <= counts[e % E] + step <= cols):
+            e += 1
+        counts[e % E] += step
+        e += 1
+    if excess > 1000:  # out-of-range counts clamp to [1, cols]: both ends are read too
+        counts[0], counts[1] = cols + 100, -3
+    logcnt = torch.tensor(counts, device="cuda")
+    load = _load(P, torch.int64, "cuda", gen)
+    ids = _ids(20_000, 8, E, torch.int32, "cuda", gen)
+    _check_map(ops.map_and_record, ids, log2phy, logcnt, load, _flag(True, "cuda"), None,
+               "spread")
+
+
 @needs_cuda
 @pytest.mark.parametrize("id_dtype", INDEX)
 def test_cuda_graph_replay_record_on_off(id_dtype):
