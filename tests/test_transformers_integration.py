@@ -125,6 +125,9 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert "num_redundant_experts (2) contradicts the expert map" in errors[
             "map_vs_redundant"]
         assert "already attached" in errors["twice"]
+        assert "num_nodes (3) must divide the layers' ep_size (2)" in errors["attach_nodes"]
+        assert "num_groups (6) must divide the layers' logical experts (8)" in errors[
+            "attach_groups"]
         assert errors["last_layer_params"] is not None and re.search(
             r"'model\.layers\.1\.mlp\.experts' .*parameter 'gate_up_proj' must hold 8 "
             r"experts on the EP mesh, got 10", errors["last_layer_params"])

@@ -246,6 +246,14 @@ def run_prepare_checks(path: str, rank: int) -> dict:
         except ValueError as e:
             out["errors"][key] = str(e)
     out["errors"]["last_layer_params"] = _prepare_with_bad_last_layer(model, eplb_tf)
+    # a config the updator would refuse is refused before any layer grows
+    for key, config in {"attach_nodes": {"num_nodes": 3},
+                        "attach_groups": {"num_nodes": 2, "num_groups": 6}}.items():
+        try:
+            eplb_native.attach(model, config, hooks=False)
+            out["errors"][key] = None
+        except ValueError as e:
+            out["errors"][key] = str(e)
     out["untouched"] = all(
         lay.experts.num_experts == EXPERTS // NUM_RANKS
         and lay.experts.gate_up_proj.to_local().shape[0] == EXPERTS // NUM_RANKS

@@ -255,5 +255,51 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
         assert any(m["steps"] > 1 for m in moves), moves
     updator.shutdown()
     dist.barrier()
+    _expert_map_fault(rank, world, group, device, tmpdir, redundant)
+    dist.barrier()
     dist.destroy_process_group()
     _leave()
+
+
+def _expert_map_fault(rank, world, group, device, tmpdir, redundant):
+    """attach with an expert map whose second layer's move fails on the last rank: every rank
+    refuses the attach, the first layer is moved back (outputs, weights and maps as before),
+    and the same attach without the fault then lands the map."""
+    import eplb_native.updator as updator_mod
+
+    p = EXPERTS + redundant
+    rng = np.random.default_rng(11)  # the same draws on every rank
+    target = np.stack([np.concatenate([rng.permutation(EXPERTS),
+                                       rng.integers(0, EXPERTS, p - EXPERTS)])
+                       for _ in range(NUM_LAYERS)])
+    path = os.path.join(tmpdir, "fault_map.json")
+    if rank == 0:
+        expert_map.save(path, target, world)
+    dist.barrier()
+    model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
+    default = eplb_native.state.default_placement(EXPERTS, world, redundant)
+    real = updator_mod.LayerMove
+
+    class FailingMove(real):
+        def wait(self, deadline):
+            done = super().wait(deadline)  # the ops complete: staging is never left in use
+            return done and not (self.tag == 1 and rank == world - 1)
+
+    updator_mod.LayerMove = FailingMove
+    try:
+        eplb_native.attach(model, {"expert_map_path": path, "dynamic_eplb": False}, group)
+        raise AssertionError("attach with a failing move was not refused")
+    except RuntimeError as e:
+        msg = str(e)
+        assert "layer 1" in msg or "layers.1" in msg, msg
+        assert "moved back, the model is as it was" in msg, msg
+    finally:
+        updator_mod.LayerMove = real
+    for layer in model.layers:
+        assert np.array_equal(layer.phy2log.cpu().numpy(), default)
+    _run(model, reference, None, 2, rank, device, first_step=200)
+    up = eplb_native.attach(model, {"expert_map_path": path, "dynamic_eplb": False}, group)
+    assert np.array_equal(up.phy2log(), target)
+    _check_same_maps(up, group)
+    _run(model, reference, up, 2, rank, device, first_step=300)
+    up.shutdown()

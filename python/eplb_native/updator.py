@@ -73,6 +73,25 @@ def _device_api(device: torch.device):
     return getattr(torch, device.type, None)
 
 
+def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
+                      num_ranks: int) -> None:
+    """Raises ValueError where ``config`` does not fit MoE layers of ``num_logical`` experts in
+    ``num_slots`` slots over ``num_ranks`` ranks: the redundant count, and the planner's
+    topology rules, checked at attach so a bad config does not fail (and get logged) at every
+    planning cycle instead."""
+    if config.num_redundant_experts is not None and (
+            config.num_redundant_experts != num_slots - num_logical):
+        raise ValueError(f"num_redundant_experts ({config.num_redundant_experts}) must equal "
+                         f"the layers' slots - experts ({num_slots} - {num_logical})")
+    nodes, groups = config.num_nodes, config.num_groups
+    if num_ranks % nodes:
+        raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size ({num_ranks})")
+    if nodes > 1 and groups % nodes == 0 and num_logical % groups:
+        raise ValueError(f"num_groups ({groups}) must divide the layers' logical experts "
+                         f"({num_logical}) for the hierarchical policy (num_groups % "
+                         f"num_nodes == 0)")
+
+
 class Updator:
     """Drives the EPLB cycle over ``layers`` (one MoELayerAdapter per MoE layer, model order).
 
@@ -98,21 +117,7 @@ class Updator:
         self.num_slots, self.num_ranks, self.rank = first.num_slots, first.ep_size, first.ep_rank
         self.num_local = first.num_local_slots
         self.device = first.device
-        if config.num_redundant_experts is not None and (
-                config.num_redundant_experts != self.num_slots - self.num_logical):
-            raise ValueError(f"num_redundant_experts ({config.num_redundant_experts}) must equal "
-                             f"the layers' slots - experts ({self.num_slots} - "
-                             f"{self.num_logical})")
-        # the planner's topology rules, checked here so a bad config fails at attach instead
-        # of failing (and being logged) at every planning cycle
-        nodes, groups = config.num_nodes, config.num_groups
-        if self.num_ranks % nodes:
-            raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size "
-                             f"({self.num_ranks})")
-        if nodes > 1 and groups % nodes == 0 and self.num_logical % groups:
-            raise ValueError(f"num_groups ({groups}) must divide the layers' logical experts "
-                             f"({self.num_logical}) for the hierarchical policy (num_groups % "
-                             f"num_nodes == 0)")
+        check_config_fits(config, self.num_logical, self.num_slots, self.num_ranks)
         if self.num_ranks > 1:
             if group is None:
                 if not dist.is_initialized():
@@ -213,24 +218,70 @@ class Updator:
         self._placement[layer] = phy2log
 
     def _apply_expert_map(self, path) -> None:
+        """Moves every layer's weights to the expert map's placement, at attach: all layers or
+        none. Each layer's move is agreed by every rank before any commits it, so all ranks
+        commit the same layers; when one fails, the layers already moved are moved back, so
+        the refused attach leaves the model as it was."""
         target, _ = expert_map.load(path, num_ranks=self.num_ranks, num_logical=self.num_logical,
                                     num_layers=self.num_layers, num_slots=self.num_slots,
                                     name="expert_map_path")
-        staging = self._staging[0] if self._staging else _staging_like(self.layers[0].weights)
-        for layer, a in enumerate(self.layers):
+        original = self._placement.copy()
+        moved, failed = self._move_now(dict(enumerate(target)),
+                                       self._staging[0] if self._staging else None)
+        if failed is None:
+            return
+        layer, reason = failed
+        what = (f"moving layer {self.layers[layer].name!r} to the expert map {path} failed "
+                f"({reason})")
+        # (fresh staging: the failed move may still receive into the first one)
+        back, failed_back = self._move_now({i: original[i] for i in reversed(moved)}, None)
+        if failed_back is None:
+            raise RuntimeError(f"{what}; the {len(moved)} layers moved before it were moved "
+                               "back, the model is as it was")
+        still = sorted(set(moved) - set(back))
+        raise RuntimeError(f"{what}, and moving the layers before it back failed too "
+                           f"({failed_back[1]}): layers {still} hold the expert map's placement "
+                           "(their routing tensors follow it), the others their original one. "
+                           "Reload the model")
+
+    def _move_now(self, targets: dict[int, np.ndarray], staging: list[torch.Tensor] | None
+                  ) -> tuple[list[int], tuple[int, str] | None]:
+        """Moves layers to ``targets`` (layer -> phy2log [P]) one after another, outside the
+        cycle (at attach), receiving into ``staging`` (None: a new set). Collective. Every rank
+        agrees on each layer's outcome before committing it; the first layer that fails on any
+        rank stops the walk there on every rank. Returns (the layers moved, in order; None or
+        (failed layer, reason))."""
+        if staging is None:
+            staging = _staging_like(self.layers[0].weights)
+        stream = self._api.current_stream(self.device) if self._api else None
+        moved: list[int] = []
+        for layer, new in targets.items():
             old = self._placement[layer]
-            if np.array_equal(old, target[layer]):
+            if np.array_equal(old, new):
                 continue
-            move = LayerMove(a.weights, staging, layer_schedule(old, target[layer],
-                                                                self.num_ranks),
-                             self.rank, self._move_group,
-                             self._api.current_stream(self.device) if self._api else None)
-            move.issue()
-            if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
-                raise RuntimeError(f"moving layer {a.name!r} to the expert map {path} timed out")
+            a = self.layers[layer]
+            reason = ""
+            move = None
+            try:
+                move = LayerMove(a.weights, staging, layer_schedule(old, new, self.num_ranks),
+                                 self.rank, self._move_group, stream, tag=layer)
+                move.issue()
+                if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
+                    reason = (f"transfers not done within transfer_timeout_s="
+                              f"{self.config.transfer_timeout_s}")
+            except Exception as e:  # noqa: BLE001  (agreed below, then reported)
+                reason = f"{type(e).__name__}: {e}"
+            agreed = torch.tensor([0 if reason else 1], dtype=torch.int32)
+            if self._cpu_group is not None:
+                dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._cpu_group)
+            if not agreed.item():
+                self._sync_device()
+                return moved, (layer, reason or "another rank failed its transfers")
             move.commit()
-            self._set_placement(layer, target[layer])
+            self._set_placement(layer, new)
+            moved.append(layer)
         self._sync_device()
+        return moved, None
 
     # ----------------------------------------------------------------------------------------
     # the step

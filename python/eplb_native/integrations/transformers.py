@@ -316,6 +316,30 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
     Returns the layers, each with its EPLB buffers registered. Raises ValueError / AdapterError
     before changing anything when the model, the group or the placement does not fit.
     """
+    return _grow(_check_prepare(model, group, num_redundant_experts, expert_map,
+                                ep_implementation))
+
+
+@dataclass
+class _Preparation:
+    """What prepare() checked and will apply: the model's meshes, the EP group, its layers and
+    their initial placement phy2log [L, P]."""
+    ep_mesh: object
+    tp_mesh: object
+    group: object
+    layers: list[TransformersMoELayer]
+    phy2log: np.ndarray
+    ep_implementation: str
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.phy2log.shape[1])
+
+
+def _check_prepare(model, group, num_redundant_experts, expert_map,
+                   ep_implementation) -> _Preparation:
+    """prepare()'s checks, all of them before anything changes: raises ValueError /
+    AdapterError, or returns what _grow applies."""
     ep_mesh, tp_mesh = _meshes(model)
     ep_group = ep_mesh.get_group()
     if group is None:
@@ -324,7 +348,7 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
         raise ValueError(f"group must hold the ranks of the model's EP mesh "
                          f"{dist.get_process_group_ranks(ep_group)}, got "
                          f"{dist.get_process_group_ranks(group)}")
-    ep_rank, ep_size = ep_mesh.get_local_rank(), ep_mesh.size()
+    ep_size = ep_mesh.size()
     layers = find_moe_layers(model)
     for layer in layers:
         if hasattr(layer.experts, "eplb_phy2log"):
@@ -352,6 +376,16 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
                 raise AdapterError(f"{_where(layer.name, layer.experts)}: parameter {pname!r} "
                                    f"must hold {layer.num_logical_experts} experts on the EP "
                                    f"mesh, got {p.shape[0]}")
+    return _Preparation(ep_mesh, tp_mesh, group, layers, phy2log, ep_implementation)
+
+
+@torch.no_grad()
+def _grow(prep: _Preparation) -> list[TransformersMoELayer]:
+    """Grows every layer of ``prep`` to its slots and installs the routing (collective)."""
+    ep_mesh, tp_mesh, group = prep.ep_mesh, prep.tp_mesh, prep.group
+    layers, phy2log, num_slots = prep.layers, prep.phy2log, prep.num_slots
+    ep_implementation = prep.ep_implementation
+    ep_rank, ep_size = ep_mesh.get_local_rank(), ep_mesh.size()
     dispatch = ALL_PARALLEL_STYLES["ep_dispatch_experts"]
     for layer, row in zip(layers, phy2log, strict=True):
         experts = layer.experts
@@ -376,6 +410,8 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
         dispatch.install_forward(experts, ep_mesh=ep_mesh, tp_mesh=tp_mesh,
                                  ep_implementation=EP_IMPLEMENTATION)
     return layers
+
+
 
 
 @register_adapter
@@ -421,14 +457,25 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
     """
     from ..config import EplbConfig
     from ..updator import attach as _attach
+    from ..updator import check_config_fits
 
     cfg = EplbConfig.parse(config)
     if num_redundant_experts is None:
         num_redundant_experts = cfg.num_redundant_experts
     if expert_map is None:
         expert_map = cfg.expert_map_path
-    prepare(model, group, num_redundant_experts=num_redundant_experts, expert_map=expert_map,
-            ep_implementation=ep_implementation)
-    if group is None:
-        group = _meshes(model)[0].get_group()
-    return _attach(model, cfg, group, hooks=hooks)
+    prep = _check_prepare(model, group, num_redundant_experts, expert_map, ep_implementation)
+    # Growing cannot be undone, so what the updator would refuse about the config is refused
+    # here, before the first layer changes.
+    check_config_fits(cfg, prep.layers[0].num_logical_experts, prep.num_slots,
+                      prep.ep_mesh.size())
+    _grow(prep)
+    try:
+        return _attach(model, cfg, prep.group, hooks=hooks)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note("eplb_native: the model's MoE layers were already grown to their "
+                         "slots and route through eplb_native's ops (outputs unchanged); "
+                         "eplb_native.attach(model, config, group) on the prepared model "
+                         "retries the updator alone")
+        raise
