@@ -7,6 +7,7 @@ import datetime
 
 import torch
 import torch.distributed as dist
+from mp_exit import leave
 from reference.updator import dense_moe
 
 from eplb_native.nn import EPMoE
@@ -21,6 +22,7 @@ def check_ep(rank, world, init_method, placements):
     _check(rank, None, 0 if rank == 1 else 9)  # a rank with no tokens still takes part
     dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
+    leave()
 
 
 def _check(rank, phy2log, tokens):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from mp_exit import leave
 
 import eplb_native
 from eplb_native import expert_map
@@ -88,26 +88,6 @@ def _setup(rank, world, init_method, backend):
         torch.cuda.set_device(rank)
         return torch.device("cuda", rank)
     return torch.device("cpu")
-
-
-def _leave():
-    """Ends a rank whose checks all passed without finalizing the interpreter.
-
-    torch's gloo worker threads destroy a finished collective's work object after ``wait()``
-    has returned; when that drops the last reference to a tensor whose Python object was kept
-    alive, the worker must take the GIL. If the rank's main thread has meanwhile reached
-    interpreter finalization, CPython ends that thread inside a noexcept destructor and the
-    process aborts ("terminate called without an active exception"). A core dump of such an
-    abort (1 run in ~50 of the issue-fault scenario, two ranks on one core) showed exactly
-    that: main thread in Py_FinalizeEx's gc, a ProcessGroupGloo::runLoop thread in
-    ~AsyncBarrierWork -> decref_pyobject -> take_gil -> pthread_exit -> std::terminate, after
-    every assert had passed. It is torch's exit race, not ours, so the test processes leave
-    with os._exit once their checks are done; a failed check still raises (and the spawn
-    reports its traceback) before this is reached.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 #: bytes of one slot's weights (w13 [2I, H] + w2 [H, I], fp32): the unit of the move budget
@@ -217,7 +197,7 @@ def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None)
     up2.shutdown()
     dist.barrier()
     dist.destroy_process_group()
-    _leave()
+    leave()
 
 
 def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
@@ -258,7 +238,7 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
     _expert_map_fault(rank, world, group, device, tmpdir, redundant)
     dist.barrier()
     dist.destroy_process_group()
-    _leave()
+    leave()
 
 
 def _expert_map_fault(rank, world, group, device, tmpdir, redundant):
