@@ -370,6 +370,23 @@ def test_refused_attach_removes_the_buffers_it_added():
     up.shutdown()
 
 
+def test_default_placement_follows_the_rule():
+    """state.default_placement (no per-copy loop) equals the rule as written, for every small
+    shape (E < ranks included) and one with a million redundant copies."""
+    from reference.placement import default_placement as rule
+
+    cases = [(e, r, k) for e in range(1, 13) for r in range(1, 9) for k in range(0, 20)]
+    cases.append((256, 64, 10 ** 6))
+    for e, r, k in cases:
+        want = rule(e, r, k) if (e + k) % r == 0 else None
+        if want is None:
+            with pytest.raises(ValueError, match="num_ranks|uneven"):
+                state.default_placement(e, r, k)
+        else:
+            got = state.default_placement(e, r, k)
+            assert got.dtype == np.int64 and np.array_equal(got, want), (e, r, k)
+
+
 def test_placement_tensors_and_default_spread():
     log2phy, logcnt, local = state.placement_tensors([0, 1, 2, 0], 3, 2, 1)
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]

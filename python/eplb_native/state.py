@@ -75,16 +75,21 @@ def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
     if (num_logical + num_redundant) % num_ranks:
         raise ValueError(f"num_logical_experts + num_redundant_experts ({num_logical} + "
                          f"{num_redundant}) must be divisible by num_ranks ({num_ranks})")
-    groups = [list(g) for g in np.array_split(np.arange(num_logical), num_ranks)]
-    for i in range(num_redundant):
-        g = groups[num_ranks - 1 - (i % num_ranks)]
-        g.append((g[-1] + 1) % num_logical if g else (i % num_logical))
-    sizes = {len(g) for g in groups}
+    # Rank r gets the copies i with i % R == R - 1 - r: that many experts following its last
+    # one (mod E); a rank with no expert (E < R) starts from expert (R - 1 - r) % E, its first i.
+    groups = np.array_split(np.arange(num_logical, dtype=np.int64), num_ranks)
+    rows = []
+    for r, g in enumerate(groups):
+        k = num_redundant // num_ranks + (1 if (num_ranks - 1 - r) < num_redundant % num_ranks
+                                          else 0)
+        start = g[-1] + 1 if len(g) else num_ranks - 1 - r
+        rows.append(np.concatenate([g, (start + np.arange(k, dtype=np.int64)) % num_logical]))
+    sizes = {len(g) for g in rows}
     if len(sizes) != 1:
         raise ValueError(f"the default placement of {num_logical} experts and {num_redundant} "
                          f"redundant ones over {num_ranks} ranks is uneven {sorted(sizes)}; "
                          "give an expert_map_path")
-    row = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
+    row = np.concatenate(rows)
     return row if num_layers is None else np.tile(row, (num_layers, 1))
 
 

@@ -231,3 +231,17 @@ def paired_optimum(load, num_ranks: int) -> float:
         cnt = np.diff(bounds)
         best = min(best, paired_max(load, cnt, num_ranks)[0])
     return float(best)
+
+
+def default_placement(num_logical: int, num_ranks: int, num_redundant: int) -> np.ndarray | None:
+    """vllm-ascend's default placement as its rule reads (eplb_native.state.default_placement
+    computes it without the per-copy loop): experts in num_ranks contiguous groups, redundant
+    copy i to rank num_ranks - 1 - i % num_ranks, holding the expert after that rank's last one
+    (mod E). None when the ranks end uneven."""
+    groups = [list(g) for g in np.array_split(np.arange(num_logical), num_ranks)]
+    for i in range(num_redundant):
+        g = groups[num_ranks - 1 - (i % num_ranks)]
+        g.append((g[-1] + 1) % num_logical if g else (i % num_logical))
+    if len({len(g) for g in groups}) != 1:
+        return None
+    return np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
