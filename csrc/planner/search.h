@@ -515,18 +515,56 @@ class PackSearch {
 
   // Paired max over a run sequence sorted ascending; binding experts out (lo, hi). Stops as
   // soon as the max reaches `limit` (then returns a value >= limit, all a caller asking "below
-  // limit?" needs).
-  static double PairMax(const RunSeq& q, int64_t* lo, int64_t* hi, double limit = HUGE_VAL) {
+  // limit?" needs, and *stop, when given, is the index of the pair that reached it).
+  static double PairMax(const RunSeq& q, int64_t* lo, int64_t* hi, double limit = HUGE_VAL,
+                        int64_t* stop = nullptr) {
     double m = -1.0;
-    ScanPairs(q, [&](double v, int64_t a, int64_t b, int64_t) {
+    int64_t at = 0;  // index of the block's first pair (pairs numbered outside in)
+    ScanPairs(q, [&](double v, int64_t a, int64_t b, int64_t k) {
       if (v > m) {
         m = v;
         *lo = a;
         *hi = b;
       }
+      if (m >= limit && stop != nullptr) *stop = at;
+      at += k;
       return m < limit;
     });
     return m;
+  }
+
+  // The witness test of RefinePairCounts' trials. A trial is rejected as soon as one of its
+  // pairs is too heavy, and the pair that rejected the last trial usually rejects the next:
+  // its value in a trial sequence is found in O(spans + log runs) instead of scanning the
+  // pairs outside in to it. PairBase: the base sequence the trials modify (cum_[k] = replicas
+  // in runs[0, k)); PairAt: x_i + x_{N-1-i} of q, the value ScanPairs gives pair i.
+  void PairBase(const std::vector<Run>& runs) {
+    pair_base_ = runs.data();
+    cum_.resize(runs.size() + 1);
+    cum_[0] = 0;
+    for (size_t k = 0; k < runs.size(); ++k) cum_[k + 1] = cum_[k] + runs[k].c;
+  }
+  double ReplicaWeight(const RunSeq& q, int64_t r) const {
+    for (int k = 0; k < q.count; ++k) {
+      const RunSeq::Span& s = q.span[k];
+      if (s.p == &q.ra || s.p == &q.rb) {  // a changed run, held by q
+        if (r < s.p->c) return s.p->w;
+        r -= s.p->c;
+        continue;
+      }
+      const auto k0 = s.p - pair_base_;
+      const int64_t first = cum_[Z(k0)], reps = cum_[Z(k0 + s.len)] - first;
+      if (r < reps) {  // the run of replica first + r: the last k with cum_[k] <= first + r
+        const auto it = std::upper_bound(cum_.begin() + k0, cum_.begin() + k0 + s.len, first + r);
+        return pair_base_[(it - cum_.begin()) - 1].w;
+      }
+      r -= reps;
+    }
+    return HUGE_VAL;  // r out of range: not reached
+  }
+  double PairAt(const RunSeq& q, int64_t i) const {
+    // same operands in the same order as ScanPairs (2w for a run paired with itself = w + w)
+    return ReplicaWeight(q, i) + ReplicaWeight(q, cum_.back() - 1 - i);
   }
 
   // The paired max of q (out: *m) and the replica pairs within a relative 1e-12 of it; the
@@ -553,13 +591,17 @@ class PackSearch {
 
   // Whether the pairing of q is better than (max m0, t0 pairs at it): a lower max, or the
   // same max (within a relative 1e-12) with fewer pairs at it; then *m, *t are its own. Stops
-  // as soon as the answer is no (most trials: the pairs at the max lie near the outside).
-  static bool PairsBelow(const RunSeq& q, double m0, int64_t t0, double* m, int64_t* t) {
+  // as soon as the answer is no (most trials: the pairs at the max lie near the outside); when
+  // that was a pair above m0 (beyond the 1e-12), *stop, if given, is its index.
+  static bool PairsBelow(const RunSeq& q, double m0, int64_t t0, double* m, int64_t* t,
+                         int64_t* stop = nullptr) {
     const double hi = m0 * (1.0 + 1e-12), lo = m0 * (1.0 - 1e-12);
     double mx = -1.0;
-    int64_t at = 0;
+    int64_t at = 0, index = 0;
     bool worse = false;
     ScanPairs(q, [&](double v, int64_t, int64_t, int64_t k) {
+      if (v > hi && stop != nullptr) *stop = index;
+      index += k;
       if (v > mx * (1.0 + 1e-12)) {
         mx = v;
         at = k;
@@ -633,6 +675,7 @@ class PackSearch {
     std::vector<int64_t> pos(Z(n_));
     auto index_runs = [&] {
       for (size_t k = 0; k < runs.size(); ++k) pos[Z(runs[k].e)] = static_cast<int64_t>(k);
+      PairBase(runs);
     };
     index_runs();
     int64_t lo = 0, hi = 0;
@@ -644,12 +687,16 @@ class PackSearch {
     double best = 0.0;
     int64_t best_ties = 0, ba = -1, bb = -1;
     bool strict = true;
+    // The pair index that rejected the last trial (see PairAt); -1: none yet. Rejecting by it
+    // first decides every trial as the scans alone would.
+    int64_t witness = -1;
     auto try_move = [&](int64_t a, int64_t b) {
       if (a == b || cnt_[Z(a)] < 2) return;
       Moved(runs, pos, a, b, &trial);
       if (strict) {
+        if (witness >= 0 && PairAt(trial, witness) >= best) return;
         int64_t l2 = 0, h2 = 0;
-        const double v = PairMax(trial, &l2, &h2, best);
+        const double v = PairMax(trial, &l2, &h2, best, &witness);
         if (v < best) {
           best = v;
           ba = a;
@@ -657,9 +704,10 @@ class PackSearch {
         }
         return;
       }
+      if (witness >= 0 && PairAt(trial, witness) > best * (1.0 + 1e-12)) return;
       double v = 0.0;
       int64_t t = 0;
-      if (PairsBelow(trial, best, best_ties, &v, &t)) {
+      if (PairsBelow(trial, best, best_ties, &v, &t, &witness)) {
         best = v;
         best_ties = t;
         ba = a;
@@ -779,10 +827,12 @@ class PackSearch {
   std::vector<int64_t> init_phy_, init_pack_, init_rank_;  // InitGreedy / Finish scratch
   std::vector<double> init_wt_;
   std::vector<int64_t> touched_;
-  std::vector<double> per_;     // [n] w_e / cnt_e
-  std::vector<int64_t> rank_;   // [R*S] rank of each slot (no integer division in hot loops)
-  std::vector<int64_t> order_;  // BestSwap: ranks by (load, index), kept between steps
-  std::vector<double> wt_o_;    // SwapWith scratch: the other rank's replica loads
+  std::vector<double> per_;         // [n] w_e / cnt_e
+  std::vector<int64_t> rank_;       // [R*S] rank of each slot (no integer division in hot loops)
+  std::vector<int64_t> order_;      // BestSwap: ranks by (load, index), kept between steps
+  std::vector<double> wt_o_;        // SwapWith scratch: the other rank's replica loads
+  const Run* pair_base_ = nullptr;  // RefinePairCounts: the runs trials modify (PairBase)
+  std::vector<int64_t> cum_;        // [runs + 1] replicas before each run of pair_base_
 };
 
 }  // namespace detail
