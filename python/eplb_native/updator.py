@@ -367,10 +367,12 @@ class Updator:
             return  # recording only, or the previous cycle is still running
         self.cycle += 1
         self._submit_step, self._submit_t = self.step, time.perf_counter()
+        # transfers=False: the moves are scheduled here, layer by layer as they are issued
+        # (transfer.layer_schedule / MoveLayout), not from the planner's transfer plan
         self._future = self._planner.submit(
             load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
             num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
-            policy=self.config.policy)
+            policy=self.config.policy, transfers=False)
         self._future.add_done_callback(self._plan_done)
         if not self.config.use_async:
             self._future.result()
