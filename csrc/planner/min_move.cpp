@@ -59,7 +59,13 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
   for (int64_t j = 0; j < n; ++j)
     for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old[old_ids[Z(j)] * block + k])]++)] = j;
   std::vector<int64_t> count(Z(num_logical), 0), seen(Z(n), -1), cands;
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, fresh idx, old idx)
+  // (fresh idx, old idx, overlap) in (fresh, old) order; overlap is 1..block (the pair shares
+  // an expert), so a stable counting sort by overlap, largest first, orders them as a sort of
+  // (-overlap, fresh, old) would, without comparing tuples.
+  struct Pair {
+    int64_t i, j, overlap;
+  };
+  std::vector<Pair> pairs;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
     cands.clear();
@@ -69,6 +75,7 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
           seen[Z(holder[Z(h)])] = i;
           cands.push_back(holder[Z(h)]);
         }
+    std::sort(cands.begin(), cands.end());
     for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
     for (int64_t j : cands) {
       const int64_t* ob = old + old_ids[Z(j)] * block;
@@ -81,14 +88,18 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
       // only fb's experts were counted: recount them
       for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
       for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
-      pairs.emplace_back(-overlap, i, j);
+      pairs.push_back({i, j, overlap});
     }
     for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
   }
-  std::sort(pairs.begin(), pairs.end());
+  std::vector<int64_t> first(Z(block + 2), 0);  // first[block - overlap + 1]: bucket starts
+  for (const Pair& pr : pairs) ++first[Z(block - pr.overlap + 1)];
+  for (int64_t b = 0; b <= block; ++b) first[Z(b + 1)] += first[Z(b)];
+  std::vector<Pair> sorted(pairs.size());
+  for (const Pair& pr : pairs) sorted[Z(first[Z(block - pr.overlap)]++)] = pr;
   std::vector<int64_t> target(Z(n), -1);
   std::vector<char> taken(Z(n), 0);
-  for (const auto& [neg, i, j] : pairs) {
+  for (const auto& [i, j, overlap] : sorted) {
     if (target[Z(i)] >= 0 || taken[Z(j)]) continue;
     target[Z(i)] = old_ids[Z(j)];
     taken[Z(j)] = 1;
