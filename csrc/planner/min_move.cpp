@@ -200,6 +200,7 @@ class MoveSearch {
     pen_.resize(Z(P_));
     pex_.resize(Z(P_));
     dirty_.assign(Z(n_), 0);
+    is_hot_.assign(Z(n_), 0);
     for (int64_t e = 0; e < n_; ++e) Mark(e);
   }
 
@@ -295,16 +296,23 @@ class MoveSearch {
   void BestStep(int64_t h, Step* best) {
     const double M = load_[Z(h)];
     // gain_, lose_, base_, pen_, pex_ of the experts whose ranks changed since the last step
+    // and hot_: the experts on a rank above the stop (gain_ < 0), ascending; only a refreshed
+    // expert can enter or leave it.
     for (const int64_t e : dirty_list_) {
       Refresh(e);
       dirty_[Z(e)] = 0;
+      const char hot = gain_[Z(e)] < 0.0;
+      if (hot == is_hot_[Z(e)]) continue;
+      is_hot_[Z(e)] = hot;
+      const auto at = std::lower_bound(hot_.begin(), hot_.end(), e);
+      if (hot) {
+        hot_.insert(at, e);
+      } else {
+        hot_.erase(at);
+      }
     }
     dirty_list_.clear();
-    // hot_: the experts on a rank above the stop (gain_ < 0); m0_, m1_: the two smallest more_
-    // (only counts change them).
-    hot_.clear();
-    for (int64_t e = 0; e < n_; ++e)
-      if (gain_[Z(e)] < 0.0) hot_.push_back(e);
+    // m0_, m1_: the two smallest more_ (only counts change them).
     if (counts_changed_) {
       counts_changed_ = false;
       m0_ = m1_ = -1;
@@ -623,6 +631,7 @@ class MoveSearch {
   std::vector<Donor> donors_[2];  // BestStep scratch
   std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
   std::vector<int64_t> dirty_list_;
+  std::vector<char> is_hot_;  // [n] in hot_
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
