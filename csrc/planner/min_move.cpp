@@ -58,7 +58,10 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
   std::vector<int64_t> holder(Z(start[Z(num_logical)])), fill(start.begin(), start.end() - 1);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old[old_ids[Z(j)] * block + k])]++)] = j;
-  std::vector<int64_t> count(Z(num_logical), 0), seen(Z(n), -1), cands;
+  // overlap[j]: the multiset intersection of the fresh block with old block j, summed over the
+  // fresh block's experts e as min(copies of e in the fresh block, copies in old block j) from
+  // e's holders (one entry per copy, grouped by block), so only pairs that share an expert cost.
+  std::vector<int64_t> count(Z(num_logical), 0), overlap(Z(n), 0), cands;
   // (fresh idx, old idx, overlap) in (fresh, old) order; overlap is 1..block (the pair shares
   // an expert), so a stable counting sort by overlap, largest first, orders them as a sort of
   // (-overlap, fresh, old) would, without comparing tuples.
@@ -69,28 +72,24 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
     cands.clear();
-    for (int64_t k = 0; k < block; ++k)
-      for (int64_t h = start[Z(fb[k])]; h < start[Z(fb[k] + 1)]; ++h)
-        if (seen[Z(holder[Z(h)])] != i) {
-          seen[Z(holder[Z(h)])] = i;
-          cands.push_back(holder[Z(h)]);
-        }
-    std::sort(cands.begin(), cands.end());
     for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
-    for (int64_t j : cands) {
-      const int64_t* ob = old + old_ids[Z(j)] * block;
-      int64_t overlap = 0;
-      for (int64_t k = 0; k < block; ++k)
-        if (count[Z(ob[k])] > 0) {
-          --count[Z(ob[k])];
-          ++overlap;
-        }
-      // only fb's experts were counted: recount them
-      for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
-      for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
-      pairs.push_back({i, j, overlap});
+    for (int64_t k = 0; k < block; ++k) {
+      const int64_t copies = count[Z(fb[k])];
+      if (copies == 0) continue;  // this expert is done
+      count[Z(fb[k])] = 0;
+      for (int64_t h = start[Z(fb[k])], end = start[Z(fb[k] + 1)]; h < end;) {
+        const int64_t j = holder[Z(h)];
+        int64_t run = 0;
+        for (; h < end && holder[Z(h)] == j; ++h) ++run;
+        if (overlap[Z(j)] == 0) cands.push_back(j);
+        overlap[Z(j)] += std::min(run, copies);
+      }
     }
-    for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
+    std::sort(cands.begin(), cands.end());
+    for (const int64_t j : cands) {
+      pairs.push_back({i, j, overlap[Z(j)]});
+      overlap[Z(j)] = 0;
+    }
   }
   std::vector<int64_t> first(Z(block + 2), 0);  // first[block - overlap + 1]: bucket starts
   for (const Pair& pr : pairs) ++first[Z(block - pr.overlap + 1)];
@@ -99,10 +98,10 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
   for (const Pair& pr : pairs) sorted[Z(first[Z(block - pr.overlap)]++)] = pr;
   std::vector<int64_t> target(Z(n), -1);
   std::vector<char> taken(Z(n), 0);
-  for (const auto& [i, j, overlap] : sorted) {
-    if (target[Z(i)] >= 0 || taken[Z(j)]) continue;
-    target[Z(i)] = old_ids[Z(j)];
-    taken[Z(j)] = 1;
+  for (const Pair& pr : sorted) {
+    if (target[Z(pr.i)] >= 0 || taken[Z(pr.j)]) continue;
+    target[Z(pr.i)] = old_ids[Z(pr.j)];
+    taken[Z(pr.j)] = 1;
   }
   int64_t next = 0;
   for (int64_t i = 0; i < n; ++i) {
