@@ -423,6 +423,9 @@ class MoveSearch {
         const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
         const double wx = per_[Z(x)];
         const int kept_i = x == xi;
+        // at two per slot (the most a swap gets) first: skips the cost scan below
+        const double most = std::min({wx - lightest, excess, room});
+        if (2.0 * most <= best->score) continue;
         // the cheapest swap of slot i with o, in integers (cost 2 unless a slot changed)
         int cheapest = 2;
         if (!kept_i || changed_on_[Z(o)] > 0)
@@ -430,8 +433,7 @@ class MoveSearch {
             const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
             cheapest = std::min(cheapest, (y != xi) - 1 + kept_i + (x != yj) - (y != yj));
           }
-        if (kSwapPer[cheapest + 2] * std::min({wx - lightest, excess, room}) <= best->score)
-          continue;
+        if (kSwapPer[cheapest + 2] * most <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
           const double d = wx - per_[Z(y)];
