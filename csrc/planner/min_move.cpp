@@ -697,8 +697,11 @@ class WalkBack {
     rank_load_.assign(Z(s.num_ranks), 0.0);
     delta_.assign(Z(s.num_ranks), 0.0);
     for (int64_t p = lo_; p < hi_; ++p) rank_load_[Z(p / S_)] += Share(cur[p]);
-    slots_of_.assign(Z(s.num_logical), {});
-    for (int64_t p = lo_; p < hi_; ++p) slots_of_[Z(cur[p])].push_back(p);
+    head_.assign(Z(s.num_logical), -1);
+    tail_.assign(Z(s.num_logical), -1);
+    next_.assign(Z(s.num_physical), -1);
+    prev_.assign(Z(s.num_physical), -1);
+    for (int64_t p = lo_; p < hi_; ++p) Append(cur[p], p);
   }
 
   void Run() {
@@ -738,7 +741,7 @@ class WalkBack {
     const int64_t y = cur_[p], x = old_[p], r = p / S_;
     Option best;
     const double d = Share(x) - Share(y);  // a swap: r gains d, the partner loses d
-    for (const int64_t t : slots_of_[Z(x)]) {
+    for (int64_t t = head_[Z(x)]; t >= 0; t = next_[Z(t)]) {
       const int64_t o = t / S_;
       if (o == r || cur_[t] == old_[t]) continue;
       const int restored = old_[t] == y ? 2 : 1;
@@ -764,8 +767,9 @@ class WalkBack {
         touched_.push_back(rank);
       delta_[Z(rank)] += d;
     };
-    for (const int64_t q : slots_of_[Z(y)]) add(q / S_, q == p ? -y_old : y_new - y_old);
-    for (const int64_t q : slots_of_[Z(x)]) add(q / S_, x_new - x_old);
+    for (int64_t q = head_[Z(y)]; q >= 0; q = next_[Z(q)])
+      add(q / S_, q == p ? -y_old : y_new - y_old);
+    for (int64_t q = head_[Z(x)]; q >= 0; q = next_[Z(q)]) add(q / S_, x_new - x_old);
     add(p / S_, x_new);
     double worst = 0.0;
     for (const int64_t rank : touched_) {
@@ -783,17 +787,18 @@ class WalkBack {
       rank_load_[Z(p / S_)] += d;
       rank_load_[Z(o.t / S_)] -= d;
       std::swap(cur_[p], cur_[o.t]);
-      std::replace(slots_of_[Z(x)].begin(), slots_of_[Z(x)].end(), o.t, p);
-      std::replace(slots_of_[Z(y)].begin(), slots_of_[Z(y)].end(), p, o.t);
+      // p takes t's place in x's list and t p's in y's
+      const int64_t pp = prev_[Z(p)], np = next_[Z(p)], pt = prev_[Z(o.t)], nt = next_[Z(o.t)];
+      Relink(x, p, pt, nt);
+      Relink(y, o.t, pp, np);
       return;
     }
     ConvertWorst(p, y, x, true);
     --cnt_[Z(y)];
     ++cnt_[Z(x)];
     cur_[p] = x;
-    auto& ly = slots_of_[Z(y)];
-    ly.erase(std::find(ly.begin(), ly.end(), p));
-    slots_of_[Z(x)].push_back(p);
+    Unlink(y, p);
+    Append(x, p);
   }
 
   const double* load_;
@@ -804,7 +809,48 @@ class WalkBack {
   double limit_;
   std::vector<int64_t> cnt_, touched_;
   std::vector<double> rank_load_, delta_;
-  std::vector<std::vector<int64_t>> slots_of_;
+  // the slots of each expert in these ranks, in order: lists through next_ / prev_ [P] from
+  // head_ / tail_ [E] (-1: none), one allocation each rather than one per expert
+  std::vector<int64_t> head_, tail_, next_, prev_;
+
+  void Append(int64_t e, int64_t s) {
+    prev_[Z(s)] = tail_[Z(e)];
+    next_[Z(s)] = -1;
+    if (tail_[Z(e)] >= 0) {
+      next_[Z(tail_[Z(e)])] = s;
+    } else {
+      head_[Z(e)] = s;
+    }
+    tail_[Z(e)] = s;
+  }
+  void Unlink(int64_t e, int64_t s) {
+    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
+    if (p >= 0) {
+      next_[Z(p)] = q;
+    } else {
+      head_[Z(e)] = q;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = p;
+    } else {
+      tail_[Z(e)] = p;
+    }
+  }
+  // Slot `to` takes the place (between p and q) of a slot in e's list.
+  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
+    prev_[Z(to)] = p;
+    next_[Z(to)] = q;
+    if (p >= 0) {
+      next_[Z(p)] = to;
+    } else {
+      head_[Z(e)] = to;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = to;
+    } else {
+      tail_[Z(e)] = to;
+    }
+  }
 };
 
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).
