@@ -198,6 +198,8 @@ class MoveSearch {
     base_.resize(Z(P_));
     pen_.resize(Z(P_));
     pex_.resize(Z(P_));
+    rise_.resize(Z(P_));
+    ex_.resize(Z(P_));
     dirty_.assign(Z(n_), 0);
     is_hot_.assign(Z(n_), 0);
     for (int64_t e = 0; e < n_; ++e) Mark(e);
@@ -562,20 +564,38 @@ class MoveSearch {
   // (base_), the excess e's other ranks gain when it gives q up (pen_), that minus o's excess
   // (pex_).
   void Refresh(int64_t e) {
-    const double down = more_[Z(e)] - per_[Z(e)], up = up_[Z(e)];
-    double g = 0.0, l = 0.0;
-    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+    const double down = more_[Z(e)] - per_[Z(e)];
+    double g = 0.0;
+    if (cnt_[Z(e)] < 2) {  // cannot give up a replica: lose_, pen_, pex_ infinite
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+        const double v = load_[Z(rank_[Z(q)])];
+        g += Ex(v + down) - Ex(v);
+        base_[Z(q)] = v - per_[Z(e)];
+        pen_[Z(q)] = HUGE_VAL;
+        pex_[Z(q)] = HUGE_VAL;
+      }
+      gain_[Z(e)] = g;
+      lose_[Z(e)] = HUGE_VAL;
+      return;
+    }
+    // rise_[k], ex_[k]: the excess its k-th rank gains when e gives up a replica; its excess
+    const double up = up_[Z(e)];
+    double l = 0.0;
+    int64_t k = 0;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)], ++k) {
       const double v = load_[Z(rank_[Z(q)])], ex = Ex(v);
+      ex_[Z(k)] = ex;
+      rise_[Z(k)] = Ex(v + up) - ex;
       g += Ex(v + down) - ex;
-      l += Ex(v + up) - ex;
+      l += rise_[Z(k)];
     }
     gain_[Z(e)] = g;
-    lose_[Z(e)] = cnt_[Z(e)] >= 2 ? l : HUGE_VAL;
-    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
-      const double lo = load_[Z(rank_[Z(q)])];
-      base_[Z(q)] = lo - per_[Z(e)];
-      pen_[Z(q)] = cnt_[Z(e)] < 2 ? HUGE_VAL : lose_[Z(e)] - (Ex(lo + up) - Ex(lo));
-      pex_[Z(q)] = pen_[Z(q)] - Ex(lo);
+    lose_[Z(e)] = l;
+    k = 0;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)], ++k) {
+      base_[Z(q)] = load_[Z(rank_[Z(q)])] - per_[Z(e)];
+      pen_[Z(q)] = l - rise_[Z(k)];
+      pex_[Z(q)] = pen_[Z(q)] - ex_[Z(k)];
     }
   }
 
@@ -637,6 +657,7 @@ class MoveSearch {
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
   std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
+  std::vector<double> rise_, ex_;                       // Refresh scratch
 };
 
 // Searches one pack (all slots, or one node's) from the old placement, first taking the replica
