@@ -344,15 +344,24 @@ class MoveSearch {
     // Donors: slots off h whose expert can give up a replica (pen_ finite), in two lists of
     // (slot, load of the rank without it minus the stop, pex_): the changed ones (cost <= 0:
     // per half a slot), the unchanged ones (cost 1).
+    // min_pex: a list's smallest pex_, so a score is at most (gx - min_pex) * per.
+    double min_pex[2] = {HUGE_VAL, HUGE_VAL};
     for (auto& d : donors_) d.clear();
-    for (int64_t q = 0; q < P_; ++q)
-      if (pen_[Z(q)] != HUGE_VAL && rank_[Z(q)] != h)
-        donors_[slot_[Z(q)] != orig_[Z(q)] ? 1 : 0].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+    auto donate = [&](int64_t q) {
+      if (pen_[Z(q)] == HUGE_VAL) return;
+      const int list = slot_[Z(q)] != orig_[Z(q)] ? 1 : 0;
+      donors_[list].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+      min_pex[list] = std::min(min_pex[list], pex_[Z(q)]);
+    };
+    for (int64_t q = 0; q < h * S_; ++q) donate(q);
+    for (int64_t q = (h + 1) * S_; q < P_; ++q) donate(q);
     for (const int list : {1, 0}) {
       const double per = list == 1 ? 2.0 : 1.0;
       for (const int64_t x : on_h_) {
         if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
         const double nx = more_[Z(x)], gx = -gain_[Z(x)];
+        // no score of this list gets in (gx falls along on_h_, the floor only rises)
+        if (per * (gx - min_pex[list]) < top.Floor()) break;
         for (const Donor& d : donors_[list]) {
           const double score = (gx - std::max(0.0, d.base + nx) - d.pex) * per;
           if (score < top.Floor() || slot_[Z(d.slot)] == x) continue;
