@@ -29,6 +29,7 @@
 //      the layers and those carry 83% of the changed slots.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -203,6 +204,8 @@ class MoveSearch {
     dirty_.assign(Z(n_), 0);
     is_hot_.assign(Z(n_), 0);
     for (int64_t e = 0; e < n_; ++e) Mark(e);
+    shared_.assign(Z((P_ + 63) / 64), 0);
+    for (int64_t q = 0; q < P_; ++q) MarkShared(q);
   }
 
   // Steps until every rank is <= stop (true) or none helps or `budget` slots have changed.
@@ -346,15 +349,17 @@ class MoveSearch {
     // per half a slot), the unchanged ones (cost 1).
     // min_pex: a list's smallest pex_, so a score is at most (gx - min_pex) * per.
     double min_pex[2] = {HUGE_VAL, HUGE_VAL};
+    // (pen_ is finite exactly for the slots of experts with two or more replicas: shared_, read
+    // in slot order)
     for (auto& d : donors_) d.clear();
-    auto donate = [&](int64_t q) {
-      if (pen_[Z(q)] == HUGE_VAL) return;
-      const int list = slot_[Z(q)] != orig_[Z(q)] ? 1 : 0;
-      donors_[list].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
-      min_pex[list] = std::min(min_pex[list], pex_[Z(q)]);
-    };
-    for (int64_t q = 0; q < h * S_; ++q) donate(q);
-    for (int64_t q = (h + 1) * S_; q < P_; ++q) donate(q);
+    for (size_t word = 0; word < shared_.size(); ++word)
+      for (uint64_t bits = shared_[word]; bits != 0; bits &= bits - 1) {
+        const auto q = static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits)));
+        if (q / S_ == h || pen_[Z(q)] == HUGE_VAL) continue;
+        const int list = slot_[Z(q)] != orig_[Z(q)] ? 1 : 0;
+        donors_[list].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+        min_pex[list] = std::min(min_pex[list], pex_[Z(q)]);
+      }
     for (const int list : {1, 0}) {
       const double per = list == 1 ? 2.0 : 1.0;
       for (const int64_t x : on_h_) {
@@ -531,6 +536,8 @@ class MoveSearch {
       load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
       MarkRank(rank_[Z(st.i)]);
       MarkRank(rank_[Z(st.j)]);
+      MarkShared(st.i);
+      MarkShared(st.j);
       return;
     }
     const int64_t a = slot_[Z(st.i)], b = st.j;
@@ -549,7 +556,20 @@ class MoveSearch {
         load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
     MarkRank(r0);
     for (const int64_t e : {a, b})
-      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) MarkRank(rank_[Z(q)]);
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+        MarkRank(rank_[Z(q)]);
+        MarkShared(q);
+      }
+  }
+
+  // shared_ bit of slot s: its expert has two or more replicas.
+  void MarkShared(int64_t s) {
+    const uint64_t bit = uint64_t{1} << (s & 63);
+    if (cnt_[Z(slot_[Z(s)])] >= 2) {
+      shared_[Z(s >> 6)] |= bit;
+    } else {
+      shared_[Z(s >> 6)] &= ~bit;
+    }
   }
 
   // Slot s's expert changed (it differed from the old one before: was): changed_on_.
@@ -667,6 +687,7 @@ class MoveSearch {
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
   std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
   std::vector<double> rise_, ex_;                       // Refresh scratch
+  std::vector<uint64_t> shared_;  // [P / 64] bit per slot: its expert has >= 2 replicas
 };
 
 // Searches one pack (all slots, or one node's) from the old placement, first taking the replica
