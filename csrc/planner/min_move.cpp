@@ -1069,9 +1069,10 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   const int64_t N = shape.num_nodes, G = shape.num_groups, group_size = E / G;
   const int64_t rpn = shape.num_ranks / N, node_slots = rpn * S;
   auto experts_of = [&](const std::vector<int64_t>& group_node, int64_t n) {
-    std::vector<int64_t> experts;
-    for (int64_t e = 0; e < E; ++e)
-      if (group_node[Z(e / group_size)] == n) experts.push_back(e);
+    std::vector<int64_t> experts;  // ascending: group by group (no division per expert)
+    for (int64_t g = 0; g < G; ++g)
+      if (group_node[Z(g)] == n)
+        for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) experts.push_back(e);
     return experts;
   };
   // Every node searched from its old content, kept for the partitions tried below.
@@ -1120,10 +1121,12 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     }
     std::vector<char> allowed(Z(E), 0);
     std::vector<int64_t> experts;
-    for (int64_t e = 0; e < E; ++e) {
-      allowed[Z(e)] = in_new[Z(e / group_size)];
-      if (allowed[Z(e)]) experts.push_back(e);
-    }
+    for (int64_t g = 0; g < G; ++g)
+      if (in_new[Z(g)])
+        for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {
+          allowed[Z(e)] = 1;
+          experts.push_back(e);
+        }
     WalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log).Run();
     const int64_t first = n * node_slots, last = first + node_slots;
     if (SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data()) &&
@@ -1139,7 +1142,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   // lightest, the two nodes by SubstituteNode, the others as searched; keep the one that reaches
   // the stop with the fewest changed slots, if fewer than the fallback's.
   std::vector<double> group_load(Z(G), 0.0), node_load(Z(N), 0.0);
-  for (int64_t e = 0; e < E; ++e) group_load[Z(e / group_size)] += load[e];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
   std::vector<std::tuple<double, int64_t, int64_t>> swaps;  // (max node load, group x, group y)
   for (int64_t x = 0; x < G; ++x)
