@@ -951,7 +951,10 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
     ++cnt[Z(best)];
     incoming.push_back(best);
   }
-  auto per = [&](int64_t e) { return w[Z(e)] / static_cast<double>(cnt[Z(e)]); };
+  // load per replica (counts final from here), divided once rather than in every comparison
+  std::vector<double> share(Z(m));
+  for (int64_t e = 0; e < m; ++e) share[Z(e)] = w[Z(e)] / static_cast<double>(cnt[Z(e)]);
+  auto per = [&](int64_t e) { return share[Z(e)]; };
   std::stable_sort(incoming.begin(), incoming.end(),
                    [&](int64_t a, int64_t b) { return per(a) > per(b); });
   std::vector<double> rank_load(Z(rpn), 0.0);
