@@ -202,7 +202,7 @@ class MoveSearch {
     rise_.resize(Z(P_));
     ex_.resize(Z(P_));
     dirty_.assign(Z(n_), 0);
-    is_hot_.assign(Z(n_), 0);
+    is_hot_.assign(Z((n_ + 63) / 64), 0);
     for (int64_t e = 0; e < n_; ++e) Mark(e);
     shared_.assign(Z((P_ + 63) / 64), 0);
     for (int64_t q = 0; q < P_; ++q) MarkShared(q);
@@ -300,22 +300,24 @@ class MoveSearch {
   void BestStep(int64_t h, Step* best) {
     const double M = load_[Z(h)];
     // gain_, lose_, base_, pen_, pex_ of the experts whose ranks changed since the last step
-    // and hot_: the experts on a rank above the stop (gain_ < 0), ascending; only a refreshed
-    // expert can enter or leave it.
+    // and hot_: the experts on a rank above the stop (gain_ < 0), ascending, read from a bitset
+    // over the experts (only a refreshed expert can enter or leave it).
     for (const int64_t e : dirty_list_) {
       Refresh(e);
       dirty_[Z(e)] = 0;
-      const char hot = gain_[Z(e)] < 0.0;
-      if (hot == is_hot_[Z(e)]) continue;
-      is_hot_[Z(e)] = hot;
-      const auto at = std::lower_bound(hot_.begin(), hot_.end(), e);
-      if (hot) {
-        hot_.insert(at, e);
+      const uint64_t bit = uint64_t{1} << (e & 63);
+      if (gain_[Z(e)] < 0.0) {
+        is_hot_[Z(e >> 6)] |= bit;
       } else {
-        hot_.erase(at);
+        is_hot_[Z(e >> 6)] &= ~bit;
       }
     }
     dirty_list_.clear();
+    hot_.clear();
+    for (size_t word = 0; word < is_hot_.size(); ++word)
+      for (uint64_t bits = is_hot_[word]; bits != 0; bits &= bits - 1)
+        hot_.push_back(
+            static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits))));
     // m0_, m1_: the two smallest more_ (only counts change them).
     if (counts_changed_) {
       counts_changed_ = false;
@@ -681,7 +683,7 @@ class MoveSearch {
   std::vector<Donor> donors_[2];  // BestStep scratch
   std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
   std::vector<int64_t> dirty_list_;
-  std::vector<char> is_hot_;  // [n] in hot_
+  std::vector<uint64_t> is_hot_;  // [n / 64] bit per expert: in hot_
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
