@@ -29,6 +29,7 @@
 //      the layers and those carry 83% of the changed slots.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -58,40 +59,50 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
   std::vector<int64_t> holder(Z(start[Z(num_logical)])), fill(start.begin(), start.end() - 1);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old[old_ids[Z(j)] * block + k])]++)] = j;
-  std::vector<int64_t> count(Z(num_logical), 0), seen(Z(n), -1), cands;
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, fresh idx, old idx)
+  // overlap[j]: the multiset intersection of the fresh block with old block j, summed over the
+  // fresh block's experts e as min(copies of e in the fresh block, copies in old block j) from
+  // e's holders (one entry per copy, grouped by block), so only pairs that share an expert cost.
+  std::vector<int64_t> count(Z(num_logical), 0), overlap(Z(n), 0), cands;
+  // (fresh idx, old idx, overlap) in (fresh, old) order; overlap is 1..block (the pair shares
+  // an expert), so a stable counting sort by overlap, largest first, orders them as a sort of
+  // (-overlap, fresh, old) would, without comparing tuples.
+  struct Pair {
+    int64_t i, j, overlap;
+  };
+  std::vector<Pair> pairs;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
     cands.clear();
-    for (int64_t k = 0; k < block; ++k)
-      for (int64_t h = start[Z(fb[k])]; h < start[Z(fb[k] + 1)]; ++h)
-        if (seen[Z(holder[Z(h)])] != i) {
-          seen[Z(holder[Z(h)])] = i;
-          cands.push_back(holder[Z(h)]);
-        }
     for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
-    for (int64_t j : cands) {
-      const int64_t* ob = old + old_ids[Z(j)] * block;
-      int64_t overlap = 0;
-      for (int64_t k = 0; k < block; ++k)
-        if (count[Z(ob[k])] > 0) {
-          --count[Z(ob[k])];
-          ++overlap;
-        }
-      // only fb's experts were counted: recount them
-      for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
-      for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
-      pairs.emplace_back(-overlap, i, j);
+    for (int64_t k = 0; k < block; ++k) {
+      const int64_t copies = count[Z(fb[k])];
+      if (copies == 0) continue;  // this expert is done
+      count[Z(fb[k])] = 0;
+      for (int64_t h = start[Z(fb[k])], end = start[Z(fb[k] + 1)]; h < end;) {
+        const int64_t j = holder[Z(h)];
+        int64_t run = 0;
+        for (; h < end && holder[Z(h)] == j; ++h) ++run;
+        if (overlap[Z(j)] == 0) cands.push_back(j);
+        overlap[Z(j)] += std::min(run, copies);
+      }
     }
-    for (int64_t k = 0; k < block; ++k) count[Z(fb[k])] = 0;
+    std::sort(cands.begin(), cands.end());
+    for (const int64_t j : cands) {
+      pairs.push_back({i, j, overlap[Z(j)]});
+      overlap[Z(j)] = 0;
+    }
   }
-  std::sort(pairs.begin(), pairs.end());
+  std::vector<int64_t> first(Z(block + 2), 0);  // first[block - overlap + 1]: bucket starts
+  for (const Pair& pr : pairs) ++first[Z(block - pr.overlap + 1)];
+  for (int64_t b = 0; b <= block; ++b) first[Z(b + 1)] += first[Z(b)];
+  std::vector<Pair> sorted(pairs.size());
+  for (const Pair& pr : pairs) sorted[Z(first[Z(block - pr.overlap)]++)] = pr;
   std::vector<int64_t> target(Z(n), -1);
   std::vector<char> taken(Z(n), 0);
-  for (const auto& [neg, i, j] : pairs) {
-    if (target[Z(i)] >= 0 || taken[Z(j)]) continue;
-    target[Z(i)] = old_ids[Z(j)];
-    taken[Z(j)] = 1;
+  for (const Pair& pr : sorted) {
+    if (target[Z(pr.i)] >= 0 || taken[Z(pr.j)]) continue;
+    target[Z(pr.i)] = old_ids[Z(pr.j)];
+    taken[Z(pr.j)] = 1;
   }
   int64_t next = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -188,8 +199,13 @@ class MoveSearch {
     base_.resize(Z(P_));
     pen_.resize(Z(P_));
     pex_.resize(Z(P_));
+    rise_.resize(Z(P_));
+    ex_.resize(Z(P_));
     dirty_.assign(Z(n_), 0);
+    is_hot_.assign(Z((n_ + 63) / 64), 0);
     for (int64_t e = 0; e < n_; ++e) Mark(e);
+    shared_.assign(Z((P_ + 63) / 64), 0);
+    for (int64_t q = 0; q < P_; ++q) MarkShared(q);
   }
 
   // Steps until every rank is <= stop (true) or none helps or `budget` slots have changed.
@@ -284,16 +300,25 @@ class MoveSearch {
   void BestStep(int64_t h, Step* best) {
     const double M = load_[Z(h)];
     // gain_, lose_, base_, pen_, pex_ of the experts whose ranks changed since the last step
+    // and hot_: the experts on a rank above the stop (gain_ < 0), ascending, read from a bitset
+    // over the experts (only a refreshed expert can enter or leave it).
     for (const int64_t e : dirty_list_) {
       Refresh(e);
       dirty_[Z(e)] = 0;
+      const uint64_t bit = uint64_t{1} << (e & 63);
+      if (gain_[Z(e)] < 0.0) {
+        is_hot_[Z(e >> 6)] |= bit;
+      } else {
+        is_hot_[Z(e >> 6)] &= ~bit;
+      }
     }
     dirty_list_.clear();
-    // hot_: the experts on a rank above the stop (gain_ < 0); m0_, m1_: the two smallest more_
-    // (only counts change them).
     hot_.clear();
-    for (int64_t e = 0; e < n_; ++e)
-      if (gain_[Z(e)] < 0.0) hot_.push_back(e);
+    for (size_t word = 0; word < is_hot_.size(); ++word)
+      for (uint64_t bits = is_hot_[word]; bits != 0; bits &= bits - 1)
+        hot_.push_back(
+            static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits))));
+    // m0_, m1_: the two smallest more_ (only counts change them).
     if (counts_changed_) {
       counts_changed_ = false;
       m0_ = m1_ = -1;
@@ -324,15 +349,26 @@ class MoveSearch {
     // Donors: slots off h whose expert can give up a replica (pen_ finite), in two lists of
     // (slot, load of the rank without it minus the stop, pex_): the changed ones (cost <= 0:
     // per half a slot), the unchanged ones (cost 1).
+    // min_pex: a list's smallest pex_, so a score is at most (gx - min_pex) * per.
+    double min_pex[2] = {HUGE_VAL, HUGE_VAL};
+    // (pen_ is finite exactly for the slots of experts with two or more replicas: shared_, read
+    // in slot order)
     for (auto& d : donors_) d.clear();
-    for (int64_t q = 0; q < P_; ++q)
-      if (pen_[Z(q)] != HUGE_VAL && rank_[Z(q)] != h)
-        donors_[slot_[Z(q)] != orig_[Z(q)] ? 1 : 0].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+    for (size_t word = 0; word < shared_.size(); ++word)
+      for (uint64_t bits = shared_[word]; bits != 0; bits &= bits - 1) {
+        const auto q = static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits)));
+        if (q / S_ == h || pen_[Z(q)] == HUGE_VAL) continue;
+        const int list = slot_[Z(q)] != orig_[Z(q)] ? 1 : 0;
+        donors_[list].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+        min_pex[list] = std::min(min_pex[list], pex_[Z(q)]);
+      }
     for (const int list : {1, 0}) {
       const double per = list == 1 ? 2.0 : 1.0;
       for (const int64_t x : on_h_) {
         if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
         const double nx = more_[Z(x)], gx = -gain_[Z(x)];
+        // no score of this list gets in (gx falls along on_h_, the floor only rises)
+        if (per * (gx - min_pex[list]) < top.Floor()) break;
         for (const Donor& d : donors_[list]) {
           const double score = (gx - std::max(0.0, d.base + nx) - d.pex) * per;
           if (score < top.Floor() || slot_[Z(d.slot)] == x) continue;
@@ -405,6 +441,9 @@ class MoveSearch {
         const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
         const double wx = per_[Z(x)];
         const int kept_i = x == xi;
+        // at two per slot (the most a swap gets) first: skips the cost scan below
+        const double most = std::min({wx - lightest, excess, room});
+        if (2.0 * most <= best->score) continue;
         // the cheapest swap of slot i with o, in integers (cost 2 unless a slot changed)
         int cheapest = 2;
         if (!kept_i || changed_on_[Z(o)] > 0)
@@ -412,8 +451,7 @@ class MoveSearch {
             const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
             cheapest = std::min(cheapest, (y != xi) - 1 + kept_i + (x != yj) - (y != yj));
           }
-        if (kSwapPer[cheapest + 2] * std::min({wx - lightest, excess, room}) <= best->score)
-          continue;
+        if (kSwapPer[cheapest + 2] * most <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
           const double d = wx - per_[Z(y)];
@@ -500,6 +538,8 @@ class MoveSearch {
       load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
       MarkRank(rank_[Z(st.i)]);
       MarkRank(rank_[Z(st.j)]);
+      MarkShared(st.i);
+      MarkShared(st.j);
       return;
     }
     const int64_t a = slot_[Z(st.i)], b = st.j;
@@ -518,7 +558,20 @@ class MoveSearch {
         load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
     MarkRank(r0);
     for (const int64_t e : {a, b})
-      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) MarkRank(rank_[Z(q)]);
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+        MarkRank(rank_[Z(q)]);
+        MarkShared(q);
+      }
+  }
+
+  // shared_ bit of slot s: its expert has two or more replicas.
+  void MarkShared(int64_t s) {
+    const uint64_t bit = uint64_t{1} << (s & 63);
+    if (cnt_[Z(slot_[Z(s)])] >= 2) {
+      shared_[Z(s >> 6)] |= bit;
+    } else {
+      shared_[Z(s >> 6)] &= ~bit;
+    }
   }
 
   // Slot s's expert changed (it differed from the old one before: was): changed_on_.
@@ -542,20 +595,38 @@ class MoveSearch {
   // (base_), the excess e's other ranks gain when it gives q up (pen_), that minus o's excess
   // (pex_).
   void Refresh(int64_t e) {
-    const double down = more_[Z(e)] - per_[Z(e)], up = up_[Z(e)];
-    double g = 0.0, l = 0.0;
-    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+    const double down = more_[Z(e)] - per_[Z(e)];
+    double g = 0.0;
+    if (cnt_[Z(e)] < 2) {  // cannot give up a replica: lose_, pen_, pex_ infinite
+      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+        const double v = load_[Z(rank_[Z(q)])];
+        g += Ex(v + down) - Ex(v);
+        base_[Z(q)] = v - per_[Z(e)];
+        pen_[Z(q)] = HUGE_VAL;
+        pex_[Z(q)] = HUGE_VAL;
+      }
+      gain_[Z(e)] = g;
+      lose_[Z(e)] = HUGE_VAL;
+      return;
+    }
+    // rise_[k], ex_[k]: the excess its k-th rank gains when e gives up a replica; its excess
+    const double up = up_[Z(e)];
+    double l = 0.0;
+    int64_t k = 0;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)], ++k) {
       const double v = load_[Z(rank_[Z(q)])], ex = Ex(v);
+      ex_[Z(k)] = ex;
+      rise_[Z(k)] = Ex(v + up) - ex;
       g += Ex(v + down) - ex;
-      l += Ex(v + up) - ex;
+      l += rise_[Z(k)];
     }
     gain_[Z(e)] = g;
-    lose_[Z(e)] = cnt_[Z(e)] >= 2 ? l : HUGE_VAL;
-    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
-      const double lo = load_[Z(rank_[Z(q)])];
-      base_[Z(q)] = lo - per_[Z(e)];
-      pen_[Z(q)] = cnt_[Z(e)] < 2 ? HUGE_VAL : lose_[Z(e)] - (Ex(lo + up) - Ex(lo));
-      pex_[Z(q)] = pen_[Z(q)] - Ex(lo);
+    lose_[Z(e)] = l;
+    k = 0;
+    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)], ++k) {
+      base_[Z(q)] = load_[Z(rank_[Z(q)])] - per_[Z(e)];
+      pen_[Z(q)] = l - rise_[Z(k)];
+      pex_[Z(q)] = pen_[Z(q)] - ex_[Z(k)];
     }
   }
 
@@ -612,10 +683,13 @@ class MoveSearch {
   std::vector<Donor> donors_[2];  // BestStep scratch
   std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
   std::vector<int64_t> dirty_list_;
+  std::vector<uint64_t> is_hot_;  // [n / 64] bit per expert: in hot_
   std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
   std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
+  std::vector<double> rise_, ex_;                       // Refresh scratch
+  std::vector<uint64_t> shared_;  // [P / 64] bit per slot: its expert has >= 2 replicas
 };
 
 // Searches one pack (all slots, or one node's) from the old placement, first taking the replica
@@ -676,8 +750,11 @@ class WalkBack {
     rank_load_.assign(Z(s.num_ranks), 0.0);
     delta_.assign(Z(s.num_ranks), 0.0);
     for (int64_t p = lo_; p < hi_; ++p) rank_load_[Z(p / S_)] += Share(cur[p]);
-    slots_of_.assign(Z(s.num_logical), {});
-    for (int64_t p = lo_; p < hi_; ++p) slots_of_[Z(cur[p])].push_back(p);
+    head_.assign(Z(s.num_logical), -1);
+    tail_.assign(Z(s.num_logical), -1);
+    next_.assign(Z(s.num_physical), -1);
+    prev_.assign(Z(s.num_physical), -1);
+    for (int64_t p = lo_; p < hi_; ++p) Append(cur[p], p);
   }
 
   void Run() {
@@ -717,7 +794,7 @@ class WalkBack {
     const int64_t y = cur_[p], x = old_[p], r = p / S_;
     Option best;
     const double d = Share(x) - Share(y);  // a swap: r gains d, the partner loses d
-    for (const int64_t t : slots_of_[Z(x)]) {
+    for (int64_t t = head_[Z(x)]; t >= 0; t = next_[Z(t)]) {
       const int64_t o = t / S_;
       if (o == r || cur_[t] == old_[t]) continue;
       const int restored = old_[t] == y ? 2 : 1;
@@ -743,8 +820,9 @@ class WalkBack {
         touched_.push_back(rank);
       delta_[Z(rank)] += d;
     };
-    for (const int64_t q : slots_of_[Z(y)]) add(q / S_, q == p ? -y_old : y_new - y_old);
-    for (const int64_t q : slots_of_[Z(x)]) add(q / S_, x_new - x_old);
+    for (int64_t q = head_[Z(y)]; q >= 0; q = next_[Z(q)])
+      add(q / S_, q == p ? -y_old : y_new - y_old);
+    for (int64_t q = head_[Z(x)]; q >= 0; q = next_[Z(q)]) add(q / S_, x_new - x_old);
     add(p / S_, x_new);
     double worst = 0.0;
     for (const int64_t rank : touched_) {
@@ -762,17 +840,18 @@ class WalkBack {
       rank_load_[Z(p / S_)] += d;
       rank_load_[Z(o.t / S_)] -= d;
       std::swap(cur_[p], cur_[o.t]);
-      std::replace(slots_of_[Z(x)].begin(), slots_of_[Z(x)].end(), o.t, p);
-      std::replace(slots_of_[Z(y)].begin(), slots_of_[Z(y)].end(), p, o.t);
+      // p takes t's place in x's list and t p's in y's
+      const int64_t pp = prev_[Z(p)], np = next_[Z(p)], pt = prev_[Z(o.t)], nt = next_[Z(o.t)];
+      Relink(x, p, pt, nt);
+      Relink(y, o.t, pp, np);
       return;
     }
     ConvertWorst(p, y, x, true);
     --cnt_[Z(y)];
     ++cnt_[Z(x)];
     cur_[p] = x;
-    auto& ly = slots_of_[Z(y)];
-    ly.erase(std::find(ly.begin(), ly.end(), p));
-    slots_of_[Z(x)].push_back(p);
+    Unlink(y, p);
+    Append(x, p);
   }
 
   const double* load_;
@@ -783,7 +862,48 @@ class WalkBack {
   double limit_;
   std::vector<int64_t> cnt_, touched_;
   std::vector<double> rank_load_, delta_;
-  std::vector<std::vector<int64_t>> slots_of_;
+  // the slots of each expert in these ranks, in order: lists through next_ / prev_ [P] from
+  // head_ / tail_ [E] (-1: none), one allocation each rather than one per expert
+  std::vector<int64_t> head_, tail_, next_, prev_;
+
+  void Append(int64_t e, int64_t s) {
+    prev_[Z(s)] = tail_[Z(e)];
+    next_[Z(s)] = -1;
+    if (tail_[Z(e)] >= 0) {
+      next_[Z(tail_[Z(e)])] = s;
+    } else {
+      head_[Z(e)] = s;
+    }
+    tail_[Z(e)] = s;
+  }
+  void Unlink(int64_t e, int64_t s) {
+    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
+    if (p >= 0) {
+      next_[Z(p)] = q;
+    } else {
+      head_[Z(e)] = q;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = p;
+    } else {
+      tail_[Z(e)] = p;
+    }
+  }
+  // Slot `to` takes the place (between p and q) of a slot in e's list.
+  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
+    prev_[Z(to)] = p;
+    next_[Z(to)] = q;
+    if (p >= 0) {
+      next_[Z(p)] = to;
+    } else {
+      head_[Z(e)] = to;
+    }
+    if (q >= 0) {
+      prev_[Z(q)] = to;
+    } else {
+      tail_[Z(e)] = to;
+    }
+  }
 };
 
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).
@@ -833,7 +953,10 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
     ++cnt[Z(best)];
     incoming.push_back(best);
   }
-  auto per = [&](int64_t e) { return w[Z(e)] / static_cast<double>(cnt[Z(e)]); };
+  // load per replica (counts final from here), divided once rather than in every comparison
+  std::vector<double> share(Z(m));
+  for (int64_t e = 0; e < m; ++e) share[Z(e)] = w[Z(e)] / static_cast<double>(cnt[Z(e)]);
+  auto per = [&](int64_t e) { return share[Z(e)]; };
   std::stable_sort(incoming.begin(), incoming.end(),
                    [&](int64_t a, int64_t b) { return per(a) > per(b); });
   std::vector<double> rank_load(Z(rpn), 0.0);
@@ -951,9 +1074,10 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   const int64_t N = shape.num_nodes, G = shape.num_groups, group_size = E / G;
   const int64_t rpn = shape.num_ranks / N, node_slots = rpn * S;
   auto experts_of = [&](const std::vector<int64_t>& group_node, int64_t n) {
-    std::vector<int64_t> experts;
-    for (int64_t e = 0; e < E; ++e)
-      if (group_node[Z(e / group_size)] == n) experts.push_back(e);
+    std::vector<int64_t> experts;  // ascending: group by group (no division per expert)
+    for (int64_t g = 0; g < G; ++g)
+      if (group_node[Z(g)] == n)
+        for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) experts.push_back(e);
     return experts;
   };
   // Every node searched from its old content, kept for the partitions tried below.
@@ -1002,10 +1126,12 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     }
     std::vector<char> allowed(Z(E), 0);
     std::vector<int64_t> experts;
-    for (int64_t e = 0; e < E; ++e) {
-      allowed[Z(e)] = in_new[Z(e / group_size)];
-      if (allowed[Z(e)]) experts.push_back(e);
-    }
+    for (int64_t g = 0; g < G; ++g)
+      if (in_new[Z(g)])
+        for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {
+          allowed[Z(e)] = 1;
+          experts.push_back(e);
+        }
     WalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log).Run();
     const int64_t first = n * node_slots, last = first + node_slots;
     if (SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data()) &&
@@ -1021,7 +1147,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   // lightest, the two nodes by SubstituteNode, the others as searched; keep the one that reaches
   // the stop with the fewest changed slots, if fewer than the fallback's.
   std::vector<double> group_load(Z(G), 0.0), node_load(Z(N), 0.0);
-  for (int64_t e = 0; e < E; ++e) group_load[Z(e / group_size)] += load[e];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
   std::vector<std::tuple<double, int64_t, int64_t>> swaps;  // (max node load, group x, group y)
   for (int64_t x = 0; x < G; ++x)
