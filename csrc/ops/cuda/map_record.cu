@@ -438,7 +438,8 @@ void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Para
   p.vectorized = reinterpret_cast<uintptr_t>(ids.data_ptr()) % 16 == 0 &&
                  (out == nullptr || reinterpret_cast<uintptr_t>(out->data_ptr()) % 16 == 0);
   // Shared memory: the block histogram first, then the staged tables if they still fit.
-  constexpr int64_t kSharedBytes = 48 * 1024;
+  // (48 KiB without an opt-in, less the kernel's static scan scratch, s_warp_sums)
+  constexpr int64_t kSharedBytes = 48 * 1024 - kScanWarps * 4;
   p.shared_hist = p.P * 4 <= kSharedBytes;
   int64_t smem = p.shared_hist ? p.P * 4 : 0;
   if constexpr (kKind != Kind::kCountOnly) {
