@@ -75,7 +75,8 @@ def test_not_a_config_is_refused(config):
     ({"max_move_bytes_per_step": 2.5e9}, "max_move_bytes_per_step"),
     ({"max_move_bytes_per_step": True}, "max_move_bytes_per_step"),
     ({"dynamic_eplb": "yes"}, "dynamic_eplb"),
-    ({"expert_map_path": "/no/such/file.json"}, "expert_map_path"),
+    ({"expert_map_path": ""}, "expert_map_path"),
+    ({"expert_map_path": 3}, "expert_map_path"),
     ({"step_interval": 3, "expert_heat_collection_interval": 4}, "step_interval"),
     ({"eplb_config": 3}, "eplb_config"),
 ])

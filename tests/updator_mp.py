@@ -235,10 +235,90 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
         assert any(m["steps"] > 1 for m in moves), moves
     updator.shutdown()
     dist.barrier()
+    _attach_fails_on_one_rank(rank, world, group, device, tmpdir, redundant)
     _expert_map_fault(rank, world, group, device, tmpdir, redundant)
     dist.barrier()
     dist.destroy_process_group()
     leave()
+
+
+def _attach_fails_on_one_rank(rank, world, group, device, tmpdir, redundant):
+    """What fails on one rank only at attach (its expert map file missing, a different map,
+    buffers or staging it cannot allocate) is refused on every rank, none waits for another,
+    and the model is left as it was."""
+    import eplb_native.updator as updator_mod
+
+    last = rank == world - 1
+    p = EXPERTS + redundant
+    rng = np.random.default_rng(12)  # the same draws on every rank
+    maps = [np.stack([np.concatenate([rng.permutation(EXPERTS),
+                                      rng.integers(0, EXPERTS, p - EXPERTS)])
+                      for _ in range(NUM_LAYERS)]) for _ in range(2)]
+    paths = [os.path.join(tmpdir, f"one_rank_map{i}.json") for i in range(2)]
+    if rank == 0:
+        for path, m in zip(paths, maps, strict=True):
+            expert_map.save(path, m, world)
+    dist.barrier()
+    model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
+    default = eplb_native.state.default_placement(EXPERTS, world, redundant)
+    missing = os.path.join(tmpdir, "no_such_map.json")
+    buffers = [set(layer._buffers) for layer in model.layers]
+
+    def refused(config, mine, others):
+        expected = mine if last else others
+        try:
+            eplb_native.attach(model, config, group)
+        except Exception as e:  # noqa: BLE001  (checked below)
+            assert isinstance(e, expected), f"rank {rank}: {e!r}, expected {expected.__name__}"
+            return str(e)
+        raise AssertionError(f"attach with {config} was not refused on rank {rank}")
+
+    static = {"dynamic_eplb": False}
+    # the map file is missing on the last rank only
+    msg = refused({**static, "expert_map_path": missing if last else paths[0]},
+                  FileNotFoundError, RuntimeError)
+    assert last or f"rank {world - 1} " in msg, msg
+    # the last rank loads another map than the others
+    msg = refused({**static, "expert_map_path": paths[1] if last else paths[0]},
+                  ValueError, ValueError)
+    assert "different expert maps" in msg, msg
+    # the last rank cannot allocate its buffers
+    real_alloc = updator_mod.Updator._allocate_buffers
+
+    def alloc(self):
+        if last:
+            raise torch.OutOfMemoryError("no memory for the buffers (injected)")
+        real_alloc(self)
+
+    updator_mod.Updator._allocate_buffers = alloc
+    try:
+        msg = refused({**static, "expert_map_path": paths[0]}, torch.OutOfMemoryError,
+                      RuntimeError)
+        assert last or f"rank {world - 1} " in msg, msg
+    finally:
+        updator_mod.Updator._allocate_buffers = real_alloc
+    # the last rank cannot allocate the staging the expert map's move needs
+    real_staging = updator_mod._staging_like
+
+    def staging(weights):
+        if last:
+            raise torch.OutOfMemoryError("no memory for staging (injected)")
+        return real_staging(weights)
+
+    updator_mod._staging_like = staging
+    try:
+        msg = refused({**static, "expert_map_path": paths[0]}, RuntimeError, RuntimeError)
+        assert ("staging buffers: OutOfMemoryError" if last else
+                "another rank could not allocate staging") in msg, msg
+        assert "the model is as it was" in msg, msg
+    finally:
+        updator_mod._staging_like = real_staging
+    for layer, before in zip(model.layers, buffers, strict=True):
+        assert np.array_equal(layer.phy2log.cpu().numpy(), default)
+        assert set(layer._buffers) == before
+    _check_slots(model)
+    _run(model, reference, None, 2, rank, device, first_step=400)
+    dist.barrier()
 
 
 def _expert_map_fault(rank, world, group, device, tmpdir, redundant):

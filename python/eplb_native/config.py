@@ -115,8 +115,9 @@ class EplbConfig:
                 raise ValueError(f"{key} must be a path (str) or None, got {type(v).__name__}")
             if isinstance(v, str) and not v:
                 raise ValueError(f"{key} must be a non-empty path or None")
-        if self.expert_map_path is not None and not os.path.isfile(self.expert_map_path):
-            raise ValueError(f"expert_map_path: no such file {os.fspath(self.expert_map_path)!r}")
+        # expert_map_path is not opened here: a file missing on one host must fail attach on
+        # every rank together (the updator agrees on the load), not this rank alone before the
+        # collective part of attach, where the others would wait for it.
         if self.communicator not in _COMMUNICATORS:
             raise ValueError(f"communicator must be one of {list(_COMMUNICATORS)}, got "
                              f"{self.communicator!r}")

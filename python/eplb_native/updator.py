@@ -30,6 +30,7 @@ which layers move) is identical on every rank.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -169,15 +170,6 @@ class Updator:
         # A sliding window needs one row per step; the default window (= the heat interval)
         # needs one running sum, reset at each gather.
         self._sliding = config.window_size is not None
-        w = config.window_size if self._sliding else 1
-        dev = {"device": self.device}
-        # Buffers allocated once: per-step logical load ring, per-window rank tokens, gather.
-        self._ring = torch.zeros(w, self.num_layers, self.num_logical, dtype=torch.int64, **dev)
-        self._rank_tokens = torch.zeros(self.num_layers, self.num_ranks, dtype=torch.int64,
-                                        **dev)
-        width = self.num_layers * (self.num_logical + self.num_ranks)
-        self._send = torch.zeros(width, dtype=torch.int64, **dev)
-        self._gathered = torch.zeros(self.num_ranks * width, dtype=torch.int64, **dev)
         self._steps_in_window = 0
         self._staging: list[list[torch.Tensor]] = []
         # Rows (one slot's weights) each rank may receive / send per step; None: no limit.
@@ -185,13 +177,40 @@ class Updator:
         if config.max_move_bytes_per_step is not None:
             self._rows_per_step = max(1, config.max_move_bytes_per_step
                                       // max(1, first.slot_bytes()))
-        if config.dynamic_eplb:
-            self._allocate_staging()
+        # What may fail on one rank only (memory for the buffers and staging, a map file missing
+        # or different on one host) is agreed by every rank before the first collective move or
+        # gather: a rank that refuses never leaves the others waiting for it.
+        error: Exception | None = None
+        target = None
+        try:
+            self._allocate_buffers()
+            if config.expert_map_path is not None:
+                target, _ = expert_map.load(config.expert_map_path, num_ranks=self.num_ranks,
+                                            num_logical=self.num_logical,
+                                            num_layers=self.num_layers,
+                                            num_slots=self.num_slots, name="expert_map_path")
+        except Exception as e:  # noqa: BLE001  (agreed below, then raised)
+            error = e
+        self._agree_attach(error, target)
         self._free = list(range(len(self._staging)))  # staging sets no move holds
-        if config.expert_map_path is not None:
-            self._apply_expert_map(config.expert_map_path)
+        if target is not None:
+            self._apply_expert_map(target, config.expert_map_path)
         if config.dynamic_eplb:
             self._planner = Planner()
+
+    def _allocate_buffers(self) -> None:
+        """The buffers allocated once: per-step logical load ring, per-window rank tokens, the
+        gather's send / receive buffers, and (dynamic EPLB) the staging sets."""
+        w = self.config.window_size if self._sliding else 1
+        dev = {"device": self.device}
+        self._ring = torch.zeros(w, self.num_layers, self.num_logical, dtype=torch.int64, **dev)
+        self._rank_tokens = torch.zeros(self.num_layers, self.num_ranks, dtype=torch.int64,
+                                        **dev)
+        width = self.num_layers * (self.num_logical + self.num_ranks)
+        self._send = torch.zeros(width, dtype=torch.int64, **dev)
+        self._gathered = torch.zeros(self.num_ranks * width, dtype=torch.int64, **dev)
+        if self.config.dynamic_eplb:
+            self._allocate_staging()
 
     def _allocate_staging(self) -> None:
         """``layers_per_step`` staging sets (a move's receive buffers, one layer's weights
@@ -205,6 +224,34 @@ class Updator:
         self._staging = [_staging_like(first.weights)
                          for _ in range(min(self.config.layers_per_step, self.num_layers))]
 
+    def _agree_attach(self, error: Exception | None, target: np.ndarray | None) -> None:
+        """Collective: raises on every rank unless every rank set up without error and loaded
+        the same expert map (or none). The failing rank raises its own error, the others a
+        RuntimeError naming the lowest failing rank."""
+        if self._cpu_group is None:
+            if error is not None:
+                raise error
+            return
+        # blake2b of the map's bytes, 7 bytes so that it and its negation fit an int64; 0: none
+        digest = 0 if target is None else 1 + int.from_bytes(
+            hashlib.blake2b(np.ascontiguousarray(target).tobytes(), digest_size=7).digest(),
+            "little")
+        # MIN of (failing rank or num_ranks, digest, -digest): the lowest failing rank, and
+        # whether every rank's digest is the same.
+        t = torch.tensor([self.rank if error is not None else self.num_ranks, digest, -digest],
+                         dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._cpu_group)
+        failed, low, high = int(t[0]), int(t[1]), -int(t[2])
+        if error is not None:
+            raise error
+        if failed < self.num_ranks:
+            raise RuntimeError(f"attach refused: rank {failed} of the group failed to set up "
+                               "(its own error says why); nothing was changed on this rank")
+        if low != high:
+            raise ValueError(f"expert_map_path {self.config.expert_map_path!r}: the ranks "
+                             "loaded different expert maps (or some none); every rank must "
+                             "load the same map")
+
     # ----------------------------------------------------------------------------------------
     # placement
 
@@ -217,14 +264,12 @@ class Updator:
         self.layers[layer].set_placement(phy2log)
         self._placement[layer] = phy2log
 
-    def _apply_expert_map(self, path) -> None:
-        """Moves every layer's weights to the expert map's placement, at attach: all layers or
-        none. Each layer's move is agreed by every rank before any commits it, so all ranks
-        commit the same layers; when one fails, the layers already moved are moved back, so
-        the refused attach leaves the model as it was."""
-        target, _ = expert_map.load(path, num_ranks=self.num_ranks, num_logical=self.num_logical,
-                                    num_layers=self.num_layers, num_slots=self.num_slots,
-                                    name="expert_map_path")
+    def _apply_expert_map(self, target: np.ndarray, path) -> None:
+        """Moves every layer's weights to the expert map's placement ``target`` [L, P] (loaded
+        from ``path``, the same on every rank), at attach: all layers or none. Each layer's move
+        is agreed by every rank before any commits it, so all ranks commit the same layers;
+        when one fails, the layers already moved are moved back, so the refused attach leaves
+        the model as it was."""
         original = self._placement.copy()
         moved, failed = self._move_now(dict(enumerate(target)),
                                        self._staging[0] if self._staging else None)
@@ -251,10 +296,19 @@ class Updator:
         agrees on each layer's outcome before committing it; the first layer that fails on any
         rank stops the walk there on every rank. Returns (the layers moved, in order; None or
         (failed layer, reason))."""
-        if staging is None:
-            staging = _staging_like(self.layers[0].weights)
-        stream = self._api.current_stream(self.device) if self._api else None
         moved: list[int] = []
+        if not targets:
+            return moved, None
+        if staging is None:
+            reason = ""
+            try:
+                staging = _staging_like(self.layers[0].weights)
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory on one rank: agreed)
+                reason = f"staging buffers: {type(e).__name__}: {e}"
+            if not self._agreed(not reason):
+                return moved, (next(iter(targets)),
+                               reason or "another rank could not allocate staging buffers")
+        stream = self._api.current_stream(self.device) if self._api else None
         for layer, new in targets.items():
             old = self._placement[layer]
             if np.array_equal(old, new):
@@ -271,10 +325,7 @@ class Updator:
                               f"{self.config.transfer_timeout_s}")
             except Exception as e:  # noqa: BLE001  (agreed below, then reported)
                 reason = f"{type(e).__name__}: {e}"
-            agreed = torch.tensor([0 if reason else 1], dtype=torch.int32)
-            if self._cpu_group is not None:
-                dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._cpu_group)
-            if not agreed.item():
+            if not self._agreed(not reason):
                 self._sync_device()
                 return moved, (layer, reason or "another rank failed its transfers")
             move.commit()
@@ -282,6 +333,14 @@ class Updator:
             moved.append(layer)
         self._sync_device()
         return moved, None
+
+    def _agreed(self, ok: bool) -> bool:
+        """Collective (CPU group): True when ``ok`` on every rank."""
+        if self._cpu_group is None:
+            return ok
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._cpu_group)
+        return bool(flag.item())
 
     # ----------------------------------------------------------------------------------------
     # the step
