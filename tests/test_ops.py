@@ -482,6 +482,25 @@ def test_cuda_spread_wide_tables(E, P, max_rep, id_dtype, table_dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("E,P,max_rep,id_dtype", [(1000, 3424, 8, torch.int64),
+                                                  (1000, 3425, 8, torch.int64),
+                                                  (2048, 4088, 4, torch.int32),
+                                                  (2048, 4089, 4, torch.int32)])
+def test_cuda_spread_shared_memory_full(E, P, max_rep, id_dtype):
+    """Histogram + row info + packed table filling the kernel's dynamic shared memory exactly
+    (4 P + 8 E + P * id bytes = 48 KiB less the kernel's static scan scratch, 64 bytes), and
+    one slot more (not staged: read from global memory)."""
+    gen = np.random.default_rng(P)
+    log2phy, logcnt = _placement(E, P, max_rep, torch.int64, "cuda", gen)
+    wide = _widen(log2phy, P - E + 1)
+    for T in [1, 5000]:
+        load = _load(P, torch.int64, "cuda", gen)
+        ids = _ids(T, 8, E, id_dtype, "cuda", gen)
+        _check_map(ops.map_and_record, ids, wide, logcnt, load, _flag(True, "cuda"), None,
+                   "spread")
+
+
+@needs_cuda
 @pytest.mark.parametrize("E,P", [(64, 72), (256, 288), (384, 512)])
 @pytest.mark.parametrize("excess", [-8, -1, 0, 1, 5000])
 def test_cuda_spread_logcnt_not_matching_slots(E, P, excess):
