@@ -710,7 +710,10 @@ class PackSearch {
         }
         return;
       }
-      if (witness >= 0 && PairAt(trial, witness) > best * (1.0 + 1e-12)) return;
+      // (3e-12, not 1e-12: PairsBelow chains its tolerance, so its max may sit up to 1e-12
+      // below a pair's value; above 3e-12 that max is above best's 1e-12 band whatever the
+      // rounding, so the scan would reject the trial too. In between, the scan decides.)
+      if (witness >= 0 && PairAt(trial, witness) > best * (1.0 + 3e-12)) return;
       double v = 0.0;
       int64_t t = 0;
       if (PairsBelow(trial, best, best_ties, &v, &t, &witness)) {
