@@ -36,6 +36,7 @@
 
 #include "planner/packing.h"
 #include "planner/policies.h"
+#include "planner/slot_lists.h"
 
 namespace eplb {
 namespace {
@@ -180,11 +181,8 @@ class MoveSearch {
     more_.resize(Z(n_));
     up_.resize(Z(n_));
     for (int64_t e = 0; e < n_; ++e) SetCount(e, cnt_[Z(e)]);
-    head_.assign(Z(n_), -1);
-    tail_.assign(Z(n_), -1);
-    next_.assign(Z(P_), -1);
-    prev_.assign(Z(P_), -1);
-    for (int64_t s = 0; s < P_; ++s) Append(slot_[Z(s)], s);
+    lists_.Reset(n_, P_);
+    for (int64_t s = 0; s < P_; ++s) lists_.Append(slot_[Z(s)], s);
     load_.assign(Z(R_), 0.0);
     for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
     delta_.assign(Z(R_), 0.0);
@@ -508,9 +506,10 @@ class MoveSearch {
       if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
       delta_[Z(r)] += d;
     };
-    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+    for (int64_t q = lists_.head[Z(a)]; q >= 0; q = lists_.next[Z(q)])
       add(rank_[Z(q)], q == s ? wb_new - wa : wa_new - wa);
-    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)]) add(rank_[Z(q)], wb_new - wb);
+    for (int64_t q = lists_.head[Z(b)]; q >= 0; q = lists_.next[Z(q)])
+      add(rank_[Z(q)], wb_new - wb);
     double reduction = 0.0;
     *flat = 0.0;
     for (const int64_t r : touched_) {
@@ -530,10 +529,10 @@ class MoveSearch {
       std::swap(slot_[Z(st.i)], slot_[Z(st.j)]);
       CountChange(st.i, was_i);
       CountChange(st.j, was_j);
-      const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
-      const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
-      Relink(x, st.j, pi, ni);
-      Relink(y, st.i, pj, nj);
+      const int64_t pi = lists_.prev[Z(st.i)], ni = lists_.next[Z(st.i)];
+      const int64_t pj = lists_.prev[Z(st.j)], nj = lists_.next[Z(st.j)];
+      lists_.Relink(x, st.j, pi, ni);
+      lists_.Relink(y, st.i, pj, nj);
       load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
       load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
       MarkRank(rank_[Z(st.i)]);
@@ -550,15 +549,15 @@ class MoveSearch {
     const bool was = a != orig_[Z(st.i)];
     slot_[Z(st.i)] = b;
     CountChange(st.i, was);
-    Unlink(a, st.i);
-    Append(b, st.i);
+    lists_.Unlink(a, st.i);
+    lists_.Append(b, st.i);
     load_[Z(r0)] = RankLoad(r0);
     for (const int64_t e : {a, b})
-      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)])
+      for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)])
         load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
     MarkRank(r0);
     for (const int64_t e : {a, b})
-      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+      for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)]) {
         MarkRank(rank_[Z(q)]);
         MarkShared(q);
       }
@@ -598,7 +597,7 @@ class MoveSearch {
     const double down = more_[Z(e)] - per_[Z(e)];
     double g = 0.0;
     if (cnt_[Z(e)] < 2) {  // cannot give up a replica: lose_, pen_, pex_ infinite
-      for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)]) {
+      for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)]) {
         const double v = load_[Z(rank_[Z(q)])];
         g += Ex(v + down) - Ex(v);
         base_[Z(q)] = v - per_[Z(e)];
@@ -613,7 +612,7 @@ class MoveSearch {
     const double up = up_[Z(e)];
     double l = 0.0;
     int64_t k = 0;
-    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)], ++k) {
+    for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)], ++k) {
       const double v = load_[Z(rank_[Z(q)])], ex = Ex(v);
       ex_[Z(k)] = ex;
       rise_[Z(k)] = Ex(v + up) - ex;
@@ -623,48 +622,10 @@ class MoveSearch {
     gain_[Z(e)] = g;
     lose_[Z(e)] = l;
     k = 0;
-    for (int64_t q = head_[Z(e)]; q >= 0; q = next_[Z(q)], ++k) {
+    for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)], ++k) {
       base_[Z(q)] = load_[Z(rank_[Z(q)])] - per_[Z(e)];
       pen_[Z(q)] = l - rise_[Z(k)];
       pex_[Z(q)] = pen_[Z(q)] - ex_[Z(k)];
-    }
-  }
-
-  void Append(int64_t e, int64_t s) {
-    prev_[Z(s)] = tail_[Z(e)];
-    next_[Z(s)] = -1;
-    if (tail_[Z(e)] >= 0) {
-      next_[Z(tail_[Z(e)])] = s;
-    } else {
-      head_[Z(e)] = s;
-    }
-    tail_[Z(e)] = s;
-  }
-  void Unlink(int64_t e, int64_t s) {
-    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
-    if (p >= 0) {
-      next_[Z(p)] = q;
-    } else {
-      head_[Z(e)] = q;
-    }
-    if (q >= 0) {
-      prev_[Z(q)] = p;
-    } else {
-      tail_[Z(e)] = p;
-    }
-  }
-  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
-    prev_[Z(to)] = p;
-    next_[Z(to)] = q;
-    if (p >= 0) {
-      next_[Z(p)] = to;
-    } else {
-      head_[Z(e)] = to;
-    }
-    if (q >= 0) {
-      prev_[Z(q)] = to;
-    } else {
-      tail_[Z(e)] = to;
     }
   }
 
@@ -684,7 +645,8 @@ class MoveSearch {
   std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
   std::vector<int64_t> dirty_list_;
   std::vector<uint64_t> is_hot_;  // [n / 64] bit per expert: in hot_
-  std::vector<int64_t> slot_, orig_, rank_, cnt_, head_, tail_, next_, prev_, touched_;
+  std::vector<int64_t> slot_, orig_, rank_, cnt_, touched_;
+  detail::SlotLists lists_;  // each expert's slots
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
   std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
@@ -750,11 +712,8 @@ class WalkBack {
     rank_load_.assign(Z(s.num_ranks), 0.0);
     delta_.assign(Z(s.num_ranks), 0.0);
     for (int64_t p = lo_; p < hi_; ++p) rank_load_[Z(p / S_)] += Share(cur[p]);
-    head_.assign(Z(s.num_logical), -1);
-    tail_.assign(Z(s.num_logical), -1);
-    next_.assign(Z(s.num_physical), -1);
-    prev_.assign(Z(s.num_physical), -1);
-    for (int64_t p = lo_; p < hi_; ++p) Append(cur[p], p);
+    lists_.Reset(s.num_logical, s.num_physical);
+    for (int64_t p = lo_; p < hi_; ++p) lists_.Append(cur[p], p);
   }
 
   void Run() {
@@ -794,7 +753,7 @@ class WalkBack {
     const int64_t y = cur_[p], x = old_[p], r = p / S_;
     Option best;
     const double d = Share(x) - Share(y);  // a swap: r gains d, the partner loses d
-    for (int64_t t = head_[Z(x)]; t >= 0; t = next_[Z(t)]) {
+    for (int64_t t = lists_.head[Z(x)]; t >= 0; t = lists_.next[Z(t)]) {
       const int64_t o = t / S_;
       if (o == r || cur_[t] == old_[t]) continue;
       const int restored = old_[t] == y ? 2 : 1;
@@ -820,9 +779,9 @@ class WalkBack {
         touched_.push_back(rank);
       delta_[Z(rank)] += d;
     };
-    for (int64_t q = head_[Z(y)]; q >= 0; q = next_[Z(q)])
+    for (int64_t q = lists_.head[Z(y)]; q >= 0; q = lists_.next[Z(q)])
       add(q / S_, q == p ? -y_old : y_new - y_old);
-    for (int64_t q = head_[Z(x)]; q >= 0; q = next_[Z(q)]) add(q / S_, x_new - x_old);
+    for (int64_t q = lists_.head[Z(x)]; q >= 0; q = lists_.next[Z(q)]) add(q / S_, x_new - x_old);
     add(p / S_, x_new);
     double worst = 0.0;
     for (const int64_t rank : touched_) {
@@ -841,17 +800,18 @@ class WalkBack {
       rank_load_[Z(o.t / S_)] -= d;
       std::swap(cur_[p], cur_[o.t]);
       // p takes t's place in x's list and t p's in y's
-      const int64_t pp = prev_[Z(p)], np = next_[Z(p)], pt = prev_[Z(o.t)], nt = next_[Z(o.t)];
-      Relink(x, p, pt, nt);
-      Relink(y, o.t, pp, np);
+      const int64_t pp = lists_.prev[Z(p)], np = lists_.next[Z(p)], pt = lists_.prev[Z(o.t)],
+                    nt = lists_.next[Z(o.t)];
+      lists_.Relink(x, p, pt, nt);
+      lists_.Relink(y, o.t, pp, np);
       return;
     }
     ConvertWorst(p, y, x, true);
     --cnt_[Z(y)];
     ++cnt_[Z(x)];
     cur_[p] = x;
-    Unlink(y, p);
-    Append(x, p);
+    lists_.Unlink(y, p);
+    lists_.Append(x, p);
   }
 
   const double* load_;
@@ -862,48 +822,10 @@ class WalkBack {
   double limit_;
   std::vector<int64_t> cnt_, touched_;
   std::vector<double> rank_load_, delta_;
-  // the slots of each expert in these ranks, in order: lists through next_ / prev_ [P] from
-  // head_ / tail_ [E] (-1: none), one allocation each rather than one per expert
-  std::vector<int64_t> head_, tail_, next_, prev_;
+  // the slots of each expert in these ranks, in order
+  detail::SlotLists lists_;
 
-  void Append(int64_t e, int64_t s) {
-    prev_[Z(s)] = tail_[Z(e)];
-    next_[Z(s)] = -1;
-    if (tail_[Z(e)] >= 0) {
-      next_[Z(tail_[Z(e)])] = s;
-    } else {
-      head_[Z(e)] = s;
-    }
-    tail_[Z(e)] = s;
-  }
-  void Unlink(int64_t e, int64_t s) {
-    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
-    if (p >= 0) {
-      next_[Z(p)] = q;
-    } else {
-      head_[Z(e)] = q;
-    }
-    if (q >= 0) {
-      prev_[Z(q)] = p;
-    } else {
-      tail_[Z(e)] = p;
-    }
-  }
   // Slot `to` takes the place (between p and q) of a slot in e's list.
-  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
-    prev_[Z(to)] = p;
-    next_[Z(to)] = q;
-    if (p >= 0) {
-      next_[Z(p)] = to;
-    } else {
-      head_[Z(e)] = to;
-    }
-    if (q >= 0) {
-      prev_[Z(q)] = to;
-    } else {
-      tail_[Z(e)] = to;
-    }
-  }
 };
 
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).

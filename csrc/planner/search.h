@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "planner/packing.h"
+#include "planner/slot_lists.h"
 
 namespace eplb {
 namespace detail {
@@ -223,58 +224,17 @@ class PackSearch {
     }
   }
 
-  // The slots of each expert as doubly linked lists over slot ids (head_/tail_ per expert,
-  // next_/prev_ per slot, -1 ends), in the order a vector per expert would have: built by
-  // ascending slot, a swapped slot takes the place of the one it replaces, a converted slot is
-  // unlinked and appended. No allocation per search.
+  // The slots of each expert as linked lists (SlotLists), in the order a vector per expert
+  // would have: built by ascending slot, a swapped slot takes the place of the one it replaces, a
+  // converted slot is unlinked and appended. No allocation per search.
   void BuildLists() {
     const int64_t P = R_ * S_;
-    head_.assign(Z(n_), -1);
-    tail_.assign(Z(n_), -1);
-    next_.assign(Z(P), -1);
-    prev_.assign(Z(P), -1);
-    for (int64_t s = 0; s < P; ++s) Append(slot_exp_[Z(s)], s);
+    lists_.Reset(n_, P);
+    for (int64_t s = 0; s < P; ++s) lists_.Append(slot_exp_[Z(s)], s);
     delta_.assign(Z(R_), 0.0);
     lists_ready_ = true;
   }
-  void Append(int64_t e, int64_t s) {
-    prev_[Z(s)] = tail_[Z(e)];
-    next_[Z(s)] = -1;
-    if (tail_[Z(e)] >= 0) {
-      next_[Z(tail_[Z(e)])] = s;
-    } else {
-      head_[Z(e)] = s;
-    }
-    tail_[Z(e)] = s;
-  }
-  void Unlink(int64_t e, int64_t s) {
-    const int64_t p = prev_[Z(s)], q = next_[Z(s)];
-    if (p >= 0) {
-      next_[Z(p)] = q;
-    } else {
-      head_[Z(e)] = q;
-    }
-    if (q >= 0) {
-      prev_[Z(q)] = p;
-    } else {
-      tail_[Z(e)] = p;
-    }
-  }
   // Slot `to` takes the place in e's list of the slot whose links were (p, q).
-  void Relink(int64_t e, int64_t to, int64_t p, int64_t q) {
-    prev_[Z(to)] = p;
-    next_[Z(to)] = q;
-    if (p >= 0) {
-      next_[Z(p)] = to;
-    } else {
-      head_[Z(e)] = to;
-    }
-    if (q >= 0) {
-      prev_[Z(q)] = to;
-    } else {
-      tail_[Z(e)] = to;
-    }
-  }
 
   // Max new load over the ranks touched by turning slot s (expert a, cnt >= 2) into expert b,
   // or +inf when h is not touched or a touched rank would not end below M - tol.
@@ -287,9 +247,10 @@ class PackSearch {
       if (std::find(touched_.begin(), touched_.end(), r) == touched_.end()) touched_.push_back(r);
       delta_[Z(r)] += d;
     };
-    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+    for (int64_t q = lists_.head[Z(a)]; q >= 0; q = lists_.next[Z(q)])
       add(rank_[Z(q)], q == s ? wb_new - wa : wa_new - wa);
-    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)]) add(rank_[Z(q)], wb_new - wb);
+    for (int64_t q = lists_.head[Z(b)]; q >= 0; q = lists_.next[Z(q)])
+      add(rank_[Z(q)], wb_new - wb);
     double worst = 0.0;
     bool has_h = false;
     for (int64_t r : touched_) {
@@ -391,10 +352,10 @@ class PackSearch {
       const int64_t x = slot_exp_[Z(st.i)], y = slot_exp_[Z(st.j)];
       std::swap(slot_exp_[Z(st.i)], slot_exp_[Z(st.j)]);
       if (x != y) {  // (swaps always trade different experts: equal ones gain nothing)
-        const int64_t pi = prev_[Z(st.i)], ni = next_[Z(st.i)];
-        const int64_t pj = prev_[Z(st.j)], nj = next_[Z(st.j)];
-        Relink(x, st.j, pi, ni);
-        Relink(y, st.i, pj, nj);
+        const int64_t pi = lists_.prev[Z(st.i)], ni = lists_.next[Z(st.i)];
+        const int64_t pj = lists_.prev[Z(st.j)], nj = lists_.next[Z(st.j)];
+        lists_.Relink(x, st.j, pi, ni);
+        lists_.Relink(y, st.i, pj, nj);
       }
       load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
       load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
@@ -404,11 +365,11 @@ class PackSearch {
     SetCount(a, cnt_[Z(a)] - 1);
     SetCount(b, cnt_[Z(b)] + 1);
     slot_exp_[Z(st.i)] = b;
-    Unlink(a, st.i);
-    Append(b, st.i);
-    for (int64_t q = head_[Z(a)]; q >= 0; q = next_[Z(q)])
+    lists_.Unlink(a, st.i);
+    lists_.Append(b, st.i);
+    for (int64_t q = lists_.head[Z(a)]; q >= 0; q = lists_.next[Z(q)])
       load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
-    for (int64_t q = head_[Z(b)]; q >= 0; q = next_[Z(q)])
+    for (int64_t q = lists_.head[Z(b)]; q >= 0; q = lists_.next[Z(q)])
       load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
   }
 
@@ -832,7 +793,7 @@ class PackSearch {
   double trivial_bound_ = 0.0;
   bool lists_ready_ = false;
   bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
-  std::vector<int64_t> head_, tail_, next_, prev_;  // slot lists per expert (BuildLists)
+  SlotLists lists_;             // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
   std::vector<double> conv_base_, conv_after_;             // BestConvert scratch, per slot
   std::vector<int64_t> init_phy_, init_pack_, init_rank_;  // InitGreedy / Finish scratch
