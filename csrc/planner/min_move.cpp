@@ -961,12 +961,14 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     // of it: 1 of 183 layers of Kimi-K2 on the benchmark's trace.)
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);
-    const int64_t own = RankMoves(old_phy2log, balanced_phy2log, 0, P, S, &count);
-    if (S > 2 && SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, own, E,
-                            nullptr, phy2log)) {
-      PreserveSlots(phy2log, old_phy2log, one);
-      WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
-      return;
+    if (S > 2) {
+      const int64_t own = RankMoves(old_phy2log, balanced_phy2log, 0, P, S, &count);
+      if (SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, own, E, nullptr,
+                     phy2log)) {
+        PreserveSlots(phy2log, old_phy2log, one);
+        WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+        return;
+      }
     }
     // The fallback: balanced's placement renumbered onto the old one and walked back toward it;
     // or, when it reaches the stop with fewer changed slots, a second search that first takes
@@ -974,15 +976,17 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
     PreserveSlots(renumbered.data(), old_phy2log, one);
     WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, renumbered.data()).Run();
-    int64_t budget = 0;
-    for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
-    std::vector<int64_t> balanced_cnt(Z(E), 0);
-    for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
-    if (S > 2 && SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
-                            balanced_cnt.data(), phy2log)) {
-      PreserveSlots(phy2log, old_phy2log, one);
-      WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
-      return;
+    if (S > 2) {
+      int64_t budget = 0;
+      for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
+      std::vector<int64_t> balanced_cnt(Z(E), 0);
+      for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
+      if (SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
+                     balanced_cnt.data(), phy2log)) {
+        PreserveSlots(phy2log, old_phy2log, one);
+        WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+        return;
+      }
     }
     std::copy(renumbered.begin(), renumbered.end(), phy2log);
     return;
