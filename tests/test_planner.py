@@ -83,12 +83,18 @@ def check_transfers(p, old, ranks):
     changed = {(int(a), int(b)) for a, b in zip(*np.nonzero(p.phy2log != old), strict=True)}
     assert {(int(r[0]), int(r[6])) for r in t} == changed
     assert len(t) == len(changed)  # one transfer (one source) per destination
-    for layer, batch, logical, src_rank, src_slot, dst_rank, dst_slot, local in t:
+    wired = {}  # (layer, rank, expert) -> batch of the one wire transfer bringing it
+    for layer, batch, logical, src_rank, src_slot, dst_rank, dst_slot, kind in t:
         assert src_slot // slots == src_rank and dst_slot // slots == dst_rank
         held = logical in old[layer, dst_rank * slots:(dst_rank + 1) * slots]
-        assert bool(local) == held == (src_rank == dst_rank)
-        if local:
+        assert (kind == 1) == held and (kind != 0) == (src_rank == dst_rank)
+        if kind == 1:
             assert batch == 0
+        elif kind == 0:
+            assert (layer, dst_rank, logical) not in wired, "an expert sent twice to one rank"
+            wired[(layer, dst_rank, logical)] = batch
+        else:
+            assert wired[(layer, dst_rank, logical)] == batch
     # a batch is a matching: each rank talks to at most one peer
     for layer in np.unique(t[:, 0]) if len(t) else []:
         rows = t[(t[:, 0] == layer) & (t[:, 7] == 0)]

@@ -45,7 +45,7 @@ FlatPlan Flatten(PlanResult&& r) {
   f.transfers.reserve(r.transfers.size() * 8);
   for (const auto& x : r.transfers) {
     const int64_t row[8] = {x.layer,    x.batch,    x.logical,  x.src_rank,
-                            x.src_slot, x.dst_rank, x.dst_slot, x.local ? 1 : 0};
+                            x.src_slot, x.dst_rank, x.dst_slot, x.kind};
     f.transfers.insert(f.transfers.end(), row, row + 8);
   }
   r.transfers.clear();
@@ -132,6 +132,29 @@ I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
   return out;
 }
 
+// One layer's transfer plan, [T, 8] rows (TRANSFER_COLUMNS, layer 0). The caller
+// (eplb_native.transfer.layer_schedule) has checked: 1-D, equal sizes divisible by num_ranks,
+// num_ranks divisible by num_nodes, ids in [0, num_logical), every new id held in old.
+I64 LayerTransfersPy(const I64& old, const I64& fresh, int64_t num_logical, int64_t num_ranks,
+                     int64_t num_nodes) {
+  Shape s;
+  s.num_layers = 1;
+  s.num_logical = num_logical;
+  s.num_physical = old.shape(0);
+  s.num_ranks = num_ranks;
+  s.num_nodes = num_nodes;
+  std::vector<eplb::Transfer> transfers;
+  {
+    py::gil_scoped_release release;
+    eplb::PlanTransfers(0, old.data(), fresh.data(), s, &transfers);
+  }
+  PlanResult r;
+  r.transfers = std::move(transfers);
+  FlatPlan f = Flatten(std::move(r));
+  const auto T = static_cast<py::ssize_t>(f.transfers.size() / 8);
+  return Own(std::move(f.transfers), {T, static_cast<py::ssize_t>(8)});
+}
+
 class WorkerPy {
  public:
   WorkerPy() : worker_(std::make_unique<eplb::Worker>()) {}
@@ -187,6 +210,8 @@ PYBIND11_MODULE(_planner, m) {
         py::arg("transfers") = true);
   m.def("preserve_slots", &PreserveSlotsPy, py::arg("phy2log"), py::arg("old_phy2log"),
         py::arg("num_ranks"));
+  m.def("layer_transfers", &LayerTransfersPy, py::arg("old_phy2log"), py::arg("new_phy2log"),
+        py::arg("num_logical"), py::arg("num_ranks"), py::arg("num_nodes"));
   py::class_<WorkerPy>(m, "Worker")
       .def(py::init<>())
       .def("submit", &WorkerPy::Submit, py::arg("load"), py::arg("old_phy2log"),

@@ -54,26 +54,32 @@ struct PlanOptions {
 //
 // The transfer plan of a layer (PlanTransfers, transfer.cpp) has exactly one Transfer per slot
 // whose logical expert changes between old and new phy2log, and none for the others:
-//   - reads see the OLD placement: src_slot holds `logical` in old_phy2log. An executor that
-//     overwrites slots in place must stage what it reads first (a slot may be both read and
-//     written in one layer);
-//   - local (src_rank == dst_rank) when the destination rank already held the expert in the old
-//     placement: a copy inside the rank, no wire;
-//   - otherwise one source per destination, picked among the old holders with the fewest sends
-//     so far (ties: same node as the destination, then the lowest rank);
-//   - batch: remote transfers of one batch form a matching of ranks: every rank exchanges
-//     weights with at most one peer per batch (possibly several experts, both directions).
-//     Local copies are in batch 0. Batches are numbered from 0 without gaps per layer.
-// Applying every transfer of a layer to old_phy2log gives new_phy2log.
+//   - kLocal (src_rank == dst_rank) when the destination rank already held the expert in the old
+//     placement: a copy inside the rank from src_slot, which holds it in the OLD placement;
+//   - kWire otherwise, for the first (lowest) slot of the rank that needs the expert: one source
+//     per destination, the only old holder rank or, once those are counted, the holder with the
+//     fewest sends so far (ties: same node as the destination, then the lowest rank); src_slot
+//     holds it in the OLD placement;
+//   - kDup for the rank's further slots of that expert: a copy inside the rank of what the kWire
+//     transfer brings (src_rank == dst_rank, src_slot = that transfer's dst_slot, so it reads the
+//     NEW placement, once that transfer is done); the expert crosses the wire once per rank;
+//   - an executor that overwrites slots in place must stage what kWire / kLocal read first (a
+//     slot may be both read and written in one layer);
+//   - batch: wire transfers of one batch form a matching of ranks: every rank exchanges weights
+//     with at most one peer per batch (possibly several experts, both directions). Local copies
+//     are in batch 0, a kDup in the batch of the wire transfer it copies (after it in the
+//     (batch, dst_slot) order). Batches are numbered from 0 without gaps per layer.
+// Applying every transfer of a layer in that order to old_phy2log gives new_phy2log.
 struct Transfer {
+  enum Kind : int64_t { kWire = 0, kLocal = 1, kDup = 2 };
   int64_t layer = 0;
   int64_t batch = 0;     // transfers of one batch can run together: no rank talks to two peers
   int64_t logical = 0;   // logical expert whose weights travel
-  int64_t src_rank = 0;  // rank that sends (== dst_rank for a local copy)
-  int64_t src_slot = 0;  // global slot index the weights are read from (old placement)
+  int64_t src_rank = 0;  // rank that sends (== dst_rank for kLocal and kDup)
+  int64_t src_slot = 0;  // global slot index the weights are read from (see kind)
   int64_t dst_rank = 0;
   int64_t dst_slot = 0;  // global slot index written (new placement)
-  bool local = false;    // src_rank == dst_rank: a copy inside the rank, no wire
+  int64_t kind = kWire;
 };
 
 // Result of planning L layers. Every vector is owned by this struct.

@@ -3,12 +3,16 @@
 // Every slot whose logical expert changes gets exactly one transfer:
 //   - local when its rank held that expert anywhere in the old placement (a copy inside the
 //     rank, no wire);
-//   - otherwise from one old holder of the expert, the one with the fewest sends so far (ties:
-//     a holder on the destination's node, then the lowest rank), which spreads the sends.
+//   - a duplicate when an earlier slot of the rank receives that expert over the wire in this
+//     layer (a copy of what arrives there: an expert crosses the wire once per rank);
+//   - otherwise from one old holder of the expert: the only one, or (chosen once every
+//     single-holder transfer is counted, by destination slot) the one with the fewest sends so
+//     far (ties: a holder on the destination's node, then the lowest rank), which spreads the
+//     sends.
 // Remote transfers are then batched: the transfers between one pair of ranks form an edge of a
-// multigraph, and edges are coloured greedily (most transfers first, each into the lowest batch
-// where neither rank is busy), so within a batch every rank talks to at most one peer.
-// Local copies go in batch 0; they involve no peer.
+// multigraph, and edges are coloured greedily (pairs in order of their first transfer, each into
+// the lowest batch where neither rank is busy), so within a batch every rank talks to at most one
+// peer. Local copies go in batch 0 (they involve no peer), duplicates in their source's batch.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -41,6 +45,9 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
   }
   std::vector<int64_t> sends(Z(R), 0);
   std::vector<Transfer> layer_out;
+  // (expert, index in layer_out) of the wire transfers into the current destination rank
+  std::vector<std::pair<int64_t, size_t>> arriving;
+  int64_t arriving_rank = -1;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = new_phy2log[p];
     if (e == old_phy2log[p]) continue;
@@ -49,26 +56,51 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
     t.logical = e;
     t.dst_rank = p / S;
     t.dst_slot = p;
+    if (t.dst_rank != arriving_rank) {
+      arriving.clear();
+      arriving_rank = t.dst_rank;
+    }
     const auto* h_begin = holder.data() + start[Z(e)];
     const auto* h_end = h_begin + fill[Z(e)];
     const auto* local =
         std::find_if(h_begin, h_end, [&](const auto& x) { return x.first == t.dst_rank; });
+    const auto dup = std::find_if(arriving.begin(), arriving.end(),
+                                  [&](const auto& x) { return x.first == e; });
     if (local != h_end) {
       t.src_rank = t.dst_rank;
       t.src_slot = local->second;
-      t.local = true;
+      t.kind = Transfer::kLocal;
+    } else if (dup != arriving.end()) {
+      t.src_rank = t.dst_rank;
+      t.src_slot = layer_out[dup->second].dst_slot;
+      t.batch = static_cast<int64_t>(dup->second);  // the source's index until batches are set
+      t.kind = Transfer::kDup;
     } else {
-      // every logical expert has an old holder: old_phy2log was validated
-      auto key = [&](const std::pair<int64_t, int64_t>& x) {
-        return std::make_tuple(sends[Z(x.first)], x.first / rpn != t.dst_rank / rpn, x.first);
-      };
-      const auto* best = std::min_element(
-          h_begin, h_end, [&](const auto& x, const auto& y) { return key(x) < key(y); });
-      t.src_rank = best->first;
-      t.src_slot = best->second;
-      ++sends[Z(t.src_rank)];
+      arriving.push_back({e, layer_out.size()});
+      // every logical expert has an old holder (old_phy2log was validated); with one holder
+      // rank there is no choice, so those count first and the others choose below
+      if (fill[Z(e)] == 1) {
+        t.src_rank = h_begin->first;
+        t.src_slot = h_begin->second;
+        ++sends[Z(t.src_rank)];
+      } else {
+        t.src_rank = -1;
+      }
     }
     layer_out.push_back(t);
+  }
+  for (auto& t : layer_out) {
+    if (t.kind != Transfer::kWire || t.src_rank >= 0) continue;
+    const auto* h_begin = holder.data() + start[Z(t.logical)];
+    const auto* h_end = h_begin + fill[Z(t.logical)];
+    auto key = [&](const std::pair<int64_t, int64_t>& x) {
+      return std::make_tuple(sends[Z(x.first)], x.first / rpn != t.dst_rank / rpn, x.first);
+    };
+    const auto* best = std::min_element(
+        h_begin, h_end, [&](const auto& x, const auto& y) { return key(x) < key(y); });
+    t.src_rank = best->first;
+    t.src_slot = best->second;
+    ++sends[Z(t.src_rank)];
   }
   // Batches: colour the rank-pair multigraph greedily, pairs in order of their first transfer
   // (at most 2 * max degree - 1 batches). pair_batch is a dense [R, R] table kept across calls
@@ -79,7 +111,7 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
   busy.clear();
   int64_t num_batches = 1;
   for (auto& t : layer_out) {
-    if (t.local) continue;
+    if (t.kind != Transfer::kWire) continue;
     const int64_t key = std::min(t.src_rank, t.dst_rank) * R + std::max(t.src_rank, t.dst_rank);
     int32_t& pb = pair_batch[Z(key)];
     if (pb < 0) {
@@ -95,8 +127,11 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
     t.batch = pb;
   }
   for (const auto& t : layer_out)
-    if (!t.local)
+    if (t.kind == Transfer::kWire)
       pair_batch[Z(std::min(t.src_rank, t.dst_rank) * R + std::max(t.src_rank, t.dst_rank))] = -1;
+  // a duplicate in its source's batch (the source comes first: its slot is lower)
+  for (auto& t : layer_out)
+    if (t.kind == Transfer::kDup) t.batch = layer_out[Z(t.batch)].batch;
   // Order by (batch, dst_slot): a counting sort, since layer_out is in dst_slot order.
   std::vector<int64_t> first(Z(num_batches + 1), 0);
   for (const auto& t : layer_out) ++first[Z(t.batch + 1)];

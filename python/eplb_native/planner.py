@@ -29,9 +29,12 @@ from ._util import is_torch, to_numpy
 
 POLICIES = {"deepseek": 0, "balanced": 1, "min_move": 2}
 
-#: Columns of :attr:`Plan.transfers`.
+#: Columns of :attr:`Plan.transfers`. kind: 0 over the wire, 1 a local copy (the destination
+#: rank held the expert: src_slot there, old placement), 2 a copy of what a wire transfer of the
+#: same rank brings (src_slot is that transfer's dst_slot: an expert crosses the wire once per
+#: rank).
 TRANSFER_COLUMNS = ("layer", "batch", "logical", "src_rank", "src_slot", "dst_rank", "dst_slot",
-                    "local")
+                    "kind")
 
 
 @dataclass(frozen=True)
@@ -163,9 +166,10 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         A :class:`Plan`. ``lower_bound`` [L] is a proven floor on the max rank load of any
         placement with these slots and topology (csrc/planner/bound.cpp), so
         ``balancedness_bound`` is the best balancedness any policy could reach. ``transfers``
-        rows (TRANSFER_COLUMNS) read the OLD placement; a row is local when the destination rank
-        already held the expert; within one (layer, batch) every rank talks to at most one peer
-        (csrc/planner/placement.h).
+        rows (TRANSFER_COLUMNS) read the OLD placement, except a kind-2 row, which copies the
+        slot a wire row of the same rank fills (same batch, earlier in the order); a row is
+        local (kind 1) when the destination rank already held the expert; within one (layer,
+        batch) every rank talks to at most one peer (csrc/planner/placement.h).
     """
     w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
         load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)

@@ -1,12 +1,14 @@
 """Moving one layer's expert weights from an old placement to a new one.
 
 ``layer_schedule(old, new, num_ranks)`` is a pure function, identical on every rank: for each
-slot whose logical expert changes it says where the new expert's weights come from. Rules:
+slot whose logical expert changes it says where the new expert's weights come from. It is the
+C++ planner's transfer plan of the layer (``Plan.transfers``, csrc/planner/transfer.cpp):
 
 - a rank that already holds the expert (in the old placement) copies it locally;
 - otherwise exactly one P2P transfer brings it to the rank (never twice to one rank: a second
   slot of the same expert on that rank copies from the first after it arrived);
-- the sender is one of the old holders, spread over them by destination rank.
+- the sender is the old holder with the fewest sends so far (same node first), which spreads
+  the sends over the holders.
 
 ``MoveLayout`` (also pure, also identical on every rank) turns the schedule into messages: the
 rows rank ``s`` sends rank ``d`` travel together, one message per weight tensor, received into
@@ -35,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import _planner
+
 
 @dataclass(frozen=True)
 class SlotFill:
@@ -53,44 +57,38 @@ class SlotFill:
     dst_slot: int
 
 
-def layer_schedule(old_phy2log, new_phy2log, num_ranks: int) -> list[SlotFill]:
-    """The fills that turn ``old_phy2log`` [P] into ``new_phy2log`` [P]; deterministic order
-    (by destination rank, then slot), the same on every rank."""
-    old = np.asarray(old_phy2log, dtype=np.int64)
-    new = np.asarray(new_phy2log, dtype=np.int64)
+def layer_schedule(old_phy2log, new_phy2log, num_ranks: int, num_nodes: int = 1
+                   ) -> list[SlotFill]:
+    """The fills that turn ``old_phy2log`` [P] into ``new_phy2log`` [P]: the C++ planner's
+    transfer plan of the layer (the rows of ``Plan.transfers``, csrc/planner/transfer.cpp) in
+    the updator's terms. A rank that held the expert copies it locally; else its first slot of
+    the expert receives it from the old holder with the fewest sends so far (same node first
+    when ``num_nodes`` > 1), and its further slots of the expert copy that one ("dup").
+    Deterministic order (by destination rank, then slot), the same on every rank."""
+    old = np.ascontiguousarray(old_phy2log, dtype=np.int64)
+    new = np.ascontiguousarray(new_phy2log, dtype=np.int64)
     if old.shape != new.shape or old.ndim != 1 or old.size % num_ranks:
         raise ValueError(f"old/new phy2log must be [P] of equal size divisible by num_ranks, got "
                          f"{old.shape} / {new.shape}")
+    if num_nodes < 1 or num_ranks % num_nodes:
+        raise ValueError(f"num_nodes must divide num_ranks ({num_ranks}), got {num_nodes}")
+    if old.size == 0:
+        return []
+    if min(int(old.min()), int(new.min())) < 0:
+        raise ValueError("old/new phy2log must hold logical expert ids >= 0")
+    missing = np.setdiff1d(new, old)
+    if missing.size:
+        raise ValueError(f"logical expert {int(missing[0])} has no copy in the old placement")
+    num_logical = int(max(old.max(), new.max())) + 1
+    rows = _planner.layer_transfers(old, new, num_logical, num_ranks, num_nodes)
+    rows = rows[np.argsort(rows[:, 6], kind="stable")]  # by destination slot
     s = old.size // num_ranks
-    # plain lists: the loops below index element by element, numpy scalars would cost more
-    # than the work (this runs once per layer move, on the host)
-    old_l, new_l = old.tolist(), new.tolist()
-    holders: dict[int, list[tuple[int, int]]] = {}
-    for slot, e in enumerate(old_l):
-        holders.setdefault(e, []).append((slot // s, slot % s))
-    fills = []
-    for d in range(num_ranks):
-        base = d * s
-        mine: dict[int, int] = {}
-        for i in range(s - 1, -1, -1):  # the first slot holding an expert wins
-            mine[old_l[base + i]] = i
-        received: dict[int, int] = {}
-        for i in range(s):
-            e = new_l[base + i]
-            if e == old_l[base + i]:
-                continue
-            if e in mine:
-                fills.append(SlotFill(e, "local", d, mine[e], d, i))
-            elif e in received:
-                fills.append(SlotFill(e, "dup", d, received[e], d, i))
-            else:
-                src = holders.get(e)
-                if not src:
-                    raise ValueError(f"logical expert {e} has no copy in the old placement")
-                r, j = src[d % len(src)]
-                fills.append(SlotFill(e, "p2p", r, j, d, i))
-                received[e] = i
-    return fills
+    return [SlotFill(e, _FILL_KIND[k], sr, ss % s, dr, ds % s)
+            for _, _, e, sr, ss, dr, ds, k in rows.tolist()]
+
+
+#: Plan.transfers' kind column (0 wire, 1 local, 2 dup) -> SlotFill.kind
+_FILL_KIND = ("p2p", "local", "dup")
 
 
 class StepBudget:
@@ -263,12 +261,12 @@ class MoveLayout:
         return out
 
 
-def prepare_layout(old_phy2log, new_phy2log, num_ranks: int) -> MoveLayout:
+def prepare_layout(old_phy2log, new_phy2log, num_ranks: int, num_nodes: int = 1) -> MoveLayout:
     """``MoveLayout`` of the move from ``old_phy2log`` [P] to ``new_phy2log`` [P]: the
     per-plan host work of a layer's move (schedule and message layout), done once so a
     :class:`LayerMove` built from it posts without planning. Raises ValueError like
     :func:`layer_schedule`."""
-    fills = layer_schedule(old_phy2log, new_phy2log, num_ranks)
+    fills = layer_schedule(old_phy2log, new_phy2log, num_ranks, num_nodes)
     return MoveLayout(fills, num_ranks, len(old_phy2log) // num_ranks)
 
 

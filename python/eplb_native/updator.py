@@ -317,8 +317,9 @@ class Updator:
             reason = ""
             move = None
             try:
-                move = LayerMove(a.weights, staging, layer_schedule(old, new, self.num_ranks),
-                                 self.rank, self._move_group, stream, tag=layer)
+                fills = layer_schedule(old, new, self.num_ranks, self.config.num_nodes)
+                move = LayerMove(a.weights, staging, fills, self.rank, self._move_group, stream,
+                                 tag=layer)
                 move.issue()
                 if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
                     reason = (f"transfers not done within transfer_timeout_s="
@@ -426,8 +427,9 @@ class Updator:
             return  # recording only, or the previous cycle is still running
         self.cycle += 1
         self._submit_step, self._submit_t = self.step, time.perf_counter()
-        # transfers=False: the moves are scheduled here, layer by layer as they are issued
-        # (transfer.layer_schedule / MoveLayout), not from the planner's transfer plan
+        # transfers=False: each layer's move is scheduled when it is queued (the same C++
+        # transfer plan, one layer at a time: transfer.layer_schedule / MoveLayout), so layers a
+        # later plan drops or replaces cost nothing
         self._future = self._planner.submit(
             load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
             num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
@@ -501,8 +503,8 @@ class Updator:
             if layer in self._layouts:
                 continue
             try:
-                lay: MoveLayout | Exception = prepare_layout(self._placement[layer], new,
-                                                             self.num_ranks)
+                lay: MoveLayout | Exception = prepare_layout(
+                    self._placement[layer], new, self.num_ranks, self.config.num_nodes)
             except Exception as e:  # noqa: BLE001  (the same on every rank: a pure function)
                 lay = e
             self._layouts[layer] = (new, lay)
@@ -511,7 +513,8 @@ class Updator:
         """The layout prepared for ``layer``'s move to ``new`` (built now if it was not)."""
         ready = self._layouts.pop(layer, None)
         if ready is None or ready[0] is not new:
-            return prepare_layout(self._placement[layer], new, self.num_ranks)
+            return prepare_layout(self._placement[layer], new, self.num_ranks,
+                                  self.config.num_nodes)
         if isinstance(ready[1], Exception):
             raise ready[1]
         return ready[1]

@@ -70,15 +70,34 @@ void CheckTransfers(const eplb::PlanResult& r, const std::vector<int64_t>& old) 
   const int64_t P = s.num_physical, S = s.slots_per_rank();
   std::vector<int64_t> rebuilt = old;
   std::vector<int64_t> writes(static_cast<size_t>(s.num_layers * P), 0);
-  for (const auto& t : r.transfers) {
+  for (size_t i = 0; i < r.transfers.size(); ++i) {
+    const auto& t = r.transfers[i];
     const auto base = static_cast<size_t>(t.layer * P);
-    CHECK(old[base + static_cast<size_t>(t.src_slot)] == t.logical);
     CHECK(t.src_slot / S == t.src_rank && t.dst_slot / S == t.dst_rank);
-    CHECK(t.local == (t.src_rank == t.dst_rank));
+    CHECK((t.kind != eplb::Transfer::kWire) == (t.src_rank == t.dst_rank));
     bool held = false;
     for (int64_t q = t.dst_rank * S; q < (t.dst_rank + 1) * S; ++q)
       held |= old[base + static_cast<size_t>(q)] == t.logical;
-    CHECK(held == t.local);
+    CHECK(held == (t.kind == eplb::Transfer::kLocal));
+    if (t.kind == eplb::Transfer::kDup) {
+      // copies a wire transfer of the same layer, rank, expert and batch that comes before it
+      bool source = false;
+      for (size_t j = 0; j < i; ++j) {
+        const auto& u = r.transfers[j];
+        source |= u.layer == t.layer && u.kind == eplb::Transfer::kWire && u.batch == t.batch &&
+                  u.dst_slot == t.src_slot && u.logical == t.logical;
+      }
+      CHECK(source);
+    } else {
+      CHECK(old[base + static_cast<size_t>(t.src_slot)] == t.logical);
+    }
+    if (t.kind == eplb::Transfer::kWire) {  // once per (rank, expert) and layer
+      for (size_t j = 0; j < i; ++j) {
+        const auto& u = r.transfers[j];
+        CHECK(!(u.layer == t.layer && u.kind == eplb::Transfer::kWire &&
+                u.dst_rank == t.dst_rank && u.logical == t.logical));
+      }
+    }
     rebuilt[base + static_cast<size_t>(t.dst_slot)] = t.logical;
     ++writes[base + static_cast<size_t>(t.dst_slot)];
   }
@@ -89,7 +108,9 @@ void CheckTransfers(const eplb::PlanResult& r, const std::vector<int64_t>& old) 
     for (size_t j = i + 1; j < r.transfers.size(); ++j) {
       const auto& a = r.transfers[i];
       const auto& b = r.transfers[j];
-      if (a.local || b.local || a.layer != b.layer || a.batch != b.batch) continue;
+      if (a.kind != eplb::Transfer::kWire || b.kind != eplb::Transfer::kWire ||
+          a.layer != b.layer || a.batch != b.batch)
+        continue;
       for (int64_t x : {a.src_rank, a.dst_rank})
         for (int64_t y : {b.src_rank, b.dst_rank})
           if (x == y) {

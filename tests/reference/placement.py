@@ -175,13 +175,19 @@ def preserve_slots(phy2log, old_phy2log, num_ranks: int) -> np.ndarray:
 
 
 def apply_transfers(old_phy2log, transfers) -> np.ndarray:
-    """Applies a transfer plan (rows as TRANSFER_COLUMNS) to old_phy2log; reads see the old
-    placement. Asserts every source slot holds the expert it sends."""
+    """Applies a transfer plan (rows as TRANSFER_COLUMNS, in order) to old_phy2log; wire and
+    local rows (kind 0, 1) read the old placement, a dup row (kind 2) the slot an earlier row
+    filled. Asserts every source slot holds the expert it sends."""
     old = np.asarray(old_phy2log)
     new = old.copy()
-    for layer, _batch, logical, _src_rank, src_slot, _dst_rank, dst_slot, _local in transfers:
-        assert old[layer, src_slot] == logical
+    filled = set()
+    for layer, _batch, logical, _src_rank, src_slot, _dst_rank, dst_slot, kind in transfers:
+        if kind == 2:
+            assert (layer, src_slot) in filled and new[layer, src_slot] == logical
+        else:
+            assert old[layer, src_slot] == logical
         new[layer, dst_slot] = logical
+        filled.add((layer, dst_slot))
     return new
 
 
