@@ -173,6 +173,8 @@ double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
 
 void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s) {
   const int64_t S = s.slots_per_rank(), E = s.num_logical;
+  // Up to this many slots per rank the O(S^2) direct match beats the counters.
+  constexpr int64_t kFewSlots = 4;
   // With ids known to lie in [0, E): per-expert counters instead of a search per old slot
   // (O(S) per rank, not O(S^2)), the same result. need[v]: copies of v still wanted on the
   // rank; skip[v]: copies of v kept in their old slots, which the fill below passes over (the
@@ -187,6 +189,7 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
   auto& pending = tls.pending;
   auto& fixed = tls.fixed;
   fixed.resize(static_cast<size_t>(S));
+  pending.resize(static_cast<size_t>(S));
   tls.rest.resize(static_cast<size_t>(S));
   int64_t* rest = tls.rest.data();
   if (E > 0 && tls.need.size() < static_cast<size_t>(E) + 1) {
@@ -202,9 +205,34 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
       bool in_range = E > 0;
       for (int64_t j = 0; j < S; ++j)
         in_range &= static_cast<uint64_t>(row[j]) < static_cast<uint64_t>(E);
+      if (in_range && S <= kFewSlots) {
+        // Few slots: each old slot is matched against the new ones directly (bit i of `left`:
+        // new slot i not kept yet; the lowest set bit of a match is the first copy in the new
+        // order), with no per-expert counters to set and clear.
+        int64_t wanted[kFewSlots + 1];
+        for (int64_t j = 0; j < S; ++j) wanted[j] = row[j];  // (std::copy calls memmove)
+        uint32_t left = (uint32_t{1} << S) - 1, kept = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          uint32_t match = 0;
+          for (int64_t i = 0; i < S; ++i)
+            match |= static_cast<uint32_t>(wanted[i] == old_row[j]) << i;
+          match &= left;
+          left ^= match & (0u - match);
+          kept |= static_cast<uint32_t>(match != 0) << j;
+        }
+        // Branch-free: the other slots take the new ones not kept, in order (bit S: none left
+        // for a kept slot, whose read of wanted[S] is not used).
+        for (int64_t j = 0; j < S; ++j) {
+          const bool keep = (kept >> j) & 1u;
+          const int64_t next = wanted[__builtin_ctz(left | (uint32_t{1} << S))];
+          row[j] = keep ? old_row[j] : next;
+          left &= left - static_cast<uint32_t>(!keep);
+        }
+        continue;
+      }
       if (in_range) {
         // Branch-free: which slots keep their expert is data.
-        pending.assign(row, row + S);
+        for (int64_t j = 0; j < S; ++j) pending[static_cast<size_t>(j)] = row[j];
         for (int64_t j = 0; j < S; ++j) ++need[row[j]];
         for (int64_t j = 0; j < S; ++j) {
           const int64_t v = old_row[j];
@@ -369,11 +397,13 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   }
   if (!valid) ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
   out.max_replicas = m;
-  // -1 everywhere (one pass: resize + memset would write this largest output twice), then the
-  // slots.
-  out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
+  // Layer by layer, -1 everywhere then the slots: each layer's block is written once (reserve
+  // does not write; resize + fill would write this largest output twice) and is still in cache
+  // when its slots are scattered into it (after one fill of the whole output they were not).
+  out.log2phy.reserve(static_cast<size_t>(L * E * m));
   std::vector<int64_t> fill(by_ordinal ? 0 : static_cast<size_t>(E));
   for (int64_t l = 0; l < L; ++l) {
+    out.log2phy.insert(out.log2phy.end(), static_cast<size_t>(E * m), -1);
     int64_t* dst = out.log2phy.data() + l * E * m;
     const int64_t* row = out.phy2log.data() + l * P;
     if (by_ordinal) {
