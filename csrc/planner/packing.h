@@ -169,7 +169,9 @@ inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
   auto& start = tls.start;
   start.assign(Z(bucket.count) + 1, 0);
   for (int64_t i = 0; i < n; ++i) ++start[bucket(bits[Z(i)]) + 1];
-  for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+  // The running sum in a register: start[k] += start[k - 1] would wait on each previous store.
+  uint32_t sum = 0;
+  for (uint32_t& k : start) k = sum += k;
   auto& items = tls.items;
   items.resize(Z(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -307,9 +309,12 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
       for (int64_t v = leaves - 1; v >= 1; --v)
         tree[Z(v)] = std::min(tree[Z(2 * v)], tree[Z(2 * v + 1)]);
       uint64_t* tk = tree.data();
+      // Each item waits for the previous one's pick: the root stays in a register (no store
+      // and reload on that path).
+      uint64_t root = tk[1];
       for (int64_t t = first; t < n; ++t) {
         const int64_t i = order[Z(t)];
-        const auto p = static_cast<int64_t>(tk[1] & mask);
+        const auto p = static_cast<int64_t>(root & mask);
         (*pack)[Z(i)] = p;
         (*rank_in_pack)[Z(i)] = items[Z(p)]++;
         pack_weight[Z(p)] += w[i];
@@ -321,6 +326,7 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
           v /= 2;
           tk[v] = ck;
         }
+        root = ck;
       }
       return;
     }
