@@ -152,9 +152,12 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
   for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];
   bound = std::max(bound, node / static_cast<double>(R / N));
   // (e)
+  // max_e (w_e / most) is (max_e w_e) / most: a rounded division by a positive number is
+  // monotone, so one division instead of E gives the same double.
   const double most = static_cast<double>(P / N - E / N + 1);
-  for (int64_t e = 0; e < E; ++e) bound = std::max(bound, load[e] / most);
-  return bound;
+  double heaviest = load[0];
+  for (int64_t e = 1; e < E; ++e) heaviest = std::max(heaviest, load[e]);
+  return std::max(bound, heaviest / most);
 }
 
 }  // namespace eplb
