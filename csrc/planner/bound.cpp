@@ -96,7 +96,7 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
   for (int64_t e = 0; e < n; ++e) total += w[e];
   if (!(total > 0.0)) return 0.0;
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
-    std::vector<int64_t> own_cnt;
+    std::vector<int64_t> own_cnt, replicated;
     std::vector<double> heavy;
     std::vector<std::pair<double, double>> scratch;
   } tls;
@@ -107,19 +107,35 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
     detail::Replicate(w, n, P, own_cnt.data(), nullptr);
     cnt = own_cnt.data();
   }
+  // m* = max_e w_e / c_e, branch-free (which experts are replicated is data): the experts with
+  // one replica as they are, then the listed replicated ones divided (x / 1 is x: divide only
+  // for those). The maximum is the same double in any order (values >= 0; a zero never
+  // replaces the running 0.0, in either order).
+  auto& replicated = tls.replicated;
+  replicated.resize(Z(n));
+  int64_t num_replicated = 0;
   double m_star = 0.0;
-  for (int64_t e = 0; e < n; ++e)  // (x / 1 is x: divide only for replicated experts)
-    m_star = std::max(m_star, cnt[e] == 1 ? w[e] : w[e] / static_cast<double>(cnt[e]));
+  for (int64_t e = 0; e < n; ++e) {
+    m_star = std::max(m_star, cnt[e] == 1 ? w[e] : 0.0);
+    replicated[Z(num_replicated)] = e;
+    num_replicated += cnt[e] != 1;
+  }
+  for (int64_t k = 0; k < num_replicated; ++k) {
+    const int64_t e = replicated[Z(k)];
+    m_star = std::max(m_star, w[e] / static_cast<double>(cnt[e]));
+  }
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
   // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
   // ProvenInfeasible's test) has a_e = 1 and is never big: only the others are visited.
   const double small_max = 0.5 * lo * (1.0 + kEps);
   auto& heavy = tls.heavy;
-  heavy.clear();
-  for (int64_t e = 0; e < n; ++e)
-    if (w[e] > small_max) heavy.push_back(w[e]);
-  const auto nh = static_cast<int64_t>(heavy.size());
+  heavy.resize(Z(n));
+  int64_t nh = 0;
+  for (int64_t e = 0; e < n; ++e) {  // branch-free: which experts are heavy is data
+    heavy[Z(nh)] = w[e];
+    nh += w[e] > small_max;
+  }
   const double* hw = heavy.data();
   auto& scratch = tls.scratch;
   if (!ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
@@ -152,9 +168,12 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
   for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];
   bound = std::max(bound, node / static_cast<double>(R / N));
   // (e)
+  // max_e (w_e / most) is (max_e w_e) / most: a rounded division by a positive number is
+  // monotone, so one division instead of E gives the same double.
   const double most = static_cast<double>(P / N - E / N + 1);
-  for (int64_t e = 0; e < E; ++e) bound = std::max(bound, load[e] / most);
-  return bound;
+  double heaviest = load[0];
+  for (int64_t e = 1; e < E; ++e) heaviest = std::max(heaviest, load[e]);
+  return std::max(bound, heaviest / most);
 }
 
 }  // namespace eplb

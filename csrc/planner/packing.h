@@ -51,6 +51,37 @@ struct BitBuckets {
   size_t operator()(uint64_t b) const { return static_cast<size_t>((hi - b) >> shift); }
 };
 
+// An unsigned 128-bit integer (a GCC / Clang extension; __extension__ keeps -Wpedantic quiet).
+__extension__ typedef unsigned __int128 Uint128;
+
+// Replicate's heap key of (load per replica v >= 0, expert e): the bit pattern of v (monotone in
+// the value for doubles >= 0, not NaN; + 0.0 turns -0.0 into +0.0) above ~e, so that comparing
+// keys as integers orders them as the pairs (v, -e): larger load first, lower index on ties. One
+// integer comparison instead of a pair's two, which compiles branch-free.
+inline Uint128 ReplicaKey(double v, int64_t e) {
+  v += 0.0;
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return (static_cast<Uint128>(bits) << 64) | ~static_cast<uint64_t>(e);
+}
+
+// Sifts x down a 4-ary max-heap h [size] from node v. h must hold three more entries past size
+// set to 0 (below every key), so that a node's four children are always readable. Four children
+// per node halve the depth; the larger of each pair is picked branch-free.
+inline void SiftDown4(Uint128* h, int64_t size, int64_t v, Uint128 x) {
+  for (;;) {
+    const int64_t c = 4 * v + 1;
+    if (c >= size) break;
+    const int64_t a = c + (h[c] < h[c + 1]);
+    const int64_t b = c + 2 + (h[c + 2] < h[c + 3]);
+    const int64_t m = h[a] < h[b] ? b : a;
+    if (!(x < h[m])) break;
+    h[v] = h[m];
+    v = m;
+  }
+  h[v] = x;
+}
+
 // Replicates n experts into num_phy slots: every expert gets one, and each further slot copies
 // the expert with the highest load per replica (lowest index on ties). This minimises the
 // largest load per replica over all replica counts with sum num_phy.
@@ -63,20 +94,22 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
                       double beta = 1.0) {
   std::fill(cnt, cnt + n, 1);
   if (num_phy == n) return;
-  // Heap of (load per replica, -index): the top is the largest, lowest index first.
-  using Key = std::pair<double, int64_t>;
+  // Max-heap of ReplicaKey(load per replica, index): the top is the largest, lowest index first.
+  // Keys are unique (one per expert), so the picks do not depend on the heap's shape.
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
-    std::vector<Key> heap;
+    std::vector<Uint128> heap;
     std::vector<uint64_t> bits;
     std::vector<uint32_t> hist;
   } tls;
   auto& heap = tls.heap;
+  heap.resize(Z(n) + 3);
+  Uint128* h = heap.data();
+  int64_t size = n;
   // Only the top num_phy - n experts (by load, lower index first) can ever be picked: an expert
   // is picked only once every expert above it has been (an unpicked expert keeps its full load,
   // a picked one's load per replica only drops for beta >= 0). Heaping just those (or a
   // superset: a few lighter ones) is the same greedy on fewer candidates.
   const int64_t picks = num_phy - n;
-  heap.clear();
   if (2 * picks <= n && beta >= 0.0) {  // a selection pass pays off only for few picks
     // The experts of the buckets holding the top `picks`: a superset (the last bucket may hold
     // lighter ones too), and a superset gives the same greedy.
@@ -91,33 +124,24 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
       acc += hist[cut];
       if (acc >= picks) break;
     }
-    for (int64_t e = 0; e < n; ++e)
-      if (bucket(bits[Z(e)]) <= cut) heap.push_back({w[e], -e});
+    size = 0;
+    for (int64_t e = 0; e < n; ++e) {  // branch-free: which experts make the cut is data
+      h[size] = (static_cast<Uint128>(bits[Z(e)]) << 64) | ~static_cast<uint64_t>(e);
+      size += bucket(bits[Z(e)]) <= cut;
+    }
   } else {
-    heap.resize(Z(n));
-    for (int64_t e = 0; e < n; ++e) heap[Z(e)] = {w[e], -e};
+    for (int64_t e = 0; e < n; ++e) h[e] = ReplicaKey(w[e], e);
   }
-  std::make_heap(heap.begin(), heap.end());
-  Key* h = heap.data();
-  const auto size = static_cast<int64_t>(heap.size());
+  h[size] = h[size + 1] = h[size + 2] = 0;
+  for (int64_t v = (size - 2) / 4; v >= 0; --v) SiftDown4(h, size, v, h[v]);
   for (int64_t i = 0; i < picks; ++i) {
-    const int64_t e = -h[0].second;
+    const auto e = static_cast<int64_t>(~static_cast<uint64_t>(h[0]));
     const int64_t c = ++cnt[e];
     if (added != nullptr) added[i] = e;
     const double per =
         beta == 1.0 ? static_cast<double>(c) : std::pow(static_cast<double>(c), beta);
     // The top's key only drops: sift it down in place (one pass where pop + push take two).
-    const Key x{w[e] / per, -e};
-    int64_t v = 0;
-    for (;;) {
-      int64_t child = 2 * v + 1;
-      if (child >= size) break;
-      if (child + 1 < size && h[child] < h[child + 1]) ++child;
-      if (!(x < h[child])) break;
-      h[v] = h[child];
-      v = child;
-    }
-    h[v] = x;
+    SiftDown4(h, size, 0, ReplicaKey(w[e] / per, e));
   }
 }
 
@@ -145,7 +169,9 @@ inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
   auto& start = tls.start;
   start.assign(Z(bucket.count) + 1, 0);
   for (int64_t i = 0; i < n; ++i) ++start[bucket(bits[Z(i)]) + 1];
-  for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+  // The running sum in a register: start[k] += start[k - 1] would wait on each previous store.
+  uint32_t sum = 0;
+  for (uint32_t& k : start) k = sum += k;
   auto& items = tls.items;
   items.resize(Z(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -283,9 +309,12 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
       for (int64_t v = leaves - 1; v >= 1; --v)
         tree[Z(v)] = std::min(tree[Z(2 * v)], tree[Z(2 * v + 1)]);
       uint64_t* tk = tree.data();
+      // Each item waits for the previous one's pick: the root stays in a register (no store
+      // and reload on that path).
+      uint64_t root = tk[1];
       for (int64_t t = first; t < n; ++t) {
         const int64_t i = order[Z(t)];
-        const auto p = static_cast<int64_t>(tk[1] & mask);
+        const auto p = static_cast<int64_t>(root & mask);
         (*pack)[Z(i)] = p;
         (*rank_in_pack)[Z(i)] = items[Z(p)]++;
         pack_weight[Z(p)] += w[i];
@@ -297,6 +326,7 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
           v /= 2;
           tk[v] = ck;
         }
+        root = ck;
       }
       return;
     }

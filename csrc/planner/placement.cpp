@@ -87,6 +87,25 @@ void ForEachLayer(int64_t num_layers, int threads, Fn fn) {
     if (e) std::rethrow_exception(e);
 }
 
+// MaxRankLoad given the replica counts cnt [E] of phy2log [P] and multi [num_multi], the experts
+// with cnt >= 2 (each once). per: [E] scratch. Loads per replica once per expert, dividing only
+// for the experts with several replicas (load / 1 is load; divisions are slow), then the same sums
+// in the same order as dividing per slot.
+double MaxRankLoadCounted(const double* load, const int64_t* phy2log, const int64_t* cnt,
+                          const int64_t* multi, int64_t num_multi, const Shape& s, double* per) {
+  const int64_t S = s.slots_per_rank();
+  std::copy(load, load + s.num_logical, per);
+  for (int64_t k = 0; k < num_multi; ++k)
+    per[multi[k]] = load[multi[k]] / static_cast<double>(cnt[multi[k]]);
+  double best = 0.0;
+  for (int64_t r = 0; r < s.num_ranks; ++r) {
+    double sum = 0.0;
+    for (int64_t p = r * S; p < (r + 1) * S; ++p) sum += per[phy2log[p]];
+    best = std::max(best, sum);
+  }
+  return best;
+}
+
 }  // namespace
 
 void ValidatePhy2Log(const int64_t* phy2log, const Shape& s, const std::string& name) {
@@ -133,85 +152,112 @@ void BuildLog2Phy(const int64_t* phy2log, const Shape& s, std::vector<int64_t>* 
 }
 
 double MaxRankLoad(const double* load, const int64_t* phy2log, const Shape& s) {
-  const int64_t E = s.num_logical, P = s.num_physical, S = s.slots_per_rank();
-  // Loads per replica once per expert, dividing only for the experts with several replicas
-  // (load / 1 is load; divisions are slow), then the same sums in the same order as dividing
-  // per slot.
+  const int64_t E = s.num_logical, P = s.num_physical;
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     std::vector<int64_t> cnt;
     std::vector<int64_t> multi;
     std::vector<double> per;
   } tls;
-  auto& cnt = tls.cnt;
-  auto& multi = tls.multi;
-  auto& per = tls.per;
-  cnt.assign(static_cast<size_t>(E), 0);
-  multi.clear();
-  for (int64_t p = 0; p < P; ++p)
-    if (++cnt[static_cast<size_t>(phy2log[p])] == 2) multi.push_back(phy2log[p]);
-  per.assign(load, load + E);
-  for (const int64_t e : multi)
-    per[static_cast<size_t>(e)] = load[e] / static_cast<double>(cnt[static_cast<size_t>(e)]);
-  double best = 0.0;
-  for (int64_t r = 0; r < s.num_ranks; ++r) {
-    double sum = 0.0;
-    for (int64_t p = r * S; p < (r + 1) * S; ++p) sum += per[static_cast<size_t>(phy2log[p])];
-    best = std::max(best, sum);
+  tls.cnt.assign(static_cast<size_t>(E), 0);
+  tls.multi.resize(static_cast<size_t>(E) + 1);  // + 1: the branch-free loop writes one past
+  tls.per.resize(static_cast<size_t>(E));
+  int64_t* cnt = tls.cnt.data();
+  int64_t* multi = tls.multi.data();
+  int64_t num_multi = 0;
+  for (int64_t p = 0; p < P; ++p) {  // branch-free: which experts repeat is data
+    multi[num_multi] = phy2log[p];
+    num_multi += ++cnt[phy2log[p]] == 2;
   }
-  return best;
+  return MaxRankLoadCounted(load, phy2log, cnt, multi, num_multi, s, tls.per.data());
 }
 
 void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s) {
   const int64_t S = s.slots_per_rank(), E = s.num_logical;
-  std::vector<int64_t> pending;
-  std::vector<char> fixed(static_cast<size_t>(S));
+  // Up to this many slots per rank the O(S^2) direct match beats the counters.
+  constexpr int64_t kFewSlots = 4;
   // With ids known to lie in [0, E): per-expert counters instead of a search per old slot
   // (O(S) per rank, not O(S^2)), the same result. need[v]: copies of v still wanted on the
   // rank; skip[v]: copies of v kept in their old slots, which the fill below passes over (the
-  // first ones in the new order, as the search would have taken them).
+  // first ones in the new order, as the search would have taken them). Both are all zero
+  // between ranks (each rank clears what it set), so a layer does not clear E entries twice;
+  // need[E] stays 0 and stands for any id outside [0, E), which is never kept.
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
-    std::vector<int64_t> need, skip;
+    std::vector<int64_t> pending, rest;
+    std::vector<char> fixed;
+    std::vector<int32_t> need, skip;
   } tls;
-  auto& need = tls.need;
-  auto& skip = tls.skip;
-  if (E > 0) {
-    need.assign(static_cast<size_t>(E), 0);
-    skip.assign(static_cast<size_t>(E), 0);
+  auto& pending = tls.pending;
+  auto& fixed = tls.fixed;
+  fixed.resize(static_cast<size_t>(S));
+  pending.resize(static_cast<size_t>(S));
+  tls.rest.resize(static_cast<size_t>(S));
+  int64_t* rest = tls.rest.data();
+  if (E > 0 && tls.need.size() < static_cast<size_t>(E) + 1) {
+    tls.need.resize(static_cast<size_t>(E) + 1, 0);
+    tls.skip.resize(static_cast<size_t>(E) + 1, 0);
   }
+  int32_t* need = tls.need.data();
+  int32_t* skip = tls.skip.data();
   for (int64_t l = 0; l < s.num_layers; ++l) {
     for (int64_t r = 0; r < s.num_ranks; ++r) {
       int64_t* row = phy2log + l * s.num_physical + r * S;
       const int64_t* old_row = old_phy2log + l * s.num_physical + r * S;
       bool in_range = E > 0;
-      for (int64_t j = 0; j < S && in_range; ++j)
-        in_range = static_cast<uint64_t>(row[j]) < static_cast<uint64_t>(E);
+      for (int64_t j = 0; j < S; ++j)
+        in_range &= static_cast<uint64_t>(row[j]) < static_cast<uint64_t>(E);
+      if (in_range && S <= kFewSlots) {
+        // Few slots: each old slot is matched against the new ones directly (bit i of `left`:
+        // new slot i not kept yet; the lowest set bit of a match is the first copy in the new
+        // order), with no per-expert counters to set and clear.
+        int64_t wanted[kFewSlots + 1];
+        for (int64_t j = 0; j < S; ++j) wanted[j] = row[j];  // (std::copy calls memmove)
+        uint32_t left = (uint32_t{1} << S) - 1, kept = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          uint32_t match = 0;
+          for (int64_t i = 0; i < S; ++i)
+            match |= static_cast<uint32_t>(wanted[i] == old_row[j]) << i;
+          match &= left;
+          left ^= match & (0u - match);
+          kept |= static_cast<uint32_t>(match != 0) << j;
+        }
+        // Branch-free: the other slots take the new ones not kept, in order (bit S: none left
+        // for a kept slot, whose read of wanted[S] is not used).
+        for (int64_t j = 0; j < S; ++j) {
+          const bool keep = (kept >> j) & 1u;
+          const int64_t next = wanted[__builtin_ctz(left | (uint32_t{1} << S))];
+          row[j] = keep ? old_row[j] : next;
+          left &= left - static_cast<uint32_t>(!keep);
+        }
+        continue;
+      }
       if (in_range) {
-        pending.assign(row, row + S);
-        for (int64_t j = 0; j < S; ++j) ++need[static_cast<size_t>(row[j])];
+        // Branch-free: which slots keep their expert is data.
+        for (int64_t j = 0; j < S; ++j) pending[static_cast<size_t>(j)] = row[j];
+        for (int64_t j = 0; j < S; ++j) ++need[row[j]];
         for (int64_t j = 0; j < S; ++j) {
           const int64_t v = old_row[j];
-          const bool keep = static_cast<uint64_t>(v) < static_cast<uint64_t>(E) &&
-                            need[static_cast<size_t>(v)] > 0;
+          const int64_t k = static_cast<uint64_t>(v) < static_cast<uint64_t>(E) ? v : E;
+          const bool keep = need[k] > 0;
+          need[k] -= keep;
+          skip[k] += keep;
           fixed[static_cast<size_t>(j)] = keep;
-          if (keep) {
-            --need[static_cast<size_t>(v)];
-            ++skip[static_cast<size_t>(v)];
-          }
         }
-        size_t next = 0;
+        // The new experts left for the other slots, in the new order.
+        int64_t num_rest = 0;
         for (int64_t j = 0; j < S; ++j) {
-          if (fixed[static_cast<size_t>(j)]) {
-            row[j] = old_row[j];
-            continue;
-          }
-          while (skip[static_cast<size_t>(pending[next])] > 0)
-            --skip[static_cast<size_t>(pending[next++])];
-          row[j] = pending[next++];
+          const int64_t v = pending[static_cast<size_t>(j)];
+          const bool kept = skip[v] > 0;
+          skip[v] -= kept;
+          rest[num_rest] = v;
+          num_rest += !kept;
         }
-        for (const int64_t v : pending) {
-          need[static_cast<size_t>(v)] = 0;
-          skip[static_cast<size_t>(v)] = 0;
+        int64_t next = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          const bool keep = fixed[static_cast<size_t>(j)];
+          row[j] = keep ? old_row[j] : rest[next];
+          next += !keep;
         }
+        for (int64_t j = 0; j < S; ++j) need[pending[static_cast<size_t>(j)]] = 0;
         continue;
       }
       // Multiset of the new experts of this rank; each old slot whose expert is still wanted
@@ -254,12 +300,20 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   PlanResult out;
   out.shape = shape;
   out.phy2log.assign(static_cast<size_t>(L * P), -1);
-  std::vector<int64_t> phyrank(static_cast<size_t>(L * P), 0);
+  // DeepSeek orders log2phy columns by replica ordinal, the others by slot; the ordinals are
+  // kept only where they are used (elsewhere DeepSeekLayer writes them to per-thread scratch).
+  const bool by_ordinal = options.policy == Policy::kDeepSeek && old_phy2log == nullptr;
+  std::vector<int64_t> phyrank(by_ordinal ? static_cast<size_t>(L * P) : 0);
   out.mean_load.assign(static_cast<size_t>(L), 0.0);
   out.max_load_before.assign(static_cast<size_t>(L), std::numeric_limits<double>::quiet_NaN());
   out.max_load_after.assign(static_cast<size_t>(L), 0.0);
   out.lower_bound.assign(static_cast<size_t>(L), 0.0);
   out.moved_slots.assign(static_cast<size_t>(L), 0);
+  // logcnt is counted per layer right after the layer is planned (its phy2log still in cache):
+  // the counts also give the rank loads and the global DeepSeek bound. A layer holding an id
+  // outside [0, E) is marked and skipped; ValidatePhy2Log reports it below.
+  out.logcnt.assign(static_cast<size_t>(L * E), 0);
+  std::vector<char> out_of_range(static_cast<size_t>(L), 0);
 
   Shape one = shape;
   one.num_layers = 1;
@@ -268,10 +322,21 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     const double* w = load + l * E;
     int64_t* dst = out.phy2log.data() + l * P;
     const int64_t* old = old_phy2log ? old_phy2log + l * P : nullptr;
+    thread_local struct {  // one per function: each thread_local costs a TLS lookup
+      std::vector<int64_t> phyrank;
+      std::vector<int64_t> multi;
+      std::vector<double> per;
+    } tls;
     switch (options.policy) {
-      case Policy::kDeepSeek:
-        DeepSeekLayer(w, one, dst, phyrank.data() + l * P);
+      case Policy::kDeepSeek: {
+        int64_t* rank = phyrank.data() + l * P;
+        if (!by_ordinal) {
+          tls.phyrank.resize(static_cast<size_t>(P));
+          rank = tls.phyrank.data();
+        }
+        DeepSeekLayer(w, one, dst, rank);
         break;
+      }
       case Policy::kBalanced:
         BalancedLayer(w, one, dst);
         break;
@@ -294,18 +359,27 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     double total = 0.0;
     for (int64_t e = 0; e < E; ++e) total += w[e];
     out.mean_load[static_cast<size_t>(l)] = total / static_cast<double>(shape.num_ranks);
-    out.max_load_after[static_cast<size_t>(l)] = MaxRankLoad(w, dst, one);
-    if (options.policy == Policy::kDeepSeek && !shape.hierarchical()) {
-      // Global DeepSeek replicated exactly as the bound's greedy does (PreserveSlots only
-      // permutes slots inside ranks): its counts save the bound a second replication.
-      thread_local std::vector<int64_t> cnt_tls;
-      auto& cnt = cnt_tls;  // bound once: each use of a thread_local costs a TLS lookup
-      cnt.assign(static_cast<size_t>(E), 0);
-      for (int64_t p = 0; p < P; ++p) ++cnt[static_cast<size_t>(dst[p])];
-      out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, cnt.data());
-    } else {
-      out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one);
+    // Replica counts (PreserveSlots only permutes slots inside ranks), and the experts with
+    // several replicas, for the loads per replica.
+    int64_t* cnt = out.logcnt.data() + l * E;
+    tls.multi.resize(static_cast<size_t>(E) + 1);  // + 1: the branch-free loop writes one past
+    tls.per.resize(static_cast<size_t>(E));
+    int64_t* multi = tls.multi.data();
+    int64_t num_multi = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      if (static_cast<uint64_t>(dst[p]) >= static_cast<uint64_t>(E)) {
+        out_of_range[static_cast<size_t>(l)] = 1;
+        return;
+      }
+      multi[num_multi] = dst[p];  // branch-free: which experts repeat is data
+      num_multi += ++cnt[dst[p]] == 2;
     }
+    out.max_load_after[static_cast<size_t>(l)] =
+        MaxRankLoadCounted(w, dst, cnt, multi, num_multi, one, tls.per.data());
+    // Global DeepSeek replicated exactly as the bound's greedy does: its counts save the bound
+    // a second replication.
+    const bool global_deepseek = options.policy == Policy::kDeepSeek && !shape.hierarchical();
+    out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, global_deepseek ? cnt : nullptr);
     if (old != nullptr) {
       out.max_load_before[static_cast<size_t>(l)] = before;
       int64_t moved = 0;
@@ -313,18 +387,9 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       out.moved_slots[static_cast<size_t>(l)] = moved;
     }
   });
-  // logcnt, checking on the way what ValidatePhy2Log checks: a policy bug must never reach a
-  // rank as a placement (on failure ValidatePhy2Log throws its message).
-  out.logcnt.assign(static_cast<size_t>(L * E), 0);
-  bool valid = true;
-  for (int64_t l = 0; l < L; ++l) {
-    int64_t* cnt = out.logcnt.data() + l * E;
-    const int64_t* row = out.phy2log.data() + l * P;
-    for (int64_t p = 0; p < P && valid; ++p) {
-      valid = static_cast<uint64_t>(row[p]) < static_cast<uint64_t>(E);
-      if (valid) ++cnt[row[p]];
-    }
-  }
+  // Check what ValidatePhy2Log checks: a policy bug must never reach a rank as a placement (on
+  // failure ValidatePhy2Log throws its message).
+  bool valid = std::find(out_of_range.begin(), out_of_range.end(), 1) == out_of_range.end();
   int64_t m = 1;
   for (int64_t c : out.logcnt) {
     valid &= c >= 1;
@@ -332,12 +397,13 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   }
   if (!valid) ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
   out.max_replicas = m;
-  // -1 everywhere (one pass: resize + memset would write this largest output twice), then the
-  // slots: DeepSeek orders log2phy columns by replica ordinal, the others by slot.
-  out.log2phy.assign(static_cast<size_t>(L * E * m), -1);
-  const bool by_ordinal = options.policy == Policy::kDeepSeek && old_phy2log == nullptr;
+  // Layer by layer, -1 everywhere then the slots: each layer's block is written once (reserve
+  // does not write; resize + fill would write this largest output twice) and is still in cache
+  // when its slots are scattered into it (after one fill of the whole output they were not).
+  out.log2phy.reserve(static_cast<size_t>(L * E * m));
   std::vector<int64_t> fill(by_ordinal ? 0 : static_cast<size_t>(E));
   for (int64_t l = 0; l < L; ++l) {
+    out.log2phy.insert(out.log2phy.end(), static_cast<size_t>(E * m), -1);
     int64_t* dst = out.log2phy.data() + l * E * m;
     const int64_t* row = out.phy2log.data() + l * P;
     if (by_ordinal) {
