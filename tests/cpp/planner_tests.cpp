@@ -94,8 +94,8 @@ void CheckTransfers(const eplb::PlanResult& r, const std::vector<int64_t>& old) 
     if (t.kind == eplb::Transfer::kWire) {  // once per (rank, expert) and layer
       for (size_t j = 0; j < i; ++j) {
         const auto& u = r.transfers[j];
-        CHECK(!(u.layer == t.layer && u.kind == eplb::Transfer::kWire &&
-                u.dst_rank == t.dst_rank && u.logical == t.logical));
+        CHECK(!(u.layer == t.layer && u.kind == eplb::Transfer::kWire && u.dst_rank == t.dst_rank &&
+                u.logical == t.logical));
       }
     }
     rebuilt[base + static_cast<size_t>(t.dst_slot)] = t.logical;
