@@ -415,6 +415,11 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     }
   }
   if (old_phy2log != nullptr && options.transfers) {
+    // one transfer per changed slot: reserved once (growing it layer by layer copied it again
+    // and again, and faulted its new pages in each time)
+    int64_t changed = 0;
+    for (const int64_t moved : out.moved_slots) changed += moved;
+    out.transfers.reserve(static_cast<size_t>(changed));
     for (int64_t l = 0; l < L; ++l)
       PlanTransfers(l, old_phy2log + l * P, out.phy2log.data() + l * P, one, &out.transfers);
   }

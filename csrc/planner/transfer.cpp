@@ -31,9 +31,20 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
   const int64_t P = shape.num_physical, R = shape.num_ranks, S = shape.slots_per_rank();
   const int64_t E = shape.num_logical;
   const int64_t rpn = R / std::max<int64_t>(1, shape.num_nodes);
+  // Scratch per thread, kept between layers (one set of allocations per plan, not per layer).
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> start, fill, sends;
+    std::vector<std::pair<int64_t, int64_t>> holder;
+    std::vector<Transfer> layer_out;
+    std::vector<std::pair<int64_t, size_t>> arriving;
+  } tls;
   // holders of e in the old placement, CSR: (rank, first slot of that rank holding e), by rank.
-  std::vector<int64_t> start(Z(E + 1), 0), fill(Z(E), 0);
-  std::vector<std::pair<int64_t, int64_t>> holder(Z(P));
+  auto& start = tls.start;
+  auto& fill = tls.fill;
+  auto& holder = tls.holder;
+  start.assign(Z(E + 1), 0);
+  fill.assign(Z(E), 0);
+  holder.resize(Z(P));
   for (int64_t p = 0; p < P; ++p) ++start[Z(old_phy2log[p] + 1)];
   for (int64_t e = 0; e < E; ++e) start[Z(e + 1)] += start[Z(e)];
   for (int64_t p = 0; p < P; ++p) {
@@ -43,10 +54,13 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
     holder[Z(at)] = {p / S, p};
     ++fill[Z(e)];
   }
-  std::vector<int64_t> sends(Z(R), 0);
-  std::vector<Transfer> layer_out;
+  auto& sends = tls.sends;
+  sends.assign(Z(R), 0);
+  auto& layer_out = tls.layer_out;
+  layer_out.clear();
   // (expert, index in layer_out) of the wire transfers into the current destination rank
-  std::vector<std::pair<int64_t, size_t>> arriving;
+  auto& arriving = tls.arriving;
+  arriving.clear();
   int64_t arriving_rank = -1;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = new_phy2log[p];
