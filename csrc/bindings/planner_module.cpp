@@ -40,14 +40,21 @@ struct FlatPlan {
   std::vector<int64_t> transfers;
 };
 
-FlatPlan Flatten(PlanResult&& r) {
-  FlatPlan f;
-  f.transfers.reserve(r.transfers.size() * 8);
-  for (const auto& x : r.transfers) {
+// Transfers as [T * 8] rows (TRANSFER_COLUMNS).
+std::vector<int64_t> TransferRows(const std::vector<eplb::Transfer>& transfers) {
+  std::vector<int64_t> rows;
+  rows.reserve(transfers.size() * 8);
+  for (const auto& x : transfers) {
     const int64_t row[8] = {x.layer,    x.batch,    x.logical,  x.src_rank,
                             x.src_slot, x.dst_rank, x.dst_slot, x.kind};
-    f.transfers.insert(f.transfers.end(), row, row + 8);
+    rows.insert(rows.end(), row, row + 8);
   }
+  return rows;
+}
+
+FlatPlan Flatten(PlanResult&& r) {
+  FlatPlan f;
+  f.transfers = TransferRows(r.transfers);
   r.transfers.clear();
   r.transfers.shrink_to_fit();
   f.result = std::move(r);
@@ -143,16 +150,15 @@ I64 LayerTransfersPy(const I64& old, const I64& fresh, int64_t num_logical, int6
   s.num_physical = old.shape(0);
   s.num_ranks = num_ranks;
   s.num_nodes = num_nodes;
-  std::vector<eplb::Transfer> transfers;
+  std::vector<int64_t> rows;
   {
     py::gil_scoped_release release;
+    std::vector<eplb::Transfer> transfers;
     eplb::PlanTransfers(0, old.data(), fresh.data(), s, &transfers);
+    rows = TransferRows(transfers);
   }
-  PlanResult r;
-  r.transfers = std::move(transfers);
-  FlatPlan f = Flatten(std::move(r));
-  const auto T = static_cast<py::ssize_t>(f.transfers.size() / 8);
-  return Own(std::move(f.transfers), {T, static_cast<py::ssize_t>(8)});
+  const auto T = static_cast<py::ssize_t>(rows.size() / 8);
+  return Own(std::move(rows), {T, static_cast<py::ssize_t>(8)});
 }
 
 class WorkerPy {

@@ -78,8 +78,9 @@ void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new
     const auto* h_end = h_begin + fill[Z(e)];
     const auto* local =
         std::find_if(h_begin, h_end, [&](const auto& x) { return x.first == t.dst_rank; });
-    const auto dup =
-        std::find_if(arriving.begin(), arriving.end(), [&](const auto& x) { return x.first == e; });
+    const auto dup = local != h_end ? arriving.end()
+                                    : std::find_if(arriving.begin(), arriving.end(),
+                                                   [&](const auto& x) { return x.first == e; });
     if (local != h_end) {
       t.src_rank = t.dst_rank;
       t.src_slot = local->second;
