@@ -5,7 +5,7 @@
 //   bash scripts/dev_build.sh
 //   g++ -O3 -std=c++17 -Icsrc -o build/planner_micro benchmarks/planner_micro.cpp
 //       build/dev/libeplb_planner.a -lpthread        (one command line)
-//   taskset -c 1 build/planner_micro [reps]
+//   taskset -c 1 build/planner_micro [reps [policy [shape]]]
 //
 // Loads: per layer, expert e gets tokens * p_e with p a random permutation of Zipf(1.1)
 // weights (zipf) or of exp(N(0, 1)) (lognormal), rounded to integer counts, 16384 tokens x top-8
@@ -79,9 +79,12 @@ int main(int argc, char** argv) {
       {"Kimi-K2-like", {61, 384, 512, 256, 32, 1}},
   };
   const char* policies[] = {"deepseek", "balanced", "min_move"};
+  // Optional: one policy only, one shape only (by name; e.g. for perf record).
+  const char* only = argc > 2 ? argv[2] : nullptr;
   std::printf(
       "| shape | skew | policy | median ms | min ms | us per layer |\n|---|---|---|---|---|---|\n");
   for (const Case& c : cases) {
+    if (argc > 3 && std::string(argv[3]) != c.name) continue;
     for (const bool zipf : {true, false}) {
       const eplb::Shape& s = c.shape;
       const int64_t LE = s.num_layers * s.num_logical;
@@ -94,6 +97,7 @@ int main(int argc, char** argv) {
       for (int64_t t = 0; t < 4; ++t)
         start.push_back(eplb::Plan(loads.data() + t * LE, nullptr, s, ds).phy2log);
       for (int p = 0; p < 3; ++p) {
+        if (only != nullptr && std::string(only) != policies[p]) continue;
         eplb::PlanOptions o;
         o.policy = static_cast<eplb::Policy>(p);
         o.transfers = false;
