@@ -155,7 +155,25 @@ def test_rebalance_experts_torch_in_torch_out():
     phy2log, log2phy, logcnt = eplb_native.rebalance_experts(load, 24, 4, 2, 4)
     assert all(isinstance(x, torch.Tensor) for x in (phy2log, log2phy, logcnt))
     want = ref.deepseek(load.numpy(), 24, 4, 2, 4)
-    np.testing.assert_array_equal(phy2log.numpy(), want[0])
+    for g, w in zip((phy2log, log2phy, logcnt), want, strict=True):
+        np.testing.assert_array_equal(g.numpy(), w)
+    assert log2phy.shape == (2, 16, 24 - 16 + 1)  # DeepSeek's width: redundant + 1
+
+
+def test_rebalance_experts_rank_argument_names():
+    """num_gpus (DeepSeek's name, positional or keyword) or num_ranks= (vLLM's), exactly one."""
+    load = random_load(np.random.default_rng(4), 2, 16)
+    want = eplb_native.rebalance_experts(load, 24, 4, 2, 4)
+    for got in (eplb_native.rebalance_experts(load, 24, 4, 2, num_gpus=4),
+                eplb_native.rebalance_experts(load, 24, 4, 2, num_ranks=4)):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    with pytest.raises(TypeError, match="num_gpus.*num_ranks"):
+        eplb_native.rebalance_experts(load, 24, 4, 2)
+    with pytest.raises(TypeError, match="num_gpus.*num_ranks"):
+        eplb_native.rebalance_experts(load, 24, 4, 2, 4, num_ranks=4)
+    with pytest.raises(TypeError, match="num_ranks must be an int"):
+        eplb_native.rebalance_experts(load, 24, 4, 2, num_ranks=4.0)
 
 
 def test_deepseek_policy_matches_reference_fuzz():
@@ -167,7 +185,11 @@ def test_deepseek_policy_matches_reference_fuzz():
                              num_nodes=nodes, policy="deepseek", preserve_slots=False)
         want = ref.deepseek(load, slots, groups, nodes, ranks)
         np.testing.assert_array_equal(p.phy2log, want[0])
-        np.testing.assert_array_equal(p.log2phy, want[1])
+        # plan() keeps the columns some expert uses (M = largest count); DeepSeek's width
+        # (redundant + 1) pads the rest with -1
+        m = p.log2phy.shape[2]
+        np.testing.assert_array_equal(p.log2phy, want[1][:, :, :m])
+        assert (want[1][:, :, m:] == -1).all() and m == p.logcnt.max()
 
 
 # ----------------------------------------------------------------------------- policies
@@ -529,25 +551,35 @@ def test_planner_cancel_and_callbacks():
         assert queued[1].cancel()
         queued[0].add_done_callback(lambda f: seen.append(f.result().phy2log.shape))
         assert first.result(timeout=120).phy2log.shape == (400, 288)
-        assert queued[0].result(timeout=60) is not None
-        assert queued[2].result(timeout=60) is not None
+        want = eplb_native.plan(small, num_ranks=4, num_replicas=20).phy2log
+        np.testing.assert_array_equal(queued[0].result(timeout=60).phy2log, want)
+        np.testing.assert_array_equal(queued[2].result(timeout=60).phy2log, want)
         assert queued[1].cancelled()
     assert seen == [(2, 20)]
 
 
 def test_planner_close_is_idempotent_and_cancels_queue():
+    """close() lets the running job finish with its full result and cancels the queued ones."""
     big = random_load(np.random.default_rng(83), 300, 256, "zipf")
+    small = random_load(np.random.default_rng(84), 2, 16)
     planner = eplb_native.Planner()
+    first = planner.submit(small, num_ranks=4, num_replicas=20)
     running = planner.submit(big, num_ranks=32, num_replicas=288)
     pending = [planner.submit(big, num_ranks=32, num_replicas=288) for _ in range(3)]
+    # The C++ worker takes the next job as soon as it finishes one, long before this thread
+    # sees the first result: from here `running` is running (300 layers take milliseconds).
+    first.result(timeout=60)
     planner.close()
     planner.close()
-    assert running.done()
+    want = eplb_native.plan(big, num_ranks=32, num_replicas=288).phy2log
+    np.testing.assert_array_equal(running.result(timeout=0).phy2log, want)
     for f in pending:
         assert f.done()
-        if not f.cancelled():  # either still-queued (cancelled) or already started (a result)
-            assert f.exception() is None or isinstance(f.exception(),
-                                                       concurrent.futures.CancelledError)
+        if f.cancelled() or isinstance(f.exception(), concurrent.futures.CancelledError):
+            continue
+        # only a job the worker had already started may finish, and then whole
+        np.testing.assert_array_equal(f.result().phy2log, want)
+    assert any(f.cancelled() or f.exception() is not None for f in pending)
     with pytest.raises(RuntimeError, match="closed"):
         planner.submit(big, num_ranks=32, num_replicas=288)
 

@@ -12,3 +12,75 @@ def test_complex_load_is_refused(load):
     # the cast to float64 used to drop the imaginary part, with only a ComplexWarning
     with pytest.raises(TypeError, match="load must hold real numbers"):
         eplb_native.plan(load, num_ranks=2, num_replicas=4)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"threads": 2**31}, ValueError, "threads must be <= 4096"),
+    ({"threads": True}, TypeError, "threads must be an int"),
+    ({"min_move_target": "a"}, TypeError, "min_move_target must be a real number"),
+    ({"min_move_target": True}, TypeError, "min_move_target must be a real number"),
+    ({"min_move_target": float("nan")}, ValueError, r"min_move_target must be in \(0, 1\]"),
+    ({"min_move_target": 1.5}, ValueError, r"min_move_target must be in \(0, 1\]"),
+    ({"policy": ["balanced"]}, TypeError, "policy must be a str"),
+    ({"num_ranks": 2**70}, ValueError, "num_ranks must be <="),
+])
+def test_plan_and_planner_name_the_argument(kwargs, error, match):
+    load = np.random.default_rng(0).random((2, 8)) + 0.5
+    args = {"num_ranks": 2, "num_replicas": 8, **kwargs}
+    with pytest.raises(error, match=match):
+        eplb_native.plan(load, **args)
+    threads = args.pop("threads", 1)
+    with eplb_native.Planner() as planner:
+        if "threads" in kwargs:
+            with pytest.raises(error, match=match):
+                eplb_native.Planner(threads=threads)
+        else:
+            with pytest.raises(error, match=match):
+                planner.submit(load, **args)
+        # nothing was queued by the refused call: the next job is the only one
+        assert planner.submit(load, num_ranks=2, num_replicas=8).result(timeout=60) is not None
+
+
+def test_load_whose_layer_sum_overflows_is_refused():
+    # every entry finite, but the layer sums to inf: rank loads and balancedness would be
+    # inf / 0 / NaN
+    load = np.full((2, 8), 1e308)
+    load[0] = 1.0
+    with pytest.raises(ValueError, match="load: layer 1 sums to"):
+        eplb_native.plan(load, num_ranks=2, num_replicas=8)
+    ok = np.full((1, 8), 1e306)  # 8e306: below the limit, planned exactly
+    p = eplb_native.plan(ok, num_ranks=2, num_replicas=8)
+    assert np.isfinite(p.max_load_after).all() and p.max_load_after[0] == 4e306
+
+
+def test_record_counts_and_map_and_record_wrapper_arguments():
+    from eplb_native import ops
+
+    load = torch.zeros(8, dtype=torch.int64)
+    tokens = torch.tensor([1, 2, 3])
+    for glt in (1.0, True, "1"):
+        with pytest.raises(ValueError, match="group_list_type must be the int 0"):
+            ops.record_counts(load, tokens, glt, 0)
+    for offset in (True, 1.0):
+        with pytest.raises(ValueError, match="offset must be an int"):
+            ops.record_counts(load, tokens, 1, offset)
+    assert torch.equal(load, torch.zeros(8, dtype=torch.int64))
+    ids = torch.tensor([[0, 1]], dtype=torch.int32)
+    l2p = torch.tensor([[0], [1]])
+    with pytest.raises(TypeError, match="logcnt is required in mode 'spread'"):
+        ops.map_and_record(ids, l2p, None, load, torch.tensor(True))
+    # the op itself (no wrapper) names it too
+    with pytest.raises(TypeError, match="logcnt is required"):
+        torch.ops.eplb_native.map_and_record(ids, l2p, None, load, torch.tensor(True), None,
+                                             "spread")
+    assert torch.equal(load, torch.zeros(8, dtype=torch.int64))
+
+
+def test_layer_schedule_checks_num_ranks_and_num_nodes():
+    from eplb_native.transfer import layer_schedule
+
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_ranks must be an int"):
+            layer_schedule(np.arange(4), np.arange(4), bad)
+    with pytest.raises(ValueError, match="num_nodes must be an int"):
+        layer_schedule(np.arange(4), np.arange(4), 2, 0)

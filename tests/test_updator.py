@@ -301,6 +301,13 @@ def test_attach_errors():
     two = MoELayerAdapter(**fields, ep_size=2, weights=[w[:4] for w in one.weights])
     with pytest.raises(ValueError, match=r"num_groups \(6\) must divide the layers' logical"):
         Updator([two], eplb_native.EplbConfig(num_nodes=2, num_groups=6))
+    # a starting placement that is not one (expert 7 has no slot; an id out of range) refuses
+    # attach at once: every cycle would fail on it later
+    for bad in ([0, 1, 2, 3, 4, 5, 6, 6], [0, 1, 2, 3, 4, 5, 6, 8]):
+        broken = MoELayerAdapter(**{**fields, "phy2log": torch.tensor(bad)},
+                                 ep_size=1, weights=one.weights)
+        with pytest.raises(AdapterError, match="'m': its phy2log is not a valid placement"):
+            Updator([broken], eplb_native.EplbConfig(dynamic_eplb=False))
 
 
 def test_fused_layout_adapter():
@@ -328,6 +335,42 @@ def test_fused_layout_adapter():
     assert torch.equal(model[0].eplb_logcnt, torch.ones(6, dtype=torch.int64))
     assert all(torch.equal(x, y) for x, y in zip(before, a.weights, strict=True))
     up.shutdown()
+
+
+def test_fused_expert_map_int64_follows_moves_and_bad_shape_refuses():
+    """An int64 expert_map is rewritten at every switch like an int32 one (it used to be
+    dropped silently, leaving routing on the old placement); one of the wrong shape refuses the
+    layer, with no buffers added."""
+
+    class Fused(torch.nn.Module):
+        def __init__(self, expert_map):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.w13_weight = torch.nn.Parameter(torch.randn(4, 4, 3, generator=g))
+            self.w2_weight = torch.nn.Parameter(torch.randn(4, 3, 2, generator=g))
+            self.register_buffer("expert_map", expert_map)
+            self.global_num_experts = 4
+
+    model = torch.nn.Sequential(Fused(torch.arange(4, dtype=torch.int64)))
+    up = eplb_native.attach(model, {"dynamic_eplb": False})
+    assert up.layers[0].local_expert_map is model[0].expert_map
+    rows = [t.clone() for t in up.layers[0].weights]
+    up.move_to([[3, 1, 0, 2]])
+    for _ in range(3):
+        up.forward_before()
+        up.forward_end()
+    assert up.phy2log().tolist() == [[3, 1, 0, 2]]
+    # expert e now sits in the slot that holds it: expert_map[e] = slot
+    assert model[0].expert_map.dtype == torch.int64
+    assert model[0].expert_map.tolist() == [2, 1, 3, 0]
+    for w, old in zip(up.layers[0].weights, rows, strict=True):
+        assert torch.equal(w, old[[3, 1, 0, 2]])
+    up.shutdown()
+
+    bad = torch.nn.Sequential(Fused(torch.arange(8, dtype=torch.int32).view(2, 4)))
+    with pytest.raises(AdapterError, match=r"expert_map must be \[E=4\]"):
+        eplb_native.attach(bad)
+    assert [n for n, _ in bad[0].named_buffers()] == ["expert_map"]
 
 
 def test_refused_fused_layer_is_left_as_it_was():
@@ -411,6 +454,18 @@ def test_placement_tensors_and_default_spread():
             state.placement_tensors([0, 1, 2, 0], 3, num_ranks, 0)
     with pytest.raises(ValueError, match="num_logical"):
         state.validate_phy2log([0, 1, 2, 0], 0, 2)
+
+
+def test_move_to_after_shutdown_is_refused():
+    """A move queued after shutdown() would never run (the hooks are gone) and leave `moving`
+    set for good: refused, nothing queued."""
+    model = Stack(1, num_redundant_experts=0)
+    up = eplb_native.attach(model, {"dynamic_eplb": False})
+    before = up.phy2log().copy()
+    up.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        up.move_to(before[:, ::-1].copy())
+    assert not up.moving and np.array_equal(up.phy2log(), before)
 
 
 def test_sliding_window_and_trace(tmp_path):

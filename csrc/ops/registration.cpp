@@ -29,6 +29,8 @@ bool IsIndexType(const at::Tensor& t) {
 }
 
 void CheckIndexType(const at::Tensor& t, const char* name) {
+  // (an undefined tensor is a None passed where the op needs a tensor)
+  TORCH_CHECK_TYPE(t.defined(), name, " is required (an int32 or int64 tensor), got None");
   TORCH_CHECK_TYPE(IsIndexType(t), name, " must be int32 or int64, got ", t.scalar_type());
 }
 

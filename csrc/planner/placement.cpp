@@ -61,6 +61,17 @@ void ValidateLoad(const double* load, const Shape& s) {
            ", " + Num(i % s.num_logical) + "]");
     }
   }
+  // Rank loads and totals are sums of a layer's loads: a layer whose sum nears the largest
+  // double would report inf (balancedness 0 or NaN). A quarter of it leaves room for any
+  // summation order (a partial sum of terms >= 0 rounds to at most a few ulps above the total).
+  constexpr double kMaxLayerSum = std::numeric_limits<double>::max() / 4;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    double sum = 0.0;
+    for (int64_t e = 0; e < s.num_logical; ++e) sum += load[l * s.num_logical + e];
+    if (!(sum <= kMaxLayerSum))
+      Fail("load: layer " + Num(l) + " sums to " + Num(sum) + ", more than " + Num(kMaxLayerSum) +
+           " (rank loads would overflow)");
+  }
 }
 
 // Runs fn(layer) for every layer on up to `threads` threads. Exceptions are rethrown here.

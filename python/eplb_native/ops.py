@@ -114,9 +114,10 @@ def _check_record_counts(load, expert_tokens, group_list_type, offset):
         raise ValueError(f"expert_tokens must be on {load.device} (the device of load), got {expert_tokens.device}")
     if expert_tokens.dim() != 1:
         raise ValueError(f"expert_tokens must be 1-D [n], got shape {tuple(expert_tokens.shape)}")
-    if group_list_type not in (0, 1):
-        raise ValueError(f"group_list_type must be 0 (cumulative) or 1 (counts), got {group_list_type!r}")
-    if not isinstance(offset, int) or offset < 0:
+    if isinstance(group_list_type, bool) or not isinstance(group_list_type, int) or (
+            group_list_type not in (0, 1)):
+        raise ValueError(f"group_list_type must be the int 0 (cumulative) or 1 (counts), got {group_list_type!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0, got {offset!r}")
     if offset + expert_tokens.numel() > load.numel():
         raise ValueError(
@@ -164,7 +165,9 @@ def map_and_record(
     rejects (not a tensor, a mode that is not a string) is re-checked here for a TypeError /
     ValueError naming it.
     """
-    if logcnt is None and mode == "rank_local":
+    if logcnt is None:
+        if mode == "spread":
+            raise TypeError("logcnt is required in mode 'spread' ([E] int32/int64), got None")
         logcnt = log2phy  # unused placeholder: the schema takes a Tensor
     try:
         return torch.ops.eplb_native.map_and_record(

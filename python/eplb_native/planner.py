@@ -95,15 +95,34 @@ def _as_numpy(x, name: str, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _as_int(x, name: str, minimum: int = 1) -> int:
+#: Largest thread count a plan takes (the C++ side holds it in an int; more threads than
+#: layers are never started anyway).
+MAX_THREADS = 4096
+
+
+def _as_int(x, name: str, minimum: int = 1, maximum: int = 2**62) -> int:
     if isinstance(x, bool) or not isinstance(x, int | np.integer):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    if x > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {x}")
     return int(x)
 
 
+def _as_target(x) -> float:
+    """min_move_target: a real number in (0, 1]."""
+    if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
+        raise TypeError(f"min_move_target must be a real number, got {type(x).__name__}")
+    if not 0.0 < float(x) <= 1.0:
+        raise ValueError(f"min_move_target must be in (0, 1], got {x}")
+    return float(x)
+
+
 def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads):
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a str, one of {sorted(POLICIES)}, got "
+                        f"{type(policy).__name__}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
     w = _as_numpy(load, "load", np.float64)
@@ -116,7 +135,7 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
     num_ranks = _as_int(num_ranks, "num_ranks")
     num_nodes = _as_int(num_nodes, "num_nodes")
     num_groups = _as_int(num_groups, "num_groups")
-    threads = _as_int(threads, "threads")
+    threads = _as_int(threads, "threads", maximum=MAX_THREADS)
     if num_replicas is not None:
         num_replicas = _as_int(num_replicas, "num_replicas")
     old = None
@@ -145,7 +164,8 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
 
     Args:
         load: [L, E] (or [E]) tokens routed to each logical expert over a window; numpy or torch;
-            finite and >= 0.
+            finite and >= 0, each layer summing to at most ``sys.float_info.max / 4`` (rank
+            loads are sums of it).
         old_phy2log: [L, P] current placement, or None. Needed by ``min_move``; with it,
             moved slots, balancedness before and the transfer plan are reported.
         num_ranks: ranks (GPUs / NPUs) the P slots are spread over; P % num_ranks == 0.
@@ -174,30 +194,39 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
     w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
         load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)
     out = _planner.plan(w, old, num_replicas, num_ranks, num_nodes, num_groups, POLICIES[policy],
-                        bool(preserve_slots), threads, float(min_move_target), bool(transfers))
+                        bool(preserve_slots), threads, _as_target(min_move_target), bool(transfers))
     return Plan(policy=policy, num_ranks=num_ranks, **out)
 
 
 def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int):
+                      num_gpus: int | None = None, *, num_ranks: int | None = None):
     """DeepSeek EPLB's ``rebalance_experts``: same signature, same meaning, same outputs.
 
     Args:
         weight: [L, E] load statistics of every logical expert (numpy or torch).
         num_replicas: physical experts per layer (a multiple of num_gpus).
         num_groups: expert groups; num_nodes: server nodes (hierarchical placement when
-            num_groups % num_nodes == 0, global otherwise); num_gpus: ranks.
+            num_groups % num_nodes == 0, global otherwise); num_gpus: ranks (DeepSeek's name;
+            ``num_ranks=``, vLLM's policy's name, is accepted as the keyword instead).
 
     Returns:
-        ``(phy2log [L, P], log2phy [L, E, M], logcnt [L, E])``, int64, torch tensors when
-        ``weight`` is a torch tensor, numpy arrays otherwise. As in DeepSeek EPLB, column j of
-        ``log2phy`` is the expert's j-th replica (replica ordinal, not slot order), -1 padded.
+        ``(phy2log [L, P], log2phy [L, E, P - E + 1], logcnt [L, E])``, int64, torch tensors
+        when ``weight`` is a torch tensor, numpy arrays otherwise. As in DeepSeek EPLB,
+        ``log2phy`` has num_redundant_experts + 1 columns whatever the largest replica count,
+        column j is the expert's j-th replica (replica ordinal, not slot order), -1 padded.
         Ties in ``weight`` go to the lowest index (DeepSeek's own sorts leave them unspecified).
     """
-    num_gpus = _as_int(num_gpus, "num_gpus")  # named as the caller knows it
-    p = plan(weight, num_ranks=num_gpus, num_replicas=num_replicas, num_nodes=num_nodes,
+    if (num_gpus is None) == (num_ranks is None):
+        raise TypeError("rebalance_experts takes the number of ranks once: num_gpus "
+                        "(positional, DeepSeek's name) or num_ranks= (keyword)")
+    name = "num_gpus" if num_ranks is None else "num_ranks"
+    ranks = _as_int(num_gpus if num_ranks is None else num_ranks, name)  # named as given
+    p = plan(weight, num_ranks=ranks, num_replicas=num_replicas, num_nodes=num_nodes,
              num_groups=num_groups, policy="deepseek", preserve_slots=False)
-    out = (p.phy2log, p.log2phy, p.logcnt)
+    layers, experts, width = p.log2phy.shape
+    log2phy = np.full((layers, experts, p.phy2log.shape[1] - experts + 1), -1, np.int64)
+    log2phy[:, :, :width] = p.log2phy
+    out = (p.phy2log, log2phy, p.logcnt)
     if is_torch(weight):
         import torch
 
@@ -244,7 +273,7 @@ class Planner:
     """
 
     def __init__(self, threads: int = 1):
-        self._threads = _as_int(threads, "threads")
+        self._threads = _as_int(threads, "threads", maximum=MAX_THREADS)
         self._pid = os.getpid()
         self._worker = _planner.Worker()
         self._futures: dict[int, tuple[concurrent.futures.Future, dict]] = {}
@@ -269,13 +298,14 @@ class Planner:
         w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
             load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy,
             self._threads)
+        target = _as_target(min_move_target)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("Planner is closed")
             job = self._worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
                                       POLICIES[policy], bool(preserve_slots), threads,
-                                      float(min_move_target), bool(transfers))
+                                      target, bool(transfers))
             self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
         fut.add_done_callback(lambda f, job=job: f.cancelled() and self._worker.cancel(job))
         return fut

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import _planner
+from ._util import check_int
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ def layer_schedule(old_phy2log, new_phy2log, num_ranks: int, num_nodes: int = 1
     the expert receives it from the old holder with the fewest sends so far (same node first
     when ``num_nodes`` > 1), and its further slots of the expert copy that one ("dup").
     Deterministic order (by destination rank, then slot), the same on every rank."""
+    num_ranks = check_int(num_ranks, "num_ranks", 1)
+    num_nodes = check_int(num_nodes, "num_nodes", 1)
     old = np.ascontiguousarray(old_phy2log, dtype=np.int64)
     new = np.ascontiguousarray(new_phy2log, dtype=np.int64)
     if old.shape != new.shape or old.ndim != 1 or old.size % num_ranks:

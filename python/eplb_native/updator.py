@@ -119,6 +119,15 @@ class Updator:
         self.num_local = first.num_local_slots
         self.device = first.device
         check_config_fits(config, self.num_logical, self.num_slots, self.num_ranks)
+        # The placement the layers start with is every plan's old placement: an invalid one
+        # would make every cycle fail later (and only log it), so it refuses attach now.
+        for a in layers:
+            try:
+                state.validate_phy2log(a.phy2log.detach().cpu().numpy(), self.num_logical,
+                                       self.num_ranks)
+            except ValueError as e:
+                raise AdapterError(f"MoE layer {a.name!r}: its phy2log is not a valid "
+                                   f"placement: {e}") from None
         if self.num_ranks > 1:
             if group is None:
                 if not dist.is_initialized():
@@ -475,6 +484,8 @@ class Updator:
         """Queues a move of every layer to ``phy2log`` [L, P] (e.g. a placement planned
         elsewhere); the layers move at the next steps exactly like a plan's. Collective in effect:
         every rank must queue the same placement at the same step. Returns the layers queued."""
+        if self._closed:
+            raise RuntimeError("this Updator is shut down; attach again to move")
         target = state.validate_phy2log(phy2log, self.num_logical, self.num_ranks)
         if target.shape != (self.num_layers, self.num_slots):
             raise ValueError(f"phy2log must have shape [{self.num_layers}, {self.num_slots}], "

@@ -58,7 +58,7 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[list[int], list[int], 
 
 def deepseek(weight, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
     """DeepSeek EPLB: hierarchical when num_groups % num_nodes == 0 (and num_nodes > 1), else
-    global (one group, one node). weight [L, E] -> (phy2log [L, P], log2phy [L, E, M], logcnt
+    global (one group, one node). weight [L, E] -> (phy2log [L, P], log2phy [L, E, P - E + 1], logcnt
     [L, E]); log2phy columns are replica ordinals, -1 padded."""
     weight = np.asarray(weight, np.float64)
     num_layers, num_experts = weight.shape
@@ -91,7 +91,8 @@ def deepseek(weight, num_replicas: int, num_groups: int, num_nodes: int, num_ran
                 phy2log[layer, slot] = experts[node_phy[j]]
                 ordinal[layer, slot] = node_ord[j]
     logcnt = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
-    log2phy = np.full((num_layers, num_experts, int(logcnt.max())), -1, np.int64)
+    # DeepSeek's width: num_redundant_experts + 1 columns, whatever the largest count
+    log2phy = np.full((num_layers, num_experts, num_replicas - num_experts + 1), -1, np.int64)
     for layer in range(num_layers):
         for p in range(num_replicas):
             log2phy[layer, phy2log[layer, p], ordinal[layer, p]] = p

@@ -71,7 +71,8 @@ class MoELayerAdapter:
             reset.
         record: 0-dim bool tensor, True while the layer should record into ``load``.
         ep_rank, ep_size: this rank and the number of ranks the layer's slots are spread over.
-        local_expert_map: ``[E]`` int32 or None, logical -> local slot on this rank (-1: none).
+        local_expert_map: ``[E]`` int32 (or int64) or None, logical -> local slot on this rank
+            (-1: none).
         on_placement: optional callback ``f(adapter)`` run after every placement switch (e.g. to
             refresh a kernel's derived tables).
     """
@@ -122,8 +123,10 @@ class MoELayerAdapter:
             raise AdapterError(f"{where}: record must be a 0-dim bool tensor")
         if self.local_expert_map is not None and (
                 list(self.local_expert_map.shape) != [e]
-                or self.local_expert_map.dtype != torch.int32):
-            raise AdapterError(f"{where}: local_expert_map must be [E={e}] int32")
+                or self.local_expert_map.dtype not in (torch.int32, torch.int64)):
+            raise AdapterError(f"{where}: local_expert_map must be [E={e}] int32/int64, got "
+                               f"{list(self.local_expert_map.shape)} "
+                               f"{self.local_expert_map.dtype}")
         for i, w in enumerate(self.weights):
             if not isinstance(w, torch.Tensor) or w.dim() < 1 or w.shape[0] != s:
                 shape = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__

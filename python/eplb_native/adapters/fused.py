@@ -2,7 +2,7 @@
 
 Such a layer holds ``w13_weight`` [S, 2I, H] and ``w2_weight`` [S, H, I] stacked per local
 expert (plus optional per-expert ``w13_*`` / ``w2_*`` scales and biases with the same first
-dimension) and an ``expert_map`` [E] int32 (logical -> local slot, -1 elsewhere). The adapter
+dimension) and an ``expert_map`` [E] int32 or int64 (logical -> local slot, -1 elsewhere). The adapter
 reuses the placement tensors the layer already has under vLLM's names
 (``logical_to_physical_map`` [E, M], ``logical_replica_count`` [E], ``expert_load_view`` [P])
 when their shapes fit, and registers the missing ones as buffers ``eplb_phy2log``,
@@ -62,6 +62,12 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
     if num_logical is None:
         raise AdapterError(f"{where}: cannot tell the number of logical experts (no "
                            "global_num_experts and no expert_map)")
+    # The layer dispatches by expert_map: it must follow every move, so one that cannot be
+    # rewritten in place refuses the layer (ignoring it would leave routing on the old placement).
+    if expert_map is not None and (list(expert_map.shape) != [num_logical]
+                                   or expert_map.dtype not in (torch.int32, torch.int64)):
+        raise AdapterError(f"{where}: expert_map must be [E={num_logical}] int32/int64, got "
+                           f"{list(expert_map.shape)} {expert_map.dtype}")
     dev = w13.device
     missing: dict[str, torch.Tensor] = {}  # buffers to register once the adapter is valid
     p2l = _tensor(module, "eplb_phy2log")
@@ -96,8 +102,6 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
                        missing)
     record = _buffer(module, "eplb_record", torch.ones((), dtype=torch.bool, device=dev),
                      missing)
-    if expert_map is not None and not fits(expert_map, local):
-        expert_map = None
     adapter = MoELayerAdapter(name=name, module=module, weights=weights, phy2log=p2l,
                               log2phy=l2p, logcnt=cnt, load=load, record=record, ep_rank=ep_rank,
                               ep_size=ep_size, local_expert_map=expert_map)
