@@ -144,6 +144,7 @@ def test_plan_json_numbers_match_the_reference(tmp_path):
                   - 1e-9)
     assert out["balancedness_after"]["mean"] == pytest.approx(np.mean(out["per_layer"]["after"]))
     assert out["moved_slots"] is None  # nothing to move from without --old
+    assert out["per_layer"]["moved_slots"] is None
 
 
 def test_plan_last_window_and_other_formats(tmp_path):
@@ -178,6 +179,7 @@ def test_plan_from_old_map_min_move(tmp_path, small_trace):
     assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, old, 4))
     assert np.allclose(out["per_layer"]["after"], ref_balancedness(total, new, 4))
     assert out["moved_slots"] == int((new != old).sum())
+    assert out["per_layer"]["moved_slots"] == (new != old).sum(axis=1).tolist()
     assert first["num_redundant"] == out["num_redundant"] == 4
 
 
@@ -220,6 +222,8 @@ def _map_with(layer, device, experts, **layer_keys):
      ["--load", "g.npy", "--old", "o.json"], ["o.json", "moe_layer_count"]),
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
                                                        "no/dir/m.json"], ["does not exist"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "m.json").mkdir()),
+     ["--load", "g.npy", "--ranks", "4", "-o", "m.json"], ["-o: m.json is a directory"]),
     (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_text(json.dumps(
         _map_with(0, 0, [0, 2**70])))),
      ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "2**62"]),
@@ -251,7 +255,7 @@ def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
         args = [*args, "-o", "m.json"]
     proc = run_cli("plan", *args, cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "plan", *fragments)
-    assert not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "m.json").is_file()
 
 
 def test_argparse_errors_exit_2(tmp_path):
@@ -346,6 +350,20 @@ TINY_DEMO = ["--ranks", 2, "--layers", 2, "--experts", 8, "--redundant", 2, "--t
              "--steps", 12, "--interval", 4, "--tokens", 16, "--hidden", 16]
 
 
+def test_demo_does_not_report_a_stale_trace(tmp_path):
+    """With fewer steps than one window no trace is saved: a file of that name from before is
+    neither reported as written nor touched."""
+    (tmp_path / "rec.npz").write_text("STALE")
+    short = [str(x) for x in TINY_DEMO]
+    short[short.index("--steps") + 1] = "3"
+    proc = run_cli("demo", *short, "--png", "", "--save-trace", "rec.npz", cwd=tmp_path)
+    assert "not written" in proc.stdout and "wrote rec.npz" not in proc.stdout
+    assert (tmp_path / "rec.npz").read_text() == "STALE"
+    out = json.loads(run_cli("demo", *short, "--png", "", "--save-trace", "rec.npz", "--json",
+                             cwd=tmp_path).stdout)
+    assert out["trace"] is None and "trace_written" not in out
+
+
 def test_demo_json_rebalances_and_keeps_outputs(tmp_path):
     proc = run_cli("demo", *TINY_DEMO, "--png", "demo.png", "--save-trace", "rec.npz", "--json",
                    cwd=tmp_path)
@@ -402,6 +420,8 @@ def test_demo_text_summary(tmp_path):
     (["--ranks", "80"], ["--ranks on --device cpu must be <= 64", "80"]),
     (["--tokens", "1000000000000"], ["--tokens must be <= 1048576"]),
     (["--save-trace", "rec.npy"], ["--save-trace rec.npy", "*.npz"]),
+    (["--seed", str(2**48)], [f"--seed must be <= {2**32 - 1}"]),
+    (["--hidden", "1048576"], ["--hidden 1048576", "GiB of expert weights"]),
 ])
 def test_demo_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("demo", *args, cwd=tmp_path, expect=2)

@@ -71,6 +71,7 @@ def test_not_a_config_is_refused(config):
     ({"eplb_policy_type": 2.0}, "eplb_policy_type"),
     ({"eplb_policy_type": "2"}, "eplb_policy_type"),
     ({"transfer_timeout_s": float("nan")}, "transfer_timeout_s"),
+    ({"transfer_timeout_s": 1e300}, r"transfer_timeout_s must be a number in \(0, 604800\]"),
     ({"max_move_bytes_per_step": 0}, "max_move_bytes_per_step"),
     ({"max_move_bytes_per_step": 2.5e9}, "max_move_bytes_per_step"),
     ({"max_move_bytes_per_step": True}, "max_move_bytes_per_step"),

@@ -44,6 +44,16 @@ def test_bad_arguments():
         EPMoE(4, 4, 2, 1)([[0.0] * 4])
     with pytest.raises(TypeError, match="seed"):
         EPMoE(4, 4, 2, 1, seed=1.5)
+    for seed in (-1, 2**32, 2**62):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+            EPMoE(4, 4, 2, 1, seed=seed)
+    for bad in (-3, 1.0, True):
+        with pytest.raises(ValueError, match="num_redundant_experts must be an int >= 0"):
+            EPMoE(4, 4, 2, 1, num_redundant_experts=bad)
+    # with a phy2log, a non-zero num_redundant_experts must agree with it (0: taken from it)
+    with pytest.raises(ValueError, match=r"phy2log has 6 slots, num_redundant_experts says 6 \+ 4"):
+        EPMoE(4, 4, 6, 2, num_redundant_experts=4, phy2log=[0, 1, 2, 3, 4, 5])
+    assert EPMoE(4, 4, 6, 2, phy2log=[0, 1, 2, 3, 4, 5, 0, 1]).num_slots == 8
     with pytest.raises(TypeError, match="dtype"):
         EPMoE(4, 4, 2, 1, dtype=torch.int64)
 

@@ -84,3 +84,21 @@ def test_layer_schedule_checks_num_ranks_and_num_nodes():
             layer_schedule(np.arange(4), np.arange(4), bad)
     with pytest.raises(ValueError, match="num_nodes must be an int"):
         layer_schedule(np.arange(4), np.arange(4), 2, 0)
+
+
+def test_layer_schedule_refuses_float_ids_and_takes_sparse_ones():
+    from eplb_native.transfer import layer_schedule
+
+    with pytest.raises(TypeError, match="old_phy2log must hold integer expert ids"):
+        layer_schedule(np.array([0.7, 1.2]), np.array([1, 0]), 1)
+    with pytest.raises(TypeError, match="new_phy2log must hold integer expert ids"):
+        layer_schedule(np.array([0, 1]), np.array([1.0, 0.0]), 1)
+    # ids far apart (as a caller's global ids may be): the same fills as on dense ids
+    old, new = np.array([0, 5, 9, 5]), np.array([9, 0, 5, 9])
+    big = 2**40
+    dense = layer_schedule(old, new, 2)
+    sparse = layer_schedule(np.where(old == 9, big, old), np.where(new == 9, big, new), 2)
+    import dataclasses
+
+    assert [dataclasses.replace(f, logical=9) if f.logical == big else f for f in sparse] == dense
+    assert any(f.logical == big for f in sparse)

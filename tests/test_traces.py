@@ -113,6 +113,9 @@ def test_load_other_formats(tmp_path):
         assert loads.shape == want.shape, name
         assert np.allclose(loads, want), name  # bf16 holds integers < 256 exactly
         assert got_meta == meta
+    # float8 has no numpy dtype: read through float32 (small integers are exact)
+    torch.save(torch.from_numpy(a % 8).to(torch.float8_e4m3fn), tmp_path / "f8.pt")
+    assert np.array_equal(load_trace(tmp_path / "f8.pt")[0], a % 8)
     assert load_trace(tmp_path / "one.npy")[0].dtype == np.float64
     assert load_trace(tmp_path / "a.npy")[0].dtype == np.int64
 
@@ -137,6 +140,12 @@ def test_load_other_formats(tmp_path):
     (lambda p: p.with_suffix(".pt").write_bytes(b"garbage"), "not a loadable torch file"),
     (lambda p: torch.save({"x": torch.ones(2, 2)}, p.with_suffix(".pt")), "missing key 'loads'"),
     (lambda p: torch.save([1, 2], p.with_suffix(".pt")), "expected a tensor"),
+    (lambda p: torch.save(torch.ones(2, 3, device="meta"), p.with_suffix(".pt")), "plain dense"),
+    (lambda p: torch.save(torch.ones(2, 3).to_sparse(), p.with_suffix(".pt")), "plain dense"),
+    (lambda p: torch.save(torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(1, 3)]),
+                          p.with_suffix(".pt")), "plain dense"),
+    (lambda p: torch.save(torch.quantize_per_tensor(torch.ones(2, 3), 0.1, 0, torch.quint8),
+                          p.with_suffix(".pt")), "plain dense"),
     (lambda p: p.with_suffix(".csv").write_text("1,2"), "unsupported trace file extension"),
 ])
 def test_load_trace_errors_name_file_and_problem(tmp_path, make, message):

@@ -141,6 +141,13 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert num_layers == worker.LAYERS and np.array_equal(phy2log, want.numpy())
 
 
+def test_attach_keywords_win_over_the_config(ranks):
+    want = np.array([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
+    for res in _family(ranks, "attach_keywords"):
+        assert np.array_equal(res["phy2log"], want)
+        assert np.array_equal(res["buffers"].numpy(), want)
+
+
 def _tiny(family):
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(worker.family_config(family))

@@ -456,6 +456,23 @@ def test_placement_tensors_and_default_spread():
         state.validate_phy2log([0, 1, 2, 0], 0, 2)
 
 
+def test_second_attach_on_a_live_model_is_refused():
+    """Two updators on one layer would both move its weights and rewrite its maps: the second
+    attach is refused (nothing added to the model) until the first is shut down."""
+    model = Stack(2, num_redundant_experts=2)
+    first = eplb_native.attach(model, {"dynamic_eplb": False})
+    buffers = sorted(n for n, _ in model.named_buffers())
+    hooks = len(model._forward_pre_hooks) + len(model._forward_hooks)
+    with pytest.raises(ValueError, match="already has a live eplb_native Updator"):
+        eplb_native.attach(model, {"dynamic_eplb": False})
+    assert sorted(n for n, _ in model.named_buffers()) == buffers
+    assert len(model._forward_pre_hooks) + len(model._forward_hooks) == hooks
+    first.shutdown()
+    second = eplb_native.attach(model, {"dynamic_eplb": False})
+    assert np.array_equal(second.phy2log(), first.phy2log())
+    second.shutdown()
+
+
 def test_move_to_after_shutdown_is_refused():
     """A move queued after shutdown() would never run (the hooks are gone) and leave `moving`
     set for good: refused, nothing queued."""

@@ -279,6 +279,40 @@ def run_prepare_checks(path: str, rank: int) -> dict:
     return out
 
 
+def run_attach_keywords(path: str, rank: int) -> dict:
+    """The integration's attach with keywords and a config that says otherwise: the keywords
+    win (the expert_map keyword places the slots and the config's expert_map_path is not
+    applied after it; the num_redundant_experts keyword overrides the config's)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from eplb_native import expert_map
+    from eplb_native.integrations import transformers as eplb_tf
+
+    # the config's map: every rank's slots in the opposite order of EXPERT_MAP's (which has 12
+    # slots for 8 experts: 4 redundant)
+    other = [[e for r in layer for e in reversed(r)] for layer in EXPERT_MAP_SLOTS]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_map = os.path.join(tmp, "config_map.json")
+        expert_map.save(config_map, other, NUM_RANKS)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32,
+            distributed_config=DistributedConfig(tp_size=NUM_RANKS, ep_size=NUM_RANKS,
+                                                 tp_plan="auto"))
+        updator = eplb_tf.attach(model, {"expert_map_path": config_map, "dynamic_eplb": False,
+                                         "num_redundant_experts": 0},
+                                 expert_map=EXPERT_MAP, num_redundant_experts=4,
+                                 hooks=False)
+        out["phy2log"] = updator.phy2log()
+        out["buffers"] = torch.stack([lay.experts.eplb_phy2log
+                                      for lay in eplb_tf.find_moe_layers(model)])
+        updator.shutdown()
+    return out
+
+
 def worker(rank: int, init_method: str, paths: dict, out_dir: str) -> None:
     """One rank: init_method is a fresh ``file://`` rendezvous of this run (no port to race
     for); transformers reads RANK / WORLD_SIZE / LOCAL_RANK from the environment."""
@@ -293,6 +327,7 @@ def worker(rank: int, init_method: str, paths: dict, out_dir: str) -> None:
             scenarios = [(family, run_family)]
             if family == "qwen3_moe":
                 scenarios.append(("prepare", run_prepare_checks))
+                scenarios.append(("attach_keywords", run_attach_keywords))
             for key, scenario in scenarios:
                 try:
                     results[key] = scenario(*((family,) if key == family else ()), path, rank)

@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 
 from . import expert_map, metrics, traces
-from ._util import check_int
+from ._util import atomic_write, check_int
 from .planner import POLICIES, plan
 
 EXIT_USAGE = 2
@@ -36,6 +36,8 @@ EXIT_USAGE = 2
 MAX_COUNT = 1 << 20
 #: demo on the CPU starts one process per rank.
 MAX_DEMO_CPU_RANKS = 64
+#: demo --seed bound (per-step generator seeds are derived from it by integer arithmetic)
+MAX_SEED = (1 << 32) - 1
 #: demo's gate bias is skew x a standard normal, in float32: beyond this the gate is one-hot
 #: anyway, and near 1e38 the bias overflows to inf and the outputs turn NaN.
 MAX_DEMO_SKEW = 1e6
@@ -175,6 +177,8 @@ def _check_output_dir(path: str, flag: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{flag}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a directory; name the file to write")
 
 
 def _write_json(obj) -> None:
@@ -241,7 +245,9 @@ def cmd_plan(args) -> int:
         "moved_slots": int(p.total_moved_slots) if start is not None else None,
         "plan_ms": plan_ms, "output": os.fspath(args.output),
         "per_layer": {"before": before.tolist(), "after": after.tolist(),
-                      "bound": bound.tolist(), "moved_slots": p.moved_slots.tolist()},
+                      "bound": bound.tolist(),
+                      # without a start placement nothing was compared: no count per layer
+                      "moved_slots": p.moved_slots.tolist() if start is not None else None},
     }
     if args.json:
         _write_json(_clean(result))
@@ -259,8 +265,9 @@ def cmd_plan(args) -> int:
     if args.per_layer:
         print(f"  {'layer':>5} {'before':>7} {'after':>7} {'bound':>7} {'moved':>6}")
         for layer in range(num_layers):
+            moved = int(p.moved_slots[layer]) if start is not None else "-"
             print(f"  {layer:>5} {before[layer]:>7.3f} {after[layer]:>7.3f} {bound[layer]:>7.3f} "
-                  f"{int(p.moved_slots[layer]):>6}")
+                  f"{moved:>6}")
     if start is not None:
         print(f"moved slots: {p.total_moved_slots} of {num_layers * topo.num_slots}")
     print(f"plan time: {plan_ms:.1f} ms")
@@ -365,7 +372,8 @@ def _plot_simulation(path: str, runs: dict, every: int, title: str) -> None:
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    with atomic_write(path, "wb") as f:  # a failed write leaves no truncated PNG
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -478,11 +486,23 @@ def _check_demo_args(args) -> None:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
         if flag != "--seed" and v > MAX_COUNT:
             raise UsageError(f"{flag} must be <= {MAX_COUNT}, got {v}")
+    if args.seed > MAX_SEED:
+        raise UsageError(f"--seed must be <= {MAX_SEED}, got {args.seed}")
     if args.device == "cpu" and args.ranks > MAX_DEMO_CPU_RANKS:
         raise UsageError(f"--ranks on --device cpu must be <= {MAX_DEMO_CPU_RANKS} (one process "
                          f"per rank), got {args.ranks}")
     if args.top_k > args.experts:
         raise UsageError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
+    if args.device == "cpu":
+        # every rank holds two stacks (EPLB on and off) of its slots' fp32 weights, 3 H x H each
+        slots = -(-(args.experts + args.redundant) // args.ranks)
+        need = 2 * args.layers * slots * 3 * args.hidden * args.hidden * 4 * args.ranks
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have // 2:
+            raise UsageError(f"--hidden {args.hidden}, --experts {args.experts}, --layers "
+                             f"{args.layers} over --ranks {args.ranks} need about "
+                             f"{need / 2**30:.1f} GiB of expert weights, over half of this "
+                             f"machine's {have / 2**30:.1f} GiB; choose smaller sizes")
     if (args.experts + args.redundant) % args.ranks:
         raise UsageError(f"--experts + --redundant ({args.experts} + {args.redundant}) must be "
                          f"divisible by --ranks ({args.ranks})")
@@ -644,6 +664,7 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
     dist.all_reduce(failed, group=cpu_group)
     if rank == 0:
         recorded = np.zeros((0, args.layers, args.experts))
+        trace_written = False
         if updator.stats.windows:
             # the gathered windows through the updator's public save_trace (what simulate reads)
             trace_path = args.save_trace or os.path.join(os.path.dirname(result_path),
@@ -652,6 +673,7 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
                                num_nodes=1, num_redundant=args.redundant,
                                expert_bytes=3 * args.hidden * args.hidden * 4)
             recorded, _ = traces.load_trace(trace_path)
+            trace_written = True
         windows = {w["step"]: i for i, w in enumerate(updator.stats.windows)}
         rebalances = []
         for i, p in enumerate(updator.stats.plans):
@@ -682,6 +704,7 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
             "rebalances": rebalances, "failed_layer_moves": int(failed),
             "outputs_bitwise_identical": not bool(flags[0]),
             "outputs_close": not bool(flags[1]), "max_rel_diff": float(diff),
+            "trace_written": trace_written,
         }
         with open(result_path, "w") as f:
             json.dump(result, f)
@@ -714,7 +737,8 @@ def _plot_demo(path: str, result: dict) -> None:
     ax.legend(loc="lower right", fontsize=7, ncol=2, framealpha=0.8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    with atomic_write(path, "wb") as f:  # a failed write leaves no truncated PNG
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -756,8 +780,9 @@ def cmd_demo(args) -> int:
     if args.png:
         _plot_demo(args.png, result)
     result["png"] = args.png or None
-    result["trace"] = args.save_trace if args.save_trace and os.path.exists(args.save_trace) \
-        else None
+    # (written this run: a file of that name from before proves nothing)
+    written = result.pop("trace_written", False)
+    result["trace"] = args.save_trace if args.save_trace and written else None
     identical = result["outputs_bitwise_identical"]
     if args.json:
         _write_json(_clean(result))
@@ -798,6 +823,8 @@ def cmd_demo(args) -> int:
     if result["trace"]:
         print(f"wrote {args.save_trace} (eplb-native simulate --trace {args.save_trace} "
               f"--ranks {args.ranks})")
+    elif args.save_trace:
+        print(f"no load window was gathered in {args.steps} steps: {args.save_trace} not written")
     return 0 if result["outputs_close"] else 1
 
 

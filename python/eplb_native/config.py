@@ -68,6 +68,10 @@ _ALIASES = {
 }
 
 
+#: Longest transfer_timeout_s (a week).
+MAX_TRANSFER_TIMEOUT_S = 7 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class EplbConfig:
     """The updator's settings (canonical names; see the module docstring for aliases)."""
@@ -105,8 +109,11 @@ class EplbConfig:
         if self.max_move_bytes_per_step is not None:
             _check_int("max_move_bytes_per_step", self.max_move_bytes_per_step, 1)
         t = self.transfer_timeout_s
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"transfer_timeout_s must be a finite number > 0, got {t!r}")
+        # (bounded: a wait on a longer timeout overflows the platform's time_t in threading)
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or (
+                not 0 < t <= MAX_TRANSFER_TIMEOUT_S):
+            raise ValueError(f"transfer_timeout_s must be a number in (0, "
+                             f"{MAX_TRANSFER_TIMEOUT_S}] seconds, got {t!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         for key in ("expert_map_path", "expert_map_record_path"):

@@ -280,7 +280,15 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     else:
         raise ValueError(f"{src}: unsupported trace file extension {ext!r}; expected .npz, "
                          f".npy, .pt or .json")
-    return _validate(to_numpy(raw, f"{src}: loads"), src), meta
+    try:
+        loads = to_numpy(raw, f"{src}: loads")
+    except ValueError as e:
+        if str(e).startswith(src):
+            raise
+        raise ValueError(f"{src}: loads cannot be read as an array ({_short(e)})") from None
+    except Exception as e:  # noqa: BLE001 - any conversion failure names the file
+        raise ValueError(f"{src}: loads cannot be read as an array ({_short(e)})") from None
+    return _validate(loads, src), meta
 
 
 def _short(e: BaseException) -> str:
@@ -332,6 +340,11 @@ def _read_pt(src: str):
                          f"{type(obj).__name__}")
     if obj.is_complex() or obj.dtype == torch.bool:
         raise ValueError(f"{src}: loads must be a numeric (int or float) tensor, got {obj.dtype}")
+    if obj.is_nested or obj.is_quantized or obj.layout != torch.strided or obj.is_meta:
+        raise ValueError(f"{src}: loads must be a plain dense tensor with data (not nested, "
+                         f"quantized, sparse or on the meta device)")
+    if obj.dtype.is_floating_point and obj.element_size() == 1:  # float8: no numpy dtype
+        obj = obj.float()
     return obj, meta
 
 

@@ -68,8 +68,12 @@ def layer_schedule(old_phy2log, new_phy2log, num_ranks: int, num_nodes: int = 1
     Deterministic order (by destination rank, then slot), the same on every rank."""
     num_ranks = check_int(num_ranks, "num_ranks", 1)
     num_nodes = check_int(num_nodes, "num_nodes", 1)
-    old = np.ascontiguousarray(old_phy2log, dtype=np.int64)
-    new = np.ascontiguousarray(new_phy2log, dtype=np.int64)
+    old, new = np.asarray(old_phy2log), np.asarray(new_phy2log)
+    for name, a in (("old_phy2log", old), ("new_phy2log", new)):
+        if a.size and not np.issubdtype(a.dtype, np.integer):  # a float id would be truncated
+            raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")
+    old = np.ascontiguousarray(old, dtype=np.int64)
+    new = np.ascontiguousarray(new, dtype=np.int64)
     if old.shape != new.shape or old.ndim != 1 or old.size % num_ranks:
         raise ValueError(f"old/new phy2log must be [P] of equal size divisible by num_ranks, got "
                          f"{old.shape} / {new.shape}")
@@ -82,11 +86,14 @@ def layer_schedule(old_phy2log, new_phy2log, num_ranks: int, num_nodes: int = 1
     missing = np.setdiff1d(new, old)
     if missing.size:
         raise ValueError(f"logical expert {int(missing[0])} has no copy in the old placement")
-    num_logical = int(max(old.max(), new.max())) + 1
-    rows = _planner.layer_transfers(old, new, num_logical, num_ranks, num_nodes)
+    # The planner sizes its tables by the number of ids: numbered densely (in order, so its
+    # choices are those it makes on the ids themselves), a sparse id costs nothing.
+    ids, dense = np.unique(np.concatenate([old, new]), return_inverse=True)
+    rows = _planner.layer_transfers(dense[:old.size], dense[old.size:], ids.size, num_ranks,
+                                    num_nodes)
     rows = rows[np.argsort(rows[:, 6], kind="stable")]  # by destination slot
     s = old.size // num_ranks
-    return [SlotFill(e, _FILL_KIND[k], sr, ss % s, dr, ds % s)
+    return [SlotFill(int(ids[e]), _FILL_KIND[k], sr, ss % s, dr, ds % s)
             for _, _, e, sr, ss, dr, ds, k in rows.tolist()]
 
 

@@ -33,6 +33,7 @@ import collections
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -119,6 +120,14 @@ class Updator:
         self.num_local = first.num_local_slots
         self.device = first.device
         check_config_fits(config, self.num_logical, self.num_slots, self.num_ranks)
+        # Two updators on one layer would both move its weights and rewrite its maps, each
+        # reporting a placement the other may have changed.
+        for a in layers:
+            ref = _live_updators.get(a.module)
+            other = ref() if ref is not None else None
+            if other is not None and not other._closed:
+                raise ValueError(f"MoE layer {a.name!r} already has a live eplb_native Updator; "
+                                 "call its shutdown() before attaching again")
         # The placement the layers start with is every plan's old placement: an invalid one
         # would make every cycle fail later (and only log it), so it refuses attach now.
         for a in layers:
@@ -206,6 +215,8 @@ class Updator:
             self._apply_expert_map(target, config.expert_map_path)
         if config.dynamic_eplb:
             self._planner = Planner()
+        for a in layers:
+            _live_updators[a.module] = weakref.ref(self)
 
     def _allocate_buffers(self) -> None:
         """The buffers allocated once: per-step logical load ring, per-window rank tokens, the
@@ -682,6 +693,10 @@ class Updator:
         if self._closed:
             return
         self._closed = True
+        for a in self.layers:
+            ref = _live_updators.get(a.module)
+            if ref is not None and ref() is self:
+                del _live_updators[a.module]
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -709,6 +724,10 @@ class Updator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+#: The live Updator of each adapted module (weak on both sides): attach refuses a second one.
+_live_updators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # torch >= 2.12 renamed all_gather_into_tensor (same semantics) and warns on the old name.

@@ -46,6 +46,7 @@ gathered over the EP group counts every token once.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -460,10 +461,18 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
     from ..updator import check_config_fits
 
     cfg = EplbConfig.parse(config)
+    # The keywords win over the config's keys: the updator gets the config as prepared (the
+    # keyword's redundancy; no expert_map_path, which would move every layer again to another
+    # map right after the grow placed them by the keyword's).
     if num_redundant_experts is None:
         num_redundant_experts = cfg.num_redundant_experts
+    else:
+        cfg = dataclasses.replace(
+            cfg, num_redundant_experts=check_int(num_redundant_experts, "num_redundant_experts", 0))
     if expert_map is None:
         expert_map = cfg.expert_map_path
+    else:
+        cfg = dataclasses.replace(cfg, expert_map_path=None)
     prep = _check_prepare(model, group, num_redundant_experts, expert_map, ep_implementation)
     # Growing cannot be undone, so what the updator would refuse about the config is refused
     # here, before the first layer changes.

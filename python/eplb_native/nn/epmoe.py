@@ -29,12 +29,14 @@ class EPMoE(torch.nn.Module):
     Args:
         hidden_size: H. intermediate_size: I. num_experts: E logical experts. top_k: k.
         group: the expert-parallel process group (None: a single process holds every slot).
-        num_redundant_experts: extra slots, P = E + it; (E + it) % ep_size == 0.
+        num_redundant_experts: extra slots, P = E + it; (E + it) % ep_size == 0. With
+            ``phy2log``, 0 (the default) takes P from it; any other value must match it.
         phy2log: the initial placement [P] (default: vllm-ascend's default spread).
-        seed: logical expert e's weights are drawn from a generator seeded with (seed, e) on the
-            weights' device, identically on every rank and for every slot holding e, so layers
-            built with the same seed on the same device type compute the same function whatever
-            their placement. A rank draws only the experts its slots hold.
+        seed: in [0, 2**32); logical expert e's weights are drawn from a generator seeded
+            with (seed, e) on the weights' device, identically on every rank and for every slot
+            holding e, so layers built with the same seed on the same device type compute the
+            same function whatever their placement. A rank draws only the experts its slots
+            hold.
         dtype, device: of the weights and buffers.
 
     Parameters / buffers (all owned by the layer; the updator writes them in place):
@@ -57,6 +59,12 @@ class EPMoE(torch.nn.Module):
             raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2**32:  # expert e's generator seed is derived as seed * 1000003 + e
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        if isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int) \
+                or num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts must be an int >= 0, got "
+                             f"{num_redundant_experts!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.group = group
@@ -69,6 +77,9 @@ class EPMoE(torch.nn.Module):
         p2l = state.validate_phy2log(phy2log, num_experts, self.ep_size)
         if p2l.ndim != 1:
             raise ValueError(f"phy2log must have shape [slots], got {p2l.shape}")
+        if num_redundant_experts and p2l.size != num_experts + num_redundant_experts:
+            raise ValueError(f"phy2log has {p2l.size} slots, num_redundant_experts says "
+                             f"{num_experts} + {num_redundant_experts}")
         self.num_slots = p2l.size
         self.num_local_slots = self.num_slots // self.ep_size
         self.seed = seed
