@@ -66,8 +66,14 @@ void ValidateLoad(const double* load, const Shape& s) {
   // summation order (a partial sum of terms >= 0 rounds to at most a few ulps above the total).
   constexpr double kMaxLayerSum = std::numeric_limits<double>::max() / 4;
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    double sum = 0.0;
-    for (int64_t e = 0; e < s.num_logical; ++e) sum += load[l * s.num_logical + e];
+    // four running sums: no chain of dependent adds (any order does for this check)
+    const double* w = load + l * s.num_logical;
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t e = 0;
+    for (; e + 4 <= s.num_logical; e += 4)
+      for (int k = 0; k < 4; ++k) part[k] += w[e + k];
+    for (; e < s.num_logical; ++e) part[0] += w[e];
+    const double sum = (part[0] + part[1]) + (part[2] + part[3]);
     if (!(sum <= kMaxLayerSum))
       Fail("load: layer " + Num(l) + " sums to " + Num(sum) + ", more than " + Num(kMaxLayerSum) +
            " (rank loads would overflow)");
