@@ -11,7 +11,8 @@
 // weights (zipf) or of exp(N(0, 1)) (lognormal), rounded to integer counts, 16384 tokens x top-8
 // per window; windows drift as in eplb_native.traces.synth (latent scores, AR(1) step 0.05).
 // Every call plans window t from the DeepSeek placement of window t - 1 (preserve_slots on, no
-// transfer plan), as bench_planner.py does; median and min over reps x 3 windows.
+// transfer plan; bench_planner.py instead plans from each policy's own previous placement, so
+// min_move's starting points differ); median and min over reps x 3 windows.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

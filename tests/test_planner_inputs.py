@@ -102,3 +102,22 @@ def test_layer_schedule_refuses_float_ids_and_takes_sparse_ones():
 
     assert [dataclasses.replace(f, logical=9) if f.logical == big else f for f in sparse] == dense
     assert any(f.logical == big for f in sparse)
+
+
+def test_planner_bindings_check_what_they_index():
+    """The private bindings re-check shapes and ids (they used to divide by zero or read past
+    an array when called directly)."""
+    from eplb_native import _planner
+
+    p2l = np.zeros((2, 8), np.int64)
+    with pytest.raises(ValueError, match="num_ranks must be >= 1"):
+        _planner.preserve_slots(p2l, p2l, 0)
+    with pytest.raises(ValueError, match="shape of phy2log"):
+        _planner.preserve_slots(p2l, np.zeros((1, 2), np.int64), 2)
+    for args, match in [((np.arange(4), np.arange(3), 4, 2, 1), "equal size"),
+                        ((np.arange(4), np.arange(4), 4, 0, 1), "num_ranks must divide"),
+                        ((np.arange(4), np.array([0, 1, 2, 9]), 4, 2, 1), "new id"),
+                        ((np.array([0, 0, 1, 1]), np.array([0, 1, 2, 2]), 3, 2, 1), "new id"),
+                        ((np.array([0, 5, 1, 1]), np.arange(4), 4, 2, 1), "old id")]:
+        with pytest.raises(ValueError, match=match):
+            _planner.layer_transfers(*args)

@@ -128,7 +128,13 @@ py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_phys
 }
 
 I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
+  // (the Python wrapper checks these too: the binding must not trust its callers)
   if (phy2log.ndim() != 2) throw std::invalid_argument("phy2log must be 2-D [layers, slots]");
+  if (old.ndim() != 2 || old.shape(0) != phy2log.shape(0) || old.shape(1) != phy2log.shape(1))
+    throw std::invalid_argument("old_phy2log must have the shape of phy2log");
+  if (num_ranks < 1 || phy2log.shape(1) % num_ranks != 0)
+    throw std::invalid_argument("num_ranks must be >= 1 and divide the slots, got " +
+                                std::to_string(num_ranks));
   Shape s;
   s.num_layers = phy2log.shape(0);
   s.num_physical = phy2log.shape(1);
@@ -144,6 +150,26 @@ I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
 // num_ranks divisible by num_nodes, ids in [0, num_logical), every new id held in old.
 I64 LayerTransfersPy(const I64& old, const I64& fresh, int64_t num_logical, int64_t num_ranks,
                      int64_t num_nodes) {
+  // The same checks again, cheaply: the binding must not read out of bounds on bad input.
+  if (old.ndim() != 1 || fresh.ndim() != 1 || old.size() != fresh.size())
+    throw std::invalid_argument("old/new phy2log must be 1-D of equal size");
+  if (num_ranks < 1 || num_nodes < 1 || old.size() % num_ranks != 0 || num_ranks % num_nodes != 0)
+    throw std::invalid_argument("num_ranks must divide the slots and num_nodes num_ranks");
+  if (num_logical < 1 || num_logical > old.size())
+    throw std::invalid_argument("num_logical must be in [1, slots]");
+  {
+    std::vector<char> held(static_cast<size_t>(num_logical), 0);
+    for (py::ssize_t p = 0; p < old.size(); ++p) {
+      const int64_t e = old.data()[p];
+      if (e < 0 || e >= num_logical) throw std::invalid_argument("old id out of range");
+      held[static_cast<size_t>(e)] = 1;
+    }
+    for (py::ssize_t p = 0; p < fresh.size(); ++p) {
+      const int64_t e = fresh.data()[p];
+      if (e < 0 || e >= num_logical || !held[static_cast<size_t>(e)])
+        throw std::invalid_argument("new id out of range or held by no old slot");
+    }
+  }
   Shape s;
   s.num_layers = 1;
   s.num_logical = num_logical;

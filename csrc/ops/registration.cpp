@@ -126,8 +126,9 @@ void CheckRecordCounts(const at::Tensor& load, const at::Tensor& expert_tokens,
                     "group_list_type must be 0 (cumulative) or 1 (counts), got ",
                     Num(group_list_type));
   TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", Num(offset));
-  TORCH_CHECK_VALUE(offset + expert_tokens.sym_numel() <= load.sym_numel(),
-                    "offset + len(expert_tokens) (", Num(offset + expert_tokens.sym_numel()),
+  // (offset <= len(load) - n: offset + n would wrap for an offset near 2^63)
+  TORCH_CHECK_VALUE(load.sym_numel() - expert_tokens.sym_numel() >= offset, "offset (", Num(offset),
+                    ") + len(expert_tokens) (", Num(expert_tokens.sym_numel()),
                     ") must be <= len(load) (", Num(load.sym_numel()), ")");
 }
 

@@ -255,6 +255,8 @@ def composite_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_
     ids = topk_ids.reshape(-1).to(torch.int64)
     n = ids.numel()
     E = log2phy.shape[0]
+    if E == 0:  # no expert: every id is out of range (-1, not counted); no row to gather from
+        return torch.full_like(topk_ids, -1, memory_format=torch.contiguous_format)
     in_range = (ids >= 0) & (ids < E)
     e = torch.where(in_range, ids, torch.zeros_like(ids))
     table = log2phy.to(torch.int64)

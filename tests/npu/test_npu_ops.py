@@ -110,6 +110,31 @@ def test_map_and_record_matches_cpu(id_dtype, load_dtype, shape, mode):
         torch.testing.assert_close(load_dev.cpu(), load_cpu, rtol=0, atol=0)
 
 
+def test_int64_flag_and_counts_beyond_int32_match_cpu():
+    """An int64 record flag of 2**32 is "on" and int64 replica counts of 2**32 / -2**32 + 3 clamp
+    to M / 1, as on the CPU (the launcher used to cast them to int32 first, keeping the low 32
+    bits: "off", 0 and 3)."""
+    gen = _gen("int64-flags")
+    E, M, P = 8, 4, 12
+    ids = _ids(gen, 50, 4, E, torch.int64)
+    log2phy = torch.from_numpy(gen.integers(0, P, size=(E, M)))
+    logcnt = torch.tensor([2**32, -2**32 + 3, 2**33 + 1, 1, 2, 3, 4, 2**40])
+    rec = torch.tensor(2**32, dtype=torch.int64)
+    load_cpu = _load(gen, P, torch.int64)
+    start = load_cpu.clone()
+    load_dev = _on(load_cpu.clone())
+    out_cpu = ops.map_and_record(ids, log2phy, logcnt, load_cpu, rec)
+    out_dev = ops.map_and_record(_on(ids), _on(log2phy), _on(logcnt), load_dev, _on(rec))
+    ops.record_topk(load_cpu, ids, rec)
+    ops.record_topk(load_dev, _on(ids), _on(rec))
+    _sync()
+    torch.testing.assert_close(out_dev.cpu(), out_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(load_dev.cpu(), load_cpu, rtol=0, atol=0)
+    # both calls recorded: the mapped ids in [0, P), then the raw ids in [0, P)
+    counted = int(((out_cpu >= 0) & (out_cpu < P)).sum()) + int(((ids >= 0) & (ids < P)).sum())
+    assert int((load_cpu - start).sum()) == counted > 0
+
+
 @pytest.mark.parametrize("id_dtype", INDEX)
 @pytest.mark.parametrize("load_dtype", INDEX)
 @pytest.mark.parametrize("shape", SHAPES)

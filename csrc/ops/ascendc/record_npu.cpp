@@ -1,6 +1,7 @@
 // NPU (torch_npu, dispatch key PrivateUse1) implementations of the recording ops: argument
 // checks, tiling (record_tiling.h) and launches of the Ascend C kernels (record_kernels.cpp) on
-// the current NPU stream. Same schemas and results as the CPU ops (csrc/ops/cpu/map_record.cpp).
+// the current NPU stream. Same schemas and results as the CPU ops (csrc/ops/cpu/map_record.cpp),
+// except log2phy entries outside int32 (no slot id is: P < 2^31), which the int32 table truncates.
 // Built only when cmake/EplbAscend.cmake finds CANN and torch_npu (EPLB_WITH_ASCEND).
 //
 // Nothing here reads a device value on the host: `record` and `num_valid_tokens` stay on the NPU
@@ -69,7 +70,8 @@ void LaunchMapRecord(const at::Tensor& ids, const at::Tensor& table, const at::T
   const int64_t num_bins = load.numel();
   CountTarget target = MakeCountTarget(load);
   // Device scalars in the kernels' dtypes; .to() on the NPU, never .item().
-  at::Tensor record_i32 = record.to(at::kInt).reshape({1}).contiguous();
+  // (compared with 0 first: an int64 flag of 2^32 is "on", its low 32 bits are not)
+  at::Tensor record_i32 = record.ne(0).to(at::kInt).reshape({1}).contiguous();
   at::Tensor num_valid_i64;
   if (num_valid_tokens.has_value()) {
     num_valid_i64 = num_valid_tokens->to(at::kLong).reshape({1}).contiguous();
@@ -111,7 +113,11 @@ at::Tensor map_and_record_npu(const at::Tensor& topk_ids, const at::Tensor& log2
   at::Tensor ids = topk_ids.contiguous();
   // Slot ids fit in int32 (P < 2^31); int32 halves the table's UB footprint.
   at::Tensor table = log2phy.to(at::kInt).contiguous();
-  at::Tensor cnt = mode == MapMode::kSpread ? logcnt.to(at::kInt).contiguous() : at::Tensor();
+  // clamped to [1, M] before the cast, as every backend clamps (an int64 count of 2^32 is M,
+  // not its low 32 bits)
+  at::Tensor cnt = mode == MapMode::kSpread
+                       ? logcnt.clamp(int64_t{1}, shape.cols).to(at::kInt).contiguous()
+                       : at::Tensor();
   at::Tensor out = at::empty_like(ids);
   const int kernel_mode =
       mode == MapMode::kSpread ? eplb_ascend::kModeSpread : eplb_ascend::kModeRankLocal;

@@ -1,0 +1,37 @@
+"""Edge cases of the ops found in review: the raw op's offset check cannot wrap, and the
+composite fallback agrees with the native CPU kernel when the layer has no expert."""
+
+import pytest
+import torch
+
+from eplb_native import ops
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_record_counts_offset_near_2_63_is_refused_not_wrapped(device):
+    # offset + len(expert_tokens) used to wrap negative and pass, writing far outside load
+    load = torch.zeros(4, dtype=torch.int32, device=device)
+    tokens = torch.tensor([1], device=device)
+    for offset in (2**63 - 1, 2**63 - 4, 4):
+        with pytest.raises(ValueError, match=r"offset \(\d+\) \+ len\(expert_tokens\) \(1\)"):
+            torch.ops.eplb_native.record_counts(load, tokens, 1, offset)
+    if device == "cpu":
+        assert torch.equal(load, torch.zeros(4, dtype=torch.int32))
+        torch.ops.eplb_native.record_counts(load, tokens, 1, 3)  # the last slot still fits
+        assert load.tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("mode", ["spread", "rank_local"])
+def test_no_expert_maps_every_id_to_minus_one_in_both_paths(mode):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(-3, 5, (6, 2), generator=gen, dtype=torch.int32)
+    table = torch.zeros((0, 3) if mode == "spread" else (0,), dtype=torch.int64)
+    cnt = torch.zeros(0, dtype=torch.int64)
+    outs, loads = [], []
+    for fn in (torch.ops.eplb_native.map_and_record, ops.composite_map_and_record):
+        load = torch.arange(4, dtype=torch.int64)
+        outs.append(fn(ids, table, cnt, load, torch.tensor(True), None, mode))
+        loads.append(load)
+    assert torch.equal(outs[0], torch.full_like(ids, -1)) and torch.equal(outs[0], outs[1])
+    assert outs[1].dtype == ids.dtype and outs[1].shape == ids.shape
+    assert all(torch.equal(x, torch.arange(4)) for x in loads)
