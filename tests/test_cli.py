@@ -258,6 +258,19 @@ def test_plan_bad_input_is_one_line_exit_2(tmp_path, setup, args, fragments):
     assert not (tmp_path / "m.json").is_file()
 
 
+@pytest.mark.parametrize("meta, fragment", [
+    ({"num_groups": 10**30}, "the trace's meta 'num_groups' must be <= 1048576"),
+    ({"num_groups": 0}, "the trace's meta 'num_groups' must be an int >= 1"),
+    ({"num_ranks": 4, "num_nodes": 10**9}, "the trace's meta 'num_nodes' must be <= 1048576"),
+    ({"num_ranks": 4, "num_redundant": -1}, "the trace's meta 'num_redundant' must be an int"),
+])
+def test_plan_names_trace_meta_values_not_flags(tmp_path, meta, fragment):
+    save_trace(tmp_path / "t.npz", np.ones((2, 2, 8)), **meta)
+    proc = run_cli("plan", "--load", "t.npz", "--ranks", 4, "-o", "m.json", cwd=tmp_path,
+                   expect=2)
+    assert_one_line_error(proc, "plan", fragment)
+
+
 def test_argparse_errors_exit_2(tmp_path):
     proc = run_cli("plan", "--ranks", "four", "--load", "x.npz", "-o", "m.json", cwd=tmp_path,
                    expect=2)

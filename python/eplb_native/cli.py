@@ -120,11 +120,23 @@ class Topology:
             redundant = meta["num_redundant"]
         else:
             redundant = ranks + (-(num_experts + ranks)) % ranks
+        # a value read from the trace's meta is named as such, not as a flag nobody typed
+        def source(flag: str, given, key: str) -> str:
+            return flag if given is not None else f"the trace's meta {key!r}"
+
         try:
-            nodes, groups = check_int(nodes, "--nodes", 1), check_int(groups, "--groups", 1)
-            redundant = check_int(redundant, "--redundant", 0)
+            nodes = check_int(nodes, source("--nodes", args.nodes, "num_nodes"), 1)
+            groups = check_int(groups, source("--groups", args.groups, "num_groups"), 1)
+            from_meta = num_slots is None and args.redundant is None and (
+                same_deployment and "num_redundant" in meta)
+            redundant = check_int(redundant, "the trace's meta 'num_redundant'" if from_meta
+                                  else "--redundant", 0)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        for name, v, given, key in (("--nodes", nodes, args.nodes, "num_nodes"),
+                                    ("--groups", groups, args.groups, "num_groups")):
+            if v > MAX_COUNT:
+                raise UsageError(f"{source(name, given, key)} must be <= {MAX_COUNT}, got {v}")
         if num_experts + redundant > MAX_COUNT:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be <= "
                              f"{MAX_COUNT} slots per layer; pick --ranks / --redundant "
