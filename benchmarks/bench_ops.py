@@ -238,6 +238,10 @@ def bench_smoke(args) -> list[str]:
             assert torch.equal(out, ops.composite_map_and_record(ids, log2phy, logcnt, ref_load,
                                                                  record))
             assert torch.equal(load, ref_load)
+            # the plain-torch baseline computes the same (ids in range here, logcnt >= 1)
+            torch_load = torch.zeros_like(load)
+            assert torch.equal(torch_map_record(ids, log2phy, logcnt, torch_load), out)
+            assert torch.equal(torch_load, load)
 
             args_ = (ids, log2phy, logcnt, load)
             ours = med(lambda a=args_, r=record: ops.map_and_record(*a, r))
