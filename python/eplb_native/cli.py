@@ -101,14 +101,19 @@ class Topology:
         ranks = args.ranks
         if ranks is None or ranks < 1:
             raise UsageError(f"--ranks must be >= 1, got {ranks}")
-        for flag in ("--ranks", "--nodes", "--groups", "--threads"):
+        for flag in ("--ranks", "--threads"):  # (--nodes / --groups: below, with the meta's)
             v = getattr(args, flag[2:], None)
             if v is not None and v > MAX_COUNT:
                 raise UsageError(f"{flag} must be <= {MAX_COUNT}, got {v}")
         same_deployment = meta.get("num_ranks") == ranks
-        groups = args.groups if args.groups is not None else meta.get("num_groups", 1)
-        nodes = args.nodes if args.nodes is not None else (
-            meta.get("num_nodes", 1) if same_deployment else 1)
+        # Each value with the name an error gives it: the flag, or the trace's meta key it was
+        # read from (not a flag nobody typed).
+        groups, groups_name = ((args.groups, "--groups") if args.groups is not None
+                               else (meta.get("num_groups", 1), "the trace's meta 'num_groups'"))
+        nodes, nodes_name = ((args.nodes, "--nodes") if args.nodes is not None
+                             else (meta.get("num_nodes", 1) if same_deployment else 1,
+                                   "the trace's meta 'num_nodes'"))
+        redundant_name = "--redundant"
         if num_slots is not None:
             redundant = num_slots - num_experts
             if args.redundant is not None and args.redundant != redundant:
@@ -117,26 +122,17 @@ class Topology:
         elif args.redundant is not None:
             redundant = args.redundant
         elif same_deployment and "num_redundant" in meta:
-            redundant = meta["num_redundant"]
+            redundant, redundant_name = meta["num_redundant"], "the trace's meta 'num_redundant'"
         else:
             redundant = ranks + (-(num_experts + ranks)) % ranks
-        # a value read from the trace's meta is named as such, not as a flag nobody typed
-        def source(flag: str, given, key: str) -> str:
-            return flag if given is not None else f"the trace's meta {key!r}"
-
         try:
-            nodes = check_int(nodes, source("--nodes", args.nodes, "num_nodes"), 1)
-            groups = check_int(groups, source("--groups", args.groups, "num_groups"), 1)
-            from_meta = num_slots is None and args.redundant is None and (
-                same_deployment and "num_redundant" in meta)
-            redundant = check_int(redundant, "the trace's meta 'num_redundant'" if from_meta
-                                  else "--redundant", 0)
+            nodes, groups = check_int(nodes, nodes_name, 1), check_int(groups, groups_name, 1)
+            redundant = check_int(redundant, redundant_name, 0)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        for name, v, given, key in (("--nodes", nodes, args.nodes, "num_nodes"),
-                                    ("--groups", groups, args.groups, "num_groups")):
+        for name, v in ((nodes_name, nodes), (groups_name, groups)):
             if v > MAX_COUNT:
-                raise UsageError(f"{source(name, given, key)} must be <= {MAX_COUNT}, got {v}")
+                raise UsageError(f"{name} must be <= {MAX_COUNT}, got {v}")
         if num_experts + redundant > MAX_COUNT:
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be <= "
                              f"{MAX_COUNT} slots per layer; pick --ranks / --redundant "

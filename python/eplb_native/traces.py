@@ -282,11 +282,9 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
                          f".npy, .pt or .json")
     try:
         loads = to_numpy(raw, f"{src}: loads")
-    except ValueError as e:
-        if str(e).startswith(src):
-            raise
-        raise ValueError(f"{src}: loads cannot be read as an array ({_short(e)})") from None
     except Exception as e:  # noqa: BLE001 - any conversion failure names the file
+        if isinstance(e, ValueError) and str(e).startswith(src):
+            raise
         raise ValueError(f"{src}: loads cannot be read as an array ({_short(e)})") from None
     return _validate(loads, src), meta
 

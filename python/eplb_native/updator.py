@@ -130,10 +130,11 @@ class Updator:
                                  "call its shutdown() before attaching again")
         # The placement the layers start with is every plan's old placement: an invalid one
         # would make every cycle fail later (and only log it), so it refuses attach now.
-        for a in layers:
+        # host mirror of every layer's phy2log [L, P]: the updator is the only writer
+        placement = np.stack([a.phy2log.detach().cpu().numpy() for a in layers])
+        for a, row in zip(layers, placement, strict=True):
             try:
-                state.validate_phy2log(a.phy2log.detach().cpu().numpy(), self.num_logical,
-                                       self.num_ranks)
+                state.validate_phy2log(row, self.num_logical, self.num_ranks)
             except ValueError as e:
                 raise AdapterError(f"MoE layer {a.name!r}: its phy2log is not a valid "
                                    f"placement: {e}") from None
@@ -160,8 +161,7 @@ class Updator:
             self._move_group = self._cpu_group = None
         self.group = group
         self.stats = metrics.UpdatorStats()
-        # host mirror of every layer's phy2log [L, P]: the updator is the only writer
-        self._placement = np.stack([a.phy2log.detach().cpu().numpy() for a in layers])
+        self._placement = placement
         self.fault_hook: FaultHook | None = None
         self.step = 0
         self.cycle = 0

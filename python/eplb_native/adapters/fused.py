@@ -2,8 +2,8 @@
 
 Such a layer holds ``w13_weight`` [S, 2I, H] and ``w2_weight`` [S, H, I] stacked per local
 expert (plus optional per-expert ``w13_*`` / ``w2_*`` scales and biases with the same first
-dimension) and an ``expert_map`` [E] int32 or int64 (logical -> local slot, -1 elsewhere). The adapter
-reuses the placement tensors the layer already has under vLLM's names
+dimension) and an ``expert_map`` [E] int32 or int64 (logical -> local slot, -1 elsewhere). The
+adapter reuses the placement tensors the layer already has under vLLM's names
 (``logical_to_physical_map`` [E, M], ``logical_replica_count`` [E], ``expert_load_view`` [P])
 when their shapes fit, and registers the missing ones as buffers ``eplb_phy2log``,
 ``eplb_log2phy``, ``eplb_logcnt``, ``eplb_load``, ``eplb_record`` on the module, which the
@@ -85,7 +85,7 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
                                    f"{ep_rank}; give the layer an eplb_phy2log [P] buffer")
         p2l = _buffer(module, "eplb_phy2log", p2l, missing)
     num_slots = p2l.numel()
-    log2phy, logcnt, local = state.placement_tensors(p2l.cpu(), num_logical, ep_size, ep_rank)
+    log2phy, logcnt, _ = state.placement_tensors(p2l.cpu(), num_logical, ep_size, ep_rank)
 
     def fits(t, like):
         return t is not None and t.shape == like.shape and t.dtype == like.dtype
