@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "planner/packing.h"
@@ -166,11 +167,26 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
 // several ranks at once.
 class MoveSearch {
  public:
-  // w: [n] loads of the pack's experts; start, orig: [R*S] pack-local ids of the start and of the
-  // old placement (changed slots are counted against orig; -1: an expert not in this pack).
-  MoveSearch(const double* w, int64_t n, int64_t R, int64_t S, const int64_t* start,
-             const int64_t* orig, double stop)
-      : w_(w), n_(n), R_(R), S_(S), P_(R * S), stop_(stop) {
+  // A search of one pack: w: [n] loads of the pack's experts (borrowed, must outlive the
+  // search); start, orig: [R*S] pack-local ids of the start and of the old placement (changed
+  // slots are counted against orig; -1: an expert not in this pack). As newly constructed, but
+  // the vectors keep their capacity: one object per thread is reused across packs and layers
+  // (hierarchical: about 7 searches of a few steps per layer, each about 40 allocations
+  // otherwise).
+  void Reset(const double* w, int64_t n, int64_t R, int64_t S, const int64_t* start,
+             const int64_t* orig, double stop) {
+    w_ = w;
+    n_ = n;
+    R_ = R;
+    S_ = S;
+    P_ = R * S;
+    stop_ = stop;
+    changed_ = 0;
+    counts_changed_ = true;
+    m0_ = m1_ = -1;
+    light_.clear();
+    moved_list_.clear();
+    dirty_list_.clear();
     slot_.assign(start, start + P_);
     orig_.assign(orig, orig + P_);
     rank_.resize(Z(P_));
@@ -178,13 +194,13 @@ class MoveSearch {
     cnt_.assign(Z(n_), 0);
     for (const int64_t e : slot_) ++cnt_[Z(e)];
     per_.resize(Z(n_));
-    more_.resize(Z(n_));
-    up_.resize(Z(n_));
-    for (int64_t e = 0; e < n_; ++e) SetCount(e, cnt_[Z(e)]);
-    lists_.Reset(n_, P_);
-    for (int64_t s = 0; s < P_; ++s) lists_.Append(slot_[Z(s)], s);
+    for (int64_t e = 0; e < n_; ++e) per_[Z(e)] = w_[e] / static_cast<double>(cnt_[Z(e)]);
+    wslot_.resize(Z(P_));
+    for (int64_t s = 0; s < P_; ++s) wslot_[Z(s)] = per_[Z(slot_[Z(s)])];
     load_.assign(Z(R_), 0.0);
-    for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
+    lightest_.assign(Z(R_), 0.0);
+    moved_.assign(Z(R_), 0);
+    for (int64_t r = 0; r < R_; ++r) UpdateRank(r);
     delta_.assign(Z(R_), 0.0);
     changed_on_.assign(Z(R_), 0);
     for (int64_t s = 0; s < P_; ++s)
@@ -192,8 +208,19 @@ class MoveSearch {
         ++changed_;
         ++changed_on_[Z(rank_[Z(s)])];
       }
+    prepared_ = false;
+  }
+
+  // The rest of the state, from the first step on: about half the searches of a hierarchical
+  // layer start at or below the stop and take no step.
+  void Prepare() {
+    prepared_ = true;
+    more_.resize(Z(n_));
+    up_.resize(Z(n_));
+    for (int64_t e = 0; e < n_; ++e) SetCount(e, cnt_[Z(e)]);
+    lists_.Reset(n_, P_);
+    for (int64_t s = 0; s < P_; ++s) lists_.Append(slot_[Z(s)], s);
     gain_.resize(Z(n_));
-    lose_.resize(Z(n_));
     base_.resize(Z(P_));
     pen_.resize(Z(P_));
     pex_.resize(Z(P_));
@@ -201,18 +228,38 @@ class MoveSearch {
     ex_.resize(Z(P_));
     dirty_.assign(Z(n_), 0);
     is_hot_.assign(Z((n_ + 63) / 64), 0);
+    pex_floor_[0] = pex_floor_[1] = HUGE_VAL;
+    hot_ready_ = false;
+    hottest_bound_ = 0.0;
     for (int64_t e = 0; e < n_; ++e) Mark(e);
     shared_.assign(Z((P_ + 63) / 64), 0);
     for (int64_t q = 0; q < P_; ++q) MarkShared(q);
+    was_start_.assign(Z(n_ + 1), 0);
+    for (const int64_t e : orig_)
+      if (e >= 0) ++was_start_[Z(e + 1)];
+    for (int64_t e = 0; e < n_; ++e) was_start_[Z(e + 1)] += was_start_[Z(e)];
+    was_.resize(Z(was_start_[Z(n_)]));
+    std::vector<int64_t>& fill = touched_;  // (scratch)
+    fill.assign(was_start_.begin(), was_start_.end() - 1);
+    for (int64_t q = 0; q < P_; ++q)
+      if (orig_[Z(q)] >= 0) was_[Z(fill[Z(orig_[Z(q)])]++)] = q;
+    special_.assign(Z(P_), kNoSpecial);
+    special_rank_.assign(Z(R_), kNoSpecial);
+    h_slot_.resize(Z(S_));
   }
 
   // Steps until every rank is <= stop (true) or none helps or `budget` slots have changed.
   bool Run(int64_t budget) {
     const int64_t max_steps = 4 * P_ + 64;
     for (int64_t step = 0; step < max_steps; ++step) {
-      const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
+      // h: the heaviest rank, the first on ties (the first of the heaviest run of light_)
+      SortLight();
+      int64_t top = R_ - 1;
+      while (top > 0 && load_[Z(light_[Z(top - 1)])] == load_[Z(light_[Z(R_ - 1)])]) --top;
+      const int64_t h = light_[Z(top)];
       if (load_[Z(h)] <= stop_) return Changed() < budget;
       if (Changed() >= budget) return false;
+      if (!prepared_) Prepare();
       Step best;
       BestStep(h, &best);
       if (best.kind == 0) return false;
@@ -224,6 +271,7 @@ class MoveSearch {
   // Converts slots until the replica counts are `target` [n] (sum R*S): each missing replica,
   // heaviest first, takes the slot of an expert above its target on the rank that ends lightest.
   void ImposeCounts(const int64_t* target) {
+    if (!prepared_) Prepare();
     std::vector<int64_t> need;
     for (int64_t e = 0; e < n_; ++e)
       for (int64_t k = cnt_[Z(e)]; k < target[e]; ++k) need.push_back(e);
@@ -262,16 +310,78 @@ class MoveSearch {
   // Every change of cnt_ comes here: per_, more_ and up_ follow it (divisions are slow; the
   // scans read them for every expert).
   void SetCount(int64_t e, int64_t c) {
-    counts_changed_ = true;
     cnt_[Z(e)] = c;
     per_[Z(e)] = w_[e] / static_cast<double>(c);
     more_[Z(e)] = w_[e] / static_cast<double>(c + 1);
     up_[Z(e)] = c >= 2 ? w_[e] / static_cast<double>(c - 1) - per_[Z(e)] : HUGE_VAL;
+    // m0_, m1_ (the two smallest (more_, id)) follow when e is neither: it may enter them;
+    // else they are scanned again
+    if (counts_changed_) return;
+    if (e == m0_ || e == m1_ || m1_ < 0) {
+      counts_changed_ = true;
+    } else if (Lighter(e, m0_)) {
+      m1_ = m0_;
+      m0_ = e;
+    } else if (Lighter(e, m1_)) {
+      m1_ = e;
+    }
   }
-  double RankLoad(int64_t r) const {
-    double sum = 0.0;
-    for (int64_t j = r * S_; j < (r + 1) * S_; ++j) sum += per_[Z(slot_[Z(j)])];
-    return sum;
+  // Expert a before b in (more_, id) order.
+  bool Lighter(int64_t a, int64_t b) const {
+    return more_[Z(a)] < more_[Z(b)] || (more_[Z(a)] == more_[Z(b)] && a < b);
+  }
+  // hot_: the experts set in is_hot_, ascending; hottest_bound_: exactly their largest -gain_
+  // (0 with none).
+  void ReadHot() {
+    hot_ready_ = true;
+    hot_.clear();
+    hottest_bound_ = 0.0;
+    for (size_t word = 0; word < is_hot_.size(); ++word)
+      for (uint64_t bits = is_hot_[word]; bits != 0; bits &= bits - 1) {
+        const auto b = static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits)));
+        hot_.push_back(b);
+        hottest_bound_ = std::max(hottest_bound_, -gain_[Z(b)]);
+      }
+  }
+  // light_: every rank by (load, rank), a total order, lightest first. Kept between steps: the
+  // ranks that did not move keep their order, the moved ones are sorted (a handful, by
+  // insertion) and merged in.
+  void SortLight() {
+    if (moved_list_.empty()) return;
+    auto lighter = [&](int64_t a, int64_t b) {
+      return load_[Z(a)] < load_[Z(b)] || (load_[Z(a)] == load_[Z(b)] && a < b);
+    };
+    size_t stayed = 0;
+    for (const int64_t r : light_)
+      if (!moved_[Z(r)]) light_[stayed++] = r;
+    light_.resize(stayed);
+    for (size_t k = 1; k < moved_list_.size(); ++k) {
+      const int64_t r = moved_list_[k];
+      size_t at = k;
+      for (; at > 0 && lighter(r, moved_list_[at - 1]); --at) moved_list_[at] = moved_list_[at - 1];
+      moved_list_[at] = r;
+    }
+    merged_.resize(Z(R_));
+    std::merge(light_.begin(), light_.end(), moved_list_.begin(), moved_list_.end(),
+               merged_.begin(), lighter);
+    light_.swap(merged_);
+    for (const int64_t r : moved_list_) moved_[Z(r)] = 0;
+    moved_list_.clear();
+  }
+  // Rank r's slots or their wslot_ changed: its load_ and lightest_ follow, and its place in
+  // light_ is fixed at the next SortLight.
+  void UpdateRank(int64_t r) {
+    double sum = 0.0, lightest = HUGE_VAL;
+    for (int64_t j = r * S_; j < (r + 1) * S_; ++j) {
+      sum += wslot_[Z(j)];
+      lightest = std::min(lightest, wslot_[Z(j)]);
+    }
+    load_[Z(r)] = sum;
+    lightest_[Z(r)] = lightest;
+    if (!moved_[Z(r)]) {
+      moved_[Z(r)] = 1;
+      moved_list_.push_back(r);
+    }
   }
   // Slots newly changed minus slots restored when slot s takes expert e.
   int Cost(int64_t s, int64_t e) const {
@@ -297,26 +407,24 @@ class MoveSearch {
 
   void BestStep(int64_t h, Step* best) {
     const double M = load_[Z(h)];
-    // gain_, lose_, base_, pen_, pex_ of the experts whose ranks changed since the last step
-    // and hot_: the experts on a rank above the stop (gain_ < 0), ascending, read from a bitset
-    // over the experts (only a refreshed expert can enter or leave it).
+    // gain_, base_, pen_, pex_ of the experts whose ranks changed since the last step
+    // and is_hot_: the experts on a rank above the stop (gain_ < 0), a bitset over the experts
+    // (only a refreshed expert can enter or leave it, or change its gain_: hottest_bound_
+    // follows them up, hot_ is out of date).
     for (const int64_t e : dirty_list_) {
       Refresh(e);
       dirty_[Z(e)] = 0;
       const uint64_t bit = uint64_t{1} << (e & 63);
       if (gain_[Z(e)] < 0.0) {
         is_hot_[Z(e >> 6)] |= bit;
+        hottest_bound_ = std::max(hottest_bound_, -gain_[Z(e)]);
       } else {
         is_hot_[Z(e >> 6)] &= ~bit;
       }
     }
+    if (!dirty_list_.empty()) hot_ready_ = false;
     dirty_list_.clear();
-    hot_.clear();
-    for (size_t word = 0; word < is_hot_.size(); ++word)
-      for (uint64_t bits = is_hot_[word]; bits != 0; bits &= bits - 1)
-        hot_.push_back(
-            static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits))));
-    // m0_, m1_: the two smallest more_ (only counts change them).
+    // m0_, m1_: the two smallest more_, scanned again when SetCount could not follow them.
     if (counts_changed_) {
       counts_changed_ = false;
       m0_ = m1_ = -1;
@@ -334,34 +442,62 @@ class MoveSearch {
     // plus the excess of the donor's rank (at most `other`), per slot when the donor slot is
     // unchanged, per half a slot when it changed already (reused_). Experts with the most to
     // gain first, so that the bound skips the others once top is full.
-    double other = 0.0;
-    for (int64_t r = 0; r < R_; ++r)
-      if (r != h) other = std::max(other, Ex(load_[Z(r)]));
+    // (`other` from the heaviest rank but h: the last of light_, sorted by Run, that is not h)
+    const int64_t heaviest_other = R_ < 2 ? -1 : light_[Z(R_ - 1)] != h ? R_ - 1 : R_ - 2;
+    const double other = heaviest_other < 0 ? 0.0 : Ex(load_[Z(light_[Z(heaviest_other)])]);
+    // (sorted by insertion, each expert once: a handful)
     on_h_.clear();
-    for (int64_t i = h * S_; i < (h + 1) * S_; ++i)
-      if (std::find(on_h_.begin(), on_h_.end(), slot_[Z(i)]) == on_h_.end())
-        on_h_.push_back(slot_[Z(i)]);
-    std::sort(on_h_.begin(), on_h_.end(), [&](int64_t a, int64_t b) {
-      return gain_[Z(a)] < gain_[Z(b)] || (gain_[Z(a)] == gain_[Z(b)] && a < b);
-    });
+    for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
+      const int64_t x = slot_[Z(i)];
+      if (std::find(on_h_.begin(), on_h_.end(), x) != on_h_.end()) continue;
+      on_h_.push_back(x);
+      size_t k = on_h_.size() - 1;
+      for (; k > 0 && (gain_[Z(x)] < gain_[Z(on_h_[k - 1])] ||
+                       (gain_[Z(x)] == gain_[Z(on_h_[k - 1])] && x < on_h_[k - 1]));
+           --k)
+        on_h_[k] = on_h_[k - 1];
+      on_h_[k] = x;
+    }
     // Donors: slots off h whose expert can give up a replica (pen_ finite), in two lists of
     // (slot, load of the rank without it minus the stop, pex_): the changed ones (cost <= 0:
     // per half a slot), the unchanged ones (cost 1).
     // min_pex: a list's smallest pex_, so a score is at most (gx - min_pex) * per.
     double min_pex[2] = {HUGE_VAL, HUGE_VAL};
     // (pen_ is finite exactly for the slots of experts with two or more replicas: shared_, read
-    // in slot order)
-    for (auto& d : donors_) d.clear();
-    for (size_t word = 0; word < shared_.size(); ++word)
-      for (uint64_t bits = shared_[word]; bits != 0; bits &= bits - 1) {
-        const auto q = static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits)));
-        if (q / S_ == h || pen_[Z(q)] == HUGE_VAL) continue;
-        const int list = slot_[Z(q)] != orig_[Z(q)] ? 1 : 0;
-        donors_[list].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
-        min_pex[list] = std::min(min_pex[list], pex_[Z(q)]);
-      }
+    // in slot order; the slots of h go into pex_floor_, which is then exact)
+    auto build = [&] {
+      double on_h[2] = {HUGE_VAL, HUGE_VAL};
+      for (auto& d : donors_) d.clear();
+      for (size_t word = 0; word < shared_.size(); ++word)
+        for (uint64_t bits = shared_[word]; bits != 0; bits &= bits - 1) {
+          const auto q =
+              static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits)));
+          if (pen_[Z(q)] == HUGE_VAL) continue;
+          const int list = slot_[Z(q)] != orig_[Z(q)] ? 1 : 0;
+          if (rank_[Z(q)] == h) {
+            on_h[list] = std::min(on_h[list], pex_[Z(q)]);
+            continue;
+          }
+          donors_[list].push_back({q, base_[Z(q)] - stop_, pex_[Z(q)]});
+          min_pex[list] = std::min(min_pex[list], pex_[Z(q)]);
+        }
+      for (const int list : {0, 1}) pex_floor_[list] = std::min(min_pex[list], on_h[list]);
+    };
+    bool built = false;
     for (const int list : {1, 0}) {
       const double per = list == 1 ? 2.0 : 1.0;
+      // Most steps stop this list's loop at its first expert already: checked first with
+      // pex_floor_ (<= min_pex), and when it stops there, the lists are not built.
+      if (!built && !on_h_.empty()) {
+        const int64_t x = on_h_[0];
+        if ((top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) ||
+            per * (-gain_[Z(x)] - pex_floor_[list]) < top.Floor())
+          continue;
+      }
+      if (!built) {
+        build();
+        built = true;
+      }
       for (const int64_t x : on_h_) {
         if (top.size == Top::kMax && per * (other - gain_[Z(x)]) < top.score[Top::kMax - 1]) break;
         const double nx = more_[Z(x)], gx = -gain_[Z(x)];
@@ -379,9 +515,8 @@ class MoveSearch {
     // shrink), the two lightest with one more replica (the rest of the experts only differ in
     // that) and the slot's old expert (cheaper).
     // (The hot ones lower the excess by at most -gain_b each: skipped as a whole when even the
-    // most of them cannot beat the best four at half a slot.)
-    double hottest = 0.0;
-    for (const int64_t b : hot_) hottest = std::max(hottest, -gain_[Z(b)]);
+    // most of them cannot beat the best four at half a slot: first by hottest_bound_, then,
+    // when that lets them in, by the exact largest -gain_b, read with hot_ from is_hot_.)
     for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
       const int64_t x = slot_[Z(i)];
       if (cnt_[Z(x)] < 2) continue;
@@ -391,8 +526,11 @@ class MoveSearch {
         const double est = Ex(M) - Ex(after) - pen_[Z(i)] - gain_[Z(b)];
         top.Add(est * Per(i, b), after * after - M * M, i, b);
       };
-      if (2.0 * (Ex(M) - pen_[Z(i)] + hottest) >= top.Floor())
-        for (const int64_t b : hot_) add(b);
+      if (2.0 * (Ex(M) - pen_[Z(i)] + hottest_bound_) >= top.Floor()) {
+        if (!hot_ready_) ReadHot();
+        if (2.0 * (Ex(M) - pen_[Z(i)] + hottest_bound_) >= top.Floor())
+          for (const int64_t b : hot_) add(b);
+      }
       add(m0_);
       add(m1_);
       add(orig_[Z(i)]);
@@ -406,24 +544,21 @@ class MoveSearch {
     // it gains as much excess as h loses). A swap lowers the excess by at most
     // min(d, M - stop, stop - load_o) (d: the load it moves), per two slots when neither rank
     // has a changed slot, else per at least half a slot (per slot of h: its cheapest swap with
-    // o, counted in integers). Ranks lightest first (the order is kept between steps: one
-    // insertion pass re-sorts it); a rank or slot whose bound is not above the best so far is
-    // skipped, so on a tie the lighter rank wins, and the scan stops once the bound at two per
-    // slot is not above it (the bound falls along the order). Measured: 10-20% less time than a
-    // full scan with ties to the flattest, the same changed slots within noise.
-    if (static_cast<int64_t>(light_.size()) != R_) {
-      light_.resize(Z(R_));
-      std::iota(light_.begin(), light_.end(), 0);
+    // o, counted in integers). Ranks lightest first (light_); a rank or slot whose bound is not
+    // above the best so far is skipped, so on a tie the lighter rank wins, and the scan stops
+    // once the bound at two per slot is not above it (the bound falls along the order).
+    // Measured: 10-20% less time than a full scan with ties to the flattest, the same changed
+    // slots within noise.
+    // h's slots, read once: expert, old expert, load per replica, unchanged
+    double h_heaviest = 0.0;
+    bool h_kept = true;
+    for (int64_t k = 0; k < S_; ++k) {
+      const int64_t i = h * S_ + k;
+      h_slot_[Z(k)] = {slot_[Z(i)], orig_[Z(i)], wslot_[Z(i)], slot_[Z(i)] == orig_[Z(i)]};
+      h_heaviest = std::max(h_heaviest, wslot_[Z(i)]);
+      h_kept &= h_slot_[Z(k)].kept;
     }
-    for (int64_t k = 1; k < R_; ++k) {
-      const int64_t r = light_[Z(k)];
-      int64_t j = k;
-      for (; j > 0 && (load_[Z(r)] < load_[Z(light_[Z(j - 1)])] ||
-                       (load_[Z(r)] == load_[Z(light_[Z(j - 1)])] && r < light_[Z(j - 1)]));
-           --j)
-        light_[Z(j)] = light_[Z(j - 1)];
-      light_[Z(j)] = r;
-    }
+    bool special_ready = false;
     for (const int64_t o : light_) {
       const double lo = load_[Z(o)];
       if (lo >= stop_ || 2.0 * std::min(M - stop_, stop_ - lo) <= best->score) break;
@@ -432,27 +567,37 @@ class MoveSearch {
       if (per * std::min(M - stop_, stop_ - lo) <= best->score) continue;
       // moving d from h to o lowers the excess by min(d, M - stop) - max(0, d - (stop - lo))
       const double excess = M - stop_, room = stop_ - lo;
-      double lightest = HUGE_VAL;
-      for (int64_t j = o * S_; j < (o + 1) * S_; ++j)
-        lightest = std::min(lightest, per_[Z(slot_[Z(j)])]);
-      for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
-        const int64_t x = slot_[Z(i)], xi = orig_[Z(i)];
-        const double wx = per_[Z(x)];
-        const int kept_i = x == xi;
-        // at two per slot (the most a swap gets) first: skips the cost scan below
+      const double lightest = lightest_[Z(o)];
+      if (!special_ready) {
+        FillSpecial(h);
+        special_ready = true;
+      }
+      // The cheapest swap of a slot i of h with o, in integers: 2 when neither has changed,
+      // else a slot of o that holds neither x nor xi and was not x's costs 1 + kept_i, less one
+      // when it changed; the others are in special_. The whole rank first, by its cheapest
+      // (looser: with every slot of h's special costs) and h's heaviest replica.
+      const int changed_o = changed_on_[Z(o)] > 0 ? 1 : 0;
+      const int rank_cheapest =
+          std::min(1 + static_cast<int>(h_kept) - changed_o, static_cast<int>(special_rank_[Z(o)]));
+      if (kSwapPer[rank_cheapest + 2] * std::min({h_heaviest - lightest, excess, room}) <=
+          best->score)
+        continue;
+      for (int64_t k = 0; k < S_; ++k) {
+        const HSlot& hs = h_slot_[Z(k)];
+        const int64_t i = h * S_ + k, x = hs.x, xi = hs.xi;
+        const double wx = hs.w;
+        const int kept_i = hs.kept ? 1 : 0;
+        // at two per slot (the most a swap gets) and at its cheapest at once (below zero
+        // neither passes: the best so far is never negative)
         const double most = std::min({wx - lightest, excess, room});
-        if (2.0 * most <= best->score) continue;
-        // the cheapest swap of slot i with o, in integers (cost 2 unless a slot changed)
-        int cheapest = 2;
-        if (!kept_i || changed_on_[Z(o)] > 0)
-          for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
-            const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
-            cheapest = std::min(cheapest, (y != xi) - 1 + kept_i + (x != yj) - (y != yj));
-          }
+        const int cheapest =
+            kept_i == 1 && changed_o == 0
+                ? 2
+                : std::min(1 + kept_i - changed_o, static_cast<int>(special_[Z(o * S_ + k)]));
         if (kSwapPer[cheapest + 2] * most <= best->score) continue;
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const int64_t y = slot_[Z(j)], yj = orig_[Z(j)];
-          const double d = wx - per_[Z(y)];
+          const double d = wx - wslot_[Z(j)];
           if (d <= 0.0) continue;
           const double reduction = std::min(d, excess) - std::max(0.0, d - room);
           if (!(reduction > 1e-12 * stop_)) continue;
@@ -463,6 +608,34 @@ class MoveSearch {
           if (Better(score, flat, *best)) *best = {1, i, j, score, flat};
         }
       }
+    }
+    for (const int64_t k : special_set_) special_[Z(k)] = kNoSpecial;
+    special_set_.clear();
+    for (const int64_t r : special_ranks_) special_rank_[Z(r)] = kNoSpecial;
+    special_ranks_.clear();
+  }
+
+  // special_[o * S + k]: the cheapest swap cost of h's k-th slot i (expert x, old expert xi) with
+  // the slots of rank o that hold x or xi or were x's (the others' cost follows from
+  // changed_on_), kNoSpecial where there are none; special_rank_[o]: the cheapest over k.
+  void FillSpecial(int64_t h) {
+    for (int64_t k = 0; k < S_; ++k) {
+      const int64_t i = h * S_ + k, x = slot_[Z(i)], xi = orig_[Z(i)];
+      const int kept_i = x == xi;
+      auto add = [&](int64_t j) {
+        const int64_t y = slot_[Z(j)], yj = orig_[Z(j)], o = rank_[Z(j)];
+        if (o == h) return;  // (no swap within h)
+        const auto cost = static_cast<int8_t>((y != xi) - 1 + kept_i + (x != yj) - (y != yj));
+        const int64_t at = o * S_ + k;
+        if (special_[Z(at)] == kNoSpecial) special_set_.push_back(at);
+        special_[Z(at)] = std::min(special_[Z(at)], cost);
+        if (special_rank_[Z(o)] == kNoSpecial) special_ranks_.push_back(o);
+        special_rank_[Z(o)] = std::min(special_rank_[Z(o)], cost);
+      };
+      for (int64_t j = lists_.head[Z(x)]; j >= 0; j = lists_.next[Z(j)]) add(j);
+      if (xi >= 0 && !kept_i)
+        for (int64_t j = lists_.head[Z(xi)]; j >= 0; j = lists_.next[Z(j)]) add(j);
+      for (int64_t q = was_start_[Z(x)]; q < was_start_[Z(x + 1)]; ++q) add(was_[Z(q)]);
     }
   }
 
@@ -527,14 +700,15 @@ class MoveSearch {
       changed_ += Cost(st.i, y) + Cost(st.j, x);
       const bool was_i = x != orig_[Z(st.i)], was_j = y != orig_[Z(st.j)];
       std::swap(slot_[Z(st.i)], slot_[Z(st.j)]);
+      std::swap(wslot_[Z(st.i)], wslot_[Z(st.j)]);
       CountChange(st.i, was_i);
       CountChange(st.j, was_j);
       const int64_t pi = lists_.prev[Z(st.i)], ni = lists_.next[Z(st.i)];
       const int64_t pj = lists_.prev[Z(st.j)], nj = lists_.next[Z(st.j)];
       lists_.Relink(x, st.j, pi, ni);
       lists_.Relink(y, st.i, pj, nj);
-      load_[Z(rank_[Z(st.i)])] = RankLoad(rank_[Z(st.i)]);
-      load_[Z(rank_[Z(st.j)])] = RankLoad(rank_[Z(st.j)]);
+      UpdateRank(rank_[Z(st.i)]);
+      UpdateRank(rank_[Z(st.j)]);
       MarkRank(rank_[Z(st.i)]);
       MarkRank(rank_[Z(st.j)]);
       MarkShared(st.i);
@@ -551,16 +725,19 @@ class MoveSearch {
     CountChange(st.i, was);
     lists_.Unlink(a, st.i);
     lists_.Append(b, st.i);
-    load_[Z(r0)] = RankLoad(r0);
-    for (const int64_t e : {a, b})
-      for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)])
-        load_[Z(rank_[Z(q)])] = RankLoad(rank_[Z(q)]);
-    MarkRank(r0);
+    // the ranks holding a or b, each once (a hot expert has several replicas on some ranks)
+    touched_.assign(1, r0);
     for (const int64_t e : {a, b})
       for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)]) {
-        MarkRank(rank_[Z(q)]);
+        wslot_[Z(q)] = per_[Z(e)];
         MarkShared(q);
+        if (std::find(touched_.begin(), touched_.end(), rank_[Z(q)]) == touched_.end())
+          touched_.push_back(rank_[Z(q)]);
       }
+    for (const int64_t r : touched_) {
+      UpdateRank(r);
+      MarkRank(r);
+    }
   }
 
   // shared_ bit of slot s: its expert has two or more replicas.
@@ -589,14 +766,13 @@ class MoveSearch {
     for (int64_t q = r * S_; q < (r + 1) * S_; ++q) Mark(slot_[Z(q)]);
   }
 
-  // Expert e's excess change on its ranks when it gains (gain_) or gives up (lose_, +inf: it
-  // cannot) a replica, each rank counted alone; per slot q of e (rank o): o's load without it
-  // (base_), the excess e's other ranks gain when it gives q up (pen_), that minus o's excess
-  // (pex_).
+  // Expert e's excess change on its ranks when it gains a replica (gain_), each rank counted
+  // alone; per slot q of e (rank o): o's load without it (base_), the excess e's other ranks gain
+  // when it gives q up (pen_, +inf: it cannot), that minus o's excess (pex_).
   void Refresh(int64_t e) {
     const double down = more_[Z(e)] - per_[Z(e)];
     double g = 0.0;
-    if (cnt_[Z(e)] < 2) {  // cannot give up a replica: lose_, pen_, pex_ infinite
+    if (cnt_[Z(e)] < 2) {  // cannot give up a replica: pen_, pex_ infinite
       for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)]) {
         const double v = load_[Z(rank_[Z(q)])];
         g += Ex(v + down) - Ex(v);
@@ -605,10 +781,10 @@ class MoveSearch {
         pex_[Z(q)] = HUGE_VAL;
       }
       gain_[Z(e)] = g;
-      lose_[Z(e)] = HUGE_VAL;
       return;
     }
-    // rise_[k], ex_[k]: the excess its k-th rank gains when e gives up a replica; its excess
+    // rise_[k], ex_[k]: the excess its k-th rank gains when e gives up a replica; its excess.
+    // l: their sum.
     const double up = up_[Z(e)];
     double l = 0.0;
     int64_t k = 0;
@@ -620,21 +796,44 @@ class MoveSearch {
       l += rise_[Z(k)];
     }
     gain_[Z(e)] = g;
-    lose_[Z(e)] = l;
     k = 0;
     for (int64_t q = lists_.head[Z(e)]; q >= 0; q = lists_.next[Z(q)], ++k) {
       base_[Z(q)] = load_[Z(rank_[Z(q)])] - per_[Z(e)];
       pen_[Z(q)] = l - rise_[Z(k)];
       pex_[Z(q)] = pen_[Z(q)] - ex_[Z(k)];
+      double& floor = pex_floor_[slot_[Z(q)] != orig_[Z(q)] ? 1 : 0];
+      floor = std::min(floor, pex_[Z(q)]);
     }
   }
 
-  const double* w_;
-  int64_t n_, R_, S_, P_;
-  double stop_;
+  const double* w_ = nullptr;
+  int64_t n_ = 0, R_ = 0, S_ = 0, P_ = 0;
+  double stop_ = 0.0;
   int64_t changed_ = 0;
-  std::vector<int64_t> hot_, on_h_, light_;  // BestStep scratch
-  bool counts_changed_ = true;               // m0_, m1_ are out of date
+  bool prepared_ = false;      // Prepare ran since Reset
+  std::vector<int64_t> on_h_;  // BestStep scratch
+  std::vector<int64_t> hot_;   // see ReadHot: up to date when hot_ready_
+  bool hot_ready_ = false;
+  double hottest_bound_ = 0.0;  // >= -gain_ of every expert in is_hot_
+  // [R] ranks lightest first; moved_ / moved_list_: ranks whose load changed since it was sorted
+  std::vector<int64_t> light_, merged_, moved_list_;
+  std::vector<char> moved_;
+  std::vector<double> wslot_;  // [P] per_ of each slot's expert
+  // was_start_ [n + 1], was_: the slots whose old expert is e (CSR)
+  std::vector<int64_t> was_start_, was_;
+  static constexpr int8_t kNoSpecial = 2;
+  std::vector<int8_t> special_;         // [R * S] see FillSpecial
+  std::vector<int64_t> special_set_;    // its entries not kNoSpecial
+  std::vector<int8_t> special_rank_;    // [R] see FillSpecial
+  std::vector<int64_t> special_ranks_;  // its entries not kNoSpecial
+  struct HSlot {
+    int64_t x, xi;  // expert, old expert
+    double w;       // load per replica
+    bool kept;      // x == xi
+  };
+  std::vector<HSlot> h_slot_;     // [S] BestStep scratch: the slots of h
+  std::vector<double> lightest_;  // [R] smallest wslot_ of each rank
+  bool counts_changed_ = true;    // m0_, m1_ are out of date
   int64_t m0_ = -1, m1_ = -1;
   std::vector<int64_t> changed_on_;  // [R] changed slots per rank
   struct Donor {
@@ -642,15 +841,18 @@ class MoveSearch {
     double base, pex;
   };
   std::vector<Donor> donors_[2];  // BestStep scratch
-  std::vector<char> dirty_;       // [n] experts whose gain_ .. pex_ need a Refresh
+  // [2] <= pex_ of every slot of each donor list, h's included (Refresh lowers them; building
+  // the lists makes them exact)
+  double pex_floor_[2] = {HUGE_VAL, HUGE_VAL};
+  std::vector<char> dirty_;  // [n] experts whose gain_ .. pex_ need a Refresh
   std::vector<int64_t> dirty_list_;
   std::vector<uint64_t> is_hot_;  // [n / 64] bit per expert: in hot_
   std::vector<int64_t> slot_, orig_, rank_, cnt_, touched_;
   detail::SlotLists lists_;  // each expert's slots
   std::vector<double> per_, load_, delta_;
   std::vector<double> more_, up_;  // [n] load per replica with one more; growth with one fewer
-  std::vector<double> gain_, lose_, base_, pen_, pex_;  // kept up to date by Refresh
-  std::vector<double> rise_, ex_;                       // Refresh scratch
+  std::vector<double> gain_, base_, pen_, pex_;  // kept up to date by Refresh
+  std::vector<double> rise_, ex_;                // Refresh scratch
   std::vector<uint64_t> shared_;  // [P / 64] bit per slot: its expert has >= 2 replicas
 };
 
@@ -661,23 +863,36 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
                 int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t budget,
                 int64_t E, const int64_t* target_cnt, int64_t* phy2log) {
   const auto n = static_cast<int64_t>(experts.size());
-  std::vector<int64_t> local(Z(E), -1);
-  std::vector<double> w(Z(n));
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    MoveSearch search;
+    std::vector<int64_t> local, slots, target;
+    std::vector<double> w;
+  } tls;
+  auto& local = tls.local;
+  auto& w = tls.w;
+  auto& slots = tls.slots;
+  local.assign(Z(E), -1);
+  w.resize(Z(n));
   for (int64_t i = 0; i < n; ++i) {
     local[Z(experts[Z(i)])] = i;
     w[Z(i)] = load[experts[Z(i)]];
   }
-  std::vector<int64_t> slots(Z(num_ranks * S));
+  slots.resize(Z(num_ranks * S));
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
-  MoveSearch search(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
+  // (moved out of the thread's and back: a local object, whose members no store through a
+  // pointer can change, runs about 10% faster than the thread_local one)
+  MoveSearch search = std::move(tls.search);
+  search.Reset(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
   if (target_cnt != nullptr) {
-    std::vector<int64_t> target(Z(n));
+    auto& target = tls.target;
+    target.resize(Z(n));
     for (int64_t i = 0; i < n; ++i) target[Z(i)] = target_cnt[experts[Z(i)]];
     search.ImposeCounts(target.data());
   }
   const bool ok = search.Run(budget);
   for (int64_t j = 0; j < num_ranks * S; ++j)
     phy2log[first_slot + j] = experts[Z(search.slots()[Z(j)])];
+  tls.search = std::move(search);
   return ok;
 }
 
@@ -711,6 +926,7 @@ class WalkBack {
     for (int64_t p = lo_; p < hi_; ++p) ++cnt_[Z(cur[p])];
     rank_load_.assign(Z(s.num_ranks), 0.0);
     delta_.assign(Z(s.num_ranks), 0.0);
+    seen_.assign(Z(s.num_ranks), 0);
     for (int64_t p = lo_; p < hi_; ++p) rank_load_[Z(p / S_)] += Share(cur[p]);
     lists_.Reset(s.num_logical, s.num_physical);
     for (int64_t p = lo_; p < hi_; ++p) lists_.Append(cur[p], p);
@@ -775,8 +991,10 @@ class WalkBack {
     const double x_new = load_[x] / static_cast<double>(cnt_[Z(x)] + 1);
     touched_.clear();
     auto add = [&](int64_t rank, double d) {
-      if (std::find(touched_.begin(), touched_.end(), rank) == touched_.end())
+      if (!seen_[Z(rank)]) {  // (a hot expert's replicas touch many ranks: no search of touched_)
+        seen_[Z(rank)] = 1;
         touched_.push_back(rank);
+      }
       delta_[Z(rank)] += d;
     };
     for (int64_t q = lists_.head[Z(y)]; q >= 0; q = lists_.next[Z(q)])
@@ -788,6 +1006,7 @@ class WalkBack {
       worst = std::max(worst, rank_load_[Z(rank)] + delta_[Z(rank)]);
       if (apply) rank_load_[Z(rank)] += delta_[Z(rank)];
       delta_[Z(rank)] = 0.0;
+      seen_[Z(rank)] = 0;
     }
     return worst;
   }
@@ -821,6 +1040,7 @@ class WalkBack {
   int64_t S_, lo_, hi_;
   double limit_;
   std::vector<int64_t> cnt_, touched_;
+  std::vector<char> seen_;  // [ranks] in touched_
   std::vector<double> rank_load_, delta_;
   // the slots of each expert in these ranks, in order
   detail::SlotLists lists_;
@@ -901,9 +1121,14 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
       next_free[Z(r)] = j;
     }
   }
-  MoveSearch search(w.data(), m, rpn, S, start.data(), orig.data(), stop);
-  if (!search.Run(node_slots + 1)) return false;
-  for (int64_t j = 0; j < node_slots; ++j) out[first + j] = experts[Z(search.slots()[Z(j)])];
+  thread_local MoveSearch search_tls;  // moved out and back as in SearchPack
+  MoveSearch search = std::move(search_tls);
+  search.Reset(w.data(), m, rpn, S, start.data(), orig.data(), stop);
+  const bool reached = search.Run(node_slots + 1);
+  if (reached)
+    for (int64_t j = 0; j < node_slots; ++j) out[first + j] = experts[Z(search.slots()[Z(j)])];
+  search_tls = std::move(search);
+  if (!reached) return false;
   Shape rank_shape = s;  // PreserveSlots over this node's ranks only
   rank_shape.num_layers = 1;
   rank_shape.num_ranks = rpn;
