@@ -44,43 +44,82 @@ namespace {
 
 using detail::Z;
 
+// (fresh idx, old idx, overlap) of MatchBlocks
+struct BlockPair {
+  int64_t i, j, overlap;
+};
+
 // Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
-// `old` by the number of logical experts they share; returns target[b] = the old block that
-// fresh block b is placed at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
+// `old` by the number of logical experts they share; target[b] = the old block that fresh block
+// b is placed at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
 // Overlaps are computed only for pairs that share an expert (found through the old holders),
-// so a layer costs O(P * replicas * block) rather than O(blocks^2 * block).
-std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
-                                 const std::vector<int64_t>& fresh_ids,
-                                 const std::vector<int64_t>& old_ids, int64_t num_logical) {
+// so a layer costs O(P * replicas * block) rather than O(blocks^2 * block), and nothing is
+// O(experts): the scratch is the thread's, and its per-expert arrays are cleared entry by
+// entry (5 calls per hierarchical layer, most with 8 blocks of a few slots).
+void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
+                 const std::vector<int64_t>& fresh_ids, const std::vector<int64_t>& old_ids,
+                 int64_t num_logical, std::vector<int64_t>* target) {
   const auto n = static_cast<int64_t>(fresh_ids.size());
-  // holders: old block indices (into old_ids) holding each expert, CSR.
-  std::vector<int64_t> start(Z(num_logical + 1), 0);
+  target->assign(Z(n), -1);
+  if (n == 1) {  // (one block each, global: nothing to match)
+    (*target)[0] = old_ids[0];
+    return;
+  }
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    // held, count: [experts], all zero between calls
+    std::vector<int64_t> held, count, start, fill, holder, held_experts, overlap, cands, first;
+    std::vector<BlockPair> pairs, sorted;
+    std::vector<char> taken;
+  } tls;
+  auto& held = tls.held;
+  auto& count = tls.count;
+  auto& start = tls.start;
+  auto& fill = tls.fill;
+  auto& holder = tls.holder;
+  auto& held_experts = tls.held_experts;
+  if (held.size() < Z(num_logical)) {
+    held.resize(Z(num_logical), 0);
+    count.resize(Z(num_logical), 0);
+    start.resize(Z(num_logical));
+    fill.resize(Z(num_logical));
+  }
+  // holders: old block indices (into old_ids) holding each expert, one bucket per expert of the
+  // old blocks (held: its copies), each in block order.
+  held_experts.clear();
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t k = 0; k < block; ++k) ++start[Z(old[old_ids[Z(j)] * block + k] + 1)];
-  for (int64_t e = 0; e < num_logical; ++e) start[Z(e + 1)] += start[Z(e)];
-  std::vector<int64_t> holder(Z(start[Z(num_logical)])), fill(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < block; ++k) {
+      const int64_t e = old[old_ids[Z(j)] * block + k];
+      if (held[Z(e)]++ == 0) held_experts.push_back(e);
+    }
+  int64_t total = 0;
+  for (const int64_t e : held_experts) {
+    start[Z(e)] = fill[Z(e)] = total;
+    total += held[Z(e)];
+  }
+  holder.resize(Z(total));
   for (int64_t j = 0; j < n; ++j)
     for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old[old_ids[Z(j)] * block + k])]++)] = j;
   // overlap[j]: the multiset intersection of the fresh block with old block j, summed over the
   // fresh block's experts e as min(copies of e in the fresh block, copies in old block j) from
   // e's holders (one entry per copy, grouped by block), so only pairs that share an expert cost.
-  std::vector<int64_t> count(Z(num_logical), 0), overlap(Z(n), 0), cands;
-  // (fresh idx, old idx, overlap) in (fresh, old) order; overlap is 1..block (the pair shares
-  // an expert), so a stable counting sort by overlap, largest first, orders them as a sort of
-  // (-overlap, fresh, old) would, without comparing tuples.
-  struct Pair {
-    int64_t i, j, overlap;
-  };
-  std::vector<Pair> pairs;
+  auto& overlap = tls.overlap;
+  auto& cands = tls.cands;
+  overlap.assign(Z(n), 0);
+  // in (fresh, old) order; overlap is 1..block (the pair shares an expert), so a stable
+  // counting sort by overlap, largest first, orders them as a sort of (-overlap, fresh, old)
+  // would, without comparing tuples.
+  auto& pairs = tls.pairs;
+  pairs.clear();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
     cands.clear();
     for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
     for (int64_t k = 0; k < block; ++k) {
-      const int64_t copies = count[Z(fb[k])];
+      const int64_t e = fb[k], copies = count[Z(e)];
       if (copies == 0) continue;  // this expert is done
-      count[Z(fb[k])] = 0;
-      for (int64_t h = start[Z(fb[k])], end = start[Z(fb[k] + 1)]; h < end;) {
+      count[Z(e)] = 0;
+      if (held[Z(e)] == 0) continue;  // (its start is stale)
+      for (int64_t h = start[Z(e)], end = h + held[Z(e)]; h < end;) {
         const int64_t j = holder[Z(h)];
         int64_t run = 0;
         for (; h < end && holder[Z(h)] == j; ++h) ++run;
@@ -94,47 +133,54 @@ std::vector<int64_t> MatchBlocks(const int64_t* fresh, const int64_t* old, int64
       overlap[Z(j)] = 0;
     }
   }
-  std::vector<int64_t> first(Z(block + 2), 0);  // first[block - overlap + 1]: bucket starts
-  for (const Pair& pr : pairs) ++first[Z(block - pr.overlap + 1)];
+  for (const int64_t e : held_experts) held[Z(e)] = 0;
+  auto& first = tls.first;  // first[block - overlap + 1]: bucket starts
+  first.assign(Z(block + 2), 0);
+  for (const BlockPair& pr : pairs) ++first[Z(block - pr.overlap + 1)];
   for (int64_t b = 0; b <= block; ++b) first[Z(b + 1)] += first[Z(b)];
-  std::vector<Pair> sorted(pairs.size());
-  for (const Pair& pr : pairs) sorted[Z(first[Z(block - pr.overlap)]++)] = pr;
-  std::vector<int64_t> target(Z(n), -1);
-  std::vector<char> taken(Z(n), 0);
-  for (const Pair& pr : sorted) {
-    if (target[Z(pr.i)] >= 0 || taken[Z(pr.j)]) continue;
-    target[Z(pr.i)] = old_ids[Z(pr.j)];
+  auto& sorted = tls.sorted;
+  sorted.resize(pairs.size());
+  for (const BlockPair& pr : pairs) sorted[Z(first[Z(block - pr.overlap)]++)] = pr;
+  auto& taken = tls.taken;
+  taken.assign(Z(n), 0);
+  for (const BlockPair& pr : sorted) {
+    if ((*target)[Z(pr.i)] >= 0 || taken[Z(pr.j)]) continue;
+    (*target)[Z(pr.i)] = old_ids[Z(pr.j)];
     taken[Z(pr.j)] = 1;
   }
   int64_t next = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (target[Z(i)] >= 0) continue;
+    if ((*target)[Z(i)] >= 0) continue;
     while (taken[Z(next)]) ++next;
-    target[Z(i)] = old_ids[Z(next)];
+    (*target)[Z(i)] = old_ids[Z(next)];
     taken[Z(next)] = 1;
   }
-  return target;
 }
 
 // `fresh` [P] renumbered (nodes, then ranks inside nodes) to overlap `old` [P] most -> out [P].
 void Renumber(const int64_t* fresh, const int64_t* old, const Shape& s, int64_t* out) {
   const int64_t N = s.hierarchical() ? s.num_nodes : 1;
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / N, node_slots = rpn * S;
-  std::vector<int64_t> ids(Z(N));
+  thread_local struct {
+    std::vector<int64_t> ids, node_at, moved, ranks, rank_at;
+  } tls;
+  auto& ids = tls.ids;
+  ids.resize(Z(N));
   std::iota(ids.begin(), ids.end(), 0);
-  const std::vector<int64_t> node_at = MatchBlocks(fresh, old, node_slots, ids, ids, s.num_logical);
-  std::vector<int64_t> moved(Z(s.num_physical));
+  MatchBlocks(fresh, old, node_slots, ids, ids, s.num_logical, &tls.node_at);
+  auto& moved = tls.moved;
+  moved.resize(Z(s.num_physical));
   for (int64_t n = 0; n < N; ++n)
     std::copy(fresh + n * node_slots, fresh + (n + 1) * node_slots,
-              moved.begin() + node_at[Z(n)] * node_slots);
-  std::vector<int64_t> ranks(Z(rpn));
+              moved.begin() + tls.node_at[Z(n)] * node_slots);
+  auto& ranks = tls.ranks;
+  ranks.resize(Z(rpn));
   for (int64_t n = 0; n < N; ++n) {
     std::iota(ranks.begin(), ranks.end(), n * rpn);
-    const std::vector<int64_t> rank_at =
-        MatchBlocks(moved.data(), old, S, ranks, ranks, s.num_logical);
+    MatchBlocks(moved.data(), old, S, ranks, ranks, s.num_logical, &tls.rank_at);
     for (int64_t i = 0; i < rpn; ++i)
       std::copy(moved.begin() + ranks[Z(i)] * S, moved.begin() + (ranks[Z(i)] + 1) * S,
-                out + rank_at[Z(i)] * S);
+                out + tls.rank_at[Z(i)] * S);
   }
 }
 
@@ -190,7 +236,8 @@ class MoveSearch {
     slot_.assign(start, start + P_);
     orig_.assign(orig, orig + P_);
     rank_.resize(Z(P_));
-    for (int64_t s = 0; s < P_; ++s) rank_[Z(s)] = s / S_;
+    for (int64_t r = 0; r < R_; ++r)
+      std::fill(rank_.begin() + r * S_, rank_.begin() + (r + 1) * S_, r);
     cnt_.assign(Z(n_), 0);
     for (const int64_t e : slot_) ++cnt_[Z(e)];
     per_.resize(Z(n_));
@@ -868,10 +915,10 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
     std::vector<int64_t> local, slots, target;
     std::vector<double> w;
   } tls;
-  auto& local = tls.local;
+  auto& local = tls.local;  // [E] -1 between calls
   auto& w = tls.w;
   auto& slots = tls.slots;
-  local.assign(Z(E), -1);
+  if (local.size() < Z(E)) local.resize(Z(E), -1);
   w.resize(Z(n));
   for (int64_t i = 0; i < n; ++i) {
     local[Z(experts[Z(i)])] = i;
@@ -879,6 +926,7 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   }
   slots.resize(Z(num_ranks * S));
   for (int64_t j = 0; j < num_ranks * S; ++j) slots[Z(j)] = local[Z(old[first_slot + j])];
+  for (const int64_t e : experts) local[Z(e)] = -1;
   // (moved out of the thread's and back: a local object, whose members no store through a
   // pointer can change, runs about 10% faster than the thread_local one)
   MoveSearch search = std::move(tls.search);
@@ -908,32 +956,44 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
 // allowed [E] or null: experts that may be converted back into these ranks (hierarchical: the
 // experts of the node's groups). `cur` keeps each rank's old experts in their old slots
 // (PreserveSlots), so "changed" is per slot what the plan reports.
+// The state is reused: one object per thread (RunWalkBack), its vectors keep their capacity
+// across calls (up to about 9 walks per hierarchical layer).
 class WalkBack {
  public:
-  WalkBack(const double* load, const int64_t* old, const Shape& s, int64_t first_rank,
-           int64_t num_ranks, double stop, const char* allowed, int64_t* cur)
-      : load_(load),
-        old_(old),
-        cur_(cur),
-        allowed_(allowed),
-        S_(s.slots_per_rank()),
-        lo_(first_rank * S_),
-        hi_((first_rank + num_ranks) * S_),
-        limit_(stop * (1.0 - 1e-12)) {
+  void Run(const double* load, const int64_t* old, const Shape& s, int64_t first_rank,
+           int64_t num_ranks, double stop, const char* allowed, int64_t* cur) {
+    load_ = load;
+    old_ = old;
+    cur_ = cur;
+    allowed_ = allowed;
+    const int64_t S = s.slots_per_rank();
+    lo_ = first_rank * S;
+    hi_ = (first_rank + num_ranks) * S;
+    limit_ = stop * (1.0 - 1e-12);
     // replica counts from these ranks alone: every replica of their experts is among them
     // (global: all ranks; hierarchical: the node of the experts' groups)
     cnt_.assign(Z(s.num_logical), 0);
     for (int64_t p = lo_; p < hi_; ++p) ++cnt_[Z(cur[p])];
+    // (only the experts in these ranks: another's is stale, and where read goes unused, as x's in
+    // Best and ConvertWorst when x has no slot here)
+    share_.resize(Z(s.num_logical));
+    for (int64_t p = lo_; p < hi_; ++p) SetShare(cur[p]);
+    // (each slot's rank from a table: a 64-bit division costs more than the step it serves)
+    rank_of_.resize(Z(s.num_physical));
+    for (int64_t r = first_rank; r < first_rank + num_ranks; ++r)
+      std::fill(rank_of_.begin() + r * S, rank_of_.begin() + (r + 1) * S, r);
     rank_load_.assign(Z(s.num_ranks), 0.0);
     delta_.assign(Z(s.num_ranks), 0.0);
     seen_.assign(Z(s.num_ranks), 0);
-    for (int64_t p = lo_; p < hi_; ++p) rank_load_[Z(p / S_)] += Share(cur[p]);
+    for (int64_t p = lo_; p < hi_; ++p) rank_load_[Z(rank_of_[Z(p)])] += share_[Z(cur[p])];
     lists_.Reset(s.num_logical, s.num_physical);
     for (int64_t p = lo_; p < hi_; ++p) lists_.Append(cur[p], p);
+    Walk();
   }
 
-  void Run() {
-    std::vector<std::tuple<int, double, int64_t>> steps;  // (-restored, worst load, slot)
+ private:
+  void Walk() {
+    auto& steps = steps_;
     for (int pass = 0; pass < 8; ++pass) {
       steps.clear();
       for (int64_t p = lo_; p < hi_; ++p) {
@@ -956,21 +1016,22 @@ class WalkBack {
     }
   }
 
- private:
   struct Option {
     int restored = 0;  // slots restored: 0 none possible
     double worst = 0.0;
     int64_t t = -1;  // swap partner, or -1 for a conversion
   };
 
-  double Share(int64_t e) const { return load_[e] / static_cast<double>(cnt_[Z(e)]); }
+  // share_[e]: load per replica, follows cnt_ (the passes read it for every changed slot).
+  void SetShare(int64_t e) { share_[Z(e)] = load_[e] / static_cast<double>(cnt_[Z(e)]); }
 
   Option Best(int64_t p) {
-    const int64_t y = cur_[p], x = old_[p], r = p / S_;
+    const int64_t y = cur_[p], x = old_[p], r = rank_of_[Z(p)];
     Option best;
-    const double d = Share(x) - Share(y);  // a swap: r gains d, the partner loses d
+    // a swap: r gains d, the partner loses d (x has no slot here when its share_ is stale)
+    const double d = lists_.head[Z(x)] >= 0 ? share_[Z(x)] - share_[Z(y)] : 0.0;
     for (int64_t t = lists_.head[Z(x)]; t >= 0; t = lists_.next[Z(t)]) {
-      const int64_t o = t / S_;
+      const int64_t o = rank_of_[Z(t)];
       if (o == r || cur_[t] == old_[t]) continue;
       const int restored = old_[t] == y ? 2 : 1;
       const double worst = std::max(rank_load_[Z(r)] + d, rank_load_[Z(o)] - d);
@@ -986,7 +1047,7 @@ class WalkBack {
 
   // Max load over the ranks touched by converting slot p from y to x; applies it when `apply`.
   double ConvertWorst(int64_t p, int64_t y, int64_t x, bool apply) {
-    const double y_old = Share(y), x_old = Share(x);
+    const double y_old = share_[Z(y)], x_old = share_[Z(x)];
     const double y_new = load_[y] / static_cast<double>(cnt_[Z(y)] - 1);
     const double x_new = load_[x] / static_cast<double>(cnt_[Z(x)] + 1);
     touched_.clear();
@@ -998,9 +1059,10 @@ class WalkBack {
       delta_[Z(rank)] += d;
     };
     for (int64_t q = lists_.head[Z(y)]; q >= 0; q = lists_.next[Z(q)])
-      add(q / S_, q == p ? -y_old : y_new - y_old);
-    for (int64_t q = lists_.head[Z(x)]; q >= 0; q = lists_.next[Z(q)]) add(q / S_, x_new - x_old);
-    add(p / S_, x_new);
+      add(rank_of_[Z(q)], q == p ? -y_old : y_new - y_old);
+    for (int64_t q = lists_.head[Z(x)]; q >= 0; q = lists_.next[Z(q)])
+      add(rank_of_[Z(q)], x_new - x_old);
+    add(rank_of_[Z(p)], x_new);
     double worst = 0.0;
     for (const int64_t rank : touched_) {
       worst = std::max(worst, rank_load_[Z(rank)] + delta_[Z(rank)]);
@@ -1014,9 +1076,9 @@ class WalkBack {
   void Apply(int64_t p, const Option& o) {
     const int64_t y = cur_[p], x = old_[p];
     if (o.t >= 0) {
-      const double d = Share(x) - Share(y);
-      rank_load_[Z(p / S_)] += d;
-      rank_load_[Z(o.t / S_)] -= d;
+      const double d = share_[Z(x)] - share_[Z(y)];
+      rank_load_[Z(rank_of_[Z(p)])] += d;
+      rank_load_[Z(rank_of_[Z(o.t)])] -= d;
       std::swap(cur_[p], cur_[o.t]);
       // p takes t's place in x's list and t p's in y's
       const int64_t pp = lists_.prev[Z(p)], np = lists_.next[Z(p)], pt = lists_.prev[Z(o.t)],
@@ -1028,25 +1090,36 @@ class WalkBack {
     ConvertWorst(p, y, x, true);
     --cnt_[Z(y)];
     ++cnt_[Z(x)];
+    SetShare(y);
+    SetShare(x);
     cur_[p] = x;
     lists_.Unlink(y, p);
     lists_.Append(x, p);
   }
 
-  const double* load_;
-  const int64_t* old_;
-  int64_t* cur_;
-  const char* allowed_;
-  int64_t S_, lo_, hi_;
-  double limit_;
-  std::vector<int64_t> cnt_, touched_;
-  std::vector<char> seen_;  // [ranks] in touched_
+  const double* load_ = nullptr;
+  const int64_t* old_ = nullptr;
+  int64_t* cur_ = nullptr;
+  const char* allowed_ = nullptr;
+  int64_t lo_ = 0, hi_ = 0;
+  double limit_ = 0.0;
+  std::vector<int64_t> cnt_, touched_, rank_of_;
+  std::vector<double> share_;                            // [experts] see SetShare
+  std::vector<std::tuple<int, double, int64_t>> steps_;  // Walk scratch: (-restored, worst, slot)
+  std::vector<char> seen_;                               // [ranks] in touched_
   std::vector<double> rank_load_, delta_;
   // the slots of each expert in these ranks, in order
   detail::SlotLists lists_;
-
-  // Slot `to` takes the place (between p and q) of a slot in e's list.
 };
+
+// WalkBack::Run with the thread's object.
+void RunWalkBack(const double* load, const int64_t* old, const Shape& s, int64_t first_rank,
+                 int64_t num_ranks, double stop, const char* allowed, int64_t* cur) {
+  thread_local WalkBack walk_tls;  // moved out and back as in SearchPack
+  WalkBack walk = std::move(walk_tls);
+  walk.Run(load, old, s, first_rank, num_ranks, stop, allowed, cur);
+  walk_tls = std::move(walk);
+}
 
 // Single group swaps tried by the hierarchical fallback (lightest heaviest node first).
 constexpr size_t kGroupSwapsTried = 2;
@@ -1061,13 +1134,31 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / s.num_nodes, node_slots = rpn * S;
   const int64_t first = n * node_slots;
   const auto m = static_cast<int64_t>(experts.size());
-  std::vector<int64_t> local(Z(s.num_logical), -1), orig(Z(node_slots)), start(Z(node_slots));
-  std::vector<double> w(Z(m));
+  // (the thread's scratch, reused: up to 8 calls per hierarchical layer)
+  thread_local struct {
+    std::vector<int64_t> local, orig, start, cnt, free_slots, incoming, free_count, next_free;
+    std::vector<double> w, share, rank_load;
+    std::vector<char> allowed;  // [experts] all zero between calls
+  } tls;
+  auto& local = tls.local;
+  auto& orig = tls.orig;
+  auto& start = tls.start;
+  auto& w = tls.w;
+  if (local.size() < Z(s.num_logical)) {
+    local.resize(Z(s.num_logical), -1);
+    tls.allowed.resize(Z(s.num_logical), 0);
+  }
+  orig.resize(Z(node_slots));
+  start.resize(Z(node_slots));
+  w.resize(Z(m));
   for (int64_t i = 0; i < m; ++i) {
     local[Z(experts[Z(i)])] = i;
     w[Z(i)] = load[experts[Z(i)]];
   }
-  std::vector<int64_t> cnt(Z(m), 0), free_slots;
+  auto& cnt = tls.cnt;
+  auto& free_slots = tls.free_slots;
+  cnt.assign(Z(m), 0);
+  free_slots.clear();
   for (int64_t j = 0; j < node_slots; ++j) {
     orig[Z(j)] = local[Z(old[first + j])];
     start[Z(j)] = orig[Z(j)];
@@ -1077,7 +1168,9 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
       free_slots.push_back(j);
     }
   }
-  std::vector<int64_t> incoming;  // one entry per replica
+  for (const int64_t e : experts) local[Z(e)] = -1;  // (local is -1 between calls)
+  auto& incoming = tls.incoming;                     // one entry per replica
+  incoming.clear();
   for (int64_t i = 0; i < m; ++i)
     if (cnt[Z(i)] == 0) {
       cnt[Z(i)] = 1;
@@ -1096,22 +1189,37 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
     incoming.push_back(best);
   }
   // load per replica (counts final from here), divided once rather than in every comparison
-  std::vector<double> share(Z(m));
+  auto& share = tls.share;
+  share.resize(Z(m));
   for (int64_t e = 0; e < m; ++e) share[Z(e)] = w[Z(e)] / static_cast<double>(cnt[Z(e)]);
   auto per = [&](int64_t e) { return share[Z(e)]; };
-  std::stable_sort(incoming.begin(), incoming.end(),
-                   [&](int64_t a, int64_t b) { return per(a) > per(b); });
-  std::vector<double> rank_load(Z(rpn), 0.0);
+  // heaviest first, stable (by insertion: a few dozen entries, and no temporary buffer as
+  // std::stable_sort takes)
+  for (size_t k = 1; k < incoming.size(); ++k) {
+    const int64_t e = incoming[k];
+    size_t at = k;
+    for (; at > 0 && per(e) > per(incoming[at - 1]); --at) incoming[at] = incoming[at - 1];
+    incoming[at] = e;
+  }
+  auto& rank_load = tls.rank_load;
+  rank_load.assign(Z(rpn), 0.0);
   for (int64_t j = 0; j < node_slots; ++j)
     if (start[Z(j)] >= 0) rank_load[Z(j / S)] += per(start[Z(j)]);
   // free slots per rank, in slot order (next_free: the first unused one of each rank)
-  std::vector<int64_t> free_count(Z(rpn), 0), next_free(Z(rpn), 0);
+  auto& free_count = tls.free_count;
+  auto& next_free = tls.next_free;
+  free_count.assign(Z(rpn), 0);
+  next_free.assign(Z(rpn), 0);
   for (const int64_t j : free_slots) ++free_count[Z(j / S)];
   for (size_t k = free_slots.size(); k-- > 0;) next_free[Z(free_slots[k] / S)] = free_slots[k];
+  // (a rank without a free slot reads as infinitely loaded: the lightest, first on ties, is then
+  // a plain minimum, and there is always a rank with a free slot left)
+  for (int64_t q = 0; q < rpn; ++q)
+    if (free_count[Z(q)] == 0) rank_load[Z(q)] = HUGE_VAL;
   for (const int64_t e : incoming) {
-    int64_t r = -1;
-    for (int64_t q = 0; q < rpn; ++q)
-      if (free_count[Z(q)] > 0 && (r < 0 || rank_load[Z(q)] < rank_load[Z(r)])) r = q;
+    int64_t r = 0;
+    for (int64_t q = 1; q < rpn; ++q)
+      if (rank_load[Z(q)] < rank_load[Z(r)]) r = q;
     int64_t j = next_free[Z(r)];
     start[Z(j)] = e;
     rank_load[Z(r)] += per(e);
@@ -1119,6 +1227,8 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
       do ++j;
       while (start[Z(j)] >= 0);  // free slots still hold -1
       next_free[Z(r)] = j;
+    } else {
+      rank_load[Z(r)] = HUGE_VAL;
     }
   }
   thread_local MoveSearch search_tls;  // moved out and back as in SearchPack
@@ -1134,9 +1244,10 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
   rank_shape.num_ranks = rpn;
   rank_shape.num_physical = node_slots;
   PreserveSlots(out + first, old + first, rank_shape);
-  std::vector<char> allowed(Z(s.num_logical), 0);
+  std::vector<char>& allowed = tls.allowed;
   for (const int64_t e : experts) allowed[Z(e)] = 1;
-  WalkBack(load, old, s, n * rpn, rpn, stop, allowed.data(), out).Run();
+  RunWalkBack(load, old, s, n * rpn, rpn, stop, allowed.data(), out);
+  for (const int64_t e : experts) allowed[Z(e)] = 0;
   return true;
 }
 
@@ -1173,10 +1284,19 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   std::copy(old_phy2log, old_phy2log + P, phy2log);
   if (old_usable && MaxRankLoad(load, old_phy2log, shape) <= stop) return;
 
+  // The layer's scratch, the thread's (reused across layers): count [E] is zero between calls
+  // (RankMoves clears what it sets).
+  thread_local struct {
+    std::vector<int64_t> renumbered, count, searched, substituted, trial;
+    std::vector<std::vector<int64_t>> substituted_experts;
+    std::vector<char> allowed;  // [E] all zero between calls
+  } tls;
   // balanced's placement renumbered onto the old: the fallback's start (and, hierarchical, the
   // node searches' budget).
-  std::vector<int64_t> renumbered(Z(P));
-  std::vector<int64_t> count(Z(E), 0);
+  std::vector<int64_t>& renumbered = tls.renumbered;
+  renumbered.resize(Z(P));
+  std::vector<int64_t>& count = tls.count;
+  if (count.size() < Z(E)) count.resize(Z(E), 0);
   Shape one = shape;
   one.num_layers = 1;
   if (!hier) {
@@ -1191,7 +1311,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       if (SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, own, E, nullptr,
                      phy2log)) {
         PreserveSlots(phy2log, old_phy2log, one);
-        WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+        RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
         return;
       }
     }
@@ -1200,7 +1320,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     // balanced's replica counts.
     Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
     PreserveSlots(renumbered.data(), old_phy2log, one);
-    WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, renumbered.data()).Run();
+    RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, renumbered.data());
     if (S > 2) {
       int64_t budget = 0;
       for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
@@ -1209,7 +1329,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       if (SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
                      balanced_cnt.data(), phy2log)) {
         PreserveSlots(phy2log, old_phy2log, one);
-        WalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log).Run();
+        RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
         return;
       }
     }
@@ -1232,7 +1352,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     return experts;
   };
   // Every node searched from its old content, kept for the partitions tried below.
-  std::vector<int64_t> searched(Z(P));
+  std::vector<int64_t>& searched = tls.searched;
+  searched.resize(Z(P));
   std::vector<char> node_ok(Z(N), 0);
   bool reached = true;
   for (int64_t n = 0; n < N; ++n) {
@@ -1258,7 +1379,18 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     return;
   }
 
-  std::vector<int64_t> alt(Z(P));  // SubstituteNode's output
+  // SubstituteNode's output for each node of the fallback that took it, with its experts (empty:
+  // none) and whether it reached the stop: a group swap below that gives a node the same experts
+  // takes it from there (balanced's partition is often the old one with one pair of groups
+  // traded, the first swap tried).
+  std::vector<int64_t>& substituted = tls.substituted;
+  substituted.resize(Z(P));
+  auto& substituted_experts = tls.substituted_experts;
+  substituted_experts.resize(Z(N));
+  for (auto& experts : substituted_experts) experts.clear();
+  std::vector<char> substituted_ok(Z(N), 0);
+  std::vector<char>& allowed = tls.allowed;
+  if (allowed.size() < Z(E)) allowed.resize(Z(E), 0);
   // Fallback: balanced's group->node partition (renumbered onto the old nodes); a node whose
   // groups are the same as in the old placement keeps its searched content when that reached
   // the stop, every other node is balanced's walked back toward the old content.
@@ -1275,20 +1407,21 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
                 phy2log + n * node_slots);
       continue;
     }
-    std::vector<char> allowed(Z(E), 0);
-    std::vector<int64_t> experts;
+    std::vector<int64_t>& experts = substituted_experts[Z(n)];
     for (int64_t g = 0; g < G; ++g)
       if (in_new[Z(g)])
         for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) {
           allowed[Z(e)] = 1;
           experts.push_back(e);
         }
-    WalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log).Run();
+    RunWalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log);
+    for (const int64_t e : experts) allowed[Z(e)] = 0;
     const int64_t first = n * node_slots, last = first + node_slots;
-    if (SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data()) &&
-        RankMoves(old_phy2log, alt.data(), first, last, S, &count) <
-            RankMoves(old_phy2log, phy2log, first, last, S, &count))
-      std::copy(alt.begin() + first, alt.begin() + last, phy2log + first);
+    substituted_ok[Z(n)] =
+        SubstituteNode(load, old_phy2log, shape, n, experts, stop, substituted.data());
+    if (substituted_ok[Z(n)] && RankMoves(old_phy2log, substituted.data(), first, last, S, &count) <
+                                    RankMoves(old_phy2log, phy2log, first, last, S, &count))
+      std::copy(substituted.begin() + first, substituted.begin() + last, phy2log + first);
   }
   int64_t fallback_moves = 0;
   for (int64_t p = 0; p < P; ++p) fallback_moves += phy2log[p] != old_phy2log[p];
@@ -1313,7 +1446,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       swaps.emplace_back(worst, x, y);
     }
   std::sort(swaps.begin(), swaps.end());
-  std::vector<int64_t> trial(Z(P));
+  std::vector<int64_t>& trial = tls.trial;
+  trial.resize(Z(P));
   for (size_t k = 0; k < std::min<size_t>(swaps.size(), kGroupSwapsTried); ++k) {
     const auto [worst, x, y] = swaps[k];
     if (worst / static_cast<double>(rpn) > stop) break;  // sorted: no later swap fits either
@@ -1329,9 +1463,14 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
         continue;
       }
       const std::vector<int64_t> experts = experts_of(group_node, n);
-      std::copy(old_phy2log + first, old_phy2log + first + node_slots, alt.begin() + first);
-      ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, alt.data());
-      std::copy(alt.begin() + first, alt.begin() + first + node_slots, trial.begin() + first);
+      if (experts == substituted_experts[Z(n)]) {
+        ok = substituted_ok[Z(n)] != 0;
+        std::copy(substituted.begin() + first, substituted.begin() + first + node_slots,
+                  trial.begin() + first);
+        continue;
+      }
+      std::copy(old_phy2log + first, old_phy2log + first + node_slots, trial.begin() + first);
+      ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, trial.data());
     }
     if (!ok) continue;
     int64_t moves = 0;
