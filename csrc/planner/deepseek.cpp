@@ -19,23 +19,18 @@ namespace {
 using detail::Z;
 
 // ReplicateExperts as DeepSeek states it: phy2log [num_phy] lists each expert once, then the
-// extra replicas in the order they were added; phyrank [num_phy] is each slot's replica ordinal.
-void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy,
-                      std::vector<int64_t>* phy2log, std::vector<int64_t>* phyrank,
-                      std::vector<int64_t>* logcnt) {
-  phy2log->resize(Z(num_phy));
-  phyrank->assign(Z(num_phy), 0);
-  logcnt->assign(Z(num_log), 1);
-  std::iota(phy2log->begin(), phy2log->begin() + num_log, 0);
-  detail::Replicate(weight, num_log, num_phy, logcnt->data(), phy2log->data() + num_log);
+// extra replicas in the order they were added; phyrank [num_phy] is each slot's replica ordinal;
+// logcnt [num_log]. All out.
+void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy, int64_t* phy2log,
+                      int64_t* phyrank, int64_t* logcnt) {
+  std::iota(phy2log, phy2log + num_log, 0);
+  std::fill_n(phyrank, num_log, 0);
+  detail::Replicate(weight, num_log, num_phy, logcnt, phy2log + num_log);
   // Replica ordinals: the k-th added copy of an expert is its replica k.
   thread_local std::vector<int64_t> seen_tls;
   auto& seen = seen_tls;  // bound once: each use of a thread_local costs a TLS lookup
   seen.assign(Z(num_log), 0);
-  for (int64_t i = num_log; i < num_phy; ++i) {
-    const int64_t e = (*phy2log)[Z(i)];
-    (*phyrank)[Z(i)] = ++seen[Z(e)];
-  }
+  for (int64_t i = num_log; i < num_phy; ++i) phyrank[i] = ++seen[Z(phy2log[i])];
 }
 
 }  // namespace
@@ -75,47 +70,52 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   auto& mlogcnt = tls.mlogcnt;
   auto& pack = tls.pack;
   auto& rank_in_pack = tls.rank_in_pack;
-  // Nested loops over (group, expert): no integer division per expert (one costs as much as the
-  // rest of the loop body many times over).
-  group_load.assign(static_cast<size_t>(G), 0.0);
-  for (int64_t g = 0; g < G; ++g) {
-    double sum = 0.0;
-    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) sum += load[e];
-    group_load[static_cast<size_t>(g)] = sum;
-  }
+  // Group sums, the groups side by side: each group's chain of dependent additions (in expert
+  // order, as before) overlaps the others' instead of waiting for them. Nested loops: no integer
+  // division per expert (one costs as much as the rest of the loop body many times over).
+  group_load.assign(Z(G), 0.0);
+  for (int64_t k = 0; k < group_size; ++k)
+    for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
   detail::BalancedPacking(group_load, N, &group_pack, &group_rank);
-  mlog2log.resize(static_cast<size_t>(E));
+  mlog2log.resize(Z(E));
   for (int64_t g = 0; g < G; ++g) {
-    const int64_t base = (group_pack[static_cast<size_t>(g)] * groups_per_node +
-                          group_rank[static_cast<size_t>(g)]) *
-                         group_size;
-    for (int64_t k = 0; k < group_size; ++k)
-      mlog2log[static_cast<size_t>(base + k)] = g * group_size + k;
+    const int64_t base = (group_pack[Z(g)] * groups_per_node + group_rank[Z(g)]) * group_size;
+    for (int64_t k = 0; k < group_size; ++k) mlog2log[Z(base + k)] = g * group_size + k;
   }
 
-  node_load.resize(static_cast<size_t>(log_per_node));
-  phy_load.resize(static_cast<size_t>(phy_per_node));
+  // 2. replicate inside each node; node n's physical experts at [n * phy_per_node, ...).
+  node_load.resize(Z(E));
+  phy_load.resize(Z(P));
+  phy2mlog.resize(Z(P));
+  node_phyrank.resize(Z(P));
+  mlogcnt.resize(Z(E));
   for (int64_t n = 0; n < N; ++n) {
-    // 2. replicate inside the node.
-    for (int64_t i = 0; i < log_per_node; ++i)
-      node_load[static_cast<size_t>(i)] = load[mlog2log[static_cast<size_t>(n * log_per_node + i)]];
-    ReplicateExperts(node_load.data(), log_per_node, phy_per_node, &phy2mlog, &node_phyrank,
-                     &mlogcnt);
-    // 3. physical experts -> ranks of the node.
-    for (int64_t j = 0; j < phy_per_node; ++j) {
-      // x / 1 is x: divide only for replicated experts (divisions are slow).
-      const auto m = static_cast<size_t>(phy2mlog[static_cast<size_t>(j)]);
-      const int64_t c = mlogcnt[m];
-      phy_load[static_cast<size_t>(j)] =
-          c == 1 ? node_load[m] : node_load[m] / static_cast<double>(c);
+    double* w = node_load.data() + n * log_per_node;
+    for (int64_t i = 0; i < log_per_node; ++i) w[i] = load[mlog2log[Z(n * log_per_node + i)]];
+    int64_t* phy = phy2mlog.data() + n * phy_per_node;
+    int64_t* cnt = mlogcnt.data() + n * log_per_node;
+    ReplicateExperts(w, log_per_node, phy_per_node, phy, node_phyrank.data() + n * phy_per_node,
+                     cnt);
+    // Loads per replica. Only the replicated experts need a division (divisions are slow; x / 1
+    // is x): each such expert is among the added slots, which fix up its first slot as well.
+    double* per = phy_load.data() + n * phy_per_node;
+    std::copy(w, w + log_per_node, per);
+    for (int64_t j = log_per_node; j < phy_per_node; ++j) {
+      const int64_t m = phy[j];
+      per[j] = per[m] = w[m] / static_cast<double>(cnt[m]);
     }
-    detail::BalancedPacking(phy_load, ranks_per_node, &pack, &rank_in_pack);
-    for (int64_t j = 0; j < phy_per_node; ++j) {
-      const int64_t slot = n * phy_per_node + pack[static_cast<size_t>(j)] * slots_per_rank +
-                           rank_in_pack[static_cast<size_t>(j)];
-      const int64_t mlog = phy2mlog[static_cast<size_t>(j)] + n * log_per_node;
-      phy2log[slot] = mlog2log[static_cast<size_t>(mlog)];
-      phyrank[slot] = node_phyrank[static_cast<size_t>(j)];
+  }
+  // 3. physical experts -> ranks of their node, all nodes at once (BalancedPacking interleaves
+  // the nodes' greedy steps).
+  pack.resize(Z(P));
+  rank_in_pack.resize(Z(P));
+  detail::BalancedPacking(phy_load.data(), N, phy_per_node, ranks_per_node, pack.data(),
+                          rank_in_pack.data());
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = n * phy_per_node; j < (n + 1) * phy_per_node; ++j) {
+      const int64_t slot = n * phy_per_node + pack[Z(j)] * slots_per_rank + rank_in_pack[Z(j)];
+      phy2log[slot] = mlog2log[Z(phy2mlog[Z(j)] + n * log_per_node)];
+      phyrank[slot] = node_phyrank[Z(j)];
     }
   }
 }

@@ -197,80 +197,34 @@ inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
   for (int64_t i = 0; i < n; ++i) order[i] = items[Z(i)].second;
 }
 
-// Packs items (weight[i]) into num_packs packs of exactly weight.size() / num_packs items:
-// heaviest first (stable: lower index first on equal weight), each into the lightest pack that
-// still has room (lowest pack index on ties). pack[i], rank_in_pack[i] out.
-inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs,
-                            std::vector<int64_t>* pack, std::vector<int64_t>* rank_in_pack) {
-  const auto n = static_cast<int64_t>(weight.size());
-  const int64_t per_pack = n / num_packs;
-  pack->assign(Z(n), 0);
-  rank_in_pack->assign(Z(n), 0);
-  if (per_pack == 1) {
-    std::iota(pack->begin(), pack->end(), 0);
-    return;
-  }
-  // Heaviest first, lower index first on ties (SortHeaviestFirst).
-  const double* w = weight.data();
-  thread_local struct {  // one per function: each thread_local costs a TLS lookup
-    std::vector<int64_t> order;
-    std::vector<double> pack_weight;
-    std::vector<int64_t> items;
-    std::vector<uint64_t> tree;
-    std::vector<double> key;
-    std::vector<int64_t> tree_index;
-  } tls;
-  auto& order = tls.order;
-  order.resize(Z(n));
-  SortHeaviestFirst(w, n, order.data());
+// BalancedPacking's greedy on integer keys for one item set, paused before item `next` (in
+// heaviest-first order): its packs' tournament tree and the tree's root.
+struct KeyedGreedy {
+  const double* w;
+  const int64_t* order;
+  int64_t* pack;
+  int64_t* rank_in_pack;
+  int64_t* items;
+  uint64_t* tree;
+  uint64_t base;  // bit pattern of the lightest positive item
+  uint64_t root;
+  int64_t next;
+};
 
-  auto& pack_weight = tls.pack_weight;
-  auto& items = tls.items;
-  pack_weight.assign(Z(num_packs), 0.0);
-  items.assign(Z(num_packs), 0);
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += w[i];
-  if (!(total < 1e300)) {
-    // Pack weights might overflow to +inf and tie with the markers of full packs below: the
-    // plain scan for the lightest pack with room (lowest index on ties) is exact for any weight.
-    for (const int64_t i : order) {
-      int64_t p = -1;
-      for (int64_t q = 0; q < num_packs; ++q)
-        if (items[Z(q)] < per_pack && (p < 0 || pack_weight[Z(q)] < pack_weight[Z(p)])) p = q;
-      (*pack)[Z(i)] = p;
-      (*rank_in_pack)[Z(i)] = items[Z(p)]++;
-      pack_weight[Z(p)] += w[i];
-    }
+// Packs items into num_packs packs of exactly n / num_packs items: heaviest first (stable:
+// lower index first on equal weight), each into the lightest pack that still has room (lowest
+// pack index on ties). Does so for `count` independent item sets of n items each: set k's
+// weights are weight[k * n, (k + 1) * n), its pack[i] and rank_in_pack[i] (out) at the same
+// offsets. Each set's greedy is one long chain of dependent steps (a pick waits for the
+// previous pick's pack weight); the sets' chains run interleaved, so the core overlaps them.
+inline void BalancedPacking(const double* weight, int64_t count, int64_t n, int64_t num_packs,
+                            int64_t* pack, int64_t* rank_in_pack) {
+  const int64_t per_pack = n / num_packs;
+  std::fill_n(pack, count * n, 0);
+  std::fill_n(rank_in_pack, count * n, 0);
+  if (per_pack == 1) {
+    for (int64_t k = 0; k < count; ++k) std::iota(pack + k * n, pack + (k + 1) * n, 0);
     return;
-  }
-  // When every weight is > 0, the first num_packs items (heaviest first) go to packs 0, 1, ...
-  // in turn: item k finds packs 0..k-1 loaded (> 0) and pack k the first empty one.
-  int64_t first = 0;
-  if (w[order[Z(n - 1)]] > 0.0) {
-    for (int64_t k = 0; k < num_packs; ++k) {
-      const int64_t i = order[Z(k)];
-      (*pack)[Z(i)] = k;
-      items[Z(k)] = 1;
-      pack_weight[Z(k)] = w[i];
-    }
-    first = num_packs;
-    if (per_pack == 2) {
-      // Each further item fills the lightest pack (lowest index on ties) for good, so they go
-      // to the packs in (weight, index) order: pack weights do not increase with the index,
-      // so that is runs of equal weight from the last run to the first, each by index.
-      int64_t k = num_packs;
-      for (int64_t end = num_packs; end > 0;) {
-        int64_t start = end - 1;
-        while (start > 0 && pack_weight[Z(start - 1)] == pack_weight[Z(end - 1)]) --start;
-        for (int64_t q = start; q < end; ++q) {
-          const int64_t i = order[Z(k++)];
-          (*pack)[Z(i)] = q;
-          (*rank_in_pack)[Z(i)] = 1;
-        }
-        end = start;
-      }
-      return;
-    }
   }
   int64_t leaves = 1;
   int index_bits = 0;
@@ -278,129 +232,236 @@ inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs
     leaves *= 2;
     ++index_bits;
   }
-  // Integer keys when they fit, (pack weight, pack index) as one uint64: then a tournament node
-  // is just the min of its children (one compare, no index to carry, no tie rule) and the winner
-  // is the key's low bits. A pack weight is 0 or >= the lightest positive item (sums of weights
-  // >= 0 never round below a term) and < 2 * total; the bit pattern of a double >= 0 is monotone
-  // in its value, so bits - bits(lightest) + 1 (0 for an empty pack) keeps the order. Used when
-  // that range leaves index_bits free (weights spanning fewer than about 2^(10 - index_bits)
-  // binades: always for real loads); otherwise the double-keyed code below.
-  double lightest = 0.0;
-  for (int64_t t = n - 1; t >= 0 && !(lightest > 0.0); --t) lightest = w[order[Z(t)]];
-  if (lightest > 0.0) {
-    const auto bits_of = [](double v) {
-      uint64_t b;
-      std::memcpy(&b, &v, sizeof b);
-      return b;
-    };
-    const uint64_t base = bits_of(lightest);
-    const uint64_t span = bits_of(2.0 * total) - base + 2;
-    if (index_bits <= 16 && span < (uint64_t{1} << (63 - index_bits))) {
-      const auto make_key = [&](double v, int64_t q) {
-        const uint64_t rank = v > 0.0 ? bits_of(v) - base + 1 : 0;
-        return (rank << index_bits) | static_cast<uint64_t>(q);
-      };
-      constexpr uint64_t kFullKey = ~uint64_t{0};
-      const uint64_t mask = (uint64_t{1} << index_bits) - 1;
-      auto& tree = tls.tree;
-      tree.assign(Z(2 * leaves), kFullKey);
-      for (int64_t q = 0; q < num_packs; ++q)
-        tree[Z(leaves + q)] = make_key(pack_weight[Z(q)], q);  // none full yet
-      for (int64_t v = leaves - 1; v >= 1; --v)
-        tree[Z(v)] = std::min(tree[Z(2 * v)], tree[Z(2 * v + 1)]);
-      uint64_t* tk = tree.data();
-      // Each item waits for the previous one's pick: the root stays in a register (no store
-      // and reload on that path).
-      uint64_t root = tk[1];
-      for (int64_t t = first; t < n; ++t) {
-        const int64_t i = order[Z(t)];
-        const auto p = static_cast<int64_t>(root & mask);
-        (*pack)[Z(i)] = p;
-        (*rank_in_pack)[Z(i)] = items[Z(p)]++;
-        pack_weight[Z(p)] += w[i];
-        uint64_t ck = items[Z(p)] == per_pack ? kFullKey : make_key(pack_weight[Z(p)], p);
-        int64_t v = leaves + p;
-        tk[v] = ck;
-        while (v > 1) {
-          ck = std::min(ck, tk[v ^ 1]);
-          v /= 2;
-          tk[v] = ck;
-        }
-        root = ck;
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<int64_t> order;
+    std::vector<double> pack_weight;
+    std::vector<int64_t> items;
+    std::vector<uint64_t> tree;
+    std::vector<double> key;
+    std::vector<int64_t> tree_index;
+    std::vector<KeyedGreedy> greedy;
+  } tls;
+  tls.order.resize(Z(count * n));
+  tls.pack_weight.resize(Z(num_packs));  // used by one set at a time
+  tls.items.resize(Z(count * num_packs));
+  tls.tree.resize(Z(count * 2 * leaves));
+  auto& greedy = tls.greedy;
+  greedy.clear();
+  const auto bits_of = [](double v) {
+    uint64_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  };
+  const auto bits_to_double = [](uint64_t b) {
+    double v;
+    std::memcpy(&v, &b, sizeof v);
+    return v;
+  };
+  // Integer keys (see below): (rank of the pack weight above the lightest item, pack index).
+  const auto make_key = [&](double v, int64_t q, uint64_t base) {
+    const uint64_t rank = v > 0.0 ? bits_of(v) - base + 1 : 0;
+    return (rank << index_bits) | static_cast<uint64_t>(q);
+  };
+  constexpr uint64_t kFullKey = ~uint64_t{0};
+  for (int64_t set = 0; set < count; ++set) {
+    const double* w = weight + set * n;
+    int64_t* set_pack = pack + set * n;
+    int64_t* set_rank = rank_in_pack + set * n;
+    // Heaviest first, lower index first on ties (SortHeaviestFirst).
+    int64_t* order = tls.order.data() + set * n;
+    SortHeaviestFirst(w, n, order);
+    double* pack_weight = tls.pack_weight.data();
+    int64_t* items = tls.items.data() + set * num_packs;
+    std::fill_n(pack_weight, num_packs, 0.0);
+    std::fill_n(items, num_packs, 0);
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) total += w[i];
+    if (!(total < 1e300)) {
+      // Pack weights might overflow to +inf and tie with the markers of full packs below: the
+      // plain scan for the lightest pack with room (lowest index on ties) is exact for any
+      // weight.
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t i = order[t];
+        int64_t p = -1;
+        for (int64_t q = 0; q < num_packs; ++q)
+          if (items[q] < per_pack && (p < 0 || pack_weight[q] < pack_weight[p])) p = q;
+        set_pack[i] = p;
+        set_rank[i] = items[p]++;
+        pack_weight[p] += w[i];
       }
-      return;
+      continue;
+    }
+    // When every weight is > 0, the first num_packs items (heaviest first) go to packs 0, 1, ...
+    // in turn: item k finds packs 0..k-1 loaded (> 0) and pack k the first empty one.
+    int64_t first = 0;
+    if (w[order[n - 1]] > 0.0) {
+      for (int64_t k = 0; k < num_packs; ++k) {
+        const int64_t i = order[k];
+        set_pack[i] = k;
+        items[k] = 1;
+        pack_weight[k] = w[i];
+      }
+      first = num_packs;
+      if (per_pack == 2) {
+        // Each further item fills the lightest pack (lowest index on ties) for good, so they go
+        // to the packs in (weight, index) order: pack weights do not increase with the index,
+        // so that is runs of equal weight from the last run to the first, each by index.
+        int64_t k = num_packs;
+        for (int64_t end = num_packs; end > 0;) {
+          int64_t start = end - 1;
+          while (start > 0 && pack_weight[start - 1] == pack_weight[end - 1]) --start;
+          for (int64_t q = start; q < end; ++q) {
+            const int64_t i = order[k++];
+            set_pack[i] = q;
+            set_rank[i] = 1;
+          }
+          end = start;
+        }
+        continue;
+      }
+    }
+    // Integer keys when they fit, (pack weight, pack index) as one uint64: then a tournament
+    // node is just the min of its children (one compare, no index to carry, no tie rule) and
+    // the winner is the key's low bits. A pack weight is 0 or >= the lightest positive item
+    // (sums of weights >= 0 never round below a term) and < 2 * total; the bit pattern of a
+    // double >= 0 is monotone in its value, so bits - bits(lightest) + 1 (0 for an empty pack)
+    // keeps the order. Used when that range leaves index_bits free (weights spanning fewer
+    // than about 2^(10 - index_bits) binades: always for real loads); otherwise the
+    // double-keyed code below. The greedy itself runs after this loop, all sets together.
+    double lightest = 0.0;
+    for (int64_t t = n - 1; t >= 0 && !(lightest > 0.0); --t) lightest = w[order[t]];
+    if (lightest > 0.0) {
+      const uint64_t base = bits_of(lightest);
+      const uint64_t span = bits_of(2.0 * total) - base + 2;
+      if (index_bits <= 16 && span < (uint64_t{1} << (63 - index_bits))) {
+        uint64_t* tree = tls.tree.data() + set * 2 * leaves;
+        std::fill_n(tree, 2 * leaves, kFullKey);
+        for (int64_t q = 0; q < num_packs; ++q)
+          tree[leaves + q] = make_key(pack_weight[q], q, base);  // none full yet
+        for (int64_t v = leaves - 1; v >= 1; --v) tree[v] = std::min(tree[2 * v], tree[2 * v + 1]);
+        greedy.push_back({w, order, set_pack, set_rank, items, tree, base, tree[1], first});
+        continue;
+      }
+    }
+    // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
+    // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a
+    // pack with room always beats the +inf of the full ones.
+    constexpr double kFull = std::numeric_limits<double>::infinity();
+    auto& key = tls.key;
+    if (num_packs <= kScanPacks) {
+      // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
+      key.assign(Z(kScanPacks), kFull);
+      std::copy(pack_weight, pack_weight + num_packs, key.begin());  // no pack is full yet
+      const double* kv = key.data();
+      const int64_t len = (num_packs + 3) / 4 * 4;
+      for (int64_t t = first; t < n; ++t) {
+        const int64_t i = order[t];
+        double m0 = kv[0], m1 = kv[1], m2 = kv[2], m3 = kv[3];
+        for (int64_t q = 4; q < len; q += 4) {
+          m0 = std::min(m0, kv[q]);
+          m1 = std::min(m1, kv[q + 1]);
+          m2 = std::min(m2, kv[q + 2]);
+          m3 = std::min(m3, kv[q + 3]);
+        }
+        const double m = std::min(std::min(m0, m1), std::min(m2, m3));
+        int64_t p = 0;
+        while (kv[p] != m) ++p;
+        set_pack[i] = p;
+        set_rank[i] = items[p]++;
+        pack_weight[p] += w[i];
+        key[Z(p)] = items[p] == per_pack ? kFull : pack_weight[p];
+      }
+      continue;
+    }
+    // More packs: a tournament tree. Each node stores its winner's (key, index); a node keeps
+    // its left child's winner on ties, and left leaves have lower indices, so the root is the
+    // first pack with the minimum key. An update climbs from the leaf with the winner in
+    // registers: each level reads only the sibling, whose address does not depend on the
+    // comparisons.
+    auto& tree_index = tls.tree_index;
+    key.assign(Z(2 * leaves), kFull);
+    tree_index.resize(Z(2 * leaves));
+    for (int64_t q = 0; q < leaves; ++q) {
+      key[Z(leaves + q)] = q < num_packs ? pack_weight[q] : kFull;  // none full yet
+      tree_index[Z(leaves + q)] = q;
+    }
+    for (int64_t v = leaves - 1; v >= 1; --v) {
+      const bool right = key[Z(2 * v + 1)] < key[Z(2 * v)];
+      key[Z(v)] = key[Z(2 * v + right)];
+      tree_index[Z(v)] = tree_index[Z(2 * v + right)];
+    }
+    double* tk = key.data();
+    int64_t* ti = tree_index.data();
+    for (int64_t t = first; t < n; ++t) {
+      const int64_t i = order[t];
+      const int64_t p = ti[1];
+      set_pack[i] = p;
+      set_rank[i] = items[p]++;
+      pack_weight[p] += w[i];
+      double ck = items[p] == per_pack ? kFull : pack_weight[p];
+      int64_t ci = p;
+      int64_t v = leaves + p;
+      tk[v] = ck;
+      while (v > 1) {
+        const double sk = tk[v ^ 1];
+        const int64_t si = ti[v ^ 1];
+        // v is a right child when odd: the sibling (left) wins ties; else v wins ties.
+        const bool take_sibling = (v & 1) ? !(ck < sk) : (sk < ck);
+        ck = take_sibling ? sk : ck;
+        ci = take_sibling ? si : ci;
+        v /= 2;
+        tk[v] = ck;
+        ti[v] = ci;
+      }
     }
   }
-  // key[q]: pack q's weight, or +inf once full. The lightest pack with room (lowest index on
-  // ties) is the first q whose key is the minimum: pack weights stay finite (total is), so a pack
-  // with room always beats the +inf of the full ones.
-  constexpr double kFull = std::numeric_limits<double>::infinity();
-  auto& key = tls.key;
-  if (num_packs <= kScanPacks) {
-    // Few packs: a branch-free scan (4 independent running minima) beats any tree or heap.
-    key.assign(Z(kScanPacks), kFull);
-    std::copy(pack_weight.begin(), pack_weight.end(), key.begin());  // no pack is full yet
-    const double* k = key.data();
-    const int64_t len = (num_packs + 3) / 4 * 4;
-    for (int64_t t = first; t < n; ++t) {
-      const int64_t i = order[Z(t)];
-      double m0 = k[0], m1 = k[1], m2 = k[2], m3 = k[3];
-      for (int64_t q = 4; q < len; q += 4) {
-        m0 = std::min(m0, k[q]);
-        m1 = std::min(m1, k[q + 1]);
-        m2 = std::min(m2, k[q + 2]);
-        m3 = std::min(m3, k[q + 3]);
-      }
-      const double m = std::min(std::min(m0, m1), std::min(m2, m3));
-      int64_t p = 0;
-      while (k[p] != m) ++p;
-      (*pack)[Z(i)] = p;
-      (*rank_in_pack)[Z(i)] = items[Z(p)]++;
-      pack_weight[Z(p)] += w[i];
-      key[Z(p)] = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
+  // The integer-keyed greedies. place(g, root, t) places g's item t given its tree's root and
+  // returns the new root.
+  const uint64_t mask = (uint64_t{1} << index_bits) - 1;
+  const auto place = [&](const KeyedGreedy& g, uint64_t root, int64_t t) {
+    const int64_t i = g.order[t];
+    const auto p = static_cast<int64_t>(root & mask);
+    g.pack[i] = p;
+    g.rank_in_pack[i] = g.items[p]++;
+    // The pack's weight from its key (make_key inverted): shorter than its reload from memory
+    // on the path from one pick to the next.
+    const uint64_t rank = root >> index_bits;
+    const double weight_p = (rank > 0 ? bits_to_double(rank + g.base - 1) : 0.0) + g.w[i];
+    uint64_t ck = g.items[p] == per_pack ? kFullKey : make_key(weight_p, p, g.base);
+    int64_t v = leaves + p;
+    g.tree[v] = ck;
+    while (v > 1) {
+      ck = std::min(ck, g.tree[v ^ 1]);
+      v /= 2;
+      g.tree[v] = ck;
     }
+    return ck;
+  };
+  if (greedy.size() == 1) {
+    // Each item waits for the previous one's pick: the root stays in a register (no store and
+    // reload on that path).
+    const KeyedGreedy g = greedy[0];
+    uint64_t root = g.root;
+    for (int64_t t = g.next; t < n; ++t) root = place(g, root, t);
     return;
   }
-  // More packs: a tournament tree. Each node stores its winner's (key, index); a node keeps its
-  // left child's winner on ties, and left leaves have lower indices, so the root is the first
-  // pack with the minimum key. An update climbs from the leaf with the winner in registers: each
-  // level reads only the sibling, whose address does not depend on the comparisons.
-  auto& tree_index = tls.tree_index;
-  key.assign(Z(2 * leaves), kFull);
-  tree_index.resize(Z(2 * leaves));
-  for (int64_t q = 0; q < leaves; ++q) {
-    key[Z(leaves + q)] = q < num_packs ? pack_weight[Z(q)] : kFull;  // none full yet
-    tree_index[Z(leaves + q)] = q;
-  }
-  for (int64_t v = leaves - 1; v >= 1; --v) {
-    const bool right = key[Z(2 * v + 1)] < key[Z(2 * v)];
-    key[Z(v)] = key[Z(2 * v + right)];
-    tree_index[Z(v)] = tree_index[Z(2 * v + right)];
-  }
-  double* tk = key.data();
-  int64_t* ti = tree_index.data();
-  for (int64_t t = first; t < n; ++t) {
-    const int64_t i = order[Z(t)];
-    const int64_t p = ti[1];
-    (*pack)[Z(i)] = p;
-    (*rank_in_pack)[Z(i)] = items[Z(p)]++;
-    pack_weight[Z(p)] += w[i];
-    double ck = items[Z(p)] == per_pack ? kFull : pack_weight[Z(p)];
-    int64_t ci = p;
-    int64_t v = leaves + p;
-    tk[v] = ck;
-    while (v > 1) {
-      const double sk = tk[v ^ 1];
-      const int64_t si = ti[v ^ 1];
-      // v is a right child when odd: the sibling (left) wins ties; else v wins ties.
-      const bool take_sibling = (v & 1) ? !(ck < sk) : (sk < ck);
-      ck = take_sibling ? sk : ck;
-      ci = take_sibling ? si : ci;
-      v /= 2;
-      tk[v] = ck;
-      ti[v] = ci;
+  // Several sets: one item of each in turn. Their steps are independent, so the core works on
+  // several sets' chains at once (a root's store and reload costs less than that gains).
+  for (int64_t t = 0; t < n; ++t) {
+    for (KeyedGreedy& state : greedy) {
+      const KeyedGreedy g = state;  // a copy: the stores in place cannot alias it
+      if (t >= g.next) state.root = place(g, g.root, t);
     }
   }
+}
+
+// BalancedPacking of one item set: n = weight.size(); pack, rank_in_pack [n] out.
+inline void BalancedPacking(const std::vector<double>& weight, int64_t num_packs,
+                            std::vector<int64_t>* pack, std::vector<int64_t>* rank_in_pack) {
+  const auto n = static_cast<int64_t>(weight.size());
+  pack->resize(Z(n));
+  rank_in_pack->resize(Z(n));
+  BalancedPacking(weight.data(), 1, n, num_packs, pack->data(), rank_in_pack->data());
 }
 
 }  // namespace detail
