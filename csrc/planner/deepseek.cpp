@@ -72,10 +72,14 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   auto& rank_in_pack = tls.rank_in_pack;
   // Group sums, the groups side by side: each group's chain of dependent additions (in expert
   // order, as before) overlaps the others' instead of waiting for them. Nested loops: no integer
-  // division per expert (one costs as much as the rest of the loop body many times over).
+  // division per expert (one costs as much as the rest of the loop body many times over). With
+  // one group per node (global: one group, one node) the packing is 0, 1, ... whatever the
+  // loads: no sums (the global one would be a chain of E dependent additions).
   group_load.assign(Z(G), 0.0);
-  for (int64_t k = 0; k < group_size; ++k)
-    for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
+  if (G > N) {
+    for (int64_t k = 0; k < group_size; ++k)
+      for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
+  }
   detail::BalancedPacking(group_load, N, &group_pack, &group_rank);
   mlog2log.resize(Z(E));
   for (int64_t g = 0; g < G; ++g) {
