@@ -5,14 +5,15 @@
 //   bash scripts/dev_build.sh
 //   g++ -O3 -std=c++17 -Icsrc -o build/planner_micro benchmarks/planner_micro.cpp
 //       build/dev/libeplb_planner.a -lpthread        (one command line)
-//   taskset -c 1 build/planner_micro [reps [policy [shape]]]
+//   taskset -c 1 build/planner_micro [reps [policy|all [shape|all [transfers]]]]
 //
 // Loads: per layer, expert e gets tokens * p_e with p a random permutation of Zipf(1.1)
 // weights (zipf) or of exp(N(0, 1)) (lognormal), rounded to integer counts, 16384 tokens x top-8
 // per window; windows drift as in eplb_native.traces.synth (latent scores, AR(1) step 0.05).
 // Every call plans window t from the DeepSeek placement of window t - 1 (preserve_slots on, no
-// transfer plan; bench_planner.py instead plans from each policy's own previous placement, so
-// min_move's starting points differ); median and min over reps x 3 windows.
+// transfer plan unless the fourth argument is `transfers`; bench_planner.py instead plans from each
+// policy's own previous placement, so min_move's starting points differ); median and min over reps
+// x 3 windows.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -81,11 +82,12 @@ int main(int argc, char** argv) {
   };
   const char* policies[] = {"deepseek", "balanced", "min_move"};
   // Optional: one policy only, one shape only (by name; e.g. for perf record).
-  const char* only = argc > 2 ? argv[2] : nullptr;
+  const char* only = argc > 2 && std::string(argv[2]) != "all" ? argv[2] : nullptr;
+  const bool transfers = argc > 4 && std::string(argv[4]) == "transfers";
   std::printf(
       "| shape | skew | policy | median ms | min ms | us per layer |\n|---|---|---|---|---|---|\n");
   for (const Case& c : cases) {
-    if (argc > 3 && std::string(argv[3]) != c.name) continue;
+    if (argc > 3 && std::string(argv[3]) != "all" && std::string(argv[3]) != c.name) continue;
     for (const bool zipf : {true, false}) {
       const eplb::Shape& s = c.shape;
       const int64_t LE = s.num_layers * s.num_logical;
@@ -101,7 +103,7 @@ int main(int argc, char** argv) {
         if (only != nullptr && std::string(only) != policies[p]) continue;
         eplb::PlanOptions o;
         o.policy = static_cast<eplb::Policy>(p);
-        o.transfers = false;
+        o.transfers = transfers;
         std::vector<double> times;
         for (int r = 0; r < reps; ++r) {
           for (int64_t t = 1; t <= 3; ++t) {

@@ -109,6 +109,37 @@ def check_transfers(p, old, ranks):
     assert (np.diff(key) > 0).all()
 
 
+def test_transfer_batches_past_64():
+    # A whole-layer shuffle over 96 ranks of 64 slots: ranks talk to ~90 peers each, so the
+    # greedy colouring needs more than 64 batches (the colouring keeps 64 batches to a word).
+    # The batches are those of the plain greedy: wire transfers in destination-slot order, a
+    # new rank pair into the lowest batch where neither rank is busy.
+    from types import SimpleNamespace
+
+    from eplb_native import _planner
+
+    rng = np.random.default_rng(64)
+    ranks, slots = 96, 64
+    old = np.arange(ranks * slots, dtype=np.int64)
+    new = rng.permutation(old)
+    rows = _planner.layer_transfers(old, new, old.size, ranks, 1)
+    check_transfers(SimpleNamespace(transfers=rows, phy2log=new[None]), old[None], ranks)
+    busy: list[set[int]] = []
+    pair_batch = {}
+    for r in rows[np.argsort(rows[:, 6], kind="stable")]:
+        if r[7] != 0:
+            continue
+        pair = (min(r[3], r[5]), max(r[3], r[5]))
+        if pair not in pair_batch:
+            b = next((b for b, used in enumerate(busy) if not used & set(pair)), len(busy))
+            if b == len(busy):
+                busy.append(set())
+            busy[b] |= set(pair)
+            pair_batch[pair] = b
+        assert r[1] == pair_batch[pair]
+    assert len(busy) > 64
+
+
 # ----------------------------------------------------------------------------- API
 
 

@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "planner/placement.h"
@@ -33,32 +35,26 @@ py::array_t<T> Own(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
   return py::array_t<T>(shape, heap->data(), owner);
 }
 
-// A plan ready for numpy: the transfers flattened to [T, 8] rows (TRANSFER_COLUMNS). Built
-// without the GIL.
-struct FlatPlan {
-  PlanResult result;
-  std::vector<int64_t> transfers;
-};
+// A Transfer is its 8 int64 fields in TRANSFER_COLUMNS order, nothing else: a list of them is
+// already the [T, 8] int64 rows numpy gets, handed over without a copy.
+static_assert(std::is_standard_layout<eplb::Transfer>::value &&
+                  sizeof(eplb::Transfer) == 8 * sizeof(int64_t) &&
+                  offsetof(eplb::Transfer, layer) == 0 && offsetof(eplb::Transfer, batch) == 8 &&
+                  offsetof(eplb::Transfer, logical) == 16 &&
+                  offsetof(eplb::Transfer, src_rank) == 24 &&
+                  offsetof(eplb::Transfer, src_slot) == 32 &&
+                  offsetof(eplb::Transfer, dst_rank) == 40 &&
+                  offsetof(eplb::Transfer, dst_slot) == 48 && offsetof(eplb::Transfer, kind) == 56,
+              "Transfer must be laid out as TRANSFER_COLUMNS");
 
-// Transfers as [T * 8] rows (TRANSFER_COLUMNS).
-std::vector<int64_t> TransferRows(const std::vector<eplb::Transfer>& transfers) {
-  std::vector<int64_t> rows;
-  rows.reserve(transfers.size() * 8);
-  for (const auto& x : transfers) {
-    const int64_t row[8] = {x.layer,    x.batch,    x.logical,  x.src_rank,
-                            x.src_slot, x.dst_rank, x.dst_slot, x.kind};
-    rows.insert(rows.end(), row, row + 8);
-  }
-  return rows;
-}
-
-FlatPlan Flatten(PlanResult&& r) {
-  FlatPlan f;
-  f.transfers = TransferRows(r.transfers);
-  r.transfers.clear();
-  r.transfers.shrink_to_fit();
-  f.result = std::move(r);
-  return f;
+// Transfers as a [T, 8] int64 array (TRANSFER_COLUMNS) owning the list's buffer.
+py::array_t<int64_t> TransferRows(std::vector<eplb::Transfer>&& transfers) {
+  const auto T = static_cast<py::ssize_t>(transfers.size());
+  if (transfers.empty()) return py::array_t<int64_t>({T, static_cast<py::ssize_t>(8)});
+  auto* heap = new std::vector<eplb::Transfer>(std::move(transfers));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<eplb::Transfer>*>(p); });
+  return py::array_t<int64_t>({T, static_cast<py::ssize_t>(8)},
+                              reinterpret_cast<const int64_t*>(heap->data()), owner);
 }
 
 Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_t num_nodes,
@@ -93,13 +89,11 @@ const int64_t* OldPtr(const std::optional<I64>& old, const Shape& s) {
   return old->data();
 }
 
-py::dict ToDict(FlatPlan&& f) {
-  PlanResult& r = f.result;
+py::dict ToDict(PlanResult&& r) {
   const auto L = static_cast<py::ssize_t>(r.shape.num_layers);
   const auto E = static_cast<py::ssize_t>(r.shape.num_logical);
   const auto P = static_cast<py::ssize_t>(r.shape.num_physical);
   const auto M = static_cast<py::ssize_t>(r.max_replicas);
-  const auto T = static_cast<py::ssize_t>(f.transfers.size() / 8);
   py::dict d;
   d["phy2log"] = Own(std::move(r.phy2log), {L, P});
   d["log2phy"] = Own(std::move(r.log2phy), {L, E, M});
@@ -109,7 +103,7 @@ py::dict ToDict(FlatPlan&& f) {
   d["max_load_after"] = Own(std::move(r.max_load_after), {L});
   d["lower_bound"] = Own(std::move(r.lower_bound), {L});
   d["moved_slots"] = Own(std::move(r.moved_slots), {L});
-  d["transfers"] = Own(std::move(f.transfers), {T, static_cast<py::ssize_t>(8)});
+  d["transfers"] = TransferRows(std::move(r.transfers));
   return d;
 }
 
@@ -119,12 +113,12 @@ py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_phys
   const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
   const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers);
   const int64_t* old_ptr = OldPtr(old, s);
-  FlatPlan f;
+  PlanResult r;
   {
     py::gil_scoped_release release;
-    f = Flatten(eplb::Plan(load.data(), old_ptr, s, o));
+    r = eplb::Plan(load.data(), old_ptr, s, o);
   }
-  return ToDict(std::move(f));
+  return ToDict(std::move(r));
 }
 
 I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
@@ -148,8 +142,8 @@ I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
 // One layer's transfer plan, [T, 8] rows (TRANSFER_COLUMNS, layer 0). The caller
 // (eplb_native.transfer.layer_schedule) has checked: 1-D, equal sizes divisible by num_ranks,
 // num_ranks divisible by num_nodes, ids in [0, num_logical), every new id held in old.
-I64 LayerTransfersPy(const I64& old, const I64& fresh, int64_t num_logical, int64_t num_ranks,
-                     int64_t num_nodes) {
+py::array_t<int64_t> LayerTransfersPy(const I64& old, const I64& fresh, int64_t num_logical,
+                                      int64_t num_ranks, int64_t num_nodes) {
   // The same checks again, cheaply: the binding must not read out of bounds on bad input.
   if (old.ndim() != 1 || fresh.ndim() != 1 || old.size() != fresh.size())
     throw std::invalid_argument("old/new phy2log must be 1-D of equal size");
@@ -176,15 +170,12 @@ I64 LayerTransfersPy(const I64& old, const I64& fresh, int64_t num_logical, int6
   s.num_physical = old.shape(0);
   s.num_ranks = num_ranks;
   s.num_nodes = num_nodes;
-  std::vector<int64_t> rows;
+  std::vector<eplb::Transfer> transfers;
   {
     py::gil_scoped_release release;
-    std::vector<eplb::Transfer> transfers;
     eplb::PlanTransfers(0, old.data(), fresh.data(), s, &transfers);
-    rows = TransferRows(transfers);
   }
-  const auto T = static_cast<py::ssize_t>(rows.size() / 8);
-  return Own(std::move(rows), {T, static_cast<py::ssize_t>(8)});
+  return TransferRows(std::move(transfers));
 }
 
 class WorkerPy {
@@ -210,14 +201,12 @@ class WorkerPy {
   py::object WaitNext() {
     eplb::PlanDone d;
     bool got;
-    FlatPlan f;
     {
       py::gil_scoped_release release;
       got = worker_->WaitNext(&d);
-      if (got && d.ok) f = Flatten(std::move(d.result));
     }
     if (!got) return py::none();
-    if (d.ok) return py::make_tuple(d.id, "ok", ToDict(std::move(f)));
+    if (d.ok) return py::make_tuple(d.id, "ok", ToDict(std::move(d.result)));
     if (d.cancelled) return py::make_tuple(d.id, "cancelled", py::none());
     return py::make_tuple(d.id, d.invalid_argument ? "invalid" : "error", d.error);
   }

@@ -432,13 +432,18 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     }
   }
   if (old_phy2log != nullptr && options.transfers) {
-    // one transfer per changed slot: reserved once (growing it layer by layer copied it again
-    // and again, and faulted its new pages in each time)
-    int64_t changed = 0;
-    for (const int64_t moved : out.moved_slots) changed += moved;
-    out.transfers.reserve(static_cast<size_t>(changed));
+    // One transfer per changed slot: the list is sized once (growing it layer by layer copied
+    // it again and again, and faulted its new pages in each time) and each layer writes its own
+    // range (moved_slots counts it), so the layers run on the threads as the plans do.
+    std::vector<int64_t> offset(static_cast<size_t>(L) + 1, 0);
     for (int64_t l = 0; l < L; ++l)
-      PlanTransfers(l, old_phy2log + l * P, out.phy2log.data() + l * P, one, &out.transfers);
+      offset[static_cast<size_t>(l) + 1] =
+          offset[static_cast<size_t>(l)] + out.moved_slots[static_cast<size_t>(l)];
+    out.transfers.resize(static_cast<size_t>(offset.back()));
+    ForEachLayer(L, options.threads, [&](int64_t l) {
+      PlanTransfers(l, old_phy2log + l * P, out.phy2log.data() + l * P, one,
+                    out.transfers.data() + offset[static_cast<size_t>(l)]);
+    });
   }
   return out;
 }

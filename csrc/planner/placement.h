@@ -126,5 +126,8 @@ double LowerBound(const double* layer_load, const Shape& shape);
 // Transfer plan old -> new for one layer; appends to `out`.
 void PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new_phy2log,
                    const Shape& shape, std::vector<Transfer>* out);
+// The same into out [changed slots of the layer] (the caller sized it); returns that count.
+int64_t PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* new_phy2log,
+                      const Shape& shape, Transfer* out);
 
 }  // namespace eplb
