@@ -113,23 +113,14 @@ int64_t PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* 
   }
   for (auto& t : layer_out) {
     if (t.kind != Transfer::kWire || t.src_rank >= 0) continue;
-    // the holder with the fewest sends, then one on the destination's node, then the lowest
-    // rank (holders are in rank order, so the first of equal keys)
-    const auto* h = holder.data() + start[Z(t.logical)];
-    const auto* h_end = h + fill[Z(t.logical)];
+    const auto* h_begin = holder.data() + start[Z(t.logical)];
+    const auto* h_end = h_begin + fill[Z(t.logical)];
     const int64_t dst_node = t.dst_rank / rpn;
-    const auto* best = h;
-    int64_t best_sends = sends[Z(h->first)];
-    bool best_far = h->first / rpn != dst_node;
-    for (++h; h != h_end; ++h) {
-      const int64_t n = sends[Z(h->first)];
-      const bool far = h->first / rpn != dst_node;
-      if (n < best_sends || (n == best_sends && !far && best_far)) {
-        best = h;
-        best_sends = n;
-        best_far = far;
-      }
-    }
+    auto key = [&](const std::pair<int64_t, int64_t>& x) {
+      return std::make_tuple(sends[Z(x.first)], x.first / rpn != dst_node, x.first);
+    };
+    const auto* best = std::min_element(
+        h_begin, h_end, [&](const auto& x, const auto& y) { return key(x) < key(y); });
     t.src_rank = best->first;
     t.src_slot = best->second;
     ++sends[Z(t.src_rank)];
@@ -142,8 +133,8 @@ int64_t PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* 
   auto& pair_batch = tls.pair_batch;
   auto& busy = tls.busy;
   if (pair_batch.size() < Z(R * R)) pair_batch.assign(Z(R * R), -1);
-  busy.assign(Z(R), 0);
-  int64_t num_batches = 0;
+  busy.clear();
+  int64_t num_batches = 1;
   for (auto& t : layer_out) {
     if (t.kind != Transfer::kWire) continue;
     const int64_t key = std::min(t.src_rank, t.dst_rank) * R + std::max(t.src_rank, t.dst_rank);
@@ -165,7 +156,6 @@ int64_t PlanTransfers(int64_t layer, const int64_t* old_phy2log, const int64_t* 
     }
     t.batch = pb;
   }
-  num_batches = std::max<int64_t>(num_batches, 1);
   for (const auto& t : layer_out)
     if (t.kind == Transfer::kWire)
       pair_batch[Z(std::min(t.src_rank, t.dst_rank) * R + std::max(t.src_rank, t.dst_rank))] = -1;
