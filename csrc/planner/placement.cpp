@@ -344,6 +344,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       std::vector<int64_t> multi;
       std::vector<double> per;
     } tls;
+    double bound = -1.0;  // the layer's LowerBound once computed
     switch (options.policy) {
       case Policy::kDeepSeek: {
         int64_t* rank = phyrank.data() + l * P;
@@ -358,6 +359,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         BalancedLayer(w, one, dst);
         break;
       case Policy::kMinMove: {
+        bound = LowerBound(w, one, nullptr);
+        if (MinMoveFromBound(w, old, one, options.min_move_target, bound, dst)) break;
         std::vector<int64_t> balanced(static_cast<size_t>(P));
         BalancedLayer(w, one, balanced.data());
         MinMoveLayer(w, old, balanced.data(), one, options.min_move_target, dst);
@@ -396,7 +399,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     // Global DeepSeek replicated exactly as the bound's greedy does: its counts save the bound
     // a second replication.
     const bool global_deepseek = options.policy == Policy::kDeepSeek && !shape.hierarchical();
-    out.lower_bound[static_cast<size_t>(l)] = LowerBound(w, one, global_deepseek ? cnt : nullptr);
+    out.lower_bound[static_cast<size_t>(l)] =
+        bound >= 0.0 ? bound : LowerBound(w, one, global_deepseek ? cnt : nullptr);
     if (old != nullptr) {
       out.max_load_before[static_cast<size_t>(l)] = before;
       int64_t moved = 0;

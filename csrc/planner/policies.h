@@ -35,4 +35,11 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
 // compute itself; ignored for hierarchical shapes. Same result as LowerBound(load, shape).
 double LowerBound(const double* load, const Shape& shape, const int64_t* greedy_cnt);
 
+// min_move without `balanced` (min_move.cpp, step 0): searches from old_phy2log [P] toward
+// bound / target (bound: LowerBound of the layer, so the result is within `target` of any
+// placement's balance, balanced's included). True with phy2log [P] written when it gets there;
+// false (phy2log unspecified) when MinMoveLayer must run with balanced's placement.
+bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shape& shape,
+                      double target, double bound, int64_t* phy2log);
+
 }  // namespace eplb

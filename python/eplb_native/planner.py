@@ -179,6 +179,8 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         preserve_slots: an expert that stays on a rank keeps its old slot.
         threads: plan layers on this many threads.
         min_move_target: fraction of ``balanced``'s balancedness that ``min_move`` must reach.
+            (It first tries for this fraction of the lower bound's balancedness, a stricter
+            stop that needs no ``balanced`` plan, and plans ``balanced`` only when that fails.)
         transfers: build the transfer plan (with an old placement); False leaves
             ``Plan.transfers`` empty, for callers that only want the placement.
 
