@@ -1265,16 +1265,24 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
 std::vector<int64_t> OldGroupNodes(const int64_t* old, const Shape& s) {
   const int64_t G = s.num_groups, N = s.num_nodes, group_size = s.num_logical / G;
   const int64_t node_slots = s.num_physical / N;
+  // Each expert's group from a table (no integer division per slot: one costs more than the
+  // rest of the loop body)
+  thread_local std::vector<int64_t> group_of_tls;
+  std::vector<int64_t>& group_of = group_of_tls;
+  group_of.resize(Z(s.num_logical));
+  for (int64_t g = 0; g < G; ++g)
+    std::fill(group_of.begin() + g * group_size, group_of.begin() + (g + 1) * group_size, g);
   std::vector<int64_t> node_of(Z(G), -1), per_node(Z(N), 0);
-  for (int64_t p = 0; p < s.num_physical; ++p) {
-    const int64_t g = old[p] / group_size, n = p / node_slots;
-    if (node_of[Z(g)] < 0) {
-      node_of[Z(g)] = n;
-      ++per_node[Z(n)];
-    } else if (node_of[Z(g)] != n) {
-      return {};
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = n * node_slots; p < (n + 1) * node_slots; ++p) {
+      const int64_t g = group_of[Z(old[p])];
+      if (node_of[Z(g)] < 0) {
+        node_of[Z(g)] = n;
+        ++per_node[Z(n)];
+      } else if (node_of[Z(g)] != n) {
+        return {};
+      }
     }
-  }
   for (int64_t n = 0; n < N; ++n)
     if (per_node[Z(n)] != G / N) return {};
   return node_of;
