@@ -7,8 +7,9 @@ vLLM DefaultEplbPolicy, SGLang's deepseek, vllm-ascend DefaultEplb, SwiftBalance
 Protocol per (shape, skew): a drifting trace from ``eplb_native.traces.synth`` (W windows).
 Every policy starts from the same placement (DeepSeek's on window 0) and then, for windows
 t = 1 .. W-2, plans from window t with its own previous placement as the current one:
-  time       CPU seconds of the call (median over the rebalances; the process is meant to run
-             pinned to one core with one thread per library, see --help / BENCHMARKS.md)
+  time       CPU seconds of the call (median over the rebalances; with --runs N, the median of
+             the N runs' medians; the process is meant to run pinned to one core with one
+             thread per library, see --help / BENCHMARKS.md)
   bal in     balancedness (mean / max rank load) of the new placement on window t
   bal out    balancedness of the same placement on window t + 1 (what serving sees)
   moved      slots whose logical expert changed, per rebalance (sum over layers)
@@ -16,7 +17,7 @@ t = 1 .. W-2, plans from window t with its own previous placement as the current
 Per-layer checks (printed after the table): `deepseek` vs vLLM / SGLang placements on the same
 input (identical layers, layers where ours is worse), and `balanced` vs every peer per layer.
 
-    EPLB_ANCHOR_CACHE=/work/anchor-cache taskset -c 0 python benchmarks/bench_planner.py
+    EPLB_ANCHOR_CACHE=/work/anchor-cache taskset -c 0 python benchmarks/bench_planner.py --runs 3
     python benchmarks/bench_planner.py --smoke      # seconds; CI
 """
 
@@ -254,7 +255,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="measure each (shape, skew) this many times in a row: a time cell is the "
+                         "median of the runs' medians; every other column must agree across runs")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
     skews = [s.strip() for s in args.skews.split(",") if s.strip()]
     if args.smoke:
         skews, args.windows = ["zipf"], 4
@@ -266,9 +272,17 @@ def main(argv=None) -> int:
     notes = []
     for c in todo:
         for skew in skews:
-            rows, per_layer, bound, missing, loads = run_case(
-                c, SKEWS[skew], args.windows, args.seed, with_peers=not args.no_peers,
-                full=not args.smoke)
+            runs = [run_case(c, SKEWS[skew], args.windows, args.seed,
+                             with_peers=not args.no_peers, full=not args.smoke)
+                    for _ in range(args.runs)]
+            rows, per_layer, bound, missing, loads = runs[0]
+            for name, r in rows.items():
+                r["time"] = float(np.median([run[0][name]["time"] for run in runs]))
+                for other in runs[1:]:  # the placements are deterministic: only times may move
+                    o = other[0][name]
+                    if any(o[k] != r[k] for k in ("bal_in", "bal_out", "moved")) or not \
+                            np.array_equal(other[1][name], per_layer[name]):
+                        notes.append(f"{c.name} / {skew}: {name} differed across runs")
             ref_time = rows.get("vLLM default", {}).get("time")
             for name, r in rows.items():
                 speed = ref_time / r["time"] if ref_time and r["time"] else float("nan")
