@@ -4,12 +4,15 @@
 //   0. First, without `balanced` (MinMoveFromBound): step 2's search toward the stricter stop
 //      LowerBound / target, changing at most half the slots (hierarchical: every node from its
 //      old groups, each within half its slots). A placement <= that stop is within `target` of
-//      any placement's balance, balanced's included, so when the search gets there (measured on
-//      the benchmark's DeepSeek-V3 global trace: 346 of 348 layer-plans) `balanced` is not
-//      computed at all: min_move took 30-40% less time, and changed 0-8% more slots (the stop is
-//      0-0.3% lower on the global shapes, up to 1% lower on hierarchical ones). Otherwise, or
-//      when the old placement is within 1% of that stop (whether it needs any change is then
-//      balanced's to say), the steps below with balanced's placement.
+//      any placement's balance, balanced's included, so when the search gets there `balanced`
+//      is not computed at all. Measured with benchmarks/planner_micro.cpp's DeepSeek-V3 loads
+//      (348 layer-plans a shape): it got there on 339-346 global and 105-129 hierarchical ones
+//      (most of the others: a node's old groups are above the stop on average); on the
+//      benchmark's trace min_move took 25-40% less time (global shapes) and 17-21% less
+//      (hierarchical) and changed -1% to +9% slots (the stop is 0-0.3% lower than balanced's on
+//      the global shapes, up to 1% on hierarchical ones). Otherwise, or when the old placement
+//      is within 1% of that stop (whether it needs any change at all is then balanced's to
+//      say), the steps below with balanced's placement.
 //   1. Done already if the old placement's max rank load is <= balanced's / target (the stop).
 //   2. A local search from the old placement (MoveSearch below): each step takes the swap or
 //      replica conversion aimed at the heaviest rank with the largest reduction of the excess
