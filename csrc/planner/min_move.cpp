@@ -5,9 +5,9 @@
 //      LowerBound / target, changing at most half the slots (hierarchical: every node from its
 //      old groups, each within half its slots). A placement <= that stop is within `target` of
 //      any placement's balance, balanced's included, so when the search gets there `balanced`
-//      is not computed at all. Measured with benchmarks/planner_micro.cpp's DeepSeek-V3 loads
-//      (348 layer-plans a shape): it got there on 339-346 global and 105-129 hierarchical ones
-//      (most of the others: a node's old groups are above the stop on average); on the
+//      is not computed at all. On planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a
+//      shape; one-off counts, instrumented build) it got there on 339-346 global and 105-129
+//      hierarchical ones (most others: a node's old groups are above the stop on average); on the
 //      benchmark's trace min_move took 25-40% less time (global shapes) and 17-21% less
 //      (hierarchical) and changed -1% to +9% slots (the stop is 0-0.3% lower than balanced's on
 //      the global shapes, up to 1% on hierarchical ones). Otherwise, or when the old placement
