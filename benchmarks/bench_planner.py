@@ -17,7 +17,7 @@ t = 1 .. W-2, plans from window t with its own previous placement as the current
 Per-layer checks (printed after the table): `deepseek` vs vLLM / SGLang placements on the same
 input (identical layers, layers where ours is worse), and `balanced` vs every peer per layer.
 
-    EPLB_ANCHOR_CACHE=/work/anchor-cache taskset -c 0 python benchmarks/bench_planner.py --runs 3
+    EPLB_ANCHOR_CACHE=/work/anchor-cache taskset -c 0 python benchmarks/bench_planner.py --runs 5
     python benchmarks/bench_planner.py --smoke      # seconds; CI
 """
 

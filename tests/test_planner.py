@@ -412,6 +412,7 @@ def test_min_move_targets_fuzz():
     # from the same start, whether its search toward target x the bound's (no balanced plan)
     # got there or balanced's placement was needed (target 1 always needs it).
     rng = np.random.default_rng(43)
+    ran = hierarchical = 0
     for trial in range(60):
         ranks = int(rng.integers(2, 9))
         per_rank = int(rng.integers(2, 8))
@@ -422,6 +423,8 @@ def test_min_move_targets_fuzz():
         if experts < max(ranks, groups) or experts > ranks * per_rank:
             continue
         kw = dict(num_ranks=ranks, num_groups=groups, num_nodes=nodes)
+        ran += 1
+        hierarchical += nodes > 1
         load = random_load(rng, 3, experts, "zipf" if trial % 3 else "lognormal")
         old = eplb_native.plan(load, num_replicas=ranks * per_rank, policy="deepseek",
                                **kw).phy2log
@@ -431,6 +434,7 @@ def test_min_move_targets_fuzz():
             mm = eplb_native.plan(new_load, old, policy="min_move", min_move_target=target, **kw)
             check_plan(mm, new_load, experts, ranks, groups, nodes, old)
             assert (mm.balancedness_after >= target * same.balancedness_after - 1e-12).all()
+    assert ran >= 40 and hierarchical >= 10, (ran, hierarchical)  # (58 and 22 as written)
 
 
 def test_min_move_keeps_a_good_placement():
