@@ -1291,6 +1291,35 @@ std::vector<int64_t> OldGroupNodes(const int64_t* old, const Shape& s) {
   return node_of;
 }
 
+// The experts of node n under the group->node partition group_node [G], ascending (group by
+// group: no division per expert).
+std::vector<int64_t> NodeExperts(const std::vector<int64_t>& group_node, int64_t n,
+                                 int64_t group_size) {
+  std::vector<int64_t> experts;
+  for (size_t g = 0; g < group_node.size(); ++g)
+    if (group_node[g] == n)
+      for (int64_t e = static_cast<int64_t>(g) * group_size;
+           e < static_cast<int64_t>(g + 1) * group_size; ++e)
+        experts.push_back(e);
+  return experts;
+}
+
+// Global: the search over every slot from the old placement (SearchPack, `experts` all of them);
+// when it reaches the stop, each rank's kept experts back in their old slots and walked back
+// toward the old placement (phy2log written). Returns whether it reached the stop.
+bool SearchAll(const double* load, const int64_t* old, const Shape& shape,
+               const std::vector<int64_t>& experts, double stop, int64_t budget,
+               const int64_t* target_cnt, int64_t* phy2log) {
+  if (!SearchPack(load, old, experts, 0, shape.num_ranks, shape.slots_per_rank(), stop, budget,
+                  shape.num_logical, target_cnt, phy2log))
+    return false;
+  Shape one = shape;
+  one.num_layers = 1;
+  PreserveSlots(phy2log, old, one);
+  RunWalkBack(load, old, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
+  return true;
+}
+
 }  // namespace
 
 void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t* balanced_phy2log,
@@ -1328,12 +1357,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
     std::iota(experts.begin(), experts.end(), 0);
     if (S > 2) {
       const int64_t own = RankMoves(old_phy2log, balanced_phy2log, 0, P, S, &count);
-      if (SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, own, E, nullptr,
-                     phy2log)) {
-        PreserveSlots(phy2log, old_phy2log, one);
-        RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
-        return;
-      }
+      if (SearchAll(load, old_phy2log, shape, experts, stop, own, nullptr, phy2log)) return;
     }
     // The fallback: balanced's placement renumbered onto the old one and walked back toward it;
     // or, when it reaches the stop with fewer changed slots, a second search that first takes
@@ -1346,12 +1370,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
       std::vector<int64_t> balanced_cnt(Z(E), 0);
       for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
-      if (SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E,
-                     balanced_cnt.data(), phy2log)) {
-        PreserveSlots(phy2log, old_phy2log, one);
-        RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
+      if (SearchAll(load, old_phy2log, shape, experts, stop, budget, balanced_cnt.data(), phy2log))
         return;
-      }
     }
     std::copy(renumbered.begin(), renumbered.end(), phy2log);
     return;
@@ -1364,20 +1384,13 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   }
   const int64_t N = shape.num_nodes, G = shape.num_groups, group_size = E / G;
   const int64_t rpn = shape.num_ranks / N, node_slots = rpn * S;
-  auto experts_of = [&](const std::vector<int64_t>& group_node, int64_t n) {
-    std::vector<int64_t> experts;  // ascending: group by group (no division per expert)
-    for (int64_t g = 0; g < G; ++g)
-      if (group_node[Z(g)] == n)
-        for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) experts.push_back(e);
-    return experts;
-  };
   // Every node searched from its old content, kept for the partitions tried below.
   std::vector<int64_t>& searched = tls.searched;
   searched.resize(Z(P));
   std::vector<char> node_ok(Z(N), 0);
   bool reached = true;
   for (int64_t n = 0; n < N; ++n) {
-    const std::vector<int64_t> experts = experts_of(node_of, n);
+    const std::vector<int64_t> experts = NodeExperts(node_of, n, group_size);
     // A node whose mean rank load is above the stop cannot get there: no search (most failing
     // nodes on the benchmark's DeepSeek-V3 trace).
     double node_total = 0.0;
@@ -1482,7 +1495,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
                   trial.begin() + first);
         continue;
       }
-      const std::vector<int64_t> experts = experts_of(group_node, n);
+      const std::vector<int64_t> experts = NodeExperts(group_node, n, group_size);
       if (experts == substituted_experts[Z(n)]) {
         ok = substituted_ok[Z(n)] != 0;
         std::copy(substituted.begin() + first, substituted.begin() + first + node_slots,
@@ -1513,18 +1526,10 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shap
   // The old placement within 1% of this stop: balanced's own max decides whether it needs any
   // change at all (it is kept, no slot changed, when it is <= balanced's max / target).
   if (MaxRankLoad(load, old_phy2log, shape) <= stop * 1.01) return false;
-  const int64_t budget = P / 2;
-  Shape one = shape;
-  one.num_layers = 1;
   if (!shape.hierarchical()) {
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);
-    if (!SearchPack(load, old_phy2log, experts, 0, shape.num_ranks, S, stop, budget, E, nullptr,
-                    phy2log))
-      return false;
-    PreserveSlots(phy2log, old_phy2log, one);
-    RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
-    return true;
+    return SearchAll(load, old_phy2log, shape, experts, stop, P / 2, nullptr, phy2log);
   }
   const std::vector<int64_t> node_of = OldGroupNodes(old_phy2log, shape);
   if (node_of.empty()) return false;
@@ -1538,16 +1543,10 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shap
       node_total[Z(node_of[Z(g)])] += load[e];
   for (int64_t n = 0; n < N; ++n)
     if (node_total[Z(n)] > stop * static_cast<double>(rpn)) return false;
-  std::vector<int64_t> experts;
-  for (int64_t n = 0; n < N; ++n) {
-    experts.clear();
-    for (int64_t g = 0; g < G; ++g)
-      if (node_of[Z(g)] == n)
-        for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) experts.push_back(e);
-    if (!SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, node_slots / 2, E,
-                    nullptr, phy2log))
+  for (int64_t n = 0; n < N; ++n)
+    if (!SearchPack(load, old_phy2log, NodeExperts(node_of, n, group_size), n * node_slots, rpn, S,
+                    stop, node_slots / 2, E, nullptr, phy2log))
       return false;
-  }
   return true;
 }
 
