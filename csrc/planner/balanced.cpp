@@ -140,6 +140,35 @@ bool RefineGroups(const std::vector<double>& group_load, int64_t N,
   return changed;
 }
 
+// Each group's load [G], its experts added in order (the groups side by side: no division per
+// expert).
+std::vector<double> GroupLoads(const double* load, const Shape& shape) {
+  const int64_t G = shape.num_groups, group_size = shape.num_logical / G;
+  std::vector<double> group_load(Z(G), 0.0);
+  for (int64_t k = 0; k < group_size; ++k)
+    for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
+  return group_load;
+}
+
+// The group->node partitions `balanced` tries (hierarchical shapes): DeepSeek's greedy one, then,
+// when RefineGroups changes it, the refined one; (group_node, group_rank) each.
+struct Partition {
+  std::vector<int64_t> group_node, group_rank;
+};
+std::vector<Partition> CandidatePartitions(const std::vector<double>& group_load, int64_t N) {
+  const auto G = static_cast<int64_t>(group_load.size());
+  std::vector<Partition> out(1);
+  detail::BalancedPacking(group_load, N, &out[0].group_node, &out[0].group_rank);
+  std::vector<int64_t> refined = out[0].group_node;
+  if (!RefineGroups(group_load, N, &refined)) return out;
+  // Positions inside a node: by group id (any order is a valid node-local order).
+  std::vector<int64_t> refined_rank(Z(G));
+  std::vector<int64_t> fill(Z(N), 0);
+  for (int64_t g = 0; g < G; ++g) refined_rank[Z(g)] = fill[Z(refined[Z(g)])]++;
+  out.push_back({std::move(refined), std::move(refined_rank)});
+  return out;
+}
+
 }  // namespace
 
 void BalancedSearchLayer(const double* load, const Shape& shape, int64_t* phy2log) {
@@ -147,23 +176,32 @@ void BalancedSearchLayer(const double* load, const Shape& shape, int64_t* phy2lo
     BestPack(load, shape.num_logical, shape.num_ranks, shape.slots_per_rank(), phy2log);
     return;
   }
-  const int64_t G = shape.num_groups, N = shape.num_nodes;
-  const int64_t group_size = shape.num_logical / G;
-  std::vector<double> group_load(Z(G), 0.0);
-  for (int64_t e = 0; e < shape.num_logical; ++e) group_load[Z(e / group_size)] += load[e];
-  std::vector<int64_t> group_node, group_rank;
-  detail::BalancedPacking(group_load, N, &group_node, &group_rank);
-  const double first = PackNodes(load, shape, group_node, group_rank, phy2log);
-
-  std::vector<int64_t> refined = group_node;
-  if (!RefineGroups(group_load, N, &refined)) return;
-  // Positions inside a node: by group id (any order is a valid node-local order).
-  std::vector<int64_t> refined_rank(Z(G));
-  std::vector<int64_t> fill(Z(N), 0);
-  for (int64_t g = 0; g < G; ++g) refined_rank[Z(g)] = fill[Z(refined[Z(g)])]++;
+  const std::vector<Partition> parts =
+      CandidatePartitions(GroupLoads(load, shape), shape.num_nodes);
+  const double first = PackNodes(load, shape, parts[0].group_node, parts[0].group_rank, phy2log);
+  if (parts.size() < 2) return;
   std::vector<int64_t> other(Z(shape.num_physical));
-  const double second = PackNodes(load, shape, refined, refined_rank, other.data());
+  const double second =
+      PackNodes(load, shape, parts[1].group_node, parts[1].group_rank, other.data());
   if (second < first) std::copy(other.begin(), other.end(), phy2log);
+}
+
+double BalancedFloor(const double* load, const Shape& shape) {
+  if (!shape.hierarchical()) return 0.0;
+  // balanced packs every node of one of its candidate partitions (RefineLayer then moves
+  // replicas inside a node only), so its max rank load is at least, for the partition it keeps,
+  // the largest mean rank load of a node.
+  const int64_t G = shape.num_groups, N = shape.num_nodes;
+  const std::vector<double> group_load = GroupLoads(load, shape);
+  double floor = HUGE_VAL;
+  std::vector<double> node(Z(N));
+  for (const Partition& part : CandidatePartitions(group_load, N)) {
+    std::fill(node.begin(), node.end(), 0.0);
+    for (int64_t g = 0; g < G; ++g) node[Z(part.group_node[Z(g)])] += group_load[Z(g)];
+    floor = std::min(floor, *std::max_element(node.begin(), node.end()));
+  }
+  // (1 - 1e-12: the rank loads are sums of other roundings; the floor must stay below them)
+  return floor / static_cast<double>(shape.num_ranks / N) * (1.0 - 1e-12);
 }
 
 }  // namespace eplb

@@ -3,9 +3,11 @@
 //
 //   0. First, without `balanced` (MinMoveFromBound): step 2's search toward the stricter stop
 //      LowerBound / target, changing at most half the slots (hierarchical: every node from its
-//      old groups, each within half its slots). A placement <= that stop is within `target` of
-//      any placement's balance, balanced's included, so when the search gets there `balanced`
-//      is not computed at all. On planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a
+//      old groups, each within half its slots, and the stop no lower than BalancedFloor /
+//      target, the largest node mean rank load of balanced's best candidate group->node
+//      partition, which balanced's max cannot go below). A placement <= that stop is within
+//      `target` of balanced's balance, so when the search gets there `balanced` is not computed
+//      at all. On planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a
 //      shape; one-off counts, instrumented build) it got there on 339-346 global and 105-129
 //      hierarchical ones (most others: a node's old groups are above the stop on average); on the
 //      benchmark's trace min_move took 25-40% less time (global shapes) and 17-21% less
@@ -1522,7 +1524,9 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shap
   // the stop would be the bound itself, which few layers reach (measured on DeepSeek-V3: the
   // search failed on most layers and the policy took 1.4x the time).
   if (S <= 2 || target >= 1.0) return false;
-  const double stop = bound / target;
+  // (hierarchical: no lower than balanced's own floor, which knows its group->node partitions)
+  const double stop =
+      (shape.hierarchical() ? std::max(bound, BalancedFloor(load, shape)) : bound) / target;
   // The old placement within 1% of this stop: balanced's own max decides whether it needs any
   // change at all (it is kept, no slot changed, when it is <= balanced's max / target).
   if (MaxRankLoad(load, old_phy2log, shape) <= stop * 1.01) return false;

@@ -20,6 +20,11 @@ void BalancedLayer(const double* load, const Shape& shape, int64_t* phy2log);
 // The search of `balanced` (balanced.cpp): the max rank load as low as it gets.
 void BalancedSearchLayer(const double* load, const Shape& shape, int64_t* phy2log);
 
+// A lower bound on the max rank load of BalancedLayer's placement (not of every placement):
+// hierarchical, the smallest over balanced's candidate group->node partitions of the largest
+// mean rank load of a node; 0 for global shapes.
+double BalancedFloor(const double* load, const Shape& shape);
+
 // `balanced`'s post-pass (refine.cpp): swaps replicas between ranks of one pack (one node when
 // hierarchical) so that no rank holds two replicas of an expert where a swap can avoid it and
 // rank loads are flatter; no rank ends above the pack's max rank load, replica counts unchanged.
@@ -36,9 +41,10 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
 double LowerBound(const double* load, const Shape& shape, const int64_t* greedy_cnt);
 
 // min_move without `balanced` (min_move.cpp, step 0): searches from old_phy2log [P] toward
-// bound / target (bound: LowerBound of the layer, so the result is within `target` of any
-// placement's balance, balanced's included). True with phy2log [P] written when it gets there;
-// false (phy2log unspecified) when MinMoveLayer must run with balanced's placement.
+// max(bound, BalancedFloor) / target (bound: LowerBound of the layer; both are <= balanced's
+// max rank load, so the result is within `target` of balanced's balance). True with phy2log [P]
+// written when it gets there; false (phy2log unspecified) when MinMoveLayer must run with
+// balanced's placement.
 bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shape& shape,
                       double target, double bound, int64_t* phy2log);
 
