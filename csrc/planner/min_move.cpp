@@ -1324,8 +1324,9 @@ bool SearchAll(const double* load, const int64_t* old, const Shape& shape,
 
 }  // namespace
 
-void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t* balanced_phy2log,
-                  const Shape& shape, double target, int64_t* phy2log) {
+void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max,
+                  const int64_t* balanced_phy2log, const Shape& shape, double target,
+                  int64_t* phy2log) {
   const int64_t P = shape.num_physical, E = shape.num_logical, S = shape.slots_per_rank();
   const double stop = MaxRankLoad(load, balanced_phy2log, shape) / target;
   const bool hier = shape.hierarchical();
@@ -1333,7 +1334,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
       hier ? OldGroupNodes(old_phy2log, shape) : std::vector<int64_t>{};
   const bool old_usable = !hier || !node_of.empty();
   std::copy(old_phy2log, old_phy2log + P, phy2log);
-  if (old_usable && MaxRankLoad(load, old_phy2log, shape) <= stop) return;
+  if (old_usable && old_max <= stop) return;
 
   // The layer's scratch, the thread's (reused across layers): count [E] is zero between calls
   // (RankMoves clears what it sets).
@@ -1517,8 +1518,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t*
   }
 }
 
-bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shape& shape,
-                      double target, double bound, int64_t* phy2log) {
+bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old_max,
+                      const Shape& shape, double target, double bound, int64_t* phy2log) {
   const int64_t P = shape.num_physical, E = shape.num_logical, S = shape.slots_per_rank();
   // Two slots per rank: no search (MinMoveLayer), balanced's placement is the start. Target 1:
   // the stop would be the bound itself, which few layers reach (measured on DeepSeek-V3: the
@@ -1529,7 +1530,7 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shap
       (shape.hierarchical() ? std::max(bound, BalancedFloor(load, shape)) : bound) / target;
   // The old placement within 1% of this stop: balanced's own max decides whether it needs any
   // change at all (it is kept, no slot changed, when it is <= balanced's max / target).
-  if (MaxRankLoad(load, old_phy2log, shape) <= stop * 1.01) return false;
+  if (old_max <= stop * 1.01) return false;
   if (!shape.hierarchical()) {
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);

@@ -345,6 +345,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       std::vector<double> per;
     } tls;
     double bound = -1.0;  // the layer's LowerBound once computed
+    // the old placement's max rank load: reported, and min_move's first test
+    const double before = old != nullptr ? MaxRankLoad(w, old, one) : 0.0;
     switch (options.policy) {
       case Policy::kDeepSeek: {
         int64_t* rank = phyrank.data() + l * P;
@@ -360,17 +362,16 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         break;
       case Policy::kMinMove: {
         bound = LowerBound(w, one, nullptr);
-        if (MinMoveFromBound(w, old, one, options.min_move_target, bound, dst)) break;
+        if (MinMoveFromBound(w, old, before, one, options.min_move_target, bound, dst)) break;
         std::vector<int64_t> balanced(static_cast<size_t>(P));
         BalancedLayer(w, one, balanced.data());
-        MinMoveLayer(w, old, balanced.data(), one, options.min_move_target, dst);
+        MinMoveLayer(w, old, before, balanced.data(), one, options.min_move_target, dst);
         break;
       }
     }
     // balanced and min_move never hand back a placement that serves this window worse than
     // the current one: moving weights to lose balance is pure cost. (Across several nodes the
     // old placement may break the hierarchy the plan must keep, so there it is not a candidate.)
-    const double before = old != nullptr ? MaxRankLoad(w, old, one) : 0.0;
     if (old != nullptr && options.policy != Policy::kDeepSeek && admissible_old &&
         MaxRankLoad(w, dst, one) > before) {
       std::copy(old, old + P, dst);

@@ -30,22 +30,25 @@ double BalancedFloor(const double* load, const Shape& shape);
 // rank loads are flatter; no rank ends above the pack's max rank load, replica counts unchanged.
 void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log);
 
-// Starts from old_phy2log [P] and changes few slots while reaching `target` x the balancedness
-// of `balanced_phy2log` [P] (BalancedLayer's answer for the same load).
-void MinMoveLayer(const double* load, const int64_t* old_phy2log, const int64_t* balanced_phy2log,
-                  const Shape& shape, double target, int64_t* phy2log);
+// Starts from old_phy2log [P] (old_max: its MaxRankLoad) and changes few slots while reaching
+// `target` x the balancedness of `balanced_phy2log` [P] (BalancedLayer's answer for the same
+// load).
+void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max,
+                  const int64_t* balanced_phy2log, const Shape& shape, double target,
+                  int64_t* phy2log);
 
 // LowerBound (placement.h) given greedy_cnt [E], the replica counts of DeepSeek's global
 // replication (packing.h Replicate of the whole layer into P slots), which it would otherwise
 // compute itself; ignored for hierarchical shapes. Same result as LowerBound(load, shape).
 double LowerBound(const double* load, const Shape& shape, const int64_t* greedy_cnt);
 
-// min_move without `balanced` (min_move.cpp, step 0): searches from old_phy2log [P] toward
+// min_move without `balanced` (min_move.cpp, step 0): searches from old_phy2log [P] (old_max:
+// its MaxRankLoad) toward
 // max(bound, BalancedFloor) / target (bound: LowerBound of the layer; both are <= balanced's
 // max rank load, so the result is within `target` of balanced's balance). True with phy2log [P]
 // written when it gets there; false (phy2log unspecified) when MinMoveLayer must run with
 // balanced's placement.
-bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, const Shape& shape,
-                      double target, double bound, int64_t* phy2log);
+bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old_max,
+                      const Shape& shape, double target, double bound, int64_t* phy2log);
 
 }  // namespace eplb
