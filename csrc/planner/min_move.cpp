@@ -41,6 +41,10 @@
 //      from there (changes counted against the old content), then walks back. Measured on the
 //      benchmark's DeepSeek-V3 trace (5 windows, 4 skews), the node partition changes on 44% of
 //      the layers and those carry 83% of the changed slots.
+// Every search (steps 0, 2, 4) first gives each expert whose load per replica is above the
+// pack's ReplicaCap (the smallest possible heaviest replica / target) the replicas that bring it
+// under (MoveSearch::ImposeCap), and no walk-back converts a slot back above it: balance on the
+// load planned from is not enough, the placement serves the load after it (see ReplicaCap).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -217,6 +221,37 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
   return moves;
 }
 
+// A pack's replica cap: the smallest possible heaviest replica of its experts in `slots` slots
+// (DeepSeek's replication greedy reaches it) / target. Each min_move search first brings every
+// expert above it under (MoveSearch::ImposeCap, when the pack has a rank above the stop; the search
+// may then take a replica back where that lowers the excess most), and no walk-back converts a slot
+// back above it (or above the heaviest replica already there). Why: a placement serves the load
+// after it, and a rank that holds a heavy replica swings with that expert's load. Kept to its old
+// replica counts, min_move's heaviest replica averaged 1.6x the smallest possible on Qwen3-235B
+// (lognormal 1.0, 20 rebalances of the benchmark's trace) and it served the next window 1.0-1.4
+// points worse than every full rebalancer (balancedness out of sample), though it was better
+// balanced on the window it planned from; with the cap, 0.3-0.7 points worse, for 4% more changed
+// slots (docs/BENCHMARKS.md).
+double ReplicaCap(const double* w, int64_t n, int64_t slots, double target) {
+  thread_local std::vector<int64_t> cnt_tls;
+  auto& cnt = cnt_tls;
+  cnt.resize(Z(n));
+  detail::Replicate(w, n, slots, cnt.data(), nullptr);
+  double m = 0.0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, w[i] / static_cast<double>(cnt[Z(i)]));
+  return m / target;
+}
+
+// ReplicaCap of the experts `experts` of the layer's load [E].
+double ReplicaCap(const double* load, const std::vector<int64_t>& experts, int64_t slots,
+                  double target) {
+  thread_local std::vector<double> w_tls;
+  auto& w = w_tls;
+  w.resize(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) w[i] = load[experts[i]];
+  return ReplicaCap(w.data(), static_cast<int64_t>(w.size()), slots, target);
+}
+
 // Local search from the old placement of one pack (all ranks, or one node's), toward every rank
 // <= stop with few changed slots. Objective: the excess, sum over ranks of max(0, load - stop);
 // each step takes the swap or conversion (search.h's steps, aimed at the heaviest rank h) with
@@ -355,6 +390,51 @@ class MoveSearch {
       if (best < 0) return;
       Apply({2, best, b, 0.0, 0.0});
     }
+  }
+
+  // When a rank is above the stop: converts slots until no expert's load per replica is above
+  // the pack's ReplicaCap at `target` (returned; 0 when no rank is above the stop: a pack within
+  // it is kept as it is, as a layer is). The heaviest expert above it takes a slot whose expert
+  // stays <= the cap with one fewer replica: one on a rank that stays <= the stop first, then one
+  // that restores its old expert or had changed already, then on the rank that ends lightest.
+  // (The search after it may still take replicas back.)
+  double ImposeCap(double target) {
+    if (*std::max_element(load_.begin(), load_.end()) <= stop_) return 0.0;
+    const double cap = ReplicaCap(w_, n_, P_, target);
+    over_.clear();
+    for (int64_t e = 0; e < n_; ++e)
+      if (per_[Z(e)] > cap) over_.push_back(e);
+    if (over_.empty()) return cap;
+    if (!prepared_) Prepare();
+    while (!over_.empty()) {
+      size_t top = 0;  // the heaviest (a handful)
+      for (size_t k = 1; k < over_.size(); ++k)
+        if (per_[Z(over_[k])] > per_[Z(over_[top])]) top = k;
+      const int64_t b = over_[top];
+      // donors: the slots of experts with two or more replicas (shared_)
+      int64_t best = -1;
+      double best_key[3] = {0.0, 0.0, 0.0};
+      for (size_t word = 0; word < shared_.size(); ++word)
+        for (uint64_t bits = shared_[word]; bits != 0; bits &= bits - 1) {
+          const auto s =
+              static_cast<int64_t>(word * 64 + static_cast<size_t>(__builtin_ctzll(bits)));
+          const int64_t a = slot_[Z(s)];
+          if (a == b || up_[Z(a)] + per_[Z(a)] > cap) continue;
+          const double after = load_[Z(rank_[Z(s)])] - per_[Z(a)] + more_[Z(b)];
+          const double key[3] = {after > stop_ ? 1.0 : 0.0, static_cast<double>(Cost(s, b)), after};
+          if (best < 0 || std::lexicographical_compare(key, key + 3, best_key, best_key + 3)) {
+            best = s;
+            std::copy(key, key + 3, best_key);
+          }
+        }
+      if (best < 0) return cap;
+      Apply({2, best, b, 0.0, 0.0});
+      if (!(per_[Z(b)] > cap)) {
+        over_[top] = over_.back();
+        over_.pop_back();
+      }
+    }
+    return cap;
   }
 
   const std::vector<int64_t>& slots() const { return slot_; }
@@ -873,6 +953,7 @@ class MoveSearch {
   int64_t changed_ = 0;
   bool prepared_ = false;      // Prepare ran since Reset
   std::vector<int64_t> on_h_;  // BestStep scratch
+  std::vector<int64_t> over_;  // ImposeCap scratch
   std::vector<int64_t> hot_;   // see ReadHot: up to date when hot_ready_
   bool hot_ready_ = false;
   double hottest_bound_ = 0.0;  // >= -gain_ of every expert in is_hot_
@@ -921,12 +1002,13 @@ class MoveSearch {
 // counts target_cnt [E] when given (ImposeCounts); writes the global ids into phy2log and returns
 // whether the pack reached `stop` with fewer than `budget` changed slots.
 bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_t>& experts,
-                int64_t first_slot, int64_t num_ranks, int64_t S, double stop, int64_t budget,
-                int64_t E, const int64_t* target_cnt, int64_t* phy2log) {
+                int64_t first_slot, int64_t num_ranks, int64_t S, double stop, double target,
+                int64_t budget, int64_t E, const int64_t* target_cnt, int64_t* phy2log,
+                double* cap = nullptr) {
   const auto n = static_cast<int64_t>(experts.size());
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     MoveSearch search;
-    std::vector<int64_t> local, slots, target;
+    std::vector<int64_t> local, slots, counts;
     std::vector<double> w;
   } tls;
   auto& local = tls.local;  // [E] -1 between calls
@@ -946,11 +1028,13 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
   MoveSearch search = std::move(tls.search);
   search.Reset(w.data(), n, num_ranks, S, slots.data(), slots.data(), stop);
   if (target_cnt != nullptr) {
-    auto& target = tls.target;
-    target.resize(Z(n));
-    for (int64_t i = 0; i < n; ++i) target[Z(i)] = target_cnt[experts[Z(i)]];
-    search.ImposeCounts(target.data());
+    auto& counts = tls.counts;
+    counts.resize(Z(n));
+    for (int64_t i = 0; i < n; ++i) counts[Z(i)] = target_cnt[experts[Z(i)]];
+    search.ImposeCounts(counts.data());
   }
+  const double imposed = search.ImposeCap(target);
+  if (cap != nullptr) *cap = imposed;
   const bool ok = search.Run(budget);
   for (int64_t j = 0; j < num_ranks * S; ++j)
     phy2log[first_slot + j] = experts[Z(search.slots()[Z(j)])];
@@ -975,7 +1059,7 @@ bool SearchPack(const double* load, const int64_t* old, const std::vector<int64_
 class WalkBack {
  public:
   void Run(const double* load, const int64_t* old, const Shape& s, int64_t first_rank,
-           int64_t num_ranks, double stop, const char* allowed, int64_t* cur) {
+           int64_t num_ranks, double stop, double cap, const char* allowed, int64_t* cur) {
     load_ = load;
     old_ = old;
     cur_ = cur;
@@ -992,6 +1076,9 @@ class WalkBack {
     // Best and ConvertWorst when x has no slot here)
     share_.resize(Z(s.num_logical));
     for (int64_t p = lo_; p < hi_; ++p) SetShare(cur[p]);
+    // (no expert converted back above the cap or the heaviest replica there is already)
+    cap_ = cap;
+    for (int64_t p = lo_; p < hi_; ++p) cap_ = std::max(cap_, share_[Z(cur[p])]);
     // (each slot's rank from a table: a 64-bit division costs more than the step it serves)
     rank_of_.resize(Z(s.num_physical));
     for (int64_t r = first_rank; r < first_rank + num_ranks; ++r)
@@ -1053,7 +1140,9 @@ class WalkBack {
       if (restored > best.restored || (restored == best.restored && worst < best.worst))
         best = {restored, worst, t};
     }
-    if (best.restored > 0 || cnt_[Z(y)] < 2 || (allowed_ != nullptr && !allowed_[x])) return best;
+    if (best.restored > 0 || cnt_[Z(y)] < 2 || (allowed_ != nullptr && !allowed_[x]) ||
+        load_[y] / static_cast<double>(cnt_[Z(y)] - 1) > cap_)
+      return best;
     const double worst = ConvertWorst(p, y, x, false);
     if (worst <= limit_) best = {1, worst, -1};
     return best;
@@ -1116,7 +1205,7 @@ class WalkBack {
   int64_t* cur_ = nullptr;
   const char* allowed_ = nullptr;
   int64_t lo_ = 0, hi_ = 0;
-  double limit_ = 0.0;
+  double limit_ = 0.0, cap_ = HUGE_VAL;
   std::vector<int64_t> cnt_, touched_, rank_of_;
   std::vector<double> share_;                            // [experts] see SetShare
   std::vector<std::tuple<int, double, int64_t>> steps_;  // Walk scratch: (-restored, worst, slot)
@@ -1128,10 +1217,10 @@ class WalkBack {
 
 // WalkBack::Run with the thread's object.
 void RunWalkBack(const double* load, const int64_t* old, const Shape& s, int64_t first_rank,
-                 int64_t num_ranks, double stop, const char* allowed, int64_t* cur) {
+                 int64_t num_ranks, double stop, double cap, const char* allowed, int64_t* cur) {
   thread_local WalkBack walk_tls;  // moved out and back as in SearchPack
   WalkBack walk = std::move(walk_tls);
-  walk.Run(load, old, s, first_rank, num_ranks, stop, allowed, cur);
+  walk.Run(load, old, s, first_rank, num_ranks, stop, cap, allowed, cur);
   walk_tls = std::move(walk);
 }
 
@@ -1144,7 +1233,7 @@ constexpr size_t kGroupSwapsTried = 2;
 // then searched (MoveSearch, changes counted against the old content) and walked back. Writes
 // the node's slots of out [P]; returns whether its max rank load is <= stop.
 bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int64_t n,
-                    const std::vector<int64_t>& experts, double stop, int64_t* out) {
+                    const std::vector<int64_t>& experts, double stop, double target, int64_t* out) {
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / s.num_nodes, node_slots = rpn * S;
   const int64_t first = n * node_slots;
   const auto m = static_cast<int64_t>(experts.size());
@@ -1248,6 +1337,7 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
   thread_local MoveSearch search_tls;  // moved out and back as in SearchPack
   MoveSearch search = std::move(search_tls);
   search.Reset(w.data(), m, rpn, S, start.data(), orig.data(), stop);
+  const double cap = search.ImposeCap(target);
   const bool reached = search.Run(node_slots + 1);
   if (reached)
     for (int64_t j = 0; j < node_slots; ++j) out[first + j] = experts[Z(search.slots()[Z(j)])];
@@ -1260,7 +1350,7 @@ bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int6
   PreserveSlots(out + first, old + first, rank_shape);
   std::vector<char>& allowed = tls.allowed;
   for (const int64_t e : experts) allowed[Z(e)] = 1;
-  RunWalkBack(load, old, s, n * rpn, rpn, stop, allowed.data(), out);
+  RunWalkBack(load, old, s, n * rpn, rpn, stop, cap, allowed.data(), out);
   for (const int64_t e : experts) allowed[Z(e)] = 0;
   return true;
 }
@@ -1310,15 +1400,16 @@ std::vector<int64_t> NodeExperts(const std::vector<int64_t>& group_node, int64_t
 // when it reaches the stop, each rank's kept experts back in their old slots and walked back
 // toward the old placement (phy2log written). Returns whether it reached the stop.
 bool SearchAll(const double* load, const int64_t* old, const Shape& shape,
-               const std::vector<int64_t>& experts, double stop, int64_t budget,
+               const std::vector<int64_t>& experts, double stop, double target, int64_t budget,
                const int64_t* target_cnt, int64_t* phy2log) {
-  if (!SearchPack(load, old, experts, 0, shape.num_ranks, shape.slots_per_rank(), stop, budget,
-                  shape.num_logical, target_cnt, phy2log))
+  double cap = 0.0;
+  if (!SearchPack(load, old, experts, 0, shape.num_ranks, shape.slots_per_rank(), stop, target,
+                  budget, shape.num_logical, target_cnt, phy2log, &cap))
     return false;
   Shape one = shape;
   one.num_layers = 1;
   PreserveSlots(phy2log, old, one);
-  RunWalkBack(load, old, shape, 0, shape.num_ranks, stop, nullptr, phy2log);
+  RunWalkBack(load, old, shape, 0, shape.num_ranks, stop, cap, nullptr, phy2log);
   return true;
 }
 
@@ -1360,20 +1451,22 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
     std::iota(experts.begin(), experts.end(), 0);
     if (S > 2) {
       const int64_t own = RankMoves(old_phy2log, balanced_phy2log, 0, P, S, &count);
-      if (SearchAll(load, old_phy2log, shape, experts, stop, own, nullptr, phy2log)) return;
+      if (SearchAll(load, old_phy2log, shape, experts, stop, target, own, nullptr, phy2log)) return;
     }
     // The fallback: balanced's placement renumbered onto the old one and walked back toward it;
     // or, when it reaches the stop with fewer changed slots, a second search that first takes
     // balanced's replica counts.
     Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
     PreserveSlots(renumbered.data(), old_phy2log, one);
-    RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, nullptr, renumbered.data());
+    RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop,
+                ReplicaCap(load, experts, P, target), nullptr, renumbered.data());
     if (S > 2) {
       int64_t budget = 0;
       for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
       std::vector<int64_t> balanced_cnt(Z(E), 0);
       for (int64_t p = 0; p < P; ++p) ++balanced_cnt[Z(balanced_phy2log[p])];
-      if (SearchAll(load, old_phy2log, shape, experts, stop, budget, balanced_cnt.data(), phy2log))
+      if (SearchAll(load, old_phy2log, shape, experts, stop, target, budget, balanced_cnt.data(),
+                    phy2log))
         return;
     }
     std::copy(renumbered.begin(), renumbered.end(), phy2log);
@@ -1406,8 +1499,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
         RankMoves(old_phy2log, renumbered.data(), n * node_slots, (n + 1) * node_slots, S, &count);
     // No second try with imposed counts here: it reached the stop on 1-9 of 68-112 failing
     // nodes of the benchmark's DeepSeek-V3 trace; the group swaps below do better.
-    node_ok[Z(n)] = SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, budget, E,
-                               nullptr, searched.data());
+    node_ok[Z(n)] = SearchPack(load, old_phy2log, experts, n * node_slots, rpn, S, stop, target,
+                               budget, E, nullptr, searched.data());
     reached &= node_ok[Z(n)] != 0;
   }
   if (reached) {
@@ -1450,11 +1543,12 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
           allowed[Z(e)] = 1;
           experts.push_back(e);
         }
-    RunWalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, allowed.data(), phy2log);
+    const double cap = ReplicaCap(load, experts, node_slots, target);
+    RunWalkBack(load, old_phy2log, shape, n * rpn, rpn, stop, cap, allowed.data(), phy2log);
     for (const int64_t e : experts) allowed[Z(e)] = 0;
     const int64_t first = n * node_slots, last = first + node_slots;
     substituted_ok[Z(n)] =
-        SubstituteNode(load, old_phy2log, shape, n, experts, stop, substituted.data());
+        SubstituteNode(load, old_phy2log, shape, n, experts, stop, target, substituted.data());
     if (substituted_ok[Z(n)] && RankMoves(old_phy2log, substituted.data(), first, last, S, &count) <
                                     RankMoves(old_phy2log, phy2log, first, last, S, &count))
       std::copy(substituted.begin() + first, substituted.begin() + last, phy2log + first);
@@ -1506,7 +1600,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
         continue;
       }
       std::copy(old_phy2log + first, old_phy2log + first + node_slots, trial.begin() + first);
-      ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, trial.data());
+      ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, target, trial.data());
     }
     if (!ok) continue;
     int64_t moves = 0;
@@ -1534,7 +1628,7 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
   if (!shape.hierarchical()) {
     std::vector<int64_t> experts(Z(E));
     std::iota(experts.begin(), experts.end(), 0);
-    return SearchAll(load, old_phy2log, shape, experts, stop, P / 2, nullptr, phy2log);
+    return SearchAll(load, old_phy2log, shape, experts, stop, target, P / 2, nullptr, phy2log);
   }
   const std::vector<int64_t> node_of = OldGroupNodes(old_phy2log, shape);
   if (node_of.empty()) return false;
@@ -1550,7 +1644,7 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
     if (node_total[Z(n)] > stop * static_cast<double>(rpn)) return false;
   for (int64_t n = 0; n < N; ++n)
     if (!SearchPack(load, old_phy2log, NodeExperts(node_of, n, group_size), n * node_slots, rpn, S,
-                    stop, node_slots / 2, E, nullptr, phy2log))
+                    stop, target, node_slots / 2, E, nullptr, phy2log))
       return false;
   return true;
 }
