@@ -222,16 +222,17 @@ int64_t RankMoves(const int64_t* a, const int64_t* b, int64_t first, int64_t las
 }
 
 // A pack's replica cap: the smallest possible heaviest replica of its experts in `slots` slots
-// (DeepSeek's replication greedy reaches it) / target. Each min_move search first brings every
-// expert above it under (MoveSearch::ImposeCap, when the pack has a rank above the stop; the search
-// may then take a replica back where that lowers the excess most), and no walk-back converts a slot
-// back above it (or above the heaviest replica already there). Why: a placement serves the load
-// after it, and a rank that holds a heavy replica swings with that expert's load. Kept to its old
-// replica counts, min_move's heaviest replica averaged 1.6x the smallest possible on Qwen3-235B
-// (lognormal 1.0, 20 rebalances of the benchmark's trace) and it served the next window 1.0-1.4
-// points worse than every full rebalancer (balancedness out of sample), though it was better
-// balanced on the window it planned from; with the cap, 0.3-0.7 points worse, for 4% more changed
-// slots (docs/BENCHMARKS.md).
+// (DeepSeek's replication greedy reaches it) / target. Each min_move search of a pack with a rank
+// above the stop first brings every expert above the cap under it (MoveSearch::ImposeCap; the
+// search may then take a replica back where that lowers the excess most), and no walk-back
+// converts a slot back above it (or above the heaviest replica already there).
+// Why: a placement serves the load after it, and a rank that holds a heavy replica swings with
+// that expert's load. Kept to its old replica counts, min_move's heaviest replica averaged 1.6x
+// the smallest possible on Qwen3-235B (lognormal 1.0, 10 rebalances of the benchmark's trace,
+// one-off), and over 20 rebalances it served the next window 1.0-1.4 points worse than every
+// full rebalancer (balancedness out of sample), though better balanced than the peers' policies
+// on the window it planned from; with the cap 0.3-0.7 points worse, for 4% more changed slots
+// (docs/BENCHMARKS.md, "Replica cap").
 double ReplicaCap(const double* w, int64_t n, int64_t slots, double target) {
   thread_local std::vector<int64_t> cnt_tls;
   auto& cnt = cnt_tls;

@@ -180,7 +180,11 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         threads: plan layers on this many threads.
         min_move_target: fraction of ``balanced``'s balancedness that ``min_move`` must reach.
             (It first tries for this fraction of the lower bound's balancedness, a stricter
-            stop that needs no ``balanced`` plan, and plans ``balanced`` only when that fails.)
+            stop that needs no ``balanced`` plan, and plans ``balanced`` only when that fails.
+            On a layer it changes, an expert whose load per replica is above the smallest
+            possible heaviest replica / ``min_move_target`` first gets the replicas that bring
+            it under: a rank holding one heavy replica swings with that expert's load in the
+            windows after.)
         transfers: build the transfer plan (with an old placement); False leaves
             ``Plan.transfers`` empty, for callers that only want the placement.
 
