@@ -41,10 +41,11 @@
 //      from there (changes counted against the old content), then walks back. Measured on the
 //      benchmark's DeepSeek-V3 trace (5 windows, 4 skews), the node partition changes on 44% of
 //      the layers and those carry 83% of the changed slots.
-// Every search (steps 0, 2, 4) first gives each expert whose load per replica is above the
-// pack's ReplicaCap (the smallest possible heaviest replica / target) the replicas that bring it
-// under (MoveSearch::ImposeCap), and no walk-back converts a slot back above it: balance on the
-// load planned from is not enough, the placement serves the load after it (see ReplicaCap).
+// Every search (steps 0, 2, 4) of a pack with a rank above the stop first gives each expert
+// whose load per replica is above the pack's ReplicaCap (the smallest possible heaviest replica /
+// target) the replicas that bring it under (MoveSearch::ImposeCap), and no walk-back converts a
+// slot back above it: balance on the load planned from is not enough, the placement serves the
+// load after it (see ReplicaCap).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
