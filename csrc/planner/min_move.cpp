@@ -1460,8 +1460,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
     // balanced's replica counts.
     Renumber(balanced_phy2log, old_phy2log, shape, renumbered.data());
     PreserveSlots(renumbered.data(), old_phy2log, one);
-    RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop,
-                ReplicaCap(load, experts, P, target), nullptr, renumbered.data());
+    RunWalkBack(load, old_phy2log, shape, 0, shape.num_ranks, stop, ReplicaCap(load, E, P, target),
+                nullptr, renumbered.data());
     if (S > 2) {
       int64_t budget = 0;
       for (int64_t p = 0; p < P; ++p) budget += renumbered[Z(p)] != old_phy2log[p];
