@@ -39,7 +39,7 @@ class PackSearch {
     n_ = n;
     R_ = num_ranks;
     S_ = S;
-    trivial_bound_ = 0.0;
+    trivial_bound_ = mean_load_ = 0.0;
     lists_ready_ = false;
     greedy_counts_ = false;
   }
@@ -66,18 +66,25 @@ class PackSearch {
     Finish();
   }
 
-  // `balanced`: steps until none lowers the max (or the trivial bound is reached).
+  // `balanced`: steps until none lowers the max (or the trivial bound is reached). Two slots per
+  // rank: RefinePairCounts alone. For given counts its sorted pairing is the best packing (the
+  // greedy start is that pairing already), so swaps cannot lower the max, and it re-decides the
+  // counts itself. Measured on the benchmark's Kimi-K2-like traces (4 skews, seeds 0 and 1, 20
+  // rebalances each, one-off), dropping the step search before and after it left the summed max
+  // within 0.01% and the worst layer against the best peer equal or lower, and took 6-17% less
+  // time.
   void Improve() {
-    Search();
-    if (S_ == 2 && R_ >= 2 && RefinePairCounts()) {
-      lists_ready_ = false;
-      Search();
+    if (S_ == 2) {
+      if (R_ >= 2) RefinePairCounts();
+      return;
     }
+    Search();
   }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
   // max(mean rank load, smallest possible largest replica): no placement does better.
   double TrivialBound() const { return trivial_bound_; }
+  double MeanLoad() const { return mean_load_; }  // sum of the loads / ranks
   double MaxLoad() const { return *std::max_element(load_.begin(), load_.end()); }
 
  private:
@@ -111,7 +118,8 @@ class PackSearch {
     double largest = 0.0;
     for (int64_t e = 0; e < n_; ++e)
       largest = std::max(largest, w_[e] / static_cast<double>(best[Z(e)]));
-    trivial_bound_ = std::max(total / static_cast<double>(R_), largest);
+    mean_load_ = total / static_cast<double>(R_);
+    trivial_bound_ = std::max(mean_load_, largest);
     load_.assign(Z(R_), 0.0);
     for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
   }
@@ -790,7 +798,7 @@ class PackSearch {
   int64_t n_, R_, S_;
   std::vector<int64_t> cnt_, slot_exp_;
   std::vector<double> load_;
-  double trivial_bound_ = 0.0;
+  double trivial_bound_ = 0.0, mean_load_ = 0.0;
   bool lists_ready_ = false;
   bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
   SlotLists lists_;             // slot lists per expert (BuildLists)
