@@ -69,12 +69,23 @@ struct BlockPair {
 };
 
 // Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
-// `old` by the number of logical experts they share; target[b] = the old block that fresh block
-// b is placed at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
-// Overlaps are computed only for pairs that share an expert (found through the old holders),
-// so a layer costs O(P * replicas * block) rather than O(blocks^2 * block), and nothing is
-// O(experts): the scratch is the thread's, and its per-expert arrays are cleared entry by
-// entry (5 calls per hierarchical layer, most with 8 blocks of a few slots).
+// `old` by the number of logical experts they share (the multiset intersection), largest first,
+// then by fresh block, then by old block; target[b] = the old block that fresh block b is placed
+// at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
+// Two phases give that greedy's result without listing every pair that shares an expert (a hot
+// expert with c replicas makes c^2 of them: 2/3 of min_move's matching time on Kimi-K2-like
+// Zipf loads, 256 blocks of two slots):
+//   1. pairs sharing two or more copies, listed and taken in the greedy's order. Such a pair
+//      shares a copy of an expert other than the block's most-held one, or two copies of that
+//      one, so walking the old holders of the other experts (and the blocks holding two or more
+//      copies of the most-held one) finds them all;
+//   2. then each fresh block still free, in order, takes the first free old block that shares an
+//      expert with it: once phase 1 is over, a free pair shares at most one copy (a pair sharing
+//      more was taken in phase 1 unless one side went first), so this is the greedy's order
+//      over the pairs sharing one. Per expert a cursor over its holders skips the taken ones
+//      (blocks are only ever taken), so the phase costs O(holders) in all.
+// Nothing is O(experts): the scratch is the thread's, and its per-expert arrays are cleared
+// entry by entry (5 calls per hierarchical layer, most with 8 blocks of a few slots).
 void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
                  const std::vector<int64_t>& fresh_ids, const std::vector<int64_t>& old_ids,
                  int64_t num_logical, std::vector<int64_t>* target) {
@@ -85,29 +96,38 @@ void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
     return;
   }
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
-    // held, count: [experts], all zero between calls
-    std::vector<int64_t> held, count, start, fill, holder, held_experts, overlap, cands, first;
+    // held, count, use, multi_held: [experts], all zero between calls
+    std::vector<int64_t> held, count, use, start, fill, holder, held_experts, cands, first, multi,
+        multi_held, multi_start, cursor, distinct;
     std::vector<BlockPair> pairs, sorted;
-    std::vector<char> taken;
+    std::vector<char> taken, seen;
   } tls;
   auto& held = tls.held;
   auto& count = tls.count;
+  auto& use = tls.use;
   auto& start = tls.start;
   auto& fill = tls.fill;
   auto& holder = tls.holder;
   auto& held_experts = tls.held_experts;
+  auto& multi_held = tls.multi_held;
   if (held.size() < Z(num_logical)) {
     held.resize(Z(num_logical), 0);
     count.resize(Z(num_logical), 0);
+    use.resize(Z(num_logical), 0);
+    multi_held.resize(Z(num_logical), 0);
     start.resize(Z(num_logical));
     fill.resize(Z(num_logical));
+    tls.multi_start.resize(Z(num_logical));
+    tls.cursor.resize(Z(num_logical));
   }
+  auto old_block = [&](int64_t j) { return old + old_ids[Z(j)] * block; };
   // holders: old block indices (into old_ids) holding each expert, one bucket per expert of the
-  // old blocks (held: its copies), each in block order.
+  // old blocks (held: its copies), each in block order; multi: per expert the blocks holding
+  // two or more copies of it, in block order (multi_held: how many)
   held_experts.clear();
   for (int64_t j = 0; j < n; ++j)
     for (int64_t k = 0; k < block; ++k) {
-      const int64_t e = old[old_ids[Z(j)] * block + k];
+      const int64_t e = old_block(j)[k];
       if (held[Z(e)]++ == 0) held_experts.push_back(e);
     }
   int64_t total = 0;
@@ -117,42 +137,68 @@ void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
   }
   holder.resize(Z(total));
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old[old_ids[Z(j)] * block + k])]++)] = j;
-  // overlap[j]: the multiset intersection of the fresh block with old block j, summed over the
-  // fresh block's experts e as min(copies of e in the fresh block, copies in old block j) from
-  // e's holders (one entry per copy, grouped by block), so only pairs that share an expert cost.
-  auto& overlap = tls.overlap;
-  auto& cands = tls.cands;
-  overlap.assign(Z(n), 0);
-  // in (fresh, old) order; overlap is 1..block (the pair shares an expert), so a stable
-  // counting sort by overlap, largest first, orders them as a sort of (-overlap, fresh, old)
-  // would, without comparing tuples.
+    for (int64_t k = 0; k < block; ++k) holder[Z(fill[Z(old_block(j)[k])]++)] = j;
+  auto& multi = tls.multi;
+  multi.clear();
+  for (const int64_t e : held_experts) {
+    tls.multi_start[Z(e)] = static_cast<int64_t>(multi.size());
+    for (int64_t h = start[Z(e)], end = h + held[Z(e)]; h < end;) {
+      const int64_t j = holder[Z(h)];
+      int64_t run = 0;
+      for (; h < end && holder[Z(h)] == j; ++h) ++run;
+      if (run >= 2) multi.push_back(j);
+    }
+    multi_held[Z(e)] = static_cast<int64_t>(multi.size()) - tls.multi_start[Z(e)];
+  }
+  // 1. the pairs sharing two or more copies, in (fresh, old) order
   auto& pairs = tls.pairs;
+  auto& cands = tls.cands;
+  auto& distinct = tls.distinct;
+  auto& seen = tls.seen;
+  seen.assign(Z(n), 0);
   pairs.clear();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
+    distinct.clear();
+    for (int64_t k = 0; k < block; ++k)
+      if (count[Z(fb[k])]++ == 0) distinct.push_back(fb[k]);
+    // the most-held expert (first on ties) is walked only where a block holds two copies
+    int64_t top = distinct[0];
+    for (const int64_t e : distinct)
+      if (held[Z(e)] > held[Z(top)]) top = e;
     cands.clear();
-    for (int64_t k = 0; k < block; ++k) ++count[Z(fb[k])];
-    for (int64_t k = 0; k < block; ++k) {
-      const int64_t e = fb[k], copies = count[Z(e)];
-      if (copies == 0) continue;  // this expert is done
-      count[Z(e)] = 0;
-      if (held[Z(e)] == 0) continue;  // (its start is stale)
-      for (int64_t h = start[Z(e)], end = h + held[Z(e)]; h < end;) {
-        const int64_t j = holder[Z(h)];
-        int64_t run = 0;
-        for (; h < end && holder[Z(h)] == j; ++h) ++run;
-        if (overlap[Z(j)] == 0) cands.push_back(j);
-        overlap[Z(j)] += std::min(run, copies);
+    auto add = [&](int64_t j) {
+      if (!seen[Z(j)]) {
+        seen[Z(j)] = 1;
+        cands.push_back(j);
+      }
+    };
+    for (const int64_t e : distinct) {
+      if (held[Z(e)] == 0) continue;
+      if (e != top) {
+        for (int64_t h = start[Z(e)], end = h + held[Z(e)]; h < end; ++h) add(holder[Z(h)]);
+      } else if (count[Z(e)] >= 2) {
+        const int64_t m = tls.multi_start[Z(e)];
+        for (int64_t h = m; h < m + multi_held[Z(e)]; ++h) add(multi[Z(h)]);
       }
     }
     std::sort(cands.begin(), cands.end());
     for (const int64_t j : cands) {
-      pairs.push_back({i, j, overlap[Z(j)]});
-      overlap[Z(j)] = 0;
+      seen[Z(j)] = 0;
+      const int64_t* ob = old_block(j);
+      int64_t overlap = 0;
+      for (int64_t k = 0; k < block; ++k)
+        if (use[Z(ob[k])] < count[Z(ob[k])]) {
+          ++use[Z(ob[k])];
+          ++overlap;
+        }
+      for (int64_t k = 0; k < block; ++k) use[Z(ob[k])] = 0;
+      if (overlap >= 2) pairs.push_back({i, j, overlap});
     }
+    for (const int64_t e : distinct) count[Z(e)] = 0;
   }
-  for (const int64_t e : held_experts) held[Z(e)] = 0;
+  // overlap is 2..block: a stable counting sort by overlap, largest first, orders them as a
+  // sort of (-overlap, fresh, old) would, without comparing tuples
   auto& first = tls.first;  // first[block - overlap + 1]: bucket starts
   first.assign(Z(block + 2), 0);
   for (const BlockPair& pr : pairs) ++first[Z(block - pr.overlap + 1)];
@@ -167,6 +213,28 @@ void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
     (*target)[Z(pr.i)] = old_ids[Z(pr.j)];
     taken[Z(pr.j)] = 1;
   }
+  // 2. the pairs sharing one copy: each free fresh block, in order, takes the first free old
+  // block holding one of its experts
+  auto& cursor = tls.cursor;
+  for (const int64_t e : held_experts) cursor[Z(e)] = start[Z(e)];
+  for (int64_t i = 0; i < n; ++i) {
+    if ((*target)[Z(i)] >= 0) continue;
+    const int64_t* fb = fresh + fresh_ids[Z(i)] * block;
+    int64_t best = n;
+    for (int64_t k = 0; k < block; ++k) {
+      const int64_t e = fb[k];
+      if (held[Z(e)] == 0) continue;
+      int64_t& c = cursor[Z(e)];
+      const int64_t end = start[Z(e)] + held[Z(e)];
+      while (c < end && taken[Z(holder[Z(c)])]) ++c;
+      if (c < end) best = std::min(best, holder[Z(c)]);
+    }
+    if (best < n) {
+      (*target)[Z(i)] = old_ids[Z(best)];
+      taken[Z(best)] = 1;
+    }
+  }
+  for (const int64_t e : held_experts) held[Z(e)] = multi_held[Z(e)] = 0;
   int64_t next = 0;
   for (int64_t i = 0; i < n; ++i) {
     if ((*target)[Z(i)] >= 0) continue;
