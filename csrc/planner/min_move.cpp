@@ -59,14 +59,14 @@
 #include "planner/slot_lists.h"
 
 namespace eplb {
-namespace {
-
-using detail::Z;
+namespace detail {
 
 // (fresh idx, old idx, overlap) of MatchBlocks
+namespace {
 struct BlockPair {
   int64_t i, j, overlap;
 };
+}  // namespace
 
 // Greedy matching of the blocks (consecutive runs of `block` slots) of `fresh` to those of
 // `old` by the number of logical experts they share (the multiset intersection), largest first,
@@ -243,6 +243,13 @@ void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
     taken[Z(next)] = 1;
   }
 }
+
+}  // namespace detail
+
+namespace {
+
+using detail::MatchBlocks;
+using detail::Z;
 
 // `fresh` [P] renumbered (nodes, then ranks inside nodes) to overlap `old` [P] most -> out [P].
 void Renumber(const int64_t* fresh, const int64_t* old, const Shape& s, int64_t* out) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "planner/placement.h"
 
@@ -50,5 +51,18 @@ double LowerBound(const double* load, const Shape& shape, const int64_t* greedy_
 // balanced's placement.
 bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old_max,
                       const Shape& shape, double target, double bound, int64_t* phy2log);
+
+namespace detail {
+
+// min_move's renumbering step (min_move.cpp): matches the blocks (runs of `block` slots) of
+// `fresh` to those of `old` greedily by shared experts (multiset intersection), largest first,
+// then by fresh block, then by old block; target[b] (out) = the old block that fresh block b
+// goes to. Only the blocks listed in fresh_ids / old_ids (same length) take part; experts are
+// < num_logical. Declared here for tests/cpp, which checks it against listing every pair.
+void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
+                 const std::vector<int64_t>& fresh_ids, const std::vector<int64_t>& old_ids,
+                 int64_t num_logical, std::vector<int64_t>* target);
+
+}  // namespace detail
 
 }  // namespace eplb

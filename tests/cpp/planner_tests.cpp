@@ -490,6 +490,62 @@ int main() {
     th.threads = 0;
     CHECK(throws(nullptr, th));
   });
+  Run("MatchBlocks equals the greedy over every pair that shares an expert", [] {
+    // Reference: list every (fresh, old) pair with its multiset intersection, take them by
+    // (overlap desc, fresh, old) while both are free, then the free ones in order. Blocks drawn
+    // from a small expert pool, so pairs share two or more copies and hot experts fill many.
+    std::mt19937_64 rng(47);
+    for (int it = 0; it < 20000; ++it) {
+      const auto n = static_cast<int64_t>(2 + rng() % 12),
+                 block = static_cast<int64_t>(1 + rng() % 6);
+      const auto pool = static_cast<int64_t>(1 + rng() % static_cast<uint64_t>(n * block));
+      std::vector<int64_t> fresh(static_cast<size_t>(n * block)), old(fresh.size());
+      for (auto& x : fresh) x = static_cast<int64_t>(rng() % static_cast<uint64_t>(pool));
+      for (auto& x : old)
+        x = rng() % 3 == 0 ? fresh[rng() % fresh.size()]
+                           : static_cast<int64_t>(rng() % static_cast<uint64_t>(pool));
+      std::vector<int64_t> fresh_ids(static_cast<size_t>(n)), old_ids(fresh_ids.size());
+      for (int64_t i = 0; i < n; ++i)
+        fresh_ids[static_cast<size_t>(i)] = old_ids[static_cast<size_t>(i)] = i;
+      if (rng() % 2) std::shuffle(old_ids.begin(), old_ids.end(), rng);
+      std::vector<int64_t> got;
+      eplb::detail::MatchBlocks(fresh.data(), old.data(), block, fresh_ids, old_ids, pool, &got);
+      struct P {
+        int64_t overlap, i, j;
+      };
+      std::vector<P> pairs;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          std::vector<int64_t> a(fresh.begin() + i * block, fresh.begin() + (i + 1) * block);
+          const int64_t* ob = old.data() + old_ids[static_cast<size_t>(j)] * block;
+          std::vector<int64_t> b(ob, ob + block);
+          std::sort(a.begin(), a.end());
+          std::sort(b.begin(), b.end());
+          std::vector<int64_t> common;
+          std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(common));
+          if (!common.empty()) pairs.push_back({static_cast<int64_t>(common.size()), i, j});
+        }
+      std::sort(pairs.begin(), pairs.end(), [](const P& x, const P& y) {
+        return x.overlap > y.overlap ||
+               (x.overlap == y.overlap && (x.i < y.i || (x.i == y.i && x.j < y.j)));
+      });
+      std::vector<int64_t> want(static_cast<size_t>(n), -1);
+      std::vector<char> taken(static_cast<size_t>(n), 0);
+      for (const P& pr : pairs) {
+        if (want[static_cast<size_t>(pr.i)] >= 0 || taken[static_cast<size_t>(pr.j)]) continue;
+        want[static_cast<size_t>(pr.i)] = old_ids[static_cast<size_t>(pr.j)];
+        taken[static_cast<size_t>(pr.j)] = 1;
+      }
+      int64_t next = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (want[static_cast<size_t>(i)] >= 0) continue;
+        while (taken[static_cast<size_t>(next)]) ++next;
+        want[static_cast<size_t>(i)] = old_ids[static_cast<size_t>(next)];
+        taken[static_cast<size_t>(next)] = 1;
+      }
+      CHECK(got == want);
+    }
+  });
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
