@@ -366,6 +366,27 @@ def test_balanced_two_slots_within_a_percent_of_flashlb(skew, sigma, seed, windo
     assert bal.max_load_after[0] <= ds
 
 
+@pytest.mark.parametrize("window, layer, flashlb", [(2, 62, 4103.42), (4, 62, 4113.35)])
+def test_balanced_one_dominant_expert_within_a_percent_of_flashlb(window, layer, flashlb):
+    # Layers of the benchmark's Qwen3-235B trace (128 experts, 32 ranks x 5 slots, lognormal
+    # 1.5, seed 1; bench_planner --windows 22) where one expert carries 2/3 of the load and the
+    # search from DeepSeek's and the beta starts' counts stopped at 4270.9 / 4243.0 (mean rank
+    # load 4096), 4.1% / 3.2% above vllm-ascend's FlashLB (`flashlb`, measured through
+    # ../shared/tools/anchors.py in the benchmark's sequence). From counts that keep such an
+    # expert's replicas just under 0.75-0.9 x the mean rank load (search.h InitCapped) it ends
+    # within 1%; never above DeepSeek's.
+    from eplb_native import traces
+
+    load = traces.synth(window + 1, 94, 128, skew="lognormal", sigma=1.5, drift=0.05,
+                        tokens_per_window=16384, seed=1)[window, layer].astype(np.float64)
+    kw = dict(num_ranks=32, num_replicas=160)
+    bal = eplb_native.plan(load[None], policy="balanced", **kw)
+    check_plan(bal, load[None], 128, 32)
+    ds = eplb_native.plan(load[None], policy="deepseek", **kw).max_load_after[0]
+    assert bal.max_load_after[0] <= 1.01 * flashlb
+    assert bal.max_load_after[0] <= ds
+
+
 @pytest.mark.parametrize("groups, nodes", [(1, 1), (8, 4)])
 def test_balanced_spreads_replicas_over_ranks(groups, nodes):
     # DeepSeek-V3's shape (256 experts + 32 redundant on 32 ranks), 8 layers of a drifting trace:

@@ -74,7 +74,8 @@ struct BlockPair {
 // at. Only the blocks listed in `fresh_ids` / `old_ids` take part.
 // Two phases give that greedy's result without listing every pair that shares an expert (a hot
 // expert with c replicas makes c^2 of them: 2/3 of min_move's matching time on Kimi-K2-like
-// Zipf loads, 256 blocks of two slots):
+// Zipf loads, 256 blocks of two slots; a block holding two hot experts still walks the second
+// one's holders):
 //   1. pairs sharing two or more copies, listed and taken in the greedy's order. Such a pair
 //      shares a copy of an expert other than the block's most-held one, or two copies of that
 //      one, so walking the old holders of the other experts (and the blocks holding two or more
@@ -96,7 +97,7 @@ void MatchBlocks(const int64_t* fresh, const int64_t* old, int64_t block,
     return;
   }
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
-    // held, count, use, multi_held: [experts], all zero between calls
+    // held, count, use: [experts], all zero between calls
     std::vector<int64_t> held, count, use, start, fill, holder, held_experts, cands, first, multi,
         multi_held, multi_start, cursor, distinct;
     std::vector<BlockPair> pairs, sorted;

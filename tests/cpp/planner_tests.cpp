@@ -493,21 +493,31 @@ int main() {
   Run("MatchBlocks equals the greedy over every pair that shares an expert", [] {
     // Reference: list every (fresh, old) pair with its multiset intersection, take them by
     // (overlap desc, fresh, old) while both are free, then the free ones in order. Blocks drawn
-    // from a small expert pool, so pairs share two or more copies and hot experts fill many.
+    // from a small expert pool, so pairs share two or more copies and hot experts fill many;
+    // the blocks taking part are n of `total`, in shuffled order on either side (as a node's
+    // ranks are), n = 1 included.
     std::mt19937_64 rng(47);
+    auto z = [](int64_t i) { return static_cast<size_t>(i); };
     for (int it = 0; it < 20000; ++it) {
-      const auto n = static_cast<int64_t>(2 + rng() % 12),
-                 block = static_cast<int64_t>(1 + rng() % 6);
-      const auto pool = static_cast<int64_t>(1 + rng() % static_cast<uint64_t>(n * block));
-      std::vector<int64_t> fresh(static_cast<size_t>(n * block)), old(fresh.size());
+      const auto total = static_cast<int64_t>(1 + rng() % 14);
+      const auto n = static_cast<int64_t>(1 + rng() % static_cast<uint64_t>(total));
+      const auto block = static_cast<int64_t>(1 + rng() % 6);
+      const auto pool = static_cast<int64_t>(1 + rng() % static_cast<uint64_t>(total * block));
+      std::vector<int64_t> fresh(z(total * block)), old(fresh.size());
       for (auto& x : fresh) x = static_cast<int64_t>(rng() % static_cast<uint64_t>(pool));
       for (auto& x : old)
         x = rng() % 3 == 0 ? fresh[rng() % fresh.size()]
                            : static_cast<int64_t>(rng() % static_cast<uint64_t>(pool));
-      std::vector<int64_t> fresh_ids(static_cast<size_t>(n)), old_ids(fresh_ids.size());
-      for (int64_t i = 0; i < n; ++i)
-        fresh_ids[static_cast<size_t>(i)] = old_ids[static_cast<size_t>(i)] = i;
-      if (rng() % 2) std::shuffle(old_ids.begin(), old_ids.end(), rng);
+      std::vector<int64_t> all(z(total));
+      for (int64_t i = 0; i < total; ++i) all[z(i)] = i;
+      std::shuffle(all.begin(), all.end(), rng);
+      std::vector<int64_t> fresh_ids(all.begin(), all.begin() + n);
+      std::shuffle(all.begin(), all.end(), rng);
+      std::vector<int64_t> old_ids(all.begin(), all.begin() + n);
+      if (rng() % 2) {  // in ascending order, as the global renumbering passes them
+        std::sort(fresh_ids.begin(), fresh_ids.end());
+        std::sort(old_ids.begin(), old_ids.end());
+      }
       std::vector<int64_t> got;
       eplb::detail::MatchBlocks(fresh.data(), old.data(), block, fresh_ids, old_ids, pool, &got);
       struct P {
@@ -516,9 +526,9 @@ int main() {
       std::vector<P> pairs;
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < n; ++j) {
-          std::vector<int64_t> a(fresh.begin() + i * block, fresh.begin() + (i + 1) * block);
-          const int64_t* ob = old.data() + old_ids[static_cast<size_t>(j)] * block;
-          std::vector<int64_t> b(ob, ob + block);
+          const int64_t* fb = fresh.data() + fresh_ids[z(i)] * block;
+          const int64_t* ob = old.data() + old_ids[z(j)] * block;
+          std::vector<int64_t> a(fb, fb + block), b(ob, ob + block);
           std::sort(a.begin(), a.end());
           std::sort(b.begin(), b.end());
           std::vector<int64_t> common;
@@ -529,19 +539,19 @@ int main() {
         return x.overlap > y.overlap ||
                (x.overlap == y.overlap && (x.i < y.i || (x.i == y.i && x.j < y.j)));
       });
-      std::vector<int64_t> want(static_cast<size_t>(n), -1);
-      std::vector<char> taken(static_cast<size_t>(n), 0);
+      std::vector<int64_t> want(z(n), -1);
+      std::vector<char> taken(z(n), 0);
       for (const P& pr : pairs) {
-        if (want[static_cast<size_t>(pr.i)] >= 0 || taken[static_cast<size_t>(pr.j)]) continue;
-        want[static_cast<size_t>(pr.i)] = old_ids[static_cast<size_t>(pr.j)];
-        taken[static_cast<size_t>(pr.j)] = 1;
+        if (want[z(pr.i)] >= 0 || taken[z(pr.j)]) continue;
+        want[z(pr.i)] = old_ids[z(pr.j)];
+        taken[z(pr.j)] = 1;
       }
       int64_t next = 0;
       for (int64_t i = 0; i < n; ++i) {
-        if (want[static_cast<size_t>(i)] >= 0) continue;
-        while (taken[static_cast<size_t>(next)]) ++next;
-        want[static_cast<size_t>(i)] = old_ids[static_cast<size_t>(next)];
-        taken[static_cast<size_t>(next)] = 1;
+        if (want[z(i)] >= 0) continue;
+        while (taken[z(next)]) ++next;
+        want[z(i)] = old_ids[z(next)];
+        taken[z(next)] = 1;
       }
       CHECK(got == want);
     }
