@@ -3,18 +3,22 @@
 //
 //   0. First, without `balanced` (MinMoveFromBound): step 2's search toward the stricter stop
 //      LowerBound / target, changing at most half the slots (hierarchical: every node from its
-//      old groups, each within half its slots, and the stop no lower than BalancedFloor /
-//      target, the largest node mean rank load of balanced's best candidate group->node
-//      partition, which balanced's max cannot go below). A placement <= that stop is within
-//      `target` of balanced's balance, so when the search gets there `balanced` is not computed
-//      at all. On planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a shape; one-off
-//      counts, instrumented build) it got there on 339-346 global and 138-153 hierarchical
+//      old groups, each within half its slots, or, when a node's mean rank load is above the
+//      stop, the old partition with one pair of groups traded as in step 4, and the stop no
+//      lower than BalancedFloor / target, the largest node mean rank load of balanced's best
+//      candidate group->node partition, which balanced's max cannot go below). A placement <= that
+//      stop is within `target` of balanced's balance, so when the search gets there `balanced` is
+//      not computed at all. On planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a shape;
+//      one-off counts, instrumented build) it got there on 339-346 global and 138-153 hierarchical
 //      ones (most others: a node's old groups are above the stop on average); on the
 //      benchmark's trace min_move took 25-40% less time on the global shapes and 19-35% on
 //      DeepSeek-V3 hierarchical, and changed -1% to +9% slots (the stop is 0-0.3% lower than
 //      balanced's / target on the global shapes). Otherwise, or when the old placement is
 //      within 1% of that stop (whether it needs any change at all is then balanced's to say),
-//      the steps below with balanced's placement.
+//      the steps below with balanced's placement. The group trade in step 0 (seventh session)
+//      took 35-45% off min_move's time on the benchmark's DeepSeek-V3 hierarchical lognormal
+//      traces and 23% on Zipf (20 rebalances, `--no-peers`), for 0.6-3.6% more changed slots and
+//      out-of-sample balancedness within -0.14 / +0.26 points.
 //   1. Done already if the old placement's max rank load is <= balanced's / target (the stop).
 //   2. A local search from the old placement (MoveSearch below): each step takes the swap or
 //      replica conversion aimed at the heaviest rank with the largest reduction of the excess
@@ -1718,13 +1722,67 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
   for (int64_t g = 0; g < G; ++g)
     for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e)
       node_total[Z(node_of[Z(g)])] += load[e];
-  for (int64_t n = 0; n < N; ++n)
-    if (node_total[Z(n)] > stop * static_cast<double>(rpn)) return false;
-  for (int64_t n = 0; n < N; ++n)
-    if (!SearchPack(load, old_phy2log, NodeExperts(node_of, n, group_size), n * node_slots, rpn, S,
-                    stop, target, node_slots / 2, E, nullptr, phy2log))
-      return false;
-  return true;
+  const double node_stop = stop * static_cast<double>(rpn);
+  bool fits = true;
+  for (int64_t n = 0; n < N; ++n) fits &= !(node_total[Z(n)] > node_stop);
+  if (fits) {
+    for (int64_t n = 0; n < N; ++n)
+      if (!SearchPack(load, old_phy2log, NodeExperts(node_of, n, group_size), n * node_slots, rpn,
+                      S, stop, target, node_slots / 2, E, nullptr, phy2log))
+        return false;
+    return true;
+  }
+  // A node above it: the old partition with one pair of groups trading nodes, when that brings
+  // every node under it (the swaps that leave the heaviest node lightest first, as
+  // MinMoveLayer's): the two nodes by SubstituteNode, the others searched as above.
+  std::vector<double> group_load(Z(G), 0.0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
+  std::vector<std::tuple<double, int64_t, int64_t>> swaps;
+  for (int64_t x = 0; x < G; ++x)
+    for (int64_t y = x + 1; y < G; ++y) {
+      const int64_t nx = node_of[Z(x)], ny = node_of[Z(y)];
+      if (nx == ny) continue;
+      const double d = group_load[Z(x)] - group_load[Z(y)];
+      double worst = std::max(node_total[Z(nx)] - d, node_total[Z(ny)] + d);
+      for (int64_t n = 0; n < N; ++n)
+        if (n != nx && n != ny) worst = std::max(worst, node_total[Z(n)]);
+      if (!(worst > node_stop)) swaps.emplace_back(worst, x, y);
+    }
+  std::sort(swaps.begin(), swaps.end());
+  std::vector<char> searched(Z(N), 0);  // 0: not yet, 1: reached the stop, 2: did not
+  std::vector<int64_t> out(Z(P));
+  for (size_t k = 0; k < std::min<size_t>(swaps.size(), kGroupSwapsTried); ++k) {
+    const auto [worst, x, y] = swaps[k];
+    std::vector<int64_t> group_node = node_of;
+    std::swap(group_node[Z(x)], group_node[Z(y)]);
+    const int64_t nx = node_of[Z(x)], ny = node_of[Z(y)];
+    bool ok = true;
+    for (int64_t n = 0; n < N && ok; ++n) {
+      if (n == nx || n == ny) continue;
+      if (searched[Z(n)] == 0)
+        searched[Z(n)] =
+            SearchPack(load, old_phy2log, NodeExperts(node_of, n, group_size), n * node_slots, rpn,
+                       S, stop, target, node_slots / 2, E, nullptr, out.data())
+                ? 1
+                : 2;
+      ok = searched[Z(n)] == 1;
+    }
+    for (const int64_t n : {nx, ny}) {
+      if (!ok) break;
+      std::copy(old_phy2log + n * node_slots, old_phy2log + (n + 1) * node_slots,
+                phy2log + n * node_slots);
+      ok = SubstituteNode(load, old_phy2log, shape, n, NodeExperts(group_node, n, group_size), stop,
+                          target, phy2log);
+    }
+    if (!ok) continue;
+    for (int64_t n = 0; n < N; ++n)
+      if (n != nx && n != ny)
+        std::copy(out.begin() + n * node_slots, out.begin() + (n + 1) * node_slots,
+                  phy2log + n * node_slots);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace eplb

@@ -44,7 +44,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
 double LowerBound(const double* load, const Shape& shape, const int64_t* greedy_cnt);
 
 // min_move without `balanced` (min_move.cpp, step 0): searches from old_phy2log [P] (old_max:
-// its MaxRankLoad) toward
+// its MaxRankLoad; hierarchical: within its old group->node partition, or that partition with
+// one pair of groups traded) toward
 // max(bound, BalancedFloor) / target (bound: LowerBound of the layer; both are <= balanced's
 // max rank load, so the result is within `target` of balanced's balance). True with phy2log [P]
 // written when it gets there; false (phy2log unspecified) when MinMoveLayer must run with
