@@ -4,21 +4,21 @@
 //   0. First, without `balanced` (MinMoveFromBound): step 2's search toward the stricter stop
 //      LowerBound / target, changing at most half the slots (hierarchical: every node from its
 //      old groups, each within half its slots, or, when a node's mean rank load is above the
-//      stop, the old partition with one pair of groups traded as in step 4, and the stop no
-//      lower than BalancedFloor / target, the largest node mean rank load of balanced's best
-//      candidate group->node partition, which balanced's max cannot go below). A placement <= that
-//      stop is within `target` of balanced's balance, so when the search gets there `balanced` is
-//      not computed at all. On planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a shape;
-//      one-off counts, instrumented build) it got there on 339-346 global and 138-153 hierarchical
-//      ones (most others: a node's old groups are above the stop on average); on the
-//      benchmark's trace min_move took 25-40% less time on the global shapes and 19-35% on
-//      DeepSeek-V3 hierarchical, and changed -1% to +9% slots (the stop is 0-0.3% lower than
-//      balanced's / target on the global shapes). Otherwise, or when the old placement is
-//      within 1% of that stop (whether it needs any change at all is then balanced's to say),
-//      the steps below with balanced's placement. The group trade in step 0 (seventh session)
-//      took 35-45% off min_move's time on the benchmark's DeepSeek-V3 hierarchical lognormal
-//      traces and 23% on Zipf (20 rebalances, `--no-peers`), for 0.6-3.6% more changed slots and
-//      out-of-sample balancedness within -0.14 / +0.26 points.
+//      stop, the old partition with one pair of groups traded as in step 4 (the two nodes by
+//      SubstituteNode, without that budget), and the stop no lower than BalancedFloor / target,
+//      the largest node mean rank load of balanced's best candidate group->node partition,
+//      which balanced's max cannot go below). A placement <= that stop is within `target` of
+//      balanced's balance, so when the search gets there `balanced` is not computed at all. On
+//      planner_micro.cpp's DeepSeek-V3 loads (348 layer-plans a shape; one-off counts, instrumented
+//      build) it got there on 339-346 global and 138-153 hierarchical ones (most others: a node's
+//      old groups are above the stop on average); on the benchmark's trace min_move took 25-40%
+//      less time on the global shapes and 19-35% on DeepSeek-V3 hierarchical, and changed -1% to
+//      +9% slots (the stop is 0-0.3% lower than balanced's / target on the global shapes).
+//      Otherwise, or when the old placement is within 1% of that stop (whether it needs any change
+//      at all is then balanced's to say), the steps below with balanced's placement. The group
+//      trade in step 0 (seventh session) took 35-45% off min_move's time on the benchmark's
+//      DeepSeek-V3 hierarchical lognormal traces and 23% on Zipf (20 rebalances, `--no-peers`), for
+//      0.6-3.6% more changed slots and out-of-sample balancedness within -0.14 / +0.26 points.
 //   1. Done already if the old placement's max rank load is <= balanced's / target (the stop).
 //   2. A local search from the old placement (MoveSearch below): each step takes the swap or
 //      replica conversion aimed at the heaviest rank with the largest reduction of the excess

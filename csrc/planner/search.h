@@ -70,8 +70,9 @@ class PackSearch {
   // bring them under it, each extra slot left goes by DeepSeek's rule among the others, then
   // LPT. Where one expert carries most of the load, DeepSeek's counts give it a replica on
   // nearly every rank and the rest packs badly around them; replicas of about alpha x the mean,
-  // one to a rank with small ones beside them, pack well. False (nothing set up) when no
-  // expert is that heavy or their replicas alone would take more than the slots.
+  // one to a rank with small ones beside them, pack well. False when no expert is that heavy or
+  // their replicas alone would take more than the slots; the state is then unspecified (Reset
+  // before another start).
   bool InitCapped(double alpha) {
     const int64_t P = R_ * S_;
     double total = 0.0;
@@ -128,7 +129,7 @@ class PackSearch {
   // pairing descent does not).
   void Improve() {
     Search();
-    if (S_ == 2 && R_ >= 2) RefinePairCounts();
+    if (S_ == 2 && R_ >= 2 && RefinePairCounts()) lists_ready_ = false;  // (slot_exp_ rewritten)
   }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
