@@ -1478,6 +1478,29 @@ std::vector<int64_t> NodeExperts(const std::vector<int64_t>& group_node, int64_t
   return experts;
 }
 
+// The trades of two groups on different nodes, as (max node load after it, group x, group y),
+// the one that leaves the heaviest node lightest first. group_load [G]; node_of [G]: each
+// group's node; node_load [N]: each node's load under node_of.
+std::vector<std::tuple<double, int64_t, int64_t>> GroupSwaps(const std::vector<double>& group_load,
+                                                             const std::vector<int64_t>& node_of,
+                                                             const std::vector<double>& node_load) {
+  const auto G = static_cast<int64_t>(group_load.size());
+  const auto N = static_cast<int64_t>(node_load.size());
+  std::vector<std::tuple<double, int64_t, int64_t>> swaps;
+  for (int64_t x = 0; x < G; ++x)
+    for (int64_t y = x + 1; y < G; ++y) {
+      const int64_t nx = node_of[Z(x)], ny = node_of[Z(y)];
+      if (nx == ny) continue;
+      const double d = group_load[Z(x)] - group_load[Z(y)];
+      double worst = std::max(node_load[Z(nx)] - d, node_load[Z(ny)] + d);
+      for (int64_t n = 0; n < N; ++n)
+        if (n != nx && n != ny) worst = std::max(worst, node_load[Z(n)]);
+      swaps.emplace_back(worst, x, y);
+    }
+  std::sort(swaps.begin(), swaps.end());
+  return swaps;
+}
+
 // Global: the search over every slot from the old placement (SearchPack, `experts` all of them);
 // when it reaches the stop, each rank's kept experts back in their old slots and walked back
 // toward the old placement (phy2log written). Returns whether it reached the stop.
@@ -1646,18 +1669,7 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
   for (int64_t g = 0; g < G; ++g)
     for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
-  std::vector<std::tuple<double, int64_t, int64_t>> swaps;  // (max node load, group x, group y)
-  for (int64_t x = 0; x < G; ++x)
-    for (int64_t y = x + 1; y < G; ++y) {
-      const int64_t nx = node_of[Z(x)], ny = node_of[Z(y)];
-      if (nx == ny) continue;
-      const double d = group_load[Z(x)] - group_load[Z(y)];
-      double worst = std::max(node_load[Z(nx)] - d, node_load[Z(ny)] + d);
-      for (int64_t n = 0; n < N; ++n)
-        if (n != nx && n != ny) worst = std::max(worst, node_load[Z(n)]);
-      swaps.emplace_back(worst, x, y);
-    }
-  std::sort(swaps.begin(), swaps.end());
+  const auto swaps = GroupSwaps(group_load, node_of, node_load);
   std::vector<int64_t>& trial = tls.trial;
   trial.resize(Z(P));
   for (size_t k = 0; k < std::min<size_t>(swaps.size(), kGroupSwapsTried); ++k) {
@@ -1738,22 +1750,12 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
   std::vector<double> group_load(Z(G), 0.0);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
-  std::vector<std::tuple<double, int64_t, int64_t>> swaps;
-  for (int64_t x = 0; x < G; ++x)
-    for (int64_t y = x + 1; y < G; ++y) {
-      const int64_t nx = node_of[Z(x)], ny = node_of[Z(y)];
-      if (nx == ny) continue;
-      const double d = group_load[Z(x)] - group_load[Z(y)];
-      double worst = std::max(node_total[Z(nx)] - d, node_total[Z(ny)] + d);
-      for (int64_t n = 0; n < N; ++n)
-        if (n != nx && n != ny) worst = std::max(worst, node_total[Z(n)]);
-      if (!(worst > node_stop)) swaps.emplace_back(worst, x, y);
-    }
-  std::sort(swaps.begin(), swaps.end());
+  const auto swaps = GroupSwaps(group_load, node_of, node_total);
   std::vector<char> searched(Z(N), 0);  // 0: not yet, 1: reached the stop, 2: did not
   std::vector<int64_t> out(Z(P));
   for (size_t k = 0; k < std::min<size_t>(swaps.size(), kGroupSwapsTried); ++k) {
     const auto [worst, x, y] = swaps[k];
+    if (worst > node_stop) break;  // sorted: no later swap brings every node under it either
     std::vector<int64_t> group_node = node_of;
     std::swap(group_node[Z(x)], group_node[Z(y)]);
     const int64_t nx = node_of[Z(x)], ny = node_of[Z(y)];

@@ -55,15 +55,7 @@ class PackSearch {
     Replicate(w_, n_, P, cnt_.data(), phy.data() + n_, beta);
     RecomputePer();
     greedy_counts_ = beta == 1.0;
-    std::vector<double>& wt = init_wt_;
-    wt.resize(Z(P));
-    for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
-    std::vector<int64_t>& pack = init_pack_;
-    std::vector<int64_t>& rank_in_pack = init_rank_;
-    BalancedPacking(wt, R_, &pack, &rank_in_pack);
-    slot_exp_.assign(Z(P), 0);
-    for (int64_t i = 0; i < P; ++i) slot_exp_[Z(pack[Z(i)] * S_ + rank_in_pack[Z(i)])] = phy[Z(i)];
-    Finish();
+    PackReplicas();
   }
 
   // Another start: experts heavier than alpha x the mean rank load get just the replicas that
@@ -108,15 +100,7 @@ class PackSearch {
       for (int64_t k = 1; k < cnt_[Z(e)]; ++k) phy[Z(at++)] = e;
     RecomputePer();
     greedy_counts_ = false;
-    std::vector<double>& wt = init_wt_;
-    wt.resize(Z(P));
-    for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
-    std::vector<int64_t>& pack = init_pack_;
-    std::vector<int64_t>& rank_in_pack = init_rank_;
-    BalancedPacking(wt, R_, &pack, &rank_in_pack);
-    slot_exp_.assign(Z(P), 0);
-    for (int64_t i = 0; i < P; ++i) slot_exp_[Z(pack[Z(i)] * S_ + rank_in_pack[Z(i)])] = phy[Z(i)];
-    Finish();
+    PackReplicas();
     return true;
   }
 
@@ -152,6 +136,22 @@ class PackSearch {
     rank_.resize(Z(R_ * S_));
     for (int64_t r = 0; r < R_; ++r)
       for (int64_t j = r * S_; j < (r + 1) * S_; ++j) rank_[Z(j)] = r;
+  }
+
+  // The replicas listed in init_phy_ [R*S] (cnt_ and per_ already theirs) packed by LPT into
+  // slot_exp_, then Finish.
+  void PackReplicas() {
+    const int64_t P = R_ * S_;
+    const std::vector<int64_t>& phy = init_phy_;
+    std::vector<double>& wt = init_wt_;
+    wt.resize(Z(P));
+    for (int64_t i = 0; i < P; ++i) wt[Z(i)] = Wt(phy[Z(i)]);
+    std::vector<int64_t>& pack = init_pack_;
+    std::vector<int64_t>& rank_in_pack = init_rank_;
+    BalancedPacking(wt, R_, &pack, &rank_in_pack);
+    slot_exp_.assign(Z(P), 0);
+    for (int64_t i = 0; i < P; ++i) slot_exp_[Z(pack[Z(i)] * S_ + rank_in_pack[Z(i)])] = phy[Z(i)];
+    Finish();
   }
 
   void Finish() {
