@@ -40,6 +40,7 @@
 namespace eplb {
 namespace {
 
+using detail::GroupLoads;
 using detail::PackSearch;
 using detail::Z;
 
@@ -82,29 +83,25 @@ double BestPack(const double* w, int64_t n, int64_t R, int64_t S, int64_t* slot_
   if (!(best > pack.TrivialBound() * (pairs ? 1.02 : 1.005))) return best;
   // (two slots: only where the bound is the mean rank load, see above)
   if (pairs && pack.TrivialBound() > pack.MeanLoad()) return best;
-  static constexpr double kBetas[] = {1.25, 1.5, 2.0};
-  for (int k = 0; k < (pairs ? 1 : 3); ++k) {
-    const double beta = kBetas[k];
-    PackSearch& alt = tls.alt;
-    alt.Reset(w, n, R, S);
-    alt.InitGreedy(beta);
+  PackSearch& alt = tls.alt;
+  auto search_alt = [&] {  // alt set up from another start: searched, kept if better
     alt.Improve();
     if (alt.MaxLoad() < best) {
       best = alt.MaxLoad();
       std::copy(alt.slot_exp().begin(), alt.slot_exp().end(), slot_exp);
     }
+  };
+  static constexpr double kBetas[] = {1.25, 1.5, 2.0};
+  for (int k = 0; k < (pairs ? 1 : 3); ++k) {
+    alt.Reset(w, n, R, S);
+    alt.InitGreedy(kBetas[k]);
+    search_alt();
   }
   if (pairs) return best;
   for (const double alpha : {0.75, 0.8, 0.85, 0.9}) {
     if (!(best > pack.TrivialBound() * 1.005)) break;
-    PackSearch& alt = tls.alt;
     alt.Reset(w, n, R, S);
-    if (!alt.InitCapped(alpha)) continue;
-    alt.Improve();
-    if (alt.MaxLoad() < best) {
-      best = alt.MaxLoad();
-      std::copy(alt.slot_exp().begin(), alt.slot_exp().end(), slot_exp);
-    }
+    if (alt.InitCapped(alpha)) search_alt();
   }
   return best;
 }
@@ -177,16 +174,6 @@ bool RefineGroups(const std::vector<double>& group_load, int64_t N,
   return changed;
 }
 
-// Each group's load [G], its experts added in order (the groups side by side: no division per
-// expert).
-std::vector<double> GroupLoads(const double* load, const Shape& shape) {
-  const int64_t G = shape.num_groups, group_size = shape.num_logical / G;
-  std::vector<double> group_load(Z(G), 0.0);
-  for (int64_t k = 0; k < group_size; ++k)
-    for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
-  return group_load;
-}
-
 // The group->node partitions `balanced` tries (hierarchical shapes): DeepSeek's greedy one, then,
 // when RefineGroups changes it, the refined one; (group_node, group_rank) each.
 struct Partition {
@@ -207,6 +194,17 @@ std::vector<Partition> CandidatePartitions(const std::vector<double>& group_load
 }
 
 }  // namespace
+
+namespace detail {
+// Each group's experts added in order, the groups side by side (no division per expert).
+std::vector<double> GroupLoads(const double* load, const Shape& shape) {
+  const int64_t G = shape.num_groups, group_size = shape.num_logical / G;
+  std::vector<double> group_load(Z(G), 0.0);
+  for (int64_t k = 0; k < group_size; ++k)
+    for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
+  return group_load;
+}
+}  // namespace detail
 
 void BalancedSearchLayer(const double* load, const Shape& shape, int64_t* phy2log) {
   if (!shape.hierarchical()) {

@@ -1312,8 +1312,9 @@ constexpr size_t kGroupSwapsTried = 2;
 // Node n of a new group->node partition holding `experts`, from its old content: the slots of
 // the experts that left take the experts that came (each once, then extra replicas by the
 // largest load per replica; heaviest replica first, each on the rank that is lightest so far),
-// then searched (MoveSearch, changes counted against the old content) and walked back. Writes
-// the node's slots of out [P]; returns whether its max rank load is <= stop.
+// then searched (MoveSearch, changes counted against the old content) and walked back. Returns
+// whether its max rank load gets <= stop, and only then writes the node's slots of out [P] (it
+// reads none of them before).
 bool SubstituteNode(const double* load, const int64_t* old, const Shape& s, int64_t n,
                     const std::vector<int64_t>& experts, double stop, double target, int64_t* out) {
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / s.num_nodes, node_slots = rpn * S;
@@ -1665,9 +1666,8 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
   // 2-4 groups): try the swaps of two groups on different nodes that leave the heaviest node
   // lightest, the two nodes by SubstituteNode, the others as searched; keep the one that reaches
   // the stop with the fewest changed slots, if fewer than the fallback's.
-  std::vector<double> group_load(Z(G), 0.0), node_load(Z(N), 0.0);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
+  const std::vector<double> group_load = detail::GroupLoads(load, shape);
+  std::vector<double> node_load(Z(N), 0.0);
   for (int64_t g = 0; g < G; ++g) node_load[Z(node_of[Z(g)])] += group_load[Z(g)];
   const auto swaps = GroupSwaps(group_load, node_of, node_load);
   std::vector<int64_t>& trial = tls.trial;
@@ -1693,7 +1693,6 @@ void MinMoveLayer(const double* load, const int64_t* old_phy2log, double old_max
                   trial.begin() + first);
         continue;
       }
-      std::copy(old_phy2log + first, old_phy2log + first + node_slots, trial.begin() + first);
       ok = SubstituteNode(load, old_phy2log, shape, n, experts, stop, target, trial.data());
     }
     if (!ok) continue;
@@ -1747,10 +1746,7 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
   // A node above it: the old partition with one pair of groups trading nodes, when that brings
   // every node under it (the swaps that leave the heaviest node lightest first, as
   // MinMoveLayer's): the two nodes by SubstituteNode, the others searched as above.
-  std::vector<double> group_load(Z(G), 0.0);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group_load[Z(g)] += load[e];
-  const auto swaps = GroupSwaps(group_load, node_of, node_total);
+  const auto swaps = GroupSwaps(detail::GroupLoads(load, shape), node_of, node_total);
   std::vector<char> searched(Z(N), 0);  // 0: not yet, 1: reached the stop, 2: did not
   std::vector<int64_t> out(Z(P));
   for (size_t k = 0; k < std::min<size_t>(swaps.size(), kGroupSwapsTried); ++k) {
@@ -1772,8 +1768,6 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
     }
     for (const int64_t n : {nx, ny}) {
       if (!ok) break;
-      std::copy(old_phy2log + n * node_slots, old_phy2log + (n + 1) * node_slots,
-                phy2log + n * node_slots);
       ok = SubstituteNode(load, old_phy2log, shape, n, NodeExperts(group_node, n, group_size), stop,
                           target, phy2log);
     }

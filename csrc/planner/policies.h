@@ -55,6 +55,9 @@ bool MinMoveFromBound(const double* load, const int64_t* old_phy2log, double old
 
 namespace detail {
 
+// Each expert group's load [num_groups] (balanced.cpp; experts are grouped consecutively).
+std::vector<double> GroupLoads(const double* load, const Shape& shape);
+
 // min_move's renumbering step (min_move.cpp): matches the blocks (runs of `block` slots) of
 // `fresh` to those of `old` greedily by shared experts (multiset intersection), largest first,
 // then by fresh block, then by old block; target[b] (out) = the old block that fresh block b
