@@ -191,6 +191,27 @@ def test_rebalance_experts_torch_in_torch_out():
     assert log2phy.shape == (2, 16, 24 - 16 + 1)  # DeepSeek's width: redundant + 1
 
 
+def test_log2phy_width_option():
+    """rebalance_experts has the planner write log2phy at DeepSeek's width: the same columns
+    as plan()'s narrower log2phy, then -1; a width outside [M, P - E + 1] is refused."""
+    from eplb_native import _planner
+
+    load = random_load(np.random.default_rng(5), 4, 16)
+    p = eplb_native.plan(load, num_ranks=4, num_replicas=24, policy="deepseek",
+                         preserve_slots=False)
+    m = p.log2phy.shape[2]
+    assert 1 < m < 9
+    for width in (m, 9):
+        out = _planner.plan(load, None, 24, 4, 1, 1, 0, False, 1, 0.99, False, width)
+        assert out["log2phy"].shape == (4, 16, width)
+        np.testing.assert_array_equal(out["log2phy"][:, :, :m], p.log2phy)
+        assert (out["log2phy"][:, :, m:] == -1).all()
+        np.testing.assert_array_equal(out["phy2log"], p.phy2log)
+    for width in (-1, m - 1, 10):
+        with pytest.raises(ValueError, match="log2phy_width"):
+            _planner.plan(load, None, 24, 4, 1, 1, 0, False, 1, 0.99, False, width)
+
+
 def test_rebalance_experts_rank_argument_names():
     """num_gpus (DeepSeek's name, positional or keyword) or num_ranks= (vLLM's), exactly one."""
     load = random_load(np.random.default_rng(4), 2, 16)

@@ -71,7 +71,7 @@ Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_
 }
 
 PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min_move_target,
-                        bool transfers) {
+                        bool transfers, int64_t log2phy_width = 0) {
   if (policy < 0 || policy > 2) throw std::invalid_argument("policy must be 0, 1 or 2");
   PlanOptions o;
   o.policy = static_cast<eplb::Policy>(policy);
@@ -79,6 +79,7 @@ PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min
   o.threads = threads;
   o.min_move_target = min_move_target;
   o.transfers = transfers;
+  o.log2phy_width = log2phy_width;
   return o;
 }
 
@@ -109,9 +110,11 @@ py::dict ToDict(PlanResult&& r) {
 
 py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                 int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
-                bool preserve_slots, int threads, double min_move_target, bool transfers) {
+                bool preserve_slots, int threads, double min_move_target, bool transfers,
+                int64_t log2phy_width) {
   const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
-  const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers);
+  const PlanOptions o =
+      MakeOptions(policy, preserve_slots, threads, min_move_target, transfers, log2phy_width);
   const int64_t* old_ptr = OldPtr(old, s);
   PlanResult r;
   {
@@ -228,7 +231,7 @@ PYBIND11_MODULE(_planner, m) {
   m.def("plan", &PlanPy, py::arg("load"), py::arg("old_phy2log"), py::arg("num_physical"),
         py::arg("num_ranks"), py::arg("num_nodes"), py::arg("num_groups"), py::arg("policy"),
         py::arg("preserve_slots"), py::arg("threads"), py::arg("min_move_target"),
-        py::arg("transfers") = true);
+        py::arg("transfers") = true, py::arg("log2phy_width") = 0);
   m.def("preserve_slots", &PreserveSlotsPy, py::arg("phy2log"), py::arg("old_phy2log"),
         py::arg("num_ranks"));
   m.def("layer_transfers", &LayerTransfersPy, py::arg("old_phy2log"), py::arg("new_phy2log"),

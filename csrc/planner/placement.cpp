@@ -312,6 +312,13 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   if (options.threads < 1) Fail("threads must be >= 1, got " + std::to_string(options.threads));
   if (!(options.min_move_target > 0.0 && options.min_move_target <= 1.0))
     Fail("min_move_target must be in (0, 1], got " + std::to_string(options.min_move_target));
+  // Every expert has a replica, so none has more than P - E + 1: that width always fits.
+  if (options.log2phy_width != 0 &&
+      (options.log2phy_width < 1 ||
+       options.log2phy_width > shape.num_physical - shape.num_logical + 1))
+    Fail("log2phy_width must be 0 or in [1, num_replicas - num_experts + 1 = " +
+         std::to_string(shape.num_physical - shape.num_logical + 1) + "], got " +
+         std::to_string(options.log2phy_width));
 
   const int64_t L = shape.num_layers, E = shape.num_logical, P = shape.num_physical;
   PlanResult out;
@@ -418,6 +425,12 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     m = std::max(m, c);
   }
   if (!valid) ValidatePhy2Log(out.phy2log.data(), shape, "phy2log (planner output)");
+  if (options.log2phy_width != 0) {
+    if (options.log2phy_width < m)
+      Fail("log2phy_width (" + std::to_string(options.log2phy_width) +
+           ") is below the plan's largest replica count " + std::to_string(m));
+    m = options.log2phy_width;
+  }
   out.max_replicas = m;
   // Layer by layer, -1 everywhere then the slots: each layer's block is written once (reserve
   // does not write; resize + fill would write this largest output twice) and is still in cache

@@ -48,6 +48,9 @@ struct PlanOptions {
   double min_move_target = 0.99;
   // Build the transfer plan (needs an old placement). Off when only the placement is wanted.
   bool transfers = true;
+  // Columns of log2phy: 0 for the largest replica count M of the plan; otherwise this many
+  // (>= M), as DeepSeek's rebalance_experts returns P - E + 1 whatever the counts.
+  int64_t log2phy_width = 0;
 };
 
 // One slot's worth of expert weights to bring to (dst_rank, dst_slot).
@@ -85,7 +88,7 @@ struct Transfer {
 // Result of planning L layers. Every vector is owned by this struct.
 struct PlanResult {
   Shape shape;
-  int64_t max_replicas = 1;             // M
+  int64_t max_replicas = 1;             // M (or PlanOptions::log2phy_width when set)
   std::vector<int64_t> phy2log;         // [L, P]
   std::vector<int64_t> log2phy;         // [L, E, M], -1 padded
   std::vector<int64_t> logcnt;          // [L, E], >= 1

@@ -227,16 +227,20 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
                         "(positional, DeepSeek's name) or num_ranks= (keyword)")
     name = "num_gpus" if num_ranks is None else "num_ranks"
     ranks = _as_int(num_gpus if num_ranks is None else num_ranks, name)  # named as given
-    p = plan(weight, num_ranks=ranks, num_replicas=num_replicas, num_nodes=num_nodes,
-             num_groups=num_groups, policy="deepseek", preserve_slots=False)
-    layers, experts, width = p.log2phy.shape
-    log2phy = np.full((layers, experts, p.phy2log.shape[1] - experts + 1), -1, np.int64)
-    log2phy[:, :, :width] = p.log2phy
-    out = (p.phy2log, log2phy, p.logcnt)
+    w, _, ranks, slots, num_nodes, num_groups, _ = _prepare(
+        weight, None, ranks, num_replicas, num_nodes, num_groups, "deepseek", 1)
+    # log2phy written at DeepSeek's width by the planner (padding a narrower one here took a
+    # third of the call on DeepSeek-V3).
+    width = slots - w.shape[1] + 1
+    if width < 1:  # fewer slots than experts: the planner says so, naming num_replicas
+        width = 0
+    out = _planner.plan(w, None, slots, ranks, num_nodes, num_groups, POLICIES["deepseek"], False,
+                        1, 0.99, False, width)
+    out = (out["phy2log"], out["log2phy"], out["logcnt"])
     if is_torch(weight):
         import torch
 
-        return tuple(torch.from_numpy(a.copy()) for a in out)
+        return tuple(torch.from_numpy(a) for a in out)  # fresh arrays: shared, not copied
     return out
 
 
