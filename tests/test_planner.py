@@ -46,6 +46,8 @@ def random_shape(rng, hierarchical=None):
         if nodes > 1 and groups % nodes == 0:
             groups = nodes + 1  # not divisible: the global policy
         experts = int(rng.integers(1, 24))
+        if nodes == 1:  # deepseek groups the experts on one node too (DeepSeek's rule)
+            experts = groups * int(rng.integers(1, 9))
         per_rank = -(-experts // ranks) + int(rng.integers(0, 3))
     return experts, per_rank * ranks, ranks, groups, nodes
 
@@ -178,6 +180,39 @@ def test_rebalance_experts_equals_reference(groups, nodes):
         want = ref.deepseek(load, 48, groups, nodes, 8)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
+
+
+def test_deepseek_groups_on_one_node():
+    """DeepSeek's rule takes the grouped path whenever num_groups % num_nodes == 0, one node
+    included (vLLM's single-node DeepSeek-V3 setting, 8 groups): the experts are ordered by group
+    load, so with one slot per rank the heaviest group's experts get the first ranks. Other
+    policies treat one node as global; deepseek there needs num_groups to divide the experts."""
+    w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]], float)
+    # group loads 262, 330, 116, 325: groups 1, 3, 0, 2
+    phy2log, log2phy, logcnt = eplb_native.rebalance_experts(w, 12, 4, 1, 12)
+    np.testing.assert_array_equal(phy2log[0], [3, 4, 5, 9, 10, 11, 0, 1, 2, 6, 7, 8])
+    np.testing.assert_array_equal(logcnt[0], np.ones(12))
+    # ties: experts 1 and 2 (load 3 each) tie for the extra replica; in the grouped order the
+    # heavier group (2, 3) comes first, so expert 2 gets it, where the global order gives it to 1
+    t = np.array([[0, 3, 3, 3]], float)
+    np.testing.assert_array_equal(eplb_native.rebalance_experts(t, 6, 2, 1, 2)[2][0],
+                                  [1, 1, 2, 2])
+    np.testing.assert_array_equal(eplb_native.rebalance_experts(t, 6, 1, 1, 2)[2][0],
+                                  [1, 2, 2, 1])
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        load = rng.integers(0, 5, (2, 64)).astype(float)  # integer counts: ties
+        got = eplb_native.rebalance_experts(load, 80, 8, 1, 8)
+        want = ref.deepseek(load, 80, 8, 1, 8)
+        for g, x in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, x)
+    load = random_load(rng, 2, 10)
+    with pytest.raises(ValueError, match="divisible by num_groups"):
+        eplb_native.rebalance_experts(load, 12, 4, 1, 4)
+    for policy in ("balanced", "min_move"):  # one node: global, any group count
+        old = eplb_native.plan(load, num_ranks=4, num_replicas=12, policy="deepseek").phy2log
+        p = eplb_native.plan(load, old, num_ranks=4, num_groups=4, policy=policy)
+        assert p.phy2log.shape == (2, 12)
 
 
 def test_rebalance_experts_torch_in_torch_out():

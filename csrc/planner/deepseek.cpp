@@ -4,8 +4,10 @@
 //      node's slots are used;
 //   3. pack the node's physical experts onto its ranks, heaviest first, each to the lightest
 //      rank that still has a free slot.
-// The global policy is the same with one group and one node. Ties break towards the lower
-// index (stable sorts), which is what DeepSeek's and vLLM's implementations do in practice.
+// The global policy is the same with one group and one node (num_groups % num_nodes != 0, or
+// one group); one node with several groups is the grouped path, as in DeepSeek's code. Ties break
+// towards the lower index (stable sorts), which is what DeepSeek's and vLLM's implementations do in
+// practice.
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -36,7 +38,7 @@ void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy, in
 }  // namespace
 
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank) {
-  const bool hier = shape.hierarchical();
+  const bool hier = shape.deepseek_grouped();
   const int64_t E = shape.num_logical, P = shape.num_physical;
   const int64_t N = hier ? shape.num_nodes : 1;
   const int64_t G = hier ? shape.num_groups : 1;

@@ -309,6 +309,11 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   if (old_phy2log != nullptr) ValidatePhy2Log(old_phy2log, shape, "old_phy2log");
   if (options.policy == Policy::kMinMove && old_phy2log == nullptr)
     Fail("policy 'min_move' needs old_phy2log (the current placement)");
+  if (options.policy == Policy::kDeepSeek && shape.deepseek_grouped() &&
+      shape.num_logical % shape.num_groups != 0)  // (with several nodes ValidateShape said so)
+    Fail("the number of logical experts (" + std::to_string(shape.num_logical) +
+         ") must be divisible by num_groups (" + std::to_string(shape.num_groups) +
+         ") for DeepSeek's grouped policy (num_groups % num_nodes == 0, one node included)");
   if (options.threads < 1) Fail("threads must be >= 1, got " + std::to_string(options.threads));
   if (!(options.min_move_target > 0.0 && options.min_move_target <= 1.0))
     Fail("min_move_target must be in (0, 1], got " + std::to_string(options.min_move_target));
@@ -406,7 +411,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         MaxRankLoadCounted(w, dst, cnt, multi, num_multi, one, tls.per.data());
     // Global DeepSeek replicated exactly as the bound's greedy does: its counts save the bound
     // a second replication.
-    const bool global_deepseek = options.policy == Policy::kDeepSeek && !shape.hierarchical();
+    const bool global_deepseek = options.policy == Policy::kDeepSeek && !shape.deepseek_grouped();
     out.lower_bound[static_cast<size_t>(l)] =
         bound >= 0.0 ? bound : LowerBound(w, one, global_deepseek ? cnt : nullptr);
     if (old != nullptr) {

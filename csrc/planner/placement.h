@@ -38,6 +38,11 @@ struct Shape {
   int64_t slots_per_rank() const { return num_physical / num_ranks; }
   // DeepSeek EPLB's rule: hierarchical when groups divide evenly over nodes.
   bool hierarchical() const { return num_groups % num_nodes == 0 && num_nodes > 1; }
+  // DeepSeek EPLB's own rule (its code and vLLM's): groups -> nodes, then replicas inside each
+  // node, whenever num_groups % num_nodes == 0, one node included. With one node that only
+  // orders the experts by group load, which decides ties (and, with one slot per rank, which
+  // rank gets which expert); `deepseek` follows it, the other policies treat one node as global.
+  bool deepseek_grouped() const { return num_groups % num_nodes == 0 && num_groups > 1; }
 };
 
 struct PlanOptions {

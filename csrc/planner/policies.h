@@ -9,7 +9,7 @@
 
 namespace eplb {
 
-// DeepSeek EPLB for one layer: hierarchical when shape.hierarchical(), else global.
+// DeepSeek EPLB for one layer: grouped when shape.deepseek_grouped(), else global.
 // load: [E]; phy2log: [P] out; phyrank: [P] out, the replica ordinal of each slot (0 = first
 // copy), which orders DeepSeek's log2phy columns.
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank);

@@ -84,8 +84,10 @@ def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
 
 
 def _topology_label(num_nodes: int, num_groups: int) -> str:
-    # DeepSeek EPLB's rule: hierarchical when groups divide evenly over nodes; with one node the
-    # hierarchical path packs everything into that node, i.e. it is the global policy.
+    # DeepSeek EPLB's rule: hierarchical when groups divide evenly over nodes. One node puts no
+    # constraint on where an expert goes: global (policy deepseek still orders the experts by
+    # group load there, as DeepSeek's code does: that decides ties and, with one slot per rank,
+    # which rank gets which expert).
     return "hierarchical" if num_groups % num_nodes == 0 and num_nodes > 1 else "global"
 
 

@@ -172,7 +172,9 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         num_replicas: P, total physical slots per layer (E + redundant). Taken from old_phy2log
             when given.
         num_nodes, num_groups: topology; hierarchical placement when num_groups % num_nodes == 0
-            (DeepSeek EPLB's rule), global otherwise.
+            (DeepSeek EPLB's rule), global otherwise. One node is global for ``balanced`` and
+            ``min_move``; ``deepseek`` follows DeepSeek's code there too (experts ordered by
+            group load, which decides ties), so num_groups must then divide the experts.
         policy: ``"deepseek"`` (DeepSeek EPLB exactly), ``"balanced"`` (best balance, default;
             never worse than ``deepseek`` on any layer), ``"min_move"`` (from ``old_phy2log``,
             the fewest changed slots reaching ``min_move_target`` x ``balanced``'s balancedness).

@@ -88,10 +88,13 @@ def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
     nodes, groups = config.num_nodes, config.num_groups
     if num_ranks % nodes:
         raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size ({num_ranks})")
-    if nodes > 1 and groups % nodes == 0 and num_logical % groups:
+    # hierarchical for every policy across nodes; `deepseek` groups on one node too (DeepSeek's
+    # own rule, num_groups % num_nodes == 0)
+    grouped = nodes > 1 or config.policy == "deepseek"
+    if grouped and groups > 1 and groups % nodes == 0 and num_logical % groups:
         raise ValueError(f"num_groups ({groups}) must divide the layers' logical experts "
                          f"({num_logical}) for the hierarchical policy (num_groups % "
-                         f"num_nodes == 0)")
+                         f"num_nodes == 0{'' if nodes > 1 else ', policy deepseek'})")
 
 
 class Updator:

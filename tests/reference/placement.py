@@ -57,12 +57,12 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[list[int], list[int], 
 
 
 def deepseek(weight, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int):
-    """DeepSeek EPLB: hierarchical when num_groups % num_nodes == 0 (and num_nodes > 1), else
-    global (one group, one node). weight [L, E] -> (phy2log [L, P], log2phy [L, E, P - E + 1], logcnt
+    """DeepSeek EPLB: hierarchical when num_groups % num_nodes == 0 (one node included: its
+    experts are then ordered by group load), else global (one group, one node). weight [L, E] -> (phy2log [L, P], log2phy [L, E, P - E + 1], logcnt
     [L, E]); log2phy columns are replica ordinals, -1 padded."""
     weight = np.asarray(weight, np.float64)
     num_layers, num_experts = weight.shape
-    if num_groups % num_nodes != 0 or num_nodes == 1:
+    if num_groups % num_nodes != 0:
         num_groups, num_nodes = 1, 1
     group_size = num_experts // num_groups
     per_node_groups = num_groups // num_nodes
