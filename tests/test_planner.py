@@ -607,12 +607,14 @@ def test_min_move_hierarchical_keeps_topology():
 
 
 def test_preserve_slots_matches_reference():
+    """Few slots (bit match), more (per-expert counters) and ids past 2^24 (the plain search)."""
     rng = np.random.default_rng(50)
-    for _ in range(50):
-        ranks, per_rank, experts = int(rng.integers(1, 5)), int(rng.integers(1, 5)), 6
+    for i in range(150):
+        ranks, per_rank = int(rng.integers(1, 5)), int(rng.integers(1, 13))
         slots = ranks * per_rank
-        old = rng.integers(0, experts, (2, slots))
-        new = rng.integers(0, experts, (2, slots))
+        ids = rng.integers(0, 2**40, 6) if i % 3 == 2 else np.arange(6)
+        old = ids[rng.integers(0, 6, (2, slots))]
+        new = ids[rng.integers(0, 6, (2, slots))]
         got = eplb_native.preserve_slots(new, old, ranks)
         np.testing.assert_array_equal(got, ref.preserve_slots(new, old, ranks))
         # same multiset per rank; a kept expert keeps its old slot
@@ -637,6 +639,15 @@ def test_preserve_slots_bad_input():
         eplb_native.preserve_slots(np.zeros((1, 4), np.int64), np.zeros((1, 6), np.int64), 2)
     with pytest.raises(ValueError, match="num_ranks"):
         eplb_native.preserve_slots(np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64), 3)
+    # negative ids (the general path once read past its buffer on them)
+    for new, old, name in (([[-1, -1, 3, 2]], [[0, 1, 2, 3]], "phy2log"),
+                           ([[0, 1, 2, 3]], [[0, -5, 2, 3]], "old_phy2log")):
+        with pytest.raises(ValueError, match=f"^{name} must hold expert ids >= 0"):
+            eplb_native.preserve_slots(np.array(new), np.array(old), 2)
+    from eplb_native import _planner
+
+    with pytest.raises(ValueError, match="phy2log must hold expert ids >= 0"):  # the binding too
+        _planner.preserve_slots(np.array([[0, -1]]), np.array([[0, 1]]), 1)
 
 
 # ----------------------------------------------------------------------------- determinism

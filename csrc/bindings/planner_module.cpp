@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <memory>
@@ -132,8 +133,21 @@ I64 PreserveSlotsPy(const I64& phy2log, const I64& old, int64_t num_ranks) {
   if (num_ranks < 1 || phy2log.shape(1) % num_ranks != 0)
     throw std::invalid_argument("num_ranks must be >= 1 and divide the slots, got " +
                                 std::to_string(num_ranks));
+  // Ids are expert indices: >= 0 (PreserveSlots' general path marks taken entries with -1).
+  // The largest id sizes its per-expert counters (none past 2^24 ids: the O(S^2) path then).
+  int64_t largest = -1;
+  for (const I64* a : {&phy2log, &old}) {
+    const int64_t* d = a->data();
+    for (py::ssize_t i = 0; i < a->size(); ++i) {
+      if (d[i] < 0)
+        throw std::invalid_argument(std::string(a == &old ? "old_phy2log" : "phy2log") +
+                                    " must hold expert ids >= 0, got " + std::to_string(d[i]));
+      largest = std::max(largest, d[i]);
+    }
+  }
   Shape s;
   s.num_layers = phy2log.shape(0);
+  s.num_logical = largest < (int64_t{1} << 24) ? largest + 1 : 0;
   s.num_physical = phy2log.shape(1);
   s.num_ranks = num_ranks;
   I64 out({phy2log.shape(0), phy2log.shape(1)});

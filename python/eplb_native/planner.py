@@ -259,6 +259,9 @@ def preserve_slots(phy2log, old_phy2log, num_ranks: int):
         raise ValueError(f"phy2log must have shape [layers, slots], got {new.shape}")
     if old.shape != new.shape:
         raise ValueError(f"old_phy2log must have the shape of phy2log {new.shape}, got {old.shape}")
+    for a, name in ((new, "phy2log"), (old, "old_phy2log")):
+        if a.size and a.min() < 0:
+            raise ValueError(f"{name} must hold expert ids >= 0, got {a.min()}")
     num_ranks = _as_int(num_ranks, "num_ranks")
     if new.shape[1] % num_ranks:
         raise ValueError(f"slots ({new.shape[1]}) must be divisible by num_ranks ({num_ranks})")
