@@ -774,6 +774,55 @@ def test_planner_cancel_and_callbacks():
     assert seen == [(2, 20)]
 
 
+def test_planner_cancelled_future_counts_as_done_for_wait():
+    """concurrent.futures.wait / as_completed see a future cancelled while queued as done (it
+    must be notified, not only marked cancelled), so they return instead of waiting forever."""
+    load = random_load(np.random.default_rng(85), 58, 256, "zipf")
+    with eplb_native.Planner() as planner:
+        fs = [planner.submit(load, num_ranks=32, num_replicas=288) for _ in range(6)]
+        assert fs[-1].cancel()
+        done, not_done = concurrent.futures.wait(fs, timeout=60)
+        assert not not_done and fs[-1] in done
+        assert len(list(concurrent.futures.as_completed(fs, timeout=60))) == 6
+
+
+def test_planner_close_from_done_callback_and_no_leak(caplog):
+    """close() from a future's done-callback (which runs on the waiter thread) closes without an
+    error; Planners dropped without close() are collected and their threads end."""
+    import gc
+    import logging
+
+    load = random_load(np.random.default_rng(86), 2, 16)
+    planner = eplb_native.Planner()
+    fut = planner.submit(load, num_ranks=4, num_replicas=20)
+    closed = threading.Event()
+    fut.add_done_callback(lambda _: (planner.close(), closed.set()))
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        fut.result(timeout=60)
+        assert closed.wait(60)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    with pytest.raises(RuntimeError, match="closed"):
+        planner.submit(load, num_ranks=4, num_replicas=20)
+
+    def live_waiters():
+        return sum(t.name == "eplb-planner-waiter" and t.is_alive()
+                   for t in threading.enumerate())
+
+    planner._waiter.join(60)
+    before = live_waiters()
+    for _ in range(10):
+        p = eplb_native.Planner()
+        result = p.submit(load, num_ranks=4, num_replicas=20)
+        result.result(timeout=60)
+        del p
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while live_waiters() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_waiters() == before
+    assert result.done()  # a future kept past its Planner stays readable
+
+
 def test_planner_close_is_idempotent_and_cancels_queue():
     """close() lets the running job finish with its full result and cancels the queued ones."""
     big = random_load(np.random.default_rng(83), 300, 256, "zipf")

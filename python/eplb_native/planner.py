@@ -15,7 +15,6 @@ planning itself runs in C++ with the GIL released.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import os
 import threading
@@ -294,10 +293,14 @@ class Planner:
         self._futures: dict[int, tuple[concurrent.futures.Future, dict]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._waiter = threading.Thread(target=self._wait_loop, name="eplb-planner-waiter",
-                                        daemon=True)
+        # The waiter thread and the futures' callbacks hold the worker, not the Planner: a
+        # Planner dropped without close() is collected, and its finalizer (which also runs at
+        # interpreter exit) closes the worker, which ends both threads.
+        self._waiter = threading.Thread(target=_wait_loop,
+                                        args=(self._worker, self._futures, self._lock),
+                                        name="eplb-planner-waiter", daemon=True)
         self._waiter.start()
-        _live_planners.add(self)
+        self._finalizer = weakref.finalize(self, _stop, self._worker, self._waiter, self._pid)
 
     def _check_process(self):
         if os.getpid() != self._pid:
@@ -322,41 +325,18 @@ class Planner:
                                       POLICIES[policy], bool(preserve_slots), threads,
                                       target, bool(transfers))
             self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
-        fut.add_done_callback(lambda f, job=job: f.cancelled() and self._worker.cancel(job))
+        worker = self._worker
+        fut.add_done_callback(lambda f, job=job: f.cancelled() and worker.cancel(job))
         return fut
 
-    def _wait_loop(self):
-        while True:
-            item = self._worker.wait_next()
-            if item is None:
-                return
-            job, status, payload = item
-            with self._lock:
-                fut, meta = self._futures.pop(job, (None, None))
-            if fut is None or fut.cancelled():
-                continue
-            if not fut.set_running_or_notify_cancel():
-                continue
-            if status == "ok":
-                fut.set_result(Plan(**meta, **payload))
-            elif status == "cancelled":
-                fut.set_exception(concurrent.futures.CancelledError("Planner closed"))
-            elif status == "invalid":
-                fut.set_exception(ValueError(payload))
-            else:
-                fut.set_exception(RuntimeError(payload))
-
     def close(self) -> None:
-        """Cancels queued jobs, finishes the running one, joins the threads. Idempotent."""
+        """Cancels queued jobs, finishes the running one, joins the threads (from a future's
+        done-callback, which runs on the waiter thread, all but that one). Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if os.getpid() != self._pid:
-            return  # the threads live in the parent; nothing of ours to join here
-        self._worker.close()
-        self._worker.join()
-        self._waiter.join()
+        self._finalizer()
 
     def __enter__(self) -> Planner:
         return self
@@ -365,10 +345,35 @@ class Planner:
         self.close()
 
 
-_live_planners: weakref.WeakSet = weakref.WeakSet()
+def _wait_loop(worker, futures: dict, lock: threading.Lock) -> None:
+    """The waiter thread: completes each job's future until the worker is closed and drained."""
+    while True:
+        item = worker.wait_next()
+        if item is None:
+            return
+        job, status, payload = item
+        with lock:
+            fut, meta = futures.pop(job, (None, None))
+        # (a future cancelled while queued is notified here: until then wait() and
+        # as_completed() do not see it as done)
+        if fut is None or not fut.set_running_or_notify_cancel():
+            continue
+        if status == "ok":
+            fut.set_result(Plan(**meta, **payload))
+        elif status == "cancelled":
+            fut.set_exception(concurrent.futures.CancelledError("Planner closed"))
+        elif status == "invalid":
+            fut.set_exception(ValueError(payload))
+        else:
+            fut.set_exception(RuntimeError(payload))
 
 
-@atexit.register
-def _close_all() -> None:
-    for p in list(_live_planners):
-        p.close()
+def _stop(worker, waiter: threading.Thread, pid: int) -> None:
+    """Planner's finalizer (close(), collection, interpreter exit): closes the worker and joins
+    both threads, except the waiter when called on it (a done-callback calling close())."""
+    if os.getpid() != pid:
+        return  # the threads live in the parent; nothing of ours to join here
+    worker.close()
+    worker.join()
+    if threading.current_thread() is not waiter:
+        waiter.join()
