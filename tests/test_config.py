@@ -27,6 +27,28 @@ def test_vllm_ascend_vocabulary_and_wrapper(tmp_path):
     assert EplbConfig.parse(json.dumps(doc)) == c
 
 
+def test_wrapper_inside_a_whole_additional_config_and_numpy_scalars():
+    """vllm-ascend's additional_config holds eplb_config beside its own keys: those are not
+    ours and are left alone; a key of ours beside the wrapper is ambiguous and refused. numpy
+    scalars count as the Python numbers they hold (as plan() takes them)."""
+    import numpy as np
+
+    doc = {"eplb_config": {"num_redundant_experts": 16}, "torchair_graph_config": {},
+           "ascend_scheduler_config": {"enabled": True}}
+    assert EplbConfig.parse(doc).num_redundant_experts == 16
+    with pytest.raises(ValueError, match="num_redundant_experts.*beside 'eplb_config'"):
+        EplbConfig.parse({"eplb_config": {}, "num_redundant_experts": 16})
+    c = EplbConfig.parse({"num_redundant_experts": np.int64(16), "dynamic_eplb": np.bool_(True),
+                          "expert_heat_collection_interval": np.int32(100),
+                          "transfer_timeout_s": np.float32(5.0)})
+    assert c == EplbConfig.parse({"num_redundant_experts": 16, "dynamic_eplb": True,
+                                  "expert_heat_collection_interval": 100,
+                                  "transfer_timeout_s": 5.0})
+    assert type(c.num_redundant_experts) is int and type(c.dynamic_eplb) is bool
+    with pytest.raises(ValueError, match="num_redundant_experts"):
+        EplbConfig.parse({"num_redundant_experts": np.float64(16)})
+
+
 def test_vllm_vocabulary():
     @dataclasses.dataclass
     class VllmEPLBConfig:  # the fields of vLLM's EPLBConfig

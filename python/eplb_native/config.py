@@ -96,6 +96,13 @@ class EplbConfig:
     enable_migration_batching: bool = False
 
     def __post_init__(self):
+        # numpy scalars (np.int64(16), np.bool_(True), np.float32(5.0)) as the Python values
+        # they stand for, as plan() takes them
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+                if v.dtype.kind in "biuf":
+                    object.__setattr__(self, f.name, v.item())
         for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching"):
             _check_bool(key, getattr(self, key))
         for key, lo in (("expert_heat_collection_interval", 1), ("algorithm_execution_interval", 0),
@@ -139,7 +146,14 @@ class EplbConfig:
         """Builds from a dict in any accepted vocabulary (or the ``eplb_config`` wrapper)."""
         if not isinstance(doc, dict):
             raise ValueError(f"config must be a dict, got {type(doc).__name__}")
-        if set(doc) == {"eplb_config"}:
+        if "eplb_config" in doc:
+            # vllm-ascend's wrapper, alone or inside a whole additional_config (whose other keys
+            # are vllm-ascend's own), but not beside keys of ours: which would win is unclear
+            ours = sorted(k for k in doc if k != "eplb_config" and (
+                _ALIASES.get(k, k) in {f.name for f in dataclasses.fields(cls)}))
+            if ours:
+                raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
+                                 f"inside it")
             doc = doc["eplb_config"]
             if not isinstance(doc, dict):
                 raise ValueError("eplb_config must be a dict")
