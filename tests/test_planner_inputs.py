@@ -23,6 +23,8 @@ def test_complex_load_is_refused(load):
     ({"min_move_target": 1.5}, ValueError, r"min_move_target must be in \(0, 1\]"),
     ({"policy": ["balanced"]}, TypeError, "policy must be a str"),
     ({"num_ranks": 2**70}, ValueError, "num_ranks must be <="),
+    ({"preserve_slots": "false"}, TypeError, "preserve_slots must be a bool"),
+    ({"transfers": None}, TypeError, "transfers must be a bool"),
 ])
 def test_plan_and_planner_name_the_argument(kwargs, error, match):
     load = np.random.default_rng(0).random((2, 8)) + 0.5
@@ -39,6 +41,16 @@ def test_plan_and_planner_name_the_argument(kwargs, error, match):
                 planner.submit(load, **args)
         # nothing was queued by the refused call: the next job is the only one
         assert planner.submit(load, num_ranks=2, num_replicas=8).result(timeout=60) is not None
+
+
+def test_torch_tensors_numpy_cannot_hold_are_named():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="^load is a meta-device tensor"):
+        eplb_native.plan(torch.empty(2, 8, device="meta"), num_ranks=2, num_replicas=8)
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(TypeError, match="^load has dtype torch.float8_e4m3fn"):
+            eplb_native.plan(torch.ones(2, 8).to(torch.float8_e4m3fn), num_ranks=2,
+                             num_replicas=8)
 
 
 def test_load_whose_layer_sum_overflows_is_refused():

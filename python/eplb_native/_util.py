@@ -38,13 +38,20 @@ def to_numpy(x, name: str) -> np.ndarray:
     A tensor is detached and copied to the CPU; bfloat16 / float16 (no numpy bfloat16) are
     upcast to float32 so every float array the rooms see is float32 or float64. The result may
     share memory with ``x`` (a CPU tensor or an ndarray); callers that keep or modify it copy.
-    ValueError naming ``name`` for a ragged nested sequence.
+    ValueError naming ``name`` for a ragged nested sequence or a meta tensor, TypeError for a
+    tensor dtype numpy lacks (float8, quantized).
     """
     if is_torch(x):
         x = x.detach()
+        if getattr(x, "is_meta", False):
+            raise ValueError(f"{name} is a meta-device tensor (no data); pass real values")
         if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
             x = x.float()
-        return x.cpu().numpy()
+        try:
+            return x.cpu().numpy()
+        except TypeError as e:  # a dtype numpy has none of (float8, quantized, ...)
+            raise TypeError(f"{name} has dtype {x.dtype}, which has no numpy equivalent; "
+                            f"cast it (e.g. .float()) first") from e
     try:
         return np.asarray(x)
     except (ValueError, TypeError) as e:  # ragged nested lists
