@@ -288,6 +288,10 @@ def test_attach_errors():
         eplb_native.attach("model")
     with pytest.raises(FileNotFoundError, match="no_such_map.json"):
         eplb_native.attach(Stack(1), {"expert_map_path": "/no/such/dir/no_such_map.json"})
+    # the record path's folder is checked at attach, not found missing at shutdown
+    with pytest.raises(ValueError, match="expert_map_record_path .*folder '/no/such/dir' does "
+                                         "not exist"):
+        eplb_native.attach(Stack(1), {"expert_map_record_path": "/no/such/dir/out.json"})
     # topologies the planner rejects fail at attach, not at every planning cycle
     with pytest.raises(ValueError, match=r"num_nodes \(2\) must divide the layers' ep_size"):
         eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_nodes": 2})

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -205,6 +206,8 @@ class Updator:
         target = None
         try:
             self._allocate_buffers()
+            if config.expert_map_record_path is not None and self.rank == 0:
+                _check_writable_dir(config.expert_map_record_path, "expert_map_record_path")
             if config.expert_map_path is not None:
                 target, _ = expert_map.load(config.expert_map_path, num_ranks=self.num_ranks,
                                             num_logical=self.num_logical,
@@ -727,6 +730,16 @@ class Updator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _check_writable_dir(path, name: str) -> None:
+    """ValueError naming ``name`` unless the folder ``path`` will be written into exists and
+    takes new files (checked at attach, not found out at shutdown after serving)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} is not writable")
 
 
 #: The live Updator of each adapted module (weak on both sides): attach refuses a second one.
