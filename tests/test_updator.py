@@ -551,3 +551,47 @@ def test_move_to_keeps_outputs_and_weights():
     with pytest.raises(ValueError, match="shape"):
         up.move_to(target[:1])
     up.shutdown()
+
+
+def test_replaced_weights_stop_eplb_instead_of_corrupting():
+    """model.to(dtype) after attach replaces the expert weights: the updator would move rows
+    into the old tensors and switch the live maps over the new ones (wrong outputs). It raises
+    instead, at the switch and at every step after, and the model keeps its placement."""
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "layers_per_step": 2})
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(9))
+    model(x)
+    before = up.phy2log()
+    model.to(torch.float64)
+    reference = Stack(2, num_redundant_experts=2).to(torch.float64)
+    up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]]))
+    with pytest.raises(RuntimeError, match="replaced after attach.*shutdown"):
+        model(x.double())
+    with pytest.raises(RuntimeError, match="replaced after attach"):
+        up.forward_before()
+    assert np.array_equal(up.phy2log(), before)
+    for layer in model.layers:  # the live maps were not switched: still the weights' order
+        assert np.array_equal(layer.phy2log.numpy(), before[0])
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
+    up.shutdown()
+    torch.testing.assert_close(model(x.double()), reference(x.double()))
+
+
+def test_placement_loaded_behind_the_updator_stops_eplb():
+    """A state_dict taken at another placement, loaded after attach, rewrites the maps in place
+    behind the updator's mirror: its next plan would start from a placement the layers do not
+    have. The next gather raises instead."""
+    model = Stack(1, num_redundant_experts=2)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    up = eplb_native.attach(model, {"step_interval": 2, "layers_per_step": 1})
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(10))
+    up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7]]))
+    model(x)
+    model(x)  # moved (and a window gathered, fine)
+    assert not np.array_equal(up.phy2log(), snapshot["layers.0.phy2log"].numpy()[None])
+    model.load_state_dict(snapshot)
+    with pytest.raises(RuntimeError, match="placement buffers changed behind the updator"):
+        for _ in range(2):
+            model(x)
+    up.shutdown()

@@ -166,6 +166,12 @@ class Updator:
         self.group = group
         self.stats = metrics.UpdatorStats()
         self._placement = placement
+        # The adapters' tensors that are the layers' own parameters / buffers (by storage): a
+        # model.to(dtype or device), .half() or load_state_dict(assign=True) after attach
+        # replaces them, and moving rows into the old ones, then switching the live maps,
+        # would corrupt the outputs. Checked at each gather and before each map switch.
+        self._tracked = [_tracked_storages(a) for a in layers]
+        self._broken: str | None = None
         self.fault_hook: FaultHook | None = None
         self.step = 0
         self.cycle = 0
@@ -287,8 +293,43 @@ class Updator:
         return self._placement.copy()
 
     def _set_placement(self, layer: int, phy2log: np.ndarray) -> None:
+        self._check_tensors(layer)
         self.layers[layer].set_placement(phy2log)
         self._placement[layer] = phy2log
+
+    def _check_tensors(self, layer: int) -> None:
+        """Raises (and keeps raising at every step) when layer's weights or EPLB buffers are no
+        longer the module's own (see _tracked)."""
+        a = self.layers[layer]
+        if self._broken is None:
+            now = _module_storages(a.module)
+            if all(key in now for key in self._tracked[layer]):
+                return
+            self._broken = (
+                f"MoE layer {a.name!r}: its expert weights or EPLB buffers were replaced after "
+                "attach (model.to(dtype / device), .half(), load_state_dict(assign=True), ...); "
+                "the updator holds the old tensors and would corrupt the outputs. EPLB stopped "
+                "here (the placement in use is unchanged): call updator.shutdown() before such a "
+                "change and eplb_native.attach(...) again after it")
+        raise RuntimeError(self._broken)
+
+    def _check_placement(self) -> None:
+        """Raises when a layer's placement buffers no longer hold the placement the updator set
+        (e.g. load_state_dict of a checkpoint taken at another placement): its moves would be
+        planned from a placement the layer does not have."""
+        if self._broken is None:
+            for layer in range(self.num_layers):
+                self._check_tensors(layer)
+            live = torch.stack([a.phy2log for a in self.layers]).cpu().numpy()
+            if np.array_equal(live, self._placement):
+                return
+            layer = int(np.nonzero((live != self._placement).any(1))[0][0])
+            self._broken = (
+                f"MoE layer {self.layers[layer].name!r}: its placement buffers changed behind "
+                "the updator (load_state_dict of a checkpoint taken at another placement?); "
+                "EPLB stopped here: load checkpoints before eplb_native.attach(...), or call "
+                "updator.shutdown() first and attach again after")
+        raise RuntimeError(self._broken)
 
     def _apply_expert_map(self, target: np.ndarray, path) -> None:
         """Moves every layer's weights to the expert map's placement ``target`` [L, P] (loaded
@@ -377,6 +418,8 @@ class Updator:
         the last fold, and issues the next layers' moves."""
         if self._closed:
             return
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         if self._fold_done is not None:
             self._api.current_stream(self.device).wait_event(self._fold_done)
             self._fold_done = None
@@ -388,6 +431,8 @@ class Updator:
         gathers / plans on schedule."""
         if self._closed:
             return
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         self.step += 1
         self._fold()
         if self._awaiting:
@@ -425,6 +470,7 @@ class Updator:
 
     def _gather_and_plan(self) -> None:
         """All-gathers the window and submits it to the planner (every rank, same step)."""
+        self._check_placement()
         e, r, n = self.num_logical, self.num_ranks, self.num_layers
         steps = min(self.step, self.config.window_steps)
         ctx = self._api.stream(self._side) if self._api is not None else _Null()
@@ -730,6 +776,26 @@ class Updator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """(storage address, dtype, device) of t's data (a DTensor's local shard)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return (local.untyped_storage().data_ptr(), local.dtype, local.device)
+
+
+def _module_storages(module: torch.nn.Module) -> set:
+    return {_storage_key(t) for t in (*module.parameters(), *module.buffers())}
+
+
+def _tracked_storages(a: MoELayerAdapter) -> frozenset:
+    """The storage keys of the adapter's tensors that belong to its module's parameters or
+    buffers (an adapter may also hold tensors of its own, which nothing can replace)."""
+    own = _module_storages(a.module)
+    tensors = [*a.weights, a.phy2log, a.log2phy, a.logcnt, a.load, a.record]
+    if a.local_expert_map is not None:
+        tensors.append(a.local_expert_map)
+    return frozenset(k for k in map(_storage_key, tensors) if k in own)
 
 
 def _check_writable_dir(path, name: str) -> None:
