@@ -595,3 +595,15 @@ def test_placement_loaded_behind_the_updator_stops_eplb():
         for _ in range(2):
             model(x)
     up.shutdown()
+
+
+def test_recording_only_tolerates_a_cast_after_attach():
+    """Without dynamic EPLB nothing moves, so a cast after attach breaks nothing: no error."""
+    model = Stack(1, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1, "dynamic_eplb": False})
+    model.to(torch.float64)
+    x = torch.randn(9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    for _ in range(3):
+        model(x)
+    assert len(up.stats.windows) == 3
+    up.shutdown()

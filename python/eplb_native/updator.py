@@ -470,7 +470,8 @@ class Updator:
 
     def _gather_and_plan(self) -> None:
         """All-gathers the window and submits it to the planner (every rank, same step)."""
-        self._check_placement()
+        if self._planner is not None:  # (recording only moves nothing: nothing to corrupt)
+            self._check_placement()
         e, r, n = self.num_logical, self.num_ranks, self.num_layers
         steps = min(self.step, self.config.window_steps)
         ctx = self._api.stream(self._side) if self._api is not None else _Null()
