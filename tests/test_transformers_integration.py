@@ -128,6 +128,13 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert "num_nodes (3) must divide the layers' ep_size (2)" in errors["attach_nodes"]
         assert "num_groups (6) must divide the layers' logical experts (8)" in errors[
             "attach_groups"]
+        # rank 0 writes the map and checks its folder; the others refuse with it
+        assert errors["record_path"].startswith("expert_map_record_path") and (
+            "does not exist" if rank == 0 else "rank 0 of the EP group cannot write it") in (
+            errors["record_path"])
+        assert errors["mixed_experts"] is not None and re.search(
+            r"'model\.layers\.1\.mlp\.experts'.*differ in shape or dtype",
+            errors["mixed_experts"])
         assert errors["last_layer_params"] is not None and re.search(
             r"'model\.layers\.1\.mlp\.experts' .*parameter 'gate_up_proj' must hold 8 "
             r"experts on the EP mesh, got 10", errors["last_layer_params"])

@@ -218,6 +218,30 @@ def _prepare_with_bad_last_layer(model, eplb_tf) -> str | None:
         del experts.eplb_num_logical_experts
 
 
+def _attach_with_narrow_last_layer(model, eplb_native, eplb_tf) -> str | None:
+    """attach() on ``model`` whose last MoE layer's experts are narrower (another intermediate
+    size): dynamic EPLB moves every layer through the same buffers, so it must refuse before
+    growing any layer. The last layer is restored afterwards. Returns the error message."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    experts = eplb_tf.find_moe_layers(model)[-1].experts
+    saved = dict(experts._parameters)
+    for name, p in saved.items():
+        if p is None or p.dim() < 2:
+            continue
+        local = p.to_local()
+        narrow = DTensor.from_local(local[..., :-1].contiguous(), p.device_mesh, [Shard(0)],
+                                    run_check=False)
+        experts._parameters[name] = torch.nn.Parameter(narrow, requires_grad=p.requires_grad)
+    try:
+        eplb_native.attach(model, {"num_redundant_experts": 2}, hooks=False)
+        return None
+    except ValueError as e:
+        return str(e)
+    finally:
+        experts._parameters.update(saved)
+
+
 @torch.no_grad()
 def run_prepare_checks(path: str, rank: int) -> dict:
     """prepare() alone (no updator) on the qwen3_moe checkpoint: refused inputs leave the model
@@ -249,12 +273,15 @@ def run_prepare_checks(path: str, rank: int) -> dict:
     out["errors"]["last_layer_params"] = _prepare_with_bad_last_layer(model, eplb_tf)
     # a config the updator would refuse is refused before any layer grows
     for key, config in {"attach_nodes": {"num_nodes": 3},
-                        "attach_groups": {"num_nodes": 2, "num_groups": 6}}.items():
+                        "attach_groups": {"num_nodes": 2, "num_groups": 6},
+                        "record_path": {"expert_map_record_path": "/no/such/dir/map.json"}
+                        }.items():
         try:
             eplb_native.attach(model, config, hooks=False)
             out["errors"][key] = None
         except ValueError as e:
             out["errors"][key] = str(e)
+    out["errors"]["mixed_experts"] = _attach_with_narrow_last_layer(model, eplb_native, eplb_tf)
     out["untouched"] = all(
         lay.experts.num_experts == EXPERTS // NUM_RANKS
         and lay.experts.gate_up_proj.to_local().shape[0] == EXPERTS // NUM_RANKS

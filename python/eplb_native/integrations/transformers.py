@@ -415,6 +415,44 @@ def _grow(prep: _Preparation) -> list[TransformersMoELayer]:
 
 
 
+def _check_same_experts(layers: list[TransformersMoELayer]) -> None:
+    """Dynamic EPLB moves every layer's weights through the same staging buffers: the layers'
+    experts must agree in shape and dtype (what the updator checks after the grow, checked
+    here before it, when a refusal still changes nothing)."""
+    def kind(layer):
+        return [(pname, tuple(p.shape[1:]), p.dtype) for pname, p in _stacked_params(layer.experts)]
+
+    first = kind(layers[0])
+    for layer in layers[1:]:
+        if kind(layer) != first:
+            raise AdapterError(f"{_where(layer.name, layer.experts)}: expert weights "
+                               f"{kind(layer)} differ in shape or dtype from layer "
+                               f"{layers[0].name!r} {first}; dynamic EPLB moves every layer "
+                               "through the same buffers (dynamic_eplb=False records only)")
+
+
+def _agree_record_path(prep: _Preparation, path) -> None:
+    """Collective: rank 0 (the writer) checks expert_map_record_path's folder before the grow,
+    and every rank raises if it fails (a refusal on rank 0 alone would leave the others
+    waiting in the grow's exchange)."""
+    from ..updator import _check_writable_dir
+
+    error = None
+    if path is not None and dist.get_rank(prep.group) == 0:
+        try:
+            _check_writable_dir(path, "expert_map_record_path")
+        except ValueError as e:
+            error = e
+    device = _stacked_params(prep.layers[0].experts)[0][1].to_local().device
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=prep.group)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise ValueError("expert_map_record_path: rank 0 of the EP group cannot write it (its "
+                         "own error says why); nothing was changed")
+
+
 @register_adapter
 def transformers_experts_adapter(name: str, module: torch.nn.Module, ep_rank: int,
                                  ep_size: int) -> MoELayerAdapter | None:
@@ -478,6 +516,9 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
     # here, before the first layer changes.
     check_config_fits(cfg, prep.layers[0].num_logical_experts, prep.num_slots,
                       prep.ep_mesh.size())
+    if cfg.dynamic_eplb:
+        _check_same_experts(prep.layers)
+    _agree_record_path(prep, cfg.expert_map_record_path)
     _grow(prep)
     try:
         return _attach(model, cfg, prep.group, hooks=hooks)
