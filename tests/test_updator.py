@@ -607,3 +607,19 @@ def test_recording_only_tolerates_a_cast_after_attach():
         model(x)
     assert len(up.stats.windows) == 3
     up.shutdown()
+
+
+def test_dynamic_eplb_in_training_mode_warns(caplog):
+    import logging
+
+    model = Stack(1, num_redundant_experts=2)  # nn.Module default: training mode
+    for p in model.parameters():  # trainable (EPMoE's are frozen by default)
+        p.requires_grad_(True)
+    with caplog.at_level(logging.WARNING, logger="eplb_native"):
+        eplb_native.attach(model, {"step_interval": 1000}).shutdown()
+        assert any("training mode" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        model.eval()
+        eplb_native.attach(model, {"step_interval": 1000}).shutdown()
+        eplb_native.attach(model.train(), {"step_interval": 1000, "dynamic_eplb": False}).shutdown()
+        assert not caplog.records

@@ -171,6 +171,13 @@ class Updator:
         # replaces them, and moving rows into the old ones, then switching the live maps,
         # would corrupt the outputs. Checked at each gather and before each map switch.
         self._tracked = [_tracked_storages(a) for a in layers]
+        if config.dynamic_eplb and any(a.module.training and any(
+                p.requires_grad for p in a.module.parameters()) for a in layers):
+            logger.warning(
+                "eplb_native: dynamic EPLB on MoE layers in training mode with trainable "
+                "weights: moves rewrite expert weights in place after a forward, so a backward "
+                "through that forward fails (autograd's in-place check). For inference call "
+                "model.eval(); to train, attach with dynamic_eplb=False (recording only)")
         self._broken: str | None = None
         self.fault_hook: FaultHook | None = None
         self.step = 0

@@ -236,12 +236,13 @@ def _fill_slots(local_rows: list[torch.Tensor], phy2log: np.ndarray, num_logical
         if send_rows.size:
             index = torch.from_numpy(send_rows).to(local_rows[0].device)
             for src in local_rows:
-                ops.append(dist.P2POp(dist.isend, src.index_select(0, index).contiguous(), peer))
+                ops.append(dist.P2POp(dist.isend, src.index_select(0, index).contiguous(), peer,
+                                      group))
         recv_slots = [s for s, p in enumerate(mine) if owner[p] == q]
         if recv_slots:
             for dst in out:
                 buf = dst.new_empty((len(recv_slots),) + tuple(dst.shape[1:]))
-                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                ops.append(dist.P2POp(dist.irecv, buf, peer, group))
                 pending.append((dst, recv_slots, buf))
     if ops:
         for req in dist.batch_isend_irecv(ops):
