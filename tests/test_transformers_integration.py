@@ -60,6 +60,13 @@ def test_outputs_unchanged_at_every_step(ranks, family):
 
 
 @pytest.mark.parametrize("family", worker.FAMILIES)
+def test_save_pretrained_after_rebalances_loads_into_the_plain_model(ranks, family):
+    for res in _family(ranks, family):
+        torch.testing.assert_close(res["reloaded_logits"], res["reloaded_ref_logits"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
 def test_generate_unchanged(ranks, family):
     for res in _family(ranks, family):
         assert torch.equal(res["generated"], res["ref_generated"])

@@ -176,6 +176,14 @@ def run_family(family: str, path: str, rank: int) -> dict:
         out["plans"] = [(p["balancedness_before"].copy(), p["balancedness_after"].copy())
                         for p in updator.stats.plans]
         out["moves_ok"] = [m["ok"] for m in updator.stats.moves]
+        # save_pretrained after the moves: the plain model loads it and gives the reference's
+        # logits (the grown, slot-ordered parameters are saved in logical order)
+        saved = f"{path}_saved"
+        model.save_pretrained(saved, is_main_process=rank == 0)
+        dist.barrier()
+        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+        ids = _inputs(STEPS + 1)
+        out["reloaded_logits"], out["reloaded_ref_logits"] = reloaded(ids).logits, ref(ids).logits
     finally:
         updator.shutdown()
     return out

@@ -33,6 +33,11 @@ What :func:`attach` changes (per experts module, nothing in transformers' code)
    [E, M], ``eplb_logcnt`` [E], ``eplb_load`` [P] int64, ``eplb_record`` (0-dim bool). The
    adapter registered here (:func:`transformers_experts_adapter`) hands them, with the local
    rows of every stacked parameter, to ``eplb_native.attach`` (protocol in adapters/base.py).
+4. **Checkpoints.** ``model.save_pretrained`` saves :func:`logical_state_dict`: the grown
+   parameters gathered and put back in logical order [E, ...], which the plain model loads.
+   ``model.state_dict()`` itself stays the grown, slot-ordered one (no collective in it), and
+   the EPLB buffers are not in it: a slot-ordered state dict taken at one placement is only
+   valid at that placement (load checkpoints before attach).
 
 Why the EP implementation and not the other hooks: an experts function runs after the
 dispatch, on local ids, too late to choose a replica; a forward hook on the router depends on
@@ -47,6 +52,7 @@ gathered over the EP group counts every token once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -82,6 +88,7 @@ __all__ = [
     "TransformersMoELayer",
     "attach",
     "find_moe_layers",
+    "logical_state_dict",
     "prepare",
     "transformers_experts_adapter",
 ]
@@ -318,8 +325,49 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
     Returns the layers, each with its EPLB buffers registered. Raises ValueError / AdapterError
     before changing anything when the model, the group or the placement does not fit.
     """
-    return _grow(_check_prepare(model, group, num_redundant_experts, expert_map,
-                                ep_implementation))
+    layers = _grow(_check_prepare(model, group, num_redundant_experts, expert_map,
+                                  ep_implementation))
+    _install_logical_save(model)
+    return layers
+
+
+def logical_state_dict(model: torch.nn.Module) -> dict:
+    """``model.state_dict()`` as the model before :func:`prepare`: every grown experts
+    parameter gathered whole and in logical order ``[E, ...]`` (each expert from its first
+    slot; replicas hold the same weights), so that a checkpoint saved from it loads into the
+    plain model. Collective over the EP group (the gather): call on every rank.
+    ``save_pretrained`` of a prepared model saves this (prepare installs it)."""
+    sd = model.state_dict()
+    for name, module in model.named_modules():
+        if not hasattr(module, "eplb_phy2log"):
+            continue
+        phy2log = module.eplb_phy2log.cpu().numpy()
+        first = np.full(module.eplb_num_logical_experts, -1, np.int64)
+        for s in range(phy2log.size - 1, -1, -1):
+            first[phy2log[s]] = s
+        for pname, p in _stacked_params(module):
+            full = p.full_tensor()
+            key = f"{name}.{pname}" if name else pname
+            sd[key] = full.index_select(0, torch.from_numpy(first).to(full.device)).detach()
+    return sd
+
+
+def _install_logical_save(model: torch.nn.Module) -> None:
+    """Makes ``model.save_pretrained`` save :func:`logical_state_dict` (unless given a
+    state_dict): the grown, slot-ordered parameters would make a checkpoint that loads into no
+    model (P rows where the config says E)."""
+    if getattr(model, "_eplb_logical_save", False) or not hasattr(model, "save_pretrained"):
+        return
+    original = model.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory, *args, **kwargs):
+        if len(args) < 2 and kwargs.get("state_dict") is None:  # (args[1]: a state_dict)
+            kwargs["state_dict"] = logical_state_dict(model)
+        return original(save_directory, *args, **kwargs)
+
+    model.save_pretrained = save_pretrained
+    model._eplb_logical_save = True
 
 
 @dataclass
@@ -521,6 +569,7 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
         _check_same_experts(prep.layers)
     _agree_record_path(prep, cfg.expert_map_record_path)
     _grow(prep)
+    _install_logical_save(model)
     try:
         return _attach(model, cfg, prep.group, hooks=hooks)
     except Exception as exc:
