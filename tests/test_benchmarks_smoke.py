@@ -72,3 +72,33 @@ def test_bench_updator_smoke(tmp_path):
     assert summary.returncode == 0, summary.stderr[-3000:]
     assert "layer_move:" in summary.stdout and "budget_step_move:" in summary.stdout
     assert set(result["planner_s"]) == {"deepseek", "balanced", "min_move"}
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("scipy") is None,
+                    reason="needs scipy (the integer-program solver of the analysis tool)")
+def test_optimum_two_slots_matches_brute_force():
+    """benchmarks/optimum_two_slots.py's integer program (replica counts + the sorted-pairing
+    condition) finds the best two-slot placement: brute force over every count vector agrees
+    on small random layers, and a placement with that max exists (the tool measures it)."""
+    import importlib.util
+    import itertools
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("optimum_two_slots",
+                                                  ROOT / "benchmarks" / "optimum_two_slots.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        experts, ranks = int(rng.integers(2, 6)), int(rng.integers(3, 6))
+        slots = 2 * ranks
+        if experts > slots:
+            continue
+        w = rng.integers(1, 60, experts).astype(float)
+        best = min(tool._sorted_pairing_max(w, np.array(c))
+                   for c in itertools.product(range(1, slots + 1), repeat=experts)
+                   if sum(c) == slots)
+        found = tool.best_max(w, slots, w.sum() / ranks, 2 * w.max(), steps=40, extra=slots,
+                              time_limit=30.0)
+        assert abs(found - best) <= 1e-9 * best, (w, ranks, found, best)
