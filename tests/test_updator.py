@@ -391,7 +391,7 @@ def test_refused_fused_layer_is_left_as_it_was():
             self.global_num_experts = 6
 
     model = torch.nn.Sequential(Fused())
-    with pytest.raises(AdapterError, match=r"S=8"):
+    with pytest.raises(AdapterError, match=r"placement has 8 slots, the weights 6 x 1 ranks"):
         eplb_native.attach(model)
     assert [n for n, _ in model[0].named_buffers()] == ["eplb_phy2log"]
 
@@ -623,3 +623,104 @@ def test_dynamic_eplb_in_training_mode_warns(caplog):
         eplb_native.attach(model, {"step_interval": 1000}).shutdown()
         eplb_native.attach(model.train(), {"step_interval": 1000, "dynamic_eplb": False}).shutdown()
         assert not caplog.records
+
+
+class _VllmFused(torch.nn.Module):
+    """vLLM's FusedMoE as it stood with its EPLB maps on the layer: expert_map indexed by
+    physical slot (fixed), logical_to_physical_map [E, M] / logical_replica_count [E] read by
+    its router, global_num_experts = P, logical_num_experts = E, per-expert quantization
+    factors (g1_alphas: NVFP4's, without the w13_ prefix), a broadcast input scale and the
+    per-logical-expert routing bias. Rank 0 of 1, E = 4, P = 6 (experts 0 and 1 twice)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(12)
+        s = 6
+        self.w13_weight = torch.nn.Parameter(torch.randn(s, 4, 3, generator=g),
+                                             requires_grad=False)
+        self.w2_weight = torch.nn.Parameter(torch.randn(s, 3, 2, generator=g),
+                                            requires_grad=False)
+        self.g1_alphas = torch.nn.Parameter(torch.randn(s, generator=g), requires_grad=False)
+        self.w13_input_scale = torch.nn.Parameter(torch.ones(1).expand(s), requires_grad=False)
+        self.e_score_correction_bias = torch.nn.Parameter(torch.randn(4, generator=g),
+                                                          requires_grad=False)
+        self.global_num_experts, self.logical_num_experts, self.local_num_experts = 6, 4, 6
+        self.register_buffer("_expert_map", torch.arange(6, dtype=torch.int32))
+        self.expert_load_view = torch.zeros(6, dtype=torch.int32)
+        self.logical_to_physical_map = torch.tensor([[0, 4, -1], [1, 5, -1], [2, -1, -1],
+                                                     [3, -1, -1]])
+        self.logical_replica_count = torch.tensor([2, 2, 1, 1])
+
+    @property
+    def expert_map(self):
+        return self._expert_map
+
+
+def test_fused_vllm_eplb_layer_keeps_its_physical_expert_map():
+    """With vLLM's EPLB maps the router picks a physical slot from logical_to_physical_map and
+    expert_map takes it to the local row: a move rewrites the maps, never expert_map (it used to
+    be rewritten as a logical map: tokens went to another expert's rows), the logical experts
+    are E = 4 (not global_num_experts = P = 6), every per-expert tensor moves with its expert
+    (g1_alphas included), the broadcast scale and the logical routing bias stay."""
+    m = _VllmFused()
+    up = eplb_native.attach(torch.nn.Sequential(m), {"dynamic_eplb": False})
+    a = up.layers[0]
+    assert (a.num_logical_experts, a.num_slots) == (4, 6)
+    assert a.log2phy is m.logical_to_physical_map and a.logcnt is m.logical_replica_count
+    assert a.local_expert_map is None
+    assert up.phy2log().tolist() == [[0, 1, 2, 3, 0, 1]]
+    rows = {n: t.detach().clone() for n, t in m.named_parameters()}
+    target = [3, 2, 1, 0, 3, 3]
+    up.move_to([target])
+    for _ in range(3):
+        up.forward_before()
+        up.forward_end()
+    assert up.phy2log().tolist() == [target]
+    assert m.expert_map.tolist() == list(range(6))
+    old_slot = {0: 0, 1: 1, 2: 2, 3: 3}  # where each expert's rows were
+    for name in ("w13_weight", "w2_weight", "g1_alphas"):
+        for p, e in enumerate(target):
+            assert torch.equal(getattr(m, name)[p], rows[name][old_slot[e]]), (name, p)
+    assert torch.equal(m.w13_input_scale, rows["w13_input_scale"])
+    assert torch.equal(m.e_score_correction_bias, rows["e_score_correction_bias"])
+    # vLLM's route: logical e -> a physical slot from its map -> expert_map -> a row holding e
+    for e in range(4):
+        for k in range(int(m.logical_replica_count[e])):
+            p = int(m.logical_to_physical_map[e, k])
+            assert target[int(m.expert_map[p])] == e
+    up.shutdown()
+
+
+def test_fused_adapter_refuses_what_it_cannot_move_and_changes_nothing():
+    """Layers whose routing reads maps the adapter does not drive (vllm-ascend's log2phy /
+    ascend_expert_map, vLLM's eplb_state), per-expert tensors kept as plain attributes, maps
+    that contradict the layer's placement, and an EP rank of the layer's own that attach's group
+    contradicts: refused, naming the layer, with the layer as it was."""
+    cases = {
+        "log2phy": (lambda m: m.register_buffer("log2phy", torch.arange(4, dtype=torch.int32)),
+                    "vllm-ascend's routing maps the top-k ids through layer.log2phy"),
+        "ascend": (lambda m: setattr(m, "_ascend_expert_map", torch.arange(4)),
+                   "ascend_expert_map"),
+        "eplb_state": (lambda m: setattr(m, "eplb_state", object()), "layer.eplb_state"),
+        "plain": (lambda m: setattr(m, "w13_weight_scale_fp32", torch.ones(6, 2)),
+                  r"per-expert tensors \['w13_weight_scale_fp32'\] are plain attributes"),
+        "maps": (lambda m: m.logical_to_physical_map.copy_(torch.tensor(
+            [[0, 4, -1], [1, 5, -1], [2, -1, -1], [3, -1, -1]]).flip(0)),
+            "logical_to_physical_map names slot|does not match"),
+        "counts": (lambda m: m.logical_replica_count.copy_(torch.tensor([1, 2, 2, 1])),
+                   "logical_replica_count does not match"),
+        "rank": (lambda m: setattr(m, "ep_rank", 1) or setattr(m, "ep_size", 2),
+                 "the layer is EP rank 1 of 2, attach's group gives 0 of 1"),
+    }
+    for key, (spoil, match) in cases.items():
+        m = _VllmFused()
+        spoil(m)
+        before = {n: t.detach().clone() for n, t in [*m.named_parameters(), *m.named_buffers()]}
+        maps = (m.logical_to_physical_map.clone(), m.logical_replica_count.clone())
+        with pytest.raises(AdapterError, match=match):
+            eplb_native.attach(torch.nn.Sequential(m), {"dynamic_eplb": False})
+        after = dict([*m.named_parameters(), *m.named_buffers()])
+        assert sorted(after) == sorted(before), key
+        assert all(torch.equal(after[n], t) for n, t in before.items()), key
+        assert torch.equal(m.logical_to_physical_map, maps[0]), key
+        assert torch.equal(m.logical_replica_count, maps[1]), key
