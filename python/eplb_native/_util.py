@@ -13,7 +13,8 @@ import secrets
 
 import numpy as np
 
-__all__ = ["atomic_write", "check_int", "is_torch", "to_numpy", "validate_phy2log"]
+__all__ = ["atomic_write", "check_int", "check_writable_dir", "is_torch", "to_numpy",
+           "validate_phy2log"]
 
 
 def is_torch(x) -> bool:
@@ -105,3 +106,13 @@ def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy
             raise ValueError(f"{name}: layer {layer} holds no copy of logical experts "
                              f"{missing[:8].tolist()}")
     return a
+
+
+def check_writable_dir(path, name: str) -> None:
+    """ValueError naming ``name`` unless the folder ``path`` will be written into exists and
+    takes new files (checked at attach, not found out at shutdown after serving)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} is not writable")

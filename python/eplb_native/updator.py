@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from . import expert_map, metrics, state
+from ._util import check_writable_dir
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
 from .planner import Planner
@@ -220,7 +220,7 @@ class Updator:
         try:
             self._allocate_buffers()
             if config.expert_map_record_path is not None and self.rank == 0:
-                _check_writable_dir(config.expert_map_record_path, "expert_map_record_path")
+                check_writable_dir(config.expert_map_record_path, "expert_map_record_path")
             if config.expert_map_path is not None:
                 target, _ = expert_map.load(config.expert_map_path, num_ranks=self.num_ranks,
                                             num_logical=self.num_logical,
@@ -804,16 +804,6 @@ def _tracked_storages(a: MoELayerAdapter) -> frozenset:
     if a.local_expert_map is not None:
         tensors.append(a.local_expert_map)
     return frozenset(k for k in map(_storage_key, tensors) if k in own)
-
-
-def _check_writable_dir(path, name: str) -> None:
-    """ValueError naming ``name`` unless the folder ``path`` will be written into exists and
-    takes new files (checked at attach, not found out at shutdown after serving)."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} is not writable")
 
 
 #: The live Updator of each adapted module (weak on both sides): attach refuses a second one.

@@ -78,7 +78,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import expert_map as _expert_map
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.eplb_native)
 from .. import state
-from .._util import check_int
+from .._util import check_int, check_writable_dir
 from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
 
 __all__ = [
@@ -484,12 +484,10 @@ def _agree_record_path(prep: _Preparation, path) -> None:
     """Collective: rank 0 (the writer) checks expert_map_record_path's folder before the grow,
     and every rank raises if it fails (a refusal on rank 0 alone would leave the others
     waiting in the grow's exchange)."""
-    from ..updator import _check_writable_dir
-
     error = None
     if path is not None and dist.get_rank(prep.group) == 0:
         try:
-            _check_writable_dir(path, "expert_map_record_path")
+            check_writable_dir(path, "expert_map_record_path")
         except ValueError as e:
             error = e
     device = _stacked_params(prep.layers[0].experts)[0][1].to_local().device
