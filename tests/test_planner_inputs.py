@@ -43,6 +43,14 @@ def test_plan_and_planner_name_the_argument(kwargs, error, match):
         assert planner.submit(load, num_ranks=2, num_replicas=8).result(timeout=60) is not None
 
 
+def test_unsigned_ids_past_int64_are_named_as_given():
+    old = np.array([[0, 1, 2, 2**64 - 1]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="^old_phy2log holds 18446744073709551615, beyond int64"):
+        eplb_native.plan(np.ones((1, 4)), old, num_ranks=2)
+    with pytest.raises(ValueError, match="^phy2log holds 18446744073709551615"):
+        eplb_native.preserve_slots(old, np.zeros((1, 4), np.int64), 2)
+
+
 def test_torch_tensors_numpy_cannot_hold_are_named():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match="^load is a meta-device tensor"):

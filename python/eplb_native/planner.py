@@ -93,6 +93,10 @@ def _as_numpy(x, name: str, dtype) -> np.ndarray:
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if (np.issubdtype(dtype, np.integer) and a.dtype.kind == "u" and a.size
+            and a.max() > np.iinfo(np.int64).max):
+        # (the cast to int64 would wrap it to a negative id and the error would name that)
+        raise ValueError(f"{name} holds {a.max()}, beyond int64")
     return np.ascontiguousarray(a, dtype=dtype)
 
 
