@@ -71,3 +71,16 @@ def test_two_ranks_match_dense(tmp_path):
 
     placements = [None, [5, 4, 3, 0, 0, 0, 1, 2]]
     mp.spawn(epmoe_mp.check_ep, args=(2, f"file://{tmp_path}/rdzv", placements), nprocs=2, join=True)
+
+
+def test_running_state_is_not_in_checkpoints():
+    """The recorded load and the record switch stay out of state_dict; a checkpoint that has
+    them (written before) still loads, strictly, without restoring them."""
+    layer = EPMoE(8, 6, 8, 2, seed=1, num_redundant_experts=2)
+    layer.load.fill_(7)
+    sd = layer.state_dict()
+    assert "load" not in sd and "record" not in sd and "phy2log" in sd
+    old = {**sd, "load": torch.full_like(layer.load, 5), "record": torch.tensor(False)}
+    fresh = EPMoE(8, 6, 8, 2, seed=1, num_redundant_experts=2)
+    fresh.load_state_dict(old, strict=True)
+    assert int(fresh.load.sum()) == 0 and bool(fresh.record)

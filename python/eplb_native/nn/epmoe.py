@@ -97,8 +97,12 @@ class EPMoE(torch.nn.Module):
         self.register_buffer("log2phy", torch.full((e, m), -1, dtype=torch.int64, **dev))
         self.register_buffer("logcnt", torch.zeros(e, dtype=torch.int64, **dev))
         self.register_buffer("local_expert_map", torch.full((e,), -1, dtype=torch.int32, **dev))
-        self.register_buffer("load", torch.zeros(self.num_slots, dtype=torch.int64, **dev))
-        self.register_buffer("record", torch.ones((), dtype=torch.bool, **dev))
+        # the recorded load and the record switch are this process's running state, not part of
+        # a checkpoint (a restored mid-window count would join the next window's)
+        self.register_buffer("load", torch.zeros(self.num_slots, dtype=torch.int64, **dev),
+                             persistent=False)
+        self.register_buffer("record", torch.ones((), dtype=torch.bool, **dev), persistent=False)
+        self.register_load_state_dict_pre_hook(_drop_running_state)
         self._adapter = self.eplb_adapter("")
         self._adapter.set_placement(p2l)
         self.fill_slots_from_logical()
@@ -216,3 +220,10 @@ def logical_weights_of_slots(layer: EPMoE) -> tuple[np.ndarray, np.ndarray]:
     drawn = {e: layer.logical_expert(e) for e in set(mine)}
     return (torch.stack([drawn[e][0] for e in mine]).cpu().numpy(),
             torch.stack([drawn[e][1] for e in mine]).cpu().numpy())
+
+
+def _drop_running_state(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before load / record became non-persistent carry them: dropped, so
+    they still load (strict too)."""
+    for key in ("load", "record"):
+        state_dict.pop(prefix + key, None)
