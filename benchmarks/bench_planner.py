@@ -16,6 +16,9 @@ t = 1 .. W-2, plans from window t with its own previous placement as the current
   bound      our lower bound on the max rank load, as a balancedness ceiling (window t)
 Per-layer checks (printed after the table): `deepseek` vs vLLM / SGLang placements on the same
 input (identical layers, layers where ours is worse), and `balanced` vs every peer per layer.
+The exit status is 1 (with a CHECK FAILED line) when a promise breaks: `balanced` above vLLM's
+max on a layer, `deepseek` above vLLM's or SGLang's on the trace, `min_move` below 99% of
+`balanced`'s balancedness, or placements that differ across --runs; the smoke run (CI) too.
 
     EPLB_ANCHOR_CACHE=/work/anchor-cache taskset -c 0 python benchmarks/bench_planner.py --runs 5
     python benchmarks/bench_planner.py --smoke      # seconds; CI
@@ -236,9 +239,10 @@ def deepseek_agreement(c: Case, loads: np.ndarray, seed: int) -> str:
         worse_v += int((m_o > m_v * (1 + 1e-9)).sum())
         worse_s += int((m_o > m_s * (1 + 1e-9)).sum())
         total += len(w)
-    return (f"deepseek vs vLLM: trace {same_v}/{total} layers same max rank load, {worse_v} "
+    text = (f"deepseek vs vLLM: trace {same_v}/{total} layers same max rank load, {worse_v} "
             f"worse; continuous loads {ident_v}/{total} identical phy2log | vs SGLang: trace "
             f"{same_s}/{total} same max, {worse_s} worse; continuous {ident_s}/{total} identical")
+    return text, worse_v + worse_s
 
 
 def fmt_time(s: float) -> str:
@@ -270,6 +274,10 @@ def main(argv=None) -> int:
           " slots changed / rebalance |")
     print("|---|---|---|---|---|---|---|---|---|")
     notes = []
+    # What the issue promises and every run checks (the exit status says; CI's smoke run too):
+    # balanced never above vLLM's max on a layer, deepseek never above vLLM's / SGLang's on the
+    # trace, min_move >= 99% of balanced's balancedness, identical placements across runs.
+    failed = []
     for c in todo:
         for skew in skews:
             runs = [run_case(c, SKEWS[skew], args.windows, args.seed,
@@ -283,6 +291,7 @@ def main(argv=None) -> int:
                     if any(o[k] != r[k] for k in ("bal_in", "bal_out", "moved")) or not \
                             np.array_equal(other[1][name], per_layer[name]):
                         notes.append(f"{c.name} / {skew}: {name} differed across runs")
+                        failed.append(notes[-1])
             ref_time = rows.get("vLLM default", {}).get("time")
             for name, r in rows.items():
                 speed = ref_time / r["time"] if ref_time and r["time"] else float("nan")
@@ -308,13 +317,24 @@ def main(argv=None) -> int:
                     f"{rows['ours min_move']['bal_in'] / rows['ours balanced']['bal_in']:.4f} of "
                     f"its balancedness; time min_move / balanced "
                     f"{rows['ours min_move']['time'] / rows['ours balanced']['time']:.2f}")
-                notes.append(f"{c.name} / {skew}: " +
-                             deepseek_agreement(c, loads[1:-1], args.seed))
+                worse = int((bal > per_layer['vLLM default'] * (1 + 1e-9)).sum())
+                if worse:
+                    failed.append(f"{c.name} / {skew}: balanced above vLLM on {worse} layers")
+                if rows['ours min_move']['bal_in'] < 0.99 * rows['ours balanced']['bal_in']:
+                    failed.append(f"{c.name} / {skew}: min_move below 99% of balanced's "
+                                  "balancedness")
+                text, ds_worse = deepseek_agreement(c, loads[1:-1], args.seed)
+                notes.append(f"{c.name} / {skew}: " + text)
+                if ds_worse:
+                    failed.append(f"{c.name} / {skew}: deepseek above vLLM's / SGLang's max on "
+                                  f"{ds_worse} layers")
             notes.extend(f"{c.name}: {m} not measured" for m in missing)
             for n in notes:
                 print("- " + n, flush=True)
             notes.clear()
-    return 0
+    for f in failed:
+        print("CHECK FAILED: " + f, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
