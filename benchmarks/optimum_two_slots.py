@@ -9,8 +9,10 @@ So "is there a placement with max <= T" is an integer program over the replica c
 binary per expert and count, those counts summing to the slots, one inequality per threshold),
 solved here with scipy's HiGHS; bisection on T between our lower bound and `balanced`'s max
 finds the best placement within the counts tried (each expert from the fewest replicas that
-keep it <= T up to `--extra` past the count that makes its replicas <= T / 2). The placement
-found is built and its max measured, so the number reported is one that exists.
+keep it <= T up to `--extra` past the count that makes its replicas <= T / 2), unless the
+solver runs out of time on a step without a placement (counted in the output: the bisection
+then takes that T as infeasible, and a better placement may exist). The placement found is
+built and its max measured, so the number reported is one that exists.
 
 Slow (minutes a layer): an analysis tool, not a benchmark of speed.
 
@@ -26,8 +28,8 @@ import numpy as np
 
 
 def _solve(w: np.ndarray, slots: int, T: float, extra: int, time_limit: float):
-    """Replica counts [E] with sorted-pairing max <= T, or None (none within the counts tried,
-    or the solver's time ran out)."""
+    """(replica counts [E] with sorted-pairing max <= T, or None; whether the solver's time ran
+    out before it knew: then None means "not found", not "none exists")."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
@@ -37,7 +39,7 @@ def _solve(w: np.ndarray, slots: int, T: float, extra: int, time_limit: float):
         hi = max(lo, int(np.ceil(2.0 * we / T))) + extra
         opts += [(e, c, we / c) for c in range(lo, hi + 1) if we / c <= T * (1 + 1e-12)]
     if not opts:
-        return None
+        return None, False
     cs = np.array([o[1] for o in opts], float)
     vs = np.array([o[2] for o in opts])
     bigs = np.unique(vs[vs > T / 2])
@@ -56,12 +58,13 @@ def _solve(w: np.ndarray, slots: int, T: float, extra: int, time_limit: float):
     res = milp(np.zeros(len(opts)), constraints=LinearConstraint(a.tocsr(), low, high),
                integrality=np.ones(len(opts)), bounds=Bounds(0, 1),
                options={"time_limit": time_limit})
-    if res.status != 0:
-        return None
+    timed_out = res.status == 1  # (time or iteration limit; a solution may have been found)
+    if res.x is None or res.status not in (0, 1):
+        return None, timed_out
     cnt = np.zeros(E, np.int64)
     for j in np.nonzero(res.x > 0.5)[0]:
         cnt[opts[j][0]] = opts[j][1]
-    return cnt
+    return cnt, timed_out
 
 
 def _sorted_pairing_max(w: np.ndarray, cnt: np.ndarray) -> float:
@@ -70,17 +73,20 @@ def _sorted_pairing_max(w: np.ndarray, cnt: np.ndarray) -> float:
 
 
 def best_max(w: np.ndarray, slots: int, lo: float, hi: float, steps: int, extra: int,
-             time_limit: float) -> float:
-    """The smallest max rank load found by bisection in [lo, hi] (hi when nothing lower)."""
-    best = hi
+             time_limit: float) -> tuple[float, int]:
+    """(the smallest max rank load found by bisection in [lo, hi], hi when nothing lower; the
+    steps whose solver ran out of time without a placement, which the bisection then counted
+    as infeasible: with any, a better placement may exist)."""
+    best, undecided = hi, 0
     for _ in range(steps):
         mid = 0.5 * (lo + best)
-        cnt = _solve(w, slots, mid, extra, time_limit)
+        cnt, timed_out = _solve(w, slots, mid, extra, time_limit)
         if cnt is None:
+            undecided += timed_out
             lo = mid
         else:
             best = min(best, _sorted_pairing_max(w, cnt))  # the placement's own max
-    return best
+    return best, undecided
 
 
 def main(argv=None) -> int:
@@ -105,15 +111,17 @@ def main(argv=None) -> int:
     bal = eplb_native.plan(loads, policy="balanced", **kw)
     ds = eplb_native.plan(loads, policy="deepseek", **kw)
     print("| layer | mean rank load | our bound | best found | balanced | deepseek | balanced / "
-          "best | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+          "best | steps timed out | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for layer in (int(x) for x in args.layers.split(",")):
         t0 = time.time()
-        best = best_max(loads[layer], slots, bal.lower_bound[layer], bal.max_load_after[layer],
-                        args.steps, args.extra, args.time_limit)
+        best, undecided = best_max(loads[layer], slots, bal.lower_bound[layer],
+                                   bal.max_load_after[layer], args.steps, args.extra,
+                                   args.time_limit)
         print(f"| {layer} | {bal.mean_load[layer]:.2f} | {bal.lower_bound[layer]:.2f} | "
               f"{best:.2f} | {bal.max_load_after[layer]:.2f} | {ds.max_load_after[layer]:.2f} | "
-              f"{bal.max_load_after[layer] / best:.4f} | {time.time() - t0:.0f} |", flush=True)
+              f"{bal.max_load_after[layer] / best:.4f} | {undecided} | {time.time() - t0:.0f} |",
+              flush=True)
     return 0
 
 
