@@ -27,7 +27,10 @@ replica count]):
 Medians of triton.testing.do_bench, eager (one launch per call) and inside a replayed CUDA
 graph of 20 calls (per-call time = replay / 20). Every implementation is run on the same
 tensors; results are cross-checked (eplb vs its composite fallback, eplb_rl vs sglang) before
-timing.
+timing. vLLM's kernel output is not checked (it picks replicas by its own hash, so slots
+differ; nothing here verifies that each of its slots holds the id's expert): a width or dtype
+mismatch that made it skip ids would go unseen. Ids are uniform and each expert has at most 2
+replicas: the best case for contention, for every implementation alike.
 
 ``--smoke`` runs a CPU-sized check (no GPU, no Triton, no peers): eplb vs plain torch on the
 CPU, a few sizes, median of time.perf_counter over repeats.
