@@ -341,14 +341,11 @@ def logical_state_dict(model: torch.nn.Module) -> dict:
     for name, module in model.named_modules():
         if not hasattr(module, "eplb_phy2log"):
             continue
-        phy2log = module.eplb_phy2log.cpu().numpy()
-        first = np.full(module.eplb_num_logical_experts, -1, np.int64)
-        for s in range(phy2log.size - 1, -1, -1):
-            first[phy2log[s]] = s
+        first = module.eplb_log2phy[:, 0]  # each expert's slots, lowest first
         for pname, p in _stacked_params(module):
             full = p.full_tensor()
             key = f"{name}.{pname}" if name else pname
-            sd[key] = full.index_select(0, torch.from_numpy(first).to(full.device)).detach()
+            sd[key] = full.index_select(0, first.to(full.device)).detach()
     return sd
 
 
