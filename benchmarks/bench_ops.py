@@ -27,10 +27,12 @@ replica count]):
 Medians of triton.testing.do_bench, eager (one launch per call) and inside a replayed CUDA
 graph of 20 calls (per-call time = replay / 20). Every implementation is run on the same
 tensors; results are cross-checked (eplb vs its composite fallback, eplb_rl vs sglang) before
-timing. vLLM's kernel output is not checked (it picks replicas by its own hash, so slots
-differ; nothing here verifies that each of its slots holds the id's expert): a width or dtype
-mismatch that made it skip ids would go unseen. Ids are uniform and each expert has at most 2
-replicas: the best case for contention, for every implementation alike.
+timing. vLLM's kernel picks replicas by its own hash, so its slots differ from ours: its output
+is checked structurally (every slot it returns holds the id's expert, and its load grows by
+exactly the histogram of those slots, n in all). ``--ids uniform`` (default): uniformly random
+ids, each expert at most 2 replicas, the best case for contention; ``--ids zipf``: ids drawn
+from a Zipf law over the experts (exponent ``--zipf-s``, expert 0 hottest), the redundant
+replicas on the hottest experts (as a planner puts them): the atomics on hot slots contend.
 
 ``--smoke`` runs a CPU-sized check (no GPU, no Triton, no peers): eplb vs plain torch on the
 CPU, a few sizes, median of time.perf_counter over repeats.
@@ -54,6 +56,27 @@ K = 8
 GRAPH_CALLS = 20
 
 
+def draw_ids(E: int, n: int, gen: torch.Generator, dist: str, s: float) -> torch.Tensor:
+    """[n // K, K] int32 logical ids: uniform, or Zipf(s) over the experts (expert 0 hottest)."""
+    if dist == "uniform":
+        return torch.randint(0, E, (n // K, K), generator=gen, dtype=torch.int32)
+    weights = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    ids = torch.multinomial(weights, n, replacement=True, generator=gen)
+    return ids.to(torch.int32).view(n // K, K)
+
+
+def check_physical(out, ids, phy2log, load_before, load_after, name):
+    """A fused map+record kernel's output, checked without knowing how it picks replicas: every
+    slot holds the id's expert and the load grew by exactly the histogram of the slots."""
+    out = out.reshape(-1).long()
+    assert int(out.min()) >= 0 and int(out.max()) < phy2log.numel(), f"{name}: slot out of range"
+    assert torch.equal(phy2log[out], ids.reshape(-1).long()), f"{name}: a slot holds another expert"
+    grew = (load_after - load_before).long()
+    assert torch.equal(grew, torch.bincount(out, minlength=phy2log.numel())), \
+        f"{name}: load != histogram of its slots"
+    assert int(grew.sum()) == ids.numel(), f"{name}: load grew by {int(grew.sum())}"
+
+
 def placement(E: int, P: int, device, gen: torch.Generator, table: str = "attach"):
     """Round-robin redundant slots over the first P - E experts, shuffled slot order:
     log2phy [E, M] (-1 padded), logcnt [E], and a rank-local 1-D table (first replica).
@@ -68,7 +91,8 @@ def placement(E: int, P: int, device, gen: torch.Generator, table: str = "attach
     for slot, e in enumerate(phy2log.tolist()):
         log2phy[e, fill[e]] = slot
         fill[e] += 1
-    return log2phy.to(device), logcnt.to(device), log2phy[:, 0].contiguous().to(device)
+    return (log2phy.to(device), logcnt.to(device), log2phy[:, 0].contiguous().to(device),
+            phy2log.to(device))
 
 
 def torch_map_record(ids, log2phy, logcnt, load, graph_safe=False):
@@ -110,8 +134,8 @@ def bench_gpu(args) -> list[str]:
                                            return_mode="median") / GRAPH_CALLS
         return eager * 1e3, in_graph * 1e3  # microseconds
 
-    def case(E, P, n, log2phy, logcnt, table):
-        ids = torch.randint(0, E, (n // K, K), generator=gen, dtype=torch.int32).to(dev)
+    def case(E, P, n, log2phy, logcnt, table, phy2log):
+        ids = draw_ids(E, n, gen, args.ids, args.zipf_s).to(dev)
         dst = torch.empty_like(ids)
         one = torch.zeros(1, dtype=torch.int32, device=dev)
         load = torch.zeros(P, dtype=torch.int64, device=dev)
@@ -126,6 +150,16 @@ def bench_gpu(args) -> list[str]:
         a = lib.map_and_record(ids, log2phy, logcnt, load, record, None, "spread")
         b = ops.composite_map_and_record(ids, log2phy, logcnt, ref_load, record)
         assert torch.equal(a, b) and torch.equal(load, ref_load), "eplb != composite"
+        check_physical(a, ids, phy2log, torch.zeros_like(load), load, "eplb")
+        before = load.clone()
+        try:
+            out = vllm_fn(ids, log2phy, logcnt, load, record, None)
+            torch.cuda.synchronize()
+            check_physical(out, ids, phy2log, before, load, "vllm")
+        except AssertionError:
+            raise
+        except Exception as exc:  # a peer that cannot run here is reported (timed as nan)
+            print(f"vllm failed at E={E} P={P} n={n}: {exc!r}", flush=True)
         # SGLang's histogram adds int32 counts: give it (and eplb_rl beside it) an int32 load
         load32 = torch.zeros(P, dtype=torch.int32, device=dev)
         ref32 = torch.zeros_like(load32)
@@ -173,7 +207,7 @@ def bench_gpu(args) -> list[str]:
         torch.cuda.synchronize()
         return (t1 - t0) / calls * 1e6
 
-    log2phy, logcnt, table = placement(*SHAPES[0], dev, gen, args.table)
+    log2phy, logcnt, table, _ = placement(*SHAPES[0], dev, gen, args.table)
     ids = torch.randint(0, SHAPES[0][0], (1024, K), generator=gen, dtype=torch.int32).to(dev)
     dst = torch.empty_like(ids)
     load = torch.zeros(SHAPES[0][1], dtype=torch.int64, device=dev)
@@ -193,9 +227,9 @@ def bench_gpu(args) -> list[str]:
     names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add",
              "neg", "fill1"]
     for E, P in SHAPES:
-        log2phy, logcnt, table = placement(E, P, dev, gen, args.table)
+        log2phy, logcnt, table, phy2log = placement(E, P, dev, gen, args.table)
         for n in SIZES:
-            res = case(E, P, n, log2phy, logcnt, table)
+            res = case(E, P, n, log2phy, logcnt, table, phy2log)
             for mode, col in (("eager", 0), ("graph", 1)):
                 r = {name: res[name][col] for name in names}
                 rows.append((E, P, n, mode, r))
@@ -231,9 +265,9 @@ def bench_smoke(args) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     lines = ["| E, P | T·k | eplb µs | torch µs | torch/eplb |", "|---|---|---|---|---|"]
     for E, P in SHAPES[:1]:
-        log2phy, logcnt, _ = placement(E, P, "cpu", gen)
+        log2phy, logcnt, _, phy2log = placement(E, P, "cpu", gen)
         for n in (8 * 1024, 64 * 1024):
-            ids = torch.randint(0, E, (n // K, K), generator=gen, dtype=torch.int32)
+            ids = draw_ids(E, n, gen, args.ids, args.zipf_s)
             load = torch.zeros(P, dtype=torch.int64)
             ref_load = torch.zeros_like(load)
             record = torch.tensor(True)
@@ -241,6 +275,7 @@ def bench_smoke(args) -> list[str]:
             assert torch.equal(out, ops.composite_map_and_record(ids, log2phy, logcnt, ref_load,
                                                                  record))
             assert torch.equal(load, ref_load)
+            check_physical(out, ids, phy2log, torch.zeros_like(load), load, "eplb")
             # the plain-torch baseline computes the same (ids in range here, logcnt >= 1)
             torch_load = torch.zeros_like(load)
             assert torch.equal(torch_map_record(ids, log2phy, logcnt, torch_load), out)
@@ -264,6 +299,10 @@ def main() -> None:
     p.add_argument("--smoke-reps", type=int, default=20)
     p.add_argument("--table", choices=["attach", "narrow"], default="attach",
                    help="log2phy width: P - E + 1 (attach's and vLLM's) or the largest count")
+    p.add_argument("--ids", choices=["uniform", "zipf"], default="uniform",
+                   help="logical id distribution (zipf: expert 0 hottest, redundant slots on the "
+                        "hottest experts)")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --ids zipf")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args()
     if args.smoke:
@@ -274,7 +313,8 @@ def main() -> None:
             sys.exit("bench_ops.py: no CUDA GPU; use --smoke for the CPU check")
         lines = bench_gpu(args)
         machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                   f"built backends {ops.built_backends()}, log2phy table {args.table}")
+                   f"built backends {ops.built_backends()}, log2phy table {args.table}, ids {args.ids}"
+                   + (f" s={args.zipf_s}" if args.ids == "zipf" else ""))
     text = "\n".join([f"Machine: {machine}", ""] + lines)
     print(text)
     if args.out:

@@ -724,3 +724,37 @@ def test_fused_adapter_refuses_what_it_cannot_move_and_changes_nothing():
         assert all(torch.equal(after[n], t) for n, t in before.items()), key
         assert torch.equal(m.logical_to_physical_map, maps[0]), key
         assert torch.equal(m.logical_replica_count, maps[1]), key
+
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CPU-only host)")
+
+
+@needs_cuda
+def test_cuda_model_rebalances_with_equal_outputs_and_stops_when_cast():
+    """One process, the model on a GPU: the counts come from the CUDA kernels, the moves keep
+    outputs and weights, and a cast after attach stops EPLB instead of corrupting it."""
+    dev = torch.device("cuda")
+    model = Stack(2, num_redundant_experts=2).to(dev)
+    reference = Stack(2, num_redundant_experts=2).to(dev)
+    up = eplb_native.attach(model, {"step_interval": 2, "algorithm_execution_interval": 0,
+                                    "layers_per_step": 1})
+    assert model.layers[0].load.device.type == "cuda"
+    g = torch.Generator().manual_seed(12)
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    assert up.move_to(target) == 2
+    for _ in range(6):
+        x = torch.randn(9, 8, generator=g).to(dev)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(up.phy2log(), target) and len(up.stats.moves) == 2
+    assert sum(w["tokens"] for w in up.stats.windows) == 6 * 9 * 2 * 2
+    for layer in model.layers:
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.cpu().numpy())
+        assert np.array_equal(w2, layer.w2.cpu().numpy())
+    model.half()
+    up.move_to(np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1]] * 2))
+    with pytest.raises(RuntimeError, match="replaced after attach"):
+        model(torch.randn(9, 8, generator=g).to(dev).half())
+    assert np.array_equal(up.phy2log(), target)
+    up.shutdown()
