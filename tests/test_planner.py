@@ -226,6 +226,22 @@ def test_rebalance_experts_torch_in_torch_out():
     assert log2phy.shape == (2, 16, 24 - 16 + 1)  # DeepSeek's width: redundant + 1
 
 
+def test_rebalance_experts_one_layer_keeps_its_shape():
+    """A 1-D weight is one layer: the outputs come back without a layer axis (they had one,
+    [1, ...], while preserve_slots squeezed a 1-D placement back), equal to the 2-D call's."""
+    torch = pytest.importorskip("torch")
+    load = random_load(np.random.default_rng(3), 1, 16)
+    want = eplb_native.rebalance_experts(load, 24, 4, 2, 4)
+    for weight in (load[0], torch.tensor(load[0]), list(load[0])):
+        got = eplb_native.rebalance_experts(weight, 24, 4, 2, 4)
+        assert [tuple(g.shape) for g in got] == [(24,), (16, 9), (16,)]
+        assert isinstance(got[0], torch.Tensor) == isinstance(weight, torch.Tensor)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), w[0])
+    p = eplb_native.plan(load[0], num_ranks=4, num_replicas=24)  # a Plan keeps the layer axis
+    assert p.phy2log.shape == (1, 24) and p.lower_bound.shape == (1,)
+
+
 def test_log2phy_width_option():
     """rebalance_experts has the planner write log2phy at DeepSeek's width: the same columns
     as plan()'s narrower log2phy, then -1; a width outside [M, P - E + 1] is refused."""

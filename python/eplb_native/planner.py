@@ -177,7 +177,8 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
     Args:
         load: [L, E] (or [E]) tokens routed to each logical expert over a window; numpy or torch;
             finite and >= 0, each layer summing to at most ``sys.float_info.max / 4`` (rank
-            loads are sums of it).
+            loads are sums of it). A 1-D load is one layer: the Plan's arrays keep their layer
+            axis (L = 1).
         old_phy2log: [L, P] current placement, or None. Needed by ``min_move``; with it,
             moved slots, balancedness before and the transfer plan are reported.
         num_ranks: ranks (GPUs / NPUs) the P slots are spread over; P % num_ranks == 0.
@@ -224,7 +225,8 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     """DeepSeek EPLB's ``rebalance_experts``: same signature, same meaning, same outputs.
 
     Args:
-        weight: [L, E] load statistics of every logical expert (numpy or torch).
+        weight: [L, E] load statistics of every logical expert (numpy or torch); [E] is one
+            layer, and the outputs then have no layer axis either ([P], [E, P - E + 1], [E]).
         num_replicas: physical experts per layer (a multiple of num_gpus).
         num_groups: expert groups; num_nodes: server nodes (hierarchical placement when
             num_groups % num_nodes == 0, global otherwise); num_gpus: ranks (DeepSeek's name;
@@ -252,6 +254,9 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     out = _planner.plan(w, None, slots, ranks, num_nodes, num_groups, POLICIES["deepseek"], False,
                         1, 0.99, False, width)
     out = (out["phy2log"], out["log2phy"], out["logcnt"])
+    one_layer = weight.dim() == 1 if is_torch(weight) else np.ndim(weight) == 1
+    if one_layer:
+        out = tuple(a[0] for a in out)  # the one layer, as given (a view of the fresh array)
     if is_torch(weight):
         import torch
 
