@@ -436,10 +436,48 @@ def test_default_placement_follows_the_rule():
             assert got.dtype == np.int64 and np.array_equal(got, want), (e, r, k)
 
 
+def test_placement_tensors_rotate_rows_by_rank_so_decode_spreads():
+    """With rotate, each rank's log2phy row of an expert is its slots in increasing order
+    rotated by rank % c (random placements), and with one token per rank per call (decode), the
+    ranks' tokens of a hot expert reach all its replicas evenly (with the same table everywhere
+    all of them went to its lowest slot). EPMoE (an all-to-all dispatch) rotates."""
+    rng = np.random.default_rng(21)
+    for _ in range(200):
+        E, R = int(rng.integers(1, 9)), int(rng.integers(1, 6))
+        S = int(rng.integers(1, 5))
+        if E > R * S:
+            continue
+        p2l = np.concatenate([np.arange(E), rng.integers(0, E, R * S - E)])[rng.permutation(R * S)]
+        for r in range(R):
+            log2phy, logcnt, _ = state.placement_tensors(p2l, E, R, r, rotate=True)
+            assert log2phy.shape == (E, R * S - E + 1)
+            for e in range(E):
+                slots = np.nonzero(p2l == e)[0]
+                c = len(slots)
+                assert int(logcnt[e]) == c
+                assert log2phy[e, :c].tolist() == np.roll(slots, -(r % c)).tolist()
+                assert (log2phy[e, c:] == -1).all()
+    # 8 ranks of 2 slots, expert 0 in 4 slots: one token per rank per call, 10 calls
+    p2l = np.array([0, 1, 0, 2, 0, 3, 0, 4, 5, 6, 7, 1, 2, 3, 4, 5])
+    for rotate, want in ((True, [160] * 4), (False, [640, 0, 0, 0])):
+        per_slot = torch.zeros(16, dtype=torch.int64)
+        for r in range(8):
+            log2phy, logcnt, _ = state.placement_tensors(p2l, 8, 8, r, rotate=rotate)
+            for _ in range(10):
+                eplb_native.ops.map_and_record(torch.zeros(1, 8, dtype=torch.int64), log2phy,
+                                               logcnt, per_slot, torch.tensor(True))
+        assert per_slot[[0, 2, 4, 6]].tolist() == want
+    assert EPMoE(8, 6, 8, 2, num_redundant_experts=8).eplb_adapter("").rotate_replicas
+
+
 def test_placement_tensors_and_default_spread():
     log2phy, logcnt, local = state.placement_tensors([0, 1, 2, 0], 3, 2, 1)
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]
     assert logcnt.tolist() == [2, 1, 1] and local.tolist() == [1, -1, 0]
+    rotated = state.placement_tensors([0, 1, 2, 0], 3, 2, 1, rotate=True)[0]
+    assert rotated.tolist() == [[3, 0], [1, -1], [2, -1]]  # rank 1 starts at replica 1 % 2
+    with pytest.raises(TypeError, match="rotate must be a bool"):
+        state.placement_tensors([0, 1, 2, 0], 3, 2, 1, rotate=1)
     assert state.default_placement(8, 2, 2).tolist() == [0, 1, 2, 3, 4, 4, 5, 6, 7, 0]
     layers = state.default_placement(8, 2, 2, num_layers=3)
     assert layers.shape == (3, 10) and (layers == state.default_placement(8, 2, 2)).all()

@@ -63,7 +63,8 @@ def _check_same_maps(updator, group):
     for layer in updator.layers:
         # the derived tensors follow phy2log
         log2phy, logcnt, local = eplb_native.state.placement_tensors(
-            layer.phy2log.cpu(), layer.num_logical_experts, layer.ep_size, layer.ep_rank)
+            layer.phy2log.cpu(), layer.num_logical_experts, layer.ep_size, layer.ep_rank,
+            rotate=layer.rotate_replicas)
         assert torch.equal(layer.log2phy.cpu(), log2phy)
         assert torch.equal(layer.logcnt.cpu(), logcnt)
         assert torch.equal(layer.local_expert_map.cpu(), local)

@@ -10,10 +10,15 @@ columns, T tokens, k routed experts per token (topk_ids is [T, k]; a 1-D topk_id
 
 Replica choice of ``map_and_record`` (identical on every backend):
 
-* ``mode="spread"``: token t = i // k of flat id i goes to replica ``t % c`` of its logical
-  expert e, with ``c = clamp(logcnt[e], 1, M)``: consecutive tokens rotate over the replicas,
-  so a logical expert's tokens split evenly and deterministically (vLLM hashes the token index
-  instead; either spreads, this one needs no hash).
+* ``mode="spread"``: token t = i // k of flat id i goes to column ``t % c`` of its logical
+  expert e's row, with ``c = clamp(logcnt[e], 1, M)``: consecutive tokens rotate over the
+  replicas, deterministically (vLLM hashes the token index instead; either spreads, this one
+  needs no hash). t restarts at 0 on every call, so a call of fewer tokens than c, or of a
+  count not a multiple of c, favours the first columns. Where each rank maps its own tokens
+  (all-to-all dispatch), rotating each rank's rows (``state.placement_tensors(...,
+  rotate=True)``: row start at replica ``rank % c``) makes the ranks favour different replicas
+  (decode: a few tokens per rank per step); where ranks map the same tokens (all-reduce EP, TP
+  groups) the tables must be equal.
 * ``mode="rank_local"``: ``log2phy`` is one 1-D [E] table chosen per rank (vllm-ascend style:
   each rank routes a logical expert to one replica, preferring its own); ``logcnt`` is unused.
 

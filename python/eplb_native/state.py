@@ -9,7 +9,14 @@ Per layer (these functions work on one layer; stack them for [L, ...]):
 - ``phy2log`` [P] int64: logical id held by each slot, e.g. ``[0, 1, 2, 0]`` (E=3, P=4).
 - ``log2phy`` [E, M] int64: slots of each logical expert in increasing order, -1 padded;
   M = P - E + 1 (the most replicas any expert can have), so the tensor never changes shape.
-  For the example: ``[[0, 3], [1, -1], [2, -1]]``.
+  For the example: ``[[0, 3], [1, -1], [2, -1]]``. With ``rotate``, rank r's row of an expert
+  with c replicas is rotated left by ``r % c`` (rank 1: ``[[3, 0], [1, -1], [2, -1]]``): the
+  spread kernels send a call's token t to column ``t % c`` and every call starts at t = 0, so
+  with one table everywhere, calls of fewer tokens than replicas (decode) send an expert's
+  tokens to its lowest slots from every rank; rotated, ranks start on different replicas
+  (vllm-ascend offsets the replica by rank too). Only where each rank maps its own tokens (an
+  all-to-all dispatch): ranks that map the same tokens (all-reduce EP, a TP group) must pick
+  the same slots, so their tables must be equal.
 - ``logcnt`` [E] int64: replica count of each logical expert, ``[2, 1, 1]``.
 - ``local_expert_map`` [E] int32 (vLLM's / vllm-ascend's ``expert_map``): the local slot of
   each logical expert on this rank, -1 if the rank holds none; with several local replicas, the
@@ -29,11 +36,14 @@ def max_replicas(num_logical: int, num_slots: int) -> int:
     return num_slots - num_logical + 1
 
 
-def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int, *,
+                      rotate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``phy2log`` [P] -> (``log2phy`` [E, M] int64, ``logcnt`` [E] int64,
-    ``local_expert_map`` [E] int32) for ``rank``, as new CPU tensors (see the module docstring).
+    ``local_expert_map`` [E] int32) for ``rank``, as new CPU tensors (see the module docstring;
+    ``rotate``: each row starts at replica ``rank % count``).
     """
+    if not isinstance(rotate, bool | np.bool_):
+        raise TypeError(f"rotate must be a bool, got {type(rotate).__name__}")
     p2l = validate_phy2log(phy2log, num_logical, num_ranks)
     if p2l.ndim != 1:
         raise ValueError(f"phy2log must have shape [slots] here, got {p2l.shape}")
@@ -48,6 +58,11 @@ def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int
     for slot, e in enumerate(p2l):
         log2phy[e, logcnt[e]] = slot
         logcnt[e] += 1
+    if rotate:  # rank r starts each expert's row at replica r % c (see the module docstring)
+        cols = np.arange(m)
+        rotated = (cols[None, :] + rank) % logcnt[:, None]
+        log2phy = np.where(cols[None, :] < logcnt[:, None],
+                           np.take_along_axis(log2phy, rotated, axis=1), -1)
     local = np.full(num_logical, -1, dtype=np.int32)
     mine = p2l[rank * per_rank:(rank + 1) * per_rank]
     for s in range(per_rank - 1, -1, -1):  # backwards so the first local replica wins

@@ -75,6 +75,11 @@ class MoELayerAdapter:
             (-1: none).
         on_placement: optional callback ``f(adapter)`` run after every placement switch (e.g. to
             refresh a kernel's derived tables).
+        rotate_replicas: True when each rank maps only its own tokens (an all-to-all
+            dispatch): each rank's ``log2phy`` rows then start at replica ``ep_rank % count``,
+            so that calls of few tokens (decode) spread an expert's tokens over its replicas
+            across ranks (``state.placement_tensors``). False (default) where ranks map the
+            same tokens (all-reduce EP, TP groups): they must pick the same slots.
     """
 
     name: str
@@ -89,6 +94,7 @@ class MoELayerAdapter:
     ep_size: int
     local_expert_map: torch.Tensor | None = None
     on_placement: Callable[[MoELayerAdapter], None] | None = field(default=None, repr=False)
+    rotate_replicas: bool = False
 
     def __post_init__(self):
         where = f"MoE layer {self.name!r} ({type(self.module).__name__})"
@@ -97,6 +103,9 @@ class MoELayerAdapter:
         if not isinstance(self.ep_rank, int) or not 0 <= self.ep_rank < self.ep_size:
             raise AdapterError(f"{where}: ep_rank must be in [0, {self.ep_size}), got "
                                f"{self.ep_rank!r}")
+        if not isinstance(self.rotate_replicas, bool):
+            raise AdapterError(f"{where}: rotate_replicas must be a bool, got "
+                               f"{self.rotate_replicas!r}")
         if not self.weights:
             raise AdapterError(f"{where}: no expert weight tensors")
         for name in ("phy2log", "log2phy", "logcnt", "load", "record"):
@@ -170,7 +179,8 @@ class MoELayerAdapter:
             raise ValueError(f"phy2log for {self.name!r} must have shape "
                              f"{list(self.phy2log.shape)}, got {list(p2l.shape)}")
         log2phy, logcnt, local = state.placement_tensors(p2l, self.num_logical_experts,
-                                                         self.ep_size, self.ep_rank)
+                                                         self.ep_size, self.ep_rank,
+                                                         rotate=self.rotate_replicas)
         _copy_from_host(self.phy2log, p2l)
         _copy_from_host(self.log2phy, log2phy)
         _copy_from_host(self.logcnt, logcnt)

@@ -341,7 +341,8 @@ def logical_state_dict(model: torch.nn.Module) -> dict:
     for name, module in model.named_modules():
         if not hasattr(module, "eplb_phy2log"):
             continue
-        first = module.eplb_log2phy[:, 0]  # each expert's slots, lowest first
+        l2p = module.eplb_log2phy  # each expert's slots (rows rotated by rank), -1 padded
+        first = torch.where(l2p >= 0, l2p, torch.iinfo(l2p.dtype).max).amin(1)  # lowest slot
         for pname, p in _stacked_params(module):
             full = p.full_tensor()
             key = f"{name}.{pname}" if name else pname

@@ -112,7 +112,8 @@ class EPMoE(torch.nn.Module):
         return MoELayerAdapter(name=name, module=self, weights=[self.w13.data, self.w2.data],
                                phy2log=self.phy2log, log2phy=self.log2phy, logcnt=self.logcnt,
                                load=self.load, record=self.record, ep_rank=self.ep_rank,
-                               ep_size=self.ep_size, local_expert_map=self.local_expert_map)
+                               ep_size=self.ep_size, local_expert_map=self.local_expert_map,
+                               rotate_replicas=True)  # forward dispatches its own tokens
 
     def logical_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The original weights of logical expert ``e``: (w13 [2I, H], w2 [H, I]), new tensors
