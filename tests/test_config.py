@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb_native import EplbConfig
+from eplb_native.config import MAX_COUNT, MAX_WINDOW_SIZE
 
 
 def test_vllm_ascend_vocabulary_and_wrapper(tmp_path):
@@ -45,8 +46,10 @@ def test_wrapper_inside_a_whole_additional_config_and_numpy_scalars():
                                   "expert_heat_collection_interval": 100,
                                   "transfer_timeout_s": 5.0})
     assert type(c.num_redundant_experts) is int and type(c.dynamic_eplb) is bool
+    # a numpy float holding an integer counts as that int, as a Python one does; others do not
+    assert EplbConfig.parse({"num_redundant_experts": np.float64(16)}).num_redundant_experts == 16
     with pytest.raises(ValueError, match="num_redundant_experts"):
-        EplbConfig.parse({"num_redundant_experts": np.float64(16)})
+        EplbConfig.parse({"num_redundant_experts": np.float64(16.5)})
 
 
 def test_vllm_vocabulary():
@@ -90,12 +93,14 @@ def test_not_a_config_is_refused(config):
     ({"num_redundant_experts": 1.5}, "num_redundant_experts"),
     ({"policy": "best"}, "policy"),
     ({"eplb_policy_type": 9}, "eplb_policy_type"),
-    ({"eplb_policy_type": 2.0}, "eplb_policy_type"),
+    ({"eplb_policy_type": 2.5}, "eplb_policy_type"),
+    ({"eplb_policy_type": float("nan")}, "eplb_policy_type"),
     ({"eplb_policy_type": "2"}, "eplb_policy_type"),
     ({"transfer_timeout_s": float("nan")}, "transfer_timeout_s"),
     ({"transfer_timeout_s": 1e300}, r"transfer_timeout_s must be a number in \(0, 604800\]"),
     ({"max_move_bytes_per_step": 0}, "max_move_bytes_per_step"),
-    ({"max_move_bytes_per_step": 2.5e9}, "max_move_bytes_per_step"),
+    ({"max_move_bytes_per_step": 1e9 + 0.5}, "max_move_bytes_per_step"),
+    ({"max_move_bytes_per_step": float("inf")}, "max_move_bytes_per_step"),
     ({"max_move_bytes_per_step": True}, "max_move_bytes_per_step"),
     ({"dynamic_eplb": "yes"}, "dynamic_eplb"),
     ({"expert_map_path": ""}, "expert_map_path"),
@@ -108,31 +113,284 @@ def test_errors_name_the_key(doc, key):
         EplbConfig.parse(doc)
 
 
-_KEYS = [f.name for f in dataclasses.fields(EplbConfig)] + [
-    "step_interval", "enabled", "eplb_policy_type", "bogus"]
-_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=8), st.sampled_from(["deepseek", "balanced", "min_move"]))
+# the contract, stated here, not read from config.py (its two maxima are pinned by
+# test_count_bound_is_the_planners): int keys -> (minimum, maximum)
+_INT_KEYS = {"num_redundant_experts": (0, MAX_COUNT),
+             "expert_heat_collection_interval": (1, MAX_COUNT), "window_size": (1, MAX_WINDOW_SIZE),
+             "algorithm_execution_interval": (0, MAX_COUNT), "layers_per_step": (1, MAX_COUNT),
+             "max_move_bytes_per_step": (1, MAX_COUNT), "log_balancedness_interval": (1, MAX_COUNT),
+             "num_nodes": (1, MAX_COUNT), "num_groups": (1, MAX_COUNT)}
+_ALIAS_OF = {"step_interval": "expert_heat_collection_interval", "enabled": "dynamic_eplb",
+             "enable_eplb": "dynamic_eplb", "eplb_policy_type": "policy"}
+_PHASE_KEYS = ("eplb_heat_collection_stage", "load_collection_phase")
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=5))
-def test_fuzz_valid_or_valueerror_naming_a_key(doc):
+def test_huge_int_transfer_timeout_is_a_valueerror():
+    """An int too large for a float (a JSON integer literal parses to one) is refused naming the
+    key, not an OverflowError out of the float conversion."""
+    for doc in ({"transfer_timeout_s": 10**400}, '{"transfer_timeout_s": 1' + "0" * 400 + "}",
+                {"eplb_config": {"transfer_timeout_s": -10**400}}):
+        with pytest.raises(ValueError, match=r"^transfer_timeout_s must be a number in \(0, 604800"
+                                             r"\] seconds, got an int of \d+ bits$"):
+            EplbConfig.parse(doc)
+    # an int literal beyond Python's 4300 digits fails json.loads itself: named as the config's
+    with pytest.raises(ValueError, match="config string is not valid JSON"):
+        EplbConfig.parse('{"transfer_timeout_s": 1' + "0" * 5000 + "}")
+    assert EplbConfig.parse({"transfer_timeout_s": 604800}).transfer_timeout_s == 604800
+
+
+@pytest.mark.parametrize("key", sorted(_INT_KEYS) + ["step_interval"])
+def test_integral_floats_count_as_ints_other_floats_are_refused(key):
+    """JSON and YAML write counts as 1000.0 or 1e3; vLLM's (pydantic) config takes an integral
+    float for an int, so every int key does: stored as an int. A fraction, inf or NaN is refused
+    naming the key (as spelled)."""
+    canon = _ALIAS_OF.get(key, key)
+    lo, hi = _INT_KEYS[canon]
+    for v in (3.0, float(lo), float(min(hi, 10**6)), 1e3):
+        for c in (EplbConfig.parse({key: v}), EplbConfig.parse(json.dumps({key: v}))):
+            assert getattr(c, canon) == int(v) and type(getattr(c, canon)) is int
+    for v in (2.5, float(hi) * 4, float("inf"), float("-inf"), float("nan"), "3", [3]):
+        with pytest.raises(ValueError, match=f"^{key}"):
+            EplbConfig.parse({key: v})
+
+
+def test_numpy_scalars_for_every_key_eplb_policy_type_too():
+    """eplb_policy_type was read before numpy scalars were converted: np.int64(2) refused."""
+    import numpy as np
+
+    for v, policy in ((np.int64(2), "balanced"), (np.int32(0), "deepseek"),
+                      (np.uint8(3), "balanced"), (np.float64(1.0), "deepseek"),
+                      (np.array(2), "balanced")):
+        assert EplbConfig.parse({"eplb_config": {"eplb_policy_type": v}}).policy == policy
+    for v in (np.int64(9), np.float64(2.5), np.bool_(True)):
+        with pytest.raises(ValueError, match="^eplb_policy_type must be one of"):
+            EplbConfig.parse({"eplb_policy_type": v})
+    c = EplbConfig.parse({k: np.int64(lo) for k, (lo, _) in _INT_KEYS.items()})
+    assert all(type(getattr(c, k)) is int for k in _INT_KEYS)
+    assert EplbConfig(window_size=np.int16(7), num_groups=np.float32(4.0)).num_groups == 4
+
+
+@pytest.mark.parametrize("key", sorted(_INT_KEYS))
+def test_counts_are_bounded(key):
+    """Every count stops at the planner's bound (2**62), so a config that parses is not refused
+    at every gather later; window_size stops at MAX_WINDOW_SIZE (its ring is on the device)."""
+    lo, hi = _INT_KEYS[key]
+    assert getattr(EplbConfig.parse({key: hi}), key) == hi
+    for v in (hi + 1, 2**62 + 1, 2**64, 10**400):
+        with pytest.raises(ValueError, match=f"^{key} must be an int <= {hi}, got "):
+            EplbConfig.parse({key: v})
+    with pytest.raises(ValueError, match=f"^{key}"):
+        EplbConfig(**{key: hi + 1})
+
+
+def test_count_bound_is_the_planners():
+    import inspect
+
+    from eplb_native import planner
+
+    assert inspect.signature(planner._as_int).parameters["maximum"].default == MAX_COUNT
+    assert MAX_WINDOW_SIZE == 10**6
+    for key in ("num_groups", "num_nodes"):
+        with pytest.raises(ValueError, match=f"^{key} must be an int <= {2**62}, got "
+                                             f"{2**62 + 1}$"):
+            EplbConfig.parse({key: 2**62 + 1})
+
+
+def test_window_size_is_capped():
+    assert EplbConfig.parse({"window_size": 10**6}).window_steps == 10**6
+    for v in (10**6 + 1, 2**40, 2**62, 1e7):
+        with pytest.raises(ValueError, match="^window_size must be an int <= 1000000"):
+            EplbConfig.parse({"window_size": v})
+
+
+@pytest.mark.parametrize("key", _PHASE_KEYS)
+def test_vllm_ascend_collection_phase_keys(key):
+    """vllm-ascend's eplb_heat_collection_stage (model runner V1) / load_collection_phase (V2):
+    "all" | "prefill" | "decode", "all" by default. We collect the load of every step, which is
+    what "all" means: accepted, changing nothing. A phase filter is not implemented: refused
+    saying only "all" is supported. A value vllm-ascend does not know: refused naming the key."""
+    base = {"dynamic_eplb": True, "expert_heat_collection_interval": 600,
+            "algorithm_execution_interval": 50, "num_redundant_experts": 16,
+            "eplb_policy_type": 2}
+    assert EplbConfig.parse({"eplb_config": {**base, key: "all"}}) == EplbConfig.parse(base)
+    for v in ("prefill", "decode"):
+        with pytest.raises(ValueError, match=f"^{key}: only 'all' is supported.*got '{v}'"):
+            EplbConfig.parse({"eplb_config": {**base, key: v}})
+    for v in ("prompt", "ALL", "", None, 0, True, ["all"]):
+        with pytest.raises(ValueError, match=rf"^{key} must be one of \['all', 'prefill', "
+                                             rf"'decode'\]"):
+            EplbConfig.parse({key: v})
+    with pytest.raises(ValueError, match=f"{key}.*beside 'eplb_config'"):
+        EplbConfig.parse({"eplb_config": {}, key: "all"})
+
+
+class _ValuesInADict:
+    """Shaped like vllm-ascend's EplbConfig object: defaults updated by the user's dict, kept in
+    ``self.config`` and served by ``__getattr__`` (so vars() lists only 'config')."""
+
+    defaults = {"dynamic_eplb": False, "expert_map_path": None,
+                "expert_heat_collection_interval": 600, "algorithm_execution_interval": 50,
+                "expert_map_record_path": None, "num_redundant_experts": 0,
+                "eplb_policy_type": 2, "eplb_heat_collection_stage": "all",
+                "load_collection_phase": "all"}
+
+    def __init__(self, **user):
+        self.config = {**self.defaults, **user}
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["config"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def test_vllm_ascend_config_object():
+    c = EplbConfig.parse(_ValuesInADict(dynamic_eplb=True, num_redundant_experts=16))
+    assert c == EplbConfig.parse({"dynamic_eplb": True, "expert_heat_collection_interval": 600,
+                                  "algorithm_execution_interval": 50, "num_redundant_experts": 16,
+                                  "eplb_policy_type": 2})
+    with pytest.raises(ValueError, match="^eplb_heat_collection_stage: only 'all'"):
+        EplbConfig.parse(_ValuesInADict(eplb_heat_collection_stage="decode"))
+    with pytest.raises(ValueError, match="^unknown EPLB config key 'eplb_node_role'"):
+        EplbConfig.parse(_ValuesInADict(eplb_node_role="prefill"))
+
+
+def test_attribute_objects_are_read_with_getattr():
+    """Settings vars() does not list: slots, class attributes, properties, __getattr__, pydantic
+    models. A misspelt public attribute of the object's own is refused like a misspelt key; an
+    object with none of the keys is no config."""
+    import types
+
+    class Slots:
+        __slots__ = ("window_size", "step_interval")
+
+        def __init__(self):
+            self.window_size, self.step_interval = 10, 20
+
+    class ClassAttributes:
+        window_size = 10
+        step_interval = 20
+
+    class Properties:
+        @property
+        def window_size(self):
+            return 10
+
+        @property
+        def step_interval(self):
+            return 20
+
+    class Forwarding:  # an engine object handing out its settings through __getattr__
+        def __getattr__(self, name):
+            if name in ("window_size", "step_interval"):
+                return {"window_size": 10, "step_interval": 20}[name]
+            raise AttributeError(name)
+
+    expected = EplbConfig.parse({"window_size": 10, "expert_heat_collection_interval": 20})
+    for obj in (Slots(), ClassAttributes(), Properties(), Forwarding(),
+                types.SimpleNamespace(window_size=10, step_interval=20)):
+        assert EplbConfig.parse(obj) == expected, type(obj).__name__
+    pydantic = pytest.importorskip("pydantic")
+
+    class Model(pydantic.BaseModel):
+        window_size: int = 10
+        step_interval: int = 20
+
+    assert EplbConfig.parse(Model()) == expected
+    with pytest.raises(ValueError, match="^unknown EPLB config key 'windw_size'"):
+        EplbConfig.parse(types.SimpleNamespace(windw_size=10, step_interval=20))
+    with pytest.raises(ValueError, match="^window_size must be an int >= 1"):
+        EplbConfig.parse(types.SimpleNamespace(window_size=0))
+    for obj in (object(), types.SimpleNamespace(), type("Empty", (), {})()):
+        with pytest.raises(ValueError, match="config must be"):
+            EplbConfig.parse(obj)
+
+
+def _valid_values():
+    """Known-good values for every canonical key (the document a bad key is put into)."""
+    counts = {k: st.integers(lo, min(hi, 10**6)) for k, (lo, hi) in _INT_KEYS.items()}
+    return st.fixed_dictionaries({}, optional={
+        **counts,
+        **{k: st.booleans() for k in ("dynamic_eplb", "log_balancedness", "use_async",
+                                      "enable_migration_batching")},
+        "policy": st.sampled_from(["deepseek", "balanced", "min_move", "default"]),
+        "transfer_timeout_s": st.floats(0.001, 604800) | st.integers(1, 604800),
+        "expert_map_record_path": st.none() | st.text(min_size=1, max_size=8),
+        "communicator": st.sampled_from([None, "torch_nccl", "pynccl"]),
+        "eplb_heat_collection_stage": st.just("all")})
+
+
+def _numpy_scalars():
+    import numpy as np
+
+    return st.one_of(
+        st.integers(-5, 2**62 + 5).map(np.int64), st.integers(-5, 300).map(np.int32),
+        st.integers(0, 2**64 - 1).map(np.uint64), st.booleans().map(np.bool_),
+        st.integers(-5, 10**7).map(np.float64), st.floats(allow_nan=True).map(np.float64))
+
+
+_BIG = [2**62, 2**62 + 1, 2**63, 2**64, 10**6, 10**6 + 1, 10**400, -10**400, 604800, 604801]
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**6), st.integers(-2**70, 2**70),
+    st.sampled_from(_BIG), st.floats(allow_nan=True), st.integers(-5, 10**7).map(float),
+    st.sampled_from([3.0, 1e3, 1e6, 1e9, 1e300, 2.5, float("inf")]), _numpy_scalars(),
+    st.text(max_size=8), st.sampled_from(["deepseek", "balanced", "min_move", "all", "decode"]))
+_FUZZ_KEYS = [f.name for f in dataclasses.fields(EplbConfig)] + sorted(_ALIAS_OF) + list(
+    _PHASE_KEYS) + ["bogus"]
+
+
+def _plain(v):
+    return v.item() if type(v).__module__ == "numpy" else v
+
+
+def _outcome(config):
     try:
-        c = EplbConfig.parse(doc)
+        return EplbConfig.parse(config)
     except ValueError as e:
-        assert any(k in str(e) for k in doc) or "expert_heat_collection_interval" in str(e), e
-        return
-    # accepted: every given value landed, unchanged, in the field it names
-    ascend_types = {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}
-    for k, v in doc.items():
-        assert k != "bogus"
-        if k == "eplb_policy_type":
-            assert c.policy == ascend_types[v]
-        elif k == "policy":
-            assert c.policy == {"default": "deepseek"}.get(v, v)
+        return e
+
+
+@settings(max_examples=400, deadline=None)
+@given(_valid_values(), st.sampled_from(_FUZZ_KEYS), _VALUES)
+def test_fuzz_valid_or_valueerror_naming_a_key(good, key, value):
+    """A document of good values and one drawn value: accepted with the value landed where it
+    names (ints as ints, within their bounds), or a ValueError about that key and no other, from
+    a dict, from its JSON and from an attribute object alike."""
+    import types
+
+    canon = _ALIAS_OF.get(key, key)
+    doc = {k: v for k, v in good.items() if k != canon}
+    doc[key] = value
+    got = _outcome(doc)
+    if isinstance(got, ValueError):
+        msg = str(got)
+        assert msg.startswith((key, f"unknown EPLB config key {key!r}")), (key, msg)
+    else:
+        v = _plain(value)
+        assert key != "bogus"
+        if key in _PHASE_KEYS:
+            assert v == "all" and got == EplbConfig.parse(doc | {key: "all"})
+        elif key == "eplb_policy_type":
+            assert got.policy == {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}[v]
+        elif canon == "policy":
+            assert got.policy == {"default": "deepseek"}.get(v, v)
         else:
-            canon = {"step_interval": "expert_heat_collection_interval",
-                     "enabled": "dynamic_eplb"}.get(k, k)
-            got = getattr(c, canon)
-            assert got == v and type(got) is type(v), (k, v, got)
-    assert c.max_move_bytes_per_step is None or c.max_move_bytes_per_step >= 1
+            if canon in _INT_KEYS and isinstance(v, float):
+                assert v.is_integer()
+                v = int(v)
+            landed = getattr(got, canon)
+            assert landed == v and type(landed) is type(v), (key, value, landed)
+            if canon in _INT_KEYS and v is not None:
+                lo, hi = _INT_KEYS[canon]
+                assert type(v) is int and lo <= v <= hi
+    # the same outcome from the document's JSON (numpy aside) and from an attribute object
+    others = [types.SimpleNamespace(**doc)]
+    if not any(type(v).__module__ == "numpy" for v in doc.values()):
+        others.append(json.dumps(doc))
+    for other in others:
+        again = _outcome(other)
+        if isinstance(got, ValueError):
+            assert isinstance(again, ValueError) and str(again).startswith(
+                (key, f"unknown EPLB config key {key!r}")), (key, str(again))
+        else:
+            assert again == got

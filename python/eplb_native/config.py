@@ -12,6 +12,9 @@ key (aliases)                      meaning                             default
 ``expert_heat_collection_interval``  steps between two plans (vLLM      100
 (``step_interval``)                ``step_interval``)
 ``window_size``                    recent steps of load a plan sees    = heat interval
+                                   (at most 10**6: its ring is
+                                   [window_size, layers, experts]
+                                   int64 on the device)
 ``algorithm_execution_interval``   steps from submitting a plan to     1
                                    moving its first layer
 ``layers_per_step``                layers moved per step (with a byte  1
@@ -37,12 +40,23 @@ key (aliases)                      meaning                             default
 ``use_async``                      plan on the background thread       True
                                    (False: wait for the plan at once)
 ``num_nodes``, ``num_groups``      topology for hierarchical policies  1, 1
+``eplb_heat_collection_stage``,    vllm-ascend's phase (``all`` |      ``all``
+``load_collection_phase``          ``prefill`` | ``decode``) whose
+                                   load is collected: only ``all`` is
+                                   supported (load of every step is
+                                   collected); accepted, not stored
 ``communicator``,                  accepted for vLLM compatibility;    None, False
 ``enable_migration_batching``      moves always use torch.distributed
                                    P2P, one grouped batch per layer
 =================================  ==================================  =========================
 
-Unknown keys, wrong types and impossible values raise ValueError naming the key.
+Counts are ints from their minimum up to ``MAX_COUNT`` = 2**62 (the planner's bound); a float
+holding an integer (``1000.0``, ``1e9``: JSON and YAML write them) counts as that int, any other
+float is refused. numpy scalars count as the Python values they hold. An attribute object is read
+with ``getattr`` of the keys above (so ``__getattr__`` objects, pydantic models and slots classes
+work); one whose values sit in a ``.config`` dict, as vllm-ascend's ``EplbConfig`` keeps them, is
+read from that dict. Unknown keys, wrong types and impossible values raise ValueError naming the
+key.
 """
 
 from __future__ import annotations
@@ -50,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -58,6 +71,11 @@ POLICIES = ("deepseek", "balanced", "min_move")
 _POLICY_ALIASES = {"default": "deepseek"}
 _ASCEND_POLICY_TYPES = {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}
 _COMMUNICATORS = (None, "torch_nccl", "torch_gloo", "torch_xccl", "pynccl", "nixl", "torch")
+
+#: vllm-ascend's keys choosing the phase whose load is collected (V1 / V2 model runner) and their
+#: values; "all" collects in every phase, as we always do, so it is the only one we take.
+_PHASE_KEYS = ("eplb_heat_collection_stage", "load_collection_phase")
+_PHASES = ("all", "prefill", "decode")
 
 #: alias -> canonical key
 _ALIASES = {
@@ -70,6 +88,27 @@ _ALIASES = {
 
 #: Longest transfer_timeout_s (a week).
 MAX_TRANSFER_TIMEOUT_S = 7 * 24 * 3600
+#: Largest value of any count: the planner's bound on its counts (planner._as_int), so a
+#: topology that parses is never refused later, at every gather.
+MAX_COUNT = 2**62
+#: Largest window_size. The load ring is [window_size, layers, experts] int64 on the device:
+#: vLLM's default 1000 steps of DeepSeek-V3 (58 x 256) is 119 MB; 10**6 steps of it would be
+#: 119 GB, so beyond this a window is a mistake, refused here rather than by the allocator.
+MAX_WINDOW_SIZE = 10**6
+
+#: int keys -> (minimum, maximum); those also in _OPTIONAL may be None
+_INT_BOUNDS = {
+    "num_redundant_experts": (0, MAX_COUNT),
+    "expert_heat_collection_interval": (1, MAX_COUNT),
+    "window_size": (1, MAX_WINDOW_SIZE),
+    "algorithm_execution_interval": (0, MAX_COUNT),
+    "layers_per_step": (1, MAX_COUNT),
+    "max_move_bytes_per_step": (1, MAX_COUNT),
+    "log_balancedness_interval": (1, MAX_COUNT),
+    "num_nodes": (1, MAX_COUNT),
+    "num_groups": (1, MAX_COUNT),
+}
+_OPTIONAL = ("num_redundant_experts", "window_size", "max_move_bytes_per_step")
 
 
 @dataclass(frozen=True)
@@ -79,7 +118,7 @@ class EplbConfig:
     dynamic_eplb: bool = True
     num_redundant_experts: int | None = None
     expert_heat_collection_interval: int = 100
-    window_size: int | None = None
+    window_size: int | None = None  # <= MAX_WINDOW_SIZE steps (the ring is on the device)
     algorithm_execution_interval: int = 1
     layers_per_step: int = 1
     max_move_bytes_per_step: int | None = None
@@ -96,33 +135,23 @@ class EplbConfig:
     enable_migration_batching: bool = False
 
     def __post_init__(self):
-        # numpy scalars (np.int64(16), np.bool_(True), np.float32(5.0)) as the Python values
-        # they stand for, as plan() takes them
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-                if v.dtype.kind in "biuf":
-                    object.__setattr__(self, f.name, v.item())
+        # checked as converted (numpy scalars, integral floats), stored once every check passed
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching"):
-            _check_bool(key, getattr(self, key))
-        for key, lo in (("expert_heat_collection_interval", 1), ("algorithm_execution_interval", 0),
-                        ("layers_per_step", 1), ("log_balancedness_interval", 1),
-                        ("num_nodes", 1), ("num_groups", 1)):
-            _check_int(key, getattr(self, key), lo)
-        if self.num_redundant_experts is not None:
-            _check_int("num_redundant_experts", self.num_redundant_experts, 0)
-        if self.window_size is not None:
-            _check_int("window_size", self.window_size, 1)
-        if self.max_move_bytes_per_step is not None:
-            _check_int("max_move_bytes_per_step", self.max_move_bytes_per_step, 1)
-        t = self.transfer_timeout_s
-        # (bounded: a wait on a longer timeout overflows the platform's time_t in threading)
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or (
-                not 0 < t <= MAX_TRANSFER_TIMEOUT_S):
+            _check_bool(key, values[key])
+        for key, (lo, hi) in _INT_BOUNDS.items():
+            if values[key] is not None or key not in _OPTIONAL:
+                values[key] = _as_int(key, values[key], lo, hi)
+        t = values["transfer_timeout_s"]
+        # (bounded: a wait on a longer timeout overflows the platform's time_t in threading;
+        # compared, not converted, so an int too large for a float is refused, not an
+        # OverflowError, and NaN fails the comparison)
+        if isinstance(t, bool) or not isinstance(t, int | float) or not (
+                0 < t <= MAX_TRANSFER_TIMEOUT_S):
             raise ValueError(f"transfer_timeout_s must be a number in (0, "
-                             f"{MAX_TRANSFER_TIMEOUT_S}] seconds, got {t!r}")
+                             f"{MAX_TRANSFER_TIMEOUT_S}] seconds, got {_show(t)}")
         if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {_show(self.policy)}")
         for key in ("expert_map_path", "expert_map_record_path"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, str | os.PathLike):
@@ -134,7 +163,9 @@ class EplbConfig:
         # collective part of attach, where the others would wait for it.
         if self.communicator not in _COMMUNICATORS:
             raise ValueError(f"communicator must be one of {list(_COMMUNICATORS)}, got "
-                             f"{self.communicator!r}")
+                             f"{_show(self.communicator)}")
+        for name, v in values.items():
+            object.__setattr__(self, name, v)
 
     @property
     def window_steps(self) -> int:
@@ -150,7 +181,8 @@ class EplbConfig:
             # vllm-ascend's wrapper, alone or inside a whole additional_config (whose other keys
             # are vllm-ascend's own), but not beside keys of ours: which would win is unclear
             ours = sorted(k for k in doc if k != "eplb_config" and (
-                _ALIASES.get(k, k) in {f.name for f in dataclasses.fields(cls)}))
+                _ALIASES.get(k, k) in {f.name for f in dataclasses.fields(cls)}
+                or k in _PHASE_KEYS))
             if ours:
                 raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
                                  f"inside it")
@@ -163,15 +195,19 @@ class EplbConfig:
         for key, value in doc.items():
             if not isinstance(key, str):
                 raise ValueError(f"config keys must be strings, got {key!r}")
+            value = _plain(value)
+            if key in _PHASE_KEYS:
+                _check_phase(key, value)
+                continue
             canon = _ALIASES.get(key, key)
             if canon not in fields:
                 raise ValueError(f"unknown EPLB config key {key!r}; known: "
-                                 f"{sorted(fields | set(_ALIASES))}")
+                                 f"{sorted(fields | set(_ALIASES) | set(_PHASE_KEYS))}")
             if canon == "policy":
                 value = _policy(key, value)
-            if canon in out and out[canon] != value:
-                raise ValueError(f"{key!r} ({value!r}) contradicts {source[canon]!r} "
-                                 f"({out[canon]!r})")
+            if canon in out and not _same(out[canon], value):
+                raise ValueError(f"{key!r} ({_show(value)}) contradicts {source[canon]!r} "
+                                 f"({_show(out[canon])})")
             out[canon] = value
             source[canon] = key
         try:
@@ -194,7 +230,7 @@ class EplbConfig:
         if isinstance(config, str):
             try:
                 config = json.loads(config)
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, or an int literal of > 4300 digits
                 raise ValueError(f"config string is not valid JSON ({e})") from None
         if isinstance(config, dict):
             return cls.from_dict(config)
@@ -202,11 +238,30 @@ class EplbConfig:
             return cls.from_dict({f.name: getattr(config, f.name)
                                   for f in dataclasses.fields(config)})
         # an attribute object (e.g. an engine's config instance); a function, class or module
-        # has a __dict__ too, but its attributes are no settings
-        if hasattr(config, "__dict__") and not (callable(config) or inspect.ismodule(config)):
-            return cls.from_dict({k: v for k, v in vars(config).items() if not k.startswith("_")})
-        raise ValueError(f"config must be None, an EplbConfig, a dict or a JSON string, got "
-                         f"{type(config).__name__}")
+        # has attributes too, but they are no settings
+        if not (callable(config) or inspect.ismodule(config)):
+            if isinstance(getattr(config, "config", None), dict):
+                # vllm-ascend's EplbConfig: its values in a .config dict, read via __getattr__
+                return cls.from_dict(dict(config.config))
+            # getattr, not vars(): __getattr__ objects, class attributes, pydantic models and
+            # slots classes hold settings that vars() does not list
+            known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(_PHASE_KEYS)
+            doc = {}
+            for name in sorted(known):
+                try:
+                    doc[name] = getattr(config, name)
+                except AttributeError:
+                    pass
+            # a public attribute of its own that is no key is a misspelt one, as in a dict
+            unknown = sorted(k for k in getattr(config, "__dict__", {})
+                             if isinstance(k, str) and not k.startswith("_") and k not in known)
+            if unknown:
+                raise ValueError(f"unknown EPLB config key {unknown[0]!r}; known: "
+                                 f"{sorted(known)}")
+            if doc:
+                return cls.from_dict(doc)
+        raise ValueError(f"config must be None, an EplbConfig, a dict, a JSON string or an object "
+                         f"with EPLB config attributes, got {type(config).__name__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,25 +269,69 @@ class EplbConfig:
 
 def _check_bool(key, v):
     if not isinstance(v, bool):
-        raise ValueError(f"{key} must be a bool, got {v!r}")
+        raise ValueError(f"{key} must be a bool, got {_show(v)}")
 
 
-def _check_int(key, v, lo):
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # (an array's == is elementwise: no single truth value)
+        return False
+
+
+def _plain(v):
+    """numpy scalars (np.int64(16), np.bool_(True), np.float32(5.0)) as the Python values they
+    stand for, as plan() takes them; anything else as it is."""
+    if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        if v.dtype.kind in "biuf":
+            return v.item()
+    return v
+
+
+def _integral(v):
+    """A float holding an integer (1000.0, 1e9: JSON and YAML write counts so) as that int, as
+    vLLM's pydantic config takes it; anything else as it is."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _show(v) -> str:
+    """A value for an error message, cut short (a huge int's repr is long, and beyond 4300
+    digits Python refuses to make it)."""
+    if isinstance(v, int) and v.bit_length() > 64:
+        return f"an int of {v.bit_length()} bits"
+    r = repr(v)
+    return r if len(r) <= 80 else f"{r[:60]}... ({len(r)} characters)"
+
+
+def _as_int(key, v, lo, hi) -> int:
+    v = _integral(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
+        raise ValueError(f"{key} must be an int >= {lo}, got {_show(v)}")
+    if v > hi:
+        raise ValueError(f"{key} must be an int <= {hi}, got {_show(v)}")
+    return v
+
+
+def _check_phase(key, value):
+    if not isinstance(value, str) or value not in _PHASES:
+        raise ValueError(f"{key} must be one of {list(_PHASES)}, got {_show(value)}")
+    if value != "all":
+        raise ValueError(f"{key}: only 'all' is supported (load is collected in every phase; "
+                         f"there is no prefill / decode filter), got {value!r}")
 
 
 def _policy(key, value) -> str:
     if key == "eplb_policy_type":
+        value = _integral(value)
         if isinstance(value, bool) or not isinstance(value, int) or (
                 value not in _ASCEND_POLICY_TYPES):
             raise ValueError(f"eplb_policy_type must be one of {sorted(_ASCEND_POLICY_TYPES)}, "
-                             f"got {value!r}")
+                             f"got {_show(value)}")
         return _ASCEND_POLICY_TYPES[value]
     if not isinstance(value, str):
-        raise ValueError(f"policy must be a string, got {value!r}")
+        raise ValueError(f"policy must be a string, got {_show(value)}")
     value = _POLICY_ALIASES.get(value, value)
     if value not in POLICIES:
         raise ValueError(f"policy must be one of {list(POLICIES) + list(_POLICY_ALIASES)}, got "
-                         f"{value!r}")
+                         f"{_show(value)}")
     return value
