@@ -796,3 +796,87 @@ def test_cuda_model_rebalances_with_equal_outputs_and_stops_when_cast():
         model(torch.randn(9, 8, generator=g).to(dev).half())
     assert np.array_equal(up.phy2log(), target)
     up.shutdown()
+
+
+class _FailingPlanner:
+    """A Planner whose plans fail as the C++ worker reports an error (e.g. std::bad_alloc)."""
+
+    def submit(self, *args, **kwargs):
+        import concurrent.futures
+
+        fut = concurrent.futures.Future()
+        fut.set_exception(RuntimeError("planner worker: std::bad_alloc (injected)"))
+        return fut
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("use_async", [True, False])
+def test_failed_plan_is_logged_and_serving_goes_on(use_async, monkeypatch, caplog):
+    """A plan that fails (or a submit that raises) keeps the placement and is logged; it never
+    raises out of the model's forward, with use_async False (vLLM's default) too."""
+    from eplb_native import updator as updator_mod
+
+    monkeypatch.setattr(updator_mod, "Planner", _FailingPlanner)
+    model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1, "algorithm_execution_interval": 0,
+                                    "use_async": use_async})
+    before = up.phy2log()
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(13))
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        for _ in range(3):
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert up.cycle == 3 and np.array_equal(up.phy2log(), before) and not up.stats.plans
+    assert caplog.text.count("planning failed, placement unchanged") == 3
+    assert "std::bad_alloc (injected)" in caplog.text
+    up.shutdown()
+
+
+def test_sliding_window_stats_cover_the_planned_steps():
+    """With window_size < the heat interval, a window's tokens and balancedness cover the
+    window_size steps the plan sees (they covered the whole interval)."""
+    model = torch.nn.Sequential(EPMoE(8, 6, 8, 2, num_redundant_experts=0))
+    up = eplb_native.attach(model, {"step_interval": 4, "window_size": 2, "dynamic_eplb": False})
+    g = torch.Generator().manual_seed(6)
+    for tokens in (3, 5, 7, 11, 13, 2, 4, 6):
+        model(torch.randn(tokens, 8, generator=g))
+    assert [w["steps"] for w in up.stats.windows] == [2, 2]
+    # top-2 routing: two counts per token, the last two steps of each interval
+    assert [w["tokens"] for w in up.stats.windows] == [(7 + 11) * 2, (4 + 6) * 2]
+    assert [int(load.sum()) for load in up._recorded] == [(7 + 11) * 2, (4 + 6) * 2]
+    up.shutdown()
+
+
+def test_replaced_maps_stop_eplb_before_any_weight_moves():
+    """A layer whose map buffers were replaced (its weights not) refuses the switch before the
+    move writes a weight: nothing is half-switched."""
+    model = Stack(1, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "layers_per_step": 1})
+    layer = model.layers[0]
+    w13, w2 = layer.w13.clone(), layer.w2.clone()
+    layer.log2phy = layer.log2phy.clone()  # the buffer replaced, as an assign=True load does
+    up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7]]))
+    with pytest.raises(RuntimeError, match="replaced after attach"):
+        model(torch.randn(9, 8, generator=torch.Generator().manual_seed(14)))
+    assert torch.equal(layer.w13, w13) and torch.equal(layer.w2, w2)
+    up.shutdown()
+
+
+def test_window_size_too_large_for_memory_names_window_size(monkeypatch):
+    """A window whose per-step ring cannot be allocated refuses attach naming window_size and
+    the bytes it needs (it was the allocator's own error)."""
+    from eplb_native import updator as updator_mod
+
+    real = torch.zeros
+
+    def zeros(*shape, **kw):
+        if shape and shape[0] == 5000:  # the ring: [window_size, layers, ...]
+            raise torch.OutOfMemoryError("cannot allocate (injected)")
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(updator_mod.torch, "zeros", zeros)
+    model = torch.nn.Sequential(EPMoE(8, 6, 8, 2))
+    with pytest.raises(ValueError, match=r"window_size=5000: the per-step load ring needs "
+                                         r"360000 bytes .*OutOfMemoryError"):
+        eplb_native.attach(model, {"window_size": 5000, "step_interval": 10 ** 4})

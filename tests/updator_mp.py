@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from mp_exit import leave
 
 import eplb_native
 from eplb_native import expert_map
+from eplb_native.adapters import AdapterError
 from eplb_native.nn import EPMoE, logical_weights_of_slots
 
 NUM_LAYERS = 3
@@ -215,6 +217,7 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
               "transfer_timeout_s": 20.0}
     if budget_rows is not None:
         config["max_move_bytes_per_step"] = budget_rows * SLOT_BYTES
+    groups_before = len(dist.distributed_c10d._world.pg_map)
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
     rng = np.random.default_rng(5)  # the same draws on every rank
@@ -235,9 +238,13 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
     if budget_rows is not None:
         assert any(m["steps"] > 1 for m in moves), moves
     updator.shutdown()
+    # the process groups attach created are gone (each attach used to leave one or two)
+    assert len(dist.distributed_c10d._world.pg_map) == groups_before
     dist.barrier()
     _attach_fails_on_one_rank(rank, world, group, device, tmpdir, redundant)
     _expert_map_fault(rank, world, group, device, tmpdir, redundant)
+    _plan_fails_on_one_rank(rank, world, group, device, redundant)
+    assert len(dist.distributed_c10d._world.pg_map) == groups_before  # refused attaches too
     dist.barrier()
     dist.destroy_process_group()
     leave()
@@ -314,11 +321,85 @@ def _attach_fails_on_one_rank(rank, world, group, device, tmpdir, redundant):
         assert "the model is as it was" in msg, msg
     finally:
         updator_mod._staging_like = real_staging
+    # the last rank's layers hold no valid placement: it says so, the others name it (they
+    # waited in the group's creation before)
+    p2l = model.layers[1].phy2log
+    if last:
+        p2l.fill_(0)  # experts 1.. hold no slot
+    msg = refused(static, AdapterError, RuntimeError)
+    assert ("its phy2log is not a valid placement" if last else f"rank {world - 1} ") in msg, msg
+    p2l.copy_(torch.from_numpy(default))
+    # the last rank's layers hold another valid placement than the others': every rank refuses
+    if last:
+        p2l.copy_(p2l.roll(1))
+    msg = refused(static, ValueError, ValueError)
+    assert "hold different placements" in msg, msg
+    p2l.copy_(torch.from_numpy(default))
+    # a live updator on the last rank's layers only (attach there would move them twice)
+    if last:
+        class _Live:
+            _closed = False
+
+        live = _Live()
+        for layer in model.layers:
+            updator_mod._live_updators[layer] = weakref.ref(live)
+    msg = refused(static, ValueError, RuntimeError)
+    assert ("already has a live eplb_native Updator" if last else f"rank {world - 1} ") in msg
+    for layer in model.layers:
+        updator_mod._live_updators.pop(layer, None)
     for layer, before in zip(model.layers, buffers, strict=True):
         assert np.array_equal(layer.phy2log.cpu().numpy(), default)
         assert set(layer._buffers) == before
     _check_slots(model)
     _run(model, reference, None, 2, rank, device, first_step=400)
+    dist.barrier()
+
+
+def _plan_fails_on_one_rank(rank, world, group, device, redundant):
+    """A plan that fails on one rank only (a resource error: memory, a dead thread), or comes
+    out different there, is agreed: every rank keeps its placement and serves on (the others
+    used to queue its moves and hang in their agreement, meeting the failed rank's model
+    collectives)."""
+    import concurrent.futures
+
+    import eplb_native.updator as updator_mod
+
+    last = rank == world - 1
+    real = updator_mod.Planner
+
+    class OneRank(real):
+        def __init__(self, how):
+            super().__init__()
+            self.how = how
+
+        def submit(self, *args, **kwargs):
+            fut = super().submit(*args, **kwargs)
+            if not last:
+                return fut
+            out = concurrent.futures.Future()
+            if self.how == "fail":
+                fut.result()
+                out.set_exception(MemoryError("std::bad_alloc (injected on one rank)"))
+            else:  # another plan: two slots of rank 0 exchanged (a valid placement still)
+                plan = fut.result()
+                plan.phy2log[:, [0, 1]] = plan.phy2log[:, [1, 0]]
+                out.set_result(plan)
+            return out
+
+    for how in ("fail", "differ"):
+        model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
+        updator_mod.Planner = lambda h=how: OneRank(h)
+        try:
+            up = eplb_native.attach(model, {"step_interval": 2, "algorithm_execution_interval": 0,
+                                            "transfer_timeout_s": 10.0}, group)
+        finally:
+            updator_mod.Planner = real
+        start = up.phy2log()
+        _run(model, reference, up, 6, rank, device, first_step=500)
+        assert up.cycle == 3 and not up.stats.plans and not up.stats.moves, (how, up.stats.moves)
+        assert np.array_equal(up.phy2log(), start)
+        _check_same_maps(up, group)
+        up.shutdown()
     dist.barrier()
 
 

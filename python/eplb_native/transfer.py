@@ -509,8 +509,24 @@ class LayerMove:
         self._works = []  # finished: nothing left to drain
         return True
 
-    def drain(self) -> None:
-        """Blocks until every op this move issued finished (after a timeout or failure)."""
+    def finished(self) -> bool:
+        """Whether every op this move issued has finished (never blocks): its staging buffers
+        may then be reused without :meth:`drain`."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        return all(w.is_completed() for w in self._works)
+
+    def drain(self, deadline: float | None = None) -> bool:
+        """Blocks until every op this move issued finished (after a timeout or failure), or
+        until ``deadline`` (time.perf_counter()): True when they all finished. A peer that never
+        posts its side leaves them pending until the process group's own timeout."""
+        if deadline is not None:
+            if self._thread is not None:
+                self._thread.join(max(0.0, deadline - time.perf_counter()))
+            while not self.finished():
+                if time.perf_counter() >= deadline:
+                    return False
+                time.sleep(0.001)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -522,6 +538,7 @@ class LayerMove:
             except Exception:  # noqa: BLE001  (already reported; only the buffers matter now)
                 pass
         self._works = []
+        return True
 
     @torch.no_grad()
     def commit(self) -> None:

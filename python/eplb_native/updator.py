@@ -30,6 +30,7 @@ which layers move) is identical on every rank.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import time
@@ -67,6 +68,17 @@ class _Moving:
         self.layer, self.new, self.staging, self.issued_step = layer, new, staging, issued_step
         self.move: LayerMove | None = None
         self.error: BaseException | None = None  # building the move failed (move is None)
+
+
+def _digest(a: np.ndarray | None) -> int:
+    """blake2b of an array's shape and bytes in 7 bytes (it and its negation fit an int64),
+    plus 1; 0 for None."""
+    if a is None:
+        return 0
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(str((a.dtype.str, a.shape)).encode(), digest_size=7)
+    h.update(a.tobytes())
+    return 1 + int.from_bytes(h.digest(), "little")
 
 
 def _device_api(device: torch.device):
@@ -123,25 +135,11 @@ class Updator:
         self.num_slots, self.num_ranks, self.rank = first.num_slots, first.ep_size, first.ep_rank
         self.num_local = first.num_local_slots
         self.device = first.device
+        # (the config and the layers' shape are the same on every rank: checked before any
+        # process group is needed)
         check_config_fits(config, self.num_logical, self.num_slots, self.num_ranks)
-        # Two updators on one layer would both move its weights and rewrite its maps, each
-        # reporting a placement the other may have changed.
-        for a in layers:
-            ref = _live_updators.get(a.module)
-            other = ref() if ref is not None else None
-            if other is not None and not other._closed:
-                raise ValueError(f"MoE layer {a.name!r} already has a live eplb_native Updator; "
-                                 "call its shutdown() before attaching again")
-        # The placement the layers start with is every plan's old placement: an invalid one
-        # would make every cycle fail later (and only log it), so it refuses attach now.
         # host mirror of every layer's phy2log [L, P]: the updator is the only writer
         placement = np.stack([a.phy2log.detach().cpu().numpy() for a in layers])
-        for a, row in zip(layers, placement, strict=True):
-            try:
-                state.validate_phy2log(row, self.num_logical, self.num_ranks)
-            except ValueError as e:
-                raise AdapterError(f"MoE layer {a.name!r}: its phy2log is not a valid "
-                                   f"placement: {e}") from None
         if self.num_ranks > 1:
             if group is None:
                 if not dist.is_initialized():
@@ -215,9 +213,12 @@ class Updator:
         # What may fail on one rank only (memory for the buffers and staging, a map file missing
         # or different on one host) is agreed by every rank before the first collective move or
         # gather: a rank that refuses never leaves the others waiting for it.
+        # (Before the first collective nothing may raise on one rank only: the groups above
+        # depend on the rank list alone, everything below on what each rank holds.)
         error: Exception | None = None
         target = None
         try:
+            self._check_attachable(placement)
             self._allocate_buffers()
             if config.expert_map_record_path is not None and self.rank == 0:
                 check_writable_dir(config.expert_map_record_path, "expert_map_record_path")
@@ -228,23 +229,57 @@ class Updator:
                                             num_slots=self.num_slots, name="expert_map_path")
         except Exception as e:  # noqa: BLE001  (agreed below, then raised)
             error = e
-        self._agree_attach(error, target)
-        self._free = list(range(len(self._staging)))  # staging sets no move holds
-        if target is not None:
-            self._apply_expert_map(target, config.expert_map_path)
-        if config.dynamic_eplb:
-            self._planner = Planner()
+        try:  # (a refused attach leaves no process group behind; every rank refuses alike)
+            self._agree_attach(error, target, placement)
+            self._free = list(range(len(self._staging)))  # staging sets no move holds
+            if target is not None:
+                self._apply_expert_map(target, config.expert_map_path)
+            if config.dynamic_eplb:
+                self._planner = Planner()
+        except BaseException:
+            self._destroy_groups()
+            raise
         for a in layers:
             _live_updators[a.module] = weakref.ref(self)
+
+    def _check_attachable(self, placement: np.ndarray) -> None:
+        """What this rank's layers must satisfy (raises; agreed by the caller)."""
+        # Two updators on one layer would both move its weights and rewrite its maps, each
+        # reporting a placement the other may have changed.
+        for a in self.layers:
+            ref = _live_updators.get(a.module)
+            other = ref() if ref is not None else None
+            if other is not None and not other._closed:
+                raise ValueError(f"MoE layer {a.name!r} already has a live eplb_native Updator; "
+                                 "call its shutdown() before attaching again")
+        # The placement the layers start with is every plan's old placement: an invalid one
+        # would make every cycle fail later (and only log it), so it refuses attach now.
+        for a, row in zip(self.layers, placement, strict=True):
+            try:
+                state.validate_phy2log(row, self.num_logical, self.num_ranks)
+            except ValueError as e:
+                raise AdapterError(f"MoE layer {a.name!r}: its phy2log is not a valid "
+                                   f"placement: {e}") from None
 
     def _allocate_buffers(self) -> None:
         """The buffers allocated once: per-step logical load ring, per-window rank tokens, the
         gather's send / receive buffers, and (dynamic EPLB) the staging sets."""
         w = self.config.window_size if self._sliding else 1
         dev = {"device": self.device}
-        self._ring = torch.zeros(w, self.num_layers, self.num_logical, dtype=torch.int64, **dev)
-        self._rank_tokens = torch.zeros(self.num_layers, self.num_ranks, dtype=torch.int64,
-                                        **dev)
+        try:
+            self._ring = torch.zeros(w, self.num_layers, self.num_logical, dtype=torch.int64,
+                                     **dev)
+            # tokens each rank's slots received, per step like the ring (what the window's
+            # balancedness is measured on: the same steps as the load the plan sees)
+            self._rank_tokens = torch.zeros(w, self.num_layers, self.num_ranks,
+                                            dtype=torch.int64, **dev)
+        except RuntimeError as e:  # (torch.OutOfMemoryError too)
+            if not self._sliding:
+                raise
+            need = w * self.num_layers * (self.num_logical + self.num_ranks) * 8
+            raise ValueError(f"window_size={w}: the per-step load ring needs {need} bytes on "
+                             f"{self.device} ({type(e).__name__}: {e}); use a smaller "
+                             "window_size") from None
         width = self.num_layers * (self.num_logical + self.num_ranks)
         self._send = torch.zeros(width, dtype=torch.int64, **dev)
         self._gathered = torch.zeros(self.num_ranks * width, dtype=torch.int64, **dev)
@@ -263,33 +298,48 @@ class Updator:
         self._staging = [_staging_like(first.weights)
                          for _ in range(min(self.config.layers_per_step, self.num_layers))]
 
-    def _agree_attach(self, error: Exception | None, target: np.ndarray | None) -> None:
-        """Collective: raises on every rank unless every rank set up without error and loaded
-        the same expert map (or none). The failing rank raises its own error, the others a
-        RuntimeError naming the lowest failing rank."""
+    def _agree_attach(self, error: Exception | None, target: np.ndarray | None,
+                      placement: np.ndarray) -> None:
+        """Collective: raises on every rank unless every rank set up without error, its layers
+        hold the same placement as every other rank's, and it loaded the same expert map (or
+        none). The failing rank raises its own error, the others a RuntimeError naming the
+        lowest failing rank."""
         if self._cpu_group is None:
             if error is not None:
                 raise error
             return
-        # blake2b of the map's bytes, 7 bytes so that it and its negation fit an int64; 0: none
-        digest = 0 if target is None else 1 + int.from_bytes(
-            hashlib.blake2b(np.ascontiguousarray(target).tobytes(), digest_size=7).digest(),
-            "little")
-        # MIN of (failing rank or num_ranks, digest, -digest): the lowest failing rank, and
-        # whether every rank's digest is the same.
-        t = torch.tensor([self.rank if error is not None else self.num_ranks, digest, -digest],
-                         dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._cpu_group)
-        failed, low, high = int(t[0]), int(t[1]), -int(t[2])
+        failed, same = self._agree_digests(error is None, [_digest(target), _digest(placement)])
         if error is not None:
             raise error
         if failed < self.num_ranks:
             raise RuntimeError(f"attach refused: rank {failed} of the group failed to set up "
                                "(its own error says why); nothing was changed on this rank")
-        if low != high:
+        if not same[1]:
+            raise ValueError("attach refused: the ranks' MoE layers hold different placements "
+                             "(phy2log); every rank must start from the same one (load the same "
+                             "checkpoint / expert map everywhere)")
+        if not same[0]:
             raise ValueError(f"expert_map_path {self.config.expert_map_path!r}: the ranks "
                              "loaded different expert maps (or some none); every rank must "
                              "load the same map")
+
+    def _agree_digests(self, ok: bool, digests: list[int]) -> tuple[int, list[bool]]:
+        """Collective (CPU group), one all-reduce: (the lowest rank whose ``ok`` is False, or
+        num_ranks; for each digest, whether every rank holds the same)."""
+        # MIN of (failing rank or num_ranks, d, -d for each digest)
+        t = torch.tensor([self.rank if not ok else self.num_ranks,
+                          *[v for d in digests for v in (d, -d)]], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._cpu_group)
+        v = t.tolist()
+        return v[0], [v[1 + 2 * i] == -v[2 + 2 * i] for i in range(len(digests))]
+
+    def _destroy_groups(self) -> None:
+        """Destroys the process groups this updator created (collective: every rank)."""
+        for g in {self._move_group, self._cpu_group if self._cpu_group is not self.group
+                  else None}:
+            if g is not None:
+                dist.destroy_process_group(g)
+        self._move_group = self._cpu_group = None
 
     # ----------------------------------------------------------------------------------------
     # placement
@@ -403,6 +453,7 @@ class Updator:
             if not self._agreed(not reason):
                 self._sync_device()
                 return moved, (layer, reason or "another rank failed its transfers")
+            self._check_tensors(layer)  # before any weight is written: nothing half-switched
             move.commit()
             self._set_placement(layer, new)
             moved.append(layer)
@@ -455,6 +506,7 @@ class Updator:
     @torch.no_grad()
     def _fold(self) -> None:
         ring = self._ring[(self.step - 1) % self._ring.shape[0]]
+        tokens = self._rank_tokens[(self.step - 1) % self._ring.shape[0]]
         sliding = self._sliding
         if self._api is not None:
             produced = self._api.Event()
@@ -468,8 +520,9 @@ class Updator:
                 row = ring[layer]
                 if sliding:
                     row.zero_()
+                    tokens[layer].zero_()
                 row.scatter_add_(0, a.phy2log, a.load.to(torch.int64))
-                self._rank_tokens[layer] += a.load.view(self.num_ranks, -1).sum(1).to(torch.int64)
+                tokens[layer] += a.load.view(self.num_ranks, -1).sum(1).to(torch.int64)
                 a.load.zero_()
         if self._api is not None:
             self._fold_done = self._api.Event()
@@ -484,10 +537,10 @@ class Updator:
         ctx = self._api.stream(self._side) if self._api is not None else _Null()
         with ctx:
             self._send[:n * e].copy_(self._ring.sum(0).view(-1))
-            self._send[n * e:].copy_(self._rank_tokens.view(-1))
-            self._rank_tokens.zero_()
+            self._send[n * e:].copy_(self._rank_tokens.sum(0).view(-1))
             if not self._sliding:
                 self._ring.zero_()
+                self._rank_tokens.zero_()
             if self.group is not None:
                 _all_gather_into_tensor(self._gathered, self._send, group=self.group)
                 total = self._gathered.view(r, -1).sum(0)
@@ -510,24 +563,42 @@ class Updator:
         # transfers=False: each layer's move is scheduled when it is queued (the same C++
         # transfer plan, one layer at a time: transfer.layer_schedule / MoveLayout), so layers a
         # later plan drops or replaces cost nothing
-        self._future = self._planner.submit(
-            load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
-            num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
-            policy=self.config.policy, transfers=False)
+        try:
+            self._future = self._planner.submit(
+                load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
+                num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
+                policy=self.config.policy, transfers=False)
+        except Exception as e:  # noqa: BLE001  (a failed plan: agreed and logged at the take)
+            self._future = concurrent.futures.Future()
+            self._future.set_exception(e)
         self._future.add_done_callback(self._plan_done)
         if not self.config.use_async:
-            self._future.result()
+            concurrent.futures.wait([self._future])  # its failure is the take's to report
 
     def _plan_done(self, _fut) -> None:
         self._plan_s = time.perf_counter() - self._submit_t
 
     def _take_plan(self) -> None:
         fut, self._future = self._future, None
+        plan, error = None, None
         try:
             plan = fut.result()  # blocks only if the plan is late
-        except Exception as e:  # noqa: BLE001  (same on every rank: the input is the same)
+        except Exception as e:  # noqa: BLE001  (agreed below)
+            error = e
+        # Every rank takes the plan at the same step. Bad input fails on every rank alike, but
+        # a resource failure (memory, a dead thread) may fail on one only, and a plan that came
+        # out different on one rank would pair the moves' messages wrongly: the ranks agree on
+        # the outcome and on the plan itself (a digest of it) before any moves.
+        if self._cpu_group is not None:
+            failed, same = self._agree_digests(
+                error is None, [_digest(plan.phy2log if plan is not None else None)])
+            if error is None and failed < self.num_ranks:
+                error = RuntimeError(f"rank {failed} could not plan (its log says why)")
+            elif error is None and not same[0]:
+                error = RuntimeError("the ranks computed different plans")
+        if error is not None:
             logger.warning("eplb cycle %d: planning failed, placement unchanged: %s",
-                           self.cycle, e)
+                           self.cycle, error)
             return
         self.stats.plans.append({
             "step": self.step, "cycle": self.cycle,
@@ -610,8 +681,13 @@ class Updator:
         """Before a forward: the in-flight layers' next steps, then new layers from the queue
         while staging sets are free and the step's budget has room. Never raises: a failure
         is the layer's, reported through the agreement in :meth:`_finish_moves`."""
+        # A dropped move's ops must end before its staging is reused, and before any new op
+        # is posted (a late rank's ops would otherwise cross the next move's, same tag / same
+        # order): waited for on every rank alike. (Unbounded: a peer that never posts stalls
+        # here until the process group's timeout; skipping the wait would need every rank to
+        # agree on it each step.)
         for move, k in self._pending:
-            move.drain()  # a dropped move's ops must end before its staging is reused
+            move.drain()
             self._free.append(k)
         self._pending = []
         if self._api is not None:
@@ -683,6 +759,7 @@ class Updator:
                 continue
             a = self.layers[m.layer]
             if agreed:
+                self._check_tensors(m.layer)  # before any weight is written: nothing half-switched
                 move.commit()
                 self._set_placement(m.layer, m.new)
                 self._free.append(m.staging)
@@ -749,7 +826,8 @@ class Updator:
 
     def shutdown(self) -> None:
         """Finishes: drains moves, writes expert_map_record_path (rank 0), removes the hooks,
-        joins the planner. Idempotent."""
+        joins the planner, destroys the process groups attach created. Collective, as attach:
+        every rank calls it. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -765,8 +843,9 @@ class Updator:
                 self._pending.append((m.move, m.staging))
         self._inflight = []
         self._awaiting = False
-        for move, _ in self._pending:
-            move.drain()
+        # bounded: a peer that never posts would hold shutdown for the process group's timeout
+        deadline = time.perf_counter() + self.config.transfer_timeout_s
+        stuck = [move for move, _ in self._pending if not move.drain(deadline)]
         self._pending = []
         self._queue = []
         self._layouts = {}
@@ -775,6 +854,12 @@ class Updator:
             self._future = None
         if self._planner is not None:
             self._planner.close()
+        if stuck:
+            logger.warning("eplb_native shutdown: %d dropped moves still wait for a peer after "
+                           "transfer_timeout_s=%s; their process group is left open",
+                           len(stuck), self.config.transfer_timeout_s)
+        else:
+            self._destroy_groups()
         path = self.config.expert_map_record_path
         if path is not None and self.rank == 0:
             expert_map.save(path, self.phy2log(), self.num_ranks)
