@@ -35,3 +35,31 @@ def test_no_expert_maps_every_id_to_minus_one_in_both_paths(mode):
     assert torch.equal(outs[0], torch.full_like(ids, -1)) and torch.equal(outs[0], outs[1])
     assert outs[1].dtype == ids.dtype and outs[1].shape == ids.shape
     assert all(torch.equal(x, torch.arange(4)) for x in loads)
+
+
+def test_rank_local_logcnt_on_another_device_is_refused():
+    """rank_local does not read logcnt, but it takes part in picking the kernel: a meta logcnt
+    ran the Meta kernel on real tensors (uninitialised ids back, load untouched, no error)."""
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 8, (5, 2), generator=gen, dtype=torch.int64)
+    table = torch.randperm(8, generator=gen)
+    stray = torch.zeros(8, dtype=torch.int64, device="meta")
+    for fn in (torch.ops.eplb_native.map_and_record, ops.composite_map_and_record):
+        load = torch.zeros(8, dtype=torch.int64)
+        with pytest.raises(ValueError, match="logcnt must be on cpu"):
+            fn(ids, table, stray, load, torch.tensor(True), None, "rank_local")
+        assert not load.any()
+    load = torch.zeros(8, dtype=torch.int64)  # the same tensors with logcnt on the CPU: fine
+    out = ops.map_and_record(ids, table, table, load, torch.tensor(True), mode="rank_local")
+    assert torch.equal(out, table[ids]) and torch.equal(load, torch.bincount(out.view(-1),
+                                                                           minlength=8))
+
+
+def test_record_counts_takes_numpy_integers_as_the_op_does():
+    np = pytest.importorskip("numpy")
+    load = torch.zeros(6, dtype=torch.int64)
+    counts = torch.tensor([3, 1, 4])
+    ops.record_counts(load, counts, np.int64(1), np.int32(2))
+    assert load.tolist() == [0, 0, 3, 1, 4, 0]
+    with pytest.raises(ValueError, match="offset must be an int >= 0"):
+        ops.record_counts(load, counts, 1, np.int64(-1))

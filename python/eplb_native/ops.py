@@ -22,13 +22,15 @@ Replica choice of ``map_and_record`` (identical on every backend):
 * ``mode="rank_local"``: ``log2phy`` is one 1-D [E] table chosen per rank (vllm-ascend style:
   each rank routes a logical expert to one replica, preferring its own); ``logcnt`` is unused.
 
-Ids outside [0, E) map to -1 and are not counted. Nothing here reads a device value on the host:
+Ids outside [0, E) map to -1 and are not counted. On CUDA one call takes fewer than
+2^31 - 8192 ids (32-bit index math; more is a ValueError). Nothing here reads a device value on the host:
 ``record`` and ``num_valid_tokens`` are 0-dim device tensors read by the kernels, so the ops can
 be captured in CUDA graphs / aclgraphs and replayed with recording switched on or off.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _ops
@@ -106,10 +108,20 @@ def _check_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_tok
                 f"logcnt must be 1-D [E] with E = log2phy.shape[0] = {log2phy.shape[0]}, got "
                 f"shape {tuple(logcnt.shape)}"
             )
-    elif log2phy.dim() != 1:
-        raise ValueError(
-            f"log2phy must be 1-D [E] in mode 'rank_local', got shape {tuple(log2phy.shape)}"
-        )
+    else:
+        if log2phy.dim() != 1:
+            raise ValueError(
+                f"log2phy must be 1-D [E] in mode 'rank_local', got shape {tuple(log2phy.shape)}"
+            )
+        # unused here, but a tensor argument all the same: one on another device (meta above
+        # all) would pick another kernel
+        if isinstance(logcnt, torch.Tensor):
+            _check_device(logcnt, topk_ids, "logcnt")
+
+
+def _plain_int(v):
+    """A numpy integer scalar as the int it holds (the op itself takes them); else as given."""
+    return int(v) if isinstance(v, np.integer) else v
 
 
 def _check_record_counts(load, expert_tokens, group_list_type, offset):
@@ -119,6 +131,7 @@ def _check_record_counts(load, expert_tokens, group_list_type, offset):
         raise ValueError(f"expert_tokens must be on {load.device} (the device of load), got {expert_tokens.device}")
     if expert_tokens.dim() != 1:
         raise ValueError(f"expert_tokens must be 1-D [n], got shape {tuple(expert_tokens.shape)}")
+    group_list_type, offset = _plain_int(group_list_type), _plain_int(offset)
     if isinstance(group_list_type, bool) or not isinstance(group_list_type, int) or (
             group_list_type not in (0, 1)):
         raise ValueError(f"group_list_type must be the int 0 (cumulative) or 1 (counts), got {group_list_type!r}")

@@ -432,8 +432,9 @@ Scalar ScalarOf(const at::Tensor& t) {
 template <Kind kKind>
 void Launch(const at::Tensor& ids, const at::Tensor* out, at::Tensor& load, Params p) {
   if (p.n == 0) return;
-  TORCH_CHECK_VALUE(p.n < (int64_t{1} << 31) - kThreads * kUnroll * 4,
-                    "topk_ids must hold < 2^31 ids on CUDA, got ", Num(p.n));
+  constexpr int64_t kMaxIds = (int64_t{1} << 31) - kThreads * kUnroll * 4;  // 32-bit indices
+  TORCH_CHECK_VALUE(p.n < kMaxIds, "topk_ids must hold fewer than ", Num(kMaxIds),
+                    " ids on CUDA (2^31 less one grid step), got ", Num(p.n));
   const int width = ids.scalar_type() == at::kLong ? 2 : 4;
   p.vectorized = reinterpret_cast<uintptr_t>(ids.data_ptr()) % 16 == 0 &&
                  (out == nullptr || reinterpret_cast<uintptr_t>(out->data_ptr()) % 16 == 0);
