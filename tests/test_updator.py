@@ -880,3 +880,55 @@ def test_window_size_too_large_for_memory_names_window_size(monkeypatch):
     with pytest.raises(ValueError, match=r"window_size=5000: the per-step load ring needs "
                                          r"360000 bytes .*OutOfMemoryError"):
         eplb_native.attach(model, {"window_size": 5000, "step_interval": 10 ** 4})
+
+
+class _FixedPlanner:
+    """A Planner returning one fixed placement for every layer, better balanced by fiat: the
+    cycle's timing without a second rank (one rank is always balanced, so nothing would move)."""
+
+    def __init__(self, target):
+        self.target, self.submitted = target, []
+
+    def submit(self, load, old, **kwargs):
+        import concurrent.futures
+        from types import SimpleNamespace
+
+        self.submitted.append(old.copy())
+        layers = old.shape[0]
+        fut = concurrent.futures.Future()
+        fut.set_result(SimpleNamespace(
+            phy2log=np.stack([self.target] * layers), balancedness_before=np.full(layers, 0.5),
+            balancedness_after=np.ones(layers), moved_slots=np.ones(layers, dtype=np.int64)))
+        return fut
+
+    def close(self):
+        pass
+
+
+def test_cycle_timing_interval_execution_delay_and_layers_per_step(monkeypatch):
+    """A window gathered at the end of step N (every step_interval steps) is planned, taken at
+    the end of step N + algorithm_execution_interval, and its layers move layers_per_step per
+    step from the next step on (issued before its forward, switched after it), outputs equal."""
+    from eplb_native import updator as updator_mod
+
+    target = np.array([7, 6, 5, 4, 3, 2, 1, 0, 7, 7])
+    planner = _FixedPlanner(target)
+    monkeypatch.setattr(updator_mod, "Planner", lambda: planner)
+    model, reference = Stack(3, num_redundant_experts=2), Stack(3, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 4, "algorithm_execution_interval": 2,
+                                    "layers_per_step": 2})
+    g = torch.Generator().manual_seed(15)
+    for _ in range(9):
+        x = torch.randn(9, 8, generator=g)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert [w["step"] for w in up.stats.windows] == [4, 8]
+    assert [(p["step"], p["cycle"]) for p in up.stats.plans] == [(6, 1)]
+    assert [(m["issued_step"], m["step"], m["layer"], m["ok"]) for m in up.stats.moves] == [
+        (6, 7, 0, True), (6, 7, 1, True), (7, 8, 2, True)]
+    # the second window was submitted once the first cycle's moves were all done
+    assert len(planner.submitted) == 2 and (planner.submitted[1] == target).all()
+    assert np.array_equal(up.phy2log(), np.stack([target] * 3))
+    for layer in model.layers:
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
+    up.shutdown()

@@ -16,7 +16,10 @@ key (aliases)                      meaning                             default
                                    [window_size, layers, experts]
                                    int64 on the device)
 ``algorithm_execution_interval``   steps from submitting a plan to     1
-                                   moving its first layer
+                                   taking it (its first layers move
+                                   in the step after: submitted at
+                                   the end of step N, moved in step
+                                   N + interval + 1)
 ``layers_per_step``                layers moved per step (with a byte  1
                                    budget: layers in flight at once)
 ``max_move_bytes_per_step``        per-step budget of moves: bytes     None (whole layers)

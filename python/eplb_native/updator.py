@@ -12,6 +12,8 @@ the engine owns its loop (``attach(..., hooks=False)``):
    all-gathered into a buffer allocated once and submitted to the C++ ``Planner`` (returns at
    once; the plan is computed on its thread);
 3. ``algorithm_execution_interval`` steps later (waiting then only if the plan is late) the
+   ranks agree, in one small all-reduce, that every rank has the plan and that it is the same
+   one (a digest); a plan that failed anywhere is logged and the placement kept. Then the
    changed layers move, ``layers_per_step`` per step: P2P (one message per peer and weight
    tensor, see eplb_native.transfer) issued before the forward on a side stream into staging
    buffers allocated once, waited after it. With ``max_move_bytes_per_step`` a layer's
@@ -638,11 +640,18 @@ class Updator:
         self._queue = [(layer, target[layer].copy()) for layer in range(self.num_layers)
                        if not np.array_equal(target[layer], current[layer])]
         if self._queue and not self._staging:  # dynamic_eplb off: no staging allocated yet
+            # (agreed: a rank that cannot allocate, out of memory say, must not leave the others
+            # posting moves it never joins)
+            error = None
             try:
                 self._allocate_staging()
-            except AdapterError:
-                self._queue = []
-                raise
+            except Exception as e:  # noqa: BLE001  (agreed, then raised)
+                error = e
+            if not self._agreed(error is None):
+                self._queue, self._staging = [], []
+                raise error if error is not None else RuntimeError(
+                    "move_to refused: another rank could not allocate its staging buffers; "
+                    "nothing was queued")
             self._free = list(range(len(self._staging)))
         self._prepare_layouts()
         return len(self._queue)
