@@ -232,6 +232,17 @@ def _map_with(layer, device, experts, **layer_keys):
      ["--load", "g.npy", "--old", "o.json"], ["--old o.json", "layer_id", "'1'"]),
     (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "o.json").write_bytes(b"{\xff}")),
      ["--load", "g.npy", "--old", "o.json"], ["o.json", "not UTF-8"]),
+    # output paths that cannot be written, named by their flag before any work (a temporary
+    # file beside it was named instead, after the work)
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
+                                                       "/proc/m.json"],
+     ["-o: cannot write /proc/m.json"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
+                                                       ""], ["-o: empty path"]),
+    (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--old", "none.json"],
+     ["--old none.json: no such file"]),
+    (lambda d: (np.save(d / "g.npy", np.ones((2, 8))), (d / "adir").mkdir()),
+     ["--load", "g.npy", "--old", "adir"], ["--old adir: is a directory"]),
     (lambda d: (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000),
      ["--load", "deep.json", "--ranks", "4"], ["deep.json", "nested too deeply"]),
     # counts too large: an error at once, not an OverflowError or a default placement built
@@ -435,6 +446,8 @@ def test_demo_text_summary(tmp_path):
     (["--save-trace", "rec.npy"], ["--save-trace rec.npy", "*.npz"]),
     (["--seed", str(2**48)], [f"--seed must be <= {2**32 - 1}"]),
     (["--hidden", "1048576"], ["--hidden 1048576", "GiB of expert weights"]),
+    (["--png", "/proc/d.png"], ["--png: cannot write /proc/d.png"]),
+    (["--save-trace", "/proc/t.npz"], ["--save-trace: cannot write /proc/t.npz"]),
 ])
 def test_demo_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("demo", *args, cwd=tmp_path, expect=2)
@@ -512,3 +525,22 @@ def test_planner_errors_name_the_flags(tmp_path, command, args, fragments):
     assert_one_line_error(proc, command, *fragments)
     for param in ("num_ranks", "num_nodes", "num_groups", "threads must"):
         assert param not in proc.stderr.replace("--threads must", ""), proc.stderr
+
+
+def test_output_piped_into_a_reader_that_leaves_is_not_an_error(tmp_path):
+    """`eplb-native plan ... | head -1`: the reader leaving is no error (it printed "error:
+    Broken pipe" and exited 2 although the map was written)."""
+    np.save(tmp_path / "g.npy", np.ones((3, 8)))
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "eplb_native.cli", "plan", "--load", "g.npy",
+                             "--ranks", "4", "--per-layer", "-o", "m.json"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"error" not in err and b"Traceback" not in err, err
+    assert (tmp_path / "m.json").is_file()
+
+
+def test_demo_summary_counts_the_steps_it_ran(tmp_path):
+    proc = run_cli("demo", *TINY_DEMO, "--steps", "3", "--png", "", cwd=tmp_path)
+    assert "the last 3 steps" in proc.stdout, proc.stdout

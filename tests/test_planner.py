@@ -895,6 +895,30 @@ def test_planner_close_is_idempotent_and_cancels_queue():
         planner.submit(big, num_ranks=32, num_replicas=288)
 
 
+def test_planner_futures_follow_concurrent_futures_running_and_cancel():
+    """As concurrent.futures: a started job is running() and cancel() returns False (the plan
+    is not interrupted, its result arrives); close() leaves queued futures cancelled() (they
+    held a CancelledError exception, cancelled() False)."""
+    big = random_load(np.random.default_rng(87), 600, 256, "zipf")
+    planner = eplb_native.Planner()
+    running = planner.submit(big, num_ranks=32, num_replicas=288)
+    queued = [planner.submit(big, num_ranks=32, num_replicas=288) for _ in range(3)]
+    deadline = time.monotonic() + 60
+    while not running.running() and not running.done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert running.running() or running.done()
+    assert not running.cancel() and not running.cancelled()
+    assert not any(f.running() for f in queued[1:])
+    assert queued[2].cancel() and queued[2].cancelled()
+    planner.close()
+    assert running.result(timeout=0).phy2log.shape == (600, 288)
+    for f in queued[:2]:  # (the first may have started before close(): then it finished)
+        assert f.done() and (f.cancelled() or f.result().phy2log.shape == (600, 288))
+    assert queued[1].cancelled() or queued[0].cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        next(f for f in queued if f.cancelled()).result()
+
+
 def test_planner_refuses_use_after_fork():
     script = textwrap.dedent("""
         import os, sys

@@ -213,8 +213,9 @@ class WorkerPy {
 
   bool Cancel(uint64_t id) { return worker_->Cancel(id); }
 
-  // Returns None once closed and drained, else (id, status, payload): status "ok" with the
-  // result dict, "cancelled" with None, "invalid" / "error" with the message.
+  // Returns None once closed and drained, else (id, status, payload): status "started" with
+  // None (the job began; its outcome follows), "ok" with the result dict, "cancelled" with
+  // None, "invalid" / "error" with the message.
   py::object WaitNext() {
     eplb::PlanDone d;
     bool got;
@@ -223,6 +224,7 @@ class WorkerPy {
       got = worker_->WaitNext(&d);
     }
     if (!got) return py::none();
+    if (d.started) return py::make_tuple(d.id, "started", py::none());
     if (d.ok) return py::make_tuple(d.id, "ok", ToDict(std::move(d.result)));
     if (d.cancelled) return py::make_tuple(d.id, "cancelled", py::none());
     return py::make_tuple(d.id, d.invalid_argument ? "invalid" : "error", d.error);

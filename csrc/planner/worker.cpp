@@ -80,6 +80,11 @@ void Worker::Run() {
       job = std::move(queue_.front());
       queue_.pop_front();
       running_ = true;
+      PlanDone started;
+      started.id = job.id;
+      started.started = true;
+      done_.push_back(std::move(started));
+      cv_done_.notify_all();
     }
     PlanDone d;
     d.id = job.id;

@@ -25,6 +25,7 @@ struct PlanJob {
 
 struct PlanDone {
   uint64_t id = 0;
+  bool started = false;  // not done: the job just started (reported before its outcome)
   bool ok = false;
   bool cancelled = false;
   PlanResult result;  // valid when ok
@@ -43,7 +44,8 @@ class Worker {
   uint64_t Submit(PlanJob job);
   // Removes a queued job that has not started; it is reported by WaitNext as cancelled.
   bool Cancel(uint64_t id);
-  // Blocks until a job finishes; false once closed and every job was reported.
+  // Blocks until a job starts (done->started) or finishes; false once closed and every job
+  // was reported. Each job's start, if it starts, comes before its outcome.
   bool WaitNext(PlanDone* done);
   // Stops taking jobs; queued jobs are reported as cancelled; the running one finishes.
   void Close();

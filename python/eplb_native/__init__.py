@@ -2,15 +2,17 @@
 
 Public API (see README.md and DESIGN.md):
     plan, Plan, Planner, rebalance_experts, preserve_slots      -- placement planning (C++)
-    ops (torch.ops.eplb_native.*), backend_info                 -- device ops, which kernel
-                                                                   each device runs
+    ops (torch.ops.eplb_native.*), backend_info                 -- device ops (registered
+                                                                   when eplb_native.ops is
+                                                                   first used or imported),
+                                                                   which kernel each device runs
     attach, EplbConfig, nn.EPMoE                                -- the updator, its config, and
                                                                    a reference EP MoE layer
 """
 
 from .planner import Plan, Planner, plan, preserve_slots, rebalance_experts
 
-__all__ = ["EplbConfig", "Plan", "Planner", "attach", "backend_info", "nn", "plan",
+__all__ = ["EplbConfig", "Plan", "Planner", "attach", "backend_info", "nn", "ops", "plan",
            "preserve_slots", "rebalance_experts"]
 
 
@@ -29,9 +31,9 @@ def __getattr__(name):
         from .ops import backend_info
 
         return backend_info
-    if name == "nn":
+    if name in ("nn", "ops"):  # (ops: loading it registers torch.ops.eplb_native.*)
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 
@@ -184,11 +185,25 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _check_output_dir(path: str, flag: str) -> None:
+    """UsageError naming ``flag`` unless ``path`` can be written (checked before any work: a
+    run whose output cannot be written is lost)."""
+    if not path:
+        raise UsageError(f"{flag}: empty path; name the file to write")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{flag}: directory {parent} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"{flag}: {path} is a directory; name the file to write")
+    # the file is written as a temporary beside it, then renamed over it: the folder must take
+    # new files (os.access, then a real one: read-only mounts and /proc answer access() yes)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write {path} (folder {parent} is not writable)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eplb-native-", dir=parent)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write {path} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _write_json(obj) -> None:
@@ -799,7 +814,7 @@ def cmd_demo(args) -> int:
         return 0 if result["outputs_close"] else 1
     on = np.asarray(result["balancedness_per_step"]).mean(axis=1)
     off = np.asarray(result["balancedness_per_step_eplb_off"]).mean(axis=1)
-    tail = max(1, args.interval)
+    tail = max(1, min(args.interval, args.steps))
     print(f"eplb-native demo: {args.ranks} ranks ({result['backend']}, {args.device}), "
           f"{args.layers} layers x {args.experts} experts + {args.redundant} redundant, top-"
           f"{args.top_k}, {args.steps} steps of {args.tokens} tokens per rank, policy "
@@ -958,7 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the gate bias renewed per step (default 0.02)")
     p.add_argument("--seed", type=_int_arg, default=0)
     p.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu")
-    p.add_argument("--policy", choices=sorted(POLICIES), default="deepseek")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="deepseek",
+                   help="placement policy (default deepseek: DeepSeek EPLB's, what vLLM / "
+                        "vllm-ascend run by default; the library's own default is balanced)")
     p.add_argument("--png", default="demo.png", help="balancedness plot (default demo.png; "
                    "'' for none)")
     p.add_argument("--save-trace", default=None,
@@ -972,7 +989,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # (here, so that a reader gone away is caught below)
+        return rc
+    except BrokenPipeError:
+        # stdout closed by the reader (| head): nothing more to print, the files are written
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
     except (ValueError, TypeError, OSError, MemoryError) as e:
         # what the user gave is wrong (file, shape, count, a size too big to allocate): one
         # line, no traceback

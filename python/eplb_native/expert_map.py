@@ -134,17 +134,25 @@ def save(path: str | os.PathLike, phy2log, num_ranks: int) -> None:
         json.dump(doc, f, indent=1)
 
 
-def _read(path) -> dict:
+def _read(path, label: str) -> dict:
+    """The JSON in ``path``; errors name ``label`` (the argument and the path)."""
     src = os.fspath(path)
+    if os.path.isdir(src):
+        raise ValueError(f"{label}: is a directory, not an expert map file")
     try:
         with open(src, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{label}: no such file") from None
+    except PermissionError:
+        raise PermissionError(f"{label}: permission denied") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start}); an expert "
+                         "map is a JSON file") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{src}: not valid JSON ({e})") from None
+        raise ValueError(f"{label}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{src}: JSON nested too deeply for an expert map") from None
+        raise ValueError(f"{label}: JSON nested too deeply for an expert map") from None
 
 
 def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
@@ -176,7 +184,7 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
     if isinstance(path_or_map, str | os.PathLike):
         src = os.fspath(path_or_map)
         label = f"{name} {src}" if name else src
-        phy2log, ranks = _parse(_read(src), label)
+        phy2log, ranks = _parse(_read(src, label), label)
     elif isinstance(path_or_map, dict):
         label = name or "expert map"
         phy2log, ranks = _parse(path_or_map, label)

@@ -75,6 +75,19 @@ class Plan:
     def total_moved_slots(self) -> int:
         return int(self.moved_slots.sum())
 
+    def __repr__(self) -> str:  # a summary: the arrays are the fields (p.phy2log, ...)
+        layers, slots = self.phy2log.shape
+        experts = self.logcnt.shape[1] if self.logcnt.ndim == 2 else 0
+
+        def mean(a):
+            return "nan" if np.isnan(a).all() else f"{np.nanmean(a):.4f}"
+
+        return (f"Plan(policy={self.policy!r}, layers={layers}, experts={experts}, "
+                f"slots={slots}, ranks={self.num_ranks}, balancedness mean before="
+                f"{mean(self.balancedness_before)} after={mean(self.balancedness_after)} "
+                f"bound={mean(self.balancedness_bound)}, moved_slots={self.total_moved_slots}, "
+                f"transfers={len(self.transfers)})")
+
 
 def _ratio(mean: np.ndarray, peak: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -300,8 +313,11 @@ class Planner:
     ``concurrent.futures.Future`` whose result is a :class:`Plan` (or ValueError for bad input).
     Jobs run one at a time in submission order on a C++ thread that never takes the GIL; a
     small Python thread waits for results with the GIL released and completes the futures.
-    ``close()`` (also on ``with`` exit and at interpreter exit) cancels queued jobs, lets the
-    running one finish, and joins both threads. A Planner belongs to the process that made it:
+    As ``concurrent.futures`` futures do, a job is ``running()`` once the C++ thread took it, and
+    ``cancel()`` then returns False (a running plan is not interrupted); a queued job's
+    ``cancel()`` removes it. ``close()`` (also on ``with`` exit and at interpreter exit) cancels
+    queued jobs (their futures report ``cancelled()``), lets the running one finish, and joins
+    both threads. A Planner belongs to the process that made it:
     using it after ``fork()`` raises RuntimeError.
     """
 
@@ -330,7 +346,8 @@ class Planner:
                num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
                preserve_slots: bool = True, min_move_target: float = 0.99,
                transfers: bool = True) -> concurrent.futures.Future:
-        """Queues a plan; arguments as :func:`plan`. Bad shapes and types raise here at once."""
+        """Queues a plan; arguments as :func:`plan` (threads: the Planner's own, given to
+        ``Planner(threads=...)``). Bad shapes and types raise here at once."""
         self._check_process()
         w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
             load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy,
@@ -374,15 +391,20 @@ def _wait_loop(worker, futures: dict, lock: threading.Lock) -> None:
             return
         job, status, payload = item
         with lock:
+            if status == "started":  # running from now on: cancel() says False, running() True
+                fut, _ = futures.get(job, (None, None))
+                if fut is not None and not fut.set_running_or_notify_cancel():
+                    futures.pop(job, None)  # cancelled just before it started: result dropped
+                continue
             fut, meta = futures.pop(job, (None, None))
-        # (a future cancelled while queued is notified here: until then wait() and
-        # as_completed() do not see it as done)
-        if fut is None or not fut.set_running_or_notify_cancel():
+        if fut is None:
+            continue
+        if status == "cancelled":  # never started: cancelled by the user or by close()
+            fut.cancel()
+            fut.set_running_or_notify_cancel()  # notifies wait() / as_completed()
             continue
         if status == "ok":
             fut.set_result(Plan(**meta, **payload))
-        elif status == "cancelled":
-            fut.set_exception(concurrent.futures.CancelledError("Planner closed"))
         elif status == "invalid":
             fut.set_exception(ValueError(payload))
         else:
