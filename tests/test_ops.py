@@ -132,6 +132,24 @@ def test_map_and_record_large(device, path, id_dtype):
     _check_map(map_fn, ids, log2phy, logcnt, load, _flag(False, device), valid, "spread")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_parallel_rows_at_any_thread_count(threads):
+    """The CPU kernel's parallel path (each thread counts into its own histogram row above
+    2 * 65536 ids) at 1, 2 and 3 threads, whatever cores the host has (CI may have one)."""
+    gen = np.random.default_rng(8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        log2phy, logcnt = _placement(512, 1024, 16, torch.int64, "cpu", gen)
+        for ids in (_ids(40000, 8, 512, torch.int32, "cpu", gen),
+                         _ids(17, 8, 512, torch.int64, "cpu", gen)):
+            load = _load(1024, torch.int64, "cpu", gen)
+            _check_map(torch.ops.eplb_native.map_and_record, ids, log2phy, logcnt, load,
+                       _flag(True, "cpu"), torch.tensor(35000), "spread")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 def test_map_and_record_record_flag_and_valid(device, path):
