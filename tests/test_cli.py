@@ -528,8 +528,9 @@ def test_planner_errors_name_the_flags(tmp_path, command, args, fragments):
 
 
 def test_output_piped_into_a_reader_that_leaves_is_not_an_error(tmp_path):
-    """`eplb-native plan ... | head -1`: the reader leaving is no error (it printed "error:
-    Broken pipe" and exited 2 although the map was written)."""
+    """`eplb-native plan ... | head -1`: the reader leaving is no usage error (it printed
+    "error: Broken pipe" and exited 2 although the map was written): quiet, the command's own
+    status when it had finished, else 141 as a process killed by SIGPIPE."""
     np.save(tmp_path / "g.npy", np.ones((3, 8)))
     env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "eplb_native.cli", "plan", "--load", "g.npy",
@@ -537,7 +538,7 @@ def test_output_piped_into_a_reader_that_leaves_is_not_an_error(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the first line
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and b"error" not in err and b"Traceback" not in err, err
+    assert proc.returncode in (0, 141) and not err, (proc.returncode, err)
     assert (tmp_path / "m.json").is_file()
 
 

@@ -116,9 +116,9 @@ def test_errors_name_the_key(doc, key):
 # the contract, stated here, not read from config.py (its two maxima are pinned by
 # test_count_bound_is_the_planners): int keys -> (minimum, maximum)
 _INT_KEYS = {"num_redundant_experts": (0, MAX_COUNT),
-             "expert_heat_collection_interval": (1, MAX_COUNT), "window_size": (1, MAX_WINDOW_SIZE),
-             "algorithm_execution_interval": (0, MAX_COUNT), "layers_per_step": (1, MAX_COUNT),
-             "max_move_bytes_per_step": (1, MAX_COUNT), "log_balancedness_interval": (1, MAX_COUNT),
+             "expert_heat_collection_interval": (1, None), "window_size": (1, MAX_WINDOW_SIZE),
+             "algorithm_execution_interval": (0, None), "layers_per_step": (1, MAX_COUNT),
+             "max_move_bytes_per_step": (1, MAX_COUNT), "log_balancedness_interval": (1, None),
              "num_nodes": (1, MAX_COUNT), "num_groups": (1, MAX_COUNT)}
 _ALIAS_OF = {"step_interval": "expert_heat_collection_interval", "enabled": "dynamic_eplb",
              "enable_eplb": "dynamic_eplb", "eplb_policy_type": "policy"}
@@ -146,10 +146,11 @@ def test_integral_floats_count_as_ints_other_floats_are_refused(key):
     naming the key (as spelled)."""
     canon = _ALIAS_OF.get(key, key)
     lo, hi = _INT_KEYS[canon]
-    for v in (3.0, float(lo), float(min(hi, 10**6)), 1e3):
+    for v in (3.0, float(lo), float(min(hi or 10**6, 10**6)), 1e3):
         for c in (EplbConfig.parse({key: v}), EplbConfig.parse(json.dumps({key: v}))):
             assert getattr(c, canon) == int(v) and type(getattr(c, canon)) is int
-    for v in (2.5, float(hi) * 4, float("inf"), float("-inf"), float("nan"), "3", [3]):
+    for v in (2.5, *([float(hi) * 4] if hi else []), float("inf"), float("-inf"),
+              float("nan"), "3", [3]):
         with pytest.raises(ValueError, match=f"^{key}"):
             EplbConfig.parse({key: v})
 
@@ -170,7 +171,7 @@ def test_numpy_scalars_for_every_key_eplb_policy_type_too():
     assert EplbConfig(window_size=np.int16(7), num_groups=np.float32(4.0)).num_groups == 4
 
 
-@pytest.mark.parametrize("key", sorted(_INT_KEYS))
+@pytest.mark.parametrize("key", sorted(k for k, (_, hi) in _INT_KEYS.items() if hi))
 def test_counts_are_bounded(key):
     """Every count stops at the planner's bound (2**62), so a config that parses is not refused
     at every gather later; window_size stops at MAX_WINDOW_SIZE (its ring is on the device)."""
@@ -308,7 +309,7 @@ def test_attribute_objects_are_read_with_getattr():
 
 def _valid_values():
     """Known-good values for every canonical key (the document a bad key is put into)."""
-    counts = {k: st.integers(lo, min(hi, 10**6)) for k, (lo, hi) in _INT_KEYS.items()}
+    counts = {k: st.integers(lo, min(hi or 10**6, 10**6)) for k, (lo, hi) in _INT_KEYS.items()}
     return st.fixed_dictionaries({}, optional={
         **counts,
         **{k: st.booleans() for k in ("dynamic_eplb", "log_balancedness", "use_async",
@@ -382,9 +383,10 @@ def test_fuzz_valid_or_valueerror_naming_a_key(good, key, value):
             assert landed == v and type(landed) is type(v), (key, value, landed)
             if canon in _INT_KEYS and v is not None:
                 lo, hi = _INT_KEYS[canon]
-                assert type(v) is int and lo <= v <= hi
+                assert type(v) is int and lo <= v and (hi is None or v <= hi)
     # the same outcome from the document's JSON (numpy aside) and from an attribute object
-    others = [types.SimpleNamespace(**doc)]
+    # (an attribute None reads as unset: an object answers None for what it lacks)
+    others = [] if any(v is None for v in doc.values()) else [types.SimpleNamespace(**doc)]
     if not any(type(v).__module__ == "numpy" for v in doc.values()):
         others.append(json.dumps(doc))
     for other in others:
@@ -394,3 +396,24 @@ def test_fuzz_valid_or_valueerror_naming_a_key(good, key, value):
                 (key, f"unknown EPLB config key {key!r}")), (key, str(again))
         else:
             assert again == got
+
+
+def test_step_intervals_are_unbounded_and_none_attributes_unset():
+    """step_interval = sys.maxsize ("never rebalance") is a valid interval (only the step
+    counter meets it); an attribute object answering None for keys it lacks (OmegaConf-style)
+    reads as unset, not as a bad value."""
+    import sys
+
+    for key in ("step_interval", "expert_heat_collection_interval",
+                "algorithm_execution_interval", "log_balancedness_interval"):
+        for v in (sys.maxsize, 10**400):
+            assert getattr(EplbConfig.parse({key: v}), _ALIAS_OF.get(key, key)) == v
+
+    class Lenient:
+        window_size = 64
+
+        def __getattr__(self, name):
+            return None
+
+    c = EplbConfig.parse(Lenient())
+    assert c.window_size == 64 and c == EplbConfig(window_size=64)

@@ -812,13 +812,21 @@ class _FailingPlanner:
         pass
 
 
+class _RaisingPlanner(_FailingPlanner):
+    """A Planner whose submit itself raises (as bad input or a full queue would)."""
+
+    def submit(self, *args, **kwargs):
+        raise ValueError("num_groups must be <= 2**62 (injected at submit)")
+
+
 @pytest.mark.parametrize("use_async", [True, False])
-def test_failed_plan_is_logged_and_serving_goes_on(use_async, monkeypatch, caplog):
+@pytest.mark.parametrize("planner", [_FailingPlanner, _RaisingPlanner])
+def test_failed_plan_is_logged_and_serving_goes_on(use_async, planner, monkeypatch, caplog):
     """A plan that fails (or a submit that raises) keeps the placement and is logged; it never
     raises out of the model's forward, with use_async False (vLLM's default) too."""
     from eplb_native import updator as updator_mod
 
-    monkeypatch.setattr(updator_mod, "Planner", _FailingPlanner)
+    monkeypatch.setattr(updator_mod, "Planner", planner)
     model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
     up = eplb_native.attach(model, {"step_interval": 1, "algorithm_execution_interval": 0,
                                     "use_async": use_async})
@@ -829,7 +837,8 @@ def test_failed_plan_is_logged_and_serving_goes_on(use_async, monkeypatch, caplo
             torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     assert up.cycle == 3 and np.array_equal(up.phy2log(), before) and not up.stats.plans
     assert caplog.text.count("planning failed, placement unchanged") == 3
-    assert "std::bad_alloc (injected)" in caplog.text
+    assert ("std::bad_alloc (injected)" if planner is _FailingPlanner else
+            "injected at submit") in caplog.text
     up.shutdown()
 
 

@@ -237,6 +237,26 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
     assert all(m["ok"] for m in moves), moves
     if budget_rows is not None:
         assert any(m["steps"] > 1 for m in moves), moves
+    # move_to is agreed: another placement on the last rank, or one it refuses, refuses it on
+    # every rank with nothing queued (the others used to post moves that timed out)
+    last = rank == world - 1
+    current = updator.phy2log()
+    other = current.copy()
+    other[0] = np.roll(other[0], 1)
+    try:
+        updator.move_to(other if last else current[::-1].copy())
+        raise AssertionError("move_to with different placements was not refused")
+    except ValueError as e:
+        assert "the ranks passed different placements" in str(e), e
+    bad = current.copy()
+    bad[0, :] = 0  # experts 1.. hold no slot
+    try:
+        updator.move_to(bad if last else current[::-1].copy())
+        raise AssertionError("move_to refused on one rank was not refused everywhere")
+    except (ValueError, RuntimeError) as e:
+        assert ("holds no copy" if last else f"rank {world - 1} refused it") in str(e), e
+    assert not updator.moving and np.array_equal(updator.phy2log(), current)
+    _run(model, reference, updator, 2, rank, device, first_step=step)
     updator.shutdown()
     # the process groups attach created are gone (each attach used to leave one or two)
     assert len(dist.distributed_c10d._world.pg_map) == groups_before

@@ -988,17 +988,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rc = None
     try:
         rc = args.func(args)
         sys.stdout.flush()  # (here, so that a reader gone away is caught below)
         return rc
     except BrokenPipeError:
-        # stdout closed by the reader (| head): nothing more to print, the files are written
+        # stdout closed by the reader (| head): nothing more to print. The command's own
+        # status when it had one, else the shell's for a write to a closed pipe (128 + SIGPIPE).
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except OSError:
             pass
-        return 0
+        return rc if rc is not None else 141
     except (ValueError, TypeError, OSError, MemoryError) as e:
         # what the user gave is wrong (file, shape, count, a size too big to allocate): one
         # line, no traceback

@@ -100,14 +100,16 @@ MAX_COUNT = 2**62
 MAX_WINDOW_SIZE = 10**6
 
 #: int keys -> (minimum, maximum); those also in _OPTIONAL may be None
+#: (the step intervals only meet the step counter, never the planner: unbounded, so that
+#: sys.maxsize, "never", stays a valid interval)
 _INT_BOUNDS = {
     "num_redundant_experts": (0, MAX_COUNT),
-    "expert_heat_collection_interval": (1, MAX_COUNT),
+    "expert_heat_collection_interval": (1, None),
     "window_size": (1, MAX_WINDOW_SIZE),
-    "algorithm_execution_interval": (0, MAX_COUNT),
+    "algorithm_execution_interval": (0, None),
     "layers_per_step": (1, MAX_COUNT),
     "max_move_bytes_per_step": (1, MAX_COUNT),
-    "log_balancedness_interval": (1, MAX_COUNT),
+    "log_balancedness_interval": (1, None),
     "num_nodes": (1, MAX_COUNT),
     "num_groups": (1, MAX_COUNT),
 }
@@ -252,9 +254,11 @@ class EplbConfig:
             doc = {}
             for name in sorted(known):
                 try:
-                    doc[name] = getattr(config, name)
+                    value = getattr(config, name)
                 except AttributeError:
-                    pass
+                    continue
+                if value is not None:  # (None: unset, as OmegaConf-style objects answer)
+                    doc[name] = value
             # a public attribute of its own that is no key is a misspelt one, as in a dict
             unknown = sorted(k for k in getattr(config, "__dict__", {})
                              if isinstance(k, str) and not k.startswith("_") and k not in known)
@@ -310,7 +314,7 @@ def _as_int(key, v, lo, hi) -> int:
     v = _integral(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{key} must be an int >= {lo}, got {_show(v)}")
-    if v > hi:
+    if hi is not None and v > hi:
         raise ValueError(f"{key} must be an int <= {hi}, got {_show(v)}")
     return v
 

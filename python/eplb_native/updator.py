@@ -626,16 +626,35 @@ class Updator:
 
     def move_to(self, phy2log) -> int:
         """Queues a move of every layer to ``phy2log`` [L, P] (e.g. a placement planned
-        elsewhere); the layers move at the next steps exactly like a plan's. Collective in effect:
-        every rank must queue the same placement at the same step. Returns the layers queued."""
+        elsewhere); the layers move at the next steps exactly like a plan's. Collective: every
+        rank calls it at the same step with the same placement (agreed in one small all-reduce:
+        a rank refusing it, or a different placement anywhere, refuses it on every rank, nothing
+        queued). Returns the layers queued."""
         if self._closed:
             raise RuntimeError("this Updator is shut down; attach again to move")
-        target = state.validate_phy2log(phy2log, self.num_logical, self.num_ranks)
-        if target.shape != (self.num_layers, self.num_slots):
-            raise ValueError(f"phy2log must have shape [{self.num_layers}, {self.num_slots}], "
-                             f"got {list(target.shape)}")
-        if self._queue or self._inflight or self._future is not None:
-            raise RuntimeError("a move or plan is in progress; call move_to between cycles")
+        error: Exception | None = None
+        target = None
+        try:
+            target = state.validate_phy2log(phy2log, self.num_logical, self.num_ranks)
+            if target.shape != (self.num_layers, self.num_slots):
+                raise ValueError(f"phy2log must have shape [{self.num_layers}, "
+                                 f"{self.num_slots}], got {list(target.shape)}")
+            if self._queue or self._inflight or self._future is not None:
+                raise RuntimeError("a move or plan is in progress; call move_to between cycles")
+        except (ValueError, TypeError, RuntimeError) as e:
+            error, target = e, None
+        if self._cpu_group is not None:
+            # (different placements would pair the moves' messages wrongly: they time out, or
+            # land rows in the wrong slots)
+            failed, same = self._agree_digests(error is None, [_digest(target)])
+            if error is None and failed < self.num_ranks:
+                error = RuntimeError(f"move_to refused: rank {failed} refused it (its error says "
+                                     "why); nothing was queued")
+            elif error is None and not same[0]:
+                error = ValueError("move_to: the ranks passed different placements; every rank "
+                                   "must pass the same phy2log (nothing was queued)")
+        if error is not None:
+            raise error
         current = self.phy2log()
         self._queue = [(layer, target[layer].copy()) for layer in range(self.num_layers)
                        if not np.array_equal(target[layer], current[layer])]
@@ -854,6 +873,9 @@ class Updator:
         self._awaiting = False
         # bounded: a peer that never posts would hold shutdown for the process group's timeout
         deadline = time.perf_counter() + self.config.transfer_timeout_s
+        # (dropped or unfinished moves are the same on every rank, agreed step by step; whether
+        # their ops ended in time is this rank's alone, so it does not decide the destroy)
+        had_pending = bool(self._pending)
         stuck = [move for move, _ in self._pending if not move.drain(deadline)]
         self._pending = []
         self._queue = []
@@ -865,8 +887,10 @@ class Updator:
             self._planner.close()
         if stuck:
             logger.warning("eplb_native shutdown: %d dropped moves still wait for a peer after "
-                           "transfer_timeout_s=%s; their process group is left open",
-                           len(stuck), self.config.transfer_timeout_s)
+                           "transfer_timeout_s=%s", len(stuck), self.config.transfer_timeout_s)
+        if had_pending:  # (every rank alike: a move's ops may still be posted on a group)
+            logger.warning("eplb_native shutdown: moves were dropped or unfinished; the process "
+                           "groups attach created are left open")
         else:
             self._destroy_groups()
         path = self.config.expert_map_record_path
