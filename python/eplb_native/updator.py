@@ -187,7 +187,7 @@ class Updator:
         self._fold_done = None
         self._closed = False
         self._hooks: list = []
-        self._planner = None  # started last, once nothing below can refuse
+        self._planner = None  # started in the agreed block below (its failure is agreed)
         self._future = None
         self._submit_step = 0
         self._submit_t = 0.0
@@ -222,6 +222,8 @@ class Updator:
         try:
             self._check_attachable(placement)
             self._allocate_buffers()
+            if config.dynamic_eplb:  # (its threads may fail to start on one rank too)
+                self._planner = Planner()
             if config.expert_map_record_path is not None and self.rank == 0:
                 check_writable_dir(config.expert_map_record_path, "expert_map_record_path")
             if config.expert_map_path is not None:
@@ -236,9 +238,10 @@ class Updator:
             self._free = list(range(len(self._staging)))  # staging sets no move holds
             if target is not None:
                 self._apply_expert_map(target, config.expert_map_path)
-            if config.dynamic_eplb:
-                self._planner = Planner()
         except BaseException:
+            if self._planner is not None:
+                self._planner.close()
+                self._planner = None
             self._destroy_groups()
             raise
         for a in layers:
