@@ -84,3 +84,23 @@ def test_running_state_is_not_in_checkpoints():
     fresh = EPMoE(8, 6, 8, 2, seed=1, num_redundant_experts=2)
     fresh.load_state_dict(old, strict=True)
     assert int(fresh.load.sum()) == 0 and bool(fresh.record)
+
+
+def test_loaded_checkpoint_rederives_this_ranks_maps():
+    """log2phy / logcnt / local_expert_map follow the loaded phy2log for the loading rank: a
+    checkpoint saved by another rank holds that rank's rotated log2phy rows (and one saved
+    at another placement, that placement's maps); an invalid phy2log is refused."""
+    from eplb_native import state
+
+    layer = EPMoE(8, 6, 8, 2, seed=1, num_redundant_experts=2)
+    sd = layer.state_dict()
+    sd["phy2log"] = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0, 7, 7])
+    sd["log2phy"] = torch.roll(sd["log2phy"], 1, dims=1)  # another rank's rows, say
+    sd["logcnt"] = torch.ones_like(sd["logcnt"])
+    layer.load_state_dict(sd)
+    log2phy, logcnt, local = state.placement_tensors(sd["phy2log"], 8, 1, 0, rotate=True)
+    assert torch.equal(layer.log2phy, log2phy) and torch.equal(layer.logcnt, logcnt)
+    assert torch.equal(layer.local_expert_map, local)
+    sd["phy2log"] = torch.zeros(10, dtype=torch.int64)
+    with pytest.raises(ValueError, match="holds no copy"):
+        layer.load_state_dict(sd)

@@ -103,6 +103,7 @@ class EPMoE(torch.nn.Module):
                              persistent=False)
         self.register_buffer("record", torch.ones((), dtype=torch.bool, **dev), persistent=False)
         self.register_load_state_dict_pre_hook(_drop_running_state)
+        self.register_load_state_dict_post_hook(_rederive_maps)
         self._adapter = self.eplb_adapter("")
         self._adapter.set_placement(p2l)
         self.fill_slots_from_logical()
@@ -221,6 +222,13 @@ def logical_weights_of_slots(layer: EPMoE) -> tuple[np.ndarray, np.ndarray]:
     drawn = {e: layer.logical_expert(e) for e in set(mine)}
     return (torch.stack([drawn[e][0] for e in mine]).cpu().numpy(),
             torch.stack([drawn[e][1] for e in mine]).cpu().numpy())
+
+
+def _rederive_maps(module, incompatible_keys) -> None:
+    """After a load: log2phy / logcnt / local_expert_map follow the loaded phy2log for this rank
+    (a checkpoint saved by another rank holds that rank's rotated log2phy rows; its phy2log is
+    the placement the loaded weights follow). A phy2log that is no placement raises here."""
+    module._adapter.set_placement(module.phy2log.detach().cpu())
 
 
 def _drop_running_state(module, state_dict, prefix, *args) -> None:
