@@ -941,3 +941,37 @@ def test_cycle_timing_interval_execution_delay_and_layers_per_step(monkeypatch):
         w13, w2 = logical_weights_of_slots(layer)
         assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
     up.shutdown()
+
+
+def test_dropped_moves_never_stall_a_forward():
+    """A dropped move whose ops have not ended (a peer posting late, or never) is not waited
+    for in a forward: nothing new is issued until it ended (on every rank), serving goes on,
+    and then the queued moves proceed."""
+
+    class LateMove:
+        def __init__(self):
+            self.checks, self.drained = 0, 0
+
+        def finished(self):
+            self.checks += 1
+            return self.checks > 3
+
+        def drain(self, deadline=None):
+            self.drained += 1
+            return True
+
+    model, reference = Stack(1, num_redundant_experts=2), Stack(1, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "layers_per_step": 1})
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7]])
+    up.move_to(target)
+    late = LateMove()
+    up._pending = [(late, up._free.pop(0))]
+    g = torch.Generator().manual_seed(16)
+    for step in range(6):
+        x = torch.randn(9, 8, generator=g)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        if step < 3:
+            assert up.moving and not up.stats.moves and late.drained == 0
+    assert late.drained == 1 and not up._pending and not up.moving
+    assert np.array_equal(up.phy2log(), target) and up.stats.moves[0]["ok"]
+    up.shutdown()

@@ -199,6 +199,7 @@ class Updator:
         self._inflight: list[_Moving] = []
         # dropped moves whose ops may still run, with their staging set: drained before reuse
         self._pending: list[tuple[LayerMove, int]] = []
+        self._pending_logged = False
         self._awaiting = False  # moves issued before this step's forward, not yet finished
         # gathered windows' logical loads, [L, E] each (the newest MAX_RECORDED_WINDOWS)
         self._recorded: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
@@ -714,13 +715,21 @@ class Updator:
         is the layer's, reported through the agreement in :meth:`_finish_moves`."""
         # A dropped move's ops must end before its staging is reused, and before any new op
         # is posted (a late rank's ops would otherwise cross the next move's, same tag / same
-        # order): waited for on every rank alike. (Unbounded: a peer that never posts stalls
-        # here until the process group's timeout; skipping the wait would need every rank to
-        # agree on it each step.)
-        for move, k in self._pending:
-            move.drain()
-            self._free.append(k)
-        self._pending = []
+        # order). Never waited for here (a peer that never posts would stall every forward
+        # until the process group's timeout): while they have not ended on every rank (agreed:
+        # the dropped moves are the same everywhere), nothing is issued and serving goes on.
+        if self._pending:
+            if not self._agreed(all(move.finished() for move, _ in self._pending)):
+                if not self._pending_logged:
+                    self._pending_logged = True
+                    logger.warning("eplb cycle %d: moves wait until the dropped moves' transfers "
+                                   "end on every rank", self.cycle)
+                return
+            for move, k in self._pending:
+                move.drain()  # (ended: returns at once, orders the device stream after them)
+                self._free.append(k)
+            self._pending = []
+            self._pending_logged = False
         if self._api is not None:
             self._side.wait_stream(self._api.current_stream(self.device))
         budget = (StepBudget(self.num_ranks, self._rows_per_step)
