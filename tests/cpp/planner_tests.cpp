@@ -12,6 +12,7 @@
 #include "planner/packing.h"
 #include "planner/placement.h"
 #include "planner/policies.h"
+#include "planner/worker.h"
 
 namespace {
 
@@ -555,6 +556,40 @@ int main() {
       }
       CHECK(got == want);
     }
+  });
+  Run("worker reports each job's start before its outcome, cancelled jobs without a start", [] {
+    eplb::Worker worker;
+    eplb::Shape s;
+    s.num_layers = 2;
+    s.num_logical = 8;
+    s.num_physical = 10;
+    s.num_ranks = 2;
+    eplb::PlanJob job;
+    job.shape = s;
+    job.load.assign(16, 1.0);
+    std::vector<uint64_t> ids;
+    for (int k = 0; k < 4; ++k) ids.push_back(worker.Submit(job));
+    const bool cancelled = worker.Cancel(ids[3]);  // queued unless the worker got there first
+    std::vector<int> started(5, 0), finished(5, 0);
+    eplb::PlanDone d;
+    for (int got = 0; got < 4;) {
+      CHECK(worker.WaitNext(&d));
+      const auto k = static_cast<size_t>(d.id - ids[0]);
+      CHECK(k < 4);
+      if (d.started) {
+        CHECK(!finished[k] && !started[k]);
+        started[k] = 1;
+        continue;
+      }
+      CHECK(!finished[k]);
+      finished[k] = 1;
+      ++got;
+      CHECK(d.cancelled ? !started[k] : (started[k] && d.ok));
+    }
+    CHECK(finished[3] && (!cancelled || !started[3]));
+    worker.Close();
+    CHECK(!worker.WaitNext(&d));
+    worker.Join();
   });
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
