@@ -101,6 +101,18 @@ def test_loaded_checkpoint_rederives_this_ranks_maps():
     log2phy, logcnt, local = state.placement_tensors(sd["phy2log"], 8, 1, 0, rotate=True)
     assert torch.equal(layer.log2phy, log2phy) and torch.equal(layer.logcnt, logcnt)
     assert torch.equal(layer.local_expert_map, local)
-    sd["phy2log"] = torch.zeros(10, dtype=torch.int64)
-    with pytest.raises(ValueError, match="holds no copy"):
-        layer.load_state_dict(sd)
+    # an invalid phy2log is refused before anything is written (it was refused after the load
+    # had written it, the weights and the maps)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = {k: (torch.zeros_like(v) if k != "phy2log" else torch.zeros(10, dtype=torch.int64))
+           for k, v in sd.items()}
+    with pytest.raises(ValueError, match="phy2log in the state_dict is not a placement.*"
+                                         "holds no copy"):
+        layer.load_state_dict(bad)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    # tensors replaced by the load (assign=True): the maps derived are the new ones'
+    sd2 = {k: v.clone() for k, v in sd.items()}
+    sd2["phy2log"] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1])
+    layer.load_state_dict(sd2, assign=True)
+    want = state.placement_tensors(sd2["phy2log"], 8, 1, 0, rotate=True)
+    assert torch.equal(layer.log2phy, want[0]) and torch.equal(layer.logcnt, want[1])

@@ -479,3 +479,28 @@ def _expert_map_fault(rank, world, group, device, tmpdir, redundant):
     _check_same_maps(up, group)
     _run(model, reference, up, 2, rank, device, first_step=300)
     up.shutdown()
+
+
+def dropped_gloo_move_ends(rank, world, init_method):
+    """A gloo move whose op failed (a peer past the group's timeout) counts as finished once its
+    thread ended: every op waited for, the first error kept (gloo marks an op completed only
+    when waited for, and finished() stayed False for good: no move was issued again)."""
+    from eplb_native.transfer import LayerMove, layer_schedule
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=1))
+    weights = [torch.full((2, 4), float(rank)), torch.full((2, 3), float(rank))]
+    staging = [torch.empty_like(t) for t in weights]
+    move = LayerMove(weights, staging, layer_schedule(np.array([0, 1, 2, 3]),
+                                                      np.array([2, 3, 0, 1]), world),
+                     rank, group, tag=1)
+    if rank == 0:
+        time.sleep(2.5)  # posts after the peer's ops timed out
+    move.issue()
+    deadline = time.monotonic() + 30
+    while not move.finished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert move.finished() and move.error is not None, (rank, move.error)
+    assert move.drain(time.perf_counter() + 5)
+    leave()

@@ -479,10 +479,14 @@ class LayerMove:
             self.posted.set()
         try:
             if self.on_cpu:
+                # every op waited for, the first error kept: a gloo op counts as completed only
+                # once waited for, and finished() reads them all
                 for w in self._works:
-                    w.wait()
-        except BaseException as e:  # noqa: BLE001
-            self._fail(e)
+                    try:
+                        w.wait()
+                    except BaseException as e:  # noqa: BLE001
+                        if self.error is None:
+                            self._fail(e)
         finally:
             self._done.set()
 
@@ -510,11 +514,16 @@ class LayerMove:
         return True
 
     def finished(self) -> bool:
-        """Whether every op this move issued has finished (never blocks): its staging buffers
-        may then be reused without :meth:`drain`."""
+        """Whether every op this move issued has finished, or failed (never blocks, never
+        raises): its staging buffers may then be reused without :meth:`drain`."""
         if self._thread is not None and self._thread.is_alive():
             return False
-        return all(w.is_completed() for w in self._works)
+        if self.on_cpu:
+            return True  # (the thread, now ended, waited for every op)
+        try:
+            return all(w.is_completed() for w in self._works)
+        except Exception:  # noqa: BLE001  (an op that failed has ended)
+            return True
 
     def drain(self, deadline: float | None = None) -> bool:
         """Blocks until every op this move issued finished (after a timeout or failure), or

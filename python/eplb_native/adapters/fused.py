@@ -182,14 +182,12 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
     if p2l.numel() != num_slots:
         raise AdapterError(f"{where}: its placement has {p2l.numel()} slots, the weights "
                            f"{s} x {ep_size} ranks (S={s})")
-    # vLLM's all-to-all dispatch (DP + EP: its moe_parallel_config.use_all2all_kernels) sends
-    # each rank's own tokens and brings their results back to it, so ranks may pick different
-    # replicas: rows rotated by rank spread decode traffic (MoELayerAdapter.rotate_replicas).
-    # Otherwise (all-gather / all-reduce EP) every rank maps the same tokens: one table.
-    rotate = getattr(getattr(module, "moe_parallel_config", None), "use_all2all_kernels",
-                     False) is True
-    log2phy, logcnt, local = state.placement_tensors(p2l.cpu(), num_logical, ep_size, ep_rank,
-                                                     rotate=rotate)
+    # One table on every rank (rotate_replicas False): the adapter cannot tell whether the
+    # engine maps each rank's own tokens. vLLM's use_all2all_kernels is no such sign: its naive
+    # and all-gather / reduce-scatter DP + EP paths map the gathered tokens on every rank and
+    # sum the results, where tables differing by rank would compute a (token, choice) twice or
+    # not at all (review).
+    log2phy, logcnt, local = state.placement_tensors(p2l.cpu(), num_logical, ep_size, ep_rank)
 
     # The layer's own maps must already say this placement: adapting it rewrites none of them.
     def differs(t, want, rows_as_sets=False):
@@ -241,8 +239,7 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
     adapter = MoELayerAdapter(name=name, module=module, weights=weights, phy2log=p2l,
                               log2phy=l2p, logcnt=cnt, load=load, record=record, ep_rank=ep_rank,
                               ep_size=ep_size,
-                              local_expert_map=None if physical else expert_map,
-                              rotate_replicas=rotate)
+                              local_expert_map=None if physical else expert_map)
     for key, t in missing.items():  # the same tensor objects the adapter holds
         module.register_buffer(key, t, persistent=False)
     return adapter

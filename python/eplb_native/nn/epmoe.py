@@ -227,12 +227,22 @@ def logical_weights_of_slots(layer: EPMoE) -> tuple[np.ndarray, np.ndarray]:
 def _rederive_maps(module, incompatible_keys) -> None:
     """After a load: log2phy / logcnt / local_expert_map follow the loaded phy2log for this rank
     (a checkpoint saved by another rank holds that rank's rotated log2phy rows; its phy2log is
-    the placement the loaded weights follow). A phy2log that is no placement raises here."""
-    module._adapter.set_placement(module.phy2log.detach().cpu())
+    the placement the loaded weights follow). Through an adapter of the module's tensors as
+    they are now (a load with assign=True, .to() or to_empty() replaced them)."""
+    if module.phy2log.device.type != "meta":
+        module.eplb_adapter("").set_placement(module.phy2log.detach().cpu())
 
 
 def _drop_running_state(module, state_dict, prefix, *args) -> None:
     """Checkpoints written before load / record became non-persistent carry them: dropped, so
-    they still load (strict too)."""
+    they still load (strict too). A phy2log that is no placement is refused here, before the
+    load writes anything."""
     for key in ("load", "record"):
         state_dict.pop(prefix + key, None)
+    p2l = state_dict.get(prefix + "phy2log")
+    if isinstance(p2l, torch.Tensor) and p2l.device.type != "meta":
+        try:
+            state.validate_phy2log(p2l.detach().cpu(), module.num_experts, module.ep_size)
+        except ValueError as e:
+            raise ValueError(f"{prefix}phy2log in the state_dict is not a placement: "
+                             f"{e}") from None
