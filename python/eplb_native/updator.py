@@ -718,18 +718,19 @@ class Updator:
         # order). Never waited for here (a peer that never posts would stall every forward
         # until the process group's timeout): while they have not ended on every rank (agreed:
         # the dropped moves are the same everywhere), nothing is issued and serving goes on.
-        if self._pending:
-            if not self._agreed(all(move.finished() for move, _ in self._pending)):
-                if not self._pending_logged:
-                    self._pending_logged = True
-                    logger.warning("eplb cycle %d: moves wait until the dropped moves' transfers "
-                                   "end on every rank", self.cycle)
-                return
-            for move, k in self._pending:
-                move.drain()  # (ended: returns at once, orders the device stream after them)
-                self._free.append(k)
-            self._pending = []
-            self._pending_logged = False
+        # (Agreed at every issue, whether this rank holds dropped moves or not: a move whose
+        # building failed on one rank only, out of memory say, leaves nothing pending there.)
+        if not self._agreed(all(move.finished() for move, _ in self._pending)):
+            if not self._pending_logged:
+                self._pending_logged = True
+                logger.warning("eplb cycle %d: moves wait until the dropped moves' transfers "
+                               "end on every rank", self.cycle)
+            return
+        for move, k in self._pending:
+            move.drain()  # (ended: returns at once, orders the device stream after them)
+            self._free.append(k)
+        self._pending = []
+        self._pending_logged = False
         if self._api is not None:
             self._side.wait_stream(self._api.current_stream(self.device))
         budget = (StepBudget(self.num_ranks, self._rows_per_step)
