@@ -1,0 +1,231 @@
+"""CUDA paths of the ops that tests/test_ops.py does not reach (written from a review of
+csrc/ops/cuda/map_record.cu, ninth session): record_topk's global-atomic histogram, record_counts'
+grid-stride loop, int64 ids past 2^32, rank_local with a table past the registers plus the
+shared histogram, the multiply-high modulo up to its limit, the 2^31 id refusal, a second GPU,
+and rank_local's unused logcnt on another device. Each compares against a NumPy reference of
+the contract (csrc/ops/ops.h) on random data. Every test skips without a GPU; none had run on a
+GPU when they were added (no machine could be started that session): the next GPU run checks
+them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import eplb_native.ops as ops
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+lib = torch.ops.eplb_native if CUDA else None
+
+
+def ref_map(ids, log2phy, logcnt, load, record, valid=None, mode="spread"):
+    """NumPy reference of map_and_record (the contract of csrc/ops/ops.h), int64 throughout."""
+    ids = np.asarray(ids, dtype=np.int64)
+    k = max(ids.shape[-1], 1) if ids.ndim >= 2 else 1
+    flat = ids.reshape(-1)
+    table = np.asarray(log2phy, dtype=np.int64)
+    E = table.shape[0]
+    ok = (flat >= 0) & (flat < E)
+    e = np.where(ok, flat, 0)
+    tok = np.arange(flat.size) // k
+    if E == 0:
+        slots = np.full(flat.size, -1)
+    elif mode == "rank_local":
+        slots = table[e]
+    else:
+        c = np.clip(np.asarray(logcnt, dtype=np.int64), 1, table.shape[1])[e]
+        slots = table[e, tok % c]
+    slots = np.where(ok, slots, -1)
+    load = np.array(load, dtype=np.int64)
+    if record:
+        keep = (slots >= 0) & (slots < load.size)
+        if valid is not None:
+            keep &= tok < valid
+        load += np.bincount(slots[keep], minlength=load.size)
+    return slots.reshape(ids.shape), load
+
+
+def ref_topk(load, ids, record, valid=None):
+    ids = np.asarray(ids, dtype=np.int64)
+    k = max(ids.shape[-1], 1) if ids.ndim >= 2 else 1
+    flat = ids.reshape(-1)
+    load = np.array(load, dtype=np.int64)
+    if record:
+        keep = (flat >= 0) & (flat < load.size)
+        if valid is not None:
+            keep &= np.arange(flat.size) // k < valid
+        load += np.bincount(flat[keep], minlength=load.size)
+    return load
+
+
+# ---------------------------------------------------------------- rank_local's logcnt
+
+
+def test_rank_local_logcnt_on_meta_is_refused():
+    """rank_local does not read logcnt, but logcnt takes part in picking the kernel (Meta
+    outranks CUDA): one on another device is refused, naming it, and nothing is counted."""
+    ids = torch.tensor([[0, 1], [2, 1]], device="cuda")
+    table = torch.tensor([3, 0, 2], device="cuda")
+    load = torch.zeros(4, dtype=torch.int64, device="cuda")
+    stray = torch.zeros(3, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="logcnt"):
+        lib.map_and_record(ids, table, stray, load, torch.tensor(True, device="cuda"), None,
+                           "rank_local")
+    assert load.tolist() == [0, 0, 0, 0]
+
+
+def test_rank_local_logcnt_on_cuda_with_cpu_ids_is_refused():
+    """ids etc. on the CPU, the unused logcnt on the GPU: a ValueError naming logcnt (the CUDA
+    kernel was chosen and its device guard threw an internal RuntimeError)."""
+    ids = torch.tensor([[0, 1], [2, 1]])
+    table = torch.tensor([3, 0, 2])
+    load = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="logcnt"):
+        lib.map_and_record(ids, table, table.cuda(), load, torch.tensor(True), None,
+                           "rank_local")
+    assert load.tolist() == [0, 0, 0, 0]
+
+
+# ---------------------------------------------------------------- untested CUDA paths (guards)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_record_topk_global_atomics_unaligned(id_dtype):
+    """record_topk (kCountOnly) with P beyond the shared histogram (P * 4 > 48 KiB - 64), on
+    misaligned ids (scalar path) and aligned ids (vector path), with num_valid_tokens."""
+    gen = np.random.default_rng(1)
+    P = 20_000
+    base = torch.tensor(gen.integers(-3, P + 3, 200_001), dtype=id_dtype, device="cuda")
+    for ids in (base[1:].reshape(-1, 8), base[:200_000].reshape(-1, 8), base[3:]):
+        load = torch.tensor(gen.integers(0, 9, P), device="cuda")
+        valid = torch.tensor(ids.shape[0] - 77, device="cuda")
+        exp = ref_topk(load.cpu().numpy(), ids.cpu().numpy(), True, int(valid))
+        lib.record_topk(load, ids, torch.tensor(True, device="cuda"), valid)
+        np.testing.assert_array_equal(load.cpu().numpy(), exp)
+
+
+@pytest.mark.parametrize("load_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("group_list_type", [0, 1])
+def test_record_counts_grid_stride(load_dtype, group_list_type):
+    """n > 1024 blocks * 256 threads: the grid-stride loop of RecordCountsKernel runs."""
+    gen = np.random.default_rng(2)
+    n = 1024 * 256 * 3 + 17
+    counts = gen.integers(0, 5, n)
+    tokens = np.cumsum(counts) if group_list_type == 0 else counts
+    load = torch.tensor(gen.integers(0, 9, n + 40), dtype=load_dtype, device="cuda")
+    exp = load.cpu().numpy().astype(np.int64)
+    exp[33:33 + n] += counts
+    lib.record_counts(load, torch.tensor(tokens, device="cuda"), group_list_type, 33)
+    np.testing.assert_array_equal(load.cpu().numpy(), exp)
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_int64_ids_beyond_2_32_map_to_minus_one(staged):
+    """int64 ids such as 2^32 + 1 are out of range (-1, not counted), not expert 1; record and
+    num_valid_tokens are read at full width (2^32 has a zero low word, 2^32 + 2 a low word 2)."""
+    E = 16 if staged else 4096  # 4096 rows: the spread table is read from global memory
+    P = E + 4
+    log2phy = torch.full((E, 2), -1, dtype=torch.int64, device="cuda")
+    log2phy[:, 0] = torch.arange(E)
+    log2phy[:4, 1] = torch.arange(E, P)
+    logcnt = torch.ones(E, dtype=torch.int64, device="cuda")
+    logcnt[:4] = 2
+    ids = torch.tensor([[1, 2**32 + 1], [2**33 + 3, -2**32 + 2], [0, 3], [3, 2**40]] * 100,
+                       device="cuda")
+    load = torch.zeros(P, dtype=torch.int64, device="cuda")
+    rec = torch.tensor(2**32, device="cuda")  # nonzero: count
+    valid = torch.tensor(2**32 + 2, device="cuda")  # every token counts
+    out = lib.map_and_record(ids, log2phy, logcnt, load, rec, valid, "spread")
+    exp_out, exp_load = ref_map(ids.cpu().numpy(), log2phy.cpu().numpy(), logcnt.cpu().numpy(),
+                                np.zeros(P), True, 2**32 + 2)
+    np.testing.assert_array_equal(out.cpu().numpy(), exp_out)
+    np.testing.assert_array_equal(load.cpu().numpy(), exp_load)
+
+
+def test_rank_local_big_table_with_shared_histogram():
+    """rank_local, E > kStageRegs * kThreads (the staging loop past the registers) together
+    with the shared-memory histogram (only one of the two is reached in tests/test_ops.py)."""
+    gen = np.random.default_rng(3)
+    E, P = 2000, 3000
+    table = torch.tensor(gen.integers(-1, P + 1, E), device="cuda")
+    ids = torch.tensor(gen.integers(-2, E + 2, (50_000, 6)), dtype=torch.int32, device="cuda")
+    load = torch.tensor(gen.integers(0, 9, P), device="cuda")
+    exp_out, exp_load = ref_map(ids.cpu().numpy(), table.cpu().numpy(), None,
+                                load.cpu().numpy(), True, 40_000, "rank_local")
+    out = ops.map_and_record(ids, table, None, load, torch.tensor(True, device="cuda"),
+                             torch.tensor(40_000, device="cuda"), "rank_local")
+    np.testing.assert_array_equal(out.cpu().numpy(), exp_out)
+    np.testing.assert_array_equal(load.cpu().numpy(), exp_load)
+
+
+@pytest.mark.parametrize("c", [3, 7, 641, 1000, 1500, 5000])
+def test_multiply_high_modulo_up_to_its_limit(c):
+    """The staged spread path takes t % c by multiply-high, exact for t < 2^32 / c; Launch
+    stages up to tokens <= 2^32 / cols - 1. One expert with c replicas 0..c-1, one id per
+    token, as many tokens as the staged path allows: out[t] must be t % c and every replica
+    must get its exact share. c <= 1024 takes the dense table, above it the packed one.
+    (c = 3: 1.43e9 int32 ids, about 12 GB on the GPU.)"""
+    tokens = (1 << 32) // c - 1
+    ids = torch.zeros(tokens, dtype=torch.int32, device="cuda")
+    log2phy = torch.arange(c, dtype=torch.int32, device="cuda").reshape(1, c)
+    logcnt = torch.tensor([c], device="cuda")
+    load = torch.zeros(c, dtype=torch.int64, device="cuda")
+    out = lib.map_and_record(ids, log2phy, logcnt, load, torch.tensor(True, device="cuda"),
+                             None, "spread")
+    del ids
+    step = 1 << 26
+    for s in range(0, tokens, step):
+        t = torch.arange(s, min(s + step, tokens), dtype=torch.int64, device="cuda")
+        assert torch.equal(out[s:s + t.numel()].to(torch.int64), t % c), f"first token {s}"
+    exp = torch.full((c,), tokens // c, dtype=torch.int64)
+    exp[: tokens % c] += 1
+    assert torch.equal(load.cpu(), exp)
+
+
+def test_2_31_ids_refused_with_nothing_written():
+    """The CUDA kernels index with 32 bits: n >= 2^31 - 8192 must raise ValueError naming
+    topk_ids and leave load untouched (8.6 GB of int32 ids)."""
+    n = (1 << 31) - 8192
+    ids = torch.zeros(n, dtype=torch.int32, device="cuda")
+    table = torch.zeros(1, dtype=torch.int64, device="cuda")
+    load = torch.zeros(2, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="topk_ids"):
+        lib.map_and_record(ids, table, table, load, torch.tensor(True, device="cuda"), None,
+                           "rank_local")
+    with pytest.raises(ValueError, match="topk_ids"):
+        lib.record_topk(load, ids, torch.tensor(True, device="cuda"))
+    assert load.tolist() == [0, 0]
+    # one id less is accepted and counted exactly
+    out = lib.map_and_record(ids[1:], table, table, load, torch.tensor(True, device="cuda"),
+                             None, "rank_local")
+    assert int(load[0]) == n - 1 and int(out.sum()) == 0
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_second_device_while_current_is_first():
+    """All tensors on cuda:1, current device cuda:0: the guard must launch on cuda:1's
+    current stream with cuda:1's SM count (no illegal access, exact result)."""
+    gen = np.random.default_rng(4)
+    dev = torch.device("cuda:1")
+    torch.cuda.set_device(0)
+    E, P = 256, 288
+    log2phy = torch.full((E, 2), -1, dtype=torch.int64)
+    log2phy[:, 0] = torch.arange(E)
+    log2phy[:32, 1] = torch.arange(E, P)
+    logcnt = torch.ones(E, dtype=torch.int64)
+    logcnt[:32] = 2
+    ids = torch.tensor(gen.integers(-1, E + 1, (40_000, 8)), dtype=torch.int32)
+    load = torch.zeros(P, dtype=torch.int64)
+    exp_out, exp_load = ref_map(ids.numpy(), log2phy.numpy(), logcnt.numpy(), load.numpy(),
+                                True, 39_000)
+    load_d = load.to(dev)
+    out = ops.map_and_record(ids.to(dev), log2phy.to(dev), logcnt.to(dev), load_d,
+                             torch.tensor(True, device=dev), torch.tensor(39_000, device=dev))
+    ops.record_counts(load_d, torch.tensor([1, 2, 3], device=dev), 1, 5)
+    exp_load[5:8] += [1, 2, 3]
+    torch.cuda.synchronize(dev)
+    np.testing.assert_array_equal(out.cpu().numpy(), exp_out)
+    np.testing.assert_array_equal(load_d.cpu().numpy(), exp_load)
