@@ -211,3 +211,24 @@ def test_fuzz_load_file_raises_only_value_error(tmp_path_factory, blob):
         assert str(path) in str(e)
         return
     assert phy2log.ndim == 2 and phy2log.shape[1] % ranks == 0 and (phy2log >= 0).all()
+
+
+def test_repeated_experts_on_a_rank_are_listed_and_saved_with_a_warning(tmp_path, caplog):
+    """vllm-ascend's reader maps one slot per expert and rank: a map where a rank holds an
+    expert twice is written as it is (our loader serves it) and the save says so."""
+    import logging
+
+    phy2log = np.array([[0, 0, 1, 2, 3, 1], [0, 1, 2, 3, 0, 1]])  # layer 0: rank 0 holds 0 twice
+    assert expert_map.repeated_on_a_rank(phy2log, 2) == [(0, 0, 0)]
+    assert expert_map.repeated_on_a_rank(phy2log, 3) == [(0, 0, 0)]
+    assert expert_map.repeated_on_a_rank(phy2log[1], 2) == []
+    with caplog.at_level(logging.WARNING, logger="eplb_native"):
+        expert_map.save(tmp_path / "m.json", phy2log, 2)
+    assert "1 (layer, rank) pairs hold an expert twice (first: layer 0, rank 0, expert 0)" in (
+        caplog.text)
+    got, ranks = expert_map.load(tmp_path / "m.json")
+    assert ranks == 2 and np.array_equal(got, phy2log)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eplb_native"):
+        expert_map.save(tmp_path / "n.json", phy2log[1:], 2)
+    assert not caplog.records

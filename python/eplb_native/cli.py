@@ -269,6 +269,8 @@ def cmd_plan(args) -> int:
         "balancedness_bound": _stats(bound),
         "moved_slots": int(p.total_moved_slots) if start is not None else None,
         "plan_ms": plan_ms, "output": os.fspath(args.output),
+        # ranks holding an expert twice: vllm-ascend's reader serves one slot per expert and rank
+        "repeated_on_a_rank": len(expert_map.repeated_on_a_rank(p.phy2log, topo.num_ranks)),
         "per_layer": {"before": before.tolist(), "after": after.tolist(),
                       "bound": bound.tolist(),
                       # without a start placement nothing was compared: no count per layer
@@ -297,6 +299,10 @@ def cmd_plan(args) -> int:
         print(f"moved slots: {p.total_moved_slots} of {num_layers * topo.num_slots}")
     print(f"plan time: {plan_ms:.1f} ms")
     print(f"wrote {args.output}")
+    if result["repeated_on_a_rank"]:
+        print(f"note: {result['repeated_on_a_rank']} (layer, rank) pairs hold an expert twice; "
+              "eplb_native serves them, vllm-ascend's expert-map reader maps one slot per "
+              "expert and rank (docs/integrations.md)")
     return 0
 
 

@@ -11,12 +11,15 @@ a map is exactly a ``phy2log`` [L, P] with P = R * S.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 
 import numpy as np
 
 from ._util import atomic_write, check_int, to_numpy, validate_phy2log
+
+logger = logging.getLogger("eplb_native")
 
 #: Largest expert id a map may hold (exclusive): far above any real model, and small enough
 #: that ids, counts and offsets computed from them never overflow int64.
@@ -126,12 +129,39 @@ def _parse(doc, source: str) -> tuple[np.ndarray, int]:
     return np.stack(rows), num_devices
 
 
+def repeated_on_a_rank(phy2log, num_ranks: int) -> list[tuple[int, int, int]]:
+    """(layer, rank, expert) for every rank of ``phy2log`` [L, P] that holds an expert in more
+    than one of its slots. eplb_native serves such placements (each slot is routed to), and
+    DeepSeek's own algorithm makes them; vllm-ascend's expert-map reader maps one slot per
+    expert and rank, so there the second copy gets no tokens and the rank's later slots are
+    misnumbered."""
+    a = to_numpy(phy2log, "phy2log")
+    num_ranks = check_int(num_ranks, "num_ranks", 1)
+    if a.ndim == 1:
+        a = a[None]
+    per_rank = np.sort(a.reshape(a.shape[0], num_ranks, -1), axis=2)
+    layer, rank, j = np.nonzero(per_rank[:, :, 1:] == per_rank[:, :, :-1])
+    found = {(int(l_), int(r), int(per_rank[l_, r, k])) for l_, r, k in zip(layer, rank, j,
+                                                                          strict=True)}
+    return sorted(found)
+
+
 def save(path: str | os.PathLike, phy2log, num_ranks: int) -> None:
     """Writes ``phy2log`` [L, P] as a vllm-ascend expert-map JSON file (atomically: ``path`` is
-    either the old file or the complete new one, and no temporary file is left behind)."""
+    either the old file or the complete new one, and no temporary file is left behind).
+
+    A rank holding one expert in two of its slots is written as it is, with a warning: our
+    :func:`load` and attach serve it, vllm-ascend's reader does not (see
+    :func:`repeated_on_a_rank`)."""
     doc = to_json_dict(phy2log, num_ranks)
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
+    repeated = repeated_on_a_rank(phy2log, num_ranks)
+    if repeated:
+        logger.warning("expert map %s: %d (layer, rank) pairs hold an expert twice (first: layer "
+                       "%d, rank %d, expert %d); vllm-ascend's reader maps one slot per expert "
+                       "and rank, so it would not serve this file as written", os.fspath(path),
+                       len(repeated), *repeated[0])
 
 
 def _read(path, label: str) -> dict:
