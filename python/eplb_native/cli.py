@@ -258,7 +258,7 @@ def cmd_plan(args) -> int:
     plan_ms = (time.perf_counter() - t0) * 1e3
     before = metrics.balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
-    expert_map.save(args.output, p.phy2log, topo.num_ranks)
+    expert_map.save(args.output, p.phy2log, topo.num_ranks, warn=False)  # (noted below)
 
     before_label = "--old placement" if old is not None else "vllm-ascend default placement"
     result = {

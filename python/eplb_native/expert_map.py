@@ -146,17 +146,17 @@ def repeated_on_a_rank(phy2log, num_ranks: int) -> list[tuple[int, int, int]]:
     return sorted(found)
 
 
-def save(path: str | os.PathLike, phy2log, num_ranks: int) -> None:
+def save(path: str | os.PathLike, phy2log, num_ranks: int, *, warn: bool = True) -> None:
     """Writes ``phy2log`` [L, P] as a vllm-ascend expert-map JSON file (atomically: ``path`` is
     either the old file or the complete new one, and no temporary file is left behind).
 
-    A rank holding one expert in two of its slots is written as it is, with a warning: our
-    :func:`load` and attach serve it, vllm-ascend's reader does not (see
-    :func:`repeated_on_a_rank`)."""
+    A rank holding one expert in two of its slots is written as it is, with a warning (unless
+    ``warn`` is False: the caller reports it): our :func:`load` and attach serve it,
+    vllm-ascend's reader does not (see :func:`repeated_on_a_rank`)."""
     doc = to_json_dict(phy2log, num_ranks)
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
-    repeated = repeated_on_a_rank(phy2log, num_ranks)
+    repeated = repeated_on_a_rank(phy2log, num_ranks) if warn else []
     if repeated:
         logger.warning("expert map %s: %d (layer, rank) pairs hold an expert twice (first: layer "
                        "%d, rank %d, expert %d); vllm-ascend's reader maps one slot per expert "

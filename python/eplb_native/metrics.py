@@ -37,20 +37,41 @@ class UpdatorStats:
 
 
 def measured_balancedness(rank_tokens: np.ndarray) -> np.ndarray:
-    """[L, R] tokens each rank's slots received -> [L] mean / max (1.0 where no tokens)."""
+    """[L, R] tokens each rank's slots received -> [L] mean / max (1.0 where no tokens, NaN
+    where a rank's count is NaN: not a perfect balance)."""
     rank_tokens = np.asarray(rank_tokens, dtype=np.float64)
-    peak = rank_tokens.max(axis=1)
+    if rank_tokens.ndim != 2:
+        raise ValueError(f"rank_tokens must be [layers, ranks], got shape {rank_tokens.shape}")
+    peak = rank_tokens.max(axis=1)  # (NaN when any rank's is)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(peak > 0, rank_tokens.mean(axis=1) / np.where(peak > 0, peak, 1), 1.0)
+        out = np.where(peak > 0, rank_tokens.mean(axis=1) / np.where(peak > 0, peak, 1), 1.0)
+    return np.where(np.isnan(peak), np.nan, out)
 
 
 def rank_loads(load, phy2log, num_ranks: int) -> np.ndarray:
     """[L, R] load of each rank under placement ``phy2log`` [L, P] for logical ``load`` [L, E]:
-    the sum over the rank's slots of ``load[e] / logcnt[e]`` (each replica carries its share)."""
+    the sum over the rank's slots of ``load[e] / logcnt[e]`` (each replica carries its share).
+    ValueError naming the argument for shapes that do not fit, ids out of range, or an expert
+    with load but no slot (its load would be dropped from every rank)."""
     load = np.asarray(load, dtype=np.float64)
     phy2log = np.asarray(phy2log, dtype=np.int64)
+    if load.ndim != 2 or phy2log.ndim != 2 or load.shape[0] != phy2log.shape[0]:
+        raise ValueError(f"load [layers, experts] and phy2log [layers, slots] must have the same "
+                         f"layers, got shapes {load.shape} and {phy2log.shape}")
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int | np.integer) or (
+            num_ranks < 1 or phy2log.shape[1] % num_ranks):
+        raise ValueError(f"num_ranks must be a positive divisor of the slot count "
+                         f"{phy2log.shape[1]}, got {num_ranks!r}")
+    if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= load.shape[1]):
+        raise ValueError(f"phy2log ids must lie in [0, {load.shape[1]}), got "
+                         f"[{phy2log.min()}, {phy2log.max()}]")
     num_layers = phy2log.shape[0]
     logcnt = np.stack([np.bincount(r, minlength=load.shape[1]) for r in phy2log])
+    lost = (logcnt == 0) & (load != 0)
+    if lost.any():
+        layer, e = (int(x[0]) for x in np.nonzero(lost))
+        raise ValueError(f"phy2log holds no slot of expert {e} in layer {layer}, which has load "
+                         f"{load[layer, e]:g}: every expert with load needs a slot")
     per_slot = np.take_along_axis(load / np.maximum(logcnt, 1), phy2log, axis=1)
     return per_slot.reshape(num_layers, num_ranks, -1).sum(-1)
 

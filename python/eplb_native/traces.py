@@ -179,6 +179,8 @@ def sum_windows(loads: np.ndarray) -> np.ndarray:
     2**63 / W), so a sum never wraps negative; float loads are summed in float64.
     """
     a = np.asarray(loads)
+    if a.ndim != 3:
+        raise ValueError(f"loads must be [windows, layers, experts], got shape {a.shape}")
     if a.dtype.kind == "f":
         return a.sum(axis=0, dtype=np.float64)
     total = a.sum(axis=0, dtype=np.float64)

@@ -1,0 +1,51 @@
+"""metrics: balancedness as DESIGN defines it (mean / max rank load, each replica carrying
+load / logcnt), against a plain loop on random placements and loads."""
+
+import numpy as np
+import pytest
+
+from eplb_native import metrics
+
+
+def _reference(load, phy2log, num_ranks):
+    out = []
+    for w, row in zip(load, phy2log, strict=True):
+        cnt = np.bincount(row, minlength=len(w))
+        per_rank = len(row) // num_ranks
+        ranks = [sum(w[e] / cnt[e] for e in row[r * per_rank:(r + 1) * per_rank])
+                 for r in range(num_ranks)]
+        peak = max(ranks)
+        out.append(np.mean(ranks) / peak if peak > 0 else 1.0)
+    return np.array(out)
+
+
+def test_balancedness_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        E, R = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        S = int(rng.integers(max(1, -(-E // R)), 5 + E // R))
+        L = int(rng.integers(1, 4))
+        phy2log = np.stack([np.concatenate([np.arange(E), rng.integers(0, E, R * S - E)])
+                            [rng.permutation(R * S)] for _ in range(L)])  # repeats on a rank too
+        load = rng.integers(0, 50, (L, E)) * (rng.random((L, E)) < 0.8)
+        np.testing.assert_allclose(metrics.balancedness(load, phy2log, R),
+                                   _reference(load, phy2log, R), rtol=1e-12)
+
+
+def test_measured_balancedness_edges():
+    got = metrics.measured_balancedness([[0, 0], [2, 2], [1, 3], [np.nan, 1]])
+    np.testing.assert_allclose(got[:3], [1.0, 1.0, 2 / 3])
+    assert np.isnan(got[3])  # a NaN count is no perfect balance (it read 1.0)
+    with pytest.raises(ValueError, match="rank_tokens must be"):
+        metrics.measured_balancedness([1, 2])
+
+
+@pytest.mark.parametrize("load, phy2log, ranks, match", [
+    ([[1, 1]], [[0, 1, 1]], 2, "num_ranks must be a positive divisor"),
+    ([[1, 1]], [[0, 2]], 2, r"phy2log ids must lie in \[0, 2\)"),
+    ([[1, 5]], [[0, 0]], 2, "no slot of expert 1 in layer 0, which has load 5"),
+    ([[1, 1], [1, 1]], [[0, 1]], 1, "same layers"),
+])
+def test_rank_loads_bad_input_names_it(load, phy2log, ranks, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.rank_loads(load, phy2log, ranks)
