@@ -236,7 +236,7 @@ def _map_with(layer, device, experts, **layer_keys):
     # file beside it was named instead, after the work)
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
                                                        "/proc/m.json"],
-     ["-o: cannot write /proc/m.json"]),
+     ["-o '/proc/m.json': folder '/proc'"]),
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--ranks", "4", "-o",
                                                        ""], ["-o: empty path"]),
     (lambda d: np.save(d / "g.npy", np.ones((2, 8))), ["--load", "g.npy", "--old", "none.json"],
@@ -446,8 +446,8 @@ def test_demo_text_summary(tmp_path):
     (["--save-trace", "rec.npy"], ["--save-trace rec.npy", "*.npz"]),
     (["--seed", str(2**48)], [f"--seed must be <= {2**32 - 1}"]),
     (["--hidden", "1048576"], ["--hidden 1048576", "GiB of expert weights"]),
-    (["--png", "/proc/d.png"], ["--png: cannot write /proc/d.png"]),
-    (["--save-trace", "/proc/t.npz"], ["--save-trace: cannot write /proc/t.npz"]),
+    (["--png", "/proc/d.png"], ["--png '/proc/d.png': folder '/proc'"]),
+    (["--save-trace", "/proc/t.npz"], ["--save-trace '/proc/t.npz': folder '/proc'"]),
 ])
 def test_demo_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("demo", *args, cwd=tmp_path, expect=2)

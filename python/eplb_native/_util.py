@@ -10,6 +10,7 @@ import contextlib
 import numbers
 import os
 import secrets
+import tempfile
 
 import numpy as np
 
@@ -110,9 +111,18 @@ def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy
 
 def check_writable_dir(path, name: str) -> None:
     """ValueError naming ``name`` unless the folder ``path`` will be written into exists and
-    takes new files (checked at attach, not found out at shutdown after serving)."""
+    takes new files (checked before the work whose result goes there, not found out after it).
+    A file is written as a temporary beside it, then renamed: access() first, then a real
+    temporary file, since read-only mounts and /proc answer access() yes for root."""
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eplb-native-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} takes no new file "
+                         f"({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -19,14 +19,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 
 import numpy as np
 
 from . import expert_map, metrics, traces
-from ._util import atomic_write, check_int
+from ._util import atomic_write, check_int, check_writable_dir
 from .planner import POLICIES, plan
 
 EXIT_USAGE = 2
@@ -189,21 +188,12 @@ def _check_output_dir(path: str, flag: str) -> None:
     run whose output cannot be written is lost)."""
     if not path:
         raise UsageError(f"{flag}: empty path; name the file to write")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{flag}: directory {parent} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"{flag}: {path} is a directory; name the file to write")
-    # the file is written as a temporary beside it, then renamed over it: the folder must take
-    # new files (os.access, then a real one: read-only mounts and /proc answer access() yes)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag}: cannot write {path} (folder {parent} is not writable)")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".eplb-native-", dir=parent)
-    except OSError as e:
-        raise UsageError(f"{flag}: cannot write {path} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
+        check_writable_dir(path, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _write_json(obj) -> None:
