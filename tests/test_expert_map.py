@@ -33,11 +33,20 @@ def test_format_is_vllm_ascend():
     json.dumps(doc)
 
 
-def test_devices_and_layers_in_any_order():
-    doc = expert_map.to_json_dict(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_ranks=2)
-    doc["layer_list"].reverse()
-    doc["layer_list"][0]["device_list"].reverse()
-    np.testing.assert_array_equal(expert_map.from_json_dict(doc), [[0, 1, 2, 3], [3, 2, 1, 0]])
+def test_layers_and_devices_in_an_order_other_than_their_ids_are_refused():
+    """vllm-ascend's reader takes layers and devices by list position and ignores the ids: a
+    file whose order differs from its ids means another placement there, so it is refused
+    (it used to be read sorted by id)."""
+    for flip in ("layers", "devices"):
+        doc = expert_map.to_json_dict(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_ranks=2)
+        if flip == "layers":
+            doc["layer_list"].reverse()
+            match = r"layer_list\[0\]: layer_id must run 0..1, got 1 \(in list order: this is position 0\)"
+        else:
+            doc["layer_list"][0]["device_list"].reverse()
+            match = r"layer_list\[0\]: device_id must run 0..1, got 1 \(in list order: this is position 0\)"
+        with pytest.raises(ValueError, match=match):
+            expert_map.from_json_dict(doc)
 
 
 @pytest.mark.parametrize("mutate, message", [

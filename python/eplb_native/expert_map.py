@@ -30,15 +30,6 @@ def _is_id(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
 
 
-def _id_key(key: str):
-    """Sort key for layers / devices by ``key`` that never compares an int with a str: entries
-    whose id is not an int sort first and are then reported by the checks that follow."""
-    def sort_key(entry):
-        v = entry.get(key) if isinstance(entry, dict) else None
-        return (1, int(v)) if _is_id(v) else (0, 0)
-    return sort_key
-
-
 def to_json_dict(phy2log, num_ranks: int) -> dict:
     """``phy2log`` [L, P] (numpy or torch) -> the JSON-ready dict for ``num_ranks`` ranks."""
     a = to_numpy(phy2log, "phy2log")
@@ -89,13 +80,17 @@ def _parse(doc, source: str) -> tuple[np.ndarray, int]:
                          f"({len(layers)}) and be >= 1")
     rows = []
     num_devices = None
-    for i, layer in enumerate(sorted(layers, key=_id_key("layer_id"))):
+    # In list order, each id equal to its position: vllm-ascend's reader takes layers and
+    # devices by position and ignores the ids, so a file whose order differs from its ids would
+    # mean one placement to it and another to a reader sorting by id (review).
+    for i, layer in enumerate(layers):
         where = f"{source}: layer_list[{i}]"
         if not isinstance(layer, dict) or "device_list" not in layer:
             raise ValueError(f"{where}: missing key 'device_list'")
         layer_id = layer.get("layer_id")
         if not _is_id(layer_id) or layer_id != i:
-            raise ValueError(f"{where}: layer_id must run 0..{count - 1}, got {layer_id!r}")
+            raise ValueError(f"{where}: layer_id must run 0..{count - 1}, got {layer_id!r} "
+                             f"(in list order: this is position {i})")
         devices = layer["device_list"]
         if not isinstance(devices, list) or not devices:
             raise ValueError(f"{where}: 'device_list' must be a non-empty list")
@@ -109,11 +104,11 @@ def _parse(doc, source: str) -> tuple[np.ndarray, int]:
             raise ValueError(f"{where}: every layer must have the same devices; layer 0 has "
                              f"{num_devices}, layer {i} has {len(devices)}")
         row = []
-        for j, dev in enumerate(sorted(devices, key=_id_key("device_id"))):
+        for j, dev in enumerate(devices):
             device_id = dev.get("device_id") if isinstance(dev, dict) else None
             if not _is_id(device_id) or device_id != j:
                 raise ValueError(f"{where}: device_id must run 0..{len(devices) - 1}, got "
-                                 f"{device_id!r}")
+                                 f"{device_id!r} (in list order: this is position {j})")
             experts = dev.get("device_expert")
             if not isinstance(experts, list) or not experts or not all(
                     _is_id(e) and 0 <= e < MAX_EXPERT_ID for e in experts):
