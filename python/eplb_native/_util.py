@@ -23,6 +23,15 @@ def is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def plain_scalar(v):
+    """A numpy scalar (np.int64(16), np.bool_(True), np.float32(5.0)) as the Python value it
+    stands for; anything else as it is."""
+    if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        if v.dtype.kind in "biuf":
+            return v.item()
+    return v
+
+
 def check_int(value, name: str, minimum: int | None = None) -> int:
     """``value`` as a Python int. Accepts Python and numpy integers, rejects bool and anything
     else; ValueError naming ``name`` when it is not an int or is below ``minimum``."""

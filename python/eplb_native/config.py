@@ -70,6 +70,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from ._util import plain_scalar
+
 POLICIES = ("deepseek", "balanced", "min_move")
 _POLICY_ALIASES = {"default": "deepseek"}
 _ASCEND_POLICY_TYPES = {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}
@@ -141,7 +143,7 @@ class EplbConfig:
 
     def __post_init__(self):
         # checked as converted (numpy scalars, integral floats), stored once every check passed
-        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values = {f.name: plain_scalar(getattr(self, f.name)) for f in dataclasses.fields(self)}
         for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching"):
             _check_bool(key, values[key])
         for key, (lo, hi) in _INT_BOUNDS.items():
@@ -200,7 +202,7 @@ class EplbConfig:
         for key, value in doc.items():
             if not isinstance(key, str):
                 raise ValueError(f"config keys must be strings, got {key!r}")
-            value = _plain(value)
+            value = plain_scalar(value)
             if key in _PHASE_KEYS:
                 _check_phase(key, value)
                 continue
@@ -284,15 +286,6 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except (TypeError, ValueError):  # (an array's == is elementwise: no single truth value)
         return False
-
-
-def _plain(v):
-    """numpy scalars (np.int64(16), np.bool_(True), np.float32(5.0)) as the Python values they
-    stand for, as plan() takes them; anything else as it is."""
-    if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-        if v.dtype.kind in "biuf":
-            return v.item()
-    return v
 
 
 def _integral(v):

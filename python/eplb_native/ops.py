@@ -30,10 +30,10 @@ be captured in CUDA graphs / aclgraphs and replayed with recording switched on o
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import _ops
+from ._util import plain_scalar
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _OPS = ("map_and_record", "record_counts", "record_topk")
@@ -119,11 +119,6 @@ def _check_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_tok
             _check_device(logcnt, topk_ids, "logcnt")
 
 
-def _plain_int(v):
-    """A numpy integer scalar as the int it holds (the op itself takes them); else as given."""
-    return int(v) if isinstance(v, np.integer) else v
-
-
 def _check_record_counts(load, expert_tokens, group_list_type, offset):
     _check_load(load)
     _check_index(expert_tokens, "expert_tokens")
@@ -131,7 +126,7 @@ def _check_record_counts(load, expert_tokens, group_list_type, offset):
         raise ValueError(f"expert_tokens must be on {load.device} (the device of load), got {expert_tokens.device}")
     if expert_tokens.dim() != 1:
         raise ValueError(f"expert_tokens must be 1-D [n], got shape {tuple(expert_tokens.shape)}")
-    group_list_type, offset = _plain_int(group_list_type), _plain_int(offset)
+    group_list_type, offset = plain_scalar(group_list_type), plain_scalar(offset)
     if isinstance(group_list_type, bool) or not isinstance(group_list_type, int) or (
             group_list_type not in (0, 1)):
         raise ValueError(f"group_list_type must be the int 0 (cumulative) or 1 (counts), got {group_list_type!r}")

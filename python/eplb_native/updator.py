@@ -470,9 +470,7 @@ class Updator:
         """Collective (CPU group): True when ``ok`` on every rank."""
         if self._cpu_group is None:
             return ok
-        flag = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._cpu_group)
-        return bool(flag.item())
+        return self._agree_digests(ok, [])[0] == self.num_ranks
 
     # ----------------------------------------------------------------------------------------
     # the step
