@@ -154,26 +154,38 @@ def peers(hierarchical: bool, full: bool = True):
     return out, missing
 
 
-def ours():
-    def make(policy):
+def ours(distinct: bool = False):
+    def make(policy, distinct_ranks=False):
         def plan(load, old, c):
             # like for like: the peers return a placement only, so no transfer plan here
             return eplb_native.plan(load, old, num_ranks=c.ranks, num_groups=c.groups,
-                                    num_nodes=c.nodes, policy=policy, transfers=False).phy2log
+                                    num_nodes=c.nodes, policy=policy, transfers=False,
+                                    distinct_ranks=distinct_ranks).phy2log
         return lambda: plan
 
-    return {f"ours {p}": make(p) for p in ("deepseek", "balanced", "min_move")}
+    out = {f"ours {p}": make(p) for p in ("deepseek", "balanced", "min_move")}
+    if distinct:  # vllm-ascend's constraint (its DefaultEplb and FlashLB meet it)
+        out.update({f"ours {p} distinct": make(p, True) for p in ("balanced", "min_move")})
+    return out
+
+
+def repeats(phy2log: np.ndarray, ranks: int) -> int:
+    """(layer, rank) pairs holding one expert in two or more slots."""
+    L, P = phy2log.shape
+    rows = np.sort(phy2log.reshape(L * ranks, P // ranks), axis=1)
+    return int((rows[:, 1:] == rows[:, :-1]).any(axis=1).sum())
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def run_case(c: Case, skew: dict, windows: int, seed: int, with_peers: bool, full: bool):
+def run_case(c: Case, skew: dict, windows: int, seed: int, with_peers: bool, full: bool,
+             distinct: bool = False):
     loads = traces.synth(windows, c.layers, c.experts, drift=0.05, seed=seed,
                          tokens_per_window=16384, **skew).astype(np.float64)
     start = eplb_native.plan(loads[0], num_ranks=c.ranks, num_replicas=c.slots,
                              num_groups=c.groups, num_nodes=c.nodes, policy="deepseek").phy2log
-    policies = dict(ours())
+    policies = dict(ours(distinct))
     missing = []
     if with_peers:
         extra, missing = peers(c.hierarchical, full)
@@ -183,7 +195,7 @@ def run_case(c: Case, skew: dict, windows: int, seed: int, with_peers: bool, ful
     for name, factory in policies.items():
         plan = factory()
         old = start
-        times, b_in, b_out, moved, max_in = [], [], [], [], []
+        times, b_in, b_out, moved, max_in, rep = [], [], [], [], [], []
         for t in range(1, windows - 1):
             t0 = time.process_time()
             new = plan(loads[t], old, c)
@@ -192,9 +204,11 @@ def run_case(c: Case, skew: dict, windows: int, seed: int, with_peers: bool, ful
             b_out.append(balancedness(loads[t + 1], new, c.ranks))
             moved.append(int((new != old).sum()))
             max_in.append(rank_loads(loads[t], new, c.ranks).max(1))
+            rep.append(repeats(new, c.ranks))
             old = new
         rows[name] = dict(time=float(np.median(times)), bal_in=float(np.mean(b_in)),
-                          bal_out=float(np.mean(b_out)), moved=float(np.mean(moved)))
+                          bal_out=float(np.mean(b_out)), moved=float(np.mean(moved)),
+                          repeats=float(np.mean(rep)))
         per_layer_in[name] = np.stack(max_in)  # [rebalances, L]
     bound = np.stack([
         eplb_native.plan(loads[t], num_ranks=c.ranks, num_replicas=c.slots, num_groups=c.groups,
@@ -259,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distinct", action="store_true",
+                    help="also ours balanced / min_move with distinct_ranks=True, and a note per "
+                         "case on repeated experts per rank (vllm-ascend's constraint)")
     ap.add_argument("--runs", type=int, default=1,
                     help="measure each (shape, skew) this many times in a row: a time cell is the "
                          "median of the runs' medians; every other column must agree across runs")
@@ -281,7 +298,8 @@ def main(argv=None) -> int:
     for c in todo:
         for skew in skews:
             runs = [run_case(c, SKEWS[skew], args.windows, args.seed,
-                             with_peers=not args.no_peers, full=not args.smoke)
+                             with_peers=not args.no_peers, full=not args.smoke,
+                             distinct=args.distinct)
                     for _ in range(args.runs)]
             rows, per_layer, bound, missing, loads = runs[0]
             for name, r in rows.items():
@@ -328,6 +346,26 @@ def main(argv=None) -> int:
                 if ds_worse:
                     failed.append(f"{c.name} / {skew}: deepseek above vLLM's / SGLang's max on "
                                   f"{ds_worse} layers")
+            if args.distinct:
+                notes.append(f"{c.name} / {skew}: (layer, rank) pairs repeating an expert, per "
+                             "rebalance: " + ", ".join(f"{n} {r['repeats']:.0f}"
+                                                       for n, r in rows.items()))
+                ascend = [n for n in ("ascend DefaultEplb", "ascend FlashLB") if n in per_layer]
+                if ascend and "ours balanced distinct" in per_layer:
+                    bd = per_layer["ours balanced distinct"]
+                    best = np.min(np.stack([per_layer[n] for n in ascend]), 0)
+                    best_sum = min(per_layer[n].sum() for n in ascend)
+                    mm = rows["ours min_move distinct"]
+                    notes.append(
+                        f"{c.name} / {skew}: balanced distinct vs vllm-ascend's distinct policies "
+                        f"({', '.join(ascend)}): sum of max rank load {bd.sum() / best_sum:.4f}x, "
+                        f"worst layer {(bd / best).max():.4f}x, above the best on "
+                        f"{int((bd > best * (1 + 1e-9)).sum())} of {bd.size}; vs balanced "
+                        f"{bd.sum() / per_layer['ours balanced'].sum():.4f}x; min_move distinct "
+                        f"moved {mm['moved'] / max(rows['ours balanced distinct']['moved'], 1):.3f}"
+                        f" of balanced distinct's slots at "
+                        f"{mm['bal_in'] / rows['ours balanced distinct']['bal_in']:.4f} of its "
+                        f"balancedness")
             notes.extend(f"{c.name}: {m} not measured" for m in missing)
             for n in notes:
                 print("- " + n, flush=True)

@@ -37,10 +37,13 @@ def test_bench_ops_smoke():
 def test_bench_planner_smoke():
     # exit 0 also means its checks held (balanced never above vLLM on a layer, deepseek never
     # above vLLM / SGLang, min_move >= 99% of balanced's balancedness)
-    out = _run("benchmarks/bench_planner.py", "--smoke")
+    out = _run("benchmarks/bench_planner.py", "--smoke", "--distinct")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "CHECK FAILED" not in out.stdout
     assert "ours balanced" in out.stdout and "vLLM default" in out.stdout
+    # --distinct: the distinct rows, and the repeat counts (ours distinct: none)
+    assert "ours balanced distinct" in out.stdout and "ours min_move distinct" in out.stdout
+    assert "ours balanced distinct 0, ours min_move distinct 0" in out.stdout
 
 
 def test_bench_updator_smoke(tmp_path):

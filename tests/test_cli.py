@@ -129,13 +129,25 @@ def test_plan_json_numbers_match_the_reference(tmp_path):
     loads = synth(3, 4, 16, top_k=2, tokens_per_window=300, seed=11)
     np.save(tmp_path / "w.npy", loads)
     proc = run_cli("plan", "--load", "w.npy", "--ranks", 4, "--redundant", 4, "--policy",
-                   "deepseek", "-o", "m.json", "--json", cwd=tmp_path)
+                   "deepseek", "--allow-repeats", "-o", "m.json", "--json", cwd=tmp_path)
     out = json.loads(proc.stdout)
     phy2log, _ = expert_map.load(tmp_path / "m.json")
     total = loads.sum(axis=0)  # a multi-window trace is planned from the sum
     # deepseek without --old is DeepSeek EPLB's rebalance_experts on the summed load
     want, _, _ = eplb_native.rebalance_experts(total, 20, 1, 1, 4)
     assert np.array_equal(phy2log, want)
+    assert out["distinct_ranks"] is False
+    assert out["repeated_on_a_rank"] == len(expert_map.repeated_on_a_rank(want, 4)) > 0
+    # by default no rank repeats an expert (vllm-ascend's reader needs it): plan's
+    # distinct_ranks=True, the same numbers reported
+    dist = json.loads(run_cli("plan", "--load", "w.npy", "--ranks", 4, "--redundant", 4,
+                              "--policy", "deepseek", "-o", "d.json", "--json",
+                              cwd=tmp_path).stdout)
+    got, _ = expert_map.load(tmp_path / "d.json")
+    assert np.array_equal(got, eplb_native.plan(total, num_ranks=4, num_replicas=20,
+                                                policy="deepseek", distinct_ranks=True).phy2log)
+    assert dist["distinct_ranks"] is True and dist["repeated_on_a_rank"] == 0
+    assert np.allclose(dist["per_layer"]["after"], ref_balancedness(total, got, 4))
     assert out["windows"] == 3 and out["planned_from"] == "sum" and out["num_slots"] == 20
     default = default_placement_layers(4, 16, 4, 4)
     assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, default, 4))
@@ -344,6 +356,38 @@ def test_simulate_text_table_and_shape_defaults(tmp_path):
     for name in ("no EPLB", "deepseek", "balanced", "min_move", "GiB", "wrote simulate.png"):
         assert name in text
     assert_valid_png(tmp_path / "simulate.png")
+
+
+def test_simulate_distinct_ranks(tmp_path, small_trace):
+    """--distinct-ranks plans every rebalance with distinct_ranks=True: the same numbers as
+    the library, and said so in the JSON and the text."""
+    out = json.loads(run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--policy",
+                             "deepseek", "--distinct-ranks", "--no-png", "--json",
+                             cwd=tmp_path).stdout)
+    assert out["distinct_ranks"] is True
+    loads, _ = load_trace(small_trace)
+    default = default_placement_layers(loads.shape[1], loads.shape[2], 4, out["num_redundant"])
+    placement, want = default, []
+    for w in range(1, loads.shape[0]):
+        placement = eplb_native.plan(loads[w - 1], placement, num_ranks=4, policy="deepseek",
+                                     distinct_ranks=True).phy2log
+        assert not expert_map.repeated_on_a_rank(placement, 4)
+        want.append(ref_balancedness(loads[w], placement, 4).mean())
+    assert np.allclose(out["policies"]["deepseek"]["out_of_sample"]["per_window"][1:], want)
+    text = run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--distinct-ranks",
+                   "--no-png", cwd=tmp_path).stdout
+    assert "no rank holds an expert twice" in text
+
+
+def test_plan_distinct_ranks_refused_names_the_flag(tmp_path):
+    # 4 experts on 2 ranks of 6 slots: some rank must hold an expert twice
+    np.save(tmp_path / "w.npy", np.arange(1.0, 5.0)[None, :])
+    proc = run_cli("plan", "--load", "w.npy", "--ranks", 2, "--redundant", 8, "-o", "m.json",
+                   cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "--allow-repeats", "slots per rank (6)")
+    assert not (tmp_path / "m.json").exists()
+    run_cli("plan", "--load", "w.npy", "--ranks", 2, "--redundant", 8, "--allow-repeats",
+            "-o", "m.json", cwd=tmp_path)
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -313,7 +313,7 @@ def _valid_values():
     return st.fixed_dictionaries({}, optional={
         **counts,
         **{k: st.booleans() for k in ("dynamic_eplb", "log_balancedness", "use_async",
-                                      "enable_migration_batching")},
+                                      "enable_migration_batching", "distinct_ranks")},
         "policy": st.sampled_from(["deepseek", "balanced", "min_move", "default"]),
         "transfer_timeout_s": st.floats(0.001, 604800) | st.integers(1, 604800),
         "expert_map_record_path": st.none() | st.text(min_size=1, max_size=8),

@@ -295,6 +295,12 @@ def test_attach_errors():
     # topologies the planner rejects fail at attach, not at every planning cycle
     with pytest.raises(ValueError, match=r"num_nodes \(2\) must divide the layers' ep_size"):
         eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_nodes": 2})
+    # one rank with redundant slots must hold an expert twice
+    with pytest.raises(ValueError, match=r"distinct_ranks needs .* \(8\) as slots per rank "
+                                         r"\(10\)"):
+        eplb_native.attach(Stack(1, num_redundant_experts=2), {"distinct_ranks": True})
+    with pytest.raises(ValueError, match="distinct_ranks must be a bool"):
+        eplb_native.attach(Stack(1), {"distinct_ranks": "yes"})
     from eplb_native.adapters import MoELayerAdapter
     from eplb_native.updator import Updator
 

@@ -72,7 +72,7 @@ Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_
 }
 
 PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min_move_target,
-                        bool transfers, int64_t log2phy_width = 0) {
+                        bool transfers, int64_t log2phy_width = 0, bool distinct_ranks = false) {
   if (policy < 0 || policy > 2) throw std::invalid_argument("policy must be 0, 1 or 2");
   PlanOptions o;
   o.policy = static_cast<eplb::Policy>(policy);
@@ -81,6 +81,7 @@ PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min
   o.min_move_target = min_move_target;
   o.transfers = transfers;
   o.log2phy_width = log2phy_width;
+  o.distinct_ranks = distinct_ranks;
   return o;
 }
 
@@ -112,10 +113,10 @@ py::dict ToDict(PlanResult&& r) {
 py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                 int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
                 bool preserve_slots, int threads, double min_move_target, bool transfers,
-                int64_t log2phy_width) {
+                int64_t log2phy_width, bool distinct_ranks) {
   const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
-  const PlanOptions o =
-      MakeOptions(policy, preserve_slots, threads, min_move_target, transfers, log2phy_width);
+  const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers,
+                                    log2phy_width, distinct_ranks);
   const int64_t* old_ptr = OldPtr(old, s);
   PlanResult r;
   {
@@ -201,10 +202,12 @@ class WorkerPy {
 
   uint64_t Submit(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                   int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
-                  bool preserve_slots, int threads, double min_move_target, bool transfers) {
+                  bool preserve_slots, int threads, double min_move_target, bool transfers,
+                  bool distinct_ranks) {
     eplb::PlanJob job;
     job.shape = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
-    job.options = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers);
+    job.options =
+        MakeOptions(policy, preserve_slots, threads, min_move_target, transfers, 0, distinct_ranks);
     const int64_t* old_ptr = OldPtr(old, job.shape);
     job.load.assign(load.data(), load.data() + load.size());
     if (old_ptr) job.old_phy2log.assign(old_ptr, old_ptr + old->size());
@@ -247,7 +250,8 @@ PYBIND11_MODULE(_planner, m) {
   m.def("plan", &PlanPy, py::arg("load"), py::arg("old_phy2log"), py::arg("num_physical"),
         py::arg("num_ranks"), py::arg("num_nodes"), py::arg("num_groups"), py::arg("policy"),
         py::arg("preserve_slots"), py::arg("threads"), py::arg("min_move_target"),
-        py::arg("transfers") = true, py::arg("log2phy_width") = 0);
+        py::arg("transfers") = true, py::arg("log2phy_width") = 0,
+        py::arg("distinct_ranks") = false);
   m.def("preserve_slots", &PreserveSlotsPy, py::arg("phy2log"), py::arg("old_phy2log"),
         py::arg("num_ranks"));
   m.def("layer_transfers", &LayerTransfersPy, py::arg("old_phy2log"), py::arg("new_phy2log"),
@@ -257,7 +261,8 @@ PYBIND11_MODULE(_planner, m) {
       .def("submit", &WorkerPy::Submit, py::arg("load"), py::arg("old_phy2log"),
            py::arg("num_physical"), py::arg("num_ranks"), py::arg("num_nodes"),
            py::arg("num_groups"), py::arg("policy"), py::arg("preserve_slots"), py::arg("threads"),
-           py::arg("min_move_target"), py::arg("transfers") = true)
+           py::arg("min_move_target"), py::arg("transfers") = true,
+           py::arg("distinct_ranks") = false)
       .def("cancel", &WorkerPy::Cancel)
       .def("wait_next", &WorkerPy::WaitNext)
       .def("close", &WorkerPy::Close)

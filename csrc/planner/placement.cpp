@@ -314,6 +314,16 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     Fail("the number of logical experts (" + std::to_string(shape.num_logical) +
          ") must be divisible by num_groups (" + std::to_string(shape.num_groups) +
          ") for DeepSeek's grouped policy (num_groups % num_nodes == 0, one node included)");
+  if (options.distinct_ranks) {
+    // (the packs DistinctLayer works in: nodes when hierarchical, else the whole EP group)
+    const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
+    if (shape.num_logical / packs < shape.slots_per_rank())
+      Fail("distinct_ranks needs at least as many logical experts" +
+           std::string(packs > 1 ? " per node (" : " (") +
+           std::to_string(shape.num_logical / packs) + ") as slots per rank (" +
+           std::to_string(shape.slots_per_rank()) +
+           "): otherwise some rank must hold an expert twice");
+  }
   if (options.threads < 1) Fail("threads must be >= 1, got " + std::to_string(options.threads));
   if (!(options.min_move_target > 0.0 && options.min_move_target <= 1.0))
     Fail("min_move_target must be in (0, 1], got " + std::to_string(options.min_move_target));
@@ -331,7 +341,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   out.phy2log.assign(static_cast<size_t>(L * P), -1);
   // DeepSeek orders log2phy columns by replica ordinal, the others by slot; the ordinals are
   // kept only where they are used (elsewhere DeepSeekLayer writes them to per-thread scratch).
-  const bool by_ordinal = options.policy == Policy::kDeepSeek && old_phy2log == nullptr;
+  const bool by_ordinal =
+      options.policy == Policy::kDeepSeek && old_phy2log == nullptr && !options.distinct_ranks;
   std::vector<int64_t> phyrank(by_ordinal ? static_cast<size_t>(L * P) : 0);
   out.mean_load.assign(static_cast<size_t>(L), 0.0);
   out.max_load_before.assign(static_cast<size_t>(L), std::numeric_limits<double>::quiet_NaN());
@@ -381,11 +392,17 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         break;
       }
     }
+    if (options.distinct_ranks) {
+      RefineLayer(w, one, dst);  // (the repeats it can move without raising the max: free)
+      DistinctLayer(w, one, options.policy == Policy::kBalanced, dst);
+    }
     // balanced and min_move never hand back a placement that serves this window worse than
     // the current one: moving weights to lose balance is pure cost. (Across several nodes the
-    // old placement may break the hierarchy the plan must keep, so there it is not a candidate.)
+    // old placement may break the hierarchy the plan must keep, so there it is not a candidate;
+    // nor is one that repeats an expert on a rank when distinct_ranks forbids it.)
     if (old != nullptr && options.policy != Policy::kDeepSeek && admissible_old &&
-        MaxRankLoad(w, dst, one) > before) {
+        MaxRankLoad(w, dst, one) > before &&
+        !(options.distinct_ranks && HasRepeatOnRank(old, one))) {
       std::copy(old, old + P, dst);
     }
     if (old != nullptr && options.preserve_slots) PreserveSlots(dst, old, one);

@@ -49,6 +49,9 @@ struct PlanOptions {
   Policy policy = Policy::kBalanced;
   bool preserve_slots = true;  // an expert that stays on a rank keeps its old slot
   int threads = 1;             // layers are independent: plan them on this many threads
+  // No rank holds one logical expert in two slots (distinct.cpp), as vllm-ascend's expert maps
+  // require. Needs num_logical / packs >= slots per rank (packs: nodes when hierarchical, else 1).
+  bool distinct_ranks = false;
   // min_move: the fraction of `balanced`'s balancedness it must reach on each layer.
   double min_move_target = 0.99;
   // Build the transfer plan (needs an old placement). Off when only the placement is wanted.

@@ -31,6 +31,13 @@ double BalancedFloor(const double* load, const Shape& shape);
 // rank loads are flatter; no rank ends above the pack's max rank load, replica counts unchanged.
 void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log);
 
+// PlanOptions::distinct_ranks (distinct.cpp): rewrites phy2log [P] so that no rank holds one
+// expert twice, per pack of ranks; then, when `search`, PackSearch's steps under that constraint
+// lower the max rank load. Needs every pack to hold >= S experts (Plan checks).
+void DistinctLayer(const double* load, const Shape& shape, bool search, int64_t* phy2log);
+// True if some rank of phy2log [P] holds one expert in two slots.
+bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape);
+
 // Starts from old_phy2log [P] (old_max: its MaxRankLoad) and changes few slots while reaching
 // `target` x the balancedness of `balanced_phy2log` [P] (BalancedLayer's answer for the same
 // load).

@@ -42,6 +42,23 @@ class PackSearch {
     trivial_bound_ = mean_load_ = 0.0;
     lists_ready_ = false;
     greedy_counts_ = false;
+    distinct_ = false;
+  }
+
+  // Distinct ranks (PlanOptions::distinct_ranks): every step keeps each expert's replicas on
+  // different ranks and its count <= R, so a start without a repeated expert on a rank keeps
+  // none. Set after Reset, before the Init*.
+  void SetDistinct(bool on) { distinct_ = on; }
+
+  // Start from a given placement: slot_exp [R*S] (pack-local ids, every expert >= 1 replica).
+  void InitFrom(const int64_t* slot_exp) {
+    const int64_t P = R_ * S_;
+    slot_exp_.assign(slot_exp, slot_exp + P);
+    cnt_.assign(Z(n_), 0);
+    for (int64_t s = 0; s < P; ++s) ++cnt_[Z(slot_exp_[Z(s)])];
+    RecomputePer();
+    greedy_counts_ = false;
+    Finish();
   }
 
   // DeepSeek's greedy: replica counts by largest load per replica, then LPT onto the ranks.
@@ -113,7 +130,8 @@ class PackSearch {
   // pairing descent does not).
   void Improve() {
     Search();
-    if (S_ == 2 && R_ >= 2 && RefinePairCounts()) lists_ready_ = false;  // (slot_exp_ rewritten)
+    // (distinct ranks: the sorted pairing may pair an expert with itself; the steps alone)
+    if (S_ == 2 && R_ >= 2 && !distinct_ && RefinePairCounts()) lists_ready_ = false;
   }
 
   const std::vector<int64_t>& slot_exp() const { return slot_exp_; }
@@ -175,6 +193,24 @@ class PackSearch {
     for (int64_t r = 0; r < R_; ++r) load_[Z(r)] = RankLoad(r);
   }
 
+  // The experts of one rank, O(1) to test (distinct ranks): a stamp per expert, bumped per
+  // marking, so nothing is cleared.
+  struct Marks {
+    std::vector<uint64_t> at;
+    uint64_t stamp = 0;
+    bool Has(int64_t e) const { return at[Z(e)] == stamp; }
+  };
+  void Mark(int64_t r, Marks* m) const {
+    if (m->at.size() < Z(n_)) m->at.assign(Z(n_), 0);
+    ++m->stamp;
+    for (int64_t j = r * S_; j < (r + 1) * S_; ++j) m->at[Z(slot_exp_[Z(j)])] = m->stamp;
+  }
+
+  bool Holds(int64_t r, int64_t e) const {
+    const int64_t* p = slot_exp_.data() + r * S_;
+    return std::find(p, p + S_, e) != p + S_;
+  }
+
   double RankLoad(int64_t r) const {
     double sum = 0.0;
     for (int64_t j = r * S_; j < (r + 1) * S_; ++j) sum += Wt(slot_exp_[Z(j)]);
@@ -216,6 +252,7 @@ class PackSearch {
       order_.resize(Z(R_));
       std::iota(order_.begin(), order_.end(), 0);
     }
+    if (distinct_) Mark(h, &on_h_);
     int64_t* ord = order_.data();
     for (int64_t k = 1; k < R_; ++k) {
       const int64_t r = ord[k];
@@ -262,6 +299,7 @@ class PackSearch {
         lightest = std::min(lightest, wt_o_[Z(j)]);
         heaviest = std::max(heaviest, wt_o_[Z(j)]);
       }
+      bool o_marked = false;  // (distinct: on_o_ holds o's experts once marked)
       for (int64_t i = h * S_; i < (h + 1) * S_; ++i) {
         const int64_t x = slot_exp_[Z(i)];
         const double wx = Wt(x);
@@ -270,9 +308,15 @@ class PackSearch {
         if (wx - heaviest >= gap - tol) continue;
         // A swap scores M - max(M - d, load_o + d) <= d <= wx - lightest.
         if (wx - lightest + tol <= best->score) continue;
+        if (distinct_) {
+          if (!o_marked) Mark(o, &on_o_);
+          o_marked = true;
+          if (on_o_.Has(x)) continue;
+        }
         for (int64_t j = o * S_; j < (o + 1) * S_; ++j) {
           const double d = wx - wt_o_[Z(j - o * S_)];
           if (d <= tol || d >= gap - tol) continue;
+          if (distinct_ && on_h_.Has(slot_exp_[Z(j)])) continue;
           const double worst = std::max(M - d, load_[Z(o)] + d);
           const double score = M - worst;
           if (score > best->score ||
@@ -299,6 +343,7 @@ class PackSearch {
   // or +inf when h is not touched or a touched rank would not end below M - tol.
   double EvalConvert(int64_t s, int64_t b, int64_t h, double M, double tol) {
     const int64_t a = slot_exp_[Z(s)];
+    if (distinct_ && (cnt_[Z(b)] >= R_ || Holds(rank_[Z(s)], b))) return HUGE_VAL;
     const double wa = Wt(a), wa_new = w_[a] / static_cast<double>(cnt_[Z(a)] - 1);
     const double wb = Wt(b), wb_new = w_[b] / static_cast<double>(cnt_[Z(b)] + 1);
     touched_.clear();
@@ -343,6 +388,8 @@ class PackSearch {
     int64_t b0 = -1, b1 = -1;
     double g0 = 0.0, g1 = 0.0;
     for (int64_t e = 0; e < n_; ++e) {
+      // (distinct ranks: only experts h may take, none of them on h, so b0 is never an x)
+      if (distinct_ && (cnt_[Z(e)] >= R_ || Holds(h, e))) continue;
       const double g = w_[e] / static_cast<double>(cnt_[Z(e)] + 1);
       if (b0 < 0 || g < g0) {
         b1 = b0;
@@ -385,9 +432,11 @@ class PackSearch {
         top_score[k] = 0.0;
         top_slot[k] = -1;
       }
+      if (distinct_ && cnt_[Z(x)] >= R_) continue;  // (x may gain no replica)
       const double h_new = M - wx + wx_new;
       for (int64_t s = 0; s < P; ++s) {
         if (slot_exp_[Z(s)] == x) continue;
+        if (distinct_ && Holds(rank_[Z(s)], x)) continue;
         const double worst = std::max({h_new, conv_base_[Z(s)] + wx_new, conv_after_[Z(s)]});
         if (worst >= M - tol) continue;  // (also every a with one replica: +inf)
         const double score = M - worst;
@@ -852,6 +901,8 @@ class PackSearch {
   double trivial_bound_ = 0.0, mean_load_ = 0.0;
   bool lists_ready_ = false;
   bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
+  bool distinct_ = false;       // SetDistinct
+  Marks on_h_, on_o_;           // distinct: the heaviest rank's experts, the other rank's
   SlotLists lists_;             // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
   std::vector<double> conv_base_, conv_after_;             // BestConvert scratch, per slot

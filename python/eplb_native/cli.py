@@ -57,7 +57,7 @@ _SYNTH_FLAGS = {"num_windows": "--windows", "num_layers": "--layers",
                 "seed": "--seed", "sigma": "--sigma", "zipf_a": "--zipf-a", "drift": "--drift",
                 "skew": "--skew"}
 _PLAN_FLAGS = {"num_ranks": "--ranks", "num_nodes": "--nodes", "num_groups": "--groups",
-               "threads": "--threads",
+               "threads": "--threads", "distinct_ranks": "distinct ranks (see --allow-repeats)",
                "num_replicas": "slots (experts + --redundant)"}
 
 
@@ -244,7 +244,7 @@ def cmd_plan(args) -> int:
     with _flag_names(_PLAN_FLAGS):
         p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
                  num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
-                 threads=args.threads)
+                 threads=args.threads, distinct_ranks=not args.allow_repeats)
     plan_ms = (time.perf_counter() - t0) * 1e3
     before = metrics.balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
@@ -254,7 +254,8 @@ def cmd_plan(args) -> int:
     result = {
         "load": os.fspath(args.load), "windows": num_windows, "planned_from": args.window,
         "num_layers": num_layers, "num_experts": num_experts, **topo.as_dict(),
-        "policy": args.policy, "before_placement": before_label,
+        "policy": args.policy, "distinct_ranks": not args.allow_repeats,
+        "before_placement": before_label,
         "balancedness_before": _stats(before), "balancedness_after": _stats(after),
         "balancedness_bound": _stats(bound),
         "moved_slots": int(p.total_moved_slots) if start is not None else None,
@@ -290,9 +291,9 @@ def cmd_plan(args) -> int:
     print(f"plan time: {plan_ms:.1f} ms")
     print(f"wrote {args.output}")
     if result["repeated_on_a_rank"]:
-        print(f"note: {result['repeated_on_a_rank']} (layer, rank) pairs hold an expert twice; "
-              "eplb_native serves them, vllm-ascend's expert-map reader maps one slot per "
-              "expert and rank (docs/integrations.md)")
+        print(f"note: {result['repeated_on_a_rank']} (layer, rank) pairs hold an expert twice "
+              "(--allow-repeats); eplb_native and vLLM serve them, vllm-ascend's expert-map "
+              "reader maps one slot per expert and rank (docs/integrations.md)")
     return 0
 
 
@@ -332,11 +333,12 @@ def cmd_synth(args) -> int:
 
 
 def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
-             threads: int = 1) -> dict:
+             threads: int = 1, distinct_ranks: bool = False) -> dict:
     """Replays ``loads`` [W, L, E]: every ``every`` windows, each policy plans from the sum of
     the ``every`` windows just served, starting from its own current placement, and the new
     placement serves the next windows. Windows 0 .. every-1 run on vllm-ascend's default
-    placement (the same for every policy) and are not counted.
+    placement (the same for every policy) and are not counted. ``distinct_ranks`` is passed
+    to every plan.
 
     Returns per policy: ``out_of_sample`` [W] per-window balancedness (mean over layers) of the
     placement in use, planned before that window (NaN for the first ``every`` windows);
@@ -364,7 +366,7 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
                 with _flag_names(_PLAN_FLAGS):
                     p = plan(window, placement, num_ranks=topo.num_ranks,
                              num_nodes=topo.num_nodes, num_groups=topo.num_groups,
-                             policy=policy, threads=threads)
+                             policy=policy, threads=threads, distinct_ranks=distinct_ranks)
                 plan_ms.append((time.perf_counter() - t0) * 1e3)
                 in_sample.append(float(p.balancedness_after.mean()))
                 moved.append(p.total_moved_slots)
@@ -433,7 +435,8 @@ def cmd_simulate(args) -> int:
                                      not isinstance(expert_bytes, int) or expert_bytes < 0):
         raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
                          f"{expert_bytes!r} (or pass --expert-bytes)")
-    runs = simulate(loads, topo, policies, args.every, threads=args.threads)
+    runs = simulate(loads, topo, policies, args.every, threads=args.threads,
+                    distinct_ranks=args.distinct_ranks)
 
     summary = {}
     for name, run in runs.items():
@@ -457,7 +460,7 @@ def cmd_simulate(args) -> int:
                          f"{topo.num_slots} slots on {topo.num_ranks} ranks, every {args.every}")
     result = {"trace": os.fspath(args.trace), "windows": num_windows, "num_layers": num_layers,
               "num_experts": num_experts, **topo.as_dict(), "every": args.every,
-              "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
+              "distinct_ranks": args.distinct_ranks, "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
               "policies": summary, "png": png}
     if args.json:
         _write_json(_clean(result))
@@ -465,7 +468,8 @@ def cmd_simulate(args) -> int:
     print(f"trace: {args.trace}, {num_windows} windows x {num_layers} layers x {num_experts} "
           f"experts")
     print(f"placement: {topo.describe()}; rebalance every {args.every} window(s) from the "
-          f"windows just served")
+          f"windows just served" + ("; no rank holds an expert twice" if args.distinct_ranks
+                                    else ""))
     print(f"balancedness = mean over layers of mean / max rank load; out of sample = on the "
           f"{num_windows - args.every} windows after each plan")
     head = (f"{'policy':<10} {'out mean':>8} {'out min':>8} {'in mean':>8} {'moved slots':>12} "
@@ -902,6 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "min_move starts from it (default: vllm-ascend's default placement)")
     p.add_argument("--window", choices=("sum", "last"), default="sum",
                    help="plan from the sum of the trace's windows (default) or the last one")
+    p.add_argument("--allow-repeats", action="store_true",
+                   help="let a rank hold one expert in two slots (DeepSeek's algorithm does; "
+                   "eplb_native and vLLM serve it, vllm-ascend's expert-map reader does not, so "
+                   "by default no rank repeats an expert: plan(distinct_ranks=True))")
     p.add_argument("-o", "--output", required=True, help="expert-map JSON to write")
     p.add_argument("--per-layer", action="store_true", help="print every layer")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -937,6 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="deepseek,balanced,min_move",
                    help="comma-separated policies (default: all three)")
     p.add_argument("--every", type=_int_arg, default=1, help="rebalance every K windows")
+    p.add_argument("--distinct-ranks", action="store_true",
+                   help="no rank holds an expert twice in any plan (vllm-ascend's constraint; "
+                   "plan(distinct_ranks=True))")
     p.add_argument("--expert-bytes", type=_int_arg, default=None,
                    help="bytes of one expert's weights (default: from the trace's model shape)")
     p.add_argument("--png", default="simulate.png", help="balancedness plot (default "

@@ -32,6 +32,9 @@ key (aliases)                      meaning                             default
                                    ``min_move`` (vLLM ``default`` =
                                    deepseek; vllm-ascend types 0, 1 =
                                    deepseek, 2, 3 = balanced)
+``distinct_ranks``                 no rank holds one expert in two     False
+                                   slots (vllm-ascend's maps need it;
+                                   plan(distinct_ranks=True))
 ``transfer_timeout_s``             a layer whose transfers take longer 30.0
                                    (in one step) keeps its old
                                    placement
@@ -130,6 +133,7 @@ class EplbConfig:
     layers_per_step: int = 1
     max_move_bytes_per_step: int | None = None
     policy: str = "balanced"
+    distinct_ranks: bool = False
     transfer_timeout_s: float = 30.0
     expert_map_path: str | None = None
     expert_map_record_path: str | None = None
@@ -144,7 +148,8 @@ class EplbConfig:
     def __post_init__(self):
         # checked as converted (numpy scalars, integral floats), stored once every check passed
         values = {f.name: plain_scalar(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching"):
+        for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching",
+                    "distinct_ranks"):
             _check_bool(key, values[key])
         for key, (lo, hi) in _INT_BOUNDS.items():
             if values[key] is not None or key not in _OPTIONAL:

@@ -184,7 +184,7 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
 def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
          num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
          preserve_slots: bool = True, threads: int = 1, min_move_target: float = 0.99,
-         transfers: bool = True) -> Plan:
+         transfers: bool = True, distinct_ranks: bool = False) -> Plan:
     """Plans a placement of every layer for ``load``.
 
     Args:
@@ -215,6 +215,14 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
             windows after.)
         transfers: build the transfer plan (with an old placement); False leaves
             ``Plan.transfers`` empty, for callers that only want the placement.
+        distinct_ranks: no rank holds one expert in two slots, as vllm-ascend's expert maps
+            and dispatch require (their policies never do it; DeepSeek's algorithm does, and
+            ``balanced`` keeps such a pair where moving it would raise the max). Each such
+            pair is undone by the trade or replica-count change that raises the ranks it
+            touches least; ``balanced`` then searches again under the constraint
+            (csrc/planner/distinct.cpp). Needs at least as many experts as slots per rank (per
+            node when hierarchical). With ``deepseek`` the result is DeepSeek's placement
+            wherever it already was distinct, no longer its algorithm as such.
 
     Returns:
         A :class:`Plan`. ``lower_bound`` [L] is a proven floor on the max rank load of any
@@ -229,7 +237,8 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)
     out = _planner.plan(w, old, num_replicas, num_ranks, num_nodes, num_groups, POLICIES[policy],
                         _as_bool(preserve_slots, "preserve_slots"), threads,
-                        _as_target(min_move_target), _as_bool(transfers, "transfers"))
+                        _as_target(min_move_target), _as_bool(transfers, "transfers"),
+                        distinct_ranks=_as_bool(distinct_ranks, "distinct_ranks"))
     return Plan(policy=policy, num_ranks=num_ranks, **out)
 
 
@@ -345,7 +354,8 @@ class Planner:
     def submit(self, load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
                num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
                preserve_slots: bool = True, min_move_target: float = 0.99,
-               transfers: bool = True) -> concurrent.futures.Future:
+               transfers: bool = True, distinct_ranks: bool = False
+               ) -> concurrent.futures.Future:
         """Queues a plan; arguments as :func:`plan` (threads: the Planner's own, given to
         ``Planner(threads=...)``). Bad shapes and types raise here at once."""
         self._check_process()
@@ -355,13 +365,14 @@ class Planner:
         target = _as_target(min_move_target)
         preserve_slots = _as_bool(preserve_slots, "preserve_slots")
         transfers = _as_bool(transfers, "transfers")
+        distinct_ranks = _as_bool(distinct_ranks, "distinct_ranks")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("Planner is closed")
             job = self._worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
                                       POLICIES[policy], preserve_slots, threads, target,
-                                      transfers)
+                                      transfers, distinct_ranks)
             self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
         worker = self._worker
         fut.add_done_callback(lambda f, job=job: f.cancelled() and worker.cancel(job))

@@ -110,6 +110,14 @@ def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
         raise ValueError(f"num_groups ({groups}) must divide the layers' logical experts "
                          f"({num_logical}) for the hierarchical policy (num_groups % "
                          f"num_nodes == 0{'' if nodes > 1 else ', policy deepseek'})")
+    if config.distinct_ranks:
+        packs = nodes if nodes > 1 and groups % nodes == 0 else 1
+        per_rank = num_slots // num_ranks
+        if num_logical // packs < per_rank:
+            raise ValueError(f"distinct_ranks needs at least as many logical experts"
+                             f"{' per node' if packs > 1 else ''} ({num_logical // packs}) as "
+                             f"slots per rank ({per_rank}): otherwise some rank must hold an "
+                             f"expert twice")
 
 
 class Updator:
@@ -571,7 +579,8 @@ class Updator:
             self._future = self._planner.submit(
                 load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
                 num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
-                policy=self.config.policy, transfers=False)
+                policy=self.config.policy, transfers=False,
+                distinct_ranks=self.config.distinct_ranks)
         except Exception as e:  # noqa: BLE001  (a failed plan: agreed and logged at the take)
             self._future = concurrent.futures.Future()
             self._future.set_exception(e)

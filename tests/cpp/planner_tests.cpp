@@ -369,6 +369,55 @@ int main() {
       CHECK(added == RefReplicate(w, num_phy, &ref_cnt) && cnt == ref_cnt);
     }
   });
+  Run("distinct ranks: no repeat on a rank, topology kept, every policy, or a named refusal", [] {
+    std::mt19937_64 rng(41);
+    int64_t planned = 0, refused = 0;
+    for (int it = 0; it < 1500; ++it) {
+      const eplb::Shape s = RandomShape(rng);
+      std::vector<double> load, other;
+      for (int64_t l = 0; l < s.num_layers; ++l) {
+        const std::vector<double> a = RandomWeights(rng, s.num_logical);
+        const std::vector<double> b = RandomWeights(rng, s.num_logical);
+        load.insert(load.end(), a.begin(), a.end());
+        other.insert(other.end(), b.begin(), b.end());
+      }
+      for (auto* v : {&load, &other})  // (Plan refuses loads whose sums could overflow)
+        for (auto& x : *v) x = std::min(x, 1e300);
+      eplb::PlanOptions o;
+      o.policy = eplb::Policy::kDeepSeek;
+      const std::vector<int64_t> old = eplb::Plan(other.data(), nullptr, s, o).phy2log;
+      const int64_t packs = s.hierarchical() ? s.num_nodes : 1;
+      const bool feasible = s.num_logical / packs >= s.slots_per_rank();
+      o.distinct_ranks = true;
+      for (int pol = 0; pol < 3; ++pol) {
+        o.policy = static_cast<eplb::Policy>(pol);
+        for (const bool with_old : {false, true}) {
+          if (pol == 2 && !with_old) continue;
+          try {
+            const auto r = eplb::Plan(load.data(), with_old ? old.data() : nullptr, s, o);
+            CHECK(feasible);
+            ++planned;
+            CheckPlacement(r);
+            if (with_old) CheckTransfers(r, old);
+            const int64_t S = s.slots_per_rank();
+            for (int64_t l = 0; l < s.num_layers; ++l) {
+              const int64_t* row = r.phy2log.data() + l * s.num_physical;
+              for (int64_t k = 0; k < s.num_ranks; ++k) {
+                std::vector<int64_t> rank(row + k * S, row + (k + 1) * S);
+                std::sort(rank.begin(), rank.end());
+                CHECK(std::adjacent_find(rank.begin(), rank.end()) == rank.end());
+              }
+              if (s.hierarchical()) CHECK(KeepsTopology(row, s));
+            }
+          } catch (const std::invalid_argument& e) {
+            CHECK(!feasible && std::string(e.what()).find("distinct_ranks") != std::string::npos);
+            ++refused;
+          }
+        }
+      }
+    }
+    CHECK(planned > 1000 && refused > 10);
+  });
   Run("random shapes keep the invariants", [] {
     std::mt19937_64 rng(7);
     for (int it = 0; it < 300; ++it) {

@@ -192,9 +192,10 @@ def apply_transfers(old_phy2log, transfers) -> np.ndarray:
     return new
 
 
-def optimum(load, num_replicas: int, num_ranks: int) -> float:
-    """Smallest max rank load over every placement (global topology), by brute force. Only for
-    tiny shapes (E ** P placements)."""
+def optimum(load, num_replicas: int, num_ranks: int, distinct: bool = False) -> float:
+    """Smallest max rank load over every placement (global topology), by brute force; with
+    ``distinct``, over those where no rank holds an expert twice. Only for tiny shapes (E ** P
+    placements)."""
     load = np.asarray(load, np.float64)
     num_experts = len(load)
     slots = num_replicas // num_ranks
@@ -202,6 +203,9 @@ def optimum(load, num_replicas: int, num_ranks: int) -> float:
     for phy in itertools.product(range(num_experts), repeat=num_replicas):
         cnt = np.bincount(phy, minlength=num_experts)
         if (cnt == 0).any():
+            continue
+        if distinct and any(len(set(phy[r * slots:(r + 1) * slots])) < slots
+                            for r in range(num_ranks)):
             continue
         per_slot = load[list(phy)] / cnt[list(phy)]
         best = min(best, per_slot.reshape(num_ranks, slots).sum(1).max())
