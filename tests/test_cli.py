@@ -379,6 +379,27 @@ def test_simulate_distinct_ranks(tmp_path, small_trace):
     assert "no rank holds an expert twice" in text
 
 
+def test_default_layout_vllm(tmp_path, small_trace):
+    """--default-layout vllm: "before" and min_move's start are vLLM's initial placement."""
+    loads, meta = load_trace(small_trace)
+    total = loads.sum(axis=0)
+    out = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--redundant", 4,
+                             "--default-layout", "vllm", "--policy", "min_move", "-o", "m.json",
+                             "--json", cwd=tmp_path).stdout)
+    start = default_placement_layers(3, 16, 4, 4, "vllm")
+    assert out["before_placement"] == "vLLM default placement"
+    assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, start, 4))
+    got, _ = expert_map.load(tmp_path / "m.json")
+    want = eplb_native.plan(total, start, num_ranks=4, policy="min_move", distinct_ranks=True)
+    assert np.array_equal(got, want.phy2log)
+    sim = json.loads(run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--policy",
+                             "deepseek", "--default-layout", "vllm", "--no-png", "--json",
+                             cwd=tmp_path).stdout)
+    assert sim["default_layout"] == "vllm"
+    assert np.allclose(sim["policies"]["static"]["out_of_sample"]["per_window"],
+                       [ref_balancedness(w, start, 4).mean() for w in loads])
+
+
 def test_plan_distinct_ranks_refused_names_the_flag(tmp_path):
     # 4 experts on 2 ranks of 6 slots: some rank must hold an expert twice
     np.save(tmp_path / "w.npy", np.arange(1.0, 5.0)[None, :])

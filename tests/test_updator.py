@@ -425,6 +425,19 @@ def test_refused_attach_removes_the_buffers_it_added():
     up.shutdown()
 
 
+def test_default_placement_vllm_layout():
+    """layout="vllm": vLLM's initial physical-to-logical map (experts in slot order, then
+    redundant copy i of expert i mod E), vllm-ascend's too after its 0.23 release."""
+    for e, r, k in [(8, 2, 2), (8, 4, 0), (3, 4, 5), (256, 32, 32)]:
+        want = np.array(list(range(e)) + [i % e for i in range(k)])
+        assert np.array_equal(state.default_placement(e, r, k, layout="vllm"), want)
+    assert state.default_placement(8, 2, 2, 3, layout="vllm").shape == (3, 10)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        state.default_placement(8, 2, 2, layout="sglang")
+    with pytest.raises(ValueError, match="divisible by num_ranks"):
+        state.default_placement(8, 3, 2, layout="vllm")
+
+
 def test_default_placement_follows_the_rule():
     """state.default_placement (no per-copy loop) equals the rule as written, for every small
     shape (E < ranks included) and one with a million redundant copies."""

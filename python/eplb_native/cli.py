@@ -73,14 +73,20 @@ def _flag_names(flags: dict[str, str]):
 
 
 def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
-                             num_redundant: int) -> np.ndarray:
-    """vllm-ascend's default placement (no expert map given), ``phy2log`` [L, P], the same for
-    every layer: logical experts in order in contiguous blocks per rank, redundant copies dealt
-    round-robin from the last rank backwards, each holding the expert after the rank's last one
-    (see ``state.default_placement``). This is what a server runs before EPLB has planned."""
+                             num_redundant: int, layout: str = "vllm-ascend") -> np.ndarray:
+    """A server's default placement (no expert map given), ``phy2log`` [L, P], the same for
+    every layer. ``layout`` "vllm-ascend": logical experts in order in contiguous blocks per
+    rank, redundant copies dealt round-robin from the last rank backwards, each holding the
+    expert after the rank's last one; "vllm": experts 0 .. E-1 then copies of 0, 1, ... in slot
+    order (see ``state.default_placement``). This is what a server runs before EPLB has
+    planned."""
     from .state import default_placement
 
-    return default_placement(num_experts, num_ranks, num_redundant, num_layers)
+    return default_placement(num_experts, num_ranks, num_redundant, num_layers, layout=layout)
+
+
+_LAYOUT_LABEL = {"vllm-ascend": "vllm-ascend default placement",
+                 "vllm": "vLLM default placement"}
 
 
 def _topology_label(num_nodes: int, num_groups: int) -> str:
@@ -235,7 +241,8 @@ def cmd_plan(args) -> int:
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
     _check_output_dir(args.output, "-o")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
-                                       topo.num_redundant) if old is None else None
+                                       topo.num_redundant,
+                                       args.default_layout) if old is None else None
     before_placement = old if old is not None else default
     # min_move changes as little as it can of a current placement; without --old that is the
     # default placement a server starts from.
@@ -250,7 +257,7 @@ def cmd_plan(args) -> int:
     after, bound = p.balancedness_after, p.balancedness_bound
     expert_map.save(args.output, p.phy2log, topo.num_ranks, warn=False)  # (noted below)
 
-    before_label = "--old placement" if old is not None else "vllm-ascend default placement"
+    before_label = "--old placement" if old is not None else _LAYOUT_LABEL[args.default_layout]
     result = {
         "load": os.fspath(args.load), "windows": num_windows, "planned_from": args.window,
         "num_layers": num_layers, "num_experts": num_experts, **topo.as_dict(),
@@ -333,12 +340,13 @@ def cmd_synth(args) -> int:
 
 
 def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
-             threads: int = 1, distinct_ranks: bool = False) -> dict:
+             threads: int = 1, distinct_ranks: bool = False,
+             default_layout: str = "vllm-ascend") -> dict:
     """Replays ``loads`` [W, L, E]: every ``every`` windows, each policy plans from the sum of
     the ``every`` windows just served, starting from its own current placement, and the new
     placement serves the next windows. Windows 0 .. every-1 run on vllm-ascend's default
-    placement (the same for every policy) and are not counted. ``distinct_ranks`` is passed
-    to every plan.
+    placement (``default_layout``, the same for every policy) and are not counted.
+    ``distinct_ranks`` is passed to every plan.
 
     Returns per policy: ``out_of_sample`` [W] per-window balancedness (mean over layers) of the
     placement in use, planned before that window (NaN for the first ``every`` windows);
@@ -350,7 +358,7 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
         raise UsageError(f"the trace has {num_windows} window(s); --every {every} needs more than "
                          f"{every} to judge any plan out of sample")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
-                                       topo.num_redundant)
+                                       topo.num_redundant, default_layout)
     static = np.array([metrics.balancedness(loads[w], default, topo.num_ranks).mean()
                        for w in range(num_windows)])
     out = {"static": {"out_of_sample": static, "in_sample": np.array([]),
@@ -436,7 +444,7 @@ def cmd_simulate(args) -> int:
         raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
                          f"{expert_bytes!r} (or pass --expert-bytes)")
     runs = simulate(loads, topo, policies, args.every, threads=args.threads,
-                    distinct_ranks=args.distinct_ranks)
+                    distinct_ranks=args.distinct_ranks, default_layout=args.default_layout)
 
     summary = {}
     for name, run in runs.items():
@@ -460,7 +468,8 @@ def cmd_simulate(args) -> int:
                          f"{topo.num_slots} slots on {topo.num_ranks} ranks, every {args.every}")
     result = {"trace": os.fspath(args.trace), "windows": num_windows, "num_layers": num_layers,
               "num_experts": num_experts, **topo.as_dict(), "every": args.every,
-              "distinct_ranks": args.distinct_ranks, "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
+              "distinct_ranks": args.distinct_ranks, "default_layout": args.default_layout,
+              "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
               "policies": summary, "png": png}
     if args.json:
         _write_json(_clean(result))
@@ -876,6 +885,11 @@ def _float_arg(text: str) -> float:
 def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> None:
     p.add_argument("--ranks", type=_int_arg, required=ranks_required,
                    help="EP ranks (GPUs/NPUs) the slots are spread over")
+    p.add_argument("--default-layout", choices=tuple(_LAYOUT_LABEL), default="vllm-ascend",
+                   help="the placement a server starts from without an expert map: "
+                   "vllm-ascend's (releases up to 0.23: contiguous blocks, redundant copies "
+                   "from the last rank back; default) or vLLM's (experts in slot order, then "
+                   "copies of experts 0, 1, ...; vllm-ascend's too after 0.23)")
     p.add_argument("--nodes", type=_int_arg, default=None,
                    help="nodes (default: the trace's deployment if its ranks match, else 1)")
     p.add_argument("--groups", type=_int_arg, default=None,
@@ -903,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_topology(p, ranks_required=False)
     p.add_argument("--policy", choices=sorted(POLICIES), default="balanced")
     p.add_argument("--old", help="current expert map (JSON): 'before' is judged on it and "
-                   "min_move starts from it (default: vllm-ascend's default placement)")
+                   "min_move starts from it (default: the server's default placement, --default-layout)")
     p.add_argument("--window", choices=("sum", "last"), default="sum",
                    help="plan from the sum of the trace's windows (default) or the last one")
     p.add_argument("--allow-repeats", action="store_true",
@@ -938,8 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="replay a trace with several policies side by side",
                        description="Replays a load trace, rebalancing every K windows with each "
                        "policy from the windows just served, and judges every placement on the "
-                       "windows after it (out of sample). The first placement is vllm-ascend's "
-                       "default (experts in order, redundant copies round-robin).")
+                       "windows after it (out of sample). The first placement is the server's "
+                       "default (--default-layout: vllm-ascend's, or vLLM's).")
     p.add_argument("--trace", required=True, help="trace file (.npz/.npy/.pt/.json)")
     _add_topology(p)
     p.add_argument("--policy", default="deepseek,balanced,min_move",

@@ -70,16 +70,32 @@ def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int, *,
     return torch.from_numpy(log2phy), torch.from_numpy(logcnt), torch.from_numpy(local)
 
 
+#: default_placement's layouts: what a server holds before any expert map or EPLB plan.
+DEFAULT_LAYOUTS = ("vllm-ascend", "vllm")
+
+
 def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
-                      num_layers: int | None = None) -> np.ndarray:
-    """vllm-ascend's default placement, ``phy2log`` [P] with P = E + num_redundant, or [L, P]
+                      num_layers: int | None = None, *, layout: str = "vllm-ascend"
+                      ) -> np.ndarray:
+    """A server's default placement, ``phy2log`` [P] with P = E + num_redundant, or [L, P]
     (the same row for every layer) when ``num_layers`` = L is given.
 
-    Experts are cut into ``num_ranks`` contiguous groups (the first ``E % num_ranks`` groups one
-    longer); redundant copy i goes to the rank ``num_ranks - 1 - (i % num_ranks)`` and holds
-    the expert after the last one that rank holds (mod E). Every rank must end with the same
-    slot count, so ``(E + num_redundant) % num_ranks == 0``.
+    ``layout``:
+
+    - ``"vllm-ascend"`` (vllm-ascend's releases up to 0.23, and its layout with shared experts
+      mixed in): experts are cut into ``num_ranks`` contiguous groups (the first
+      ``E % num_ranks`` groups one longer); redundant copy i goes to rank
+      ``num_ranks - 1 - (i % num_ranks)`` and holds the expert after the last one that rank
+      holds (mod E); a rank with no expert (E < R) starts from expert ``num_ranks - r`` (mod E:
+      vllm-ascend's own rule writes that id unreduced, past the last expert when E <= R - r).
+    - ``"vllm"`` (vLLM's EPLB state, and vllm-ascend after 0.23 without shared experts): slots
+      in order hold experts 0 .. E-1, then redundant copy i holds expert i mod E; rank r owns
+      slots r*S .. r*S+S-1.
+
+    Every rank must end with the same slot count, so ``(E + num_redundant) % num_ranks == 0``.
     """
+    if layout not in DEFAULT_LAYOUTS:
+        raise ValueError(f"layout must be one of {list(DEFAULT_LAYOUTS)}, got {layout!r}")
     checks = [("num_logical_experts", num_logical, 1), ("num_ranks", num_ranks, 1),
               ("num_redundant_experts", num_redundant, 0)]
     if num_layers is not None:
@@ -90,14 +106,19 @@ def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
     if (num_logical + num_redundant) % num_ranks:
         raise ValueError(f"num_logical_experts + num_redundant_experts ({num_logical} + "
                          f"{num_redundant}) must be divisible by num_ranks ({num_ranks})")
+    if layout == "vllm":
+        row = np.concatenate([np.arange(num_logical, dtype=np.int64),
+                              np.arange(num_redundant, dtype=np.int64) % num_logical])
+        return row if num_layers is None else np.tile(row, (num_layers, 1))
     # Rank r gets the copies i with i % R == R - 1 - r: that many experts following its last
-    # one (mod E); a rank with no expert (E < R) starts from expert (R - 1 - r) % E, its first i.
+    # one (mod E); a rank with no expert (E < R) starts from expert (R - r) % E (its first i
+    # is R - 1 - r, and vllm-ascend writes i % R + 1 there).
     groups = np.array_split(np.arange(num_logical, dtype=np.int64), num_ranks)
     rows = []
     for r, g in enumerate(groups):
         k = num_redundant // num_ranks + (1 if (num_ranks - 1 - r) < num_redundant % num_ranks
                                           else 0)
-        start = g[-1] + 1 if len(g) else num_ranks - 1 - r
+        start = g[-1] + 1 if len(g) else num_ranks - r
         rows.append(np.concatenate([g, (start + np.arange(k, dtype=np.int64)) % num_logical]))
     sizes = {len(g) for g in rows}
     if len(sizes) != 1:

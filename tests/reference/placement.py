@@ -245,14 +245,17 @@ def paired_optimum(load, num_ranks: int) -> float:
 
 
 def default_placement(num_logical: int, num_ranks: int, num_redundant: int) -> np.ndarray | None:
-    """vllm-ascend's default placement as its rule reads (eplb_native.state.default_placement
-    computes it without the per-copy loop): experts in num_ranks contiguous groups, redundant
-    copy i to rank num_ranks - 1 - i % num_ranks, holding the expert after that rank's last one
-    (mod E). None when the ranks end uneven."""
+    """vllm-ascend's default placement as its rule reads (its generate_global_placement without
+    shared experts, releases up to 0.23; eplb_native.state.default_placement computes it
+    without the per-copy loop): experts in num_ranks contiguous groups, redundant copy i to
+    group -(i % num_ranks + 1), holding the expert after that group's last one (mod E), or, in
+    an empty group, i % num_ranks + 1 (taken mod E here: vllm-ascend writes it unreduced).
+    None when the ranks end uneven."""
     groups = [list(g) for g in np.array_split(np.arange(num_logical), num_ranks)]
     for i in range(num_redundant):
-        g = groups[num_ranks - 1 - (i % num_ranks)]
-        g.append((g[-1] + 1) % num_logical if g else (i % num_logical))
+        j = i % num_ranks + 1
+        g = groups[-j]
+        g.append((g[-1] + 1) % num_logical if g else j % num_logical)
     if len({len(g) for g in groups}) != 1:
         return None
     return np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
