@@ -394,7 +394,11 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     }
     if (options.distinct_ranks) {
       RefineLayer(w, one, dst);  // (the repeats it can move without raising the max: free)
-      DistinctLayer(w, one, options.policy == Policy::kBalanced, dst);
+      DistinctLayer(w, one,
+                    options.policy == Policy::kBalanced  ? kDistinctFull
+                    : options.policy == Policy::kMinMove ? kDistinctToPolicyMax
+                                                         : kDistinctRepairOnly,
+                    dst);
     }
     // balanced and min_move never hand back a placement that serves this window worse than
     // the current one: moving weights to lose balance is pure cost. (Across several nodes the

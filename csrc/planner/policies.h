@@ -32,9 +32,11 @@ double BalancedFloor(const double* load, const Shape& shape);
 void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log);
 
 // PlanOptions::distinct_ranks (distinct.cpp): rewrites phy2log [P] so that no rank holds one
-// expert twice, per pack of ranks; then, when `search`, PackSearch's steps under that constraint
-// lower the max rank load. Needs every pack to hold >= S experts (Plan checks).
-void DistinctLayer(const double* load, const Shape& shape, bool search, int64_t* phy2log);
+// expert twice, per pack of ranks; then PackSearch's steps under that constraint lower the max
+// rank load: not at all, down to the layer's max before (min_move), or until none helps
+// (balanced). Needs every pack to hold >= S experts (Plan checks).
+enum DistinctMode { kDistinctRepairOnly, kDistinctToPolicyMax, kDistinctFull };
+void DistinctLayer(const double* load, const Shape& shape, DistinctMode mode, int64_t* phy2log);
 // True if some rank of phy2log [P] holds one expert in two slots.
 bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape);
 

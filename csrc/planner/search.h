@@ -43,12 +43,16 @@ class PackSearch {
     lists_ready_ = false;
     greedy_counts_ = false;
     distinct_ = false;
+    stop_ = 0.0;
   }
 
   // Distinct ranks (PlanOptions::distinct_ranks): every step keeps each expert's replicas on
   // different ranks and its count <= R, so a start without a repeated expert on a rank keeps
   // none. Set after Reset, before the Init*.
   void SetDistinct(bool on) { distinct_ = on; }
+  // Search stops once the max rank load is at or below `stop` (default 0: at the trivial bound
+  // or when no step helps). Set after Reset.
+  void SetStop(double stop) { stop_ = stop; }
 
   // Start from a given placement: slot_exp [R*S] (pack-local ids, every expert >= 1 replica).
   void InitFrom(const int64_t* slot_exp) {
@@ -223,7 +227,7 @@ class PackSearch {
     for (int64_t step = 0; step < max_steps; ++step) {
       const int64_t h = std::max_element(load_.begin(), load_.end()) - load_.begin();
       const double M = load_[Z(h)];
-      if (!(M > 0.0) || M <= trivial_bound_ * (1.0 + 1e-12)) return;
+      if (!(M > 0.0) || M <= std::max(trivial_bound_, stop_) * (1.0 + 1e-12)) return;
       const double tol = 1e-12 * M;
       if (!lists_ready_) BuildLists();
       Step best;
@@ -902,6 +906,7 @@ class PackSearch {
   bool lists_ready_ = false;
   bool greedy_counts_ = false;  // cnt_ is Replicate(w_, n_, R_ * S_) (Finish reuses it)
   bool distinct_ = false;       // SetDistinct
+  double stop_ = 0.0;           // SetStop
   Marks on_h_, on_o_;           // distinct: the heaviest rank's experts, the other rank's
   SlotLists lists_;             // slot lists per expert (BuildLists)
   std::vector<double> delta_, max_on_;
