@@ -409,6 +409,12 @@ def test_plan_distinct_ranks_refused_names_the_flag(tmp_path):
     assert not (tmp_path / "m.json").exists()
     run_cli("plan", "--load", "w.npy", "--ranks", 2, "--redundant", 8, "--allow-repeats",
             "-o", "m.json", cwd=tmp_path)
+    # simulate's own flag (review: it named plan's --allow-repeats, which simulate lacks)
+    np.save(tmp_path / "t.npy", np.tile(np.arange(1.0, 5.0), (3, 1, 1)))
+    proc = run_cli("simulate", "--trace", "t.npy", "--ranks", 2, "--redundant", 8,
+                   "--distinct-ranks", "--no-png", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "simulate", "--distinct-ranks", "slots per rank (6)")
+    assert "--allow-repeats" not in proc.stderr
 
 
 @pytest.mark.parametrize("args, fragments", [

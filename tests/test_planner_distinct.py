@@ -102,7 +102,7 @@ def test_distinct_min_move_from_a_repeating_placement():
     assert ref.duplicates(mm.phy2log, 32).sum() == 0
     bal = eplb_native.plan(loads[1], old, distinct_ranks=True, **kw)
     assert (mm.moved_slots < bal.moved_slots).all()
-    assert mm.balancedness_after.mean() >= 0.98 * bal.balancedness_after.mean()
+    assert (mm.balancedness_after >= 0.99 * bal.balancedness_after * (1 - 1e-12)).all()
     # an old placement that repeats is never handed back as it is
     same = eplb_native.plan(loads[0], old, policy="min_move", distinct_ranks=True, **kw)
     assert ref.duplicates(same.phy2log, 32).sum() == 0
@@ -144,3 +144,55 @@ def test_distinct_tight_shapes():
                                  policy=policy, distinct_ranks=True)
             check_plan(p, load, experts, ranks)
             assert ref.duplicates(p.phy2log, ranks).sum() == 0
+
+
+def test_updator_moves_layers_that_repeat_under_distinct_ranks():
+    """A server running a placement with repeats (an expert map written without the option)
+    and distinct_ranks on: every repeating layer the plan changes is moved, even where the
+    distinct plan balances its window no better (review: 5 of 6 such layers stayed)."""
+    from eplb_native import expert_map
+    from eplb_native.updator import layers_to_move
+
+    tr = traces.synth(2, 16, 256, skew="zipf", drift=0.05, tokens_per_window=16384,
+                      seed=0).astype(np.float64)
+    cur = eplb_native.plan(tr[0], num_ranks=32, num_replicas=288).phy2log
+    repeating = sorted({layer for layer, _, _ in expert_map.repeated_on_a_rank(cur, 32)})
+    p = eplb_native.plan(tr[0], cur, num_ranks=32, distinct_ranks=True, transfers=False)
+    no_gain = [layer for layer in repeating
+               if p.balancedness_after[layer] <= p.balancedness_before[layer] + 1e-9]
+    assert repeating and no_gain  # the case exists
+    moved = layers_to_move(p, cur, 32, distinct_ranks=True)
+    assert set(repeating) <= set(moved)
+    assert set(no_gain).isdisjoint(layers_to_move(p, cur, 32, distinct_ranks=False))
+
+
+@pytest.mark.parametrize("groups,nodes", [(1, 1), (4, 2)])
+def test_distinct_keeps_the_policies_promises(groups, nodes):
+    """With the option as without it: balanced is never above deepseek on a layer, min_move
+    reaches 0.99 x balanced's balancedness on every layer (review: a repaired min_move placement
+    fell to 0.91 on tiny layers; balanced rose above deepseek's repaired one on 27 of 3000)."""
+    rng = np.random.default_rng(74)
+    checked = 0
+    for it in range(600):
+        ranks = nodes * int(rng.integers(1, 4))
+        per_rank = int(rng.integers(2, 5))
+        experts = groups * int(rng.integers(max(1, -(-per_rank * nodes // groups)),
+                                            -(-per_rank * ranks // groups) + 1))
+        if experts > per_rank * ranks or experts // nodes < per_rank:
+            continue
+        slots = per_rank * ranks
+        load = rng.lognormal(0, 2, (2, experts)) * 100 if it % 2 else rng.integers(
+            0, 20, (2, experts)).astype(float)
+        kw = dict(num_ranks=ranks, num_replicas=slots, num_groups=groups, num_nodes=nodes,
+                  distinct_ranks=True)
+        old = eplb_native.plan(rng.permutation(load, axis=1), policy="deepseek", num_ranks=ranks,
+                               num_replicas=slots, num_groups=groups, num_nodes=nodes).phy2log
+        ds = eplb_native.plan(load, policy="deepseek", **kw)
+        bal = eplb_native.plan(load, **kw)
+        mm = eplb_native.plan(load, old, policy="min_move", **kw)
+        assert (bal.max_load_after <= ds.max_load_after * (1 + 1e-12)).all(), load
+        assert (mm.max_load_after * 0.99 <= bal.max_load_after * (1 + 1e-12)).all(), load
+        for p in (ds, bal, mm):
+            assert ref.duplicates(p.phy2log, ranks).sum() == 0
+        checked += 1
+    assert checked > 300

@@ -269,6 +269,43 @@ bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape) {
   return false;
 }
 
+void DistinctDescend(const double* load, const Shape& shape, double stop, int64_t* phy2log) {
+  const int64_t S = shape.slots_per_rank(), E = shape.num_logical;
+  const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
+  const int64_t R = shape.num_ranks / packs, pack_slots = R * S;
+  thread_local struct {
+    std::vector<int64_t> to_local, to_global, slot;
+    std::vector<double> w;
+    detail::PackSearch search{nullptr, 0, 0, 0};
+  } tls;
+  tls.to_local.assign(Z(E), -1);
+  for (int64_t k = 0; k < packs; ++k) {
+    int64_t* dst = phy2log + k * pack_slots;
+    tls.to_global.clear();
+    tls.w.clear();
+    tls.slot.resize(Z(pack_slots));
+    for (int64_t p = 0; p < pack_slots; ++p) {
+      int64_t& id = tls.to_local[Z(dst[p])];
+      if (id < 0) {
+        id = static_cast<int64_t>(tls.to_global.size());
+        tls.to_global.push_back(dst[p]);
+        tls.w.push_back(load[dst[p]]);
+      }
+      tls.slot[Z(p)] = id;
+    }
+    detail::PackSearch& ps = tls.search;
+    ps.Reset(tls.w.data(), static_cast<int64_t>(tls.w.size()), R, S);
+    ps.SetDistinct(true);
+    ps.InitFrom(tls.slot.data());
+    if (ps.MaxLoad() > stop) {
+      ps.SetStop(stop);
+      ps.Improve();
+      for (int64_t p = 0; p < pack_slots; ++p) dst[p] = tls.to_global[Z(ps.slot_exp()[Z(p)])];
+    }
+    for (const int64_t g : tls.to_global) tls.to_local[Z(g)] = -1;
+  }
+}
+
 void DistinctLayer(const double* load, const Shape& shape, DistinctMode mode, int64_t* phy2log) {
   if (!HasRepeatOnRank(phy2log, shape)) return;
   const double layer_before = MaxRankLoad(load, phy2log, shape);

@@ -301,6 +301,54 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
   }
 }
 
+namespace {
+
+// PlanOptions::distinct_ranks on one layer's placement `dst` [P] as the policy left it (see
+// distinct.cpp): repeats removed, then
+//   - balanced: never worse than `deepseek` with the option (DeepSeek's placement with its
+//     repeats repaired), as `balanced` is never worse than `deepseek` without it;
+//   - min_move: min_move_target x the balancedness of `balanced` with the option, as without it
+//     (checked only where the layer is above LowerBound / target, `bound`: then against
+//     `balanced`'s placement, searched towards it, or, failing that, replaced by it).
+void DistinctPlan(const double* w, const Shape& one, const PlanOptions& options, double bound,
+                  int64_t* dst) {
+  RefineLayer(w, one, dst);  // (the repeats it can move without raising the max: free)
+  DistinctLayer(w, one,
+                options.policy == Policy::kBalanced  ? kDistinctFull
+                : options.policy == Policy::kMinMove ? kDistinctToPolicyMax
+                                                     : kDistinctRepairOnly,
+                dst);
+  const auto P = static_cast<size_t>(one.num_physical);
+  if (options.policy == Policy::kBalanced) {
+    // (where DeepSeek's placement repeats nothing, balanced is already no worse than it)
+    thread_local std::vector<int64_t> alt, rank;
+    alt.resize(P);
+    rank.resize(P);
+    DeepSeekLayer(w, one, alt.data(), rank.data());
+    if (HasRepeatOnRank(alt.data(), one)) {
+      RefineLayer(w, one, alt.data());
+      DistinctLayer(w, one, kDistinctRepairOnly, alt.data());
+      if (MaxRankLoad(w, alt.data(), one) < MaxRankLoad(w, dst, one))
+        std::copy(alt.begin(), alt.end(), dst);
+    }
+  }
+  if (options.policy == Policy::kMinMove) {
+    const double target = options.min_move_target;
+    if (!(MaxRankLoad(w, dst, one) * target > bound * (1.0 + 1e-12))) return;
+    std::vector<int64_t> bal(P);
+    PlanOptions b = options;
+    b.policy = Policy::kBalanced;
+    BalancedLayer(w, one, bal.data());
+    DistinctPlan(w, one, b, bound, bal.data());
+    const double stop = MaxRankLoad(w, bal.data(), one) / target;
+    if (!(MaxRankLoad(w, dst, one) > stop * (1.0 + 1e-12))) return;
+    DistinctDescend(w, one, stop, dst);
+    if (MaxRankLoad(w, dst, one) > stop * (1.0 + 1e-12)) std::copy(bal.begin(), bal.end(), dst);
+  }
+}
+
+}  // namespace
+
 PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& shape,
                 const PlanOptions& options) {
   ValidateShape(shape);
@@ -392,14 +440,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
         break;
       }
     }
-    if (options.distinct_ranks) {
-      RefineLayer(w, one, dst);  // (the repeats it can move without raising the max: free)
-      DistinctLayer(w, one,
-                    options.policy == Policy::kBalanced  ? kDistinctFull
-                    : options.policy == Policy::kMinMove ? kDistinctToPolicyMax
-                                                         : kDistinctRepairOnly,
-                    dst);
-    }
+    if (options.distinct_ranks) DistinctPlan(w, one, options, bound, dst);
     // balanced and min_move never hand back a placement that serves this window worse than
     // the current one: moving weights to lose balance is pure cost. (Across several nodes the
     // old placement may break the hierarchy the plan must keep, so there it is not a candidate;

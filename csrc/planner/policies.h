@@ -37,6 +37,9 @@ void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log);
 // (balanced). Needs every pack to hold >= S experts (Plan checks).
 enum DistinctMode { kDistinctRepairOnly, kDistinctToPolicyMax, kDistinctFull };
 void DistinctLayer(const double* load, const Shape& shape, DistinctMode mode, int64_t* phy2log);
+// PackSearch's constrained steps on a placement without repeats, per pack, until the max rank
+// load is <= stop or no step lowers it (distinct.cpp).
+void DistinctDescend(const double* load, const Shape& shape, double stop, int64_t* phy2log);
 // True if some rank of phy2log [P] holds one expert in two slots.
 bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape);
 

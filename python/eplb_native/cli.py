@@ -59,6 +59,7 @@ _SYNTH_FLAGS = {"num_windows": "--windows", "num_layers": "--layers",
 _PLAN_FLAGS = {"num_ranks": "--ranks", "num_nodes": "--nodes", "num_groups": "--groups",
                "threads": "--threads", "distinct_ranks": "distinct ranks (see --allow-repeats)",
                "num_replicas": "slots (experts + --redundant)"}
+_SIMULATE_FLAGS = {**_PLAN_FLAGS, "distinct_ranks": "--distinct-ranks"}
 
 
 @contextlib.contextmanager
@@ -371,7 +372,7 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
             if w >= every and w % every == 0:
                 window = traces.sum_windows(loads[w - every:w])
                 t0 = time.perf_counter()
-                with _flag_names(_PLAN_FLAGS):
+                with _flag_names(_SIMULATE_FLAGS):
                     p = plan(window, placement, num_ranks=topo.num_ranks,
                              num_nodes=topo.num_nodes, num_groups=topo.num_groups,
                              policy=policy, threads=threads, distinct_ranks=distinct_ranks)

@@ -222,7 +222,11 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
             touches least; ``balanced`` then searches again under the constraint
             (csrc/planner/distinct.cpp). Needs at least as many experts as slots per rank (per
             node when hierarchical). With ``deepseek`` the result is DeepSeek's placement
-            wherever it already was distinct, no longer its algorithm as such.
+            wherever it already was distinct, no longer its algorithm as such (and log2phy
+            lists replicas in slot order, as for the other policies, not by DeepSeek's
+            replica ordinal). ``balanced`` stays no worse than ``deepseek`` and ``min_move``
+            reaches ``min_move_target`` x ``balanced``'s balancedness, all three with the
+            option.
 
     Returns:
         A :class:`Plan`. ``lower_bound`` [L] is a proven floor on the max rank load of any

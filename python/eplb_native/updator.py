@@ -120,6 +120,20 @@ def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
                              f"expert twice")
 
 
+def layers_to_move(plan, current: np.ndarray, num_ranks: int, distinct_ranks: bool) -> list[int]:
+    """The layers of ``plan`` (planned from ``current`` [L, P]) worth moving: a layer moves only
+    if the plan balances its window better than the current placement does (moving costs
+    bandwidth and gains nothing otherwise) or, with ``distinct_ranks``, if the current
+    placement repeats an expert on one of its ranks (a loaded expert map, say: the plan removes
+    what the option forbids, even where it balances no better)."""
+    before, after = plan.balancedness_before, plan.balancedness_after
+    repeats = ({layer for layer, _, _ in expert_map.repeated_on_a_rank(current, num_ranks)}
+               if distinct_ranks else set())
+    return [layer for layer in range(current.shape[0])
+            if not np.array_equal(plan.phy2log[layer], current[layer])
+            and (layer in repeats or not after[layer] <= before[layer] + 1e-9)]
+
+
 class Updator:
     """Drives the EPLB cycle over ``layers`` (one MoELayerAdapter per MoE layer, model order).
 
@@ -621,12 +635,8 @@ class Updator:
             "planner_s": self._plan_s,
         })
         current = self.phy2log()
-        before, after = plan.balancedness_before, plan.balancedness_after
-        # A layer moves only if the plan balances its window better than the current placement
-        # does: moving costs bandwidth and gains nothing otherwise.
-        self._queue = [(layer, plan.phy2log[layer].copy()) for layer in range(self.num_layers)
-                       if not np.array_equal(plan.phy2log[layer], current[layer])
-                       and not after[layer] <= before[layer] + 1e-9]
+        self._queue = [(layer, plan.phy2log[layer].copy()) for layer in
+                       layers_to_move(plan, current, self.num_ranks, self.config.distinct_ranks)]
         self._prepare_layouts()
         self.stats.plans[-1]["layers_to_move"] = [layer for layer, _ in self._queue]
         if self.config.log_balancedness:
