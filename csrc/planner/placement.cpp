@@ -310,8 +310,9 @@ namespace {
 //   - min_move: min_move_target x the balancedness of `balanced` with the option, as without it
 //     (checked only where the layer is above LowerBound / target, `bound`: then against
 //     `balanced`'s placement, searched towards it, or, failing that, replaced by it).
+// balanced: BalancedLayer's placement of this layer where already planned, else nullptr.
 void DistinctPlan(const double* w, const Shape& one, const PlanOptions& options, double bound,
-                  int64_t* dst) {
+                  const int64_t* balanced, int64_t* dst) {
   RefineLayer(w, one, dst);  // (the repeats it can move without raising the max: free)
   DistinctLayer(w, one,
                 options.policy == Policy::kBalanced  ? kDistinctFull
@@ -338,8 +339,11 @@ void DistinctPlan(const double* w, const Shape& one, const PlanOptions& options,
     std::vector<int64_t> bal(P);
     PlanOptions b = options;
     b.policy = Policy::kBalanced;
-    BalancedLayer(w, one, bal.data());
-    DistinctPlan(w, one, b, bound, bal.data());
+    if (balanced != nullptr)  // (min_move planned it already)
+      std::copy(balanced, balanced + P, bal.begin());
+    else
+      BalancedLayer(w, one, bal.data());
+    DistinctPlan(w, one, b, bound, nullptr, bal.data());
     const double stop = MaxRankLoad(w, bal.data(), one) / target;
     if (!(MaxRankLoad(w, dst, one) > stop * (1.0 + 1e-12))) return;
     DistinctDescend(w, one, stop, dst);
@@ -414,8 +418,10 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       std::vector<int64_t> phyrank;
       std::vector<int64_t> multi;
       std::vector<double> per;
+      std::vector<int64_t> balanced;
     } tls;
-    double bound = -1.0;  // the layer's LowerBound once computed
+    double bound = -1.0;                // the layer's LowerBound once computed
+    const int64_t* balanced = nullptr;  // BalancedLayer's placement where min_move made it
     // the old placement's max rank load: reported, and min_move's first test
     const double before = old != nullptr ? MaxRankLoad(w, old, one) : 0.0;
     switch (options.policy) {
@@ -434,13 +440,14 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       case Policy::kMinMove: {
         bound = LowerBound(w, one, nullptr);
         if (MinMoveFromBound(w, old, before, one, options.min_move_target, bound, dst)) break;
-        std::vector<int64_t> balanced(static_cast<size_t>(P));
-        BalancedLayer(w, one, balanced.data());
-        MinMoveLayer(w, old, before, balanced.data(), one, options.min_move_target, dst);
+        tls.balanced.resize(static_cast<size_t>(P));
+        BalancedLayer(w, one, tls.balanced.data());
+        MinMoveLayer(w, old, before, tls.balanced.data(), one, options.min_move_target, dst);
+        balanced = tls.balanced.data();
         break;
       }
     }
-    if (options.distinct_ranks) DistinctPlan(w, one, options, bound, dst);
+    if (options.distinct_ranks) DistinctPlan(w, one, options, bound, balanced, dst);
     // balanced and min_move never hand back a placement that serves this window worse than
     // the current one: moving weights to lose balance is pure cost. (Across several nodes the
     // old placement may break the hierarchy the plan must keep, so there it is not a candidate;
