@@ -388,6 +388,7 @@ def test_default_layout_vllm(tmp_path, small_trace):
                              "--json", cwd=tmp_path).stdout)
     start = default_placement_layers(3, 16, 4, 4, "vllm")
     assert out["before_placement"] == "vLLM default placement"
+    assert out["default_layout"] == "vllm"
     assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, start, 4))
     got, _ = expert_map.load(tmp_path / "m.json")
     want = eplb_native.plan(total, start, num_ranks=4, policy="min_move", distinct_ranks=True)

@@ -196,3 +196,20 @@ def test_distinct_keeps_the_policies_promises(groups, nodes):
             assert ref.duplicates(p.phy2log, ranks).sum() == 0
         checked += 1
     assert checked > 300
+
+
+@pytest.mark.parametrize("load,kw", [
+    # (second review) DeepSeek's placement repeats nothing here, balanced's does and its repair
+    # landed above DeepSeek's max: hierarchical 36.5 > 36.0, global 10.5 > 10.33
+    ([3.0, 15, 5, 13, 16, 17, 14, 14, 16, 5, 2, 19],
+     dict(num_ranks=4, num_replicas=16, num_groups=6, num_nodes=2)),
+    ([11.0, 12, 6, 16, 10, 2], dict(num_ranks=6, num_replicas=12)),
+])
+def test_distinct_balanced_not_above_deepseek_where_deepseek_repeats_nothing(load, kw):
+    load = np.array([load])
+    ds = eplb_native.plan(load, policy="deepseek", distinct_ranks=True, **kw)
+    assert ref.duplicates(eplb_native.plan(load, policy="deepseek", **kw).phy2log,
+                          kw["num_ranks"]).sum() == 0
+    bal = eplb_native.plan(load, distinct_ranks=True, **kw)
+    assert bal.max_load_after[0] <= ds.max_load_after[0] * (1 + 1e-12)
+    assert ref.duplicates(bal.phy2log, kw["num_ranks"]).sum() == 0

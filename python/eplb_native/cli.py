@@ -264,6 +264,7 @@ def cmd_plan(args) -> int:
         "num_layers": num_layers, "num_experts": num_experts, **topo.as_dict(),
         "policy": args.policy, "distinct_ranks": not args.allow_repeats,
         "before_placement": before_label,
+        "default_layout": args.default_layout if old is None else None,
         "balancedness_before": _stats(before), "balancedness_after": _stats(after),
         "balancedness_bound": _stats(bound),
         "moved_slots": int(p.total_moved_slots) if start is not None else None,
@@ -890,7 +891,8 @@ def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> No
                    help="the placement a server starts from without an expert map: "
                    "vllm-ascend's (releases up to 0.23: contiguous blocks, redundant copies "
                    "from the last rank back; default) or vLLM's (experts in slot order, then "
-                   "copies of experts 0, 1, ...; vllm-ascend's too after 0.23)")
+                   "copies of experts 0, 1, ...; vllm-ascend's main branch too, not its 0.23 "
+                   "release)")
     p.add_argument("--nodes", type=_int_arg, default=None,
                    help="nodes (default: the trace's deployment if its ranks match, else 1)")
     p.add_argument("--groups", type=_int_arg, default=None,

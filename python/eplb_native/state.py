@@ -88,7 +88,8 @@ def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
       ``num_ranks - 1 - (i % num_ranks)`` and holds the expert after the last one that rank
       holds (mod E); a rank with no expert (E < R) starts from expert ``num_ranks - r`` (mod E:
       vllm-ascend's own rule writes that id unreduced, past the last expert when E <= R - r).
-    - ``"vllm"`` (vLLM's EPLB state, and vllm-ascend after 0.23 without shared experts): slots
+    - ``"vllm"`` (vLLM's EPLB state, and vllm-ascend's main branch without shared experts
+      since its commit 61eb47b4d8, not yet its 0.23 release): slots
       in order hold experts 0 .. E-1, then redundant copy i holds expert i mod E; rank r owns
       slots r*S .. r*S+S-1.
 
