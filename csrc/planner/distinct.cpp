@@ -264,6 +264,40 @@ bool DistinctGreedy(const double* w, int64_t n, int64_t R, int64_t S, double bet
   return true;
 }
 
+// One pack's slots with pack-local expert ids (numbered in order of first slot), for
+// PackRepair / PackSearch, which take ids < n and a load per id. Its vectors are kept between
+// packs and layers (one per user, thread_local).
+struct PackView {
+  std::vector<int64_t> to_local, to_global, slot;
+  std::vector<double> w;
+
+  // Reads dst [pack_slots] (global ids < E); to_local must be all -1 (Start sets it once).
+  void Start(int64_t E) { to_local.assign(Z(E), -1); }
+  void Read(const int64_t* dst, int64_t pack_slots, const double* load) {
+    to_global.clear();
+    w.clear();
+    slot.resize(Z(pack_slots));
+    for (int64_t p = 0; p < pack_slots; ++p) {
+      int64_t& id = to_local[Z(dst[p])];
+      if (id < 0) {
+        id = static_cast<int64_t>(to_global.size());
+        to_global.push_back(dst[p]);
+        w.push_back(load[dst[p]]);
+      }
+      slot[Z(p)] = id;
+    }
+  }
+  int64_t n() const { return static_cast<int64_t>(to_global.size()); }
+  // Writes local ids `local` [pack_slots] back to dst as global ids, and clears to_local.
+  void Write(const int64_t* local, int64_t pack_slots, int64_t* dst) {
+    for (int64_t p = 0; p < pack_slots; ++p) dst[p] = to_global[Z(local[p])];
+    Clear();
+  }
+  void Clear() {
+    for (const int64_t g : to_global) to_local[Z(g)] = -1;
+  }
+};
+
 }  // namespace
 
 bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape) {
@@ -275,127 +309,105 @@ bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape) {
 }
 
 void DistinctDescend(const double* load, const Shape& shape, double stop, int64_t* phy2log) {
-  const int64_t S = shape.slots_per_rank(), E = shape.num_logical;
+  const int64_t S = shape.slots_per_rank();
   const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
   const int64_t R = shape.num_ranks / packs, pack_slots = R * S;
   thread_local struct {
-    std::vector<int64_t> to_local, to_global, slot;
-    std::vector<double> w;
+    PackView view;
     detail::PackSearch search{nullptr, 0, 0, 0};
   } tls;
-  tls.to_local.assign(Z(E), -1);
+  PackView& v = tls.view;
+  v.Start(shape.num_logical);
   for (int64_t k = 0; k < packs; ++k) {
     int64_t* dst = phy2log + k * pack_slots;
-    tls.to_global.clear();
-    tls.w.clear();
-    tls.slot.resize(Z(pack_slots));
-    for (int64_t p = 0; p < pack_slots; ++p) {
-      int64_t& id = tls.to_local[Z(dst[p])];
-      if (id < 0) {
-        id = static_cast<int64_t>(tls.to_global.size());
-        tls.to_global.push_back(dst[p]);
-        tls.w.push_back(load[dst[p]]);
-      }
-      tls.slot[Z(p)] = id;
-    }
+    v.Read(dst, pack_slots, load);
     detail::PackSearch& ps = tls.search;
-    ps.Reset(tls.w.data(), static_cast<int64_t>(tls.w.size()), R, S);
+    ps.Reset(v.w.data(), v.n(), R, S);
     ps.SetDistinct(true);
-    ps.InitFrom(tls.slot.data());
+    ps.InitFrom(v.slot.data());
     if (ps.MaxLoad() > stop) {
       ps.SetStop(stop);
       ps.Improve();
-      for (int64_t p = 0; p < pack_slots; ++p) dst[p] = tls.to_global[Z(ps.slot_exp()[Z(p)])];
+      v.Write(ps.slot_exp().data(), pack_slots, dst);
+    } else {
+      v.Clear();
     }
-    for (const int64_t g : tls.to_global) tls.to_local[Z(g)] = -1;
   }
 }
 
 void DistinctLayer(const double* load, const Shape& shape, DistinctMode mode, int64_t* phy2log) {
   if (!HasRepeatOnRank(phy2log, shape)) return;
   const double layer_before = MaxRankLoad(load, phy2log, shape);
-  const int64_t S = shape.slots_per_rank(), E = shape.num_logical;
+  const int64_t S = shape.slots_per_rank();
   const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
   const int64_t R = shape.num_ranks / packs, pack_slots = R * S;
   thread_local struct {
-    std::vector<int64_t> to_local, to_global, slot, fresh, cnt;
-    std::vector<double> w;
+    PackView view;
+    std::vector<int64_t> fresh, cnt;
     detail::PackSearch search{nullptr, 0, 0, 0};
   } tls;
-  tls.to_local.assign(Z(E), -1);
+  PackView& v = tls.view;
+  v.Start(shape.num_logical);
   for (int64_t k = 0; k < packs; ++k) {
     int64_t* dst = phy2log + k * pack_slots;
-    // pack-local ids in order of first slot
-    tls.to_global.clear();
-    tls.w.clear();
-    tls.slot.resize(Z(pack_slots));
-    for (int64_t p = 0; p < pack_slots; ++p) {
-      int64_t& id = tls.to_local[Z(dst[p])];
-      if (id < 0) {
-        id = static_cast<int64_t>(tls.to_global.size());
-        tls.to_global.push_back(dst[p]);
-        tls.w.push_back(load[dst[p]]);
-      }
-      tls.slot[Z(p)] = id;
-    }
-    const auto n = static_cast<int64_t>(tls.to_global.size());
+    v.Read(dst, pack_slots, load);
+    const int64_t n = v.n();
     // the pack's max rank load as the policy left it (repeats allowed)
     tls.cnt.assign(Z(n), 0);
-    for (int64_t p = 0; p < pack_slots; ++p) ++tls.cnt[Z(tls.slot[Z(p)])];
+    for (int64_t p = 0; p < pack_slots; ++p) ++tls.cnt[Z(v.slot[Z(p)])];
     double before = 0.0;
     for (int64_t r = 0; r < R; ++r) {
       double sum = 0.0;
       for (int64_t p = r * S; p < (r + 1) * S; ++p) {
-        const int64_t e = tls.slot[Z(p)];
-        sum += tls.w[Z(e)] / static_cast<double>(tls.cnt[Z(e)]);
+        const int64_t e = v.slot[Z(p)];
+        sum += v.w[Z(e)] / static_cast<double>(tls.cnt[Z(e)]);
       }
       before = std::max(before, sum);
     }
     bool changed = false;
     {
-      PackRepair repair(tls.slot.data(), tls.w.data(), n, R, S);
+      PackRepair repair(v.slot.data(), v.w.data(), n, R, S);
       if (!repair.Repair()) repair.Deal();
     }
     for (int64_t p = 0; p < pack_slots && !changed; ++p)
-      changed = tls.to_global[Z(tls.slot[Z(p)])] != dst[p];
+      changed = v.to_global[Z(v.slot[Z(p)])] != dst[p];
     if (changed && mode == kDistinctToPolicyMax) {
       detail::PackSearch& ps = tls.search;
-      ps.Reset(tls.w.data(), n, R, S);
+      ps.Reset(v.w.data(), n, R, S);
       ps.SetDistinct(true);
-      ps.InitFrom(tls.slot.data());
+      ps.InitFrom(v.slot.data());
       if (ps.MaxLoad() > layer_before * (1.0 + 1e-12)) {
         ps.SetStop(layer_before);
         ps.Improve();
-        std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), tls.slot.begin());
+        std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
       }
     }
     if (changed && mode == kDistinctFull) {
       detail::PackSearch& ps = tls.search;
-      ps.Reset(tls.w.data(), n, R, S);
+      ps.Reset(v.w.data(), n, R, S);
       ps.SetDistinct(true);
-      ps.InitFrom(tls.slot.data());
+      ps.InitFrom(v.slot.data());
       ps.Improve();
-      std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), tls.slot.begin());
+      std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
       // the repaired placement can sit in a poor local optimum (a hot expert whose replicas
-      // were two to a rank is now spread with what was around it): a fresh start too
-      // (only where the repaired one lost to the policy's own max)
+      // were two to a rank is now spread with what was around it): fresh starts too, while
+      // the best is more than 0.1% above the policy's own max
       double best = ps.MaxLoad();
       tls.fresh.resize(Z(pack_slots));
       for (const double beta : {1.0, 1.25, 1.5, 2.0}) {
         if (!(best > before * 1.001)) break;
-        if (!DistinctGreedy(tls.w.data(), n, R, S, beta, tls.fresh.data())) continue;
-        ps.Reset(tls.w.data(), n, R, S);
+        if (!DistinctGreedy(v.w.data(), n, R, S, beta, tls.fresh.data())) continue;
+        ps.Reset(v.w.data(), n, R, S);
         ps.SetDistinct(true);
         ps.InitFrom(tls.fresh.data());
         ps.Improve();
         if (ps.MaxLoad() < best) {
           best = ps.MaxLoad();
-          std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), tls.slot.begin());
+          std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
         }
       }
     }
-    for (int64_t p = 0; p < pack_slots; ++p) dst[p] = tls.to_global[Z(tls.slot[Z(p)])];
-    for (const int64_t g : tls.to_global) tls.to_local[Z(g)] = -1;
+    v.Write(v.slot.data(), pack_slots, dst);
   }
 }
 
