@@ -235,6 +235,7 @@ def test_repeated_experts_on_a_rank_are_listed_and_saved_with_a_warning(tmp_path
         expert_map.save(tmp_path / "m.json", phy2log, 2)
     assert "1 (layer, rank) pairs hold an expert twice (first: layer 0, rank 0, expert 0)" in (
         caplog.text)
+    assert "distinct_ranks=True" in caplog.text  # the way out is named
     got, ranks = expert_map.load(tmp_path / "m.json")
     assert ranks == 2 and np.array_equal(got, phy2log)
     caplog.clear()

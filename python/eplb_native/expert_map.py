@@ -129,7 +129,7 @@ def repeated_on_a_rank(phy2log, num_ranks: int) -> list[tuple[int, int, int]]:
     than one of its slots. eplb_native serves such placements (each slot is routed to), and
     DeepSeek's own algorithm makes them; vllm-ascend's expert-map reader maps one slot per
     expert and rank, so there the second copy gets no tokens and the rank's later slots are
-    misnumbered."""
+    misnumbered. ``plan(..., distinct_ranks=True)`` makes none."""
     a = to_numpy(phy2log, "phy2log")
     num_ranks = check_int(num_ranks, "num_ranks", 1)
     if a.ndim == 1:
@@ -155,7 +155,8 @@ def save(path: str | os.PathLike, phy2log, num_ranks: int, *, warn: bool = True)
     if repeated:
         logger.warning("expert map %s: %d (layer, rank) pairs hold an expert twice (first: layer "
                        "%d, rank %d, expert %d); vllm-ascend's reader maps one slot per expert "
-                       "and rank, so it would not serve this file as written", os.fspath(path),
+                       "and rank, so it would not serve this file as written (plan with "
+                       "distinct_ranks=True for vllm-ascend)", os.fspath(path),
                        len(repeated), *repeated[0])
 
 
