@@ -298,6 +298,31 @@ struct PackView {
   }
 };
 
+// Calls fn(view, dst, R, S) for each pack of ranks of phy2log [P] (the whole EP group, or one
+// node when hierarchical), `view` read from the pack's slots dst; fn writes dst back
+// (view.Write) or leaves it (view.Clear).
+template <class Fn>
+void ForEachPack(const double* load, const Shape& shape, PackView* view, int64_t* phy2log,
+                 Fn&& fn) {
+  const int64_t S = shape.slots_per_rank();
+  const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
+  const int64_t R = shape.num_ranks / packs;
+  view->Start(shape.num_logical);
+  for (int64_t k = 0; k < packs; ++k) {
+    int64_t* dst = phy2log + k * R * S;
+    view->Read(dst, R * S, load);
+    fn(*view, dst, R, S);
+  }
+}
+
+// A distinct search of the pack in `view` from the placement `slot` (pack-local ids).
+void StartDistinct(const PackView& view, int64_t R, int64_t S, const int64_t* slot,
+                   detail::PackSearch* ps) {
+  ps->Reset(view.w.data(), view.n(), R, S);
+  ps->SetDistinct(true);
+  ps->InitFrom(slot);
+}
+
 }  // namespace
 
 bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape) {
@@ -309,106 +334,85 @@ bool HasRepeatOnRank(const int64_t* phy2log, const Shape& shape) {
 }
 
 void DistinctDescend(const double* load, const Shape& shape, double stop, int64_t* phy2log) {
-  const int64_t S = shape.slots_per_rank();
-  const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
-  const int64_t R = shape.num_ranks / packs, pack_slots = R * S;
   thread_local struct {
     PackView view;
     detail::PackSearch search{nullptr, 0, 0, 0};
   } tls;
-  PackView& v = tls.view;
-  v.Start(shape.num_logical);
-  for (int64_t k = 0; k < packs; ++k) {
-    int64_t* dst = phy2log + k * pack_slots;
-    v.Read(dst, pack_slots, load);
-    detail::PackSearch& ps = tls.search;
-    ps.Reset(v.w.data(), v.n(), R, S);
-    ps.SetDistinct(true);
-    ps.InitFrom(v.slot.data());
-    if (ps.MaxLoad() > stop) {
-      ps.SetStop(stop);
-      ps.Improve();
-      v.Write(ps.slot_exp().data(), pack_slots, dst);
-    } else {
-      v.Clear();
-    }
-  }
+  ForEachPack(load, shape, &tls.view, phy2log,
+              [&](PackView& v, int64_t* dst, int64_t R, int64_t S) {
+                detail::PackSearch& ps = tls.search;
+                StartDistinct(v, R, S, v.slot.data(), &ps);
+                if (ps.MaxLoad() > stop) {
+                  ps.SetStop(stop);
+                  ps.Improve();
+                  v.Write(ps.slot_exp().data(), R * S, dst);
+                } else {
+                  v.Clear();
+                }
+              });
 }
 
 void DistinctLayer(const double* load, const Shape& shape, DistinctMode mode, int64_t* phy2log) {
   if (!HasRepeatOnRank(phy2log, shape)) return;
   const double layer_before = MaxRankLoad(load, phy2log, shape);
-  const int64_t S = shape.slots_per_rank();
-  const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
-  const int64_t R = shape.num_ranks / packs, pack_slots = R * S;
   thread_local struct {
     PackView view;
     std::vector<int64_t> fresh, cnt;
     detail::PackSearch search{nullptr, 0, 0, 0};
   } tls;
-  PackView& v = tls.view;
-  v.Start(shape.num_logical);
-  for (int64_t k = 0; k < packs; ++k) {
-    int64_t* dst = phy2log + k * pack_slots;
-    v.Read(dst, pack_slots, load);
-    const int64_t n = v.n();
-    // the pack's max rank load as the policy left it (repeats allowed)
-    tls.cnt.assign(Z(n), 0);
-    for (int64_t p = 0; p < pack_slots; ++p) ++tls.cnt[Z(v.slot[Z(p)])];
-    double before = 0.0;
-    for (int64_t r = 0; r < R; ++r) {
-      double sum = 0.0;
-      for (int64_t p = r * S; p < (r + 1) * S; ++p) {
-        const int64_t e = v.slot[Z(p)];
-        sum += v.w[Z(e)] / static_cast<double>(tls.cnt[Z(e)]);
-      }
-      before = std::max(before, sum);
-    }
-    bool changed = false;
-    {
-      PackRepair repair(v.slot.data(), v.w.data(), n, R, S);
-      if (!repair.Repair()) repair.Deal();
-    }
-    for (int64_t p = 0; p < pack_slots && !changed; ++p)
-      changed = v.to_global[Z(v.slot[Z(p)])] != dst[p];
-    if (changed && mode == kDistinctToPolicyMax) {
-      detail::PackSearch& ps = tls.search;
-      ps.Reset(v.w.data(), n, R, S);
-      ps.SetDistinct(true);
-      ps.InitFrom(v.slot.data());
-      if (ps.MaxLoad() > layer_before * (1.0 + 1e-12)) {
-        ps.SetStop(layer_before);
-        ps.Improve();
-        std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
-      }
-    }
-    if (changed && mode == kDistinctFull) {
-      detail::PackSearch& ps = tls.search;
-      ps.Reset(v.w.data(), n, R, S);
-      ps.SetDistinct(true);
-      ps.InitFrom(v.slot.data());
-      ps.Improve();
-      std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
-      // the repaired placement can sit in a poor local optimum (a hot expert whose replicas
-      // were two to a rank is now spread with what was around it): fresh starts too, while
-      // the best is more than 0.1% above the policy's own max
-      double best = ps.MaxLoad();
-      tls.fresh.resize(Z(pack_slots));
-      for (const double beta : {1.0, 1.25, 1.5, 2.0}) {
-        if (!(best > before * 1.001)) break;
-        if (!DistinctGreedy(v.w.data(), n, R, S, beta, tls.fresh.data())) continue;
-        ps.Reset(v.w.data(), n, R, S);
-        ps.SetDistinct(true);
-        ps.InitFrom(tls.fresh.data());
-        ps.Improve();
-        if (ps.MaxLoad() < best) {
-          best = ps.MaxLoad();
-          std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
-        }
-      }
-    }
-    v.Write(v.slot.data(), pack_slots, dst);
-  }
+  ForEachPack(load, shape, &tls.view, phy2log,
+              [&](PackView& v, int64_t* dst, int64_t R, int64_t S) {
+                const int64_t n = v.n(), pack_slots = R * S;
+                // the pack's max rank load as the policy left it (repeats allowed)
+                tls.cnt.assign(Z(n), 0);
+                for (int64_t p = 0; p < pack_slots; ++p) ++tls.cnt[Z(v.slot[Z(p)])];
+                double before = 0.0;
+                for (int64_t r = 0; r < R; ++r) {
+                  double sum = 0.0;
+                  for (int64_t p = r * S; p < (r + 1) * S; ++p) {
+                    const int64_t e = v.slot[Z(p)];
+                    sum += v.w[Z(e)] / static_cast<double>(tls.cnt[Z(e)]);
+                  }
+                  before = std::max(before, sum);
+                }
+                bool changed = false;
+                {
+                  PackRepair repair(v.slot.data(), v.w.data(), n, R, S);
+                  if (!repair.Repair()) repair.Deal();
+                }
+                for (int64_t p = 0; p < pack_slots && !changed; ++p)
+                  changed = v.to_global[Z(v.slot[Z(p)])] != dst[p];
+                detail::PackSearch& ps = tls.search;
+                if (changed && mode == kDistinctToPolicyMax) {
+                  StartDistinct(v, R, S, v.slot.data(), &ps);
+                  if (ps.MaxLoad() > layer_before * (1.0 + 1e-12)) {
+                    ps.SetStop(layer_before);
+                    ps.Improve();
+                    std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
+                  }
+                }
+                if (changed && mode == kDistinctFull) {
+                  StartDistinct(v, R, S, v.slot.data(), &ps);
+                  ps.Improve();
+                  std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
+                  // the repaired placement can sit in a poor local optimum (a hot expert whose
+                  // replicas were two to a rank is now spread with what was around it): fresh
+                  // starts too, while the best is more than 0.1% above the policy's own max
+                  double best = ps.MaxLoad();
+                  tls.fresh.resize(Z(pack_slots));
+                  for (const double beta : {1.0, 1.25, 1.5, 2.0}) {
+                    if (!(best > before * 1.001)) break;
+                    if (!DistinctGreedy(v.w.data(), n, R, S, beta, tls.fresh.data())) continue;
+                    StartDistinct(v, R, S, tls.fresh.data(), &ps);
+                    ps.Improve();
+                    if (ps.MaxLoad() < best) {
+                      best = ps.MaxLoad();
+                      std::copy(ps.slot_exp().begin(), ps.slot_exp().end(), v.slot.begin());
+                    }
+                  }
+                }
+                v.Write(v.slot.data(), pack_slots, dst);
+              });
 }
 
 }  // namespace eplb
