@@ -102,9 +102,7 @@ class PackRepair {
   }
 
  private:
-  bool Holds(int64_t r, int64_t e) const {
-    return std::find(slot_ + r * S_, slot_ + (r + 1) * S_, e) != slot_ + (r + 1) * S_;
-  }
+  bool Holds(int64_t r, int64_t e) const { return detail::RankHolds(slot_, S_, r, e); }
 
   int64_t FirstRepeat() const {
     for (int64_t r = 0; r < R_; ++r)
@@ -305,7 +303,7 @@ template <class Fn>
 void ForEachPack(const double* load, const Shape& shape, PackView* view, int64_t* phy2log,
                  Fn&& fn) {
   const int64_t S = shape.slots_per_rank();
-  const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
+  const int64_t packs = shape.num_packs();
   const int64_t R = shape.num_ranks / packs;
   view->Start(shape.num_logical);
   for (int64_t k = 0; k < packs; ++k) {

@@ -258,7 +258,7 @@ using detail::Z;
 
 // `fresh` [P] renumbered (nodes, then ranks inside nodes) to overlap `old` [P] most -> out [P].
 void Renumber(const int64_t* fresh, const int64_t* old, const Shape& s, int64_t* out) {
-  const int64_t N = s.hierarchical() ? s.num_nodes : 1;
+  const int64_t N = s.num_packs();
   const int64_t S = s.slots_per_rank(), rpn = s.num_ranks / N, node_slots = rpn * S;
   thread_local struct {
     std::vector<int64_t> ids, node_at, moved, ranks, rank_at;

@@ -21,6 +21,11 @@ namespace detail {
 
 inline size_t Z(int64_t i) { return static_cast<size_t>(i); }
 
+// Whether rank r of `slots` (S slots a rank, rank r at r*S .. r*S+S-1) holds expert e.
+inline bool RankHolds(const int64_t* slots, int64_t S, int64_t r, int64_t e) {
+  return std::find(slots + r * S, slots + (r + 1) * S, e) != slots + (r + 1) * S;
+}
+
 // BalancedPacking scans up to this many packs for the lightest (a node's ranks in DeepSeek-V3),
 // uses a tournament tree above (faster from 32 packs on, measured).
 constexpr int64_t kScanPacks = 8;

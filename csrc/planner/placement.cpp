@@ -379,8 +379,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
          ") must be divisible by num_groups (" + std::to_string(shape.num_groups) +
          ") for DeepSeek's grouped policy (num_groups % num_nodes == 0, one node included)");
   if (options.distinct_ranks) {
-    // (the packs DistinctLayer works in: nodes when hierarchical, else the whole EP group)
-    const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
+    const int64_t packs = shape.num_packs();  // (the packs DistinctLayer works in)
     if (shape.num_logical / packs < shape.slots_per_rank())
       Fail("distinct_ranks needs at least as many logical experts" +
            std::string(packs > 1 ? " per node (" : " (") +

@@ -43,6 +43,9 @@ struct Shape {
   // orders the experts by group load, which decides ties (and, with one slot per rank, which
   // rank gets which expert); `deepseek` follows it, the other policies treat one node as global.
   bool deepseek_grouped() const { return num_groups % num_nodes == 0 && num_groups > 1; }
+  // The packs of ranks `balanced` / `min_move` place each expert's replicas within: the nodes
+  // when hierarchical (every replica on its group's node), else the whole EP group.
+  int64_t num_packs() const { return hierarchical() ? num_nodes : 1; }
 };
 
 struct PlanOptions {

@@ -65,9 +65,7 @@ class PackRefiner {
   }
   bool OnMarked(int64_t e) const { return on_rank_[Z(e)] == stamp_; }
 
-  bool Holds(int64_t r, int64_t e) const {
-    return std::find(slot_ + r * S_, slot_ + (r + 1) * S_, e) != slot_ + (r + 1) * S_;
-  }
+  bool Holds(int64_t r, int64_t e) const { return detail::RankHolds(slot_, S_, r, e); }
 
   void Swap(int64_t i, int64_t j) {
     const double d = wt_[i] - wt_[j];
@@ -168,12 +166,8 @@ thread_local int64_t PackRefiner::stamp_ = 0;
 
 void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log) {
   const int64_t P = shape.num_physical, S = shape.slots_per_rank();
-  if (S < 2) return;  // one slot per rank: no rank can hold two replicas
-  bool any = false;   // most layers have no duplicate: find out before computing loads
-  for (int64_t r = 0; r < shape.num_ranks && !any; ++r)
-    for (int64_t i = r * S + 1; i < (r + 1) * S && !any; ++i)
-      any = std::find(phy2log + r * S, phy2log + i, phy2log[i]) != phy2log + i;
-  if (!any) return;
+  // (most layers have no duplicate: find out before computing loads)
+  if (S < 2 || !HasRepeatOnRank(phy2log, shape)) return;
   thread_local std::vector<int64_t> cnt;
   thread_local std::vector<double> wt;
   cnt.assign(Z(shape.num_logical), 0);
@@ -185,7 +179,7 @@ void RefineLayer(const double* load, const Shape& shape, int64_t* phy2log) {
   for (int64_t r = 0; r < shape.num_ranks; ++r)
     max_load =
         std::max(max_load, std::accumulate(wt.begin() + r * S, wt.begin() + (r + 1) * S, 0.0));
-  const int64_t packs = shape.hierarchical() ? shape.num_nodes : 1;
+  const int64_t packs = shape.num_packs();
   const int64_t R = shape.num_ranks / packs, pack_slots = R * S;
   for (int64_t n = 0; n < packs; ++n) {
     PackRefiner pack(phy2log + n * pack_slots, wt.data() + n * pack_slots, R, S, shape.num_logical,

@@ -210,10 +210,7 @@ class PackSearch {
     for (int64_t j = r * S_; j < (r + 1) * S_; ++j) m->at[Z(slot_exp_[Z(j)])] = m->stamp;
   }
 
-  bool Holds(int64_t r, int64_t e) const {
-    const int64_t* p = slot_exp_.data() + r * S_;
-    return std::find(p, p + S_, e) != p + S_;
-  }
+  bool Holds(int64_t r, int64_t e) const { return RankHolds(slot_exp_.data(), S_, r, e); }
 
   double RankLoad(int64_t r) const {
     double sum = 0.0;
