@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
 import eplb_native  # noqa: E402
-from eplb_native import traces  # noqa: E402
+from eplb_native import expert_map, traces  # noqa: E402
 from eplb_native.metrics import balancedness, rank_loads  # noqa: E402
 
 
@@ -171,9 +171,8 @@ def ours(distinct: bool = False):
 
 def repeats(phy2log: np.ndarray, ranks: int) -> int:
     """(layer, rank) pairs holding one expert in two or more slots."""
-    L, P = phy2log.shape
-    rows = np.sort(phy2log.reshape(L * ranks, P // ranks), axis=1)
-    return int((rows[:, 1:] == rows[:, :-1]).any(axis=1).sum())
+    return len({(layer, rank) for layer, rank, _ in
+                expert_map.repeated_on_a_rank(phy2log, ranks)})
 
 
 # ----------------------------------------------------------------------------- run
