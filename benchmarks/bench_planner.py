@@ -154,8 +154,8 @@ def peers(hierarchical: bool, full: bool = True):
     return out, missing
 
 
-def ours(distinct: bool = False):
-    def make(policy, distinct_ranks=False):
+def ours(distinct: bool = False, free: bool = False):
+    def make(policy, distinct_ranks=None):  # (None: the default, as users get it)
         def plan(load, old, c):
             # like for like: the peers return a placement only, so no transfer plan here
             return eplb_native.plan(load, old, num_ranks=c.ranks, num_groups=c.groups,
@@ -166,6 +166,8 @@ def ours(distinct: bool = False):
     out = {f"ours {p}": make(p) for p in ("deepseek", "balanced", "min_move")}
     if distinct:  # vllm-ascend's constraint (its DefaultEplb and FlashLB meet it)
         out.update({f"ours {p} distinct": make(p, True) for p in ("balanced", "min_move")})
+    if free:  # balanced without its default preference for placements without repeats
+        out["ours balanced free"] = make("balanced", False)
     return out
 
 
@@ -179,12 +181,12 @@ def repeats(phy2log: np.ndarray, ranks: int) -> int:
 
 
 def run_case(c: Case, skew: dict, windows: int, seed: int, with_peers: bool, full: bool,
-             distinct: bool = False):
+             distinct: bool = False, free: bool = False):
     loads = traces.synth(windows, c.layers, c.experts, drift=0.05, seed=seed,
                          tokens_per_window=16384, **skew).astype(np.float64)
     start = eplb_native.plan(loads[0], num_ranks=c.ranks, num_replicas=c.slots,
                              num_groups=c.groups, num_nodes=c.nodes, policy="deepseek").phy2log
-    policies = dict(ours(distinct))
+    policies = dict(ours(distinct, free))
     missing = []
     if with_peers:
         extra, missing = peers(c.hierarchical, full)
@@ -275,6 +277,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distinct", action="store_true",
                     help="also ours balanced / min_move with distinct_ranks=True, and a note per "
                          "case on repeated experts per rank (vllm-ascend's constraint)")
+    ap.add_argument("--free", action="store_true",
+                    help="also ours balanced with distinct_ranks=False (no preference for "
+                         "placements without repeated experts per rank)")
     ap.add_argument("--runs", type=int, default=1,
                     help="measure each (shape, skew) this many times in a row: a time cell is the "
                          "median of the runs' medians; every other column must agree across runs")
@@ -298,7 +303,7 @@ def main(argv=None) -> int:
         for skew in skews:
             runs = [run_case(c, SKEWS[skew], args.windows, args.seed,
                              with_peers=not args.no_peers, full=not args.smoke,
-                             distinct=args.distinct)
+                             distinct=args.distinct, free=args.free)
                     for _ in range(args.runs)]
             rows, per_layer, bound, missing, loads = runs[0]
             for name, r in rows.items():
@@ -312,7 +317,8 @@ def main(argv=None) -> int:
             ref_time = rows.get("vLLM default", {}).get("time")
             for name, r in rows.items():
                 speed = ref_time / r["time"] if ref_time and r["time"] else float("nan")
-                ratio = f"{speed:.1f}x" if speed >= 1 else f"{speed:.2f}x"
+                ratio = ("-" if speed != speed  # (NaN: no vLLM in this run)
+                         else f"{speed:.1f}x" if speed >= 1 else f"{speed:.2f}x")
                 print(f"| {c.name} | {skew} | {name} | {fmt_time(r['time'])} | {ratio} | "
                       f"{r['bal_in']:.4f} | {r['bal_out']:.4f} | {bound:.4f} | "
                       f"{r['moved']:.0f} of {c.layers * c.slots} |", flush=True)

@@ -52,6 +52,16 @@ def test_wrapper_inside_a_whole_additional_config_and_numpy_scalars():
         EplbConfig.parse({"num_redundant_experts": np.float64(16.5)})
 
 
+def test_distinct_ranks_is_a_bool_or_none():
+    """None (the default: `balanced` prefers placements without repeats), True or False."""
+    assert EplbConfig().distinct_ranks is None
+    assert EplbConfig.parse({"distinct_ranks": None}).distinct_ranks is None
+    assert EplbConfig.parse({"distinct_ranks": True}).distinct_ranks is True
+    for bad in (1, "true", 0.0):
+        with pytest.raises(ValueError, match=r"distinct_ranks must be a bool or None"):
+            EplbConfig.parse({"distinct_ranks": bad})
+
+
 def test_vllm_vocabulary():
     @dataclasses.dataclass
     class VllmEPLBConfig:  # the fields of vLLM's EPLBConfig
@@ -313,7 +323,8 @@ def _valid_values():
     return st.fixed_dictionaries({}, optional={
         **counts,
         **{k: st.booleans() for k in ("dynamic_eplb", "log_balancedness", "use_async",
-                                      "enable_migration_batching", "distinct_ranks")},
+                                      "enable_migration_batching")},
+        "distinct_ranks": st.none() | st.booleans(),
         "policy": st.sampled_from(["deepseek", "balanced", "min_move", "default"]),
         "transfer_timeout_s": st.floats(0.001, 604800) | st.integers(1, 604800),
         "expert_map_record_path": st.none() | st.text(min_size=1, max_size=8),

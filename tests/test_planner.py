@@ -411,7 +411,9 @@ def test_balanced_two_slots_per_rank_pairs_exactly():
     # shapes was left improvable).
     rng = np.random.default_rng(40)
     for load, ranks in two_slot_shapes(rng, 150, 16):
-        p = eplb_native.plan(load[None], num_ranks=ranks, num_replicas=2 * ranks)
+        # (distinct_ranks=False: the search's own placement, no preference for fewer repeats)
+        p = eplb_native.plan(load[None], num_ranks=ranks, num_replicas=2 * ranks,
+                             distinct_ranks=False)
         check_plan(p, load[None], len(load), ranks)
         cnt = p.logcnt[0].astype(np.int64)
         top, _, at_max = ref.paired_max(load, cnt, ranks)

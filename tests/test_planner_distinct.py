@@ -74,7 +74,7 @@ def test_distinct_on_deepseek_v3_traces(groups, nodes):
     load = traces.synth(2, 16, 256, skew="zipf", drift=0.05, tokens_per_window=16384,
                         seed=0)[1].astype(np.float64)
     kw = dict(num_ranks=32, num_replicas=288, num_groups=groups, num_nodes=nodes)
-    plain = eplb_native.plan(load, **kw)
+    plain = eplb_native.plan(load, distinct_ranks=False, **kw)
     dist = eplb_native.plan(load, distinct_ranks=True, **kw)
     ds = eplb_native.plan(load, policy="deepseek", distinct_ranks=True, **kw)
     check_plan(dist, load, 256, 32, groups, nodes)
@@ -115,7 +115,7 @@ def test_distinct_planner_future_and_refusals():
     want = eplb_native.plan(load, num_ranks=4, num_replicas=24, distinct_ranks=True)
     np.testing.assert_array_equal(got.phy2log, want.phy2log)
     assert ref.duplicates(got.phy2log, 4).sum() == 0
-    for bad in ("yes", 1, None):
+    for bad in ("yes", 1, np.float64(1.0)):
         with pytest.raises(TypeError, match="distinct_ranks"):
             eplb_native.plan(load, num_ranks=4, num_replicas=24, distinct_ranks=bad)
         with eplb_native.Planner() as planner, pytest.raises(TypeError, match="distinct_ranks"):
@@ -155,7 +155,7 @@ def test_updator_moves_layers_that_repeat_under_distinct_ranks():
 
     tr = traces.synth(2, 16, 256, skew="zipf", drift=0.05, tokens_per_window=16384,
                       seed=0).astype(np.float64)
-    cur = eplb_native.plan(tr[0], num_ranks=32, num_replicas=288).phy2log
+    cur = eplb_native.plan(tr[0], num_ranks=32, num_replicas=288, distinct_ranks=False).phy2log
     repeating = sorted({layer for layer, _, _ in expert_map.repeated_on_a_rank(cur, 32)})
     p = eplb_native.plan(tr[0], cur, num_ranks=32, distinct_ranks=True, transfers=False)
     no_gain = [layer for layer in repeating
@@ -213,3 +213,50 @@ def test_distinct_balanced_not_above_deepseek_where_deepseek_repeats_nothing(loa
     bal = eplb_native.plan(load, distinct_ranks=True, **kw)
     assert bal.max_load_after[0] <= ds.max_load_after[0] * (1 + 1e-12)
     assert ref.duplicates(bal.phy2log, kw["num_ranks"]).sum() == 0
+
+
+@pytest.mark.parametrize("groups,nodes", [(1, 1), (8, 4)])
+def test_balanced_prefers_distinct_by_default(groups, nodes):
+    """distinct_ranks=None (the default): `balanced` takes the placement with the option on a
+    layer that repeats where it is within 0.1% of its own max and not above DeepSeek's; other
+    layers are as with False; min_move reaches 0.99 of that default's balancedness."""
+    loads = traces.synth(2, 16, 256, skew="zipf", drift=0.05, tokens_per_window=16384,
+                         seed=3).astype(np.float64)
+    kw = dict(num_ranks=32, num_replicas=288, num_groups=groups, num_nodes=nodes)
+    free = eplb_native.plan(loads[1], distinct_ranks=False, **kw)
+    dflt = eplb_native.plan(loads[1], **kw)
+    ds = eplb_native.plan(loads[1], policy="deepseek", distinct_ranks=False, **kw)
+    check_plan(dflt, loads[1], 256, 32, groups, nodes)
+    rep_free = ref.duplicates(free.phy2log, 32)
+    rep = ref.duplicates(dflt.phy2log, 32)
+    assert (rep_free > 0).sum() >= 4  # the case exists
+    assert (rep > 0).sum() <= (rep_free > 0).sum() // 2
+    np.testing.assert_array_equal(dflt.phy2log[rep_free == 0], free.phy2log[rep_free == 0])
+    changed = (dflt.phy2log != free.phy2log).any(axis=1)
+    assert changed.any() and (rep[changed] == 0).all()
+    assert (dflt.max_load_after <= free.max_load_after * (1 + 1e-3) * (1 + 1e-12)).all()
+    assert (dflt.max_load_after <= ds.max_load_after * (1 + 1e-12)).all()
+    old = eplb_native.plan(loads[0], policy="deepseek", **kw).phy2log
+    mm = eplb_native.plan(loads[1], old, policy="min_move", **kw)
+    assert (mm.balancedness_after >= 0.99 * dflt.balancedness_after - 1e-12).all()
+
+
+def test_balanced_preference_fuzz():
+    """Random small shapes: the default `balanced` is never above DeepSeek's max nor more than
+    0.1% above distinct_ranks=False's, and a layer False plans without a repeat is False's."""
+    rng = np.random.default_rng(75)
+    for it in range(400):
+        ranks = int(rng.integers(1, 6))
+        per_rank = int(rng.integers(2, 6))
+        experts = int(rng.integers(per_rank, per_rank * ranks + 1))
+        load = (rng.lognormal(0, 2, (2, experts)) * 100 if it % 2
+                else rng.integers(0, 20, (2, experts)).astype(float))
+        kw = dict(num_ranks=ranks, num_replicas=per_rank * ranks)
+        dflt = eplb_native.plan(load, **kw)
+        free = eplb_native.plan(load, distinct_ranks=False, **kw)
+        ds = eplb_native.plan(load, policy="deepseek", **kw)
+        check_plan(dflt, load, experts, ranks)
+        assert (dflt.max_load_after <= ds.max_load_after * (1 + 1e-12)).all(), load
+        assert (dflt.max_load_after <= free.max_load_after * (1 + 1e-3) * (1 + 1e-12)).all()
+        same = ref.duplicates(free.phy2log, ranks) == 0
+        np.testing.assert_array_equal(dflt.phy2log[same], free.phy2log[same])

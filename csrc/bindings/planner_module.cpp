@@ -72,7 +72,8 @@ Shape MakeShape(const F64& load, int64_t num_physical, int64_t num_ranks, int64_
 }
 
 PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min_move_target,
-                        bool transfers, int64_t log2phy_width = 0, bool distinct_ranks = false) {
+                        bool transfers, int64_t log2phy_width = 0, bool distinct_ranks = false,
+                        bool prefer_distinct = true) {
   if (policy < 0 || policy > 2) throw std::invalid_argument("policy must be 0, 1 or 2");
   PlanOptions o;
   o.policy = static_cast<eplb::Policy>(policy);
@@ -82,6 +83,7 @@ PlanOptions MakeOptions(int policy, bool preserve_slots, int threads, double min
   o.transfers = transfers;
   o.log2phy_width = log2phy_width;
   o.distinct_ranks = distinct_ranks;
+  o.prefer_distinct = prefer_distinct;
   return o;
 }
 
@@ -113,10 +115,10 @@ py::dict ToDict(PlanResult&& r) {
 py::dict PlanPy(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                 int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
                 bool preserve_slots, int threads, double min_move_target, bool transfers,
-                int64_t log2phy_width, bool distinct_ranks) {
+                int64_t log2phy_width, bool distinct_ranks, bool prefer_distinct) {
   const Shape s = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
   const PlanOptions o = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers,
-                                    log2phy_width, distinct_ranks);
+                                    log2phy_width, distinct_ranks, prefer_distinct);
   const int64_t* old_ptr = OldPtr(old, s);
   PlanResult r;
   {
@@ -203,11 +205,11 @@ class WorkerPy {
   uint64_t Submit(const F64& load, const std::optional<I64>& old, int64_t num_physical,
                   int64_t num_ranks, int64_t num_nodes, int64_t num_groups, int policy,
                   bool preserve_slots, int threads, double min_move_target, bool transfers,
-                  bool distinct_ranks) {
+                  bool distinct_ranks, bool prefer_distinct) {
     eplb::PlanJob job;
     job.shape = MakeShape(load, num_physical, num_ranks, num_nodes, num_groups);
-    job.options =
-        MakeOptions(policy, preserve_slots, threads, min_move_target, transfers, 0, distinct_ranks);
+    job.options = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers, 0,
+                              distinct_ranks, prefer_distinct);
     const int64_t* old_ptr = OldPtr(old, job.shape);
     job.load.assign(load.data(), load.data() + load.size());
     if (old_ptr) job.old_phy2log.assign(old_ptr, old_ptr + old->size());
@@ -251,7 +253,7 @@ PYBIND11_MODULE(_planner, m) {
         py::arg("num_ranks"), py::arg("num_nodes"), py::arg("num_groups"), py::arg("policy"),
         py::arg("preserve_slots"), py::arg("threads"), py::arg("min_move_target"),
         py::arg("transfers") = true, py::arg("log2phy_width") = 0,
-        py::arg("distinct_ranks") = false);
+        py::arg("distinct_ranks") = false, py::arg("prefer_distinct") = true);
   m.def("preserve_slots", &PreserveSlotsPy, py::arg("phy2log"), py::arg("old_phy2log"),
         py::arg("num_ranks"));
   m.def("layer_transfers", &LayerTransfersPy, py::arg("old_phy2log"), py::arg("new_phy2log"),
@@ -262,7 +264,7 @@ PYBIND11_MODULE(_planner, m) {
            py::arg("num_physical"), py::arg("num_ranks"), py::arg("num_nodes"),
            py::arg("num_groups"), py::arg("policy"), py::arg("preserve_slots"), py::arg("threads"),
            py::arg("min_move_target"), py::arg("transfers") = true,
-           py::arg("distinct_ranks") = false)
+           py::arg("distinct_ranks") = false, py::arg("prefer_distinct") = true)
       .def("cancel", &WorkerPy::Cancel)
       .def("wait_next", &WorkerPy::WaitNext)
       .def("close", &WorkerPy::Close)

@@ -55,6 +55,10 @@ struct PlanOptions {
   // No rank holds one logical expert in two slots (distinct.cpp), as vllm-ascend's expert maps
   // require. Needs num_logical / packs >= slots per rank (packs: nodes when hierarchical, else 1).
   bool distinct_ranks = false;
+  // Without distinct_ranks, `balanced` still takes a placement with no repeats where one is
+  // within 0.1% of its max rank load and not above DeepSeek's (placement.cpp PreferDistinct);
+  // false: the lowest max found, repeats or not. Other policies ignore it.
+  bool prefer_distinct = true;
   // min_move: the fraction of `balanced`'s balancedness it must reach on each layer.
   double min_move_target = 0.99;
   // Build the transfer plan (needs an old placement). Off when only the placement is wanted.

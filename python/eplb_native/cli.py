@@ -252,7 +252,7 @@ def cmd_plan(args) -> int:
     with _flag_names(_PLAN_FLAGS):
         p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
                  num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
-                 threads=args.threads, distinct_ranks=not args.allow_repeats)
+                 threads=args.threads, distinct_ranks=None if args.allow_repeats else True)
     plan_ms = (time.perf_counter() - t0) * 1e3
     before = metrics.balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
@@ -342,7 +342,7 @@ def cmd_synth(args) -> int:
 
 
 def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
-             threads: int = 1, distinct_ranks: bool = False,
+             threads: int = 1, distinct_ranks: bool | None = None,
              default_layout: str = "vllm-ascend") -> dict:
     """Replays ``loads`` [W, L, E]: every ``every`` windows, each policy plans from the sum of
     the ``every`` windows just served, starting from its own current placement, and the new
@@ -446,7 +446,8 @@ def cmd_simulate(args) -> int:
         raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
                          f"{expert_bytes!r} (or pass --expert-bytes)")
     runs = simulate(loads, topo, policies, args.every, threads=args.threads,
-                    distinct_ranks=args.distinct_ranks, default_layout=args.default_layout)
+                    distinct_ranks=True if args.distinct_ranks else None,
+                    default_layout=args.default_layout)
 
     summary = {}
     for name, run in runs.items():

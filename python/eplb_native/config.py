@@ -32,9 +32,12 @@ key (aliases)                      meaning                             default
                                    ``min_move`` (vLLM ``default`` =
                                    deepseek; vllm-ascend types 0, 1 =
                                    deepseek, 2, 3 = balanced)
-``distinct_ranks``                 no rank holds one expert in two     False
-                                   slots (vllm-ascend's maps need it;
-                                   plan(distinct_ranks=True))
+``distinct_ranks``                 True: no rank holds one expert in   None
+                                   two slots (vllm-ascend's maps need
+                                   it); None: ``balanced`` avoids it
+                                   where that costs <= 0.1% of the
+                                   max; False: never spends on it
+                                   (plan(distinct_ranks=...))
 ``transfer_timeout_s``             a layer whose transfers take longer 30.0
                                    (in one step) keeps its old
                                    placement
@@ -133,7 +136,7 @@ class EplbConfig:
     layers_per_step: int = 1
     max_move_bytes_per_step: int | None = None
     policy: str = "balanced"
-    distinct_ranks: bool = False
+    distinct_ranks: bool | None = None
     transfer_timeout_s: float = 30.0
     expert_map_path: str | None = None
     expert_map_record_path: str | None = None
@@ -150,7 +153,9 @@ class EplbConfig:
         values = {f.name: plain_scalar(getattr(self, f.name)) for f in dataclasses.fields(self)}
         for key in ("dynamic_eplb", "log_balancedness", "use_async", "enable_migration_batching",
                     "distinct_ranks"):
-            _check_bool(key, values[key])
+            if key == "distinct_ranks" and values[key] is None:
+                continue  # (None: balanced's preference; see the table above)
+            _check_bool(key, values[key], "a bool or None" if key == "distinct_ranks" else "a bool")
         for key, (lo, hi) in _INT_BOUNDS.items():
             if values[key] is not None or key not in _OPTIONAL:
                 values[key] = _as_int(key, values[key], lo, hi)
@@ -281,9 +286,9 @@ class EplbConfig:
         return dataclasses.asdict(self)
 
 
-def _check_bool(key, v):
+def _check_bool(key, v, what="a bool"):
     if not isinstance(v, bool):
-        raise ValueError(f"{key} must be a bool, got {_show(v)}")
+        raise ValueError(f"{key} must be {what}, got {_show(v)}")
 
 
 def _same(a, b) -> bool:

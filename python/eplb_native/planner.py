@@ -135,6 +135,14 @@ def _as_bool(x, name: str) -> bool:
     return bool(x)
 
 
+def _as_distinct(x) -> tuple[bool, bool]:
+    """distinct_ranks: None (``balanced`` prefers no repeats), True or False -> the planner's
+    keyword arguments distinct_ranks, prefer_distinct."""
+    if x is None:
+        return {"distinct_ranks": False, "prefer_distinct": True}
+    return {"distinct_ranks": _as_bool(x, "distinct_ranks (or None)"), "prefer_distinct": False}
+
+
 def _as_target(x) -> float:
     """min_move_target: a real number in (0, 1]."""
     if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
@@ -184,7 +192,7 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
 def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
          num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
          preserve_slots: bool = True, threads: int = 1, min_move_target: float = 0.99,
-         transfers: bool = True, distinct_ranks: bool = False) -> Plan:
+         transfers: bool = True, distinct_ranks: bool | None = None) -> Plan:
     """Plans a placement of every layer for ``load``.
 
     Args:
@@ -215,7 +223,7 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
             windows after.)
         transfers: build the transfer plan (with an old placement); False leaves
             ``Plan.transfers`` empty, for callers that only want the placement.
-        distinct_ranks: no rank holds one expert in two slots, as vllm-ascend's expert maps
+        distinct_ranks: True: no rank holds one expert in two slots, as vllm-ascend's expert maps
             and dispatch require (their policies never do it; DeepSeek's algorithm does, and
             ``balanced`` keeps such a pair where moving it would raise the max). Each such
             pair is undone by the trade or replica-count change that raises the ranks it
@@ -226,7 +234,11 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
             lists replicas in slot order, as for the other policies, not by DeepSeek's
             replica ordinal). ``balanced`` stays no worse than ``deepseek`` and ``min_move``
             reaches ``min_move_target`` x ``balanced``'s balancedness, all three with the
-            option.
+            option. None (the default): ``balanced`` takes its placement with the option
+            where that is within 0.1% of its max rank load and not above ``deepseek``'s (a
+            rank holding a hot expert twice swings twice with it in the windows after: better
+            out of sample, placements vllm-ascend can serve on most layers), the other
+            policies as with False. False: the lowest max found, repeats or not.
 
     Returns:
         A :class:`Plan`. ``lower_bound`` [L] is a proven floor on the max rank load of any
@@ -242,7 +254,7 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
     out = _planner.plan(w, old, num_replicas, num_ranks, num_nodes, num_groups, POLICIES[policy],
                         _as_bool(preserve_slots, "preserve_slots"), threads,
                         _as_target(min_move_target), _as_bool(transfers, "transfers"),
-                        distinct_ranks=_as_bool(distinct_ranks, "distinct_ranks"))
+                        **_as_distinct(distinct_ranks))
     return Plan(policy=policy, num_ranks=num_ranks, **out)
 
 
@@ -358,7 +370,7 @@ class Planner:
     def submit(self, load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = None,
                num_nodes: int = 1, num_groups: int = 1, policy: str = "balanced",
                preserve_slots: bool = True, min_move_target: float = 0.99,
-               transfers: bool = True, distinct_ranks: bool = False
+               transfers: bool = True, distinct_ranks: bool | None = None
                ) -> concurrent.futures.Future:
         """Queues a plan; arguments as :func:`plan` (threads: the Planner's own, given to
         ``Planner(threads=...)``). Bad shapes and types raise here at once."""
@@ -369,14 +381,14 @@ class Planner:
         target = _as_target(min_move_target)
         preserve_slots = _as_bool(preserve_slots, "preserve_slots")
         transfers = _as_bool(transfers, "transfers")
-        distinct_ranks = _as_bool(distinct_ranks, "distinct_ranks")
+        distinct = _as_distinct(distinct_ranks)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("Planner is closed")
             job = self._worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
                                       POLICIES[policy], preserve_slots, threads, target,
-                                      transfers, distinct_ranks)
+                                      transfers, **distinct)
             self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
         worker = self._worker
         fut.add_done_callback(lambda f, job=job: f.cancelled() and worker.cancel(job))
