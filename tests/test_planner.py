@@ -651,6 +651,35 @@ def test_min_move_hierarchical_keeps_topology():
     check_plan(p, new_load, 32, 8, 4, 2, old)
 
 
+def test_min_move_hierarchical_keeps_old_groups_that_fit():
+    """DeepSeek-V3 hierarchical Zipf: where every node's old groups fit under min_move's stop
+    (balanced's max / 0.99: their mean rank load and one replica per stop's worth of load in the
+    node's slots), no group changes node, and min_move changes few slots there. (Before the
+    per-node rebalance of min_move.cpp's RebalanceNode, a node search that got stuck sent half
+    of such layers to a group trade: 107 changed slots a layer against 14.)"""
+    from eplb_native import traces
+
+    loads = traces.synth(2, 16, 256, skew="zipf", drift=0.05, tokens_per_window=16384,
+                         seed=0).astype(np.float64)
+    kw = dict(num_ranks=32, num_groups=8, num_nodes=4)
+    old = eplb_native.plan(loads[0], num_replicas=288, policy="deepseek", **kw).phy2log
+    bal = eplb_native.plan(loads[1], old, **kw)
+    mm = eplb_native.plan(loads[1], old, policy="min_move", **kw)
+    check_plan(mm, loads[1], 256, 32, 8, 4, old)
+    assert (mm.balancedness_after >= 0.99 * bal.balancedness_after - 1e-12).all()
+    fitting = 0
+    for layer in range(16):
+        w, stop = loads[1][layer], bal.max_load_after[layer] / 0.99
+        groups = [set(old[layer, n * 72:(n + 1) * 72] // 32) for n in range(4)]
+        node_w = [w[np.isin(np.arange(256) // 32, list(g))] for g in groups]
+        if any(x.sum() / 8 > stop or np.ceil(x / stop).clip(1).sum() > 72 for x in node_w):
+            continue  # (a group must move)
+        fitting += 1
+        assert [set(mm.phy2log[layer, n * 72:(n + 1) * 72] // 32) for n in range(4)] == groups
+        assert (mm.phy2log[layer] != old[layer]).sum() <= 64, layer
+    assert fitting >= 6
+
+
 # ----------------------------------------------------------------------------- preserve_slots
 
 
