@@ -78,6 +78,7 @@ int main(int argc, char** argv) {
   const Case cases[] = {
       {"DeepSeek-V3 hier", {58, 256, 288, 32, 4, 8}},
       {"DeepSeek-V3 global", {58, 256, 288, 32, 1, 1}},
+      {"Qwen3-235B", {94, 128, 160, 32, 4, 1}},
       {"Kimi-K2-like", {61, 384, 512, 256, 32, 1}},
   };
   const char* policies[] = {"deepseek", "balanced", "min_move"};

@@ -142,6 +142,12 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert errors["record_path"].startswith("expert_map_record_path") and (
             "does not exist" if rank == 0 else "rank 0 of the EP group cannot write it") in (
             errors["record_path"])
+        assert errors["map_missing_on_one_rank"] == (
+            "RuntimeError: rank 1 of the EP group refused (its own error says why); nothing "
+            "was changed on this rank" if rank == 0 else
+            "FileNotFoundError: expert_map /no/such/map.json: no such file")
+        assert errors["map_differs_on_one_rank"].startswith(
+            "ValueError: the EP group's ranks start from different placements")
         assert errors["mixed_experts"] is not None and re.search(
             r"'model\.layers\.1\.mlp\.experts'.*differ in shape or dtype",
             errors["mixed_experts"])

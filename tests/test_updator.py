@@ -876,6 +876,29 @@ def test_sliding_window_stats_cover_the_planned_steps():
     up.shutdown()
 
 
+@pytest.mark.parametrize("heat,interval,want", [(4, 1, [4, 8, 12, 16, 20, 24]),
+                                                 (4, 8, [8, 16, 24]), (3, 5, [6, 12, 15, 21]),
+                                                 (2, 100, [])])
+def test_log_balancedness_interval_counts_steps(heat, interval, want, caplog):
+    """log_balancedness_interval is in steps, as vLLM's: one log at the first window gathered
+    at or after each multiple (windows every `heat` steps), never more than one a window."""
+    import logging
+
+    model = torch.nn.Sequential(EPMoE(8, 6, 8, 2, num_redundant_experts=0))
+    up = eplb_native.attach(model, {"step_interval": heat, "dynamic_eplb": False,
+                                    "log_balancedness": True,
+                                    "log_balancedness_interval": interval})
+    g = torch.Generator().manual_seed(3)
+    with caplog.at_level(logging.INFO, logger="eplb_native"):
+        for _ in range(24):
+            model(torch.randn(5, 8, generator=g))
+    logged = [int(r.getMessage().split()[2].rstrip(":")) for r in caplog.records
+              if r.getMessage().startswith("eplb step")]
+    assert logged == want
+    assert len(up.stats.windows) == 24 // heat
+    up.shutdown()
+
+
 def test_replaced_maps_stop_eplb_before_any_weight_moves():
     """A layer whose map buffers were replaced (its weights not) refuses the switch before the
     move writes a weight: nothing is half-switched."""

@@ -279,6 +279,17 @@ def run_prepare_checks(path: str, rank: int) -> dict:
         except ValueError as e:
             out["errors"][key] = str(e)
     out["errors"]["last_layer_params"] = _prepare_with_bad_last_layer(model, eplb_tf)
+    # what fails on one rank alone is refused on every rank together, none left waiting in the
+    # grow's exchange: the map file missing on rank 1, a different (valid) map on rank 1
+    reordered = [[e for r in layer for e in reversed(r)] for layer in EXPERT_MAP_SLOTS]
+    one_rank = {"map_missing_on_one_rank": EXPERT_MAP if rank == 0 else "/no/such/map.json",
+                "map_differs_on_one_rank": EXPERT_MAP if rank == 0 else reordered}
+    for key, expert_map in one_rank.items():
+        try:
+            eplb_tf.prepare(model, expert_map=expert_map)
+            out["errors"][key] = None
+        except (ValueError, RuntimeError, OSError) as e:
+            out["errors"][key] = f"{type(e).__name__}: {e}"
     # a config the updator would refuse is refused before any layer grows
     for key, config in {"attach_nodes": {"num_nodes": 3},
                         "attach_groups": {"num_nodes": 2, "num_groups": 6},

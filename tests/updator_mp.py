@@ -385,6 +385,22 @@ def _attach_fails_on_one_rank(rank, world, group, device, tmpdir, redundant):
     assert ("already has a live eplb_native Updator" if last else f"rank {world - 1} ") in msg
     for layer in model.layers:
         updator_mod._live_updators.pop(layer, None)
+    # an adapter refuses the last rank's layer only (a fused layer's expert_map that differs
+    # there): the others name it instead of waiting in the Updator's collectives
+    real_adapt = updator_mod.adapt_module
+
+    def adapt(name, module, ep_rank, ep_size):
+        if last and module is model.layers[1]:
+            raise AdapterError(f"MoE layer {name!r}: refused on this rank only (injected)")
+        return real_adapt(name, module, ep_rank, ep_size)
+
+    updator_mod.adapt_module = adapt
+    try:
+        msg = refused(static, AdapterError, RuntimeError)
+        assert ("refused on this rank only" if last else
+                f"rank {world - 1} of the group could not adapt") in msg, msg
+    finally:
+        updator_mod.adapt_module = real_adapt
     for layer, before in zip(model.layers, buffers, strict=True):
         assert np.array_equal(layer.phy2log.cpu().numpy(), default)
         assert set(layer._buffers) == before

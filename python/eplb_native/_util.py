@@ -7,6 +7,7 @@ modules (traces, expert_map, cli) stay importable without it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import numbers
 import os
 import secrets
@@ -135,3 +136,14 @@ def check_writable_dir(path, name: str) -> None:
                          f"({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def digest(a: np.ndarray | None) -> int:
+    """blake2b of an array's shape and bytes in 7 bytes (it and its negation fit an int64),
+    plus 1; 0 for None. For checking across ranks, in one all-reduce, that all hold the same."""
+    if a is None:
+        return 0
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(str((a.dtype.str, a.shape)).encode(), digest_size=7)
+    h.update(a.tobytes())
+    return 1 + int.from_bytes(h.digest(), "little")

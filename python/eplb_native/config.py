@@ -45,7 +45,9 @@ key (aliases)                      meaning                             default
                                    expert-map JSON)
 ``expert_map_record_path``         final placement written here        None
 ``log_balancedness``               log balancedness with ``logging``   False
-``log_balancedness_interval``      every this many steps               1
+``log_balancedness_interval``      every this many steps (at the       1
+                                   window gathered at or after each
+                                   multiple; at most once a window)
 ``use_async``                      plan on the background thread       True
                                    (False: wait for the plan at once)
 ``num_nodes``, ``num_groups``      topology for hierarchical policies  1, 1

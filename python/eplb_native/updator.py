@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
+import itertools
 import logging
 import time
 import weakref
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from . import expert_map, metrics, state
-from ._util import check_writable_dir
+from ._util import check_writable_dir, digest
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
 from .planner import Planner
@@ -70,17 +70,6 @@ class _Moving:
         self.layer, self.new, self.staging, self.issued_step = layer, new, staging, issued_step
         self.move: LayerMove | None = None
         self.error: BaseException | None = None  # building the move failed (move is None)
-
-
-def _digest(a: np.ndarray | None) -> int:
-    """blake2b of an array's shape and bytes in 7 bytes (it and its negation fit an int64),
-    plus 1; 0 for None."""
-    if a is None:
-        return 0
-    a = np.ascontiguousarray(a)
-    h = hashlib.blake2b(str((a.dtype.str, a.shape)).encode(), digest_size=7)
-    h.update(a.tobytes())
-    return 1 + int.from_bytes(h.digest(), "little")
 
 
 def _device_api(device: torch.device):
@@ -203,6 +192,7 @@ class Updator:
         self._broken: str | None = None
         self.fault_hook: FaultHook | None = None
         self.step = 0
+        self._logged_step = 0  # the step of the last balancedness log (log_balancedness)
         self.cycle = 0
         self._api = _device_api(self.device)
         self._side = self._api.Stream(device=self.device) if self._api else None
@@ -336,7 +326,7 @@ class Updator:
             if error is not None:
                 raise error
             return
-        failed, same = self._agree_digests(error is None, [_digest(target), _digest(placement)])
+        failed, same = self._agree_digests(error is None, [digest(target), digest(placement)])
         if error is not None:
             raise error
         if failed < self.num_ranks:
@@ -579,8 +569,12 @@ class Updator:
         self.stats.windows.append({"step": self.step, "balancedness": balancedness,
                                    "tokens": int(rank_tokens.sum()), "steps": steps})
         self._recorded.append(load.copy())
-        if self.config.log_balancedness and (
-                len(self.stats.windows) % self.config.log_balancedness_interval == 0):
+        # Every log_balancedness_interval steps, as vLLM's: the first window gathered at or
+        # after each multiple of it (balancedness is measured per window, so an interval
+        # shorter than the window logs every window).
+        interval = self.config.log_balancedness_interval
+        if self.config.log_balancedness and self.step // interval > self._logged_step // interval:
+            self._logged_step = self.step
             metrics.log_window(self.step, balancedness)
         if self._planner is None or self._future is not None or self._queue or self._inflight:
             return  # recording only, or the previous cycle is still running
@@ -618,7 +612,7 @@ class Updator:
         # the outcome and on the plan itself (a digest of it) before any moves.
         if self._cpu_group is not None:
             failed, same = self._agree_digests(
-                error is None, [_digest(plan.phy2log if plan is not None else None)])
+                error is None, [digest(plan.phy2log if plan is not None else None)])
             if error is None and failed < self.num_ranks:
                 error = RuntimeError(f"rank {failed} could not plan (its log says why)")
             elif error is None and not same[0]:
@@ -667,7 +661,7 @@ class Updator:
         if self._cpu_group is not None:
             # (different placements would pair the moves' messages wrongly: they time out, or
             # land rows in the wrong slots)
-            failed, same = self._agree_digests(error is None, [_digest(target)])
+            failed, same = self._agree_digests(error is None, [digest(target)])
             if error is None and failed < self.num_ranks:
                 error = RuntimeError(f"move_to refused: rank {failed} refused it (its error says "
                                      "why); nothing was queued")
@@ -1006,19 +1000,30 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     # any later layer or the Updator refuses, the ones already adapted are left as they were.
     buffers_before = {id(m): set(m._buffers) for m in model.modules()}
     try:
+        error: Exception | None = None
         layers = []
-        inside: list[str] = []
-        for name, module in model.named_modules():
-            if any(name.startswith(p + ".") for p in inside):
-                continue  # the experts of a layer already adapted
-            adapter = adapt_module(name or type(model).__name__, module, ep_rank, ep_size)
-            if adapter is not None:
-                layers.append(adapter)
-                inside.append(name)
-        if not layers:
-            raise ValueError(f"model {type(model).__name__} has no MoE layer eplb_native can "
-                             "adapt: none exposes eplb_adapter() or w13_weight / w2_weight (see "
-                             "eplb_native.adapters.base)")
+        try:
+            inside: list[str] = []
+            for name, module in model.named_modules():
+                if any(name.startswith(p + ".") for p in inside):
+                    continue  # the experts of a layer already adapted
+                adapter = adapt_module(name or type(model).__name__, module, ep_rank, ep_size)
+                if adapter is not None:
+                    layers.append(adapter)
+                    inside.append(name)
+            if not layers:
+                raise ValueError(f"model {type(model).__name__} has no MoE layer eplb_native "
+                                 "can adapt: none exposes eplb_adapter() or w13_weight / "
+                                 "w2_weight (see eplb_native.adapters.base)")
+        except Exception as e:  # noqa: BLE001  (agreed below, then raised)
+            error = e
+        # An adapter may refuse on one rank only (a fused layer's expert_map that differs on
+        # this rank): every rank agrees first, so none is left waiting in the Updator's
+        # collectives for a rank that raised.
+        if ep_size > 1:
+            _agree_adapted(error, group, model)
+        elif error is not None:
+            raise error
         updator = Updator(layers, cfg, group)
     except BaseException:
         for m in model.modules():
@@ -1028,6 +1033,26 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     if hooks:
         updator.attach_hooks(model)
     return updator
+
+
+def _agree_adapted(error: Exception | None, group, model: torch.nn.Module) -> None:
+    """Collective over ``group`` (None: the default group), one all-reduce: raises on every rank
+    unless every rank adapted its layers. The failing rank raises its own error, the others a
+    RuntimeError naming the lowest failing rank."""
+    group = dist.group.WORLD if group is None else group
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = torch.device("cpu")
+    if dist.get_backend(group) != "gloo":  # (NCCL / HCCL reduce on the model's device)
+        device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())
+                       if t.device.type != "cpu"), device)
+    flag = torch.tensor([size if error is None else rank], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if error is not None:
+        raise error
+    failed = int(flag.item())
+    if failed < size:
+        raise RuntimeError(f"attach refused: rank {failed} of the group could not adapt its MoE "
+                           "layers (its own error says why); nothing was changed on this rank")
 
 
 def _unprepared_transformers_model(model: torch.nn.Module) -> bool:

@@ -78,7 +78,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import expert_map as _expert_map
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.eplb_native)
 from .. import state
-from .._util import check_int, check_writable_dir
+from .._util import check_int, check_writable_dir, digest
 from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
 
 __all__ = [
@@ -325,8 +325,8 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
     Returns the layers, each with its EPLB buffers registered. Raises ValueError / AdapterError
     before changing anything when the model, the group or the placement does not fit.
     """
-    layers = _grow(_check_prepare(model, group, num_redundant_experts, expert_map,
-                                  ep_implementation))
+    layers = _grow(_agreed_preparation(model, group, num_redundant_experts, expert_map,
+                                       ep_implementation))
     _install_logical_save(model)
     return layers
 
@@ -386,16 +386,10 @@ class _Preparation:
 
 def _check_prepare(model, group, num_redundant_experts, expert_map,
                    ep_implementation) -> _Preparation:
-    """prepare()'s checks, all of them before anything changes: raises ValueError /
-    AdapterError, or returns what _grow applies."""
+    """prepare()'s checks of what this rank holds, all of them before anything changes
+    (``group``: the EP group, checked by the caller): raises ValueError / AdapterError (or
+    OSError reading the expert map), or returns what _grow applies."""
     ep_mesh, tp_mesh = _meshes(model)
-    ep_group = ep_mesh.get_group()
-    if group is None:
-        group = ep_group
-    elif dist.get_process_group_ranks(group) != dist.get_process_group_ranks(ep_group):
-        raise ValueError(f"group must hold the ranks of the model's EP mesh "
-                         f"{dist.get_process_group_ranks(ep_group)}, got "
-                         f"{dist.get_process_group_ranks(group)}")
     ep_size = ep_mesh.size()
     layers = find_moe_layers(model)
     for layer in layers:
@@ -478,24 +472,64 @@ def _check_same_experts(layers: list[TransformersMoELayer]) -> None:
                                "through the same buffers (dynamic_eplb=False records only)")
 
 
-def _agree_record_path(prep: _Preparation, path) -> None:
-    """Collective: rank 0 (the writer) checks expert_map_record_path's folder before the grow,
-    and every rank raises if it fails (a refusal on rank 0 alone would leave the others
-    waiting in the grow's exchange)."""
-    error = None
-    if path is not None and dist.get_rank(prep.group) == 0:
-        try:
-            check_writable_dir(path, "expert_map_record_path")
-        except ValueError as e:
-            error = e
-    device = _stacked_params(prep.layers[0].experts)[0][1].to_local().device
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=prep.group)
+def _agreed_preparation(model, group, num_redundant_experts, expert_map, ep_implementation,
+                        cfg=None) -> _Preparation:
+    """:func:`_check_prepare` (with ``cfg``, attach's: also what the updator would refuse about
+    it, and rank 0's check of its expert_map_record_path folder) agreed by every rank of the EP
+    group in one all-reduce before anything changes. What can fail on one rank alone (the
+    expert map file missing there, a different map there, rank 0's record folder) is refused
+    on every rank together: the failing rank raises its own error, the others one naming it,
+    and ranks whose initial placements differ all raise ValueError; no rank is left waiting in
+    the grow's exchange for one that raised, and none grows from another placement."""
+    from ..updator import check_config_fits
+
+    ep_mesh, _ = _meshes(model)
+    ep_group = ep_mesh.get_group()
+    if group is not None and (dist.get_process_group_ranks(group)
+                              != dist.get_process_group_ranks(ep_group)):
+        raise ValueError(f"group must hold the ranks of the model's EP mesh "
+                         f"{dist.get_process_group_ranks(ep_group)}, got "
+                         f"{dist.get_process_group_ranks(group)}")  # (the same on every rank)
+    group = ep_group if group is None else group
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    error, record_error, prep = None, False, None
+    try:
+        prep = _check_prepare(model, group, num_redundant_experts, expert_map,
+                              ep_implementation)
+        if cfg is not None:
+            # Growing cannot be undone, so what the updator would refuse about the config is
+            # refused here, before the first layer changes.
+            check_config_fits(cfg, prep.layers[0].num_logical_experts, prep.num_slots, size)
+            if cfg.dynamic_eplb:
+                _check_same_experts(prep.layers)
+            if cfg.expert_map_record_path is not None and rank == 0:  # (rank 0 writes it)
+                record_error = True
+                check_writable_dir(cfg.expert_map_record_path, "expert_map_record_path")
+                record_error = False
+    except (ValueError, OSError) as e:  # (AdapterError is a ValueError)
+        error = e
+    d = digest(prep.phy2log) if prep is not None else 0
+    # MIN of (2 * failing rank + whether it was the record folder, or 2 * size; d; -d)
+    code = 2 * size if error is None else 2 * rank + int(record_error)
+    device = ep_mesh.device_type
+    if device != "cpu":
+        device = torch.device(device, getattr(torch, device).current_device())
+    t = torch.tensor([code, d, -d], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    code, low, neg_high = t.tolist()
     if error is not None:
         raise error
-    if flag.item():
-        raise ValueError("expert_map_record_path: rank 0 of the EP group cannot write it (its "
-                         "own error says why); nothing was changed")
+    if code < 2 * size and code % 2:
+        raise ValueError(f"expert_map_record_path: rank {code // 2} of the EP group cannot "
+                         "write it (its own error says why); nothing was changed")
+    if code < 2 * size:
+        raise RuntimeError(f"rank {code // 2} of the EP group refused (its own error says "
+                           "why); nothing was changed on this rank")
+    if low != -neg_high:
+        raise ValueError("the EP group's ranks start from different placements (an expert map "
+                         "that differs between hosts?); every rank must load the same one; "
+                         "nothing was changed")
+    return prep
 
 
 @register_adapter
@@ -541,7 +575,6 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
     """
     from ..config import EplbConfig
     from ..updator import attach as _attach
-    from ..updator import check_config_fits
 
     cfg = EplbConfig.parse(config)
     # The keywords win over the config's keys: the updator gets the config as prepared (the
@@ -556,14 +589,8 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
         expert_map = cfg.expert_map_path
     else:
         cfg = dataclasses.replace(cfg, expert_map_path=None)
-    prep = _check_prepare(model, group, num_redundant_experts, expert_map, ep_implementation)
-    # Growing cannot be undone, so what the updator would refuse about the config is refused
-    # here, before the first layer changes.
-    check_config_fits(cfg, prep.layers[0].num_logical_experts, prep.num_slots,
-                      prep.ep_mesh.size())
-    if cfg.dynamic_eplb:
-        _check_same_experts(prep.layers)
-    _agree_record_path(prep, cfg.expert_map_record_path)
+    prep = _agreed_preparation(model, group, num_redundant_experts, expert_map,
+                               ep_implementation, cfg)
     _grow(prep)
     _install_logical_save(model)
     try:
