@@ -31,8 +31,9 @@ timing. vLLM's kernel picks replicas by its own hash, so its slots differ from o
 is checked structurally (every slot it returns holds the id's expert, and its load grows by
 exactly the histogram of those slots, n in all). ``--ids uniform`` (default): uniformly random
 ids, each expert at most 2 replicas, the best case for contention; ``--ids zipf``: ids drawn
-from a Zipf law over the experts (exponent ``--zipf-s``, expert 0 hottest), the redundant
-replicas on the hottest experts (as a planner puts them): the atomics on hot slots contend.
+from a Zipf law over the experts (exponent ``--zipf-s``, expert 0 hottest), placed by
+``eplb_native.plan`` for that load (the hottest experts get many replicas, as a planner puts
+them): the atomics on the hot experts' slots contend.
 
 ``--smoke`` runs a CPU-sized check (no GPU, no Triton, no peers): eplb vs plain torch on the
 CPU, a few sizes, median of time.perf_counter over repeats.
@@ -46,12 +47,15 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
+import eplb_native
 from eplb_native import ops
 
 SIZES = [8 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024]
 SHAPES = [(256, 288), (384, 512)]
+RANKS = {288: 32, 512: 256}  # (DeepSeek-V3's and Kimi-K2's EP sizes, for --ids zipf's placement)
 K = 8
 GRAPH_CALLS = 20
 
@@ -63,6 +67,11 @@ def draw_ids(E: int, n: int, gen: torch.Generator, dist: str, s: float) -> torch
     weights = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
     ids = torch.multinomial(weights, n, replacement=True, generator=gen)
     return ids.to(torch.int32).view(n // K, K)
+
+
+def zipf_s(args) -> float | None:
+    """The Zipf exponent with --ids zipf, else None."""
+    return args.zipf_s if args.ids == "zipf" else None
 
 
 def check_physical(out, ids, phy2log, load_before, load_after, name):
@@ -77,13 +86,22 @@ def check_physical(out, ids, phy2log, load_before, load_after, name):
     assert int(grew.sum()) == ids.numel(), f"{name}: load grew by {int(grew.sum())}"
 
 
-def placement(E: int, P: int, device, gen: torch.Generator, table: str = "attach"):
-    """Round-robin redundant slots over the first P - E experts, shuffled slot order:
-    log2phy [E, M] (-1 padded), logcnt [E], and a rank-local 1-D table (first replica).
-    M = P - E + 1 for ``table="attach"`` (the width attach() and vLLM allocate, so that the
-    tensor never changes shape), the largest replica count for ``"narrow"``."""
-    phy2log = torch.cat([torch.arange(E), torch.arange(P - E) % E])
-    phy2log = phy2log[torch.randperm(P, generator=gen)]
+def placement(E: int, P: int, device, gen: torch.Generator, table: str = "attach",
+              zipf_s: float | None = None):
+    """log2phy [E, M] (-1 padded), logcnt [E], a rank-local 1-D table (first replica) and
+    phy2log [P]. Uniform ids (``zipf_s`` None): round-robin redundant slots over the first
+    P - E experts, shuffled slot order. Zipf ids: the placement ``eplb_native.plan`` makes for
+    their expected load (the hottest experts get many replicas, ranks of RANKS[P] slots), as a
+    running system would have. M = P - E + 1 for ``table="attach"`` (the width attach() and
+    vLLM allocate, so that the tensor never changes shape), the largest replica count for
+    ``"narrow"``."""
+    if zipf_s is None:
+        phy2log = torch.cat([torch.arange(E), torch.arange(P - E) % E])
+        phy2log = phy2log[torch.randperm(P, generator=gen)]
+    else:
+        weights = 1.0 / np.arange(1, E + 1, dtype=np.float64) ** zipf_s
+        phy2log = torch.from_numpy(eplb_native.plan(weights, num_ranks=RANKS[P],
+                                                    num_replicas=P).phy2log[0])
     logcnt = torch.bincount(phy2log, minlength=E)
     M = P - E + 1 if table == "attach" else int(logcnt.max())
     log2phy = torch.full((E, M), -1, dtype=torch.int64)
@@ -227,7 +245,7 @@ def bench_gpu(args) -> list[str]:
     names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add",
              "neg", "fill1"]
     for E, P in SHAPES:
-        log2phy, logcnt, table, phy2log = placement(E, P, dev, gen, args.table)
+        log2phy, logcnt, table, phy2log = placement(E, P, dev, gen, args.table, zipf_s(args))
         for n in SIZES:
             res = case(E, P, n, log2phy, logcnt, table, phy2log)
             for mode, col in (("eager", 0), ("graph", 1)):
@@ -265,7 +283,7 @@ def bench_smoke(args) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     lines = ["| E, P | T·k | eplb µs | torch µs | torch/eplb |", "|---|---|---|---|---|"]
     for E, P in SHAPES[:1]:
-        log2phy, logcnt, _, phy2log = placement(E, P, "cpu", gen)
+        log2phy, logcnt, _, phy2log = placement(E, P, "cpu", gen, zipf_s=zipf_s(args))
         for n in (8 * 1024, 64 * 1024):
             ids = draw_ids(E, n, gen, args.ids, args.zipf_s)
             load = torch.zeros(P, dtype=torch.int64)
@@ -300,8 +318,8 @@ def main() -> None:
     p.add_argument("--table", choices=["attach", "narrow"], default="attach",
                    help="log2phy width: P - E + 1 (attach's and vLLM's) or the largest count")
     p.add_argument("--ids", choices=["uniform", "zipf"], default="uniform",
-                   help="logical id distribution (zipf: expert 0 hottest, redundant slots on the "
-                        "hottest experts)")
+                   help="logical id distribution (zipf: expert 0 hottest, placed by "
+                        "eplb_native.plan for that load)")
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --ids zipf")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args()

@@ -6,6 +6,8 @@ bash scripts/install.sh test
 . scripts/python_env.sh
 "$PY" -m ruff check .
 # C++ / CUDA / Ascend C sources keep the repo's .clang-format (pinned clang-format from the extras)
+# (the binary of the wheel installed into $PY, whatever clang-format PATH finds first)
+CLANG_FORMAT=$("$PY" -c 'import clang_format; print(clang_format.get_executable("clang-format"))')
 git ls-files -z 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'tests/cpp/*.cpp' 'tests/npu/*.cpp' |
-  xargs -0 clang-format --dry-run -Werror
+  xargs -0 "$CLANG_FORMAT" --dry-run -Werror
 "$PY" -m pytest -q "$@"

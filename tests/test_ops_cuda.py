@@ -13,52 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import ops as ref  # (tests/ is on sys.path, see conftest)
 
 import eplb_native.ops as ops
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 lib = torch.ops.eplb_native if CUDA else None
-
-
-def ref_map(ids, log2phy, logcnt, load, record, valid=None, mode="spread"):
-    """NumPy reference of map_and_record (the contract of csrc/ops/ops.h), int64 throughout."""
-    ids = np.asarray(ids, dtype=np.int64)
-    k = max(ids.shape[-1], 1) if ids.ndim >= 2 else 1
-    flat = ids.reshape(-1)
-    table = np.asarray(log2phy, dtype=np.int64)
-    E = table.shape[0]
-    ok = (flat >= 0) & (flat < E)
-    e = np.where(ok, flat, 0)
-    tok = np.arange(flat.size) // k
-    if E == 0:
-        slots = np.full(flat.size, -1)
-    elif mode == "rank_local":
-        slots = table[e]
-    else:
-        c = np.clip(np.asarray(logcnt, dtype=np.int64), 1, table.shape[1])[e]
-        slots = table[e, tok % c]
-    slots = np.where(ok, slots, -1)
-    load = np.array(load, dtype=np.int64)
-    if record:
-        keep = (slots >= 0) & (slots < load.size)
-        if valid is not None:
-            keep &= tok < valid
-        load += np.bincount(slots[keep], minlength=load.size)
-    return slots.reshape(ids.shape), load
-
-
-def ref_topk(load, ids, record, valid=None):
-    ids = np.asarray(ids, dtype=np.int64)
-    k = max(ids.shape[-1], 1) if ids.ndim >= 2 else 1
-    flat = ids.reshape(-1)
-    load = np.array(load, dtype=np.int64)
-    if record:
-        keep = (flat >= 0) & (flat < load.size)
-        if valid is not None:
-            keep &= np.arange(flat.size) // k < valid
-        load += np.bincount(flat[keep], minlength=load.size)
-    return load
 
 
 # ---------------------------------------------------------------- rank_local's logcnt
@@ -102,7 +63,7 @@ def test_record_topk_global_atomics_unaligned(id_dtype):
     for ids in (base[1:].reshape(-1, 8), base[:200_000].reshape(-1, 8), base[3:]):
         load = torch.tensor(gen.integers(0, 9, P), device="cuda")
         valid = torch.tensor(ids.shape[0] - 77, device="cuda")
-        exp = ref_topk(load.cpu().numpy(), ids.cpu().numpy(), True, int(valid))
+        exp = ref.record_topk(load.cpu().numpy(), ids.cpu().numpy(), True, int(valid))
         lib.record_topk(load, ids, torch.tensor(True, device="cuda"), valid)
         np.testing.assert_array_equal(load.cpu().numpy(), exp)
 
@@ -139,7 +100,7 @@ def test_int64_ids_beyond_2_32_map_to_minus_one(staged):
     rec = torch.tensor(2**32, device="cuda")  # nonzero: count
     valid = torch.tensor(2**32 + 2, device="cuda")  # every token counts
     out = lib.map_and_record(ids, log2phy, logcnt, load, rec, valid, "spread")
-    exp_out, exp_load = ref_map(ids.cpu().numpy(), log2phy.cpu().numpy(), logcnt.cpu().numpy(),
+    exp_out, exp_load = ref.map_and_record(ids.cpu().numpy(), log2phy.cpu().numpy(), logcnt.cpu().numpy(),
                                 np.zeros(P), True, 2**32 + 2)
     np.testing.assert_array_equal(out.cpu().numpy(), exp_out)
     np.testing.assert_array_equal(load.cpu().numpy(), exp_load)
@@ -153,7 +114,7 @@ def test_rank_local_big_table_with_shared_histogram():
     table = torch.tensor(gen.integers(-1, P + 1, E), device="cuda")
     ids = torch.tensor(gen.integers(-2, E + 2, (50_000, 6)), dtype=torch.int32, device="cuda")
     load = torch.tensor(gen.integers(0, 9, P), device="cuda")
-    exp_out, exp_load = ref_map(ids.cpu().numpy(), table.cpu().numpy(), None,
+    exp_out, exp_load = ref.map_and_record(ids.cpu().numpy(), table.cpu().numpy(), None,
                                 load.cpu().numpy(), True, 40_000, "rank_local")
     out = ops.map_and_record(ids, table, None, load, torch.tensor(True, device="cuda"),
                              torch.tensor(40_000, device="cuda"), "rank_local")
@@ -219,7 +180,7 @@ def test_second_device_while_current_is_first():
     logcnt[:32] = 2
     ids = torch.tensor(gen.integers(-1, E + 1, (40_000, 8)), dtype=torch.int32)
     load = torch.zeros(P, dtype=torch.int64)
-    exp_out, exp_load = ref_map(ids.numpy(), log2phy.numpy(), logcnt.numpy(), load.numpy(),
+    exp_out, exp_load = ref.map_and_record(ids.numpy(), log2phy.numpy(), logcnt.numpy(), load.numpy(),
                                 True, 39_000)
     load_d = load.to(dev)
     out = ops.map_and_record(ids.to(dev), log2phy.to(dev), logcnt.to(dev), load_d,

@@ -766,6 +766,9 @@ def test_fused_adapter_refuses_what_it_cannot_move_and_changes_nothing():
             "logical_to_physical_map names slot|does not match"),
         "counts": (lambda m: m.logical_replica_count.copy_(torch.tensor([1, 2, 2, 1])),
                    "logical_replica_count does not match"),
+        "int32": (lambda m: setattr(m, "logical_replica_count",
+                                    m.logical_replica_count.to(torch.int32)),
+                  r"logical_replica_count must be \[E=4\] int64, got \[4\] torch.int32"),
         "rank": (lambda m: setattr(m, "ep_rank", 1) or setattr(m, "ep_size", 2),
                  "the layer is EP rank 1 of 2, attach's group gives 0 of 1"),
     }

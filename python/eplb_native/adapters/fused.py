@@ -207,8 +207,8 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
                                f"(rank {ep_rank}: {want.tolist()}); give the layer an "
                                "eplb_phy2log [P] buffer that says where its experts are")
 
-    def fits(t, like):
-        return t is not None and t.shape == like.shape and t.dtype in (torch.int32, torch.int64)
+    def fits(t, like):  # (int64: the ops and the updator write these maps as int64, as vLLM)
+        return t is not None and t.shape == like.shape and t.dtype == torch.int64
 
     if fits(l2p, log2phy):
         if differs(l2p, log2phy, rows_as_sets=True):
@@ -217,7 +217,7 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
     else:
         if physical and l2p is not None:
             raise AdapterError(f"{where}: logical_to_physical_map must be [E={num_logical}, "
-                               f"M={log2phy.shape[1]}] int32/int64, got {list(l2p.shape)} "
+                               f"M={log2phy.shape[1]}] int64, got {list(l2p.shape)} "
                                f"{l2p.dtype}: vLLM's router reads it, so it must follow moves")
         l2p = _buffer(module, "eplb_log2phy", log2phy.to(dev), missing)
     cnt = _tensor(module, "logical_replica_count")
@@ -228,7 +228,7 @@ def fused_moe_adapter(name: str, module: torch.nn.Module, ep_rank: int, ep_size:
     else:
         if physical and cnt is not None:
             raise AdapterError(f"{where}: logical_replica_count must be [E={num_logical}] "
-                               f"int32/int64, got {list(cnt.shape)} {cnt.dtype}")
+                               f"int64, got {list(cnt.shape)} {cnt.dtype}")
         cnt = _buffer(module, "eplb_logcnt", logcnt.to(dev), missing)
     load = _tensor(module, "expert_load_view")
     if load is None or load.shape != (num_slots,) or load.dtype not in (torch.int32, torch.int64):
