@@ -323,7 +323,9 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
             ``EPImplementationInterface``); default: the one the model was loaded with.
 
     Returns the layers, each with its EPLB buffers registered. Raises ValueError / AdapterError
-    before changing anything when the model, the group or the placement does not fit.
+    (or the OSError reading ``expert_map``) before changing anything when the model, the group
+    or the placement does not fit; every rank raises together (those where nothing failed a
+    RuntimeError naming the rank that did).
     """
     layers = _grow(_agreed_preparation(model, group, num_redundant_experts, expert_map,
                                        ep_implementation))
