@@ -39,8 +39,9 @@ def test_rank_local_logcnt_on_meta_is_refused():
 
 
 def test_rank_local_logcnt_on_cuda_with_cpu_ids_is_refused():
-    """ids etc. on the CPU, the unused logcnt on the GPU: a ValueError naming logcnt (the CUDA
-    kernel was chosen and its device guard threw an internal RuntimeError)."""
+    """ids etc. on the CPU, the unused logcnt on the GPU: the CUDA kernel is chosen (logcnt's
+    device), and its argument checks, run before its device guard, raise a ValueError naming
+    logcnt (the guard used to come first and throw an internal RuntimeError)."""
     ids = torch.tensor([[0, 1], [2, 1]])
     table = torch.tensor([3, 0, 2])
     load = torch.zeros(4, dtype=torch.int64)
