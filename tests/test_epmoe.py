@@ -86,6 +86,28 @@ def test_running_state_is_not_in_checkpoints():
     assert int(fresh.load.sum()) == 0 and bool(fresh.record)
 
 
+def test_checkpoint_that_does_not_fit_leaves_the_layer_as_it_was():
+    """A state_dict with a tensor of the wrong shape, or a phy2log without the weights that
+    follow it (strict=False), is refused before anything of the layer changes (torch loaded
+    the tensors that fit and the maps switched to the new phy2log under the old weights)."""
+    layer = EPMoE(8, 8, 4, 2, phy2log=[3, 2, 1, 0])
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    want = layer(x)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    other = EPMoE(8, 8, 4, 2).state_dict()  # placement [0, 1, 2, 3]
+    wrong = {**other, "w13": torch.zeros(3, 16, 8)}
+    with pytest.raises(ValueError, match=r"w13 in the state_dict has shape \[3, 16, 8\], the "
+                                         r"layer's is \[4, 16, 8\]"):
+        layer.load_state_dict(wrong)
+    with pytest.raises(ValueError, match="phy2log in the state_dict comes without w13 and w2"):
+        layer.load_state_dict({"phy2log": other["phy2log"]}, strict=False)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(layer(x), want)
+    layer.load_state_dict(other)  # the whole checkpoint loads, and computes the same function
+    assert layer.phy2log.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(layer(x), want)
+
+
 def test_loaded_checkpoint_rederives_this_ranks_maps():
     """log2phy / logcnt / local_expert_map follow the loaded phy2log for the loading rank: a
     checkpoint saved by another rank holds that rank's rotated log2phy rows (and one saved
@@ -116,3 +138,16 @@ def test_loaded_checkpoint_rederives_this_ranks_maps():
     layer.load_state_dict(sd2, assign=True)
     want = state.placement_tensors(sd2["phy2log"], 8, 1, 0, rotate=True)
     assert torch.equal(layer.log2phy, want[0]) and torch.equal(layer.logcnt, want[1])
+
+
+def test_built_on_meta_then_loaded():
+    """EPMoE(device="meta") builds (it raised reaching for an accelerator), and to_empty +
+    load_state_dict gives the layer the checkpoint describes."""
+    ref = EPMoE(8, 8, 4, 2, seed=3, phy2log=[3, 2, 1, 0])
+    layer = EPMoE(8, 8, 4, 2, seed=3, phy2log=[3, 2, 1, 0], device="meta")
+    assert layer.w13.device.type == "meta" and layer.phy2log.device.type == "meta"
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(layer(x), ref(x))
+    assert torch.equal(layer.log2phy, ref.log2phy) and torch.equal(layer.logcnt, ref.logcnt)

@@ -196,7 +196,7 @@ def _copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
     already holds, before the next forward), without a host sync, which a copy from pageable
     memory would cost at every layer's switch; the caching host allocator keeps the pinned
     block until the copy completed."""
-    if dst.device.type == "cpu":
+    if dst.device.type in ("cpu", "meta"):  # (meta: no data, a copy only checks the shape)
         dst.copy_(src)
     else:
         # converted on the host first: a conversion inside copy_ would stage through pageable

@@ -106,7 +106,8 @@ class EPMoE(torch.nn.Module):
         self.register_load_state_dict_post_hook(_rederive_maps)
         self._adapter = self.eplb_adapter("")
         self._adapter.set_placement(p2l)
-        self.fill_slots_from_logical()
+        if self.w13.device.type != "meta":  # (meta tensors hold no values: to_empty + a load)
+            self.fill_slots_from_logical()
 
     def eplb_adapter(self, name: str) -> MoELayerAdapter:
         """The adapter protocol (eplb_native.adapters.base): this layer's tensors, no copies."""
@@ -235,10 +236,22 @@ def _rederive_maps(module, incompatible_keys) -> None:
 
 def _drop_running_state(module, state_dict, prefix, *args) -> None:
     """Checkpoints written before load / record became non-persistent carry them: dropped, so
-    they still load (strict too). A phy2log that is no placement is refused here, before the
-    load writes anything."""
+    they still load (strict too). Refused here, before the load writes anything of the layer
+    (torch would load the tensors that fit and the post-hook switch the maps to the new phy2log
+    under weights that follow the old one): a tensor of the layer's whose shape differs, a
+    phy2log without both w13 and w2, and a phy2log that is no placement."""
     for key in ("load", "record"):
         state_dict.pop(prefix + key, None)
+    for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        v = state_dict.get(prefix + key)
+        if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(t.shape):
+            raise ValueError(f"{prefix}{key} in the state_dict has shape {list(v.shape)}, the "
+                             f"layer's is {list(t.shape)}; nothing of this layer was loaded")
+    if prefix + "phy2log" in state_dict and not all(
+            prefix + k in state_dict for k in ("w13", "w2")):
+        raise ValueError(f"{prefix}phy2log in the state_dict comes without {prefix}w13 and "
+                         f"{prefix}w2: the placement would switch under weights that follow "
+                         "the old one; load them together")
     p2l = state_dict.get(prefix + "phy2log")
     if isinstance(p2l, torch.Tensor) and p2l.device.type != "meta":
         try:
