@@ -14,6 +14,31 @@ def test_complex_load_is_refused(load):
         eplb_native.plan(load, num_ranks=2, num_replicas=4)
 
 
+@pytest.mark.parametrize("load,error,match", [
+    (np.array(3.0), ValueError, r"load must be an array, got a 0-d one \(3.0\)"),
+    (np.array([[1, 2, 3, 4]], "m8[s]"), TypeError, "load must hold real numbers, got dtype "
+                                                   r"timedelta64\[s\]"),
+    (torch.ones(1, 4).to_sparse(), TypeError, "load must be a dense tensor, got layout "
+                                              "torch.sparse_coo"),
+])
+def test_scalar_timedelta_and_sparse_loads_are_refused(load, error, match):
+    # a 0-d load planned one layer of one expert; timedelta64 counts as an integer in numpy; a
+    # sparse tensor was said to have "no numpy equivalent" of its float32 dtype
+    with pytest.raises(error, match=match):
+        eplb_native.plan(load, num_ranks=2, num_replicas=4)
+    with pytest.raises(error, match=match.replace("load", "weight")):
+        eplb_native.rebalance_experts(load, 4, 1, 1, 2)
+
+
+def test_rebalance_experts_names_weight():
+    for w, match in ((np.array([[1.0, np.nan, 2, 3]]), r"weight must be finite and >= 0, got "
+                                                       r"nan at \[0, 1\]"),
+                     (np.array([[1.0, -2, 3, 4]]), "weight must be finite and >= 0, got -2.0"),
+                     (np.ones((1, 0)), r"weight must have shape \[layers, experts\]")):
+        with pytest.raises(ValueError, match=match):
+            eplb_native.rebalance_experts(w, 4, 1, 1, 2)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"threads": 2**31}, ValueError, "threads must be <= 4096"),
     ({"threads": True}, TypeError, "threads must be an int"),
@@ -23,6 +48,8 @@ def test_complex_load_is_refused(load):
     ({"min_move_target": 1.5}, ValueError, r"min_move_target must be in \(0, 1\]"),
     ({"policy": ["balanced"]}, TypeError, "policy must be a str"),
     ({"num_ranks": 2**70}, ValueError, "num_ranks must be <="),
+    # (it was a std::bad_alloc: MemoryError from plan, "RuntimeError: internal" from submit)
+    ({"num_replicas": 2**40}, ValueError, "num_replicas must be <= 16777216"),
     ({"preserve_slots": "false"}, TypeError, "preserve_slots must be a bool"),
     ({"transfers": None}, TypeError, "transfers must be a bool"),
 ])

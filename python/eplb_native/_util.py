@@ -57,6 +57,11 @@ def to_numpy(x, name: str) -> np.ndarray:
         x = x.detach()
         if getattr(x, "is_meta", False):
             raise ValueError(f"{name} is a meta-device tensor (no data); pass real values")
+        import torch  # (x is a tensor: torch is loaded already)
+
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}; "
+                            "call .to_dense() first")
         if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
             x = x.float()
         try:

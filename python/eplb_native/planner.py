@@ -101,9 +101,12 @@ def _as_numpy(x, name: str, dtype) -> np.ndarray:
     if not (is_torch(x) or isinstance(x, np.ndarray | list | tuple)):
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
     a = to_numpy(x, name)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or (
-            a.dtype.kind == "c"):  # complex: the cast below would drop the imaginary part
+    # (bool, integers, floats: not complex, whose imaginary part the cast would drop, nor
+    # timedelta64, which numpy counts as an integer)
+    if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.ndim == 0:  # (ascontiguousarray would make it 1-D: a layer of one expert)
+        raise ValueError(f"{name} must be an array, got a 0-d one ({a.item()!r})")
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
     if (np.issubdtype(dtype, np.integer) and a.dtype.kind == "u" and a.size
@@ -112,6 +115,10 @@ def _as_numpy(x, name: str, dtype) -> np.ndarray:
         raise ValueError(f"{name} holds {a.max()}, beyond int64")
     return np.ascontiguousarray(a, dtype=dtype)
 
+
+#: Largest num_replicas (physical slots per layer) a plan takes: far above any model's
+#: (Kimi-K2-like: 512), low enough that a mistyped value is refused, not a failed allocation.
+MAX_SLOTS = 1 << 24
 
 #: Largest thread count a plan takes (the C++ side holds it in an int; more threads than
 #: layers are never started anyway).
@@ -152,25 +159,27 @@ def _as_target(x) -> float:
     return float(x)
 
 
-def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads):
+def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads,
+             name: str = "load"):
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a str, one of {sorted(POLICIES)}, got "
                         f"{type(policy).__name__}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    w = _as_numpy(load, "load", np.float64)
+    w = _as_numpy(load, name, np.float64)
     if w.ndim == 1:
         w = w[None, :]
     if w.ndim != 2 or w.shape[1] == 0:
-        raise ValueError(f"load must have shape [layers, experts] with experts >= 1, got {w.shape}")
+        raise ValueError(f"{name} must have shape [layers, experts] with experts >= 1, got "
+                         f"{w.shape}")
     if w.shape[0] == 0:
-        raise ValueError("load must have at least one layer")
+        raise ValueError(f"{name} must have at least one layer")
     num_ranks = _as_int(num_ranks, "num_ranks")
     num_nodes = _as_int(num_nodes, "num_nodes")
     num_groups = _as_int(num_groups, "num_groups")
     threads = _as_int(threads, "threads", maximum=MAX_THREADS)
-    if num_replicas is not None:
-        num_replicas = _as_int(num_replicas, "num_replicas")
+    if num_replicas is not None:  # (a bound, so that a typo is no std::bad_alloc)
+        num_replicas = _as_int(num_replicas, "num_replicas", maximum=MAX_SLOTS)
     old = None
     if old_phy2log is not None:
         old = _as_numpy(old_phy2log, "old_phy2log", np.int64)
@@ -283,7 +292,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     name = "num_gpus" if num_ranks is None else "num_ranks"
     ranks = _as_int(num_gpus if num_ranks is None else num_ranks, name)  # named as given
     w, _, ranks, slots, num_nodes, num_groups, _ = _prepare(
-        weight, None, ranks, num_replicas, num_nodes, num_groups, "deepseek", 1)
+        weight, None, ranks, num_replicas, num_nodes, num_groups, "deepseek", 1, name="weight")
+    bad = ~(w >= 0.0) | ~np.isfinite(w)  # (the planner would check it too, naming it "load")
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"weight must be finite and >= 0, got {w[at]} at {list(at)}")
     # log2phy written at DeepSeek's width by the planner (padding a narrower one here took a
     # third of the call on DeepSeek-V3).
     width = slots - w.shape[1] + 1
