@@ -320,6 +320,7 @@ def test_simulate_json_matches_the_reference_loop(tmp_path, small_trace):
     out = json.loads(proc.stdout)
     loads, _ = load_trace(small_trace)
     assert out["windows"] == 7 and out["judged_windows"] == 5 and out["every"] == 2
+    assert out["distinct_ranks"] is None  # (what the plans ran with: balanced's preference)
     assert set(out["policies"]) == {"static", "deepseek", "balanced"}
     default = default_placement_layers(3, 16, 4, 4)
 
@@ -431,6 +432,28 @@ def test_simulate_bad_arguments(tmp_path, small_trace, args, fragments):
                    expect=2)
     assert_one_line_error(proc, "simulate", *fragments)
     assert not (tmp_path / "simulate.png").exists()
+
+
+def test_simulate_without_matplotlib_fails_first(tmp_path, small_trace, monkeypatch):
+    """--png without matplotlib: one line naming it, before the simulation runs (the error
+    came after it)."""
+    fake = tmp_path / "fake"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--png", "s.png",
+                   cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "simulate", "needs matplotlib", "--no-png")
+    assert not proc.stdout and not (tmp_path / "s.png").exists()
+
+
+def test_plan_sum_overflowing_float64_is_one_line(tmp_path):
+    np.save(tmp_path / "f.npy", np.full((2, 2, 8), 1e308))
+    proc = run_cli("plan", "--load", "f.npy", "--ranks", 2, "-o", "o.json", cwd=tmp_path,
+                   expect=2)
+    assert_one_line_error(proc, "plan", "--load f.npy", "overflow float64 at [layer, expert] "
+                          "[0, 0]")
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_simulate_bad_trace_file(tmp_path):

@@ -151,6 +151,28 @@ def test_bad_files_name_the_file(tmp_path):
     huge.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=f"{huge}: layer_list"):
         expert_map.load(huge)
+    digits = tmp_path / "digits.json"
+    digits.write_text("[[1" + "0" * 5000 + "]]")  # (Python's int parser refuses > 4300 digits)
+    with pytest.raises(ValueError, match=f"{digits}: not a readable expert map"):
+        expert_map.load(digits)
+
+
+def test_array_ids_past_2_62_are_refused_as_save_does():
+    a = np.array([[0, 1, 2, 2**62 + 5]])
+    with pytest.raises(ValueError, match="expert ids must be < 2"):
+        expert_map.load(a, num_ranks=2)
+    with pytest.raises(ValueError):
+        expert_map.save("unused.json", a, 2)
+
+
+@pytest.mark.parametrize("phy2log,match", [
+    (np.array([[0, 1, 2]]), r"slots divisible by num_ranks \(2\), got \[1, 3\]"),
+    (np.array([[0.0, 1]]), "integer expert ids, got dtype float64"),
+    (np.zeros((1, 2, 2), dtype=np.int64), r"shape \[layers, slots\]"),
+])
+def test_repeated_on_a_rank_names_bad_input(phy2log, match):
+    with pytest.raises(ValueError, match=match):
+        expert_map.repeated_on_a_rank(phy2log, 2)
 
 
 def test_numpy_int_num_ranks_accepted():

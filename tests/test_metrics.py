@@ -34,6 +34,11 @@ def test_measured_balancedness_edges():
     ([[1, 1]], [[0, 2]], 2, r"phy2log ids must lie in \[0, 2\)"),
     ([[1, 5]], [[0, 0]], 2, "no slot of expert 1 in layer 0, which has load 5"),
     ([[1, 1], [1, 1]], [[0, 1]], 1, "same layers"),
+    # (were accepted: a negative balancedness, an id truncated to 0, numpy's TypeError)
+    ([[-5, 1, 1, 1]], [[0, 1, 2, 3]], 2, "load must be finite and >= 0"),
+    ([[5, 1]], [[0.7, 1]], 2, "phy2log must hold integer expert ids, got dtype float64"),
+    ([[5, 1]], np.array([[0, 2**64 - 1]], np.uint64), 2, "ids must lie in \\[0, 2\\), got "
+                                                          "18446744073709551615"),
 ])
 def test_rank_loads_bad_input_names_it(load, phy2log, ranks, match):
     with pytest.raises(ValueError, match=match):

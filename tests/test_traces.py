@@ -273,6 +273,21 @@ def test_deeply_nested_json_trace_names_the_file(tmp_path):
         load_trace(path)
 
 
+def test_json_integer_past_the_digit_limit_names_the_file(tmp_path):
+    path = tmp_path / "digits.json"
+    path.write_text("[[1" + "0" * 5000 + "]]")  # (Python's int parser refuses > 4300 digits)
+    with pytest.raises(ValueError, match=f"{path}: not a readable trace"):
+        load_trace(path)
+
+
+def test_sum_over_windows_overflowing_float64_is_refused():
+    from eplb_native.traces import sum_windows
+
+    with pytest.raises(ValueError, match=r"summed over the 2 windows overflow float64 at "
+                                         r"\[layer, expert\] \[0, 0\]"):
+        sum_windows(np.full((2, 1, 3), 1e308))
+
+
 def test_save_trace_takes_half_precision_tensors_and_numpy_ints(tmp_path):
     rng = np.random.default_rng(5)
     want = rng.integers(0, 100, (2, 3, 4)).astype(np.float32)  # exact in bf16 and fp16

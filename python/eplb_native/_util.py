@@ -103,6 +103,9 @@ def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy
     a = np.array(to_numpy(phy2log, name), copy=True)
     if a.dtype == object or not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must hold integer expert ids, got dtype {a.dtype}")
+    if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+        # (the cast would wrap it to a negative id, and the error would name that)
+        raise ValueError(f"{name} ids must lie in [0, {num_logical}), got {a.max()}")
     a = a.astype(np.int64)
     rows = a[None] if a.ndim == 1 else a
     if rows.ndim != 2 or rows.shape[1] == 0:

@@ -228,7 +228,10 @@ def cmd_plan(args) -> int:
     # A trace's windows are summed: EPLB plans from the loads accumulated over its window
     # (vLLM window_size, vllm-ascend heat interval), and the sum weighs every window by its
     # traffic. --window last plans from the most recent window only.
-    load = traces.sum_windows(loads) if args.window == "sum" else loads[-1]
+    try:
+        load = traces.sum_windows(loads) if args.window == "sum" else loads[-1]
+    except ValueError as e:
+        raise ValueError(f"--load {args.load}: {e}") from None
     old = None
     if args.old:
         # ids, layers and experts checked by the one loader; ranks here, to name --ranks
@@ -439,6 +442,7 @@ def cmd_simulate(args) -> int:
     png = None if args.no_png else args.png
     if png:
         _check_output_dir(png, "--png")
+        _pyplot()  # fail before the simulation if matplotlib is missing, not after it
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
         "expert_bytes")
     if expert_bytes is not None and (isinstance(expert_bytes, bool) or
@@ -471,7 +475,9 @@ def cmd_simulate(args) -> int:
                          f"{topo.num_slots} slots on {topo.num_ranks} ranks, every {args.every}")
     result = {"trace": os.fspath(args.trace), "windows": num_windows, "num_layers": num_layers,
               "num_experts": num_experts, **topo.as_dict(), "every": args.every,
-              "distinct_ranks": args.distinct_ranks, "default_layout": args.default_layout,
+              # (what the plans ran with: None is balanced's preference, plan's default)
+              "distinct_ranks": True if args.distinct_ranks else None,
+              "default_layout": args.default_layout,
               "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
               "policies": summary, "png": png}
     if args.json:

@@ -132,8 +132,13 @@ def repeated_on_a_rank(phy2log, num_ranks: int) -> list[tuple[int, int, int]]:
     misnumbered. ``plan(..., distinct_ranks=True)`` makes none."""
     a = to_numpy(phy2log, "phy2log")
     num_ranks = check_int(num_ranks, "num_ranks", 1)
+    if a.dtype == object or a.dtype.kind not in "iu":
+        raise ValueError(f"phy2log must hold integer expert ids, got dtype {a.dtype}")
     if a.ndim == 1:
         a = a[None]
+    if a.ndim != 2 or a.shape[1] % num_ranks:
+        raise ValueError(f"phy2log must have shape [layers, slots] with slots divisible by "
+                         f"num_ranks ({num_ranks}), got {list(a.shape)}")
     per_rank = np.sort(a.reshape(a.shape[0], num_ranks, -1), axis=2)
     layer, rank, j = np.nonzero(per_rank[:, :, 1:] == per_rank[:, :, :-1])
     found = {(int(l_), int(r), int(per_rank[l_, r, k])) for l_, r, k in zip(layer, rank, j,
@@ -179,6 +184,8 @@ def _read(path, label: str) -> dict:
         raise ValueError(f"{label}: not valid JSON ({e})") from None
     except RecursionError:
         raise ValueError(f"{label}: JSON nested too deeply for an expert map") from None
+    except ValueError as e:  # (an integer past Python's digit limit, say)
+        raise ValueError(f"{label}: not a readable expert map ({e})") from None
 
 
 def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
@@ -226,8 +233,8 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         if a.shape[1] % num_ranks:
             raise ValueError(f"{label}: slots ({a.shape[1]}) must be divisible by the "
                              f"{num_ranks} ranks")
-        if a.dtype == np.uint64 and (a >= MAX_EXPERT_ID).any():
-            raise ValueError(f"{label}: expert ids must be < 2**62")
+        if a.size and a.max() >= MAX_EXPERT_ID:  # (what save() takes: the round trip holds)
+            raise ValueError(f"{label}: expert ids must be < 2**62, got {a.max()}")
         phy2log, ranks = a.astype(np.int64), num_ranks
     if num_ranks is not None and ranks != num_ranks:
         raise ValueError(f"{label} is for {ranks} ranks, expected {num_ranks}")

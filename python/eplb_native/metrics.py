@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._util import to_numpy
+
 logger = logging.getLogger("eplb_native")
 
 
@@ -53,8 +55,18 @@ def rank_loads(load, phy2log, num_ranks: int) -> np.ndarray:
     the sum over the rank's slots of ``load[e] / logcnt[e]`` (each replica carries its share).
     ValueError naming the argument for shapes that do not fit, ids out of range, or an expert
     with load but no slot (its load would be dropped from every rank)."""
-    load = np.asarray(load, dtype=np.float64)
-    phy2log = np.asarray(phy2log, dtype=np.int64)
+    load = to_numpy(load, "load")
+    phy2log = to_numpy(phy2log, "phy2log")
+    if load.dtype == object or load.dtype.kind not in "biuf":
+        raise ValueError(f"load must hold real numbers, got dtype {load.dtype}")
+    if phy2log.dtype == object or phy2log.dtype.kind not in "iu":
+        raise ValueError(f"phy2log must hold integer expert ids, got dtype {phy2log.dtype}")
+    load = load.astype(np.float64)
+    if load.size and not (np.isfinite(load).all() and load.min() >= 0):
+        raise ValueError("load must be finite and >= 0")
+    if phy2log.dtype == np.uint64 and phy2log.size and phy2log.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"phy2log ids must lie in [0, {load.shape[-1]}), got {phy2log.max()}")
+    phy2log = phy2log.astype(np.int64)
     if load.ndim != 2 or phy2log.ndim != 2 or load.shape[0] != phy2log.shape[0]:
         raise ValueError(f"load [layers, experts] and phy2log [layers, slots] must have the same "
                          f"layers, got shapes {load.shape} and {phy2log.shape}")

@@ -182,7 +182,13 @@ def sum_windows(loads: np.ndarray) -> np.ndarray:
     if a.ndim != 3:
         raise ValueError(f"loads must be [windows, layers, experts], got shape {a.shape}")
     if a.dtype.kind == "f":
-        return a.sum(axis=0, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            total = a.sum(axis=0, dtype=np.float64)
+        if not np.isfinite(total).all():  # (each load finite, the sum past float64's range)
+            at = [int(i) for i in np.argwhere(~np.isfinite(total))[0]]
+            raise ValueError(f"loads summed over the {a.shape[0]} windows overflow float64 at "
+                             f"[layer, expert] {at}; scale them down")
+        return total
     total = a.sum(axis=0, dtype=np.float64)
     # below 2**62 the float64 sum is far from the int64 limit despite its rounding
     if total.size == 0 or total.max() < 2.0**62:
@@ -357,6 +363,8 @@ def _read_json(src: str):
     except RecursionError:
         raise ValueError(f"{src}: JSON nested too deeply for a trace (loads are [W, L, E] or "
                          f"[L, E])") from None
+    except ValueError as e:  # (an integer past Python's digit limit, say)
+        raise ValueError(f"{src}: not a readable trace ({_short(e)})") from None
     meta: dict = {}
     if isinstance(doc, dict):
         if "loads" not in doc:
