@@ -101,6 +101,15 @@ def test_synth_bad_arguments(tmp_path, args, fragments):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_synth_custom_top_k_defaults_to_at_most_the_experts(tmp_path):
+    # (it defaulted to 8 and refused 4 experts with an error about a --top-k never typed)
+    run_cli("synth", "--shape", "custom", "--layers", 2, "--experts", 4, "-o", "t.npz",
+            cwd=tmp_path)
+    loads, meta = load_trace(tmp_path / "t.npz")
+    assert meta["top_k"] == 4 and loads.shape[1:] == (2, 4)
+    assert (loads.sum(axis=2) == meta["tokens_per_window"] * 4).all()
+
+
 def test_synth_needs_npz_and_existing_directory(tmp_path):
     proc = run_cli("synth", "--shape", "kimi-k2", "-o", "x.npy", cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "synth", "*.npz")

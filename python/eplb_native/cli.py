@@ -318,7 +318,10 @@ def cmd_synth(args) -> int:
         raise UsageError("--shape custom needs --layers and --experts")
     layers = args.layers if args.layers is not None else shape.num_layers
     experts = args.experts if args.experts is not None else shape.num_experts
-    top_k = args.top_k if args.top_k is not None else (shape.top_k if shape else 8)
+    if args.top_k is not None:
+        top_k = args.top_k
+    else:  # the model's; else 8, or every expert where there are fewer
+        top_k = min(shape.top_k if shape else 8, experts) if experts >= 1 else 8
     if not args.output.endswith(".npz"):
         raise UsageError(f"-o {args.output}: synth writes an .npz trace; name it *.npz")
     _check_output_dir(args.output, "-o")
@@ -954,7 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift", type=_float_arg, default=0.05,
                    help="fraction of the expert popularity renewed per window (0..1)")
     p.add_argument("--tokens", type=_int_arg, default=4096, help="tokens per window")
-    p.add_argument("--top-k", type=_int_arg, default=None, help="experts per token")
+    p.add_argument("--top-k", type=_int_arg, default=None,
+                   help="experts per token (default: the model's; custom: min(8, --experts))")
     p.add_argument("--seed", type=_int_arg, default=0)
     p.add_argument("-o", "--output", required=True, help="trace file to write (.npz)")
     p.set_defaults(func=cmd_synth)

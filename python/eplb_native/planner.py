@@ -317,8 +317,9 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
 
 def preserve_slots(phy2log, old_phy2log, num_ranks: int):
     """vLLM's ``preserve_intragpu_slots``: permute each rank's slots of ``phy2log`` [L, P] so an
-    expert the rank held in ``old_phy2log`` [L, P] keeps its old slot. Returns a new array (or
-    tensor, if given one); each rank keeps the same multiset of experts."""
+    expert the rank held in ``old_phy2log`` [L, P] keeps its old slot. Returns a new int64
+    array (or int64 tensor, if given one, whatever its integer dtype); each rank keeps the same
+    multiset of experts."""
     new = _as_numpy(phy2log, "phy2log", np.int64)
     old = _as_numpy(old_phy2log, "old_phy2log", np.int64)
     squeeze = new.ndim == 1
