@@ -44,6 +44,24 @@ def test_multiprocess_move_to_random_placements(world, budget_rows, tmp_path):
              nprocs=world, join=True)
 
 
+def test_two_ep_groups_in_one_world(tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.two_ep_groups, args=(4, f"file://{tmp_path}/rdzv", BACKEND), nprocs=4,
+             join=True)
+
+
+def test_shutdown_after_a_fault_gives_its_groups_back(tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.shutdown_after_fault, args=(2, f"file://{tmp_path}/rdzv", BACKEND),
+             nprocs=2, join=True)
+
+
 def test_layer_move_from_prepared_layout():
     """One process: a move built from a layout prepared ahead stages the same rows as one built
     from the fills (local copies only here), and commits the new placement; a layout of
@@ -243,6 +261,40 @@ def test_single_process_equal_outputs_and_explicit_steps(tmp_path):
     assert np.array_equal(up.phy2log(), np.stack([state.default_placement(8, 1, 4)] * 3))
     assert sum(w["tokens"] for w in up.stats.windows) == 12 * 10 * 2 * 3
     up.shutdown()
+    up.shutdown()
+
+
+def test_on_placement_that_raises_stops_eplb_after_a_whole_step(caplog):
+    """An adapter's on_placement callback that raises after its layer's switch: the step ends
+    whole (the mirror says the new placement, the maps follow it, the move's staging is free),
+    an error is logged, and the next forward refuses (the step was left half-finished: the
+    mirror stale, the move in flight, the later layers not processed)."""
+    import logging
+
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 10**6, "layers_per_step": 2})
+    seen = []
+
+    def callback(adapter):
+        seen.append(adapter.name)
+        raise KeyError("the engine's table")
+
+    up.layers[0].on_placement = callback
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 6], [0, 1, 2, 3, 4, 5, 6, 7, 1, 0]])
+    g = torch.Generator().manual_seed(1)
+    assert up.move_to(target) == 2
+    with caplog.at_level(logging.ERROR, logger="eplb_native"):
+        model(torch.randn(6, 8, generator=g))  # both layers move in this step
+    assert seen == [up.layers[0].name]
+    assert any("on_placement callback raised" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(up.phy2log(), target)  # both layers switched, the mirror too
+    for layer, row in zip(model.layers, target, strict=True):
+        assert layer.phy2log.tolist() == row.tolist()
+        w13, w2 = logical_weights_of_slots(layer)
+        assert np.array_equal(w13, layer.w13.numpy()) and np.array_equal(w2, layer.w2.numpy())
+    assert not up._inflight and len(up._free) == len(up._staging)
+    with pytest.raises(RuntimeError, match="on_placement callback raised"):
+        model(torch.randn(6, 8, generator=g))
     up.shutdown()
 
 

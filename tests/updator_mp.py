@@ -276,13 +276,16 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
     assert not updator.moving and np.array_equal(updator.phy2log(), current)
     _run(model, reference, updator, 2, rank, device, first_step=step)
     updator.shutdown()
-    # the process groups attach created are gone (each attach used to leave one or two)
-    assert len(dist.distributed_c10d._world.pg_map) == groups_before
+    # the process groups attach took are kept for the next attach on these ranks: its move
+    # group, and its CPU group unless the EP group is gloo already (each attach used to leave
+    # one or two behind); the attaches below, refused ones too, take those again
+    kept = groups_before + (1 if backend == "gloo" else 2)
+    assert len(dist.distributed_c10d._world.pg_map) == kept
     dist.barrier()
     _attach_fails_on_one_rank(rank, world, group, device, tmpdir, redundant)
     _expert_map_fault(rank, world, group, device, tmpdir, redundant)
     _plan_fails_on_one_rank(rank, world, group, device, redundant)
-    assert len(dist.distributed_c10d._world.pg_map) == groups_before  # refused attaches too
+    assert len(dist.distributed_c10d._world.pg_map) == kept
     dist.barrier()
     dist.destroy_process_group()
     leave()
@@ -523,4 +526,61 @@ def dropped_gloo_move_ends(rank, world, init_method):
         time.sleep(0.05)
     assert move.finished() and move.error is not None, (rank, move.error)
     assert move.drain(time.perf_counter() + 5)
+    leave()
+
+
+def two_ep_groups(rank, world, init_method, backend):
+    """Two EP groups in one world (DP x EP): ranks [0, 1] and [2, 3] each attach to their own
+    group (every rank creates both groups, as torch requires) and move; each group's ranks end
+    with the same placement, outputs unchanged (attach hung: its new_group calls were
+    world-wide)."""
+    device = _setup(rank, world, init_method, backend)
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    model, reference = Stack(group, 2, device), Stack(group, 2, device)
+    updator = eplb_native.attach(model, {"step_interval": 10**6}, group)
+    rng = np.random.default_rng(5 + rank // 2)  # the same target within a group, not across
+    target = np.stack([np.concatenate([rng.permutation(EXPERTS), rng.integers(0, EXPERTS, 2)])
+                       for _ in range(NUM_LAYERS)])
+    assert updator.move_to(target) == NUM_LAYERS
+    _run(model, reference, updator, 8, rank, device)
+    assert np.array_equal(updator.phy2log(), target)
+    assert all(m["ok"] for m in updator.stats.moves), updator.stats.moves
+    _check_same_maps(updator, group)
+    updator.shutdown()
+    dist.barrier()
+    leave()
+
+
+def shutdown_after_fault(rank, world, init_method, backend):
+    """A move dropped by a fault on one rank (raised once its transfers had completed) and
+    shutdown right after: its ops ended on every rank, so the process groups attach took are
+    given back, and the next attach takes them (they were left open whenever a dropped move
+    was pending: one or two more per fault)."""
+    device = _setup(rank, world, init_method, backend)
+    group = dist.group.WORLD
+    model = Stack(group, 2, device)
+    updator = eplb_native.attach(model, {"step_interval": 10**6, "transfer_timeout_s": 10.0},
+                                 group)
+    groups = len(dist.distributed_c10d._world.pg_map)
+    move_group = updator._move_group
+
+    def hook(cycle, layer, phase):
+        if rank == world - 1 and layer == 0 and phase == "complete":
+            raise RuntimeError("injected after the transfers completed")
+
+    updator.fault_hook = hook
+    rng = np.random.default_rng(3)
+    target = np.stack([np.concatenate([rng.permutation(EXPERTS), rng.integers(0, EXPERTS, 2)])
+                       for _ in range(NUM_LAYERS)])
+    updator.move_to(target)
+    model(_inputs(0, rank, device))
+    assert [m["ok"] for m in updator.stats.moves if m["layer"] == 0] == [False]
+    assert updator._pending, "the dropped move is pending at shutdown"
+    updator.shutdown()
+    again = eplb_native.attach(model, {"step_interval": 10**6}, group)
+    assert again._move_group is move_group
+    assert len(dist.distributed_c10d._world.pg_map) == groups
+    again.shutdown()
+    dist.barrier()
     leave()

@@ -167,11 +167,12 @@ class Updator:
             ranks = dist.get_process_group_ranks(group)
             # Moves get their own communicator so their P2P never interleaves with the model's
             # collectives; agreement runs on a CPU (gloo) group so it never syncs the device.
-            self._move_group = dist.new_group(ranks)
+            # (_take_group: created by this EP group's ranks alone, reused after a shutdown)
+            self._move_group = _take_group(ranks, None)
             if dist.get_backend(group) == "gloo":
                 self._cpu_group = group
             else:
-                self._cpu_group = dist.new_group(ranks, backend="gloo")
+                self._cpu_group = _take_group(ranks, "gloo")
         else:
             self._move_group = self._cpu_group = None
         self.group = group
@@ -190,6 +191,7 @@ class Updator:
                 "through that forward fails (autograd's in-place check). For inference call "
                 "model.eval(); to train, attach with dynamic_eplb=False (recording only)")
         self._broken: str | None = None
+        self._callback_error: str | None = None  # an on_placement that raised (_set_placement)
         self.fault_hook: FaultHook | None = None
         self.step = 0
         self._logged_step = 0  # the step of the last balancedness log (log_balancedness)
@@ -255,7 +257,7 @@ class Updator:
             if self._planner is not None:
                 self._planner.close()
                 self._planner = None
-            self._destroy_groups()
+            self._release_groups()
             raise
         for a in layers:
             _live_updators[a.module] = weakref.ref(self)
@@ -351,12 +353,14 @@ class Updator:
         v = t.tolist()
         return v[0], [v[1 + 2 * i] == -v[2 + 2 * i] for i in range(len(digests))]
 
-    def _destroy_groups(self) -> None:
-        """Destroys the process groups this updator created (collective: every rank)."""
-        for g in {self._move_group, self._cpu_group if self._cpu_group is not self.group
-                  else None}:
-            if g is not None:
-                dist.destroy_process_group(g)
+    def _release_groups(self) -> None:
+        """Gives the process groups this updator took back for the next attach on the same
+        ranks (every rank alike: attach and shutdown are collective)."""
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else []
+        if self._move_group is not None:
+            _give_back_group(self._move_group, ranks, None)
+        if self._cpu_group is not None and self._cpu_group is not self.group:
+            _give_back_group(self._cpu_group, ranks, "gloo")
         self._move_group = self._cpu_group = None
 
     # ----------------------------------------------------------------------------------------
@@ -369,8 +373,27 @@ class Updator:
 
     def _set_placement(self, layer: int, phy2log: np.ndarray) -> None:
         self._check_tensors(layer)
-        self.layers[layer].set_placement(phy2log)
+        a = self.layers[layer]
+        # The adapter's on_placement callback (an engine's own tables, say) runs once the maps
+        # and the host mirror both say the new placement; if it raises, the step still ends
+        # whole (the move committed, its staging freed) and EPLB stops at the next step, as
+        # for replaced tensors (the engine's view of this layer can no longer be trusted).
+        callback, a.on_placement = a.on_placement, None
+        try:
+            a.set_placement(phy2log)
+        finally:
+            a.on_placement = callback
         self._placement[layer] = phy2log
+        if callback is not None:
+            try:
+                callback(a)
+            except Exception as e:  # noqa: BLE001  (stops EPLB at the next step)
+                msg = (f"MoE layer {a.name!r}: its on_placement callback raised after the "
+                       f"switch ({type(e).__name__}: {e}); EPLB stopped (the layer serves the "
+                       "new placement)")
+                logger.error("eplb_native: %s", msg)
+                if self._callback_error is None:
+                    self._callback_error = msg  # (broken from the next forward on)
 
     def _check_tensors(self, layer: int) -> None:
         """Raises (and keeps raising at every step) when layer's weights or EPLB buffers are no
@@ -492,6 +515,8 @@ class Updator:
         the last fold, and issues the next layers' moves."""
         if self._closed:
             return
+        if self._broken is None and self._callback_error is not None:
+            self._broken = self._callback_error
         if self._broken is not None:
             raise RuntimeError(self._broken)
         if self._fold_done is not None:
@@ -843,9 +868,13 @@ class Updator:
 
     def warm_up(self) -> None:
         """Opens the P2P connections between every pair of ranks (one small exchange), so the
-        first real move does not pay for it. Collective: every rank calls it."""
+        first real move does not pay for it. Collective: every rank calls it, with no move
+        queued or in flight (its messages would share the moves' communicator)."""
         if self._move_group is None:
             return
+        if self._queue or self._inflight or self._pending:
+            raise RuntimeError("warm_up: moves are queued or in flight; call it before serving "
+                               "or between cycles")
         x = torch.zeros(1, dtype=torch.int64, device=self.device)
         out = torch.empty(self.num_ranks, dtype=torch.int64, device=self.device)
         ops = []
@@ -878,8 +907,8 @@ class Updator:
 
     def shutdown(self) -> None:
         """Finishes: drains moves, writes expert_map_record_path (rank 0), removes the hooks,
-        joins the planner, destroys the process groups attach created. Collective, as attach:
-        every rank calls it. Idempotent."""
+        joins the planner, gives the process groups attach took back for the next attach on the
+        same ranks. Collective, as attach: every rank calls it. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -898,9 +927,12 @@ class Updator:
         # bounded: a peer that never posts would hold shutdown for the process group's timeout
         deadline = time.perf_counter() + self.config.transfer_timeout_s
         # (dropped or unfinished moves are the same on every rank, agreed step by step; whether
-        # their ops ended in time is this rank's alone, so it does not decide the destroy)
+        # their ops ended in time is each rank's own: agreed below before the groups are reused)
         had_pending = bool(self._pending)
         stuck = [move for move, _ in self._pending if not move.drain(deadline)]
+        # the groups may be reused when every rank's dropped moves ended (one CPU all-reduce;
+        # before, any dropped move left them open, finished or not: one leaked per fault)
+        all_ended = not had_pending or self._agreed(not stuck)
         self._pending = []
         self._queue = []
         self._layouts = {}
@@ -912,11 +944,12 @@ class Updator:
         if stuck:
             logger.warning("eplb_native shutdown: %d dropped moves still wait for a peer after "
                            "transfer_timeout_s=%s", len(stuck), self.config.transfer_timeout_s)
-        if had_pending:  # (every rank alike: a move's ops may still be posted on a group)
-            logger.warning("eplb_native shutdown: moves were dropped or unfinished; the process "
-                           "groups attach created are left open")
+        if not all_ended:  # (every rank alike: a move's ops may still be posted on a group)
+            logger.warning("eplb_native shutdown: dropped or unfinished moves had not ended on "
+                           "every rank; the process groups attach took are left open, not "
+                           "reused")
         else:
-            self._destroy_groups()
+            self._release_groups()
         path = self.config.expert_map_record_path
         if path is not None and self.rank == 0:
             expert_map.save(path, self.phy2log(), self.num_ranks)
@@ -954,6 +987,34 @@ _live_updators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # torch >= 2.12 renamed all_gather_into_tensor (same semantics) and warns on the old name.
 _all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+#: Process groups updators created and gave back, by (EP ranks, backend): the next attach on
+#: those ranks takes one instead of creating another.
+_FREE_GROUPS: dict[tuple[tuple[int, ...], str | None], list] = {}
+
+
+def _take_group(ranks: list[int], backend: str | None):
+    """A process group over ``ranks`` for one updator: one given back before (still alive), else
+    a new one. Created with local synchronization: only these ranks call it (several EP groups
+    in one world, PP x EP or DP x EP, each attach on their own; a world-wide new_group waited
+    for ranks that never call it). Reused rather than destroyed and created again: such a
+    group's name is a hash of its ranks, so a new one after a destroy would read the old one's
+    rendezvous keys from the store and fail to connect."""
+    pool = _FREE_GROUPS.get((tuple(ranks), backend), [])
+    while pool:
+        g = pool.pop()
+        try:
+            if dist.get_process_group_ranks(g) == list(ranks):
+                return g
+        except (ValueError, RuntimeError, KeyError):
+            pass  # destroyed since (dist.destroy_process_group() of the world, say)
+    kw = {} if backend is None else {"backend": backend}
+    return dist.new_group(list(ranks), use_local_synchronization=True, **kw)
+
+
+def _give_back_group(g, ranks: list[int], backend: str | None) -> None:
+    _FREE_GROUPS.setdefault((tuple(ranks), backend), []).append(g)
 
 
 def _staging_like(weights: list[torch.Tensor]) -> list[torch.Tensor]:
