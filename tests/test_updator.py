@@ -324,6 +324,12 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
 def test_attach_errors():
     with pytest.raises(ValueError, match="no MoE layer"):
         eplb_native.attach(torch.nn.Linear(3, 3))
+    # layers on two devices (they failed at the first step, or the first move)
+    mixed = torch.nn.Sequential(EPMoE(8, 6, 8, 2), EPMoE(8, 6, 8, 2, device="meta"))
+    with pytest.raises(AdapterError, match="MoE layer '1' is on meta, layer '0' on cpu"):
+        eplb_native.attach(mixed)
+    up = eplb_native.attach(torch.nn.Sequential(mixed[0]))  # no updator was left on it
+    up.shutdown()
 
     class Bad(torch.nn.Module):
         def __init__(self):

@@ -143,6 +143,11 @@ class Updator:
                                    f"P={a.num_slots}, ep_size={a.ep_size} unlike layer "
                                    f"{first.name!r} (E={first.num_logical_experts}, "
                                    f"P={first.num_slots}, ep_size={first.ep_size})")
+        for a in layers[1:]:  # (one load ring and one staging set serve every layer)
+            if a.device != first.device:
+                raise AdapterError(f"MoE layer {a.name!r} is on {a.device}, layer "
+                                   f"{first.name!r} on {first.device}; every MoE layer must be "
+                                   "on one device")
         self.layers, self.config = layers, config
         self.num_layers, self.num_logical = len(layers), first.num_logical_experts
         self.num_slots, self.num_ranks, self.rank = first.num_slots, first.ep_size, first.ep_rank
@@ -626,18 +631,22 @@ class Updator:
 
     def _take_plan(self) -> None:
         fut, self._future = self._future, None
-        plan, error = None, None
+        plan, error, to_move = None, None, None
+        current = self.phy2log()
         try:
             plan = fut.result()  # blocks only if the plan is late
+            to_move = layers_to_move(plan, current, self.num_ranks, self.config.distinct_ranks)
         except Exception as e:  # noqa: BLE001  (agreed below)
             error = e
         # Every rank takes the plan at the same step. Bad input fails on every rank alike, but
         # a resource failure (memory, a dead thread) may fail on one only, and a plan that came
         # out different on one rank would pair the moves' messages wrongly: the ranks agree on
-        # the outcome and on the plan itself (a digest of it) before any moves.
+        # the outcome and on the plan itself (a digest of it and of the layers it moves, which
+        # compare floats of each rank's own) before any moves.
         if self._cpu_group is not None:
-            failed, same = self._agree_digests(
-                error is None, [digest(plan.phy2log if plan is not None else None)])
+            agreed = None if plan is None else np.concatenate(
+                [plan.phy2log.ravel(), np.asarray(to_move, dtype=np.int64)])
+            failed, same = self._agree_digests(error is None, [digest(agreed)])
             if error is None and failed < self.num_ranks:
                 error = RuntimeError(f"rank {failed} could not plan (its log says why)")
             elif error is None and not same[0]:
@@ -653,9 +662,7 @@ class Updator:
             "moved_slots": plan.moved_slots.copy(),
             "planner_s": self._plan_s,
         })
-        current = self.phy2log()
-        self._queue = [(layer, plan.phy2log[layer].copy()) for layer in
-                       layers_to_move(plan, current, self.num_ranks, self.config.distinct_ranks)]
+        self._queue = [(layer, plan.phy2log[layer].copy()) for layer in to_move]
         self._prepare_layouts()
         self.stats.plans[-1]["layers_to_move"] = [layer for layer, _ in self._queue]
         if self.config.log_balancedness:
