@@ -63,8 +63,9 @@ def _check_same_maps(updator, group):
     dist.all_gather(everyone, mine, group=group)
     for other in everyone:
         assert torch.equal(other, mine), "ranks disagree on the placement"
-    for layer in updator.layers:
-        # the derived tensors follow phy2log
+    for layer, row in zip(updator.layers, updator.phy2log(), strict=True):
+        # the layer's own phy2log is the host mirror's, and the derived tensors follow it
+        assert np.array_equal(layer.phy2log.cpu().numpy(), row), "mirror != layer phy2log"
         log2phy, logcnt, local = eplb_native.state.placement_tensors(
             layer.phy2log.cpu(), layer.num_logical_experts, layer.ep_size, layer.ep_rank,
             rotate=layer.rotate_replicas)
