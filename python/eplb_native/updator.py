@@ -1045,7 +1045,9 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
         config: an :class:`EplbConfig`, a dict in vLLM's / vllm-ascend's / our vocabulary (or
             ``{"eplb_config": {...}}``), a JSON string, or None (defaults).
         group: the expert-parallel process group (None: the default group when distributed,
-            else a single process). Collective: every rank of the group calls attach.
+            else a single process). Collective: every rank of the group calls attach, and only
+            those: with several EP groups in one world (pipeline stages, DP x EP) each attaches
+            on its own.
         hooks: drive the cycle from ``model``'s forward hooks (one step per forward); False for
             engines that call ``forward_before()`` / ``forward_end()`` themselves.
     """
