@@ -351,12 +351,7 @@ class Updator:
     def _agree_digests(self, ok: bool, digests: list[int]) -> tuple[int, list[bool]]:
         """Collective (CPU group), one all-reduce: (the lowest rank whose ``ok`` is False, or
         num_ranks; for each digest, whether every rank holds the same)."""
-        # MIN of (failing rank or num_ranks, d, -d for each digest)
-        t = torch.tensor([self.rank if not ok else self.num_ranks,
-                          *[v for d in digests for v in (d, -d)]], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._cpu_group)
-        v = t.tolist()
-        return v[0], [v[1 + 2 * i] == -v[2 + 2 * i] for i in range(len(digests))]
+        return agree(self._cpu_group, "cpu", self.rank if not ok else self.num_ranks, digests)
 
     def _release_groups(self) -> None:
         """Gives the process groups this updator took back for the next attach on the same
@@ -383,15 +378,11 @@ class Updator:
         # and the host mirror both say the new placement; if it raises, the step still ends
         # whole (the move committed, its staging freed) and EPLB stops at the next step, as
         # for replaced tensors (the engine's view of this layer can no longer be trusted).
-        callback, a.on_placement = a.on_placement, None
-        try:
-            a.set_placement(phy2log)
-        finally:
-            a.on_placement = callback
+        a.set_placement(phy2log, run_callback=False)
         self._placement[layer] = phy2log
-        if callback is not None:
+        if a.on_placement is not None:
             try:
-                callback(a)
+                a.on_placement(a)
             except Exception as e:  # noqa: BLE001  (stops EPLB at the next step)
                 msg = (f"MoE layer {a.name!r}: its on_placement callback raised after the "
                        f"switch ({type(e).__name__}: {e}); EPLB stopped (the layer serves the "
@@ -1105,6 +1096,16 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     return updator
 
 
+def agree(group, device, code: int, digests: list[int]) -> tuple[int, list[bool]]:
+    """Collective over ``group``, one all-reduce (MIN, on ``device``): (the smallest ``code``
+    of any rank; for each digest, whether every rank holds the same)."""
+    t = torch.tensor([code, *[v for d in digests for v in (d, -d)]], dtype=torch.int64,
+                     device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    v = t.tolist()
+    return v[0], [v[1 + 2 * i] == -v[2 + 2 * i] for i in range(len(digests))]
+
+
 def _agree_adapted(error: Exception | None, group, model: torch.nn.Module) -> None:
     """Collective over ``group`` (None: the default group), one all-reduce: raises on every rank
     unless every rank adapted its layers. The failing rank raises its own error, the others a
@@ -1115,11 +1116,9 @@ def _agree_adapted(error: Exception | None, group, model: torch.nn.Module) -> No
     if dist.get_backend(group) != "gloo":  # (NCCL / HCCL reduce on the model's device)
         device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())
                        if t.device.type != "cpu"), device)
-    flag = torch.tensor([size if error is None else rank], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    failed, _ = agree(group, device, size if error is None else rank, [])
     if error is not None:
         raise error
-    failed = int(flag.item())
     if failed < size:
         raise RuntimeError(f"attach refused: rank {failed} of the group could not adapt its MoE "
                            "layers (its own error says why); nothing was changed on this rank")

@@ -168,10 +168,11 @@ class MoELayerAdapter:
         return sum(w[0].numel() * w.element_size() for w in self.weights)
 
     @torch.no_grad()
-    def set_placement(self, phy2log) -> None:
+    def set_placement(self, phy2log, run_callback: bool = True) -> None:
         """Rewrites ``phy2log``, ``log2phy``, ``logcnt`` and ``local_expert_map`` in place for
         the placement ``phy2log`` [P] (validated first; nothing is written if it is invalid),
-        then runs ``on_placement``. Does not touch the weights: the caller copies them first.
+        then runs ``on_placement`` (unless ``run_callback`` is False: the caller runs it). Does
+        not touch the weights: the caller copies them first.
         """
         p2l = torch.from_numpy(state.validate_phy2log(phy2log, self.num_logical_experts,
                                                       self.ep_size))
@@ -186,7 +187,7 @@ class MoELayerAdapter:
         _copy_from_host(self.logcnt, logcnt)
         if self.local_expert_map is not None:
             _copy_from_host(self.local_expert_map, local)
-        if self.on_placement is not None:
+        if run_callback and self.on_placement is not None:
             self.on_placement(self)
 
 

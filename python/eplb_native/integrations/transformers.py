@@ -483,7 +483,7 @@ def _agreed_preparation(model, group, num_redundant_experts, expert_map, ep_impl
     on every rank together: the failing rank raises its own error, the others one naming it,
     and ranks whose initial placements differ all raise ValueError; no rank is left waiting in
     the grow's exchange for one that raised, and none grows from another placement."""
-    from ..updator import check_config_fits
+    from ..updator import agree, check_config_fits
 
     ep_mesh, _ = _meshes(model)
     ep_group = ep_mesh.get_group()
@@ -511,14 +511,12 @@ def _agreed_preparation(model, group, num_redundant_experts, expert_map, ep_impl
     except (ValueError, OSError) as e:  # (AdapterError is a ValueError)
         error = e
     d = digest(prep.phy2log) if prep is not None else 0
-    # MIN of (2 * failing rank + whether it was the record folder, or 2 * size; d; -d)
+    # the smallest of (2 * failing rank + whether it was the record folder, or 2 * size)
     code = 2 * size if error is None else 2 * rank + int(record_error)
     device = ep_mesh.device_type
     if device != "cpu":
         device = torch.device(device, getattr(torch, device).current_device())
-    t = torch.tensor([code, d, -d], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    code, low, neg_high = t.tolist()
+    code, (same,) = agree(group, device, code, [d])
     if error is not None:
         raise error
     if code < 2 * size and code % 2:
@@ -527,7 +525,7 @@ def _agreed_preparation(model, group, num_redundant_experts, expert_map, ep_impl
     if code < 2 * size:
         raise RuntimeError(f"rank {code // 2} of the EP group refused (its own error says "
                            "why); nothing was changed on this rank")
-    if low != -neg_high:
+    if not same:
         raise ValueError("the EP group's ranks start from different placements (an expert map "
                          "that differs between hosts?); every rank must load the same one; "
                          "nothing was changed")
