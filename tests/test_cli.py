@@ -23,9 +23,11 @@ PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(eplb_native.__file_
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args, cwd, expect=0):
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MPLBACKEND="Agg")
+def run_cli(*args, cwd, expect=0, path_first=None):
+    """``path_first``: a folder searched before the package's (to shadow a module)."""
+    first = [] if path_first is None else [os.fspath(path_first)]
+    path = os.pathsep.join([*first, PKG_PARENT, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
@@ -443,15 +445,14 @@ def test_simulate_bad_arguments(tmp_path, small_trace, args, fragments):
     assert not (tmp_path / "simulate.png").exists()
 
 
-def test_simulate_without_matplotlib_fails_first(tmp_path, small_trace, monkeypatch):
+def test_simulate_without_matplotlib_fails_first(tmp_path, small_trace):
     """--png without matplotlib: one line naming it, before the simulation runs (the error
     came after it)."""
     fake = tmp_path / "fake"
     (fake / "matplotlib").mkdir(parents=True)
     (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
-    monkeypatch.setenv("PYTHONPATH", f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--png", "s.png",
-                   cwd=tmp_path, expect=2)
+                   cwd=tmp_path, expect=2, path_first=fake)
     assert_one_line_error(proc, "simulate", "needs matplotlib", "--no-png")
     assert not proc.stdout and not (tmp_path / "s.png").exists()
 
