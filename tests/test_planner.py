@@ -950,6 +950,78 @@ def test_planner_futures_follow_concurrent_futures_running_and_cancel():
         next(f for f in queued if f.cancelled()).result()
 
 
+def _live_waiters() -> int:
+    return sum(t.name == "eplb-planner-waiter" and t.is_alive() for t in threading.enumerate())
+
+
+def test_planner_dropped_with_jobs_queued_completes_them():
+    """A Planner dropped while its futures are pending (the caller kept only the futures)
+    completes every one of them, as a dropped ThreadPoolExecutor does (its collection used to
+    cancel the queued ones), then its threads end."""
+    import gc
+
+    big = random_load(np.random.default_rng(88), 200, 256, "zipf")
+    before = _live_waiters()
+
+    def submit_and_drop():
+        p = eplb_native.Planner()
+        return [p.submit(big, num_ranks=32, num_replicas=288) for _ in range(3)]
+
+    fs = submit_and_drop()
+    gc.collect()
+    want = eplb_native.plan(big, num_ranks=32, num_replicas=288).phy2log
+    for f in fs:
+        np.testing.assert_array_equal(f.result(timeout=120).phy2log, want)
+    deadline = time.monotonic() + 60
+    while _live_waiters() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _live_waiters() == before
+
+
+def test_planner_future_completed_by_its_holder_does_not_stall_the_others(caplog):
+    """A future its holder completes itself (set_exception, say) is left as the holder set it;
+    the Planner's later futures still complete (the waiter thread used to die on it)."""
+    load = random_load(np.random.default_rng(89), 100, 256, "zipf")
+    small = random_load(np.random.default_rng(90), 2, 16)
+    with eplb_native.Planner() as planner:
+        first = planner.submit(load, num_ranks=32, num_replicas=288)
+        second = planner.submit(load, num_ranks=32, num_replicas=288)
+        first.set_exception(TimeoutError("gave up"))
+        second.set_exception(TimeoutError("gave up too"))  # (queued or running: either way)
+        third = planner.submit(small, num_ranks=4, num_replicas=20)
+        np.testing.assert_array_equal(
+            third.result(timeout=120).phy2log,
+            eplb_native.plan(small, num_ranks=4, num_replicas=20).phy2log)
+        assert isinstance(first.exception(), TimeoutError)
+        assert isinstance(second.exception(), TimeoutError)
+        assert planner._waiter.is_alive()
+
+
+def test_planner_concurrent_close_returns_after_the_join():
+    """Every close() returns only once the running job finished and both threads are joined,
+    a second caller racing the first included (it returned at once)."""
+    big = random_load(np.random.default_rng(91), 400, 256, "zipf")
+    for _ in range(3):
+        planner = eplb_native.Planner()
+        running = planner.submit(big, num_ranks=32, num_replicas=288)
+        while not running.running() and not running.done():
+            time.sleep(0.001)
+        barrier = threading.Barrier(2)
+        seen = {}
+
+        def close(i, planner=planner, barrier=barrier, seen=seen, running=running):
+            barrier.wait()
+            planner.close()
+            seen[i] = (running.done(), planner._waiter.is_alive())
+
+        threads = [threading.Thread(target=close, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert seen == {0: (True, False), 1: (True, False)}
+
+
 def test_planner_refuses_use_after_fork():
     script = textwrap.dedent("""
         import os, sys

@@ -15,7 +15,9 @@ planning itself runs in C++ with the GIL released.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import logging
 import os
 import threading
 import weakref
@@ -25,6 +27,8 @@ import numpy as np
 
 from . import _planner
 from ._util import is_torch, to_numpy
+
+logger = logging.getLogger(__name__)
 
 POLICIES = {"deepseek": 0, "balanced": 1, "min_move": 2}
 
@@ -356,8 +360,10 @@ class Planner:
     ``cancel()`` then returns False (a running plan is not interrupted); a queued job's
     ``cancel()`` removes it. ``close()`` (also on ``with`` exit and at interpreter exit) cancels
     queued jobs (their futures report ``cancelled()``), lets the running one finish, and joins
-    both threads. A Planner belongs to the process that made it:
-    using it after ``fork()`` raises RuntimeError.
+    both threads. A Planner dropped without ``close()`` behaves as a dropped
+    ``ThreadPoolExecutor``: the futures it handed out still complete, then its threads end (the
+    collecting thread does not wait). A Planner belongs to the process that made it: using it
+    after ``fork()`` raises RuntimeError.
     """
 
     def __init__(self, threads: int = 1):
@@ -367,14 +373,19 @@ class Planner:
         self._futures: dict[int, tuple[concurrent.futures.Future, dict]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        # The waiter thread and the futures' callbacks hold the worker, not the Planner: a
-        # Planner dropped without close() is collected, and its finalizer (which also runs at
-        # interpreter exit) closes the worker, which ends both threads.
-        self._waiter = threading.Thread(target=_wait_loop,
-                                        args=(self._worker, self._futures, self._lock),
+        # The waiter thread and the futures' callbacks hold the worker, not the Planner. A
+        # Planner dropped without close() is collected as an executor is: the futures it handed
+        # out still complete, then both threads end (_dropped); close() and interpreter exit
+        # cancel what is queued instead (_stop, _stop_all).
+        self._state = _State(self._worker, self._futures, self._lock, self._pid)
+        self._waiter = threading.Thread(target=_wait_loop, args=(self._state,),
                                         name="eplb-planner-waiter", daemon=True)
+        self._state.waiter = self._waiter
+        with _LIVE_LOCK:
+            _LIVE.add(self._state)
         self._waiter.start()
-        self._finalizer = weakref.finalize(self, _stop, self._worker, self._waiter, self._pid)
+        self._finalizer = weakref.finalize(self, _dropped, self._state)
+        self._finalizer.atexit = False  # (interpreter exit: _stop_all)
 
     def _check_process(self):
         if os.getpid() != self._pid:
@@ -410,12 +421,12 @@ class Planner:
 
     def close(self) -> None:
         """Cancels queued jobs, finishes the running one, joins the threads (from a future's
-        done-callback, which runs on the waiter thread, all but that one). Idempotent."""
+        done-callback, which runs on the waiter thread, all but that one). Idempotent; a second
+        close() racing the first returns once the threads are joined too."""
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-        self._finalizer()
+        self._finalizer.detach()
+        _stop(self._state)
 
     def __enter__(self) -> Planner:
         return self
@@ -424,40 +435,105 @@ class Planner:
         self.close()
 
 
-def _wait_loop(worker, futures: dict, lock: threading.Lock) -> None:
-    """The waiter thread: completes each job's future until the worker is closed and drained."""
-    while True:
-        item = worker.wait_next()
-        if item is None:
+class _State:
+    """What a Planner's waiter thread and finalizers share (never the Planner itself)."""
+
+    def __init__(self, worker, futures: dict, lock: threading.Lock, pid: int):
+        self.worker = worker
+        self.futures = futures
+        self.lock = lock
+        self.pid = pid
+        self.waiter: threading.Thread | None = None
+        self.dropped = False  # the Planner was collected: close the worker once drained
+
+
+_LIVE: set[_State] = set()  # states whose waiter has not ended (for interpreter exit)
+_LIVE_LOCK = threading.Lock()
+
+
+def _wait_loop(state: _State) -> None:
+    """The waiter thread: completes each job's future until the worker is closed and drained,
+    then joins the worker's thread (the one place that joins it)."""
+    worker, futures, lock = state.worker, state.futures, state.lock
+    try:
+        while True:
+            item = worker.wait_next()
+            if item is None:
+                break
+            try:
+                _complete(item, futures, lock)
+            except Exception:  # noqa: BLE001  (one misused future must not stall the others)
+                logger.exception("eplb_native.Planner: completing a future failed (was it "
+                                 "completed or cancelled from outside?); the others go on")
+            with lock:
+                drained = state.dropped and not futures
+            if drained:
+                worker.close()  # nothing left that anyone waits for: end both threads
+        worker.join()
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(state)
+
+
+def _complete(item, futures: dict, lock: threading.Lock) -> None:
+    job, status, payload = item
+    with lock:
+        if status == "started":  # running from now on: cancel() says False, running() True
+            fut, _ = futures.get(job, (None, None))
+            if fut is None:
+                return
+            # cancelled just before it started (notified here), or completed by its holder:
+            # its result is dropped
+            if ((fut.done() and not fut.cancelled())
+                    or not fut.set_running_or_notify_cancel()):
+                futures.pop(job, None)
             return
-        job, status, payload = item
-        with lock:
-            if status == "started":  # running from now on: cancel() says False, running() True
-                fut, _ = futures.get(job, (None, None))
-                if fut is not None and not fut.set_running_or_notify_cancel():
-                    futures.pop(job, None)  # cancelled just before it started: result dropped
-                continue
-            fut, meta = futures.pop(job, (None, None))
-        if fut is None:
-            continue
-        if status == "cancelled":  # never started: cancelled by the user or by close()
-            fut.cancel()
-            fut.set_running_or_notify_cancel()  # notifies wait() / as_completed()
-            continue
-        if status == "ok":
-            fut.set_result(Plan(**meta, **payload))
-        elif status == "invalid":
-            fut.set_exception(ValueError(payload))
-        else:
-            fut.set_exception(RuntimeError(payload))
+        fut, meta = futures.pop(job, (None, None))
+    if fut is None or (fut.done() and not fut.cancelled()):
+        return  # (completed by its holder: nothing to report to it)
+    if status == "cancelled":  # never started: cancelled by the user or by close()
+        fut.cancel()
+        fut.set_running_or_notify_cancel()  # notifies wait() / as_completed()
+        return
+    if status == "ok":
+        fut.set_result(Plan(**meta, **payload))
+    elif status == "invalid":
+        fut.set_exception(ValueError(payload))
+    else:
+        fut.set_exception(RuntimeError(payload))
 
 
-def _stop(worker, waiter: threading.Thread, pid: int) -> None:
-    """Planner's finalizer (close(), collection, interpreter exit): closes the worker and joins
-    both threads, except the waiter when called on it (a done-callback calling close())."""
-    if os.getpid() != pid:
+def _dropped(state: _State) -> None:
+    """A Planner collected without close(): its futures still complete (the worker goes on
+    with what is queued), then the waiter closes the worker. Never blocks the collecting
+    thread."""
+    if os.getpid() != state.pid:
+        return  # the threads live in the parent
+    with state.lock:
+        state.dropped = True
+        idle = not state.futures
+    if idle:
+        state.worker.close()
+
+
+def _stop(state: _State) -> None:
+    """close() and interpreter exit: cancels queued jobs, lets the running one finish, and
+    joins both threads (the waiter joins the worker's), except the waiter itself when called
+    on it (a done-callback calling close())."""
+    if os.getpid() != state.pid:
         return  # the threads live in the parent; nothing of ours to join here
-    worker.close()
-    worker.join()
-    if threading.current_thread() is not waiter:
-        waiter.join()
+    state.worker.close()
+    if threading.current_thread() is state.waiter:
+        state.worker.join()
+    elif state.waiter is not None:
+        state.waiter.join()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Interpreter exit: close every worker still running (dropped Planners' included), so no
+    C++ thread outlives the interpreter."""
+    with _LIVE_LOCK:
+        states = list(_LIVE)
+    for state in states:
+        _stop(state)
