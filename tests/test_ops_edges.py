@@ -63,3 +63,28 @@ def test_record_counts_takes_numpy_integers_as_the_op_does():
     assert load.tolist() == [0, 0, 3, 1, 4, 0]
     with pytest.raises(ValueError, match="offset must be an int >= 0"):
         ops.record_counts(load, counts, 1, np.int64(-1))
+
+
+def test_raw_ops_name_what_is_missing_or_on_the_wrong_device():
+    """The raw ops (what torch.compile graphs call, no Python wrapper) name the argument: a None
+    record said `got UNKNOWN_SCALAR`; record_counts named topk_ids, which it does not take."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 4, (3, 2), generator=gen)
+    table = torch.arange(4).view(4, 1)
+    cnt = torch.ones(4, dtype=torch.int64)
+    load = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"record is required .* got None"):
+        torch.ops.eplb_native.map_and_record(ids, table, cnt, load, None, None, "spread")
+    with pytest.raises(TypeError, match=r"record is required .* got None"):
+        torch.ops.eplb_native.record_topk(load, ids, None, None)
+    with pytest.raises(ValueError, match=r"expert_tokens must be on cpu \(the device of load\)"):
+        torch.ops.eplb_native.record_counts(load, torch.tensor([1], device="meta"), 1, 0)
+    assert not load.any()
+
+
+def test_rank_local_logcnt_of_another_type_is_a_type_error():
+    ids = torch.tensor([[0, 1]])
+    load = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="logcnt must be a torch.Tensor or None, got int"):
+        ops.map_and_record(ids, torch.arange(2), 5, load, torch.tensor(True), mode="rank_local")
+    assert not load.any()

@@ -34,9 +34,10 @@ void CheckIndexType(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(IsIndexType(t), name, " must be int32 or int64, got ", t.scalar_type());
 }
 
-void CheckSameDevice(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+void CheckSameDevice(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                     const char* ref_name = "topk_ids") {
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device().str(),
-                    " (the device of topk_ids), got ", t.device().str());
+                    " (the device of ", ref_name, "), got ", t.device().str());
 }
 
 void CheckLoad(const at::Tensor& load) {
@@ -47,6 +48,8 @@ void CheckLoad(const at::Tensor& load) {
 
 // record: one bool or integer element, read on the device (no host sync).
 void CheckRecordFlag(const at::Tensor& record, const at::Tensor& ids) {
+  TORCH_CHECK_TYPE(record.defined(),
+                   "record is required (a 0-dim bool or integer tensor), got None");
   TORCH_CHECK_TYPE(record.scalar_type() == at::kBool || at::isIntegralType(record.scalar_type(),
                                                                            /*includeBool=*/true),
                    "record must be a bool or integer tensor, got ", record.scalar_type());
@@ -122,7 +125,7 @@ void CheckRecordCounts(const at::Tensor& load, const at::Tensor& expert_tokens,
                        int64_t group_list_type, int64_t offset) {
   CheckLoad(load);
   CheckIndexType(expert_tokens, "expert_tokens");
-  CheckSameDevice(expert_tokens, load, "expert_tokens");
+  CheckSameDevice(expert_tokens, load, "expert_tokens", "load");
   TORCH_CHECK_VALUE(expert_tokens.dim() == 1, "expert_tokens must be 1-D [n], got ",
                     Num(expert_tokens.dim()), " dims");
   TORCH_CHECK_VALUE(group_list_type == 0 || group_list_type == 1,

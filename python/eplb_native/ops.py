@@ -22,7 +22,10 @@ Replica choice of ``map_and_record`` (identical on every backend):
 * ``mode="rank_local"``: ``log2phy`` is one 1-D [E] table chosen per rank (vllm-ascend style:
   each rank routes a logical expert to one replica, preferring its own); ``logcnt`` is unused.
 
-Ids outside [0, E) map to -1 and are not counted. On CUDA one call takes fewer than
+Ids outside [0, E) map to -1 and are not counted; a table entry outside [0, P) is
+returned as is and not counted, as long as it fits the ids' dtype (the output is
+topk_ids' dtype: with int32 ids an int64 table's entries are cast, so one past 2^31 wraps;
+slots of a real placement always fit). On CUDA one call takes fewer than
 2^31 - 8192 ids (32-bit index math; more is a ValueError). Nothing here reads a device value on the host:
 ``record`` and ``num_valid_tokens`` are 0-dim device tensors read by the kernels, so the ops can
 be captured in CUDA graphs / aclgraphs and replayed with recording switched on or off.
@@ -117,6 +120,8 @@ def _check_map_and_record(topk_ids, log2phy, logcnt, load, record, num_valid_tok
         # all) would pick another kernel
         if isinstance(logcnt, torch.Tensor):
             _check_device(logcnt, topk_ids, "logcnt")
+        elif logcnt is not None:
+            raise TypeError(f"logcnt must be a torch.Tensor or None, got {type(logcnt).__name__}")
 
 
 def _check_record_counts(load, expert_tokens, group_list_type, offset):

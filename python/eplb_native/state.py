@@ -88,8 +88,8 @@ def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
       ``num_ranks - 1 - (i % num_ranks)`` and holds the expert after the last one that rank
       holds (mod E); a rank with no expert (E < R) starts from expert ``num_ranks - r`` (mod E:
       vllm-ascend's own rule writes that id unreduced, past the last expert when E <= R - r).
-    - ``"vllm"`` (vLLM's EPLB state, and vllm-ascend's main branch without shared experts
-      since its commit 61eb47b4d8, not yet its 0.23 release): slots
+    - ``"vllm"`` (vLLM's EPLB state, and vllm-ascend's from 0.24.0rc1 on without shared
+      experts mixed in): slots
       in order hold experts 0 .. E-1, then redundant copy i holds expert i mod E; rank r owns
       slots r*S .. r*S+S-1.
 
@@ -128,14 +128,3 @@ def default_placement(num_logical: int, num_ranks: int, num_redundant: int = 0,
                          "give an expert_map_path")
     row = np.concatenate(rows)
     return row if num_layers is None else np.tile(row, (num_layers, 1))
-
-
-def logical_load(slot_load: torch.Tensor, phy2log: torch.Tensor, num_logical: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Folds per-slot load [L, P] into per-logical-expert load [L, E] (adds into ``out`` when
-    given; ``out`` is owned by the caller)."""
-    if out is None:
-        out = torch.zeros(slot_load.shape[0], num_logical, dtype=slot_load.dtype,
-                          device=slot_load.device)
-    out.scatter_add_(1, phy2log, slot_load.to(out.dtype))
-    return out
