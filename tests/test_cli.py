@@ -391,24 +391,30 @@ def test_simulate_distinct_ranks(tmp_path, small_trace):
     assert "no rank holds an expert twice" in text
 
 
-def test_default_layout_vllm(tmp_path, small_trace):
-    """--default-layout vllm: "before" and min_move's start are vLLM's initial placement."""
+@pytest.mark.parametrize("flag, layout, label", [
+    ([], "vllm", "vLLM / vllm-ascend >= 0.24 default placement"),  # the default
+    (["--default-layout", "vllm"], "vllm", "vLLM / vllm-ascend >= 0.24 default placement"),
+    (["--default-layout", "vllm-ascend"], "vllm-ascend", "vllm-ascend <= 0.23 default placement"),
+])
+def test_default_layout(tmp_path, small_trace, flag, layout, label):
+    """--default-layout: "before" and min_move's start are that server's initial placement;
+    without the flag vLLM's (vllm-ascend's too from 0.24 on)."""
     loads, meta = load_trace(small_trace)
     total = loads.sum(axis=0)
     out = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--redundant", 4,
-                             "--default-layout", "vllm", "--policy", "min_move", "-o", "m.json",
+                             *flag, "--policy", "min_move", "-o", "m.json",
                              "--json", cwd=tmp_path).stdout)
-    start = default_placement_layers(3, 16, 4, 4, "vllm")
-    assert out["before_placement"] == "vLLM default placement"
-    assert out["default_layout"] == "vllm"
+    start = default_placement_layers(3, 16, 4, 4, layout)
+    assert out["before_placement"] == label
+    assert out["default_layout"] == layout
     assert np.allclose(out["per_layer"]["before"], ref_balancedness(total, start, 4))
     got, _ = expert_map.load(tmp_path / "m.json")
     want = eplb_native.plan(total, start, num_ranks=4, policy="min_move", distinct_ranks=True)
     assert np.array_equal(got, want.phy2log)
     sim = json.loads(run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--policy",
-                             "deepseek", "--default-layout", "vllm", "--no-png", "--json",
+                             "deepseek", *flag, "--no-png", "--json",
                              cwd=tmp_path).stdout)
-    assert sim["default_layout"] == "vllm"
+    assert sim["default_layout"] == layout
     assert np.allclose(sim["policies"]["static"]["out_of_sample"]["per_window"],
                        [ref_balancedness(w, start, 4).mean() for w in loads])
 
@@ -513,8 +519,17 @@ def test_demo_json_rebalances_and_keeps_outputs(tmp_path):
         assert 0 < r["balancedness_before"] <= 1 and 0 < r["balancedness_after"] <= 1
         assert r["balancedness_bound"] >= r["balancedness_after"] - 1e-9
         assert 0 <= r["moved_bytes"] <= r["moved_slots"] * expert_bytes
-        assert r["plan_ms"] > 0 and r["move_ms"] >= 0
-    assert rebalances[0]["moved_slots"] > 0 and rebalances[0]["moved_bytes"] > 0
+        assert r["plan_ms"] > 0 and r["move_span_ms"] >= 0
+        # what switched, not what was planned: a layer still queued at the end is dropped
+        assert 0 <= r["switched_layers"] <= r["planned_layers"] <= 2
+        assert 0 <= r["moved_slots"] <= r["planned_slots"]
+        assert (r["moved_slots"] == r["planned_slots"]) == (
+            r["switched_layers"] == r["planned_layers"])
+        assert (r["move_steps"] is None) == (r["switched_layers"] == 0)
+    first = rebalances[0]
+    assert first["switched_layers"] == first["planned_layers"] > 0
+    assert first["moved_slots"] > 0 and first["moved_bytes"] > 0
+    assert first["move_steps"] >= 1  # the layers moved while the steps ran on
     assert out["failed_layer_moves"] == 0
     # what serving sees after the first move: better balance than the EPLB-off twin
     assert on[6:].mean() > off[6:].mean()
@@ -530,11 +545,25 @@ def test_demo_text_summary(tmp_path):
     proc = run_cli("demo", *TINY_DEMO, "--policy", "min_move", "--png", "d.png", cwd=tmp_path)
     text = proc.stdout
     for fragment in ("bal before", "bal after", "bound", "slots moved", "bytes moved",
-                     "plan ms", "move ms", "outputs identical to EPLB-off: yes", "wrote d.png",
+                     "plan ms", "move steps", "layers", "outputs identical to EPLB-off: yes", "wrote d.png",
                      "policy min_move"):
         assert fragment in text, fragment
     assert "step 12/12" in proc.stderr and "balancedness" in proc.stderr
     assert_valid_png(tmp_path / "d.png")
+
+
+def test_demo_counts_what_switched_not_what_was_planned(tmp_path):
+    """A plan taken one step before the end switches one of its two layers (one a step): the
+    table says 1/2 and counts that layer's slots only, and a line says what was dropped (the
+    planned slots were reported as moved)."""
+    proc = run_cli("demo", *TINY_DEMO, "--steps", "10", "--png", "", "--json", cwd=tmp_path)
+    last = json.loads(proc.stdout)["rebalances"][-1]
+    assert (last["step"], last["planned_layers"], last["switched_layers"]) == (9, 2, 1)
+    assert 0 < last["moved_slots"] < last["planned_slots"] and last["move_steps"] == 1
+    text = run_cli("demo", *TINY_DEMO, "--steps", "10", "--png", "", cwd=tmp_path).stdout
+    dropped = last["planned_slots"] - last["moved_slots"]
+    assert (f"rebalance 2: 1 of its 2 layers had not moved when the run ended (dropped at "
+            f"shutdown; their {dropped} slots are not counted)") in text, text
 
 
 @pytest.mark.parametrize("args, fragments", [

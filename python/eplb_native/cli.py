@@ -74,7 +74,7 @@ def _flag_names(flags: dict[str, str]):
 
 
 def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
-                             num_redundant: int, layout: str = "vllm-ascend") -> np.ndarray:
+                             num_redundant: int, layout: str = "vllm") -> np.ndarray:
     """A server's default placement (no expert map given), ``phy2log`` [L, P], the same for
     every layer. ``layout`` "vllm-ascend": logical experts in order in contiguous blocks per
     rank, redundant copies dealt round-robin from the last rank backwards, each holding the
@@ -86,8 +86,8 @@ def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
     return default_placement(num_experts, num_ranks, num_redundant, num_layers, layout=layout)
 
 
-_LAYOUT_LABEL = {"vllm-ascend": "vllm-ascend default placement",
-                 "vllm": "vLLM default placement"}
+_LAYOUT_LABEL = {"vllm": "vLLM / vllm-ascend >= 0.24 default placement",
+                 "vllm-ascend": "vllm-ascend <= 0.23 default placement"}
 
 
 def _topology_label(num_nodes: int, num_groups: int) -> str:
@@ -349,7 +349,7 @@ def cmd_synth(args) -> int:
 
 def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
              threads: int = 1, distinct_ranks: bool | None = None,
-             default_layout: str = "vllm-ascend") -> dict:
+             default_layout: str = "vllm") -> dict:
     """Replays ``loads`` [W, L, E]: every ``every`` windows, each policy plans from the sum of
     the ``every`` windows just served, starting from its own current placement, and the new
     placement serves the next windows. Windows 0 .. every-1 run on vllm-ascend's default
@@ -680,7 +680,9 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
         if show and (tty or (step + 1) % args.interval == 0 or step + 1 == args.steps):
             done = (step + 1) / args.steps
             bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
-            moved = sum(int(p["moved_slots"].sum()) for p in updator.stats.plans)
+            plans = {p["cycle"]: p for p in updator.stats.plans}
+            moved = sum(int(plans[m["cycle"]]["moved_slots"][m["layer"]])
+                        for m in updator.stats.moves if m["ok"] and m["cycle"] in plans)
             line = (f"[{bar}] step {step + 1}/{args.steps}  balancedness "
                     f"{per_step['on'][step].mean():.3f} (EPLB off "
                     f"{per_step['off'][step].mean():.3f})  rebalances "
@@ -721,6 +723,14 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
             recorded, _ = traces.load_trace(trace_path)
             trace_written = True
         windows = {w["step"]: i for i, w in enumerate(updator.stats.windows)}
+        # what each rebalance switched (every rank commits the same layers: agreed), against
+        # what it planned: layers still queued when the run ends are dropped at shutdown
+        switched: dict[int, list[int]] = {}
+        for m in updator.stats.moves:
+            if m["ok"]:
+                switched.setdefault(m["cycle"], []).append(m["step"])
+        done_layers = {c: {m["layer"] for m in updator.stats.moves
+                           if m["ok"] and m["cycle"] == c} for c in cycles}
         rebalances = []
         for i, p in enumerate(updator.stats.plans):
             # the plan taken at step s was submitted one step earlier (execution interval 1)
@@ -736,9 +746,18 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
                 "balancedness_before": float(np.mean(p["balancedness_before"])),
                 "balancedness_after": float(np.mean(p["balancedness_after"])),
                 "balancedness_bound": bound,
-                "moved_slots": int(np.sum(p["moved_slots"])),
+                "planned_layers": len(p["layers_to_move"]),
+                "switched_layers": len(done_layers[p["cycle"]]),
+                "planned_slots": int(np.sum(p["moved_slots"])),
+                "moved_slots": int(sum(p["moved_slots"][layer]
+                                       for layer in done_layers[p["cycle"]])),
                 "moved_bytes": int(moved_bytes[i]), "plan_ms": p["planner_s"] * 1e3,
-                "move_ms": float(move_s[i]) * 1e3})
+                # steps from the plan's take to its last layer's switch (forwards ran on)
+                "move_steps": (max(switched[p["cycle"]]) - p["step"]
+                               if p["cycle"] in switched else None),
+                # the same in wall time, summed over layers (each layer's from its transfers'
+                # issue to its switch, the forwards of those steps included)
+                "move_span_ms": float(move_s[i]) * 1e3})
         result = {
             "ranks": args.ranks, "device": args.device, "backend": backend,
             "layers": args.layers, "experts": args.experts, "redundant": args.redundant,
@@ -841,17 +860,28 @@ def cmd_demo(args) -> int:
           f"{args.top_k}, {args.steps} steps of {args.tokens} tokens per rank, policy "
           f"{args.policy}, plan every {args.interval} steps")
     head = (f"{'#':>3} {'step':>5} {'bal before':>10} {'bal after':>9} {'bound':>6} "
-            f"{'slots moved':>11} {'bytes moved':>11} {'plan ms':>8} {'move ms':>8}")
+            f"{'layers':>7} {'slots moved':>11} {'bytes moved':>11} {'plan ms':>8} "
+            f"{'move steps':>10}")
     print(head)
     print("-" * len(head))
+    unfinished = []
     for r in result["rebalances"]:
+        layers = f"{r['switched_layers']}/{r['planned_layers']}"
         print(f"{r['cycle']:>3} {r['step']:>5} {_fmt(r['balancedness_before'], 10)} "
               f"{_fmt(r['balancedness_after'], 9)} {_fmt(r['balancedness_bound'], 6)} "
-              f"{r['moved_slots']:>11} {_fmt_bytes(r['moved_bytes']):>11} "
-              f"{_fmt(r['plan_ms'], 8, 2)} {_fmt(r['move_ms'], 8, 1)}")
+              f"{layers:>7} {r['moved_slots']:>11} {_fmt_bytes(r['moved_bytes']):>11} "
+              f"{_fmt(r['plan_ms'], 8, 2)} {_fmt(r['move_steps'], 10, 0)}")
+        if r["switched_layers"] < r["planned_layers"]:
+            unfinished.append(r)
     if not result["rebalances"]:
         print("(no rebalance: run more --steps than --interval)")
-    print("bal before / after: in sample (the window each plan was made from), mean over layers")
+    print("bal before / after: in sample (the window each plan was made from), mean over "
+          "layers\nlayers: switched / planned; move steps: from the plan to its last layer's "
+          "switch (the forwards ran on meanwhile)")
+    for r in unfinished:
+        print(f"rebalance {r['cycle']}: {r['planned_layers'] - r['switched_layers']} of its "
+              f"{r['planned_layers']} layers had not moved when the run ended (dropped at "
+              f"shutdown; their {r['planned_slots'] - r['moved_slots']} slots are not counted)")
     print(f"measured balancedness, mean over layers and the last {tail} steps: EPLB on "
           f"{on[-tail:].mean():.3f}, EPLB off {off[-tail:].mean():.3f} (first step "
           f"{on[0]:.3f})")
@@ -897,12 +927,11 @@ def _float_arg(text: str) -> float:
 def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> None:
     p.add_argument("--ranks", type=_int_arg, required=ranks_required,
                    help="EP ranks (GPUs/NPUs) the slots are spread over")
-    p.add_argument("--default-layout", choices=tuple(_LAYOUT_LABEL), default="vllm-ascend",
-                   help="the placement a server starts from without an expert map: "
-                   "vllm-ascend's (releases up to 0.23: contiguous blocks, redundant copies "
-                   "from the last rank back; default) or vLLM's (experts in slot order, then "
-                   "copies of experts 0, 1, ...; vllm-ascend's main branch too, not its 0.23 "
-                   "release)")
+    p.add_argument("--default-layout", choices=tuple(_LAYOUT_LABEL), default="vllm",
+                   help="the placement a server starts from without an expert map: vLLM's "
+                   "(experts in slot order, then copies of experts 0, 1, ...; also vllm-ascend's "
+                   "from 0.24 on, without shared experts mixed in; default) or vllm-ascend's up "
+                   "to 0.23 (contiguous blocks, redundant copies from the last rank back)")
     p.add_argument("--nodes", type=_int_arg, default=None,
                    help="nodes (default: the trace's deployment if its ranks match, else 1)")
     p.add_argument("--groups", type=_int_arg, default=None,
@@ -967,7 +996,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replays a load trace, rebalancing every K windows with each "
                        "policy from the windows just served, and judges every placement on the "
                        "windows after it (out of sample). The first placement is the server's "
-                       "default (--default-layout: vllm-ascend's, or vLLM's).")
+                       "default (--default-layout: vLLM's, or vllm-ascend's up to 0.23).")
     p.add_argument("--trace", required=True, help="trace file (.npz/.npy/.pt/.json)")
     _add_topology(p)
     p.add_argument("--policy", default="deepseek,balanced,min_move",
