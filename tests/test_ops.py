@@ -134,8 +134,9 @@ def test_map_and_record_large(device, path, id_dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_parallel_rows_at_any_thread_count(threads):
-    """The CPU kernel's parallel path (each thread counts into its own histogram row above
-    2 * 65536 ids) at 1, 2 and 3 threads, whatever cores the host has (CI may have one)."""
+    """The CPU kernel's parallel path (each thread counts into its own histogram row from
+    2 * 32768 = 65536 ids on) at 1, 2 and 3 threads, whatever cores the host has (CI may have
+    one)."""
     gen = np.random.default_rng(8)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -256,11 +257,15 @@ def test_record_counts(device, path, group_list_type, tok_dtype, load_dtype):
         np.testing.assert_array_equal(load.cpu().numpy(), exp)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + ["torch.ops"])
 def test_record_counts_bad_arguments(path):
-    counts_fn = _fns(path)[2]
+    # torch.ops: the raw op's own checks (what compiled graphs call; the wrapper checks first)
+    counts_fn = (torch.ops.eplb_native.record_counts if path == "torch.ops" else
+                 _fns(path)[2])
     load = torch.ones(16, dtype=torch.int64)
     tokens = torch.ones(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="expert_tokens must be on cpu"):
+        counts_fn(load, tokens.to("meta"), 1, 0)
     for offset in [13, 16, -1]:
         with pytest.raises(ValueError, match="offset"):
             counts_fn(load, tokens, 1, offset)
@@ -353,6 +358,16 @@ def test_record_topk_bad_arguments():
     with pytest.raises(ValueError, match="load"):
         torch.ops.eplb_native.record_topk(load.reshape(2, 2), torch.zeros(3, dtype=torch.int32),
                                           torch.tensor(True))
+    ids = torch.tensor([[0, 3], [1, 1]], dtype=torch.int32)
+    for fn in (ops.record_topk, torch.ops.eplb_native.record_topk):  # the raw op's own checks
+        with pytest.raises(ValueError, match="load must be on meta"):
+            fn(load, ids.to("meta"), torch.tensor(True, device="meta"), None)
+        with pytest.raises(ValueError, match="record must be on cpu"):
+            fn(load, ids, torch.tensor(True, device="meta"), None)
+        with pytest.raises(TypeError, match="num_valid_tokens"):
+            fn(load, ids, torch.tensor(True), torch.tensor(1.5))
+        with pytest.raises(ValueError, match="num_valid_tokens"):
+            fn(load, ids, torch.tensor(True), torch.tensor([1, 2]))
     assert not load.any()  # nothing counted before any of the errors
 
 
@@ -378,7 +393,8 @@ def test_opcheck(device):
 def test_compiles_without_graph_break():
     gen = np.random.default_rng(31)
     log2phy, logcnt = _placement(8, 12, 3, torch.int64, "cpu", gen)
-    load = torch.zeros(12, dtype=torch.int64)
+    load = _load(12, torch.int64, "cpu", gen)  # counts add to what is there
+    start = load.clone()
 
     def step(ids, rec):
         return ops.map_and_record(ids, log2phy, logcnt, load, rec) + 0
@@ -387,7 +403,7 @@ def test_compiles_without_graph_break():
     ids = _ids(20, 4, 8, torch.int64, "cpu", gen, bad=False)
     got = compiled(ids, torch.tensor(True))
     exp_out, exp_load = ref.map_and_record(ids.numpy(), log2phy.numpy(), logcnt.numpy(),
-                                           np.zeros(12), True)
+                                           start.numpy(), True)
     np.testing.assert_array_equal(got.numpy(), exp_out)
     np.testing.assert_array_equal(load.numpy(), exp_load)
 

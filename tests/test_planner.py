@@ -61,24 +61,75 @@ def old_placement(rng, layers, experts, slots):
     return np.stack(rows).astype(np.int64)
 
 
-def check_plan(p, load, experts, ranks, groups=1, nodes=1, old=None):
+def check_plan(p, load, experts, ranks, groups=1, nodes=1, old=None, distinct_ranks=False):
     ref.check_placement(p.phy2log, p.log2phy, p.logcnt, experts, ranks)
     loads = ref.rank_loads(load, p.phy2log, ranks)
     np.testing.assert_allclose(p.max_load_after, loads.max(1), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(p.mean_load, loads.mean(1), rtol=1e-9, atol=1e-9)
     assert (p.lower_bound <= p.max_load_after * (1 + 1e-9) + 1e-9).all()
+    # log2phy lists each expert's replicas in slot order (but DeepSeek's own, by replica
+    # ordinal: deepseek with no old placement and no distinct_ranks)
+    if not (p.policy == "deepseek" and old is None and not distinct_ranks):
+        for layer, row in enumerate(p.log2phy):
+            for e, cnt in enumerate(p.logcnt[layer]):
+                assert (np.diff(row[e, :cnt]) > 0).all(), (layer, e, row[e, :cnt])
     hierarchical = nodes > 1 and groups % nodes == 0
     if hierarchical:
         ref.check_hierarchical(p.phy2log, experts, groups, nodes)
     if old is not None:
         np.testing.assert_array_equal(p.moved_slots, (p.phy2log != old).sum(1))
-        check_transfers(p, old, ranks)
+        np.testing.assert_allclose(p.max_load_before,
+                                   ref.rank_loads(load, old, ranks).max(1), rtol=1e-9, atol=1e-9)
+        # balanced and min_move never serve the window worse than the old placement where it is
+        # a candidate (not across nodes when hierarchical; not with a repeat under
+        # distinct_ranks)
+        candidate = not (nodes > 1 and hierarchical) and not (
+            distinct_ranks and ref.duplicates(old, ranks).sum())
+        if p.policy != "deepseek" and candidate:
+            assert (p.max_load_after <= p.max_load_before * (1 + 1e-12)).all(), (
+                p.max_load_after, p.max_load_before)
+        check_transfers(p, old, ranks, nodes)
     else:
         assert len(p.transfers) == 0
 
 
-def check_transfers(p, old, ranks):
+def wire_sources(old_row, wire, ranks, nodes):
+    """Reference of the transfer plan's source choice for one layer: wire [n, 2] (dst_slot,
+    logical) rows -> [n, 2] (src_rank, src_slot). Experts with one old holder rank send from it
+    and count first; then, by destination slot, each other expert comes from its holder rank
+    with the fewest sends so far (ties: on the destination's node, then the lowest rank),
+    reading that rank's first slot of it."""
+    slots = len(old_row) // ranks
+    per_node = ranks // nodes
+    holders = {}
+    for slot, e in enumerate(old_row):
+        holders.setdefault(int(e), {}).setdefault(slot // slots, slot)  # first slot of a rank
+    sends = [0] * ranks
+    out = [None] * len(wire)
+    order = sorted(range(len(wire)), key=lambda i: wire[i][0])
+    for i in order:
+        h = holders[int(wire[i][1])]
+        if len(h) == 1:
+            (rank, slot), = h.items()
+            out[i] = (rank, slot)
+            sends[rank] += 1
+    for i in order:
+        if out[i] is None:
+            dst_node = wire[i][0] // slots // per_node
+            rank = min(holders[int(wire[i][1])],
+                       key=lambda r: (sends[r], r // per_node != dst_node, r))
+            out[i] = (rank, holders[int(wire[i][1])][rank])
+            sends[rank] += 1
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def check_transfers(p, old, ranks, nodes=1):
     t = p.transfers
+    # which holder sends: exactly the documented rule (spread over holders, same node first)
+    for layer in range(old.shape[0]):
+        rows = t[(t[:, 0] == layer) & (t[:, 7] == 0)]
+        want = wire_sources(old[layer], rows[:, [6, 2]], ranks, nodes)
+        np.testing.assert_array_equal(rows[:, [3, 4]], want)
     assert t.shape[1] == len(TRANSFER_COLUMNS)
     np.testing.assert_array_equal(ref.apply_transfers(old, t), p.phy2log)
     slots = p.phy2log.shape[1] // ranks
@@ -319,6 +370,33 @@ def test_invariants_fuzz(policy):
         p = eplb_native.plan(load, old, num_ranks=ranks, num_replicas=slots, num_groups=groups,
                              num_nodes=nodes, policy=policy)
         check_plan(p, load, experts, ranks, groups, nodes, old)
+
+
+def test_never_worse_than_an_optimal_old_placement():
+    """balanced / min_move keep the old placement where what they found serves the window worse:
+    tiny layers (3-4 experts, 6 slots, 2-3 ranks) with the brute-force optimum as the old
+    placement, including some where the search alone ends above that optimum (so the
+    fallback, not the search, keeps them at it)."""
+    import itertools
+
+    rng = np.random.default_rng(93)
+    fallback_needed = 0
+    for experts, ranks in [(3, 2), (4, 2), (3, 3), (4, 3)]:
+        for _ in range(12):
+            load = rng.lognormal(0, 1.5, experts) * 100
+            best, best_phy = np.inf, None
+            for phy in itertools.product(range(experts), repeat=6):
+                ref_max = ref.rank_loads(load[None], np.array(phy)[None], ranks).max()
+                if len(set(phy)) == experts and ref_max < best:
+                    best, best_phy = ref_max, np.array(phy)
+            fresh = eplb_native.plan(load, num_ranks=ranks, num_replicas=6, distinct_ranks=False)
+            fallback_needed += fresh.max_load_after[0] > best * (1 + 1e-9)
+            for policy in ("balanced", "min_move"):
+                p = eplb_native.plan(load, best_phy[None], num_ranks=ranks, policy=policy,
+                                     distinct_ranks=False)
+                check_plan(p, load[None], experts, ranks, old=best_phy[None])
+                assert p.max_load_after[0] <= best * (1 + 1e-12), (policy, load, best_phy)
+    assert fallback_needed > 0  # (else this test would not reach the fallback)
 
 
 def test_balanced_never_worse_than_deepseek_and_bound_is_valid():

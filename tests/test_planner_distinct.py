@@ -38,7 +38,8 @@ def test_distinct_fuzz(policy):
                 eplb_native.plan(load, old if use_old else None, num_replicas=slots, **kw)
             continue
         p = eplb_native.plan(load, old if use_old else None, num_replicas=slots, **kw)
-        check_plan(p, load, experts, ranks, groups, nodes, old if use_old else None)
+        check_plan(p, load, experts, ranks, groups, nodes, old if use_old else None,
+                   distinct_ranks=True)
         assert ref.duplicates(p.phy2log, ranks).sum() == 0
         planned += 1
     assert planned > 150
@@ -98,7 +99,7 @@ def test_distinct_min_move_from_a_repeating_placement():
     old = eplb_native.plan(loads[0], policy="deepseek", **kw).phy2log
     assert ref.duplicates(old, 32).sum() > 0
     mm = eplb_native.plan(loads[1], old, policy="min_move", distinct_ranks=True, **kw)
-    check_plan(mm, loads[1], 256, 32, old=old)
+    check_plan(mm, loads[1], 256, 32, old=old, distinct_ranks=True)
     assert ref.duplicates(mm.phy2log, 32).sum() == 0
     bal = eplb_native.plan(loads[1], old, distinct_ranks=True, **kw)
     assert (mm.moved_slots < bal.moved_slots).all()

@@ -551,6 +551,9 @@ def test_placement_tensors_and_default_spread():
     log2phy, logcnt, local = state.placement_tensors([0, 1, 2, 0], 3, 2, 1)
     assert log2phy.tolist() == [[0, 3], [1, -1], [2, -1]]
     assert logcnt.tolist() == [2, 1, 1] and local.tolist() == [1, -1, 0]
+    # a rank holding an expert twice routes it to its first local slot (vllm-ascend's maps)
+    assert state.placement_tensors([1, 0, 2, 0], 3, 1, 0)[2].tolist() == [1, 0, 2]
+    assert state.placement_tensors([0, 1, 2, 2, 1, 0, 1, 2], 3, 2, 1)[2].tolist() == [1, 0, 3]
     rotated = state.placement_tensors([0, 1, 2, 0], 3, 2, 1, rotate=True)[0]
     assert rotated.tolist() == [[3, 0], [1, -1], [2, -1]]  # rank 1 starts at replica 1 % 2
     with pytest.raises(TypeError, match="rotate must be a bool"):
@@ -1110,3 +1113,85 @@ def test_failed_gloo_move_counts_as_finished(tmp_path):
 
     mp.spawn(updator_mp.dropped_gloo_move_ends, args=(2, f"file://{tmp_path}/rdzv"), nprocs=2,
              join=True)
+
+
+# ------------------------------------------------------------------ refusals no other test reaches
+
+
+def test_adapter_and_updator_refusals():
+    from eplb_native.adapters import MoELayerAdapter
+    from eplb_native.config import EplbConfig
+    from eplb_native.updator import Updator
+
+    layer = EPMoE(8, 6, 8, 2, num_redundant_experts=2)
+    good = layer.eplb_adapter("l0")
+    fields = {k: getattr(good, k) for k in ("name", "module", "weights", "phy2log", "log2phy",
+                                              "logcnt", "load", "record", "ep_rank", "ep_size",
+                                              "local_expert_map")}
+    for key, bad, what in (("ep_size", 0, "ep_size must be an int >= 1, got 0"),
+                           ("ep_size", 2.0, "ep_size must be an int >= 1, got 2.0"),
+                           ("rotate_replicas", 1, "rotate_replicas must be a bool, got 1")):
+        with pytest.raises(AdapterError, match=f"MoE layer 'l0' .*{what}"):
+            MoELayerAdapter(**{**fields, key: bad})
+    # a layer of 2 ranks with no process group to reach the other: refused, nothing created
+    two = MoELayerAdapter(**{**fields, "ep_size": 2, "local_expert_map": None,
+                             "weights": [w[:5] for w in good.weights]})
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match="group is required: the layers span 2 ranks"):
+        Updator([two], EplbConfig())
+
+
+def test_register_adapter_order_and_checks(monkeypatch):
+    from eplb_native.adapters import base
+
+    monkeypatch.setattr(base, "_ADAPTERS", list(base._ADAPTERS))  # (restored after the test)
+    with pytest.raises(TypeError, match="adapter must be callable, got int"):
+        base.register_adapter(3)
+    seen = []
+
+    def first(name, module, ep_rank, ep_size):
+        seen.append("first")
+
+    def second(name, module, ep_rank, ep_size):
+        seen.append("second")
+
+    base.register_adapter(first)
+    assert base.register_adapter(second) is second  # (usable as a decorator)
+    base.register_adapter(first)  # registered once only
+    order = base.registered_adapters()
+    assert order[:2] == [second, first] and order.count(first) == 1
+    order.clear()  # a copy: the registry is untouched
+    assert base.registered_adapters()[:2] == [second, first]
+    assert base.adapt_module("m", torch.nn.Linear(2, 2), 0, 1) is None
+    assert seen[:2] == ["second", "first"]  # the later registration is tried first
+
+    class Wrong(torch.nn.Module):
+        def eplb_adapter(self, name):
+            return {"phy2log": None}
+
+    with pytest.raises(AdapterError, match="eplb_adapter\\(\\) must return a MoELayerAdapter, "
+                                           "got dict"):
+        base.adapt_module("odd", Wrong(), 0, 1)
+
+
+def test_transfer_refusals():
+    with pytest.raises(ValueError, match="logical expert 2 has no copy in the old placement"):
+        layer_schedule(np.array([0, 1, 0, 1]), np.array([0, 2, 0, 1]), 2)
+    with pytest.raises(ValueError, match=r"num_nodes must divide num_ranks \(2\), got 3"):
+        layer_schedule(np.array([0, 1, 0, 1]), np.array([1, 0, 0, 1]), 2, 3)
+    weights = [torch.zeros(4, 3)]
+    for staging in ([torch.zeros(4, 2)], [torch.zeros(4, 3, dtype=torch.float64)],
+                    [torch.zeros(3, 4).t()], []):
+        with pytest.raises(ValueError, match="staging must match weights tensor by tensor"):
+            LayerMove(weights, staging, [], 0, None)
+
+
+def test_warm_up_refuses_with_moves_queued():
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "layers_per_step": 1})
+    up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7]] * 2))
+    up._move_group = object()  # (one rank has none: stand in for a multi-rank updator's)
+    with pytest.raises(RuntimeError, match="warm_up: moves are queued or in flight"):
+        up.warm_up()
+    up._move_group = None
+    up.shutdown()
