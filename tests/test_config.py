@@ -428,3 +428,26 @@ def test_step_intervals_are_unbounded_and_none_attributes_unset():
 
     c = EplbConfig.parse(Lenient())
     assert c.window_size == 64 and c == EplbConfig(window_size=64)
+
+
+def test_wrapper_takes_vllm_ascends_defaults():
+    """Inside vllm-ascend's {"eplb_config": {...}} wrapper a key left out means what it means
+    there: a map alone is a static placement (dynamic_eplb False there; it was on here), a
+    record path turns dynamic EPLB on, the intervals are 600 / 50. Outside it, ours."""
+    static = EplbConfig.parse({"eplb_config": {"expert_map_path": "m.json"}})
+    assert static.dynamic_eplb is False and static.expert_map_path == "m.json"
+    assert (static.expert_heat_collection_interval, static.algorithm_execution_interval) == (600,
+                                                                                             50)
+    recording = EplbConfig.parse({"eplb_config": {"expert_map_record_path": "out.json"}})
+    assert recording.dynamic_eplb is True
+    off = EplbConfig.parse({"eplb_config": {"dynamic_eplb": False,
+                                            "expert_map_record_path": "out.json"}})
+    assert off.dynamic_eplb is False  # (said explicitly: kept)
+    given = EplbConfig.parse({"eplb_config": {"dynamic_eplb": True,
+                                              "expert_heat_collection_interval": 7,
+                                              "algorithm_execution_interval": 0}})
+    assert (given.dynamic_eplb, given.expert_heat_collection_interval,
+            given.algorithm_execution_interval) == (True, 7, 0)
+    ours = EplbConfig.parse({"expert_map_path": "m.json"})
+    assert ours.dynamic_eplb is True and ours.expert_heat_collection_interval == 100
+    assert EplbConfig.parse({"eplb_config": {}}).dynamic_eplb is False

@@ -1,7 +1,16 @@
 """``EplbConfig``: the updator's settings, in the vocabularies users already have.
 
 Accepted keys (``EplbConfig.parse`` takes a dict, a ``{"eplb_config": {...}}`` wrapper, a JSON
-string, an object with these attributes such as vLLM's ``EPLBConfig``, or an EplbConfig):
+string, an object with these attributes such as vLLM's ``EPLBConfig``, or an EplbConfig). The
+keys are vLLM's and vllm-ascend's; a key left out takes the default below, which is ours,
+except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper (its ``additional_config``),
+where it takes vllm-ascend's: ``dynamic_eplb`` False (True when ``expert_map_record_path`` is
+given, as there), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval`` 50.
+Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
+vLLM's own defaults differ from ours too: ``step_interval`` 3000 and ``window_size`` 1000
+where ours are 100 and the heat interval; pass them when you mean vLLM's. The constructor
+``EplbConfig(...)`` takes the canonical names only; aliases and the peers' values (``"default"``,
+``eplb_policy_type``) are read by ``EplbConfig.parse`` / a dict.
 
 =================================  ==================================  =========================
 key (aliases)                      meaning                             default
@@ -30,7 +39,8 @@ key (aliases)                      meaning                             default
                                    arrived on every rank
 ``policy`` (``eplb_policy_type``)  ``deepseek`` | ``balanced`` |       ``balanced``
                                    ``min_move`` (vLLM ``default`` =
-                                   deepseek; vllm-ascend types 0, 1 =
+                                   deepseek; vllm-ascend types 0
+                                   (its random test policy), 1 =
                                    deepseek, 2, 3 = balanced)
 ``distinct_ranks``                 True: no rank holds one expert in   None
                                    two slots (vllm-ascend's maps need
@@ -89,6 +99,11 @@ _COMMUNICATORS = (None, "torch_nccl", "torch_gloo", "torch_xccl", "pynccl", "nix
 #: values; "all" collects in every phase, as we always do, so it is the only one we take.
 _PHASE_KEYS = ("eplb_heat_collection_stage", "load_collection_phase")
 _PHASES = ("all", "prefill", "decode")
+
+#: vllm-ascend's defaults (its ascend_config.EplbConfig), taken for the keys a
+#: ``{"eplb_config": {...}}`` wrapper leaves out
+_ASCEND_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 600,
+                    "algorithm_execution_interval": 50}
 
 #: alias -> canonical key
 _ALIASES = {
@@ -208,6 +223,9 @@ class EplbConfig:
             doc = doc["eplb_config"]
             if not isinstance(doc, dict):
                 raise ValueError("eplb_config must be a dict")
+            wrapped = True
+        else:
+            wrapped = False
         fields = {f.name for f in dataclasses.fields(cls)}
         out: dict = {}
         source: dict = {}
@@ -229,6 +247,14 @@ class EplbConfig:
                                  f"({_show(out[canon])})")
             out[canon] = value
             source[canon] = key
+        if wrapped:
+            # vllm-ascend's additional_config: what it leaves out means what it means there
+            # (static placement unless dynamic_eplb, which a record path turns on; its
+            # intervals), not our defaults
+            for key, value in _ASCEND_DEFAULTS.items():
+                out.setdefault(key, value)
+            if "dynamic_eplb" not in source and out.get("expert_map_record_path") is not None:
+                out["dynamic_eplb"] = True
         try:
             return cls(**out)
         except ValueError as e:
