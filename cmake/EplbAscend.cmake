@@ -44,7 +44,7 @@ if(NOT _eplb_ascend STREQUAL "OFF")
     endforeach()
     if(NOT _eplb_ascendc_cmake)
       list(APPEND _eplb_ascend_missing
-        "CANN's ascendc.cmake (looked under ${ASCEND_CANN_PACKAGE_PATH}/{compiler,tools}/tikcpp/ascendc_kernel_cmake)")
+        "CANN's ascendc.cmake (looked under ${ASCEND_CANN_PACKAGE_PATH}/{compiler,tools}/tikcpp/ascendc_kernel_cmake and ascendc_devkit/tikcpp/samples/cmake)")
     endif()
   else()
     list(APPEND _eplb_ascend_missing

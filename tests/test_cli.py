@@ -679,3 +679,20 @@ def test_output_piped_into_a_reader_that_leaves_is_not_an_error(tmp_path):
 def test_demo_summary_counts_the_steps_it_ran(tmp_path):
     proc = run_cli("demo", *TINY_DEMO, "--steps", "3", "--png", "", cwd=tmp_path)
     assert "the last 3 steps" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("args, command, fragment", [
+    (["plan", "--load", "x.npz", "--ranks", "abc", "-o", "m.json"], "plan",
+     "argument --ranks: expected an integer, got 'abc'"),
+    (["plan", "--ranks", "2"], "plan", "required: --load, -o/--output"),
+    (["simulate", "--trace", "t.npz", "--ranks", "2", "--every", "x"], "simulate", "--every"),
+    (["demo", "--policy", "fast"], "demo", "argument --policy: invalid choice: 'fast'"),
+])
+def test_usage_errors_are_one_line(tmp_path, args, command, fragment):
+    """argparse's own errors are one line too (it printed its usage block first)."""
+    proc = run_cli(*args, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, command, fragment, f"(see eplb-native {command} --help)")
+    top = run_cli(cwd=tmp_path, expect=2)
+    assert top.stderr.strip().splitlines() == [
+        "eplb-native: error: the following arguments are required: COMMAND "
+        "(see eplb-native --help)"]

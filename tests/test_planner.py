@@ -328,6 +328,13 @@ def test_rebalance_experts_rank_argument_names():
         eplb_native.rebalance_experts(load, 24, 4, 2, 4, num_ranks=4)
     with pytest.raises(TypeError, match="num_ranks must be an int"):
         eplb_native.rebalance_experts(load, 24, 4, 2, num_ranks=4.0)
+    # every check names the argument as the caller passed it (the planner's say num_ranks)
+    for args in ((load, 24, 4, 3, 4), (load, 25, 4, 1, 4), (load, 24, 4, 1, 0)):
+        with pytest.raises(ValueError, match="num_gpus") as info:
+            eplb_native.rebalance_experts(*args)
+        assert "num_ranks" not in str(info.value)
+        with pytest.raises(ValueError, match="num_ranks"):
+            eplb_native.rebalance_experts(*args[:4], num_ranks=args[4])
 
 
 def test_deepseek_policy_matches_reference_fuzz():

@@ -491,8 +491,9 @@ def cmd_simulate(args) -> int:
     print(f"placement: {topo.describe()}; rebalance every {args.every} window(s) from the "
           f"windows just served" + ("; no rank holds an expert twice" if args.distinct_ranks
                                     else ""))
-    print(f"balancedness = mean over layers of mean / max rank load; out of sample = on the "
-          f"{num_windows - args.every} windows after each plan")
+    print(f"balancedness = mean over layers of mean / max rank load; out of sample = each of "
+          f"the {num_windows - args.every} windows after the first plan, on the placement "
+          f"planned before it")
     head = (f"{'policy':<10} {'out mean':>8} {'out min':>8} {'in mean':>8} {'moved slots':>12} "
             f"{'moved bytes':>12} {'plan ms':>8}")
     print(head)
@@ -944,8 +945,15 @@ def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> No
                    "parallel)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as the commands' own (no usage block before it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eplb-native",
         description="Native dynamic expert-parallel load balancing for MoE inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -957,7 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "sum of its windows (--window last: the last one).")
     p.add_argument("--load", required=True, help="load file")
     _add_topology(p, ranks_required=False)
-    p.add_argument("--policy", choices=sorted(POLICIES), default="balanced")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="balanced",
+                   help="placement policy (default balanced)")
     p.add_argument("--old", help="current expert map (JSON): 'before' is judged on it and "
                    "min_move starts from it (default: the server's default placement, --default-layout)")
     p.add_argument("--window", choices=("sum", "last"), default="sum",
@@ -980,7 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_int_arg, help="MoE layers (override the shape's)")
     p.add_argument("--experts", type=_int_arg, help="logical experts per layer (override)")
     p.add_argument("--windows", type=_int_arg, default=16, help="load windows (default 16)")
-    p.add_argument("--skew", choices=traces.SKEWS, default="zipf")
+    p.add_argument("--skew", choices=traces.SKEWS, default="zipf",
+                   help="expert popularity: Zipf over a drifting ranking, or lognormal "
+                   "(default zipf)")
     p.add_argument("--sigma", type=_float_arg, default=1.0, help="lognormal sigma")
     p.add_argument("--zipf-a", type=_float_arg, default=1.1, help="Zipf exponent")
     p.add_argument("--drift", type=_float_arg, default=0.05,
@@ -1019,11 +1030,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "experts that drift over time, with the updator attached, next to the same "
                        "stack with EPLB off; shows balancedness live, then a table per rebalance, "
                        "and whether the outputs equal EPLB-off's.")
-    p.add_argument("--ranks", type=_int_arg, default=4)
-    p.add_argument("--layers", type=_int_arg, default=8)
-    p.add_argument("--experts", type=_int_arg, default=64)
-    p.add_argument("--redundant", type=_int_arg, default=16)
-    p.add_argument("--top-k", type=_int_arg, default=4)
+    p.add_argument("--ranks", type=_int_arg, default=4,
+                   help="processes, one EP rank each (default 4)")
+    p.add_argument("--layers", type=_int_arg, default=8, help="MoE layers (default 8)")
+    p.add_argument("--experts", type=_int_arg, default=64,
+                   help="logical experts per layer (default 64)")
+    p.add_argument("--redundant", type=_int_arg, default=16,
+                   help="redundant slots per layer (default 16)")
+    p.add_argument("--top-k", type=_int_arg, default=4, help="experts per token (default 4)")
     p.add_argument("--steps", type=_int_arg, default=60, help="forward steps (default 60)")
     p.add_argument("--interval", type=_int_arg, default=10,
                    help="steps per load window / between plans (default 10)")
@@ -1038,8 +1052,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_arg, default=0)
     p.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--policy", choices=sorted(POLICIES), default="deepseek",
-                   help="placement policy (default deepseek: DeepSeek EPLB's, what vLLM / "
-                        "vllm-ascend run by default; the library's own default is balanced)")
+                   help="placement policy (default deepseek: DeepSeek EPLB's, what vLLM runs "
+                        "by default; the library's own default, and what vllm-ascend's default "
+                        "type 2 maps to, is balanced)")
     p.add_argument("--png", default="demo.png", help="balancedness plot (default demo.png; "
                    "'' for none)")
     p.add_argument("--save-trace", default=None,

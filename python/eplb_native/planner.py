@@ -19,6 +19,7 @@ import atexit
 import concurrent.futures
 import logging
 import os
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -294,7 +295,18 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         raise TypeError("rebalance_experts takes the number of ranks once: num_gpus "
                         "(positional, DeepSeek's name) or num_ranks= (keyword)")
     name = "num_gpus" if num_ranks is None else "num_ranks"
-    ranks = _as_int(num_gpus if num_ranks is None else num_ranks, name)  # named as given
+    try:
+        return _rebalance_experts(weight, num_replicas, num_groups, num_nodes, name,
+                                  num_gpus if num_ranks is None else num_ranks)
+    except ValueError as e:
+        if name == "num_ranks":
+            raise
+        # the checks below (and the planner's) say num_ranks: name the argument as given
+        raise ValueError(re.sub(r"\bnum_ranks\b", "num_gpus", str(e))) from None
+
+
+def _rebalance_experts(weight, num_replicas, num_groups, num_nodes, name, ranks):
+    ranks = _as_int(ranks, name)  # named as given
     w, _, ranks, slots, num_nodes, num_groups, _ = _prepare(
         weight, None, ranks, num_replicas, num_nodes, num_groups, "deepseek", 1, name="weight")
     bad = ~(w >= 0.0) | ~np.isfinite(w)  # (the planner would check it too, naming it "load")
