@@ -1195,3 +1195,30 @@ def test_warm_up_refuses_with_moves_queued():
         up.warm_up()
     up._move_group = None
     up.shutdown()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_fold_counts_every_layer_per_logical_expert(mixed):
+    """The per-step fold (every layer at once, or one at a time when the layers count in
+    different dtypes) adds each slot's count to its logical expert and to its rank's tokens, and
+    zeroes the layers' counters: random counts against a plain loop."""
+    model = Stack(3, num_redundant_experts=2)
+    if mixed:  # (before attach: the layer counts in int32 from the start)
+        model.layers[1].load = torch.zeros(10, dtype=torch.int32)
+    up = eplb_native.attach(model, {"step_interval": 3, "dynamic_eplb": False}, hooks=False)
+    assert {layer.load.dtype for layer in model.layers} == (
+        {torch.int64, torch.int32} if mixed else {torch.int64})
+    g = torch.Generator().manual_seed(12)
+    want = np.zeros((3, 8), dtype=np.int64)
+    for _ in range(3):
+        up.forward_before()
+        for i, (layer, row) in enumerate(zip(model.layers, up.phy2log(), strict=True)):
+            counts = torch.randint(0, 1000, (10,), generator=g)
+            layer.load.copy_(counts)
+            np.add.at(want[i], row, counts.numpy())
+        up.forward_end()
+        assert all(not layer.load.any() for layer in model.layers)
+    assert len(up._recorded) == 1
+    np.testing.assert_array_equal(up._recorded[0], want)
+    assert up.stats.windows[0]["tokens"] == int(want.sum())
+    up.shutdown()
