@@ -108,3 +108,11 @@ def test_optimum_two_slots_matches_brute_force():
         found, undecided = tool.best_max(w, slots, w.sum() / ranks, 2 * w.max(), steps=40,
                                          extra=slots, time_limit=30.0)
         assert undecided == 0 and abs(found - best) <= 1e-9 * best, (w, ranks, found, best)
+
+
+def test_bench_hooks_smoke():
+    out = _run("benchmarks/bench_hooks.py", "--smoke", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["layers"] == 4 and len(result["hooks_us_per_step_runs"]) == 2
+    assert result["hooks_us_per_step"] > 0
