@@ -91,6 +91,10 @@ class EPMoE(torch.nn.Module):
         s = self.num_local_slots
         self.w13 = torch.nn.Parameter(torch.empty(s, 2 * i, h, **kw), requires_grad=False)
         self.w2 = torch.nn.Parameter(torch.empty(s, h, i, **kw), requires_grad=False)
+        # where the original weights are drawn (logical_expert): the device they were first
+        # drawn on, wherever the layer moves later (a generator on another device draws other
+        # numbers); a layer built on meta draws on the device it holds its weights on then
+        self._draw_device = None if self.w13.device.type == "meta" else self.w13.device
         dev = {"device": device}
         m = state.max_replicas(e, self.num_slots)
         self.register_buffer("phy2log", torch.zeros(self.num_slots, dtype=torch.int64, **dev))
@@ -119,13 +123,15 @@ class EPMoE(torch.nn.Module):
 
     def logical_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The original weights of logical expert ``e``: (w13 [2I, H], w2 [H, I]), new tensors
-        of the layer's dtype on its device."""
-        dev = self.w13.device
+        of the layer's dtype on its device. Drawn on the device the layer was built on (a layer
+        built on the CPU and moved to a GPU keeps its weights' values)."""
+        dev = self._draw_device or self.w13.device
         g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + 1 + int(e))
         h, i = self.hidden_size, self.intermediate_size
         w13 = torch.randn(2 * i, h, generator=g, device=dev) / h ** 0.5
         w2 = torch.randn(h, i, generator=g, device=dev) / i ** 0.5
-        return w13.to(self.w13.dtype), w2.to(self.w2.dtype)
+        to = {"device": self.w13.device}
+        return w13.to(dtype=self.w13.dtype, **to), w2.to(dtype=self.w2.dtype, **to)
 
     @property
     def logical_w13(self) -> torch.Tensor:
