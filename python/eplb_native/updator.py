@@ -1000,7 +1000,11 @@ _all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_g
 
 
 #: Process groups updators created and gave back, by (EP ranks, backend): the next attach on
-#: those ranks takes one instead of creating another.
+#: those ranks takes one instead of creating another. Weak references: torch's registry keeps a
+#: group alive until dist.destroy_process_group() drops it, and then it goes at once. (Kept
+#: alive here past that, a gloo group's worker threads ran on into interpreter shutdown, where
+#: one releasing a finished barrier's tensors aborted the process: "terminate called without an
+#: active exception", about 1 demo run in 30.)
 _FREE_GROUPS: dict[tuple[tuple[int, ...], str | None], list] = {}
 
 
@@ -1013,7 +1017,9 @@ def _take_group(ranks: list[int], backend: str | None):
     rendezvous keys from the store and fail to connect."""
     pool = _FREE_GROUPS.get((tuple(ranks), backend), [])
     while pool:
-        g = pool.pop()
+        g = pool.pop()()
+        if g is None:
+            continue  # destroyed and collected since
         try:
             if dist.get_process_group_ranks(g) == list(ranks):
                 return g
@@ -1024,7 +1030,7 @@ def _take_group(ranks: list[int], backend: str | None):
 
 
 def _give_back_group(g, ranks: list[int], backend: str | None) -> None:
-    _FREE_GROUPS.setdefault((tuple(ranks), backend), []).append(g)
+    _FREE_GROUPS.setdefault((tuple(ranks), backend), []).append(weakref.ref(g))
 
 
 def _staging_like(weights: list[torch.Tensor]) -> list[torch.Tensor]:
