@@ -228,7 +228,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Spread: the block-wide exclusive scan of the clamped counts gives each row's offset in the
   // packed table; every block computes the same total, so all take the same path.
   bool packed_fits = kStaged;
-  [[maybe_unused]] bool has_long = false;  // this thread staged a row of > kFirstEntries entries
   if (kStagedSpread && p.dense) {
 #pragma unroll
     for (int r = 0; r < kStageRegs; ++r) {
@@ -274,19 +273,17 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (e >= e_hi) break;
         const uint32_t c = static_cast<uint32_t>(stage[r]);
         s_rows[e] = MakeRow(c, offset);
-        // the row's first kFirstEntries here; the rest of a longer row after the barrier
-        has_long |= c > static_cast<uint32_t>(kFirstEntries);
+        uint32_t j0 = 0;
         if (r == 0) {
 #pragma unroll
           for (int j = 0; j < kFirstEntries; ++j) {
             if (static_cast<uint32_t>(j) < c)
               s_table[offset + j] = static_cast<Id>(first_entries[j]);
           }
-        } else {
-          const uint32_t head = min(c, static_cast<uint32_t>(kFirstEntries));
-          for (uint32_t j = 0; j < head; ++j) {
-            s_table[offset + j] = static_cast<Id>(p.table[int64_t{e} * cols + j]);
-          }
+          j0 = kFirstEntries;
+        }
+        for (uint32_t j = j0; j < c; ++j) {
+          s_table[offset + j] = static_cast<Id>(p.table[int64_t{e} * cols + j]);
         }
         offset += c;
       }
@@ -301,27 +298,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       s_table[j] = static_cast<Id>(p.table[j]);
     }
   }
-  if constexpr (kStagedSpread) {
-    // Rows longer than kFirstEntries (hot experts: tens of replicas on a skewed placement) are
-    // copied after the barrier by whole warps, their lanes side by side: one thread copying a
-    // row's entries one after another held the block at the barrier (E = 384 on a Zipf
-    // placement, 36 replicas: slower than vLLM's kernel at 8K ids, H100). Where no row is
-    // longer (uniform placements) this is the one barrier it was.
-    if (__syncthreads_or(has_long)) {
-      const uint32_t lane = threadIdx.x % 32;
-      for (uint32_t e = threadIdx.x / 32; e < E; e += kScanWarps) {
-        const uint32_t packed = s_rows[e].packed;
-        const uint32_t c = packed & ((1u << kCountBits) - 1);
-        const uint32_t offset = packed >> kCountBits;
-        for (uint32_t j = kFirstEntries + lane; j < c; j += 32) {
-          s_table[offset + j] = static_cast<Id>(p.table[int64_t{e} * cols + j]);
-        }
-      }
-      __syncthreads();
-    }
-  } else if (kStaged || p.shared_hist) {
-    __syncthreads();
-  }
+  if (kStaged || p.shared_hist) __syncthreads();
   const bool use_shared = record && p.shared_hist;
 
   auto count = [&](Id slot, uint32_t i) {
