@@ -406,6 +406,39 @@ def test_never_worse_than_an_optimal_old_placement():
     assert fallback_needed > 0  # (else this test would not reach the fallback)
 
 
+def test_one_node_with_expert_groups():
+    """One node, several expert groups (DeepSeek's rule runs its grouped path there; found by a
+    sanitizer fuzz of the C++): groups that do not divide the experts made balanced / min_move
+    read past a scratch array (heap corruption: an abort from Python), and balanced could end
+    above deepseek on a layer with tied loads."""
+    p = eplb_native.plan(np.array([[1.0, 2.0, 3.0]]), num_ranks=1, num_replicas=3, num_groups=2,
+                         policy="balanced", distinct_ranks=True)
+    check_plan(p, np.array([[1.0, 2.0, 3.0]]), 3, 1, groups=2, distinct_ranks=True)
+    tied = np.array([[1.0, 1.0, 3.0]])
+    kw = dict(num_ranks=3, num_replicas=6, num_groups=3)
+    assert (eplb_native.plan(tied, policy="balanced", **kw).max_load_after
+            <= eplb_native.plan(tied, policy="deepseek", **kw).max_load_after).all()
+    rng = np.random.default_rng(94)
+    for _ in range(1500):
+        ranks = int(rng.integers(1, 5))
+        slots = ranks * int(rng.integers(1, 4))
+        experts = int(rng.integers(1, slots + 1))
+        groups = int(rng.integers(2, 5))
+        load = rng.integers(0, 4, (2, experts)).astype(float)  # ties, as found
+        kw = dict(num_ranks=ranks, num_replicas=slots, num_groups=groups)
+        bal = eplb_native.plan(load, policy="balanced", **kw)
+        check_plan(bal, load, experts, ranks, groups)
+        old = bal.phy2log
+        mm = eplb_native.plan(load[::-1].copy(), old, policy="min_move", **kw)
+        check_plan(mm, load[::-1], experts, ranks, groups, old=old)
+        if experts % groups == 0:
+            ds = eplb_native.plan(load, policy="deepseek", **kw)
+            assert (bal.max_load_after <= ds.max_load_after * (1 + 1e-12)).all(), (load, kw)
+        else:
+            with pytest.raises(ValueError):
+                eplb_native.plan(load, policy="deepseek", **kw)
+
+
 def test_balanced_never_worse_than_deepseek_and_bound_is_valid():
     rng = np.random.default_rng(20)
     for _ in range(200):

@@ -38,7 +38,9 @@ void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy, in
 }  // namespace
 
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank) {
-  const bool hier = shape.deepseek_grouped();
+  // (groups that do not divide the experts: Plan refuses that shape for `deepseek`; the other
+  // policies, which start from this placement, take the global one there)
+  const bool hier = shape.deepseek_grouped() && shape.num_logical % shape.num_groups == 0;
   const int64_t E = shape.num_logical, P = shape.num_physical;
   const int64_t N = hier ? shape.num_nodes : 1;
   const int64_t G = hier ? shape.num_groups : 1;

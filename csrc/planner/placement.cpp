@@ -395,6 +395,22 @@ void PreferDistinct(const double* w, const Shape& one, const PlanOptions& option
 void BalancedPlan(const double* w, const Shape& one, const PlanOptions& options, bool prefer,
                   int64_t* dst) {
   BalancedLayer(w, one, dst);
+  if (one.deepseek_grouped() && !one.hierarchical() &&
+      one.num_logical % one.num_groups == 0) {
+    // One node with several groups: `deepseek` takes DeepSeek's grouped path there (expert
+    // order by group load), `balanced` the global one, which can end above it on a layer
+    // (tied loads; found by a sanitizer fuzz). DeepSeek's placement refined instead where it
+    // is lower (refining never raises the max).
+    thread_local std::vector<int64_t> grouped_tls, rank_tls;
+    auto& grouped = grouped_tls;
+    grouped.resize(static_cast<size_t>(one.num_physical));
+    rank_tls.resize(static_cast<size_t>(one.num_physical));
+    DeepSeekLayer(w, one, grouped.data(), rank_tls.data());
+    if (MaxRankLoad(w, grouped.data(), one) < MaxRankLoad(w, dst, one)) {
+      RefineLayer(w, one, grouped.data());
+      std::copy(grouped.begin(), grouped.end(), dst);
+    }
+  }
   if (prefer && HasRepeatOnRank(dst, one)) PreferDistinct(w, one, options, dst);
 }
 
