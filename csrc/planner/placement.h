@@ -134,11 +134,15 @@ double MaxRankLoad(const double* layer_load, const int64_t* layer_phy2log, const
 
 // vLLM's preserve_intragpu_slots: permutes each rank's slots in `phy2log` [L, P] so that a
 // logical expert the rank held in `old_phy2log` stays in its old slot. Same multiset per rank.
+// Ids must be >= 0 (a negative one reads out of bounds; Plan and the bindings check first).
 void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& shape);
 
 // Lower bound on the max rank load of ANY placement of one layer with these slots and this
 // topology (hierarchical placements keep groups on nodes, as DeepSeek's): no plan does better.
-// The argument is in bound.cpp.
+// The argument is in bound.cpp. It holds in exact arithmetic and, with loads in the normal
+// range, up to rounding; loads below DBL_MIN (subnormal) divide inexactly by replica counts,
+// and there the bound (and balanced's "never worse than deepseek") can miss by a few ulps
+// (Plan caps its lower_bound at the plan's own max).
 double LowerBound(const double* layer_load, const Shape& shape);
 
 // Transfer plan old -> new for one layer; appends to `out`.
