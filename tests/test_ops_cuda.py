@@ -3,9 +3,9 @@ csrc/ops/cuda/map_record.cu, ninth session): record_topk's global-atomic histogr
 grid-stride loop, int64 ids past 2^32, rank_local with a table past the registers plus the
 shared histogram, the multiply-high modulo up to its limit, the 2^31 id refusal, a second GPU,
 and rank_local's unused logcnt on another device. Each compares against a NumPy reference of
-the contract (csrc/ops/ops.h) on random data. Every test skips without a GPU; none had run on a
-GPU when they were added (no machine could be started that session): the next GPU run checks
-them.
+the contract (csrc/ops/ops.h) on random data. Every test skips without a GPU. They ran first on
+an H100 on 2026-12-07 (thirteenth session, main 2fc66db): all passed but the two needing a
+second GPU, which skipped.
 """
 
 from __future__ import annotations
