@@ -701,8 +701,9 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
     failed = torch.zeros(1, dtype=torch.int64)
     for m in updator.stats.moves:
         i = cycles.index(m["cycle"]) if m["cycle"] in cycles else len(cycles)
-        moved_bytes[i] += m["bytes"]
-        move_s[i] += m["move_s"]
+        if m["ok"]:  # (a failed move's bytes were discarded with it: not "moved")
+            moved_bytes[i] += m["bytes"]
+            move_s[i] += m["move_s"]
         failed += 0 if m["ok"] else 1
     flags = torch.tensor([0 if bitwise else 1, 0 if close else 1], dtype=torch.int64)
     diff = torch.tensor([max_diff], dtype=torch.float64)
@@ -732,6 +733,8 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
                 switched.setdefault(m["cycle"], []).append(m["step"])
         done_layers = {c: {m["layer"] for m in updator.stats.moves
                            if m["ok"] and m["cycle"] == c} for c in cycles}
+        failed_layers = {c: {m["layer"] for m in updator.stats.moves
+                             if not m["ok"] and m["cycle"] == c} for c in cycles}
         rebalances = []
         for i, p in enumerate(updator.stats.plans):
             # the plan taken at step s was submitted one step earlier (execution interval 1)
@@ -749,7 +752,13 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
                 "balancedness_bound": bound,
                 "planned_layers": len(p["layers_to_move"]),
                 "switched_layers": len(done_layers[p["cycle"]]),
-                "planned_slots": int(np.sum(p["moved_slots"])),
+                # failed: the old placement kept (failed_layer_moves counts them too); the rest
+                # of the planned layers were still queued when the run ended
+                "failed_layers": len(failed_layers[p["cycle"]]),
+                # the layers the updator moves (a changed layer that would not balance better
+                # is not moved)
+                "planned_slots": int(sum(p["moved_slots"][layer]
+                                         for layer in p["layers_to_move"])),
                 "moved_slots": int(sum(p["moved_slots"][layer]
                                        for layer in done_layers[p["cycle"]])),
                 "moved_bytes": int(moved_bytes[i]), "plan_ms": p["planner_s"] * 1e3,
@@ -872,7 +881,7 @@ def cmd_demo(args) -> int:
               f"{_fmt(r['balancedness_after'], 9)} {_fmt(r['balancedness_bound'], 6)} "
               f"{layers:>7} {r['moved_slots']:>11} {_fmt_bytes(r['moved_bytes']):>11} "
               f"{_fmt(r['plan_ms'], 8, 2)} {_fmt(r['move_steps'], 10, 0)}")
-        if r["switched_layers"] < r["planned_layers"]:
+        if r["switched_layers"] + r["failed_layers"] < r["planned_layers"]:
             unfinished.append(r)
     if not result["rebalances"]:
         print("(no rebalance: run more --steps than --interval)")
@@ -880,9 +889,9 @@ def cmd_demo(args) -> int:
           "layers\nlayers: switched / planned; move steps: from the plan to its last layer's "
           "switch (the forwards ran on meanwhile)")
     for r in unfinished:
-        print(f"rebalance {r['cycle']}: {r['planned_layers'] - r['switched_layers']} of its "
-              f"{r['planned_layers']} layers had not moved when the run ended (dropped at "
-              f"shutdown; their {r['planned_slots'] - r['moved_slots']} slots are not counted)")
+        left = r["planned_layers"] - r["switched_layers"] - r["failed_layers"]
+        print(f"rebalance {r['cycle']}: {left} of its {r['planned_layers']} layers had not "
+              f"moved when the run ended (dropped at shutdown; their slots are not counted)")
     print(f"measured balancedness, mean over layers and the last {tail} steps: EPLB on "
           f"{on[-tail:].mean():.3f}, EPLB off {off[-tail:].mean():.3f} (first step "
           f"{on[0]:.3f})")

@@ -5,7 +5,9 @@ string, an object with these attributes such as vLLM's ``EPLBConfig``, or an Epl
 keys are vLLM's and vllm-ascend's; a key left out takes the default below, which is ours,
 except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper (its ``additional_config``),
 where it takes vllm-ascend's: ``dynamic_eplb`` False (True when ``expert_map_record_path`` is
-given, as there), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval`` 50.
+given, as there; but an explicit ``dynamic_eplb: false`` is kept here, where vllm-ascend turns
+it on all the same), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval``
+50.
 Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
 vLLM's own defaults differ from ours too: ``step_interval`` 3000 and ``window_size`` 1000
 where ours are 100 and the heat interval; pass them when you mean vLLM's. The constructor

@@ -518,14 +518,15 @@ def _complete(item, futures: dict, lock: threading.Lock) -> None:
 def _dropped(state: _State) -> None:
     """A Planner collected without close(): its futures still complete (the worker goes on
     with what is queued), then the waiter closes the worker. Never blocks the collecting
-    thread."""
+    thread, and takes no lock: the cyclic gc may run it on any thread, the waiter's too while
+    that holds the lock (a non-reentrant lock deadlocked it there). Without one it is still
+    exact: the waiter pops a finished job before it reads ``dropped``, and this sets
+    ``dropped`` before it reads the futures, so one of the two sees the other and closes."""
     if os.getpid() != state.pid:
         return  # the threads live in the parent
-    with state.lock:
-        state.dropped = True
-        idle = not state.futures
-    if idle:
-        state.worker.close()
+    state.dropped = True
+    if not state.futures:
+        state.worker.close()  # (idempotent: the waiter may close it too)
 
 
 def _stop(state: _State) -> None:

@@ -91,10 +91,11 @@ class EPMoE(torch.nn.Module):
         s = self.num_local_slots
         self.w13 = torch.nn.Parameter(torch.empty(s, 2 * i, h, **kw), requires_grad=False)
         self.w2 = torch.nn.Parameter(torch.empty(s, h, i, **kw), requires_grad=False)
-        # where the original weights are drawn (logical_expert): the device they were first
-        # drawn on, wherever the layer moves later (a generator on another device draws other
-        # numbers); a layer built on meta draws on the device it holds its weights on then
-        self._draw_device = None if self.w13.device.type == "meta" else self.w13.device
+        # the kind of device the original weights are drawn on (logical_expert): where they
+        # were first drawn, wherever the layer moves later (a generator of another kind draws
+        # other numbers; the GPU index does not matter); a layer built on meta takes it at its
+        # first draw
+        self._draw_device_type = None if self.w13.device.type == "meta" else self.w13.device.type
         dev = {"device": device}
         m = state.max_replicas(e, self.num_slots)
         self.register_buffer("phy2log", torch.zeros(self.num_slots, dtype=torch.int64, **dev))
@@ -125,7 +126,18 @@ class EPMoE(torch.nn.Module):
         """The original weights of logical expert ``e``: (w13 [2I, H], w2 [H, I]), new tensors
         of the layer's dtype on its device. Drawn on the device the layer was built on (a layer
         built on the CPU and moved to a GPU keeps its weights' values)."""
-        dev = self._draw_device or self.w13.device
+        if self._draw_device_type is None:
+            self._draw_device_type = self.w13.device.type
+        kind = self._draw_device_type
+        if kind == self.w13.device.type:
+            dev = self.w13.device
+        elif kind == "cpu":
+            dev = torch.device("cpu")
+        elif getattr(torch, kind, None) is not None and getattr(torch, kind).is_available():
+            dev = torch.device(kind)  # (the current device of that kind: same numbers)
+        else:
+            raise RuntimeError(f"this layer's original expert weights were drawn on {kind}, "
+                               f"which this process has none of; draw them on a host with one")
         g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + 1 + int(e))
         h, i = self.hidden_size, self.intermediate_size
         w13 = torch.randn(2 * i, h, generator=g, device=dev) / h ** 0.5
