@@ -395,8 +395,7 @@ void PreferDistinct(const double* w, const Shape& one, const PlanOptions& option
 void BalancedPlan(const double* w, const Shape& one, const PlanOptions& options, bool prefer,
                   int64_t* dst) {
   BalancedLayer(w, one, dst);
-  if (one.deepseek_grouped() && !one.hierarchical() &&
-      one.num_logical % one.num_groups == 0) {
+  if (one.deepseek_grouped() && !one.hierarchical() && one.num_logical % one.num_groups == 0) {
     // One node with several groups: `deepseek` takes DeepSeek's grouped path there (expert
     // order by group load), `balanced` the global one, which can end above it on a layer
     // (tied loads; found by a sanitizer fuzz). DeepSeek's placement refined instead where it
