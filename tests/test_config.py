@@ -451,3 +451,7 @@ def test_wrapper_takes_vllm_ascends_defaults():
     ours = EplbConfig.parse({"expert_map_path": "m.json"})
     assert ours.dynamic_eplb is True and ours.expert_heat_collection_interval == 100
     assert EplbConfig.parse({"eplb_config": {}}).dynamic_eplb is False
+
+
+def test_json_null_is_no_config():
+    assert EplbConfig.parse("null") == EplbConfig.parse(None) == EplbConfig()

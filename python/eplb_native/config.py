@@ -279,6 +279,8 @@ class EplbConfig:
                 config = json.loads(config)
             except ValueError as e:  # JSONDecodeError, or an int literal of > 4300 digits
                 raise ValueError(f"config string is not valid JSON ({e})") from None
+            if config is None:
+                return cls()  # ("null": as None)
         if isinstance(config, dict):
             return cls.from_dict(config)
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
