@@ -629,14 +629,18 @@ def test_sliding_window_and_trace(tmp_path):
     up.shutdown()
 
 
+def _adapter_fields(name: str):
+    """An EPMoE layer's adapter and its fields, to build variants of it."""
+    good = EPMoE(8, 6, 8, 2, num_redundant_experts=2).eplb_adapter(name)
+    return good, {k: getattr(good, k) for k in ("name", "module", "weights", "phy2log",
+                                                  "log2phy", "logcnt", "load", "record",
+                                                  "ep_rank", "ep_size", "local_expert_map")}
+
+
 def test_adapter_validation_names_the_layer():
     from eplb_native.adapters import MoELayerAdapter
 
-    layer = EPMoE(8, 6, 8, 2, num_redundant_experts=2)
-    good = layer.eplb_adapter("model.layers.3.mlp")
-    fields = {k: getattr(good, k) for k in ("name", "module", "weights", "phy2log", "log2phy",
-                                              "logcnt", "load", "record", "ep_rank", "ep_size",
-                                              "local_expert_map")}
+    good, fields = _adapter_fields("model.layers.3.mlp")
     for key, bad in (("log2phy", torch.zeros(8, 2, dtype=torch.int64)),
                      ("load", torch.zeros(10)),
                      ("weights", [torch.zeros(9, 3)]),
@@ -1123,11 +1127,7 @@ def test_adapter_and_updator_refusals():
     from eplb_native.config import EplbConfig
     from eplb_native.updator import Updator
 
-    layer = EPMoE(8, 6, 8, 2, num_redundant_experts=2)
-    good = layer.eplb_adapter("l0")
-    fields = {k: getattr(good, k) for k in ("name", "module", "weights", "phy2log", "log2phy",
-                                              "logcnt", "load", "record", "ep_rank", "ep_size",
-                                              "local_expert_map")}
+    good, fields = _adapter_fields("l0")
     for key, bad, what in (("ep_size", 0, "ep_size must be an int >= 1, got 0"),
                            ("ep_size", 2.0, "ep_size must be an int >= 1, got 2.0"),
                            ("rotate_replicas", 1, "rotate_replicas must be a bool, got 1")):
