@@ -97,6 +97,8 @@ void Worker::Run() {
       d.invalid_argument = true;
     } catch (const std::exception& e) {
       d.error = std::string("internal: ") + e.what();
+    } catch (...) {  // (none is thrown today; one escaping this thread would end the process)
+      d.error = "internal: an exception that is not a std::exception";
     }
     std::lock_guard<std::mutex> lock(mu_);
     running_ = false;
