@@ -727,14 +727,15 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
         windows = {w["step"]: i for i, w in enumerate(updator.stats.windows)}
         # what each rebalance switched (every rank commits the same layers: agreed), against
         # what it planned: layers still queued when the run ends are dropped at shutdown
-        switched: dict[int, list[int]] = {}
+        done_layers: dict[int, set[int]] = {c: set() for c in cycles}
+        failed_layers: dict[int, set[int]] = {c: set() for c in cycles}
+        last_switch: dict[int, int] = {}  # cycle -> step of its last layer's switch
         for m in updator.stats.moves:
+            if m["cycle"] not in done_layers:
+                continue  # (a move no plan of this run queued)
+            (done_layers if m["ok"] else failed_layers)[m["cycle"]].add(m["layer"])
             if m["ok"]:
-                switched.setdefault(m["cycle"], []).append(m["step"])
-        done_layers = {c: {m["layer"] for m in updator.stats.moves
-                           if m["ok"] and m["cycle"] == c} for c in cycles}
-        failed_layers = {c: {m["layer"] for m in updator.stats.moves
-                             if not m["ok"] and m["cycle"] == c} for c in cycles}
+                last_switch[m["cycle"]] = max(last_switch.get(m["cycle"], m["step"]), m["step"])
         rebalances = []
         for i, p in enumerate(updator.stats.plans):
             # the plan taken at step s was submitted one step earlier (execution interval 1)
@@ -763,8 +764,8 @@ def _demo_rank(rank: int, args, init_method: str, result_path: str) -> None:
                                        for layer in done_layers[p["cycle"]])),
                 "moved_bytes": int(moved_bytes[i]), "plan_ms": p["planner_s"] * 1e3,
                 # steps from the plan's take to its last layer's switch (forwards ran on)
-                "move_steps": (max(switched[p["cycle"]]) - p["step"]
-                               if p["cycle"] in switched else None),
+                "move_steps": (last_switch[p["cycle"]] - p["step"]
+                               if p["cycle"] in last_switch else None),
                 # the same in wall time, summed over layers (each layer's from its transfers'
                 # issue to its switch, the forwards of those steps included)
                 "move_span_ms": float(move_s[i]) * 1e3})
