@@ -131,7 +131,10 @@ _INT_KEYS = {"num_redundant_experts": (0, MAX_COUNT),
              "max_move_bytes_per_step": (1, MAX_COUNT), "log_balancedness_interval": (1, None),
              "num_nodes": (1, MAX_COUNT), "num_groups": (1, MAX_COUNT)}
 _ALIAS_OF = {"step_interval": "expert_heat_collection_interval", "enabled": "dynamic_eplb",
-             "enable_eplb": "dynamic_eplb", "eplb_policy_type": "policy"}
+             "enable_eplb": "dynamic_eplb", "eplb_policy_type": "policy",
+             "num_iterations_eplb_update": "expert_heat_collection_interval",
+             "num_wait_worker_iterations": "algorithm_execution_interval",
+             "init_redundancy_expert": "num_redundant_experts"}
 _PHASE_KEYS = ("eplb_heat_collection_stage", "load_collection_phase")
 
 
@@ -455,3 +458,34 @@ def test_wrapper_takes_vllm_ascends_defaults():
 
 def test_json_null_is_no_config():
     assert EplbConfig.parse("null") == EplbConfig.parse(None) == EplbConfig()
+
+
+def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
+    """vllm-ascend v0.14.0rc1 renamed three keys (same meanings) and removed gate_eplb: the old
+    names are read as the new ones (both given: they must agree), gate_eplb is refused naming
+    why, and beside an eplb_config wrapper (where vllm-ascend ignores it) ignored with a
+    warning."""
+    old = EplbConfig.parse({"num_iterations_eplb_update": 400, "num_wait_worker_iterations": 30,
+                            "init_redundancy_expert": 16})
+    new = EplbConfig.parse({"expert_heat_collection_interval": 400,
+                            "algorithm_execution_interval": 30, "num_redundant_experts": 16})
+    assert old == new
+    assert EplbConfig.parse({"eplb_config": {"num_iterations_eplb_update": 400}}) == \
+        EplbConfig.parse({"eplb_config": {"expert_heat_collection_interval": 400}})
+    with pytest.raises(ValueError, match="'expert_heat_collection_interval' \\(300\\) "
+                                         "contradicts 'num_iterations_eplb_update' \\(400\\)"):
+        EplbConfig.parse({"num_iterations_eplb_update": 400,
+                          "expert_heat_collection_interval": 300})
+    with pytest.raises(ValueError, match="num_wait_worker_iterations \\(= "
+                                         "algorithm_execution_interval"):
+        EplbConfig.parse({"num_wait_worker_iterations": -1})
+    for doc in ({"gate_eplb": False}, {"eplb_config": {"gate_eplb": True}}):
+        with pytest.raises(ValueError, match="'gate_eplb': vllm-ascend removed it in v0.14.0rc1"):
+            EplbConfig.parse(doc)
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        c = EplbConfig.parse({"eplb_config": {"dynamic_eplb": True}, "gate_eplb": True})
+    assert c.dynamic_eplb is True
+    assert "['gate_eplb'] beside 'eplb_config' ignored" in caplog.text
+    # an old name beside the wrapper is a key of ours there: ambiguous, refused as the new one
+    with pytest.raises(ValueError, match="num_iterations_eplb_update.*beside 'eplb_config'"):
+        EplbConfig.parse({"eplb_config": {}, "num_iterations_eplb_update": 400})

@@ -1,5 +1,6 @@
 """vllm-ascend expert-map JSON: round trip, the format itself, and malformed files."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -186,10 +187,16 @@ def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     expert_map.save(path, np.array([[0, 1]]), 1)
     before = path.read_text()
 
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
+    real = expert_map.atomic_write
 
-    monkeypatch.setattr(expert_map.json, "dump", fail)
+    @contextlib.contextmanager
+    def fail_after_a_partial_write(*args, **kwargs):
+        with real(*args, **kwargs) as f:
+            f.write('{"moe_layer_count": 1,')
+            raise OSError("disk full")
+        yield  # (never reached)
+
+    monkeypatch.setattr(expert_map, "atomic_write", fail_after_a_partial_write)
     with pytest.raises(OSError, match="disk full"):
         expert_map.save(path, np.array([[1, 0]]), 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json"]
@@ -264,3 +271,69 @@ def test_repeated_experts_on_a_rank_are_listed_and_saved_with_a_warning(tmp_path
     with caplog.at_level(logging.WARNING, logger="eplb_native"):
         expert_map.save(tmp_path / "n.json", phy2log[1:], 2)
     assert not caplog.records
+
+
+def test_layers_past_the_models_are_checked_then_dropped_with_a_warning(tmp_path, caplog):
+    """vllm-ascend (from v0.23.0rc1) records a draft model's MTP layer after the model's layers,
+    and its reader ignores rows past the model's: such a file loads here too, its extra rows
+    checked on their own (they may have other slot counts) and dropped, with a warning."""
+    phy2log = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 2, 2]])
+    doc = expert_map.to_json_dict(np.r_[phy2log, [[1, 0, 3, 2, 1, 1]]], num_ranks=2)
+    # the MTP row with other slots, as vllm-ascend wrote before v0.19.1rc1
+    doc["layer_list"][2]["device_list"] = [{"device_id": r, "device_expert": [r, r + 2]}
+                                           for r in range(2)]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(doc))
+    for source in (path, doc):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="eplb_native"):
+            got, ranks = expert_map.load(source, num_ranks=2, num_logical=4, num_layers=2,
+                                         num_slots=6, name="expert_map")
+        np.testing.assert_array_equal(got, phy2log)
+        assert ranks == 2
+        assert "1 layers past the model's 2 ignored (layer_list[2:]" in caplog.text
+        # no limit: the extra row is a layer like the others, and its slots differ
+        with pytest.raises(ValueError, match="same number of slots"):
+            expert_map.load(source)
+    # extra rows are still checked: a bad id, device or layer id there is refused
+    for mutate, message in [
+            (lambda d: d["layer_list"][2]["device_list"][0].update(device_expert=[0, -1]), ">= 0"),
+            (lambda d: d["layer_list"][2].update(layer_id=5), "layer_id must run 0..2"),
+            (lambda d: d["layer_list"][2]["device_list"][1].update(device_expert=[0]),
+             "same number of experts")]:
+        bad = json.loads(json.dumps(doc))
+        mutate(bad)
+        with pytest.raises(ValueError, match=message):
+            expert_map.load(bad, num_layers=2)
+    # an array with more layers than the model's: refused (fewer: test_load_takes_...)
+    with pytest.raises(ValueError, match="has 2 layers, expected 1"):
+        expert_map.load(phy2log, num_ranks=2, num_layers=1)
+
+
+def _containers(x, out):
+    """Every (container, key) pair inside a JSON value, depth first."""
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        out.append((x, k))
+        _containers(v, out)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_layers_past_the_limit_raise_only_value_error(data):
+    """A valid map of model + extra layers with one value anywhere replaced (in the model's rows
+    or the extra ones): load(..., num_layers=) returns the model's rows or a ValueError."""
+    num_layers = data.draw(st.integers(1, 3))
+    extra = data.draw(st.integers(0, 2))
+    rows = data.draw(st.lists(st.permutations(range(4)), min_size=num_layers + extra,
+                              max_size=num_layers + extra))
+    doc = expert_map.to_json_dict(np.array(rows), num_ranks=2)
+    places = _containers(doc, [])
+    where, key = places[data.draw(st.integers(0, len(places) - 1))]
+    where[key] = data.draw(json_values)
+    try:
+        phy2log, ranks = expert_map.load(doc, num_layers=num_layers)
+    except ValueError:
+        return
+    assert phy2log.shape[0] == num_layers and (phy2log >= 0).all() and ranks >= 1

@@ -140,7 +140,7 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
             "attach_groups"]
         # rank 0 writes the map and checks its folder; the others refuse with it
         assert errors["record_path"].startswith("expert_map_record_path") and (
-            "does not exist" if rank == 0 else "rank 0 of the EP group cannot write it") in (
+            "cannot be made" if rank == 0 else "rank 0 of the EP group cannot write it") in (
             errors["record_path"])
         assert errors["map_missing_on_one_rank"] == (
             "RuntimeError: rank 1 of the EP group refused (its own error says why); nothing "

@@ -306,7 +306,7 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
          "device_list": [{"device_id": 0, "device_expert": row}]} for i, row in enumerate(layers)]}
     path = tmp_path / "map.json"
     path.write_text(json.dumps(doc))
-    record = tmp_path / "record.json"
+    record = tmp_path / "made" / "record.json"  # (a missing folder is made, as vllm-ascend does)
     model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
     up = eplb_native.attach(model, {"expert_map_path": str(path), "dynamic_eplb": False,
                                     "expert_map_record_path": str(record)})
@@ -347,9 +347,9 @@ def test_attach_errors():
     with pytest.raises(FileNotFoundError, match="no_such_map.json"):
         eplb_native.attach(Stack(1), {"expert_map_path": "/no/such/dir/no_such_map.json"})
     # the record path's folder is checked at attach, not found missing at shutdown
-    with pytest.raises(ValueError, match="expert_map_record_path .*folder '/no/such/dir' does "
-                                         "not exist"):
-        eplb_native.attach(Stack(1), {"expert_map_record_path": "/no/such/dir/out.json"})
+    with pytest.raises(ValueError, match="expert_map_record_path .*folder '/dev/null/dir' "
+                                         "cannot be made"):
+        eplb_native.attach(Stack(1), {"expert_map_record_path": "/dev/null/dir/out.json"})
     # topologies the planner rejects fail at attach, not at every planning cycle
     with pytest.raises(ValueError, match=r"num_nodes \(2\) must divide the layers' ep_size"):
         eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_nodes": 2})
@@ -1222,3 +1222,42 @@ def test_fold_counts_every_layer_per_logical_expert(mixed):
     np.testing.assert_array_equal(up._recorded[0], want)
     assert up.stats.windows[0]["tokens"] == int(want.sum())
     up.shutdown()
+
+
+def test_record_path_is_written_after_each_rebalance(tmp_path, monkeypatch, caplog):
+    """Rank 0 rewrites expert_map_record_path once a rebalance's last layer has switched (as
+    vllm-ascend rewrites its record every cycle: a killed server leaves its last map), on a
+    thread of its own; a failed write there is logged and serving goes on; shutdown writes the
+    final map."""
+    record = tmp_path / "record.json"
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "expert_map_record_path": record})
+    first = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    g = torch.Generator().manual_seed(8)
+    assert up.move_to(first) == 2
+    model(torch.randn(9, 8, generator=g))  # layer 0 switched, layer 1 still queued: not yet
+    assert up.moving and not record.exists()
+    model(torch.randn(9, 8, generator=g))
+    up._recorder.shutdown(wait=True)  # (the write's thread)
+    up._recorder = None
+    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], first)
+    # a failed write after a rebalance: a warning, the old file kept, the step completes
+    real_save = expert_map.save
+
+    def failing_save(path, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(expert_map, "save", failing_save)
+    second = first[:, ::-1].copy()
+    up.move_to(second)
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        for _ in range(2):
+            model(torch.randn(9, 8, generator=g))
+        up._recorder.shutdown(wait=True)
+        up._recorder = None
+    assert np.array_equal(up.phy2log(), second)
+    assert "not written after a rebalance: OSError" in caplog.text
+    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], first)
+    monkeypatch.setattr(expert_map, "save", real_save)
+    up.shutdown()
+    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], second)

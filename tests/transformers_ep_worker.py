@@ -293,7 +293,7 @@ def run_prepare_checks(path: str, rank: int) -> dict:
     # a config the updator would refuse is refused before any layer grows
     for key, config in {"attach_nodes": {"num_nodes": 3},
                         "attach_groups": {"num_nodes": 2, "num_groups": 6},
-                        "record_path": {"expert_map_record_path": "/no/such/dir/map.json"}
+                        "record_path": {"expert_map_record_path": "/dev/null/dir/map.json"}
                         }.items():
         try:
             eplb_native.attach(model, config, hooks=False)

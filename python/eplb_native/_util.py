@@ -127,12 +127,20 @@ def validate_phy2log(phy2log, num_logical: int, num_ranks: int, name: str = "phy
     return a
 
 
-def check_writable_dir(path, name: str) -> None:
+def check_writable_dir(path, name: str, *, create: bool = False) -> None:
     """ValueError naming ``name`` unless the folder ``path`` will be written into exists and
     takes new files (checked before the work whose result goes there, not found out after it).
     A file is written as a temporary beside it, then renamed: access() first, then a real
-    temporary file, since read-only mounts and /proc answer access() yes for root."""
+    temporary file, since read-only mounts and /proc answer access() yes for root.
+    ``create``: a missing folder is made first (with its parents), as vllm-ascend makes
+    expert_map_record_path's."""
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if create and not os.path.isdir(folder):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} cannot be made "
+                             f"({e.strerror or e})") from None
     if not os.path.isdir(folder):
         raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -55,7 +55,12 @@ key (aliases)                      meaning                             default
                                    placement
 ``expert_map_path``                initial placement (vllm-ascend      None (default spread)
                                    expert-map JSON)
-``expert_map_record_path``         final placement written here        None
+``expert_map_record_path``         placement written here by rank 0    None
+                                   after each rebalance and at
+                                   shutdown (its folder is made if
+                                   missing); weights move as without
+                                   it (vllm-ascend plans, records and
+                                   moves nothing)
 ``log_balancedness``               log balancedness with ``logging``   False
 ``log_balancedness_interval``      every this many steps (at the       1
                                    window gathered at or after each
@@ -73,6 +78,12 @@ key (aliases)                      meaning                             default
                                    P2P, one grouped batch per layer
 =================================  ==================================  =========================
 
+vllm-ascend's names from before v0.14.0rc1 (which renamed them and moved them into
+``eplb_config``) are aliases too: ``num_iterations_eplb_update`` (heat interval),
+``num_wait_worker_iterations`` (execution interval), ``init_redundancy_expert``
+(``num_redundant_experts``); its removed ``gate_eplb`` is refused (ignored, with a warning,
+beside an ``eplb_config`` wrapper, as vllm-ascend ignores it there).
+
 Counts are ints from their minimum up to ``MAX_COUNT`` = 2**62 (the planner's bound); a float
 holding an integer (``1000.0``, ``1e9``: JSON and YAML write them) counts as that int, any other
 float is refused. numpy scalars count as the Python values they hold. An attribute object is read
@@ -87,10 +98,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 from ._util import plain_scalar
+
+logger = logging.getLogger("eplb_native")
 
 POLICIES = ("deepseek", "balanced", "min_move")
 _POLICY_ALIASES = {"default": "deepseek"}
@@ -113,7 +127,14 @@ _ALIASES = {
     "enable_eplb": "dynamic_eplb",
     "step_interval": "expert_heat_collection_interval",
     "eplb_policy_type": "policy",
+    # vllm-ascend's names before v0.14.0rc1 (#5533 renamed them; same meanings)
+    "num_iterations_eplb_update": "expert_heat_collection_interval",
+    "num_wait_worker_iterations": "algorithm_execution_interval",
+    "init_redundancy_expert": "num_redundant_experts",
 }
+
+#: keys vllm-ascend removed -> why they are refused here
+_REMOVED = {"gate_eplb": "vllm-ascend removed it in v0.14.0rc1; it has no counterpart here"}
 
 
 #: Longest transfer_timeout_s (a week).
@@ -222,6 +243,10 @@ class EplbConfig:
             if ours:
                 raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
                                  f"inside it")
+            old = sorted(k for k in doc if k in _REMOVED)
+            if old:  # (vllm-ascend ignores them there too; an old config meant EPLB on)
+                logger.warning("EPLB config: %s beside 'eplb_config' ignored (vllm-ascend "
+                               "removed it in v0.14.0rc1)", old)
             doc = doc["eplb_config"]
             if not isinstance(doc, dict):
                 raise ValueError("eplb_config must be a dict")
@@ -239,6 +264,8 @@ class EplbConfig:
                 _check_phase(key, value)
                 continue
             canon = _ALIASES.get(key, key)
+            if key in _REMOVED:
+                raise ValueError(f"EPLB config key {key!r}: {_REMOVED[key]}")
             if canon not in fields:
                 raise ValueError(f"unknown EPLB config key {key!r}; known: "
                                  f"{sorted(fields | set(_ALIASES) | set(_PHASE_KEYS))}")

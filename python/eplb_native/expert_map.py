@@ -30,8 +30,8 @@ def _is_id(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
 
 
-def to_json_dict(phy2log, num_ranks: int) -> dict:
-    """``phy2log`` [L, P] (numpy or torch) -> the JSON-ready dict for ``num_ranks`` ranks."""
+def _checked(phy2log, num_ranks: int) -> tuple[np.ndarray, int]:
+    """What to_json_dict / save take: (``phy2log`` as numpy [L, P], num_ranks), or raises."""
     a = to_numpy(phy2log, "phy2log")
     if a.dtype == object or a.dtype.kind not in "iu":
         # a float would be truncated by int(); what load() refuses is never written
@@ -45,6 +45,12 @@ def to_json_dict(phy2log, num_ranks: int) -> dict:
     if a.shape[1] % num_ranks:
         raise ValueError(f"num_ranks must be a positive divisor of the slot count {a.shape[1]}, "
                          f"got {num_ranks!r}")
+    return a, num_ranks
+
+
+def to_json_dict(phy2log, num_ranks: int) -> dict:
+    """``phy2log`` [L, P] (numpy or torch) -> the JSON-ready dict for ``num_ranks`` ranks."""
+    a, num_ranks = _checked(phy2log, num_ranks)
     per_rank = a.reshape(a.shape[0], num_ranks, -1)
     return {
         "moe_layer_count": int(a.shape[0]),
@@ -57,6 +63,21 @@ def to_json_dict(phy2log, num_ranks: int) -> dict:
     }
 
 
+def _json_text(phy2log, num_ranks: int) -> str:
+    """The JSON of to_json_dict, one line per rank, several times faster than json.dump with
+    an indent (json's indenting encoder is pure Python: 85 ms at 61 layers x 512 slots here;
+    the updator writes a map after every rebalance)."""
+    a, num_ranks = _checked(phy2log, num_ranks)
+    layers = []
+    for layer, ranks in enumerate(a.reshape(a.shape[0], num_ranks, -1).tolist()):
+        devices = ",\n".join(f'   {{"device_id": {r}, "device_expert": [{", ".join(map(str, row))}]}}'
+                             for r, row in enumerate(ranks))
+        layers.append(f'  {{"layer_id": {layer}, "device_count": {num_ranks}, "device_list": [\n'
+                      f"{devices}\n  ]}}")
+    return (f'{{\n "moe_layer_count": {a.shape[0]},\n "layer_list": [\n' + ",\n".join(layers)
+            + "\n ]\n}\n")
+
+
 def from_json_dict(doc: dict, source: str = "expert map") -> np.ndarray:
     """Parses a vllm-ascend expert map into ``phy2log`` [L, P] int64. Every layer must have the
     same ranks and every rank the same number of slots; expert ids are ints in
@@ -64,8 +85,14 @@ def from_json_dict(doc: dict, source: str = "expert map") -> np.ndarray:
     return _parse(doc, source)[0]
 
 
-def _parse(doc, source: str) -> tuple[np.ndarray, int]:
-    """from_json_dict -> (``phy2log`` [L, P] int64, num_ranks)."""
+def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray, int]:
+    """from_json_dict -> (``phy2log`` [L, P] int64, num_ranks).
+
+    With ``num_layers``, layers past the first ``num_layers`` are checked on their own (ids,
+    devices, slots) and dropped with a warning: vllm-ascend (from v0.23.0rc1) records the
+    layers of a speculative-decoding draft model (DeepSeek's MTP layer) after the model's, and
+    its reader ignores rows past the model's (the MTP layer takes the default placement there,
+    as here). Fewer layers than ``num_layers`` is the caller's error to raise."""
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     for key in ("moe_layer_count", "layer_list"):
@@ -80,6 +107,7 @@ def _parse(doc, source: str) -> tuple[np.ndarray, int]:
                          f"({len(layers)}) and be >= 1")
     rows = []
     num_devices = None
+    extra = 0  # trailing layers past num_layers
     # In list order, each id equal to its position: vllm-ascend's reader takes layers and
     # devices by position and ignores the ids, so a file whose order differs from its ids would
     # mean one placement to it and another to a reader sorting by id (review).
@@ -98,9 +126,10 @@ def _parse(doc, source: str) -> tuple[np.ndarray, int]:
         if not _is_id(device_count) or device_count != len(devices):
             raise ValueError(f"{where}: device_count ({device_count!r}) must equal "
                              f"len(device_list) ({len(devices)})")
+        beyond = num_layers is not None and i >= num_layers  # (checked alone, then dropped)
         if num_devices is None:
             num_devices = len(devices)
-        elif len(devices) != num_devices:
+        elif len(devices) != num_devices and not beyond:
             raise ValueError(f"{where}: every layer must have the same devices; layer 0 has "
                              f"{num_devices}, layer {i} has {len(devices)}")
         row = []
@@ -118,9 +147,16 @@ def _parse(doc, source: str) -> tuple[np.ndarray, int]:
                 raise ValueError(f"{where}: every device must hold the same number of experts "
                                  f"({len(row[0])}), device {j} holds {len(experts)}")
             row.append([int(e) for e in experts])
-        rows.append(np.asarray(row, dtype=np.int64).reshape(-1))
+        if beyond:
+            extra += 1
+        else:
+            rows.append(np.asarray(row, dtype=np.int64).reshape(-1))
     if len({r.size for r in rows}) != 1:
         raise ValueError(f"{source}: every layer must have the same number of slots")
+    if extra:
+        logger.warning("%s: %d layers past the model's %d ignored (layer_list[%d:]; vllm-ascend "
+                       "records a draft model's MTP layers there)", source, extra, num_layers,
+                       num_layers)
     return np.stack(rows), num_devices
 
 
@@ -153,9 +189,9 @@ def save(path: str | os.PathLike, phy2log, num_ranks: int, *, warn: bool = True)
     A rank holding one expert in two of its slots is written as it is, with a warning (unless
     ``warn`` is False: the caller reports it): our :func:`load` and attach serve it,
     vllm-ascend's reader does not (see :func:`repeated_on_a_rank`)."""
-    doc = to_json_dict(phy2log, num_ranks)
+    text = _json_text(phy2log, num_ranks)
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
+        f.write(text)
     repeated = repeated_on_a_rank(phy2log, num_ranks) if warn else []
     if repeated:
         logger.warning("expert map %s: %d (layer, rank) pairs hold an expert twice (first: layer "
@@ -199,7 +235,9 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         num_ranks: when given, the map must be for exactly this many ranks.
         num_logical: when given, every id must lie in [0, num_logical) and every logical
             expert must have a slot in every layer.
-        num_layers: when given, the map must have exactly this many layers.
+        num_layers: when given, the map must have this many layers; a file / dict may have
+            more (vllm-ascend records a draft model's MTP layers after the model's): those are
+            checked, then dropped with a warning. An array must have exactly this many.
         num_slots: when given, every layer must have exactly this many slots (P).
         name: what to call the map in errors (e.g. ``"--old"``, ``"expert_map"``); a path is
             always named too.
@@ -217,10 +255,10 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
     if isinstance(path_or_map, str | os.PathLike):
         src = os.fspath(path_or_map)
         label = f"{name} {src}" if name else src
-        phy2log, ranks = _parse(_read(src, label), label)
+        phy2log, ranks = _parse(_read(src, label), label, num_layers)
     elif isinstance(path_or_map, dict):
         label = name or "expert map"
-        phy2log, ranks = _parse(path_or_map, label)
+        phy2log, ranks = _parse(path_or_map, label, num_layers)
     else:
         label = name or "phy2log"
         if num_ranks is None:

@@ -208,6 +208,8 @@ class Updator:
         self._hooks: list = []
         self._planner = None  # started in the agreed block below (its failure is agreed)
         self._future = None
+        # rank 0 with expert_map_record_path: writes the map after each rebalance, off the step
+        self._recorder: concurrent.futures.ThreadPoolExecutor | None = None
         self._submit_step = 0
         self._submit_t = 0.0
         self._plan_s = float("nan")
@@ -245,7 +247,8 @@ class Updator:
             if config.dynamic_eplb:  # (its threads may fail to start on one rank too)
                 self._planner = Planner()
             if config.expert_map_record_path is not None and self.rank == 0:
-                check_writable_dir(config.expert_map_record_path, "expert_map_record_path")
+                check_writable_dir(config.expert_map_record_path, "expert_map_record_path",
+                                   create=True)
             if config.expert_map_path is not None:
                 target, _ = expert_map.load(config.expert_map_path, num_ranks=self.num_ranks,
                                             num_logical=self.num_logical,
@@ -839,6 +842,7 @@ class Updator:
         if self._api is not None:
             self._api.current_stream(self.device).wait_stream(self._side)
         still = []
+        switched = False
         for m, agreed, reason in zip(self._inflight, flags.tolist(), reasons, strict=True):
             move = m.move
             if agreed and not move.all_issued:
@@ -850,6 +854,7 @@ class Updator:
                 move.commit()
                 self._set_placement(m.layer, m.new)
                 self._free.append(m.staging)
+                switched = True
             else:
                 if not reason:
                     reason = "another rank failed its transfers"
@@ -868,6 +873,21 @@ class Updator:
                 "move_s": time.perf_counter() - move.t_first if move is not None else 0.0,
                 "issued_step": m.issued_step})
         self._inflight = still
+        if switched and not self._queue and not still:
+            self._record_map()
+
+    def _record_map(self) -> None:
+        """Rank 0 with expert_map_record_path: writes the placement served now, on a thread of
+        its own (several ms of Python at large shapes), as vllm-ascend rewrites its record file
+        every cycle: a server that is killed leaves its last rebalance's map. A failed write is
+        logged, serving goes on; shutdown writes the final map and raises."""
+        path = self.config.expert_map_record_path
+        if path is None or self.rank != 0:
+            return
+        if self._recorder is None:
+            self._recorder = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="eplb-native-record")
+        self._recorder.submit(_write_record, path, self.phy2log(), self.num_ranks)
 
     def _sync_device(self) -> None:
         if self._api is not None:
@@ -960,6 +980,9 @@ class Updator:
                            "reused")
         else:
             self._release_groups()
+        if self._recorder is not None:  # (its writes first: the final map is the last)
+            self._recorder.shutdown(wait=True)
+            self._recorder = None
         path = self.config.expert_map_record_path
         if path is not None and self.rank == 0:
             expert_map.save(path, self.phy2log(), self.num_ranks)
@@ -969,6 +992,15 @@ class Updator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _write_record(path, phy2log: np.ndarray, num_ranks: int) -> None:
+    """Updator._record_map's job (holds no Updator)."""
+    try:
+        expert_map.save(path, phy2log, num_ranks, warn=False)
+    except Exception as e:  # noqa: BLE001  (serving goes on; shutdown's write raises)
+        logger.warning("eplb_native: expert_map_record_path %s not written after a rebalance: "
+                       "%s: %s", path, type(e).__name__, e)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -506,7 +506,8 @@ def _agreed_preparation(model, group, num_redundant_experts, expert_map, ep_impl
                 _check_same_experts(prep.layers)
             if cfg.expert_map_record_path is not None and rank == 0:  # (rank 0 writes it)
                 record_error = True
-                check_writable_dir(cfg.expert_map_record_path, "expert_map_record_path")
+                check_writable_dir(cfg.expert_map_record_path, "expert_map_record_path",
+                                   create=True)
                 record_error = False
     except (ValueError, OSError) as e:  # (AdapterError is a ValueError)
         error = e
