@@ -1261,3 +1261,19 @@ def test_record_path_is_written_after_each_rebalance(tmp_path, monkeypatch, capl
     monkeypatch.setattr(expert_map, "save", real_save)
     up.shutdown()
     assert np.array_equal(expert_map.load(record, num_ranks=1)[0], second)
+
+
+def test_attach_says_what_the_config_means(caplog, tmp_path):
+    """Defaults differ by where a config comes from (ours, vLLM's, vllm-ascend's wrapper): attach
+    logs once what it will do."""
+    with caplog.at_level("INFO", logger="eplb_native"):
+        eplb_native.attach(Stack(2), {"eplb_config": {}}).shutdown()
+    assert ("attached to 2 MoE layers (8 experts, 8 slots on 1 ranks); dynamic_eplb off: load "
+            "recorded, no rebalancing") in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="eplb_native"):
+        eplb_native.attach(Stack(2), {"eplb_config": {
+            "expert_map_record_path": str(tmp_path / "m.json")}}).shutdown()
+    assert ("a balanced plan every 600 steps from the last 600 steps of load, its moves "
+            "starting 51 steps after that window, 1 layer(s) a step; map recorded to ") in (
+        caplog.text)

@@ -269,6 +269,13 @@ class Updator:
             raise
         for a in layers:
             _live_updators[a.module] = weakref.ref(self)
+        if self.rank == 0:  # (what the config means here, said once: defaults differ by source)
+            logger.info("eplb_native: attached to %d MoE layers (%d experts, %d slots on %d "
+                        "ranks); %s%s%s", self.num_layers, self.num_logical, self.num_slots,
+                        self.num_ranks, _describe(config),
+                        f"; started from {config.expert_map_path}" if target is not None else "",
+                        f"; map recorded to {config.expert_map_record_path}"
+                        if config.expert_map_record_path is not None else "")
 
     def _check_attachable(self, placement: np.ndarray) -> None:
         """What this rank's layers must satisfy (raises; agreed by the caller)."""
@@ -992,6 +999,16 @@ class Updator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _describe(config: EplbConfig) -> str:
+    """What config does, in a few words (attach's log line)."""
+    if not config.dynamic_eplb:
+        return "dynamic_eplb off: load recorded, no rebalancing"
+    return (f"a {config.policy} plan every {config.expert_heat_collection_interval} steps from the "
+            f"last {config.window_steps} steps of load, its moves starting "
+            f"{config.algorithm_execution_interval + 1} steps after that window, "
+            f"{config.layers_per_step} layer(s) a step")
 
 
 def _write_record(path, phy2log: np.ndarray, num_ranks: int) -> None:
