@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import pytest
 from hypothesis import given, settings
@@ -462,14 +463,28 @@ def test_json_null_is_no_config():
 
 def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
     """vllm-ascend v0.14.0rc1 renamed three keys (same meanings) and removed gate_eplb: the old
-    names are read as the new ones (both given: they must agree), gate_eplb is refused naming
-    why, and beside an eplb_config wrapper (where vllm-ascend ignores it) ignored with a
-    warning."""
+    names are read as the new ones (both given: they must agree); gate_eplb false (its default:
+    rebalance every cycle, as here) is taken, true (rebalance once) refused naming why, and
+    beside an eplb_config wrapper (where vllm-ascend ignores it) ignored with a warning. A dict
+    in that vocabulary takes that vllm-ascend's defaults for what it leaves out."""
     old = EplbConfig.parse({"num_iterations_eplb_update": 400, "num_wait_worker_iterations": 30,
-                            "init_redundancy_expert": 16})
+                            "init_redundancy_expert": 16, "dynamic_eplb": True})
     new = EplbConfig.parse({"expert_heat_collection_interval": 400,
-                            "algorithm_execution_interval": 30, "num_redundant_experts": 16})
+                            "algorithm_execution_interval": 30, "num_redundant_experts": 16,
+                            "dynamic_eplb": True, "policy": "deepseek"})
     assert old == new
+    # what an old config leaves out means what it meant there: static unless dynamic_eplb
+    # (or a record path), 400 / 30, eplb_policy_type 1 (deepseek)
+    for doc in ({"init_redundancy_expert": 16}, {"gate_eplb": False},
+                types.SimpleNamespace(init_redundancy_expert=16)):
+        c = EplbConfig.parse(doc)
+        assert (c.dynamic_eplb, c.expert_heat_collection_interval,
+                c.algorithm_execution_interval, c.policy) == (False, 400, 30, "deepseek")
+    c = EplbConfig.parse({"gate_eplb": False, "expert_map_record_path": "m.json",
+                          "eplb_policy_type": 2, "num_wait_worker_iterations": 5})
+    assert (c.dynamic_eplb, c.algorithm_execution_interval, c.policy) == (True, 5, "balanced")
+    # (ours alone keep ours)
+    assert EplbConfig.parse({"num_redundant_experts": 16}).dynamic_eplb is True
     assert EplbConfig.parse({"eplb_config": {"num_iterations_eplb_update": 400}}) == \
         EplbConfig.parse({"eplb_config": {"expert_heat_collection_interval": 400}})
     with pytest.raises(ValueError, match="'expert_heat_collection_interval' \\(300\\) "
@@ -479,13 +494,15 @@ def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
     with pytest.raises(ValueError, match="num_wait_worker_iterations \\(= "
                                          "algorithm_execution_interval"):
         EplbConfig.parse({"num_wait_worker_iterations": -1})
-    for doc in ({"gate_eplb": False}, {"eplb_config": {"gate_eplb": True}}):
-        with pytest.raises(ValueError, match="'gate_eplb': vllm-ascend removed it in v0.14.0rc1"):
+    for doc in ({"gate_eplb": True}, {"eplb_config": {"gate_eplb": True}},
+                types.SimpleNamespace(gate_eplb=True), {"gate_eplb": "false"}):
+        with pytest.raises(ValueError, match="gate_eplb must be false .* true \\(rebalance once\\) "
+                                             "has no counterpart here"):
             EplbConfig.parse(doc)
     with caplog.at_level("WARNING", logger="eplb_native"):
         c = EplbConfig.parse({"eplb_config": {"dynamic_eplb": True}, "gate_eplb": True})
     assert c.dynamic_eplb is True
-    assert "['gate_eplb'] beside 'eplb_config' ignored" in caplog.text
+    assert "'gate_eplb' beside 'eplb_config' ignored" in caplog.text
     # an old name beside the wrapper is a key of ours there: ambiguous, refused as the new one
     with pytest.raises(ValueError, match="num_iterations_eplb_update.*beside 'eplb_config'"):
         EplbConfig.parse({"eplb_config": {}, "num_iterations_eplb_update": 400})

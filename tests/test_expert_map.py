@@ -275,8 +275,9 @@ def test_repeated_experts_on_a_rank_are_listed_and_saved_with_a_warning(tmp_path
 
 def test_layers_past_the_models_are_checked_then_dropped_with_a_warning(tmp_path, caplog):
     """vllm-ascend (from v0.23.0rc1) records a draft model's MTP layer after the model's layers,
-    and its reader ignores rows past the model's: such a file loads here too, its extra rows
-    checked on their own (they may have other slot counts) and dropped, with a warning."""
+    and places that layer from its row: such a file loads here too (the layers we balance are
+    the model's), its extra rows checked on their own (they may have other slot or device
+    counts) and dropped, with a warning."""
     phy2log = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 2, 2]])
     doc = expert_map.to_json_dict(np.r_[phy2log, [[1, 0, 3, 2, 1, 1]]], num_ranks=2)
     # the MTP row with other slots, as vllm-ascend wrote before v0.19.1rc1
@@ -295,6 +296,11 @@ def test_layers_past_the_models_are_checked_then_dropped_with_a_warning(tmp_path
         # no limit: the extra row is a layer like the others, and its slots differ
         with pytest.raises(ValueError, match="same number of slots"):
             expert_map.load(source)
+    # an extra row on other devices (its own checks still hold)
+    other = json.loads(json.dumps(doc))
+    other["layer_list"][2].update(device_count=1, device_list=[
+        {"device_id": 0, "device_expert": [3, 2, 1]}])
+    np.testing.assert_array_equal(expert_map.load(other, num_layers=2)[0], phy2log)
     # extra rows are still checked: a bad id, device or layer id there is refused
     for mutate, message in [
             (lambda d: d["layer_list"][2]["device_list"][0].update(device_expert=[0, -1]), ">= 0"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -306,7 +308,8 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
          "device_list": [{"device_id": 0, "device_expert": row}]} for i, row in enumerate(layers)]}
     path = tmp_path / "map.json"
     path.write_text(json.dumps(doc))
-    record = tmp_path / "made" / "record.json"  # (a missing folder is made, as vllm-ascend does)
+    # (a missing folder is made, parents too, as vllm-ascend does)
+    record = tmp_path / "made" / "twice" / "record.json"
     model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
     up = eplb_native.attach(model, {"expert_map_path": str(path), "dynamic_eplb": False,
                                     "expert_map_record_path": str(record)})
@@ -321,7 +324,7 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
     assert np.array_equal(expert_map.load(record)[0], np.array(layers))
 
 
-def test_attach_errors():
+def test_attach_errors(tmp_path):
     with pytest.raises(ValueError, match="no MoE layer"):
         eplb_native.attach(torch.nn.Linear(3, 3))
     # layers on two devices (they failed at the first step, or the first move)
@@ -350,6 +353,9 @@ def test_attach_errors():
     with pytest.raises(ValueError, match="expert_map_record_path .*folder '/dev/null/dir' "
                                          "cannot be made"):
         eplb_native.attach(Stack(1), {"expert_map_record_path": "/dev/null/dir/out.json"})
+    with pytest.raises(ValueError, match="expert_map_record_path .*cannot be made \\(embedded "
+                                         "null byte\\)"):
+        eplb_native.attach(Stack(1), {"expert_map_record_path": str(tmp_path / "a\0b" / "m.json")})
     # topologies the planner rejects fail at attach, not at every planning cycle
     with pytest.raises(ValueError, match=r"num_nodes \(2\) must divide the layers' ep_size"):
         eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_nodes": 2})
@@ -1224,43 +1230,132 @@ def test_fold_counts_every_layer_per_logical_expert(mixed):
     up.shutdown()
 
 
+def _record_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("eplb-native-record")]
+
+
 def test_record_path_is_written_after_each_rebalance(tmp_path, monkeypatch, caplog):
-    """Rank 0 rewrites expert_map_record_path once a rebalance's last layer has switched (as
-    vllm-ascend rewrites its record every cycle: a killed server leaves its last map), on a
-    thread of its own; a failed write there is logged and serving goes on; shutdown writes the
-    final map."""
+    """Rank 0 rewrites expert_map_record_path once a rebalance has nothing left to move (as
+    vllm-ascend rewrites its record every cycle: a killed server leaves its last map), on one
+    thread of its own, each write a copy of the placement then served, in order; a failed write
+    there is logged and serving goes on; shutdown waits for them, then writes the final map."""
     record = tmp_path / "record.json"
     model = Stack(2, num_redundant_experts=2)
     up = eplb_native.attach(model, {"step_interval": 1000, "expert_map_record_path": record})
-    first = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
     g = torch.Generator().manual_seed(8)
-    assert up.move_to(first) == 2
-    model(torch.randn(9, 8, generator=g))  # layer 0 switched, layer 1 still queued: not yet
-    assert up.moving and not record.exists()
-    model(torch.randn(9, 8, generator=g))
-    up._recorder.shutdown(wait=True)  # (the write's thread)
-    up._recorder = None
-    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], first)
-    # a failed write after a rebalance: a warning, the old file kept, the step completes
     real_save = expert_map.save
+    started, done, gates = [], [], {}
 
+    def gated_save(path, phy2log, num_ranks, warn=True):  # writes in `gates` wait for theirs
+        started.append(phy2log)
+        k = len(started) - 1
+        if k in gates:
+            assert gates[k].wait(10)
+        real_save(path, phy2log, num_ranks, warn=warn)
+        done.append(k)
+
+    def wait_done(n):
+        deadline = time.monotonic() + 10
+        while len(done) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(done)
+
+    monkeypatch.setattr(expert_map, "save", gated_save)
+    first = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    second = first[:, ::-1].copy()
+    gates[0] = threading.Event()
+    assert up.move_to(first) == 2
+    model(torch.randn(9, 8, generator=g))  # layer 0 switched, layer 1 still queued: no write
+    time.sleep(0.05)
+    assert up.moving and started == []
+    model(torch.randn(9, 8, generator=g))  # write 0 starts, waits at its gate
+    up.move_to(second)
+    for _ in range(2):
+        model(torch.randn(9, 8, generator=g))  # write 1 queues behind it (one thread)
+    assert np.array_equal(up.phy2log(), second)
+    gates[0].set()
+    assert wait_done(2) == [0, 1]  # in order: the newer map last
+    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], second)
+    # shutdown with a write still waiting: it waits for it, then writes the final map
+    gates[2] = threading.Event()
+    up.move_to(first)
+    for _ in range(2):
+        model(torch.randn(9, 8, generator=g))
+    threading.Timer(0.2, gates[2].set).start()
+    up.shutdown()
+    assert _record_threads() == [] and done == [0, 1, 2, 3]
+    # each write a copy of the placement served when it was queued
+    assert [w.tolist() for w in started] == [first.tolist(), second.tolist(), first.tolist(),
+                                             first.tolist()]
+    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], first)
+
+    # a failed write after a rebalance: a warning, the old file kept, the step completes
     def failing_save(path, *a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(expert_map, "save", failing_save)
-    second = first[:, ::-1].copy()
+    up = eplb_native.attach(model, {"step_interval": 1000, "expert_map_record_path": record})
     up.move_to(second)
     with caplog.at_level("WARNING", logger="eplb_native"):
         for _ in range(2):
             model(torch.randn(9, 8, generator=g))
         up._recorder.shutdown(wait=True)
-        up._recorder = None
     assert np.array_equal(up.phy2log(), second)
     assert "not written after a rebalance: OSError" in caplog.text
     assert np.array_equal(expert_map.load(record, num_ranks=1)[0], first)
     monkeypatch.setattr(expert_map, "save", real_save)
     up.shutdown()
     assert np.array_equal(expert_map.load(record, num_ranks=1)[0], second)
+
+
+def test_record_thread_that_cannot_start_ends_no_step(tmp_path, monkeypatch, caplog):
+    """The record's thread failing to start (a process limit) is logged; the step completes on
+    rank 0 as on the others (an exception there would leave them at the next collective)."""
+    import concurrent.futures
+
+    def no_thread(self, *a, **k):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", no_thread)
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000,
+                                    "expert_map_record_path": tmp_path / "m.json"})
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    up.move_to(target)
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        for _ in range(2):
+            model(torch.randn(9, 8))
+    assert np.array_equal(up.phy2log(), target) and not up.moving
+    assert "not written after a rebalance: RuntimeError: can't start new thread" in caplog.text
+    up.shutdown()
+    assert np.array_equal(expert_map.load(tmp_path / "m.json", num_ranks=1)[0], target)
+
+
+def test_record_path_after_a_rebalance_whose_last_layer_failed(tmp_path):
+    """Layer 0 switches, layer 1's move fails a step later: layer 0 serves the new placement,
+    so the record is rewritten (the failing step switched nothing itself)."""
+    record = tmp_path / "record.json"
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"step_interval": 1000, "expert_map_record_path": record})
+
+    def fail_layer_1(cycle, layer, phase):
+        if layer == 1 and phase == "complete":
+            raise RuntimeError("injected")
+
+    up.fault_hook = fail_layer_1
+    before = up.phy2log()
+    target = np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    up.move_to(target)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randn(9, 8, generator=g))
+    assert [(m["layer"], m["ok"]) for m in up.stats.moves] == [(0, True), (1, False)]
+    assert not up.moving
+    up._recorder.shutdown(wait=True)
+    want = np.stack([target[0], before[1]])
+    assert np.array_equal(up.phy2log(), want)
+    assert np.array_equal(expert_map.load(record, num_ranks=1)[0], want)
+    up.shutdown()
 
 
 def test_attach_says_what_the_config_means(caplog, tmp_path):

@@ -202,6 +202,9 @@ def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None)
     final = updator.phy2log()
     if world == 4:
         assert not expert_map.repeated_on_a_rank(final, world)
+    # rank 0 alone wrote the record after the rebalances (their thread), the others none
+    assert any(m["ok"] for m in updator.stats.moves)
+    assert (updator._recorder is not None) == (rank == 0)
     updator.shutdown()
     updator.shutdown()  # idempotent
     dist.barrier()

@@ -138,9 +138,9 @@ def check_writable_dir(path, name: str, *, create: bool = False) -> None:
     if create and not os.path.isdir(folder):
         try:
             os.makedirs(folder, exist_ok=True)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # (ValueError: a NUL in the path)
             raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} cannot be made "
-                             f"({e.strerror or e})") from None
+                             f"({getattr(e, 'strerror', None) or e})") from None
     if not os.path.isdir(folder):
         raise ValueError(f"{name} {os.fspath(path)!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):

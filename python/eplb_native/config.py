@@ -81,8 +81,11 @@ key (aliases)                      meaning                             default
 vllm-ascend's names from before v0.14.0rc1 (which renamed them and moved them into
 ``eplb_config``) are aliases too: ``num_iterations_eplb_update`` (heat interval),
 ``num_wait_worker_iterations`` (execution interval), ``init_redundancy_expert``
-(``num_redundant_experts``); its removed ``gate_eplb`` is refused (ignored, with a warning,
-beside an ``eplb_config`` wrapper, as vllm-ascend ignores it there).
+(``num_redundant_experts``); its removed ``gate_eplb`` is taken when false (rebalance every
+cycle, as here) and refused when true (rebalance once). A dict holding any of these four takes
+that vllm-ascend's defaults for what it leaves out: ``dynamic_eplb`` False (True with a record
+path), intervals 400 / 30, ``policy`` deepseek (its ``eplb_policy_type`` 1). Beside an
+``eplb_config`` wrapper ``gate_eplb`` is ignored with a warning, as vllm-ascend ignores it.
 
 Counts are ints from their minimum up to ``MAX_COUNT`` = 2**62 (the planner's bound); a float
 holding an integer (``1000.0``, ``1e9``: JSON and YAML write them) counts as that int, any other
@@ -133,8 +136,17 @@ _ALIASES = {
     "init_redundancy_expert": "num_redundant_experts",
 }
 
-#: keys vllm-ascend removed -> why they are refused here
-_REMOVED = {"gate_eplb": "vllm-ascend removed it in v0.14.0rc1; it has no counterpart here"}
+#: vllm-ascend's gate_eplb (removed in v0.14.0rc1): False (its default) rebalanced every cycle,
+#: as we do, and is accepted; True (rebalance once) has no counterpart here
+_GATE = "gate_eplb"
+#: vllm-ascend's keys before v0.14.0rc1 that the new vocabulary lacks
+_OLD_ONLY = ("num_iterations_eplb_update", "num_wait_worker_iterations",
+             "init_redundancy_expert", _GATE)
+#: vllm-ascend's defaults before v0.14.0rc1 (v0.9.1 .. v0.13.0rc1, flat additional_config),
+#: taken for the keys a dict holding any of _OLD_ONLY leaves out (eplb_policy_type 1 was its
+#: DefaultEplb, DeepSeek's algorithm)
+_OLD_ASCEND_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 400,
+                        "algorithm_execution_interval": 30, "policy": "deepseek"}
 
 
 #: Longest transfer_timeout_s (a week).
@@ -243,10 +255,9 @@ class EplbConfig:
             if ours:
                 raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
                                  f"inside it")
-            old = sorted(k for k in doc if k in _REMOVED)
-            if old:  # (vllm-ascend ignores them there too; an old config meant EPLB on)
-                logger.warning("EPLB config: %s beside 'eplb_config' ignored (vllm-ascend "
-                               "removed it in v0.14.0rc1)", old)
+            if _GATE in doc:  # (vllm-ascend ignores it there too)
+                logger.warning("EPLB config: %r beside 'eplb_config' ignored (vllm-ascend "
+                               "removed it in v0.14.0rc1)", _GATE)
             doc = doc["eplb_config"]
             if not isinstance(doc, dict):
                 raise ValueError("eplb_config must be a dict")
@@ -264,11 +275,16 @@ class EplbConfig:
                 _check_phase(key, value)
                 continue
             canon = _ALIASES.get(key, key)
-            if key in _REMOVED:
-                raise ValueError(f"EPLB config key {key!r}: {_REMOVED[key]}")
+            if key == _GATE:
+                if value is not False:
+                    raise ValueError(f"{_GATE} must be false (its default: rebalance every cycle, "
+                                     f"as here); true (rebalance once) has no counterpart here, "
+                                     f"and vllm-ascend removed it in v0.14.0rc1; got "
+                                     f"{_show(value)}")
+                continue
             if canon not in fields:
                 raise ValueError(f"unknown EPLB config key {key!r}; known: "
-                                 f"{sorted(fields | set(_ALIASES) | set(_PHASE_KEYS))}")
+                                 f"{sorted(fields | set(_ALIASES) | set(_PHASE_KEYS) | {_GATE})}")
             if canon == "policy":
                 value = _policy(key, value)
             if canon in out and not _same(out[canon], value):
@@ -276,11 +292,12 @@ class EplbConfig:
                                  f"({_show(out[canon])})")
             out[canon] = value
             source[canon] = key
-        if wrapped:
-            # vllm-ascend's additional_config: what it leaves out means what it means there
-            # (static placement unless dynamic_eplb, which a record path turns on; its
-            # intervals), not our defaults
-            for key, value in _ASCEND_DEFAULTS.items():
+        old_style = not wrapped and any(k in doc for k in _OLD_ONLY)
+        if wrapped or old_style:
+            # vllm-ascend's additional_config (now, or before v0.14.0rc1: flat, its old names):
+            # what it leaves out means what it meant there (static placement unless
+            # dynamic_eplb, which a record path turns on; its intervals), not our defaults
+            for key, value in (_ASCEND_DEFAULTS if wrapped else _OLD_ASCEND_DEFAULTS).items():
                 out.setdefault(key, value)
             if "dynamic_eplb" not in source and out.get("expert_map_record_path") is not None:
                 out["dynamic_eplb"] = True
@@ -321,7 +338,8 @@ class EplbConfig:
                 return cls.from_dict(dict(config.config))
             # getattr, not vars(): __getattr__ objects, class attributes, pydantic models and
             # slots classes hold settings that vars() does not list
-            known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(_PHASE_KEYS)
+            known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(
+                _PHASE_KEYS) | {_GATE}
             doc = {}
             for name in sorted(known):
                 try:

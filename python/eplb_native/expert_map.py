@@ -90,9 +90,10 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
 
     With ``num_layers``, layers past the first ``num_layers`` are checked on their own (ids,
     devices, slots) and dropped with a warning: vllm-ascend (from v0.23.0rc1) records the
-    layers of a speculative-decoding draft model (DeepSeek's MTP layer) after the model's, and
-    its reader ignores rows past the model's (the MTP layer takes the default placement there,
-    as here). Fewer layers than ``num_layers`` is the caller's error to raise."""
+    layers of a speculative-decoding draft model (DeepSeek's MTP layer) after the model's and
+    places that layer from its row; the layers eplb_native balances are the model's, so a map
+    it writes back has none (vllm-ascend then gives its MTP layer the default placement).
+    Fewer layers than ``num_layers`` is the caller's error to raise."""
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     for key in ("moe_layer_count", "layer_list"):
@@ -154,9 +155,9 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
     if len({r.size for r in rows}) != 1:
         raise ValueError(f"{source}: every layer must have the same number of slots")
     if extra:
-        logger.warning("%s: %d layers past the model's %d ignored (layer_list[%d:]; vllm-ascend "
-                       "records a draft model's MTP layers there)", source, extra, num_layers,
-                       num_layers)
+        logger.warning("%s: %d layers past the model's %d ignored (layer_list[%d:]: vllm-ascend "
+                       "records a draft model's MTP layers there; eplb_native balances the "
+                       "model's layers)", source, extra, num_layers, num_layers)
     return np.stack(rows), num_devices
 
 

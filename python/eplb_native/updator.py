@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -210,6 +211,8 @@ class Updator:
         self._future = None
         # rank 0 with expert_map_record_path: writes the map after each rebalance, off the step
         self._recorder: concurrent.futures.ThreadPoolExecutor | None = None
+        self._recorder_pid = 0  # (a forked child has the executor but not its thread)
+        self._unrecorded = False  # a layer switched since the last record
         self._submit_step = 0
         self._submit_t = 0.0
         self._plan_s = float("nan")
@@ -880,7 +883,11 @@ class Updator:
                 "move_s": time.perf_counter() - move.t_first if move is not None else 0.0,
                 "issued_step": m.issued_step})
         self._inflight = still
-        if switched and not self._queue and not still:
+        # once the rebalance has nothing left to move, whether its last layers switched or
+        # failed: any layer switched since the last record makes a new one
+        self._unrecorded |= switched
+        if self._unrecorded and not self._queue and not still:
+            self._unrecorded = False
             self._record_map()
 
     def _record_map(self) -> None:
@@ -891,10 +898,16 @@ class Updator:
         path = self.config.expert_map_record_path
         if path is None or self.rank != 0:
             return
-        if self._recorder is None:
-            self._recorder = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="eplb-native-record")
-        self._recorder.submit(_write_record, path, self.phy2log(), self.num_ranks)
+        try:  # (a thread that cannot start must not end this rank's step alone)
+            if self._recorder is None or self._recorder_pid != os.getpid():
+                self._recorder = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="eplb-native-record")
+                self._recorder_pid = os.getpid()
+            # one worker: the writes land in order; a copy: the placement may switch meanwhile
+            self._recorder.submit(_write_record, path, self.phy2log(), self.num_ranks)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("eplb_native: expert_map_record_path %s not written after a "
+                           "rebalance: %s: %s", path, type(e).__name__, e)
 
     def _sync_device(self) -> None:
         if self._api is not None:
@@ -988,7 +1001,8 @@ class Updator:
         else:
             self._release_groups()
         if self._recorder is not None:  # (its writes first: the final map is the last)
-            self._recorder.shutdown(wait=True)
+            if self._recorder_pid == os.getpid():
+                self._recorder.shutdown(wait=True)
             self._recorder = None
         path = self.config.expert_map_record_path
         if path is not None and self.rank == 0:
