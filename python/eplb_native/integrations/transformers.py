@@ -1,6 +1,7 @@
 """EPLB for Hugging Face transformers MoE models, under transformers' own expert parallelism.
 
-Checked against transformers 5.23 (the ``transformers`` extra pins the range that is tested).
+Checked against transformers 5.23, 5.24 and 5.25 (the ``transformers`` extra pins the range that
+is tested).
 
 What transformers gives
 -----------------------
@@ -94,8 +95,8 @@ __all__ = [
 ]
 
 #: transformers versions the tests run against (the ``transformers`` extra pins them).
-TESTED_VERSIONS = ">=5.23,<5.24"
-if not transformers.__version__.startswith("5.23."):
+TESTED_VERSIONS = ">=5.23,<5.26"
+if not transformers.__version__.startswith(("5.23.", "5.24.", "5.25.")):
     warnings.warn(f"eplb_native.integrations.transformers is tested with transformers "
                   f"{TESTED_VERSIONS}, found {transformers.__version__}", stacklevel=2)
 
