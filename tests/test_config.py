@@ -79,6 +79,71 @@ def test_vllm_vocabulary():
     c = EplbConfig.parse(VllmEPLBConfig())
     assert c.window_steps == 1000 and c.expert_heat_collection_interval == 3000
     assert c.policy == "deepseek" and c.use_async is False
+    # v0.34.0's num_redundant_experts default None (vLLM picks the least; here: the layer's)
+    assert EplbConfig.parse(VllmEPLBConfig(num_redundant_experts=None)).num_redundant_experts \
+        is None
+
+
+def test_vllm_communicators_new_ones_too(caplog):
+    """communicator is accepted and ignored (moves use torch.distributed P2P): vLLM's values
+    (symm_mem from v0.34.0) and vllm-ascend's hixl silently, another string with a warning (vLLM
+    added two values in three releases), a non-string refused."""
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        for v in ("symm_mem", "hixl", "torch_xccl", "nixl", None):
+            assert EplbConfig.parse({"communicator": v}).communicator == v
+        assert caplog.text == ""
+        assert EplbConfig.parse({"communicator": "fancy_rdma"}).communicator == "fancy_rdma"
+    assert "communicator 'fancy_rdma' is not one eplb_native knows" in caplog.text
+    with pytest.raises(ValueError, match="communicator must be a string or None, got 5"):
+        EplbConfig.parse({"communicator": 5})
+
+
+def test_vllm_parallel_config_shape():
+    """vLLM's own shape: enable_eplb beside eplb_config (its ParallelConfig object, or
+    LLM(enable_eplb=..., eplb_config={...}) as a dict): the switch is dynamic_eplb, the inner keys
+    take our defaults (not vllm-ascend's, whose wrapper has no enable_eplb beside it); vLLM's other
+    ParallelConfig keys are left alone."""
+    @dataclasses.dataclass
+    class VllmEPLBConfig:
+        window_size: int = 1000
+        step_interval: int = 3000
+        policy: str = "default"
+
+    @dataclasses.dataclass
+    class VllmParallelConfig:
+        tensor_parallel_size: int = 8
+        enable_expert_parallel: bool = True
+        enable_eplb: bool = False
+        eplb_config: VllmEPLBConfig = dataclasses.field(default_factory=VllmEPLBConfig)
+
+    want = EplbConfig(dynamic_eplb=True, window_size=1000, expert_heat_collection_interval=3000,
+                      policy="deepseek")
+    for config in (VllmParallelConfig(enable_eplb=True),
+                   {"enable_eplb": True, "eplb_config": VllmEPLBConfig(),
+                    "tensor_parallel_size": 8},
+                   {"enable_eplb": True, "eplb_config": {"window_size": 1000,
+                                                         "step_interval": 3000,
+                                                         "policy": "default"}},
+                   '{"enable_eplb": true, "eplb_config": {"window_size": 1000, '
+                   '"step_interval": 3000, "policy": "default"}}'):
+        assert EplbConfig.parse(config) == want, config
+    off = EplbConfig.parse(VllmParallelConfig())
+    assert off.dynamic_eplb is False and off.expert_heat_collection_interval == 3000
+    # the inner keys take ours where left out (not vllm-ascend's 600 / 50)
+    assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {}}) == EplbConfig()
+    with pytest.raises(ValueError, match="'dynamic_eplb' in eplb_config \\(False\\) "
+                                         "contradicts 'enable_eplb' beside it \\(True\\)"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": {"dynamic_eplb": False}})
+    with pytest.raises(ValueError, match="enable_eplb \\(= dynamic_eplb must be a bool"):
+        EplbConfig.parse({"enable_eplb": "yes", "eplb_config": {}})
+    with pytest.raises(ValueError, match="window_size.*beside 'eplb_config'"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": {}, "window_size": 5})
+    with pytest.raises(ValueError, match="eplb_config must be a dict or an EPLB config object, "
+                                         "got int"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": 3})
+    with pytest.raises(ValueError, match="policy 'stair' \\(vllm-ascend's STAIR\\) has no "
+                                         "counterpart here"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": {"policy": "stair"}})
 
 
 def test_ours_and_defaults():

@@ -8,6 +8,11 @@ where it takes vllm-ascend's: ``dynamic_eplb`` False (True when ``expert_map_rec
 given, as there; but an explicit ``dynamic_eplb: false`` is kept here, where vllm-ascend turns
 it on all the same), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval``
 50.
+vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``, or
+``LLM(enable_eplb=..., eplb_config={...})`` as a dict), is read as that switch for
+``dynamic_eplb`` and vLLM's keys inside, which take our defaults as a flat dict does (no
+placement or load file there: the ``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig``
+has no switch: ``dynamic_eplb`` stays on.
 Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
 vLLM's own defaults differ from ours too: ``step_interval`` 3000 and ``window_size`` 1000
 where ours are 100 and the heat interval; pass them when you mean vLLM's. The constructor
@@ -76,6 +81,8 @@ key (aliases)                      meaning                             default
 ``communicator``,                  accepted for vLLM compatibility;    None, False
 ``enable_migration_batching``      moves always use torch.distributed
                                    P2P, one grouped batch per layer
+                                   (a communicator string we do not
+                                   know is taken with a warning)
 =================================  ==================================  =========================
 
 vllm-ascend's names from before v0.14.0rc1 (which renamed them and moved them into
@@ -112,7 +119,10 @@ logger = logging.getLogger("eplb_native")
 POLICIES = ("deepseek", "balanced", "min_move")
 _POLICY_ALIASES = {"default": "deepseek"}
 _ASCEND_POLICY_TYPES = {0: "deepseek", 1: "deepseek", 2: "balanced", 3: "balanced"}
-_COMMUNICATORS = (None, "torch_nccl", "torch_gloo", "torch_xccl", "pynccl", "nixl", "torch")
+#: vLLM's communicator values (v0.34.0; symm_mem from it) and vllm-ascend's (hixl); ours always
+#: move through torch.distributed, so any other string is taken too, with a warning
+_COMMUNICATORS = (None, "torch_nccl", "torch_gloo", "torch_xccl", "pynccl", "nixl", "symm_mem",
+                  "hixl", "torch")
 
 #: vllm-ascend's keys choosing the phase whose load is collected (V1 / V2 model runner) and their
 #: values; "all" collects in every phase, as we always do, so it is the only one we take.
@@ -230,9 +240,13 @@ class EplbConfig:
         # expert_map_path is not opened here: a file missing on one host must fail attach on
         # every rank together (the updator agrees on the load), not this rank alone before the
         # collective part of attach, where the others would wait for it.
-        if self.communicator not in _COMMUNICATORS:
-            raise ValueError(f"communicator must be one of {list(_COMMUNICATORS)}, got "
+        if self.communicator is not None and not isinstance(self.communicator, str):
+            raise ValueError(f"communicator must be a string or None, got "
                              f"{_show(self.communicator)}")
+        if self.communicator not in _COMMUNICATORS:
+            logger.warning("EPLB config: communicator %r is not one eplb_native knows (%s); it "
+                           "is ignored as the others are: moves use torch.distributed P2P",
+                           self.communicator, ", ".join(map(str, _COMMUNICATORS[1:])))
         for name, v in values.items():
             object.__setattr__(self, name, v)
 
@@ -246,6 +260,30 @@ class EplbConfig:
         """Builds from a dict in any accepted vocabulary (or the ``eplb_config`` wrapper)."""
         if not isinstance(doc, dict):
             raise ValueError(f"config must be a dict, got {type(doc).__name__}")
+        if "eplb_config" in doc and "enable_eplb" in doc:
+            # vLLM's shape (its ParallelConfig, LLM(enable_eplb=..., eplb_config=...)): the
+            # switch beside vLLM's EPLBConfig (a dict or the object), whose keys take our
+            # defaults as a flat dict does; other ParallelConfig keys are vLLM's own
+            inner = doc["eplb_config"]
+            inner = {} if inner is None else inner if isinstance(inner, dict) else _object_doc(
+                cls, inner)
+            if inner is None:
+                raise ValueError(f"eplb_config must be a dict or an EPLB config object, got "
+                                 f"{type(doc['eplb_config']).__name__}")
+            ours = sorted(k for k in doc if k not in ("eplb_config", "enable_eplb") and (
+                _ALIASES.get(k, k) in {f.name for f in dataclasses.fields(cls)}
+                or k in _PHASE_KEYS))
+            if ours:
+                raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
+                                 f"inside it")
+            switch = plain_scalar(doc["enable_eplb"])
+            for key in ("dynamic_eplb", "enabled", "enable_eplb"):
+                if key in inner and not _same(plain_scalar(inner[key]), switch):
+                    raise ValueError(f"{key!r} in eplb_config ({_show(inner[key])}) contradicts "
+                                     f"'enable_eplb' beside it ({_show(switch)})")
+            return cls.from_dict({k: v for k, v in inner.items()
+                                  if k not in ("dynamic_eplb", "enabled", "enable_eplb")}
+                                 | {"enable_eplb": switch})
         if "eplb_config" in doc:
             # vllm-ascend's wrapper, alone or inside a whole additional_config (whose other keys
             # are vllm-ascend's own), but not beside keys of ours: which would win is unclear
@@ -327,35 +365,9 @@ class EplbConfig:
                 return cls()  # ("null": as None)
         if isinstance(config, dict):
             return cls.from_dict(config)
-        if dataclasses.is_dataclass(config) and not isinstance(config, type):
-            return cls.from_dict({f.name: getattr(config, f.name)
-                                  for f in dataclasses.fields(config)})
-        # an attribute object (e.g. an engine's config instance); a function, class or module
-        # has attributes too, but they are no settings
-        if not (callable(config) or inspect.ismodule(config)):
-            if isinstance(getattr(config, "config", None), dict):
-                # vllm-ascend's EplbConfig: its values in a .config dict, read via __getattr__
-                return cls.from_dict(dict(config.config))
-            # getattr, not vars(): __getattr__ objects, class attributes, pydantic models and
-            # slots classes hold settings that vars() does not list
-            known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(
-                _PHASE_KEYS) | {_GATE}
-            doc = {}
-            for name in sorted(known):
-                try:
-                    value = getattr(config, name)
-                except AttributeError:
-                    continue
-                if value is not None:  # (None: unset, as OmegaConf-style objects answer)
-                    doc[name] = value
-            # a public attribute of its own that is no key is a misspelt one, as in a dict
-            unknown = sorted(k for k in getattr(config, "__dict__", {})
-                             if isinstance(k, str) and not k.startswith("_") and k not in known)
-            if unknown:
-                raise ValueError(f"unknown EPLB config key {unknown[0]!r}; known: "
-                                 f"{sorted(known)}")
-            if doc:
-                return cls.from_dict(doc)
+        doc = _object_doc(cls, config)
+        if doc is not None:
+            return cls.from_dict(doc)
         raise ValueError(f"config must be None, an EplbConfig, a dict, a JSON string or an object "
                          f"with EPLB config attributes, got {type(config).__name__}")
 
@@ -407,6 +419,42 @@ def _check_phase(key, value):
                          f"there is no prefill / decode filter), got {value!r}")
 
 
+def _object_doc(cls, config) -> dict | None:
+    """The keys of a config object as a dict (None: no settings object): vLLM's ParallelConfig
+    (its ``enable_eplb`` and ``eplb_config``), a dataclass (vLLM's EPLBConfig), vllm-ascend's
+    EplbConfig (a ``.config`` dict), or any object with our keys as attributes."""
+    if isinstance(config, type) or callable(config) or inspect.ismodule(config):
+        return None  # (a function, class or module has attributes too, but they are no settings)
+    missing = object()
+    switch = getattr(config, "enable_eplb", missing)
+    inner = getattr(config, "eplb_config", missing)
+    if switch not in (missing, None) and inner not in (missing, None) and not isinstance(
+            inner, str):
+        return {"enable_eplb": switch, "eplb_config": inner}
+    if dataclasses.is_dataclass(config):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if isinstance(getattr(config, "config", None), dict):
+        # vllm-ascend's EplbConfig: its values in a .config dict, read via __getattr__
+        return dict(config.config)
+    # getattr, not vars(): __getattr__ objects, class attributes, pydantic models and slots
+    # classes hold settings that vars() does not list
+    known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(_PHASE_KEYS) | {_GATE}
+    doc = {}
+    for name in sorted(known):
+        try:
+            value = getattr(config, name)
+        except AttributeError:
+            continue
+        if value is not None:  # (None: unset, as OmegaConf-style objects answer)
+            doc[name] = value
+    # a public attribute of its own that is no key is a misspelt one, as in a dict
+    unknown = sorted(k for k in getattr(config, "__dict__", {})
+                     if isinstance(k, str) and not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"unknown EPLB config key {unknown[0]!r}; known: {sorted(known)}")
+    return doc or None
+
+
 def _policy(key, value) -> str:
     if key == "eplb_policy_type":
         value = _integral(value)
@@ -418,6 +466,9 @@ def _policy(key, value) -> str:
     if not isinstance(value, str):
         raise ValueError(f"policy must be a string, got {_show(value)}")
     value = _POLICY_ALIASES.get(value, value)
+    if value == "stair":
+        raise ValueError("policy 'stair' (vllm-ascend's STAIR) has no counterpart here: pass "
+                         "policy 'min_move' (few slots moved a rebalance) or 'balanced'")
     if value not in POLICIES:
         raise ValueError(f"policy must be one of {list(POLICIES) + list(_POLICY_ALIASES)}, got "
                          f"{_show(value)}")
