@@ -141,9 +141,19 @@ def test_vllm_parallel_config_shape():
     with pytest.raises(ValueError, match="eplb_config must be a dict or an EPLB config object, "
                                          "got int"):
         EplbConfig.parse({"enable_eplb": True, "eplb_config": 3})
-    with pytest.raises(ValueError, match="policy 'stair' \\(vllm-ascend's STAIR\\) has no "
-                                         "counterpart here"):
-        EplbConfig.parse({"enable_eplb": True, "eplb_config": {"policy": "stair"}})
+
+
+
+def test_vllm_ascend_stair_policy_is_read_as_min_move(caplog):
+    """vllm-ascend's patch of vLLM's EPLBConfig makes 'stair' (rebalancing under transfer
+    limits) its default on NPUs, so a user may not have chosen it: read as min_move, saying so."""
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        c = EplbConfig.parse({"enable_eplb": True, "eplb_config": {"policy": "stair"}})
+    assert c.policy == "min_move" and c.dynamic_eplb is True
+    assert "policy 'stair' (vllm-ascend's STAIR" in caplog.text and "read as 'min_move'" in (
+        caplog.text)
+    with pytest.raises(ValueError, match="policy must be one of .* or 'stair', got 'stairs'"):
+        EplbConfig.parse({"policy": "stairs"})
 
 
 def test_ours_and_defaults():

@@ -48,7 +48,8 @@ key (aliases)                      meaning                             default
                                    ``min_move`` (vLLM ``default`` =
                                    deepseek; vllm-ascend types 0
                                    (its random test policy), 1 =
-                                   deepseek, 2, 3 = balanced)
+                                   deepseek, 2, 3 = balanced; its
+                                   ``stair`` = min_move, warned)
 ``distinct_ranks``                 True: no rank holds one expert in   None
                                    two slots (vllm-ascend's maps need
                                    it); None: ``balanced`` avoids it
@@ -465,11 +466,16 @@ def _policy(key, value) -> str:
         return _ASCEND_POLICY_TYPES[value]
     if not isinstance(value, str):
         raise ValueError(f"policy must be a string, got {_show(value)}")
-    value = _POLICY_ALIASES.get(value, value)
     if value == "stair":
-        raise ValueError("policy 'stair' (vllm-ascend's STAIR) has no counterpart here: pass "
-                         "policy 'min_move' (few slots moved a rebalance) or 'balanced'")
+        # vllm-ascend's patch makes it the default of vLLM's EPLBConfig on NPUs: a user may
+        # never have chosen it, so it is read, not refused
+        logger.warning("EPLB config: policy 'stair' (vllm-ascend's STAIR: rebalancing under "
+                       "per-rank transfer limits) is read as 'min_move' (few slots changed a "
+                       "rebalance; its stair_config limits are not read: max_move_bytes_per_step "
+                       "bounds the bytes a step)")
+        return "min_move"
+    value = _POLICY_ALIASES.get(value, value)
     if value not in POLICIES:
-        raise ValueError(f"policy must be one of {list(POLICIES) + list(_POLICY_ALIASES)}, got "
-                         f"{_show(value)}")
+        raise ValueError(f"policy must be one of {list(POLICIES) + list(_POLICY_ALIASES)} or "
+                         f"'stair', got {_show(value)}")
     return value
