@@ -134,8 +134,32 @@ def test_vllm_parallel_config_shape():
     with pytest.raises(ValueError, match="'dynamic_eplb' in eplb_config \\(False\\) "
                                          "contradicts 'enable_eplb' beside it \\(True\\)"):
         EplbConfig.parse({"enable_eplb": True, "eplb_config": {"dynamic_eplb": False}})
-    with pytest.raises(ValueError, match="enable_eplb \\(= dynamic_eplb must be a bool"):
-        EplbConfig.parse({"enable_eplb": "yes", "eplb_config": {}})
+    with pytest.raises(ValueError, match="'enable_eplb' in eplb_config \\(False\\) "
+                                         "contradicts 'enable_eplb' beside it \\(True\\)"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": {"enable_eplb": False}})
+    with pytest.raises(ValueError, match="'enabled' in eplb_config \\(1\\) contradicts"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": {"enabled": 1}})
+    import numpy as np
+
+    for switch in ("yes", np.array([True, False])):
+        with pytest.raises(ValueError, match="enable_eplb \\(= dynamic_eplb must be a bool"):
+            EplbConfig.parse({"enable_eplb": switch, "eplb_config": {}})
+    # eplb_config None: vLLM's defaults object absent, nothing inside
+    assert EplbConfig.parse({"enable_eplb": False, "eplb_config": None}) == EplbConfig(
+        dynamic_eplb=False)
+    # keys of ours beside the pair are refused from an object as from a dict
+    with pytest.raises(ValueError, match="\\['window_size'\\] beside 'eplb_config'"):
+        EplbConfig.parse(types.SimpleNamespace(enable_eplb=True, eplb_config={}, window_size=5))
+
+    class Itself:  # answers itself for every attribute: refused, not recursed into
+        def __getattr__(self, name):
+            return self
+
+    with pytest.raises(ValueError, match="beside 'eplb_config'"):
+        EplbConfig.parse(Itself())
+    for inner in ({"enable_eplb": True, "eplb_config": {}}, Itself()):
+        with pytest.raises(ValueError, match="eplb_config must not hold an 'eplb_config'"):
+            EplbConfig.parse({"enable_eplb": True, "eplb_config": inner})
     with pytest.raises(ValueError, match="window_size.*beside 'eplb_config'"):
         EplbConfig.parse({"enable_eplb": True, "eplb_config": {}, "window_size": 5})
     with pytest.raises(ValueError, match="eplb_config must be a dict or an EPLB config object, "
@@ -558,8 +582,12 @@ def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
     c = EplbConfig.parse({"gate_eplb": False, "expert_map_record_path": "m.json",
                           "eplb_policy_type": 2, "num_wait_worker_iterations": 5})
     assert (c.dynamic_eplb, c.algorithm_execution_interval, c.policy) == (True, 5, "balanced")
-    # (ours alone keep ours)
+    # (ours alone keep ours; an old key among ours or vLLM's keeps ours too)
     assert EplbConfig.parse({"num_redundant_experts": 16}).dynamic_eplb is True
+    mixed = EplbConfig.parse({"step_interval": 3000, "window_size": 1000,
+                              "init_redundancy_expert": 16})
+    assert (mixed.dynamic_eplb, mixed.policy, mixed.num_redundant_experts) == (True, "balanced", 16)
+    assert EplbConfig.parse({"gate_eplb": False, "window_size": 50}).dynamic_eplb is True
     assert EplbConfig.parse({"eplb_config": {"num_iterations_eplb_update": 400}}) == \
         EplbConfig.parse({"eplb_config": {"expert_heat_collection_interval": 400}})
     with pytest.raises(ValueError, match="'expert_heat_collection_interval' \\(300\\) "
@@ -570,7 +598,8 @@ def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
                                          "algorithm_execution_interval"):
         EplbConfig.parse({"num_wait_worker_iterations": -1})
     for doc in ({"gate_eplb": True}, {"eplb_config": {"gate_eplb": True}},
-                types.SimpleNamespace(gate_eplb=True), {"gate_eplb": "false"}):
+                types.SimpleNamespace(gate_eplb=True), {"gate_eplb": "false"},
+                {"gate_eplb": 0}, {"gate_eplb": None}):
         with pytest.raises(ValueError, match="gate_eplb must be false .* true \\(rebalance once\\) "
                                              "has no counterpart here"):
             EplbConfig.parse(doc)

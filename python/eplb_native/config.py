@@ -90,9 +90,11 @@ vllm-ascend's names from before v0.14.0rc1 (which renamed them and moved them in
 ``eplb_config``) are aliases too: ``num_iterations_eplb_update`` (heat interval),
 ``num_wait_worker_iterations`` (execution interval), ``init_redundancy_expert``
 (``num_redundant_experts``); its removed ``gate_eplb`` is taken when false (rebalance every
-cycle, as here) and refused when true (rebalance once). A dict holding any of these four takes
-that vllm-ascend's defaults for what it leaves out: ``dynamic_eplb`` False (True with a record
-path), intervals 400 / 30, ``policy`` deepseek (its ``eplb_policy_type`` 1). Beside an
+cycle, as here) and refused when true (rebalance once). A dict wholly in that vocabulary (one
+of these four; besides them only ``dynamic_eplb``, ``expert_map_path``,
+``expert_map_record_path``, ``eplb_policy_type``) takes that vllm-ascend's defaults for what it
+leaves out: ``dynamic_eplb`` False (True with a record path), intervals 400 / 30, ``policy``
+deepseek (its ``eplb_policy_type`` 1). Beside an
 ``eplb_config`` wrapper ``gate_eplb`` is ignored with a warning, as vllm-ascend ignores it.
 
 Counts are ints from their minimum up to ``MAX_COUNT`` = 2**62 (the planner's bound); a float
@@ -156,6 +158,8 @@ _OLD_ONLY = ("num_iterations_eplb_update", "num_wait_worker_iterations",
 #: vllm-ascend's defaults before v0.14.0rc1 (v0.9.1 .. v0.13.0rc1, flat additional_config),
 #: taken for the keys a dict holding any of _OLD_ONLY leaves out (eplb_policy_type 1 was its
 #: DefaultEplb, DeepSeek's algorithm)
+_OLD_VOCABULARY = frozenset(_OLD_ONLY) | {"dynamic_eplb", "expert_map_path",
+                                           "expert_map_record_path", "eplb_policy_type"}
 _OLD_ASCEND_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 400,
                         "algorithm_execution_interval": 30, "policy": "deepseek"}
 
@@ -277,10 +281,19 @@ class EplbConfig:
             if ours:
                 raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
                                  f"inside it")
+            if "eplb_config" in inner:  # (an object answering itself would recurse for ever)
+                raise ValueError("eplb_config must not hold an 'eplb_config' of its own")
+            if _GATE in doc:
+                logger.warning("EPLB config: %r beside 'eplb_config' ignored (vllm-ascend "
+                               "removed it in v0.14.0rc1)", _GATE)
             switch = plain_scalar(doc["enable_eplb"])
+            if not isinstance(switch, bool):
+                raise ValueError(f"enable_eplb (= dynamic_eplb must be a bool, got "
+                                 f"{_show(switch)})")
             for key in ("dynamic_eplb", "enabled", "enable_eplb"):
-                if key in inner and not _same(plain_scalar(inner[key]), switch):
-                    raise ValueError(f"{key!r} in eplb_config ({_show(inner[key])}) contradicts "
+                v = plain_scalar(inner[key]) if key in inner else switch
+                if not (isinstance(v, bool) and v == switch):  # (1 is no switch, as flat)
+                    raise ValueError(f"{key!r} in eplb_config ({_show(v)}) contradicts "
                                      f"'enable_eplb' beside it ({_show(switch)})")
             return cls.from_dict({k: v for k, v in inner.items()
                                   if k not in ("dynamic_eplb", "enabled", "enable_eplb")}
@@ -331,7 +344,9 @@ class EplbConfig:
                                  f"({_show(out[canon])})")
             out[canon] = value
             source[canon] = key
-        old_style = not wrapped and any(k in doc for k in _OLD_ONLY)
+        # (only a dict wholly in that vocabulary: one old key among ours or vLLM's keeps ours)
+        old_style = not wrapped and any(k in doc for k in _OLD_ONLY) and all(
+            k in _OLD_VOCABULARY for k in doc)
         if wrapped or old_style:
             # vllm-ascend's additional_config (now, or before v0.14.0rc1: flat, its old names):
             # what it leaves out means what it meant there (static placement unless
@@ -429,12 +444,11 @@ def _object_doc(cls, config) -> dict | None:
     missing = object()
     switch = getattr(config, "enable_eplb", missing)
     inner = getattr(config, "eplb_config", missing)
-    if switch not in (missing, None) and inner not in (missing, None) and not isinstance(
-            inner, str):
-        return {"enable_eplb": switch, "eplb_config": inner}
-    if dataclasses.is_dataclass(config):
+    vllm_shape = (switch is not missing and switch is not None and inner is not missing
+                  and inner is not None and not isinstance(inner, str))
+    if dataclasses.is_dataclass(config) and not vllm_shape:
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    if isinstance(getattr(config, "config", None), dict):
+    if isinstance(getattr(config, "config", None), dict) and not vllm_shape:
         # vllm-ascend's EplbConfig: its values in a .config dict, read via __getattr__
         return dict(config.config)
     # getattr, not vars(): __getattr__ objects, class attributes, pydantic models and slots
@@ -448,6 +462,9 @@ def _object_doc(cls, config) -> dict | None:
             continue
         if value is not None:  # (None: unset, as OmegaConf-style objects answer)
             doc[name] = value
+    if vllm_shape:  # (vLLM's ParallelConfig: its other attributes are its own; ours beside the
+        # pair are refused by from_dict, as in a dict)
+        return doc | {"enable_eplb": switch, "eplb_config": inner}
     # a public attribute of its own that is no key is a misspelt one, as in a dict
     unknown = sorted(k for k in getattr(config, "__dict__", {})
                      if isinstance(k, str) and not k.startswith("_") and k not in known)
