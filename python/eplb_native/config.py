@@ -156,8 +156,8 @@ _GATE = "gate_eplb"
 _OLD_ONLY = ("num_iterations_eplb_update", "num_wait_worker_iterations",
              "init_redundancy_expert", _GATE)
 #: vllm-ascend's defaults before v0.14.0rc1 (v0.9.1 .. v0.13.0rc1, flat additional_config),
-#: taken for the keys a dict holding any of _OLD_ONLY leaves out (eplb_policy_type 1 was its
-#: DefaultEplb, DeepSeek's algorithm)
+#: taken for the keys a dict wholly in _OLD_VOCABULARY, with one of _OLD_ONLY, leaves out
+#: (eplb_policy_type 1 was its DefaultEplb, DeepSeek's algorithm)
 _OLD_VOCABULARY = frozenset(_OLD_ONLY) | {"dynamic_eplb", "expert_map_path",
                                            "expert_map_record_path", "eplb_policy_type"}
 _OLD_ASCEND_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 400,
@@ -265,43 +265,12 @@ class EplbConfig:
         """Builds from a dict in any accepted vocabulary (or the ``eplb_config`` wrapper)."""
         if not isinstance(doc, dict):
             raise ValueError(f"config must be a dict, got {type(doc).__name__}")
-        if "eplb_config" in doc and "enable_eplb" in doc:
-            # vLLM's shape (its ParallelConfig, LLM(enable_eplb=..., eplb_config=...)): the
-            # switch beside vLLM's EPLBConfig (a dict or the object), whose keys take our
-            # defaults as a flat dict does; other ParallelConfig keys are vLLM's own
-            inner = doc["eplb_config"]
-            inner = {} if inner is None else inner if isinstance(inner, dict) else _object_doc(
-                cls, inner)
-            if inner is None:
-                raise ValueError(f"eplb_config must be a dict or an EPLB config object, got "
-                                 f"{type(doc['eplb_config']).__name__}")
-            ours = sorted(k for k in doc if k not in ("eplb_config", "enable_eplb") and (
-                _ALIASES.get(k, k) in {f.name for f in dataclasses.fields(cls)}
-                or k in _PHASE_KEYS))
-            if ours:
-                raise ValueError(f"EPLB config keys {ours} beside 'eplb_config': put them "
-                                 f"inside it")
-            if "eplb_config" in inner:  # (an object answering itself would recurse for ever)
-                raise ValueError("eplb_config must not hold an 'eplb_config' of its own")
-            if _GATE in doc:
-                logger.warning("EPLB config: %r beside 'eplb_config' ignored (vllm-ascend "
-                               "removed it in v0.14.0rc1)", _GATE)
-            switch = plain_scalar(doc["enable_eplb"])
-            if not isinstance(switch, bool):
-                raise ValueError(f"enable_eplb (= dynamic_eplb must be a bool, got "
-                                 f"{_show(switch)})")
-            for key in ("dynamic_eplb", "enabled", "enable_eplb"):
-                v = plain_scalar(inner[key]) if key in inner else switch
-                if not (isinstance(v, bool) and v == switch):  # (1 is no switch, as flat)
-                    raise ValueError(f"{key!r} in eplb_config ({_show(v)}) contradicts "
-                                     f"'enable_eplb' beside it ({_show(switch)})")
-            return cls.from_dict({k: v for k, v in inner.items()
-                                  if k not in ("dynamic_eplb", "enabled", "enable_eplb")}
-                                 | {"enable_eplb": switch})
         if "eplb_config" in doc:
             # vllm-ascend's wrapper, alone or inside a whole additional_config (whose other keys
-            # are vllm-ascend's own), but not beside keys of ours: which would win is unclear
-            ours = sorted(k for k in doc if k != "eplb_config" and (
+            # are vllm-ascend's own), or vLLM's shape (enable_eplb beside it: its ParallelConfig,
+            # LLM(enable_eplb=..., eplb_config=...), whose other keys are vLLM's own); not beside
+            # keys of ours: which would win is unclear
+            ours = sorted(k for k in doc if k not in ("eplb_config", "enable_eplb") and (
                 _ALIASES.get(k, k) in {f.name for f in dataclasses.fields(cls)}
                 or k in _PHASE_KEYS))
             if ours:
@@ -310,6 +279,8 @@ class EplbConfig:
             if _GATE in doc:  # (vllm-ascend ignores it there too)
                 logger.warning("EPLB config: %r beside 'eplb_config' ignored (vllm-ascend "
                                "removed it in v0.14.0rc1)", _GATE)
+            if "enable_eplb" in doc:
+                return cls._from_vllm_shape(doc["enable_eplb"], doc["eplb_config"])
             doc = doc["eplb_config"]
             if not isinstance(doc, dict):
                 raise ValueError("eplb_config must be a dict")
@@ -364,6 +335,30 @@ class EplbConfig:
                 if key != canon and msg.startswith(canon):
                     raise ValueError(f"{key} (= {msg})") from None
             raise
+
+    @classmethod
+    def _from_vllm_shape(cls, switch, inner) -> EplbConfig:
+        """vLLM's ``enable_eplb`` beside its ``eplb_config`` (a dict, the EPLBConfig object or
+        None): the switch is dynamic_eplb; the keys inside take our defaults, as a flat dict's."""
+        given = inner
+        inner = {} if inner is None else inner if isinstance(inner, dict) else _object_doc(
+            cls, inner)
+        if inner is None:
+            raise ValueError(f"eplb_config must be a dict or an EPLB config object, got "
+                             f"{type(given).__name__}")
+        if "eplb_config" in inner:  # (an object answering itself would recurse for ever)
+            raise ValueError("eplb_config must not hold an 'eplb_config' of its own")
+        switch = plain_scalar(switch)
+        if not isinstance(switch, bool):
+            raise ValueError(f"enable_eplb (= dynamic_eplb must be a bool, got {_show(switch)})")
+        switches = ("dynamic_eplb", "enabled", "enable_eplb")
+        for key in switches:
+            v = plain_scalar(inner[key]) if key in inner else switch
+            if not (isinstance(v, bool) and v == switch):  # (1 is no switch, as flat)
+                raise ValueError(f"{key!r} in eplb_config ({_show(v)}) contradicts "
+                                 f"'enable_eplb' beside it ({_show(switch)})")
+        return cls.from_dict({k: v for k, v in inner.items() if k not in switches}
+                             | {"enable_eplb": switch})
 
     @classmethod
     def parse(cls, config) -> EplbConfig:
