@@ -108,7 +108,6 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
                          f"({len(layers)}) and be >= 1")
     rows = []
     num_devices = None
-    extra = 0  # trailing layers past num_layers
     # In list order, each id equal to its position: vllm-ascend's reader takes layers and
     # devices by position and ignores the ids, so a file whose order differs from its ids would
     # mean one placement to it and another to a reader sorting by id (review).
@@ -148,12 +147,11 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
                 raise ValueError(f"{where}: every device must hold the same number of experts "
                                  f"({len(row[0])}), device {j} holds {len(experts)}")
             row.append([int(e) for e in experts])
-        if beyond:
-            extra += 1
-        else:
+        if not beyond:
             rows.append(np.asarray(row, dtype=np.int64).reshape(-1))
     if len({r.size for r in rows}) != 1:
         raise ValueError(f"{source}: every layer must have the same number of slots")
+    extra = len(layers) - len(rows)  # trailing layers past num_layers
     if extra:
         logger.warning("%s: %d layers past the model's %d ignored (layer_list[%d:]: vllm-ascend "
                        "records a draft model's MTP layers there; eplb_native balances the "
