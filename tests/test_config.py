@@ -610,3 +610,28 @@ def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
     # an old name beside the wrapper is a key of ours there: ambiguous, refused as the new one
     with pytest.raises(ValueError, match="num_iterations_eplb_update.*beside 'eplb_config'"):
         EplbConfig.parse({"eplb_config": {}, "num_iterations_eplb_update": 400})
+
+
+def test_wrapper_of_keys_foreign_to_vllm_ascend_warns_that_they_change_nothing(caplog):
+    """A bare {"eplb_config": {...}} is vllm-ascend's wrapper (dynamic_eplb false unless given):
+    vLLM's keys in it, meant for vLLM's shape (enable_eplb beside it), would configure a balancer
+    left off; the warning names them and both ways out. None when the wrapper switches it on."""
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        c = EplbConfig.parse({"eplb_config": {"window_size": 1000, "step_interval": 3000,
+                                              "num_redundant_experts": 32}})
+    assert c.dynamic_eplb is False and c.window_size == 1000
+    [rec] = [r for r in caplog.records if "change nothing" in r.getMessage()]
+    assert "['step_interval', 'window_size']" in rec.getMessage()
+    assert "enable_eplb" in rec.getMessage() and "dynamic_eplb: true" in rec.getMessage()
+    for inner in ({"window_size": 1000, "dynamic_eplb": True},
+                  {"window_size": 1000, "enabled": False},
+                  {"num_redundant_experts": 32, "expert_heat_collection_interval": 400}):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="eplb_native"):
+            EplbConfig.parse({"eplb_config": inner})
+        assert not [r for r in caplog.records if "change nothing" in r.getMessage()], inner
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        assert EplbConfig.parse({"enable_eplb": True,
+                                 "eplb_config": {"window_size": 1000}}).dynamic_eplb is True
+    assert not [r for r in caplog.records if "change nothing" in r.getMessage()]

@@ -7,7 +7,8 @@ except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper (its ``additional
 where it takes vllm-ascend's: ``dynamic_eplb`` False (True when ``expert_map_record_path`` is
 given, as there; but an explicit ``dynamic_eplb: false`` is kept here, where vllm-ascend turns
 it on all the same), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval``
-50.
+50. Keys other than vllm-ascend's in a wrapper left static that way are warned about (they
+change nothing there; vLLM's keys belong beside ``enable_eplb``).
 vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``, or
 ``LLM(enable_eplb=..., eplb_config={...})`` as a dict), is read as that switch for
 ``dynamic_eplb`` and vLLM's keys inside, which take our defaults as a flat dict does (no
@@ -136,6 +137,12 @@ _PHASES = ("all", "prefill", "decode")
 #: ``{"eplb_config": {...}}`` wrapper leaves out
 _ASCEND_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 600,
                     "algorithm_execution_interval": 50}
+
+#: the keys of vllm-ascend's wrapper (it refuses any other); a wrapper holding others while it
+#: takes vllm-ascend's dynamic_eplb default (false: static placement) is warned about
+_ASCEND_KEYS = frozenset(_ASCEND_DEFAULTS) | {"expert_map_path", "expert_map_record_path",
+                                              "num_redundant_experts", "eplb_policy_type",
+                                              *_PHASE_KEYS}
 
 #: alias -> canonical key
 _ALIASES = {
@@ -322,6 +329,16 @@ class EplbConfig:
             # vllm-ascend's additional_config (now, or before v0.14.0rc1: flat, its old names):
             # what it leaves out means what it meant there (static placement unless
             # dynamic_eplb, which a record path turns on; its intervals), not our defaults
+            foreign = sorted(k for k in doc if k not in _ASCEND_KEYS) if wrapped else []
+            if foreign and "dynamic_eplb" not in source and out.get(
+                    "expert_map_record_path") is None:
+                # (vLLM's keys in vllm-ascend's wrapper: vllm-ascend refuses them, vLLM reads
+                # them only beside enable_eplb; here they would configure a balancer left off)
+                logger.warning("EPLB config: 'eplb_config' without 'enable_eplb' beside it is "
+                               "read as vllm-ascend's additional_config, where dynamic_eplb "
+                               "defaults to false (static placement), so %s change nothing; "
+                               "set dynamic_eplb: true inside it, or pass vLLM's shape "
+                               "{'enable_eplb': True, 'eplb_config': {...}}", foreign)
             for key, value in (_ASCEND_DEFAULTS if wrapped else _OLD_ASCEND_DEFAULTS).items():
                 out.setdefault(key, value)
             if "dynamic_eplb" not in source and out.get("expert_map_record_path") is not None:
