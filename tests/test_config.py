@@ -635,3 +635,44 @@ def test_wrapper_of_keys_foreign_to_vllm_ascend_warns_that_they_change_nothing(c
         assert EplbConfig.parse({"enable_eplb": True,
                                  "eplb_config": {"window_size": 1000}}).dynamic_eplb is True
     assert not [r for r in caplog.records if "change nothing" in r.getMessage()]
+
+
+def test_a_mapping_that_is_no_dict_is_read_as_a_dict():
+    """OmegaConf's DictConfig is a Mapping whose keys are attributes too: read as an attribute
+    object, only our keys were looked up and a misspelt one was dropped unseen. As a mapping
+    every key is checked (nested eplb_config too). Stand-ins: a Mapping with attribute access
+    (as DictConfig's) and MappingProxyType."""
+    from collections.abc import Mapping
+
+    class DictConfigLike(Mapping):
+        def __init__(self, d):
+            self._d = {k: DictConfigLike(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+        def __getitem__(self, k):
+            return self._d[k]
+
+        def __iter__(self):
+            return iter(self._d)
+
+        def __len__(self):
+            return len(self._d)
+
+        def __getattr__(self, k):
+            if k.startswith("_"):
+                raise AttributeError(k)
+            return self._d.get(k)  # (DictConfig answers None for a key it lacks)
+
+    flat = {"num_redundant_experts": 16, "window_size": 50}
+    assert EplbConfig.parse(DictConfigLike(flat)) == EplbConfig.parse(flat)
+    assert EplbConfig.parse(types.MappingProxyType(flat)) == EplbConfig.parse(flat)
+    with pytest.raises(ValueError, match="unknown EPLB config key 'window_sise'"):
+        EplbConfig.parse(DictConfigLike({"window_sise": 50}))
+    wrapped = {"eplb_config": {"dynamic_eplb": True, "expert_heat_collection_interval": 400}}
+    assert EplbConfig.parse(DictConfigLike(wrapped)) == EplbConfig.parse(wrapped)
+    with pytest.raises(ValueError, match="unknown EPLB config key 'expert_heat_interval'"):
+        EplbConfig.parse(DictConfigLike({"eplb_config": {"expert_heat_interval": 400}}))
+    vllm = {"enable_eplb": True, "eplb_config": {"window_size": 1000, "step_interval": 3000}}
+    assert EplbConfig.parse(DictConfigLike(vllm)) == EplbConfig.parse(vllm)
+    with pytest.raises(ValueError, match="unknown EPLB config key 'step_intervall'"):
+        EplbConfig.parse(DictConfigLike({"enable_eplb": True,
+                                         "eplb_config": {"step_intervall": 3000}}))

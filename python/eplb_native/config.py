@@ -1,6 +1,7 @@
 """``EplbConfig``: the updator's settings, in the vocabularies users already have.
 
-Accepted keys (``EplbConfig.parse`` takes a dict, a ``{"eplb_config": {...}}`` wrapper, a JSON
+Accepted keys (``EplbConfig.parse`` takes a dict or any mapping (OmegaConf's ``DictConfig``,
+read as a dict: every key checked), a ``{"eplb_config": {...}}`` wrapper, a JSON
 string, an object with these attributes such as vLLM's ``EPLBConfig``, or an EplbConfig). The
 keys are vLLM's and vllm-ascend's; a key left out takes the default below, which is ours,
 except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper (its ``additional_config``),
@@ -114,6 +115,7 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._util import plain_scalar
@@ -270,6 +272,7 @@ class EplbConfig:
     @classmethod
     def from_dict(cls, doc: dict) -> EplbConfig:
         """Builds from a dict in any accepted vocabulary (or the ``eplb_config`` wrapper)."""
+        doc = _as_dict(doc)
         if not isinstance(doc, dict):
             raise ValueError(f"config must be a dict, got {type(doc).__name__}")
         if "eplb_config" in doc:
@@ -288,7 +291,7 @@ class EplbConfig:
                                "removed it in v0.14.0rc1)", _GATE)
             if "enable_eplb" in doc:
                 return cls._from_vllm_shape(doc["enable_eplb"], doc["eplb_config"])
-            doc = doc["eplb_config"]
+            doc = _as_dict(doc["eplb_config"])
             if not isinstance(doc, dict):
                 raise ValueError("eplb_config must be a dict")
             wrapped = True
@@ -357,7 +360,7 @@ class EplbConfig:
     def _from_vllm_shape(cls, switch, inner) -> EplbConfig:
         """vLLM's ``enable_eplb`` beside its ``eplb_config`` (a dict, the EPLBConfig object or
         None): the switch is dynamic_eplb; the keys inside take our defaults, as a flat dict's."""
-        given = inner
+        given = inner = _as_dict(inner)
         inner = {} if inner is None else inner if isinstance(inner, dict) else _object_doc(
             cls, inner)
         if inner is None:
@@ -379,7 +382,7 @@ class EplbConfig:
 
     @classmethod
     def parse(cls, config) -> EplbConfig:
-        """None, an EplbConfig, a dict, a JSON string or an attribute object -> EplbConfig."""
+        """None, an EplbConfig, a dict (mapping), a JSON string or an attribute object -> EplbConfig."""
         if config is None:
             return cls()
         if isinstance(config, cls):
@@ -391,7 +394,7 @@ class EplbConfig:
                 raise ValueError(f"config string is not valid JSON ({e})") from None
             if config is None:
                 return cls()  # ("null": as None)
-        if isinstance(config, dict):
+        if isinstance(config, Mapping):
             return cls.from_dict(config)
         doc = _object_doc(cls, config)
         if doc is not None:
@@ -437,6 +440,13 @@ def _as_int(key, v, lo, hi) -> int:
     if hi is not None and v > hi:
         raise ValueError(f"{key} must be an int <= {hi}, got {_show(v)}")
     return v
+
+
+def _as_dict(x):
+    """A mapping that is no dict (OmegaConf's DictConfig, MappingProxyType) as a dict of its
+    items, so that its every key is checked as a dict's (read as an object, only our keys were
+    looked up and a misspelt one went unseen); anything else as it is."""
+    return dict(x.items()) if isinstance(x, Mapping) and not isinstance(x, dict) else x
 
 
 def _check_phase(key, value):
