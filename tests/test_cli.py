@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -23,13 +24,16 @@ PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(eplb_native.__file_
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args, cwd, expect=0, path_first=None):
+def _cli_env(path_first=None) -> dict:
     """``path_first``: a folder searched before the package's (to shadow a module)."""
     first = [] if path_first is None else [os.fspath(path_first)]
     path = os.pathsep.join([*first, PKG_PARENT, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path, MPLBACKEND="Agg")
+    return dict(os.environ, PYTHONPATH=path, MPLBACKEND="Agg")
+
+
+def run_cli(*args, cwd, expect=0, path_first=None):
     proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=_cli_env(path_first), capture_output=True, text=True, timeout=300)
     assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
     return proc
 
@@ -93,6 +97,11 @@ def test_synth_writes_a_trace_of_the_model_shape(tmp_path):
     (["--shape", "deepseek-v3", "--tokens", "0"], ["--tokens must be an int >= 1, got 0"]),
     (["--shape", "deepseek-v3", "--zipf-a", "0"], ["--zipf-a must be", "got 0.0"]),
     (["--shape", "deepseek-v3", "--seed", "-1"], ["--seed must be an int >= 0, got -1"]),
+    # sizes past memory: the flags named, before numpy is asked for terabytes
+    (["--shape", "custom", "--layers", "2", "--experts", "8", "--windows", "1000000000000"],
+     ["--windows must be <= 1048576"]),
+    (["--shape", "custom", "--layers", "100", "--experts", "1000", "--windows", "1000000"],
+     ["--windows 1000000 x --layers 100 x --experts 1000 need about", "GiB"]),
 ])
 def test_synth_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("synth", *args, "-o", "x.npz", cwd=tmp_path, expect=2)
@@ -443,6 +452,7 @@ def test_plan_distinct_ranks_refused_names_the_flag(tmp_path):
     (["--every", "0"], ["--every"]),
     (["--redundant", "3"], ["divisible"]),
     (["--png", "no/dir/x.png"], ["does not exist"]),
+    (["--no-png", "--expert-bytes", "9" * 400], ["--expert-bytes must be in [0, 2**62]"]),
 ])
 def test_simulate_bad_arguments(tmp_path, small_trace, args, fragments):
     proc = run_cli("simulate", "--trace", small_trace, "--ranks", 4, *args, cwd=tmp_path,
@@ -594,6 +604,10 @@ def test_demo_planned_slots_are_those_of_the_layers_it_moves(tmp_path):
     (["--hidden", "1048576"], ["--hidden 1048576", "GiB of expert weights"]),
     (["--png", "/proc/d.png"], ["--png '/proc/d.png': folder '/proc'"]),
     (["--save-trace", "/proc/t.npz"], ["--save-trace '/proc/t.npz': folder '/proc'"]),
+    (["--png", "both.npz", "--save-trace", "both.npz"],
+     ["--png both.npz is the --save-trace file"]),
+    (["--steps", "1048576", "--layers", "64", "--experts", "4096", "--hidden", "1",
+      "--ranks", "1", "--redundant", "0"], ["--steps 1048576 x", "GiB of gate biases"]),
 ])
 def test_demo_bad_arguments(tmp_path, args, fragments):
     proc = run_cli("demo", *args, cwd=tmp_path, expect=2)
@@ -708,3 +722,46 @@ def test_usage_errors_are_one_line(tmp_path, args, command, fragment):
     assert top.stderr.strip().splitlines() == [
         "eplb-native: error: the following arguments are required: COMMAND "
         "(see eplb-native --help)"]
+
+
+def test_an_output_is_never_the_input_it_reads(tmp_path, small_trace):
+    """-o / --png naming the file the run reads (links followed) is refused before any work, and
+    the input is left as it was (it was replaced by the map / the plot, exit 0); -o may be --old
+    (a map updated in place); --old "" is no path (it was taken as no --old)."""
+    import shutil
+
+    trace = tmp_path / "t.npz"
+    shutil.copy(small_trace, trace)
+    (tmp_path / "link.npz").symlink_to(trace)
+    before = trace.read_bytes()
+    for command, args, fragment in [
+            ("plan", ["--load", "t.npz", "--ranks", 4, "-o", "t.npz"], "-o t.npz is the --load"),
+            ("plan", ["--load", "t.npz", "--ranks", 4, "-o", "link.npz"], "is the --load file"),
+            ("simulate", ["--trace", "t.npz", "--ranks", 4, "--png", "link.npz"],
+             "--png link.npz is the --trace file"),
+            ("plan", ["--load", "t.npz", "--ranks", 4, "--old", "", "-o", "m.json"],
+             "--old: empty path")]:
+        proc = run_cli(command, *args, cwd=tmp_path, expect=2)
+        assert_one_line_error(proc, command, fragment)
+        assert trace.read_bytes() == before
+    run_cli("plan", "--load", "t.npz", "--ranks", 4, "-o", "m.json", cwd=tmp_path)
+    first = json.loads((tmp_path / "m.json").read_text())
+    run_cli("plan", "--load", "t.npz", "--old", "m.json", "--policy", "min_move", "-o", "m.json",
+            cwd=tmp_path)
+    assert json.loads((tmp_path / "m.json").read_text())["moe_layer_count"] == first[
+        "moe_layer_count"]
+
+
+def test_devices_and_closed_stdout(tmp_path, small_trace):
+    """-o /dev/null throws the map away (it replaced the device with a plain file as root) and
+    keeps --json; a run started with stdout closed ends 0 (an AttributeError traceback)."""
+    proc = run_cli("plan", "--load", small_trace, "--ranks", 4, "-o", os.devnull, "--json",
+                   cwd=tmp_path)
+    assert json.loads(proc.stdout)["num_ranks"] == 4
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", "plan", "--load",
+                           str(small_trace), "--ranks", "4", "-o", "m.json"], cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=_cli_env(), preexec_fn=lambda: os.close(1), timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "m.json").is_file()

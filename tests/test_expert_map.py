@@ -311,6 +311,10 @@ def test_layers_past_the_models_are_checked_then_dropped_with_a_warning(tmp_path
         mutate(bad)
         with pytest.raises(ValueError, match=message):
             expert_map.load(bad, num_layers=2)
+    # more extra layers than the model's own: a map of another model, refused (it was cut down
+    # to its first layers and served, review15_cli)
+    with pytest.raises(ValueError, match="has 3 layers, the model 1: 2 layers past"):
+        expert_map.load(doc, num_layers=1)
     # an array with more layers than the model's: refused (fewer: test_load_takes_...)
     with pytest.raises(ValueError, match="has 2 layers, expected 1"):
         expert_map.load(phy2log, num_ranks=2, num_layers=1)

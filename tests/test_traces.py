@@ -1,6 +1,8 @@
 """eplb_native.traces: model shapes, the synthetic drifting generator, trace files."""
 
+import io
 import json
+import os
 import warnings
 import zipfile
 
@@ -120,6 +122,12 @@ def test_load_other_formats(tmp_path):
     assert load_trace(tmp_path / "a.npy")[0].dtype == np.int64
 
 
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros(4)), "ndim 1"),
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros((1, 2, 3, 4))), "ndim 4"),
@@ -130,14 +138,28 @@ def test_load_other_formats(tmp_path):
     (lambda p: np.savez(p.with_suffix(".npz"), other=np.ones((2, 3))), "missing key 'loads'"),
     (lambda p: np.savez(p.with_suffix(".npz"), loads=np.ones((2, 3)), meta=np.array("[1]")),
      "'meta' must be a JSON object"),
-    (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip"), "not a valid .npz"),
+    (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip"),
+     r"not an .npz archive \(it starts with bytes b'not '\)"),
+    (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04 torn"), "not a valid .npz"),
     (lambda p: p.with_suffix(".npy").write_bytes(b"\x93NUMPY garbage"), "not a valid .npy"),
+    # a file of another kind under a binary format's name: what it is, not numpy's / torch's
+    # advice to load it unsafely (allow_pickle, weights_only=False)
+    (lambda p: p.with_suffix(".npz").write_bytes(b"\x89PNG\r\n\x1a\n...."),
+     r"not an .npz archive \(the file is a PNG image\)"),
+    (lambda p: p.with_suffix(".npz").write_text('{"loads": [[1]]}'),
+     r"not an .npz archive \(the file is JSON text\)"),
+    (lambda p: p.with_suffix(".npy").write_text(" [[1, 2]]"),
+     r"not a .npy array file \(the file is JSON text\)"),
+    (lambda p: p.with_suffix(".pt").write_bytes(_npy_bytes(np.ones((2, 3)))),
+     r"not a torch file \(the file is a .npy array\)"),
+    (lambda p: p.with_suffix(".npy").write_bytes(b""), r"\(the file is empty\)"),
     (lambda p: p.with_suffix(".json").write_text("{"), "not valid JSON"),
     (lambda p: p.with_suffix(".json").write_text('{"meta": {}}'), "missing key 'loads'"),
     (lambda p: p.with_suffix(".json").write_text('[[1, 2], [3]]'), "rectangular"),
     (lambda p: p.with_suffix(".json").write_text('[[1, "2"]]'), "only numbers"),
     (lambda p: p.with_suffix(".json").write_text('"hello"'), "nested list"),
-    (lambda p: p.with_suffix(".pt").write_bytes(b"garbage"), "not a loadable torch file"),
+    (lambda p: p.with_suffix(".pt").write_bytes(b"garbage"), "not a torch file"),
+    (lambda p: p.with_suffix(".pt").write_bytes(b"\x80garbage"), "not a loadable torch file"),
     (lambda p: torch.save({"x": torch.ones(2, 2)}, p.with_suffix(".pt")), "missing key 'loads'"),
     (lambda p: torch.save([1, 2], p.with_suffix(".pt")), "expected a tensor"),
     (lambda p: torch.save(torch.ones(2, 3, device="meta"), p.with_suffix(".pt")), "plain dense"),
@@ -160,6 +182,24 @@ def test_load_trace_errors_name_file_and_problem(tmp_path, make, message):
 def test_load_trace_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_trace(tmp_path / "nope.npz")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file: no permission to deny")
+def test_load_trace_unreadable_file_is_no_corrupt_archive(tmp_path):
+    """Permission denied reads as such (it was "not a valid .npz archive ([Errno 13] ...)"), and
+    a file in a folder that cannot be entered is not "no such file"."""
+    path = tmp_path / "t.npz"
+    save_trace(path, np.ones((1, 2, 4), dtype=np.int64))
+    path.chmod(0)
+    with pytest.raises(PermissionError, match="t.npz: Permission denied"):
+        load_trace(path)
+    path.chmod(0o644)
+    tmp_path.chmod(0o600)
+    try:
+        with pytest.raises(PermissionError, match="t.npz: Permission denied"):
+            load_trace(path)
+    finally:
+        tmp_path.chmod(0o755)
 
 
 def test_save_trace_rejects_bad_input(tmp_path):

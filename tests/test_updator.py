@@ -353,8 +353,7 @@ def test_attach_errors(tmp_path):
     with pytest.raises(ValueError, match="expert_map_record_path .*folder '/dev/null/dir' "
                                          "cannot be made"):
         eplb_native.attach(Stack(1), {"expert_map_record_path": "/dev/null/dir/out.json"})
-    with pytest.raises(ValueError, match="expert_map_record_path .*cannot be made \\(embedded "
-                                         "null byte\\)"):
+    with pytest.raises(ValueError, match="expert_map_record_path .* holds a NUL byte"):
         eplb_native.attach(Stack(1), {"expert_map_record_path": str(tmp_path / "a\0b" / "m.json")})
     # topologies the planner rejects fail at attach, not at every planning cycle
     with pytest.raises(ValueError, match=r"num_nodes \(2\) must divide the layers' ep_size"):

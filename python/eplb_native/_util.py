@@ -11,12 +11,13 @@ import hashlib
 import numbers
 import os
 import secrets
+import stat
 import tempfile
 
 import numpy as np
 
 __all__ = ["atomic_write", "check_int", "check_writable_dir", "is_torch", "to_numpy",
-           "validate_phy2log"]
+           "validate_phy2log", "write_target"]
 
 
 def is_torch(x) -> bool:
@@ -75,18 +76,59 @@ def to_numpy(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} is not a rectangular numeric array ({e})") from None
 
 
+def write_target(path) -> tuple[str, bool]:
+    """Where a write of ``path`` goes: ``(file, in_place)``. A character device or a pipe
+    (/dev/null, /dev/stdout, a FIFO) is written in place: replacing it would put a plain file
+    where the device was, and atomicity means nothing there. Anything else is replaced through a
+    temporary file beside what the path names once its links are followed (a link's target is
+    rewritten, not the link). ValueError for an existing target that is neither a regular file
+    nor one of those (a directory, a socket, a block device), or a regular file that is
+    read-only (a rename would replace it all the same; a plain write would be refused)."""
+    target = os.fspath(path)
+    if "\0" in target:
+        raise ValueError(f"{target!r} holds a NUL byte")
+    try:
+        st = os.stat(target)  # (follows links)
+    except OSError:  # missing (a dangling link included), unreachable
+        return os.path.realpath(target), False
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return target, True
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{target!r} is a directory; name the file to write")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{target!r} is not a regular file (nor a device or pipe written in "
+                         f"place); name a file to write")
+    real = os.path.realpath(target)
+    if not os.access(real, os.W_OK):
+        raise ValueError(f"{target!r} is read-only")
+    return real, False
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """Context manager yielding a file object whose content replaces ``path`` atomically when the
     block ends without an exception (a temporary file in the same directory, then
-    ``os.replace``). On any failure the temporary file is removed and ``path`` is untouched."""
-    target = os.fspath(path)
+    ``os.replace``; the old file's permission bits kept). On any failure the temporary file is
+    removed and ``path`` is untouched. A device or pipe is written in place and a link's target
+    replaced (``write_target``)."""
+    target, in_place = write_target(path)
+    if in_place:
+        with open(target, mode, **open_kwargs) as f:
+            yield f
+        return
     folder, base = os.path.split(target)
-    # pid + random suffix: unique across processes and threads; "x" never clobbers a stranger
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        keep = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        keep = None  # (a new file: the umask's mode, as open() gives)
+    # pid + random suffix: unique across processes and threads; "x" never clobbers a stranger.
+    # The name's start only: a legal name of 234+ bytes plus the suffix would be too long.
+    tmp = os.path.join(folder, f".{base[:64]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
             yield f
+        if keep is not None:
+            os.chmod(tmp, keep)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -134,7 +176,15 @@ def check_writable_dir(path, name: str, *, create: bool = False) -> None:
     temporary file, since read-only mounts and /proc answer access() yes for root.
     ``create``: a missing folder is made first (with its parents), as vllm-ascend makes
     expert_map_record_path's."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        target, in_place = write_target(path)
+    except ValueError as e:
+        raise ValueError(f"{name} {e}") from None
+    if in_place:  # (a device or pipe, written in place: no folder involved)
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{name} {target!r} is not writable")
+        return
+    folder = os.path.dirname(target)
     if create and not os.path.isdir(folder):
         try:
             os.makedirs(folder, exist_ok=True)

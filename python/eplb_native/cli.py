@@ -34,6 +34,9 @@ EXIT_USAGE = 2
 #: 2048 x Kimi-K2's 512 slots, and small enough that a mistyped count is a one-line error rather
 #: than a default placement built for hours or an integer overflow in the planner's binding.
 MAX_COUNT = 1 << 20
+#: Largest bytes per expert (--expert-bytes, a trace's meta): the planner's bound on counts;
+#: a size beyond it is a mistake, and sums of it would overflow the float formatting
+_MAX_BYTES = 1 << 62
 #: demo on the CPU starts one process per rank.
 MAX_DEMO_CPU_RANKS = 64
 #: demo --seed bound (per-step generator seeds are derived from it by integer arithmetic)
@@ -190,9 +193,10 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} TiB"
 
 
-def _check_output_dir(path: str, flag: str) -> None:
+def _check_output_dir(path: str, flag: str, inputs: tuple = ()) -> None:
     """UsageError naming ``flag`` unless ``path`` can be written (checked before any work: a
-    run whose output cannot be written is lost)."""
+    run whose output cannot be written is lost) and is none of ``inputs`` ((path, flag) pairs:
+    writing there would destroy the file the run reads)."""
     if not path:
         raise UsageError(f"{flag}: empty path; name the file to write")
     if os.path.isdir(path):
@@ -201,6 +205,30 @@ def _check_output_dir(path: str, flag: str) -> None:
         check_writable_dir(path, flag)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    for source, source_flag in inputs:
+        if source and _same_file(path, source):
+            raise UsageError(f"{flag} {path} is the {source_flag} file; writing it would "
+                             f"destroy what this run reads: choose another path")
+
+
+def _short(v, width: int = 40) -> str:
+    """repr of a user's value cut to ``width`` characters (a 4,000-digit int stays one line)."""
+    try:
+        text = repr(v)
+    except ValueError:  # (an int past Python's digit limit for str())
+        text = f"an int of about {int(v.bit_length() * 0.30103)} digits"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (links followed; a device such as /dev/null, written in
+    place, clashes with nothing)."""
+    try:
+        if not os.path.exists(a) or not os.path.exists(b):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return os.path.samefile(a, b) and os.path.isfile(a)
+    except (OSError, ValueError):
+        return False
 
 
 def _write_json(obj) -> None:
@@ -233,7 +261,10 @@ def cmd_plan(args) -> int:
     except ValueError as e:
         raise ValueError(f"--load {args.load}: {e}") from None
     old = None
-    if args.old:
+    if args.old is not None:
+        if not args.old:
+            raise UsageError("--old: empty path; name the current expert map, or leave --old "
+                             "out to start from the default placement")
         # ids, layers and experts checked by the one loader; ranks here, to name --ranks
         old, old_ranks = expert_map.load(args.old, num_logical=num_experts, num_layers=num_layers,
                                          name="--old")
@@ -243,7 +274,8 @@ def cmd_plan(args) -> int:
     if args.ranks is None:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
-    _check_output_dir(args.output, "-o")
+    # (-o may be --old: a map updated in place, read before it is written)
+    _check_output_dir(args.output, "-o", ((args.load, "--load"),))
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant,
                                        args.default_layout) if old is None else None
@@ -324,6 +356,17 @@ def cmd_synth(args) -> int:
         top_k = min(shape.top_k if shape else 8, experts) if experts >= 1 else 8
     if not args.output.endswith(".npz"):
         raise UsageError(f"-o {args.output}: synth writes an .npz trace; name it *.npz")
+    for flag, v in (("--windows", args.windows), ("--layers", layers), ("--experts", experts)):
+        if v is not None and v > MAX_COUNT:
+            raise UsageError(f"{flag} must be <= {MAX_COUNT}, got {v}")
+    if args.windows >= 1 and layers >= 1 and experts >= 1:
+        # the int64 loads and the float64 draws beside them: 16 bytes a count
+        need = 16 * args.windows * layers * experts
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have // 2:
+            raise UsageError(f"--windows {args.windows} x --layers {layers} x --experts "
+                             f"{experts} need about {need / 2**30:.1f} GiB, over half of this "
+                             f"machine's {have / 2**30:.1f} GiB; choose smaller sizes")
     _check_output_dir(args.output, "-o")
     with _flag_names(_SYNTH_FLAGS):
         loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
@@ -437,21 +480,23 @@ def cmd_simulate(args) -> int:
         raise UsageError(f"--policy lists a policy twice: {args.policy!r}")
     if args.every < 1:
         raise UsageError(f"--every must be >= 1, got {args.every}")
-    if args.expert_bytes is not None and args.expert_bytes < 0:
-        raise UsageError(f"--expert-bytes must be >= 0, got {args.expert_bytes}")
+    if args.expert_bytes is not None and not 0 <= args.expert_bytes <= _MAX_BYTES:
+        raise UsageError(f"--expert-bytes must be in [0, 2**62], got "
+                         f"{_short(args.expert_bytes)}")
     loads, meta = traces.load_trace(args.trace)
     num_windows, num_layers, num_experts = loads.shape
     topo = Topology(args, num_experts, meta)
     png = None if args.no_png else args.png
     if png:
-        _check_output_dir(png, "--png")
+        _check_output_dir(png, "--png", ((args.trace, "--trace"),))
         _pyplot()  # fail before the simulation if matplotlib is missing, not after it
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
         "expert_bytes")
     if expert_bytes is not None and (isinstance(expert_bytes, bool) or
-                                     not isinstance(expert_bytes, int) or expert_bytes < 0):
-        raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int >= 0, got "
-                         f"{expert_bytes!r} (or pass --expert-bytes)")
+                                     not isinstance(expert_bytes, int) or
+                                     not 0 <= expert_bytes <= _MAX_BYTES):
+        raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int in [0, 2**62], got "
+                         f"{_short(expert_bytes)} (or pass --expert-bytes)")
     runs = simulate(loads, topo, policies, args.every, threads=args.threads,
                     distinct_ranks=True if args.distinct_ranks else None,
                     default_layout=args.default_layout)
@@ -540,16 +585,26 @@ def _check_demo_args(args) -> None:
                          f"per rank), got {args.ranks}")
     if args.top_k > args.experts:
         raise UsageError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # every rank (a process) holds the gate's bias for every step, [steps, L, E] fp32, in host
+    # memory whatever the device
+    bias = 4 * args.steps * args.layers * args.experts * args.ranks
+    if bias > have // 2:
+        raise UsageError(f"--steps {args.steps} x --layers {args.layers} x --experts "
+                         f"{args.experts} over --ranks {args.ranks} need about "
+                         f"{bias / 2**30:.1f} GiB of gate biases (fp32 per step, layer and "
+                         f"expert on every rank), over half of this machine's "
+                         f"{have / 2**30:.1f} GiB; choose fewer steps")
     if args.device == "cpu":
         # every rank holds two stacks (EPLB on and off) of its slots' fp32 weights, 3 H x H each
         slots = -(-(args.experts + args.redundant) // args.ranks)
         need = 2 * args.layers * slots * 3 * args.hidden * args.hidden * 4 * args.ranks
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if need > have // 2:
+        if need + bias > have // 2:
             raise UsageError(f"--hidden {args.hidden}, --experts {args.experts}, --layers "
                              f"{args.layers} over --ranks {args.ranks} need about "
-                             f"{need / 2**30:.1f} GiB of expert weights, over half of this "
-                             f"machine's {have / 2**30:.1f} GiB; choose smaller sizes")
+                             f"{(need + bias) / 2**30:.1f} GiB of expert weights and gate "
+                             f"biases, over half of this machine's {have / 2**30:.1f} GiB; "
+                             f"choose smaller sizes")
     if (args.experts + args.redundant) % args.ranks:
         raise UsageError(f"--experts + --redundant ({args.experts} + {args.redundant}) must be "
                          f"divisible by --ranks ({args.ranks})")
@@ -833,6 +888,9 @@ def cmd_demo(args) -> int:
             raise UsageError(f"--save-trace {args.save_trace}: demo writes an .npz trace; name "
                              f"it *.npz")
         _check_output_dir(args.save_trace, "--save-trace")
+        if args.png and _same_file(args.png, args.save_trace):
+            raise UsageError(f"--png {args.png} is the --save-trace file: the plot would "
+                             f"replace the trace; choose another path")
     import torch.multiprocessing as mp
 
     # the worker by its importable name (this file may be running as __main__)
@@ -1080,7 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = None
     try:
         rc = args.func(args)
-        sys.stdout.flush()  # (here, so that a reader gone away is caught below)
+        if sys.stdout is not None:  # (None: started with stdout closed)
+            sys.stdout.flush()  # (here, so that a reader gone away is caught below)
         return rc
     except BrokenPipeError:
         # stdout closed by the reader (| head): nothing more to print. The command's own

@@ -93,7 +93,8 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
     layers of a speculative-decoding draft model (DeepSeek's MTP layer) after the model's and
     places that layer from its row; the layers eplb_native balances are the model's, so a map
     it writes back has none (vllm-ascend then gives its MTP layer the default placement).
-    Fewer layers than ``num_layers`` is the caller's error to raise."""
+    More such layers than the model's own are refused (a map of another model). Fewer layers
+    than ``num_layers`` is the caller's error to raise."""
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     for key in ("moe_layer_count", "layer_list"):
@@ -106,6 +107,13 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
     if count != len(layers) or count < 1:
         raise ValueError(f"{source}: moe_layer_count ({count}) must equal len(layer_list) "
                          f"({len(layers)}) and be >= 1")
+    if num_layers is not None and count - num_layers > num_layers:
+        # (a draft model has a layer or a few; more of them than the model's own is a map of
+        # another model, which would be cut down to its first layers and served)
+        raise ValueError(f"{source}: has {count} layers, the model {num_layers}: {count - num_layers} "
+                         f"layers past the model's are more than a draft model's MTP layers "
+                         f"(vllm-ascend records those after the model's); is it a map of "
+                         f"another model?")
     rows = []
     num_devices = None
     # In list order, each id equal to its position: vllm-ascend's reader takes layers and

@@ -266,11 +266,16 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     a missing file raises FileNotFoundError.
     """
     src = os.fspath(path)
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"{src}: no such file")
+    try:
+        os.stat(src)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{src}: no such file") from None
+    except OSError as e:  # (a folder on the way that cannot be entered, ...): as it is
+        raise OSError(e.errno, f"{src}: {e.strerror}") from None
     if os.path.isdir(src):
         raise ValueError(f"{src}: is a directory, not a trace file")
     ext = os.path.splitext(src)[1].lower()
+    _check_kind(src, ext)
     meta: dict = {}
     if ext == ".npz":
         raw, meta = _read_npz(src)
@@ -295,6 +300,36 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             raise
         raise ValueError(f"{src}: loads cannot be read as an array ({_short(e)})") from None
     return _validate(loads, src), meta
+
+
+#: what each binary format starts with (torch's: a zip archive, or a pickle before torch 1.6)
+_MAGIC = {".npz": (b"PK\x03\x04", b"PK\x05\x06"), ".npy": (b"\x93NUMPY",),
+          ".pt": (b"PK\x03\x04", b"\x80")}
+
+
+def _check_kind(src: str, ext: str) -> None:
+    """ValueError naming what the file is when its first bytes are not its extension's format
+    (a PNG or JSON named .npz): numpy's and torch's own errors there advise loading it
+    unsafely (allow_pickle, weights_only=False), which is wrong advice for a file of another
+    kind. Unreadable files raise OSError naming the file (not "not a valid archive")."""
+    if ext not in _MAGIC:
+        return
+    try:
+        with open(src, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise OSError(e.errno, f"{src}: {e.strerror}") from None
+    if head.startswith(_MAGIC[ext]):
+        return
+    names = {".npz": "an .npz archive", ".npy": "a .npy array file", ".pt": "a torch file"}
+    other = ("a PNG image" if head.startswith(b"\x89PNG") else
+             "JSON text" if head.lstrip()[:1] in (b"{", b"[") else
+             "a .npy array" if head.startswith(b"\x93NUMPY") else
+             "a zip archive" if head.startswith(b"PK") else None)
+    if other is not None:
+        raise ValueError(f"{src}: not {names[ext]} (the file is {other}); name it for its format")
+    raise ValueError(f"{src}: not {names[ext]} (" + (
+        "the file is empty)" if not head else f"it starts with bytes {head[:4]!r})"))
 
 
 def _short(e: BaseException) -> str:
