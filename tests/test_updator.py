@@ -820,7 +820,7 @@ def test_fused_vllm_eplb_layer_keeps_its_physical_expert_map():
 
 def test_fused_adapter_refuses_what_it_cannot_move_and_changes_nothing():
     """Layers whose routing reads maps the adapter does not drive (vllm-ascend's log2phy /
-    ascend_expert_map, vLLM's eplb_state), per-expert tensors kept as plain attributes, maps
+    ascend_expert_map, vLLM's eplb_state, vLLM >= 0.28's expert_map_manager), per-expert tensors kept as plain attributes, maps
     that contradict the layer's placement, and an EP rank of the layer's own that attach's group
     contradicts: refused, naming the layer, with the layer as it was."""
     cases = {
@@ -829,6 +829,10 @@ def test_fused_adapter_refuses_what_it_cannot_move_and_changes_nothing():
         "ascend": (lambda m: setattr(m, "_ascend_expert_map", torch.arange(4)),
                    "ascend_expert_map"),
         "eplb_state": (lambda m: setattr(m, "eplb_state", object()), "layer.eplb_state"),
+        # vLLM >= 0.28's RoutedExperts (the weights' module under a MoERunner; no eplb_state):
+        # adapted, it counted no load and never moved (review15_peers)
+        "routed_experts": (lambda m: setattr(m, "expert_map_manager", object()),
+                           r"vLLM \(0.28 and later\) routes this layer from its MoERunner"),
         "plain": (lambda m: setattr(m, "w13_weight_scale_fp32", torch.ones(6, 2)),
                   r"per-expert tensors \['w13_weight_scale_fp32'\] are plain attributes"),
         "maps": (lambda m: m.logical_to_physical_map.copy_(torch.tensor(
@@ -1371,3 +1375,28 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
     assert ("a balanced plan every 600 steps from the last 600 steps of load, its moves "
             "starting 51 steps after that window, 1 layer(s) a step; map recorded to ") in (
         caplog.text)
+
+
+def test_a_window_that_counted_nothing_is_reported_once(caplog):
+    """Layers whose routing never calls our ops (an engine's own kernels) count nothing and are
+    never rebalanced: the first window with no tokens on any layer says so, once."""
+    import logging
+
+    model = torch.nn.Sequential(EPMoE(8, 6, 8, 2, num_redundant_experts=0))
+    up = eplb_native.attach(model, {"step_interval": 2, "dynamic_eplb": False}, hooks=False)
+    with caplog.at_level(logging.WARNING, logger="eplb_native"):
+        for _ in range(6):
+            up.forward_before()  # steps with no forward between: nothing recorded
+            up.forward_end()
+    said = [r for r in caplog.records if "counted no tokens" in r.getMessage()]
+    assert len(said) == 1 and "window of 2 steps" in said[0].getMessage()
+    assert len(up.stats.windows) == 3
+    up.shutdown()
+    caplog.clear()
+    model = torch.nn.Sequential(EPMoE(8, 6, 8, 2, num_redundant_experts=0))
+    up = eplb_native.attach(model, {"step_interval": 2, "dynamic_eplb": False})
+    with caplog.at_level(logging.WARNING, logger="eplb_native"):
+        for _ in range(6):
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(2)))
+    assert not [r for r in caplog.records if "counted no tokens" in r.getMessage()]
+    up.shutdown()
