@@ -100,9 +100,11 @@ def test_vllm_communicators_new_ones_too(caplog):
 
 def test_vllm_parallel_config_shape():
     """vLLM's own shape: enable_eplb beside eplb_config (its ParallelConfig object, or
-    LLM(enable_eplb=..., eplb_config={...}) as a dict): the switch is dynamic_eplb, the inner keys
-    take our defaults (not vllm-ascend's, whose wrapper has no enable_eplb beside it); vLLM's other
-    ParallelConfig keys are left alone."""
+    LLM(enable_eplb=..., eplb_config={...}) as a dict, eplb_config JSON as vLLM's --eplb-config
+    takes it): the switch is dynamic_eplb, the inner keys take vLLM's defaults (3000 / 1000 /
+    DeepSeek's policy: the dict means what the object does; it took ours, review15_peers), not
+    vllm-ascend's (whose wrapper has no enable_eplb beside it); vLLM's other ParallelConfig keys
+    are left alone."""
     @dataclasses.dataclass
     class VllmEPLBConfig:
         window_size: int = 1000
@@ -125,12 +127,19 @@ def test_vllm_parallel_config_shape():
                                                          "step_interval": 3000,
                                                          "policy": "default"}},
                    '{"enable_eplb": true, "eplb_config": {"window_size": 1000, '
-                   '"step_interval": 3000, "policy": "default"}}'):
+                   '"step_interval": 3000, "policy": "default"}}',
+                   {"enable_eplb": True, "eplb_config": {}},
+                   {"enable_eplb": True, "eplb_config": None},
+                   {"enable_eplb": True, "eplb_config": '{"window_size": 1000}'},
+                   {"enable_eplb": True, "eplb_config": "{}"}):
         assert EplbConfig.parse(config) == want, config
     off = EplbConfig.parse(VllmParallelConfig())
     assert off.dynamic_eplb is False and off.expert_heat_collection_interval == 3000
-    # the inner keys take ours where left out (not vllm-ascend's 600 / 50)
-    assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {}}) == EplbConfig()
+    # what the inner keys give is kept; ours for the rest (not vllm-ascend's 600 / 50)
+    assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {
+        "step_interval": 100, "policy": "balanced", "window_size": None}}) == EplbConfig()
+    with pytest.raises(ValueError, match="eplb_config string is not valid JSON"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": "{window_size: 5}"})
     with pytest.raises(ValueError, match="'dynamic_eplb' in eplb_config \\(False\\) "
                                          "contradicts 'enable_eplb' beside it \\(True\\)"):
         EplbConfig.parse({"enable_eplb": True, "eplb_config": {"dynamic_eplb": False}})
@@ -144,9 +153,9 @@ def test_vllm_parallel_config_shape():
     for switch in ("yes", np.array([True, False])):
         with pytest.raises(ValueError, match="enable_eplb \\(= dynamic_eplb must be a bool"):
             EplbConfig.parse({"enable_eplb": switch, "eplb_config": {}})
-    # eplb_config None: vLLM's defaults object absent, nothing inside
-    assert EplbConfig.parse({"enable_eplb": False, "eplb_config": None}) == EplbConfig(
-        dynamic_eplb=False)
+    # eplb_config None: vLLM's defaults object absent, its defaults all the same
+    assert EplbConfig.parse({"enable_eplb": False, "eplb_config": None}) == dataclasses.replace(
+        want, dynamic_eplb=False)
     # keys of ours beside the pair are refused from an object as from a dict
     with pytest.raises(ValueError, match="\\['window_size'\\] beside 'eplb_config'"):
         EplbConfig.parse(types.SimpleNamespace(enable_eplb=True, eplb_config={}, window_size=5))

@@ -1375,6 +1375,15 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
     assert ("a balanced plan every 600 steps from the last 600 steps of load, its moves "
             "starting 51 steps after that window, 1 layer(s) a step; map recorded to ") in (
         caplog.text)
+    # vLLM's shape: vLLM's defaults; its transport options, read and not acted on, said so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="eplb_native"):
+        eplb_native.attach(Stack(2), {"enable_eplb": True, "eplb_config": {
+            "communicator": "pynccl", "enable_migration_batching": True}}).shutdown()
+    assert ("a deepseek plan every 3000 steps from the last 1000 steps of load, its moves "
+            "starting 2 steps after that window, 1 layer(s) a step; communicator 'pynccl' "
+            "ignored (weights move by torch.distributed P2P on the EP group); "
+            "enable_migration_batching ignored") in caplog.text
 
 
 def test_a_window_that_counted_nothing_is_reported_once(caplog):

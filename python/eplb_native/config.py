@@ -12,12 +12,14 @@ it on all the same), ``expert_heat_collection_interval`` 600, ``algorithm_execut
 change nothing there; vLLM's keys belong beside ``enable_eplb``).
 vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``, or
 ``LLM(enable_eplb=..., eplb_config={...})`` as a dict), is read as that switch for
-``dynamic_eplb`` and vLLM's keys inside, which take our defaults as a flat dict does (no
-placement or load file there: the ``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig``
-has no switch: ``dynamic_eplb`` stays on.
+``dynamic_eplb`` and vLLM's keys inside, which take vLLM's defaults where they differ from
+ours (``step_interval`` 3000, ``window_size`` 1000, ``policy`` "default": DeepSeek's
+algorithm), so the dict means what vLLM's object does (no placement or load file there: the
+``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig`` has no switch: ``dynamic_eplb``
+stays on.
 Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
-vLLM's own defaults differ from ours too: ``step_interval`` 3000 and ``window_size`` 1000
-where ours are 100 and the heat interval; pass them when you mean vLLM's. The constructor
+A flat dict takes ours: vLLM's ``step_interval`` 3000 and ``window_size`` 1000 are not our
+defaults (100 and the heat interval); pass them when you mean vLLM's. The constructor
 ``EplbConfig(...)`` takes the canonical names only; aliases and the peers' values (``"default"``,
 ``eplb_policy_type``) are read by ``EplbConfig.parse`` / a dict.
 
@@ -146,6 +148,12 @@ _ASCEND_KEYS = frozenset(_ASCEND_DEFAULTS) | {"expert_map_path", "expert_map_rec
                                               "num_redundant_experts", "eplb_policy_type",
                                               *_PHASE_KEYS}
 
+#: vLLM's EPLBConfig defaults (v0.11 .. v0.34) where they differ from ours, taken for the keys
+#: its shape (enable_eplb beside eplb_config) leaves out: its object carries them all, so a dict
+#: of that shape means the same as the object (policy "default" is DeepSeek's algorithm)
+_VLLM_DEFAULTS = {"expert_heat_collection_interval": 3000, "window_size": 1000,
+                  "policy": "deepseek"}
+
 #: alias -> canonical key
 _ALIASES = {
     "enabled": "dynamic_eplb",
@@ -270,8 +278,10 @@ class EplbConfig:
         return self.window_size or self.expert_heat_collection_interval
 
     @classmethod
-    def from_dict(cls, doc: dict) -> EplbConfig:
-        """Builds from a dict in any accepted vocabulary (or the ``eplb_config`` wrapper)."""
+    def from_dict(cls, doc: dict, *, _defaults: dict | None = None) -> EplbConfig:
+        """Builds from a dict in any accepted vocabulary (or the ``eplb_config`` wrapper).
+        ``_defaults``: canonical keys -> values for the keys ``doc`` leaves out (vLLM's shape
+        takes vLLM's)."""
         doc = _as_dict(doc)
         if not isinstance(doc, dict):
             raise ValueError(f"config must be a dict, got {type(doc).__name__}")
@@ -346,6 +356,8 @@ class EplbConfig:
                 out.setdefault(key, value)
             if "dynamic_eplb" not in source and out.get("expert_map_record_path") is not None:
                 out["dynamic_eplb"] = True
+        for key, value in (_defaults or {}).items():
+            out.setdefault(key, value)
         try:
             return cls(**out)
         except ValueError as e:
@@ -360,6 +372,11 @@ class EplbConfig:
     def _from_vllm_shape(cls, switch, inner) -> EplbConfig:
         """vLLM's ``enable_eplb`` beside its ``eplb_config`` (a dict, the EPLBConfig object or
         None): the switch is dynamic_eplb; the keys inside take our defaults, as a flat dict's."""
+        if isinstance(inner, str):  # (vLLM's --eplb-config takes JSON)
+            try:
+                inner = json.loads(inner)
+            except ValueError as e:
+                raise ValueError(f"eplb_config string is not valid JSON ({e})") from None
         given = inner = _as_dict(inner)
         inner = {} if inner is None else inner if isinstance(inner, dict) else _object_doc(
             cls, inner)
@@ -378,7 +395,7 @@ class EplbConfig:
                 raise ValueError(f"{key!r} in eplb_config ({_show(v)}) contradicts "
                                  f"'enable_eplb' beside it ({_show(switch)})")
         return cls.from_dict({k: v for k, v in inner.items() if k not in switches}
-                             | {"enable_eplb": switch})
+                             | {"enable_eplb": switch}, _defaults=_VLLM_DEFAULTS)
 
     @classmethod
     def parse(cls, config) -> EplbConfig:

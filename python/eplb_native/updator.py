@@ -1029,10 +1029,16 @@ def _describe(config: EplbConfig) -> str:
     """What config does, in a few words (attach's log line)."""
     if not config.dynamic_eplb:
         return "dynamic_eplb off: load recorded, no rebalancing"
+    # vLLM's transport options, read and not acted on: said here, not left silent
+    ignored = "".join(
+        [f"; communicator {config.communicator!r} ignored (weights move by torch.distributed "
+         f"P2P on the EP group)" if config.communicator is not None else "",
+         "; enable_migration_batching ignored (each layer's moves are posted as one batch)"
+         if config.enable_migration_batching else ""])
     return (f"a {config.policy} plan every {config.expert_heat_collection_interval} steps from the "
             f"last {config.window_steps} steps of load, its moves starting "
             f"{config.algorithm_execution_interval + 1} steps after that window, "
-            f"{config.layers_per_step} layer(s) a step")
+            f"{config.layers_per_step} layer(s) a step{ignored}")
 
 
 def _write_record(path, phy2log: np.ndarray, num_ranks: int) -> None:
