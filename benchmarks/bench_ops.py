@@ -25,7 +25,8 @@ replica count]):
   over the ids (the scatter that record_counts replaces).
 
 Medians of triton.testing.do_bench, eager (one launch per call) and inside a replayed CUDA
-graph of 20 calls (per-call time = replay / 20). Every implementation is run on the same
+graph of 20 calls (per-call time = replay / 20); each cell is the median over ``--runs`` (3)
+runs over all cells, the ratios those medians' with their range over the runs. Every implementation is run on the same
 tensors; results are cross-checked (eplb vs its composite fallback, eplb_rl vs sglang) before
 timing. vLLM's kernel picks replicas by its own hash, so its slots differ from ours: its output
 is checked structurally (every slot it returns holds the id's expert, and its load grows by
@@ -241,18 +242,34 @@ def bench_gpu(args) -> list[str]:
     for name, us in host.items():
         print(f"host time per call, 8K ids: {name}: {us:.2f} us", flush=True)
 
-    rows = []
     names = ["copy", "eplb", "eplb_off", "eplb_rl", "vllm", "sglang", "torch", "rc", "index_add",
              "neg", "fill1"]
-    for E, P in SHAPES:
-        log2phy, logcnt, table, phy2log = placement(E, P, dev, gen, args.table, zipf_s(args))
-        for n in SIZES:
-            res = case(E, P, n, log2phy, logcnt, table, phy2log)
-            for mode, col in (("eager", 0), ("graph", 1)):
-                r = {name: res[name][col] for name in names}
-                rows.append((E, P, n, mode, r))
-                print(f"E={E} P={P} n={n:>8} {mode:5} " +
-                      " ".join(f"{name}={r[name]:7.2f}" for name in names), flush=True)
+    # One placement per shape for every run; each run draws new ids and times every cell again
+    # (runs one after another over all cells, so a slow spell of the GPU spreads over cells
+    # instead of sitting in one).
+    placements = {(E, P): placement(E, P, dev, gen, args.table, zipf_s(args)) for E, P in SHAPES}
+    results: dict = {}
+    for run in range(args.runs):
+        for E, P in SHAPES:
+            log2phy, logcnt, table, phy2log = placements[(E, P)]
+            for n in SIZES:
+                res = case(E, P, n, log2phy, logcnt, table, phy2log)
+                results.setdefault((E, P, n), []).append(res)
+                for mode, col in (("eager", 0), ("graph", 1)):
+                    print(f"run {run + 1} E={E} P={P} n={n:>8} {mode:5} " +
+                          " ".join(f"{name}={res[name][col]:7.2f}" for name in names),
+                          flush=True)
+
+    def ratio(runs_, col, num, den):
+        """The median of the runs' cells' ratio, and its range over the runs when several."""
+        med = statistics.median(r[num][col] for r in runs_) / statistics.median(
+            r[den][col] for r in runs_)
+        each = [r[num][col] / r[den][col] for r in runs_]
+        return med, (min(each), max(each))
+
+    def cell(value, spread, digits):
+        text = f"{value:.{digits}f}x"
+        return text if args.runs == 1 else f"{text} ({spread[0]:.{digits}f}-{spread[1]:.{digits}f})"
 
     head = ("| E, P | T·k | mode | copy_ µs | eplb µs | eplb/copy | eplb, record off µs | "
             "eplb rank_local µs | "
@@ -260,14 +277,21 @@ def bench_gpu(args) -> list[str]:
             "index_add_ µs | neg µs | fill1 µs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     lines[:0] = [f"Host time per call (8K ids, launch loop): {name} {us:.2f} µs"
-                 for name, us in host.items()] + [""]
-    for E, P, n, mode, r in rows:
-        lines.append(
-            f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
-            f"{r['eplb'] / r['copy']:.2f}x | {r['eplb_off']:.2f} | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
-            f"{r['vllm'] / r['eplb']:.1f}x | {r['sglang']:.2f} | {r['sglang'] / r['eplb_rl']:.1f}x | "
-            f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} | {r['neg']:.2f} | "
-            f"{r['fill1']:.2f} |")
+                 for name, us in host.items()] + [
+        f"Cells: medians over {args.runs} run(s) of do_bench's median; ratios: of those "
+        f"medians" + (", with their range over the runs" if args.runs > 1 else ""), ""]
+    for (E, P, n), runs_ in results.items():
+        for mode, col in (("eager", 0), ("graph", 1)):
+            r = {name: statistics.median(x[name][col] for x in runs_) for name in names}
+            copy_r = cell(*ratio(runs_, col, "eplb", "copy"), 2)
+            vllm_r = cell(*ratio(runs_, col, "vllm", "eplb"), 1)
+            sgl_r = cell(*ratio(runs_, col, "sglang", "eplb_rl"), 1)
+            lines.append(
+                f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
+                f"{copy_r} | {r['eplb_off']:.2f} | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
+                f"{vllm_r} | {r['sglang']:.2f} | {sgl_r} | "
+                f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} | {r['neg']:.2f} | "
+                f"{r['fill1']:.2f} |")
     return lines
 
 
@@ -280,8 +304,12 @@ def bench_smoke(args) -> list[str]:
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e6
 
+    # one thread: on a small shared VM a parallel region waits for a descheduled thread, and
+    # the times swung 100x between runs (review15_bench); a check, not a recorded number
+    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    lines = ["| E, P | T·k | eplb µs | torch µs | torch/eplb |", "|---|---|---|---|---|"]
+    lines = ["(a CPU check, one thread; its times are not recorded anywhere)",
+             "| E, P | T·k | eplb µs | torch µs | torch/eplb |", "|---|---|---|---|---|"]
     for E, P in SHAPES[:1]:
         log2phy, logcnt, _, phy2log = placement(E, P, "cpu", gen, zipf_s=zipf_s(args))
         for n in (8 * 1024, 64 * 1024):
@@ -315,6 +343,8 @@ def main() -> None:
                    help="folder holding anchors.py (peers' kernels, benchmarks only)")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time (ms)")
     p.add_argument("--smoke-reps", type=int, default=20)
+    p.add_argument("--runs", type=int, default=3,
+                   help="GPU: times every cell this many times (cells: the medians)")
     p.add_argument("--table", choices=["attach", "narrow"], default="attach",
                    help="log2phy width: P - E + 1 (attach's and vLLM's) or the largest count")
     p.add_argument("--ids", choices=["uniform", "zipf"], default="uniform",

@@ -203,7 +203,7 @@ def worker(rank, ranks, init_method, args, out_path):
 
     layout = prepare_layout(a.phy2log.cpu().numpy(), _swapped(a.phy2log.cpu().numpy(), ranks),
                             ranks)
-    label = _Labels(args.profile and rank == 0)
+    label = _Labels(False)  # on only inside the profiled calls (rank 0), never the timed ones
 
     def new_move():
         return LayerMove(a.weights, staging, None, rank, updator._move_group, stream,
@@ -316,8 +316,12 @@ def worker(rank, ranks, init_method, args, out_path):
                              ("same_ops", lambda: timed_same_ops(rows)),
                              ("raw", lambda: timed_raw(nbytes))):
                 if rank == 0:
-                    with profile(activities=acts) as prof:
-                        fn()
+                    label.on = True
+                    try:
+                        with profile(activities=acts) as prof:
+                            fn()
+                    finally:
+                        label.on = False
                     profiles.append((f"{name}: {what}", prof))
                 else:
                     fn()
