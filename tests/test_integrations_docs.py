@@ -95,3 +95,37 @@ def test_vllm_ascend_recipe_returns_its_triple():
     assert sorted(np.asarray(priority).tolist()) == list(range(L))
     _check(new.reshape(L, -1), E, R)
     assert all(len(set(r)) == S for layer in new for r in layer)
+
+
+def test_sglang_recipe_and_our_rebalance_experts_take_its_call(monkeypatch):
+    """SGLang's dispatcher calls deepseek.rebalance_experts with keywords (num_groups None for
+    models without groups); the recipe's function, and ours as it is, answer that call with a
+    consistent (phy2log, log2phy, logcnt) of torch tensors."""
+    deepseek = types.ModuleType("sglang.srt.eplb.eplb_algorithms.deepseek")
+    deepseek.rebalance_experts = None
+    algorithms = types.ModuleType("sglang.srt.eplb.eplb_algorithms")
+    algorithms.deepseek = deepseek
+    for name in ("sglang", "sglang.srt", "sglang.srt.eplb"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.eplb_algorithms", algorithms)
+    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.eplb_algorithms.deepseek", deepseek)
+    exec(compile(_block("from sglang.srt.eplb"), str(DOC), "exec"), {})
+    rng = np.random.default_rng(2)
+    weight = torch.from_numpy(rng.integers(0, 900, size=(3, 16)))  # steps summed, int
+    for fn in (deepseek.rebalance_experts, eplb_native.rebalance_experts):
+        for groups, nodes, hier in ((4, 2, True), (4, 2, False), (None, 1, False)):
+            phy2log, log2phy, logcnt = fn(weight=weight, num_replicas=24, num_groups=groups,
+                                          num_nodes=nodes, num_gpus=4, enable_hierarchical=hier)
+            assert all(isinstance(t, torch.Tensor) for t in (phy2log, log2phy, logcnt))
+            _check(phy2log.numpy(), 16, 4)
+            for layer in range(3):
+                counts = np.bincount(phy2log[layer].numpy(), minlength=16)
+                assert np.array_equal(logcnt[layer].numpy(), counts)
+                for e in range(16):
+                    slots = log2phy[layer, e][log2phy[layer, e] >= 0].numpy()
+                    assert len(slots) == counts[e] and (phy2log[layer, slots] == e).all()
+    recipe = deepseek.rebalance_experts(weight=weight, num_replicas=24, num_groups=4,
+                                        num_nodes=2, num_gpus=4, enable_hierarchical=True)
+    want = eplb_native.plan(weight.float(), num_ranks=4, num_replicas=24, num_groups=4,
+                            num_nodes=2, policy="balanced")
+    assert np.array_equal(recipe[0].numpy(), want.phy2log)

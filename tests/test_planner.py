@@ -337,6 +337,30 @@ def test_rebalance_experts_rank_argument_names():
             eplb_native.rebalance_experts(*args[:4], num_ranks=args[4])
 
 
+def test_rebalance_experts_takes_sglangs_call():
+    """SGLang's deepseek.rebalance_experts(weight=, ..., num_gpus=, enable_hierarchical=) with
+    num_groups None for models without groups: True is the hierarchical placement, False the
+    global one (groups and nodes 1, as its code passes), None DeepSeek's rule (it raised
+    TypeError on both keywords' values, review15_peers)."""
+    load = random_load(np.random.default_rng(7), 3, 32)
+    hier = ref.deepseek(load, 48, 8, 4, 8)
+    flat = ref.deepseek(load, 48, 1, 1, 8)
+    for kw, want in [(dict(num_groups=8, num_nodes=4, enable_hierarchical=True), hier),
+                     (dict(num_groups=8, num_nodes=4, enable_hierarchical=False), flat),
+                     (dict(num_groups=8, num_nodes=4, enable_hierarchical=None), hier),
+                     (dict(num_groups=None, num_nodes=2, enable_hierarchical=False), flat),
+                     (dict(num_groups=None, num_nodes=1), flat)]:
+        got = eplb_native.rebalance_experts(weight=load, num_replicas=48, num_gpus=8, **kw)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="enable_hierarchical=True needs num_groups"):
+        eplb_native.rebalance_experts(load, 48, None, 1, 8, True)
+    with pytest.raises(ValueError, match=r"num_groups \(8\) divisible by num_nodes \(3\)"):
+        eplb_native.rebalance_experts(load, 48, 8, 3, 8, enable_hierarchical=True)
+    with pytest.raises(TypeError, match="enable_hierarchical must be a bool"):
+        eplb_native.rebalance_experts(load, 48, 8, 4, 8, enable_hierarchical="yes")
+
+
 def test_deepseek_policy_matches_reference_fuzz():
     rng = np.random.default_rng(3)
     for _ in range(150):

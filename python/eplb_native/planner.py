@@ -272,8 +272,9 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
     return Plan(policy=policy, num_ranks=num_ranks, **out)
 
 
-def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int | None = None, *, num_ranks: int | None = None):
+def rebalance_experts(weight, num_replicas: int, num_groups: int | None, num_nodes: int,
+                      num_gpus: int | None = None, enable_hierarchical: bool | None = None, *,
+                      num_ranks: int | None = None):
     """DeepSeek EPLB's ``rebalance_experts``: same signature, same meaning, same outputs.
 
     Args:
@@ -283,6 +284,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         num_groups: expert groups; num_nodes: server nodes (hierarchical placement when
             num_groups % num_nodes == 0, global otherwise); num_gpus: ranks (DeepSeek's name;
             ``num_ranks=``, vLLM's policy's name, is accepted as the keyword instead).
+        enable_hierarchical: SGLang's choice (its ``deepseek.rebalance_experts`` takes it):
+            True plans hierarchically (num_groups must be divisible by num_nodes), False
+            globally (groups and nodes taken as 1, as SGLang's code does); None (DeepSeek's and
+            vLLM's call) decides by the rule above. num_groups None (SGLang's, for models without
+            groups) is one group.
 
     Returns:
         ``(phy2log [L, P], log2phy [L, E, P - E + 1], logcnt [L, E])``, int64, torch tensors
@@ -295,6 +301,21 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
         raise TypeError("rebalance_experts takes the number of ranks once: num_gpus "
                         "(positional, DeepSeek's name) or num_ranks= (keyword)")
     name = "num_gpus" if num_ranks is None else "num_ranks"
+    if enable_hierarchical is not None and not isinstance(enable_hierarchical, bool | np.bool_):
+        raise TypeError(f"enable_hierarchical must be a bool or None, got "
+                        f"{type(enable_hierarchical).__name__}")
+    if num_groups is None:
+        if enable_hierarchical:
+            raise ValueError("enable_hierarchical=True needs num_groups (the model's expert "
+                             "groups), got None")
+        num_groups = 1
+    if enable_hierarchical is False:
+        num_groups = num_nodes = 1  # (SGLang's global policy: one group on one node)
+    elif enable_hierarchical:
+        groups, nodes = _as_int(num_groups, "num_groups"), _as_int(num_nodes, "num_nodes")
+        if groups % nodes:
+            raise ValueError(f"enable_hierarchical=True needs num_groups ({groups}) divisible by "
+                             f"num_nodes ({nodes})")
     try:
         return _rebalance_experts(weight, num_replicas, num_groups, num_nodes, name,
                                   num_gpus if num_ranks is None else num_ranks)
