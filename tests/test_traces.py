@@ -341,3 +341,34 @@ def test_save_trace_takes_half_precision_tensors_and_numpy_ints(tmp_path):
     assert np.array_equal(got, synth(2, 3, 4, top_k=2, tokens_per_window=16, seed=1))
     with pytest.raises(ValueError, match="num_windows must be an int >= 1, got True"):
         synth(True, 3, 4)
+
+
+def test_sglang_expert_distribution_dump(tmp_path, caplog):
+    """SGLang's stat-mode dump (rank, logical_count [steps, hidden layers, E], utilization):
+    one window a step; the dense layers' all-zero rows are dropped with a warning, the MoE
+    layers' hidden-layer indices kept in the meta. Its per-pass dumps are refused by name."""
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(4, 6, 8, dtype=torch.int32)
+    counts[:, [1, 3, 4, 5]] = torch.randint(1, 50, (4, 4, 8), generator=g, dtype=torch.int32)
+    path = tmp_path / "expert_distribution_recorder_1.pt"
+    torch.save({"rank": 0, "logical_count": counts,
+                "average_utilization_rate_over_window": None}, path)
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        loads, meta = load_trace(path)
+    np.testing.assert_array_equal(loads, counts[:, [1, 3, 4, 5]].numpy())
+    assert meta["sglang_layers"] == [1, 3, 4, 5]
+    assert "2 of SGLang's 6 layers counted no token in any step (dense layers: 0, 2)" in (
+        caplog.text) and "MoE layers 1, 3-5" in caplog.text
+    # every layer counted: nothing dropped, nothing said
+    caplog.clear()
+    torch.save({"rank": 0, "logical_count": counts[:, [1, 3]]}, path)
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        loads, meta = load_trace(path)
+    assert loads.shape == (4, 2, 8) and "sglang_layers" not in meta and not caplog.text
+    for obj, message in [({"rank": 0, "logical_count": torch.ones(3, 8)}, r"\[steps, layers"),
+                         ({"rank": 0, "logical_count": torch.ones(2, 3, 8) < 2}, "numeric"),
+                         ({"records": [], "last_physical_to_logical_map": torch.zeros(2, 3)},
+                          "per-pass / per-token recorder dump")]:
+        torch.save(obj, path)
+        with pytest.raises(ValueError, match=message):
+            load_trace(path)

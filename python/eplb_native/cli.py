@@ -998,8 +998,9 @@ def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> No
                    help="EP ranks (GPUs/NPUs) the slots are spread over")
     p.add_argument("--default-layout", choices=tuple(_LAYOUT_LABEL), default="vllm",
                    help="the placement a server starts from without an expert map: vLLM's "
-                   "(experts in slot order, then copies of experts 0, 1, ...; also vllm-ascend's "
-                   "from 0.24 on, without shared experts mixed in; default) or vllm-ascend's up "
+                   "(experts in slot order, then copies of experts 0, 1, ...; also SGLang's "
+                   "'trivial' one and vllm-ascend's from 0.24 on, without shared experts mixed "
+                   "in; default) or vllm-ascend's up "
                    "to 0.23 (contiguous blocks, redundant copies from the last rank back)")
     p.add_argument("--nodes", type=_int_arg, default=None,
                    help="nodes (default: the trace's deployment if its ranks match, else 1)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._util import atomic_write, check_int, to_numpy
+
+logger = logging.getLogger("eplb_native")
 
 __all__ = ["MODEL_SHAPES", "ModelShape", "load_trace", "save_trace", "sum_windows", "synth"]
 
@@ -258,7 +261,9 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
       written by :func:`save_trace`;
     - ``.npy``: one array;
     - ``.pt``: a tensor, or a dict with ``loads`` (tensor) and optionally ``meta`` (dict),
-      read with ``torch.load(weights_only=True)``;
+      read with ``torch.load(weights_only=True)``; or SGLang's expert-distribution dump
+      (``logical_count`` [steps, layers, E], its ``stat`` recorder mode: one window a step, the
+      dense layers' all-zero rows dropped);
     - ``.json``: a nested list, or an object with ``loads`` and optionally ``meta``.
 
     The array is [W, L, E], or [L, E] (read as one window). Loads must be non-negative and
@@ -369,6 +374,13 @@ def _read_pt(src: str):
     except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
         raise ValueError(f"{src}: not a loadable torch file ({_short(e)})") from None
     meta: dict = {}
+    if isinstance(obj, dict) and "loads" not in obj and "logical_count" in obj:
+        return _read_sglang_dump(obj, src)
+    if isinstance(obj, dict) and "loads" not in obj and "records" in obj:
+        raise ValueError(f"{src}: an SGLang per-pass / per-token recorder dump ('records'); "
+                         f"its counts per window come from the 'stat' mode "
+                         f"(--expert-distribution-recorder-mode stat), whose 'logical_count' "
+                         f"this reads")
     if isinstance(obj, dict):
         if "loads" not in obj:
             raise ValueError(f"{src}: missing key 'loads' (keys: {sorted(map(str, obj))})")
@@ -387,6 +399,47 @@ def _read_pt(src: str):
     if obj.dtype.is_floating_point and obj.element_size() == 1:  # float8: no numpy dtype
         obj = obj.float()
     return obj, meta
+
+
+def _read_sglang_dump(obj: dict, src: str):
+    """SGLang's expert-distribution dump (``/dump_expert_distribution_record`` in its ``stat``
+    mode: ``expert_distribution_recorder_<time>.pt``): ``logical_count`` [steps, layers, E], one
+    window per forward step. SGLang counts every hidden layer, the dense ones too (all zero);
+    those rows are dropped, with a warning, so that the layers are the MoE layers, as ours and
+    vllm-ascend's are counted (``meta['sglang_layers']``: the hidden-layer index of each kept
+    row)."""
+    import torch
+
+    counts = obj["logical_count"]
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 3:
+        raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a [steps, layers, "
+                         f"experts] tensor, got {getattr(counts, 'shape', type(counts).__name__)}")
+    if counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided:
+        raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a dense numeric tensor, "
+                         f"got {counts.dtype}")
+    used = (counts != 0).any(dim=2).any(dim=0)
+    kept = used.nonzero().view(-1).tolist()
+    meta = {"source": "SGLang expert distribution recorder (stat)"}
+    if 0 < len(kept) < counts.shape[1]:
+        dropped = sorted(set(range(counts.shape[1])) - set(kept))
+        logger.warning("%s: %d of SGLang's %d layers counted no token in any step (dense "
+                       "layers: %s) and are dropped; the trace's layers are its MoE layers "
+                       "%s", src, len(dropped), counts.shape[1], _ranges(dropped), _ranges(kept))
+        counts = counts[:, used]
+        meta["sglang_layers"] = kept
+    return counts, meta
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, x in enumerate(ids):
+        if start is None:
+            start = x
+        if i + 1 == len(ids) or ids[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
 
 
 def _read_json(src: str):
