@@ -150,8 +150,11 @@ class Topology:
                              f"{MAX_COUNT} slots per layer; pick --ranks / --redundant "
                              f"accordingly")
         if (num_experts + redundant) % ranks:
+            source = ("" if redundant_name == "--redundant" else
+                      f" ({redundant} from {redundant_name}, for its deployment of {ranks} ranks)")
             raise UsageError(f"experts + redundant ({num_experts} + {redundant}) must be "
-                             f"divisible by --ranks ({ranks}); pick --redundant accordingly")
+                             f"divisible by --ranks ({ranks}){source}; pick --redundant "
+                             f"accordingly")
         self.num_ranks, self.num_nodes, self.num_groups = ranks, nodes, groups
         self.num_experts, self.num_redundant = num_experts, redundant
         self.num_slots = num_experts + redundant
