@@ -260,38 +260,54 @@ def bench_gpu(args) -> list[str]:
                           " ".join(f"{name}={res[name][col]:7.2f}" for name in names),
                           flush=True)
 
-    def ratio(runs_, col, num, den):
-        """The median of the runs' cells' ratio, and its range over the runs when several."""
-        med = statistics.median(r[num][col] for r in runs_) / statistics.median(
-            r[den][col] for r in runs_)
-        each = [r[num][col] / r[den][col] for r in runs_]
-        return med, (min(each), max(each))
+    def finite(values):
+        return [v for v in values if v == v]  # (a run where the implementation failed: nan)
 
-    def cell(value, spread, digits):
+    def med(runs_, col, name):
+        vals = finite([r[name][col] for r in runs_])
+        return statistics.median(vals) if vals else float("nan")
+
+    def ratio(runs_, col, num, den):
+        """The ratio of the runs' medians and its range over the runs (runs where both ran)."""
+        each = [r[num][col] / r[den][col] for r in runs_
+                if r[num][col] == r[num][col] and r[den][col] == r[den][col]]
+        return med(runs_, col, num) / med(runs_, col, den), each
+
+    def cell(value, each, digits):
         text = f"{value:.{digits}f}x"
-        return text if args.runs == 1 else f"{text} ({spread[0]:.{digits}f}-{spread[1]:.{digits}f})"
+        if args.runs > 1 and each:
+            text += f" ({min(each):.{digits}f}-{max(each):.{digits}f})"
+        return text
+
+    def us(runs_, col, name, digits=2):
+        """A time cell; one that failed in some runs says in how many it ran."""
+        n = len(finite([r[name][col] for r in runs_]))
+        text = f"{med(runs_, col, name):.{digits}f}"
+        return text if n == len(runs_) else f"{text} ({n} of {len(runs_)} runs)"
 
     head = ("| E, P | T·k | mode | copy_ µs | eplb µs | eplb/copy | eplb, record off µs | "
             "eplb rank_local µs | "
             "vLLM µs | vLLM/eplb | SGLang µs | SGLang/eplb_rl | torch µs | record_counts µs | "
             "index_add_ µs | neg µs | fill1 µs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    lines[:0] = [f"Host time per call (8K ids, launch loop): {name} {us:.2f} µs"
-                 for name, us in host.items()] + [
+    lines[:0] = [f"Host time per call (8K ids, launch loop): {name} {t:.2f} µs"
+                 for name, t in host.items()] + [
         f"Cells: medians over {args.runs} run(s) of do_bench's median; ratios: of those "
         f"medians" + (", with their range over the runs" if args.runs > 1 else ""), ""]
     for (E, P, n), runs_ in results.items():
         for mode, col in (("eager", 0), ("graph", 1)):
-            r = {name: statistics.median(x[name][col] for x in runs_) for name in names}
+            def u(name, digits=2, runs_=runs_, col=col):
+                return us(runs_, col, name, digits)
+
             copy_r = cell(*ratio(runs_, col, "eplb", "copy"), 2)
             vllm_r = cell(*ratio(runs_, col, "vllm", "eplb"), 1)
             sgl_r = cell(*ratio(runs_, col, "sglang", "eplb_rl"), 1)
             lines.append(
-                f"| {E}, {P} | {n // 1024}K | {mode} | {r['copy']:.2f} | {r['eplb']:.2f} | "
-                f"{copy_r} | {r['eplb_off']:.2f} | {r['eplb_rl']:.2f} | {r['vllm']:.2f} | "
-                f"{vllm_r} | {r['sglang']:.2f} | {sgl_r} | "
-                f"{r['torch']:.1f} | {r['rc']:.2f} | {r['index_add']:.2f} | {r['neg']:.2f} | "
-                f"{r['fill1']:.2f} |")
+                f"| {E}, {P} | {n // 1024}K | {mode} | {u('copy')} | {u('eplb')} | "
+                f"{copy_r} | {u('eplb_off')} | {u('eplb_rl')} | {u('vllm')} | "
+                f"{vllm_r} | {u('sglang')} | {sgl_r} | "
+                f"{u('torch', 1)} | {u('rc')} | {u('index_add')} | {u('neg')} | "
+                f"{u('fill1')} |")
     return lines
 
 
@@ -353,6 +369,8 @@ def main() -> None:
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --ids zipf")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args()
+    if args.runs < 1:
+        p.error(f"--runs must be >= 1, got {args.runs}")
     if args.smoke:
         lines = bench_smoke(args)
         machine = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"

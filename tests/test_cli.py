@@ -754,14 +754,27 @@ def test_an_output_is_never_the_input_it_reads(tmp_path, small_trace):
 
 def test_devices_and_closed_stdout(tmp_path, small_trace):
     """-o /dev/null throws the map away (it replaced the device with a plain file as root) and
-    keeps --json; a run started with stdout closed ends 0 (an AttributeError traceback)."""
+    keeps --json; a run started with stdout closed ends 0, --json too (an AttributeError
+    traceback); -o /dev/stdout prints the map before the summary, and is refused beside
+    --json."""
     proc = run_cli("plan", "--load", small_trace, "--ranks", 4, "-o", os.devnull, "--json",
                    cwd=tmp_path)
     assert json.loads(proc.stdout)["num_ranks"] == 4
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
-    proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", "plan", "--load",
-                           str(small_trace), "--ranks", "4", "-o", "m.json"], cwd=tmp_path,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=_cli_env(), preexec_fn=lambda: os.close(1), timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert (tmp_path / "m.json").is_file()
+    for json_flag in ([], ["--json"]):
+        (tmp_path / "m.json").unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", "plan", "--load",
+                               str(small_trace), "--ranks", "4", "-o", "m.json", *json_flag],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=_cli_env(), preexec_fn=lambda: os.close(1),
+                              timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert (tmp_path / "m.json").is_file()
+    # the map on stdout beside --json's result would be two documents in one stream
+    proc = run_cli("plan", "--load", small_trace, "--ranks", 4, "-o", "/dev/stdout", "--json",
+                   cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "-o /dev/stdout is stdout, where --json prints")
+    proc = run_cli("plan", "--load", small_trace, "--ranks", 4, "-o", "/dev/stdout",
+                   cwd=tmp_path)
+    assert proc.stdout.startswith("{") and '"moe_layer_count": 3' in proc.stdout
+    assert "wrote /dev/stdout" in proc.stdout

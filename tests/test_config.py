@@ -106,10 +106,16 @@ def test_vllm_parallel_config_shape():
     vllm-ascend's (whose wrapper has no enable_eplb beside it); vLLM's other ParallelConfig keys
     are left alone."""
     @dataclasses.dataclass
-    class VllmEPLBConfig:
+    class VllmEPLBConfig:  # vLLM 0.34's fields and defaults (vllm/config/parallel.py)
         window_size: int = 1000
         step_interval: int = 3000
+        num_redundant_experts: int | None = None
+        log_balancedness: bool = False
+        log_balancedness_interval: int = 1
+        use_async: bool = True
         policy: str = "default"
+        communicator: str | None = None
+        enable_migration_batching: bool = False
 
     @dataclasses.dataclass
     class VllmParallelConfig:
@@ -621,15 +627,17 @@ def test_vllm_ascend_names_before_v0_14_are_aliases(caplog):
         EplbConfig.parse({"eplb_config": {}, "num_iterations_eplb_update": 400})
 
 
-def test_wrapper_of_keys_foreign_to_vllm_ascend_warns_that_they_change_nothing(caplog):
+def test_wrapper_of_keys_foreign_to_vllm_ascend_warns_that_rebalancing_stays_off(caplog):
     """A bare {"eplb_config": {...}} is vllm-ascend's wrapper (dynamic_eplb false unless given):
-    vLLM's keys in it, meant for vLLM's shape (enable_eplb beside it), would configure a balancer
-    left off; the warning names them and both ways out. None when the wrapper switches it on."""
+    vLLM's keys in it, meant for vLLM's shape (enable_eplb beside it), configure a balancer left
+    off; the warning names them and both ways out (not that they change nothing: step_interval
+    and log_balancedness still time the recording and its log). None when the wrapper switches
+    it on."""
     with caplog.at_level("WARNING", logger="eplb_native"):
         c = EplbConfig.parse({"eplb_config": {"window_size": 1000, "step_interval": 3000,
                                               "num_redundant_experts": 32}})
     assert c.dynamic_eplb is False and c.window_size == 1000
-    [rec] = [r for r in caplog.records if "change nothing" in r.getMessage()]
+    [rec] = [r for r in caplog.records if "rebalancing stays off" in r.getMessage()]
     assert "['step_interval', 'window_size']" in rec.getMessage()
     assert "enable_eplb" in rec.getMessage() and "dynamic_eplb: true" in rec.getMessage()
     for inner in ({"window_size": 1000, "dynamic_eplb": True},
@@ -638,12 +646,13 @@ def test_wrapper_of_keys_foreign_to_vllm_ascend_warns_that_they_change_nothing(c
         caplog.clear()
         with caplog.at_level("WARNING", logger="eplb_native"):
             EplbConfig.parse({"eplb_config": inner})
-        assert not [r for r in caplog.records if "change nothing" in r.getMessage()], inner
+        said = [r for r in caplog.records if "rebalancing stays off" in r.getMessage()]
+        assert not said, inner
     caplog.clear()
     with caplog.at_level("WARNING", logger="eplb_native"):
         assert EplbConfig.parse({"enable_eplb": True,
                                  "eplb_config": {"window_size": 1000}}).dynamic_eplb is True
-    assert not [r for r in caplog.records if "change nothing" in r.getMessage()]
+    assert not [r for r in caplog.records if "rebalancing stays off" in r.getMessage()]
 
 
 def test_a_mapping_that_is_no_dict_is_read_as_a_dict():
@@ -673,6 +682,9 @@ def test_a_mapping_that_is_no_dict_is_read_as_a_dict():
 
     flat = {"num_redundant_experts": 16, "window_size": 50}
     assert EplbConfig.parse(DictConfigLike(flat)) == EplbConfig.parse(flat)
+    # None: a field left unset (OmegaConf's structured configs), as an attribute object's
+    assert EplbConfig.parse(DictConfigLike(flat | {"policy": None, "dynamic_eplb": None})) == (
+        EplbConfig.parse(flat))
     assert EplbConfig.parse(types.MappingProxyType(flat)) == EplbConfig.parse(flat)
     with pytest.raises(ValueError, match="unknown EPLB config key 'window_sise'"):
         EplbConfig.parse(DictConfigLike({"window_sise": 50}))

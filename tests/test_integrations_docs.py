@@ -124,8 +124,16 @@ def test_sglang_recipe_and_our_rebalance_experts_take_its_call(monkeypatch):
                 for e in range(16):
                     slots = log2phy[layer, e][log2phy[layer, e] >= 0].numpy()
                     assert len(slots) == counts[e] and (phy2log[layer, slots] == e).all()
-    recipe = deepseek.rebalance_experts(weight=weight, num_replicas=24, num_groups=4,
-                                        num_nodes=2, num_gpus=4, enable_hierarchical=True)
-    want = eplb_native.plan(weight.float(), num_ranks=4, num_replicas=24, num_groups=4,
-                            num_nodes=2, policy="balanced")
-    assert np.array_equal(recipe[0].numpy(), want.phy2log)
+    # the recipe plans what SGLang asks: hierarchical when told, else global
+    for groups, nodes, hier in ((4, 2, True), (4, 2, False), (None, 1, False)):
+        recipe = deepseek.rebalance_experts(weight=weight, num_replicas=24, num_groups=groups,
+                                            num_nodes=nodes, num_gpus=4, enable_hierarchical=hier)
+        want = eplb_native.plan(weight.float(), num_ranks=4, num_replicas=24,
+                                num_groups=groups if hier else 1, num_nodes=nodes if hier else 1,
+                                policy="balanced")
+        assert np.array_equal(recipe[0].numpy(), want.phy2log), (groups, nodes, hier)
+    hier = eplb_native.plan(weight.float(), num_ranks=4, num_replicas=24, num_groups=4,
+                            num_nodes=2, policy="balanced").phy2log
+    flat = eplb_native.plan(weight.float(), num_ranks=4, num_replicas=24,
+                            policy="balanced").phy2log
+    assert not np.array_equal(hier, flat)  # (so the two cases above tell them apart)

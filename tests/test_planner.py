@@ -359,6 +359,10 @@ def test_rebalance_experts_takes_sglangs_call():
         eplb_native.rebalance_experts(load, 48, 8, 3, 8, enable_hierarchical=True)
     with pytest.raises(TypeError, match="enable_hierarchical must be a bool"):
         eplb_native.rebalance_experts(load, 48, 8, 4, 8, enable_hierarchical="yes")
+    # set aside by False, but still checked
+    for groups, nodes, err in (("eight", 4, TypeError), (0, 4, ValueError), (8, None, TypeError)):
+        with pytest.raises(err, match="num_groups|num_nodes"):
+            eplb_native.rebalance_experts(load, 48, groups, nodes, 8, enable_hierarchical=False)
 
 
 def test_deepseek_policy_matches_reference_fuzz():

@@ -90,9 +90,42 @@ def test_what_is_neither_is_refused_naming_the_argument(tmp_path, monkeypatch):
 
 
 def test_a_long_legal_name_is_written(tmp_path):
-    """The temporary's name holds the start of the target's: a name of 250 bytes is legal and
-    the suffix (pid, random) would have pushed it past the 255-byte limit."""
-    path = tmp_path / ("b" * 245 + ".json")
-    expert_map.save(path, np.array([[0, 1]]), 1)
-    assert expert_map.load(path)[0].tolist() == [[0, 1]]
-    assert write_target(path) == (str(path), False)
+    """The temporary's name holds the first 64 bytes of the target's: a name of 250 bytes is
+    legal and the suffix (pid, random) would have pushed it past the 255-byte limit; bytes, not
+    characters (62 four-byte characters are 248 bytes)."""
+    for name in ("b" * 245 + ".json", "\U0001f600" * 62 + ".json"):
+        path = tmp_path / name
+        expert_map.save(path, np.array([[0, 1]]), 1)
+        assert expert_map.load(path)[0].tolist() == [[0, 1]]
+        assert write_target(path) == (os.path.realpath(path), False, None)
+
+
+def test_a_link_loop_is_refused(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ValueError, match="loop of symbolic links"):
+        check_writable_dir(tmp_path / "a", "-o")
+    assert (tmp_path / "a").is_symlink()
+
+
+def test_the_file_stdout_goes_to_is_written_through_it(tmp_path):
+    """-o /dev/stdout (or the name of the file stdout was redirected into) while stdout goes to
+    a file: written through the stream at its position, so a log appended to keeps its lines
+    and the run's own output stays in the file (the file was replaced: its earlier lines, or
+    everything printed after, lost)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "run.log"
+    log.write_text("earlier line\n")
+    code = ("import numpy as np, sys; from eplb_native import expert_map; print('before'); "
+            "expert_map.save(sys.argv[1], np.array([[0, 1]]), 1); print('after')")
+    for target in ("/dev/stdout", str(log)):
+        with open(log, "a") as out:
+            subprocess.run([sys.executable, "-c", code, target], stdout=out, check=True,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                           timeout=60)
+        text = log.read_text()
+        assert text.startswith("earlier line\nbefore\n{"), text
+        assert text.endswith("}\nafter\n") and '"moe_layer_count": 1' in text
+        log.write_text("earlier line\n")

@@ -7,17 +7,19 @@ modules (traces, expert_map, cli) stay importable without it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import numbers
 import os
 import secrets
 import stat
+import sys
 import tempfile
 
 import numpy as np
 
 __all__ = ["atomic_write", "check_int", "check_writable_dir", "is_torch", "to_numpy",
-           "validate_phy2log", "write_target"]
+           "standard_stream", "validate_phy2log", "write_target"]
 
 
 def is_torch(x) -> bool:
@@ -76,23 +78,42 @@ def to_numpy(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} is not a rectangular numeric array ({e})") from None
 
 
-def write_target(path) -> tuple[str, bool]:
-    """Where a write of ``path`` goes: ``(file, in_place)``. A character device or a pipe
-    (/dev/null, /dev/stdout, a FIFO) is written in place: replacing it would put a plain file
-    where the device was, and atomicity means nothing there. Anything else is replaced through a
-    temporary file beside what the path names once its links are followed (a link's target is
-    rewritten, not the link). ValueError for an existing target that is neither a regular file
-    nor one of those (a directory, a socket, a block device), or a regular file that is
-    read-only (a rename would replace it all the same; a plain write would be refused)."""
+def write_target(path) -> tuple[str, bool, int | None]:
+    """Where a write of ``path`` goes: ``(file, in_place, stream)``.
+
+    - The file this process's stdout or stderr writes to (``/dev/stdout``, or any name of the
+      file a shell redirected it into, ``> out.txt`` or ``>> run.log``): ``stream`` is that
+      descriptor (1 or 2), written through at its position. Replacing that file would take it
+      from the stream (the rest of the output lost) or wipe a log appended to.
+    - A character device or a pipe (/dev/null, a FIFO): written in place (``in_place``);
+      replacing it would put a plain file where the device was, and atomicity means nothing
+      there.
+    - Anything else: replaced through a temporary file beside what the path names once its
+      links are followed (a link's target is rewritten, not the link).
+
+    ValueError for an existing target that is neither a regular file nor one of those (a
+    directory, a socket, a block device), a link loop, or a regular file that is read-only (a
+    rename would replace it all the same; a plain write would be refused)."""
     target = os.fspath(path)
     if "\0" in target:
         raise ValueError(f"{target!r} holds a NUL byte")
     try:
         st = os.stat(target)  # (follows links)
-    except OSError:  # missing (a dangling link included), unreachable
-        return os.path.realpath(target), False
+    except OSError as e:  # missing (a dangling link included), unreachable
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{target!r} is a loop of symbolic links") from None
+        return os.path.realpath(target), False, None
+    for fd in (1, 2):
+        try:
+            own = os.fstat(fd)
+        except OSError:  # (closed)
+            continue
+        if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino) and (
+                stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)
+                or stat.S_ISFIFO(st.st_mode)):
+            return target, True, fd
     if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
-        return target, True
+        return target, True, None
     if stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{target!r} is a directory; name the file to write")
     if not stat.S_ISREG(st.st_mode):
@@ -101,7 +122,16 @@ def write_target(path) -> tuple[str, bool]:
     real = os.path.realpath(target)
     if not os.access(real, os.W_OK):
         raise ValueError(f"{target!r} is read-only")
-    return real, False
+    return real, False, None
+
+
+def standard_stream(path) -> int | None:
+    """1 or 2 when writing ``path`` writes this process's stdout or stderr (``write_target``),
+    else None."""
+    try:
+        return write_target(path)[2]
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager
@@ -109,9 +139,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """Context manager yielding a file object whose content replaces ``path`` atomically when the
     block ends without an exception (a temporary file in the same directory, then
     ``os.replace``; the old file's permission bits kept). On any failure the temporary file is
-    removed and ``path`` is untouched. A device or pipe is written in place and a link's target
-    replaced (``write_target``)."""
-    target, in_place = write_target(path)
+    removed and ``path`` is untouched. Stdout / stderr, a device or a pipe is written in place
+    and a link's target replaced (``write_target``)."""
+    target, in_place, stream = write_target(path)
+    if stream is not None:
+        # after what Python holds of its own output, through a copy of the descriptor (closing
+        # it leaves the stream open; no reopening, which would truncate a redirected file)
+        for s in (sys.stdout, sys.stderr):
+            if s is not None:
+                s.flush()
+        with os.fdopen(os.dup(stream), mode, **open_kwargs) as f:
+            yield f
+        return
     if in_place:
         with open(target, mode, **open_kwargs) as f:
             yield f
@@ -122,8 +161,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     except OSError:
         keep = None  # (a new file: the umask's mode, as open() gives)
     # pid + random suffix: unique across processes and threads; "x" never clobbers a stranger.
-    # The name's start only: a legal name of 234+ bytes plus the suffix would be too long.
-    tmp = os.path.join(folder, f".{base[:64]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # The name's first 64 bytes only: a legal name of 234+ bytes plus the suffix would be too
+    # long (bytes, not characters: 64 four-byte characters are 256).
+    start = os.fsencode(base)[:64].decode(errors="ignore")
+    tmp = os.path.join(folder, f".{start}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
             yield f
@@ -177,7 +218,7 @@ def check_writable_dir(path, name: str, *, create: bool = False) -> None:
     ``create``: a missing folder is made first (with its parents), as vllm-ascend makes
     expert_map_record_path's."""
     try:
-        target, in_place = write_target(path)
+        target, in_place, _ = write_target(path)
     except ValueError as e:
         raise ValueError(f"{name} {e}") from None
     if in_place:  # (a device or pipe, written in place: no folder involved)

@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 
 from . import expert_map, metrics, traces
-from ._util import atomic_write, check_int, check_writable_dir
+from ._util import atomic_write, check_int, check_writable_dir, standard_stream
 from .planner import POLICIES, plan
 
 EXIT_USAGE = 2
@@ -196,10 +196,11 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} TiB"
 
 
-def _check_output_dir(path: str, flag: str, inputs: tuple = ()) -> None:
+def _check_output_dir(path: str, flag: str, inputs: tuple = (), json_out: bool = False) -> None:
     """UsageError naming ``flag`` unless ``path`` can be written (checked before any work: a
-    run whose output cannot be written is lost) and is none of ``inputs`` ((path, flag) pairs:
-    writing there would destroy the file the run reads)."""
+    run whose output cannot be written is lost), is none of ``inputs`` ((path, flag) pairs:
+    writing there would destroy the file the run reads) and, with ``json_out`` (--json), is not
+    stdout (two documents in one stream are no JSON)."""
     if not path:
         raise UsageError(f"{flag}: empty path; name the file to write")
     if os.path.isdir(path):
@@ -208,6 +209,9 @@ def _check_output_dir(path: str, flag: str, inputs: tuple = ()) -> None:
         check_writable_dir(path, flag)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if json_out and standard_stream(path) == 1:
+        raise UsageError(f"{flag} {path} is stdout, where --json prints the result: write the "
+                         f"file elsewhere, or leave --json out")
     for source, source_flag in inputs:
         if source and _same_file(path, source):
             raise UsageError(f"{flag} {path} is the {source_flag} file; writing it would "
@@ -278,7 +282,7 @@ def cmd_plan(args) -> int:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
     # (-o may be --old: a map updated in place, read before it is written)
-    _check_output_dir(args.output, "-o", ((args.load, "--load"),))
+    _check_output_dir(args.output, "-o", ((args.load, "--load"),), args.json)
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant,
                                        args.default_layout) if old is None else None
@@ -491,7 +495,7 @@ def cmd_simulate(args) -> int:
     topo = Topology(args, num_experts, meta)
     png = None if args.no_png else args.png
     if png:
-        _check_output_dir(png, "--png", ((args.trace, "--trace"),))
+        _check_output_dir(png, "--png", ((args.trace, "--trace"),), args.json)
         _pyplot()  # fail before the simulation if matplotlib is missing, not after it
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else meta.get(
         "expert_bytes")
@@ -882,7 +886,7 @@ def cmd_demo(args) -> int:
 
     _check_demo_args(args)
     if args.png:
-        _check_output_dir(args.png, "--png")
+        _check_output_dir(args.png, "--png", json_out=args.json)
         _pyplot()  # fail before starting the ranks if matplotlib is missing
     if args.save_trace:
         if not args.save_trace.endswith(".npz"):
@@ -890,7 +894,7 @@ def cmd_demo(args) -> int:
             # read back as a trace (a ".npy" name is parsed as a single array)
             raise UsageError(f"--save-trace {args.save_trace}: demo writes an .npz trace; name "
                              f"it *.npz")
-        _check_output_dir(args.save_trace, "--save-trace")
+        _check_output_dir(args.save_trace, "--save-trace", json_out=args.json)
         if args.png and _same_file(args.png, args.save_trace):
             raise UsageError(f"--png {args.png} is the --save-trace file: the plot would "
                              f"replace the trace; choose another path")
@@ -1140,10 +1144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     rc = None
+    if sys.stdout is None:  # started with stdout closed: what it prints goes nowhere
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     try:
         rc = args.func(args)
-        if sys.stdout is not None:  # (None: started with stdout closed)
-            sys.stdout.flush()  # (here, so that a reader gone away is caught below)
+        sys.stdout.flush()  # (here, so that a reader gone away is caught below)
         return rc
     except BrokenPipeError:
         # stdout closed by the reader (| head): nothing more to print. The command's own

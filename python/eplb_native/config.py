@@ -8,8 +8,8 @@ except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper (its ``additional
 where it takes vllm-ascend's: ``dynamic_eplb`` False (True when ``expert_map_record_path`` is
 given, as there; but an explicit ``dynamic_eplb: false`` is kept here, where vllm-ascend turns
 it on all the same), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval``
-50. Keys other than vllm-ascend's in a wrapper left static that way are warned about (they
-change nothing there; vLLM's keys belong beside ``enable_eplb``).
+50. Keys other than vllm-ascend's in a wrapper left static that way are warned about
+(rebalancing stays off; vLLM's keys belong beside ``enable_eplb``).
 vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``, or
 ``LLM(enable_eplb=..., eplb_config={...})`` as a dict), is read as that switch for
 ``dynamic_eplb`` and vLLM's keys inside, which take vLLM's defaults where they differ from
@@ -349,9 +349,10 @@ class EplbConfig:
                 # them only beside enable_eplb; here they would configure a balancer left off)
                 logger.warning("EPLB config: 'eplb_config' without 'enable_eplb' beside it is "
                                "read as vllm-ascend's additional_config, where dynamic_eplb "
-                               "defaults to false (static placement), so %s change nothing; "
-                               "set dynamic_eplb: true inside it, or pass vLLM's shape "
-                               "{'enable_eplb': True, 'eplb_config': {...}}", foreign)
+                               "defaults to false: with %s in it, rebalancing stays off (load "
+                               "is recorded, never moved); set dynamic_eplb: true inside it, "
+                               "or pass vLLM's shape {'enable_eplb': True, 'eplb_config': "
+                               "{...}}", foreign)
             for key, value in (_ASCEND_DEFAULTS if wrapped else _OLD_ASCEND_DEFAULTS).items():
                 out.setdefault(key, value)
             if "dynamic_eplb" not in source and out.get("expert_map_record_path") is not None:
@@ -462,8 +463,12 @@ def _as_int(key, v, lo, hi) -> int:
 def _as_dict(x):
     """A mapping that is no dict (OmegaConf's DictConfig, MappingProxyType) as a dict of its
     items, so that its every key is checked as a dict's (read as an object, only our keys were
-    looked up and a misspelt one went unseen); anything else as it is."""
-    return dict(x.items()) if isinstance(x, Mapping) and not isinstance(x, dict) else x
+    looked up and a misspelt one went unseen); its None values are left out, as an attribute
+    object's are (OmegaConf's structured configs hold None for a field left unset). Anything
+    else as it is."""
+    if isinstance(x, Mapping) and not isinstance(x, dict):
+        return {k: v for k, v in x.items() if v is not None}
+    return x
 
 
 def _check_phase(key, value):

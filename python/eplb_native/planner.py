@@ -309,10 +309,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int | None, num_nod
             raise ValueError("enable_hierarchical=True needs num_groups (the model's expert "
                              "groups), got None")
         num_groups = 1
+    if enable_hierarchical is not None:  # (checked before False sets them aside)
+        groups, nodes = _as_int(num_groups, "num_groups"), _as_int(num_nodes, "num_nodes")
     if enable_hierarchical is False:
         num_groups = num_nodes = 1  # (SGLang's global policy: one group on one node)
     elif enable_hierarchical:
-        groups, nodes = _as_int(num_groups, "num_groups"), _as_int(num_nodes, "num_nodes")
         if groups % nodes:
             raise ValueError(f"enable_hierarchical=True needs num_groups ({groups}) divisible by "
                              f"num_nodes ({nodes})")

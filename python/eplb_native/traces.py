@@ -317,8 +317,8 @@ def _check_kind(src: str, ext: str) -> None:
     (a PNG or JSON named .npz): numpy's and torch's own errors there advise loading it
     unsafely (allow_pickle, weights_only=False), which is wrong advice for a file of another
     kind. Unreadable files raise OSError naming the file (not "not a valid archive")."""
-    if ext not in _MAGIC:
-        return
+    if ext not in _MAGIC or not os.path.isfile(src):
+        return  # (a pipe is read once, by its reader: a look ahead would take its bytes)
     try:
         with open(src, "rb") as f:
             head = f.read(8)

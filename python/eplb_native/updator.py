@@ -201,7 +201,7 @@ class Updator:
         self.fault_hook: FaultHook | None = None
         self.step = 0
         self._logged_step = 0  # the step of the last balancedness log (log_balancedness)
-        self._warned_no_load = False  # a window that counted nothing was reported (once)
+        self._empty_windows = 0  # windows in a row that counted nothing (-1: reported)
         self.cycle = 0
         self._api = _device_api(self.device)
         self._side = self._api.Stream(device=self.device) if self._api else None
@@ -616,15 +616,20 @@ class Updator:
         self.stats.windows.append({"step": self.step, "balancedness": balancedness,
                                    "tokens": int(rank_tokens.sum()), "steps": steps})
         self._recorded.append(load.copy())
-        if not load.any() and not self._warned_no_load:
-            # (every rank gathered the same sum: said once, by rank 0) Layers whose routing
-            # does not call eplb_native's ops count nothing, and nothing is ever rebalanced
-            self._warned_no_load = True
-            if self.rank == 0:
-                logger.warning("eplb_native: a window of %d steps counted no tokens on any MoE "
-                               "layer (step %d): the layers' routing does not call eplb_native's "
-                               "map_and_record (or its adapter's), or no tokens reached them; "
-                               "if it persists, nothing is rebalanced", steps, self.step)
+        if self._empty_windows >= 0:
+            # Layers whose routing does not call eplb_native's ops count nothing, and nothing is
+            # ever rebalanced: said once, by rank 0 (every rank gathered the same sum), after
+            # two windows in a row (one may be warm-up or graph capture without tokens)
+            self._empty_windows = 0 if load.any() else self._empty_windows + 1
+            if self._empty_windows == 2:
+                self._empty_windows = -1
+                if self.rank == 0:
+                    logger.warning(
+                        "eplb_native: two windows in a row (to step %d) counted no tokens on any "
+                        "MoE layer: the layers' routing does not call eplb_native's "
+                        "map_and_record (or its adapter's), or no tokens reached them; %s",
+                        self.step, "nothing is rebalanced while it lasts" if
+                        self.config.dynamic_eplb else "the recorded load is empty")
         # Every log_balancedness_interval steps, as vLLM's: the first window gathered at or
         # after each multiple of it (balancedness is measured per window, so an interval
         # shorter than the window logs every window).

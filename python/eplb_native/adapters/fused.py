@@ -28,7 +28,7 @@ rewritten while the layer is adapted, so a refused attach leaves it as it was).
 
 Refused, naming the layer: layers whose routing reads maps this adapter does not drive
 (vllm-ascend's ``log2phy`` / ``ascend_expert_map`` and per-expert weight lists, vLLM's
-``eplb_state``, vLLM >= 0.28's ``RoutedExperts`` with its ``expert_map_manager``: use that engine's own EPLB with eplb_native's policy, docs/integrations.md),
+``eplb_state``, recent vLLM's ``RoutedExperts`` / layers with an ``expert_map_manager``: use that engine's own EPLB with eplb_native's policy, docs/integrations.md),
 per-expert tensors kept as plain attributes (a move would leave another expert's values in
 the slot), and an EP rank or size of the layer's own that differs from attach's group.
 """
@@ -50,11 +50,11 @@ _FOREIGN_ROUTING = {
     "_ascend_expert_map": "vllm-ascend's kernels take layer.ascend_expert_map",
     "w13_weight_list": "vllm-ascend's kernels read per-expert weight lists",
     "eplb_state": "vLLM keeps this layer's EPLB maps in layer.eplb_state",
-    # (vLLM >= 0.28: the weights sit on a RoutedExperts child of the MoERunner, whose router
-    # maps and counts the top-k ids; the child has no eplb_state of its own)
-    "expert_map_manager": "vLLM (0.28 and later) routes this layer from its MoERunner's "
-                          "router and EPLB state, and its kernels never call eplb_native's ops "
-                          "(no load would be counted)",
+    # (recent vLLM: the weights sit on a RoutedExperts child of a MoERunner, whose router maps
+    # and counts the top-k ids; the child has no eplb_state of its own)
+    "expert_map_manager": "a vLLM layer with an ExpertMapManager is routed by vLLM's own router "
+                          "and EPLB state, whose kernels never call eplb_native's ops (no load "
+                          "would be counted)",
 }
 
 
