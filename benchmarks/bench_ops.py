@@ -268,16 +268,18 @@ def bench_gpu(args) -> list[str]:
         return statistics.median(vals) if vals else float("nan")
 
     def ratio(runs_, col, num, den):
-        """The ratio of the runs' medians and its range over the runs (runs where both ran)."""
-        each = [r[num][col] / r[den][col] for r in runs_
-                if r[num][col] == r[num][col] and r[den][col] == r[den][col]]
-        return med(runs_, col, num) / med(runs_, col, den), each
+        """Over the runs where both ran: the ratio of their medians, each run's ratio, and how
+        many of the runs those were."""
+        both = [r for r in runs_ if r[num][col] == r[num][col] and r[den][col] == r[den][col]]
+        each = [r[num][col] / r[den][col] for r in both]
+        value = med(both, col, num) / med(both, col, den) if both else float("nan")
+        return value, each, len(both)
 
-    def cell(value, each, digits):
+    def cell(value, each, ran, digits):
         text = f"{value:.{digits}f}x"
         if args.runs > 1 and each:
             text += f" ({min(each):.{digits}f}-{max(each):.{digits}f})"
-        return text
+        return text if ran == args.runs else f"{text} ({ran} of {args.runs} runs)"
 
     def us(runs_, col, name, digits=2):
         """A time cell; one that failed in some runs says in how many it ran."""

@@ -770,6 +770,12 @@ def test_devices_and_closed_stdout(tmp_path, small_trace):
                               timeout=120)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         assert (tmp_path / "m.json").is_file()
+    # stdout on the null device (or closed, then opened on it): no clash with -o /dev/null
+    proc = subprocess.run([sys.executable, "-m", "eplb_native.cli", "plan", "--load",
+                           str(small_trace), "--ranks", "4", "-o", os.devnull, "--json"],
+                          cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, env=_cli_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
     # the map on stdout beside --json's result would be two documents in one stream
     proc = run_cli("plan", "--load", small_trace, "--ranks", 4, "-o", "/dev/stdout", "--json",
                    cwd=tmp_path, expect=2)

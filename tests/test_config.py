@@ -682,9 +682,15 @@ def test_a_mapping_that_is_no_dict_is_read_as_a_dict():
 
     flat = {"num_redundant_experts": 16, "window_size": 50}
     assert EplbConfig.parse(DictConfigLike(flat)) == EplbConfig.parse(flat)
-    # None: a field left unset (OmegaConf's structured configs), as an attribute object's
+    # None: a field left unset (OmegaConf's structured configs), as an attribute object's; the
+    # shape's own keys keep theirs (read as in a dict)
     assert EplbConfig.parse(DictConfigLike(flat | {"policy": None, "dynamic_eplb": None})) == (
         EplbConfig.parse(flat))
+    for doc in ({"enable_eplb": True, "eplb_config": None}, {"enable_eplb": False,
+                                                             "eplb_config": {}}):
+        assert EplbConfig.parse(DictConfigLike(doc)) == EplbConfig.parse(doc)
+    with pytest.raises(ValueError, match="eplb_config must be a dict"):
+        EplbConfig.parse(DictConfigLike({"eplb_config": None}))
     assert EplbConfig.parse(types.MappingProxyType(flat)) == EplbConfig.parse(flat)
     with pytest.raises(ValueError, match="unknown EPLB config key 'window_sise'"):
         EplbConfig.parse(DictConfigLike({"window_sise": 50}))

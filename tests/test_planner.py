@@ -347,6 +347,8 @@ def test_rebalance_experts_takes_sglangs_call():
     flat = ref.deepseek(load, 48, 1, 1, 8)
     for kw, want in [(dict(num_groups=8, num_nodes=4, enable_hierarchical=True), hier),
                      (dict(num_groups=8, num_nodes=4, enable_hierarchical=False), flat),
+                     (dict(num_groups=8, num_nodes=4, enable_hierarchical=np.False_), flat),
+                     (dict(num_groups=8, num_nodes=4, enable_hierarchical=np.True_), hier),
                      (dict(num_groups=8, num_nodes=4, enable_hierarchical=None), hier),
                      (dict(num_groups=None, num_nodes=2, enable_hierarchical=False), flat),
                      (dict(num_groups=None, num_nodes=1), flat)]:

@@ -345,8 +345,9 @@ def test_save_trace_takes_half_precision_tensors_and_numpy_ints(tmp_path):
 
 def test_sglang_expert_distribution_dump(tmp_path, caplog):
     """SGLang's stat-mode dump (rank, logical_count [steps, hidden layers, E], utilization):
-    one window a step; the dense layers' all-zero rows are dropped with a warning, the MoE
-    layers' hidden-layer indices kept in the meta. Its per-pass dumps are refused by name."""
+    one window a step; the steps of its ring never written (all zero) and the dense layers'
+    all-zero rows are dropped with a warning, the MoE layers' hidden-layer indices kept in the
+    meta. Its per-pass dumps are refused by name."""
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(4, 6, 8, dtype=torch.int32)
     counts[:, [1, 3, 4, 5]] = torch.randint(1, 50, (4, 4, 8), generator=g, dtype=torch.int32)
@@ -359,6 +360,15 @@ def test_sglang_expert_distribution_dump(tmp_path, caplog):
     assert meta["sglang_layers"] == [1, 3, 4, 5]
     assert "2 of SGLang's 6 layers counted no token in any step (dense layers: 0, 2)" in (
         caplog.text) and "MoE layers 1, 3-5" in caplog.text
+    # the ring's steps SGLang never wrote are zero: dropped (they scored as balanced windows)
+    caplog.clear()
+    ring = torch.zeros(10, 6, 8, dtype=torch.int32)
+    ring[[0, 1, 2, 3]] = counts
+    torch.save({"rank": 0, "logical_count": ring}, path)
+    with caplog.at_level("WARNING", logger="eplb_native"):
+        loads, meta = load_trace(path)
+    np.testing.assert_array_equal(loads, counts[:, [1, 3, 4, 5]].numpy())
+    assert "6 of the dump's 10 steps counted nothing" in caplog.text
     # every layer counted: nothing dropped, nothing said
     caplog.clear()
     torch.save({"rank": 0, "logical_count": counts[:, [1, 3]]}, path)

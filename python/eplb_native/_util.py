@@ -110,7 +110,7 @@ def write_target(path) -> tuple[str, bool, int | None]:
             continue
         if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino) and (
                 stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)
-                or stat.S_ISFIFO(st.st_mode)):
+                or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
             return target, True, fd
     if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
         return target, True, None
@@ -139,8 +139,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """Context manager yielding a file object whose content replaces ``path`` atomically when the
     block ends without an exception (a temporary file in the same directory, then
     ``os.replace``; the old file's permission bits kept). On any failure the temporary file is
-    removed and ``path`` is untouched. Stdout / stderr, a device or a pipe is written in place
-    and a link's target replaced (``write_target``)."""
+    removed and ``path`` is untouched. A link's target is replaced; stdout / stderr, a device or
+    a pipe is written in place, as a stream, which nothing makes atomic (a failure midway
+    leaves what was written) (``write_target``)."""
     target, in_place, stream = write_target(path)
     if stream is not None:
         # after what Python holds of its own output, through a copy of the descriptor (closing
@@ -218,10 +219,12 @@ def check_writable_dir(path, name: str, *, create: bool = False) -> None:
     ``create``: a missing folder is made first (with its parents), as vllm-ascend makes
     expert_map_record_path's."""
     try:
-        target, in_place, _ = write_target(path)
+        target, in_place, stream = write_target(path)
     except ValueError as e:
         raise ValueError(f"{name} {e}") from None
     if in_place:  # (a device or pipe, written in place: no folder involved)
+        if stream is not None:
+            return  # (written through the descriptor, open for writing; the path may not be)
         if not os.access(target, os.W_OK):
             raise ValueError(f"{name} {target!r} is not writable")
         return

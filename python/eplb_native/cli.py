@@ -209,13 +209,22 @@ def _check_output_dir(path: str, flag: str, inputs: tuple = (), json_out: bool =
         check_writable_dir(path, flag)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if json_out and standard_stream(path) == 1:
+    if json_out and standard_stream(path) == 1 and not _is_devnull(path):
         raise UsageError(f"{flag} {path} is stdout, where --json prints the result: write the "
                          f"file elsewhere, or leave --json out")
     for source, source_flag in inputs:
         if source and _same_file(path, source):
             raise UsageError(f"{flag} {path} is the {source_flag} file; writing it would "
                              f"destroy what this run reads: choose another path")
+
+
+def _is_devnull(path: str) -> bool:
+    """Whether ``path`` is the null device (stdout there, or closed and replaced by it: the map
+    and --json's result both go nowhere, no clash)."""
+    try:
+        return os.path.samefile(path, os.devnull)
+    except (OSError, ValueError):
+        return False
 
 
 def _short(v, width: int = 40) -> str:

@@ -467,7 +467,9 @@ def _as_dict(x):
     object's are (OmegaConf's structured configs hold None for a field left unset). Anything
     else as it is."""
     if isinstance(x, Mapping) and not isinstance(x, dict):
-        return {k: v for k, v in x.items() if v is not None}
+        # (the shape's own keys keep their None: it means what it means in a dict)
+        return {k: v for k, v in x.items()
+                if v is not None or k in ("eplb_config", "enable_eplb")}
     return x
 
 

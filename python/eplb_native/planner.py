@@ -304,6 +304,8 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int | None, num_nod
     if enable_hierarchical is not None and not isinstance(enable_hierarchical, bool | np.bool_):
         raise TypeError(f"enable_hierarchical must be a bool or None, got "
                         f"{type(enable_hierarchical).__name__}")
+    if enable_hierarchical is not None:
+        enable_hierarchical = bool(enable_hierarchical)  # (numpy's False is not False)
     if num_groups is None:
         if enable_hierarchical:
             raise ValueError("enable_hierarchical=True needs num_groups (the model's expert "

@@ -404,10 +404,13 @@ def _read_pt(src: str):
 def _read_sglang_dump(obj: dict, src: str):
     """SGLang's expert-distribution dump (``/dump_expert_distribution_record`` in its ``stat``
     mode: ``expert_distribution_recorder_<time>.pt``): ``logical_count`` [steps, layers, E], one
-    window per forward step. SGLang counts every hidden layer, the dense ones too (all zero);
-    those rows are dropped, with a warning, so that the layers are the MoE layers, as ours and
+    window per forward step. SGLang dumps its whole ring of steps: the steps it never wrote are
+    all zero and dropped (so they do not count as balanced windows); after the ring wraps, its
+    rows are in ring order, not time order (``--expert-distribution-recorder-buffer-size -1``
+    keeps every step in order). SGLang counts every hidden layer, the dense ones too (all
+    zero); those rows are dropped as well, so that the layers are the MoE layers, as ours and
     vllm-ascend's are counted (``meta['sglang_layers']``: the hidden-layer index of each kept
-    row)."""
+    row). Both are said in a warning."""
     import torch
 
     counts = obj["logical_count"]
@@ -417,9 +420,16 @@ def _read_sglang_dump(obj: dict, src: str):
     if counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided:
         raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a dense numeric tensor, "
                          f"got {counts.dtype}")
-    used = (counts != 0).any(dim=2).any(dim=0)
-    kept = used.nonzero().view(-1).tolist()
     meta = {"source": "SGLang expert distribution recorder (stat)"}
+    nonzero = counts != 0
+    steps = nonzero.any(dim=2).any(dim=1)
+    if 0 < int(steps.sum()) < counts.shape[0]:
+        logger.warning("%s: %d of the dump's %d steps counted nothing (SGLang's ring of steps, "
+                       "not yet filled) and are dropped", src,
+                       counts.shape[0] - int(steps.sum()), counts.shape[0])
+        counts, nonzero = counts[steps], nonzero[steps]
+    used = nonzero.any(dim=2).any(dim=0)
+    kept = used.nonzero().view(-1).tolist()
     if 0 < len(kept) < counts.shape[1]:
         dropped = sorted(set(range(counts.shape[1])) - set(kept))
         logger.warning("%s: %d of SGLang's %d layers counted no token in any step (dense "
