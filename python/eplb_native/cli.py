@@ -26,7 +26,7 @@ import numpy as np
 
 from . import expert_map, metrics, traces
 from ._util import atomic_write, check_int, check_writable_dir, standard_stream
-from .planner import POLICIES, plan
+from .planner import MAX_THREADS, POLICIES, plan
 
 EXIT_USAGE = 2
 
@@ -113,10 +113,11 @@ class Topology:
         ranks = args.ranks
         if ranks is None or ranks < 1:
             raise UsageError(f"--ranks must be >= 1, got {ranks}")
-        for flag in ("--ranks", "--threads"):  # (--nodes / --groups: below, with the meta's)
+        for flag, most in (("--ranks", MAX_COUNT), ("--threads", MAX_THREADS)):
+            # (--nodes / --groups: below, with the meta's)
             v = getattr(args, flag[2:], None)
-            if v is not None and v > MAX_COUNT:
-                raise UsageError(f"{flag} must be <= {MAX_COUNT}, got {v}")
+            if v is not None and v > most:
+                raise UsageError(f"{flag} must be <= {most}, got {v}")
         same_deployment = meta.get("num_ranks") == ranks
         # Each value with the name an error gives it: the flag, or the trace's meta key it was
         # read from (not a flag nobody typed).
@@ -292,6 +293,9 @@ def cmd_plan(args) -> int:
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
     # (-o may be --old: a map updated in place, read before it is written)
     _check_output_dir(args.output, "-o", ((args.load, "--load"),), args.json)
+    if os.path.splitext(args.output)[1].lower() in (".npz", ".npy", ".pt"):
+        # (vllm-ascend reads only *.json maps; a trace's name here is a slip)
+        raise UsageError(f"-o {args.output}: plan writes an expert map (JSON); name it *.json")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant,
                                        args.default_layout) if old is None else None
@@ -370,7 +374,7 @@ def cmd_synth(args) -> int:
         top_k = args.top_k
     else:  # the model's; else 8, or every expert where there are fewer
         top_k = min(shape.top_k if shape else 8, experts) if experts >= 1 else 8
-    if not args.output.endswith(".npz"):
+    if not args.output.lower().endswith(".npz"):
         raise UsageError(f"-o {args.output}: synth writes an .npz trace; name it *.npz")
     for flag, v in (("--windows", args.windows), ("--layers", layers), ("--experts", experts)):
         if v is not None and v > MAX_COUNT:
@@ -898,7 +902,7 @@ def cmd_demo(args) -> int:
         _check_output_dir(args.png, "--png", json_out=args.json)
         _pyplot()  # fail before starting the ranks if matplotlib is missing
     if args.save_trace:
-        if not args.save_trace.endswith(".npz"):
+        if not args.save_trace.lower().endswith(".npz"):
             # save_trace writes an .npz archive at exactly this path: any other name would not
             # read back as a trace (a ".npy" name is parsed as a single array)
             raise UsageError(f"--save-trace {args.save_trace}: demo writes an .npz trace; name "
@@ -1167,6 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return rc if rc is not None else 141
+    except KeyboardInterrupt:
+        print(f"eplb-native {args.command}: interrupted", file=sys.stderr)
+        return 130  # (the shell's status for SIGINT; no traceback)
     except (ValueError, TypeError, OSError, MemoryError) as e:
         # what the user gave is wrong (file, shape, count, a size too big to allocate): one
         # line, no traceback
