@@ -703,3 +703,11 @@ def test_a_mapping_that_is_no_dict_is_read_as_a_dict():
     with pytest.raises(ValueError, match="unknown EPLB config key 'step_intervall'"):
         EplbConfig.parse(DictConfigLike({"enable_eplb": True,
                                          "eplb_config": {"step_intervall": 3000}}))
+
+
+def test_num_groups_unset_is_the_models_or_one():
+    """num_groups None (the default): the model's expert groups where attach can tell
+    (integrations.transformers reads n_group), else 1 for the planner."""
+    assert EplbConfig().num_groups is None and EplbConfig().group_count == 1
+    assert EplbConfig.parse({"num_groups": None}).group_count == 1
+    assert EplbConfig.parse({"num_groups": 8}).group_count == 8

@@ -164,6 +164,18 @@ def test_prepare_refuses_bad_input_and_places_an_expert_map(ranks):
         assert num_layers == worker.LAYERS and np.array_equal(phy2log, want.numpy())
 
 
+def test_the_models_expert_groups_reach_the_planner(ranks):
+    """num_groups left unset takes the model's expert groups (deepseek_v3's n_group = 4), as
+    vLLM and SGLang plan with them; models without groups keep it unset (1)."""
+    for family in worker.FAMILIES:
+        for res in _family(ranks, family):
+            assert res["num_groups"] == (4 if family == "deepseek_v3" else None), family
+    model = _tiny("deepseek_v3")
+    assert eplb_tf._expert_groups(model, worker.EXPERTS) == 4
+    assert eplb_tf._expert_groups(model, worker.EXPERTS + 2) == 1  # (4 does not divide 10)
+    assert eplb_tf._expert_groups(_tiny("qwen3_moe"), worker.EXPERTS) == 1
+
+
 def test_attach_keywords_win_over_the_config(ranks):
     want = np.array([[e for r in layer for e in r] for layer in worker.EXPERT_MAP_SLOTS])
     for res in _family(ranks, "attach_keywords"):

@@ -150,6 +150,7 @@ def run_family(family: str, path: str, rank: int) -> dict:
     out = {"slots_before": before_slots, "slots_after": layers[0].experts.num_experts,
            "inner": type(layers[0].experts.eplb_ep_implementation.inner).__name__,
            "mismatched_initial": mismatched_slots(layers, ref, rank),
+           "num_groups": updator.config.num_groups,
            "logits": [], "ref_logits": [], "load": [], "router_count": [], "phy2log": []}
     try:
         for step in range(STEPS):

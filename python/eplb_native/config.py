@@ -77,7 +77,12 @@ key (aliases)                      meaning                             default
                                    multiple; at most once a window)
 ``use_async``                      plan on the background thread       True
                                    (False: wait for the plan at once)
-``num_nodes``, ``num_groups``      topology for hierarchical policies  1, 1
+``num_nodes``, ``num_groups``      topology for hierarchical policies  1, None
+                                   (groups: the model's expert groups;
+                                   None: those attach can tell, a
+                                   transformers model's ``n_group``,
+                                   as vLLM and SGLang take them; else
+                                   1)
 ``eplb_heat_collection_stage``,    vllm-ascend's phase (``all`` |      ``all``
 ``load_collection_phase``          ``prefill`` | ``decode``) whose
                                    load is collected: only ``all`` is
@@ -205,7 +210,7 @@ _INT_BOUNDS = {
     "num_nodes": (1, MAX_COUNT),
     "num_groups": (1, MAX_COUNT),
 }
-_OPTIONAL = ("num_redundant_experts", "window_size", "max_move_bytes_per_step")
+_OPTIONAL = ("num_redundant_experts", "window_size", "max_move_bytes_per_step", "num_groups")
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ class EplbConfig:
     log_balancedness_interval: int = 1
     use_async: bool = True
     num_nodes: int = 1
-    num_groups: int = 1
+    num_groups: int | None = None  # None: the model's expert groups where attach can tell, else 1
     communicator: str | None = None
     enable_migration_batching: bool = False
 
@@ -276,6 +281,11 @@ class EplbConfig:
     def window_steps(self) -> int:
         """Steps of load each plan sees (``window_size``, else the heat interval)."""
         return self.window_size or self.expert_heat_collection_interval
+
+    @property
+    def group_count(self) -> int:
+        """The expert groups the planner is given (``num_groups``; 1 when unset)."""
+        return 1 if self.num_groups is None else self.num_groups
 
     @classmethod
     def from_dict(cls, doc: dict, *, _defaults: dict | None = None) -> EplbConfig:

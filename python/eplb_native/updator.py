@@ -90,7 +90,7 @@ def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
             config.num_redundant_experts != num_slots - num_logical):
         raise ValueError(f"num_redundant_experts ({config.num_redundant_experts}) must equal "
                          f"the layers' slots - experts ({num_slots} - {num_logical})")
-    nodes, groups = config.num_nodes, config.num_groups
+    nodes, groups = config.num_nodes, config.group_count
     if num_ranks % nodes:
         raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size ({num_ranks})")
     # hierarchical for every policy across nodes; `deepseek` groups on one node too (DeepSeek's
@@ -647,7 +647,7 @@ class Updator:
         try:
             self._future = self._planner.submit(
                 load.astype(np.float64), self.phy2log(), num_ranks=self.num_ranks,
-                num_nodes=self.config.num_nodes, num_groups=self.config.num_groups,
+                num_nodes=self.config.num_nodes, num_groups=self.config.group_count,
                 policy=self.config.policy, transfers=False,
                 distinct_ranks=self.config.distinct_ranks)
         except Exception as e:  # noqa: BLE001  (a failed plan: agreed and logged at the take)
@@ -1040,7 +1040,11 @@ def _describe(config: EplbConfig) -> str:
          f"P2P on the EP group)" if config.communicator is not None else "",
          "; enable_migration_batching ignored (each layer's moves are posted as one batch)"
          if config.enable_migration_batching else ""])
-    return (f"a {config.policy} plan every {config.expert_heat_collection_interval} steps from the "
+    topology = "".join([f", {config.num_nodes} nodes" if config.num_nodes > 1 else "",
+                        f", {config.group_count} expert groups" if config.group_count > 1
+                        else ""])
+    return (f"a {config.policy} plan{topology} every {config.expert_heat_collection_interval} "
+            f"steps from the "
             f"last {config.window_steps} steps of load, its moves starting "
             f"{config.algorithm_execution_interval + 1} steps after that window, "
             f"{config.layers_per_step} layer(s) a step{ignored}")

@@ -557,6 +557,20 @@ def transformers_experts_adapter(name: str, module: torch.nn.Module, ep_rank: in
                            record=module.eplb_record, ep_rank=ep_rank, ep_size=ep_size)
 
 
+def _expert_groups(model: torch.nn.Module, num_logical: int) -> int:
+    """The model's expert groups (DeepSeek-V3's ``n_group`` = 8: its router picks the top
+    groups first, and DeepSeek's placement keeps a group's experts together), as vLLM
+    (``num_expert_groups``) and SGLang (``n_group``) read them; 1 when the config has none or
+    they do not divide the experts."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("n_group", "num_expert_group"):
+        n = getattr(text, key, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1 and num_logical % n == 0:
+            return n
+    return 1
+
+
 def attach(model: torch.nn.Module, config=None, group=None, *,
            num_redundant_experts: int | None = None, expert_map=None,
            ep_implementation: str | None = None, hooks: bool = True):
@@ -567,7 +581,8 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
         model: loaded on every rank with ``DistributedConfig(tp_size=N, ep_size=N,
             tp_plan="auto")`` (or any layout with ``ep_size > 1``).
         config: anything ``eplb_native.EplbConfig.parse`` takes; its ``num_redundant_experts``
-            and ``expert_map_path`` give the initial slots unless the keywords do.
+            and ``expert_map_path`` give the initial slots unless the keywords do. Its
+            ``num_groups`` left unset takes the model's expert groups (``n_group``).
         group: the EP process group (default: the model's EP mesh group).
         num_redundant_experts, expert_map, ep_implementation: see :func:`prepare`.
         hooks: one updator step per forward of ``model`` (False: call
@@ -593,6 +608,10 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
         cfg = dataclasses.replace(cfg, expert_map_path=None)
     prep = _agreed_preparation(model, group, num_redundant_experts, expert_map,
                                ep_implementation, cfg)
+    if cfg.num_groups is None:  # the model's expert groups, as vLLM and SGLang plan with them
+        groups = _expert_groups(model, prep.layers[0].num_logical_experts)
+        if groups > 1:
+            cfg = dataclasses.replace(cfg, num_groups=groups)
     _grow(prep)
     _install_logical_save(model)
     try:
