@@ -480,6 +480,11 @@ def test_plan_sum_overflowing_float64_is_one_line(tmp_path):
     assert_one_line_error(proc, "plan", "--load f.npy", "overflow float64 at [layer, expert] "
                           "[0, 0]")
     assert not (tmp_path / "o.json").exists()
+    # one window whose layer sums past the planner's bound: the file named, not `load`
+    np.save(tmp_path / "g.npy", np.full((1, 2, 8), 4e307))
+    proc = run_cli("plan", "--load", "g.npy", "--ranks", 2, "-o", "o.json", cwd=tmp_path,
+                   expect=2)
+    assert_one_line_error(proc, "plan", "--load g.npy: layer 0 sums to")
 
 
 def test_simulate_bad_trace_file(tmp_path):

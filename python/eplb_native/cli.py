@@ -66,14 +66,19 @@ _SIMULATE_FLAGS = {**_PLAN_FLAGS, "distinct_ranks": "--distinct-ranks"}
 
 
 @contextlib.contextmanager
-def _flag_names(flags: dict[str, str]):
+def _flag_names(flags: dict[str, str], load: str | None = None):
     """Re-raises a ValueError / TypeError of the library call inside as a UsageError whose
-    message names the command-line flags instead of the Python parameters in ``flags``."""
+    message names the command-line flags instead of the Python parameters in ``flags``; a
+    message about the ``load`` parameter (it leads: "load: layer 0 sums to ...") names
+    ``load``, the file it came from, instead (the word alone is too common to replace)."""
     try:
         yield
     except (ValueError, TypeError) as e:
         pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, flags)) + r")(?![\w-])"
-        raise UsageError(re.sub(pattern, lambda m: flags[m.group(1)], str(e))) from None
+        text = re.sub(pattern, lambda m: flags[m.group(1)], str(e))
+        if load is not None and text.startswith("load: "):
+            text = f"{load}: {text[len('load: '):]}"
+        raise UsageError(text) from None
 
 
 def default_placement_layers(num_layers: int, num_experts: int, num_ranks: int,
@@ -304,7 +309,7 @@ def cmd_plan(args) -> int:
     # default placement a server starts from.
     start = old if old is not None else (default if args.policy == "min_move" else None)
     t0 = time.perf_counter()
-    with _flag_names(_PLAN_FLAGS):
+    with _flag_names(_PLAN_FLAGS, load=f"--load {args.load}"):
         p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
                  num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
                  threads=args.threads, distinct_ranks=None if args.allow_repeats else True)
@@ -442,7 +447,8 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
             if w >= every and w % every == 0:
                 window = traces.sum_windows(loads[w - every:w])
                 t0 = time.perf_counter()
-                with _flag_names(_SIMULATE_FLAGS):
+                with _flag_names(_SIMULATE_FLAGS,
+                                 load=f"the trace's windows {w - every}-{w - 1} summed"):
                     p = plan(window, placement, num_ranks=topo.num_ranks,
                              num_nodes=topo.num_nodes, num_groups=topo.num_groups,
                              policy=policy, threads=threads, distinct_ranks=distinct_ranks)
