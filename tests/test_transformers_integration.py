@@ -172,6 +172,25 @@ def test_the_models_expert_groups_reach_the_planner(ranks):
             assert res["num_groups"] == (4 if family == "deepseek_v3" else None), family
     model = _tiny("deepseek_v3")
     assert eplb_tf._expert_groups(model, worker.EXPERTS) == 4
+    # taken before the ranks' agreed check of the config against the layers (which must see
+    # them; after it, a config the groups did not fit failed once the layers had grown); an
+    # explicit num_groups stays
+    seen = []
+
+    def stop(model_, group, redundant, expert_map_, implementation, cfg):
+        seen.append(cfg.num_groups)
+        raise RuntimeError("stop before the grow")
+
+    import unittest.mock
+
+    # (find_moe_layers needs an EP-loaded model: its layers stood in for)
+    layers = [SimpleNamespace(num_logical_experts=worker.EXPERTS)]
+    with unittest.mock.patch.object(eplb_tf, "_agreed_preparation", stop), \
+            unittest.mock.patch.object(eplb_tf, "find_moe_layers", lambda m: layers):
+        for config, want in ((None, 4), ({"num_groups": 1}, 1), ({"num_groups": 2}, 2)):
+            with pytest.raises(RuntimeError, match="stop before the grow"):
+                eplb_tf.attach(model, config)
+            assert seen[-1] == want, config
     assert eplb_tf._expert_groups(model, worker.EXPERTS + 2) == 1  # (4 does not divide 10)
     assert eplb_tf._expert_groups(_tiny("qwen3_moe"), worker.EXPERTS) == 1
 

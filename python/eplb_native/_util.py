@@ -149,7 +149,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
         for s in (sys.stdout, sys.stderr):
             if s is not None:
                 s.flush()
-        with os.fdopen(os.dup(stream), mode, **open_kwargs) as f:
+        fd = os.dup(stream)
+        try:
+            f = os.fdopen(fd, mode, **open_kwargs)
+        except BaseException:
+            os.close(fd)  # (a mode or encoding fdopen refuses: the copy is not left open)
+            raise
+        with f:
             yield f
         return
     if in_place:

@@ -30,7 +30,8 @@ from .planner import MAX_THREADS, POLICIES, plan
 
 EXIT_USAGE = 2
 
-#: Largest count (--ranks, --nodes, --groups, --threads, slots per layer) plan / simulate take:
+#: Largest count (--ranks, --nodes, --groups, slots per layer; --threads: the planner's 4096)
+#: plan / simulate take:
 #: 2048 x Kimi-K2's 512 slots, and small enough that a mistyped count is a one-line error rather
 #: than a default placement built for hours or an integer overflow in the planner's binding.
 MAX_COUNT = 1 << 20
@@ -273,6 +274,12 @@ def _clean(x):
 
 
 def cmd_plan(args) -> int:
+    # the output first, before any work (-o may be --old: a map updated in place, read before
+    # it is written)
+    _check_output_dir(args.output, "-o", ((args.load, "--load"),), args.json)
+    if os.path.splitext(args.output)[1].lower() in (".npz", ".npy", ".pt"):
+        # (vllm-ascend reads only *.json maps; a trace's name here is a slip)
+        raise UsageError(f"-o {args.output}: plan writes an expert map (JSON); name it *.json")
     loads, meta = traces.load_trace(args.load)
     num_windows, num_layers, num_experts = loads.shape
     # A trace's windows are summed: EPLB plans from the loads accumulated over its window
@@ -296,11 +303,6 @@ def cmd_plan(args) -> int:
     if args.ranks is None:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
-    # (-o may be --old: a map updated in place, read before it is written)
-    _check_output_dir(args.output, "-o", ((args.load, "--load"),), args.json)
-    if os.path.splitext(args.output)[1].lower() in (".npz", ".npy", ".pt"):
-        # (vllm-ascend reads only *.json maps; a trace's name here is a slip)
-        raise UsageError(f"-o {args.output}: plan writes an expert map (JSON); name it *.json")
     default = default_placement_layers(num_layers, num_experts, topo.num_ranks,
                                        topo.num_redundant,
                                        args.default_layout) if old is None else None
@@ -309,7 +311,8 @@ def cmd_plan(args) -> int:
     # default placement a server starts from.
     start = old if old is not None else (default if args.policy == "min_move" else None)
     t0 = time.perf_counter()
-    with _flag_names(_PLAN_FLAGS, load=f"--load {args.load}"):
+    with _flag_names(_PLAN_FLAGS, load=f"--load {args.load}" + (
+            " (its windows summed)" if args.window == "sum" and num_windows > 1 else "")):
         p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
                  num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
                  threads=args.threads, distinct_ranks=None if args.allow_repeats else True)
@@ -447,8 +450,9 @@ def simulate(loads: np.ndarray, topo: Topology, policies: list[str], every: int,
             if w >= every and w % every == 0:
                 window = traces.sum_windows(loads[w - every:w])
                 t0 = time.perf_counter()
-                with _flag_names(_SIMULATE_FLAGS,
-                                 load=f"the trace's windows {w - every}-{w - 1} summed"):
+                span = (f"the trace's window {w - 1}" if every == 1 else
+                        f"the trace's windows {w - every}-{w - 1} summed")
+                with _flag_names(_SIMULATE_FLAGS, load=span):
                     p = plan(window, placement, num_ranks=topo.num_ranks,
                              num_nodes=topo.num_nodes, num_groups=topo.num_groups,
                              policy=policy, threads=threads, distinct_ranks=distinct_ranks)
@@ -927,8 +931,19 @@ def cmd_demo(args) -> int:
         try:
             # a rendezvous file fresh to this run: no port to pick, nothing to race for
             init_method = f"file://{os.path.join(tmp, 'rdzv')}"
-            mp.spawn(worker, args=(args, init_method, result_path), nprocs=args.ranks,
-                     join=True)
+            ctx = mp.spawn(worker, args=(args, init_method, result_path), nprocs=args.ranks,
+                           join=False)
+            try:
+                while not ctx.join():
+                    pass
+            except KeyboardInterrupt:
+                # (the ranks may not have had the signal: a kill -INT of this process alone)
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.terminate()
+                for proc in ctx.processes:
+                    proc.join(10)
+                raise
         except Exception as e:  # noqa: BLE001 - a rank failed; its traceback is in e
             # not a usage error but a bug or a broken environment: show the rank's traceback
             print(f"eplb-native demo: a rank failed:\n{e}", file=sys.stderr)

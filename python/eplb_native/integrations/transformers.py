@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -106,6 +107,8 @@ EP_IMPLEMENTATION = "eplb"
 
 # Names of the buffers attach registers on an experts module (the layer's EPLB state).
 _BUFFERS = ("eplb_phy2log", "eplb_log2phy", "eplb_logcnt", "eplb_load", "eplb_record")
+
+logger = logging.getLogger("eplb_native")
 
 
 @dataclass(frozen=True)
@@ -606,12 +609,21 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
         expert_map = cfg.expert_map_path
     else:
         cfg = dataclasses.replace(cfg, expert_map_path=None)
-    prep = _agreed_preparation(model, group, num_redundant_experts, expert_map,
-                               ep_implementation, cfg)
-    if cfg.num_groups is None:  # the model's expert groups, as vLLM and SGLang plan with them
-        groups = _expert_groups(model, prep.layers[0].num_logical_experts)
+    if cfg.num_groups is None:
+        # the model's expert groups, as vLLM and SGLang plan with them; before the agreed check
+        # of the config against the layers, which must see them (after it, a config they do not
+        # fit failed once the layers had grown)
+        try:
+            layers = find_moe_layers(model)
+        except Exception:  # noqa: BLE001  (the agreed preparation refuses such a model)
+            layers = []
+        groups = _expert_groups(model, layers[0].num_logical_experts) if layers else 1
         if groups > 1:
             cfg = dataclasses.replace(cfg, num_groups=groups)
+            logger.info("eplb_native: num_groups %d, the model's expert groups (n_group); "
+                        "set num_groups in the config to plan otherwise", groups)
+    prep = _agreed_preparation(model, group, num_redundant_experts, expert_map,
+                               ep_implementation, cfg)
     _grow(prep)
     _install_logical_save(model)
     try:
