@@ -631,6 +631,17 @@ def test_sliding_window_and_trace(tmp_path):
     up.save_trace(tmp_path / "t.npz", shape="test")
     got, meta = traces.load_trace(tmp_path / "t.npz")
     assert np.array_equal(got, loads) and meta["shape"] == "test" and meta["num_ranks"] == 1
+    assert (meta["num_slots"], meta["num_redundant"], meta["num_nodes"], meta["num_groups"]) == (
+        8, 0, 1, 1)
+    up.shutdown()
+    # the deployment's topology, so that a replay plans as here
+    model = Stack(2, num_redundant_experts=0)
+    up = eplb_native.attach(model, {"step_interval": 2, "dynamic_eplb": False, "num_groups": 4,
+                                    "policy": "deepseek"})
+    for _ in range(2):
+        model(torch.randn(5, 8, generator=g))
+    up.save_trace(tmp_path / "g.npz")
+    assert traces.load_trace(tmp_path / "g.npz")[1]["num_groups"] == 4
     up.shutdown()
 
 

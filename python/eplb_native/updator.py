@@ -958,7 +958,9 @@ class Updator:
         self._hooks.append(model.register_forward_hook(lambda *_: self.forward_end()))
 
     def save_trace(self, path, **meta) -> None:
-        """Writes the gathered windows' logical loads [W, L, E] with eplb_native.traces."""
+        """Writes the gathered windows' logical loads [W, L, E] with eplb_native.traces, and in
+        its meta the deployment (ranks, slots, redundant slots, nodes, expert groups), which
+        ``eplb-native plan / simulate`` take as their defaults."""
         from .traces import save_trace
 
         if not self._recorded:
@@ -966,8 +968,12 @@ class Updator:
                              f"expert_heat_collection_interval = "
                              f"{self.config.expert_heat_collection_interval} steps)")
         loads = np.stack(self._recorded)
+        # the deployment, so that `eplb-native plan / simulate` replay it as planned here
         meta.setdefault("num_ranks", self.num_ranks)
         meta.setdefault("num_slots", self.num_slots)
+        meta.setdefault("num_redundant", self.num_slots - self.num_logical)
+        meta.setdefault("num_nodes", self.config.num_nodes)
+        meta.setdefault("num_groups", self.config.group_count)
         save_trace(path, loads, **meta)
 
     def shutdown(self) -> None:
