@@ -1395,6 +1395,13 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
             "starting 2 steps after that window, 1 layer(s) a step; communicator 'pynccl' "
             "ignored (weights move by torch.distributed P2P on the EP group); "
             "enable_migration_batching ignored") in caplog.text
+    # expert groups named where the policy uses them (deepseek on one node), not otherwise
+    for policy, said in (("deepseek", True), ("balanced", False)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="eplb_native"):
+            eplb_native.attach(Stack(2), {"num_groups": 4, "policy": policy}).shutdown()
+        assert (f"a {policy} plan, 4 expert groups every 100 steps" in caplog.text) == said
+        assert f"a {policy} plan" in caplog.text
 
 
 def test_windows_that_counted_nothing_are_reported_once(caplog):

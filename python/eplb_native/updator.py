@@ -1046,9 +1046,12 @@ def _describe(config: EplbConfig) -> str:
          f"P2P on the EP group)" if config.communicator is not None else "",
          "; enable_migration_batching ignored (each layer's moves are posted as one batch)"
          if config.enable_migration_batching else ""])
+    # (groups only where the policy uses them: across nodes, or deepseek's grouped path)
+    groups = config.group_count
+    grouped = groups > 1 and groups % config.num_nodes == 0 and (
+        config.num_nodes > 1 or config.policy == "deepseek")
     topology = "".join([f", {config.num_nodes} nodes" if config.num_nodes > 1 else "",
-                        f", {config.group_count} expert groups" if config.group_count > 1
-                        else ""])
+                        f", {groups} expert groups" if grouped else ""])
     return (f"a {config.policy} plan{topology} every {config.expert_heat_collection_interval} "
             f"steps from the "
             f"last {config.window_steps} steps of load, its moves starting "
