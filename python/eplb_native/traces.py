@@ -405,9 +405,10 @@ def _read_sglang_dump(obj: dict, src: str):
     """SGLang's expert-distribution dump (``/dump_expert_distribution_record`` in its ``stat``
     mode: ``expert_distribution_recorder_<time>.pt``): ``logical_count`` [steps, layers, E], one
     window per forward step. SGLang dumps its whole ring of steps: the steps it never wrote are
-    all zero and dropped (so they do not count as balanced windows); after the ring wraps, its
-    rows are in ring order, not time order (``--expert-distribution-recorder-buffer-size -1``
-    keeps every step in order). SGLang counts every hidden layer, the dense ones too (all
+    all zero and dropped (so they do not count as balanced windows); its rows are in ring
+    order, time order only while the ring has not wrapped since its write position was 0
+    (SGLang keeps the position across recording sessions;
+    ``--expert-distribution-recorder-buffer-size -1`` keeps every step in order). SGLang counts every hidden layer, the dense ones too (all
     zero); those rows are dropped as well, so that the layers are the MoE layers, as ours and
     vllm-ascend's are counted (``meta['sglang_layers']``: the hidden-layer index of each kept
     row). Both are said in a warning."""
