@@ -63,25 +63,28 @@ def test_distinct_ranks_is_a_bool_or_none():
             EplbConfig.parse({"distinct_ranks": bad})
 
 
-def test_vllm_vocabulary():
-    @dataclasses.dataclass
-    class VllmEPLBConfig:  # the fields of vLLM's EPLBConfig
-        window_size: int = 1000
-        step_interval: int = 3000
-        num_redundant_experts: int = 0
-        log_balancedness: bool = False
-        log_balancedness_interval: int = 1
-        use_async: bool = False
-        policy: str = "default"
-        communicator: str | None = None
-        enable_migration_batching: bool = False
+@dataclasses.dataclass
+class VllmEPLBConfig:  # vLLM 0.34's EPLBConfig fields and defaults (vllm/config/parallel.py)
+    window_size: int = 1000
+    step_interval: int = 3000
+    num_redundant_experts: int | None = None
+    log_balancedness: bool = False
+    log_balancedness_interval: int = 1
+    use_async: bool = True
+    policy: str = "default"
+    communicator: str | None = None
+    enable_migration_batching: bool = False
 
+
+def test_vllm_vocabulary():
     c = EplbConfig.parse(VllmEPLBConfig())
     assert c.window_steps == 1000 and c.expert_heat_collection_interval == 3000
-    assert c.policy == "deepseek" and c.use_async is False
-    # v0.34.0's num_redundant_experts default None (vLLM picks the least; here: the layer's)
-    assert EplbConfig.parse(VllmEPLBConfig(num_redundant_experts=None)).num_redundant_experts \
-        is None
+    assert c.policy == "deepseek" and c.use_async is True
+    # v0.34.0's num_redundant_experts default None (vLLM picks the least; here: the layer's);
+    # before it 0, and use_async False up to v0.22
+    assert EplbConfig.parse(VllmEPLBConfig()).num_redundant_experts is None
+    old = EplbConfig.parse(VllmEPLBConfig(num_redundant_experts=0, use_async=False))
+    assert old.num_redundant_experts == 0 and old.use_async is False
 
 
 def test_vllm_communicators_new_ones_too(caplog):
@@ -105,18 +108,6 @@ def test_vllm_parallel_config_shape():
     DeepSeek's policy: the dict means what the object does; it took ours, review15_peers), not
     vllm-ascend's (whose wrapper has no enable_eplb beside it); vLLM's other ParallelConfig keys
     are left alone."""
-    @dataclasses.dataclass
-    class VllmEPLBConfig:  # vLLM 0.34's fields and defaults (vllm/config/parallel.py)
-        window_size: int = 1000
-        step_interval: int = 3000
-        num_redundant_experts: int | None = None
-        log_balancedness: bool = False
-        log_balancedness_interval: int = 1
-        use_async: bool = True
-        policy: str = "default"
-        communicator: str | None = None
-        enable_migration_batching: bool = False
-
     @dataclasses.dataclass
     class VllmParallelConfig:
         tensor_parallel_size: int = 8
