@@ -1102,14 +1102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skew", choices=traces.SKEWS, default="zipf",
                    help="expert popularity: Zipf over a drifting ranking, or lognormal "
                    "(default zipf)")
-    p.add_argument("--sigma", type=_float_arg, default=1.0, help="lognormal sigma")
-    p.add_argument("--zipf-a", type=_float_arg, default=1.1, help="Zipf exponent")
+    p.add_argument("--sigma", type=_float_arg, default=1.0, help="lognormal sigma (default 1.0)")
+    p.add_argument("--zipf-a", type=_float_arg, default=1.1, help="Zipf exponent (default 1.1)")
     p.add_argument("--drift", type=_float_arg, default=0.05,
                    help="fraction of the expert popularity renewed per window (0..1)")
-    p.add_argument("--tokens", type=_int_arg, default=4096, help="tokens per window")
+    p.add_argument("--tokens", type=_int_arg, default=4096, help="tokens per window (default 4096)")
     p.add_argument("--top-k", type=_int_arg, default=None,
                    help="experts per token (default: the model's; custom: min(8, --experts))")
-    p.add_argument("--seed", type=_int_arg, default=0)
+    p.add_argument("--seed", type=_int_arg, default=0, help="random seed (default 0)")
     p.add_argument("-o", "--output", required=True, help="trace file to write (.npz)")
     p.set_defaults(func=cmd_synth)
 
@@ -1153,13 +1153,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per load window / between plans (default 10)")
     p.add_argument("--layers-per-step", type=_int_arg, default=1,
                    help="layers moved per step (default 1)")
-    p.add_argument("--tokens", type=_int_arg, default=64, help="tokens per rank per step")
-    p.add_argument("--hidden", type=_int_arg, default=64, help="hidden = expert width")
+    p.add_argument("--tokens", type=_int_arg, default=64, help="tokens per rank per step (default 64)")
+    p.add_argument("--hidden", type=_int_arg, default=64, help="hidden = expert width (default 64)")
     p.add_argument("--skew", type=_float_arg, default=2.0,
                    help="gate bias scale: larger = hotter hot experts (default 2)")
     p.add_argument("--drift", type=_float_arg, default=0.02,
                    help="fraction of the gate bias renewed per step (default 0.02)")
-    p.add_argument("--seed", type=_int_arg, default=0)
+    p.add_argument("--seed", type=_int_arg, default=0, help="random seed (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--policy", choices=sorted(POLICIES), default="deepseek",
                    help="placement policy (default deepseek: DeepSeek EPLB's, what vLLM runs "
