@@ -26,8 +26,8 @@ replica count]):
 
 Medians of triton.testing.do_bench, eager (one launch per call) and inside a replayed CUDA
 graph of 20 calls (per-call time = replay / 20); each cell is the median over ``--runs`` (3)
-runs over all cells, the ratios those medians' with their range over the runs. Every implementation is run on the same
-tensors; results are cross-checked (eplb vs its composite fallback, eplb_rl vs sglang) before
+runs over all cells, the ratios those medians' with their range over the runs. Every
+implementation is run on the same tensors; results are cross-checked (eplb vs its composite fallback, eplb_rl vs sglang) before
 timing. vLLM's kernel picks replicas by its own hash, so its slots differ from ours: its output
 is checked structurally (every slot it returns holds the id's expert, and its load grows by
 exactly the histogram of those slots, n in all). ``--ids uniform`` (default): uniformly random

@@ -831,8 +831,8 @@ def test_fused_vllm_eplb_layer_keeps_its_physical_expert_map():
 
 def test_fused_adapter_refuses_what_it_cannot_move_and_changes_nothing():
     """Layers whose routing reads maps the adapter does not drive (vllm-ascend's log2phy /
-    ascend_expert_map, vLLM's eplb_state or expert_map_manager), per-expert tensors kept as plain attributes, maps
-    that contradict the layer's placement, and an EP rank of the layer's own that attach's group
+    ascend_expert_map, vLLM's eplb_state or expert_map_manager), per-expert tensors kept as
+    plain attributes, maps that contradict the layer's placement, and an EP rank of the layer's own that attach's group
     contradicts: refused, naming the layer, with the layer as it was."""
     cases = {
         "log2phy": (lambda m: m.register_buffer("log2phy", torch.arange(4, dtype=torch.int32)),

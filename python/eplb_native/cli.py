@@ -225,6 +225,15 @@ def _check_output_dir(path: str, flag: str, inputs: tuple = (), json_out: bool =
                              f"destroy what this run reads: choose another path")
 
 
+def _check_memory(need: int, sizes: str, what: str, advice: str) -> None:
+    """UsageError when ``need`` bytes (``what``, for the flags in ``sizes``) exceed half of this
+    machine's memory: refused before the allocation, not by numpy or the OOM killer after."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise UsageError(f"{sizes} need about {need / 2**30:.1f} GiB{what}, over half of this "
+                         f"machine's {have / 2**30:.1f} GiB; {advice}")
+
+
 def _is_devnull(path: str) -> bool:
     """Whether ``path`` is the null device (stdout there, or closed and replaced by it: the map
     and --json's result both go nowhere, no clash)."""
@@ -389,12 +398,9 @@ def cmd_synth(args) -> int:
             raise UsageError(f"{flag} must be <= {MAX_COUNT}, got {v}")
     if args.windows >= 1 and layers >= 1 and experts >= 1:
         # the int64 loads and the float64 draws beside them: 16 bytes a count
-        need = 16 * args.windows * layers * experts
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if need > have // 2:
-            raise UsageError(f"--windows {args.windows} x --layers {layers} x --experts "
-                             f"{experts} need about {need / 2**30:.1f} GiB, over half of this "
-                             f"machine's {have / 2**30:.1f} GiB; choose smaller sizes")
+        _check_memory(16 * args.windows * layers * experts,
+                      f"--windows {args.windows} x --layers {layers} x --experts {experts}", "",
+                      "choose smaller sizes")
     _check_output_dir(args.output, "-o")
     with _flag_names(_SYNTH_FLAGS):
         loads = traces.synth(args.windows, layers, experts, skew=args.skew, sigma=args.sigma,
@@ -615,26 +621,19 @@ def _check_demo_args(args) -> None:
                          f"per rank), got {args.ranks}")
     if args.top_k > args.experts:
         raise UsageError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # every rank (a process) holds the gate's bias for every step, [steps, L, E] fp32, in host
     # memory whatever the device
     bias = 4 * args.steps * args.layers * args.experts * args.ranks
-    if bias > have // 2:
-        raise UsageError(f"--steps {args.steps} x --layers {args.layers} x --experts "
-                         f"{args.experts} over --ranks {args.ranks} need about "
-                         f"{bias / 2**30:.1f} GiB of gate biases (fp32 per step, layer and "
-                         f"expert on every rank), over half of this machine's "
-                         f"{have / 2**30:.1f} GiB; choose fewer steps")
+    _check_memory(bias, f"--steps {args.steps} x --layers {args.layers} x --experts "
+                  f"{args.experts} over --ranks {args.ranks}", " of gate biases (fp32 per step, "
+                  "layer and expert on every rank)", "choose fewer steps")
     if args.device == "cpu":
         # every rank holds two stacks (EPLB on and off) of its slots' fp32 weights, 3 H x H each
         slots = -(-(args.experts + args.redundant) // args.ranks)
         need = 2 * args.layers * slots * 3 * args.hidden * args.hidden * 4 * args.ranks
-        if need + bias > have // 2:
-            raise UsageError(f"--hidden {args.hidden}, --experts {args.experts}, --layers "
-                             f"{args.layers} over --ranks {args.ranks} need about "
-                             f"{(need + bias) / 2**30:.1f} GiB of expert weights and gate "
-                             f"biases, over half of this machine's {have / 2**30:.1f} GiB; "
-                             f"choose smaller sizes")
+        _check_memory(need + bias, f"--hidden {args.hidden}, --experts {args.experts}, "
+                      f"--layers {args.layers} over --ranks {args.ranks}",
+                      " of expert weights and gate biases", "choose smaller sizes")
     if (args.experts + args.redundant) % args.ranks:
         raise UsageError(f"--experts + --redundant ({args.experts} + {args.redundant}) must be "
                          f"divisible by --ranks ({args.ranks})")
@@ -1153,7 +1152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per load window / between plans (default 10)")
     p.add_argument("--layers-per-step", type=_int_arg, default=1,
                    help="layers moved per step (default 1)")
-    p.add_argument("--tokens", type=_int_arg, default=64, help="tokens per rank per step (default 64)")
+    p.add_argument("--tokens", type=_int_arg, default=64,
+                   help="tokens per rank per step (default 64)")
     p.add_argument("--hidden", type=_int_arg, default=64, help="hidden = expert width (default 64)")
     p.add_argument("--skew", type=_float_arg, default=2.0,
                    help="gate bias scale: larger = hotter hot experts (default 2)")

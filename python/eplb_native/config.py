@@ -410,7 +410,8 @@ class EplbConfig:
 
     @classmethod
     def parse(cls, config) -> EplbConfig:
-        """None, an EplbConfig, a dict (mapping), a JSON string or an attribute object -> EplbConfig."""
+        """None, an EplbConfig, a dict (mapping), a JSON string or an attribute object ->
+        EplbConfig."""
         if config is None:
             return cls()
         if isinstance(config, cls):

@@ -110,10 +110,10 @@ def _parse(doc, source: str, num_layers: int | None = None) -> tuple[np.ndarray,
     if num_layers is not None and count - num_layers > num_layers:
         # (a draft model has a layer or a few; more of them than the model's own is a map of
         # another model, which would be cut down to its first layers and served)
-        raise ValueError(f"{source}: has {count} layers, the model {num_layers}: {count - num_layers} "
-                         f"layers past the model's are more than a draft model's MTP layers "
-                         f"(vllm-ascend records those after the model's); is it a map of "
-                         f"another model?")
+        raise ValueError(f"{source}: has {count} layers, the model {num_layers}: "
+                         f"{count - num_layers} layers past the model's are more than a draft "
+                         f"model's MTP layers (vllm-ascend records those after the model's); "
+                         f"is it a map of another model?")
     rows = []
     num_devices = None
     # In list order, each id equal to its position: vllm-ascend's reader takes layers and

@@ -301,24 +301,23 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int | None, num_nod
         raise TypeError("rebalance_experts takes the number of ranks once: num_gpus "
                         "(positional, DeepSeek's name) or num_ranks= (keyword)")
     name = "num_gpus" if num_ranks is None else "num_ranks"
-    if enable_hierarchical is not None and not isinstance(enable_hierarchical, bool | np.bool_):
-        raise TypeError(f"enable_hierarchical must be a bool or None, got "
-                        f"{type(enable_hierarchical).__name__}")
     if enable_hierarchical is not None:
-        enable_hierarchical = bool(enable_hierarchical)  # (numpy's False is not False)
-    if num_groups is None:
-        if enable_hierarchical:
+        if not isinstance(enable_hierarchical, bool | np.bool_):
+            raise TypeError(f"enable_hierarchical must be a bool or None, got "
+                            f"{type(enable_hierarchical).__name__}")
+        if enable_hierarchical and num_groups is None:
             raise ValueError("enable_hierarchical=True needs num_groups (the model's expert "
                              "groups), got None")
-        num_groups = 1
-    if enable_hierarchical is not None:  # (checked before False sets them aside)
-        groups, nodes = _as_int(num_groups, "num_groups"), _as_int(num_nodes, "num_nodes")
-    if enable_hierarchical is False:
-        num_groups = num_nodes = 1  # (SGLang's global policy: one group on one node)
-    elif enable_hierarchical:
-        if groups % nodes:
+        # (checked before False sets them aside)
+        groups = 1 if num_groups is None else _as_int(num_groups, "num_groups")
+        nodes = _as_int(num_nodes, "num_nodes")
+        if not enable_hierarchical:
+            num_groups = num_nodes = 1  # (SGLang's global policy: one group on one node)
+        elif groups % nodes:
             raise ValueError(f"enable_hierarchical=True needs num_groups ({groups}) divisible by "
                              f"num_nodes ({nodes})")
+    elif num_groups is None:
+        num_groups = 1
     try:
         return _rebalance_experts(weight, num_replicas, num_groups, num_nodes, name,
                                   num_gpus if num_ranks is None else num_ranks)

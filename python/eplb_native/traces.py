@@ -408,10 +408,11 @@ def _read_sglang_dump(obj: dict, src: str):
     all zero and dropped (so they do not count as balanced windows); its rows are in ring
     order, time order only while the ring has not wrapped since its write position was 0
     (SGLang keeps the position across recording sessions;
-    ``--expert-distribution-recorder-buffer-size -1`` keeps every step in order). SGLang counts every hidden layer, the dense ones too (all
-    zero); those rows are dropped as well, so that the layers are the MoE layers, as ours and
-    vllm-ascend's are counted (``meta['sglang_layers']``: the hidden-layer index of each kept
-    row). Both are said in a warning."""
+    ``--expert-distribution-recorder-buffer-size -1`` keeps every step in order). SGLang counts
+    every hidden layer, the dense ones too (all zero); those rows are dropped as well, so that
+    the layers are the MoE layers, as ours and vllm-ascend's are counted
+    (``meta['sglang_layers']``: the hidden-layer index of each kept row). Both are said in a
+    warning."""
     import torch
 
     counts = obj["logical_count"]
@@ -432,7 +433,7 @@ def _read_sglang_dump(obj: dict, src: str):
     used = nonzero.any(dim=2).any(dim=0)
     kept = used.nonzero().view(-1).tolist()
     if 0 < len(kept) < counts.shape[1]:
-        dropped = sorted(set(range(counts.shape[1])) - set(kept))
+        dropped = (~used).nonzero().view(-1).tolist()
         logger.warning("%s: %d of SGLang's %d layers counted no token in any step (dense "
                        "layers: %s) and are dropped; the trace's layers are its MoE layers "
                        "%s", src, len(dropped), counts.shape[1], _ranges(dropped), _ranges(kept))

@@ -93,10 +93,7 @@ def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
     nodes, groups = config.num_nodes, config.group_count
     if num_ranks % nodes:
         raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size ({num_ranks})")
-    # hierarchical for every policy across nodes; `deepseek` groups on one node too (DeepSeek's
-    # own rule, num_groups % num_nodes == 0)
-    grouped = nodes > 1 or config.policy == "deepseek"
-    if grouped and groups > 1 and groups % nodes == 0 and num_logical % groups:
+    if _uses_groups(config) and num_logical % groups:
         raise ValueError(f"num_groups ({groups}) must divide the layers' logical experts "
                          f"({num_logical}) for the hierarchical policy (num_groups % "
                          f"num_nodes == 0{'' if nodes > 1 else ', policy deepseek'})")
@@ -1036,6 +1033,14 @@ class Updator:
         self.shutdown()
 
 
+def _uses_groups(config: EplbConfig) -> bool:
+    """Whether the planner places by the expert groups: hierarchical for every policy across
+    nodes, and `deepseek`'s grouped path on one node too (DeepSeek's own rule, num_groups %
+    num_nodes == 0)."""
+    groups, nodes = config.group_count, config.num_nodes
+    return groups > 1 and groups % nodes == 0 and (nodes > 1 or config.policy == "deepseek")
+
+
 def _describe(config: EplbConfig) -> str:
     """What config does, in a few words (attach's log line)."""
     if not config.dynamic_eplb:
@@ -1046,12 +1051,9 @@ def _describe(config: EplbConfig) -> str:
          f"P2P on the EP group)" if config.communicator is not None else "",
          "; enable_migration_batching ignored (each layer's moves are posted as one batch)"
          if config.enable_migration_batching else ""])
-    # (groups only where the policy uses them: across nodes, or deepseek's grouped path)
-    groups = config.group_count
-    grouped = groups > 1 and groups % config.num_nodes == 0 and (
-        config.num_nodes > 1 or config.policy == "deepseek")
     topology = "".join([f", {config.num_nodes} nodes" if config.num_nodes > 1 else "",
-                        f", {groups} expert groups" if grouped else ""])
+                        f", {config.group_count} expert groups" if _uses_groups(config)
+                        else ""])
     return (f"a {config.policy} plan{topology} every {config.expert_heat_collection_interval} "
             f"steps from the "
             f"last {config.window_steps} steps of load, its moves starting "

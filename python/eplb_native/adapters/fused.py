@@ -28,7 +28,8 @@ rewritten while the layer is adapted, so a refused attach leaves it as it was).
 
 Refused, naming the layer: layers whose routing reads maps this adapter does not drive
 (vllm-ascend's ``log2phy`` / ``ascend_expert_map`` and per-expert weight lists, vLLM's
-``eplb_state``, recent vLLM's ``RoutedExperts`` / layers with an ``expert_map_manager``: use that engine's own EPLB with eplb_native's policy, docs/integrations.md),
+``eplb_state``, recent vLLM's ``RoutedExperts`` / layers with an ``expert_map_manager``: use
+that engine's own EPLB with eplb_native's policy, docs/integrations.md),
 per-expert tensors kept as plain attributes (a move would leave another expert's values in
 the slot), and an EP rank or size of the layer's own that differs from attach's group.
 """
