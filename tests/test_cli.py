@@ -792,3 +792,77 @@ def test_devices_and_closed_stdout(tmp_path, small_trace):
                    cwd=tmp_path)
     assert proc.stdout.startswith("{") and '"moe_layer_count": 3' in proc.stdout
     assert "wrote /dev/stdout" in proc.stdout
+
+
+# --------------------------------------------------------------------------- plan for SGLang
+
+
+def test_plan_writes_sglangs_placement_file(tmp_path, small_trace):
+    """--format sglang: SGLang's --init-expert-location JSON, a row per hidden layer (the MoE
+    layers last; dense rows SGLang's trivial placement); --old reads one (with --ranks) and
+    min_move updates it in place; repeats allowed (SGLang serves them)."""
+    out = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--redundant", 4,
+                             "--format", "sglang", "--hidden-layers", 5, "-o", "init.json",
+                             "--json", cwd=tmp_path).stdout)
+    assert out["format"] == "sglang" and out["hidden_layers"] == 5
+    assert out["distinct_ranks"] is False
+    rows = np.asarray(json.loads((tmp_path / "init.json").read_text())
+                      ["physical_to_logical_map"])
+    assert rows.shape == (5, 20)
+    np.testing.assert_array_equal(rows[:2], np.tile(np.arange(20) % 16, (2, 1)))
+    total = load_trace(small_trace)[0].sum(axis=0)
+    assert np.allclose(out["per_layer"]["after"], ref_balancedness(total, rows[2:], 4))
+    again = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--format",
+                               "sglang", "--hidden-layers", 5, "--old", "init.json", "--policy",
+                               "min_move", "-o", "init.json", "--json", cwd=tmp_path).stdout)
+    assert again["before_placement"] == "--old placement" and again["moved_slots"] == 0
+    assert np.array_equal(json.loads((tmp_path / "init.json").read_text())
+                          ["physical_to_logical_map"], rows.tolist())
+    # an SGLang file read for vllm-ascend's map: the same placement, repeats undone
+    run_cli("plan", "--load", small_trace, "--ranks", 4, "--old", "init.json", "--policy",
+            "min_move", "-o", "ascend.json", cwd=tmp_path)
+    phy2log, ranks = expert_map.load(tmp_path / "ascend.json")
+    assert ranks == 4 and not expert_map.repeated_on_a_rank(phy2log, 4)
+
+
+def test_plan_sglang_dump_to_sglang_file_keeps_its_layers(tmp_path):
+    """Planned from SGLang's own dump, the file's rows are the dump's layers: the dense layers
+    the trace dropped come back at their places, with the trivial placement."""
+    g = torch.Generator().manual_seed(2)
+    counts = torch.zeros(3, 6, 8, dtype=torch.int32)
+    counts[:, [1, 3, 4, 5]] = torch.randint(1, 50, (3, 4, 8), generator=g, dtype=torch.int32)
+    torch.save({"rank": 0, "logical_count": counts}, tmp_path / "dump.pt")
+    run_cli("plan", "--load", "dump.pt", "--ranks", 2, "--redundant", 2, "--format", "sglang",
+            "-o", "init.json", cwd=tmp_path)
+    rows = np.asarray(json.loads((tmp_path / "init.json").read_text())
+                      ["physical_to_logical_map"])
+    assert rows.shape == (6, 10)
+    np.testing.assert_array_equal(rows[[0, 2]], np.tile(np.arange(10) % 8, (2, 1)))
+    for r in rows[[1, 3, 4, 5]]:
+        assert set(r.tolist()) == set(range(8))
+    proc = run_cli("plan", "--load", "dump.pt", "--ranks", 2, "--format", "sglang",
+                   "--hidden-layers", 7, "-o", "x.json", cwd=tmp_path, expect=2)
+    last = proc.stderr.strip().splitlines()[-1]  # (after the reader's warning)
+    assert last.startswith("eplb-native plan: error: --hidden-layers 7 disagrees")
+    assert "counts 6 layers" in last and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--format", "sglang", "-o", "init.txt"], ["-o init.txt", "name it *.json"]),
+    (["--hidden-layers", "5", "-o", "m.json"], ["--hidden-layers is for --format sglang"]),
+    (["--format", "sglang", "--hidden-layers", "2", "-o", "m.json"],
+     ["--hidden-layers 2 is fewer than the trace's 3 MoE layers"]),
+    (["--format", "sglang", "--hidden-layers", "0", "-o", "m.json"], ["--hidden-layers"]),
+])
+def test_plan_sglang_bad_flags(tmp_path, small_trace, args, fragments):
+    proc = run_cli("plan", "--load", small_trace, "--ranks", 4, *args, cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_old_sglang_file_needs_ranks(tmp_path, small_trace):
+    (tmp_path / "init.json").write_text(json.dumps(
+        {"physical_to_logical_map": [list(range(16)) + [0, 1, 2, 3]] * 3}))
+    proc = run_cli("plan", "--load", small_trace, "--old", "init.json", "-o", "m.json",
+                   cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "--old init.json", "give the ranks (--ranks)")

@@ -347,3 +347,89 @@ def test_fuzz_layers_past_the_limit_raise_only_value_error(data):
     except ValueError:
         return
     assert phy2log.shape[0] == num_layers and (phy2log >= 0).all() and ranks >= 1
+
+
+# --------------------------------------------------------------------------- SGLang's file
+
+
+def test_sglang_placement_file_round_trip(tmp_path):
+    """SGLang's --init-expert-location file: one row per hidden layer, the MoE layers' rows
+    the placement, the dense layers' SGLang's trivial placement (slot s holds s mod E), one
+    key only (SGLang passes its keys as arguments); read back at the same rows with the ranks
+    given (the file has no rank count)."""
+    rng = np.random.default_rng(4)
+    phy2log = np.stack([rng.permutation(np.r_[np.arange(8), rng.integers(0, 8, 4)])
+                        for _ in range(3)])
+    path = tmp_path / "init.json"
+    expert_map.save_sglang(path, phy2log, 8, num_hidden_layers=5)
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"physical_to_logical_map"}
+    rows = np.asarray(doc["physical_to_logical_map"])
+    assert rows.shape == (5, 12)
+    np.testing.assert_array_equal(rows[:2], np.tile(np.arange(12) % 8, (2, 1)))
+    np.testing.assert_array_equal(rows[2:], phy2log)
+    got, ranks = expert_map.load(path, num_ranks=4, num_layers=3, num_logical=8)
+    np.testing.assert_array_equal(got, phy2log)
+    assert ranks == 4
+    # rows named explicitly (an SGLang dump's MoE layers, dense layers between them)
+    expert_map.save_sglang(path, phy2log, 8, moe_layers=[1, 3, 4])
+    rows = np.asarray(json.loads(path.read_text())["physical_to_logical_map"])
+    np.testing.assert_array_equal(rows[[1, 3, 4]], phy2log)
+    np.testing.assert_array_equal(rows[[0, 2]], np.tile(np.arange(12) % 8, (2, 1)))
+    got, _ = expert_map.load(path, num_ranks=2, num_layers=3, moe_layers=[1, 3, 4])
+    np.testing.assert_array_equal(got, phy2log)
+    # without num_layers every row is a layer
+    got, _ = expert_map.load(path, num_ranks=3)
+    assert got.shape == (5, 12)
+
+
+@pytest.mark.parametrize("doc, kwargs, message", [
+    ({"physical_to_logical_map": [[0, 1]]}, {}, "says no rank count; give the ranks"),
+    ({"physical_to_logical_map": [[0, 1]], "meta": 1}, {"num_ranks": 1}, "alone"),
+    ({"physical_to_logical_map": []}, {"num_ranks": 1}, "non-empty list"),
+    ({"physical_to_logical_map": [[0, 1], [0]]}, {"num_ranks": 1}, "row 0 has 2"),
+    ({"physical_to_logical_map": [[0, -1]]}, {"num_ranks": 1}, "expert ids >= 0"),
+    ({"physical_to_logical_map": [[0, 1.0]]}, {"num_ranks": 1}, "expert ids >= 0"),
+    ({"physical_to_logical_map": [[0, 1]]}, {"num_ranks": 1, "num_layers": 2},
+     "1 hidden layers, fewer than the 2 MoE layers"),
+    ({"physical_to_logical_map": [[0, 1], [1, 0]]},
+     {"num_ranks": 1, "num_layers": 2, "moe_layers": [1, 0]}, "must increase"),
+    ({"physical_to_logical_map": [[0, 1], [1, 0]]},
+     {"num_ranks": 1, "num_layers": 1, "moe_layers": [2]}, "past the 2 hidden layers"),
+    ({"physical_to_logical_map": [[0, 1], [1, 0]]},
+     {"num_ranks": 1, "num_layers": 2, "moe_layers": [1]}, "names 1 layers"),
+    ({"physical_to_logical_map": [[0, 1, 2]]}, {"num_ranks": 2}, "divisible"),
+    ({"physical_to_logical_map": [[0, 0]]}, {"num_ranks": 1, "num_logical": 2},
+     "no copy of logical experts \\[1\\]"),
+])
+def test_sglang_placement_file_bad_input_names_it(doc, kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        expert_map.load(doc, name="--old", **kwargs)
+    assert str(info.value).startswith("--old")
+
+
+def test_save_sglang_refuses_bad_placements(tmp_path):
+    path = tmp_path / "init.json"
+    with pytest.raises(ValueError, match="no copy of logical experts"):
+        expert_map.save_sglang(path, np.zeros((2, 4), dtype=np.int64), 2)
+    with pytest.raises(ValueError, match="3 hidden layers, fewer than the 4 MoE layers"):
+        expert_map.save_sglang(path, np.tile(np.arange(4), (4, 1)), 4, num_hidden_layers=3)
+    with pytest.raises(TypeError, match="integer expert ids"):
+        expert_map.save_sglang(path, np.ones((2, 4)), 1)
+    assert not path.exists()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(-2, 9) | st.integers(2**62 - 1, 2**63) | st.floats()
+                         | st.booleans() | st.none(), max_size=6), max_size=4),
+       st.integers(1, 3), st.none() | st.integers(1, 4), st.none() | st.integers(1, 8))
+def test_fuzz_sglang_file_raises_only_value_error(rows, ranks, layers, logical):
+    doc = {"physical_to_logical_map": rows}
+    try:
+        phy2log, got = expert_map.load(doc, num_ranks=ranks, num_layers=layers,
+                                       num_logical=logical)
+    except ValueError:
+        return
+    assert got == ranks and phy2log.dtype == np.int64 and phy2log.shape[1] % ranks == 0
+    assert phy2log.shape[0] == (layers or len(rows)) and (phy2log >= 0).all()
+    np.testing.assert_array_equal(phy2log, np.asarray(rows[len(rows) - phy2log.shape[0]:]))

@@ -358,6 +358,7 @@ def test_sglang_expert_distribution_dump(tmp_path, caplog):
         loads, meta = load_trace(path)
     np.testing.assert_array_equal(loads, counts[:, [1, 3, 4, 5]].numpy())
     assert meta["sglang_layers"] == [1, 3, 4, 5]
+    assert meta["sglang_num_layers"] == 6 and meta["sglang_dropped_steps"] == 0
     assert "2 of SGLang's 6 layers counted no token in any step (dense layers: 0, 2)" in (
         caplog.text) and "MoE layers 1, 3-5" in caplog.text
     # the ring's steps SGLang never wrote are zero: dropped (they scored as balanced windows)
@@ -369,6 +370,7 @@ def test_sglang_expert_distribution_dump(tmp_path, caplog):
         loads, meta = load_trace(path)
     np.testing.assert_array_equal(loads, counts[:, [1, 3, 4, 5]].numpy())
     assert "6 of the dump's 10 steps counted nothing" in caplog.text
+    assert meta["sglang_dropped_steps"] == 6 and meta["sglang_num_layers"] == 6
     # every layer counted: nothing dropped, nothing said
     caplog.clear()
     torch.save({"rank": 0, "logical_count": counts[:, [1, 3]]}, path)

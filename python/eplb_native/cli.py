@@ -286,9 +286,20 @@ def cmd_plan(args) -> int:
     # the output first, before any work (-o may be --old: a map updated in place, read before
     # it is written)
     _check_output_dir(args.output, "-o", ((args.load, "--load"),), args.json)
-    if os.path.splitext(args.output)[1].lower() in (".npz", ".npy", ".pt"):
+    suffix = os.path.splitext(args.output)[1].lower()
+    if suffix in (".npz", ".npy", ".pt"):
         # (vllm-ascend reads only *.json maps; a trace's name here is a slip)
         raise UsageError(f"-o {args.output}: plan writes an expert map (JSON); name it *.json")
+    sglang = args.format == "sglang"
+    if sglang and suffix != ".json" and (not os.path.exists(args.output)
+                                         or os.path.isfile(args.output)):
+        # (SGLang reads --init-expert-location as a path only for *.json / *.pt; any other
+        # value it parses as JSON text)
+        raise UsageError(f"-o {args.output}: SGLang reads --init-expert-location as a file only "
+                         f"when its name ends in .json; name it *.json")
+    if args.hidden_layers is not None and not sglang:
+        raise UsageError("--hidden-layers is for --format sglang (SGLang's file has a row per "
+                         "hidden layer; vllm-ascend's map one per MoE layer)")
     loads, meta = traces.load_trace(args.load)
     num_windows, num_layers, num_experts = loads.shape
     # A trace's windows are summed: EPLB plans from the loads accumulated over its window
@@ -298,17 +309,18 @@ def cmd_plan(args) -> int:
         load = traces.sum_windows(loads) if args.window == "sum" else loads[-1]
     except ValueError as e:
         raise ValueError(f"--load {args.load}: {e}") from None
+    moe_layers, hidden_layers = _sglang_rows(args, meta, num_layers)
     old = None
     if args.old is not None:
         if not args.old:
             raise UsageError("--old: empty path; name the current expert map, or leave --old "
                              "out to start from the default placement")
-        # ids, layers and experts checked by the one loader; ranks here, to name --ranks
-        old, old_ranks = expert_map.load(args.old, num_logical=num_experts, num_layers=num_layers,
-                                         name="--old")
-        if args.ranks is not None and old_ranks != args.ranks:
-            raise UsageError(f"--old {args.old} has {old_ranks} ranks, but --ranks is {args.ranks}")
-        args.ranks = old_ranks
+        # ids, layers, experts and ranks checked by the one loader (an SGLang file, which
+        # says no ranks, takes --ranks)
+        old, args.ranks = expert_map.load(args.old, num_logical=num_experts,
+                                          num_layers=num_layers, num_ranks=args.ranks,
+                                          moe_layers=moe_layers, name="--old",
+                                          ranks_name="--ranks")
     if args.ranks is None:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
@@ -319,22 +331,29 @@ def cmd_plan(args) -> int:
     # min_move changes as little as it can of a current placement; without --old that is the
     # default placement a server starts from.
     start = old if old is not None else (default if args.policy == "min_move" else None)
+    # vllm-ascend's reader serves one slot per expert and rank; SGLang serves repeats
+    distinct = not args.allow_repeats and not sglang
     t0 = time.perf_counter()
     with _flag_names(_PLAN_FLAGS, load=f"--load {args.load}" + (
             " (its windows summed)" if args.window == "sum" and num_windows > 1 else "")):
         p = plan(load, start, num_ranks=topo.num_ranks, num_replicas=topo.num_slots,
                  num_nodes=topo.num_nodes, num_groups=topo.num_groups, policy=args.policy,
-                 threads=args.threads, distinct_ranks=None if args.allow_repeats else True)
+                 threads=args.threads, distinct_ranks=distinct or None)
     plan_ms = (time.perf_counter() - t0) * 1e3
     before = metrics.balancedness(load, before_placement, topo.num_ranks)
     after, bound = p.balancedness_after, p.balancedness_bound
-    expert_map.save(args.output, p.phy2log, topo.num_ranks, warn=False)  # (noted below)
+    if sglang:
+        expert_map.save_sglang(args.output, p.phy2log, num_experts,
+                               num_hidden_layers=hidden_layers, moe_layers=moe_layers)
+    else:
+        expert_map.save(args.output, p.phy2log, topo.num_ranks, warn=False)  # (noted below)
 
     before_label = "--old placement" if old is not None else _LAYOUT_LABEL[args.default_layout]
     result = {
         "load": os.fspath(args.load), "windows": num_windows, "planned_from": args.window,
         "num_layers": num_layers, "num_experts": num_experts, **topo.as_dict(),
-        "policy": args.policy, "distinct_ranks": not args.allow_repeats,
+        "policy": args.policy, "distinct_ranks": distinct, "format": args.format,
+        "hidden_layers": hidden_layers if sglang else None,
         "before_placement": before_label,
         "default_layout": args.default_layout if old is None else None,
         "balancedness_before": _stats(before), "balancedness_after": _stats(after),
@@ -370,12 +389,37 @@ def cmd_plan(args) -> int:
     if start is not None:
         print(f"moved slots: {p.total_moved_slots} of {num_layers * topo.num_slots}")
     print(f"plan time: {plan_ms:.1f} ms")
-    print(f"wrote {args.output}")
-    if result["repeated_on_a_rank"]:
+    if sglang:
+        dense = hidden_layers - num_layers
+        print(f"wrote {args.output} (SGLang --init-expert-location: {hidden_layers} hidden "
+              f"layers{f', {dense} dense with the trivial placement' if dense else ''}; run "
+              f"with --ep-num-redundant-experts {topo.num_redundant} and {topo.num_ranks} EP "
+              f"ranks)")
+    else:
+        print(f"wrote {args.output}")
+    if result["repeated_on_a_rank"] and not sglang:
         print(f"note: {result['repeated_on_a_rank']} (layer, rank) pairs hold an expert twice "
               "(--allow-repeats); eplb_native and vLLM serve them, vllm-ascend's expert-map "
               "reader maps one slot per expert and rank (docs/integrations.md)")
     return 0
+
+
+def _sglang_rows(args, meta: dict, num_layers: int) -> tuple[list[int] | None, int]:
+    """(the hidden-layer row of each MoE layer or None = the last ones, the hidden-layer
+    count) of an SGLang placement file: an SGLang dump's own (its dense layers were dropped
+    from the trace), else --hidden-layers (default: the trace's layers)."""
+    dump_layers = meta.get("sglang_num_layers")
+    if args.hidden_layers is not None:
+        if args.hidden_layers < num_layers:
+            raise UsageError(f"--hidden-layers {args.hidden_layers} is fewer than the trace's "
+                             f"{num_layers} MoE layers")
+        if dump_layers is not None and args.hidden_layers != dump_layers:
+            raise UsageError(f"--hidden-layers {args.hidden_layers} disagrees with the SGLang "
+                             f"dump --load {args.load}, which counts {dump_layers} layers")
+    if dump_layers is None:
+        return None, num_layers if args.hidden_layers is None else args.hidden_layers
+    kept = meta.get("sglang_layers", list(range(dump_layers)))
+    return kept, dump_layers
 
 
 # --------------------------------------------------------------------------- synth
@@ -1067,10 +1111,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Native dynamic expert-parallel load balancing for MoE inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plan", help="plan a placement for a load file -> vllm-ascend expert map",
+    p = sub.add_parser("plan", help="plan a placement for a load file -> vllm-ascend expert map "
+                       "or SGLang placement file",
                        description="Plans expert placement for a load file (.npz/.npy/.pt/.json, "
-                       "[windows, layers, experts] or [layers, experts]) and writes it as "
-                       "vllm-ascend's expert-map JSON. A multi-window trace is planned from the "
+                       "[windows, layers, experts] or [layers, experts], or SGLang's stat dump) and "
+                       "writes it as vllm-ascend's expert-map JSON or SGLang's "
+                       "--init-expert-location JSON (--format). A multi-window trace is planned from the "
                        "sum of its windows (--window last: the last one).")
     p.add_argument("--load", required=True, help="load file")
     _add_topology(p, ranks_required=False)
@@ -1084,7 +1130,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a rank hold one expert in two slots (DeepSeek's algorithm does; "
                    "eplb_native and vLLM serve it, vllm-ascend's expert-map reader does not, so "
                    "by default no rank repeats an expert: plan(distinct_ranks=True))")
-    p.add_argument("-o", "--output", required=True, help="expert-map JSON to write")
+    p.add_argument("-o", "--output", required=True, help="JSON to write (see --format)")
+    p.add_argument("--format", choices=("vllm-ascend", "sglang"), default="vllm-ascend",
+                   help="vllm-ascend: its expert map (expert_map_path; default); sglang: "
+                   "SGLang's placement file (--init-expert-location), which allows repeats")
+    p.add_argument("--hidden-layers", type=_int_arg, default=None,
+                   help="sglang: the model's hidden layers (num_hidden_layers), the MoE layers "
+                   "being the last ones (DeepSeek's dense layers come first; default: the "
+                   "trace's layers, or an SGLang dump's own)")
     p.add_argument("--per-layer", action="store_true", help="print every layer")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_plan)

@@ -6,6 +6,14 @@
 
 ``device_expert`` lists the logical expert held by each of the rank's slots, in slot order, so
 a map is exactly a ``phy2log`` [L, P] with P = R * S.
+
+SGLang's placement file (``--init-expert-location FILE.json``) is read and written here too:
+
+    {"physical_to_logical_map": [[logical id of each physical slot], one row per hidden layer]}
+
+It has a row for every hidden layer of the model, the dense ones too (SGLang's
+``ModelConfigForExpertLocation.num_layers`` is ``num_hidden_layers``), and no rank count
+(SGLang's ``ep_size`` splits each row into equal runs of slots). See :func:`save_sglang`.
 """
 
 from __future__ import annotations
@@ -208,6 +216,92 @@ def save(path: str | os.PathLike, phy2log, num_ranks: int, *, warn: bool = True)
                        len(repeated), *repeated[0])
 
 
+def _moe_rows(num_layers: int, num_hidden_layers: int | None, moe_layers, label: str
+              ) -> tuple[list[int], int]:
+    """(the hidden-layer index of each of ``num_layers`` MoE layers, the hidden-layer count):
+    ``moe_layers`` as given (increasing, in range), else the last ``num_layers`` of
+    ``num_hidden_layers`` (DeepSeek's dense layers come first: ``first_k_dense_replace``)."""
+    if num_hidden_layers is not None:
+        num_hidden_layers = check_int(num_hidden_layers, "num_hidden_layers", 1)
+    if moe_layers is None:
+        hidden = num_layers if num_hidden_layers is None else num_hidden_layers
+        if hidden < num_layers:
+            raise ValueError(f"{label}: {hidden} hidden layers, fewer than the {num_layers} "
+                             f"MoE layers")
+        return list(range(hidden - num_layers, hidden)), hidden
+    ids = [check_int(i, "moe_layers[]", 0) for i in moe_layers]
+    if len(ids) != num_layers:
+        raise ValueError(f"{label}: moe_layers names {len(ids)} layers, the placement has "
+                         f"{num_layers}")
+    if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
+        raise ValueError(f"{label}: moe_layers must increase, got {ids}")
+    hidden = ids[-1] + 1 if num_hidden_layers is None else num_hidden_layers
+    if ids[-1] >= hidden:
+        raise ValueError(f"{label}: moe_layers {ids[-1]} is past the {hidden} hidden layers")
+    return ids, hidden
+
+
+def _sglang_text(rows: list[list[int]]) -> str:
+    return ('{"physical_to_logical_map": [\n'
+            + ",\n".join(f" [{', '.join(map(str, r))}]" for r in rows) + "\n]}\n")
+
+
+def save_sglang(path: str | os.PathLike, phy2log, num_logical: int, *,
+                num_hidden_layers: int | None = None, moe_layers=None) -> None:
+    """Writes ``phy2log`` [L, P] as SGLang's placement file, read at start by
+    ``--init-expert-location PATH`` (name it ``*.json``: SGLang parses any other name but
+    ``*.pt`` as JSON text, not as a path), atomically as :func:`save`.
+
+    SGLang wants a row per hidden layer: row ``moe_layers[i]`` is ``phy2log[i]``
+    (``moe_layers`` default: the last L of ``num_hidden_layers``, which defaults to L), every
+    other row (a dense layer) SGLang's trivial placement, slot s holding expert s mod
+    ``num_logical``. The file holds that one key: SGLang passes its keys as arguments. Run
+    SGLang with ``--ep-num-redundant-experts`` P - E and ``ep_size`` the ranks it was planned
+    for. SGLang serves a rank holding one expert twice (DeepSeek's algorithm makes them)."""
+    num_logical = check_int(num_logical, "num_logical", 1)
+    a = validate_phy2log(phy2log, num_logical, 1, "phy2log")
+    if a.ndim != 2:
+        raise ValueError(f"phy2log must have shape [layers, slots], got {list(a.shape)}")
+    ids, hidden = _moe_rows(a.shape[0], num_hidden_layers, moe_layers, "save_sglang")
+    trivial = (np.arange(a.shape[1]) % num_logical).tolist()
+    rows = [trivial] * hidden
+    for i, layer in enumerate(ids):
+        rows[layer] = a[i].tolist()
+    text = _sglang_text(rows)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int | None,
+                  moe_layers) -> tuple[np.ndarray, int]:
+    """SGLang's placement file -> (``phy2log`` of its MoE layers, num_ranks)."""
+    if num_ranks is None:
+        raise ValueError(f"{source}: an SGLang placement file says no rank count; give the "
+                         f"ranks (--ranks)")
+    rows = doc["physical_to_logical_map"]
+    if set(doc) != {"physical_to_logical_map"}:
+        raise ValueError(f"{source}: an SGLang placement file holds 'physical_to_logical_map' "
+                         f"alone (SGLang passes every key as an argument), got keys "
+                         f"{sorted(map(str, doc))}")
+    if (not isinstance(rows, list) or not rows
+            or not all(isinstance(r, list) and r for r in rows)):
+        raise ValueError(f"{source}: 'physical_to_logical_map' must be a non-empty list of "
+                         f"non-empty lists (a row of logical ids per hidden layer)")
+    width = len(rows[0])
+    for i, r in enumerate(rows):
+        if len(r) != width:
+            raise ValueError(f"{source}: physical_to_logical_map[{i}] has {len(r)} slots, row 0 "
+                             f"has {width}")
+        if not all(_is_id(e) and 0 <= e < MAX_EXPERT_ID for e in r):
+            raise ValueError(f"{source}: physical_to_logical_map[{i}] must hold expert ids "
+                             f">= 0 and < 2**62")
+    if width % num_ranks:
+        raise ValueError(f"{source}: slots ({width}) must be divisible by the {num_ranks} ranks")
+    ids, _ = _moe_rows(len(rows) if num_layers is None else num_layers, len(rows), moe_layers,
+                       source)
+    return np.asarray([rows[i] for i in ids], dtype=np.int64), num_ranks
+
+
 def _read(path, label: str) -> dict:
     """The JSON in ``path``; errors name ``label`` (the argument and the path)."""
     src = os.fspath(path)
@@ -233,12 +327,16 @@ def _read(path, label: str) -> dict:
 
 def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
          num_layers: int | None = None, num_slots: int | None = None,
-         name: str | None = None) -> tuple[np.ndarray, int]:
+         name: str | None = None, moe_layers=None, ranks_name: str | None = None
+         ) -> tuple[np.ndarray, int]:
     """The one expert-map loader -> (``phy2log`` [L, P] int64, a new array; num_ranks).
 
     Args:
         path_or_map: an expert-map JSON file (str / PathLike), the dict parsed from one, or a
-            ``phy2log`` [L, P] array (numpy / torch / nested list; needs ``num_ranks``).
+            ``phy2log`` [L, P] array (numpy / torch / nested list; needs ``num_ranks``). An
+            SGLang placement file (``physical_to_logical_map``, see :func:`save_sglang`) is
+            read too; it needs ``num_ranks``, and its rows are taken at ``moe_layers``
+            (default: the last ``num_layers`` rows, DeepSeek's dense layers coming first).
         num_ranks: when given, the map must be for exactly this many ranks.
         num_logical: when given, every id must lie in [0, num_logical) and every logical
             expert must have a slot in every layer.
@@ -248,6 +346,9 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         num_slots: when given, every layer must have exactly this many slots (P).
         name: what to call the map in errors (e.g. ``"--old"``, ``"expert_map"``); a path is
             always named too.
+        moe_layers: an SGLang file's row (hidden-layer index) of each MoE layer.
+        ranks_name: what ``num_ranks`` came from (e.g. ``"--ranks"``), named by the error of
+            a map for other ranks.
 
     Raises ValueError naming the map and the problem (FileNotFoundError for a missing file).
     """
@@ -262,10 +363,15 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
     if isinstance(path_or_map, str | os.PathLike):
         src = os.fspath(path_or_map)
         label = f"{name} {src}" if name else src
-        phy2log, ranks = _parse(_read(src, label), label, num_layers)
+        doc = _read(src, label)
     elif isinstance(path_or_map, dict):
         label = name or "expert map"
-        phy2log, ranks = _parse(path_or_map, label, num_layers)
+        doc = path_or_map
+    if isinstance(path_or_map, str | os.PathLike | dict):
+        if isinstance(doc, dict) and "physical_to_logical_map" in doc:
+            phy2log, ranks = _parse_sglang(doc, label, num_layers, num_ranks, moe_layers)
+        else:
+            phy2log, ranks = _parse(doc, label, num_layers)
     else:
         label = name or "phy2log"
         if num_ranks is None:
@@ -282,7 +388,8 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
             raise ValueError(f"{label}: expert ids must be < 2**62, got {a.max()}")
         phy2log, ranks = a.astype(np.int64), num_ranks
     if num_ranks is not None and ranks != num_ranks:
-        raise ValueError(f"{label} is for {ranks} ranks, expected {num_ranks}")
+        raise ValueError(f"{label} is for {ranks} ranks, but {ranks_name} is {num_ranks}"
+                         if ranks_name else f"{label} is for {ranks} ranks, expected {num_ranks}")
     if num_layers is not None and phy2log.shape[0] != num_layers:
         raise ValueError(f"{label} has {phy2log.shape[0]} layers, expected {num_layers} "
                          f"(one row per MoE layer)")

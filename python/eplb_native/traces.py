@@ -411,8 +411,9 @@ def _read_sglang_dump(obj: dict, src: str):
     ``--expert-distribution-recorder-buffer-size -1`` keeps every step in order). SGLang counts
     every hidden layer, the dense ones too (all zero); those rows are dropped as well, so that
     the layers are the MoE layers, as ours and vllm-ascend's are counted
-    (``meta['sglang_layers']``: the hidden-layer index of each kept row). Both are said in a
-    warning."""
+    (``meta['sglang_layers']``: the hidden-layer index of each kept row;
+    ``meta['sglang_num_layers']``: the dump's layer count, ``meta['sglang_dropped_steps']``:
+    the steps dropped). Both are said in a warning."""
     import torch
 
     counts = obj["logical_count"]
@@ -422,10 +423,12 @@ def _read_sglang_dump(obj: dict, src: str):
     if counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided:
         raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a dense numeric tensor, "
                          f"got {counts.dtype}")
-    meta = {"source": "SGLang expert distribution recorder (stat)"}
+    meta = {"source": "SGLang expert distribution recorder (stat)",
+            "sglang_num_layers": int(counts.shape[1]), "sglang_dropped_steps": 0}
     nonzero = counts != 0
     steps = nonzero.any(dim=2).any(dim=1)
     if 0 < int(steps.sum()) < counts.shape[0]:
+        meta["sglang_dropped_steps"] = counts.shape[0] - int(steps.sum())
         logger.warning("%s: %d of the dump's %d steps counted nothing (SGLang's ring of steps, "
                        "not yet filled) and are dropped", src,
                        counts.shape[0] - int(steps.sum()), counts.shape[0])
