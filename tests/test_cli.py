@@ -379,6 +379,12 @@ def test_simulate_text_table_and_shape_defaults(tmp_path):
     assert_valid_png(tmp_path / "simulate.png")
 
 
+def test_simulate_json_writes_no_plot_it_was_not_asked_for(tmp_path, small_trace):
+    out = json.loads(run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--json",
+                             cwd=tmp_path).stdout)
+    assert out["png"] is None and not any(tmp_path.iterdir())
+
+
 def test_simulate_distinct_ranks(tmp_path, small_trace):
     """--distinct-ranks plans every rebalance with distinct_ranks=True: the same numbers as
     the library, and said so in the JSON and the text."""
@@ -571,7 +577,9 @@ def test_demo_counts_what_switched_not_what_was_planned(tmp_path):
     """A plan taken one step before the end switches one of its two layers (one a step): the
     table says 1/2 and counts that layer's slots only, and a line says what was dropped (the
     planned slots were reported as moved)."""
-    proc = run_cli("demo", *TINY_DEMO, "--steps", "10", "--png", "", "--json", cwd=tmp_path)
+    proc = run_cli("demo", *TINY_DEMO, "--steps", "10", "--json", cwd=tmp_path)
+    assert json.loads(proc.stdout)["png"] is None  # --json: no plot unless named
+    assert not (tmp_path / "demo.png").exists()
     last = json.loads(proc.stdout)["rebalances"][-1]
     assert (last["step"], last["planned_layers"], last["switched_layers"]) == (9, 2, 1)
     assert 0 < last["moved_slots"] < last["planned_slots"] and last["move_steps"] == 1

@@ -234,6 +234,14 @@ def _check_memory(need: int, sizes: str, what: str, advice: str) -> None:
                          f"machine's {have / 2**30:.1f} GiB; {advice}")
 
 
+def _default_png(args, name: str) -> str | None:
+    """--png as given; unset, ``name`` in the working directory, or none with --json (a
+    machine's run writes no file it did not name)."""
+    if args.png is not None:
+        return args.png
+    return None if args.json else name
+
+
 def _is_devnull(path: str) -> bool:
     """Whether ``path`` is the null device (stdout there, or closed and replaced by it: the map
     and --json's result both go nowhere, no clash)."""
@@ -566,7 +574,7 @@ def cmd_simulate(args) -> int:
     loads, meta = traces.load_trace(args.trace)
     num_windows, num_layers, num_experts = loads.shape
     topo = Topology(args, num_experts, meta)
-    png = None if args.no_png else args.png
+    png = None if args.no_png else _default_png(args, "simulate.png")
     if png:
         _check_output_dir(png, "--png", ((args.trace, "--trace"),), args.json)
         _pyplot()  # fail before the simulation if matplotlib is missing, not after it
@@ -951,6 +959,7 @@ def cmd_demo(args) -> int:
     import tempfile
 
     _check_demo_args(args)
+    args.png = _default_png(args, "demo.png")
     if args.png:
         _check_output_dir(args.png, "--png", json_out=args.json)
         _pyplot()  # fail before starting the ranks if matplotlib is missing
@@ -1180,8 +1189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "plan(distinct_ranks=True))")
     p.add_argument("--expert-bytes", type=_int_arg, default=None,
                    help="bytes of one expert's weights (default: from the trace's model shape)")
-    p.add_argument("--png", default="simulate.png", help="balancedness plot (default "
-                   "simulate.png)")
+    p.add_argument("--png", default=None, help="balancedness plot (default simulate.png; with "
+                   "--json none unless named)")
     p.add_argument("--no-png", action="store_true", help="do not write the plot")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_simulate)
@@ -1218,8 +1227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="placement policy (default deepseek: DeepSeek EPLB's, what vLLM runs "
                         "by default; the library's own default, and what vllm-ascend's default "
                         "type 2 maps to, is balanced)")
-    p.add_argument("--png", default="demo.png", help="balancedness plot (default demo.png; "
-                   "'' for none)")
+    p.add_argument("--png", default=None, help="balancedness plot (default demo.png; with "
+                   "--json none unless named; '' for none)")
     p.add_argument("--save-trace", default=None,
                    help="write the recorded load windows here (.npz, for simulate / plan)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
