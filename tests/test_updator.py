@@ -55,6 +55,30 @@ def test_two_ep_groups_in_one_world(tmp_path):
              join=True)
 
 
+def test_num_nodes_unset_counts_the_groups_hosts(tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.node_count, args=(4, f"file://{tmp_path}/rdzv", BACKEND), nprocs=4,
+             join=True)
+
+
+@pytest.mark.parametrize("keys, want", [
+    (["a"], (1, None)), (["a", "a", "a", "a"], (1, None)),
+    (["a", "a", "b", "b"], (2, None)), (["x", "y", "z"], (3, None)),
+    (["a", "a", "b", "b", "c", "c"], (3, None)),
+    (["a", "b", "a", "b"], (1, "not in equal runs of consecutive ranks")),
+    (["a", "a", "b", "c"], (1, "which do not divide the ranks")),
+    (["a", "a", "a", "b"], (1, "not in equal runs of consecutive ranks")),
+    (["a", "a", "b", "b", "b", "b"], (1, "not in equal runs of consecutive ranks")),
+])
+def test_nodes_of_hosts(keys, want):
+    from eplb_native.updator import nodes_of_hosts
+
+    assert nodes_of_hosts(keys) == want
+
+
 def test_shutdown_after_a_fault_gives_its_groups_back(tmp_path):
     if BACKEND == "nccl" and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

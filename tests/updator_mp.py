@@ -588,3 +588,48 @@ def shutdown_after_fault(rank, world, init_method, backend):
     again.shutdown()
     dist.barrier()
     leave()
+
+
+def node_count(rank, world, init_method, backend):
+    """num_nodes unset: attach counts the EP group's hosts (one key per rank, gathered), as
+    vLLM counts its nodes; hosts in equal runs of consecutive ranks are the planner's nodes,
+    any other layout, or a count the config does not fit, plans as one node with a warning
+    (rank 0); a num_nodes set is kept as set. Host keys are patched per rank."""
+    import logging
+
+    import eplb_native.updator as updator_module
+
+    device = _setup(rank, world, init_method, backend)
+    group = dist.group.WORLD
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    logging.getLogger("eplb_native").addHandler(Keep(level=logging.WARNING))
+    for hosts, config, want, warning in [
+            ("aabb", {}, 2, None),
+            ("abab", {}, 1, "not in equal runs of consecutive ranks"),
+            ("aabb", {"num_groups": 6}, 1, "which the config does not fit (num_groups (6)"),
+            ("abcd", {"num_nodes": 2}, 2, None),
+            ("aaaa", {}, 1, None)]:
+        said.clear()
+        updator_module._host_key = lambda: f"host-{hosts[rank]}"  # noqa: B023
+        model, reference = Stack(group, 4, device), Stack(group, 4, device)
+        updator = eplb_native.attach(model, {"step_interval": 10**6, **config}, group)
+        assert updator.config.num_nodes == want, (hosts, config, updator.config.num_nodes)
+        warned = [m for m in said if "hosts" in m]
+        if warning is None or rank != 0:
+            assert not warned, warned
+        else:
+            assert len(warned) == 1 and warning in warned[0], warned
+        rng = np.random.default_rng(11)
+        target = np.stack([np.concatenate([rng.permutation(EXPERTS), rng.integers(0, EXPERTS, 4)])
+                           for _ in range(NUM_LAYERS)])
+        assert updator.move_to(target) == NUM_LAYERS
+        _run(model, reference, updator, 4, rank, device)
+        assert np.array_equal(updator.phy2log(), target)
+        updator.shutdown()
+    dist.barrier()
+    leave()

@@ -77,8 +77,12 @@ key (aliases)                      meaning                             default
                                    multiple; at most once a window)
 ``use_async``                      plan on the background thread       True
                                    (False: wait for the plan at once)
-``num_nodes``, ``num_groups``      topology for hierarchical policies  1, None
-                                   (groups: the model's expert groups;
+``num_nodes``, ``num_groups``      topology for hierarchical policies  None, None
+                                   (nodes None: the hosts of the EP
+                                   group, counted by attach as vLLM
+                                   counts them, where they hold equal
+                                   runs of consecutive ranks; else 1.
+                                   groups: the model's expert groups;
                                    None: those attach can tell, a
                                    transformers model's ``n_group``,
                                    as vLLM and SGLang take them; else
@@ -210,7 +214,8 @@ _INT_BOUNDS = {
     "num_nodes": (1, MAX_COUNT),
     "num_groups": (1, MAX_COUNT),
 }
-_OPTIONAL = ("num_redundant_experts", "window_size", "max_move_bytes_per_step", "num_groups")
+_OPTIONAL = ("num_redundant_experts", "window_size", "max_move_bytes_per_step", "num_groups",
+             "num_nodes")
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,7 @@ class EplbConfig:
     log_balancedness: bool = False
     log_balancedness_interval: int = 1
     use_async: bool = True
-    num_nodes: int = 1
+    num_nodes: int | None = None  # None: the EP group's hosts, counted at attach (else 1)
     num_groups: int | None = None  # None: the model's expert groups where attach can tell, else 1
     communicator: str | None = None
     enable_migration_batching: bool = False
@@ -281,6 +286,11 @@ class EplbConfig:
     def window_steps(self) -> int:
         """Steps of load each plan sees (``window_size``, else the heat interval)."""
         return self.window_size or self.expert_heat_collection_interval
+
+    @property
+    def node_count(self) -> int:
+        """The nodes the planner is given (``num_nodes``; 1 while unset: attach sets it)."""
+        return 1 if self.num_nodes is None else self.num_nodes
 
     @property
     def group_count(self) -> int:

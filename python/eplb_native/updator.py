@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
+import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -90,7 +92,7 @@ def check_config_fits(config: EplbConfig, num_logical: int, num_slots: int,
             config.num_redundant_experts != num_slots - num_logical):
         raise ValueError(f"num_redundant_experts ({config.num_redundant_experts}) must equal "
                          f"the layers' slots - experts ({num_slots} - {num_logical})")
-    nodes, groups = config.num_nodes, config.group_count
+    nodes, groups = config.node_count, config.group_count
     if num_ranks % nodes:
         raise ValueError(f"num_nodes ({nodes}) must divide the layers' ep_size ({num_ranks})")
     if _uses_groups(config) and num_logical % groups:
@@ -179,6 +181,8 @@ class Updator:
         else:
             self._move_group = self._cpu_group = None
         self.group = group
+        if config.num_nodes is None:  # (the first collective: every rank reaches it)
+            config = self.config = dataclasses.replace(config, num_nodes=self._count_nodes())
         self.stats = metrics.UpdatorStats()
         self._placement = placement
         # The adapters' tensors that are the layers' own parameters / buffers (by storage): a
@@ -333,6 +337,29 @@ class Updator:
                                    f"dtype from layer {first.name!r}")
         self._staging = [_staging_like(first.weights)
                          for _ in range(min(self.config.layers_per_step, self.num_layers))]
+
+    def _count_nodes(self) -> int:
+        """The nodes of the EP group for the planner: its hosts (one all-gather of a host key
+        on the CPU group), where each holds an equal run of consecutive ranks and that many
+        nodes fit the config (else 1, said once)."""
+        if self.num_ranks == 1:
+            return 1
+        keys: list = [None] * self.num_ranks
+        dist.all_gather_object(keys, _host_key(), group=self._cpu_group)
+        nodes, why = nodes_of_hosts(keys)
+        if why is None and nodes > 1:
+            try:
+                check_config_fits(dataclasses.replace(self.config, num_nodes=nodes),
+                                  self.num_logical, self.num_slots, self.num_ranks)
+            except ValueError as e:
+                why = f"which the config does not fit ({e})"
+        if why is None:
+            return nodes
+        if self.rank == 0:
+            logger.warning("eplb_native: the EP group's %d ranks are on %d hosts, %s: planned as "
+                           "one node (set num_nodes to choose)", self.num_ranks,
+                           len(set(keys)), why)
+        return 1
 
     def _agree_attach(self, error: Exception | None, target: np.ndarray | None,
                       placement: np.ndarray) -> None:
@@ -1033,11 +1060,39 @@ class Updator:
         self.shutdown()
 
 
+def _host_key() -> str:
+    """This machine, as the node count sees it: the kernel's boot id (shared by the containers
+    of one host, unlike their host names), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            key = f.read().strip()
+        if key:
+            return key
+    except (OSError, ValueError):
+        pass
+    return socket.gethostname()
+
+
+def nodes_of_hosts(keys: list) -> tuple[int, str | None]:
+    """(nodes, None) for the host key of each rank in rank order, where the hosts hold equal
+    runs of consecutive ranks (rank r on node r // (ranks / nodes), the planner's model of a
+    node, which torchrun and vLLM's launchers follow); else (1, why not)."""
+    hosts = list(dict.fromkeys(keys))
+    if len(hosts) == 1:
+        return 1, None
+    if len(keys) % len(hosts):
+        return 1, "which do not divide the ranks"
+    per = len(keys) // len(hosts)
+    if any(k != hosts[r // per] for r, k in enumerate(keys)):
+        return 1, "not in equal runs of consecutive ranks"
+    return len(hosts), None
+
+
 def _uses_groups(config: EplbConfig) -> bool:
     """Whether the planner places by the expert groups: hierarchical for every policy across
     nodes, and `deepseek`'s grouped path on one node too (DeepSeek's own rule, num_groups %
     num_nodes == 0)."""
-    groups, nodes = config.group_count, config.num_nodes
+    groups, nodes = config.group_count, config.node_count
     return groups > 1 and groups % nodes == 0 and (nodes > 1 or config.policy == "deepseek")
 
 
@@ -1051,7 +1106,7 @@ def _describe(config: EplbConfig) -> str:
          f"P2P on the EP group)" if config.communicator is not None else "",
          "; enable_migration_batching ignored (each layer's moves are posted as one batch)"
          if config.enable_migration_batching else ""])
-    topology = "".join([f", {config.num_nodes} nodes" if config.num_nodes > 1 else "",
+    topology = "".join([f", {config.node_count} nodes" if config.node_count > 1 else "",
                         f", {config.group_count} expert groups" if _uses_groups(config)
                         else ""])
     return (f"a {config.policy} plan{topology} every {config.expert_heat_collection_interval} "
