@@ -194,6 +194,17 @@ def test_plan_last_window_and_other_formats(tmp_path):
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
 
 
+def test_plan_of_an_npz_trace_loads_no_torch(tmp_path, small_trace):
+    """plan (numpy trace, default placement) runs without importing torch: about a second of
+    start-up less a run (it came in through the default placement's module)."""
+    code = ("import sys; from eplb_native import cli; rc = cli.main(['plan', '--load', "
+            f"{str(small_trace)!r}, '--ranks', '4', '-o', 'm.json']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split()[-2:] == ["0", "False"], (proc.stdout, proc.stderr)
+
+
 def test_plan_from_old_map_min_move(tmp_path, small_trace):
     first = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--redundant", 4,
                                "-o", "old.json", "--json", cwd=tmp_path).stdout)

@@ -25,8 +25,12 @@ Per layer (these functions work on one layer; stack them for [L, ...]):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from ._util import validate_phy2log  # noqa: F401  (part of this module's API)
 
@@ -67,6 +71,8 @@ def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int, *,
     mine = p2l[rank * per_rank:(rank + 1) * per_rank]
     for s in range(per_rank - 1, -1, -1):  # backwards so the first local replica wins
         local[mine[s]] = s
+    import torch  # (here: the CLI's planning, which uses the rest of this module, loads no torch)
+
     return torch.from_numpy(log2phy), torch.from_numpy(logcnt), torch.from_numpy(local)
 
 

@@ -285,8 +285,9 @@ def load_trace(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     if ext == ".npz":
         raw, meta = _read_npz(src)
     elif ext == ".npy":
+        stream = _seekable(src)
         try:
-            raw = np.load(src, allow_pickle=False)
+            raw = np.load(stream, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any parse failure of the header or data
             raise ValueError(f"{src}: not a valid .npy array file ({_short(e)})") from None
         if not isinstance(raw, np.ndarray):
@@ -337,6 +338,19 @@ def _check_kind(src: str, ext: str) -> None:
         "the file is empty)" if not head else f"it starts with bytes {head[:4]!r})"))
 
 
+def _seekable(src: str):
+    """``src`` itself for a regular file; a pipe or device (a FIFO, /dev/stdin, a process
+    substitution) read whole into memory, as numpy's and torch's readers seek (the .npz reader
+    reads whole files anyway)."""
+    if os.path.isfile(src):
+        return src
+    try:
+        with open(src, "rb") as f:
+            return io.BytesIO(f.read())
+    except OSError as e:
+        raise OSError(e.errno, f"{src}: {e.strerror}") from None
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]
@@ -369,8 +383,9 @@ def _read_npz(src: str):
 def _read_pt(src: str):
     import torch
 
+    stream = _seekable(src)
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        obj = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
         raise ValueError(f"{src}: not a loadable torch file ({_short(e)})") from None
     meta: dict = {}
