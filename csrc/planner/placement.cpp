@@ -193,28 +193,24 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
   // Up to this many slots per rank the O(S^2) direct match beats the counters.
   constexpr int64_t kFewSlots = 4;
   // With ids known to lie in [0, E): per-expert counters instead of a search per old slot
-  // (O(S) per rank, not O(S^2)), the same result. need[v]: copies of v still wanted on the
-  // rank; skip[v]: copies of v kept in their old slots, which the fill below passes over (the
-  // first ones in the new order, as the search would have taken them). Both are all zero
-  // between ranks (each rank clears what it set), so a layer does not clear E entries twice;
-  // need[E] stays 0 and stands for any id outside [0, E), which is never kept.
+  // (O(S) per rank, not O(S^2)), the same result. need[v]: copies of v on the rank not kept
+  // yet. It is all zero between ranks (each rank takes back what it added), so a layer does
+  // not clear E entries; need[E] stays 0 and stands for any id outside [0, E), never kept.
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     std::vector<int64_t> pending, rest;
     std::vector<char> fixed;
-    std::vector<int32_t> need, skip;
+    std::vector<int32_t> need;
   } tls;
   auto& pending = tls.pending;
   auto& fixed = tls.fixed;
   fixed.resize(static_cast<size_t>(S));
   pending.resize(static_cast<size_t>(S));
-  tls.rest.resize(static_cast<size_t>(S));
-  int64_t* rest = tls.rest.data();
-  if (E > 0 && tls.need.size() < static_cast<size_t>(E) + 1) {
+  tls.rest.resize(static_cast<size_t>(S) + 1);
+  int64_t* rest = tls.rest.data() + 1;  // (rest[-1]: the backward fill's write past the front)
+  if (E > 0 && tls.need.size() < static_cast<size_t>(E) + 1)
     tls.need.resize(static_cast<size_t>(E) + 1, 0);
-    tls.skip.resize(static_cast<size_t>(E) + 1, 0);
-  }
   int32_t* need = tls.need.data();
-  int32_t* skip = tls.skip.data();
+  char* keep_slot = fixed.data();
   for (int64_t l = 0; l < s.num_layers; ++l) {
     for (int64_t r = 0; r < s.num_ranks; ++r) {
       int64_t* row = phy2log + l * s.num_physical + r * S;
@@ -248,33 +244,37 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
         continue;
       }
       if (in_range) {
-        // Branch-free: which slots keep their expert is data.
-        for (int64_t j = 0; j < S; ++j) pending[static_cast<size_t>(j)] = row[j];
+        // Branch-free: which slots keep their expert is data. The row is read in full before
+        // the last pass writes it.
         for (int64_t j = 0; j < S; ++j) ++need[row[j]];
+        int64_t num_kept = 0;
         for (int64_t j = 0; j < S; ++j) {
           const int64_t v = old_row[j];
           const int64_t k = static_cast<uint64_t>(v) < static_cast<uint64_t>(E) ? v : E;
           const bool keep = need[k] > 0;
           need[k] -= keep;
-          skip[k] += keep;
-          fixed[static_cast<size_t>(j)] = keep;
+          keep_slot[j] = keep;
+          num_kept += keep;
         }
-        // The new experts left for the other slots, in the new order.
-        int64_t num_rest = 0;
-        for (int64_t j = 0; j < S; ++j) {
-          const int64_t v = pending[static_cast<size_t>(j)];
-          const bool kept = skip[v] > 0;
-          skip[v] -= kept;
-          rest[num_rest] = v;
-          num_rest += !kept;
+        // The new experts left for the other slots, in the new order. A kept slot takes the
+        // first copies of its expert in the new order (as the search does), so the ones left
+        // are the last need[v] copies of each v: walking the row backwards takes them, filling
+        // rest from its back, and brings need back to zero.
+        int64_t free_end = S - num_kept;
+        for (int64_t j = S - 1; j >= 0; --j) {
+          const int64_t v = row[j];
+          const bool left = need[v] > 0;
+          need[v] -= left;
+          rest[free_end - 1] = v;  // (overwritten by the next one taken when not taken)
+          free_end -= left;
         }
+        if (num_kept == 0) continue;  // the row as it is
         int64_t next = 0;
         for (int64_t j = 0; j < S; ++j) {
-          const bool keep = fixed[static_cast<size_t>(j)];
+          const bool keep = keep_slot[j];
           row[j] = keep ? old_row[j] : rest[next];
           next += !keep;
         }
-        for (int64_t j = 0; j < S; ++j) need[pending[static_cast<size_t>(j)]] = 0;
         continue;
       }
       // Multiset of the new experts of this rank; each old slot whose expert is still wanted
