@@ -33,7 +33,8 @@ constexpr int64_t kScanPacks = 8;
 // Buckets of weights on a logarithmic scale, in weight order: bucket(i) = (hi - bits_i) >> shift
 // where bits_i is the bit pattern of w[i] (monotone in the value for doubles >= 0; + 0.0 turns
 // -0.0 into +0.0) and hi the largest; bucket 0 holds the heaviest, a heavier weight never has a
-// larger bucket, and there are fewer than 2n + 1 buckets. Sorting or selecting by bucket first
+// larger bucket, and there are fewer than limit + 1 buckets (2n unless given). Sorting or
+// selecting by bucket first
 // leaves only weights that share a bucket to compare exactly, and needs no data-dependent
 // branches (std::sort / std::nth_element mispredict about every other comparison).
 struct BitBuckets {
@@ -41,19 +42,33 @@ struct BitBuckets {
   int shift = 0;
   int64_t count = 0;  // number of buckets
 
-  // bits: [n] out. w: [n], finite and >= 0, n >= 1.
-  BitBuckets(const double* w, int64_t n, uint64_t* bits) {
-    uint64_t lo = ~uint64_t{0};
-    for (int64_t i = 0; i < n; ++i) {
+  // bits: [n] out. w: [n], finite and >= 0, n >= 1. limit: 0 for 2n, else >= 1.
+  BitBuckets(const double* w, int64_t n, uint64_t* bits, uint64_t limit = 0) {
+    // Four running minima and maxima: one pair would be a chain of dependent selects.
+    uint64_t lo4[4] = {~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}};
+    uint64_t hi4[4] = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const double v = w[i + k] + 0.0;
+        std::memcpy(&bits[i + k], &v, sizeof v);
+        lo4[k] = std::min(lo4[k], bits[i + k]);
+        hi4[k] = std::max(hi4[k], bits[i + k]);
+      }
+    }
+    for (; i < n; ++i) {
       const double v = w[i] + 0.0;
       std::memcpy(&bits[i], &v, sizeof v);
-      lo = std::min(lo, bits[i]);
-      hi = std::max(hi, bits[i]);
+      lo4[0] = std::min(lo4[0], bits[i]);
+      hi4[0] = std::max(hi4[0], bits[i]);
     }
-    // The smallest shift with (hi - lo) >> shift < 2n: the one that leaves (hi - lo) as many
-    // bits as 2n has, or one more (a loop from 0 took about 46 steps on real loads, each
-    // waiting for the last).
-    const uint64_t span = hi - lo, limit = static_cast<uint64_t>(2 * n);
+    const uint64_t lo = std::min(std::min(lo4[0], lo4[1]), std::min(lo4[2], lo4[3]));
+    hi = std::max(std::max(hi4[0], hi4[1]), std::max(hi4[2], hi4[3]));
+    // The smallest shift with (hi - lo) >> shift < limit: the one that leaves (hi - lo) as
+    // many bits as limit has, or one more (a loop from 0 took about 46 steps on real loads,
+    // each waiting for the last).
+    const uint64_t span = hi - lo;
+    if (limit == 0) limit = static_cast<uint64_t>(2 * n);
     const auto bit_length = [](uint64_t x) { return x == 0 ? 0 : 64 - __builtin_clzll(x); };
     shift = std::max(0, bit_length(span) - bit_length(limit));
     while ((span >> shift) >= limit) ++shift;
@@ -158,12 +173,16 @@ inline void Replicate(const double* w, int64_t n, int64_t num_phy, int64_t* cnt,
 
 // order [n] out: 0 .. n-1 sorted by w descending, lower index first on equal weight (a strict
 // total order, so the result is that of any correct sort). w: [n], finite and >= 0.
-// A bucket pass then an insertion pass, O(n) for spread-out weights (std::sort on n = 288 took
-// about 4 us of a 20 us DeepSeek layer): the bit pattern of a double >= 0 is monotone in its
-// value (+ 0.0 turns -0.0 into +0.0), so its high bits (exponent, leading mantissa bits: a
-// logarithmic scale) give each weight a bucket whose order agrees with the weights'. A stable
-// counting sort by bucket leaves only weights sharing a bucket out of order, which the insertion
-// pass with the exact comparison fixes; it falls back to std::sort if that gets long.
+// A two-pass radix sort on a bucket key, then an insertion pass, O(n) for spread-out weights
+// (std::sort on n = 288 took about 4 us of a 20 us DeepSeek layer): the bit pattern of a
+// double >= 0 is monotone in its value (+ 0.0 turns -0.0 into +0.0), so its high bits
+// (exponent, leading mantissa bits: a logarithmic scale) give each weight a key whose order
+// agrees with the weights' (BitBuckets). The key has two digits of `digit` bits, about
+// 30 n key values in all (one pass over 2n buckets left about a fifth of the items out of
+// order, each a mispredicted branch or two in the insertion pass; two passes over two small
+// digit ranges cost less). The passes are stable (least significant digit first), so only
+// weights sharing a key are left out of order, which the insertion pass with the exact
+// comparison fixes; it falls back to std::sort if that gets long.
 inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
   if (n <= 1) {
     if (n == 1) order[0] = 0;
@@ -171,41 +190,64 @@ inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
   }
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     std::vector<uint64_t> bits;
-    std::vector<uint32_t> start;
-    std::vector<std::pair<uint64_t, int64_t>> items;  // (bits, index)
+    std::vector<uint32_t> key, start, by_low;
   } tls;
+  // digit: bits per digit, 2^(2 digit) >= 16 (2n) key values (at least 4 bits a digit).
+  int digit = 4;
+  while ((uint64_t{1} << (2 * digit)) < static_cast<uint64_t>(32 * n) && digit < 16) ++digit;
+  const uint32_t radix = uint32_t{1} << digit, low_mask = radix - 1;
   auto& bits = tls.bits;
   bits.resize(Z(n));
-  const BitBuckets bucket(w, n, bits.data());
-  auto& start = tls.start;
-  start.assign(Z(bucket.count) + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++start[bucket(bits[Z(i)]) + 1];
-  // The running sum in a register: start[k] += start[k - 1] would wait on each previous store.
-  uint32_t sum = 0;
-  for (uint32_t& k : start) k = sum += k;
-  auto& items = tls.items;
-  items.resize(Z(n));
+  const BitBuckets bucket(w, n, bits.data(), uint64_t{1} << (2 * digit));
+  auto& key = tls.key;
+  key.resize(Z(n));
+  auto& start = tls.start;  // [0, radix): low digit, [radix, 2 radix): high digit
+  start.assign(2 * Z(radix), 0);
+  uint32_t* low_start = start.data();
+  uint32_t* high_start = start.data() + radix;
   for (int64_t i = 0; i < n; ++i) {
-    const uint64_t b = bits[Z(i)];
-    items[start[bucket(b)]++] = {b, i};
+    const auto k = static_cast<uint32_t>(bucket(bits[Z(i)]));
+    key[Z(i)] = k;
+    ++low_start[k & low_mask];
+    ++high_start[k >> digit];
   }
-  // Within a bucket the items are in index order (stable scatter): only heavier items further
-  // on move forward. Strict comparison keeps equal weights in index order.
+  // Exclusive prefix sums, the running sums in registers: start[k] += start[k - 1] would wait
+  // on each previous store.
+  uint32_t low_sum = 0, high_sum = 0;
+  for (uint32_t d = 0; d < radix; ++d) {
+    const uint32_t l = low_start[d], h = high_start[d];
+    low_start[d] = low_sum;
+    high_start[d] = high_sum;
+    low_sum += l;
+    high_sum += h;
+  }
+  auto& by_low = tls.by_low;
+  by_low.resize(Z(n));
+  for (int64_t i = 0; i < n; ++i)
+    by_low[low_start[key[Z(i)] & low_mask]++] = static_cast<uint32_t>(i);
+  for (int64_t t = 0; t < n; ++t) {
+    const uint32_t i = by_low[Z(t)];
+    order[high_start[key[i] >> digit]++] = i;
+  }
+  // Within a key the items are in index order (stable passes): only heavier items further on
+  // move forward. Strict comparison keeps equal weights in index order.
   int64_t moves = 0;
   const int64_t max_moves = 8 * n + 64;
-  for (int64_t i = 1; i < n && moves <= max_moves; ++i) {
-    const auto x = items[Z(i)];
-    int64_t j = i;
-    for (; j > 0 && items[Z(j - 1)].first < x.first; --j) items[Z(j)] = items[Z(j - 1)];
-    items[Z(j)] = x;
-    moves += i - j;
+  const uint64_t* b = bits.data();
+  for (int64_t t = 1; t < n && moves <= max_moves; ++t) {
+    const int64_t x = order[t];
+    const uint64_t bx = b[x];
+    if (!(b[order[t - 1]] < bx)) continue;
+    int64_t j = t;
+    for (; j > 0 && b[order[j - 1]] < bx; --j) order[j] = order[j - 1];
+    order[j] = x;
+    moves += t - j;
   }
   if (moves > max_moves) {
-    std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
+    std::iota(order, order + n, 0);
+    std::sort(order, order + n,
+              [b](int64_t x, int64_t y) { return b[x] > b[y] || (b[x] == b[y] && x < y); });
   }
-  for (int64_t i = 0; i < n; ++i) order[i] = items[Z(i)].second;
 }
 
 // BalancedPacking's greedy on integer keys for one item set, paused before item `next` (in

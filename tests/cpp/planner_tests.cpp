@@ -369,6 +369,16 @@ int main() {
       CHECK(added == RefReplicate(w, num_phy, &ref_cnt) && cnt == ref_cnt);
     }
   });
+  Run("SortHeaviestFirst matches its reference on large item counts (wider radix digits)", [] {
+    std::mt19937_64 rng(15);
+    for (int it = 0; it < 60; ++it) {
+      const auto n = static_cast<int64_t>(1 + rng() % 5000);
+      const std::vector<double> w = RandomWeights(rng, n);
+      std::vector<int64_t> order(w.size());
+      eplb::detail::SortHeaviestFirst(w.data(), n, order.data());
+      CHECK(order == RefOrder(w));
+    }
+  });
   Run("distinct ranks: no repeat on a rank, topology kept, every policy, or a named refusal", [] {
     std::mt19937_64 rng(41);
     int64_t planned = 0, refused = 0;
