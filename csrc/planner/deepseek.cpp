@@ -38,6 +38,11 @@ void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy, in
 }  // namespace
 
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank) {
+  DeepSeekLayers(load, shape, 1, phy2log, phyrank);
+}
+
+void DeepSeekLayers(const double* load, const Shape& shape, int64_t num_layers, int64_t* phy2log,
+                    int64_t* phyrank) {
   // (groups that do not divide the experts: Plan refuses that shape for `deepseek`; the other
   // policies, which start from this placement, take the global one there)
   const bool hier = shape.deepseek_grouped() && shape.num_logical % shape.num_groups == 0;
@@ -47,9 +52,11 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   const int64_t R = shape.num_ranks;
   const int64_t group_size = E / G, groups_per_node = G / N, slots_per_rank = P / R;
   const int64_t log_per_node = E / N, phy_per_node = P / N, ranks_per_node = R / N;
+  const int64_t layers = num_layers;
 
   // 1. groups -> nodes. mlog ("meta-logical") numbers experts node by node.
   // Scratch is per thread and kept between layers: no heap allocation per layer once warm.
+  // Each array holds the layers side by side.
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     std::vector<double> group_load;
     std::vector<double> node_load;
@@ -79,51 +86,71 @@ void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int
   // division per expert (one costs as much as the rest of the loop body many times over). With
   // one group per node (global: one group, one node) the packing is 0, 1, ... whatever the
   // loads: no sums (the global one would be a chain of E dependent additions).
-  group_load.assign(Z(G), 0.0);
+  group_load.assign(Z(layers * G), 0.0);
   if (G > N) {
-    for (int64_t k = 0; k < group_size; ++k)
-      for (int64_t g = 0; g < G; ++g) group_load[Z(g)] += load[g * group_size + k];
+    for (int64_t l = 0; l < layers; ++l) {
+      const double* w = load + l * E;
+      double* gl = group_load.data() + l * G;
+      for (int64_t k = 0; k < group_size; ++k)
+        for (int64_t g = 0; g < G; ++g) gl[g] += w[g * group_size + k];
+    }
   }
-  detail::BalancedPacking(group_load, N, &group_pack, &group_rank);
-  mlog2log.resize(Z(E));
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t base = (group_pack[Z(g)] * groups_per_node + group_rank[Z(g)]) * group_size;
-    for (int64_t k = 0; k < group_size; ++k) mlog2log[Z(base + k)] = g * group_size + k;
+  group_pack.resize(Z(layers * G));
+  group_rank.resize(Z(layers * G));
+  detail::BalancedPacking(group_load.data(), layers, G, N, group_pack.data(), group_rank.data());
+  mlog2log.resize(Z(layers * E));
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t* gp = group_pack.data() + l * G;
+    const int64_t* gr = group_rank.data() + l * G;
+    int64_t* m2l = mlog2log.data() + l * E;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t base = (gp[g] * groups_per_node + gr[g]) * group_size;
+      for (int64_t k = 0; k < group_size; ++k) m2l[base + k] = g * group_size + k;
+    }
   }
 
   // 2. replicate inside each node; node n's physical experts at [n * phy_per_node, ...).
-  node_load.resize(Z(E));
-  phy_load.resize(Z(P));
-  phy2mlog.resize(Z(P));
-  node_phyrank.resize(Z(P));
-  mlogcnt.resize(Z(E));
-  for (int64_t n = 0; n < N; ++n) {
-    double* w = node_load.data() + n * log_per_node;
-    for (int64_t i = 0; i < log_per_node; ++i) w[i] = load[mlog2log[Z(n * log_per_node + i)]];
-    int64_t* phy = phy2mlog.data() + n * phy_per_node;
-    int64_t* cnt = mlogcnt.data() + n * log_per_node;
-    ReplicateExperts(w, log_per_node, phy_per_node, phy, node_phyrank.data() + n * phy_per_node,
-                     cnt);
-    // Loads per replica. Only the replicated experts need a division (divisions are slow; x / 1
-    // is x): each such expert is among the added slots, which fix up its first slot as well.
-    double* per = phy_load.data() + n * phy_per_node;
-    std::copy(w, w + log_per_node, per);
-    for (int64_t j = log_per_node; j < phy_per_node; ++j) {
-      const int64_t m = phy[j];
-      per[j] = per[m] = w[m] / static_cast<double>(cnt[m]);
+  node_load.resize(Z(layers * E));
+  phy_load.resize(Z(layers * P));
+  phy2mlog.resize(Z(layers * P));
+  node_phyrank.resize(Z(layers * P));
+  mlogcnt.resize(Z(layers * E));
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t* m2l = mlog2log.data() + l * E + n * log_per_node;
+      const double* layer_load = load + l * E;
+      double* w = node_load.data() + l * E + n * log_per_node;
+      for (int64_t i = 0; i < log_per_node; ++i) w[i] = layer_load[m2l[i]];
+      int64_t* phy = phy2mlog.data() + l * P + n * phy_per_node;
+      int64_t* cnt = mlogcnt.data() + l * E + n * log_per_node;
+      ReplicateExperts(w, log_per_node, phy_per_node, phy,
+                       node_phyrank.data() + l * P + n * phy_per_node, cnt);
+      // Loads per replica. Only the replicated experts need a division (divisions are slow;
+      // x / 1 is x): each such expert is among the added slots, which fix up its first slot
+      // as well.
+      double* per = phy_load.data() + l * P + n * phy_per_node;
+      std::copy(w, w + log_per_node, per);
+      for (int64_t j = log_per_node; j < phy_per_node; ++j) {
+        const int64_t m = phy[j];
+        per[j] = per[m] = w[m] / static_cast<double>(cnt[m]);
+      }
     }
   }
-  // 3. physical experts -> ranks of their node, all nodes at once (BalancedPacking interleaves
-  // the nodes' greedy steps).
-  pack.resize(Z(P));
-  rank_in_pack.resize(Z(P));
-  detail::BalancedPacking(phy_load.data(), N, phy_per_node, ranks_per_node, pack.data(),
+  // 3. physical experts -> ranks of their node, all nodes of all layers at once
+  // (BalancedPacking interleaves their greedy steps).
+  pack.resize(Z(layers * P));
+  rank_in_pack.resize(Z(layers * P));
+  detail::BalancedPacking(phy_load.data(), layers * N, phy_per_node, ranks_per_node, pack.data(),
                           rank_in_pack.data());
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t j = n * phy_per_node; j < (n + 1) * phy_per_node; ++j) {
-      const int64_t slot = n * phy_per_node + pack[Z(j)] * slots_per_rank + rank_in_pack[Z(j)];
-      phy2log[slot] = mlog2log[Z(phy2mlog[Z(j)] + n * log_per_node)];
-      phyrank[slot] = node_phyrank[Z(j)];
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t* m2l = mlog2log.data() + l * E;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t j = n * phy_per_node; j < (n + 1) * phy_per_node; ++j) {
+        const auto z = Z(l * P + j);
+        const int64_t slot = n * phy_per_node + pack[z] * slots_per_rank + rank_in_pack[z];
+        phy2log[l * P + slot] = m2l[phy2mlog[z] + n * log_per_node];
+        phyrank[l * P + slot] = node_phyrank[z];
+      }
     }
   }
 }

@@ -13,6 +13,11 @@ namespace eplb {
 // load: [E]; phy2log: [P] out; phyrank: [P] out, the replica ordinal of each slot (0 = first
 // copy), which orders DeepSeek's log2phy columns.
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank);
+// DeepSeekLayer on num_layers layers at once: load [num_layers, E], phy2log and phyrank
+// [num_layers, P] out; the same placements. The layers' greedy packings run interleaved (each
+// is a chain of dependent steps; the core overlaps independent chains).
+void DeepSeekLayers(const double* load, const Shape& shape, int64_t num_layers, int64_t* phy2log,
+                    int64_t* phyrank);
 
 // Best balance found for one layer under the same topology rules as DeepSeekLayer:
 // BalancedSearchLayer, then RefineLayer (refine.cpp).

@@ -379,6 +379,27 @@ int main() {
       CHECK(order == RefOrder(w));
     }
   });
+  Run("DeepSeekLayers on several layers equals DeepSeekLayer on each", [] {
+    std::mt19937_64 rng(16);
+    for (int it = 0; it < 300; ++it) {
+      const eplb::Shape s = RandomShape(rng);
+      const int64_t layers = 1 + static_cast<int64_t>(rng() % 5);
+      const auto P = static_cast<size_t>(s.num_physical);
+      std::vector<double> load;
+      for (int64_t l = 0; l < layers; ++l) {
+        const std::vector<double> w = RandomWeights(rng, s.num_logical);
+        load.insert(load.end(), w.begin(), w.end());
+      }
+      std::vector<int64_t> phy(P * static_cast<size_t>(layers)), rank(phy.size());
+      eplb::DeepSeekLayers(load.data(), s, layers, phy.data(), rank.data());
+      std::vector<int64_t> one_phy(P), one_rank(P);
+      for (int64_t l = 0; l < layers; ++l) {
+        eplb::DeepSeekLayer(load.data() + l * s.num_logical, s, one_phy.data(), one_rank.data());
+        CHECK(std::equal(one_phy.begin(), one_phy.end(), phy.begin() + l * s.num_physical));
+        CHECK(std::equal(one_rank.begin(), one_rank.end(), rank.begin() + l * s.num_physical));
+      }
+    }
+  });
   Run("distinct ranks: no repeat on a rank, topology kept, every policy, or a named refusal", [] {
     std::mt19937_64 rng(41);
     int64_t planned = 0, refused = 0;
