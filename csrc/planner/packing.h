@@ -486,12 +486,20 @@ inline void BalancedPacking(const double* weight, int64_t count, int64_t n, int6
     const int64_t i = g.order[t];
     const auto p = static_cast<int64_t>(root & mask);
     g.pack[i] = p;
-    g.rank_in_pack[i] = g.items[p]++;
+    const int64_t filled = g.items[p]++;
+    g.rank_in_pack[i] = filled;
     // The pack's weight from its key (make_key inverted): shorter than its reload from memory
-    // on the path from one pick to the next.
+    // on the path from one pick to the next. Integer selects, no branches: a pack filling up
+    // (once per pack) and an empty pack (bit pattern 0 is +0.0) are data, and a mispredicted
+    // branch costs as much as a few picks.
     const uint64_t rank = root >> index_bits;
-    const double weight_p = (rank > 0 ? bits_to_double(rank + g.base - 1) : 0.0) + g.w[i];
-    uint64_t ck = g.items[p] == per_pack ? kFullKey : make_key(weight_p, p, g.base);
+    const double weight_p = bits_to_double(rank > 0 ? rank + g.base - 1 : 0) + g.w[i];
+    // make_key(weight_p, p, base): weight_p is never -0.0 (+0.0 + -0.0 is +0.0), so its bit
+    // pattern is 0 exactly when it is 0.
+    const uint64_t b = bits_of(weight_p);
+    const uint64_t weight_rank = b != 0 ? b - g.base + 1 : 0;
+    const uint64_t full = 0 - static_cast<uint64_t>(filled + 1 == per_pack);  // all ones if full
+    uint64_t ck = (weight_rank << index_bits) | static_cast<uint64_t>(p) | full;
     int64_t v = leaves + p;
     g.tree[v] = ck;
     while (v > 1) {
