@@ -21,13 +21,14 @@ namespace {
 using detail::Z;
 
 // ReplicateExperts as DeepSeek states it: phy2log [num_phy] lists each expert once, then the
-// extra replicas in the order they were added; phyrank [num_phy] is each slot's replica ordinal;
-// logcnt [num_log]. All out.
+// extra replicas in the order they were added; phyrank [num_phy] is each slot's replica ordinal
+// (nullptr: not wanted); logcnt [num_log]. All out.
 void ReplicateExperts(const double* weight, int64_t num_log, int64_t num_phy, int64_t* phy2log,
                       int64_t* phyrank, int64_t* logcnt) {
   std::iota(phy2log, phy2log + num_log, 0);
-  std::fill_n(phyrank, num_log, 0);
   detail::Replicate(weight, num_log, num_phy, logcnt, phy2log + num_log);
+  if (phyrank == nullptr) return;
+  std::fill_n(phyrank, num_log, 0);
   // Replica ordinals: the k-th added copy of an expert is its replica k.
   thread_local std::vector<int64_t> seen_tls;
   auto& seen = seen_tls;  // bound once: each use of a thread_local costs a TLS lookup
@@ -123,8 +124,9 @@ void DeepSeekLayers(const double* load, const Shape& shape, int64_t num_layers, 
       for (int64_t i = 0; i < log_per_node; ++i) w[i] = layer_load[m2l[i]];
       int64_t* phy = phy2mlog.data() + l * P + n * phy_per_node;
       int64_t* cnt = mlogcnt.data() + l * E + n * log_per_node;
-      ReplicateExperts(w, log_per_node, phy_per_node, phy,
-                       node_phyrank.data() + l * P + n * phy_per_node, cnt);
+      ReplicateExperts(
+          w, log_per_node, phy_per_node, phy,
+          phyrank != nullptr ? node_phyrank.data() + l * P + n * phy_per_node : nullptr, cnt);
       // Loads per replica. Only the replicated experts need a division (divisions are slow;
       // x / 1 is x): each such expert is among the added slots, which fix up its first slot
       // as well.
@@ -149,7 +151,7 @@ void DeepSeekLayers(const double* load, const Shape& shape, int64_t num_layers, 
         const auto z = Z(l * P + j);
         const int64_t slot = n * phy_per_node + pack[z] * slots_per_rank + rank_in_pack[z];
         phy2log[l * P + slot] = m2l[phy2mlog[z] + n * log_per_node];
-        phyrank[l * P + slot] = node_phyrank[z];
+        if (phyrank != nullptr) phyrank[l * P + slot] = node_phyrank[z];  // (the same each time)
       }
     }
   }

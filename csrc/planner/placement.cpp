@@ -324,10 +324,9 @@ void DistinctPlan(const double* w, const Shape& one, const PlanOptions& options,
   if (options.policy == Policy::kBalanced) {
     // (on every layer: the constrained search from balanced's own placement can end above
     // DeepSeek's even where DeepSeek's repeats nothing, review)
-    thread_local std::vector<int64_t> alt, rank;
+    thread_local std::vector<int64_t> alt;
     alt.resize(P);
-    rank.resize(P);
-    DeepSeekLayer(w, one, alt.data(), rank.data());
+    DeepSeekLayer(w, one, alt.data(), nullptr);
     RefineLayer(w, one, alt.data());
     DistinctLayer(w, one, kDistinctRepairOnly, alt.data());
     if (MaxRankLoad(w, alt.data(), one) < MaxRankLoad(w, dst, one))
@@ -376,15 +375,14 @@ void DistinctPlan(const double* w, const Shape& one, const PlanOptions& options,
 constexpr double kDistinctSlack = 1e-3;
 void PreferDistinct(const double* w, const Shape& one, const PlanOptions& options, int64_t* dst) {
   const auto P = static_cast<size_t>(one.num_physical);
-  thread_local std::vector<int64_t> alt, ds, rank;
+  thread_local std::vector<int64_t> alt, ds;
   alt.assign(dst, dst + P);
   ds.resize(P);
-  rank.resize(P);
   PlanOptions d = options;
   d.policy = Policy::kBalanced;  // (min_move's reference comes here too)
   d.distinct_ranks = true;
   DistinctPlan(w, one, d, -1.0, nullptr, nullptr, 0.0, alt.data());
-  DeepSeekLayer(w, one, ds.data(), rank.data());
+  DeepSeekLayer(w, one, ds.data(), nullptr);
   const double m = MaxRankLoad(w, alt.data(), one);
   if (m <= MaxRankLoad(w, dst, one) * (1.0 + kDistinctSlack) && m <= MaxRankLoad(w, ds.data(), one))
     std::copy(alt.begin(), alt.end(), dst);
@@ -400,11 +398,10 @@ void BalancedPlan(const double* w, const Shape& one, const PlanOptions& options,
     // order by group load), `balanced` the global one, which can end above it on a layer
     // (tied loads; found by a sanitizer fuzz). DeepSeek's placement refined instead where it
     // is lower (refining never raises the max).
-    thread_local std::vector<int64_t> grouped_tls, rank_tls;
+    thread_local std::vector<int64_t> grouped_tls;
     auto& grouped = grouped_tls;
     grouped.resize(static_cast<size_t>(one.num_physical));
-    rank_tls.resize(static_cast<size_t>(one.num_physical));
-    DeepSeekLayer(w, one, grouped.data(), rank_tls.data());
+    DeepSeekLayer(w, one, grouped.data(), nullptr);
     if (MaxRankLoad(w, grouped.data(), one) < MaxRankLoad(w, dst, one)) {
       RefineLayer(w, one, grouped.data());
       std::copy(grouped.begin(), grouped.end(), dst);
@@ -453,7 +450,7 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   out.shape = shape;
   out.phy2log.assign(static_cast<size_t>(L * P), -1);
   // DeepSeek orders log2phy columns by replica ordinal, the others by slot; the ordinals are
-  // kept only where they are used (elsewhere DeepSeekLayer writes them to per-thread scratch).
+  // computed only where they are used.
   const bool by_ordinal =
       options.policy == Policy::kDeepSeek && old_phy2log == nullptr && !options.distinct_ranks;
   std::vector<int64_t> phyrank(by_ordinal ? static_cast<size_t>(L * P) : 0);
@@ -484,13 +481,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     const int64_t batch = std::max<int64_t>(1, 4 / nodes);
     ForEachLayer((L + batch - 1) / batch, options.threads, [&](int64_t b) {
       const int64_t first = b * batch, count = std::min(batch, L - first);
-      int64_t* rank = phyrank.data() + first * P;
-      if (!by_ordinal) {
-        thread_local std::vector<int64_t> rank_tls;
-        rank_tls.resize(static_cast<size_t>(count * P));
-        rank = rank_tls.data();
-      }
-      DeepSeekLayers(load + first * E, one, count, out.phy2log.data() + first * P, rank);
+      DeepSeekLayers(load + first * E, one, count, out.phy2log.data() + first * P,
+                     by_ordinal ? phyrank.data() + first * P : nullptr);
     });
   }
   ForEachLayer(L, options.threads, [&](int64_t l) {

@@ -11,7 +11,7 @@ namespace eplb {
 
 // DeepSeek EPLB for one layer: grouped when shape.deepseek_grouped(), else global.
 // load: [E]; phy2log: [P] out; phyrank: [P] out, the replica ordinal of each slot (0 = first
-// copy), which orders DeepSeek's log2phy columns.
+// copy), which orders DeepSeek's log2phy columns; nullptr where not wanted.
 void DeepSeekLayer(const double* load, const Shape& shape, int64_t* phy2log, int64_t* phyrank);
 // DeepSeekLayer on num_layers layers at once: load [num_layers, E], phy2log and phyrank
 // [num_layers, P] out; the same placements. The layers' greedy packings run interleaved (each
