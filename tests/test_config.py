@@ -1,9 +1,11 @@
-"""EplbConfig: both vocabularies, the wrapper, and errors naming the key (fuzzed)."""
+"""EplbConfig: the peers' vocabularies (vLLM, vllm-ascend, SGLang), the wrapper, and errors
+naming the key (fuzzed)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 
 import pytest
@@ -438,6 +440,7 @@ def _valid_values():
         "transfer_timeout_s": st.floats(0.001, 604800) | st.integers(1, 604800),
         "expert_map_record_path": st.none() | st.text(min_size=1, max_size=8),
         "communicator": st.sampled_from([None, "torch_nccl", "pynccl"]),
+        "balancedness_threshold": st.floats(0, 1) | st.sampled_from([0, 1]),
         "eplb_heat_collection_stage": st.just("all")})
 
 
@@ -702,3 +705,455 @@ def test_num_groups_unset_is_the_models_or_one():
     assert EplbConfig().num_groups is None and EplbConfig().group_count == 1
     assert EplbConfig.parse({"num_groups": None}).group_count == 1
     assert EplbConfig.parse({"num_groups": 8}).group_count == 8
+
+
+def test_balancedness_threshold_is_a_number_in_0_1():
+    """The new field: 1.0 (plan after every window) by default; any real number in [0, 1] as
+    given (ints 0 and 1 too); bool, NaN, strings and numbers outside refused naming the key,
+    as spelled."""
+    import numpy as np
+
+    assert EplbConfig().balancedness_threshold == 1.0
+    for v in (0, 1, 0.0, 0.95, 1.0, np.float32(0.5), np.float64(0.25)):
+        assert EplbConfig.parse({"balancedness_threshold": v}).balancedness_threshold == v
+        assert EplbConfig(balancedness_threshold=v).balancedness_threshold == v
+    for v in (True, False, np.bool_(True), float("nan"), float("inf"), -0.01, 1.0001, 2, -1,
+              10**400, "0.5", None, [0.5]):
+        with pytest.raises(ValueError, match=r"^balancedness_threshold must be a number in "
+                                             r"\[0, 1\], got "):
+            EplbConfig.parse({"balancedness_threshold": v})
+        with pytest.raises(ValueError, match=r"^eplb_min_rebalancing_utilization_threshold \(= "
+                                             r"balancedness_threshold must be a number in "
+                                             r"\[0, 1\], got "):
+            EplbConfig.parse({"eplb_min_rebalancing_utilization_threshold": v})
+
+
+# SGLang 0.5.23's EPLB server arguments and their defaults (sglang/srt/arg_groups/fields/exec_.py)
+_SGLANG_ARGS = {"enable_eplb": False, "ep_num_redundant_experts": 0,
+                "ep_dispatch_algorithm": None, "init_expert_location": "trivial",
+                "eplb_algorithm": "auto", "eplb_rebalance_num_iterations": 1000,
+                "eplb_rebalance_layers_per_chunk": None,
+                "eplb_min_rebalancing_utilization_threshold": 1.0,
+                "expert_distribution_recorder_mode": None,
+                "expert_distribution_recorder_buffer_size": None,
+                "expert_balancedness_report_mode": "off"}
+
+
+def _server_args(**eplb):
+    """A stand-in for the dict of SGLang's ServerArgs: its EPLB arguments among others that are
+    not (names from its fields: none of them is a key of ours)."""
+    return {"model_path": "deepseek-ai/DeepSeek-V3", "tp_size": 16, "ep_size": 16, "nnodes": 2,
+            "dp_size": 1, "moe_a2a_backend": "deepep", "deepep_mode": "auto", "log_level": "info",
+            "chunked_prefill_size": 8192, "enable_dp_attention": True, "elastic_ep_backend": None,
+            "json_model_override_args": "{}", "_input_frozen": False, "served_model_name": None,
+            **_SGLANG_ARGS, **eplb}
+
+
+def test_sglang_keys_map_to_ours(tmp_path):
+    """Each of SGLang's EPLB server arguments lands on its counterpart (the brief's example
+    first)."""
+    c = EplbConfig.parse({"enable_eplb": True, "ep_num_redundant_experts": 32,
+                          "eplb_rebalance_num_iterations": 1000, "eplb_algorithm": "auto"})
+    assert (c.dynamic_eplb, c.num_redundant_experts, c.expert_heat_collection_interval,
+            c.policy, c.num_groups, c.window_size) == (True, 32, 1000, "deepseek", None, None)
+    assert c.window_steps == 1000
+    one = {"ep_num_redundant_experts": 8}  # (one of SGLang's own keys: the dict is SGLang's)
+    cases = [
+        ({"enable_eplb": True}, "dynamic_eplb", True),
+        ({"enable_eplb": False}, "dynamic_eplb", False),
+        ({"ep_num_redundant_experts": 0}, "num_redundant_experts", 0),
+        ({"eplb_rebalance_num_iterations": 250}, "expert_heat_collection_interval", 250),
+        ({"eplb_rebalance_num_iterations": 250.0}, "expert_heat_collection_interval", 250),
+        ({"expert_distribution_recorder_buffer_size": 500}, "window_size", 500),
+        ({"expert_distribution_recorder_buffer_size": None}, "window_size", None),
+        ({"eplb_rebalance_layers_per_chunk": 4}, "layers_per_step", 4),
+        ({"eplb_rebalance_layers_per_chunk": None}, "layers_per_step", 1),
+        ({"eplb_min_rebalancing_utilization_threshold": 0.8}, "balancedness_threshold", 0.8),
+        ({"eplb_min_rebalancing_utilization_threshold": 1.0}, "balancedness_threshold", 1.0),
+        ({"init_expert_location": "trivial"}, "expert_map_path", None),
+        ({"init_expert_location": "/x/init.json"}, "expert_map_path", "/x/init.json"),
+        ({"init_expert_location": tmp_path / "p.json"}, "expert_map_path",
+         str(tmp_path / "p.json")),
+        ({"expert_balancedness_report_mode": "server_log"}, "log_balancedness", True),
+        ({"expert_balancedness_report_mode": "both"}, "log_balancedness", True),
+        ({"expert_balancedness_report_mode": "prometheus"}, "log_balancedness", False),
+        ({"expert_balancedness_report_mode": "off"}, "log_balancedness", False),
+    ]
+    for doc, key, want in cases:
+        got = getattr(EplbConfig.parse(one | doc), key)
+        assert got == want and type(got) is type(want), (doc, got)
+    # accepted, checked, not stored: every value SGLang takes
+    base = EplbConfig.parse(one)
+    for key in ("expert_distribution_recorder_mode", "ep_dispatch_algorithm"):
+        for v in {"expert_distribution_recorder_mode": (None, "stat", "stat_approx", "per_pass",
+                                                        "per_token"),
+                  "ep_dispatch_algorithm": (None, "static", "dynamic", "fake", "lp")}[key]:
+            assert EplbConfig.parse(one | {key: v}) == base
+    # the same from JSON, from an attribute object and from a mapping that is no dict
+    doc = {"enable_eplb": True, "ep_num_redundant_experts": 16, "eplb_algorithm": "deepseek",
+           "eplb_rebalance_num_iterations": 500, "expert_distribution_recorder_buffer_size": 400,
+           "eplb_rebalance_layers_per_chunk": 2, "expert_balancedness_report_mode": "both",
+           "eplb_min_rebalancing_utilization_threshold": 0.9}
+    want = EplbConfig(dynamic_eplb=True, num_redundant_experts=16, policy="deepseek",
+                      num_groups=1, expert_heat_collection_interval=500, window_size=400,
+                      layers_per_step=2, log_balancedness=True, balancedness_threshold=0.9)
+    for form in (doc, json.dumps(doc), types.SimpleNamespace(**doc),
+                 types.MappingProxyType(doc)):
+        assert EplbConfig.parse(form) == want, type(form).__name__
+
+
+def test_sglang_algorithms():
+    """auto / deepseek_hierarchical: our deepseek with the model's groups (hierarchical where
+    they divide the nodes, as SGLang's auto decides); deepseek: SGLang's global policy, one
+    group; the vec variants read as those with a warning; elastic EP refused; ours taken."""
+    one = {"ep_num_redundant_experts": 0}
+    for algorithm, policy, groups in (("auto", "deepseek", None),
+                                      ("deepseek_hierarchical", "deepseek", None),
+                                      ("deepseek", "deepseek", 1),
+                                      ("balanced", "balanced", None),
+                                      ("min_move", "min_move", None)):
+        c = EplbConfig.parse(one | {"eplb_algorithm": algorithm})
+        assert (c.policy, c.num_groups) == (policy, groups), algorithm
+    # left out: auto (our deepseek, groups of the model), not our balanced
+    assert (EplbConfig.parse(one).policy, EplbConfig.parse(one).num_groups) == ("deepseek", None)
+    # our num_groups beside: kept where SGLang's algorithm leaves the groups to the model, and
+    # must be 1 beside SGLang's global deepseek
+    assert EplbConfig.parse(one | {"eplb_algorithm": "auto", "num_groups": 8}).num_groups == 8
+    assert EplbConfig.parse(one | {"eplb_algorithm": "deepseek", "num_groups": 1}).num_groups == 1
+    with pytest.raises(ValueError, match=r"^'num_groups' \(8\) contradicts 'eplb_algorithm' "
+                                         r"\('deepseek': num_groups 1\)$"):
+        EplbConfig.parse(one | {"eplb_algorithm": "deepseek", "num_groups": 8})
+    with pytest.raises(ValueError, match=r"^'policy' \('balanced'\) contradicts 'eplb_algorithm' "
+                                         r"\('auto': policy 'deepseek'\)$"):
+        EplbConfig.parse(one | {"eplb_algorithm": "auto", "policy": "balanced"})
+    assert EplbConfig.parse(one | {"policy": "balanced"}).policy == "balanced"
+
+
+def test_sglang_vec_algorithms_are_read_as_deepseek_with_a_warning(caplog):
+    one = {"ep_num_redundant_experts": 0}
+    for algorithm, groups in (("deepseek_vec", 1), ("deepseek_vec_hierarchical", None)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="eplb_native"):
+            c = EplbConfig.parse(one | {"eplb_algorithm": algorithm})
+        assert (c.policy, c.num_groups) == ("deepseek", groups)
+        assert f"eplb_algorithm '{algorithm}' is read as" in caplog.text
+        assert "each forward pass's load" in caplog.text
+
+
+@pytest.mark.parametrize("value,pattern", [
+    ("elasticity_aware", r"^eplb_algorithm 'elasticity_aware' \(SGLang's elastic EP.*has no "
+                         r"counterpart here"),
+    ("elasticity_aware_hierarchical", r"^eplb_algorithm 'elasticity_aware_hierarchical' "
+                                      r"\(SGLang's elastic EP.*no counterpart"),
+    ("default", r"^eplb_algorithm must be one of \['auto', 'deepseek', .*got 'default'$"),
+    ("stair", r"^eplb_algorithm must be one of .*got 'stair'$"),
+    ("Auto", r"^eplb_algorithm must be one of .*got 'Auto'$"),
+    (None, r"^eplb_algorithm must be one of .*got None$"),
+    (1, r"^eplb_algorithm must be one of .*got 1$"),
+    (["auto"], r"^eplb_algorithm must be one of .*got \['auto'\]$"),
+])
+def test_sglang_algorithm_refusals(value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        EplbConfig.parse({"eplb_algorithm": value})
+
+
+def test_sglang_defaults_for_what_it_leaves_out():
+    """A dict with one of SGLang's own keys takes SGLang's defaults: EPLB off unless
+    enable_eplb, rebalance every 1000 forward passes, its auto algorithm (our deepseek); the
+    window is the interval (SGLang's buffer None); the redundant count stays unset (the layers'
+    own). enable_eplb alone is no SGLang dict (vLLM's key too): ours."""
+    for doc in ({"ep_num_redundant_experts": 32}, {"eplb_algorithm": "auto"},
+                {"expert_balancedness_report_mode": "off"}, {"ep_dispatch_algorithm": None},
+                {"init_expert_location": "trivial"}, dict(_SGLANG_ARGS)):
+        c = EplbConfig.parse(doc)
+        assert (c.dynamic_eplb, c.expert_heat_collection_interval, c.policy, c.window_steps,
+                c.layers_per_step, c.balancedness_threshold, c.log_balancedness) == (
+            False, 1000, "deepseek", 1000, 1, 1.0, False), doc
+    assert EplbConfig.parse({"ep_num_redundant_experts": 32}).num_redundant_experts == 32
+    assert EplbConfig.parse({"eplb_algorithm": "auto"}).num_redundant_experts is None
+    assert EplbConfig.parse(dict(_SGLANG_ARGS)).num_redundant_experts == 0
+    on = EplbConfig.parse({"enable_eplb": True, "eplb_algorithm": "auto"})
+    assert (on.dynamic_eplb, on.expert_heat_collection_interval) == (True, 1000)
+    ours = EplbConfig.parse({"enable_eplb": True})
+    assert ours == EplbConfig() and ours.expert_heat_collection_interval == 100
+    # our keys beside SGLang's keep their values; SGLang's defaults fill the rest
+    c = EplbConfig.parse({"eplb_algorithm": "auto", "dynamic_eplb": True, "window_size": 50,
+                          "max_move_bytes_per_step": 1 << 20, "layers_per_step": 3})
+    assert (c.dynamic_eplb, c.window_size, c.max_move_bytes_per_step, c.layers_per_step,
+            c.expert_heat_collection_interval) == (True, 50, 1 << 20, 3, 1000)
+
+
+def test_sglang_whole_server_args():
+    """SGLang's whole ServerArgs as a dict (msgspec's / dataclasses' asdict, vars), its three
+    EPLB keys all there: the EPLB keys are read, the others ignored (a misspelt key of ours too:
+    there is no telling it from SGLang's hundreds); a dict short of one of the three keeps
+    unknown keys errors. The object itself (a dataclass, slots, attributes) reads the same."""
+    doc = _server_args(enable_eplb=True, ep_num_redundant_experts=32,
+                       eplb_rebalance_num_iterations=500, eplb_rebalance_layers_per_chunk=2,
+                       expert_balancedness_report_mode="server_log",
+                       init_expert_location="/maps/init.json")
+    want = EplbConfig(dynamic_eplb=True, num_redundant_experts=32, policy="deepseek",
+                      expert_heat_collection_interval=500, layers_per_step=2,
+                      log_balancedness=True, expert_map_path="/maps/init.json")
+    assert EplbConfig.parse(doc) == want
+    assert EplbConfig.parse(doc | {"windw_size": 3}) == want
+    assert EplbConfig.parse(json.dumps(doc)) == want
+    fields = {k: v for k, v in doc.items() if not k.startswith("_")}  # (no private fields)
+    ServerArgs = dataclasses.make_dataclass("ServerArgs", list(fields))
+    assert EplbConfig.parse(ServerArgs(**fields)) == want
+    assert EplbConfig.parse(dataclasses.asdict(ServerArgs(**fields))) == want
+    assert EplbConfig.parse(types.SimpleNamespace(**fields)) == want
+
+    class Struct:  # (0.5.23's ServerArgs is a msgspec Struct: fields in slots, no __dict__)
+        __slots__ = tuple(fields)
+
+        def __init__(self):
+            for k, v in fields.items():
+                setattr(self, k, v)
+
+    assert EplbConfig.parse(Struct()) == want
+    # our canonical keys beside them count, and must agree with SGLang's for one setting
+    assert EplbConfig.parse(doc | {"transfer_timeout_s": 5}).transfer_timeout_s == 5
+    assert EplbConfig.parse(_server_args() | {"log_balancedness": True}).log_balancedness
+    with pytest.raises(ValueError, match=r"^'num_redundant_experts' \(16\) contradicts "
+                                         r"'ep_num_redundant_experts' \(32\)$"):
+        EplbConfig.parse(doc | {"num_redundant_experts": 16})
+    with pytest.raises(ValueError, match=r"^'expert_map_path' \('other.json'\) contradicts "
+                                         r"'init_expert_location' \('trivial': expert_map_path "
+                                         r"None\)$"):
+        EplbConfig.parse(_server_args() | {"expert_map_path": "other.json"})
+    # a value of SGLang's key is checked there too
+    with pytest.raises(ValueError, match="^eplb_algorithm 'elasticity_aware'"):
+        EplbConfig.parse(_server_args(eplb_algorithm="elasticity_aware"))
+    # short of one of the three: not a whole ServerArgs, its other keys are unknown
+    for missing in ("ep_num_redundant_experts", "eplb_algorithm",
+                    "eplb_rebalance_num_iterations"):
+        partial = {k: v for k, v in doc.items() if k != missing}
+        with pytest.raises(ValueError, match="^unknown EPLB config key 'model_path'"):
+            EplbConfig.parse(partial)
+        with pytest.raises(ValueError, match="^unknown EPLB config key 'chunked_prefill_size'"):
+            EplbConfig.parse(types.SimpleNamespace(**{k: v for k, v in fields.items()
+                                                      if k != missing}))
+
+
+def test_sglang_recorder_buffer_is_the_window():
+    """expert_distribution_recorder_buffer_size: None is the rebalance interval (SGLang sets
+    it so; our unset window is the heat interval); -1 (unbounded) cannot be a ring of at most
+    10**6 steps; longer than the interval with EPLB on is refused naming both keys, as SGLang
+    asserts it (with EPLB off SGLang does not check, nor do we)."""
+    key = "expert_distribution_recorder_buffer_size"
+    c = EplbConfig.parse({key: None, "eplb_rebalance_num_iterations": 300, "enable_eplb": True})
+    assert c.window_size is None and c.window_steps == 300
+    assert EplbConfig.parse({key: 300, "eplb_rebalance_num_iterations": 300,
+                             "enable_eplb": True}).window_size == 300
+    for v in (-1, -1.0):
+        with pytest.raises(ValueError, match=rf"^{key} -1 \(SGLang's unbounded buffer\) cannot "
+                                             rf"be honoured: the window here is a ring of at "
+                                             rf"most 1000000 steps"):
+            EplbConfig.parse({key: v})
+    for v in (0, -2, 10**6 + 1, 2.5, "100", True):
+        with pytest.raises(ValueError, match=rf"^{key} \(= window_size must be an int"):
+            EplbConfig.parse({key: v})
+    with pytest.raises(ValueError, match=rf"^{key} \(2000\) must be at most "
+                                         rf"eplb_rebalance_num_iterations \(1000, its default\) "
+                                         rf"while EPLB is on, as SGLang requires"):
+        EplbConfig.parse({key: 2000, "enable_eplb": True})
+    with pytest.raises(ValueError, match=rf"^{key} \(400\) must be at most "
+                                         rf"eplb_rebalance_num_iterations \(300\)"):
+        EplbConfig.parse({key: 400, "eplb_rebalance_num_iterations": 300, "enable_eplb": True})
+    with pytest.raises(ValueError, match=rf"^{key} \(400\) must be at most "
+                                         rf"expert_heat_collection_interval \(300\)"):
+        EplbConfig.parse({key: 400, "expert_heat_collection_interval": 300,
+                          "dynamic_eplb": True})
+    off = EplbConfig.parse({key: 2000, "eplb_rebalance_num_iterations": 300})
+    assert (off.dynamic_eplb, off.window_size) == (False, 2000)
+
+
+def test_sglang_init_expert_location(tmp_path):
+    """trivial: no map (SGLang's trivial placement is our default spread); a .json path: the
+    expert map (expert_map.load reads SGLang's physical_to_logical_map files); a .pt file or
+    inline JSON cannot be read here."""
+    from eplb_native import expert_map
+
+    path = tmp_path / "init.json"
+    phy2log = [[0, 1, 2, 3, 0, 1]]
+    path.write_text(json.dumps({"physical_to_logical_map": phy2log}))
+    c = EplbConfig.parse({"init_expert_location": str(path), "enable_eplb": True})
+    assert c.expert_map_path == str(path)
+    got, ranks = expert_map.load(c.expert_map_path, num_ranks=2)
+    assert got.tolist() == phy2log and ranks == 2
+    with pytest.raises(ValueError, match=r"^init_expert_location '/d/logical_count\.pt': a \.pt "
+                                         r"\(torch\) file cannot be read here; give SGLang's "
+                                         r"placement as a \.json file"):
+        EplbConfig.parse({"init_expert_location": "/d/logical_count.pt"})
+    for inline in ('{"physical_to_logical_map": [[0, 1]]}', "init.JSON", ""):
+        with pytest.raises(ValueError, match=r"^init_expert_location .*neither 'trivial' nor a "
+                                             r"\.json / \.pt path, so SGLang would read it as "
+                                             r"inline JSON, which cannot be read here"):
+            EplbConfig.parse({"init_expert_location": inline})
+    for bad in (None, 3, True, b"init.json", ["init.json"]):
+        with pytest.raises(ValueError, match=r"^init_expert_location must be 'trivial' or the "
+                                             r"path of an SGLang placement \.json file, got "):
+            EplbConfig.parse({"init_expert_location": bad})
+    assert EplbConfig.parse({"init_expert_location": str(path),
+                             "expert_map_path": str(path)}).expert_map_path == str(path)
+
+
+@pytest.mark.parametrize("key,choices", [
+    ("expert_distribution_recorder_mode", [None, "stat", "stat_approx", "per_pass",
+                                           "per_token"]),
+    ("ep_dispatch_algorithm", [None, "static", "dynamic", "fake", "lp"]),
+    ("expert_balancedness_report_mode", ["off", "server_log", "prometheus", "both"]),
+])
+def test_sglang_checked_keys(key, choices):
+    """Taken (each of SGLang's values), checked (anything else refused naming the key and
+    SGLang's values); only the report mode's server_log / both store anything."""
+    for v in choices:
+        EplbConfig.parse({key: v})
+    for v in ("STAT", "none", "", 0, True, ["stat"], *([None] if None not in choices else [])):
+        with pytest.raises(ValueError, match=rf"^{key} must be one of "
+                                             rf"{re.escape(str(choices))}, got "):
+            EplbConfig.parse({key: v})
+    mode = "expert_balancedness_report_mode"
+    with pytest.raises(ValueError, match=rf"^'log_balancedness' \(False\) contradicts '{mode}' "
+                                         rf"\('server_log': log_balancedness True\)$"):
+        EplbConfig.parse({mode: "server_log", "log_balancedness": False})
+
+
+@pytest.mark.parametrize("doc,pattern", [
+    ({"ep_num_redundant_experts": 8, "step_interval": 100},
+     r"^'step_interval' \(vLLM's or vllm-ascend's key\) beside SGLang's keys "
+     r"\['ep_num_redundant_experts'\]: one peer's vocabulary at a time .*; our "
+     r"'expert_heat_collection_interval' may stand beside SGLang's$"),
+    ({"eplb_algorithm": "auto", "eplb_policy_type": 1}, r"^'eplb_policy_type' \(vLLM's or"),
+    ({"eplb_algorithm": "auto", "enabled": True}, r"^'enabled' \(vLLM's or"),
+    ({"eplb_algorithm": "auto", "init_redundancy_expert": 8}, r"^'init_redundancy_expert' "),
+    ({"eplb_algorithm": "auto", "gate_eplb": False}, r"^'gate_eplb' \(vLLM's or vllm-ascend's "
+                                                     r"key\) beside SGLang's keys .*at a time "
+                                                     r"\(whose defaults apply would be "
+                                                     r"unclear\)$"),
+    ({"eplb_algorithm": "auto", "load_collection_phase": "all"}, r"^'load_collection_phase' "),
+    ({"eplb_config": {"dynamic_eplb": True}, "ep_num_redundant_experts": 8},
+     r"^SGLang's EPLB keys \['ep_num_redundant_experts'\] beside 'eplb_config' \(vLLM's or "
+     r"vllm-ascend's shape\): one peer's vocabulary at a time"),
+    ({"enable_eplb": True, "eplb_config": {"window_size": 10}, "eplb_algorithm": "auto"},
+     r"^SGLang's EPLB keys \['eplb_algorithm'\] beside 'eplb_config'"),
+    ({"eplb_config": {"eplb_rebalance_num_iterations": 10}},
+     r"^SGLang's EPLB keys \['eplb_rebalance_num_iterations'\] inside 'eplb_config'"),
+    ({"enable_eplb": True, "eplb_config": {"eplb_algorithm": "auto"}},
+     r"^SGLang's EPLB keys \['eplb_algorithm'\] inside 'eplb_config'"),
+    ({"enable_eplb": True, "eplb_config": json.dumps({"ep_num_redundant_experts": 8})},
+     r"^SGLang's EPLB keys \['ep_num_redundant_experts'\] inside 'eplb_config'"),
+    (_server_args() | {"step_interval": 100}, r"^'step_interval' \(vLLM's or vllm-ascend's"),
+    ({"enable_eplb": True, "dynamic_eplb": False, "eplb_algorithm": "auto"},
+     r"^'dynamic_eplb' \(False\) contradicts 'enable_eplb' \(True\)$"),
+    ({"ep_num_redundant_experts": -1}, r"^ep_num_redundant_experts \(= num_redundant_experts "
+                                       r"must be an int >= 0, got -1\)$"),
+    ({"eplb_rebalance_num_iterations": 0}, r"^eplb_rebalance_num_iterations \(= "
+                                           r"expert_heat_collection_interval must be an int >= "
+                                           r"1, got 0\)$"),
+    ({"eplb_rebalance_layers_per_chunk": 0}, r"^eplb_rebalance_layers_per_chunk \(= "
+                                             r"layers_per_step must be an int >= 1, got 0\)$"),
+    ({"enable_eplb": "true", "eplb_algorithm": "auto"}, r"^enable_eplb \(= dynamic_eplb must be "
+                                                        r"a bool, got 'true'\)$"),
+    ({"eplb_algorithm": "auto", "bogus": 1}, r"^unknown EPLB config key 'bogus'; known: .* and "
+                                             r"SGLang's \['ep_dispatch_algorithm'"),
+])
+def test_sglang_refusals_name_the_key(doc, pattern):
+    """Mixing SGLang's keys with another peer's shape or own keys is refused (whose defaults
+    would apply is unclear); every bad value names SGLang's key as spelled."""
+    with pytest.raises(ValueError, match=pattern):
+        EplbConfig.parse(doc)
+
+
+_SGLANG_FUZZ_GOOD = {
+    "enable_eplb": st.booleans(),
+    "ep_num_redundant_experts": st.integers(0, 64),
+    "eplb_rebalance_num_iterations": st.integers(1, 3000),
+    "expert_distribution_recorder_buffer_size": st.none() | st.integers(1, 3000),
+    "eplb_algorithm": st.sampled_from(["auto", "deepseek", "deepseek_hierarchical",
+                                       "deepseek_vec", "deepseek_vec_hierarchical", "balanced",
+                                       "min_move"]),
+    "eplb_rebalance_layers_per_chunk": st.none() | st.integers(1, 64),
+    "eplb_min_rebalancing_utilization_threshold": st.floats(0, 1),
+    "init_expert_location": st.sampled_from(["trivial", "/maps/init.json"]),
+    "expert_distribution_recorder_mode": st.sampled_from([None, "stat", "stat_approx",
+                                                          "per_pass", "per_token"]),
+    "ep_dispatch_algorithm": st.sampled_from([None, "static", "dynamic", "fake", "lp"]),
+    "expert_balancedness_report_mode": st.sampled_from(["off", "server_log", "prometheus",
+                                                        "both"]),
+}
+_SGLANG_FUZZ_BAD = st.one_of(
+    _VALUES, st.sampled_from([-1, -1.0, "elasticity_aware", "elasticity_aware_hierarchical",
+                              "x.pt", "{}", "trivial", "auto", "stat", "both", 2000, 10**6 + 1]))
+_SGLANG_FUZZ_EXTRA = st.dictionaries(
+    st.sampled_from(["model_path", "tp_size", "window_size", "num_groups", "policy",
+                     "dynamic_eplb", "num_redundant_experts", "layers_per_step",
+                     "step_interval", "eplb_policy_type", "gate_eplb", "eplb_config",
+                     "balancedness_threshold", "log_balancedness", "expert_map_path"]),
+    _VALUES | st.just({}), max_size=3)
+
+
+def _sglang_expected(doc):
+    """What a dict of good SGLang values alone means here (None: refused, its buffer being
+    longer than the interval with EPLB on)."""
+    on = doc.get("enable_eplb", False)
+    interval = doc.get("eplb_rebalance_num_iterations", 1000)
+    window = doc.get("expert_distribution_recorder_buffer_size")
+    if on and window is not None and window > interval:
+        return None
+    policy, groups = {"auto": ("deepseek", None), "deepseek": ("deepseek", 1),
+                      "deepseek_hierarchical": ("deepseek", None),
+                      "deepseek_vec": ("deepseek", 1),
+                      "deepseek_vec_hierarchical": ("deepseek", None),
+                      "balanced": ("balanced", None),
+                      "min_move": ("min_move", None)}[doc.get("eplb_algorithm", "auto")]
+    location = doc.get("init_expert_location", "trivial")
+    return EplbConfig(
+        dynamic_eplb=on, num_redundant_experts=doc.get("ep_num_redundant_experts"),
+        expert_heat_collection_interval=interval, window_size=window,
+        layers_per_step=doc.get("eplb_rebalance_layers_per_chunk") or 1, policy=policy,
+        num_groups=groups, expert_map_path=None if location == "trivial" else location,
+        balancedness_threshold=doc.get("eplb_min_rebalancing_utilization_threshold", 1.0),
+        log_balancedness=doc.get("expert_balancedness_report_mode") in ("server_log", "both"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.fixed_dictionaries({}, optional=_SGLANG_FUZZ_GOOD), st.booleans(),
+       st.dictionaries(st.sampled_from(sorted(_SGLANG_FUZZ_GOOD)), _SGLANG_FUZZ_BAD,
+                       max_size=2), _SGLANG_FUZZ_EXTRA)
+def test_fuzz_sglang_dicts_parse_or_raise_valueerror(good, whole, bad, extra):
+    """SGLang-shaped dicts (alone, as a whole ServerArgs, with drawn values for some keys, with
+    keys of ours, of the other peers or of neither beside): an EplbConfig or a ValueError that
+    names a key of the dict, nothing else; good values alone mean what _sglang_expected says;
+    the dict's JSON, where it has one, reads the same."""
+    doc = (_server_args() if whole else {}) | good | bad | extra
+    if not any(k in _SGLANG_FUZZ_GOOD and k != "enable_eplb" for k in doc):
+        doc["eplb_algorithm"] = "auto"
+    got = _outcome(doc)
+    if isinstance(got, ValueError):
+        assert any(f"{k}" in str(got) for k in doc), str(got)
+    if not bad and not extra and not whole:
+        want = _sglang_expected(doc)
+        assert got == want if want is not None else isinstance(got, ValueError), (doc, got)
+    try:
+        text = json.dumps(doc, allow_nan=True)
+    except (TypeError, ValueError):
+        return
+    if any(type(v).__module__ == "numpy" for v in doc.values()):
+        return
+    again = _outcome(text)
+    if isinstance(got, ValueError):
+        assert isinstance(again, ValueError) and str(again) == str(got)
+    else:
+        assert again == got
+
+
+def test_sglang_example_of_docs_integrations_runs():
+    """The SGLang config block of docs/integrations.md, run as written."""
+    import pathlib
+
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    (code,) = [b for b in blocks if "eplb_rebalance_num_iterations" in b]
+    exec(compile(code, str(doc), "exec"), {})

@@ -401,6 +401,7 @@ def test_sglang_placement_file_round_trip(tmp_path):
     ({"physical_to_logical_map": [[0, 1, 2]]}, {"num_ranks": 2}, "divisible"),
     ({"physical_to_logical_map": [[0, 0]]}, {"num_ranks": 1, "num_logical": 2},
      "no copy of logical experts \\[1\\]"),
+    ({"logical_count": [[1, 2]]}, {"num_ranks": 1}, "SGLang's 'logical_count', a load"),
 ])
 def test_sglang_placement_file_bad_input_names_it(doc, kwargs, message):
     with pytest.raises(ValueError, match=message) as info:

@@ -64,6 +64,15 @@ def test_num_nodes_unset_counts_the_groups_hosts(tmp_path):
              join=True)
 
 
+def test_balancedness_threshold_is_agreed_by_every_rank(tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.balancedness_threshold, args=(2, f"file://{tmp_path}/rdzv", BACKEND),
+             nprocs=2, join=True)
+
+
 @pytest.mark.parametrize("keys, want", [
     (["a"], (1, None)), (["a", "a", "a", "a"], (1, None)),
     (["a", "a", "b", "b"], (2, None)), (["x", "y", "z"], (3, None)),
@@ -288,6 +297,28 @@ def test_single_process_equal_outputs_and_explicit_steps(tmp_path):
     assert sum(w["tokens"] for w in up.stats.windows) == 12 * 10 * 2 * 3
     up.shutdown()
     up.shutdown()
+
+
+def test_balancedness_threshold_skips_balanced_windows(caplog):
+    """balancedness_threshold (SGLang's eplb_min_rebalancing_utilization_threshold): a window
+    whose mean balancedness is above it submits no plan (said at INFO by rank 0); at or below
+    it, or at the default 1.0, plans as before. One rank is always balanced (1.0)."""
+    for threshold, planned in ((1.0, 3), (0.999, 0)):
+        model = Stack(2, num_redundant_experts=4)
+        up = eplb_native.attach(model, {"step_interval": 2, "algorithm_execution_interval": 0,
+                                        "balancedness_threshold": threshold}, hooks=False)
+        g = torch.Generator().manual_seed(1)
+        with caplog.at_level("INFO", logger="eplb_native"):
+            for _ in range(6):
+                up.forward_before()
+                model(torch.randn(10, 8, generator=g))
+                up.forward_end()
+        assert len(up.stats.windows) == 3 and len(up.stats.plans) == planned
+        assert [w["skipped"] for w in up.stats.windows] == [planned == 0] * 3
+        skips = [r for r in caplog.records if "above balancedness_threshold" in r.getMessage()]
+        assert len(skips) == (3 if planned == 0 else 0)
+        up.shutdown()
+        caplog.clear()
 
 
 def test_on_placement_that_raises_stops_eplb_after_a_whole_step(caplog):

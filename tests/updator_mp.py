@@ -633,3 +633,28 @@ def node_count(rank, world, init_method, backend):
         updator.shutdown()
     dist.barrier()
     leave()
+
+
+def balancedness_threshold(rank, world, init_method, backend):
+    """With experts 1 and 2 hot on rank 0, the windows' balancedness is low: a threshold below
+    it skips every window on every rank alike (no plan, no move), one above it rebalances, and
+    the ranks end with the same maps and unchanged outputs."""
+    device = _setup(rank, world, init_method, backend)
+    group = dist.group.WORLD
+    for threshold in (0.05, 0.95):
+        model, reference = Stack(group, 2, device), Stack(group, 2, device)
+        updator = eplb_native.attach(model, {"step_interval": 2, "algorithm_execution_interval": 0,
+                                             "balancedness_threshold": threshold}, group)
+        _run(model, reference, updator, 8, rank, device)
+        first = updator.stats.windows[0]["balancedness"].mean()
+        assert 0.05 < first < 0.95, first
+        if threshold == 0.05:
+            assert all(w["skipped"] for w in updator.stats.windows) and not updator.stats.plans
+            assert not updator.stats.moves
+        else:
+            assert not updator.stats.windows[0]["skipped"] and updator.stats.plans
+            assert any(m["ok"] for m in updator.stats.moves)
+        _check_same_maps(updator, group)
+        updator.shutdown()
+    dist.barrier()
+    leave()

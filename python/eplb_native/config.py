@@ -3,13 +3,13 @@
 Accepted keys (``EplbConfig.parse`` takes a dict or any mapping (OmegaConf's ``DictConfig``,
 read as a dict: every key checked), a ``{"eplb_config": {...}}`` wrapper, a JSON
 string, an object with these attributes such as vLLM's ``EPLBConfig``, or an EplbConfig). The
-keys are vLLM's and vllm-ascend's; a key left out takes the default below, which is ours,
-except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper (its ``additional_config``),
-where it takes vllm-ascend's: ``dynamic_eplb`` False (True when ``expert_map_record_path`` is
-given, as there; but an explicit ``dynamic_eplb: false`` is kept here, where vllm-ascend turns
-it on all the same), ``expert_heat_collection_interval`` 600, ``algorithm_execution_interval``
-50. Keys other than vllm-ascend's in a wrapper left static that way are warned about
-(rebalancing stays off; vLLM's keys belong beside ``enable_eplb``).
+keys are vLLM's and vllm-ascend's (SGLang's server arguments: see below); a key left out takes
+the default below, which is ours, except inside vllm-ascend's ``{"eplb_config": {...}}`` wrapper
+(its ``additional_config``), where it takes vllm-ascend's: ``dynamic_eplb`` False (True when
+``expert_map_record_path`` is given, as there; but an explicit ``dynamic_eplb: false`` is kept
+here, where vllm-ascend turns it on all the same), ``expert_heat_collection_interval`` 600,
+``algorithm_execution_interval`` 50. Keys other than vllm-ascend's in a wrapper left static
+that way are warned about (rebalancing stays off; vLLM's keys belong beside ``enable_eplb``).
 vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``, or
 ``LLM(enable_eplb=..., eplb_config={...})`` as a dict), is read as that switch for
 ``dynamic_eplb`` and vLLM's keys inside, which take vLLM's defaults where they differ from
@@ -75,6 +75,12 @@ key (aliases)                      meaning                             default
 ``log_balancedness_interval``      every this many steps (at the       1
                                    window gathered at or after each
                                    multiple; at most once a window)
+``balancedness_threshold``         plan only when the window's         1.0
+                                   balancedness on the current
+                                   placement, mean over layers of
+                                   mean / max rank load, is at or
+                                   below this (a number in [0, 1]);
+                                   1.0: always
 ``use_async``                      plan on the background thread       True
                                    (False: wait for the plan at once)
 ``num_nodes``, ``num_groups``      topology for hierarchical policies  None, None
@@ -109,6 +115,48 @@ of these four; besides them only ``dynamic_eplb``, ``expert_map_path``,
 leaves out: ``dynamic_eplb`` False (True with a record path), intervals 400 / 30, ``policy``
 deepseek (its ``eplb_policy_type`` 1). Beside an
 ``eplb_config`` wrapper ``gate_eplb`` is ignored with a warning, as vllm-ascend ignores it.
+
+SGLang's EPLB server arguments (checked against SGLang 0.5.23) are read too. A dict holding one
+of its own keys is in its vocabulary and takes SGLang's defaults for what it leaves out:
+``dynamic_eplb`` False unless ``enable_eplb``, heat interval 1000, ``policy`` deepseek (its
+``eplb_algorithm`` ``auto``). One holding ``ep_num_redundant_experts``, ``eplb_algorithm`` and
+``eplb_rebalance_num_iterations`` together is a whole ServerArgs (the object, or its dict:
+``msgspec.structs.asdict`` in 0.5.23, where it is a msgspec Struct; ``dataclasses.asdict`` or
+``vars`` where it was a dataclass): its keys other than SGLang's below and ours are ignored;
+elsewhere an unknown key stays an error. Our canonical keys may stand beside SGLang's (where both
+name one setting they must agree); the other peers' own keys (``step_interval``, ``enabled``,
+``eplb_policy_type``, vllm-ascend's old names, ``gate_eplb``, the phase keys, an ``eplb_config``
+beside or around them) are refused: whose defaults apply would be unclear.
+
+- ``enable_eplb`` -> ``dynamic_eplb``; ``ep_num_redundant_experts`` -> ``num_redundant_experts``
+  (left out: unset, the layers' own count, rather than SGLang's 0);
+  ``eplb_rebalance_num_iterations`` (forward passes between rebalances) -> the heat interval.
+- ``expert_distribution_recorder_buffer_size`` -> ``window_size``; None is the heat interval,
+  as SGLang sets it. -1 (SGLang's unbounded buffer) is refused: the window is a ring of at most
+  10**6 steps. A buffer longer than the interval while EPLB is on is refused, as SGLang asserts.
+- ``eplb_algorithm``: ``auto`` and ``deepseek_hierarchical`` -> ``deepseek`` with the model's
+  groups (hierarchical where they divide the nodes, as ``auto`` is; where they do not, SGLang's
+  ``deepseek_hierarchical`` fails, ours plans globally); ``deepseek`` -> ``deepseek`` with
+  ``num_groups`` 1 (SGLang's is DeepSeek's global policy); ``deepseek_vec`` and
+  ``deepseek_vec_hierarchical`` are read as those two with a warning (SGLang's vec variant
+  chooses replicas against each forward pass's load, a plan here sees the window's sum);
+  ``elasticity_aware`` and ``elasticity_aware_hierarchical`` (elastic EP, over the ranks still
+  alive) are refused: no counterpart. Our ``balanced`` and ``min_move`` are taken there too.
+- ``eplb_rebalance_layers_per_chunk`` -> ``layers_per_step``. None (SGLang: every layer in one
+  forward pass) keeps 1 here: our moves run in the background, layer by layer, so None does not
+  mean all at once.
+- ``eplb_min_rebalancing_utilization_threshold`` -> ``balancedness_threshold``. SGLang's
+  utilization is the mean over its last 1000 forward passes of each pass's mean / max rank load
+  (averaged over layers), tracked only while ``expert_balancedness_report_mode`` is not off;
+  here it is the window's summed load on the current placement, whatever the report mode.
+- ``init_expert_location``: ``trivial`` -> no map (our default spread is SGLang's trivial
+  placement); a path ending in ``.json`` -> ``expert_map_path``, read at attach by
+  ``expert_map.load`` (SGLang's ``physical_to_logical_map`` file; one of ``logical_count``, a
+  load, is refused there). A ``.pt`` file or inline JSON cannot be read here: refused.
+- ``expert_balancedness_report_mode`` ``server_log`` or ``both`` -> ``log_balancedness`` True
+  (``off`` and ``prometheus`` leave it as it is). It, ``expert_distribution_recorder_mode`` and
+  ``ep_dispatch_algorithm`` are checked against SGLang's values and not stored otherwise: our
+  recorder counts every step, and replicas are chosen by our ops' spread mode.
 
 Counts are ints from their minimum up to ``MAX_COUNT`` = 2**62 (the planner's bound); a float
 holding an integer (``1000.0``, ``1e9``: JSON and YAML write them) counts as that int, any other
@@ -189,6 +237,41 @@ _OLD_VOCABULARY = frozenset(_OLD_ONLY) | {"dynamic_eplb", "expert_map_path",
 _OLD_ASCEND_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 400,
                         "algorithm_execution_interval": 30, "policy": "deepseek"}
 
+#: SGLang's EPLB server arguments (0.5.23: its ServerArgs, sglang/srt/arg_groups/fields/exec_.py);
+#: enable_eplb is vLLM's too (an alias above), the others are SGLang's alone: one of them makes a
+#: dict SGLang's
+_SGLANG_ONLY = frozenset({"ep_num_redundant_experts", "eplb_rebalance_num_iterations",
+                          "expert_distribution_recorder_buffer_size", "eplb_algorithm",
+                          "eplb_rebalance_layers_per_chunk",
+                          "eplb_min_rebalancing_utilization_threshold", "init_expert_location",
+                          "expert_distribution_recorder_mode", "ep_dispatch_algorithm",
+                          "expert_balancedness_report_mode"})
+#: all three in one dict: a whole ServerArgs (its asdict / vars), whose other keys are not EPLB's
+#: and are ignored (each of them has a default there, so a whole one always holds them)
+_SGLANG_SERVER_ARGS = frozenset({"ep_num_redundant_experts", "eplb_algorithm",
+                                 "eplb_rebalance_num_iterations"})
+#: SGLang's defaults where they differ from ours (its eplb_algorithm "auto" is DeepSeek's
+#: algorithm with the model's groups: our deepseek with num_groups unset)
+_SGLANG_DEFAULTS = {"dynamic_eplb": False, "expert_heat_collection_interval": 1000,
+                    "policy": "deepseek"}
+#: eplb_algorithm -> (policy, num_groups: None leaves them to the model, as auto does). SGLang's
+#: deepseek is DeepSeek's global policy (one group); our own policy names are taken there too
+_SGLANG_ALGORITHMS = {"auto": ("deepseek", None), "deepseek": ("deepseek", 1),
+                      "deepseek_hierarchical": ("deepseek", None),
+                      "deepseek_vec": ("deepseek", 1),
+                      "deepseek_vec_hierarchical": ("deepseek", None),
+                      "balanced": ("balanced", None), "min_move": ("min_move", None)}
+#: SGLang's keys read only to be checked (our recorder counts every step; replicas are chosen by
+#: our ops' spread mode), and its report mode; their values there
+_SGLANG_CHOICES = {"expert_distribution_recorder_mode": (None, "stat", "stat_approx", "per_pass",
+                                                         "per_token"),
+                   "ep_dispatch_algorithm": (None, "static", "dynamic", "fake", "lp"),
+                   "expert_balancedness_report_mode": ("off", "server_log", "prometheus",
+                                                       "both")}
+#: the other peers' own keys (vLLM's, vllm-ascend's): refused beside SGLang's, whose defaults
+#: would then be unclear
+_PEER_ONLY = frozenset(_ALIASES) - {"enable_eplb"} | set(_PHASE_KEYS) | {_GATE}
+
 
 #: Longest transfer_timeout_s (a week).
 MAX_TRANSFER_TIMEOUT_S = 7 * 24 * 3600
@@ -241,6 +324,7 @@ class EplbConfig:
     num_groups: int | None = None  # None: the model's expert groups where attach can tell, else 1
     communicator: str | None = None
     enable_migration_batching: bool = False
+    balancedness_threshold: float = 1.0  # in [0, 1]; 1.0: plan after every window
 
     def __post_init__(self):
         # checked as converted (numpy scalars, integral floats), stored once every check passed
@@ -261,6 +345,10 @@ class EplbConfig:
                 0 < t <= MAX_TRANSFER_TIMEOUT_S):
             raise ValueError(f"transfer_timeout_s must be a number in (0, "
                              f"{MAX_TRANSFER_TIMEOUT_S}] seconds, got {_show(t)}")
+        b = values["balancedness_threshold"]
+        # (compared, not converted: NaN fails the comparison, a huge int is no OverflowError)
+        if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b <= 1:
+            raise ValueError(f"balancedness_threshold must be a number in [0, 1], got {_show(b)}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {_show(self.policy)}")
         for key in ("expert_map_path", "expert_map_record_path"):
@@ -306,6 +394,7 @@ class EplbConfig:
         if not isinstance(doc, dict):
             raise ValueError(f"config must be a dict, got {type(doc).__name__}")
         if "eplb_config" in doc:
+            _refuse_sglang_in_a_peers_shape(doc, "beside")
             # vllm-ascend's wrapper, alone or inside a whole additional_config (whose other keys
             # are vllm-ascend's own), or vLLM's shape (enable_eplb beside it: its ParallelConfig,
             # LLM(enable_eplb=..., eplb_config=...), whose other keys are vLLM's own); not beside
@@ -327,13 +416,40 @@ class EplbConfig:
             wrapped = True
         else:
             wrapped = False
+        if wrapped or _defaults is not None:  # (inside vllm-ascend's wrapper or vLLM's shape)
+            _refuse_sglang_in_a_peers_shape(doc, "inside")
+        # SGLang's server arguments: one of its own keys makes the dict SGLang's (its defaults for
+        # what it leaves out, ours beside it); all three of _SGLANG_SERVER_ARGS a whole ServerArgs
+        sglang = [k for k in doc if k in _SGLANG_ONLY]
+        server_args = all(k in doc for k in _SGLANG_SERVER_ARGS)
+        if sglang:
+            foreign = sorted(k for k in doc if k in _PEER_ONLY)
+            if foreign:
+                canon = _ALIASES.get(foreign[0])
+                raise ValueError(f"{foreign[0]!r} (vLLM's or vllm-ascend's key) beside SGLang's "
+                                 f"keys {sorted(sglang)}: one peer's vocabulary at a time (whose "
+                                 f"defaults apply would be unclear)"
+                                 + (f"; our {canon!r} may stand beside SGLang's" if canon else ""))
         fields = {f.name for f in dataclasses.fields(cls)}
         out: dict = {}
-        source: dict = {}
+        source: dict = {}  # canonical key -> the key that set it, as spelled
+        shown: dict = {}  # canonical key -> the value that set it, as given (for a contradiction)
+
+        def put(key, canon, value, given):
+            if canon in out and not _same(out[canon], value):
+                raise ValueError(f"{key!r} ({given}) contradicts {source[canon]!r} "
+                                 f"({shown[canon]})")
+            out[canon], source[canon], shown[canon] = value, key, given
+
         for key, value in doc.items():
             if not isinstance(key, str):
                 raise ValueError(f"config keys must be strings, got {key!r}")
             value = plain_scalar(value)
+            if key in _SGLANG_ONLY:
+                for canon, setting in _sglang_setting(key, value):
+                    put(key, canon, setting, _show(value) if setting is value else
+                        f"{_show(value)}: {canon} {_show(setting)}")
+                continue
             if key in _PHASE_KEYS:
                 _check_phase(key, value)
                 continue
@@ -346,15 +462,14 @@ class EplbConfig:
                                      f"{_show(value)}")
                 continue
             if canon not in fields:
+                if server_args:
+                    continue  # (a whole ServerArgs: its other keys are not EPLB's)
                 raise ValueError(f"unknown EPLB config key {key!r}; known: "
-                                 f"{sorted(fields | set(_ALIASES) | set(_PHASE_KEYS) | {_GATE})}")
+                                 f"{sorted(fields | set(_ALIASES) | set(_PHASE_KEYS) | {_GATE})}"
+                                 f" and SGLang's {sorted(_SGLANG_ONLY)}")
             if canon == "policy":
                 value = _policy(key, value)
-            if canon in out and not _same(out[canon], value):
-                raise ValueError(f"{key!r} ({_show(value)}) contradicts {source[canon]!r} "
-                                 f"({_show(out[canon])})")
-            out[canon] = value
-            source[canon] = key
+            put(key, canon, value, _show(value))
         # (only a dict wholly in that vocabulary: one old key among ours or vLLM's keeps ours)
         old_style = not wrapped and any(k in doc for k in _OLD_ONLY) and all(
             k in _OLD_VOCABULARY for k in doc)
@@ -377,17 +492,28 @@ class EplbConfig:
                 out.setdefault(key, value)
             if "dynamic_eplb" not in source and out.get("expert_map_record_path") is not None:
                 out["dynamic_eplb"] = True
-        for key, value in (_defaults or {}).items():
+        for key, value in (_defaults or (_SGLANG_DEFAULTS if sglang else {})).items():
             out.setdefault(key, value)
         try:
-            return cls(**out)
+            config = cls(**out)
         except ValueError as e:
             # name the key as the user spelled it (an alias) as well as ours
             msg = str(e)
             for canon, key in source.items():
-                if key != canon and msg.startswith(canon):
+                if key != canon and msg.startswith(canon + " "):
                     raise ValueError(f"{key} (= {msg})") from None
             raise
+        buffer = "expert_distribution_recorder_buffer_size"
+        if doc.get(buffer) is not None and config.dynamic_eplb and (
+                config.window_size > config.expert_heat_collection_interval):
+            # (SGLang's EPLB manager asserts it; ours would plan on such a window all the same)
+            interval = source.get("expert_heat_collection_interval")
+            raise ValueError(f"{buffer} ({config.window_size}) must be at most "
+                             f"{interval or 'eplb_rebalance_num_iterations'} "
+                             f"({config.expert_heat_collection_interval}"
+                             f"{'' if interval else ', its default'}) while EPLB is on, as "
+                             f"SGLang requires (its EPLB manager asserts it)")
+        return config
 
     @classmethod
     def _from_vllm_shape(cls, switch, inner) -> EplbConfig:
@@ -520,7 +646,8 @@ def _object_doc(cls, config) -> dict | None:
         return dict(config.config)
     # getattr, not vars(): __getattr__ objects, class attributes, pydantic models and slots
     # classes hold settings that vars() does not list
-    known = {f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(_PHASE_KEYS) | {_GATE}
+    known = ({f.name for f in dataclasses.fields(cls)} | set(_ALIASES) | set(_PHASE_KEYS) | {_GATE}
+             | _SGLANG_ONLY)
     doc = {}
     for name in sorted(known):
         try:
@@ -532,6 +659,8 @@ def _object_doc(cls, config) -> dict | None:
     if vllm_shape:  # (vLLM's ParallelConfig: its other attributes are its own; ours beside the
         # pair are refused by from_dict, as in a dict)
         return doc | {"enable_eplb": switch, "eplb_config": inner}
+    if all(k in doc for k in _SGLANG_SERVER_ARGS):
+        return doc  # (SGLang's whole ServerArgs: its other attributes are not EPLB's)
     # a public attribute of its own that is no key is a misspelt one, as in a dict
     unknown = sorted(k for k in getattr(config, "__dict__", {})
                      if isinstance(k, str) and not k.startswith("_") and k not in known)
@@ -563,3 +692,88 @@ def _policy(key, value) -> str:
         raise ValueError(f"policy must be one of {list(POLICIES) + list(_POLICY_ALIASES)} or "
                          f"'stair', got {_show(value)}")
     return value
+
+
+def _refuse_sglang_in_a_peers_shape(doc: dict, where: str):
+    """SGLang's keys beside or inside ``eplb_config`` (vLLM's or vllm-ascend's shape): refused,
+    as whose defaults apply would be unclear."""
+    sglang = sorted(k for k in doc if k in _SGLANG_ONLY)
+    if sglang:
+        raise ValueError(f"SGLang's EPLB keys {sglang} {where} 'eplb_config' (vLLM's or "
+                         f"vllm-ascend's shape): one peer's vocabulary at a time (whose defaults "
+                         f"apply would be unclear); pass SGLang's keys in a flat dict")
+
+
+def _sglang_setting(key: str, value) -> list:
+    """One of SGLang's EPLB server arguments -> the (canonical key, value) pairs it sets (none:
+    read, not stored); ValueError naming it for a value it cannot have here."""
+    if key == "ep_num_redundant_experts":
+        return [("num_redundant_experts", value)]
+    if key == "eplb_rebalance_num_iterations":
+        return [("expert_heat_collection_interval", value)]
+    if key == "expert_distribution_recorder_buffer_size":
+        if value is None:  # (SGLang's: the rebalance interval, as our window left unset)
+            return []
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == -1:
+            raise ValueError(f"{key} -1 (SGLang's unbounded buffer) cannot be honoured: the "
+                             f"window here is a ring of at most {MAX_WINDOW_SIZE} steps "
+                             f"([steps, layers, experts] int64 on the device); give a number of "
+                             f"steps, or None (the rebalance interval, as in SGLang)")
+        return [("window_size", value)]
+    if key == "eplb_rebalance_layers_per_chunk":
+        # (None: all layers in one forward pass in SGLang; here layers_per_step keeps its 1, as
+        # our moves run in the background, layer by layer)
+        return [] if value is None else [("layers_per_step", value)]
+    if key == "eplb_min_rebalancing_utilization_threshold":
+        return [("balancedness_threshold", value)]
+    if key == "eplb_algorithm":
+        return _sglang_algorithm(value)
+    if key == "init_expert_location":
+        return [("expert_map_path", _sglang_location(value))]
+    choices = _SGLANG_CHOICES[key]
+    if not (value is None or isinstance(value, str)) or value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {_show(value)}")
+    if key == "expert_balancedness_report_mode" and value in ("server_log", "both"):
+        return [("log_balancedness", True)]
+    return []  # (off / prometheus: nothing to log here; log_balancedness keeps its value)
+
+
+def _sglang_algorithm(value) -> list:
+    """SGLang's ``eplb_algorithm`` -> policy (and one group for its global ``deepseek``)."""
+    if isinstance(value, str) and value in ("elasticity_aware", "elasticity_aware_hierarchical"):
+        raise ValueError(f"eplb_algorithm {value!r} (SGLang's elastic EP: placement over the "
+                         f"ranks still alive) has no counterpart here: the EP group is fixed "
+                         f"at attach; choose one of {list(_SGLANG_ALGORITHMS)}")
+    if not isinstance(value, str) or value not in _SGLANG_ALGORITHMS:
+        raise ValueError(f"eplb_algorithm must be one of {list(_SGLANG_ALGORITHMS)}, got "
+                         f"{_show(value)}")
+    policy, groups = _SGLANG_ALGORITHMS[value]
+    if value.startswith("deepseek_vec"):
+        # (read, not refused, as 'stair' is: the nearest policy, said once at parse)
+        logger.warning("EPLB config: eplb_algorithm %r is read as %r (DeepSeek's algorithm on "
+                       "the window's summed load; SGLang's vec variant chooses replicas against "
+                       "each forward pass's load in the window and places them in snake order)",
+                       value, value.replace("_vec", ""))
+    return [("policy", policy)] + ([] if groups is None else [("num_groups", groups)])
+
+
+def _sglang_location(value) -> str | None:
+    """SGLang's ``init_expert_location`` -> expert_map_path ("trivial": None, its default spread,
+    which is ours)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ValueError(f"init_expert_location must be 'trivial' or the path of an SGLang "
+                         f"placement .json file, got {_show(value)}")
+    if value == "trivial":
+        return None
+    if value.endswith(".json"):
+        return value
+    if value.endswith(".pt"):
+        raise ValueError(f"init_expert_location {_show(value)}: a .pt (torch) file cannot be "
+                         f"read here; give SGLang's placement as a .json file "
+                         f"({{\"physical_to_logical_map\": ...}}, as `eplb-native plan --format "
+                         f"sglang` writes it)")
+    raise ValueError(f"init_expert_location {_show(value)}: neither 'trivial' nor a .json / .pt "
+                     f"path, so SGLang would read it as inline JSON, which cannot be read here "
+                     f"(expert_map_path is a file): write it to a .json file")

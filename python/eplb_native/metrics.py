@@ -23,7 +23,9 @@ class UpdatorStats:
     """History kept by the updator; lists grow by one entry per event (dicts of plain values).
 
     windows: per gathered window: ``step``, ``balancedness`` [L] measured on the tokens each
-        rank's slots received during the window, ``tokens`` (total routed (token, choice) pairs).
+        rank's slots received during the window, ``tokens`` (total routed (token, choice) pairs),
+        ``steps`` (steps of load in it), ``skipped``: True where no plan was submitted because
+        the window's mean balancedness was above ``balancedness_threshold``.
     plans: per plan: ``step``, ``balancedness_before`` / ``balancedness_after`` [L] (in
         sample), ``moved_slots`` [L], ``planner_s`` (submit to result).
     moves: per layer move: ``step``, ``layer``, ``ok``, ``reason`` (why it was kept, or ""),

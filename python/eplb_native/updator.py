@@ -637,8 +637,9 @@ class Updator:
         load = total[:n * e].reshape(n, e)
         rank_tokens = total[n * e:].reshape(n, r)
         balancedness = metrics.measured_balancedness(rank_tokens)
-        self.stats.windows.append({"step": self.step, "balancedness": balancedness,
-                                   "tokens": int(rank_tokens.sum()), "steps": steps})
+        window = {"step": self.step, "balancedness": balancedness,
+                  "tokens": int(rank_tokens.sum()), "steps": steps, "skipped": False}
+        self.stats.windows.append(window)
         self._recorded.append(load.copy())
         if self._empty_windows >= 0:
             # Layers whose routing does not call eplb_native's ops count nothing, and nothing is
@@ -663,6 +664,16 @@ class Updator:
             metrics.log_window(self.step, balancedness)
         if self._planner is None or self._future is not None or self._queue or self._inflight:
             return  # recording only, or the previous cycle is still running
+        mean = float(balancedness.mean())
+        if mean > self.config.balancedness_threshold:
+            # balanced enough (SGLang's eplb_min_rebalancing_utilization_threshold): no plan,
+            # no moves; every rank gathered the same tokens, so every rank skips alike
+            window["skipped"] = True
+            if self.rank == 0:
+                logger.info("eplb_native: step %d: balancedness %.4f is above "
+                            "balancedness_threshold %.4f: no rebalance this window", self.step,
+                            mean, self.config.balancedness_threshold)
+            return
         self.cycle += 1
         self._submit_step, self._submit_t = self.step, time.perf_counter()
         # transfers=False: each layer's move is scheduled when it is queued (the same C++
@@ -1113,7 +1124,9 @@ def _describe(config: EplbConfig) -> str:
             f"steps from the "
             f"last {config.window_steps} steps of load, its moves starting "
             f"{config.algorithm_execution_interval + 1} steps after that window, "
-            f"{config.layers_per_step} layer(s) a step{ignored}")
+            f"{config.layers_per_step} layer(s) a step"
+            + (f", only after windows of balancedness <= {config.balancedness_threshold:g}"
+               if config.balancedness_threshold < 1 else "") + ignored)
 
 
 def _write_record(path, phy2log: np.ndarray, num_ranks: int) -> None:
@@ -1205,7 +1218,7 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
 
     Args:
         model: any torch module; its MoE layers are found through ``eplb_native.adapters``.
-        config: an :class:`EplbConfig`, a dict in vLLM's / vllm-ascend's / our vocabulary (or
+        config: an :class:`EplbConfig`, a dict in vLLM's / vllm-ascend's / SGLang's / our vocabulary (or
             ``{"eplb_config": {...}}``), a JSON string, or None (defaults).
         group: the expert-parallel process group (None: the default group when distributed,
             else a single process). Collective: every rank of the group calls attach, and only
