@@ -1218,8 +1218,8 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
 
     Args:
         model: any torch module; its MoE layers are found through ``eplb_native.adapters``.
-        config: an :class:`EplbConfig`, a dict in vLLM's / vllm-ascend's / SGLang's / our vocabulary (or
-            ``{"eplb_config": {...}}``), a JSON string, or None (defaults).
+        config: an :class:`EplbConfig`, a dict in vLLM's / vllm-ascend's / SGLang's / our
+            vocabulary (or ``{"eplb_config": {...}}``), a JSON string, or None (defaults).
         group: the expert-parallel process group (None: the default group when distributed,
             else a single process). Collective: every rank of the group calls attach, and only
             those: with several EP groups in one world (pipeline stages, DP x EP) each attaches
