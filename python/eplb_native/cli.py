@@ -1122,17 +1122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="plan a placement for a load file -> vllm-ascend expert map "
                        "or SGLang placement file",
-                       description="Plans expert placement for a load file (.npz/.npy/.pt/.json, "
-                       "[windows, layers, experts] or [layers, experts], or SGLang's stat dump) and "
-                       "writes it as vllm-ascend's expert-map JSON or SGLang's "
-                       "--init-expert-location JSON (--format). A multi-window trace is planned from the "
-                       "sum of its windows (--window last: the last one).")
+                       description="Plans expert placement for a load file (.npz/.npy/.pt/"
+                       ".json, [windows, layers, experts] or [layers, experts], or SGLang's stat "
+                       "dump) and writes it as vllm-ascend's expert-map JSON or SGLang's "
+                       "--init-expert-location JSON (--format). A multi-window trace is planned "
+                       "from the sum of its windows (--window last: the last one).")
     p.add_argument("--load", required=True, help="load file")
     _add_topology(p, ranks_required=False)
     p.add_argument("--policy", choices=sorted(POLICIES), default="balanced",
                    help="placement policy (default balanced)")
-    p.add_argument("--old", help="current expert map (JSON): 'before' is judged on it and "
-                   "min_move starts from it (default: the server's default placement, --default-layout)")
+    p.add_argument("--old", help="current expert map (JSON; an SGLang placement file with "
+                   "--ranks): 'before' is judged on it and min_move starts from it (default: the "
+                   "server's default placement, --default-layout)")
     p.add_argument("--window", choices=("sum", "last"), default="sum",
                    help="plan from the sum of the trace's windows (default) or the last one")
     p.add_argument("--allow-repeats", action="store_true",
