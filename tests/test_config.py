@@ -118,7 +118,7 @@ def test_vllm_parallel_config_shape():
         eplb_config: VllmEPLBConfig = dataclasses.field(default_factory=VllmEPLBConfig)
 
     want = EplbConfig(dynamic_eplb=True, window_size=1000, expert_heat_collection_interval=3000,
-                      policy="deepseek")
+                      policy="deepseek", first_plan_after=750)
     for config in (VllmParallelConfig(enable_eplb=True),
                    {"enable_eplb": True, "eplb_config": VllmEPLBConfig(),
                     "tensor_parallel_size": 8},
@@ -135,8 +135,16 @@ def test_vllm_parallel_config_shape():
     off = EplbConfig.parse(VllmParallelConfig())
     assert off.dynamic_eplb is False and off.expert_heat_collection_interval == 3000
     # what the inner keys give is kept; ours for the rest (not vllm-ascend's 600 / 50)
+    # (and the first plan after a quarter of step_interval, as vLLM's counter starts at 3/4)
     assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {
-        "step_interval": 100, "policy": "balanced", "window_size": None}}) == EplbConfig()
+        "step_interval": 100, "policy": "balanced", "window_size": None}}) == EplbConfig(
+            first_plan_after=25)
+    for interval, first in ((1, 1), (3, 1), (4, 1), (7, 1), (8, 2)):
+        assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {
+            "step_interval": interval}}).first_plan_after == first
+    assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {
+        "first_plan_after": 3000}}).first_plan_after == 3000  # (given: kept)
+    assert EplbConfig.parse({"step_interval": 3000}).first_plan_after is None  # (flat: ours)
     with pytest.raises(ValueError, match="eplb_config string is not valid JSON"):
         EplbConfig.parse({"enable_eplb": True, "eplb_config": "{window_size: 5}"})
     with pytest.raises(ValueError, match="'dynamic_eplb' in eplb_config \\(False\\) "
@@ -237,7 +245,8 @@ _INT_KEYS = {"num_redundant_experts": (0, MAX_COUNT),
              "expert_heat_collection_interval": (1, None), "window_size": (1, MAX_WINDOW_SIZE),
              "algorithm_execution_interval": (0, None), "layers_per_step": (1, MAX_COUNT),
              "max_move_bytes_per_step": (1, MAX_COUNT), "log_balancedness_interval": (1, None),
-             "num_nodes": (1, MAX_COUNT), "num_groups": (1, MAX_COUNT)}
+             "num_nodes": (1, MAX_COUNT), "num_groups": (1, MAX_COUNT),
+             "first_plan_after": (1, None)}
 _ALIAS_OF = {"step_interval": "expert_heat_collection_interval", "enabled": "dynamic_eplb",
              "enable_eplb": "dynamic_eplb", "eplb_policy_type": "policy",
              "num_iterations_eplb_update": "expert_heat_collection_interval",

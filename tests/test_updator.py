@@ -1128,6 +1128,33 @@ def test_cycle_timing_interval_execution_delay_and_layers_per_step(monkeypatch):
     up.shutdown()
 
 
+@pytest.mark.parametrize("config, windows", [
+    ({"step_interval": 8}, [8, 16]),
+    ({"step_interval": 8, "first_plan_after": 3}, [3, 11, 19]),
+    ({"step_interval": 8, "first_plan_after": 10}, [10, 18]),
+    ({"step_interval": 8, "window_size": 8, "first_plan_after": 2}, [2, 10, 18]),
+    ({"enable_eplb": True, "eplb_config": {"step_interval": 8, "window_size": 8}}, [2, 10, 18]),
+])
+def test_first_plan_after(config, windows):
+    """first_plan_after: the first window is gathered after that many steps, then one every
+    heat interval; vLLM's shape takes a quarter of step_interval, as vLLM's counter starts at
+    three quarters. The first window holds the steps so far (never more than its size)."""
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, config)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(19):
+        model(torch.randn(5, 8, generator=g))
+    assert [w["step"] for w in up.stats.windows] == windows
+    first = up.stats.windows[0]
+    assert first["steps"] == (min(windows[0], up.config.window_size) if up.config.window_size
+                              else windows[0])
+    assert first["tokens"] == first["steps"] * 5 * 2 * 2  # tokens x top-2 x layers
+    for w, before in zip(up.stats.windows[1:], windows, strict=False):
+        assert w["steps"] == (up.config.window_size or w["step"] - before)
+    assert len(up.stats.plans) >= 1 and up.stats.plans[0]["step"] >= windows[0]
+    up.shutdown()
+
+
 def test_dropped_moves_never_stall_a_forward():
     """A dropped move whose ops have not ended (a peer posting late, or never) is not waited
     for in a forward: nothing new is issued until it ended (on every rank), serving goes on,
@@ -1446,8 +1473,8 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
     with caplog.at_level("INFO", logger="eplb_native"):
         eplb_native.attach(Stack(2), {"enable_eplb": True, "eplb_config": {
             "communicator": "pynccl", "enable_migration_batching": True}}).shutdown()
-    assert ("a deepseek plan every 3000 steps from the last 1000 steps of load, its moves "
-            "starting 2 steps after that window, 1 layer(s) a step; communicator 'pynccl' "
+    assert ("a deepseek plan every 3000 steps (the first after 750) from the last 1000 steps "
+            "of load, its moves starting 2 steps after that window, 1 layer(s) a step; communicator 'pynccl' "
             "ignored (weights move by torch.distributed P2P on the EP group); "
             "enable_migration_batching ignored") in caplog.text
     # expert groups named where the policy uses them (deepseek on one node), not otherwise

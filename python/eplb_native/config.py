@@ -14,7 +14,8 @@ vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``
 ``LLM(enable_eplb=..., eplb_config={...})`` as a dict), is read as that switch for
 ``dynamic_eplb`` and vLLM's keys inside, which take vLLM's defaults where they differ from
 ours (``step_interval`` 3000, ``window_size`` 1000, ``policy`` "default": DeepSeek's
-algorithm), so the dict means what vLLM's object does (no placement or load file there: the
+algorithm; and the first plan after a quarter of ``step_interval``, as vLLM's counter starts at
+three quarters of it), so the dict means what vLLM's object does (no placement or load file there: the
 ``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig`` has no switch: ``dynamic_eplb``
 stays on.
 Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
@@ -31,6 +32,10 @@ key (aliases)                      meaning                             default
 ``num_redundant_experts``          extra slots per layer (P = E + it)  0 (or what the layer has)
 ``expert_heat_collection_interval``  steps between two plans (vLLM      100
 (``step_interval``)                ``step_interval``)
+``first_plan_after``               steps before the first plan (then   None (= heat interval;
+                                   one every heat interval)            vLLM's shape: a quarter
+                                                                       of it, as vLLM starts
+                                                                       its counter at 3/4)
 ``window_size``                    recent steps of load a plan sees    = heat interval
                                    (at most 10**6: its ring is
                                    [window_size, layers, experts]
@@ -294,11 +299,12 @@ _INT_BOUNDS = {
     "layers_per_step": (1, MAX_COUNT),
     "max_move_bytes_per_step": (1, MAX_COUNT),
     "log_balancedness_interval": (1, None),
+    "first_plan_after": (1, None),
     "num_nodes": (1, MAX_COUNT),
     "num_groups": (1, MAX_COUNT),
 }
 _OPTIONAL = ("num_redundant_experts", "window_size", "max_move_bytes_per_step", "num_groups",
-             "num_nodes")
+             "num_nodes", "first_plan_after")
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,7 @@ class EplbConfig:
     dynamic_eplb: bool = True
     num_redundant_experts: int | None = None
     expert_heat_collection_interval: int = 100
+    first_plan_after: int | None = None  # None: one heat interval
     window_size: int | None = None  # <= MAX_WINDOW_SIZE steps (the ring is on the device)
     algorithm_execution_interval: int = 1
     layers_per_step: int = 1
@@ -541,8 +548,14 @@ class EplbConfig:
             if not (isinstance(v, bool) and v == switch):  # (1 is no switch, as flat)
                 raise ValueError(f"{key!r} in eplb_config ({_show(v)}) contradicts "
                                  f"'enable_eplb' beside it ({_show(switch)})")
-        return cls.from_dict({k: v for k, v in inner.items() if k not in switches}
-                             | {"enable_eplb": switch}, _defaults=_VLLM_DEFAULTS)
+        config = cls.from_dict({k: v for k, v in inner.items() if k not in switches}
+                               | {"enable_eplb": switch}, _defaults=_VLLM_DEFAULTS)
+        if config.first_plan_after is None:
+            # vLLM starts its step counter at three quarters of step_interval: its first
+            # rebalance comes after a quarter of it (750 steps by default), not a whole one
+            config = dataclasses.replace(
+                config, first_plan_after=max(1, config.expert_heat_collection_interval // 4))
+        return config
 
     @classmethod
     def parse(cls, config) -> EplbConfig:

@@ -232,7 +232,10 @@ class Updator:
         # A sliding window needs one row per step; the default window (= the heat interval)
         # needs one running sum, reset at each gather.
         self._sliding = config.window_size is not None
-        self._steps_in_window = 0
+        # (counts up to the heat interval: from below 0 where the first plan comes later, from
+        # above where it comes sooner, as vLLM's does)
+        self._steps_in_window = (0 if config.first_plan_after is None else
+                                 config.expert_heat_collection_interval - config.first_plan_after)
         self._staging: list[list[torch.Tensor]] = []
         # Rows (one slot's weights) each rank may receive / send per step; None: no limit.
         self._rows_per_step = None
@@ -620,7 +623,11 @@ class Updator:
         if self._planner is not None:  # (recording only moves nothing: nothing to corrupt)
             self._check_placement()
         e, r, n = self.num_logical, self.num_ranks, self.num_layers
-        steps = min(self.step, self.config.window_steps)
+        # steps of load in the window: a sliding one's last window_size steps (fewer at
+        # first); else every step since the last gather (the first may differ from the heat
+        # interval: first_plan_after)
+        steps = (min(self.step, self.config.window_steps) if self._sliding else
+                 self.step - (self.stats.windows[-1]["step"] if self.stats.windows else 0))
         ctx = self._api.stream(self._side) if self._api is not None else _Null()
         with ctx:
             self._send[:n * e].copy_(self._ring.sum(0).view(-1))
@@ -1120,8 +1127,12 @@ def _describe(config: EplbConfig) -> str:
     topology = "".join([f", {config.node_count} nodes" if config.node_count > 1 else "",
                         f", {config.group_count} expert groups" if _uses_groups(config)
                         else ""])
+    first = config.first_plan_after
     return (f"a {config.policy} plan{topology} every {config.expert_heat_collection_interval} "
-            f"steps from the "
+            f"steps"
+            + (f" (the first after {first})" if first not in (None,
+               config.expert_heat_collection_interval) else "")
+            + " from the "
             f"last {config.window_steps} steps of load, its moves starting "
             f"{config.algorithm_execution_interval + 1} steps after that window, "
             f"{config.layers_per_step} layer(s) a step"
