@@ -866,8 +866,53 @@ def test_plan_sglang_dump_to_sglang_file_keeps_its_layers(tmp_path):
     assert "counts 6 layers" in last and not (tmp_path / "x.json").exists()
 
 
+def test_plan_sglang_rows_of_a_known_model_and_none_guessed(tmp_path):
+    """A synth trace of a known model takes its hidden layers (DeepSeek-V3: 61, the 3 dense
+    ones first); a trace that says nothing of them needs --hidden-layers: a file of one row per
+    MoE layer would shift every layer of a model with dense layers (SGLang finds rows by
+    hidden-layer index)."""
+    run_cli("synth", "--shape", "deepseek-v3", "--windows", 2, "--tokens", 512, "-o", "ds.npz",
+            cwd=tmp_path)
+    run_cli("plan", "--load", "ds.npz", "--ranks", 32, "--format", "sglang", "-o", "ds.json",
+            cwd=tmp_path)
+    rows = np.asarray(json.loads((tmp_path / "ds.json").read_text())
+                      ["physical_to_logical_map"])
+    assert rows.shape == (61, 288)
+    np.testing.assert_array_equal(rows[:3], np.tile(np.arange(288) % 256, (3, 1)))
+    proc = run_cli("plan", "--load", "ds.npz", "--ranks", 32, "--format", "sglang",
+                   "--hidden-layers", 62, "-o", "x.json", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "--hidden-layers 62 disagrees with the trace's model "
+                          "(deepseek-v3), which has 61 layers")
+    np.save(tmp_path / "plain.npy", load_trace(tmp_path / "ds.npz")[0])
+    proc = run_cli("plan", "--load", "plain.npy", "--ranks", 32, "--format", "sglang",
+                   "-o", "x.json", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "--format sglang needs --hidden-layers")
+    # --old's rows must be the model's hidden layers
+    proc = run_cli("plan", "--load", "plain.npy", "--ranks", 32, "--format", "sglang",
+                   "--hidden-layers", 60, "--old", "ds.json", "-o", "x.json", cwd=tmp_path,
+                   expect=2)
+    assert_one_line_error(proc, "plan", "--old ds.json: has 61 rows (hidden layers), the "
+                          "model 60")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_plan_sglang_dump_meta_is_checked(tmp_path):
+    save_trace(tmp_path / "t.npz", np.ones((2, 3, 8)), sglang_num_layers="x")
+    proc = run_cli("plan", "--load", "t.npz", "--ranks", 2, "--format", "sglang", "-o",
+                   "x.json", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "meta 'sglang_num_layers' / 'sglang_layers'")
+    save_trace(tmp_path / "t.npz", np.ones((2, 3, 8)), sglang_num_layers=5,
+               sglang_layers=[0, 4, 2])
+    proc = run_cli("plan", "--load", "t.npz", "--ranks", 2, "--format", "sglang", "-o",
+                   "x.json", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "do not describe its 3 layers")
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--format", "sglang", "-o", "init.txt"], ["-o init.txt", "name it *.json"]),
+    (["--format", "sglang", "-o", "INIT.JSON"], ["-o INIT.JSON", "name it *.json"]),
+    (["--format", "sglang", "--hidden-layers", "3", "--default-layout", "vllm-ascend", "-o",
+      "m.json"], ["--default-layout vllm-ascend with --format sglang"]),
     (["--hidden-layers", "5", "-o", "m.json"], ["--hidden-layers is for --format sglang"]),
     (["--format", "sglang", "--hidden-layers", "2", "-o", "m.json"],
      ["--hidden-layers 2 is fewer than the trace's 3 MoE layers"]),

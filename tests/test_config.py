@@ -953,8 +953,14 @@ def test_sglang_recorder_buffer_is_the_window():
     key = "expert_distribution_recorder_buffer_size"
     c = EplbConfig.parse({key: None, "eplb_rebalance_num_iterations": 300, "enable_eplb": True})
     assert c.window_size is None and c.window_steps == 300
+    # equal to the interval (SGLang's own default): unset, the same steps without the ring
     assert EplbConfig.parse({key: 300, "eplb_rebalance_num_iterations": 300,
-                             "enable_eplb": True}).window_size == 300
+                             "enable_eplb": True}).window_size is None
+    assert EplbConfig.parse({key: 200, "eplb_rebalance_num_iterations": 300,
+                             "enable_eplb": True}).window_size == 200
+    # (window_size of ours equal to the interval is kept as given)
+    assert EplbConfig.parse({"window_size": 300, "expert_heat_collection_interval": 300}
+                            ).window_size == 300
     for v in (-1, -1.0):
         with pytest.raises(ValueError, match=rf"^{key} -1 \(SGLang's unbounded buffer\) cannot "
                                              rf"be honoured: the window here is a ring of at "
@@ -1111,6 +1117,8 @@ def _sglang_expected(doc):
     window = doc.get("expert_distribution_recorder_buffer_size")
     if on and window is not None and window > interval:
         return None
+    if window == interval:  # (SGLang's own default: read as unset, the same steps)
+        window = None
     policy, groups = {"auto": ("deepseek", None), "deepseek": ("deepseek", 1),
                       "deepseek_hierarchical": ("deepseek", None),
                       "deepseek_vec": ("deepseek", 1),
@@ -1166,3 +1174,18 @@ def test_sglang_example_of_docs_integrations_runs():
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
     (code,) = [b for b in blocks if "eplb_rebalance_num_iterations" in b]
     exec(compile(code, str(doc), "exec"), {})
+
+
+def test_sglang_location_is_not_the_record_path(tmp_path):
+    """init_expert_location and expert_map_record_path naming one file: the record (vllm-ascend's
+    format) would overwrite SGLang's placement file after the first rebalance: refused."""
+    path = tmp_path / "init.json"
+    for record in (str(path), str(tmp_path / "." / "init.json")):
+        path.write_text("{}")
+        with pytest.raises(ValueError, match="init_expert_location and expert_map_record_path "
+                                             "are one file"):
+            EplbConfig.parse({"init_expert_location": str(path), "enable_eplb": True,
+                              "expert_map_record_path": record})
+    c = EplbConfig.parse({"init_expert_location": str(path), "enable_eplb": True,
+                          "expert_map_record_path": str(tmp_path / "rec.json")})
+    assert c.expert_map_path == str(path)

@@ -381,6 +381,14 @@ def test_sglang_placement_file_round_trip(tmp_path):
     # without num_layers every row is a layer
     got, _ = expert_map.load(path, num_ranks=3)
     assert got.shape == (5, 12)
+    # without moe_layers the MoE layers are the last rows, and the rows before them must be
+    # the trivial placement: dense layers between MoE layers would be read shifted
+    with pytest.raises(ValueError, match=r"rows \[1\] before its last 3 .* not SGLang's "
+                                         r"trivial placement .* \(moe_layers\)"):
+        expert_map.load(path, num_ranks=2, num_layers=3, num_logical=8)
+    with pytest.raises(ValueError, match="has 5 rows \\(hidden layers\\), the model 6"):
+        expert_map.load(path, num_ranks=2, num_layers=3, moe_layers=[1, 3, 4],
+                        num_hidden_layers=6)
 
 
 @pytest.mark.parametrize("doc, kwargs, message", [

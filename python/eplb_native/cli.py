@@ -299,12 +299,15 @@ def cmd_plan(args) -> int:
         # (vllm-ascend reads only *.json maps; a trace's name here is a slip)
         raise UsageError(f"-o {args.output}: plan writes an expert map (JSON); name it *.json")
     sglang = args.format == "sglang"
-    if sglang and suffix != ".json" and (not os.path.exists(args.output)
-                                         or os.path.isfile(args.output)):
-        # (SGLang reads --init-expert-location as a path only for *.json / *.pt; any other
-        # value it parses as JSON text)
+    if sglang and not args.output.endswith(".json") and (not os.path.exists(args.output)
+                                                         or os.path.isfile(args.output)):
+        # (SGLang reads --init-expert-location as a path only for *.json / *.pt, case and all;
+        # any other value it parses as JSON text)
         raise UsageError(f"-o {args.output}: SGLang reads --init-expert-location as a file only "
                          f"when its name ends in .json; name it *.json")
+    if sglang and args.default_layout != "vllm":
+        raise UsageError(f"--default-layout {args.default_layout} with --format sglang: SGLang "
+                         f"starts from its trivial placement, which is --default-layout vllm")
     if args.hidden_layers is not None and not sglang:
         raise UsageError("--hidden-layers is for --format sglang (SGLang's file has a row per "
                          "hidden layer; vllm-ascend's map one per MoE layer)")
@@ -328,7 +331,8 @@ def cmd_plan(args) -> int:
         old, args.ranks = expert_map.load(args.old, num_logical=num_experts,
                                           num_layers=num_layers, num_ranks=args.ranks,
                                           moe_layers=moe_layers, name="--old",
-                                          ranks_name="--ranks")
+                                          ranks_name="--ranks",
+                                          num_hidden_layers=hidden_layers if sglang else None)
     if args.ranks is None:
         raise UsageError("--ranks is required (or give --old)")
     topo = Topology(args, num_experts, meta, None if old is None else old.shape[1])
@@ -412,22 +416,48 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _sglang_rows(args, meta: dict, num_layers: int) -> tuple[list[int] | None, int]:
+def _sglang_rows(args, meta: dict, num_layers: int) -> tuple[list[int] | None, int | None]:
     """(the hidden-layer row of each MoE layer or None = the last ones, the hidden-layer
     count) of an SGLang placement file: an SGLang dump's own (its dense layers were dropped
-    from the trace), else --hidden-layers (default: the trace's layers)."""
-    dump_layers = meta.get("sglang_num_layers")
+    from the trace), else --hidden-layers, else the model's of a synth trace (None, None
+    without --format sglang). SGLang finds a layer's row by its hidden-layer index: a file of
+    one row per MoE layer would shift every layer of a model with dense layers, so with none of
+    these the count is asked for. Without --format sglang: (the dump's rows or None, None), for
+    an SGLang file read as --old.)"""
+    dump_layers, kept = meta.get("sglang_num_layers"), meta.get("sglang_layers")
+    if dump_layers is not None:  # (an SGLang dump's: checked, as any meta is)
+        if not (isinstance(dump_layers, int) and not isinstance(dump_layers, bool)
+                and dump_layers >= num_layers) or kept is not None and not (
+                isinstance(kept, list) and len(kept) == num_layers
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in kept)
+                and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < dump_layers):
+            raise UsageError(f"--load {args.load}: the trace's meta 'sglang_num_layers' / "
+                             f"'sglang_layers' ({_short(dump_layers)} / {_short(kept)}) do not "
+                             f"describe its {num_layers} layers")
+    if args.format != "sglang":  # (an SGLang file given as --old has the dump's rows)
+        return (None if dump_layers is None else kept or list(range(dump_layers))), None
+    shape = traces.MODEL_SHAPES.get(meta.get("shape")) if isinstance(
+        meta.get("shape"), str) else None
+    model = (shape.num_hidden_layers if shape is not None and shape.num_layers == num_layers
+             and shape.num_hidden_layers else None)
     if args.hidden_layers is not None:
         if args.hidden_layers < num_layers:
             raise UsageError(f"--hidden-layers {args.hidden_layers} is fewer than the trace's "
                              f"{num_layers} MoE layers")
-        if dump_layers is not None and args.hidden_layers != dump_layers:
-            raise UsageError(f"--hidden-layers {args.hidden_layers} disagrees with the SGLang "
-                             f"dump --load {args.load}, which counts {dump_layers} layers")
-    if dump_layers is None:
-        return None, num_layers if args.hidden_layers is None else args.hidden_layers
-    kept = meta.get("sglang_layers", list(range(dump_layers)))
-    return kept, dump_layers
+        for count, what in ((dump_layers, f"the SGLang dump --load {args.load}, which counts"),
+                            (model, f"the trace's model ({meta.get('shape')}), which has")):
+            if count is not None and args.hidden_layers != count:
+                raise UsageError(f"--hidden-layers {args.hidden_layers} disagrees with {what} "
+                                 f"{count} layers")
+    if dump_layers is not None:
+        return (list(range(dump_layers)) if kept is None else kept), dump_layers
+    if args.hidden_layers is not None:
+        return None, args.hidden_layers
+    if model is not None:
+        return None, model
+    raise UsageError(f"--format sglang needs --hidden-layers (the model's num_hidden_layers; "
+                     f"SGLang's file has a row for each, the dense layers' too): --load "
+                     f"{args.load} is neither an SGLang dump nor a synth trace of a known model")
 
 
 # --------------------------------------------------------------------------- synth

@@ -90,9 +90,10 @@ key (aliases)                      meaning                             default
                                    (False: wait for the plan at once)
 ``num_nodes``, ``num_groups``      topology for hierarchical policies  None, None
                                    (nodes None: the hosts of the EP
-                                   group, counted by attach as vLLM
-                                   counts them, where they hold equal
-                                   runs of consecutive ranks; else 1.
+                                   group, counted by attach (vLLM
+                                   counts its nodes too), where they
+                                   hold equal runs of consecutive
+                                   ranks; else 1.
                                    groups: the model's expert groups;
                                    None: those attach can tell, a
                                    transformers model's ``n_group``,
@@ -138,9 +139,10 @@ beside or around them) are refused: whose defaults apply would be unclear.
   ``eplb_rebalance_num_iterations`` (forward passes between rebalances) -> the heat interval.
 - ``expert_distribution_recorder_buffer_size`` -> ``window_size``; None is the heat interval,
   as SGLang sets it. -1 (SGLang's unbounded buffer) is refused: the window is a ring of at most
-  10**6 steps. A buffer longer than the interval while EPLB is on is refused, as SGLang asserts.
+  10**6 steps. A buffer longer than the interval while EPLB is on is refused, as SGLang asserts;
+  one equal to it is read as unset (the same steps, without the per-step ring on the device).
 - ``eplb_algorithm``: ``auto`` and ``deepseek_hierarchical`` -> ``deepseek`` with the model's
-  groups (hierarchical where they divide the nodes, as ``auto`` is; where they do not, SGLang's
+  groups (hierarchical where the nodes divide them, as ``auto`` is; where they do not, SGLang's
   ``deepseek_hierarchical`` fails, ours plans globally); ``deepseek`` -> ``deepseek`` with
   ``num_groups`` 1 (SGLang's is DeepSeek's global policy); ``deepseek_vec`` and
   ``deepseek_vec_hierarchical`` are read as those two with a warning (SGLang's vec variant
@@ -152,8 +154,10 @@ beside or around them) are refused: whose defaults apply would be unclear.
   mean all at once.
 - ``eplb_min_rebalancing_utilization_threshold`` -> ``balancedness_threshold``. SGLang's
   utilization is the mean over its last 1000 forward passes of each pass's mean / max rank load
-  (averaged over layers), tracked only while ``expert_balancedness_report_mode`` is not off;
-  here it is the window's summed load on the current placement, whatever the report mode.
+  (averaged over every hidden layer, its dense layers counting 1.0), tracked only while
+  ``expert_balancedness_report_mode`` is not off; here it is the window's summed load on the
+  current placement, averaged over the MoE layers, whatever the report mode (so a threshold
+  skips a little less often here on a model with dense layers).
 - ``init_expert_location``: ``trivial`` -> no map (our default spread is SGLang's trivial
   placement); a path ending in ``.json`` -> ``expert_map_path``, read at attach by
   ``expert_map.load`` (SGLang's ``physical_to_logical_map`` file; one of ``logical_count``, a
@@ -520,6 +524,17 @@ class EplbConfig:
                              f"({config.expert_heat_collection_interval}"
                              f"{'' if interval else ', its default'}) while EPLB is on, as "
                              f"SGLang requires (its EPLB manager asserts it)")
+        if source.get("window_size") == buffer and (
+                config.window_size == config.expert_heat_collection_interval):
+            # (SGLang's own default sets it so: the steps since the last plan, which the
+            # unset window sums without a [steps, layers, experts] ring on the device)
+            config = dataclasses.replace(config, window_size=None)
+        if source.get("expert_map_path") == "init_expert_location" and (
+                config.expert_map_record_path is not None and _same_path(
+                    config.expert_map_path, config.expert_map_record_path)):
+            raise ValueError(f"init_expert_location and expert_map_record_path are one file "
+                             f"({_show(config.expert_map_path)}): the record (vllm-ascend's "
+                             f"format) would overwrite SGLang's placement file")
         return config
 
     @classmethod
@@ -582,6 +597,16 @@ class EplbConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _same_path(a, b) -> bool:
+    """Whether two paths name one file (the same text, or one existing file)."""
+    if os.fspath(a) == os.fspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def _check_bool(key, v, what="a bool"):

@@ -273,8 +273,12 @@ def save_sglang(path: str | os.PathLike, phy2log, num_logical: int, *,
 
 
 def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int | None,
-                  moe_layers) -> tuple[np.ndarray, int]:
-    """SGLang's placement file -> (``phy2log`` of its MoE layers, num_ranks)."""
+                  moe_layers, num_logical: int | None, num_hidden_layers: int | None
+                  ) -> tuple[np.ndarray, int]:
+    """SGLang's placement file -> (``phy2log`` of its MoE layers, num_ranks). Without
+    ``moe_layers`` the MoE layers are the last rows, and the rows before them must hold
+    SGLang's trivial placement (its dense layers', as :func:`save_sglang` writes them): a
+    file whose dense layers sit between its MoE layers would otherwise be read shifted."""
     if num_ranks is None:
         raise ValueError(f"{source}: an SGLang placement file says no rank count; give the "
                          f"ranks (--ranks)")
@@ -297,8 +301,20 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
                              f">= 0 and < 2**62")
     if width % num_ranks:
         raise ValueError(f"{source}: slots ({width}) must be divisible by the {num_ranks} ranks")
+    if num_hidden_layers is not None and len(rows) != num_hidden_layers:
+        raise ValueError(f"{source}: has {len(rows)} rows (hidden layers), the model "
+                         f"{num_hidden_layers}")
     ids, _ = _moe_rows(len(rows) if num_layers is None else num_layers, len(rows), moe_layers,
                        source)
+    if moe_layers is None and ids[0] > 0:
+        experts = num_logical or 1 + max(max(r) for r in rows)
+        trivial = [s % experts for s in range(width)]
+        odd = [i for i in range(ids[0]) if rows[i] != trivial]
+        if odd:
+            raise ValueError(f"{source}: rows {odd[:8]} before its last {len(ids)} (the MoE "
+                             f"layers, taken as the last rows) are not SGLang's trivial "
+                             f"placement of a dense layer: are dense layers between its MoE "
+                             f"layers? Name the MoE layers' rows (moe_layers)")
     return np.asarray([rows[i] for i in ids], dtype=np.int64), num_ranks
 
 
@@ -327,8 +343,8 @@ def _read(path, label: str) -> dict:
 
 def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
          num_layers: int | None = None, num_slots: int | None = None,
-         name: str | None = None, moe_layers=None, ranks_name: str | None = None
-         ) -> tuple[np.ndarray, int]:
+         name: str | None = None, moe_layers=None, ranks_name: str | None = None,
+         num_hidden_layers: int | None = None) -> tuple[np.ndarray, int]:
     """The one expert-map loader -> (``phy2log`` [L, P] int64, a new array; num_ranks).
 
     Args:
@@ -349,6 +365,7 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         moe_layers: an SGLang file's row (hidden-layer index) of each MoE layer.
         ranks_name: what ``num_ranks`` came from (e.g. ``"--ranks"``), named by the error of
             a map for other ranks.
+        num_hidden_layers: when given, an SGLang file must have this many rows.
 
     Raises ValueError naming the map and the problem (FileNotFoundError for a missing file).
     """
@@ -374,7 +391,8 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
                              f"load (eplb-native plan --format sglang writes SGLang's placement "
                              f"file, which this reads)")
         if isinstance(doc, dict) and "physical_to_logical_map" in doc:
-            phy2log, ranks = _parse_sglang(doc, label, num_layers, num_ranks, moe_layers)
+            phy2log, ranks = _parse_sglang(doc, label, num_layers, num_ranks, moe_layers,
+                                           num_logical, num_hidden_layers)
         else:
             phy2log, ranks = _parse(doc, label, num_layers)
     else:

@@ -51,6 +51,9 @@ class ModelShape:
     moe_intermediate_size: int = 0  #: expert FFN width (moe_intermediate_size)
     bytes_per_param: float = 2.0  #: storage of the released weights (FP8 = 1, BF16 = 2)
     source: str = ""
+    #: decoder layers (num_hidden_layers), the dense ones first (first_k_dense_replace):
+    #: SGLang's placement file has a row for each; 0: as many as MoE layers
+    num_hidden_layers: int = 0
 
     @property
     def num_slots(self) -> int:
@@ -77,7 +80,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
         num_groups=8, hidden_size=7168, moe_intermediate_size=2048, bytes_per_param=1.0,
         source="deepseek-ai/DeepSeek-V3 config.json: num_hidden_layers=61 - "
                "first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8, n_group=8, "
-               "hidden_size=7168, moe_intermediate_size=2048, FP8"),
+               "hidden_size=7168, moe_intermediate_size=2048, FP8",
+        num_hidden_layers=61),
     # Qwen/Qwen3-235B-A22B config.json: num_hidden_layers 94, decoder_sparse_step 1,
     # mlp_only_layers [] (-> 94 MoE layers), num_experts 128, num_experts_per_tok 8, no expert
     # groups, hidden_size 4096, moe_intermediate_size 1536; weights released in BF16.
@@ -86,7 +90,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
         num_groups=1, hidden_size=4096, moe_intermediate_size=1536, bytes_per_param=2.0,
         source="Qwen/Qwen3-235B-A22B config.json: num_hidden_layers=94, decoder_sparse_step=1, "
                "num_experts=128, num_experts_per_tok=8, hidden_size=4096, "
-               "moe_intermediate_size=1536, BF16"),
+               "moe_intermediate_size=1536, BF16",
+        num_hidden_layers=94),
     # moonshotai/Kimi-K2-Instruct config.json: num_hidden_layers 61, first_k_dense_replace 1
     # (-> 60 MoE layers), n_routed_experts 384, num_experts_per_tok 8, n_group 1,
     # hidden_size 7168, moe_intermediate_size 2048; weights released in FP8 (block-quantized).
@@ -99,7 +104,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
         bytes_per_param=1.0,
         source="moonshotai/Kimi-K2-Instruct config.json: num_hidden_layers=61 - "
                "first_k_dense_replace=1, n_routed_experts=384, num_experts_per_tok=8, n_group=1, "
-               "hidden_size=7168, moe_intermediate_size=2048, FP8"),
+               "hidden_size=7168, moe_intermediate_size=2048, FP8",
+        num_hidden_layers=61),
 }
 
 

@@ -181,8 +181,16 @@ class Updator:
         else:
             self._move_group = self._cpu_group = None
         self.group = group
-        if config.num_nodes is None:  # (the first collective: every rank reaches it)
-            config = self.config = dataclasses.replace(config, num_nodes=self._count_nodes())
+        # The first collective: every rank gathers the hosts (even one whose config sets
+        # num_nodes, so that ranks whose configs differ there do not wait on different calls;
+        # their configs differ, and their plans then, which the plan's agreement refuses)
+        try:
+            nodes = self._count_nodes()
+        except BaseException:
+            self._release_groups()
+            raise
+        if config.num_nodes is None:
+            config = self.config = dataclasses.replace(config, num_nodes=nodes)
         self.stats = metrics.UpdatorStats()
         self._placement = placement
         # The adapters' tensors that are the layers' own parameters / buffers (by storage): a
@@ -349,6 +357,8 @@ class Updator:
             return 1
         keys: list = [None] * self.num_ranks
         dist.all_gather_object(keys, _host_key(), group=self._cpu_group)
+        if self.config.num_nodes is not None:
+            return self.config.num_nodes  # (set: kept; gathered all the same, see the caller)
         nodes, why = nodes_of_hosts(keys)
         if why is None and nodes > 1:
             try:
