@@ -34,9 +34,9 @@ constexpr int64_t kScanPacks = 8;
 // where bits_i is the bit pattern of w[i] (monotone in the value for doubles >= 0; + 0.0 turns
 // -0.0 into +0.0) and hi the largest; bucket 0 holds the heaviest, a heavier weight never has a
 // larger bucket, and there are fewer than limit + 1 buckets (2n unless given). Sorting or
-// selecting by bucket first
-// leaves only weights that share a bucket to compare exactly, and needs no data-dependent
-// branches (std::sort / std::nth_element mispredict about every other comparison).
+// selecting by bucket first leaves only weights that share a bucket to compare exactly, and
+// needs no data-dependent branches (std::sort / std::nth_element mispredict about every other
+// comparison).
 struct BitBuckets {
   uint64_t hi = 0;
   int shift = 0;
@@ -192,7 +192,8 @@ inline void SortHeaviestFirst(const double* w, int64_t n, int64_t* order) {
     std::vector<uint64_t> bits;
     std::vector<uint32_t> key, start, by_low;
   } tls;
-  // digit: bits per digit, 2^(2 digit) >= 16 (2n) key values (at least 4 bits a digit).
+  // digit: bits per digit, 2^(2 digit) >= 32n key values (at least 4 bits a digit; at most
+  // 16, so past n = 2^27 fewer: only slower, as the insertion pass then finds more to move).
   int digit = 4;
   while ((uint64_t{1} << (2 * digit)) < static_cast<uint64_t>(32 * n) && digit < 16) ++digit;
   const uint32_t radix = uint32_t{1} << digit, low_mask = radix - 1;

@@ -204,7 +204,6 @@ void PreserveSlots(int64_t* phy2log, const int64_t* old_phy2log, const Shape& s)
   auto& pending = tls.pending;
   auto& fixed = tls.fixed;
   fixed.resize(static_cast<size_t>(S));
-  pending.resize(static_cast<size_t>(S));
   tls.rest.resize(static_cast<size_t>(S) + 1);
   int64_t* rest = tls.rest.data() + 1;  // (rest[-1]: the backward fill's write past the front)
   if (E > 0 && tls.need.size() < static_cast<size_t>(E) + 1)
@@ -472,18 +471,21 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
   const bool prefer = options.prefer_distinct && !options.distinct_ranks &&
                       shape.num_logical / shape.num_packs() >= shape.slots_per_rank();
   const bool admissible_old = shape.num_nodes == 1 || !shape.hierarchical();
-  if (options.policy == Policy::kDeepSeek) {
-    // DeepSeek's placements first, a few layers per call: each node's greedy packing is one
-    // chain of dependent steps, and DeepSeekLayers interleaves the chains of all nodes of its
-    // layers. About four chains at once (global: four layers; measured on DeepSeek-V3, 2 and 3
-    // layers gain less, 8 hierarchical chains no more than 4).
+  // On one thread, DeepSeek's placements first, a few layers per call: each node's greedy
+  // packing is one chain of dependent steps, and DeepSeekLayers interleaves the chains of all
+  // nodes of its layers. About four chains at once (global: four layers; measured on
+  // DeepSeek-V3, 2 and 3 layers gain less, 8 hierarchical chains no more than 4). On several
+  // threads each layer's placement is made in the per-layer pass below (a pass of its own
+  // started a second pool of threads and left fewer batches than threads on few layers).
+  const bool batched = options.policy == Policy::kDeepSeek && (options.threads <= 1 || L == 1);
+  if (batched) {
     const int64_t nodes = shape.deepseek_grouped() ? shape.num_nodes : 1;
     const int64_t batch = std::max<int64_t>(1, 4 / nodes);
-    ForEachLayer((L + batch - 1) / batch, options.threads, [&](int64_t b) {
-      const int64_t first = b * batch, count = std::min(batch, L - first);
-      DeepSeekLayers(load + first * E, one, count, out.phy2log.data() + first * P,
+    for (int64_t first = 0; first < L; first += batch) {
+      DeepSeekLayers(load + first * E, one, std::min(batch, L - first),
+                     out.phy2log.data() + first * P,
                      by_ordinal ? phyrank.data() + first * P : nullptr);
-    });
+    }
   }
   ForEachLayer(L, options.threads, [&](int64_t l) {
     const double* w = load + l * E;
@@ -499,7 +501,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     // the old placement's max rank load: reported, and min_move's first test
     const double before = old != nullptr ? MaxRankLoad(w, old, one) : 0.0;
     switch (options.policy) {
-      case Policy::kDeepSeek:  // planned above
+      case Policy::kDeepSeek:  // (batched: planned above)
+        if (!batched) DeepSeekLayers(w, one, 1, dst, by_ordinal ? phyrank.data() + l * P : nullptr);
         break;
       case Policy::kBalanced:
         BalancedPlan(w, one, options, prefer, dst);
