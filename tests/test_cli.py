@@ -901,6 +901,10 @@ def test_plan_sglang_dump_meta_is_checked(tmp_path):
     proc = run_cli("plan", "--load", "t.npz", "--ranks", 2, "--format", "sglang", "-o",
                    "x.json", cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "plan", "meta 'sglang_num_layers' / 'sglang_layers'")
+    save_trace(tmp_path / "t.npz", np.ones((2, 3, 8)), sglang_num_layers=5)  # (3 kept: which?)
+    proc = run_cli("plan", "--load", "t.npz", "--ranks", 2, "--format", "sglang", "-o",
+                   "x.json", cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "plan", "do not describe its 3 layers")
     save_trace(tmp_path / "t.npz", np.ones((2, 3, 8)), sglang_num_layers=5,
                sglang_layers=[0, 4, 2])
     proc = run_cli("plan", "--load", "t.npz", "--ranks", 2, "--format", "sglang", "-o",

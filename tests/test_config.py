@@ -145,6 +145,9 @@ def test_vllm_parallel_config_shape():
     assert EplbConfig.parse({"enable_eplb": True, "eplb_config": {
         "first_plan_after": 3000}}).first_plan_after == 3000  # (given: kept)
     assert EplbConfig.parse({"step_interval": 3000}).first_plan_after is None  # (flat: ours)
+    # vLLM's EPLBConfig object alone is vLLM's too (its step_interval)
+    assert EplbConfig.parse(VllmEPLBConfig()).first_plan_after == 750
+    assert EplbConfig.parse(VllmEPLBConfig(step_interval=8)).first_plan_after == 2
     with pytest.raises(ValueError, match="eplb_config string is not valid JSON"):
         EplbConfig.parse({"enable_eplb": True, "eplb_config": "{window_size: 5}"})
     with pytest.raises(ValueError, match="'dynamic_eplb' in eplb_config \\(False\\) "
@@ -958,9 +961,17 @@ def test_sglang_recorder_buffer_is_the_window():
                              "enable_eplb": True}).window_size is None
     assert EplbConfig.parse({key: 200, "eplb_rebalance_num_iterations": 300,
                              "enable_eplb": True}).window_size == 200
-    # (window_size of ours equal to the interval is kept as given)
+    # (window_size of ours equal to the interval is kept as given, beside the buffer too, in
+    # either order; and where the first window is longer than the interval, whose unset
+    # window would sum every step before it)
     assert EplbConfig.parse({"window_size": 300, "expert_heat_collection_interval": 300}
                             ).window_size == 300
+    for doc in ({key: 300, "window_size": 300}, {"window_size": 300, key: 300},
+                {key: 300, "first_plan_after": 500}):
+        assert EplbConfig.parse({**doc, "eplb_rebalance_num_iterations": 300,
+                                 "enable_eplb": True}).window_size == 300, doc
+    assert EplbConfig.parse({key: 300, "first_plan_after": 200, "enable_eplb": True,
+                             "eplb_rebalance_num_iterations": 300}).window_size is None
     for v in (-1, -1.0):
         with pytest.raises(ValueError, match=rf"^{key} -1 \(SGLang's unbounded buffer\) cannot "
                                              rf"be honoured: the window here is a ring of at "

@@ -1152,6 +1152,11 @@ def test_first_plan_after(config, windows):
     for w, before in zip(up.stats.windows[1:], windows, strict=False):
         assert w["steps"] == (up.config.window_size or w["step"] - before)
     assert len(up.stats.plans) >= 1 and up.stats.plans[0]["step"] >= windows[0]
+    # (the stats are the user's to trim: a window's steps do not depend on them)
+    up.stats.windows.clear()
+    for _ in range(8):
+        model(torch.randn(5, 8, generator=g))
+    assert [w["steps"] for w in up.stats.windows] == [up.config.window_size or 8]
     up.shutdown()
 
 

@@ -430,7 +430,8 @@ def _sglang_rows(args, meta: dict, num_layers: int) -> tuple[list[int] | None, i
                 and dump_layers >= num_layers) or kept is not None and not (
                 isinstance(kept, list) and len(kept) == num_layers
                 and all(isinstance(i, int) and not isinstance(i, bool) for i in kept)
-                and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < dump_layers):
+                and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < dump_layers) or (
+                kept is None and dump_layers != num_layers):
             raise UsageError(f"--load {args.load}: the trace's meta 'sglang_num_layers' / "
                              f"'sglang_layers' ({_short(dump_layers)} / {_short(kept)}) do not "
                              f"describe its {num_layers} layers")

@@ -140,7 +140,9 @@ beside or around them) are refused: whose defaults apply would be unclear.
 - ``expert_distribution_recorder_buffer_size`` -> ``window_size``; None is the heat interval,
   as SGLang sets it. -1 (SGLang's unbounded buffer) is refused: the window is a ring of at most
   10**6 steps. A buffer longer than the interval while EPLB is on is refused, as SGLang asserts;
-  one equal to it is read as unset (the same steps, without the per-step ring on the device).
+  one equal to it is read as unset (the same steps, without the per-step ring on the device),
+  unless ``window_size`` is given too or ``first_plan_after`` exceeds the interval (an unset
+  first window spans ``first_plan_after`` steps).
 - ``eplb_algorithm``: ``auto`` and ``deepseek_hierarchical`` -> ``deepseek`` with the model's
   groups (hierarchical where the nodes divide them, as ``auto`` is; where they do not, SGLang's
   ``deepseek_hierarchical`` fails, ours plans globally); ``deepseek`` -> ``deepseek`` with
@@ -524,8 +526,10 @@ class EplbConfig:
                              f"({config.expert_heat_collection_interval}"
                              f"{'' if interval else ', its default'}) while EPLB is on, as "
                              f"SGLang requires (its EPLB manager asserts it)")
-        if source.get("window_size") == buffer and (
-                config.window_size == config.expert_heat_collection_interval):
+        if source.get("window_size") == buffer and "window_size" not in doc and (
+                config.window_size == config.expert_heat_collection_interval) and (
+                config.first_plan_after is None
+                or config.first_plan_after <= config.expert_heat_collection_interval):
             # (SGLang's own default sets it so: the steps since the last plan, which the
             # unset window sums without a [steps, layers, experts] ring on the device)
             config = dataclasses.replace(config, window_size=None)
@@ -565,12 +569,7 @@ class EplbConfig:
                                  f"'enable_eplb' beside it ({_show(switch)})")
         config = cls.from_dict({k: v for k, v in inner.items() if k not in switches}
                                | {"enable_eplb": switch}, _defaults=_VLLM_DEFAULTS)
-        if config.first_plan_after is None:
-            # vLLM starts its step counter at three quarters of step_interval: its first
-            # rebalance comes after a quarter of it (750 steps by default), not a whole one
-            config = dataclasses.replace(
-                config, first_plan_after=max(1, config.expert_heat_collection_interval // 4))
-        return config
+        return _vllm_first_plan(config)
 
     @classmethod
     def parse(cls, config) -> EplbConfig:
@@ -591,12 +590,27 @@ class EplbConfig:
             return cls.from_dict(config)
         doc = _object_doc(cls, config)
         if doc is not None:
-            return cls.from_dict(doc)
+            out = cls.from_dict(doc)
+            if dataclasses.is_dataclass(config) and "step_interval" in doc and (
+                    "eplb_config" not in doc):
+                # vLLM's EPLBConfig object alone (a dataclass with its step_interval): vLLM's
+                # first rebalance, after a quarter of the interval, as in its shape
+                out = _vllm_first_plan(out)
+            return out
         raise ValueError(f"config must be None, an EplbConfig, a dict, a JSON string or an object "
                          f"with EPLB config attributes, got {type(config).__name__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _vllm_first_plan(config: EplbConfig) -> EplbConfig:
+    """vLLM starts its step counter at three quarters of step_interval: its first rebalance
+    comes after a quarter of it (750 steps by default), not a whole one. Kept where set."""
+    if config.first_plan_after is not None:
+        return config
+    return dataclasses.replace(
+        config, first_plan_after=max(1, config.expert_heat_collection_interval // 4))
 
 
 def _same_path(a, b) -> bool:

@@ -314,7 +314,8 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
             raise ValueError(f"{source}: rows {odd[:8]} before its last {len(ids)} (the MoE "
                              f"layers, taken as the last rows) are not SGLang's trivial "
                              f"placement of a dense layer: are dense layers between its MoE "
-                             f"layers? Name the MoE layers' rows (moe_layers)")
+                             f"layers? Read it with expert_map.load(..., moe_layers=[the MoE "
+                             f"layers' rows]) (attach's expert_map_path takes the last rows)")
     return np.asarray([rows[i] for i in ids], dtype=np.int64), num_ranks
 
 

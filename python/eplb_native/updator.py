@@ -240,6 +240,7 @@ class Updator:
         # A sliding window needs one row per step; the default window (= the heat interval)
         # needs one running sum, reset at each gather.
         self._sliding = config.window_size is not None
+        self._gathered_step = 0  # the step of the last gather (a window's steps: since then)
         # (counts up to the heat interval: from below 0 where the first plan comes later, from
         # above where it comes sooner, as vLLM's does)
         self._steps_in_window = (0 if config.first_plan_after is None else
@@ -637,7 +638,8 @@ class Updator:
         # first); else every step since the last gather (the first may differ from the heat
         # interval: first_plan_after)
         steps = (min(self.step, self.config.window_steps) if self._sliding else
-                 self.step - (self.stats.windows[-1]["step"] if self.stats.windows else 0))
+                 self.step - self._gathered_step)
+        self._gathered_step = self.step
         ctx = self._api.stream(self._side) if self._api is not None else _Null()
         with ctx:
             self._send[:n * e].copy_(self._ring.sum(0).view(-1))
