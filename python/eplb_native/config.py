@@ -17,7 +17,7 @@ ours (``step_interval`` 3000, ``window_size`` 1000, ``policy`` "default": DeepSe
 algorithm; and the first plan after a quarter of ``step_interval``, as vLLM's counter starts at
 three quarters of it), so the dict means what vLLM's object does (no placement or load file there: the
 ``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig`` has no switch: ``dynamic_eplb``
-stays on.
+stays on (its first plan comes after a quarter of its ``step_interval`` too).
 Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
 A flat dict takes ours: vLLM's ``step_interval`` 3000 and ``window_size`` 1000 are not our
 defaults (100 and the heat interval); pass them when you mean vLLM's. The constructor
