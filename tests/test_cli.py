@@ -896,6 +896,34 @@ def test_plan_sglang_rows_of_a_known_model_and_none_guessed(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_plan_from_sglangs_logical_count_file(tmp_path):
+    """SGLang's --init-expert-location file holding a load ({"logical_count": [hidden layers,
+    E]}, which SGLang plans from at start) is a trace here, read as its dumps are (dense
+    layers' zero rows dropped, their places kept): plan it into SGLang's placement file. A
+    ragged or non-numeric one is refused by name."""
+    rng = np.random.default_rng(4)
+    counts = np.zeros((5, 8), dtype=np.int64)
+    counts[[1, 3, 4]] = rng.integers(1, 40, (3, 8))
+    (tmp_path / "lc.json").write_text(json.dumps({"logical_count": counts.tolist()}))
+    out = json.loads(run_cli("plan", "--load", "lc.json", "--ranks", 2, "--redundant", 2,
+                             "--format", "sglang", "-o", "init.json", "--json",
+                             cwd=tmp_path).stdout)
+    assert out["num_layers"] == 3 and out["hidden_layers"] == 5
+    rows = np.asarray(json.loads((tmp_path / "init.json").read_text())
+                      ["physical_to_logical_map"])
+    np.testing.assert_array_equal(rows[[0, 2]], np.tile(np.arange(10) % 8, (2, 1)))
+    assert np.allclose(out["per_layer"]["after"],
+                       ref_balancedness(counts[[1, 3, 4]].astype(float), rows[[1, 3, 4]], 2))
+    loads, meta = load_trace(tmp_path / "lc.json")
+    assert loads.shape == (1, 3, 8) and meta["sglang_layers"] == [1, 3, 4]
+    for bad, fragment in (([[1, 2], [3]], "ragged"), ([[1, "x"]], "nested list of numbers"),
+                          ([1, 2], "must be [layers, experts]")):
+        (tmp_path / "bad.json").write_text(json.dumps({"logical_count": bad}))
+        proc = run_cli("plan", "--load", "bad.json", "--ranks", 2, "--format", "sglang",
+                       "--hidden-layers", 2, "-o", "x.json", cwd=tmp_path, expect=2)
+        assert_one_line_error(proc, "plan", "bad.json", fragment)
+
+
 def test_plan_sglang_dump_meta_is_checked(tmp_path):
     save_trace(tmp_path / "t.npz", np.ones((2, 3, 8)), sglang_num_layers="x")
     proc = run_cli("plan", "--load", "t.npz", "--ranks", 2, "--format", "sglang", "-o",

@@ -163,7 +163,8 @@ beside or around them) are refused: whose defaults apply would be unclear.
 - ``init_expert_location``: ``trivial`` -> no map (our default spread is SGLang's trivial
   placement); a path ending in ``.json`` -> ``expert_map_path``, read at attach by
   ``expert_map.load`` (SGLang's ``physical_to_logical_map`` file; one of ``logical_count``, a
-  load, is refused there). A ``.pt`` file or inline JSON cannot be read here: refused.
+  load, is refused there: ``eplb-native plan --load FILE --format sglang`` plans a placement
+  file from it). A ``.pt`` file or inline JSON cannot be read here: refused.
 - ``expert_balancedness_report_mode`` ``server_log`` or ``both`` -> ``log_balancedness`` True
   (``off`` and ``prometheus`` leave it as it is). It, ``expert_distribution_recorder_mode`` and
   ``ep_dispatch_algorithm`` are checked against SGLang's values and not stored otherwise: our

@@ -388,9 +388,9 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
     if isinstance(path_or_map, str | os.PathLike | dict):
         if isinstance(doc, dict) and "logical_count" in doc and "layer_list" not in doc:
             raise ValueError(f"{label}: holds SGLang's 'logical_count', a load (SGLang plans its "
-                             f"start placement from it), not a placement; plan one from the "
-                             f"load (eplb-native plan --format sglang writes SGLang's placement "
-                             f"file, which this reads)")
+                             f"start placement from it), not a placement; plan one from it "
+                             f"(eplb-native plan --load FILE --format sglang writes SGLang's "
+                             f"placement file, which this reads)")
         if isinstance(doc, dict) and "physical_to_logical_map" in doc:
             phy2log, ranks = _parse_sglang(doc, label, num_layers, num_ranks, moe_layers,
                                            num_logical, num_hidden_layers)

@@ -490,6 +490,8 @@ def _read_json(src: str):
     except ValueError as e:  # (an integer past Python's digit limit, say)
         raise ValueError(f"{src}: not a readable trace ({_short(e)})") from None
     meta: dict = {}
+    if isinstance(doc, dict) and "loads" not in doc and "logical_count" in doc:
+        return _read_sglang_counts(doc["logical_count"], src)
     if isinstance(doc, dict):
         if "loads" not in doc:
             raise ValueError(f"{src}: missing key 'loads' (keys: {sorted(doc)})")
@@ -503,6 +505,30 @@ def _read_json(src: str):
     if not _all_numbers(doc):
         raise ValueError(f"{src}: loads must contain only numbers (no strings, booleans, null)")
     return doc, meta
+
+
+def _read_sglang_counts(counts, src: str):
+    """SGLang's --init-expert-location file holding a load (``{"logical_count": ...}``,
+    [hidden layers, E] or [steps, hidden layers, E], from which SGLang plans its start
+    placement): read as its dumps are (one window a step, the dense layers' zero rows
+    dropped; see _read_sglang_dump)."""
+    import torch
+
+    if not isinstance(counts, list) or not _all_numbers(counts):
+        raise ValueError(f"{src}: SGLang's 'logical_count' must be a nested list of numbers")
+    try:
+        a = np.asarray(counts, dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{src}: SGLang's 'logical_count' is ragged (rows of different "
+                         f"lengths)") from None
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or 0 in a.shape:
+        raise ValueError(f"{src}: SGLang's 'logical_count' must be [layers, experts] or [steps, "
+                         f"layers, experts], got shape {list(a.shape)}")
+    loads, meta = _read_sglang_dump({"logical_count": torch.from_numpy(a)}, src)
+    meta["source"] = "SGLang init_expert_location (logical_count)"
+    return loads, meta
 
 
 def _all_numbers(doc) -> bool:
