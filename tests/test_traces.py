@@ -227,7 +227,8 @@ def _json_values():
     scalars = (st.integers(-5, 10**20) | st.floats(allow_nan=True, allow_infinity=True)
                | st.booleans() | st.none() | st.text(max_size=3))
     return st.recursive(scalars, lambda c: st.lists(c, max_size=4)
-                        | st.dictionaries(st.sampled_from(["loads", "meta", "x"]), c, max_size=3),
+                        | st.dictionaries(st.sampled_from(["loads", "meta", "x",
+                                                           "logical_count"]), c, max_size=3),
                         max_leaves=30)
 
 
