@@ -426,12 +426,16 @@ def _sglang_rows(args, meta: dict, num_layers: int) -> tuple[list[int] | None, i
     an SGLang file read as --old.)"""
     dump_layers, kept = meta.get("sglang_num_layers"), meta.get("sglang_layers")
     if dump_layers is not None:  # (an SGLang dump's: checked, as any meta is)
-        if not (isinstance(dump_layers, int) and not isinstance(dump_layers, bool)
-                and dump_layers >= num_layers) or kept is not None and not (
-                isinstance(kept, list) and len(kept) == num_layers
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in kept)
-                and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < dump_layers) or (
-                kept is None and dump_layers != num_layers):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if kept is None:  # (no layer dropped: one row per layer)
+            fits = is_int(dump_layers) and dump_layers == num_layers
+        else:  # (the hidden-layer index of each row, increasing, inside the count)
+            fits = (is_int(dump_layers) and isinstance(kept, list) and len(kept) == num_layers
+                    and all(map(is_int, kept)) and kept == sorted(set(kept))
+                    and 0 <= kept[0] and kept[-1] < dump_layers)
+        if not fits:
             raise UsageError(f"--load {args.load}: the trace's meta 'sglang_num_layers' / "
                              f"'sglang_layers' ({_short(dump_layers)} / {_short(kept)}) do not "
                              f"describe its {num_layers} layers")
@@ -1177,8 +1181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "SGLang's placement file (--init-expert-location), which allows repeats")
     p.add_argument("--hidden-layers", type=_int_arg, default=None,
                    help="sglang: the model's hidden layers (num_hidden_layers), the MoE layers "
-                   "being the last ones (DeepSeek's dense layers come first; default: the "
-                   "trace's layers, or an SGLang dump's own)")
+                   "being the last ones (DeepSeek's dense layers come first); default: an "
+                   "SGLang dump's own, or the model's of a synth trace; needed otherwise")
     p.add_argument("--per-layer", action="store_true", help="print every layer")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_plan)

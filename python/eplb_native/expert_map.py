@@ -241,6 +241,12 @@ def _moe_rows(num_layers: int, num_hidden_layers: int | None, moe_layers, label:
     return ids, hidden
 
 
+def _trivial_row(num_slots: int, num_logical: int) -> list[int]:
+    """SGLang's trivial placement of one layer (its dense layers' rows): slot s holds expert
+    s mod E (our vLLM default layout)."""
+    return [s % num_logical for s in range(num_slots)]
+
+
 def _sglang_text(rows: list[list[int]]) -> str:
     return ('{"physical_to_logical_map": [\n'
             + ",\n".join(f" [{', '.join(map(str, r))}]" for r in rows) + "\n]}\n")
@@ -263,8 +269,7 @@ def save_sglang(path: str | os.PathLike, phy2log, num_logical: int, *,
     if a.ndim != 2:
         raise ValueError(f"phy2log must have shape [layers, slots], got {list(a.shape)}")
     ids, hidden = _moe_rows(a.shape[0], num_hidden_layers, moe_layers, "save_sglang")
-    trivial = (np.arange(a.shape[1]) % num_logical).tolist()
-    rows = [trivial] * hidden
+    rows = [_trivial_row(a.shape[1], num_logical)] * hidden
     for i, layer in enumerate(ids):
         rows[layer] = a[i].tolist()
     text = _sglang_text(rows)
@@ -307,8 +312,7 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
     ids, _ = _moe_rows(len(rows) if num_layers is None else num_layers, len(rows), moe_layers,
                        source)
     if moe_layers is None and ids[0] > 0:
-        experts = num_logical or 1 + max(max(r) for r in rows)
-        trivial = [s % experts for s in range(width)]
+        trivial = _trivial_row(width, num_logical or 1 + max(max(r) for r in rows))
         odd = [i for i in range(ids[0]) if rows[i] != trivial]
         if odd:
             raise ValueError(f"{source}: rows {odd[:8]} before its last {len(ids)} (the MoE "
