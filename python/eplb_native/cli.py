@@ -1021,7 +1021,9 @@ def cmd_demo(args) -> int:
             ctx = mp.spawn(worker, args=(args, init_method, result_path), nprocs=args.ranks,
                            join=False)
             try:
-                while not ctx.join():
+                # (in short waits: a Ctrl-C that lands just before a wait starts is acted on
+                # within a second, not when every rank has ended)
+                while not ctx.join(timeout=1.0):
                     pass
             except KeyboardInterrupt:
                 # (the ranks may not have had the signal: a kill -INT of this process alone)
