@@ -1135,7 +1135,7 @@ def test_cycle_timing_interval_execution_delay_and_layers_per_step(monkeypatch):
     ({"step_interval": 8, "window_size": 8, "first_plan_after": 2}, [2, 10, 18]),
     ({"enable_eplb": True, "eplb_config": {"step_interval": 8, "window_size": 8}}, [2, 10, 18]),
 ])
-def test_first_plan_after(config, windows):
+def test_first_plan_after(config, windows, tmp_path):
     """first_plan_after: the first window is gathered after that many steps, then one every
     heat interval; vLLM's shape takes a quarter of step_interval, as vLLM's counter starts at
     three quarters. The first window holds the steps so far (never more than its size)."""
@@ -1152,6 +1152,11 @@ def test_first_plan_after(config, windows):
     for w, before in zip(up.stats.windows[1:], windows, strict=False):
         assert w["steps"] == (up.config.window_size or w["step"] - before)
     assert len(up.stats.plans) >= 1 and up.stats.plans[0]["step"] >= windows[0]
+    from eplb_native import traces
+
+    up.save_trace(tmp_path / "t.npz")  # (each window's steps in the meta)
+    assert traces.load_trace(tmp_path / "t.npz")[1]["window_steps"] == [
+        w["steps"] for w in up.stats.windows]
     # (the stats are the user's to trim: a window's steps do not depend on them)
     up.stats.windows.clear()
     for _ in range(8):

@@ -237,6 +237,7 @@ class Updator:
         self._awaiting = False  # moves issued before this step's forward, not yet finished
         # gathered windows' logical loads, [L, E] each (the newest MAX_RECORDED_WINDOWS)
         self._recorded: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
+        self._recorded_steps: collections.deque = collections.deque(maxlen=MAX_RECORDED_WINDOWS)
         # A sliding window needs one row per step; the default window (= the heat interval)
         # needs one running sum, reset at each gather.
         self._sliding = config.window_size is not None
@@ -660,6 +661,7 @@ class Updator:
                   "tokens": int(rank_tokens.sum()), "steps": steps, "skipped": False}
         self.stats.windows.append(window)
         self._recorded.append(load.copy())
+        self._recorded_steps.append(steps)
         if self._empty_windows >= 0:
             # Layers whose routing does not call eplb_native's ops count nothing, and nothing is
             # ever rebalanced: said once, by rank 0 (every rank gathered the same sum), after
@@ -1014,7 +1016,8 @@ class Updator:
     def save_trace(self, path, **meta) -> None:
         """Writes the gathered windows' logical loads [W, L, E] with eplb_native.traces, and in
         its meta the deployment (ranks, slots, redundant slots, nodes, expert groups), which
-        ``eplb-native plan / simulate`` take as their defaults."""
+        ``eplb-native plan / simulate`` take as their defaults, and each window's steps
+        (``window_steps``: the first may be shorter, ``first_plan_after``)."""
         from .traces import save_trace
 
         if not self._recorded:
@@ -1028,6 +1031,8 @@ class Updator:
         meta.setdefault("num_redundant", self.num_slots - self.num_logical)
         meta.setdefault("num_nodes", self.config.num_nodes)
         meta.setdefault("num_groups", self.config.group_count)
+        # steps of load in each window (the first may be shorter: first_plan_after)
+        meta.setdefault("window_steps", list(self._recorded_steps))
         save_trace(path, loads, **meta)
 
     def shutdown(self) -> None:
