@@ -263,3 +263,14 @@ def digest(a: np.ndarray | None) -> int:
     h = hashlib.blake2b(str((a.dtype.str, a.shape)).encode(), digest_size=7)
     h.update(a.tobytes())
     return 1 + int.from_bytes(h.digest(), "little")
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name one file (links followed; paths not both existing: the same
+    real path; a device such as /dev/null, written in place, clashes with nothing)."""
+    try:
+        if not os.path.exists(a) or not os.path.exists(b):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return os.path.samefile(a, b) and os.path.isfile(a)
+    except (OSError, ValueError):
+        return False

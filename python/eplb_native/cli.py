@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 
 from . import expert_map, metrics, traces
-from ._util import atomic_write, check_int, check_writable_dir, standard_stream
+from ._util import atomic_write, check_int, check_writable_dir, same_file, standard_stream
 from .planner import MAX_THREADS, POLICIES, plan
 
 EXIT_USAGE = 2
@@ -220,7 +220,7 @@ def _check_output_dir(path: str, flag: str, inputs: tuple = (), json_out: bool =
         raise UsageError(f"{flag} {path} is stdout, where --json prints the result: write the "
                          f"file elsewhere, or leave --json out")
     for source, source_flag in inputs:
-        if source and _same_file(path, source):
+        if source and same_file(path, source):
             raise UsageError(f"{flag} {path} is the {source_flag} file; writing it would "
                              f"destroy what this run reads: choose another path")
 
@@ -258,17 +258,6 @@ def _short(v, width: int = 40) -> str:
     except ValueError:  # (an int past Python's digit limit for str())
         text = f"an int of about {int(v.bit_length() * 0.30103)} digits"
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file (links followed; a device such as /dev/null, written in
-    place, clashes with nothing)."""
-    try:
-        if not os.path.exists(a) or not os.path.exists(b):
-            return os.path.realpath(a) == os.path.realpath(b)
-        return os.path.samefile(a, b) and os.path.isfile(a)
-    except (OSError, ValueError):
-        return False
 
 
 def _write_json(obj) -> None:
@@ -1005,7 +994,7 @@ def cmd_demo(args) -> int:
             raise UsageError(f"--save-trace {args.save_trace}: demo writes an .npz trace; name "
                              f"it *.npz")
         _check_output_dir(args.save_trace, "--save-trace", json_out=args.json)
-        if args.png and _same_file(args.png, args.save_trace):
+        if args.png and same_file(args.png, args.save_trace):
             raise UsageError(f"--png {args.png} is the --save-trace file: the plot would "
                              f"replace the trace; choose another path")
     import torch.multiprocessing as mp

@@ -15,8 +15,8 @@ vLLM's own shape, ``enable_eplb`` beside ``eplb_config`` (its ``ParallelConfig``
 ``dynamic_eplb`` and vLLM's keys inside, which take vLLM's defaults where they differ from
 ours (``step_interval`` 3000, ``window_size`` 1000, ``policy`` "default": DeepSeek's
 algorithm; and the first plan after a quarter of ``step_interval``, as vLLM's counter starts at
-three quarters of it), so the dict means what vLLM's object does (no placement or load file there: the
-``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig`` has no switch: ``dynamic_eplb``
+three quarters of it), so the dict means what vLLM's object does (no placement or load file
+there: the ``expert_map_*`` keys are vllm-ascend's). A bare ``EPLBConfig`` has no switch: ``dynamic_eplb``
 stays on (its first plan comes after a quarter of its ``step_interval`` too).
 Objects (vLLM's ``EPLBConfig``, vllm-ascend's ``EplbConfig``) carry every field of their own.
 A flat dict takes ours: vLLM's ``step_interval`` 3000 and ``window_size`` 1000 are not our
@@ -189,7 +189,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ._util import plain_scalar
+from ._util import plain_scalar, same_file
 
 logger = logging.getLogger("eplb_native")
 
@@ -535,7 +535,7 @@ class EplbConfig:
             # unset window sums without a [steps, layers, experts] ring on the device)
             config = dataclasses.replace(config, window_size=None)
         if source.get("expert_map_path") == "init_expert_location" and (
-                config.expert_map_record_path is not None and _same_path(
+                config.expert_map_record_path is not None and same_file(
                     config.expert_map_path, config.expert_map_record_path)):
             raise ValueError(f"init_expert_location and expert_map_record_path are one file "
                              f"({_show(config.expert_map_path)}): the record (vllm-ascend's "
@@ -612,16 +612,6 @@ def _vllm_first_plan(config: EplbConfig) -> EplbConfig:
         return config
     return dataclasses.replace(
         config, first_plan_after=max(1, config.expert_heat_collection_interval // 4))
-
-
-def _same_path(a, b) -> bool:
-    """Whether two paths name one file (the same text, or one existing file)."""
-    if os.fspath(a) == os.fspath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):
-        return False
 
 
 def _check_bool(key, v, what="a bool"):
