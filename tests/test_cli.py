@@ -390,6 +390,47 @@ def test_simulate_text_table_and_shape_defaults(tmp_path):
     assert_valid_png(tmp_path / "simulate.png")
 
 
+def test_simulate_weighs_windows_by_their_steps(tmp_path, small_trace):
+    """A trace whose meta gives each window's steps (Updator.save_trace; the first window is
+    shorter under first_plan_after) weighs the out-of-sample mean by them: a window served for
+    twice the steps counts twice; one of no steps is out of the mean and of the min."""
+    loads, _ = load_trace(small_trace)
+    steps = [5, 20, 40, 10, 0, 20, 30]
+    save_trace(tmp_path / "w.npz", loads, window_steps=steps)
+    args = ["--ranks", 4, "--redundant", 4, "--every", 2, "--policy", "deepseek", "--json"]
+    plain = json.loads(run_cli("simulate", "--trace", small_trace, *args, cwd=tmp_path).stdout)
+    out = json.loads(run_cli("simulate", "--trace", "w.npz", *args, cwd=tmp_path).stdout)
+    assert plain["window_steps"] is None and out["window_steps"] == steps
+    for name in ("static", "deepseek"):
+        per_window = np.array(out["policies"][name]["out_of_sample"]["per_window"][2:])
+        assert per_window.tolist() == plain["policies"][name]["out_of_sample"]["per_window"][2:]
+        w = np.array(steps[2:], dtype=float)
+        got = out["policies"][name]["out_of_sample"]
+        assert got["mean"] == pytest.approx((per_window * w).sum() / w.sum())
+        assert got["mean"] != pytest.approx(per_window.mean())
+        assert got["min"] == pytest.approx(np.delete(per_window, 2).min())
+    text = run_cli("simulate", "--trace", "w.npz", *args[:-1], "--no-png", cwd=tmp_path).stdout
+    assert "weighted by each window's steps" in text
+
+
+@pytest.mark.parametrize("steps, fragment", [
+    ([1, 2], "a list of 7 ints"),
+    ([1, 2, 3, 4, 5, 6, -1], "a list of 7 ints"),
+    ([1, 2, 3, 4, 5, 6, True], "a list of 7 ints"),
+    ([1, 2, 3, 4, 5, 6, 2.0], "a list of 7 ints"),
+    ("1234567", "a list of 7 ints"),
+    ([1, 2, 3, 4, 5, 6, 2**62 + 1], "a list of 7 ints"),
+    ([9, 9, 0, 0, 0, 0, 0], "no steps"),
+])
+def test_simulate_bad_window_steps(tmp_path, small_trace, steps, fragment):
+    loads, _ = load_trace(small_trace)
+    save_trace(tmp_path / "w.npz", loads, window_steps=steps)
+    proc = run_cli("simulate", "--trace", "w.npz", "--ranks", 4, "--every", 2, "--json",
+                   cwd=tmp_path, expect=2)
+    assert_one_line_error(proc, "simulate", "meta 'window_steps'")
+    assert fragment in proc.stderr
+
+
 def test_simulate_json_writes_no_plot_it_was_not_asked_for(tmp_path, small_trace):
     out = json.loads(run_cli("simulate", "--trace", small_trace, "--ranks", 4, "--json",
                              cwd=tmp_path).stdout)

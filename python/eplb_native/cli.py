@@ -583,6 +583,24 @@ def _pyplot():
     return plt
 
 
+def _window_steps(trace, meta: dict, num_windows: int, every: int) -> list[int] | None:
+    """The trace meta's ``window_steps`` (an Updator's save_trace writes them): the steps of
+    load in each window, one non-negative int per window, the windows judged (after the first
+    ``every``) not all 0; None when the meta has none."""
+    steps = meta.get("window_steps")
+    if steps is None:
+        return None
+    if (not isinstance(steps, list) or len(steps) != num_windows or
+            any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= _MAX_BYTES
+                for n in steps)):
+        raise UsageError(f"{trace}: meta 'window_steps' must be a list of {num_windows} ints in "
+                         f"[0, 2**62] (one per window), got {_short(steps)}")
+    if num_windows > every and not any(steps[every:]):
+        raise UsageError(f"{trace}: meta 'window_steps' gives the windows judged (after the "
+                         f"first {every}) no steps: {_short(steps)}")
+    return steps
+
+
 def cmd_simulate(args) -> int:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if not policies or any(p not in POLICIES for p in policies):
@@ -609,16 +627,22 @@ def cmd_simulate(args) -> int:
                                      not 0 <= expert_bytes <= _MAX_BYTES):
         raise UsageError(f"{args.trace}: meta 'expert_bytes' must be an int in [0, 2**62], got "
                          f"{_short(expert_bytes)} (or pass --expert-bytes)")
+    steps = _window_steps(args.trace, meta, num_windows, args.every)
     runs = simulate(loads, topo, policies, args.every, threads=args.threads,
                     distinct_ranks=True if args.distinct_ranks else None,
                     default_layout=args.default_layout)
 
+    # a window served for more steps weighs more (an Updator's trace: the first window is
+    # shorter under first_plan_after); a window of no steps is not in the mean, nor its min
+    weights = None if steps is None else np.asarray(steps[args.every:], dtype=np.float64)
+    judged = slice(None) if weights is None else weights > 0
     summary = {}
     for name, run in runs.items():
         oos = run["out_of_sample"][args.every:]
         moved = int(run["moved_slots"].sum())
         summary[name] = {
-            "out_of_sample": {"mean": float(oos.mean()), "min": float(oos.min()),
+            "out_of_sample": {"mean": float(np.average(oos, weights=weights)),
+                              "min": float(oos[judged].min()),
                               "per_window": run["out_of_sample"].tolist()},
             "in_sample": ({"mean": float(run["in_sample"].mean()),
                            "min": float(run["in_sample"].min())}
@@ -639,6 +663,9 @@ def cmd_simulate(args) -> int:
               "distinct_ranks": True if args.distinct_ranks else None,
               "default_layout": args.default_layout,
               "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
+              # the trace meta's steps per window, which weigh the out-of-sample mean (None:
+              # every window alike)
+              "window_steps": steps,
               "policies": summary, "png": png}
     if args.json:
         _write_json(_clean(result))
@@ -650,7 +677,9 @@ def cmd_simulate(args) -> int:
                                     else ""))
     print(f"balancedness = mean over layers of mean / max rank load; out of sample = each of "
           f"the {num_windows - args.every} windows after the first plan, on the placement "
-          f"planned before it")
+          f"planned before it" + ("" if steps is None else
+                                  ", the mean weighted by each window's steps (trace meta "
+                                  "window_steps)"))
     head = (f"{'policy':<10} {'out mean':>8} {'out min':>8} {'in mean':>8} {'moved slots':>12} "
             f"{'moved bytes':>12} {'plan ms':>8}")
     print(head)
