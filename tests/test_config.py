@@ -997,7 +997,7 @@ def test_sglang_recorder_buffer_is_the_window():
 
 def test_sglang_init_expert_location(tmp_path):
     """trivial: no map (SGLang's trivial placement is our default spread); a .json path: the
-    expert map (expert_map.load reads SGLang's physical_to_logical_map files); a .pt file or
+    expert map (expert_map.load reads SGLang's physical_to_logical_map files), a .pt path too;
     inline JSON cannot be read here."""
     from eplb_native import expert_map
 
@@ -1008,10 +1008,9 @@ def test_sglang_init_expert_location(tmp_path):
     assert c.expert_map_path == str(path)
     got, ranks = expert_map.load(c.expert_map_path, num_ranks=2)
     assert got.tolist() == phy2log and ranks == 2
-    with pytest.raises(ValueError, match=r"^init_expert_location '/d/logical_count\.pt': a \.pt "
-                                         r"\(torch\) file cannot be read here; give SGLang's "
-                                         r"placement as a \.json file"):
-        EplbConfig.parse({"init_expert_location": "/d/logical_count.pt"})
+    # a .pt file too (read at attach: tests/test_expert_map.py, test_updator.py)
+    c = EplbConfig.parse({"init_expert_location": "/d/logical_count.pt"})
+    assert c.expert_map_path == "/d/logical_count.pt"
     for inline in ('{"physical_to_logical_map": [[0, 1]]}', "init.JSON", ""):
         with pytest.raises(ValueError, match=r"^init_expert_location .*neither 'trivial' nor a "
                                              r"\.json / \.pt path, so SGLang would read it as "
@@ -1019,7 +1018,7 @@ def test_sglang_init_expert_location(tmp_path):
             EplbConfig.parse({"init_expert_location": inline})
     for bad in (None, 3, True, b"init.json", ["init.json"]):
         with pytest.raises(ValueError, match=r"^init_expert_location must be 'trivial' or the "
-                                             r"path of an SGLang placement \.json file, got "):
+                                             r"path of an SGLang start file \(\.json or \.pt\), got "):
             EplbConfig.parse({"init_expert_location": bad})
     assert EplbConfig.parse({"init_expert_location": str(path),
                              "expert_map_path": str(path)}).expert_map_path == str(path)

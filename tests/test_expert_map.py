@@ -442,3 +442,105 @@ def test_fuzz_sglang_file_raises_only_value_error(rows, ranks, layers, logical):
     assert got == ranks and phy2log.dtype == np.int64 and phy2log.shape[1] % ranks == 0
     assert phy2log.shape[0] == (layers or len(rows)) and (phy2log >= 0).all()
     np.testing.assert_array_equal(phy2log, np.asarray(rows[len(rows) - phy2log.shape[0]:]))
+
+
+def test_sglang_pt_files(tmp_path):
+    """SGLang reads a start file ending in .pt with torch.load (weights only): the dict of its
+    JSON file with tensors; so does load, for both kinds (a placement; a load, planned by
+    plan_load)."""
+    import torch
+
+    rng = np.random.default_rng(7)
+    phy2log = np.stack([rng.permutation(np.r_[np.arange(8), rng.integers(0, 8, 4)])
+                        for _ in range(3)])
+    rows = np.concatenate([np.tile(np.arange(12) % 8, (2, 1)), phy2log])
+    torch.save({"physical_to_logical_map": torch.from_numpy(rows)}, tmp_path / "init.pt")
+    got, ranks = expert_map.load(tmp_path / "init.pt", num_ranks=4, num_layers=3, num_logical=8)
+    np.testing.assert_array_equal(got, phy2log)
+    assert ranks == 4
+    # a load: [steps, hidden layers, E], the dense layers' rows zero; plan_load gets the MoE
+    # layers' rows summed over the steps
+    counts = rng.integers(1, 50, (4, 5, 8)).astype(np.int32)
+    counts[:, :2] = 0
+    torch.save({"logical_count": torch.from_numpy(counts), "rank": 0}, tmp_path / "dump.pt")
+    seen = []
+
+    def plan_load(load):
+        seen.append(load)
+        return phy2log
+
+    got, _ = expert_map.load(tmp_path / "dump.pt", num_ranks=4, num_layers=3, num_logical=8,
+                             plan_load=plan_load)
+    np.testing.assert_array_equal(got, phy2log)
+    assert seen[0].dtype == np.float64
+    np.testing.assert_array_equal(seen[0], counts.sum(axis=0)[2:])
+    # the same load as JSON, [hidden layers, E]
+    (tmp_path / "c.json").write_text(json.dumps({"logical_count": counts.sum(0).tolist()}))
+    expert_map.load(tmp_path / "c.json", num_ranks=4, num_layers=3, plan_load=plan_load)
+    np.testing.assert_array_equal(seen[1], seen[0])
+    # refused without plan_load (a load is not a placement)
+    with pytest.raises(ValueError, match="'logical_count', a load"):
+        expert_map.load(tmp_path / "dump.pt", num_ranks=4)
+
+
+@pytest.mark.parametrize("obj, kwargs, message", [
+    ("tensor", {}, "a .pt expert map holds a dict"),
+    ({"physical_to_logical_map": "float"}, {}, "must hold integer expert ids, got torch.float"),
+    ({"logical_count": "complex"}, {}, "dense tensor of real numbers"),
+    ({"logical_count": "bool"}, {}, "dense tensor of real numbers"),
+    ({"logical_count": "counts"}, {"num_logical": 5}, "counts 4 experts per layer, the model has 5"),
+    ({"logical_count": "counts"}, {"num_layers": 1}, r"rows \[0\] before its last 1 .* count "
+                                                     r"tokens"),
+    ({"logical_count": "negative"}, {}, "finite and >= 0"),
+    ({"logical_count": "1d"}, {}, r"\[layers, experts\] or \[steps, layers, experts\]"),
+    ({"logical_count": "counts"}, {"fail": True}, "planning the start placement from its "
+                                                  "'logical_count': load: bad"),
+])
+def test_sglang_pt_bad_input_names_it(tmp_path, obj, kwargs, message):
+    import torch
+
+    values = {"tensor": torch.ones(2, 4), "float": torch.ones(1, 4),
+              "complex": torch.ones(2, 4, dtype=torch.complex64),
+              "bool": torch.ones(2, 4, dtype=torch.bool),
+              "counts": torch.ones(3, 2, 4), "negative": -torch.ones(2, 4),
+              "1d": torch.ones(4)}
+    obj = values[obj] if isinstance(obj, str) else {k: values[v] for k, v in obj.items()}
+    torch.save(obj, tmp_path / "x.pt")
+    fail = kwargs.pop("fail", False)
+
+    def plan_load(load):
+        if fail:
+            raise ValueError("load: bad")
+        return np.tile(np.arange(4), (load.shape[0], 1))
+
+    with pytest.raises(ValueError, match=message) as info:
+        expert_map.load(tmp_path / "x.pt", num_ranks=2, name="expert_map_path",
+                        plan_load=plan_load, **kwargs)
+    assert str(info.value).startswith("expert_map_path")
+
+
+def test_sglang_pt_not_a_torch_file(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"^expert_map_path .*x\.pt: not a loadable torch file"):
+        expert_map.load(tmp_path / "x.pt", num_ranks=2, name="expert_map_path")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        expert_map.load(tmp_path / "missing.pt", num_ranks=2, name="expert_map_path")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(-2, 9) | st.floats() | st.booleans() | st.none(),
+                         max_size=5), max_size=4),
+       st.integers(1, 3), st.none() | st.integers(1, 4))
+def test_fuzz_sglang_load_file_raises_only_value_error(rows, ranks, layers):
+    import eplb_native
+
+    def plan_load(load):
+        return eplb_native.plan(load, num_ranks=ranks, num_replicas=ranks * load.shape[1]
+                                ).phy2log
+
+    try:
+        phy2log, got = expert_map.load({"logical_count": rows}, num_ranks=ranks,
+                                       num_layers=layers, plan_load=plan_load)
+    except ValueError:
+        return
+    assert got == ranks and phy2log.shape[0] == (layers or len(rows))

@@ -379,6 +379,47 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
     assert np.array_equal(expert_map.load(record)[0], np.array(layers))
 
 
+def test_sglang_start_file_of_a_load_is_planned_at_attach(tmp_path, caplog):
+    """SGLang's init_expert_location may name a load (its expert-distribution dump, a .pt with
+    logical_count [steps, hidden layers, E]): SGLang plans its start placement from it with its
+    EPLB algorithm, attach with the configured policy (SGLang's default: deepseek), from the
+    layers' placement; outputs unchanged."""
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 100, (3, 3, 8)).astype(np.int64)
+    counts[:, 0] = 0  # a dense first layer counts nothing
+    counts[:, 1:, 5] *= 20  # a hot expert, replicated
+    torch.save({"logical_count": torch.from_numpy(counts)}, tmp_path / "dump.pt")
+    model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
+    start = np.stack([layer.phy2log.numpy() for layer in model.layers])
+    want = eplb_native.plan(counts.sum(0)[1:].astype(np.float64), start, num_ranks=1,
+                            policy="deepseek").phy2log
+    assert (want == 5).sum(axis=1).tolist() == [3, 3]
+    with caplog.at_level("INFO", logger="eplb_native"):
+        up = eplb_native.attach(model, {"enable_eplb": True,
+                                        "init_expert_location": str(tmp_path / "dump.pt")})
+    assert np.array_equal(up.phy2log(), want)
+    assert any("planned by deepseek from its logical_count" in r.getMessage()
+               for r in caplog.records)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    up.shutdown()
+    # a placement in a .pt file starts there as it is
+    torch.save({"physical_to_logical_map": torch.from_numpy(np.concatenate(
+        [np.arange(10)[None] % 8, want]))}, tmp_path / "init.pt")
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"init_expert_location": str(tmp_path / "init.pt"),
+                                    "enable_eplb": False})
+    assert np.array_equal(up.phy2log(), want)
+    up.shutdown()
+    # a load for other experts is refused, naming the file
+    torch.save({"logical_count": torch.ones(2, 6)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"^expert_map_path .*other\.pt: SGLang's "
+                                         r"'logical_count' counts 6 experts per layer, the model "
+                                         r"has 8"):
+        eplb_native.attach(Stack(2, num_redundant_experts=2),
+                           {"init_expert_location": str(tmp_path / "other.pt")})
+
+
 def test_attach_errors(tmp_path):
     with pytest.raises(ValueError, match="no MoE layer"):
         eplb_native.attach(torch.nn.Linear(3, 3))

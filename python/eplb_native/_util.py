@@ -274,3 +274,15 @@ def same_file(a, b) -> bool:
         return os.path.samefile(a, b) and os.path.isfile(a)
     except (OSError, ValueError):
         return False
+
+
+def all_numbers(doc) -> bool:
+    """Whether a parsed JSON value is a number or nested lists of numbers (bools are not)."""
+    stack = [doc]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, bool) or not isinstance(x, int | float):
+            return False
+    return True

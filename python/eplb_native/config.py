@@ -161,10 +161,12 @@ beside or around them) are refused: whose defaults apply would be unclear.
   current placement, averaged over the MoE layers, whatever the report mode (so a threshold
   skips a little less often here on a model with dense layers).
 - ``init_expert_location``: ``trivial`` -> no map (our default spread is SGLang's trivial
-  placement); a path ending in ``.json`` -> ``expert_map_path``, read at attach by
-  ``expert_map.load`` (SGLang's ``physical_to_logical_map`` file; one of ``logical_count``, a
-  load, is refused there: ``eplb-native plan --load FILE --format sglang`` plans a placement
-  file from it). A ``.pt`` file or inline JSON cannot be read here: refused.
+  placement); a path ending in ``.json`` or ``.pt`` (``torch.load``, weights only, as SGLang
+  reads it) -> ``expert_map_path``, read at attach by ``expert_map.load``: SGLang's
+  ``physical_to_logical_map`` file is the start placement; one of ``logical_count``, a load (an
+  SGLang expert-distribution dump, say), is planned from at attach with ``policy`` (SGLang
+  plans it with its ``eplb_algorithm``), every rank alike. Inline JSON cannot be read here
+  (expert_map_path is a file): refused.
 - ``expert_balancedness_report_mode`` ``server_log`` or ``both`` -> ``log_balancedness`` True
   (``off`` and ``prometheus`` leave it as it is). It, ``expert_distribution_recorder_mode`` and
   ``ep_dispatch_algorithm`` are checked against SGLang's values and not stored otherwise: our
@@ -807,16 +809,11 @@ def _sglang_location(value) -> str | None:
         value = os.fspath(value)
     if not isinstance(value, str):
         raise ValueError(f"init_expert_location must be 'trivial' or the path of an SGLang "
-                         f"placement .json file, got {_show(value)}")
+                         f"start file (.json or .pt), got {_show(value)}")
     if value == "trivial":
         return None
-    if value.endswith(".json"):
+    if value.endswith((".json", ".pt")):
         return value
-    if value.endswith(".pt"):
-        raise ValueError(f"init_expert_location {_show(value)}: a .pt (torch) file cannot be "
-                         f"read here; give SGLang's placement as a .json file "
-                         f"({{\"physical_to_logical_map\": ...}}, as `eplb-native plan --format "
-                         f"sglang` writes it)")
     raise ValueError(f"init_expert_location {_show(value)}: neither 'trivial' nor a .json / .pt "
                      f"path, so SGLang would read it as inline JSON, which cannot be read here "
                      f"(expert_map_path is a file): write it to a .json file")

@@ -14,6 +14,9 @@ SGLang's placement file (``--init-expert-location FILE.json``) is read and writt
 It has a row for every hidden layer of the model, the dense ones too (SGLang's
 ``ModelConfigForExpertLocation.num_layers`` is ``num_hidden_layers``), and no rank count
 (SGLang's ``ep_size`` splits each row into equal runs of slots). See :func:`save_sglang`.
+SGLang's ``*.pt`` start files (the same dict, ``torch.save``d with tensors) are read as SGLang
+reads them, and its other start file, a load (``{"logical_count": ...}``), is planned from where
+the caller says how (``load(..., plan_load=)``: attach).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 
 import numpy as np
 
-from ._util import atomic_write, check_int, to_numpy, validate_phy2log
+from ._util import all_numbers, atomic_write, check_int, to_numpy, validate_phy2log
 
 logger = logging.getLogger("eplb_native")
 
@@ -323,12 +326,93 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
     return np.asarray([rows[i] for i in ids], dtype=np.int64), num_ranks
 
 
+def _plan_sglang_load(doc: dict, source: str, num_layers: int | None, num_ranks: int | None,
+                      moe_layers, num_logical: int | None, plan_load) -> tuple[np.ndarray, int]:
+    """SGLang's start file holding a load (``{"logical_count": [hidden layers, E] or [steps,
+    hidden layers, E]}``, from which SGLang plans its start placement with its EPLB algorithm)
+    -> (``plan_load``'s placement of the MoE layers' rows, summed over the steps; num_ranks).
+    Without ``moe_layers`` the MoE layers are the last rows, and the rows before them must
+    count nothing (SGLang counts no token in a dense layer)."""
+    counts = doc["logical_count"]
+    what = f"{source}: SGLang's 'logical_count'"
+    if num_ranks is None:
+        raise ValueError(f"{source}: SGLang's start file says no rank count; give the ranks")
+    if isinstance(counts, np.ndarray):  # (a .pt file's tensor, see _read_pt)
+        a = counts
+    elif isinstance(counts, list) and all_numbers(counts):
+        try:
+            a = np.asarray(counts, dtype=np.float64)
+        except ValueError:
+            raise ValueError(f"{what} is ragged (rows of different lengths)") from None
+    else:
+        raise ValueError(f"{what} must be a nested list (a .pt file: a tensor) of numbers")
+    if a.ndim == 3:
+        a = a.sum(axis=0)  # (SGLang plans from the sum over the steps)
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"{what} must be [layers, experts] or [steps, layers, experts], got "
+                         f"shape {list(np.shape(counts))}")
+    if not np.isfinite(a).all() or (a < 0).any():
+        raise ValueError(f"{what} must be finite and >= 0")
+    if num_logical is not None and a.shape[1] != num_logical:
+        raise ValueError(f"{what} counts {a.shape[1]} experts per layer, the model has "
+                         f"{num_logical}")
+    ids, _ = _moe_rows(a.shape[0] if num_layers is None else num_layers, a.shape[0],
+                       moe_layers, source)
+    if moe_layers is None and ids[0] > 0 and a[:ids[0]].any():
+        odd = np.flatnonzero(a[:ids[0]].any(axis=1)).tolist()
+        raise ValueError(f"{what}: rows {odd[:8]} before its last {len(ids)} (the MoE layers, "
+                         f"taken as the last rows) count tokens, which a dense layer does not: "
+                         f"are dense layers between its MoE layers? Read it with "
+                         f"expert_map.load(..., moe_layers=[the MoE layers' rows])")
+    try:
+        phy2log = plan_load(np.ascontiguousarray(a[ids]))
+    except ValueError as e:
+        raise ValueError(f"{source}: planning the start placement from its 'logical_count': "
+                         f"{e}") from None
+    return np.asarray(phy2log, dtype=np.int64), num_ranks
+
+
+def _read_pt(src: str, label: str) -> dict:
+    """An SGLang ``.pt`` start file (``torch.save`` of the dict its JSON file holds, tensors for
+    lists); torch is imported only here."""
+    import torch
+
+    try:
+        with open(src, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
+        text = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise ValueError(f"{label}: not a loadable torch file ({text})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{label}: a .pt expert map holds a dict (SGLang's "
+                         f"{{'physical_to_logical_map': tensor}}), got {type(obj).__name__}")
+    rows = obj.get("physical_to_logical_map")
+    if isinstance(rows, torch.Tensor):
+        if rows.is_complex() or rows.is_floating_point() or rows.dtype == torch.bool:
+            raise ValueError(f"{label}: 'physical_to_logical_map' must hold integer expert ids, "
+                             f"got {rows.dtype}")
+        obj = {**obj, "physical_to_logical_map": rows.tolist()}
+    counts = obj.get("logical_count")
+    if isinstance(counts, torch.Tensor):
+        if (counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided
+                or counts.is_quantized):
+            raise ValueError(f"{label}: 'logical_count' must be a dense tensor of real numbers, "
+                             f"got {counts.dtype}")
+        obj = {**obj, "logical_count": counts.double().numpy()}
+    return obj
+
+
 def _read(path, label: str) -> dict:
-    """The JSON in ``path``; errors name ``label`` (the argument and the path)."""
+    """The JSON in ``path`` (an SGLang ``*.pt`` file: its dict); errors name ``label`` (the
+    argument and the path)."""
     src = os.fspath(path)
     if os.path.isdir(src):
         raise ValueError(f"{label}: is a directory, not an expert map file")
     try:
+        if src.endswith(".pt"):  # (SGLang's rule for a torch file: the name, case and all)
+            return _read_pt(src, label)
         with open(src, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
@@ -349,7 +433,7 @@ def _read(path, label: str) -> dict:
 def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None = None,
          num_layers: int | None = None, num_slots: int | None = None,
          name: str | None = None, moe_layers=None, ranks_name: str | None = None,
-         num_hidden_layers: int | None = None) -> tuple[np.ndarray, int]:
+         num_hidden_layers: int | None = None, plan_load=None) -> tuple[np.ndarray, int]:
     """The one expert-map loader -> (``phy2log`` [L, P] int64, a new array; num_ranks).
 
     Args:
@@ -371,6 +455,15 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         ranks_name: what ``num_ranks`` came from (e.g. ``"--ranks"``), named by the error of
             a map for other ranks.
         num_hidden_layers: when given, an SGLang file must have this many rows.
+        plan_load: reads SGLang's other start file, a load (``{"logical_count": ...}``):
+            called with the MoE layers' rows of it [L, E] float64 (summed over its steps; the
+            rows taken as for a placement file, those before the MoE layers counting nothing)
+            it returns the start placement ``phy2log`` [L, P] (attach plans it with the
+            configured policy, as SGLang does with its EPLB algorithm). Without it such a file
+            is refused.
+
+    A path ending in ``.pt`` is read as SGLang reads one (``torch.load``, weights only): the
+    dict of its JSON file, with tensors for lists.
 
     Raises ValueError naming the map and the problem (FileNotFoundError for a missing file).
     """
@@ -390,12 +483,16 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         label = name or "expert map"
         doc = path_or_map
     if isinstance(path_or_map, str | os.PathLike | dict):
-        if isinstance(doc, dict) and "logical_count" in doc and "layer_list" not in doc:
+        if (isinstance(doc, dict) and "logical_count" in doc and "layer_list" not in doc
+                and plan_load is not None):
+            phy2log, ranks = _plan_sglang_load(doc, label, num_layers, num_ranks, moe_layers,
+                                               num_logical, plan_load)
+        elif isinstance(doc, dict) and "logical_count" in doc and "layer_list" not in doc:
             raise ValueError(f"{label}: holds SGLang's 'logical_count', a load (SGLang plans its "
                              f"start placement from it), not a placement; plan one from it "
                              f"(eplb-native plan --load FILE --format sglang writes SGLang's "
                              f"placement file, which this reads)")
-        if isinstance(doc, dict) and "physical_to_logical_map" in doc:
+        elif isinstance(doc, dict) and "physical_to_logical_map" in doc:
             phy2log, ranks = _parse_sglang(doc, label, num_layers, num_ranks, moe_layers,
                                            num_logical, num_hidden_layers)
         else:

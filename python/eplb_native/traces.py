@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._util import atomic_write, check_int, to_numpy
+from ._util import all_numbers, atomic_write, check_int, to_numpy
 
 logger = logging.getLogger("eplb_native")
 
@@ -502,7 +502,7 @@ def _read_json(src: str):
     if not isinstance(doc, list):
         raise ValueError(f"{src}: expected a nested list of loads or an object with 'loads', got "
                          f"{type(doc).__name__}")
-    if not _all_numbers(doc):
+    if not all_numbers(doc):
         raise ValueError(f"{src}: loads must contain only numbers (no strings, booleans, null)")
     return doc, meta
 
@@ -514,7 +514,7 @@ def _read_sglang_counts(counts, src: str):
     dropped; see _read_sglang_dump)."""
     import torch
 
-    if not isinstance(counts, list) or not _all_numbers(counts):
+    if not isinstance(counts, list) or not all_numbers(counts):
         raise ValueError(f"{src}: SGLang's 'logical_count' must be a nested list of numbers")
     try:
         a = np.asarray(counts, dtype=np.float64)
@@ -529,14 +529,3 @@ def _read_sglang_counts(counts, src: str):
     loads, meta = _read_sglang_dump({"logical_count": torch.from_numpy(a)}, src)
     meta["source"] = "SGLang init_expert_location (logical_count)"
     return loads, meta
-
-
-def _all_numbers(doc) -> bool:
-    stack = [doc]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, list):
-            stack.extend(x)
-        elif isinstance(x, bool) or not isinstance(x, (int, float)):
-            return False
-    return True

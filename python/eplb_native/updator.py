@@ -50,7 +50,7 @@ from . import expert_map, metrics, state
 from ._util import check_writable_dir, digest
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
-from .planner import Planner
+from .planner import Planner, plan
 from .transfer import LayerMove, MoveLayout, StepBudget, layer_schedule, prepare_layout
 
 logger = logging.getLogger("eplb_native")
@@ -259,6 +259,7 @@ class Updator:
         # depend on the rank list alone, everything below on what each rank holds.)
         error: Exception | None = None
         target = None
+        self._started_from_load = False
         try:
             self._check_attachable(placement)
             self._allocate_buffers()
@@ -271,7 +272,9 @@ class Updator:
                 target, _ = expert_map.load(config.expert_map_path, num_ranks=self.num_ranks,
                                             num_logical=self.num_logical,
                                             num_layers=self.num_layers,
-                                            num_slots=self.num_slots, name="expert_map_path")
+                                            num_slots=self.num_slots, name="expert_map_path",
+                                            plan_load=lambda load: self._plan_start(load,
+                                                                                    placement))
         except Exception as e:  # noqa: BLE001  (agreed below, then raised)
             error = e
         try:  # (a refused attach leaves no process group behind; every rank refuses alike)
@@ -291,9 +294,22 @@ class Updator:
             logger.info("eplb_native: attached to %d MoE layers (%d experts, %d slots on %d "
                         "ranks); %s%s%s", self.num_layers, self.num_logical, self.num_slots,
                         self.num_ranks, _describe(config),
-                        f"; started from {config.expert_map_path}" if target is not None else "",
+                        "" if target is None else
+                        f"; started from {config.expert_map_path}" + (
+                            f" (planned by {config.policy} from its logical_count)"
+                            if self._started_from_load else ""),
                         f"; map recorded to {config.expert_map_record_path}"
                         if config.expert_map_record_path is not None else "")
+
+    def _plan_start(self, load: np.ndarray, placement: np.ndarray) -> np.ndarray:
+        """The start placement planned from a load (SGLang's ``logical_count`` start file, as
+        SGLang plans its own with its EPLB algorithm): the configured policy from the layers'
+        placement (kept slots stay put), the same on every rank (the planner is
+        deterministic; attach checks it)."""
+        self._started_from_load = True
+        return plan(load, placement, num_ranks=self.num_ranks, num_nodes=self.config.num_nodes,
+                    num_groups=self.config.group_count, policy=self.config.policy,
+                    transfers=False, distinct_ranks=self.config.distinct_ranks).phy2log
 
     def _check_attachable(self, placement: np.ndarray) -> None:
         """What this rank's layers must satisfy (raises; agreed by the caller)."""
