@@ -420,6 +420,54 @@ def test_sglang_start_file_of_a_load_is_planned_at_attach(tmp_path, caplog):
                            {"init_expert_location": str(tmp_path / "other.pt")})
 
 
+def test_sglang_start_file_with_dense_layers_between_moe_layers(tmp_path):
+    """An SGLang file has a row per hidden layer; where dense layers sit between the MoE layers
+    (rows before the last L are not a dense layer's), attach takes the rows the layers' module
+    names give (model.layers.N), a placement file or a load alike."""
+
+    class Interleaved(torch.nn.Module):  # hidden layers 0 and 2 dense, 1 and 3 MoE
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([
+                torch.nn.Linear(8, 8) if i % 2 == 0 else EPMoE(8, 6, 8, 2, seed=i,
+                                                             num_redundant_experts=2)
+                for i in range(4)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return x
+
+    rng = np.random.default_rng(5)
+    want = np.stack([rng.permutation(np.r_[np.arange(8), rng.integers(0, 8, 2)])
+                     for _ in range(2)])
+    rows = np.tile(np.arange(10) % 8, (4, 1))
+    rows[[1, 3]] = want
+    path = tmp_path / "init.json"
+    path.write_text(json.dumps({"physical_to_logical_map": rows.tolist()}))
+    model, reference = Interleaved(), Interleaved()
+    reference.load_state_dict(model.state_dict())
+    up = eplb_native.attach(model, {"init_expert_location": str(path), "enable_eplb": False})
+    assert np.array_equal(up.phy2log(), want)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    up.shutdown()
+    # a load: rows 0 and 2 count nothing, so they are dense; rows 1 and 3 are planned
+    counts = rng.integers(1, 50, (4, 8)).astype(float)
+    counts[[0, 2]] = 0
+    (tmp_path / "load.json").write_text(json.dumps({"logical_count": counts.tolist()}))
+    model = Interleaved()
+    start = np.stack([layer.phy2log.numpy() for layer in model.layers[1::2]])
+    up = eplb_native.attach(model, {"init_expert_location": str(tmp_path / "load.json")})
+    assert np.array_equal(up.phy2log(), eplb_native.plan(counts[[1, 3]], start, num_ranks=1,
+                                                         policy="deepseek").phy2log)
+    up.shutdown()
+    # names without a layer index: the last rows' refusal stands
+    flat = torch.nn.Sequential(*Interleaved().layers)
+    with pytest.raises(ValueError, match=r"rows \[1\] before its last 2 .* moe_layers="):
+        eplb_native.attach(flat, {"init_expert_location": str(path)})
+
+
 def test_attach_errors(tmp_path):
     with pytest.raises(ValueError, match="no MoE layer"):
         eplb_native.attach(torch.nn.Linear(3, 3))

@@ -322,7 +322,8 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
                              f"layers, taken as the last rows) are not SGLang's trivial "
                              f"placement of a dense layer: are dense layers between its MoE "
                              f"layers? Read it with expert_map.load(..., moe_layers=[the MoE "
-                             f"layers' rows]) (attach's expert_map_path takes the last rows)")
+                             f"layers' rows]) (attach's expert_map_path reads them from its "
+                             f"layers' names, model.layers.N, where they hold one)")
     return np.asarray([rows[i] for i in ids], dtype=np.int64), num_ranks
 
 

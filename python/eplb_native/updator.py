@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 import weakref
@@ -121,6 +122,23 @@ def layers_to_move(plan, current: np.ndarray, num_ranks: int, distinct_ranks: bo
     return [layer for layer in range(current.shape[0])
             if not np.array_equal(plan.phy2log[layer], current[layer])
             and (layer in repeats or not after[layer] <= before[layer] + 1e-9)]
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def _hidden_layer_indices(layers: list[MoELayerAdapter]) -> list[int] | None:
+    """Each MoE layer's hidden-layer index, read from its module name (``model.layers.3.mlp``:
+    3, as Hugging Face, vLLM and SGLang name decoder layers), which an SGLang start file's rows
+    follow; None unless every name holds one and they increase (the file's rows are then taken
+    as the last ones)."""
+    ids = []
+    for a in layers:
+        found = _LAYER_INDEX.findall(a.name)
+        if len(found) != 1:
+            return None
+        ids.append(int(found[0]))
+    return ids if all(b > a for a, b in zip(ids, ids[1:], strict=False)) else None
 
 
 class Updator:
@@ -269,12 +287,7 @@ class Updator:
                 check_writable_dir(config.expert_map_record_path, "expert_map_record_path",
                                    create=True)
             if config.expert_map_path is not None:
-                target, _ = expert_map.load(config.expert_map_path, num_ranks=self.num_ranks,
-                                            num_logical=self.num_logical,
-                                            num_layers=self.num_layers,
-                                            num_slots=self.num_slots, name="expert_map_path",
-                                            plan_load=lambda load: self._plan_start(load,
-                                                                                    placement))
+                target = self._load_start(config.expert_map_path, layers, placement)
         except Exception as e:  # noqa: BLE001  (agreed below, then raised)
             error = e
         try:  # (a refused attach leaves no process group behind; every rank refuses alike)
@@ -300,6 +313,29 @@ class Updator:
                             if self._started_from_load else ""),
                         f"; map recorded to {config.expert_map_record_path}"
                         if config.expert_map_record_path is not None else "")
+
+    def _load_start(self, path, layers: list[MoELayerAdapter], placement: np.ndarray
+                    ) -> np.ndarray:
+        """expert_map_path's placement [L, P]. An SGLang file has a row per hidden layer, its
+        MoE layers' taken as the last L rows; where the rows before them are not a dense
+        layer's (dense layers between MoE layers), the rows named by the layers' module names
+        (``model.layers.7.mlp``: 7) are taken instead, when every name holds one."""
+        def read(moe_layers):
+            return expert_map.load(path, num_ranks=self.num_ranks, num_logical=self.num_logical,
+                                   num_layers=self.num_layers, num_slots=self.num_slots,
+                                   name="expert_map_path", moe_layers=moe_layers,
+                                   plan_load=lambda load: self._plan_start(load, placement))[0]
+
+        try:
+            return read(None)
+        except ValueError as e:
+            ids = _hidden_layer_indices(layers)
+            if ids is None or "before its last" not in str(e):
+                raise
+            try:
+                return read(ids)
+            except ValueError:
+                raise e from None
 
     def _plan_start(self, load: np.ndarray, placement: np.ndarray) -> np.ndarray:
         """The start placement planned from a load (SGLang's ``logical_count`` start file, as
