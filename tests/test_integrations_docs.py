@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from reference.placement import preserve_slots as ref_preserve_slots
 
 import eplb_native
 from eplb_native._util import validate_phy2log
@@ -63,11 +64,18 @@ def test_vllm_recipe_plans_steady_and_elastic_rebalances(vllm_policy):
     got = vllm_policy.rebalance_experts(weight, 3 * S, 1, 1, 3, old)
     assert got.shape == (L, 3 * S)
     _check(got.numpy(), E, 3)
+    fresh = eplb_native.plan(weight.float(), num_ranks=3, num_replicas=3 * S).phy2log
+    # (the surviving ranks keep their experts' slots, as vLLM's own policy does)
+    assert np.array_equal(got.numpy(), ref_preserve_slots(fresh, old.numpy(), 3))
     # scale-up 4 -> 5 ranks: the map widened, the new rank's slots -1
     wide = torch.cat([old, torch.full((L, S), -1, dtype=old.dtype)], dim=1)
     got = vllm_policy.rebalance_experts(weight, 5 * S, 1, 1, 5, wide)
     assert got.shape == (L, 5 * S)
     _check(got.numpy(), E, 5)
+    fresh = eplb_native.plan(weight.float(), num_ranks=5, num_replicas=5 * S).phy2log
+    assert np.array_equal(got.numpy(), ref_preserve_slots(fresh, wide.numpy(), 5))
+    kept = (got.numpy()[:, :4 * S] == old.numpy()).sum()
+    assert kept > (fresh[:, :4 * S] == old.numpy()).sum()
     # no old map
     _check(vllm_policy.rebalance_experts(weight, 16, 1, 1, 4).numpy(), E, 4)
 

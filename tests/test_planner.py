@@ -859,9 +859,42 @@ def test_plan_preserves_slots_by_default():
     assert p.total_moved_slots <= raw.total_moved_slots
 
 
+def test_preserve_slots_across_a_scale_event():
+    """Elastic EP (vLLM's): the old map is for another rank count with the same slots per rank
+    (wider after a scale-down; after a scale-up, vLLM's is as wide as the new, -1 in the new
+    ranks' slots): the ranks in both keep their experts' slots, as vLLM's
+    preserve_intragpu_slots does."""
+    rng = np.random.default_rng(52)
+    for i in range(200):
+        per_rank = int(rng.integers(1, 7))
+        ranks, old_ranks = (int(x) for x in rng.integers(1, 6, 2))
+        ids = rng.integers(0, 2**40, 8) if i % 4 == 3 else np.arange(8)
+        new = ids[rng.integers(0, 8, (3, ranks * per_rank))]
+        old = ids[rng.integers(0, 8, (3, old_ranks * per_rank))]
+        if i % 2:  # empty slots (vLLM's scale-up marks the joining ranks' so)
+            old[rng.random(old.shape) < 0.3] = -1
+        got = eplb_native.preserve_slots(new, old, ranks)
+        np.testing.assert_array_equal(got, ref.preserve_slots(new, old, ranks))
+        assert got.shape == new.shape
+        np.testing.assert_array_equal(np.sort(got.reshape(3, ranks, per_rank)),
+                                      np.sort(new.reshape(3, ranks, per_rank)))
+    # the ranks in both keep their slots: a scale-up from 2 ranks to 3
+    old = np.array([[0, 1, 2, 3, -1, -1]])
+    new = np.array([[1, 0, 3, 2, 4, 0]])
+    np.testing.assert_array_equal(eplb_native.preserve_slots(new, old, 3), [[0, 1, 2, 3, 4, 0]])
+    np.testing.assert_array_equal(eplb_native.preserve_slots(new, old[:, :4], 3),
+                                  [[0, 1, 2, 3, 4, 0]])
+    # a scale-down from 3 ranks to 2
+    np.testing.assert_array_equal(eplb_native.preserve_slots(new[:, :4], [[0, 1, 2, 3, 5, 4]], 2),
+                                  [[0, 1, 2, 3]])
+
+
 def test_preserve_slots_bad_input():
-    with pytest.raises(ValueError, match="old_phy2log"):
-        eplb_native.preserve_slots(np.zeros((1, 4), np.int64), np.zeros((1, 6), np.int64), 2)
+    with pytest.raises(ValueError, match="old_phy2log must have the layers of phy2log .* a whole "
+                                         "number of ranks of 2 slots"):
+        eplb_native.preserve_slots(np.zeros((1, 4), np.int64), np.zeros((1, 5), np.int64), 2)
+    with pytest.raises(ValueError, match="old_phy2log must have the layers"):
+        eplb_native.preserve_slots(np.zeros((1, 4), np.int64), np.zeros((2, 4), np.int64), 2)
     with pytest.raises(ValueError, match="num_ranks"):
         eplb_native.preserve_slots(np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64), 3)
     # negative ids (the general path once read past its buffer on them)

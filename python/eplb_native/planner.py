@@ -356,9 +356,15 @@ def _rebalance_experts(weight, num_replicas, num_groups, num_nodes, name, ranks)
 
 def preserve_slots(phy2log, old_phy2log, num_ranks: int):
     """vLLM's ``preserve_intragpu_slots``: permute each rank's slots of ``phy2log`` [L, P] so an
-    expert the rank held in ``old_phy2log`` [L, P] keeps its old slot. Returns a new int64
-    array (or int64 tensor, if given one, whatever its integer dtype); each rank keeps the same
-    multiset of experts."""
+    expert the rank held in ``old_phy2log`` keeps its old slot. Returns a new int64 array (or
+    int64 tensor, if given one, whatever its integer dtype); each rank keeps the same multiset
+    of experts.
+
+    ``old_phy2log`` is [L, P], or, across a scale event of elastic EP (vLLM's), [L, P'] for
+    another rank count with the same slots per rank: rank r's old slots are columns r*S ..
+    r*S+S-1 of it, ranks beyond it have none (a scale-up), ranks beyond ``num_ranks`` are
+    dropped (a scale-down). ``-1`` in it is an empty slot (vLLM marks a joining rank's slots
+    so), which keeps nothing."""
     new = _as_numpy(phy2log, "phy2log", np.int64)
     old = _as_numpy(old_phy2log, "old_phy2log", np.int64)
     squeeze = new.ndim == 1
@@ -366,14 +372,29 @@ def preserve_slots(phy2log, old_phy2log, num_ranks: int):
         new, old = new[None], old[None] if old.ndim == 1 else old
     if new.ndim != 2:
         raise ValueError(f"phy2log must have shape [layers, slots], got {new.shape}")
-    if old.shape != new.shape:
-        raise ValueError(f"old_phy2log must have the shape of phy2log {new.shape}, got {old.shape}")
-    for a, name in ((new, "phy2log"), (old, "old_phy2log")):
-        if a.size and a.min() < 0:
-            raise ValueError(f"{name} must hold expert ids >= 0, got {a.min()}")
     num_ranks = _as_int(num_ranks, "num_ranks")
     if new.shape[1] % num_ranks:
         raise ValueError(f"slots ({new.shape[1]}) must be divisible by num_ranks ({num_ranks})")
+    per_rank = new.shape[1] // num_ranks
+    if old.ndim != 2 or old.shape[0] != new.shape[0] or (per_rank and old.shape[1] % per_rank):
+        raise ValueError(f"old_phy2log must have the layers of phy2log {new.shape} and a whole "
+                         f"number of ranks of {per_rank} slots, got {old.shape}")
+    if new.size and new.min() < 0:
+        raise ValueError(f"phy2log must hold expert ids >= 0, got {new.min()}")
+    if old.size and old.min() < -1:
+        raise ValueError(f"old_phy2log must hold expert ids >= 0 (or -1, an empty slot), got "
+                         f"{old.min()}")
+    empty = old.shape[1] != new.shape[1] or (old.size and old.min() == -1)
+    if empty:  # other ranks, or empty slots: the smallest id no new slot holds means "none"
+        ids = np.unique(new)
+        gaps = np.flatnonzero(ids != np.arange(ids.size))
+        fill = int(gaps[0]) if gaps.size else ids.size
+        width = old.shape[1]
+        old = np.where(old < 0, fill, old)[:, :new.shape[1]]
+        if width < new.shape[1]:
+            old = np.concatenate([old, np.full((old.shape[0], new.shape[1] - width), fill,
+                                               dtype=np.int64)], axis=1)
+        old = np.ascontiguousarray(old)
     out = _planner.preserve_slots(new, old, num_ranks)
     if squeeze:
         out = out[0]
