@@ -35,15 +35,43 @@ def test_multiprocess_rebalance(world, fault, budget_rows, tmp_path):
              nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("world,budget_rows", [(2, None), (4, 1)])
-def test_multiprocess_move_to_random_placements(world, budget_rows, tmp_path):
+@pytest.mark.parametrize("world,budget_rows,batched", [(2, None, False), (4, 1, False),
+                                                       (4, None, True), (4, 2, True)])
+def test_multiprocess_move_to_random_placements(world, budget_rows, batched, tmp_path):
     if BACKEND == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     import updator_mp
 
     mp.spawn(updator_mp.scenario_move_to,
-             args=(world, f"file://{tmp_path}/rdzv", BACKEND, str(tmp_path), budget_rows),
+             args=(world, f"file://{tmp_path}/rdzv", BACKEND, str(tmp_path), budget_rows,
+                   batched),
              nprocs=world, join=True)
+
+
+def test_peer_batches():
+    """vLLM's migration batching: every rank talks to at most one peer in a batch, every piece
+    in one batch, the first batch free for it (the same on every rank: a pure function)."""
+    from eplb_native.transfer import Piece, peer_batches
+
+    rng = np.random.default_rng(8)
+    for _ in range(300):
+        ranks = int(rng.integers(2, 9))
+        pairs = {(int(s), int(d)) for s, d in rng.integers(0, ranks, (int(rng.integers(0, 30)), 2))
+                 if s != d}
+        pieces = [Piece(s, d, 0, 1, ((0, 1),), -1) for s, d in sorted(pairs)]
+        got = peer_batches(pieces)
+        assert len(got) == len(pieces)
+        for b in set(got):
+            ends = [r for p, g in zip(pieces, got, strict=True) if g == b
+                    for r in (p.src_rank, p.dst_rank)]
+            assert len(ends) == len(set(ends)), (b, ends)
+        for i, (p, b) in enumerate(zip(pieces, got, strict=True)):  # first fit
+            for earlier in range(b):
+                ends = {r for q, g in zip(pieces[:i], got[:i], strict=True) if g == earlier
+                        for r in (q.src_rank, q.dst_rank)}
+                assert p.src_rank in ends or p.dst_rank in ends
+        assert peer_batches(pieces) == got
+    assert peer_batches([]) == []
 
 
 def test_two_ep_groups_in_one_world(tmp_path):
@@ -1567,7 +1595,7 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
     assert ("a balanced plan every 600 steps from the last 600 steps of load, its moves "
             "starting 51 steps after that window, 1 layer(s) a step; map recorded to ") in (
         caplog.text)
-    # vLLM's shape: vLLM's defaults; its transport options, read and not acted on, said so
+    # vLLM's shape: vLLM's defaults; its communicator, read and not acted on, said so
     caplog.clear()
     with caplog.at_level("INFO", logger="eplb_native"):
         eplb_native.attach(Stack(2), {"enable_eplb": True, "eplb_config": {
@@ -1575,7 +1603,7 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
     assert ("a deepseek plan every 3000 steps (the first after 750) from the last 1000 steps "
             "of load, its moves starting 2 steps after that window, 1 layer(s) a step; communicator 'pynccl' "
             "ignored (weights move by torch.distributed P2P on the EP group); "
-            "enable_migration_batching ignored") in caplog.text
+            "migration batching (every rank talks to one peer at a time)") in caplog.text
     # expert groups named where the policy uses them (deepseek on one node), not otherwise
     for policy, said in (("deepseek", True), ("balanced", False)):
         caplog.clear()

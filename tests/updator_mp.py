@@ -225,10 +225,11 @@ def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None)
     leave()
 
 
-def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
+def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows, batched=False):
     """Random placements forced with ``Updator.move_to`` (whole reshuffles: direct, gathered and
     per-run messages), with or without a byte budget: outputs equal and weights bit-exact at
-    every step, identical maps, every move lands."""
+    every step, identical maps, every move lands. ``batched``: vLLM's
+    enable_migration_batching: each batch this rank posts talks to one peer."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     device = _setup(rank, world, init_method, backend)
@@ -236,12 +237,21 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
     redundant = world
     model, reference = Stack(group, redundant, device), Stack(group, redundant, device)
     config = {"expert_heat_collection_interval": 10 ** 6, "layers_per_step": 2,
-              "transfer_timeout_s": 20.0}
+              "transfer_timeout_s": 20.0, "enable_migration_batching": batched}
     if budget_rows is not None:
         config["max_move_bytes_per_step"] = budget_rows * SLOT_BYTES
     groups_before = len(dist.distributed_c10d._world.pg_map)
     updator = eplb_native.attach(model, config, group)
     updator.warm_up()
+    peers_per_post = []  # the moves' posts (warm_up's, to every peer, before)
+    if batched:
+        post = dist.batch_isend_irecv
+
+        def recording(ops):
+            peers_per_post.append({op.peer for op in ops})
+            return post(ops)
+
+        dist.batch_isend_irecv = recording
     rng = np.random.default_rng(5)  # the same draws on every rank
     p = EXPERTS + redundant
     step = 0
@@ -259,6 +269,9 @@ def scenario_move_to(rank, world, init_method, backend, tmpdir, budget_rows):
     assert all(m["ok"] for m in moves), moves
     if budget_rows is not None:
         assert any(m["steps"] > 1 for m in moves), moves
+    if batched:  # one peer a batch; whole reshuffles talk to several peers, in several batches
+        assert peers_per_post and all(len(p) == 1 for p in peers_per_post), peers_per_post
+        assert len({frozenset(p) for p in peers_per_post}) > 1, peers_per_post
     # move_to is agreed: another placement on the last rank, or one it refuses, refuses it on
     # every rank with nothing queued (the others used to post moves that timed out)
     last = rank == world - 1

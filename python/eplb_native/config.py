@@ -104,11 +104,15 @@ key (aliases)                      meaning                             default
                                    load is collected: only ``all`` is
                                    supported (load of every step is
                                    collected); accepted, not stored
-``communicator``,                  accepted for vLLM compatibility;    None, False
-``enable_migration_batching``      moves always use torch.distributed
-                                   P2P, one grouped batch per layer
+``communicator``                   accepted for vLLM compatibility;    None
+                                   moves use torch.distributed P2P
                                    (a communicator string we do not
                                    know is taken with a warning)
+``enable_migration_batching``      vLLM's: a move's messages go in     False
+                                   batches in which every rank talks
+                                   to at most one peer, one batch
+                                   after the other (False: all at
+                                   once)
 =================================  ==================================  =========================
 
 vllm-ascend's names from before v0.14.0rc1 (which renamed them and moved them into

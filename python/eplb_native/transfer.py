@@ -136,6 +136,22 @@ class StepBudget:
         return not self.unlimited and (max(self.recv) <= 0 or max(self.send) <= 0)
 
 
+def peer_batches(pieces: list[Piece]) -> list[int]:
+    """The batch of each piece (vLLM's migration batching): in order, the first batch in which
+    neither of its two ranks talks yet, so every rank talks to at most one peer in a batch.
+    Every rank computes the same from the same pieces (:meth:`MoveLayout.take`)."""
+    busy: list[set[int]] = []
+    out = []
+    for p in pieces:
+        b = next((i for i, ranks in enumerate(busy)
+                  if p.src_rank not in ranks and p.dst_rank not in ranks), len(busy))
+        if b == len(busy):
+            busy.append(set())
+        busy[b].update((p.src_rank, p.dst_rank))
+        out.append(b)
+    return out
+
+
 @dataclass(frozen=True)
 class Piece:
     """One step's share of what ``src_rank`` sends ``dst_rank``: entries ``start`` ..
@@ -298,6 +314,10 @@ class LayerMove:
         layout: ``MoveLayout(fills, num_ranks, S)`` built ahead (e.g. while the previous step's
             forward runs, see :func:`prepare_layout`), so constructing the move costs no
             planning on the step's host path.
+        batched: vLLM's ``enable_migration_batching``: a step's messages go in batches in which
+            every rank talks to at most one peer (:func:`peer_batches`), each batch posted once
+            this rank's part of the one before has completed (a device: as a group of its own
+            behind it on ``stream``; CPU: after waiting for it), instead of all at once.
 
     Attributes: bytes_received / bytes_copied (local copies) / ops_posted / steps (this rank,
     so far), error (the first exception, None if none), t_first (perf_counter of the first
@@ -306,7 +326,7 @@ class LayerMove:
     """
 
     def __init__(self, weights, staging, fills, rank: int, group, stream=None, tag: int = 0,
-                 *, layout: MoveLayout | None = None):
+                 *, layout: MoveLayout | None = None, batched: bool = False):
         if len(staging) != len(weights) or any(
                 t.shape != w.shape or t.dtype != w.dtype or not t.is_contiguous()
                 or not w.is_contiguous() for w, t in zip(weights, staging, strict=False)):
@@ -314,6 +334,7 @@ class LayerMove:
                              "contiguous")
         self.weights, self.staging, self.fills = weights, staging, fills
         self.rank, self.group, self.stream, self.tag = rank, group, stream, tag
+        self.batched = bool(batched)
         num_ranks = 1 if group is None else dist.get_world_size(group)
         if layout is None:
             if fills is None:
@@ -363,12 +384,16 @@ class LayerMove:
         if self.error is None:
             self.error = e
 
-    def _ops(self, pieces: list[Piece]) -> tuple[list, list[tuple[int, int, int]]]:
-        """This rank's P2P ops for ``pieces`` (views of weights / staging) and the gathers
-        (src slot, staging row, n) they need first."""
-        ops, gathers = [], []
+    def _ops(self, pieces: list[Piece]) -> tuple[list[list], list[tuple[int, int, int]]]:
+        """This rank's P2P ops for ``pieces`` (views of weights / staging), in the batches to
+        post one after the other (one batch unless :attr:`batched`; none empty), and the
+        gathers (src slot, staging row, n) they need first."""
+        gathers = []
+        batch_of = peer_batches(pieces) if self.batched else [0] * len(pieces)
+        batches: list[list] = [[] for _ in range(max(batch_of, default=-1) + 1)]
         lay = self.layout
-        for p in pieces:
+        for p, b in zip(pieces, batch_of, strict=True):
+            ops = batches[b]
             rows = lay.pairs[(p.src_rank, p.dst_rank)]
             if p.src_rank == self.rank:
                 peer = self._peer[p.dst_rank]
@@ -391,7 +416,7 @@ class LayerMove:
                         ops.append(dist.P2POp(dist.irecv, t[base + a:base + b], peer,
                                               self.group, self.tag))
                 self.bytes_received += (p.stop - p.start) * self.row_bytes
-        return ops, gathers
+        return [ops for ops in batches if ops], gathers
 
     def issue(self, budget: StepBudget | None = None,
               before_post: Callable[[], float | None] | None = None,
@@ -415,11 +440,11 @@ class LayerMove:
         self._works, self._thread = [], None
         self._done.clear()
         self.posted.clear()
-        ops: list = []
+        batches: list[list] = []
         try:
             pieces = self.layout.take(self.cursor, budget)
             local = self.layout.take_local(self.local_cursor, budget)[self.rank]
-            ops, gathers = self._ops(pieces)
+            batches, gathers = self._ops(pieces)
         except BaseException as e:  # noqa: BLE001  (a bug: reported through the agreement)
             self._fail(e)
             self.t_posted = time.perf_counter()
@@ -433,17 +458,18 @@ class LayerMove:
                 delay = float(before_post() or 0.0)
         except BaseException as e:  # noqa: BLE001  (reported through the agreement)
             self._fail(e)
-        self.ops_posted += len(ops)
-        if self.on_cpu and not ops and not delay:
+        self.ops_posted += sum(map(len, batches))
+        if self.on_cpu and not batches and not delay:
             self.t_posted = time.perf_counter()
             self.posted.set()
             self._done.set()
         elif self.on_cpu or delay > 0 or (after is not None and not after.is_set()):
-            self._thread = threading.Thread(target=self._post, args=(ops, delay, after, True),
+            self._thread = threading.Thread(target=self._post,
+                                            args=(batches, delay, after, True),
                                             daemon=True, name="eplb-move")
             self._thread.start()
         else:
-            self._post(ops, 0.0, None, False)
+            self._post(batches, 0.0, None, False)
         if local[1] > local[0]:
             try:  # staging rows no receive writes, from weights no one writes before commit
                 self._copy(_runs(self.layout.local[self.rank][local[0]:local[1]]))
@@ -461,17 +487,26 @@ class LayerMove:
                 for w, t in zip(self.weights, self.staging, strict=True):
                     t[row:row + n].copy_(w[slot:slot + n], non_blocking=True)
 
-    def _post(self, ops, delay_s: float, after, on_thread: bool) -> None:
+    def _post(self, batches: list[list], delay_s: float, after, on_thread: bool) -> None:
+        done = 0  # works waited for (CPU)
         try:
             if after is not None and not self.on_cpu:
                 after.wait()
             if delay_s > 0:
                 time.sleep(delay_s)
-            if ops:
-                if on_thread and not self.on_cpu:  # a new thread starts on device 0
-                    getattr(torch, self.device.type).set_device(self.device)
-                with _stream_ctx(self.stream):
-                    self._works = dist.batch_isend_irecv(ops)
+            if batches and on_thread and not self.on_cpu:  # a new thread starts on device 0
+                getattr(torch, self.device.type).set_device(self.device)
+            with _stream_ctx(self.stream):
+                for i, ops in enumerate(batches):
+                    # (a device: each batch a group of its own, behind the one before on the
+                    # stream; CPU: posted once the one before completed here. Every batch is
+                    # posted, after a failure too: no peer waits for a message never sent.)
+                    if i and self.on_cpu:
+                        done = self._wait_cpu(done)
+                    try:
+                        self._works += dist.batch_isend_irecv(ops)
+                    except BaseException as e:  # noqa: BLE001  (reported through the agreement)
+                        self._fail(e)
         except BaseException as e:  # noqa: BLE001  (reported through the agreement)
             self._fail(e)
         finally:
@@ -479,16 +514,20 @@ class LayerMove:
             self.posted.set()
         try:
             if self.on_cpu:
-                # every op waited for, the first error kept: a gloo op counts as completed only
-                # once waited for, and finished() reads them all
-                for w in self._works:
-                    try:
-                        w.wait()
-                    except BaseException as e:  # noqa: BLE001
-                        if self.error is None:
-                            self._fail(e)
+                self._wait_cpu(done)
         finally:
             self._done.set()
+
+    def _wait_cpu(self, start: int) -> int:
+        """Waits for works[start:] (gloo), the first error kept: a gloo op counts as completed
+        only once waited for, and finished() reads them all. Returns len(works)."""
+        for w in self._works[start:]:
+            try:
+                w.wait()
+            except BaseException as e:  # noqa: BLE001
+                if self.error is None:
+                    self._fail(e)
+        return len(self._works)
 
     def wait(self, deadline: float) -> bool:
         """Waits for this step's P2P ops until ``deadline`` (time.perf_counter()); True when all

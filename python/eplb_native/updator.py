@@ -585,7 +585,7 @@ class Updator:
             try:
                 fills = layer_schedule(old, new, self.num_ranks, self.config.num_nodes)
                 move = LayerMove(a.weights, staging, fills, self.rank, self._move_group, stream,
-                                 tag=layer)
+                                 tag=layer, batched=self.config.enable_migration_batching)
                 move.issue()
                 if not move.wait(time.perf_counter() + self.config.transfer_timeout_s):
                     reason = (f"transfers not done within transfer_timeout_s="
@@ -926,7 +926,8 @@ class Updator:
             try:
                 m.move = LayerMove(self.layers[layer].weights, self._staging[m.staging], None,
                                    self.rank, self._move_group, self._side, tag=layer,
-                                   layout=self._layout(layer, new))
+                                   layout=self._layout(layer, new),
+                                   batched=self.config.enable_migration_batching)
             except Exception as e:  # noqa: BLE001  (the same on every rank: a pure function)
                 m.error = e
             self._inflight.append(m)
@@ -1187,11 +1188,12 @@ def _describe(config: EplbConfig) -> str:
     """What config does, in a few words (attach's log line)."""
     if not config.dynamic_eplb:
         return "dynamic_eplb off: load recorded, no rebalancing"
-    # vLLM's transport options, read and not acted on: said here, not left silent
+    # vLLM's transport options: the communicator is read and not acted on (said here, not left
+    # silent); migration batching is
     ignored = "".join(
         [f"; communicator {config.communicator!r} ignored (weights move by torch.distributed "
          f"P2P on the EP group)" if config.communicator is not None else "",
-         "; enable_migration_batching ignored (each layer's moves are posted as one batch)"
+         "; migration batching (every rank talks to one peer at a time)"
          if config.enable_migration_batching else ""])
     topology = "".join([f", {config.node_count} nodes" if config.node_count > 1 else "",
                         f", {config.group_count} expert groups" if _uses_groups(config)
