@@ -162,6 +162,7 @@ def worker(rank, ranks, init_method, args, out_path):
     updator = eplb_native.attach(model, {"expert_heat_collection_interval": 10 ** 9,
                                          "layers_per_step": args.layers_per_step,
                                          "max_move_bytes_per_step": args.max_move_bytes_per_step,
+                                         "enable_migration_batching": args.migration_batching,
                                          "transfer_timeout_s": 120.0}, group)
     updator.warm_up()
     gen = torch.Generator().manual_seed(rank)
@@ -207,7 +208,7 @@ def worker(rank, ranks, init_method, args, out_path):
 
     def new_move():
         return LayerMove(a.weights, staging, None, rank, updator._move_group, stream,
-                         layout=layout)
+                         layout=layout, batched=args.migration_batching)
 
     def timed_move(rows):
         """One layer's move, or its first step under a budget of ``rows``, built ahead (as the
@@ -238,7 +239,8 @@ def worker(rank, ranks, init_method, args, out_path):
         no LayerMove, no local copies."""
         move = new_move()
         pieces = move.layout.take(move.cursor, StepBudget(ranks, rows) if rows else None)
-        ops, gathers = move._ops(pieces)
+        batches, gathers = move._ops(pieces)
+        ops = [op for batch in batches for op in batch]  # (all at once, batched or not)
         move._copy(gathers)
         dist.barrier()
         _sync(device)
@@ -369,7 +371,8 @@ def worker(rank, ranks, init_method, args, out_path):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": {k: getattr(args, k) for k in ("layers", "experts", "hidden", "inter", "top_k",
                                                 "tokens", "redundant_per_rank",
-                                                "layers_per_step", "max_move_bytes_per_step")},
+                                                "layers_per_step", "max_move_bytes_per_step",
+                                                "migration_batching")},
         "slot_bytes": a.slot_bytes(), "rows_per_step": rows_per_step,
         "step_idle_s": statistics.median(idle), "step_moving_s": statistics.median(moving),
         "step_ratio": statistics.median(moving) / statistics.median(idle),
@@ -433,6 +436,10 @@ def main(argv=None):
     ap.add_argument("--max-move-bytes-per-step", dest="max_move_bytes_per_step",
                     type=_byte_count, default=None,
                     help="EplbConfig.max_move_bytes_per_step, e.g. 512M (default: whole layers)")
+    ap.add_argument("--migration-batching", dest="migration_batching", action="store_true",
+                    help="EplbConfig.enable_migration_batching (vLLM's): a move's messages in "
+                         "batches where every rank talks to one peer (its 'same_ops' baseline "
+                         "still posts them all at once)")
     ap.add_argument("--repeats", type=_int_at_least(1), default=5)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU / gloo, tiny shapes, 2 repeats: checks the benchmark runs (seconds)")

@@ -46,6 +46,17 @@ def test_bench_planner_smoke():
     assert "ours balanced distinct 0, ours min_move distinct 0" in out.stdout
 
 
+def test_bench_updator_smoke_migration_batching(tmp_path):
+    out_json = tmp_path / "bench_updator.json"
+    out = _run("benchmarks/bench_updator.py", "--smoke", "--migration-batching", "--out",
+               str(out_json))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["shape"]["migration_batching"] is True
+    # the same messages, two batches (to the peer, then from it)
+    assert result["layer_move"]["ops_this_rank"] == 2 * 2 and result["layer_move"]["bytes"] > 0
+
+
 def test_bench_updator_smoke(tmp_path):
     out_json = tmp_path / "bench_updator.json"
     # a budget below one expert: one expert per rank and step, so each layer's move spans steps
