@@ -401,6 +401,7 @@ def test_simulate_weighs_windows_by_their_steps(tmp_path, small_trace):
     plain = json.loads(run_cli("simulate", "--trace", small_trace, *args, cwd=tmp_path).stdout)
     out = json.loads(run_cli("simulate", "--trace", "w.npz", *args, cwd=tmp_path).stdout)
     assert plain["window_steps"] is None and out["window_steps"] == steps
+    assert plain["judged_windows"] == 5 and out["judged_windows"] == 4  # (one of 0 steps)
     for name in ("static", "deepseek"):
         per_window = np.array(out["policies"][name]["out_of_sample"]["per_window"][2:])
         assert per_window.tolist() == plain["policies"][name]["out_of_sample"]["per_window"][2:]
@@ -410,7 +411,7 @@ def test_simulate_weighs_windows_by_their_steps(tmp_path, small_trace):
         assert got["mean"] != pytest.approx(per_window.mean())
         assert got["min"] == pytest.approx(np.delete(per_window, 2).min())
     text = run_cli("simulate", "--trace", "w.npz", *args[:-1], "--no-png", cwd=tmp_path).stdout
-    assert "weighted by each window's steps" in text
+    assert "weighted by the steps of load each window sums" in text
 
 
 @pytest.mark.parametrize("steps, fragment", [

@@ -485,16 +485,25 @@ def test_sglang_pt_files(tmp_path):
 
 @pytest.mark.parametrize("obj, kwargs, message", [
     ("tensor", {}, "a .pt expert map holds a dict"),
-    ({"physical_to_logical_map": "float"}, {}, "must hold integer expert ids, got torch.float"),
+    ({"physical_to_logical_map": "float"}, {},
+     "dense tensor of integer expert ids, got torch.float"),
     ({"logical_count": "complex"}, {}, "dense tensor of real numbers"),
     ({"logical_count": "bool"}, {}, "dense tensor of real numbers"),
-    ({"logical_count": "counts"}, {"num_logical": 5}, "counts 4 experts per layer, the model has 5"),
+    ({"logical_count": "counts"}, {"num_logical": 5},
+     "counts 4 experts per layer, the model has 5"),
     ({"logical_count": "counts"}, {"num_layers": 1}, r"rows \[0\] before its last 1 .* count "
                                                      r"tokens"),
     ({"logical_count": "negative"}, {}, "finite and >= 0"),
     ({"logical_count": "1d"}, {}, r"\[layers, experts\] or \[steps, layers, experts\]"),
     ({"logical_count": "counts"}, {"fail": True}, "planning the start placement from its "
                                                   "'logical_count': load: bad"),
+    ({"physical_to_logical_map": "sparse"}, {}, r"dense tensor of integer expert ids, got "
+                                                r"torch.int64 \(torch.sparse_coo"),
+    ({"logical_count": "meta"}, {}, "dense tensor of real numbers, got torch.float32 .*meta"),
+    ({"logical_count": "counts", "physical_to_logical_map": "ids"}, {},
+     "holds both SGLang's 'physical_to_logical_map' .* and 'logical_count'"),
+    ({"logical_count": "counts"}, {"num_hidden_layers": 3}, r"has 2 rows \(hidden layers\), "
+                                                            r"the model 3"),
 ])
 def test_sglang_pt_bad_input_names_it(tmp_path, obj, kwargs, message):
     import torch
@@ -503,7 +512,9 @@ def test_sglang_pt_bad_input_names_it(tmp_path, obj, kwargs, message):
               "complex": torch.ones(2, 4, dtype=torch.complex64),
               "bool": torch.ones(2, 4, dtype=torch.bool),
               "counts": torch.ones(3, 2, 4), "negative": -torch.ones(2, 4),
-              "1d": torch.ones(4)}
+              "1d": torch.ones(4), "ids": torch.zeros(2, 4, dtype=torch.int64),
+              "sparse": torch.eye(4, dtype=torch.int64).to_sparse(),
+              "meta": torch.ones(2, 4, device="meta")}
     obj = values[obj] if isinstance(obj, str) else {k: values[v] for k, v in obj.items()}
     torch.save(obj, tmp_path / "x.pt")
     fail = kwargs.pop("fail", False)
@@ -517,6 +528,30 @@ def test_sglang_pt_bad_input_names_it(tmp_path, obj, kwargs, message):
         expert_map.load(tmp_path / "x.pt", num_ranks=2, name="expert_map_path",
                         plan_load=plan_load, **kwargs)
     assert str(info.value).startswith("expert_map_path")
+
+
+def test_sglang_load_file_edge_values(tmp_path):
+    """A tensor saved with requires_grad reads; numbers numpy cannot hold as float64, or arrays
+    of other kinds given as a dict, are a ValueError naming the file / map."""
+    import torch
+
+    def plan_load(load):
+        return np.tile(np.arange(4), (load.shape[0], 1))
+
+    counts = torch.ones(2, 4, requires_grad=True)
+    torch.save({"logical_count": counts}, tmp_path / "g.pt")
+    got, _ = expert_map.load(tmp_path / "g.pt", num_ranks=2, plan_load=plan_load)
+    assert got.shape == (2, 4)
+    for bad in ([[10**400, 1, 1, 1]], np.array([[1, 2]], dtype=object),
+                np.array([[1j, 2]]), np.array([[True, False]])):
+        with pytest.raises(ValueError, match=r"^m: SGLang's 'logical_count' (holds a number past|"
+                                             r"must be a nested list)"):
+            expert_map.load({"logical_count": bad}, num_ranks=1, name="m", plan_load=plan_load)
+    # the .pt's own errors name the file once
+    torch.save({"logical_count": torch.ones(2, 4, dtype=torch.bool)}, tmp_path / "b.pt")
+    with pytest.raises(ValueError) as info:
+        expert_map.load(tmp_path / "b.pt", num_ranks=2, name="m", plan_load=plan_load)
+    assert str(info.value).count("b.pt") == 1
 
 
 def test_sglang_pt_not_a_torch_file(tmp_path):

@@ -22,16 +22,18 @@ from eplb_native.transfer import LayerMove, MoveLayout, StepBudget, layer_schedu
 BACKEND = os.environ.get("EPLB_TEST_BACKEND", "gloo")
 
 
-@pytest.mark.parametrize("world,fault,budget_rows", [(2, "raise", None), (4, "timeout", None),
-                                                     (2, "issue", 1), (4, "issue", 2)])
-def test_multiprocess_rebalance(world, fault, budget_rows, tmp_path):
+@pytest.mark.parametrize("world,fault,budget_rows,batched", [
+    (2, "raise", None, False), (4, "timeout", None, False), (2, "issue", 1, False),
+    (4, "issue", 2, False), (4, "timeout", None, True), (4, "issue", 2, True)])
+def test_multiprocess_rebalance(world, fault, budget_rows, batched, tmp_path):
     if BACKEND == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     import updator_mp
 
     # a rendezvous file of this test's own: no port to race other processes for
     init = f"file://{tmp_path}/rdzv"
-    mp.spawn(updator_mp.scenario, args=(world, init, BACKEND, str(tmp_path), fault, budget_rows),
+    mp.spawn(updator_mp.scenario,
+             args=(world, init, BACKEND, str(tmp_path), fault, budget_rows, batched),
              nprocs=world, join=True)
 
 
@@ -407,6 +409,21 @@ def test_expert_map_roundtrip_vllm_ascend_file(tmp_path):
     assert np.array_equal(expert_map.load(record)[0], np.array(layers))
 
 
+class Hidden(torch.nn.Module):
+    """Decoder layers model.layers.0 .. n-1, the ``dense`` ones a Linear, the others EPMoE."""
+
+    def __init__(self, n, dense=(), **kw):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([
+            torch.nn.Linear(8, 8) if i in dense else EPMoE(8, 6, 8, 2, seed=i, **kw)
+            for i in range(n)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
 def test_sglang_start_file_of_a_load_is_planned_at_attach(tmp_path, caplog):
     """SGLang's init_expert_location may name a load (its expert-distribution dump, a .pt with
     logical_count [steps, hidden layers, E]): SGLang plans its start placement from it with its
@@ -417,8 +434,9 @@ def test_sglang_start_file_of_a_load_is_planned_at_attach(tmp_path, caplog):
     counts[:, 0] = 0  # a dense first layer counts nothing
     counts[:, 1:, 5] *= 20  # a hot expert, replicated
     torch.save({"logical_count": torch.from_numpy(counts)}, tmp_path / "dump.pt")
-    model, reference = Stack(2, num_redundant_experts=2), Stack(2, num_redundant_experts=2)
-    start = np.stack([layer.phy2log.numpy() for layer in model.layers])
+    model, reference = (Hidden(3, dense=(0,), num_redundant_experts=2) for _ in range(2))
+    reference.load_state_dict(model.state_dict())
+    start = np.stack([layer.phy2log.numpy() for layer in model.layers[1:]])
     want = eplb_native.plan(counts.sum(0)[1:].astype(np.float64), start, num_ranks=1,
                             policy="deepseek").phy2log
     assert (want == 5).sum(axis=1).tolist() == [3, 3]
@@ -434,7 +452,7 @@ def test_sglang_start_file_of_a_load_is_planned_at_attach(tmp_path, caplog):
     # a placement in a .pt file starts there as it is
     torch.save({"physical_to_logical_map": torch.from_numpy(np.concatenate(
         [np.arange(10)[None] % 8, want]))}, tmp_path / "init.pt")
-    model = Stack(2, num_redundant_experts=2)
+    model = Hidden(3, dense=(0,), num_redundant_experts=2)
     up = eplb_native.attach(model, {"init_expert_location": str(tmp_path / "init.pt"),
                                     "enable_eplb": False})
     assert np.array_equal(up.phy2log(), want)
@@ -448,52 +466,68 @@ def test_sglang_start_file_of_a_load_is_planned_at_attach(tmp_path, caplog):
                            {"init_expert_location": str(tmp_path / "other.pt")})
 
 
-def test_sglang_start_file_with_dense_layers_between_moe_layers(tmp_path):
-    """An SGLang file has a row per hidden layer; where dense layers sit between the MoE layers
-    (rows before the last L are not a dense layer's), attach takes the rows the layers' module
-    names give (model.layers.N), a placement file or a load alike."""
-
-    class Interleaved(torch.nn.Module):  # hidden layers 0 and 2 dense, 1 and 3 MoE
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList([
-                torch.nn.Linear(8, 8) if i % 2 == 0 else EPMoE(8, 6, 8, 2, seed=i,
-                                                             num_redundant_experts=2)
-                for i in range(4)])
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = x + layer(x)
-            return x
-
+def test_sglang_start_file_rows_follow_the_layer_names(tmp_path):
+    """An SGLang file has a row per hidden layer: attach takes the rows its MoE layers' module
+    names give (model.layers.N), dense layers between MoE layers included, a placement file or
+    a load alike; where the names hold no index, or their rows do not read (a file of the MoE
+    layers' rows only), the last L rows."""
     rng = np.random.default_rng(5)
-    want = np.stack([rng.permutation(np.r_[np.arange(8), rng.integers(0, 8, 2)])
-                     for _ in range(2)])
-    rows = np.tile(np.arange(10) % 8, (4, 1))
+    trivial = np.arange(10) % 8
+
+    def placements(n):
+        return np.stack([rng.permutation(np.r_[np.arange(8), rng.integers(0, 8, 2)])
+                         for _ in range(n)])
+
+    def attach_file(model, rows, name="init.json"):
+        (tmp_path / name).write_text(json.dumps({"physical_to_logical_map": rows.tolist()}))
+        up = eplb_native.attach(model, {"init_expert_location": str(tmp_path / name),
+                                        "enable_eplb": False})
+        got = up.phy2log()
+        up.shutdown()
+        return got
+
+    # hidden layers 0 and 2 dense, 1 and 3 MoE; outputs unchanged
+    want = placements(2)
+    rows = np.tile(trivial, (4, 1))
     rows[[1, 3]] = want
-    path = tmp_path / "init.json"
-    path.write_text(json.dumps({"physical_to_logical_map": rows.tolist()}))
-    model, reference = Interleaved(), Interleaved()
+    model, reference = (Hidden(4, dense=(0, 2), num_redundant_experts=2) for _ in range(2))
     reference.load_state_dict(model.state_dict())
-    up = eplb_native.attach(model, {"init_expert_location": str(path), "enable_eplb": False})
-    assert np.array_equal(up.phy2log(), want)
+    assert np.array_equal(attach_file(model, rows), want)
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
-    up.shutdown()
-    # a load: rows 0 and 2 count nothing, so they are dense; rows 1 and 3 are planned
+    # MoE, MoE, dense, MoE where the first MoE layer's row is the trivial placement: the last
+    # rows would read (every row before them trivial) but shifted; the names are right
+    rows = np.tile(trivial, (4, 1))
+    rows[[1, 3]] = placements(2)
+    assert np.array_equal(attach_file(Hidden(4, dense=(2,), num_redundant_experts=2), rows),
+                          rows[[0, 1, 3]])
+    # a file of the MoE layers' rows only (names 1, 2 past its 2 rows): the last rows
+    want = placements(2)
+    assert np.array_equal(attach_file(Hidden(3, dense=(0,), num_redundant_experts=2), want),
+                          want)
+    # a load: rows 0 and 2 count nothing (dense); rows 1 and 3 are planned
     counts = rng.integers(1, 50, (4, 8)).astype(float)
     counts[[0, 2]] = 0
     (tmp_path / "load.json").write_text(json.dumps({"logical_count": counts.tolist()}))
-    model = Interleaved()
+    model = Hidden(4, dense=(0, 2), num_redundant_experts=2)
     start = np.stack([layer.phy2log.numpy() for layer in model.layers[1::2]])
     up = eplb_native.attach(model, {"init_expert_location": str(tmp_path / "load.json")})
     assert np.array_equal(up.phy2log(), eplb_native.plan(counts[[1, 3]], start, num_ranks=1,
                                                          policy="deepseek").phy2log)
     up.shutdown()
     # names without a layer index: the last rows' refusal stands
-    flat = torch.nn.Sequential(*Interleaved().layers)
+    rows = np.tile(trivial, (4, 1))
+    rows[[1, 3]] = placements(2)
+    (tmp_path / "init.json").write_text(json.dumps({"physical_to_logical_map": rows.tolist()}))
+    flat = torch.nn.Sequential(*Hidden(4, dense=(0, 2), num_redundant_experts=2).layers)
     with pytest.raises(ValueError, match=r"rows \[1\] before its last 2 .* moe_layers="):
-        eplb_native.attach(flat, {"init_expert_location": str(path)})
+        eplb_native.attach(flat, {"init_expert_location": str(tmp_path / "init.json")})
+    # names whose rows do not read (past the file's 4 rows), nor do the last rows: both said
+    wrong = Hidden(6, dense=(0, 2, 3, 4), num_redundant_experts=2)
+    with pytest.raises(ValueError, match=r"rows \[1\] before its last 2 .* the rows its MoE "
+                                         r"layers' names give \(\[1, 5\]\) do not read either: "
+                                         r".*moe_layers 5 is past the 4 hidden layers"):
+        eplb_native.attach(wrong, {"init_expert_location": str(tmp_path / "init.json")})
 
 
 def test_attach_errors(tmp_path):
@@ -1603,7 +1637,8 @@ def test_attach_says_what_the_config_means(caplog, tmp_path):
     assert ("a deepseek plan every 3000 steps (the first after 750) from the last 1000 steps "
             "of load, its moves starting 2 steps after that window, 1 layer(s) a step; communicator 'pynccl' "
             "ignored (weights move by torch.distributed P2P on the EP group); "
-            "migration batching (every rank talks to one peer at a time)") in caplog.text
+            "migration batching (in a layer's move every rank talks to one peer at a "
+            "time)") in caplog.text
     # expert groups named where the policy uses them (deepseek on one node), not otherwise
     for policy, said in (("deepseek", True), ("balanced", False)):
         caplog.clear()

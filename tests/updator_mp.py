@@ -99,12 +99,14 @@ def _setup(rank, world, init_method, backend):
 SLOT_BYTES = (2 * INTER * HIDDEN + HIDDEN * INTER) * 4
 
 
-def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None):
+def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None,
+             batched=False):
     """The whole test on one rank: rebalancing with equal outputs, then a fault, then the
     expert-map round trip. ``fault``: "raise" (after waiting), "timeout" (posting delayed past
     transfer_timeout_s) or "issue" (raised while issuing, in the second step of the layer's move
     when a budget splits it). ``budget_rows``: max_move_bytes_per_step in slots' weights (a
-    little more, which must round down), None for whole layers."""
+    little more, which must round down), None for whole layers. ``batched``:
+    enable_migration_batching."""
     torch.manual_seed(0)
     torch.set_num_threads(1)  # ranks share the CI machine's few cores
     device = _setup(rank, world, init_method, backend)
@@ -119,6 +121,7 @@ def scenario(rank, world, init_method, backend, tmpdir, fault, budget_rows=None)
         # (the 4-rank runs plan as vllm-ascend needs: no rank holds an expert twice)
         "distinct_ranks": world == 4,
         "transfer_timeout_s": 0.5 if fault == "timeout" else 10.0,
+        "enable_migration_batching": batched,
         # 4 ranks move every layer at once: concurrent moves must not cross their messages
         "layers_per_step": NUM_LAYERS if world == 4 else 1}}
     if budget_rows is not None:

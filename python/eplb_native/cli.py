@@ -632,8 +632,9 @@ def cmd_simulate(args) -> int:
                     distinct_ranks=True if args.distinct_ranks else None,
                     default_layout=args.default_layout)
 
-    # a window served for more steps weighs more (an Updator's trace: the first window is
-    # shorter under first_plan_after); a window of no steps is not in the mean, nor its min
+    # a window summing more steps of load weighs more (an Updator's trace: the first window
+    # is shorter under first_plan_after, or, sliding, until the window has filled); a window
+    # of no steps is not in the mean, nor its min, nor counted as judged
     weights = None if steps is None else np.asarray(steps[args.every:], dtype=np.float64)
     judged = slice(None) if weights is None else weights > 0
     summary = {}
@@ -662,7 +663,9 @@ def cmd_simulate(args) -> int:
               # (what the plans ran with: None is balanced's preference, plan's default)
               "distinct_ranks": True if args.distinct_ranks else None,
               "default_layout": args.default_layout,
-              "expert_bytes": expert_bytes, "judged_windows": num_windows - args.every,
+              "expert_bytes": expert_bytes,
+              "judged_windows": (num_windows - args.every if steps is None else
+                                 sum(1 for n in steps[args.every:] if n)),
               # the trace meta's steps per window, which weigh the out-of-sample mean (None:
               # every window alike)
               "window_steps": steps,
@@ -678,8 +681,8 @@ def cmd_simulate(args) -> int:
     print(f"balancedness = mean over layers of mean / max rank load; out of sample = each of "
           f"the {num_windows - args.every} windows after the first plan, on the placement "
           f"planned before it" + ("" if steps is None else
-                                  ", the mean weighted by each window's steps (trace meta "
-                                  "window_steps)"))
+                                  ", the mean weighted by the steps of load each window "
+                                  "sums (trace meta window_steps)"))
     head = (f"{'policy':<10} {'out mean':>8} {'out min':>8} {'in mean':>8} {'moved slots':>12} "
             f"{'moved bytes':>12} {'plan ms':>8}")
     print(head)

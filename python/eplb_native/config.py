@@ -108,11 +108,11 @@ key (aliases)                      meaning                             default
                                    moves use torch.distributed P2P
                                    (a communicator string we do not
                                    know is taken with a warning)
-``enable_migration_batching``      vLLM's: a move's messages go in     False
-                                   batches in which every rank talks
-                                   to at most one peer, one batch
-                                   after the other (False: all at
-                                   once)
+``enable_migration_batching``      vLLM's: a layer's move sends its    False
+                                   messages in batches in which every
+                                   rank talks to at most one peer, one
+                                   batch after the other (False: all
+                                   at once)
 =================================  ==================================  =========================
 
 vllm-ascend's names from before v0.14.0rc1 (which renamed them and moved them into

@@ -328,7 +328,8 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
 
 
 def _plan_sglang_load(doc: dict, source: str, num_layers: int | None, num_ranks: int | None,
-                      moe_layers, num_logical: int | None, plan_load) -> tuple[np.ndarray, int]:
+                      moe_layers, num_logical: int | None, num_hidden_layers: int | None,
+                      plan_load) -> tuple[np.ndarray, int]:
     """SGLang's start file holding a load (``{"logical_count": [hidden layers, E] or [steps,
     hidden layers, E]}``, from which SGLang plans its start placement with its EPLB algorithm)
     -> (``plan_load``'s placement of the MoE layers' rows, summed over the steps; num_ranks).
@@ -338,15 +339,17 @@ def _plan_sglang_load(doc: dict, source: str, num_layers: int | None, num_ranks:
     what = f"{source}: SGLang's 'logical_count'"
     if num_ranks is None:
         raise ValueError(f"{source}: SGLang's start file says no rank count; give the ranks")
-    if isinstance(counts, np.ndarray):  # (a .pt file's tensor, see _read_pt)
-        a = counts
+    if isinstance(counts, np.ndarray) and counts.dtype.kind in "iuf":  # (a .pt's, _read_pt)
+        a = counts.astype(np.float64)
     elif isinstance(counts, list) and all_numbers(counts):
         try:
             a = np.asarray(counts, dtype=np.float64)
         except ValueError:
             raise ValueError(f"{what} is ragged (rows of different lengths)") from None
+        except OverflowError:  # (an int past float64's range)
+            raise ValueError(f"{what} holds a number past float64's range") from None
     else:
-        raise ValueError(f"{what} must be a nested list (a .pt file: a tensor) of numbers")
+        raise ValueError(f"{what} must be a nested list (a .pt file: a tensor) of real numbers")
     if a.ndim == 3:
         a = a.sum(axis=0)  # (SGLang plans from the sum over the steps)
     if a.ndim != 2 or 0 in a.shape:
@@ -357,6 +360,9 @@ def _plan_sglang_load(doc: dict, source: str, num_layers: int | None, num_ranks:
     if num_logical is not None and a.shape[1] != num_logical:
         raise ValueError(f"{what} counts {a.shape[1]} experts per layer, the model has "
                          f"{num_logical}")
+    if num_hidden_layers is not None and a.shape[0] != num_hidden_layers:
+        raise ValueError(f"{source}: has {a.shape[0]} rows (hidden layers), the model "
+                         f"{num_hidden_layers}")
     ids, _ = _moe_rows(a.shape[0] if num_layers is None else num_layers, a.shape[0],
                        moe_layers, source)
     if moe_layers is None and ids[0] > 0 and a[:ids[0]].any():
@@ -389,19 +395,20 @@ def _read_pt(src: str, label: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{label}: a .pt expert map holds a dict (SGLang's "
                          f"{{'physical_to_logical_map': tensor}}), got {type(obj).__name__}")
-    rows = obj.get("physical_to_logical_map")
-    if isinstance(rows, torch.Tensor):
-        if rows.is_complex() or rows.is_floating_point() or rows.dtype == torch.bool:
-            raise ValueError(f"{label}: 'physical_to_logical_map' must hold integer expert ids, "
-                             f"got {rows.dtype}")
-        obj = {**obj, "physical_to_logical_map": rows.tolist()}
-    counts = obj.get("logical_count")
-    if isinstance(counts, torch.Tensor):
-        if (counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided
-                or counts.is_quantized):
-            raise ValueError(f"{label}: 'logical_count' must be a dense tensor of real numbers, "
-                             f"got {counts.dtype}")
-        obj = {**obj, "logical_count": counts.double().numpy()}
+    def dense(key: str, integer: bool):
+        t = obj[key]
+        if (t.layout != torch.strided or t.is_meta or t.is_quantized or t.is_nested
+                or t.is_complex() or t.dtype == torch.bool
+                or (integer and t.is_floating_point())):
+            raise ValueError(f"{label}: '{key}' must be a dense tensor of "
+                             f"{'integer expert ids' if integer else 'real numbers'}, got "
+                             f"{t.dtype} ({t.layout}{', meta' if t.is_meta else ''})")
+        return t.detach()
+
+    if isinstance(obj.get("physical_to_logical_map"), torch.Tensor):
+        obj = {**obj, "physical_to_logical_map": dense("physical_to_logical_map", True).tolist()}
+    if isinstance(obj.get("logical_count"), torch.Tensor):
+        obj = {**obj, "logical_count": dense("logical_count", False).double().numpy()}
     return obj
 
 
@@ -411,9 +418,14 @@ def _read(path, label: str) -> dict:
     src = os.fspath(path)
     if os.path.isdir(src):
         raise ValueError(f"{label}: is a directory, not an expert map file")
-    try:
-        if src.endswith(".pt"):  # (SGLang's rule for a torch file: the name, case and all)
+    if src.endswith(".pt"):  # (SGLang's rule for a torch file: the name, case and all)
+        try:
             return _read_pt(src, label)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{label}: no such file") from None
+        except PermissionError:
+            raise PermissionError(f"{label}: permission denied") from None
+    try:
         with open(src, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
@@ -484,10 +496,15 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         label = name or "expert map"
         doc = path_or_map
     if isinstance(path_or_map, str | os.PathLike | dict):
+        if (isinstance(doc, dict) and "logical_count" in doc
+                and "physical_to_logical_map" in doc):
+            raise ValueError(f"{label}: holds both SGLang's 'physical_to_logical_map' (a "
+                             f"placement) and 'logical_count' (a load); SGLang reads one of them "
+                             f"only: keep the one meant")
         if (isinstance(doc, dict) and "logical_count" in doc and "layer_list" not in doc
                 and plan_load is not None):
             phy2log, ranks = _plan_sglang_load(doc, label, num_layers, num_ranks, moe_layers,
-                                               num_logical, plan_load)
+                                               num_logical, num_hidden_layers, plan_load)
         elif isinstance(doc, dict) and "logical_count" in doc and "layer_list" not in doc:
             raise ValueError(f"{label}: holds SGLang's 'logical_count', a load (SGLang plans its "
                              f"start placement from it), not a placement; plan one from it "

@@ -317,7 +317,10 @@ class LayerMove:
         batched: vLLM's ``enable_migration_batching``: a step's messages go in batches in which
             every rank talks to at most one peer (:func:`peer_batches`), each batch posted once
             this rank's part of the one before has completed (a device: as a group of its own
-            behind it on ``stream``; CPU: after waiting for it), instead of all at once.
+            behind it on ``stream``; CPU: after waiting for it), instead of all at once. This
+            holds within the move; moves of several layers in flight (``layers_per_step`` >
+            1) follow one another on a device (the next posts behind this one's last batch),
+            on the CPU each from its own thread, so there a rank may talk to one peer per move.
 
     Attributes: bytes_received / bytes_copied (local copies) / ops_posted / steps (this rank,
     so far), error (the first exception, None if none), t_first (perf_counter of the first
@@ -392,8 +395,8 @@ class LayerMove:
         batch_of = peer_batches(pieces) if self.batched else [0] * len(pieces)
         batches: list[list] = [[] for _ in range(max(batch_of, default=-1) + 1)]
         lay = self.layout
-        for p, b in zip(pieces, batch_of, strict=True):
-            ops = batches[b]
+        for p, k in zip(pieces, batch_of, strict=True):
+            ops = batches[k]
             rows = lay.pairs[(p.src_rank, p.dst_rank)]
             if p.src_rank == self.rank:
                 peer = self._peer[p.dst_rank]

@@ -127,11 +127,14 @@ def layers_to_move(plan, current: np.ndarray, num_ranks: int, distinct_ranks: bo
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
+def _short_ids(ids: list[int]) -> str:
+    return str(ids) if len(ids) <= 8 else f"[{ids[0]}, {ids[1]}, ..., {ids[-1]}]"
+
+
 def _hidden_layer_indices(layers: list[MoELayerAdapter]) -> list[int] | None:
     """Each MoE layer's hidden-layer index, read from its module name (``model.layers.3.mlp``:
     3, as Hugging Face, vLLM and SGLang name decoder layers), which an SGLang start file's rows
-    follow; None unless every name holds one and they increase (the file's rows are then taken
-    as the last ones)."""
+    follow; None unless every name holds one and they increase."""
     ids = []
     for a in layers:
         found = _LAYER_INDEX.findall(a.name)
@@ -316,26 +319,32 @@ class Updator:
 
     def _load_start(self, path, layers: list[MoELayerAdapter], placement: np.ndarray
                     ) -> np.ndarray:
-        """expert_map_path's placement [L, P]. An SGLang file has a row per hidden layer, its
-        MoE layers' taken as the last L rows; where the rows before them are not a dense
-        layer's (dense layers between MoE layers), the rows named by the layers' module names
-        (``model.layers.7.mlp``: 7) are taken instead, when every name holds one."""
+        """expert_map_path's placement [L, P]. An SGLang file has a row per hidden layer: its
+        MoE layers' rows are those the layers' module names give (``model.layers.7.mlp``: 7, as
+        Hugging Face, vLLM and SGLang name decoder layers), where every name holds one and
+        reading them succeeds; else the last L rows (the rows before them must then be a dense
+        layer's)."""
         def read(moe_layers):
+            self._started_from_load = False
             return expert_map.load(path, num_ranks=self.num_ranks, num_logical=self.num_logical,
                                    num_layers=self.num_layers, num_slots=self.num_slots,
                                    name="expert_map_path", moe_layers=moe_layers,
                                    plan_load=lambda load: self._plan_start(load, placement))[0]
 
+        ids = _hidden_layer_indices(layers)
+        if ids is None:
+            return read(None)
+        try:
+            return read(ids)
+        except ValueError as e:
+            named = e
         try:
             return read(None)
         except ValueError as e:
-            ids = _hidden_layer_indices(layers)
-            if ids is None or "before its last" not in str(e):
+            if "before its last" not in str(e):
                 raise
-            try:
-                return read(ids)
-            except ValueError:
-                raise e from None
+            raise ValueError(f"{e}; the rows its MoE layers' names give ({_short_ids(ids)}) "
+                             f"do not read either: {named}") from None
 
     def _plan_start(self, load: np.ndarray, placement: np.ndarray) -> np.ndarray:
         """The start placement planned from a load (SGLang's ``logical_count`` start file, as
@@ -1193,7 +1202,7 @@ def _describe(config: EplbConfig) -> str:
     ignored = "".join(
         [f"; communicator {config.communicator!r} ignored (weights move by torch.distributed "
          f"P2P on the EP group)" if config.communicator is not None else "",
-         "; migration batching (every rank talks to one peer at a time)"
+         "; migration batching (in a layer's move every rank talks to one peer at a time)"
          if config.enable_migration_batching else ""])
     topology = "".join([f", {config.node_count} nodes" if config.node_count > 1 else "",
                         f", {config.group_count} expert groups" if _uses_groups(config)
