@@ -879,6 +879,12 @@ def test_plan_writes_sglangs_placement_file(tmp_path, small_trace):
     assert again["before_placement"] == "--old placement" and again["moved_slots"] == 0
     assert np.array_equal(json.loads((tmp_path / "init.json").read_text())
                           ["physical_to_logical_map"], rows.tolist())
+    # the same file as SGLang's .pt (torch.save, a tensor) reads as --old too
+    torch.save({"physical_to_logical_map": torch.from_numpy(rows)}, tmp_path / "init.pt")
+    again = json.loads(run_cli("plan", "--load", small_trace, "--ranks", 4, "--format",
+                               "sglang", "--hidden-layers", 5, "--old", "init.pt", "--policy",
+                               "min_move", "-o", "again.json", "--json", cwd=tmp_path).stdout)
+    assert again["moved_slots"] == 0
     # an SGLang file read for vllm-ascend's map: the same placement, repeats undone
     run_cli("plan", "--load", small_trace, "--ranks", 4, "--old", "init.json", "--policy",
             "min_move", "-o", "ascend.json", cwd=tmp_path)

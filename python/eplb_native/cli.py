@@ -1189,8 +1189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_topology(p, ranks_required=False)
     p.add_argument("--policy", choices=sorted(POLICIES), default="balanced",
                    help="placement policy (default balanced)")
-    p.add_argument("--old", help="current expert map (JSON; an SGLang placement file with "
-                   "--ranks): 'before' is judged on it and min_move starts from it (default: the "
+    p.add_argument("--old", help="current expert map (JSON; an SGLang placement file, .json "
+                   "or .pt, with --ranks): 'before' is judged on it and min_move starts from it (default: the "
                    "server's default placement, --default-layout)")
     p.add_argument("--window", choices=("sum", "last"), default="sum",
                    help="plan from the sum of the trace's windows (default) or the last one")
