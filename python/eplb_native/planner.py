@@ -384,8 +384,8 @@ def preserve_slots(phy2log, old_phy2log, num_ranks: int):
     if old.size and old.min() < -1:
         raise ValueError(f"old_phy2log must hold expert ids >= 0 (or -1, an empty slot), got "
                          f"{old.min()}")
-    empty = old.shape[1] != new.shape[1] or (old.size and old.min() == -1)
-    if empty:  # other ranks, or empty slots: the smallest id no new slot holds means "none"
+    refit = old.shape[1] != new.shape[1] or (old.size and old.min() == -1)
+    if refit:  # other ranks, or empty slots: the smallest id no new slot holds means "none"
         ids = np.unique(new)
         gaps = np.flatnonzero(ids != np.arange(ids.size))
         fill = int(gaps[0]) if gaps.size else ids.size

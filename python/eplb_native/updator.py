@@ -1199,7 +1199,7 @@ def _describe(config: EplbConfig) -> str:
         return "dynamic_eplb off: load recorded, no rebalancing"
     # vLLM's transport options: the communicator is read and not acted on (said here, not left
     # silent); migration batching is
-    ignored = "".join(
+    transport = "".join(
         [f"; communicator {config.communicator!r} ignored (weights move by torch.distributed "
          f"P2P on the EP group)" if config.communicator is not None else "",
          "; migration batching (in a layer's move every rank talks to one peer at a time)"
@@ -1217,7 +1217,7 @@ def _describe(config: EplbConfig) -> str:
             f"{config.algorithm_execution_interval + 1} steps after that window, "
             f"{config.layers_per_step} layer(s) a step"
             + (f", only after windows of balancedness <= {config.balancedness_threshold:g}"
-               if config.balancedness_threshold < 1 else "") + ignored)
+               if config.balancedness_threshold < 1 else "") + transport)
 
 
 def _write_record(path, phy2log: np.ndarray, num_ranks: int) -> None:
