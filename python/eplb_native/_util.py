@@ -286,3 +286,16 @@ def all_numbers(doc) -> bool:
         elif isinstance(x, bool) or not isinstance(x, int | float):
             return False
     return True
+
+
+def load_torch(f, label: str):
+    """``torch.load(f)`` of a file or stream as a trace or an SGLang start file is read (CPU,
+    weights only: no code runs); any failure to parse is a ValueError naming ``label``."""
+    import torch
+
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
+        text = str(e).strip().splitlines()
+        raise ValueError(f"{label}: not a loadable torch file "
+                         f"({(text[0] if text else type(e).__name__)[:200]})") from None

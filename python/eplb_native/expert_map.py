@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from ._util import all_numbers, atomic_write, check_int, to_numpy, validate_phy2log
+from ._util import all_numbers, atomic_write, check_int, load_torch, to_numpy, validate_phy2log
 
 logger = logging.getLogger("eplb_native")
 
@@ -384,14 +384,8 @@ def _read_pt(src: str, label: str) -> dict:
     lists); torch is imported only here."""
     import torch
 
-    try:
-        with open(src, "rb") as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
-        text = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise ValueError(f"{label}: not a loadable torch file ({text})") from None
+    with open(src, "rb") as f:
+        obj = load_torch(f, label)
     if not isinstance(obj, dict):
         raise ValueError(f"{label}: a .pt expert map holds a dict (SGLang's "
                          f"{{'physical_to_logical_map': tensor}}), got {type(obj).__name__}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._util import all_numbers, atomic_write, check_int, to_numpy
+from ._util import all_numbers, atomic_write, check_int, load_torch, to_numpy
 
 logger = logging.getLogger("eplb_native")
 
@@ -389,11 +389,7 @@ def _read_npz(src: str):
 def _read_pt(src: str):
     import torch
 
-    stream = _seekable(src)
-    try:
-        obj = torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere in torch's unpickler
-        raise ValueError(f"{src}: not a loadable torch file ({_short(e)})") from None
+    obj = load_torch(_seekable(src), src)
     meta: dict = {}
     if isinstance(obj, dict) and "loads" not in obj and "logical_count" in obj:
         return _read_sglang_dump(obj, src)
