@@ -156,24 +156,52 @@ double LowerBound(const double* load, const Shape& s) { return LowerBound(load, 
 
 double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt) {
   const int64_t E = s.num_logical, P = s.num_physical, R = s.num_ranks;
-  double bound = PackBound(load, E, P, R, s.hierarchical() ? nullptr : greedy_cnt);
-  if (!s.hierarchical()) return bound;
-  const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
-  // (d)
-  std::vector<double> group(Z(G), 0.0);
-  for (int64_t g = 0; g < G; ++g)  // no integer division per expert
-    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group[Z(g)] += load[e];
-  std::sort(group.begin(), group.end(), std::greater<double>());
-  double node = group[0];
-  for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];
-  bound = std::max(bound, node / static_cast<double>(R / N));
-  // (e)
-  // max_e (w_e / most) is (max_e w_e) / most: a rounded division by a positive number is
-  // monotone, so one division instead of E gives the same double.
-  const double most = static_cast<double>(P / N - E / N + 1);
-  double heaviest = load[0];
-  for (int64_t e = 1; e < E; ++e) heaviest = std::max(heaviest, load[e]);
-  return std::max(bound, heaviest / most);
+  thread_local struct {  // one per function: each thread_local costs a TLS lookup
+    std::vector<double> group, heavy;
+    std::vector<std::pair<double, double>> scratch;
+  } tls;
+  // The hierarchical terms first, (d) and (e): cheap, and with (a) they often settle the bound
+  // without PackBound's replication and bisection (below).
+  double floor = 0.0;
+  if (s.hierarchical()) {
+    const int64_t G = s.num_groups, N = s.num_nodes, group_size = E / G;
+    // (d)
+    auto& group = tls.group;
+    group.assign(Z(G), 0.0);
+    for (int64_t g = 0; g < G; ++g)  // no integer division per expert
+      for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) group[Z(g)] += load[e];
+    std::sort(group.begin(), group.end(), std::greater<double>());
+    double node = group[0];
+    for (int64_t k = 0; k < G / N - 1; ++k) node += group[Z(G - 1 - k)];
+    // (e)
+    // max_e (w_e / most) is (max_e w_e) / most: a rounded division by a positive number is
+    // monotone, so one division instead of E gives the same double.
+    const double most = static_cast<double>(P / N - E / N + 1);
+    double heaviest = load[0];
+    for (int64_t e = 1; e < E; ++e) heaviest = std::max(heaviest, load[e]);
+    floor = std::max(node / static_cast<double>(R / N), heaviest / most);
+  }
+  // F = max((a), floor), a bound already. When (c) cannot prove F infeasible, F is the answer:
+  // (b) m* <= F then (m* > F needs more than P slots for replicas <= F, which (c) counts and
+  // proves), and (c) proves no T above F either (a T it proves is proven at every lower T, the
+  // slots needed only growing as T falls), so max(PackBound, floor) is F. That is the usual case
+  // (a replica rarely weighs half a rank's mean load) and skips the replication (m*, an O(P log
+  // E) heap; hierarchical shapes had no counts to reuse) and the bisection.
+  double total = 0.0;
+  for (int64_t e = 0; e < E; ++e) total += load[e];
+  const double F = std::max(total / static_cast<double>(R), floor);
+  if (F > 0.0) {
+    auto& heavy = tls.heavy;
+    heavy.resize(Z(E));
+    const double small_max = 0.5 * F * (1.0 + kEps);  // ProvenInfeasible's test at T = F
+    int64_t nh = 0;
+    for (int64_t e = 0; e < E; ++e) {  // branch-free: which experts are heavy is data
+      heavy[Z(nh)] = load[e];
+      nh += load[e] > small_max;
+    }
+    if (!ProvenInfeasible(heavy.data(), nh, E - nh, P, R, F, &tls.scratch)) return F;
+  }
+  return std::max(PackBound(load, E, P, R, s.hierarchical() ? nullptr : greedy_cnt), floor);
 }
 
 }  // namespace eplb
