@@ -92,8 +92,7 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
 // (a), (b), (c) for n experts in P slots on R ranks.
 // greedy_cnt: [n] the replica counts of Replicate(w, n, P) when the caller has them, or nullptr.
 double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t* greedy_cnt) {
-  double total = 0.0;
-  for (int64_t e = 0; e < n; ++e) total += w[e];
+  const double total = detail::Sum(w, n);  // (LowerBound's F: the same double)
   if (!(total > 0.0)) return 0.0;
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     std::vector<int64_t> own_cnt, replicated;
@@ -177,9 +176,7 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
     // max_e (w_e / most) is (max_e w_e) / most: a rounded division by a positive number is
     // monotone, so one division instead of E gives the same double.
     const double most = static_cast<double>(P / N - E / N + 1);
-    double heaviest = load[0];
-    for (int64_t e = 1; e < E; ++e) heaviest = std::max(heaviest, load[e]);
-    floor = std::max(node / static_cast<double>(R / N), heaviest / most);
+    floor = std::max(node / static_cast<double>(R / N), detail::Max(load, E) / most);
   }
   // F = max((a), floor), a bound already. When (c) cannot prove F infeasible, F is the answer:
   // (b) m* <= F then (m* > F needs more than P slots for replicas <= F, which (c) counts and
@@ -187,8 +184,7 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
   // slots needed only growing as T falls), so max(PackBound, floor) is F. That is the usual case
   // (a replica rarely weighs half a rank's mean load) and skips the replication (m*, an O(P log
   // E) heap; hierarchical shapes had no counts to reuse) and the bisection.
-  double total = 0.0;
-  for (int64_t e = 0; e < E; ++e) total += load[e];
+  const double total = detail::Sum(load, E);
   const double F = std::max(total / static_cast<double>(R), floor);
   if (F > 0.0) {
     auto& heavy = tls.heavy;

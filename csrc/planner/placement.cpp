@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "planner/packing.h"
 #include "planner/policies.h"
 
 namespace eplb {
@@ -53,7 +54,8 @@ void ValidateShape(const Shape& s) {
   if (!m.empty()) Fail(m);
 }
 
-void ValidateLoad(const double* load, const Shape& s) {
+// totals: [L] out, each layer's detail::Sum.
+void ValidateLoad(const double* load, const Shape& s, std::vector<double>* totals) {
   const int64_t n = s.num_layers * s.num_logical;
   for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(load[i]) || load[i] < 0) {
@@ -65,15 +67,10 @@ void ValidateLoad(const double* load, const Shape& s) {
   // double would report inf (balancedness 0 or NaN). A quarter of it leaves room for any
   // summation order (a partial sum of terms >= 0 rounds to at most a few ulps above the total).
   constexpr double kMaxLayerSum = std::numeric_limits<double>::max() / 4;
+  totals->resize(static_cast<size_t>(s.num_layers));
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    // four running sums: no chain of dependent adds (any order does for this check)
-    const double* w = load + l * s.num_logical;
-    double part[4] = {0.0, 0.0, 0.0, 0.0};
-    int64_t e = 0;
-    for (; e + 4 <= s.num_logical; e += 4)
-      for (int k = 0; k < 4; ++k) part[k] += w[e + k];
-    for (; e < s.num_logical; ++e) part[0] += w[e];
-    const double sum = (part[0] + part[1]) + (part[2] + part[3]);
+    const double sum = detail::Sum(load + l * s.num_logical, s.num_logical);
+    (*totals)[static_cast<size_t>(l)] = sum;
     if (!(sum <= kMaxLayerSum))
       Fail("load: layer " + Num(l) + " sums to " + Num(sum) + ", more than " + Num(kMaxLayerSum) +
            " (rank loads would overflow)");
@@ -415,7 +412,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
                 const PlanOptions& options) {
   ValidateShape(shape);
   if (load == nullptr) Fail("load must not be null");
-  ValidateLoad(load, shape);
+  std::vector<double> totals;  // [L]
+  ValidateLoad(load, shape, &totals);
   if (old_phy2log != nullptr) ValidatePhy2Log(old_phy2log, shape, "old_phy2log");
   if (options.policy == Policy::kMinMove && old_phy2log == nullptr)
     Fail("policy 'min_move' needs old_phy2log (the current placement)");
@@ -528,9 +526,8 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
       std::copy(old, old + P, dst);
     }
     if (old != nullptr && options.preserve_slots) PreserveSlots(dst, old, one);
-    double total = 0.0;
-    for (int64_t e = 0; e < E; ++e) total += w[e];
-    out.mean_load[static_cast<size_t>(l)] = total / static_cast<double>(shape.num_ranks);
+    out.mean_load[static_cast<size_t>(l)] =
+        totals[static_cast<size_t>(l)] / static_cast<double>(shape.num_ranks);
     // Replica counts (PreserveSlots only permutes slots inside ranks), and the experts with
     // several replicas, for the loads per replica.
     int64_t* cnt = out.logcnt.data() + l * E;
