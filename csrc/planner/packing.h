@@ -386,10 +386,11 @@ inline void BalancedPacking(const double* weight, int64_t count, int64_t n, int6
       }
       continue;
     }
-    // When every weight is > 0, the first num_packs items (heaviest first) go to packs 0, 1, ...
-    // in turn: item k finds packs 0..k-1 loaded (> 0) and pack k the first empty one.
+    // When the first num_packs items (heaviest first) weigh > 0, they go to packs 0, 1, ... in
+    // turn: item k finds packs 0..k-1 loaded (> 0) and pack k the first empty one. (Lighter items
+    // may weigh 0: Kimi-K2-like lognormal 1.5 loads leave experts without tokens.)
     int64_t first = 0;
-    if (w[order[n - 1]] > 0.0) {
+    if (w[order[num_packs - 1]] > 0.0) {
       for (int64_t k = 0; k < num_packs; ++k) {
         const int64_t i = order[k];
         set_pack[i] = k;
