@@ -502,6 +502,11 @@ def test_plan_distinct_ranks_refused_names_the_flag(tmp_path):
                    "--distinct-ranks", "--no-png", cwd=tmp_path, expect=2)
     assert_one_line_error(proc, "simulate", "--distinct-ranks", "slots per rank (6)")
     assert "--allow-repeats" not in proc.stderr
+    # one rank: the default redundancy is 0 (one copy a rank was 1 slot there, which the
+    # default distinct ranks refused: review 18)
+    run_cli("plan", "--load", "w.npy", "--ranks", 1, "-o", "one.json", cwd=tmp_path)
+    doc = json.loads((tmp_path / "one.json").read_text())
+    assert sorted(doc["layer_list"][0]["device_list"][0]["device_expert"]) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("args, fragments", [

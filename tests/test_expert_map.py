@@ -378,6 +378,9 @@ def test_sglang_placement_file_round_trip(tmp_path):
     np.testing.assert_array_equal(rows[[0, 2]], np.tile(np.arange(12) % 8, (2, 1)))
     got, _ = expert_map.load(path, num_ranks=2, num_layers=3, moe_layers=[1, 3, 4])
     np.testing.assert_array_equal(got, phy2log)
+    # moe_layers alone names the rows (it was refused: "names 3 layers, the placement has 5")
+    got, _ = expert_map.load(path, num_ranks=2, moe_layers=[1, 3, 4])
+    np.testing.assert_array_equal(got, phy2log)
     # without num_layers every row is a layer
     got, _ = expert_map.load(path, num_ranks=3)
     assert got.shape == (5, 12)
@@ -406,6 +409,8 @@ def test_sglang_placement_file_round_trip(tmp_path):
      {"num_ranks": 1, "num_layers": 1, "moe_layers": [2]}, "past the 2 hidden layers"),
     ({"physical_to_logical_map": [[0, 1], [1, 0]]},
      {"num_ranks": 1, "num_layers": 2, "moe_layers": [1]}, "names 1 layers"),
+    ({"physical_to_logical_map": [[0, 1], [1, 0]]}, {"num_ranks": 1, "moe_layers": []},
+     "moe_layers names no layer"),
     ({"physical_to_logical_map": [[0, 1, 2]]}, {"num_ranks": 2}, "divisible"),
     ({"physical_to_logical_map": [[0, 0]]}, {"num_ranks": 1, "num_logical": 2},
      "no copy of logical experts \\[1\\]"),

@@ -186,6 +186,14 @@ def test_map_and_record_rank_local(device, path, id_dtype, table_dtype):
         ids = _ids(T, k, 256, id_dtype, device, gen)
         _check_map(map_fn, ids, table, None, load, _flag(True, device),
                    torch.tensor(max(T - 3, 0), device=device), "rank_local")
+    if path == "native":
+        # the op as engines call it, no wrapper: logcnt None is unused in this mode (it was a
+        # dispatcher error, "tensor does not have a device", review 18)
+        ids = _ids(777, 8, 256, id_dtype, device, gen)
+        a, b, flag = load.clone(), load.clone(), _flag(True, device)
+        out = torch.ops.eplb_native.map_and_record(ids, table, None, a, flag, None, "rank_local")
+        want = ops.map_and_record(ids, table, None, b, flag, None, mode="rank_local")
+        assert torch.equal(out, want) and torch.equal(a, b) and not torch.equal(a, load)
 
 
 @pytest.mark.parametrize("device", DEVICES)

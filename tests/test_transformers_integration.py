@@ -216,6 +216,15 @@ def test_model_without_expert_parallelism_is_refused():
         eplb_tf.find_moe_layers(model)
 
 
+def test_attach_and_prepare_check_hooks_and_group_first():
+    model = _tiny("qwen3_moe")  # (not under EP either: these are refused before that is seen)
+    with pytest.raises(TypeError, match="hooks must be a bool, got str 'false'"):
+        eplb_tf.attach(model, hooks="false")
+    for call in (eplb_tf.attach, eplb_tf.prepare):
+        with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+            call(model, group="world")
+
+
 def test_unprepared_experts_module_names_attach():
     experts = _tiny("mixtral").model.layers[0].mlp.experts
     with pytest.raises(AdapterError, match="integrations.transformers.attach"):

@@ -553,6 +553,19 @@ def test_attach_errors(tmp_path):
         eplb_native.attach(Stack(1, num_redundant_experts=2), {"num_redundant_experts": 3})
     with pytest.raises(TypeError, match="model"):
         eplb_native.attach("model")
+    # a flag from a config file ("false" would read as True: hooks on top of the engine's own
+    # forward_before / forward_end, every forward counted twice) and a group that is no group
+    # (torch said "Default process group has not been initialized", naming neither)
+    for hooks in ("false", None, 0):
+        m = Stack(1)
+        buffers = set(dict(m.named_buffers()))
+        with pytest.raises(TypeError, match="hooks must be a bool"):
+            eplb_native.attach(m, hooks=hooks)
+        assert not m._forward_pre_hooks and not m._forward_hooks
+        assert set(dict(m.named_buffers())) == buffers
+    for group in ("world", 0):
+        with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+            eplb_native.attach(Stack(1), group=group)
     with pytest.raises(FileNotFoundError, match="no_such_map.json"):
         eplb_native.attach(Stack(1), {"expert_map_path": "/no/such/dir/no_such_map.json"})
     # the record path's folder is checked at attach, not found missing at shutdown

@@ -95,9 +95,9 @@ MapMode CheckMapAndRecord(const at::Tensor& topk_ids, const at::Tensor& log2phy,
   } else {
     TORCH_CHECK_VALUE(log2phy.dim() == 1, "log2phy must be 1-D [E] in mode 'rank_local', got ",
                       Num(log2phy.dim()), " dims");
-    // unused here, but it takes part in picking the kernel: one on another device (meta above
-    // all) would run that device's kernel on these tensors
-    CheckSameDevice(logcnt, topk_ids, "logcnt");
+    // unused here (None, an undefined tensor, is fine), but a tensor takes part in picking the
+    // kernel: one on another device (meta above all) would run that device's kernel on these
+    if (logcnt.defined()) CheckSameDevice(logcnt, topk_ids, "logcnt");
   }
   return mode;
 }

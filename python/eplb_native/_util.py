@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_write", "check_int", "check_writable_dir", "is_torch", "to_numpy",
+__all__ = ["atomic_write", "check_bool", "check_int", "check_writable_dir", "is_torch", "to_numpy",
            "standard_stream", "validate_phy2log", "write_target"]
 
 
@@ -45,6 +45,14 @@ def check_int(value, name: str, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """A flag: True / False (numpy's too); TypeError naming ``name`` for anything else (a
+    config's "false" would read as True)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def to_numpy(x, name: str) -> np.ndarray:

@@ -113,7 +113,8 @@ class Topology:
     Defaults when a flag is absent: the trace's meta (``synth`` records the model's deployment:
     num_groups, and num_nodes / num_redundant when the ranks match the deployment's), else
     nodes = groups = 1 and redundant = the smallest K >= ranks that makes experts + K divisible
-    by ranks (about one redundant slot per rank, DeepSeek-V3's convention)."""
+    by ranks (about one redundant slot per rank, DeepSeek-V3's convention; 0 on one rank, where
+    a copy balances nothing and would repeat an expert on the rank)."""
 
     def __init__(self, args, num_experts: int, meta: dict, num_slots: int | None = None):
         ranks = args.ranks
@@ -142,6 +143,8 @@ class Topology:
             redundant = args.redundant
         elif same_deployment and "num_redundant" in meta:
             redundant, redundant_name = meta["num_redundant"], "the trace's meta 'num_redundant'"
+        elif ranks == 1:
+            redundant = 0  # (a second copy on the one rank balances nothing)
         else:
             redundant = ranks + (-(num_experts + ranks)) % ranks
         try:
@@ -1160,7 +1163,8 @@ def _add_topology(p: argparse.ArgumentParser, ranks_required: bool = True) -> No
                         "hierarchical placement when groups %% nodes == 0")
     p.add_argument("--redundant", type=_int_arg, default=None,
                    help="redundant slots per layer (default: the trace's deployment if its ranks "
-                        "match, else the smallest K >= ranks with experts + K divisible by ranks)")
+                        "match, else the smallest K >= ranks with experts + K divisible by ranks; "
+                        "0 on one rank)")
     p.add_argument("--threads", type=_int_arg, default=1, help="planner threads (layers in "
                    "parallel)")
 

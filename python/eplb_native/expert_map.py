@@ -219,21 +219,26 @@ def save(path: str | os.PathLike, phy2log, num_ranks: int, *, warn: bool = True)
                        len(repeated), *repeated[0])
 
 
-def _moe_rows(num_layers: int, num_hidden_layers: int | None, moe_layers, label: str
+def _moe_rows(num_layers: int | None, num_hidden_layers: int | None, moe_layers, label: str
               ) -> tuple[list[int], int]:
     """(the hidden-layer index of each of ``num_layers`` MoE layers, the hidden-layer count):
     ``moe_layers`` as given (increasing, in range), else the last ``num_layers`` of
-    ``num_hidden_layers`` (DeepSeek's dense layers come first: ``first_k_dense_replace``)."""
+    ``num_hidden_layers`` (DeepSeek's dense layers come first: ``first_k_dense_replace``).
+    ``num_layers`` None: as many as ``moe_layers`` names, or without it every hidden layer."""
     if num_hidden_layers is not None:
         num_hidden_layers = check_int(num_hidden_layers, "num_hidden_layers", 1)
     if moe_layers is None:
+        if num_layers is None:
+            num_layers = num_hidden_layers
         hidden = num_layers if num_hidden_layers is None else num_hidden_layers
         if hidden < num_layers:
             raise ValueError(f"{label}: {hidden} hidden layers, fewer than the {num_layers} "
                              f"MoE layers")
         return list(range(hidden - num_layers, hidden)), hidden
     ids = [check_int(i, "moe_layers[]", 0) for i in moe_layers]
-    if len(ids) != num_layers:
+    if not ids:
+        raise ValueError(f"{label}: moe_layers names no layer")
+    if num_layers is not None and len(ids) != num_layers:
         raise ValueError(f"{label}: moe_layers names {len(ids)} layers, the placement has "
                          f"{num_layers}")
     if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
@@ -312,8 +317,7 @@ def _parse_sglang(doc: dict, source: str, num_layers: int | None, num_ranks: int
     if num_hidden_layers is not None and len(rows) != num_hidden_layers:
         raise ValueError(f"{source}: has {len(rows)} rows (hidden layers), the model "
                          f"{num_hidden_layers}")
-    ids, _ = _moe_rows(len(rows) if num_layers is None else num_layers, len(rows), moe_layers,
-                       source)
+    ids, _ = _moe_rows(num_layers, len(rows), moe_layers, source)
     if moe_layers is None and ids[0] > 0:
         trivial = _trivial_row(width, num_logical or 1 + max(max(r) for r in rows))
         odd = [i for i in range(ids[0]) if rows[i] != trivial]
@@ -363,8 +367,7 @@ def _plan_sglang_load(doc: dict, source: str, num_layers: int | None, num_ranks:
     if num_hidden_layers is not None and a.shape[0] != num_hidden_layers:
         raise ValueError(f"{source}: has {a.shape[0]} rows (hidden layers), the model "
                          f"{num_hidden_layers}")
-    ids, _ = _moe_rows(a.shape[0] if num_layers is None else num_layers, a.shape[0],
-                       moe_layers, source)
+    ids, _ = _moe_rows(num_layers, a.shape[0], moe_layers, source)
     if moe_layers is None and ids[0] > 0 and a[:ids[0]].any():
         odd = np.flatnonzero(a[:ids[0]].any(axis=1)).tolist()
         raise ValueError(f"{what}: rows {odd[:8]} before its last {len(ids)} (the MoE layers, "

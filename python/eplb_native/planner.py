@@ -297,9 +297,12 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int | None, num_nod
         column j is the expert's j-th replica (replica ordinal, not slot order), -1 padded.
         Ties in ``weight`` go to the lowest index (DeepSeek's own sorts leave them unspecified).
     """
-    if (num_gpus is None) == (num_ranks is None):
-        raise TypeError("rebalance_experts takes the number of ranks once: num_gpus "
-                        "(positional, DeepSeek's name) or num_ranks= (keyword)")
+    if num_gpus is None and num_ranks is None:
+        raise TypeError("rebalance_experts is missing the number of ranks: num_gpus (the 5th "
+                        "positional argument, DeepSeek's name) or num_ranks= (keyword)")
+    if num_gpus is not None and num_ranks is not None:
+        raise TypeError("rebalance_experts takes the number of ranks once, got both num_gpus "
+                        f"({num_gpus!r}) and num_ranks= ({num_ranks!r})")
     name = "num_gpus" if num_ranks is None else "num_ranks"
     if enable_hierarchical is not None:
         if not isinstance(enable_hierarchical, bool | np.bool_):

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import expert_map, metrics, state
-from ._util import check_writable_dir, digest
+from ._util import check_bool, check_writable_dir, digest
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
 from .planner import Planner, plan
@@ -1320,6 +1320,8 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_group(group)
+    hooks = check_bool(hooks, "hooks")
     if _unprepared_transformers_model(model):
         # A Hugging Face model under transformers' own expert parallelism: the integration grows
         # its slots and routes through our ops first, then comes back here with its layers.
@@ -1370,6 +1372,21 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     if hooks:
         updator.attach_hooks(model)
     return updator
+
+
+def check_group(group) -> None:
+    """attach's ``group``: None, or a process group of an initialised torch.distributed. Refused
+    with an error naming it (torch's own, raised from deep inside, named neither the argument nor
+    the fix)."""
+    if group is None:
+        return
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (the expert-parallel "
+                        f"group) or None, got {type(group).__name__} {group!r}")
+    if not dist.is_initialized():
+        raise ValueError("group is given but torch.distributed is not initialized: call "
+                         "torch.distributed.init_process_group first (group=None runs as a "
+                         "single process)")
 
 
 def agree(group, device, code: int, digests: list[int]) -> tuple[int, list[bool]]:

@@ -80,7 +80,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import expert_map as _expert_map
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.eplb_native)
 from .. import state
-from .._util import check_int, check_writable_dir, digest
+from .._util import check_bool, check_int, check_writable_dir, digest
 from ..adapters.base import AdapterError, MoELayerAdapter, register_adapter
 
 __all__ = [
@@ -331,6 +331,9 @@ def prepare(model: torch.nn.Module, group=None, *, num_redundant_experts: int | 
     or the placement does not fit; every rank raises together (those where nothing failed a
     RuntimeError naming the rank that did).
     """
+    from ..updator import check_group
+
+    check_group(group)
     layers = _grow(_agreed_preparation(model, group, num_redundant_experts, expert_map,
                                        ep_implementation))
     _install_logical_save(model)
@@ -595,7 +598,10 @@ def attach(model: torch.nn.Module, config=None, group=None, *,
     """
     from ..config import EplbConfig
     from ..updator import attach as _attach
+    from ..updator import check_group
 
+    check_group(group)  # (before anything grows: the updator's own checks come after)
+    hooks = check_bool(hooks, "hooks")
     cfg = EplbConfig.parse(config)
     # The keywords win over the config's keys: the updator gets the config as prepared (the
     # keyword's redundancy; no expert_map_path, which would move every layer again to another
