@@ -60,6 +60,7 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
     const double q = w[e] / T;
     const double a = std::max(1.0, std::ceil(q - kEps));
     need += a;
+    if (need > static_cast<double>(P)) return true;  // (need only grows)
     if ((a == 1.0 ? w[e] : w[e] / a) > half) {
       big += a;
       const double b = std::ceil((w[e] < 1e300 ? 2.0 * q : 2.0 * w[e] / T) - kEps);
@@ -91,7 +92,9 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
 
 // (a), (b), (c) for n experts in P slots on R ranks.
 // greedy_cnt: [n] the replica counts of Replicate(w, n, P) when the caller has them, or nullptr.
-double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t* greedy_cnt) {
+// proven: a T that (c) proved infeasible already (0: none).
+double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t* greedy_cnt,
+                 double proven) {
   const double total = detail::Sum(w, n);  // (LowerBound's F: the same double)
   if (!(total > 0.0)) return 0.0;
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
@@ -137,7 +140,10 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
   }
   const double* hw = heavy.data();
   auto& scratch = tls.scratch;
-  if (!ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch)) return lo;
+  // (what (c) proves at a T it proves at every lower T: a T below `proven` needs no test)
+  if (!(lo * (1.0 + 1e-6) <= proven) &&
+      !ProvenInfeasible(hw, nh, n - nh, P, R, lo * (1.0 + 1e-6), &scratch))
+    return lo;
   for (int it = 0; it < 30 && hi - lo > 1e-7 * lo; ++it) {
     const double mid = 0.5 * (lo + hi);
     if (ProvenInfeasible(hw, nh, n - nh, P, R, mid, &scratch)) {
@@ -181,12 +187,21 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
   // F = max((a), floor), a bound already. When (c) cannot prove F infeasible, F is the answer:
   // (b) m* <= F then (m* > F needs more than P slots for replicas <= F, which (c) counts and
   // proves), and (c) proves no T above F either (a T it proves is proven at every lower T, the
-  // slots needed only growing as T falls), so max(PackBound, floor) is F. That is the usual case
-  // (a replica rarely weighs half a rank's mean load) and skips the replication (m*, an O(P log
-  // E) heap; hierarchical shapes had no counts to reuse) and the bisection.
+  // slots needed only growing as T falls), so max(PackBound, floor) is F (up to (c)'s kEps
+  // margin, which can only make a bound lower, never invalid). That is the usual case (a
+  // replica rarely weighs half a rank's mean load) and skips the replication (m*, an O(P log E)
+  // heap; hierarchical shapes had no counts to reuse) and the bisection.
   const double total = detail::Sum(load, E);
   const double F = std::max(total / static_cast<double>(R), floor);
-  if (F > 0.0) {
+  // The caller's counts (global shapes only: they are the whole layer's) show where (c) would
+  // prove F infeasible on slot count alone (a replica above F: m* > F), the test then skipped
+  // (multiplications, no division; rounding can only misjudge the skip, never the bound).
+  const int64_t* cnt = s.hierarchical() ? nullptr : greedy_cnt;
+  bool replica_above = false;
+  if (cnt != nullptr)
+    for (int64_t e = 0; e < E; ++e) replica_above |= load[e] > F * static_cast<double>(cnt[e]);
+  double proven = 0.0;
+  if (F > 0.0 && !replica_above) {
     auto& heavy = tls.heavy;
     heavy.resize(Z(E));
     const double small_max = 0.5 * F * (1.0 + kEps);  // ProvenInfeasible's test at T = F
@@ -196,8 +211,9 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
       nh += load[e] > small_max;
     }
     if (!ProvenInfeasible(heavy.data(), nh, E - nh, P, R, F, &tls.scratch)) return F;
+    proven = F;
   }
-  return std::max(PackBound(load, E, P, R, s.hierarchical() ? nullptr : greedy_cnt), floor);
+  return std::max(PackBound(load, E, P, R, cnt, proven), floor);
 }
 
 }  // namespace eplb
