@@ -1002,6 +1002,9 @@ def test_plan_sglang_dump_meta_is_checked(tmp_path):
     (["--format", "sglang", "--hidden-layers", "2", "-o", "m.json"],
      ["--hidden-layers 2 is fewer than the trace's 3 MoE layers"]),
     (["--format", "sglang", "--hidden-layers", "0", "-o", "m.json"], ["--hidden-layers"]),
+    # (a MemoryError, "error: MemoryError"; 2 * 10**7 wrote 420 MB: review 18's fuzz)
+    (["--format", "sglang", "--hidden-layers", "99999999999", "-o", "m.json"],
+     ["--hidden-layers must be <= 65536, got 99999999999"]),
 ])
 def test_plan_sglang_bad_flags(tmp_path, small_trace, args, fragments):
     proc = run_cli("plan", "--load", small_trace, "--ranks", 4, *args, cwd=tmp_path, expect=2)

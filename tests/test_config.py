@@ -1199,3 +1199,15 @@ def test_sglang_location_is_not_the_record_path(tmp_path):
     c = EplbConfig.parse({"init_expert_location": str(path), "enable_eplb": True,
                           "expert_map_record_path": str(tmp_path / "rec.json")})
     assert c.expert_map_path == str(path)
+
+
+def test_json_nested_past_the_stack_and_a_policy_array_are_named():
+    """(review 18's fuzz: a RecursionError from json; numpy's "truth value is ambiguous")"""
+    import numpy as np
+
+    with pytest.raises(ValueError, match="config string is not valid JSON"):
+        EplbConfig.parse("[" * 100000)
+    with pytest.raises(ValueError, match="eplb_config string is not valid JSON"):
+        EplbConfig.parse({"enable_eplb": True, "eplb_config": "[" * 100000})
+    with pytest.raises(ValueError, match="policy must be one of"):
+        EplbConfig(policy=np.array(["a", "b"]))

@@ -486,6 +486,25 @@ def test_sglang_pt_files(tmp_path):
     # refused without plan_load (a load is not a placement)
     with pytest.raises(ValueError, match="'logical_count', a load"):
         expert_map.load(tmp_path / "dump.pt", num_ranks=4)
+    # plan_load's result is checked as an array placement is (review 18's fuzz: 3 slots on 2
+    # ranks, a 1-D array and floats were taken)
+    for bad, match in ((np.zeros((3, 6), int), "slots \\(6\\) must be divisible by the 4"),
+                       (np.zeros(12, int), "shape \\[layers, slots\\]"),
+                       (phy2log + 0.5, "integer expert ids"),
+                       (phy2log[:2], "has 2 layers, for 3 MoE layers")):
+        with pytest.raises(ValueError, match="the placement plan_load made .*" + match):
+            expert_map.load(tmp_path / "dump.pt", num_ranks=4, num_layers=3,
+                            plan_load=lambda _, b=bad: b)
+
+
+def test_sglang_hidden_layers_are_bounded(tmp_path):
+    """(review 18's fuzz: 10**12 hidden layers was a MemoryError, 2 * 10**7 a 420 MB file)"""
+    with pytest.raises(ValueError, match="num_hidden_layers must be <= 65536"):
+        expert_map.save_sglang(tmp_path / "h.json", np.array([[0, 1]]), 2,
+                               num_hidden_layers=10**12)
+    with pytest.raises(ValueError, match="past the 65536 hidden layers"):
+        expert_map.save_sglang(tmp_path / "h.json", np.array([[0, 1]]), 2, moe_layers=[10**9])
+    assert not (tmp_path / "h.json").exists()
 
 
 @pytest.mark.parametrize("obj, kwargs, message", [

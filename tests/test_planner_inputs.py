@@ -46,10 +46,12 @@ def test_rebalance_experts_names_weight():
     ({"min_move_target": True}, TypeError, "min_move_target must be a real number"),
     ({"min_move_target": float("nan")}, ValueError, r"min_move_target must be in \(0, 1\]"),
     ({"min_move_target": 1.5}, ValueError, r"min_move_target must be in \(0, 1\]"),
+    ({"min_move_target": 10**400}, ValueError, r"min_move_target must be in \(0, 1\]"),
     ({"policy": ["balanced"]}, TypeError, "policy must be a str"),
     ({"num_ranks": 2**70}, ValueError, "num_ranks must be <="),
     # (it was a std::bad_alloc: MemoryError from plan, "RuntimeError: internal" from submit)
-    ({"num_replicas": 2**40}, ValueError, "num_replicas must be <= 16777216"),
+    ({"num_replicas": 2**40}, ValueError, "num_replicas must be <= 65536"),
+    ({"num_replicas": 2**16 + 1}, ValueError, "num_replicas must be <= 65536"),
     ({"preserve_slots": "false"}, TypeError, "preserve_slots must be a bool"),
     ({"transfers": None}, TypeError, "transfers must be a bool"),
 ])
@@ -168,3 +170,15 @@ def test_planner_bindings_check_what_they_index():
                         ((np.array([0, 5, 1, 1]), np.arange(4), 4, 2, 1), "old id")]:
         with pytest.raises(ValueError, match=match):
             _planner.layer_transfers(*args)
+
+
+def test_tensors_numpy_cannot_read_are_named():
+    """(review 18's fuzz: a nested tensor read as strided and failed inside torch; torch.Size /
+    a dtype were taken for tensors, an AttributeError)"""
+    nested = torch.nested.nested_tensor([torch.ones(3), torch.ones(3)])
+    with pytest.raises(TypeError, match="load must be a dense tensor, got a nested one"):
+        eplb_native.plan(nested, num_ranks=1, num_replicas=3)
+    with pytest.raises(TypeError, match="weight must be a dense tensor, got a nested one"):
+        eplb_native.rebalance_experts(nested, 3, 1, 1, 1)
+    with pytest.raises(TypeError, match="load must be a numpy array or torch tensor, got dtype"):
+        eplb_native.plan(torch.float32, num_ranks=1, num_replicas=3)

@@ -344,6 +344,20 @@ def test_save_trace_takes_half_precision_tensors_and_numpy_ints(tmp_path):
         synth(True, 3, 4)
 
 
+def test_sglang_counts_numpy_cannot_read_are_named(tmp_path):
+    """(review 18's fuzz: a count past float64's range was an OverflowError, a meta or nested
+    logical_count a RuntimeError from inside torch; the CLI printed tracebacks)"""
+    (tmp_path / "huge.json").write_text('{"logical_count": [[1, 1%s]]}' % ("0" * 400))
+    with pytest.raises(ValueError, match="holds a number past float64's range"):
+        load_trace(tmp_path / "huge.json")
+    for kind, counts in (("meta", torch.zeros(2, 3, 4, device="meta")),
+                         ("nested", torch.nested.nested_tensor([torch.ones(3, 4)] * 2))):
+        path = tmp_path / f"expert_distribution_recorder_{kind}.pt"
+        torch.save({"rank": 0, "logical_count": counts}, path)
+        with pytest.raises(ValueError, match=f"dense numeric tensor holding its data, .*{kind}"):
+            load_trace(path)
+
+
 def test_sglang_expert_distribution_dump(tmp_path, caplog):
     """SGLang's stat-mode dump (rank, logical_count [steps, hidden layers, E], utilization):
     one window a step; the steps of its ring never written (all zero) and the dense layers'

@@ -23,8 +23,10 @@ __all__ = ["atomic_write", "check_bool", "check_int", "check_writable_dir", "is_
 
 
 def is_torch(x) -> bool:
-    """True for a torch tensor (or any torch object), without importing torch."""
-    return type(x).__module__.startswith("torch")
+    """True for a torch tensor (a subclass too), without importing torch: not for torch's other
+    objects (torch.Size, a dtype), which are no array."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def plain_scalar(v):
@@ -73,6 +75,8 @@ def to_numpy(x, name: str) -> np.ndarray:
         if x.layout != torch.strided:
             raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}; "
                             "call .to_dense() first")
+        if x.is_nested:  # (its layout says strided)
+            raise TypeError(f"{name} must be a dense tensor, got a nested one")
         if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
             x = x.float()
         try:

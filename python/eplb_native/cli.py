@@ -438,6 +438,9 @@ def _sglang_rows(args, meta: dict, num_layers: int) -> tuple[list[int] | None, i
     model = (shape.num_hidden_layers if shape is not None and shape.num_layers == num_layers
              and shape.num_hidden_layers else None)
     if args.hidden_layers is not None:
+        if args.hidden_layers > expert_map.MAX_HIDDEN_LAYERS:
+            raise UsageError(f"--hidden-layers must be <= {expert_map.MAX_HIDDEN_LAYERS}, got "
+                             f"{args.hidden_layers}")
         if args.hidden_layers < num_layers:
             raise UsageError(f"--hidden-layers {args.hidden_layers} is fewer than the trace's "
                              f"{num_layers} MoE layers")

@@ -369,7 +369,7 @@ class EplbConfig:
         # (compared, not converted: NaN fails the comparison, a huge int is no OverflowError)
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b <= 1:
             raise ValueError(f"balancedness_threshold must be a number in [0, 1], got {_show(b)}")
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {_show(self.policy)}")
         for key in ("expert_map_path", "expert_map_record_path"):
             v = getattr(self, key)
@@ -555,8 +555,9 @@ class EplbConfig:
         if isinstance(inner, str):  # (vLLM's --eplb-config takes JSON)
             try:
                 inner = json.loads(inner)
-            except ValueError as e:
-                raise ValueError(f"eplb_config string is not valid JSON ({e})") from None
+            except (ValueError, RecursionError) as e:  # (RecursionError: nested past the stack)
+                raise ValueError(f"eplb_config string is not valid JSON "
+                                 f"({str(e)[:200] or type(e).__name__})") from None
         given = inner = _as_dict(inner)
         inner = {} if inner is None else inner if isinstance(inner, dict) else _object_doc(
             cls, inner)
@@ -589,8 +590,10 @@ class EplbConfig:
         if isinstance(config, str):
             try:
                 config = json.loads(config)
-            except ValueError as e:  # JSONDecodeError, or an int literal of > 4300 digits
-                raise ValueError(f"config string is not valid JSON ({e})") from None
+            except (ValueError, RecursionError) as e:
+                # JSONDecodeError, an int literal of > 4300 digits, or nesting past the stack
+                raise ValueError(f"config string is not valid JSON "
+                                 f"({str(e)[:200] or type(e).__name__})") from None
             if config is None:
                 return cls()  # ("null": as None)
         if isinstance(config, Mapping):

@@ -35,6 +35,9 @@ logger = logging.getLogger("eplb_native")
 #: Largest expert id a map may hold (exclusive): far above any real model, and small enough
 #: that ids, counts and offsets computed from them never overflow int64.
 MAX_EXPERT_ID = 2**62
+#: Most hidden layers an SGLang placement file may have rows for (models have under 200): far
+#: above any model, low enough that a mistyped count is refused, not a file of gigabytes.
+MAX_HIDDEN_LAYERS = 2**16
 
 
 def _is_id(x) -> bool:
@@ -227,6 +230,9 @@ def _moe_rows(num_layers: int | None, num_hidden_layers: int | None, moe_layers,
     ``num_layers`` None: as many as ``moe_layers`` names, or without it every hidden layer."""
     if num_hidden_layers is not None:
         num_hidden_layers = check_int(num_hidden_layers, "num_hidden_layers", 1)
+        if num_hidden_layers > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"{label}: num_hidden_layers must be <= {MAX_HIDDEN_LAYERS}, got "
+                             f"{num_hidden_layers}")
     if moe_layers is None:
         if num_layers is None:
             num_layers = num_hidden_layers
@@ -246,6 +252,9 @@ def _moe_rows(num_layers: int | None, num_hidden_layers: int | None, moe_layers,
     hidden = ids[-1] + 1 if num_hidden_layers is None else num_hidden_layers
     if ids[-1] >= hidden:
         raise ValueError(f"{label}: moe_layers {ids[-1]} is past the {hidden} hidden layers")
+    if hidden > MAX_HIDDEN_LAYERS:
+        raise ValueError(f"{label}: moe_layers {ids[-1]} is past the {MAX_HIDDEN_LAYERS} hidden "
+                         f"layers a file may have")
     return ids, hidden
 
 
@@ -379,7 +388,26 @@ def _plan_sglang_load(doc: dict, source: str, num_layers: int | None, num_ranks:
     except ValueError as e:
         raise ValueError(f"{source}: planning the start placement from its 'logical_count': "
                          f"{e}") from None
-    return np.asarray(phy2log, dtype=np.int64), num_ranks
+    label = f"{source}: the placement plan_load made from its 'logical_count'"
+    phy2log = _array_map(to_numpy(phy2log, label), label, num_ranks)
+    if phy2log.shape[0] != len(ids):
+        raise ValueError(f"{label} has {phy2log.shape[0]} layers, for {len(ids)} MoE layers")
+    return phy2log, num_ranks
+
+
+def _array_map(a: np.ndarray, label: str, num_ranks: int) -> np.ndarray:
+    """A phy2log array as given (load's array input, plan_load's result) -> int64 [L, P],
+    checked: integer ids below 2**62, 2-D, P divisible by ``num_ranks``."""
+    if a.dtype == object or a.dtype.kind not in "iu":
+        raise ValueError(f"{label} must hold integer expert ids, got dtype {a.dtype}")
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"{label} must have shape [layers, slots], got {list(a.shape)}")
+    if a.shape[1] % num_ranks:
+        raise ValueError(f"{label}: slots ({a.shape[1]}) must be divisible by the "
+                         f"{num_ranks} ranks")
+    if a.size and a.max() >= MAX_EXPERT_ID:  # (what save() takes: the round trip holds)
+        raise ValueError(f"{label}: expert ids must be < 2**62, got {a.max()}")
+    return a.astype(np.int64)
 
 
 def _read_pt(src: str, label: str) -> dict:
@@ -516,17 +544,7 @@ def load(path_or_map, *, num_ranks: int | None = None, num_logical: int | None =
         label = name or "phy2log"
         if num_ranks is None:
             raise ValueError(f"{label}: a phy2log array needs num_ranks")
-        a = to_numpy(path_or_map, label)
-        if a.dtype == object or a.dtype.kind not in "iu":
-            raise ValueError(f"{label} must hold integer expert ids, got dtype {a.dtype}")
-        if a.ndim != 2 or 0 in a.shape:
-            raise ValueError(f"{label} must have shape [layers, slots], got {list(a.shape)}")
-        if a.shape[1] % num_ranks:
-            raise ValueError(f"{label}: slots ({a.shape[1]}) must be divisible by the "
-                             f"{num_ranks} ranks")
-        if a.size and a.max() >= MAX_EXPERT_ID:  # (what save() takes: the round trip holds)
-            raise ValueError(f"{label}: expert ids must be < 2**62, got {a.max()}")
-        phy2log, ranks = a.astype(np.int64), num_ranks
+        phy2log, ranks = _array_map(to_numpy(path_or_map, label), label, num_ranks), num_ranks
     if num_ranks is not None and ranks != num_ranks:
         raise ValueError(f"{label} is for {ranks} ranks, but {ranks_name} is {num_ranks}"
                          if ranks_name else f"{label} is for {ranks} ranks, expected {num_ranks}")

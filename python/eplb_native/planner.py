@@ -122,8 +122,10 @@ def _as_numpy(x, name: str, dtype) -> np.ndarray:
 
 
 #: Largest num_replicas (physical slots per layer) a plan takes: far above any model's
-#: (Kimi-K2-like: 512), low enough that a mistyped value is refused, not a failed allocation.
-MAX_SLOTS = 1 << 24
+#: (Kimi-K2-like: 512), low enough that a mistyped value is refused, not a failed allocation or
+#: a search that runs for minutes (`balanced`'s grows about quadratically with the slots of a
+#: layer: 0.05 s at 16,384, 0.8 s at 65,536 on one rank, 200 s at 2**20; review 18).
+MAX_SLOTS = 1 << 16
 
 #: Largest thread count a plan takes (the C++ side holds it in an int; more threads than
 #: layers are never started anyway).
@@ -159,7 +161,7 @@ def _as_target(x) -> float:
     """min_move_target: a real number in (0, 1]."""
     if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
         raise TypeError(f"min_move_target must be a real number, got {type(x).__name__}")
-    if not 0.0 < float(x) <= 1.0:
+    if not 0 < x <= 1:  # (compared, not converted: 10**400 is no float)
         raise ValueError(f"min_move_target must be in (0, 1], got {x}")
     return float(x)
 
@@ -194,7 +196,8 @@ def _prepare(load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, 
             raise ValueError(f"old_phy2log must have shape [layers={w.shape[0]}, slots], got "
                              f"{old.shape}")
         if num_replicas is None:
-            num_replicas = old.shape[1]
+            num_replicas = _as_int(old.shape[1], "num_replicas (old_phy2log.shape[1])",
+                                   maximum=MAX_SLOTS)
         elif num_replicas != old.shape[1]:
             raise ValueError(f"num_replicas ({num_replicas}) must equal old_phy2log.shape[1] "
                              f"({old.shape[1]})")

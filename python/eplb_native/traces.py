@@ -437,9 +437,12 @@ def _read_sglang_dump(obj: dict, src: str):
     if not isinstance(counts, torch.Tensor) or counts.dim() != 3:
         raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a [steps, layers, "
                          f"experts] tensor, got {getattr(counts, 'shape', type(counts).__name__)}")
-    if counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided:
-        raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a dense numeric tensor, "
-                         f"got {counts.dtype}")
+    if (counts.is_complex() or counts.dtype == torch.bool or counts.layout != torch.strided
+            or counts.is_meta or counts.is_nested or counts.is_quantized):
+        kind = ("meta" if counts.is_meta else "nested" if counts.is_nested
+                else "quantized" if counts.is_quantized else str(counts.layout))
+        raise ValueError(f"{src}: SGLang dump's 'logical_count' must be a dense numeric tensor "
+                         f"holding its data, got {counts.dtype} ({kind})")
     meta = {"source": "SGLang expert distribution recorder (stat)",
             "sglang_num_layers": int(counts.shape[1]), "sglang_dropped_steps": 0}
     nonzero = counts != 0
@@ -517,6 +520,9 @@ def _read_sglang_counts(counts, src: str):
     except ValueError:
         raise ValueError(f"{src}: SGLang's 'logical_count' is ragged (rows of different "
                          f"lengths)") from None
+    except OverflowError:  # (an int past float64's range)
+        raise ValueError(f"{src}: SGLang's 'logical_count' holds a number past float64's "
+                         f"range") from None
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3 or 0 in a.shape:
