@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _planner
-from ._util import is_torch, to_numpy
+from ._util import check_bool, is_torch, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -142,19 +142,12 @@ def _as_int(x, name: str, minimum: int = 1, maximum: int = 2**62) -> int:
     return int(x)
 
 
-def _as_bool(x, name: str) -> bool:
-    """A flag: True / False (numpy's too), nothing else ("false" would read as True)."""
-    if not isinstance(x, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
-    return bool(x)
-
-
 def _as_distinct(x) -> tuple[bool, bool]:
     """distinct_ranks: None (``balanced`` prefers no repeats), True or False -> the planner's
     keyword arguments distinct_ranks, prefer_distinct."""
     if x is None:
         return {"distinct_ranks": False, "prefer_distinct": True}
-    return {"distinct_ranks": _as_bool(x, "distinct_ranks (or None)"), "prefer_distinct": False}
+    return {"distinct_ranks": check_bool(x, "distinct_ranks (or None)"), "prefer_distinct": False}
 
 
 def _as_target(x) -> float:
@@ -269,8 +262,8 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
     w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
         load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy, threads)
     out = _planner.plan(w, old, num_replicas, num_ranks, num_nodes, num_groups, POLICIES[policy],
-                        _as_bool(preserve_slots, "preserve_slots"), threads,
-                        _as_target(min_move_target), _as_bool(transfers, "transfers"),
+                        check_bool(preserve_slots, "preserve_slots"), threads,
+                        _as_target(min_move_target), check_bool(transfers, "transfers"),
                         **_as_distinct(distinct_ranks))
     return Plan(policy=policy, num_ranks=num_ranks, **out)
 
@@ -466,8 +459,8 @@ class Planner:
             load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy,
             self._threads)
         target = _as_target(min_move_target)
-        preserve_slots = _as_bool(preserve_slots, "preserve_slots")
-        transfers = _as_bool(transfers, "transfers")
+        preserve_slots = check_bool(preserve_slots, "preserve_slots")
+        transfers = check_bool(transfers, "transfers")
         distinct = _as_distinct(distinct_ranks)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:

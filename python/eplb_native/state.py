@@ -32,7 +32,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-from ._util import validate_phy2log  # noqa: F401  (part of this module's API)
+from ._util import check_bool, validate_phy2log  # noqa: F401  (validate_phy2log: its API)
 
 
 def max_replicas(num_logical: int, num_slots: int) -> int:
@@ -46,8 +46,7 @@ def placement_tensors(phy2log, num_logical: int, num_ranks: int, rank: int, *,
     ``local_expert_map`` [E] int32) for ``rank``, as new CPU tensors (see the module docstring;
     ``rotate``: each row starts at replica ``rank % count``).
     """
-    if not isinstance(rotate, bool | np.bool_):
-        raise TypeError(f"rotate must be a bool, got {type(rotate).__name__}")
+    rotate = check_bool(rotate, "rotate")
     p2l = validate_phy2log(phy2log, num_logical, num_ranks)
     if p2l.ndim != 1:
         raise ValueError(f"phy2log must have shape [slots] here, got {p2l.shape}")
