@@ -88,3 +88,58 @@ def test_rank_local_logcnt_of_another_type_is_a_type_error():
     with pytest.raises(TypeError, match="logcnt must be a torch.Tensor or None, got int"):
         ops.map_and_record(ids, torch.arange(2), 5, load, torch.tensor(True), mode="rank_local")
     assert not load.any()
+
+
+@pytest.mark.parametrize("fn", [torch.ops.eplb_native.record_counts, ops.record_counts,
+                                ops.composite_record_counts])
+def test_record_counts_refuses_counts_in_load_itself(fn):
+    # (review 18: load[:4] added into load[1:] read counters already added to: 1,3,6,10,15)
+    load = torch.arange(1, 7, dtype=torch.int64)
+    for tokens, group_list_type in ((load[:4], 1), (load[:4], 0), (load[2:], 1), (load, 1),
+                                    (load[::2], 1)):
+        with pytest.raises(ValueError, match="expert_tokens must not share memory with load"):
+            fn(load, tokens, group_list_type, 1 if tokens.numel() < 6 else 0)
+    assert load.tolist() == [1, 2, 3, 4, 5, 6]
+    fn(load, load[:4].clone(), 1, 1)  # a copy is fine
+    assert load.tolist() == [1, 3, 5, 7, 9, 6]
+    other = torch.zeros(8, dtype=torch.int64)
+    fn(other[4:], other[:4].clone() + 1, 1, 0)  # views of one buffer that do not overlap
+    assert other.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_cpu_counts_from_several_threads_add_up():
+    # (review 18: the merge into load was a plain +=, 26K of 19.2M counts lost on 2 cores)
+    import threading
+
+    ids = torch.randint(0, 64, (1 << 17,), generator=torch.Generator().manual_seed(3))
+    load = torch.zeros(64, dtype=torch.int64)
+    flag = torch.tensor(True)
+
+    def work():
+        for _ in range(20):
+            torch.ops.eplb_native.record_topk(load, ids, flag)
+            torch.ops.eplb_native.record_counts(load, torch.ones(64, dtype=torch.int64), 1, 0)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(load, 80 * (torch.bincount(ids, minlength=64) + 1))
+
+
+def test_int32_load_wraps_as_documented():
+    load = torch.tensor([2**31 - 2], dtype=torch.int32)
+    for fn in (torch.ops.eplb_native.record_topk, ops.composite_record_topk):
+        x = load.clone()
+        fn(x, torch.zeros(5, dtype=torch.int64), torch.tensor(True))
+        assert x.item() == 2**31 - 2 + 5 - 2**32
+
+
+def test_sparse_arguments_are_type_errors_naming_them():
+    ids = torch.tensor([[0, 1]]).to_sparse()
+    table = torch.tensor([0, 1])
+    for fn in (torch.ops.eplb_native.map_and_record, ops.composite_map_and_record):
+        with pytest.raises(TypeError, match="topk_ids must be a dense tensor"):
+            fn(ids, table, None, torch.zeros(2, dtype=torch.int64), torch.tensor(True), None,
+               "rank_local")

@@ -2,6 +2,7 @@
 // CPU and Meta implementations are registered here; CUDA (csrc/ops/cuda) and Ascend
 // (csrc/ops/ascendc) register theirs beside their kernels. The composite fallback for devices
 // without a native kernel is registered from python/eplb_native/ops.py.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -132,6 +133,19 @@ void CheckRecordCounts(const at::Tensor& load, const at::Tensor& expert_tokens,
                     "group_list_type must be 0 (cumulative) or 1 (counts), got ",
                     Num(group_list_type));
   TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", Num(offset));
+  // Counts read from the counters being added to would read some already updated (review 18:
+  // load[:4] added into load[1:] summed runs). Where the layouts are too hard to tell, memory
+  // of one storage at all counts as shared. (Not with symbolic sizes, torch.compile's meta
+  // pass, which cannot tell: the kernel that runs checks.)
+  if (!load.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+      !expert_tokens.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    const auto overlap = at::get_overlap_status(load, expert_tokens);
+    TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full &&
+                          overlap != at::MemOverlapStatus::Partial &&
+                          !(overlap == at::MemOverlapStatus::TooHard &&
+                            load.storage().is_alias_of(expert_tokens.storage())),
+                      "expert_tokens must not share memory with load (pass a copy)");
+  }
   // (offset <= len(load) - n: offset + n would wrap for an offset near 2^63)
   TORCH_CHECK_VALUE(load.sym_numel() - expert_tokens.sym_numel() >= offset, "offset (", Num(offset),
                     ") + len(expert_tokens) (", Num(expert_tokens.sym_numel()),

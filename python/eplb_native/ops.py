@@ -57,6 +57,31 @@ def _check_index(t, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    _check_dense(t, name)
+
+
+def _check_dense(t: torch.Tensor, name: str) -> None:
+    # (a sparse tensor passes the dispatcher to this fallback and failed inside torch, review 18)
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}"
+                        f"{' (nested)' if t.is_nested else ''}")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a's and b's elements overlap in memory (by extent: a strided view's gaps count)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+        spans = []
+        for t in (a, b):
+            start = t.data_ptr()
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+            spans.append((start, start + (last + 1) * t.element_size()))
+    except RuntimeError:  # (no data to point at: a tensor being traced)
+        return False
+    return spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
 
 
 def _check_device(t: torch.Tensor, ref: torch.Tensor, name: str) -> None:
@@ -75,6 +100,7 @@ def _check_load(load) -> None:
 def _check_flags(record, num_valid_tokens, ids: torch.Tensor) -> None:
     if not isinstance(record, torch.Tensor):
         raise TypeError(f"record must be a 0-dim bool or integer tensor, got {type(record).__name__}")
+    _check_dense(record, "record")
     if record.dtype.is_floating_point or record.dtype.is_complex:
         raise TypeError(f"record must be a bool or integer tensor, got {record.dtype}")
     if record.numel() != 1:
@@ -131,6 +157,8 @@ def _check_record_counts(load, expert_tokens, group_list_type, offset):
         raise ValueError(f"expert_tokens must be on {load.device} (the device of load), got {expert_tokens.device}")
     if expert_tokens.dim() != 1:
         raise ValueError(f"expert_tokens must be 1-D [n], got shape {tuple(expert_tokens.shape)}")
+    if _shares_memory(load, expert_tokens):  # (some counts would be read already added to)
+        raise ValueError("expert_tokens must not share memory with load (pass a copy)")
     group_list_type, offset = plain_scalar(group_list_type), plain_scalar(offset)
     if isinstance(group_list_type, bool) or not isinstance(group_list_type, int) or (
             group_list_type not in (0, 1)):

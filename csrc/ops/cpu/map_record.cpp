@@ -3,6 +3,10 @@
 // One pass over the ids. Large inputs run in parallel over contiguous ranges of ids
 // (at::parallel_for); each worker thread counts into its own histogram row and the rows are
 // summed into `load` after the parallel region, so no two threads ever write the same counter.
+// The sums into `load` are atomic (relaxed; only the counters a call touches), as the CUDA
+// kernels' are: calls from several threads counting into one load lose nothing (review 18: 26K
+// of 19.2M counts lost on 2 cores), and an int32 counter wraps, as an atomic add is defined to,
+// where `+=` past INT32_MAX was undefined behaviour.
 // record / num_valid_tokens are CPU tensors here, so reading them is no device sync.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,6 +35,12 @@ struct Table {
 };
 
 Table TableOf(const at::Tensor& t) { return Table{t.data_ptr(), t.scalar_type() == at::kLong}; }
+
+// *counter += v, atomically (GCC / Clang builtin: C++17 has no atomic_ref).
+template <typename Load>
+void AtomicAdd(Load* counter, int64_t v) {
+  __atomic_fetch_add(counter, static_cast<Load>(v), __ATOMIC_RELAXED);
+}
 
 // Logical -> physical id of an id of token t. Matches the CUDA kernel and the composite
 // fallback exactly.
@@ -76,7 +86,8 @@ void ForEachRange(int64_t n, int64_t P, bool count, Load* load, const Body& body
   if (!count) return;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t* h = hist.data() + r * P;
-    for (int64_t p = 0; p < P; ++p) load[p] += static_cast<Load>(h[p]);
+    for (int64_t p = 0; p < P; ++p)
+      if (h[p] != 0) AtomicAdd(load + p, h[p]);
   }
 }
 
@@ -155,7 +166,7 @@ void record_counts_cpu(at::Tensor& load, const at::Tensor& expert_tokens, int64_
     index_t* l = load.data_ptr<index_t>() + offset;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t v = group_list_type == 1 ? c[i] : c[i] - (i > 0 ? c[i - 1] : 0);
-      l[i] += static_cast<index_t>(v);
+      if (v != 0) AtomicAdd(l + i, v);
     }
   });
 }
