@@ -43,3 +43,14 @@ def test_measured_balancedness_edges():
 def test_rank_loads_bad_input_names_it(load, phy2log, ranks, match):
     with pytest.raises(ValueError, match=match):
         metrics.rank_loads(load, phy2log, ranks)
+
+
+def test_stats_histories_keep_their_newest_entries(monkeypatch):
+    """(review 18: a server's stats grew for weeks, a dict a moved layer)"""
+    from eplb_native import metrics
+
+    monkeypatch.setattr(metrics, "MAX_STATS_ENTRIES", 3)
+    stats = metrics.UpdatorStats()
+    for i in range(5):
+        stats.moves.append({"step": i})
+    assert [m["step"] for m in stats.moves] == [2, 3, 4] and stats.moves[-2:][0]["step"] == 3

@@ -91,9 +91,12 @@ def test_save_load_roundtrip_npz(tmp_path):
     assert np.array_equal(loads, a) and loads.dtype == np.int64
     assert meta == {"shape": "deepseek-v3", "seed": 0}
     # exactly the given path, no extension appended, no temp file left over
-    other = tmp_path / "trace.bin"
+    other = tmp_path / "other.NPZ"
     save_trace(other, torch.tensor(a[0], dtype=torch.float32))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.bin", "trace.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.NPZ", "trace.npz"]
+    # another name would not read back (load_trace goes by the extension): refused
+    with pytest.raises(ValueError, match="must end in .npz"):
+        save_trace(tmp_path / "trace.bin", a)
     with zipfile.ZipFile(other) as z:
         assert set(z.namelist()) == {"loads.npy", "meta.npy"}
 

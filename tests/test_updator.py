@@ -644,7 +644,7 @@ def test_fused_expert_map_int64_follows_moves_and_bad_shape_refuses():
             self.global_num_experts = 4
 
     model = torch.nn.Sequential(Fused(torch.arange(4, dtype=torch.int64)))
-    up = eplb_native.attach(model, {"dynamic_eplb": False})
+    up = eplb_native.attach(model, {"dynamic_eplb": False}, hooks=False)
     assert up.layers[0].local_expert_map is model[0].expert_map
     rows = [t.clone() for t in up.layers[0].weights]
     up.move_to([[3, 1, 0, 2]])
@@ -861,6 +861,67 @@ def test_sliding_window_and_trace(tmp_path):
         model(torch.randn(5, 8, generator=g))
     up.save_trace(tmp_path / "g.npz")
     assert traces.load_trace(tmp_path / "g.npz")[1]["num_groups"] == 4
+    # (review 18: an .npz archive under another name, or the deployment's keys given wrong, was
+    # written and refused only when read back; a missing folder named a temporary file)
+    for path, meta, match in ((tmp_path / "t.json", {}, "must end in .npz"),
+                              (tmp_path / "no" / "t.npz", {}, "folder .* does not exist"),
+                              (tmp_path / "w.npz", {"window_steps": [1, 2, 3]},
+                               "window_steps must be a list of 1 ints"),
+                              (tmp_path / "r.npz", {"num_ranks": "x"}, "num_ranks must be an int")):
+        with pytest.raises(ValueError, match=match):
+            up.save_trace(path, **meta)
+        assert not path.exists()
+    up.shutdown()
+
+
+def test_hooks_step_once_and_explicit_calls_are_refused_beside_them():
+    """(review 18: hooks=True with forward_before / forward_end called too, or attach_hooks
+    twice, counted two steps a forward; attach_hooks after shutdown left hooks nothing removed)"""
+    model = Stack(1)
+    up = eplb_native.attach(model, {"dynamic_eplb": False})
+    for call in (up.forward_before, up.forward_end):
+        with pytest.raises(RuntimeError, match="hooks=False"):
+            call()
+    with pytest.raises(RuntimeError, match="hooks are on already"):
+        up.attach_hooks(model)
+    model(torch.randn(3, 8))
+    assert up.step == 1
+    up.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        up.attach_hooks(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_first_window_counts_only_its_own_steps():
+    """(review 18: forwards after a shutdown still counted into the layers' load, and the next
+    attach took them into its first window)"""
+    model = Stack(1)
+    up = eplb_native.attach(model, {"dynamic_eplb": False, "step_interval": 2})
+    up.shutdown()
+    g = torch.Generator().manual_seed(2)
+    model(torch.randn(50, 8, generator=g))  # nobody's step
+    up = eplb_native.attach(model, {"dynamic_eplb": False, "step_interval": 2})
+    for _ in range(2):
+        model(torch.randn(4, 8, generator=g))
+    assert up.stats.windows[0]["tokens"] == 2 * 4 * 2  # 2 steps x 4 tokens x top-2
+    up.shutdown()
+
+
+def test_move_to_refuses_a_placement_the_layers_no_longer_hold():
+    """(review 18: after load_state_dict of a checkpoint at another placement, move_to planned
+    from the updator's own copy, moved the wrong rows and switched: wrong outputs, no error)"""
+    model = Stack(2, num_redundant_experts=2)
+    up = eplb_native.attach(model, {"dynamic_eplb": False})
+    start = up.phy2log()
+    other = start.copy()
+    other[:, [0, 3]] = other[:, [3, 0]]
+    for layer, row in zip(model.layers, other, strict=True):
+        layer.phy2log.copy_(torch.from_numpy(row))  # in place, as load_state_dict does
+    target = start.copy()
+    target[:, [1, 5]] = target[:, [5, 1]]
+    with pytest.raises(RuntimeError, match="placement buffers changed behind the updator"):
+        up.move_to(target)
+    assert not up._queue
     up.shutdown()
 
 
@@ -921,11 +982,12 @@ def test_replaced_weights_stop_eplb_instead_of_corrupting():
     before = up.phy2log()
     model.to(torch.float64)
     reference = Stack(2, num_redundant_experts=2).to(torch.float64)
-    up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]]))
+    # (refused at move_to since review 18: it checks the layers before queueing)
     with pytest.raises(RuntimeError, match="replaced after attach.*shutdown"):
-        model(x.double())
-    with pytest.raises(RuntimeError, match="replaced after attach"):
-        up.forward_before()
+        up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7], [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]]))
+    for _ in range(2):  # and at every step after
+        with pytest.raises(RuntimeError, match="replaced after attach"):
+            model(x.double())
     assert np.array_equal(up.phy2log(), before)
     for layer in model.layers:  # the live maps were not switched: still the weights' order
         assert np.array_equal(layer.phy2log.numpy(), before[0])
@@ -1020,7 +1082,7 @@ def test_fused_vllm_eplb_layer_keeps_its_physical_expert_map():
     are E = 4 (not global_num_experts = P = 6), every per-expert tensor moves with its expert
     (g1_alphas included), the broadcast scale and the logical routing bias stay."""
     m = _VllmFused()
-    up = eplb_native.attach(torch.nn.Sequential(m), {"dynamic_eplb": False})
+    up = eplb_native.attach(torch.nn.Sequential(m), {"dynamic_eplb": False}, hooks=False)
     a = up.layers[0]
     assert (a.num_logical_experts, a.num_slots) == (4, 6)
     assert a.log2phy is m.logical_to_physical_map and a.logcnt is m.logical_replica_count
@@ -1214,7 +1276,8 @@ def test_replaced_maps_stop_eplb_before_any_weight_moves():
     layer = model.layers[0]
     w13, w2 = layer.w13.clone(), layer.w2.clone()
     layer.log2phy = layer.log2phy.clone()  # the buffer replaced, as an assign=True load does
-    up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7]]))
+    with pytest.raises(RuntimeError, match="replaced after attach"):  # (at move_to: review 18)
+        up.move_to(np.array([[7, 6, 5, 4, 3, 2, 1, 0, 7, 7]]))
     with pytest.raises(RuntimeError, match="replaced after attach"):
         model(torch.randn(9, 8, generator=torch.Generator().manual_seed(14)))
     assert torch.equal(layer.w13, w13) and torch.equal(layer.w2, w2)

@@ -18,9 +18,25 @@ from ._util import to_numpy
 logger = logging.getLogger("eplb_native")
 
 
+#: Entries each history of UpdatorStats keeps (the newest): a server runs for weeks, and at
+#: DeepSeek-V3's 58 layers a cycle adds up to 58 moves.
+MAX_STATS_ENTRIES = 4096
+
+
+class History(list):
+    """A list that keeps its newest MAX_STATS_ENTRIES entries: append drops the oldest past
+    that (a list still: indexing and slicing as before, unlike a deque)."""
+
+    def append(self, entry) -> None:
+        super().append(entry)
+        if len(self) > MAX_STATS_ENTRIES:
+            del self[: len(self) - MAX_STATS_ENTRIES]
+
+
 @dataclass
 class UpdatorStats:
-    """History kept by the updator; lists grow by one entry per event (dicts of plain values).
+    """History kept by the updator; lists growing by one entry per event (dicts of plain
+    values), the newest MAX_STATS_ENTRIES kept.
 
     windows: per gathered window: ``step``, ``balancedness`` [L] measured on the tokens each
         rank's slots received during the window, ``tokens`` (total routed (token, choice) pairs),
@@ -32,9 +48,9 @@ class UpdatorStats:
         ``bytes`` received by this rank, ``move_s`` (issue to agreement).
     """
 
-    windows: list = field(default_factory=list)
-    plans: list = field(default_factory=list)
-    moves: list = field(default_factory=list)
+    windows: list = field(default_factory=History)
+    plans: list = field(default_factory=History)
+    moves: list = field(default_factory=History)
 
     def last_balancedness(self) -> np.ndarray | None:
         return self.windows[-1]["balancedness"] if self.windows else None

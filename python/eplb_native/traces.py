@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._util import all_numbers, atomic_write, check_int, load_torch, to_numpy
+from ._util import all_numbers, atomic_write, check_int, check_writable_dir, load_torch, to_numpy
 
 logger = logging.getLogger("eplb_native")
 
@@ -247,8 +247,14 @@ def save_trace(path: str | os.PathLike, loads, **meta) -> None:
     """Writes a trace as ``.npz``: ``loads`` [W, L, E] (a [L, E] window is stored as W = 1;
     numpy or torch; int kept as int64, float as float64) and ``meta``, the keyword arguments as
     a JSON object string (e.g. shape="deepseek-v3", seed=0). The file is written atomically at
-    exactly ``path`` (no ``.npz`` appended). ValueError on bad loads or non-JSON meta."""
+    exactly ``path`` (no ``.npz`` appended), which must end in ``.npz`` (a trace is read by its
+    extension: an archive named otherwise would not read back). ValueError on bad loads, a path
+    of another name or in a folder that is not there, or non-JSON meta."""
     target = os.fspath(path)
+    if not str(target).lower().endswith(".npz"):
+        raise ValueError(f"save_trace: path {target!r} must end in .npz (the trace is an .npz "
+                         f"archive, and load_trace reads a file by its extension)")
+    check_writable_dir(target, "save_trace: path")
     a = _validate(to_numpy(loads, "save_trace: loads"), "save_trace")
     try:
         meta_json = json.dumps(meta, sort_keys=True)

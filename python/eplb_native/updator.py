@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import expert_map, metrics, state
-from ._util import check_bool, check_writable_dir, digest
+from ._util import check_bool, check_int, check_writable_dir, digest
 from .adapters.base import AdapterError, MoELayerAdapter, adapt_module
 from .config import EplbConfig
 from .planner import Planner, plan
@@ -304,6 +304,12 @@ class Updator:
                 self._planner = None
             self._release_groups()
             raise
+        # What the layers counted before this updator (forwards after an earlier one's shutdown,
+        # whose record flag stays on) is no step of its own: its first window starts empty
+        # (review 18: 720 tokens in a 4-step window of 576).
+        with torch.no_grad():
+            for a in layers:
+                a.load.zero_()
         for a in layers:
             _live_updators[a.module] = weakref.ref(self)
         if self.rank == 0:  # (what the config means here, said once: defaults differ by source)
@@ -622,7 +628,18 @@ class Updator:
 
     def forward_before(self) -> None:
         """Call before each forward of the model (the pre-hook does): makes the forward wait for
-        the last fold, and issues the next layers' moves."""
+        the last fold, and issues the next layers' moves. Not with hooks (attach's default):
+        they call it, and a second call a forward would count two steps."""
+        self._not_hooked("forward_before")
+        self._before()
+
+    def _not_hooked(self, name: str) -> None:
+        if self._hooks:
+            raise RuntimeError(f"{name}: this Updator's forward hooks step it (attach's "
+                               f"hooks=True, the default); attach with hooks=False to call "
+                               f"forward_before() / forward_end() yourself")
+
+    def _before(self) -> None:
         if self._closed:
             return
         if self._broken is None and self._callback_error is not None:
@@ -637,7 +654,11 @@ class Updator:
 
     def forward_end(self) -> None:
         """Call after each forward (the hook does): folds the load, finishes in-flight moves,
-        gathers / plans on schedule."""
+        gathers / plans on schedule. Not with hooks (see forward_before)."""
+        self._not_hooked("forward_end")
+        self._end()
+
+    def _end(self) -> None:
         if self._closed:
             return
         if self._broken is not None:
@@ -836,6 +857,9 @@ class Updator:
                                  f"{self.num_slots}], got {list(target.shape)}")
             if self._queue or self._inflight or self._future is not None:
                 raise RuntimeError("a move or plan is in progress; call move_to between cycles")
+            # (a move planned from a placement the layers no longer hold lands rows in the
+            # wrong slots: load_state_dict of another placement's checkpoint, review 18)
+            self._check_placement()
         except (ValueError, TypeError, RuntimeError) as e:
             error, target = e, None
         if self._cpu_group is not None:
@@ -1071,9 +1095,16 @@ class Updator:
         dist.barrier(group=self._cpu_group)
 
     def attach_hooks(self, model: torch.nn.Module) -> None:
-        """One step per ``model`` forward: forward_before / forward_end as hooks."""
-        self._hooks.append(model.register_forward_pre_hook(lambda *_: self.forward_before()))
-        self._hooks.append(model.register_forward_hook(lambda *_: self.forward_end()))
+        """One step per ``model`` forward: forward_before / forward_end as hooks. Once: a second
+        pair of hooks would count two steps a forward."""
+        if self._closed:
+            raise RuntimeError("this Updator is shut down (shutdown removed its hooks); attach "
+                               "again")
+        if self._hooks:
+            raise RuntimeError("attach_hooks: this Updator's forward hooks are on already (one "
+                               "step per forward)")
+        self._hooks.append(model.register_forward_pre_hook(lambda *_: self._before()))
+        self._hooks.append(model.register_forward_hook(lambda *_: self._end()))
 
     def save_trace(self, path, **meta) -> None:
         """Writes the gathered windows' logical loads [W, L, E] with eplb_native.traces, and in
@@ -1087,6 +1118,19 @@ class Updator:
                              f"expert_heat_collection_interval = "
                              f"{self.config.expert_heat_collection_interval} steps)")
         loads = np.stack(self._recorded)
+        # the deployment's keys, when the caller gives them (a demo's one group, say), hold what
+        # `eplb-native plan / simulate` read them as (they refused such a file only when read)
+        for key, least in (("num_ranks", 1), ("num_slots", 1), ("num_redundant", 0),
+                           ("num_nodes", 1), ("num_groups", 1)):
+            if key in meta:
+                meta[key] = check_int(meta[key], f"save_trace: {key}", least)
+        if "window_steps" in meta:
+            steps = meta["window_steps"]
+            if (not isinstance(steps, list | tuple) or len(steps) != len(loads)
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                           for v in steps)):
+                raise ValueError(f"save_trace: window_steps must be a list of {len(loads)} ints "
+                                 f">= 0 (one per window), got {steps!r}"[:300])
         # the deployment, so that `eplb-native plan / simulate` replay it as planned here
         meta.setdefault("num_ranks", self.num_ranks)
         meta.setdefault("num_slots", self.num_slots)
