@@ -103,6 +103,15 @@ def test_balancedness_threshold_is_agreed_by_every_rank(tmp_path):
              nprocs=2, join=True)
 
 
+def test_configs_one_rank_refuses_or_that_differ_are_refused_on_every_rank(tmp_path):
+    if BACKEND == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import updator_mp
+
+    mp.spawn(updator_mp.config_refusals, args=(2, f"file://{tmp_path}/rdzv", BACKEND),
+             nprocs=2, join=True)
+
+
 @pytest.mark.parametrize("keys, want", [
     (["a"], (1, None)), (["a", "a", "a", "a"], (1, None)),
     (["a", "a", "b", "b"], (2, None)), (["x", "y", "z"], (3, None)),

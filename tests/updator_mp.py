@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 import weakref
 
@@ -672,5 +673,41 @@ def balancedness_threshold(rank, world, init_method, backend):
             assert any(m["ok"] for m in updator.stats.moves)
         _check_same_maps(updator, group)
         updator.shutdown()
+    dist.barrier()
+    leave()
+
+
+def config_refusals(rank, world, init_method, backend):
+    """A config (or flag) one rank refuses, or a config that differs between the ranks, is
+    refused on every rank at attach, nothing attached (it raised on one rank alone and left the
+    others waiting in the agreement or in new_group; differing configs attached and broke the
+    collectives mid-serving: review 18). Then a plain attach still works."""
+    device = _setup(rank, world, init_method, backend)
+    group = dist.group.WORLD
+    good = {"step_interval": 4}
+    cases = [
+        ({**good, "not_a_key": 1} if rank == 1 else good, {}, "unknown EPLB config key",
+         "rank 1"),
+        (good, {"hooks": "yes"} if rank == 1 else {}, "hooks must be a bool", "rank 1"),
+        ({**good, "num_redundant_experts": 4} if rank == 1 else good, {},
+         r"num_redundant_experts \(4\)", "rank 1"),
+        ({"step_interval": 5} if rank == 1 else good, {}, "configs differ", "configs differ"),
+    ]
+    for config, kwargs, own, others in cases:
+        model = Stack(group, 2, device)
+        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            eplb_native.attach(model, config, group, **kwargs)
+        except (ValueError, TypeError, RuntimeError) as e:
+            message = str(e)
+        else:
+            raise AssertionError(f"rank {rank}: attach took {config} {kwargs}")
+        assert re.search(own if rank == 1 else others, message), (rank, message)
+        assert not model._forward_pre_hooks
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    model, reference = Stack(group, 2, device), Stack(group, 2, device)
+    updator = eplb_native.attach(model, good, group)
+    _run(model, reference, updator, 8, rank, device)
+    updator.shutdown()
     dist.barrier()
     leave()

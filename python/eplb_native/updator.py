@@ -174,11 +174,18 @@ class Updator:
         self.num_slots, self.num_ranks, self.rank = first.num_slots, first.ep_size, first.ep_rank
         self.num_local = first.num_local_slots
         self.device = first.device
-        # (the config and the layers' shape are the same on every rank: checked before any
-        # process group is needed)
-        check_config_fits(config, self.num_logical, self.num_slots, self.num_ranks)
         # host mirror of every layer's phy2log [L, P]: the updator is the only writer
         placement = np.stack([a.phy2log.detach().cpu().numpy() for a in layers])
+        # A config that does not fit the layers: said at once where no other rank can be
+        # waiting (one rank; no process group), else agreed with the other ranks' set-up below
+        # (raised on one rank alone, it left the others waiting in new_group: review 18).
+        misfit: Exception | None = None
+        try:
+            check_config_fits(config, self.num_logical, self.num_slots, self.num_ranks)
+        except ValueError as e:
+            if self.num_ranks == 1 or (group is None and not dist.is_initialized()):
+                raise
+            misfit = e
         if self.num_ranks > 1:
             if group is None:
                 if not dist.is_initialized():
@@ -282,6 +289,8 @@ class Updator:
         target = None
         self._started_from_load = False
         try:
+            if misfit is not None:
+                raise misfit
             self._check_attachable(placement)
             self._allocate_buffers()
             if config.dynamic_eplb:  # (its threads may fail to start on one rank too)
@@ -453,12 +462,19 @@ class Updator:
             if error is not None:
                 raise error
             return
-        failed, same = self._agree_digests(error is None, [digest(target), digest(placement)])
+        failed, same = self._agree_digests(
+            error is None, [digest(target), digest(placement), _config_digest(self.config)])
         if error is not None:
             raise error
         if failed < self.num_ranks:
             raise RuntimeError(f"attach refused: rank {failed} of the group failed to set up "
                                "(its own error says why); nothing was changed on this rank")
+        if not same[2]:
+            # (one rank's other heat interval, say, left the ranks in different collectives
+            # mid-serving, a window size mixed windows of different lengths: review 18)
+            raise ValueError("attach refused: the ranks' EPLB configs differ; every rank of the "
+                             "group must attach with the same config (expert_map_path, "
+                             "expert_map_record_path and the log settings aside)")
         if not same[1]:
             raise ValueError("attach refused: the ranks' MoE layers hold different placements "
                              "(phy2log); every rank must start from the same one (load the same "
@@ -1365,14 +1381,21 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_group(group)
-    hooks = check_bool(hooks, "hooks")
     if _unprepared_transformers_model(model):
         # A Hugging Face model under transformers' own expert parallelism: the integration grows
         # its slots and routes through our ops first, then comes back here with its layers.
         from .integrations import transformers as hf
 
         return hf.attach(model, config, group, hooks=hooks)
-    cfg = EplbConfig.parse(config)
+    # A config or flag this rank refuses is agreed with the adapters' errors below: raised here
+    # alone, it left the other ranks waiting in the agreement (review 18).
+    refused: Exception | None = None
+    cfg = None
+    try:
+        hooks = check_bool(hooks, "hooks")
+        cfg = EplbConfig.parse(config)
+    except (TypeError, ValueError) as e:
+        refused = e
     if group is not None:
         ep_rank, ep_size = dist.get_rank(group), dist.get_world_size(group)
     elif dist.is_available() and dist.is_initialized():
@@ -1386,6 +1409,8 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
         error: Exception | None = None
         layers = []
         try:
+            if refused is not None:
+                raise refused
             inside: list[str] = []
             for name, module in model.named_modules():
                 if any(name.startswith(p + ".") for p in inside):
@@ -1416,6 +1441,19 @@ def attach(model: torch.nn.Module, config=None, group=None, *, hooks: bool = Tru
     if hooks:
         updator.attach_hooks(model)
     return updator
+
+
+#: EplbConfig fields that may differ between the ranks of a group: the expert map's path (its
+#: content is agreed), the record path (rank 0 writes it), the logging (each rank's own).
+_RANK_LOCAL_FIELDS = ("expert_map_path", "expert_map_record_path", "log_balancedness",
+                      "log_balancedness_interval")
+
+
+def _config_digest(config: EplbConfig) -> int:
+    """digest of the config's fields every rank must share."""
+    shared = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+              if f.name not in _RANK_LOCAL_FIELDS]
+    return digest(np.frombuffer(repr(shared).encode(), dtype=np.uint8))
 
 
 def check_group(group) -> None:
