@@ -359,18 +359,8 @@ inline void BalancedPacking(const double* weight, int64_t count, int64_t n, int6
     std::fill_n(pack_weight, num_packs, 0.0);
     std::fill_n(items, num_packs, 0);
     // total only bounds the pack weights (the overflow test, the key range; both with wide
-    // margins, and either path is exact): four partial sums, four short chains of additions
-    // instead of one long one.
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      s0 += w[j];
-      s1 += w[j + 1];
-      s2 += w[j + 2];
-      s3 += w[j + 3];
-    }
-    for (; j < n; ++j) s0 += w[j];
-    const double total = (s0 + s1) + (s2 + s3);
+    // margins, and either path is exact)
+    const double total = Sum(w, n);
     if (!(total < 1e300)) {
       // Pack weights might overflow to +inf and tie with the markers of full packs below: the
       // plain scan for the lightest pack with room (lowest index on ties) is exact for any
