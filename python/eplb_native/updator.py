@@ -861,7 +861,9 @@ class Updator:
         elsewhere); the layers move at the next steps exactly like a plan's. Collective: every
         rank calls it at the same step with the same placement (agreed in one small all-reduce:
         a rank refusing it, or a different placement anywhere, refuses it on every rank, nothing
-        queued). Returns the layers queued."""
+        queued). Refused, as a plan is, where a layer's placement buffers or tensors changed
+        behind the updator (load_state_dict of a checkpoint at another placement). Returns the
+        layers queued."""
         if self._closed:
             raise RuntimeError("this Updator is shut down; attach again to move")
         error: Exception | None = None
