@@ -1007,10 +1007,8 @@ def test_planner_future_result_and_exception():
                                       eplb_native.plan(load, num_ranks=4, num_replicas=40).phy2log)
         bad_load = load.copy()
         bad_load[0, 0] = np.nan
-        err = planner.submit(bad_load, num_ranks=4, num_replicas=40)
-        with pytest.raises(ValueError, match="load must be finite"):
-            err.result(timeout=60)
-        assert isinstance(err.exception(), ValueError)
+        with pytest.raises(ValueError, match="load must be finite"):  # at once (review 18)
+            planner.submit(bad_load, num_ranks=4, num_replicas=40)
         with pytest.raises(ValueError, match="policy"):
             planner.submit(load, num_ranks=4, num_replicas=40, policy="x")
 
@@ -1125,6 +1123,32 @@ def test_planner_futures_follow_concurrent_futures_running_and_cancel():
     assert queued[1].cancelled() or queued[0].cancelled()
     with pytest.raises(concurrent.futures.CancelledError):
         next(f for f in queued if f.cancelled()).result()
+
+
+def test_planner_cancel_right_after_submit_says_what_happens(monkeypatch):
+    """cancel() True means the plan never starts, False that it runs to its end and its result
+    arrives (review 18: a job the C++ thread had just taken, before the waiter thread heard
+    so, was cancel()ed True and ran anyway): the C++ thread's "started" notices, counted, are
+    the cancel()s that said False."""
+    from eplb_native import planner as planner_mod
+
+    seen = []
+    real = planner_mod._complete
+    monkeypatch.setattr(planner_mod, "_complete",
+                        lambda item, *a: (seen.append(item[1]), real(item, *a)))
+    load = random_load(np.random.default_rng(88), 100, 256, "zipf")
+    refused = 0
+    with eplb_native.Planner() as planner:
+        for _ in range(20):
+            f = planner.submit(load, num_ranks=32, num_replicas=288)
+            if f.cancel():
+                assert f.cancelled()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    f.result(timeout=60)
+            else:
+                refused += 1
+                assert not f.cancelled() and f.result(timeout=60).phy2log.shape == (100, 288)
+    assert seen.count("started") == refused and seen.count("cancelled") == 20 - refused
 
 
 def test_planner_dropped_with_jobs_queued_completes_them():

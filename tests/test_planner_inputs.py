@@ -182,3 +182,27 @@ def test_tensors_numpy_cannot_read_are_named():
         eplb_native.rebalance_experts(nested, 3, 1, 1, 1)
     with pytest.raises(TypeError, match="load must be a numpy array or torch tensor, got dtype"):
         eplb_native.plan(torch.float32, num_ranks=1, num_replicas=3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_replicas": 9}, "divisible"),
+    ({"num_replicas": 4, "num_ranks": 2}, "num_replicas"),
+    ({"policy": "min_move"}, "min_move' needs old_phy2log"),
+    ({"nan": True}, "finite"),
+    ({"old": True}, "old_phy2log"),
+])
+def test_planner_submit_refuses_what_plan_would_at_once(kwargs, match):
+    """(review 18: these were queued, their ValueError only through the future, after the plans
+    ahead of them)"""
+    load = np.random.default_rng(1).random((2, 8)) + 0.5
+    args = {"num_ranks": 2, "num_replicas": 10}
+    if kwargs.pop("nan", False):
+        load[1, 3] = np.nan
+    if kwargs.pop("old", False):
+        args["old_phy2log"] = np.tile(np.r_[np.arange(8), 8, 0], (2, 1))  # id 8 of 8 experts
+        args.pop("num_replicas")
+    args.update(kwargs)
+    with eplb_native.Planner() as planner:
+        with pytest.raises(ValueError, match=match):
+            planner.submit(load, **args)
+        assert not planner._futures  # nothing queued

@@ -211,6 +211,13 @@ class WorkerPy {
     job.options = MakeOptions(policy, preserve_slots, threads, min_move_target, transfers, 0,
                               distinct_ranks, prefer_distinct);
     const int64_t* old_ptr = OldPtr(old, job.shape);
+    {
+      // Plan's own checks, at once: a bad input raises here, not through the future after the
+      // jobs ahead of it (review 18); the worker checks again (cheap: one pass over the load).
+      py::gil_scoped_release release;
+      std::vector<double> totals;
+      eplb::ValidatePlan(load.data(), old_ptr, job.shape, job.options, &totals);
+    }
     job.load.assign(load.data(), load.data() + load.size());
     if (old_ptr) job.old_phy2log.assign(old_ptr, old_ptr + old->size());
     return worker_->Submit(std::move(job));

@@ -408,12 +408,11 @@ void BalancedPlan(const double* w, const Shape& one, const PlanOptions& options,
 
 }  // namespace
 
-PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& shape,
-                const PlanOptions& options) {
+void ValidatePlan(const double* load, const int64_t* old_phy2log, const Shape& shape,
+                  const PlanOptions& options, std::vector<double>* totals) {
   ValidateShape(shape);
   if (load == nullptr) Fail("load must not be null");
-  std::vector<double> totals;  // [L]
-  ValidateLoad(load, shape, &totals);
+  ValidateLoad(load, shape, totals);
   if (old_phy2log != nullptr) ValidatePhy2Log(old_phy2log, shape, "old_phy2log");
   if (options.policy == Policy::kMinMove && old_phy2log == nullptr)
     Fail("policy 'min_move' needs old_phy2log (the current placement)");
@@ -441,6 +440,12 @@ PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& sha
     Fail("log2phy_width must be 0 or in [1, num_replicas - num_experts + 1 = " +
          std::to_string(shape.num_physical - shape.num_logical + 1) + "], got " +
          std::to_string(options.log2phy_width));
+}
+
+PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& shape,
+                const PlanOptions& options) {
+  std::vector<double> totals;  // [L]
+  ValidatePlan(load, old_phy2log, shape, options, &totals);
 
   const int64_t L = shape.num_layers, E = shape.num_logical, P = shape.num_physical;
   PlanResult out;

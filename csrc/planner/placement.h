@@ -121,6 +121,12 @@ struct PlanResult {
 PlanResult Plan(const double* load, const int64_t* old_phy2log, const Shape& shape,
                 const PlanOptions& options);
 
+// What Plan checks of its inputs before any work, alone (Planner::submit's checks at once):
+// throws std::invalid_argument naming the argument, as Plan would. totals: [L] out, each
+// layer's sum of load.
+void ValidatePlan(const double* load, const int64_t* old_phy2log, const Shape& shape,
+                  const PlanOptions& options, std::vector<double>* totals);
+
 // Checks a placement: ids in [0, E), every logical expert has >= 1 slot. Throws
 // std::invalid_argument naming `name` on failure.
 void ValidatePhy2Log(const int64_t* phy2log, const Shape& shape, const std::string& name);

@@ -292,6 +292,10 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int | None, num_nod
         ``log2phy`` has num_redundant_experts + 1 columns whatever the largest replica count,
         column j is the expert's j-th replica (replica ordinal, not slot order), -1 padded.
         Ties in ``weight`` go to the lowest index (DeepSeek's own sorts leave them unspecified).
+        The arithmetic is float64, DeepSeek's code's float32 (vLLM casts to float32 too): where
+        float32 rounding makes two sums tie that float64 tells apart, or the reverse, the two
+        may place those experts differently (10 of 1,500 random small-integer loads, review 18;
+        a float64 run of DeepSeek's code matched on all of them).
     """
     if num_gpus is None and num_ranks is None:
         raise TypeError("rebalance_experts is missing the number of ranks: num_gpus (the 5th "
@@ -408,7 +412,8 @@ class Planner:
     """A background C++ planner thread.
 
     ``submit(load, old_phy2log=None, **plan_kwargs)`` queues a job and returns a
-    ``concurrent.futures.Future`` whose result is a :class:`Plan` (or ValueError for bad input).
+    ``concurrent.futures.Future`` whose result is a :class:`Plan` (bad input raises at submit,
+    as :func:`plan` would; an internal error reaches the future as RuntimeError).
     Jobs run one at a time in submission order on a C++ thread that never takes the GIL; a
     small Python thread waits for results with the GIL released and completes the futures.
     As ``concurrent.futures`` futures do, a job is ``running()`` once the C++ thread took it, and
@@ -453,7 +458,8 @@ class Planner:
                transfers: bool = True, distinct_ranks: bool | None = None
                ) -> concurrent.futures.Future:
         """Queues a plan; arguments as :func:`plan` (threads: the Planner's own, given to
-        ``Planner(threads=...)``). Bad shapes and types raise here at once."""
+        ``Planner(threads=...)``). Bad input raises here at once, nothing queued: every check
+        :func:`plan` makes before it plans (shapes, counts, values, the old placement)."""
         self._check_process()
         w, old, num_ranks, num_replicas, num_nodes, num_groups, threads = _prepare(
             load, old_phy2log, num_ranks, num_replicas, num_nodes, num_groups, policy,
@@ -462,16 +468,16 @@ class Planner:
         preserve_slots = check_bool(preserve_slots, "preserve_slots")
         transfers = check_bool(transfers, "transfers")
         distinct = _as_distinct(distinct_ranks)
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut = _PlanFuture()
+        worker = self._worker
         with self._lock:
             if self._closed:
                 raise RuntimeError("Planner is closed")
-            job = self._worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
-                                      POLICIES[policy], preserve_slots, threads, target,
-                                      transfers, **distinct)
+            job = worker.submit(w, old, num_replicas, num_ranks, num_nodes, num_groups,
+                                POLICIES[policy], preserve_slots, threads, target, transfers,
+                                **distinct)
+            fut._take_back = lambda job=job: worker.cancel(job)
             self._futures[job] = (fut, {"policy": policy, "num_ranks": num_ranks})
-        worker = self._worker
-        fut.add_done_callback(lambda f, job=job: f.cancelled() and worker.cancel(job))
         return fut
 
     def close(self) -> None:
@@ -488,6 +494,20 @@ class Planner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _PlanFuture(concurrent.futures.Future):
+    """A Future whose cancel() asks the C++ thread first: False once that took the job (the
+    base class said True until the waiter thread heard the job had started, and the plan then
+    ran to its end anyway: review 18)."""
+
+    _take_back = None  # () -> bool: the job out of the worker's queue, False once it runs
+
+    def cancel(self) -> bool:
+        take_back = self._take_back
+        if take_back is not None and not self.done() and not take_back():
+            return False
+        return super().cancel()
 
 
 class _State:
@@ -547,7 +567,9 @@ def _complete(item, futures: dict, lock: threading.Lock) -> None:
     if fut is None or (fut.done() and not fut.cancelled()):
         return  # (completed by its holder: nothing to report to it)
     if status == "cancelled":  # never started: cancelled by the user or by close()
-        fut.cancel()
+        # (the base class's cancel: the job is out of the queue already, which _PlanFuture's
+        # would take for "running")
+        concurrent.futures.Future.cancel(fut)
         fut.set_running_or_notify_cancel()  # notifies wait() / as_completed()
         return
     if status == "ok":
