@@ -213,8 +213,8 @@ def plan(load, old_phy2log=None, *, num_ranks: int, num_replicas: int | None = N
         old_phy2log: [L, P] current placement, or None. Needed by ``min_move``; with it,
             moved slots, balancedness before and the transfer plan are reported.
         num_ranks: ranks (GPUs / NPUs) the P slots are spread over; P % num_ranks == 0.
-        num_replicas: P, total physical slots per layer (E + redundant). Taken from old_phy2log
-            when given.
+        num_replicas: P, total physical slots per layer (E + redundant), at most MAX_SLOTS
+            (65,536). Taken from old_phy2log when given.
         num_nodes, num_groups: topology; hierarchical placement when num_groups % num_nodes == 0
             (DeepSeek EPLB's rule), global otherwise. One node is global for ``balanced`` and
             ``min_move``; ``deepseek`` follows DeepSeek's code there too (experts ordered by
