@@ -1250,13 +1250,26 @@ def test_planner_refuses_use_after_fork():
         import eplb_native
         planner = eplb_native.Planner()
         planner.submit(np.ones((1, 4)), num_ranks=2, num_replicas=4).result()
+        big = np.random.default_rng(0).random((2000, 256))  # (a plan of ~0.1 s or more)
+        pending = planner.submit(big, num_ranks=32, num_replicas=288)
         pid = os.fork()
         if pid == 0:
+            # a future of the parent's, pending at the fork: its result never comes here (the
+            # child waited for ever, review 18)
+            try:
+                pending.result(timeout=60)
+                os._exit(3)  # (it finished before the fork, or a result came: not this test)
+            except RuntimeError as e:
+                if "another process" not in str(e):
+                    os._exit(4)
+            except TimeoutError:
+                os._exit(5)
             try:
                 planner.submit(np.ones((1, 4)), num_ranks=2, num_replicas=4)
             except RuntimeError as e:
                 os._exit(0 if "another process" in str(e) else 2)
             os._exit(1)
+        pending.result()
         _, status = os.waitpid(pid, 0)
         planner.close()
         print("child", os.waitstatus_to_exitcode(status))

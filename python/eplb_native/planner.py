@@ -469,6 +469,7 @@ class Planner:
         transfers = check_bool(transfers, "transfers")
         distinct = _as_distinct(distinct_ranks)
         fut = _PlanFuture()
+        fut._pid = self._pid
         worker = self._worker
         with self._lock:
             if self._closed:
@@ -502,12 +503,28 @@ class _PlanFuture(concurrent.futures.Future):
     ran to its end anyway: review 18)."""
 
     _take_back = None  # () -> bool: the job out of the worker's queue, False once it runs
+    _pid = None  # the process whose Planner completes it
 
     def cancel(self) -> bool:
+        self._check_process()
         take_back = self._take_back
         if take_back is not None and not self.done() and not take_back():
             return False
         return super().cancel()
+
+    def result(self, timeout=None):
+        self._check_process()
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._check_process()
+        return super().exception(timeout)
+
+    def _check_process(self) -> None:
+        # (a child of fork() waiting on it waited for ever: no thread of its own completes it)
+        if self._pid is not None and os.getpid() != self._pid and not self.done():
+            raise RuntimeError("this plan's Planner runs in another process (this one was "
+                               "forked from it after the submit): its result never comes here")
 
 
 class _State:
