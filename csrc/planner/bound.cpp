@@ -90,12 +90,25 @@ bool ProvenInfeasible(const double* w, int64_t n, int64_t small, int64_t P, int6
   return need + extra > limit;
 }
 
-// (a), (b), (c) for n experts in P slots on R ranks.
+// The experts ProvenInfeasible must visit at every T >= T0: an expert with w_e <= T0/2 (with
+// its test's margin) has a_e = 1 and is never big. heavy: their loads (out); returns how many.
+int64_t HeavyAt(const double* w, int64_t n, double T0, std::vector<double>* heavy) {
+  const double small_max = 0.5 * T0 * (1.0 + kEps);
+  heavy->resize(Z(n));
+  double* h = heavy->data();
+  int64_t nh = 0;
+  for (int64_t e = 0; e < n; ++e) {  // branch-free: which experts are heavy is data
+    h[nh] = w[e];
+    nh += w[e] > small_max;
+  }
+  return nh;
+}
+
+// (a), (b), (c) for n experts in P slots on R ranks; total: the sum of w (detail::Sum).
 // greedy_cnt: [n] the replica counts of Replicate(w, n, P) when the caller has them, or nullptr.
 // proven: a T that (c) proved infeasible already (0: none).
-double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t* greedy_cnt,
-                 double proven) {
-  const double total = detail::Sum(w, n);  // (LowerBound's F: the same double)
+double PackBound(const double* w, int64_t n, int64_t P, int64_t R, double total,
+                 const int64_t* greedy_cnt, double proven) {
   if (!(total > 0.0)) return 0.0;
   thread_local struct {  // one per function: each thread_local costs a TLS lookup
     std::vector<int64_t> own_cnt, replicated;
@@ -128,17 +141,9 @@ double PackBound(const double* w, int64_t n, int64_t P, int64_t R, const int64_t
   }
   double lo = std::max(total / static_cast<double>(R), m_star);
   double hi = 2.0 * lo;
-  // Every T tried below is >= lo, so an expert with w_e <= lo/2 (with the same margin as
-  // ProvenInfeasible's test) has a_e = 1 and is never big: only the others are visited.
-  const double small_max = 0.5 * lo * (1.0 + kEps);
-  auto& heavy = tls.heavy;
-  heavy.resize(Z(n));
-  int64_t nh = 0;
-  for (int64_t e = 0; e < n; ++e) {  // branch-free: which experts are heavy is data
-    heavy[Z(nh)] = w[e];
-    nh += w[e] > small_max;
-  }
-  const double* hw = heavy.data();
+  // (every T tried below is >= lo)
+  const int64_t nh = HeavyAt(w, n, lo, &tls.heavy);
+  const double* hw = tls.heavy.data();
   auto& scratch = tls.scratch;
   // (what (c) proves at a T it proves at every lower T: a T below `proven` needs no test)
   if (!(lo * (1.0 + 1e-6) <= proven) &&
@@ -202,18 +207,11 @@ double LowerBound(const double* load, const Shape& s, const int64_t* greedy_cnt)
     for (int64_t e = 0; e < E; ++e) replica_above |= load[e] > F * static_cast<double>(cnt[e]);
   double proven = 0.0;
   if (F > 0.0 && !replica_above) {
-    auto& heavy = tls.heavy;
-    heavy.resize(Z(E));
-    const double small_max = 0.5 * F * (1.0 + kEps);  // ProvenInfeasible's test at T = F
-    int64_t nh = 0;
-    for (int64_t e = 0; e < E; ++e) {  // branch-free: which experts are heavy is data
-      heavy[Z(nh)] = load[e];
-      nh += load[e] > small_max;
-    }
-    if (!ProvenInfeasible(heavy.data(), nh, E - nh, P, R, F, &tls.scratch)) return F;
+    const int64_t nh = HeavyAt(load, E, F, &tls.heavy);
+    if (!ProvenInfeasible(tls.heavy.data(), nh, E - nh, P, R, F, &tls.scratch)) return F;
     proven = F;
   }
-  return std::max(PackBound(load, E, P, R, cnt, proven), floor);
+  return std::max(PackBound(load, E, P, R, total, cnt, proven), floor);
 }
 
 }  // namespace eplb
