@@ -596,9 +596,7 @@ def _window_steps(trace, meta: dict, num_windows: int, every: int) -> list[int] 
     steps = meta.get("window_steps")
     if steps is None:
         return None
-    if (not isinstance(steps, list) or len(steps) != num_windows or
-            any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= _MAX_BYTES
-                for n in steps)):
+    if not traces.window_steps_ok(steps, num_windows):
         raise UsageError(f"{trace}: meta 'window_steps' must be a list of {num_windows} ints in "
                          f"[0, 2**62] (one per window), got {_short(steps)}")
     if num_windows > every and not any(steps[every:]):

@@ -243,6 +243,15 @@ def _meta_from_json(text, what: str) -> dict:
     return meta
 
 
+def window_steps_ok(steps, num_windows: int) -> bool:
+    """Whether a trace meta's ``window_steps`` (the steps of load each window sums, as
+    ``Updator.save_trace`` writes) is one int in [0, 2**62] per window: what ``eplb-native
+    simulate`` reads and what ``Updator.save_trace`` takes from its caller alike."""
+    return (isinstance(steps, list | tuple) and len(steps) == num_windows
+            and not any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2**62
+                        for n in steps))
+
+
 def save_trace(path: str | os.PathLike, loads, **meta) -> None:
     """Writes a trace as ``.npz``: ``loads`` [W, L, E] (a [L, E] window is stored as W = 1;
     numpy or torch; int kept as int64, float as float64) and ``meta``, the keyword arguments as

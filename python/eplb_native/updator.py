@@ -1129,7 +1129,7 @@ class Updator:
         its meta the deployment (ranks, slots, redundant slots, nodes, expert groups), which
         ``eplb-native plan / simulate`` take as their defaults, and each window's steps
         (``window_steps``: the first may be shorter, ``first_plan_after``)."""
-        from .traces import save_trace
+        from . import traces
 
         if not self._recorded:
             raise ValueError(f"save_trace: no load window gathered yet (one is gathered every "
@@ -1142,13 +1142,10 @@ class Updator:
                            ("num_nodes", 1), ("num_groups", 1)):
             if key in meta:
                 meta[key] = check_int(meta[key], f"save_trace: {key}", least)
-        if "window_steps" in meta:
-            steps = meta["window_steps"]
-            if (not isinstance(steps, list | tuple) or len(steps) != len(loads)
-                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                           for v in steps)):
-                raise ValueError(f"save_trace: window_steps must be a list of {len(loads)} ints "
-                                 f">= 0 (one per window), got {steps!r}"[:300])
+        if "window_steps" in meta and not traces.window_steps_ok(meta["window_steps"],
+                                                                 len(loads)):
+            raise ValueError(f"save_trace: window_steps must be a list of {len(loads)} ints in "
+                             f"[0, 2**62] (one per window), got {meta['window_steps']!r}"[:300])
         # the deployment, so that `eplb-native plan / simulate` replay it as planned here
         meta.setdefault("num_ranks", self.num_ranks)
         meta.setdefault("num_slots", self.num_slots)
@@ -1157,7 +1154,7 @@ class Updator:
         meta.setdefault("num_groups", self.config.group_count)
         # steps of load in each window (the first may be shorter: first_plan_after)
         meta.setdefault("window_steps", list(self._recorded_steps))
-        save_trace(path, loads, **meta)
+        traces.save_trace(path, loads, **meta)
 
     def shutdown(self) -> None:
         """Finishes: drains moves, writes expert_map_record_path (rank 0), removes the hooks,
